@@ -1,0 +1,124 @@
+"""Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
+
+Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits`,
+`model.new_cache(batch, max_seq)`, `model.args`, `model.device`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """TypeError / ValueError unless input_ids is a [B, T] integer tensor of tokens < vocab_size."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                         f"input_ids shape {tuple(input_ids.shape)}")
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no tokens")
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError("attention_mask must be left-padded (zeros only before a row's first token); "
+                         "right padding is not supported")
+    return mask
+
+
+def _eos_set(eos_token_id, vocab_size: int) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ValueError(f"eos_token_id {i!r} is not a token id in [0, {vocab_size})")
+    return ids
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [B, vocab] -> next tokens [B] (argmax, or a draw after temperature / top-k / top-p)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id=None, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+    """See CQILLlama.generate."""
+    args = model.args
+    check_input_ids(input_ids, args.vocab_size)
+    input_ids = input_ids.to(model.device)
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(attention_mask, input_ids)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if total > args.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"max_position_embeddings ({args.max_position_embeddings})")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(seed)
+        if generator is not None and generator.device.type != model.device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {model.device}")
+    eos = _eos_set(eos_token_id, args.vocab_size)
+    eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
+
+    cache = model.new_cache(batch, total)
+    logits = model(input_ids, attention_mask, cache=cache)[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    tokens = [input_ids]
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if eos:
+            next_tokens = torch.where(finished, eos_tensor[0], next_tokens)
+            finished |= torch.isin(next_tokens, eos_tensor)
+        tokens.append(next_tokens[:, None])
+        if step == max_new_tokens - 1 or (eos and bool(finished.all())):
+            break
+        logits = model(next_tokens[:, None], cache=cache)[:, -1]
+    return torch.cat(tokens, dim=1)
