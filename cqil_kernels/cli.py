@@ -1,0 +1,64 @@
+"""The `cqil` command (also `python -m cqil_kernels`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(prompt=args.prompt, groups=args.groups, bypass=args.bypass, bypass_mode=args.bypass_mode,
+             max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, tiny=args.tiny)
+    return 0
+
+
+def _info(args) -> int:
+    import torch
+
+    from . import __version__, _ext
+
+    print(f"cqil_kernels {__version__}, torch {torch.__version__}, "
+          f"torch.cuda.is_available() = {torch.cuda.is_available()}")
+    if not _ext.available():
+        print(f"extension: unavailable: {_ext.unavailable_reason()}")
+        return 0
+    print(f"extension: {_ext.build_info()}")
+    reason = _ext.cuda_unavailable_reason()
+    print("extension CUDA part: " + ("usable" if reason is None else f"not usable here: {reason}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_GROUPS, DEFAULT_PROMPT
+
+    parser = argparse.ArgumentParser(prog="cqil", description="CQIL inference for LLaMA models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="original vs CQIL-grouped generation on SmolLM2-135M-Instruct")
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
+    demo.add_argument("--groups", default=DEFAULT_GROUPS,
+                      help="START-END:P (groups of P over [START, END)) or '12,13;14,15' "
+                           f"(default {DEFAULT_GROUPS})")
+    demo.add_argument("--bypass", type=int, default=0, help="bypass distance d (default 0)")
+    demo.add_argument("--bypass-mode", choices=["residual", "mlp_input"], default="residual")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="default: bfloat16 on cuda, float32 on cpu")
+    demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download needed)")
+    demo.set_defaults(func=_demo)
+
+    info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"cqil {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,53 @@
+"""Generate text with a LLaMA checkpoint, with or without a CQIL grouping.
+
+    python python/generate.py path/to/model.gguf --prompt "Hello" --groups 12-16:2
+    python python/generate.py path/to/hf-dir --tokenizer path/to/hf-dir --prompt "Hello"
+
+A .gguf file carries its tokenizer; a Hugging Face directory usually does too (--tokenizer defaults to
+the model path).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.demo import parse_groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("model", type=Path, help="HF directory or .gguf file")
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--groups", default=None, help="e.g. 12-16:2 or '12,13;14,15' (default: none)")
+    parser.add_argument("--bypass", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+
+    cqil = parse_groups(args.groups, args.bypass) if args.groups else CQILConfig()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
+    if args.model.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(str(args.model.parent), gguf_file=args.model.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model))
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    out = model.generate(ids, args.max_new_tokens, do_sample=args.sample,
+                         seed=args.seed if args.sample else None, eos_token_id=tokenizer.eos_token_id)
+    elapsed = time.perf_counter() - start
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    new = out.shape[1] - ids.shape[1]
+    print(f"\n{model.cqil}: {new} tokens in {elapsed:.2f} s ({1000 * elapsed / max(new, 1):.1f} ms/token)")
+
+
+if __name__ == "__main__":
+    main()

