@@ -13,7 +13,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+  # The device tool's copy of the tree has no usable git history: pass CQIL_COMMIT=<hash> from here.
+  echo "commit: ${CQIL_COMMIT:-unknown}"
+  echo "command: bash .ci/gpu_check.sh"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
