@@ -282,12 +282,12 @@ class CQILLlama(nn.Module):
         layers = [self.layers[i] for i in stage]
         attn = [layer.attend(h, ctx, cache.layer(s, j) if cache else None) for j, layer in enumerate(layers)]
         d, residual = self.cqil.bypass, self.cqil.bypass_mode == "residual"
-        delta = torch.zeros_like(h)
+        deltas = []
         for j, layer in enumerate(layers):
             a = attn[j] + sum(attn[max(0, j - d):j])  # a_j + b_j (sum of nothing is 0)
             m = layer.feed_forward(h + a)
-            delta = delta + (a if residual else attn[j]) + m
-        return h + delta
+            deltas.append((a if residual else attn[j]) + m)
+        return h + sum(deltas)
 
     def _step_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       cache: KVCache | None) -> StepContext:
