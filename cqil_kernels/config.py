@@ -307,12 +307,3 @@ class LlamaArgs:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
             else self.eos_token_id,
         }
-
-    @property
-    def num_parameters(self) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * h * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_hidden_layers * layer + d + head
-

@@ -88,3 +88,30 @@ def test_load_without_groups_key(tmp_path):
         CQILConfig.load(tmp_path / "x.json")
     with pytest.raises(FileNotFoundError):
         CQILConfig.load(tmp_path / "missing.json")
+
+
+def test_llama_args_round_trip_through_transformers_config():
+    from transformers import LlamaConfig
+
+    from cqil_kernels import LlamaArgs
+
+    args = LlamaArgs(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                     rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True)
+    assert LlamaArgs.from_hf(args.to_hf_dict()) == args
+    assert LlamaArgs.from_hf(LlamaConfig(**args.to_hf_dict())) == args
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 5}, "must be a multiple of num_key_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
+    ({"hidden_size": 0}, "hidden_size must be a positive int"),
+])
+def test_llama_args_reject_unsupported_configs(change, message):
+    from cqil_kernels import LlamaArgs
+
+    config = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
+    with pytest.raises(ValueError, match=message):
+        LlamaArgs.from_hf(config)
