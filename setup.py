@@ -46,31 +46,15 @@ def _find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
-def _find_ninja() -> str | None:
+def _find_tool(name: str, bin_dir_attr: str) -> str | None:
+    """The binary that the PyPI package `name` (cmake, ninja) ships, else the one on PATH."""
     try:
-        import ninja  # the PyPI package ships the binary
-
-        candidate = Path(ninja.BIN_DIR) / "ninja"
+        candidate = Path(getattr(__import__(name), bin_dir_attr)) / name
         if candidate.exists():
             return str(candidate)
-    except ImportError:
+    except (ImportError, AttributeError):
         pass
-    return shutil.which("ninja")
-
-
-def _find_cmake() -> str:
-    try:
-        import cmake  # the PyPI package ships the binary
-
-        candidate = Path(cmake.CMAKE_BIN_DIR) / "cmake"
-        if candidate.exists():
-            return str(candidate)
-    except ImportError:
-        pass
-    found = shutil.which("cmake")
-    if not found:
-        raise RuntimeError("building cqil_kernels._C needs CMake >= 3.24: pip install cmake")
-    return found
+    return shutil.which(name)
 
 
 class CMakeExtension(Extension):
@@ -92,7 +76,7 @@ class CMakeBuild(build_ext):
             f"-DCQIL_VERSION={_version()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
         ]
-        ninja = _find_ninja()
+        ninja = _find_tool("ninja", "BIN_DIR")
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
@@ -108,7 +92,9 @@ class CMakeBuild(build_ext):
             if archs:
                 args.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
 
-        cmake = _find_cmake()
+        cmake = _find_tool("cmake", "CMAKE_BIN_DIR")
+        if cmake is None:
+            raise RuntimeError("building cqil_kernels._C needs CMake >= 3.24: pip install cmake")
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("CQIL_BUILD_JOBS", str(os.cpu_count() or 1))
         subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
