@@ -57,11 +57,12 @@ class Run:
         return 1000 * self.seconds / max(self.new_tokens, 1)
 
 
-def timed_generate(model: CQILLlama, ids: torch.Tensor, max_new_tokens: int, eos) -> Run:
+def timed_generate(model: CQILLlama, ids: torch.Tensor, max_new_tokens: int, eos, **generate_kwargs) -> Run:
+    """model.generate timed by wall clock, synchronising the GPU on both ends."""
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens, eos_token_id=eos)
+    out = model.generate(ids, max_new_tokens, eos_token_id=eos, **generate_kwargs)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return Run(out, out.shape[1] - ids.shape[1], time.perf_counter() - start)

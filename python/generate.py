@@ -8,14 +8,13 @@ the model path).
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.demo import parse_groups
+from cqil_kernels.demo import parse_groups, timed_generate
 
 
 def main() -> None:
@@ -40,13 +39,10 @@ def main() -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model))
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    start = time.perf_counter()
-    out = model.generate(ids, args.max_new_tokens, do_sample=args.sample,
-                         seed=args.seed if args.sample else None, eos_token_id=tokenizer.eos_token_id)
-    elapsed = time.perf_counter() - start
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
-    new = out.shape[1] - ids.shape[1]
-    print(f"\n{model.cqil}: {new} tokens in {elapsed:.2f} s ({1000 * elapsed / max(new, 1):.1f} ms/token)")
+    run = timed_generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id, do_sample=args.sample,
+                         seed=args.seed if args.sample else None)
+    print(tokenizer.decode(run.tokens[0], skip_special_tokens=True))
+    print(f"\n{model.cqil}: {run.new_tokens} tokens in {run.seconds:.2f} s ({run.ms_per_token:.1f} ms/token)")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,9 @@ def random_hf_model(seed: int = 0, scale: float = 0.15, **overrides):
 def hf_tiny():
     return random_hf_model()
 
+
+
+def left_padding_mask(ids: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """An attention mask like ids, 0 over the first pads[row] positions of each row and 1 elsewhere."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return (positions[None, :] >= torch.tensor(pads, device=ids.device)[:, None]).to(ids.dtype)

@@ -5,7 +5,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
 
-from conftest import random_hf_model
+from conftest import left_padding_mask, random_hf_model
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,8 +38,7 @@ def test_cached_decode_matches_full_forward(dtype):
     model = CQILLlama.from_pretrained(hf, cqil=CQILConfig([[1, 2], [3, 4, 5]], bypass=1),
                                       device="cuda", dtype=dtype)
     ids = torch.randint(0, 97, (3, 20), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
+    mask = left_padding_mask(ids, [0, 6, 0])
     with torch.no_grad():
         full = model(ids, mask)
         cache = model.new_cache(3, 20)

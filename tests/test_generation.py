@@ -5,7 +5,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
 
-from conftest import random_hf_model
+from conftest import left_padding_mask, random_hf_model
 
 GROUPINGS = [CQILConfig(), CQILConfig([[1, 2], [3, 4, 5]], bypass=1),
              CQILConfig([[0, 1, 2]], bypass=2, bypass_mode="mlp_input")]
@@ -33,9 +33,7 @@ def test_greedy_generate_equals_repeated_full_forwards_bs1(cqil):
 def test_greedy_generate_equals_repeated_full_forwards_bs3_left_padded(cqil):
     model = CQILLlama.from_pretrained(random_hf_model(seed=8), cqil=cqil)
     ids = torch.randint(0, model.args.vocab_size, (3, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[2, :10] = 0
+    mask = left_padding_mask(ids, [4, 0, 10])
     ids = ids.masked_fill(mask == 0, 0)
     out = model.generate(ids, 10, attention_mask=mask)
     assert torch.equal(out, _greedy_by_full_forwards(model, ids, mask, 10))
@@ -49,8 +47,7 @@ def test_greedy_matches_transformers_generate():
     hf = random_hf_model(seed=9)
     model = CQILLlama.from_pretrained(hf)
     ids = torch.randint(0, hf.config.vocab_size, (2, 8))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    mask = left_padding_mask(ids, [0, 3])
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, 16, attention_mask=mask), expected)
 

@@ -7,7 +7,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
 
-from conftest import random_hf_model
+from conftest import left_padding_mask, random_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -39,9 +39,7 @@ def test_no_groups_matches_transformers_with_left_padding():
     hf = random_hf_model(seed=2)
     model = CQILLlama.from_pretrained(hf)
     ids = torch.randint(0, hf.config.vocab_size, (3, 19))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :18] = 0
+    mask = left_padding_mask(ids, [0, 5, 18])
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask).logits
         got = model(ids, mask)
