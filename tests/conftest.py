@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny random LLaMA models built with transformers (the reference implementation)."""
+"""Shared fixtures: tiny random LLaMA models built with transformers (the reference implementation),
+and the checks every kernel test uses."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors in the interpreter; it must be on before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=83, num_hidden_layers=6,
             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
@@ -39,3 +47,25 @@ def left_padding_mask(ids: torch.Tensor, pads: list[int]) -> torch.Tensor:
     """An attention mask like ids, 0 over the first pads[row] positions of each row and 1 elsewhere."""
     positions = torch.arange(ids.shape[1], device=ids.device)
     return (positions[None, :] >= torch.tensor(pads, device=ids.device)[:, None]).to(ids.dtype)
+
+
+def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
+    """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_kernel_close(out: torch.Tensor, twin: torch.Tensor, exact: torch.Tensor) -> None:
+    """out (a kernel) against its PyTorch twin and a float64 evaluation of the same function.
+
+    The kernel's error against float64 must be at most twice the twin's own error in the same dtype,
+    plus one unit in the last place of the output's dtype at the output's scale (rounding order differs,
+    and the interpreter truncates fp32 -> bf16 instead of rounding).
+    """
+    assert out.shape == exact.shape, (out.shape, exact.shape)
+    assert out.dtype == twin.dtype
+    assert not out.isnan().any(), "the kernel left elements unwritten (NaN) or produced NaN"
+    exact = exact.double().cpu()
+    err = (out.double().cpu() - exact).abs().max().item()
+    twin_err = (twin.double().cpu() - exact).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * max(exact.abs().max().item(), 1e-30)
+    assert err <= 2 * twin_err + ulp, f"kernel error {err:.3g} vs twin's {twin_err:.3g} (ulp {ulp:.3g})"

@@ -1,0 +1,70 @@
+"""What every launcher checks and every kernel needs to know about where it runs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """None when Triton kernels can run on `device`, else a sentence saying why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); pip install triton"
+    if device is None:
+        return None
+    if device.type == "cuda":
+        return None if not interpreting() else (
+            "TRITON_INTERPRET=1 is set, which runs kernels on the CPU only")
+    if device.type == "cpu":
+        return None if interpreting() else (
+            "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 "
+            "(set before cqil_kernels is imported)")
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def check_tensor(name: str, t: torch.Tensor, *, ndim: int, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+    """TypeError / ValueError naming `name` when t is not a tensor of this rank, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if dtype is None and t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (float32, float16, bfloat16)")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride()})")
+
+
+def check_runnable(t: torch.Tensor) -> None:
+    reason = triton_unavailable_reason(t.device)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for kernels computing in `dtype`.
+
+    The interpreter stores bf16 as raw integers and gets its arithmetic wrong, so there every bf16 operand
+    is converted to fp32 before a dot; fp32 dots use full IEEE precision rather than TF32 so fp32 stays
+    the accuracy reference it is meant to be.
+    """
+    upcast = interpreting() and dtype == torch.bfloat16
+    return upcast, ("ieee" if dtype == torch.float32 or upcast else "tf32")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,208 @@
+"""Attention of all P layers of a group in one launch, each layer over its own KV cache.
+
+    q:        [P, B, T, H, Dh]      (a strided view of the QKV buffer, rotated in place by rope_kv)
+    k/v cache [P, B, Hkv, S, Dh]    the group's caches, filled up to start + T
+    key_valid [B, S] bool           False at left-padding positions
+    out:      [P, B, T, H, Dh]
+
+Query t of row b sits at cache position start + t and may attend to key j when j <= start + t and key j
+is valid, or j == start + t (a padding query attends to itself, so no row is empty; its output is never
+used). This is the torch backend's mask exactly.
+
+One program handles one (layer, batch row, kv head) and BLOCK_M query rows of the T*G rows that share
+that kv head (G = H / Hkv): GQA heads are packed into the rows of one tile, so decode (T = 1) fills a
+16-row tile with G heads instead of wasting 15 rows per head. Prefill is causal flash attention (online
+softmax, fp32 state, exp2). Decode splits the keys over NUM_SPLITS programs per head (flash decoding) and
+a second small kernel merges the partial softmaxes, so a short batch still fills the GPU. `start` is read
+from device memory: a captured CUDA graph replays the step at any position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_runnable, check_tensor, dot_flags, interpreting, next_pow2
+from .rope_kv import check_cache, check_start
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr,
+    B, T, HKV, G, split_len, sm_scale_log2,
+    stride_qp, stride_qb, stride_qt, stride_qh,
+    stride_kp, stride_kb, stride_kh, stride_ks,
+    stride_vb,
+    stride_op, stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
+    start = tl.load(start_ptr)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t, g = rows // G, rows % G
+    row_ok = rows < T * G
+    q_pos = start + t
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_rows = q_ptr + p * stride_qp + b * stride_qb + t * stride_qt + (kv_head * G + g) * stride_qh
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Keys this program reads: its split of the cache, up to the last query's position in this tile.
+    last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, start + last_t + 1)
+    kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None],
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
+        valid = tl.load(valid_ptr + b * stride_vb + k_pos, mask=k_ok, other=0) != 0
+        diag = k_pos[None, :] == q_pos[:, None]
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (valid[None, :] | diag) & k_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays 0
+        alpha = tl.exp2(m_i - m_use)
+        prob = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:  # unnormalised partial state of this split; _merge_kernel combines the splits
+        split_row = (pid_h * tl.num_programs(2) + pid_s) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :], acc)
+        tl.store(stat_ptr + split_row * 2, m_i)
+        tl.store(stat_ptr + split_row * 2 + 1, l_i)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, stat_ptr, out_ptr, B, T, HKV, G, NUM_SPLITS,
+    stride_op, stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
+    rows = tl.arange(0, BLOCK_M)
+    t, g = rows // G, rows % G
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * NUM_SPLITS + s) * BLOCK_M + rows) * 2))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        split_row = (pid_h * NUM_SPLITS + s) * BLOCK_M + rows
+        scale = tl.exp2(tl.load(stat_ptr + split_row * 2) - m_use)
+        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1)
+        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :])
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
+    ok = (rows < T * G)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, num_splits: int | None):
+    """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape."""
+    rows = T * G
+    if interpreting():
+        return max(16, min(64, next_pow2(rows))), 32, num_splits or 1, 4
+    if rows <= 16:  # decode: one tile of rows; spread the keys so about two programs run per SM
+        block_n = 64
+        if num_splits is None:
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            num_splits = max(1, min(triton.cdiv(2 * sms, P * B * Hkv), triton.cdiv(S, 256)))
+        return 16, block_n, num_splits, 4
+    return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
+
+
+def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    key_valid: torch.Tensor, start: torch.Tensor, *, out: torch.Tensor | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """q: [P, B, T, H, Dh] (Dh contiguous); k_cache, v_cache: [P, B, Hkv, S, Dh]; key_valid: [B, S] bool;
+    start: int32 [1] on the device (cache position of q's first token) -> out [P, B, T, H, Dh].
+
+    num_splits: key splits for decode (T * H/Hkv <= 16 rows per kv head); default fills the GPU.
+    The caller guarantees start + T <= S (a device-side value cannot be checked without a sync).
+    """
+    check_tensor("q", q, ndim=5)
+    check_runnable(q)
+    check_cache(k_cache, v_cache, q)
+    check_start(start, q.device)
+    P, B, T, H, Dh = q.shape
+    Pk, Bk, Hkv, S, Dhk = k_cache.shape
+    if (Pk, Bk, Dhk) != (P, B, Dh):
+        raise ValueError(f"q {tuple(q.shape)} does not match the caches {tuple(k_cache.shape)} "
+                         f"(P, B and head_dim must agree)")
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} kv heads")
+    if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool:
+        raise TypeError("key_valid must be a bool tensor [B, S]")
+    if key_valid.shape != (B, S) or key_valid.device != q.device or key_valid.stride(-1) != 1:
+        raise ValueError(f"key_valid must be [B={B}, S={S}] with contiguous rows on {q.device}, got "
+                         f"{tuple(key_valid.shape)} on {key_valid.device}")
+    if T > S:
+        raise ValueError(f"{T} queries do not fit a cache of {S} positions")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    check_tensor("out", out, ndim=5, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if q.numel() == 0:
+        return out
+
+    G = H // Hkv
+    block_m, block_n, splits, warps = _plan(P, B, Hkv, T, G, S, q.dtype, num_splits)
+    if T * G > block_m:
+        splits = 1  # only a single tile of rows per head is split over the keys
+    block_d = max(16, next_pow2(Dh))
+    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, split_len)
+    upcast, precision = dot_flags(q.dtype)
+    heads = P * B * Hkv
+    if splits > 1:
+        part = torch.empty((heads * splits * block_m, block_d), device=q.device, dtype=torch.float32)
+        stat = torch.empty((heads * splits * block_m, 2), device=q.device, dtype=torch.float32)
+    else:
+        part = stat = out  # unused
+    valid = key_valid.view(torch.uint8)
+    o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
+    _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
+        q, k_cache, v_cache, valid, start, out, part, stat,
+        B, T, Hkv, G, split_len, math.log2(math.e) / math.sqrt(Dh),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        valid.stride(0), *o_strides,
+        HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
+        UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps,
+    )
+    if splits > 1:
+        _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,
+                                HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m)
+    return out

@@ -1,0 +1,234 @@
+"""The matmuls of a CQIL group of P layers, each family of P GEMMs as ONE launch.
+
+    group_linear(x, w)                    out[p] = x[p] @ w[p].T               (o_proj; x may be shared)
+    group_linear(x, w, norm_weight=n)     out[p] = RMSNorm_n[p](x) @ w[p].T    (QKV with the input norm)
+    group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
+    group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
+
+Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
+the packed group tensors. The input norm is applied in the prologue: the row's 1/rms is computed by a
+first pass over K and applied to the fp32 accumulator (it commutes with the matmul); the norm weight
+multiplies x as it is loaded, so weights are used as stored (no folding). Accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_runnable, check_tensor, dot_flags, interpreting
+
+
+def _configs():
+    if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    decode = [  # M <= 16: weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4),
+                             (64, 128, 4, 5), (128, 128, 8, 4)]]
+    prefill = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                                 (128, 64, 64, 4, 4), (32, 64, 128, 4, 4)]]
+    return decode + prefill
+
+
+def _prune(configs, named_args, **kwargs):
+    small = named_args["M_CLASS"] == 0
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
+
+
+@triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _group_gemm_kernel(
+    x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
+    M, N, K, P, P_GRID, M_CLASS,
+    stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
+    eps,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    if SUM_P:  # one output for the whole group: the P matmuls are one reduction over K' = P*K
+        p_lo, p_hi = 0, P
+    else:
+        p_lo = tl.program_id(2)
+        p_hi = p_lo + 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rstd = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    for p in range(p_lo, p_hi):
+        x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
+        w_cols = p * stride_wp + offs_n[None, :] * stride_wn
+        if NORM:
+            sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+                xk = xk.to(tl.float32)
+                sq += tl.sum(xk * xk, axis=1)
+            rstd = tl.rsqrt(sq / K + eps)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wk = tl.load(w_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if NORM:
+                nw = tl.load(nw_ptr + p * stride_nwp + k, mask=k_ok, other=0.0).to(tl.float32)
+                xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
+            if UPCAST:
+                xk, wk = xk.to(tl.float32), wk.to(tl.float32)
+            acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                w2k = tl.load(w2_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    w2k = w2k.to(tl.float32)
+                acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc2 += tl.load(bias2_ptr + p * stride_bp + offs_n, mask=n_ok,
+                                other=0.0).to(tl.float32)[None, :]
+    if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P)
+        acc = acc * rstd[:, None]
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc2
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    out = out_ptr + p_lo * stride_op + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check_weight(name: str, w: torch.Tensor, x: torch.Tensor) -> None:
+    check_tensor(name, w, ndim=3, dtype=x.dtype, device=x.device)
+    if w.stride(1) != w.shape[2] and w.shape[1] > 1:
+        raise ValueError(f"{name} rows must be contiguous ([P, N, K] with K contiguous), "
+                         f"got strides {w.stride()}")
+
+
+def _check_x(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int]:
+    """x: [M, K] (shared by the group) or [P, M, K] -> (stride over P, stride over M)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be [M, K] or [P, M, K], got shape {tuple(x.shape)}")
+    check_tensor("x", x, ndim=x.ndim)
+    check_runnable(x)
+    _check_weight("w", w, x)
+    P, N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but the weights expect K = {K}")
+    if x.ndim == 3 and x.shape[0] != P:
+        raise ValueError(f"x holds {x.shape[0]} layers' inputs but w holds P = {P} layers")
+    return (0 if x.ndim == 2 else x.stride(0)), x.stride(-2)
+
+
+def _check_vector(name: str, v: torch.Tensor | None, P: int, n: int, x: torch.Tensor) -> None:
+    if v is None:
+        return
+    check_tensor(name, v, ndim=2, dtype=None, device=x.device)
+    if tuple(v.shape) != (P, n):
+        raise ValueError(f"{name} must have shape {(P, n)}, got {tuple(v.shape)}")
+
+
+def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
+            residual=None, sum_p=False):
+    P, N, K = w.shape
+    M = x.shape[-2]
+    if M == 0 or N == 0:
+        return out
+    upcast, precision = dot_flags(x.dtype)
+    p_grid = 1 if sum_p else P
+    m_class = 0 if M <= 16 else 1
+    dummy = w  # stands in for absent optional operands; never read (their flags are off)
+
+    def grid(meta):
+        return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), p_grid
+
+    _group_gemm_kernel[grid](
+        x, w, w2 if w2 is not None else dummy,
+        norm_weight if norm_weight is not None else dummy,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        residual if residual is not None else dummy, out,
+        M, N, K, P, p_grid, m_class,
+        sx[0], sx[1], w.stride(0), w.stride(1),
+        norm_weight.stride(0) if norm_weight is not None else 0,
+        bias.stride(0) if bias is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
+        float(eps),
+        NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision,
+    )
+    return out
+
+
+def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] shared by the group, or [P, M, K]; w: [P, N, K] -> [P, M, N].
+
+    norm_weight: [P, K] — apply each layer's RMSNorm (eps) to x first. bias: [P, N].
+    out: an optional preallocated [P, M, N] (rows contiguous) to write into.
+    """
+    sx = _check_x(x, w)
+    P, N, K = w.shape
+    _check_vector("norm_weight", norm_weight, P, K, x)
+    _check_vector("bias", bias, P, N, x)
+    out = _out(out, (P, x.shape[-2], N), x)
+    return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias)
+
+
+def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
+                 bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [P, M, K] (or [M, K] shared); w_gate, w_up: [P, F, K] -> silu(x g^T) * (x u^T): [P, M, F]."""
+    sx = _check_x(x, w_gate)
+    _check_weight("w_up", w_up, x)
+    if w_up.shape != w_gate.shape or w_up.stride() != w_gate.stride():
+        raise ValueError(f"w_up {tuple(w_up.shape)} / strides {w_up.stride()} must match w_gate "
+                         f"{tuple(w_gate.shape)} / {w_gate.stride()}")
+    P, F, _ = w_gate.shape
+    if (bias_gate is None) != (bias_up is None):
+        raise ValueError("pass both bias_gate and bias_up, or neither")
+    _check_vector("bias_gate", bias_gate, P, F, x)
+    _check_vector("bias_up", bias_up, P, F, x)
+    if bias_gate is not None and bias_gate.stride() != bias_up.stride():
+        raise ValueError("bias_gate and bias_up must have the same strides")
+    out = _out(out, (P, x.shape[-2], F), x)
+    return _launch(x, w_gate, out, sx=sx, w2=w_up, bias=bias_gate, bias2=bias_up)
+
+
+def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, *,
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
+    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F."""
+    if isinstance(x, torch.Tensor) and x.ndim != 3:
+        raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
+    sx = _check_x(x, w)
+    P, D, _ = w.shape
+    M = x.shape[1]
+    _check_vector("bias", bias, P, D, x)
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, device=x.device)
+        if tuple(residual.shape) != (M, D):
+            raise ValueError(f"residual must have shape {(M, D)}, got {tuple(residual.shape)}")
+    out = _out(out, (M, D), x)
+    return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+
+
+def _out(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype)
+    check_tensor("out", out, ndim=len(shape), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    return out

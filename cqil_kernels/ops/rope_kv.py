@@ -1,0 +1,111 @@
+"""RoPE on the q and k heads of all P layers of a group, and the KV-cache write, in one launch.
+
+The QKV GEMM leaves qkv: [P, B*T, (H + 2*Hkv) * Dh] (q heads, then k heads, then v heads per row). This
+kernel rotates q in place (attention reads it from there) and writes rotated k and plain v into the
+group's caches k_cache, v_cache: [P, B, Hkv, S, Dh] at slot start + t, where `start` is read from device
+memory so a captured CUDA graph can replay the step at a new position. Angles are pos * inv_freq in fp32
+(rotate-half convention of the HF checkpoints); the rotation is computed in fp32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_runnable, check_tensor, next_pow2
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, start_ptr,
+    B, T, H, HKV,
+    stride_qp, stride_qm, stride_pb, stride_cp, stride_cb, stride_ch, stride_cs,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
+):
+    row, head = tl.program_id(0), tl.program_id(1)  # row over P*B*T, head over H + HKV
+    p, bt = row // (B * T), row % (B * T)
+    b, t = bt // T, bt % T
+    half = HEAD_DIM // 2
+    offs = tl.arange(0, HALF_BLOCK)
+    ok = offs < half
+    pos = tl.load(pos_ptr + b * stride_pb + t).to(tl.float32)
+    angle = pos * tl.load(inv_freq_ptr + offs, mask=ok, other=0.0)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    src = qkv_ptr + p * stride_qp + bt * stride_qm + head * HEAD_DIM
+    x1 = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + offs, mask=ok, other=0.0).to(tl.float32)
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if head < H:
+        tl.store(src + offs, y1.to(qkv_ptr.dtype.element_ty), mask=ok)
+        tl.store(src + half + offs, y2.to(qkv_ptr.dtype.element_ty), mask=ok)
+    else:
+        kv_head = head - H
+        slot = tl.load(start_ptr) + t
+        dst = p * stride_cp + b * stride_cb + kv_head * stride_ch + slot * stride_cs
+        tl.store(k_ptr + dst + offs, y1.to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_ptr + dst + half + offs, y2.to(k_ptr.dtype.element_ty), mask=ok)
+        v_src = src + HKV * HEAD_DIM  # this kv head's v sits Hkv heads further along the row
+        v1 = tl.load(v_src + offs, mask=ok, other=0.0)
+        v2 = tl.load(v_src + half + offs, mask=ok, other=0.0)
+        tl.store(v_ptr + dst + offs, v1.to(v_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_ptr + dst + half + offs, v2.to(v_ptr.dtype.element_ty), mask=ok)
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor) -> None:
+    """The group's caches: [P, B, Hkv, S, Dh] each, same dtype/device as `like`, rows contiguous."""
+    check_tensor("k_cache", k_cache, ndim=5, dtype=like.dtype, device=like.device)
+    check_tensor("v_cache", v_cache, ndim=5, dtype=like.dtype, device=like.device)
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have "
+                         f"the same shape and strides")
+
+
+def check_start(start: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(start, torch.Tensor) or start.dtype != torch.int32 or start.numel() != 1:
+        raise TypeError("start must be a one-element int32 tensor (the cache position of the first new "
+                        "token, kept on the device so CUDA graphs can replay at new positions)")
+    if start.device != device:
+        raise ValueError(f"start is on {start.device}, expected {device}")
+
+
+def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                  *, num_heads: int, num_kv_heads: int) -> None:
+    """qkv: [P, B*T, (H + 2*Hkv)*Dh] (q rotated in place); positions: [B, T] int RoPE positions;
+    inv_freq: [Dh/2] fp32; k_cache, v_cache: [P, B, Hkv, S, Dh]; start: int32 [1] on the device.
+
+    The caller guarantees start + T <= S (the kernel cannot check a device-side value without a sync).
+    """
+    check_tensor("qkv", qkv, ndim=3)
+    check_runnable(qkv)
+    check_cache(k_cache, v_cache, qkv)
+    check_start(start, qkv.device)
+    P, Bk, Hkv, S, Dh = k_cache.shape
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or positions.dtype not in (
+            torch.int32, torch.int64):
+        raise TypeError("positions must be an int32/int64 tensor [B, T]")
+    B, T = positions.shape
+    if positions.device != qkv.device or positions.stride(-1) != 1:
+        raise ValueError("positions must be on the qkv's device with contiguous rows")
+    if num_kv_heads != Hkv or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit a cache of "
+                         f"{Hkv} kv heads")
+    if Dh % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {Dh}")
+    if qkv.shape != (P, B * T, (num_heads + 2 * Hkv) * Dh) or Bk != B:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not match P={P}, B*T={B * T}, "
+                         f"(H + 2*Hkv)*Dh={(num_heads + 2 * Hkv) * Dh} and the cache's batch {Bk}")
+    if inv_freq.shape != (Dh // 2,) or inv_freq.dtype != torch.float32 or inv_freq.device != qkv.device:
+        raise ValueError(f"inv_freq must be float32 [{Dh // 2}] on {qkv.device}")
+    if T > S:
+        raise ValueError(f"{T} new tokens do not fit a cache of {S} positions")
+    if P * B * T == 0:
+        return
+    _rope_kv_kernel[(P * B * T, num_heads + Hkv)](
+        qkv, positions, inv_freq, k_cache, v_cache, start,
+        B, T, num_heads, Hkv,
+        qkv.stride(0), qkv.stride(1), positions.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        HEAD_DIM=Dh, HALF_BLOCK=next_pow2(Dh // 2),
+    )

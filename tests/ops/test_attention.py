@@ -1,0 +1,86 @@
+"""ops.attention against reference.attention and float64 (CPU: TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from cqil_kernels.ops.attention import group_attention
+from cqil_kernels.reference.attention import group_attention_ref
+
+from conftest import assert_kernel_close, poisoned
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(P, B, T, H, Hkv, Dh, S, start, dtype, pads=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(P, B, T, H, Dh, generator=g, dtype=torch.float64)
+    kc = torch.randn(P, B, Hkv, S, Dh, generator=g, dtype=torch.float64)
+    vc = torch.randn(P, B, Hkv, S, Dh, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    for b, n in enumerate(pads or []):
+        valid[b, :n] = False  # left padding of row b
+    start_t = torch.tensor([start], dtype=torch.int32)
+    return [t.to(DEVICE, dtype) for t in (q, kc, vc)] + [valid.to(DEVICE), start_t.to(DEVICE)]
+
+
+CASES = {  # P, B, T, H, Hkv, Dh, S, start, pads
+    "decode-gqa3": (1, 1, 1, 9, 3, 64, 70, 69, None),
+    "decode-P4-padded": (4, 3, 1, 6, 2, 8, 40, 33, [0, 5, 30]),
+    "decode-mha-odd-dh": (2, 2, 1, 4, 4, 26, 37, 20, [3, 0]),
+    "prefill-gqa3": (2, 2, 19, 6, 2, 16, 19, 0, [0, 7]),
+    "prefill-mha": (3, 1, 33, 2, 2, 64, 40, 0, None),
+    "chunk-after-cache": (2, 2, 5, 4, 1, 32, 30, 11, [2, 0]),
+    "prefill-gqa4-long": (1, 1, 70, 8, 2, 16, 75, 3, None),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("splits", [None, 3])
+def test_group_attention(dtype, case, splits):
+    P, B, T, H, Hkv, Dh, S, start, pads = CASES[case]
+    q, kc, vc, valid, start_t = _inputs(P, B, T, H, Hkv, Dh, S, start, dtype, pads, seed=len(case))
+    out = group_attention(q, kc, vc, valid, start_t, out=poisoned(q.shape, dtype, DEVICE),
+                          num_splits=splits)
+    twin = group_attention_ref(q, kc, vc, valid, start_t)
+    exact = group_attention_ref(q.double(), kc.double(), vc.double(), valid, start_t)
+    assert_kernel_close(out, twin, exact)
+
+
+def test_keys_beyond_the_queries_are_not_read():
+    """Cache slots after start + T (stale or garbage) must not leak into the result."""
+    q, kc, vc, valid, start_t = _inputs(2, 2, 1, 4, 2, 16, 50, 20, torch.float32, seed=3)
+    expected = group_attention(q, kc, vc, valid, start_t, num_splits=4)
+    kc[:, :, :, 21:] = float("nan")
+    vc[:, :, :, 21:] = float("nan")
+    torch.testing.assert_close(group_attention(q, kc, vc, valid, start_t, num_splits=4), expected)
+
+
+def test_q_may_be_a_strided_view_of_the_qkv_buffer():
+    P, B, T, H, Hkv, Dh = 2, 2, 3, 4, 2, 16
+    qkv = torch.randn(P, B * T, (H + 2 * Hkv) * Dh, device=DEVICE)
+    q = qkv[..., :H * Dh].view(P, B, T, H, Dh)
+    _, kc, vc, valid, start_t = _inputs(P, B, T, H, Hkv, Dh, 8, 0, torch.float32)
+    torch.testing.assert_close(group_attention(q, kc, vc, valid, start_t),
+                               group_attention_ref(q, kc, vc, valid, start_t), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_refused():
+    q, kc, vc, valid, start = _inputs(2, 1, 3, 4, 2, 16, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match="must agree"):
+        group_attention(q[:1], kc, vc, valid, start)
+    with pytest.raises(ValueError, match="not a multiple"):
+        group_attention(q[:, :, :, :3], kc, vc, valid, start)
+    with pytest.raises(TypeError, match="key_valid must be a bool"):
+        group_attention(q, kc, vc, valid.int(), start)
+    with pytest.raises(ValueError, match="key_valid must be"):
+        group_attention(q, kc, vc, valid[:, :5], start)
+    with pytest.raises(TypeError, match="start must be"):
+        group_attention(q, kc, vc, valid, 0)
+    with pytest.raises(ValueError, match="num_splits"):
+        group_attention(q, kc, vc, valid, start, num_splits=0)
+    with pytest.raises(ValueError, match="last dimension"):
+        group_attention(q.transpose(3, 4).contiguous().transpose(3, 4), kc, vc, valid, start)
+    with pytest.raises(TypeError, match="v_cache must be torch.float32"):
+        group_attention(q, kc, vc.half(), valid, start)

@@ -1,0 +1,58 @@
+"""ops.group_residual against reference.group_residual and float64 (CPU: TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from cqil_kernels.ops.group_residual import group_residual
+from cqil_kernels.reference.group_residual import group_residual_ref
+
+from conftest import assert_kernel_close, poisoned
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,D", [(1, 576), (7, 59), (3, 4096)])
+@pytest.mark.parametrize("P,bypass", [(1, 0), (2, 1), (3, 0), (4, 2), (4, 3), (3, 5)])
+@pytest.mark.parametrize("mode", ["residual", "mlp_input"])
+def test_group_residual(dtype, M, D, P, bypass, mode):
+    g = torch.Generator().manual_seed(P * 7 + bypass + M)
+    h = torch.randn(M, D, generator=g, dtype=torch.float64)
+    a = torch.randn(P, M, D, generator=g, dtype=torch.float64)
+    nw = 1 + 0.3 * torch.randn(P, D, generator=g, dtype=torch.float64)
+    h, a, nw = (t.to(DEVICE, dtype) for t in (h, a, nw))
+    kw = dict(eps=1e-5, bypass=bypass, bypass_mode=mode)
+    out = (poisoned((P, M, D), dtype, DEVICE), poisoned((M, D), torch.float32, DEVICE))
+    xn, res = group_residual(h, a, nw, out=out, **kw)
+    xn_twin, res_twin = group_residual_ref(h, a, nw, **kw)
+    xn64, res64 = group_residual_ref(h.double(), a.double(), nw.double(), **kw)
+    assert xn is out[0] and res is out[1]
+    assert_kernel_close(xn, xn_twin, xn64)
+    assert_kernel_close(res, res_twin, res64)
+
+
+def test_bypass_changes_the_result():
+    """A kernel that ignored the bypass or the mode would pass a P = 1 test; this one would not."""
+    h, a, nw = torch.randn(2, 48, device=DEVICE), torch.randn(3, 2, 48, device=DEVICE), torch.ones(
+        3, 48, device=DEVICE)
+    results = [group_residual(h, a, nw, eps=1e-6, bypass=d, bypass_mode=m)
+               for d, m in [(0, "residual"), (1, "residual"), (1, "mlp_input")]]
+    assert not torch.allclose(results[0][0], results[1][0])
+    assert not torch.allclose(results[1][1], results[2][1])
+    torch.testing.assert_close(results[1][0], results[2][0])  # the MLP input is the same in both modes
+
+
+def test_bad_input_is_refused():
+    h, a, nw = torch.randn(2, 48, device=DEVICE), torch.randn(3, 2, 48, device=DEVICE), torch.ones(
+        3, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="does not match"):
+        group_residual(h[:1], a, nw, eps=1e-6)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        group_residual(h, a, nw[:2], eps=1e-6)
+    with pytest.raises(ValueError, match="bypass must be"):
+        group_residual(h, a, nw, eps=1e-6, bypass=-1)
+    with pytest.raises(ValueError, match="bypass_mode"):
+        group_residual(h, a, nw, eps=1e-6, bypass_mode="both")
+    with pytest.raises(TypeError, match="a must be torch.float32"):
+        group_residual(h, a.half(), nw, eps=1e-6)
