@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
+from .packing import pack_layers
 
 # Keys some LLaMA checkpoints carry that hold nothing we need (the RoPE table is recomputed).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -50,8 +51,11 @@ def resolve_cqil(cqil: Any, checkpoint_keys: Mapping[str, Any]) -> CQILConfig | 
 class _Loader:
     """Fills the parameters of a model built on "meta", one checkpoint tensor at a time."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, source: str):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, source: str,
+                 pack: bool = True):
         self.model, self.device, self.dtype, self.source = model, device, dtype, source
+        if pack:  # layer weights go straight into the group-contiguous packed tensors (packing.py)
+            model.packed_layers = pack_layers(model.layers, device, dtype, copy=False)
         self.expected = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
         self.loaded: set[str] = set()
 
@@ -67,9 +71,12 @@ class _Loader:
             raise ValueError(
                 f"{self.source}: tensor {name!r} has shape {tuple(tensor.shape)}, but the model config "
                 f"expects {tuple(target.shape)}")
-        module_name, _, attr = name.rpartition(".")
-        value = tensor.to(device=self.device, dtype=self.dtype)
-        setattr(self.model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        if not target.is_meta:  # a view of the packed layer tensors
+            target.data.copy_(tensor)
+        else:
+            module_name, _, attr = name.rpartition(".")
+            value = tensor.to(device=self.device, dtype=self.dtype)
+            setattr(self.model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
         self.loaded.add(name)
 
     def finish(self) -> nn.Module:
@@ -129,7 +136,9 @@ def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype):
     device = torch.device(device) if device is not None else some.device
     device, dtype = default_device_dtype(device, dtype if dtype is not None else some.dtype)
     model = _build(cls, args, resolve_cqil(cqil, args.extra))
-    loader = _Loader(model, device, dtype, type(hf_model).__name__)
+    # Not packed: parameters share the transformers model's storage when device and dtype match (the
+    # Triton backend packs, i.e. copies, on first use).
+    loader = _Loader(model, device, dtype, type(hf_model).__name__, pack=False)
     for key, tensor in hf_model.state_dict().items():
         loader.put(_hf_name(key), tensor.detach())
     return loader.finish()

@@ -1,7 +1,7 @@
 """Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
 
 Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits`,
-`model.new_cache(batch, max_seq)`, `model.args`, `model.device`.
+`model.new_cache(batch, max_seq)`, `model.decoder(cache)` (one decode step), `model.args`, `model.device`.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
 
     cache = model.new_cache(batch, total)
     logits = model(input_ids, attention_mask, cache=cache)[:, -1]
+    decode = model.decoder(cache)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     tokens = [input_ids]
     for step in range(max_new_tokens):
@@ -120,5 +121,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
         tokens.append(next_tokens[:, None])
         if step == max_new_tokens - 1 or (eos and bool(finished.all())):
             break
-        logits = model(next_tokens[:, None], cache=cache)[:, -1]
+        logits = decode(next_tokens)
     return torch.cat(tokens, dim=1)

@@ -27,6 +27,8 @@ from torch import nn
 from .config import CQILConfig, LlamaArgs
 from .generation import check_attention_mask, check_input_ids, generate
 
+BACKENDS = ("auto", "torch", "triton")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -172,7 +174,8 @@ class KVCache:
     k[s], v[s]: [P_s, B, Hkv, S_max, Dh] for stage s of P_s layers, so the caches of one group are one
     contiguous tensor and a fused kernel can treat the group as one batched attention.
     key_valid: [B, S_max] bool, False at left-padding positions. n_tokens: [B] real tokens seen so far
-    (the next token's RoPE position). length: positions filled so far (same for every row).
+    (the next token's RoPE position). length: positions filled so far (same for every row), also kept
+    on the device as `position` (int32 [1]) so a captured CUDA graph can advance it.
     """
 
     def __init__(self, args: LlamaArgs, stages: list[tuple[int, ...]], batch: int, max_seq: int,
@@ -183,6 +186,7 @@ class KVCache:
         self.v = [torch.zeros((len(s), *shape), device=device, dtype=dtype) for s in stages]
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int32, device=device)
         self.batch, self.max_seq, self.length = batch, max_seq, 0
 
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +217,9 @@ class CQILLlama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.cqil = cqil
+        self.backend = "auto"
+        self.cuda_graphs = True  # generate() replays decode steps from a CUDA graph (Triton backend)
+        self.packed_layers = None  # set by the loaders / the Triton backend (packing.py)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -227,6 +234,31 @@ class CQILLlama(nn.Module):
             raise TypeError(f"cqil must be a CQILConfig or None, got {type(cqil).__name__}")
         self.stages = cqil.stages(self.args.num_hidden_layers)  # validates against this model
         self._cqil = cqil
+
+    @property
+    def backend(self) -> str:
+        """"torch" (this file, the readable reference), "triton" (fused kernels, fused.py) or "auto":
+        Triton on CUDA when it is installed and the dtype is fp16/bf16/fp32, else torch."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._backend = backend
+
+    def uses_triton(self) -> bool:
+        """Whether forward() runs the Triton backend now; ValueError when "triton" cannot run here."""
+        if self._backend == "torch":
+            return False
+        from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
+
+        reason = triton_unavailable_reason(self.device)
+        if reason is None and self.dtype not in SUPPORTED_DTYPES:
+            reason = f"the Triton kernels support float32/float16/bfloat16, not {self.dtype}"
+        if self._backend == "triton" and reason is not None:
+            raise ValueError(f"backend='triton' cannot run: {reason}")
+        return reason is None and (self._backend == "triton" or self.device.type == "cuda")
 
     @property
     def device(self) -> torch.device:
@@ -261,10 +293,12 @@ class CQILLlama(nn.Module):
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = check_attention_mask(attention_mask, input_ids)
+        self._check_cache(input_ids, cache)
+        if self.uses_triton():
+            from . import fused
+
+            return fused.forward(self, input_ids, attention_mask, cache)
         ctx = self._step_context(input_ids, attention_mask, cache)
-        if cache is not None and cache.stages != self.stages:
-            raise ValueError("this KV cache was made for another CQIL grouping; make a new one with "
-                             "model.new_cache() after changing model.cqil")
 
         h = self.embed_tokens(input_ids)
         for s, stage in enumerate(self.stages):
@@ -274,6 +308,7 @@ class CQILLlama(nn.Module):
                 h = self._group_forward(h, stage, s, ctx, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
+            cache.position += input_ids.shape[1]
         return self.lm_head(self.norm(h))
 
     def _group_forward(self, h: torch.Tensor, stage: tuple[int, ...], s: int, ctx: StepContext,
@@ -289,17 +324,29 @@ class CQILLlama(nn.Module):
             deltas.append((a if residual else attn[j]) + m)
         return h + sum(deltas)
 
+    def _check_cache(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
+        B, T = input_ids.shape
+        end = T + (cache.length if cache is not None else 0)
+        limit = cache.max_seq if cache is not None else self.args.max_position_embeddings
+        if end > limit:
+            what = "the KV cache" if cache is not None else "max_position_embeddings"
+            raise ValueError(f"{end} positions exceed {what} ({limit})")
+        if cache is None:
+            return
+        if B != cache.batch:
+            raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
+        if cache.stages != self.stages:
+            raise ValueError("this KV cache was made for another CQIL grouping; make a new one with "
+                             "model.new_cache() after changing model.cqil")
+        if cache.k[0].dtype != self.dtype or cache.k[0].device != self.device:
+            raise ValueError(f"this KV cache holds {cache.k[0].dtype} on {cache.k[0].device}, the model "
+                             f"{self.dtype} on {self.device}; make a new one with model.new_cache()")
+
     def _step_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       cache: KVCache | None) -> StepContext:
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + T
-        limit = cache.max_seq if cache is not None else self.args.max_position_embeddings
-        if end > limit:
-            what = "the KV cache" if cache is not None else "max_position_embeddings"
-            raise ValueError(f"{end} positions exceed {what} ({limit})")
-        if cache is not None and B != cache.batch:
-            raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
 
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
@@ -325,6 +372,18 @@ class CQILLlama(nn.Module):
         # (its output is never used).
         mask = (k_pos <= q_pos) & (key_valid[:, None, :] | (k_pos == q_pos))
         return StepContext(cos, sin, mask[:, None], False, start)
+
+    def decoder(self, cache: KVCache):
+        """A function next_tokens [B] -> logits [B, vocab] that appends one token per row to `cache`.
+
+        With the Triton backend on CUDA (and `cuda_graphs` on) the step is a captured CUDA graph
+        (fused.GraphDecoder); its logits are overwritten by the next call.
+        """
+        if self.cuda_graphs and self.device.type == "cuda" and self.uses_triton():
+            from .fused import GraphDecoder
+
+            return GraphDecoder(self, cache)
+        return lambda next_tokens: self(next_tokens[:, None], cache=cache)[:, -1]
 
     # ----------------------------------------------------------------------------------------------
 

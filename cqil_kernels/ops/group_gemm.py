@@ -63,7 +63,6 @@ def _group_gemm_kernel(
         p_hi = p_lo + 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rstd = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
         w_cols = p * stride_wp + offs_n[None, :] * stride_wn
@@ -91,13 +90,13 @@ def _group_gemm_kernel(
                 if UPCAST:
                     w2k = w2k.to(tl.float32)
                 acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
+        if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P: one p here)
+            acc = acc * rstd[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
                 acc2 += tl.load(bias2_ptr + p * stride_bp + offs_n, mask=n_ok,
                                 other=0.0).to(tl.float32)[None, :]
-    if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P)
-        acc = acc * rstd[:, None]
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if HAS_RES:

@@ -21,8 +21,8 @@ def _rand(*shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
-@pytest.mark.parametrize("shared,norm,bias", [(True, True, False), (False, False, True),
-                                              (True, False, False)], ids=["qkv", "o-bias", "shared"])
+@pytest.mark.parametrize("shared,norm,bias", [(True, True, False), (True, True, True), (False, False, True),
+                                              (True, False, False)], ids=["qkv", "qkv-bias", "o-bias", "shared"])
 def test_group_linear(dtype, M, K, N, P, shared, norm, bias):
     torch.manual_seed(P * 1000 + M)
     x = _rand(*((M, K) if shared else (P, M, K)), dtype=dtype, scale=2.0)

@@ -1,0 +1,126 @@
+"""The Triton backend of CQILLlama: every stage (a CQIL group of P layers, or one ungrouped layer as
+P = 1) runs as seven launches, whatever P is:
+
+    1 group_linear    qkv[p]  = RMSNorm_in_p(h) @ Wqkv[p].T             all P layers read the same h
+    2 rope_kv_write   rotate q, k of all P layers; write k, v into the group's caches
+    3 group_attention each layer over its own cache (split-KV flash decoding when T = 1)
+    4 group_linear    a[p]    = attn[p] @ Wo[p].T
+    5 group_residual  xn[p]   = RMSNorm_post_p(h + a_p + b_p);   R = h + sum (a_p [+ b_p])
+    6 group_swiglu    act[p]  = silu(xn[p] @ Wg[p].T) * (xn[p] @ Wu[p].T)
+    7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
+
+The step never reads a device value on the host (the cache position lives on the device), so the whole
+decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.attention import group_attention
+from .ops.group_gemm import group_down_sum, group_linear, group_swiglu
+from .ops.group_residual import group_residual
+from .ops.rope_kv import rope_kv_write
+from .packing import PackedLayers, pack_layers
+
+
+def packed_layers(model) -> PackedLayers:
+    """The model's packed layer weights, (re)packed if the parameters were moved or replaced."""
+    packed = getattr(model, "packed_layers", None)
+    if packed is None or not packed.is_current():
+        with torch.no_grad():
+            model.packed_layers = packed = pack_layers(model.layers)
+    return packed
+
+
+def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor, inv_freq: torch.Tensor,
+                  *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
+    """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
+    P = w.qkv.shape[0]
+    B, T = positions.shape
+    H, Dh = args.num_attention_heads, args.head_dim
+    qkv = group_linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
+    rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start,
+                  num_heads=H, num_kv_heads=args.num_key_value_heads)
+    q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
+    attn = group_attention(q, k_cache, v_cache, key_valid, start)
+    a = group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias)
+    xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
+                                  bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)
+    act = group_swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+    return group_down_sum(act, w.down, residual, bias=w.down_bias)
+
+
+def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
+    """Append input_ids [B, T] (valid: [B, T] bool, None = all real tokens) to the cache and return the
+    logits [B, T, vocab]. Reads no device value on the host: safe to capture in a CUDA graph. The
+    caller advances the host-side `cache.length`."""
+    B, T = input_ids.shape
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+    slots = cache.position.long() + torch.arange(T, device=input_ids.device)
+    cache.key_valid.index_copy_(1, slots, valid)
+    positions = (cache.n_tokens[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+    cache.n_tokens += valid.long().sum(1)
+
+    packed = packed_layers(model)
+    h = model.embed_tokens(input_ids).view(B * T, -1)
+    cqil = model.cqil
+    for s, stage in enumerate(model.stages):
+        h = stage_forward(packed.group(stage[0], len(stage)), h, positions, cache.k[s], cache.v[s],
+                          cache.key_valid, cache.position, model.inv_freq, args=model.args,
+                          bypass=cqil.bypass, bypass_mode=cqil.bypass_mode)
+    cache.position += T
+    return model.lm_head(model.norm(h.view(B, T, -1)))
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """CQILLlama.forward on the Triton backend (inputs already checked by the model)."""
+    B, T = input_ids.shape
+    if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
+        cache = model.new_cache(B, T)
+    logits = step(model, input_ids, attention_mask, cache)
+    cache.length += T
+    return logits
+
+
+class GraphDecoder:
+    """One decode step (a token per row) as a captured CUDA graph, bound to one KV cache.
+
+    The first call runs eagerly on a side stream (compiles and autotunes the kernels for this batch);
+    the second captures the step and replays it; every later call only copies the new tokens in and
+    replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
+    next call.
+    """
+
+    def __init__(self, model, cache):
+        if cache.stages != model.stages:
+            raise ValueError("this KV cache was made for another CQIL grouping")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.warm = False
+
+    def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if cache.length + 1 > cache.max_seq:
+            raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
+        self.tokens.copy_(next_tokens.view(cache.batch, 1))
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = step(self.model, self.tokens, None, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            cache.length += 1
+            return logits[:, -1]
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(self.model, self.tokens, None, cache)[:, -1]
+        self.graph.replay()
+        cache.length += 1
+        return self.logits

@@ -1,0 +1,110 @@
+"""Layer weights packed layer-major, so every CQIL group's weights are one contiguous slice.
+
+A group is a run of consecutive layers [l0, l0 + P), so with every layer's q/k/v rows in one tensor
+qkv: [L, (H + 2*Hkv)*Dh, D] (and likewise o, gate, up, down, the two norms and any biases), the group's
+weights are qkv[l0:l0 + P] — a view, whatever the grouping, with no copy when `model.cqil` changes.
+The model's own nn.Linear / RMSNorm parameters are rebound to views of these tensors, so the torch and
+Triton backends share one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# packed name -> the per-layer parameters concatenated along dim 0, in order
+LAYOUT = {
+    "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "o": ("self_attn.o_proj.weight",),
+    "o_bias": ("self_attn.o_proj.bias",),
+    "gate": ("mlp.gate_proj.weight",),
+    "gate_bias": ("mlp.gate_proj.bias",),
+    "up": ("mlp.up_proj.weight",),
+    "up_bias": ("mlp.up_proj.bias",),
+    "down": ("mlp.down_proj.weight",),
+    "down_bias": ("mlp.down_proj.bias",),
+    "norm_in": ("input_layernorm.weight",),
+    "norm_post": ("post_attention_layernorm.weight",),
+}
+
+
+@dataclass
+class PackedLayers:
+    """All layers' weights, layer-major ([L, ...]); biases are None when the model has none."""
+
+    qkv: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    norm_in: torch.Tensor
+    norm_post: torch.Tensor
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    # (module, attribute, parameter, data_ptr) of every rebound parameter: how staleness is detected
+    bindings: list = field(default_factory=list, repr=False)
+
+    def group(self, l0: int, P: int) -> PackedLayers:
+        """The weights of layers [l0, l0 + P): views, no copy."""
+        return PackedLayers(**{name: None if getattr(self, name) is None else getattr(self, name)[l0:l0 + P]
+                               for name in LAYOUT})
+
+    def is_current(self) -> bool:
+        """True while every layer parameter is still the view it was bound to (a `.to()`, a
+        `load_state_dict(assign=True)` or a parameter replaced by hand makes the packing stale)."""
+        return all(getattr(module, attr) is param and param.data_ptr() == ptr
+                   for module, attr, param, ptr in self.bindings)
+
+
+def _params(layer: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, str]] | None:
+    """(owner module, attribute) of each named parameter, or None when the layer lacks one (no bias)."""
+    out = []
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = layer.get_submodule(owner)
+        if getattr(module, attr, None) is None:
+            return None
+        out.append((module, attr))
+    return out
+
+
+def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
+                dtype: torch.dtype | None = None, copy: bool = True) -> PackedLayers:
+    """Allocate the packed tensors and rebind every layer's parameters to views of them.
+
+    copy=True copies the current values in (parameter by parameter; the old storage is freed as its
+    last view goes, so the peak extra memory is about one packed tensor); copy=False leaves them
+    uninitialised, for a loader that fills the views afterwards (the layers may then be on "meta").
+    device/dtype default to the first layer's.
+    """
+    some = layers[0].self_attn.q_proj.weight
+    device = torch.device(device) if device is not None else some.device
+    dtype = dtype if dtype is not None else some.dtype
+    packed, bindings = {}, []
+    for name, param_names in LAYOUT.items():
+        per_layer = [_params(layer, param_names) for layer in layers]
+        if per_layer[0] is None:
+            packed[name] = None
+            continue
+        shapes = [getattr(m, a).shape for m, a in per_layer[0]]
+        rows = sum(shape[0] for shape in shapes)
+        tensor = torch.empty((len(layers), rows, *shapes[0][1:]), device=device, dtype=dtype)
+        for l, owners in enumerate(per_layer):
+            row = 0
+            for module, attr in owners:
+                old = getattr(module, attr)
+                view = tensor[l, row:row + old.shape[0]]
+                row += old.shape[0]
+                if copy:
+                    view.copy_(old.detach())
+                param = nn.Parameter(view, requires_grad=False)
+                setattr(module, attr, param)
+                bindings.append((module, attr, param, param.data_ptr()))
+        packed[name] = tensor
+    return PackedLayers(**packed, bindings=bindings)
