@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine (device tool): build the extension there, run the whole test suite
-# (the CUDA tests included) and the demo on CUDA. Everything is logged under $OUT (or ./gpu_out).
-#   bash .ci/gpu_check.sh
+# Run on the lent GPU machine (device tool). Stages (default: build tests):
+#   build       pip install --no-build-isolation --no-deps .   (and the environment, to env.txt)
+#   tests       the whole test suite, CUDA tests included, from outside the checkout
+#   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests
+#   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
+#   kernels     pytest-benchmark kernel comparisons (benchmarks/), summarised as a table
+#   demo        cqil demo --tiny on CUDA
+# Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -11,21 +16,55 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  # The device tool's copy of the tree has no usable git history: pass CQIL_COMMIT=<hash> from here.
-  echo "commit: ${CQIL_COMMIT:-unknown}"
-  echo "command: bash .ci/gpu_check.sh"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
-
-echo "== build: pip install --no-build-isolation --no-deps ." | tee "$OUT/build.log"
-time python3 -m pip install --no-build-isolation --no-deps . >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-cqil info 2>&1 | tee -a "$OUT/env.txt"
-
-echo "== tests"
-# Run from outside the checkout so the installed package (with its compiled _C) is what is tested.
-(cd /tmp && timeout 420 python3 -m pytest -q -rs -p no:cacheprovider "$OLDPWD/tests" 2>&1) | tee "$OUT/pytest.log" | tail -25
-echo "== demo on CUDA (tiny random model: the SmolLM2 wheel is too large to carry)"
-timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log"
+REPO=$PWD
+stages=${*:-build tests}
+for stage in $stages; do
+  case $stage in
+  build)
+    {
+      echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+      echo "commit: ${CQIL_COMMIT:-unknown}"
+      echo "command: bash .ci/gpu_check.sh $stages"
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+      python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    } 2>&1 | tee "$OUT/env.txt"
+    echo "== build" | tee "$OUT/build.log"
+    python3 -m pip install --no-build-isolation --no-deps . >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    cqil info 2>&1 | tee -a "$OUT/env.txt" ;;
+  tests)
+    echo "== tests (CQIL_AUTOTUNE=0: one GEMM config per shape class)"
+    (cd /tmp && CQIL_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs -x -p no:cacheprovider \
+      --durations=8 "$REPO/tests" ${PYTEST_ARGS:-} 2>&1) | tee "$OUT/pytest.log" | tail -30 ;;
+  sanitizer)
+    echo "== compute-sanitizer" | tee "$OUT/sanitizer.log"
+    for tool in memcheck racecheck; do
+      for case in "test_group_gemm.py|qkv-bias-2-5-59-83-torch.bfloat16" \
+                  "test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
+                  "test_group_gemm.py|test_group_swiglu and True-3-5-59-83-torch.bfloat16" \
+                  "test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
+                  "test_attention.py|3-decode-P4-padded-torch.bfloat16" \
+                  "test_attention.py|None-prefill-gqa3-torch.float16" \
+                  "test_group_residual.py|residual-2-1-7-59-torch.bfloat16"; do
+        file=${case%%|*}; expr=${case#*|}
+        (cd /tmp && CQIL_AUTOTUNE=0 timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
+          python3 -m pytest -q -p no:cacheprovider "$REPO/tests/ops/$file" -k "$expr" 2>&1; echo "exit $?") \
+          | grep -E "passed|failed|deselected|ERROR SUMMARY|exit" | tr '\n' ' ' | sed "s|^|$tool $file $expr: |" \
+          | tee -a "$OUT/sanitizer.log"; echo | tee -a "$OUT/sanitizer.log"
+      done
+    done ;;
+  e2e)
+    echo "== cqil bench"
+    for shape in smollm2-135m llama-7b; do
+      timeout 300 cqil bench --shape $shape --repeats ${REPEATS:-5} --out "$OUT/bench_${shape}.json" 2>&1 \
+        | tee -a "$OUT/e2e.log"
+    done ;;
+  kernels)
+    echo "== kernel benchmarks"
+    (cd "$REPO" && timeout ${BENCH_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider benchmarks \
+      ${BENCH_ARGS:-} --benchmark-json="$OUT/kernels.json" --benchmark-disable-gc 2>&1 | tail -5)
+    python3 benchmarks/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.md" ;;
+  demo)
+    timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

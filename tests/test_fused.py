@@ -114,3 +114,86 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     model.backend = "triton"
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------
+# On the GPU: real dtypes, the CUDA-graph decoder, a LLaMA-7B shape
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["none", "P3-d1-residual", "P4-d2-mlp_input"])
+def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name):
+    """Against the fp32 torch backend, the Triton backend's logits error in bf16/fp16 is at most 2x
+    the torch backend's own error in the same dtype (prefill with padding, then cached decode)."""
+    hf = random_hf_model(seed=12, scale=0.05)
+    exact = CQILLlama.from_pretrained(hf, cqil=GROUPINGS[name], device="cuda", dtype=torch.float32)
+    exact.backend = "torch"
+    model = CQILLlama.from_pretrained(hf, cqil=GROUPINGS[name], device="cuda", dtype=dtype)
+    ids = torch.randint(0, 97, (3, 21), device="cuda")
+    mask = left_padding_mask(ids, [0, 6, 17])
+    real = mask.bool()
+
+    def run(m):
+        cache = m.new_cache(3, 30)
+        out = [m(ids, mask, cache=cache)[real]]
+        out += [m(ids[:, t:t + 1], cache=cache)[:, 0] for t in range(5)]
+        return torch.cat(out).double()
+
+    with torch.no_grad():
+        reference = run(exact)
+        errors = {}
+        for backend in ("torch", "triton"):
+            model.backend = backend
+            errors[backend] = ((run(model) - reference).norm() / reference.norm()).item()
+    assert errors["triton"] <= 2 * errors["torch"], errors
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_graph_decode_equals_eager_decode():
+    model = _models(GROUPINGS["P3-d1-residual"])
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 9), device="cuda")
+    mask = left_padding_mask(ids, [3, 0])
+    outs = {}
+    for graphs in (False, True):
+        model.cuda_graphs = graphs
+        cache = model.new_cache(2, 30)
+        with torch.no_grad():
+            logits = model(ids, mask, cache=cache)[:, -1]
+            decode = model.decoder(cache)
+            steps = []
+            for _ in range(12):
+                logits = decode(logits.argmax(-1)).clone()
+                steps.append(logits)
+        outs[graphs] = torch.stack(steps)
+        assert cache.length == 21 and int(cache.position) == 21
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_llama7b_shape_greedy_tokens_equal_torch_backend():
+    """A LLaMA-7B-shaped model (random bf16 weights): 32 greedy tokens from the Triton backend (CUDA
+    graph) equal the torch backend's, sequential and with groups of 4."""
+    from cqil_kernels.bench import random_hf_model as random_shape
+
+    hf = random_shape("llama-7b", torch.bfloat16, torch.device("cuda"))
+    with torch.no_grad():  # O(1) activations so the argmax is decided by the weights, not by rounding
+        for name, p in hf.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(2.5)
+    model = CQILLlama.from_pretrained(hf)
+    del hf
+    ids = torch.randint(0, 32000, (1, 64), device="cuda")
+    for cqil in (CQILConfig(), CQILConfig.from_range(4, 28, 4)):
+        model.cqil = cqil
+        tokens = {}
+        for backend in ("torch", "triton"):
+            model.backend = backend
+            tokens[backend] = model.generate(ids, 32)
+        assert torch.equal(tokens["triton"], tokens["torch"]), cqil

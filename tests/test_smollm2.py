@@ -58,3 +58,28 @@ def test_demo_on_smollm2():
     text = "\n".join(lines)
     assert "[original: 30 sequential layer steps]" in text
     assert "[CQIL [[12, 13], [14, 15]], d=0: 28 sequential layer steps]" in text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_triton_backend_greedy_tokens_equal_torch_backend(dtype):
+    """32 greedy tokens, SmolLM2 in bf16/fp16 on the GPU: Triton (CUDA-graph decode) == torch backend,
+    with and without CQIL groups; and the logits' error against fp32 is no worse than the torch
+    backend's own in the same dtype (x2)."""
+    model = CQILLlama.from_pretrained(GGUF, device="cuda", dtype=dtype)
+    exact = CQILLlama.from_pretrained(GGUF, device="cuda", dtype=torch.float32)
+    exact.backend = "torch"
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    for cqil in (CQILConfig(), CQILConfig.from_range(2, 26, 4)):
+        model.cqil = exact.cqil = cqil
+        tokens, errors = {}, {}
+        with torch.no_grad():
+            reference = exact(ids).double()
+            for backend in ("torch", "triton"):
+                model.backend = backend
+                logits = model(ids).double()
+                errors[backend] = ((logits - reference).norm() / reference.norm()).item()
+                tokens[backend] = model.generate(ids, 32)
+        assert errors["triton"] <= 2 * errors["torch"], errors
+        assert torch.equal(tokens["triton"], tokens["torch"]), (cqil, tokens)

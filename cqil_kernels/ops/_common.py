@@ -14,6 +14,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """Whether kernels autotune over several configs (CQIL_AUTOTUNE=0 picks one fixed config per
+    shape class: quicker compiles for tests; read when cqil_kernels.ops is first imported)."""
+    return os.environ.get("CQIL_AUTOTUNE", "1") != "0"
+
+
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
     try:

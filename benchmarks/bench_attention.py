@@ -1,0 +1,37 @@
+"""ops.attention vs P separate torch scaled_dot_product_attention calls (one per layer's cache)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SHAPES, gpu_benchmark, randn
+
+S = 512
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("T", [1, 512])
+@pytest.mark.parametrize("P", [1, 2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention(benchmark, shape, P, T, impl):
+    from cqil_kernels.ops.attention import group_attention
+
+    s = SHAPES[shape]
+    H, Hkv, Dh = s["H"], s["Hkv"], s["Dh"]
+    start = S - T  # decode: the last position of a 512-token cache; prefill: the whole cache
+    valid = torch.ones(1, S, dtype=torch.bool, device="cuda")
+    start_t = torch.tensor([start], dtype=torch.int32, device="cuda")
+
+    def make():
+        return randn(P, 1, T, H, Dh), randn(P, 1, Hkv, S, Dh), randn(P, 1, Hkv, S, Dh)
+
+    def fused(q, k, v):
+        group_attention(q, k, v, valid, start_t)
+
+    def torch_attn(q, k, v):
+        for p in range(P):
+            F.scaled_dot_product_attention(q[p].transpose(1, 2), k[p], v[p], is_causal=T > 1,
+                                           enable_gqa=H != Hkv)
+
+    nbytes = 2 * P * (2 * Hkv * S * Dh + 2 * T * H * Dh)
+    gpu_benchmark(benchmark, make, fused if impl == "fused" else torch_attn, nbytes=nbytes)

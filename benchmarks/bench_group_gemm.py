@@ -1,0 +1,94 @@
+"""ops.group_gemm vs the P separate torch (cuBLAS) calls each fused GEMM replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SHAPES, gpu_benchmark, randn, rms_norm
+
+P_VALUES, T_VALUES = [1, 2, 4], [1, 512]
+IMPLS = ["fused", "torch"]
+
+
+def _qkv(s, P, T):
+    N = (s["H"] + 2 * s["Hkv"]) * s["Dh"]
+    return lambda: (randn(T, s["D"]), randn(P, N, s["D"], scale=0.02), 1 + randn(P, s["D"], scale=0.1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("P", P_VALUES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_qkv(benchmark, shape, P, T, impl):
+    from cqil_kernels.ops.group_gemm import group_linear
+
+    s = SHAPES[shape]
+    nq, nkv = s["H"] * s["Dh"], s["Hkv"] * s["Dh"]
+
+    def torch_qkv(h, w, nw):  # per layer: RMSNorm, then q, k, v projections
+        for p in range(P):
+            x = rms_norm(h, nw[p])
+            F.linear(x, w[p, :nq]), F.linear(x, w[p, nq:nq + nkv]), F.linear(x, w[p, nq + nkv:])
+
+    op = (lambda h, w, nw: group_linear(h, w, norm_weight=nw)) if impl == "fused" else torch_qkv
+    N = nq + 2 * nkv
+    gpu_benchmark(benchmark, _qkv(s, P, T), op, nbytes=2 * (P * N * s["D"] + T * s["D"] + P * T * N))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("P", P_VALUES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_o_proj(benchmark, shape, P, T, impl):
+    from cqil_kernels.ops.group_gemm import group_linear
+
+    s = SHAPES[shape]
+    K = s["H"] * s["Dh"]
+
+    def torch_o(x, w):
+        for p in range(P):
+            F.linear(x[p], w[p])
+
+    op = group_linear if impl == "fused" else torch_o
+    gpu_benchmark(benchmark, lambda: (randn(P, T, K), randn(P, s["D"], K, scale=0.02)), op,
+                  nbytes=2 * (P * s["D"] * K + P * T * K + P * T * s["D"]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("P", P_VALUES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gate_up_swiglu(benchmark, shape, P, T, impl):
+    from cqil_kernels.ops.group_gemm import group_swiglu
+
+    s = SHAPES[shape]
+
+    def torch_swiglu(x, wg, wu):
+        for p in range(P):
+            F.silu(F.linear(x[p], wg[p])) * F.linear(x[p], wu[p])
+
+    op = group_swiglu if impl == "fused" else torch_swiglu
+    make = lambda: (randn(P, T, s["D"]), randn(P, s["F"], s["D"], scale=0.02),  # noqa: E731
+                    randn(P, s["F"], s["D"], scale=0.02))
+    gpu_benchmark(benchmark, make, op, nbytes=2 * (2 * P * s["F"] * s["D"] + P * T * (s["D"] + s["F"])))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("P", P_VALUES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_down_sum(benchmark, shape, P, T, impl):
+    from cqil_kernels.ops.group_gemm import group_down_sum
+
+    s = SHAPES[shape]
+
+    def torch_down(x, w, res):
+        out = res
+        for p in range(P):
+            out = out + F.linear(x[p], w[p])
+        return out.to(x.dtype)
+
+    op = group_down_sum if impl == "fused" else torch_down
+    make = lambda: (randn(P, T, s["F"]), randn(P, s["D"], s["F"], scale=0.02),  # noqa: E731
+                    randn(T, s["D"], dtype=torch.float32))
+    gpu_benchmark(benchmark, make, op, nbytes=2 * (P * s["F"] * s["D"] + P * T * s["F"] + 3 * T * s["D"]))

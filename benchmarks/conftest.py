@@ -1,0 +1,66 @@
+"""pytest-benchmark helpers for the kernel comparisons (GPU only; every benchmark skips without one).
+
+Run: pytest benchmarks --benchmark-json=out.json, then python benchmarks/summarize.py out.json.
+Each benchmark replays a CUDA graph of CALLS back-to-back calls (decode runs from graphs, so launch
+gaps are not what we compare) cycling over enough copies of the inputs that they do not stay in L2;
+pytest-benchmark times rounds of one replay + synchronize, and extra_info holds the median
+microseconds per call and the achieved GB/s over the bytes the op must move.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+CALLS = 24
+L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
+
+SHAPES = {  # hidden D, heads H, kv heads Hkv, head dim Dh, intermediate F
+    "llama7b": dict(D=4096, H=32, Hkv=32, Dh=128, F=11008),
+    "smollm2": dict(D=576, H=9, Hkv=3, Dh=64, F=1536),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="kernel benchmarks need a CUDA GPU")
+        for item in items:
+            item.add_marker(skip)
+
+
+def gpu_benchmark(benchmark, make_inputs, op, *, nbytes: int) -> None:
+    """Benchmark op(*inputs) where make_inputs() builds one fresh input set of `nbytes` moved bytes."""
+    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    sets = [make_inputs() for _ in range(copies)]
+    op(*sets[0])  # compile and autotune outside the graph
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for inputs in sets:
+            op(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            op(*sets[i % copies])
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(replay, rounds=40, warmup_rounds=5, iterations=1)
+    us = benchmark.stats.stats.median / CALLS * 1e6
+    benchmark.extra_info.update(us_per_call=round(us, 3), gbps=round(nbytes / us / 1e3, 1),
+                                nbytes=nbytes, input_copies=copies, calls_per_round=CALLS)
+
+
+def randn(*shape, dtype=torch.bfloat16, scale=1.0):
+    return scale * torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+def rms_norm(x, weight, eps=1e-5):
+    """The torch backend's RMSNorm (model.RMSNorm), as a function."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

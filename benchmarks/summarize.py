@@ -1,0 +1,35 @@
+"""Summarise a pytest-benchmark JSON of the kernel comparisons as a markdown table.
+
+    python benchmarks/summarize.py results.json > table.md
+Pairs each fused benchmark with its torch twin (same parameters) and prints us/call, GB/s, speedup.
+"""
+
+import json
+import re
+import sys
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    rows = {}
+    for b in data["benchmarks"]:
+        params = dict(b["params"])
+        impl = params.pop("impl")
+        key = (b["name"].split("[")[0], tuple(sorted(params.items())))
+        rows.setdefault(key, {})[impl] = b["extra_info"]
+    print(f"card: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')} host; "
+          f"commit {data.get('commit_info', {}).get('id', '?')[:8]}\n")
+    print("| op | shape | P | T | fused µs | torch µs | speedup | fused GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, params), impls in sorted(rows.items()):
+        p = dict(params)
+        f, t = impls.get("fused"), impls.get("torch")
+        if not f or not t:
+            continue
+        op = re.sub(r"^test_", "", name)
+        print(f"| {op} | {p['shape']} | {p.get('P')} | {p['T']} | {f['us_per_call']:.1f} | "
+              f"{t['us_per_call']:.1f} | {t['us_per_call'] / f['us_per_call']:.2f}x | {f['gbps']:.0f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,231 @@
+"""`cqil bench`: end-to-end prefill and decode latency, transformers eager vs ours, on one GPU.
+
+Variants (same random weights, same dtype, same prompt):
+    hf-eager       transformers LlamaForCausalLM, eager, DynamicCache: what users run today
+    torch          our torch backend (model.py), no groups, eager
+    triton-seq     our Triton backend, no groups, decode replayed from a CUDA graph
+    triton-cqil    our Triton backend with the CQIL groups, decode replayed from a CUDA graph
+Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill (argmax included),
+median of `repeats` runs; prefill is the median of `repeats` prompt forwards into a fresh cache.
+Achieved bandwidth counts every byte a decode step must read (all weights once, the KV cache so far) and
+is reported against a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .config import CQILConfig, LlamaArgs
+
+SHAPES = {  # published configs; weights are random
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                     rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+DEFAULT_GROUPS = {"llama-7b": "4-28:4", "smollm2-135m": "2-26:4"}
+VARIANTS = ("hf-eager", "torch", "triton-seq", "triton-cqil")
+
+
+def _events_ms(fn, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` runs, timed with CUDA events (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _events_ms(lambda: dst.copy_(src), 20)
+    return 2 * nbytes / ms / 1e6
+
+
+def random_hf_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """transformers LlamaForCausalLM with the published config of `shape` and random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPES[shape], torch_dtype=dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def decode_step_bytes(args: LlamaArgs, dtype: torch.dtype, batch: int, seq: int) -> int:
+    """Bytes one decode step must read: every weight once (the embedding: one row per sequence) plus
+    the keys and values of `seq` cached positions in every layer."""
+    D, F, L = args.hidden_size, args.intermediate_size, args.num_hidden_layers
+    H, Hkv, Dh = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    per_layer = D * (H + 2 * Hkv) * Dh + H * Dh * D + 3 * D * F + 2 * D
+    weights = L * per_layer + D + args.vocab_size * D + batch * D
+    kv = 2 * L * batch * Hkv * seq * Dh
+    return (weights + kv) * torch.finfo(dtype).bits // 8
+
+
+def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms, decode ms/token) for our model in its current backend/grouping."""
+    B, T = ids.shape
+
+    def prefill():
+        model(ids, cache=model.new_cache(B, T + new + 2))
+
+    prefill_ms = _events_ms(prefill, repeats)
+    times = []
+    for _ in range(repeats + 1):
+        cache = model.new_cache(B, T + new + 2)
+        logits = model(ids, cache=cache)[:, -1]
+        decode = model.decoder(cache)
+        tok = logits.argmax(-1)
+        for _ in range(2):  # eager warm-up step and graph capture (Triton backend)
+            tok = decode(tok).argmax(-1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new - 2):
+            tok = decode(tok).argmax(-1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (new - 2))
+    return prefill_ms, statistics.median(times[1:])
+
+
+def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
+    from transformers import DynamicCache
+
+    prefill_ms = _events_ms(lambda: hf(ids, past_key_values=DynamicCache(), use_cache=True), repeats)
+    times = []
+    for _ in range(repeats + 1):
+        cache = DynamicCache()
+        tok = hf(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new - 2):
+            tok = hf(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (new - 2))
+    return prefill_ms, statistics.median(times[1:])
+
+
+def _commit() -> str:
+    if os.environ.get("CQIL_COMMIT"):
+        return os.environ["CQIL_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.inference_mode()
+def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int = 1, prompt: int = 512,
+              new: int = 64, dtype: str = "bfloat16", repeats: int = 5,
+              variants: tuple[str, ...] = VARIANTS, command: str = "") -> dict:
+    """Measure the variants; returns the result record (see module docstring)."""
+    from .demo import parse_groups
+    from .model import CQILLlama
+
+    if not torch.cuda.is_available():
+        raise ValueError("cqil bench measures GPU latency and needs a CUDA device")
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+    if new < 4 or prompt < 1 or batch < 1 or repeats < 1:
+        raise ValueError("need new >= 4, prompt >= 1, batch >= 1, repeats >= 1")
+    torch_dtype = getattr(torch, dtype)
+    device = torch.device("cuda")
+    groups = groups or DEFAULT_GROUPS[shape]
+    cqil = parse_groups(groups)
+    hf = random_hf_model(shape, torch_dtype, device)
+    model = CQILLlama.from_pretrained(hf)
+    cqil.validate(model.args.num_hidden_layers)
+    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device)
+    step_bytes = decode_step_bytes(model.args, torch_dtype, batch, prompt + new // 2)
+    copy = copy_bandwidth_gbps(device)
+
+    results = {}
+    for variant in variants:
+        if variant == "hf-eager":
+            prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
+        else:
+            model.backend = "torch" if variant == "torch" else "triton"
+            model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
+            prefill_ms, decode_ms = _time_ours(model, ids, new, repeats)
+        gbps = step_bytes / decode_ms / 1e6
+        results[variant] = dict(prefill_ms=round(prefill_ms, 4), decode_ms_per_token=round(decode_ms, 4),
+                                decode_gbps=round(gbps, 1), decode_pct_of_copy=round(100 * gbps / copy, 1))
+        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms   decode {decode_ms:7.4f} ms/token   "
+              f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy)", flush=True)
+    props = torch.cuda.get_device_properties(device)
+    import triton
+    import transformers
+
+    return dict(
+        card=props.name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        commit=_commit(), command=command, shape=shape, config=SHAPES[shape], groups=groups,
+        cqil=cqil.to_dict(), batch=batch, prompt=prompt, new_tokens=new, dtype=dtype, repeats=repeats,
+        decode_step_bytes=step_bytes, copy_gbps=round(copy, 1),
+        floor_ms_per_token=round(step_bytes / copy / 1e6, 4),
+        versions=dict(torch=torch.__version__, triton=triton.__version__,
+                      transformers=transformers.__version__, python=platform.python_version()),
+        results=results)
+
+
+def plot(record: dict, path: str | os.PathLike) -> None:
+    """Bar charts of decode ms/token and prefill ms per variant (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(record["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in [(axes[0], "decode_ms_per_token", "decode ms/token"),
+                           (axes[1], "prefill_ms", f"prefill ms ({record['prompt']} tokens)")]:
+        values = [record["results"][n][key] for n in names]
+        bars = ax.bar(names, values, color=["#999999", "#6b8ec7", "#3a6fb5", "#d0652f"][:len(names)])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0].axhline(record["floor_ms_per_token"], color="k", lw=0.8, ls="--")
+    axes[0].text(0, record["floor_ms_per_token"], " bandwidth floor", va="bottom", fontsize=7)
+    fig.suptitle(f"{record['shape']} ({record['dtype']}, batch {record['batch']}, groups "
+                 f"{record['groups']}) on {record['card']}, commit {record['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(record: dict, out: str | os.PathLike) -> list[Path]:
+    """Write record as JSON to `out` and a PNG beside it when matplotlib is installed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    written = [out]
+    try:
+        plot(record, out.with_suffix(".png"))
+        written.append(out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no PNG (render later with `cqil bench --plot FILE.json`)")
+    return written
