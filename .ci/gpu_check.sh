@@ -54,8 +54,8 @@ for stage in $stages; do
     done ;;
   e2e)
     echo "== cqil bench"
-    for shape in smollm2-135m llama-7b; do
-      timeout 300 cqil bench --shape $shape --repeats ${REPEATS:-5} --out "$OUT/bench_${shape}.json" 2>&1 \
+    for shape in ${E2E_SHAPES:-smollm2-135m llama-7b}; do
+      timeout ${E2E_TIMEOUT:-300} cqil bench --shape $shape --repeats ${REPEATS:-5} --out "$OUT/bench_${shape}.json" 2>&1 \
         | tee -a "$OUT/e2e.log"
     done ;;
   kernels)
