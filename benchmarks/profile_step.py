@@ -1,0 +1,55 @@
+"""Where a prefill and a decode step spend their time: torch.profiler over our model on the GPU.
+
+    python benchmarks/profile_step.py --shape smollm2-135m --groups 2-26:4 [--prompt 512]
+Prints host (CPU) and device time of one eager prefill, and the per-kernel device time of decode steps
+replayed from the CUDA graph.
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model
+from cqil_kernels.demo import parse_groups
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--groups", default=None, help="'none' for sequential")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=14)
+    a = ap.parse_args()
+    groups = a.groups or DEFAULT_GROUPS[a.shape]
+    model = CQILLlama.from_pretrained(random_hf_model(a.shape, torch.bfloat16, torch.device("cuda")))
+    model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
+    ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device="cuda")
+    with torch.inference_mode():
+        for _ in range(2):
+            model(ids, cache=model.new_cache(1, a.prompt + 40))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(ids, cache=model.new_cache(1, a.prompt + 40))
+            torch.cuda.synchronize()
+        print(f"== prefill {a.prompt} tokens, groups {groups}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
+
+        cache = model.new_cache(1, a.prompt + 40)
+        tok = model(ids, cache=cache)[:, -1].argmax(-1)
+        decode = model.decoder(cache)
+        for _ in range(3):
+            tok = decode(tok).argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                tok = decode(tok).argmax(-1)
+            torch.cuda.synchronize()
+        print(f"== 10 decode steps (CUDA graph), groups {groups}")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
+
+
+if __name__ == "__main__":
+    main()
