@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,20 +23,25 @@ def autotuning() -> bool:
 
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
+    return _unavailable_reason(None if device is None else device.type, interpreting())
+
+
+@functools.lru_cache(maxsize=None)  # every launcher asks; the answer only changes with the environment
+def _unavailable_reason(device_type: str | None, interpreted: bool) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return f"Triton is not installed ({e}); pip install triton"
-    if device is None:
+    if device_type is None:
         return None
-    if device.type == "cuda":
-        return None if not interpreting() else (
+    if device_type == "cuda":
+        return None if not interpreted else (
             "TRITON_INTERPRET=1 is set, which runs kernels on the CPU only")
-    if device.type == "cpu":
-        return None if interpreting() else (
+    if device_type == "cpu":
+        return None if interpreted else (
             "Triton kernels need a CUDA device; on the CPU they run only under TRITON_INTERPRET=1 "
             "(set before cqil_kernels is imported)")
-    return f"Triton kernels do not run on {device.type} tensors"
+    return f"Triton kernels do not run on {device_type} tensors"
 
 
 def check_tensor(name: str, t: torch.Tensor, *, ndim: int, dtype: torch.dtype | None = None,
@@ -74,3 +80,8 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

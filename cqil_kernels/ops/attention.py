@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_runnable, check_tensor, dot_flags, interpreting, next_pow2
+from ._common import (check_runnable, check_tensor, dot_flags, interpreting, multiprocessor_count,
+                      next_pow2)
 from .rope_kv import check_cache, check_start
 
 
@@ -134,7 +135,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, 
     if rows <= 16:  # decode: one tile of rows; spread the keys so about two programs run per SM
         block_n = 64
         if num_splits is None:
-            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            sms = multiprocessor_count(torch.cuda.current_device())
             num_splits = max(1, min(triton.cdiv(2 * sms, P * B * Hkv), triton.cdiv(S, 256)))
         return 16, block_n, num_splits, 4
     return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
