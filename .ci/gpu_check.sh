@@ -4,7 +4,7 @@
 #   tests       the whole test suite, CUDA tests included, from outside the checkout
 #   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests
 #   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
-#   kernels     pytest-benchmark kernel comparisons (benchmarks/), summarised as a table
+#   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
@@ -61,7 +61,7 @@ for stage in $stages; do
   kernels)
     echo "== kernel benchmarks"
     (cd "$REPO" && timeout ${BENCH_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider benchmarks \
-      ${BENCH_ARGS:-} --benchmark-json="$OUT/kernels.json" --benchmark-disable-gc 2>&1 | tail -5)
+      ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$OUT/kernels.json" --benchmark-disable-gc 2>&1 | tail -5)
     python3 benchmarks/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.md" ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
