@@ -10,6 +10,7 @@ microseconds per call and the achieved GB/s over the bytes the op must move.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def gpu_benchmark(benchmark, make_inputs, op, *, nbytes: int) -> None:
     benchmark.pedantic(replay, rounds=40, warmup_rounds=5, iterations=1)
     us = benchmark.stats.stats.median / CALLS * 1e6
     benchmark.extra_info.update(us_per_call=round(us, 3), gbps=round(nbytes / us / 1e3, 1),
-                                nbytes=nbytes, input_copies=copies, calls_per_round=CALLS)
+                                nbytes=nbytes, input_copies=copies, calls_per_round=CALLS,
+                                card=torch.cuda.get_device_name(),
+                                commit=os.environ.get("CQIL_COMMIT", "unknown"))
 
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):

@@ -17,8 +17,9 @@ def main(path: str) -> None:
         impl = params.pop("impl")
         key = (b["name"].split("[")[0], tuple(sorted(params.items())))
         rows.setdefault(key, {})[impl] = b["extra_info"]
-    print(f"card: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')} host; "
-          f"commit {data.get('commit_info', {}).get('id', '?')[:8]}\n")
+    first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
+    print(f"card: {first.get('card', '?')}; commit {first.get('commit', '?')}; "
+          f"date {data.get('datetime', '?')[:16]}; per call: median of CUDA-graph replays\n")
     print("| op | shape | P | T | fused µs | torch µs | speedup | fused GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     for (name, params), impls in sorted(rows.items()):

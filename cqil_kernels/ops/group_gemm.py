@@ -8,7 +8,14 @@
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
 the packed group tensors. The input norm is applied in the prologue: the row's 1/rms is computed by a
 first pass over K and applied to the fp32 accumulator (it commutes with the matmul); the norm weight
-multiplies x as it is loaded, so weights are used as stored (no folding). Accumulation is fp32.
+multiplies x as it is loaded, so weights are used as stored (no folding); the sum of squares is gathered
+from the same loads, so x is read once. Accumulation is fp32.
+
+Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
+loads in flight. For the down projection of a group in decode, one program per output tile would walk
+K = P*F alone (15.0 us for SmolLM2 P = 4 on the H100, 474 GB/s); there each layer's partial product is
+computed by its own programs (fp32, [P, M, D]) and a small kernel adds the P partials and the residual
+in a fixed order, so results stay deterministic.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting
+from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2
 
 
 def _configs():
@@ -28,8 +35,9 @@ def _configs():
                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)]
     decode = [  # M <= 16: weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load
         triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4),
-                             (64, 128, 4, 5), (128, 128, 8, 4)]]
+        for bn, bk, w, s in [(16, 512, 4, 3), (16, 1024, 4, 2), (16, 256, 2, 6), (32, 256, 4, 4),
+                             (32, 512, 4, 3), (32, 128, 4, 6), (64, 256, 4, 4), (64, 128, 4, 5),
+                             (128, 128, 8, 4)]]
     prefill = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -69,14 +77,7 @@ def _group_gemm_kernel(
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
         w_cols = p * stride_wp + offs_n[None, :] * stride_wn
-        if NORM:
-            sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-                xk = xk.to(tl.float32)
-                sq += tl.sum(xk * xk, axis=1)
-            rstd = tl.rsqrt(sq / K + eps)
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x^2 for the norm, gathered on the way
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
@@ -84,7 +85,9 @@ def _group_gemm_kernel(
             wk = tl.load(w_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if NORM:
                 nw = tl.load(nw_ptr + p * stride_nwp + k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
+                x32 = xk.to(tl.float32)
+                sq += tl.sum(x32 * x32, axis=1)
+                xk = (x32 * nw[None, :]).to(wk.dtype)
             if UPCAST:
                 xk, wk = xk.to(tl.float32), wk.to(tl.float32)
             acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
@@ -94,7 +97,7 @@ def _group_gemm_kernel(
                     w2k = w2k.to(tl.float32)
                 acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
         if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P: one p here)
-            acc = acc * rstd[:, None]
+            acc = acc * tl.rsqrt(sq / K + eps)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
@@ -224,7 +227,31 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
         if tuple(residual.shape) != (M, D):
             raise ValueError(f"residual must have shape {(M, D)}, got {tuple(residual.shape)}")
     out = _out(out, (M, D), x)
-    return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+    if M > 16 or P == 1 or M == 0:
+        return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+    partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
+    _launch(x, w, partial, sx=sx, bias=bias)
+    block = min(1024, next_pow2(D))
+    _sum_p_kernel[(M, triton.cdiv(D, block))](
+        partial, residual if residual is not None else partial, out, P, D,
+        partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm, stride_om,
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m] = residual[m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_RES:
+        acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
+    for p in range(0, P):
+        acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _out(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
