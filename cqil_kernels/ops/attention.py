@@ -88,10 +88,11 @@ def _attention_kernel(
         m_i = m_new
 
     if SPLIT:  # unnormalised partial state of this split; _merge_kernel combines the splits
+        # only the real rows: with one query head per kv head (MHA) 15 of 16 rows are padding
         split_row = (pid_h * tl.num_programs(2) + pid_s) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :], acc)
-        tl.store(stat_ptr + split_row * 2, m_i)
-        tl.store(stat_ptr + split_row * 2 + 1, l_i)
+        tl.store(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(stat_ptr + split_row * 2, m_i, mask=row_ok)
+        tl.store(stat_ptr + split_row * 2 + 1, l_i, mask=row_ok)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
@@ -111,19 +112,22 @@ def _merge_kernel(
     t, g = rows // G, rows % G
     offs_d = tl.arange(0, BLOCK_D)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_ok = rows < T * G
     for s in range(0, NUM_SPLITS):
-        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * NUM_SPLITS + s) * BLOCK_M + rows) * 2))
+        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * NUM_SPLITS + s) * BLOCK_M + rows) * 2, mask=row_ok,
+                                  other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for s in range(0, NUM_SPLITS):
         split_row = (pid_h * NUM_SPLITS + s) * BLOCK_M + rows
-        scale = tl.exp2(tl.load(stat_ptr + split_row * 2) - m_use)
-        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1)
-        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :])
+        scale = tl.exp2(tl.load(stat_ptr + split_row * 2, mask=row_ok, other=float("-inf")) - m_use)
+        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1, mask=row_ok, other=0.0)
+        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :],
+                                        mask=row_ok[:, None], other=0.0)
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
-    ok = (rows < T * G)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -132,13 +136,13 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, 
     rows = T * G
     if interpreting():
         return max(16, min(64, next_pow2(rows))), 32, num_splits or 1, 4
-    if rows <= 16:  # decode: one tile of rows; spread the keys over up to 4 programs per SM
-        # (LLaMA-7B shape, 512 cached keys, H100: 2 splits of 256 keys took 13.6 us, 2.3x SDPA's
-        # per-head cost; splits of 128 keys give 128 programs)
+    if rows <= 16:  # decode: one tile of rows; spread the keys over about 2 programs per SM
+        # (H100, LLaMA-7B shape, 512 cached keys: P = 1 in 2 splits of 256 keys 13.6 us, 4 of 128
+        # keys 11.6 us; P = 4 in 2 splits 21.1 us, in 4 splits 25.6 us)
         block_n = 64
         if num_splits is None:
             sms = multiprocessor_count(torch.cuda.current_device())
-            num_splits = max(1, min(triton.cdiv(4 * sms, P * B * Hkv), triton.cdiv(S, 128)))
+            num_splits = max(1, min(triton.cdiv(2 * sms, P * B * Hkv), triton.cdiv(S, 128)))
         return 16, block_n, num_splits, 4
     return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
 
