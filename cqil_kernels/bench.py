@@ -6,7 +6,8 @@ Variants (same random weights, same dtype, same prompt):
     triton-seq     our Triton backend, no groups, decode replayed from a CUDA graph
     triton-cqil    our Triton backend with the CQIL groups, decode replayed from a CUDA graph
 Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill (argmax included),
-median of `repeats` runs; prefill is the median of `repeats` prompt forwards into a fresh cache.
+median of `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
+timed after the decode runs (the GPU is warmed up for a second before anything is timed).
 Achieved bandwidth counts every byte a decode step must read (all weights once, the KV cache so far) and
 is reported against a device-to-device copy measured in the same run.
 """
@@ -84,11 +85,6 @@ def decode_step_bytes(args: LlamaArgs, dtype: torch.dtype, batch: int, seq: int)
 def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
     """(prefill ms, decode ms/token) for our model in its current backend/grouping."""
     B, T = ids.shape
-
-    def prefill():
-        model(ids, cache=model.new_cache(B, T + new + 2))
-
-    prefill_ms = _events_ms(prefill, repeats)
     times = []
     for _ in range(repeats + 1):
         cache = model.new_cache(B, T + new + 2)
@@ -104,13 +100,32 @@ def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (new - 2))
-    return prefill_ms, statistics.median(times[1:])
+
+    def prefill():
+        model(ids, cache=model.new_cache(B, T + new + 2))
+
+    return _events_ms(prefill, max(repeats, 10)), statistics.median(times[1:])
+
+
+def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
+    """Keep the GPU busy for a while first: a GPU coming out of idle runs short jobs at lower clocks
+    (seen on the H100: the first 512-token prefill timed in a process 37 ms, the same one later 18 ms)."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(20):
+            a @ a
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) > 1000 * seconds:
+            return
 
 
 def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
     from transformers import DynamicCache
 
-    prefill_ms = _events_ms(lambda: hf(ids, past_key_values=DynamicCache(), use_cache=True), repeats)
     times = []
     for _ in range(repeats + 1):
         cache = DynamicCache()
@@ -122,6 +137,7 @@ def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (new - 2))
+    prefill_ms = _events_ms(lambda: hf(ids, past_key_values=DynamicCache(), use_cache=True), max(repeats, 10))
     return prefill_ms, statistics.median(times[1:])
 
 
@@ -162,6 +178,7 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
     ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device)
     step_bytes = decode_step_bytes(model.args, torch_dtype, batch, prompt + new // 2)
     copy = copy_bandwidth_gbps(device)
+    _warm_up_gpu(device)
 
     results = {}
     for variant in variants:
