@@ -37,7 +37,7 @@ for stage in $stages; do
       --durations=8 "$REPO/tests" ${PYTEST_ARGS:-} 2>&1) | tee "$OUT/pytest.log" | tail -30 ;;
   sanitizer)
     echo "== compute-sanitizer" | tee "$OUT/sanitizer.log"
-    for tool in memcheck racecheck; do
+    for tool in ${SAN_TOOLS:-memcheck racecheck}; do
       for case in "test_group_gemm.py|qkv-bias-2-5-59-83-torch.bfloat16" \
                   "test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
                   "test_group_gemm.py|test_group_swiglu and True-3-5-59-83-torch.bfloat16" \
@@ -46,7 +46,7 @@ for stage in $stages; do
                   "test_attention.py|None-prefill-gqa3-torch.float16" \
                   "test_group_residual.py|residual-2-1-7-59-torch.bfloat16"; do
         file=${case%%|*}; expr=${case#*|}
-        (cd /tmp && CQIL_AUTOTUNE=0 timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
+        (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
           python3 -m pytest -q -p no:cacheprovider "$REPO/tests/ops/$file" -k "$expr" 2>&1; echo "exit $?") \
           | grep -E "passed|failed|deselected|ERROR SUMMARY|exit" | tr '\n' ' ' | sed "s|^|$tool $file $expr: |" \
           | tee -a "$OUT/sanitizer.log"; echo | tee -a "$OUT/sanitizer.log"
