@@ -268,6 +268,13 @@ class CQILLlama(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would round the RoPE frequencies to 16 bits; keep them fp32 and recomputed
+        super()._apply(fn, recurse)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.reset_rope()
+        return self
+
     def reset_rope(self) -> None:
         """(Re)compute the RoPE frequency buffer on the model's device, e.g. after building on "meta"."""
         self.inv_freq = rope_inv_freq(self.args).to(self.device)
