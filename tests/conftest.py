@@ -73,3 +73,36 @@ def assert_kernel_close(out: torch.Tensor, twin: torch.Tensor, exact: torch.Tens
     twin_err = (twin.double().cpu() - exact).norm().item()
     ulp = (torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * terms ** 0.5) * exact.norm().item()
     assert err <= 2 * twin_err + ulp, f"kernel error {err:.3g} vs twin's {twin_err:.3g} (ulp {ulp:.3g})"
+
+
+def assert_greedy_agrees(model, ids: torch.Tensor, new_tokens: int) -> int:
+    """Greedy tokens of the Triton backend against the torch backend's, on the same model.
+
+    Equal, or else the first token where they part is a tie at the dtype's resolution: there, the torch
+    backend's margin between its token and the Triton backend's is within twice the largest logit
+    difference between the backends at that position. (Flat next-token distributions -- random weights,
+    or a heavily grouped model without fine-tuning -- have such ties within 32 tokens.)
+    Returns the index of the first difference (new_tokens when none)."""
+    model.backend = "torch"
+    expected = model.generate(ids, new_tokens)
+    model.backend = "triton"
+    got = model.generate(ids, new_tokens)
+    differs = (got != expected).any(0)
+    if not bool(differs.any()):
+        return new_tokens
+    first = int(differs.nonzero()[0])
+    assert first >= ids.shape[1]
+    prefix = got[:, :first]
+    with torch.no_grad():
+        model.backend = "torch"
+        ref = model(prefix)[:, -1].float()
+        model.backend = "triton"
+        ours = model(prefix)[:, -1].float()
+    rows = (got[:, first] != expected[:, first]).nonzero()[:, 0]
+    for r in rows.tolist():
+        margin = (ref[r, expected[r, first]] - ref[r, got[r, first]]).item()
+        diff = (ours[r] - ref[r]).abs().max().item()
+        assert margin <= 2 * diff, (f"row {r}, token {first - ids.shape[1]}: the backends chose "
+                                    f"{int(expected[r, first])} / {int(got[r, first])} with a torch "
+                                    f"margin of {margin:.4g} > 2 x their logit difference {diff:.4g}")
+    return first - ids.shape[1]

