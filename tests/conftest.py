@@ -75,14 +75,15 @@ def assert_kernel_close(out: torch.Tensor, twin: torch.Tensor, exact: torch.Tens
     assert err <= 2 * twin_err + ulp, f"kernel error {err:.3g} vs twin's {twin_err:.3g} (ulp {ulp:.3g})"
 
 
-def assert_greedy_agrees(model, ids: torch.Tensor, new_tokens: int) -> int:
+def assert_greedy_agrees(model, exact, ids: torch.Tensor, new_tokens: int) -> int:
     """Greedy tokens of the Triton backend against the torch backend's, on the same model.
 
-    Equal, or else the first token where they part is a tie at the dtype's resolution: there, the torch
-    backend's margin between its token and the Triton backend's is within twice the largest logit
-    difference between the backends at that position. (Flat next-token distributions -- random weights,
-    or a heavily grouped model without fine-tuning -- have such ties within 32 tokens.)
-    Returns the index of the first difference (new_tokens when none)."""
+    `exact` is the same model in a wider dtype (torch backend, same grouping). The two backends' tokens
+    must be equal, or else, where they first part, (a) the Triton logits' error against `exact` is at
+    most twice the torch backend's (plus one ulp of the logit scale), and (b) `exact` itself cannot tell
+    the two tokens apart at that precision: its margin between them is within the two backends' errors.
+    Flat next-token distributions -- random weights, or a heavily grouped model without fine-tuning --
+    have such ties within 32 tokens. Returns the index of the first difference (new_tokens if none)."""
     model.backend = "torch"
     expected = model.generate(ids, new_tokens)
     model.backend = "triton"
@@ -91,18 +92,22 @@ def assert_greedy_agrees(model, ids: torch.Tensor, new_tokens: int) -> int:
     if not bool(differs.any()):
         return new_tokens
     first = int(differs.nonzero()[0])
-    assert first >= ids.shape[1]
     prefix = got[:, :first]
     with torch.no_grad():
+        ref = exact(prefix.to(exact.device))[:, -1].double().to(prefix.device)
         model.backend = "torch"
-        ref = model(prefix)[:, -1].float()
+        theirs = model(prefix)[:, -1].double()
         model.backend = "triton"
-        ours = model(prefix)[:, -1].float()
-    rows = (got[:, first] != expected[:, first]).nonzero()[:, 0]
-    for r in rows.tolist():
-        margin = (ref[r, expected[r, first]] - ref[r, got[r, first]]).item()
-        diff = (ours[r] - ref[r]).abs().max().item()
-        assert margin <= 2 * diff, (f"row {r}, token {first - ids.shape[1]}: the backends chose "
-                                    f"{int(expected[r, first])} / {int(got[r, first])} with a torch "
-                                    f"margin of {margin:.4g} > 2 x their logit difference {diff:.4g}")
+        ours = model(prefix)[:, -1].double()
+    ulp = torch.finfo(model.dtype).eps
+    for r in (got[:, first] != expected[:, first]).nonzero()[:, 0].tolist():
+        err_torch = (theirs[r] - ref[r]).abs().max().item()
+        err_triton = (ours[r] - ref[r]).abs().max().item()
+        where = f"row {r}, new token {first - ids.shape[1]}"
+        assert err_triton <= 2 * err_torch + ulp * ref[r].abs().max().item(), (
+            f"{where}: Triton logits error {err_triton:.4g} vs torch backend's {err_torch:.4g}")
+        margin = (ref[r, expected[r, first]] - ref[r, got[r, first]]).abs().item()
+        assert margin <= err_torch + err_triton, (
+            f"{where}: tokens {int(expected[r, first])} / {int(got[r, first])} differ by {margin:.4g} in "
+            f"the exact logits, more than the backends' errors {err_torch:.4g} + {err_triton:.4g}")
     return first - ids.shape[1]
