@@ -10,15 +10,19 @@ P_VALUES, T_VALUES = [1, 2, 4], [1, 512]
 IMPLS = ["fused", "torch"]
 
 
+def gemm_cases(bench):
+    """Every GEMM benchmark runs over shape x P x T x (fused | torch)."""
+    for name, values in [("impl", IMPLS), ("T", T_VALUES), ("P", P_VALUES), ("shape", list(SHAPES))]:
+        bench = pytest.mark.parametrize(name, values)(bench)
+    return bench
+
+
 def _qkv(s, P, T):
     N = (s["H"] + 2 * s["Hkv"]) * s["Dh"]
     return lambda: (randn(T, s["D"]), randn(P, N, s["D"], scale=0.02), 1 + randn(P, s["D"], scale=0.1))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", T_VALUES)
-@pytest.mark.parametrize("P", P_VALUES)
-@pytest.mark.parametrize("shape", SHAPES)
+@gemm_cases
 def test_qkv(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_linear
 
@@ -35,10 +39,7 @@ def test_qkv(benchmark, shape, P, T, impl):
     gpu_benchmark(benchmark, _qkv(s, P, T), op, nbytes=2 * (P * N * s["D"] + T * s["D"] + P * T * N))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", T_VALUES)
-@pytest.mark.parametrize("P", P_VALUES)
-@pytest.mark.parametrize("shape", SHAPES)
+@gemm_cases
 def test_o_proj(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_linear
 
@@ -54,10 +55,7 @@ def test_o_proj(benchmark, shape, P, T, impl):
                   nbytes=2 * (P * s["D"] * K + P * T * K + P * T * s["D"]))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", T_VALUES)
-@pytest.mark.parametrize("P", P_VALUES)
-@pytest.mark.parametrize("shape", SHAPES)
+@gemm_cases
 def test_gate_up_swiglu(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_swiglu
 
@@ -73,10 +71,7 @@ def test_gate_up_swiglu(benchmark, shape, P, T, impl):
     gpu_benchmark(benchmark, make, op, nbytes=2 * (2 * P * s["F"] * s["D"] + P * T * (s["D"] + s["F"])))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T", T_VALUES)
-@pytest.mark.parametrize("P", P_VALUES)
-@pytest.mark.parametrize("shape", SHAPES)
+@gemm_cases
 def test_down_sum(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_down_sum
 
