@@ -1,0 +1,33 @@
+"""bench.py: the byte count behind the bandwidth figures, and refusals without a GPU."""
+
+import json
+
+import pytest
+import torch
+
+from cqil_kernels.bench import SHAPES, decode_step_bytes, plot
+from cqil_kernels.cli import main
+from cqil_kernels.config import LlamaArgs
+
+
+def test_decode_step_bytes_llama7b():
+    """LLaMA-7B has 6,738,415,616 parameters; a decode step reads all of them once except the embedding,
+    of which it reads one row, plus the KV cache."""
+    args = LlamaArgs.from_hf(dict(SHAPES["llama-7b"], model_type="llama"))
+    weights = decode_step_bytes(args, torch.bfloat16, batch=1, seq=0)
+    assert weights == 2 * (6_738_415_616 - 32000 * 4096 + 4096)
+    kv = decode_step_bytes(args, torch.bfloat16, batch=1, seq=512) - weights
+    assert kv == 2 * 32 * 32 * 512 * 128 * 2  # k and v, 32 layers, 32 heads, 512 positions, 128 dims
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: the refusal without a GPU")
+def test_bench_needs_a_gpu(capsys):
+    assert main(["bench", "--shape", "smollm2-135m"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_plot_redraws_a_saved_record(tmp_path):
+    pytest.importorskip("matplotlib")
+    record = json.loads(open("benchmarks/results/h100_2026-11-26/bench_smollm2-135m.json").read())
+    plot(record, tmp_path / "x.png")
+    assert (tmp_path / "x.png").stat().st_size > 1000
