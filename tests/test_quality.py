@@ -1,0 +1,77 @@
+"""quality.py on tiny random models, against transformers' own hidden states and loss."""
+
+import math
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.quality import ReferenceRun, layer_input_similarity
+
+from conftest import random_hf_model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = random_hf_model(seed=21)
+    return hf, CQILLlama.from_pretrained(hf, cqil=CQILConfig(groups=((1, 2),)), device="cpu")
+
+
+def test_similarity_matches_transformers_hidden_states(pair):
+    hf, model = pair
+    ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(0))
+    sim = layer_input_similarity(model, ids, window=20)
+    with torch.no_grad():
+        states = []
+        for begin in range(0, 50, 20):  # the same windows
+            out = hf(ids[None, begin:begin + 20], output_hidden_states=True)
+            states.append(torch.stack(out.hidden_states[:-1])[:, 0])  # inputs of layers 0..L-1
+    x = torch.nn.functional.normalize(torch.cat(states, 1).double(), dim=-1)
+    expected = torch.einsum("ind,jnd->ij", x, x) / 50
+    torch.testing.assert_close(sim.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sim, sim.T)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(6), atol=1e-5, rtol=0)
+    assert model.cqil.groups == ((1, 2),)  # the model's grouping is left as it was
+
+
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 8), (40, 40)])
+def test_perplexity_matches_transformers_loss(pair, window, stride):
+    hf, model = pair
+    ids = torch.randint(0, 97, (37,), generator=torch.Generator().manual_seed(1))
+    ref = ReferenceRun(model, ids, window=window, stride=stride)
+    nll_sum, n, prev_end = 0.0, 0, 1
+    with torch.no_grad():  # the sliding-window recipe of transformers' perplexity guide
+        for begin in range(0, 37, stride):
+            end = min(begin + window, 37)
+            if end > prev_end:
+                labels = ids[None, begin:end].clone()
+                labels[0, :max(prev_end, begin + 1) - begin] = -100
+                scored = int((labels[0, 1:] != -100).sum())
+                nll_sum += hf(ids[None, begin:end], labels=labels).loss.item() * scored
+                n += scored
+                prev_end = end
+            if end == 37:
+                break
+    assert ref.baseline.tokens == n == (34 if stride == window == 16 else 36)  # each at most once
+    assert math.isclose(ref.baseline.perplexity, math.exp(nll_sum / n), rel_tol=1e-5)
+    same = ref.evaluate(CQILConfig())
+    assert same.agreement == 1.0 and same.kl == 0.0 and same.perplexity == ref.baseline.perplexity
+
+
+def test_a_grouping_costs_quality(pair):
+    _, model = pair
+    ref = ReferenceRun(model, torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)))
+    grouped = ref.evaluate(CQILConfig(groups=((1, 2, 3, 4),)))
+    assert grouped.kl > 0 and grouped.agreement < 1.0 and grouped.perplexity != ref.baseline.perplexity
+
+
+def test_bad_input_is_refused(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="at least 2"):
+        ReferenceRun(model, torch.tensor([5]))
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        layer_input_similarity(model, torch.tensor([1, 2, 500]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        layer_input_similarity(model, torch.rand(10))
+    with pytest.raises(ValueError, match="stride"):
+        ReferenceRun(model, torch.arange(10), window=8, stride=9)
