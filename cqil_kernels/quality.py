@@ -88,12 +88,18 @@ class ReferenceRun:
     entries) take 393 MB.
     """
 
+    @staticmethod
+    def check_text(ids: torch.Tensor, model, window: int) -> torch.Tensor:
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        return _check_ids(ids, model.args.vocab_size, 2, "the text")
+
     @torch.inference_mode()
     def __init__(self, model, ids: torch.Tensor, window: int = 512, stride: int | None = None):
         stride = stride or window
         if window < 2 or not 1 <= stride <= window:
             raise ValueError(f"need window >= 2 and 1 <= stride <= window, got {window}, {stride}")
-        self.model, self.ids = model, _check_ids(ids, model.args.vocab_size, 2, "ids")
+        self.model, self.ids = model, self.check_text(ids, model, window)
         self.spans = []  # (begin, end, first scored position)
         prev_end = 1  # position 0 has no context: never scored
         for begin in range(0, self.ids.numel(), stride):
@@ -135,3 +141,93 @@ class ReferenceRun:
             return self._metrics([self._logprobs(span) for span in self.spans])
         finally:
             self.model.cqil = saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Group search
+
+
+@dataclass
+class SearchResult:
+    config: CQILConfig  # the chosen grouping
+    baseline: Metrics  # the original model on the evaluation text
+    chosen: Metrics  # the chosen grouping on the same text
+    candidates: list[dict]  # one row per grouping evaluated, in the order tried
+    similarity: torch.Tensor  # [L, L] layer-input similarity on the calibration text
+
+    @property
+    def layers_saved(self) -> int:
+        return self.config.layers_saved
+
+
+def _ranked_groups(sim: torch.Tensor, sizes: tuple[int, ...]) -> list[tuple[float, tuple[int, ...]]]:
+    """Every run of consecutive layers of an allowed size, scored by the least similarity between the
+    inputs of any two of its layers (a group is only as independent as its most different pair)."""
+    L = sim.shape[0]
+    ranked = []
+    for size in sizes:
+        for start in range(0, L - size + 1):
+            layers = tuple(range(start, start + size))
+            score = sim[start:start + size, start:start + size].min().item()
+            ranked.append((score, layers))
+    return sorted(ranked, key=lambda item: (-item[0], item[1]))
+
+
+def find_quasi_independent_layers(model, calib_ids: torch.Tensor, eval_ids: torch.Tensor | None = None, *,
+                                  parallel: int | tuple[int, ...] = 2, max_ppl_increase: float = 0.05,
+                                  bypass: int = 0, bypass_mode: str = "residual", window: int = 512,
+                                  stride: int | None = None, beam: int = 6, progress=None) -> SearchResult:
+    """Propose CQIL groups that remove the most sequential layer steps within a perplexity budget.
+
+    1. The similarity of layer inputs on `calib_ids` ranks every run of `parallel` consecutive layers
+       (several sizes, e.g. (2, 3, 4), mix) by its least similar pair.
+    2. Greedy, confirmed by the real metric: starting from no groups, each round evaluates the grouping
+       plus each of the `beam` best-ranked runs that do not overlap it (on `eval_ids`, default
+       calib_ids) and keeps the one that saves the most layers with perplexity within
+       (1 + max_ppl_increase) x the original's, the lowest perplexity among equals. It stops when no
+       run fits. Every grouping evaluated is a row of `.candidates`. Deterministic: no sampling.
+    """
+    sizes = (parallel,) if isinstance(parallel, int) else tuple(parallel)
+    L = model.args.num_hidden_layers
+    if not sizes or any(isinstance(p, bool) or not isinstance(p, int) or p < 2 for p in sizes):
+        raise ValueError(f"parallel must be an int >= 2 or a tuple of them, got {parallel!r}")
+    if max(sizes) > L:
+        raise ValueError(f"parallel={max(sizes)} exceeds the model's {L} layers")
+    if not max_ppl_increase > 0:
+        raise ValueError(f"max_ppl_increase must be > 0 (a fraction, e.g. 0.05 for 5%), got {max_ppl_increase}")
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    CQILConfig((), bypass, bypass_mode)  # validates bypass and mode before any long work
+    ReferenceRun.check_text(eval_ids if eval_ids is not None else calib_ids, model, window)
+
+    sim = layer_input_similarity(model, calib_ids, window=window)
+    reference = ReferenceRun(model, eval_ids if eval_ids is not None else calib_ids, window=window,
+                             stride=stride)
+    limit = reference.baseline.perplexity * (1 + max_ppl_increase)
+    ranked = _ranked_groups(sim, sizes)
+    chosen: list[tuple[int, ...]] = []
+    chosen_metrics = reference.baseline
+    rows: list[dict] = []
+    while True:
+        taken = {l for g in chosen for l in g}
+        options = [g for _, g in ranked if not taken.intersection(g)][:beam]
+        best = None
+        for group in options:
+            groups = tuple(sorted(chosen + [group]))
+            config = CQILConfig(groups, bypass, bypass_mode)
+            metrics = reference.evaluate(config)
+            ok = metrics.perplexity <= limit
+            rows.append(dict(groups=[list(g) for g in groups], layers_saved=config.layers_saved,
+                             ppl_increase_pct=round(100 * (metrics.perplexity / reference.baseline.perplexity - 1), 3),
+                             within_budget=ok, **metrics.row()))
+            if progress is not None:
+                progress(rows[-1])
+            key = (config.layers_saved, -metrics.perplexity)
+            if ok and (best is None or key > best[0]):
+                best = (key, group, metrics)
+        if best is None:
+            break
+        chosen.append(best[1])
+        chosen_metrics = best[2]
+    config = CQILConfig(tuple(sorted(chosen)), bypass, bypass_mode)
+    return SearchResult(config, reference.baseline, chosen_metrics, rows, sim)

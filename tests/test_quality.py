@@ -75,3 +75,60 @@ def test_bad_input_is_refused(pair):
         layer_input_similarity(model, torch.rand(10))
     with pytest.raises(ValueError, match="stride"):
         ReferenceRun(model, torch.arange(10), window=8, stride=9)
+
+
+def _planted_model():
+    """Layers 2, 3 and 4 barely touch the residual stream, so the inputs of layers 2..5 are nearly equal."""
+    hf = random_hf_model(seed=22)
+    with torch.no_grad():
+        for l in (2, 3, 4):
+            hf.model.layers[l].self_attn.o_proj.weight.mul_(1e-3)
+            hf.model.layers[l].mlp.down_proj.weight.mul_(1e-3)
+    return CQILLlama.from_pretrained(hf, device="cpu")
+
+
+def test_search_finds_the_planted_range():
+    from cqil_kernels.quality import find_quasi_independent_layers
+
+    model = _planted_model()
+    calib = torch.randint(0, 97, (96,), generator=torch.Generator().manual_seed(3))
+    held_out = torch.randint(0, 97, (96,), generator=torch.Generator().manual_seed(4))
+    result = find_quasi_independent_layers(model, calib, held_out, parallel=(2, 3, 4), max_ppl_increase=0.01,
+                                           window=48)
+    layers = {l for g in result.config.groups for l in g}
+    assert layers and layers <= {2, 3, 4, 5}, result.config
+    assert result.layers_saved >= 2
+    assert result.chosen.perplexity <= 1.01 * result.baseline.perplexity
+    assert all(row["within_budget"] == (row["ppl"] <= 1.01 * result.baseline.perplexity + 1e-3)
+               for row in result.candidates)
+    assert result.similarity[2:6, 2:6].min() > 0.99 and result.similarity[0, 1] < 0.99
+    again = find_quasi_independent_layers(model, calib, held_out, parallel=(2, 3, 4), max_ppl_increase=0.01,
+                                          window=48)
+    assert again.config == result.config and again.candidates == result.candidates  # deterministic
+
+
+def test_search_never_exceeds_the_budget():
+    from cqil_kernels.quality import find_quasi_independent_layers
+
+    model = CQILLlama.from_pretrained(random_hf_model(seed=23), device="cpu")
+    ids = torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(5))
+    result = find_quasi_independent_layers(model, ids, parallel=2, max_ppl_increase=1e-6, window=32)
+    assert result.chosen.perplexity <= result.baseline.perplexity * (1 + 1e-6)
+    assert not any(row["within_budget"] for row in result.candidates) or result.config.groups
+
+
+def test_search_refuses_bad_arguments():
+    from cqil_kernels.quality import find_quasi_independent_layers
+
+    model = CQILLlama.from_pretrained(random_hf_model(seed=23), device="cpu")
+    ids = torch.arange(40)
+    with pytest.raises(ValueError, match="max_ppl_increase must be > 0"):
+        find_quasi_independent_layers(model, ids, max_ppl_increase=0)
+    with pytest.raises(ValueError, match="exceeds the model's 6 layers"):
+        find_quasi_independent_layers(model, ids, parallel=7)
+    with pytest.raises(ValueError, match="parallel must be"):
+        find_quasi_independent_layers(model, ids, parallel=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        find_quasi_independent_layers(model, torch.tensor([3]))
+    with pytest.raises(ValueError, match="bypass"):
+        find_quasi_independent_layers(model, ids, bypass=-1)
