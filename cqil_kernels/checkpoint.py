@@ -95,9 +95,22 @@ def _hf_name(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
-def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool = False):
+def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool = False, lora=None):
+    if lora is not None:
+        from .lora import read_adapter
+
+        read_adapter(lora)  # a bad adapter is refused before the model is read
+    model = _load(cls, src, cqil, device, dtype, progress, copy=lora is not None)
+    if lora is not None:
+        from .lora import merge_lora
+
+        merge_lora(model, lora)
+    return model
+
+
+def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool):
     if isinstance(src, nn.Module):
-        return _load_transformers_model(cls, src, cqil, device, dtype)
+        return _load_transformers_model(cls, src, cqil, device, dtype, copy=copy)
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"src must be a directory, a .gguf file or a LlamaForCausalLM, got {type(src).__name__}")
     path = Path(src)
@@ -127,7 +140,7 @@ def _progress(items, total: int, enabled: bool, desc: str):
 # transformers model object
 
 
-def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype):
+def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype, copy: bool = False):
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(f"expected a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
@@ -138,7 +151,8 @@ def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype):
     model = _build(cls, args, resolve_cqil(cqil, args.extra))
     # Not packed: parameters share the transformers model's storage when device and dtype match (the
     # Triton backend packs, i.e. copies, on first use).
-    loader = _Loader(model, device, dtype, type(hf_model).__name__, pack=False)
+    # (copy=True, e.g. to merge a LoRA adapter: packed copies, so the transformers model stays as it was)
+    loader = _Loader(model, device, dtype, type(hf_model).__name__, pack=copy)
     for key, tensor in hf_model.state_dict().items():
         loader.put(_hf_name(key), tensor.detach())
     return loader.finish()

@@ -49,6 +49,102 @@ def _bench(args) -> int:
     return 0
 
 
+def _load_for_quality(args):
+    import torch
+
+    from .config import CQILConfig
+    from .demo import _tiny_model
+    from .model import CQILLlama
+
+    if args.model == "tiny":
+        return _tiny_model(args.device, None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return CQILLlama.from_pretrained(args.model, cqil=CQILConfig(), device=args.device, dtype=dtype,
+                                     progress=True)
+
+
+def _print_rows(rows, baseline) -> None:
+    print(f"{'groups':<44} {'saved':>5} {'ppl':>9} {'Δppl %':>8} {'agree':>6} {'KL':>8}  ok")
+    print(f"{'(original)':<44} {0:>5} {baseline.perplexity:>9.3f} {0:>8.2f} {1:>6.3f} {0:>8.4f}")
+    for row in rows:
+        groups = ";".join(",".join(map(str, g)) for g in row["groups"])
+        print(f"{groups:<44} {row['layers_saved']:>5} {row['ppl']:>9.3f} {row['ppl_increase_pct']:>8.2f} "
+              f"{row['agreement']:>6.3f} {row['kl']:>8.4f}  {'yes' if row['within_budget'] else 'no'}")
+
+
+def _calibrate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from . import quality
+
+    model = _load_for_quality(args)
+    src = None if args.model == "tiny" else args.model
+    calib = quality.read_token_ids(args.text, src)
+    held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
+    sizes = tuple(int(p) for p in str(args.parallel).split(","))
+    bar = tqdm(desc="groupings evaluated", unit="grouping")
+    result = quality.find_quasi_independent_layers(
+        model, calib, held_out, parallel=sizes if len(sizes) > 1 else sizes[0],
+        max_ppl_increase=args.max_ppl_increase, bypass=args.bypass, bypass_mode=args.bypass_mode,
+        window=args.window, stride=args.stride, beam=args.beam, progress=lambda row: bar.update(1))
+    bar.close()
+    _print_rows(result.candidates, result.baseline)
+    out = Path(args.out)
+    result.config.save(out)
+    report = dict(model=str(args.model), text=str(args.text), eval_text=str(args.eval_text or args.text),
+                  parallel=list(sizes), max_ppl_increase=args.max_ppl_increase, window=args.window,
+                  stride=args.stride or args.window, config=result.config.to_dict(),
+                  layers_saved=result.layers_saved, baseline=result.baseline.row(), chosen=result.chosen.row(),
+                  candidates=result.candidates, adjacent_similarity=[round(x, 4) for x in
+                                                                      result.similarity.diagonal(1).tolist()])
+    out.with_suffix(".report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"chosen: {[list(g) for g in result.config.groups]} saves {result.layers_saved} layer steps; "
+          f"ppl {result.chosen.perplexity:.3f} vs {result.baseline.perplexity:.3f} "
+          f"({100 * (result.chosen.perplexity / result.baseline.perplexity - 1):+.2f}%), "
+          f"agreement {result.chosen.agreement:.3f}")
+    print(f"wrote {out} and {out.with_suffix('.report.json')}")
+    try:
+        quality.plot_similarity(result.similarity, result.config, out.with_suffix(".png"),
+                                title=f"{Path(str(args.model)).name}: P={args.parallel}, budget "
+                                      f"{100 * args.max_ppl_increase:g}% ppl")
+        print(f"wrote {out.with_suffix('.png')}")
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    return 0
+
+
+def _eval(args) -> int:
+    from . import quality
+    from .config import CQILConfig
+
+    model = _load_for_quality(args)
+    config = CQILConfig.load(args.cqil)
+    config.validate(model.args.num_hidden_layers)
+    ids = quality.read_token_ids(args.text, None if args.model == "tiny" else args.model)
+    reference = quality.ReferenceRun(model, ids, window=args.window, stride=args.stride)
+    metrics = reference.evaluate(config)
+    base = reference.baseline
+    print(f"original: ppl {base.perplexity:.3f} over {base.tokens} tokens")
+    print(f"{[list(g) for g in config.groups]} (bypass {config.bypass}, {config.bypass_mode}): saves "
+          f"{config.layers_saved} layer steps; ppl {metrics.perplexity:.3f} "
+          f"({100 * (metrics.perplexity / base.perplexity - 1):+.2f}%), agreement {metrics.agreement:.4f}, "
+          f"KL {metrics.kl:.5f}")
+    return 0
+
+
+def _quality_args(p) -> None:
+    p.add_argument("model", help="a Hugging Face directory, a .gguf file, or 'tiny' (a tiny random model)")
+    p.add_argument("--text", required=True,
+                   help="text (tokenized with the model's tokenizer), or token ids: .pt tensor / .ids file")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_GROUPS, DEFAULT_PROMPT
 
@@ -86,6 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="JSON path (a PNG is written beside it)")
     bench.add_argument("--plot", nargs="+", metavar="JSON", help="only (re)draw the PNG of saved results")
     bench.set_defaults(func=_bench)
+
+    cal = sub.add_parser("calibrate", help="find the CQIL groups that save the most layer steps within a "
+                                           "perplexity budget")
+    _quality_args(cal)
+    cal.add_argument("--eval-text", default=None, help="held-out text for the metrics (default: --text)")
+    cal.add_argument("--parallel", default="2", help="group size P, or sizes to mix: 2,3,4 (default 2)")
+    cal.add_argument("--max-ppl-increase", type=float, default=0.05,
+                     help="perplexity budget as a fraction (default 0.05 = +5%%)")
+    cal.add_argument("--bypass", type=int, default=0)
+    cal.add_argument("--bypass-mode", choices=["residual", "mlp_input"], default="residual")
+    cal.add_argument("--beam", type=int, default=6, help="candidates evaluated per round (default 6)")
+    cal.add_argument("--out", default="groups.json",
+                     help="CQILConfig JSON (a .report.json and a .png are written beside it)")
+    cal.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser("eval", help="perplexity, agreement and KL of one grouping against the original")
+    _quality_args(ev)
+    ev.add_argument("--cqil", required=True, help="groups JSON (CQILConfig / the authors' keys)")
+    ev.set_defaults(func=_eval)
 
     info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")
     info.set_defaults(func=_info)

@@ -415,7 +415,8 @@ class CQILLlama(nn.Module):
     @classmethod
     def from_pretrained(cls, src: Any, cqil: CQILConfig | dict | str | os.PathLike | None = None,
                         device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, progress: bool = False) -> CQILLlama:
+                        dtype: torch.dtype | None = None, progress: bool = False,
+                        lora: str | os.PathLike | None = None) -> CQILLlama:
         """Load a LLaMA checkpoint.
 
         src: a local Hugging Face directory (config.json + *.safetensors or pytorch_model*.bin, sharded
@@ -427,7 +428,9 @@ class CQILLlama(nn.Module):
         dtype: default bfloat16 on CUDA and float32 on CPU (a transformers model: its own dtype).
         Weights stream tensor by tensor into the model; no second full copy is held. A transformers
         model whose device and dtype already match shares its weight storage with the result.
+        lora: a PEFT LoRA adapter directory (e.g. the CQIL authors' released adapters for their
+            `cqil_layers`) merged into the weights at load time (lora.py); then nothing is shared.
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress)
+        return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress, lora=lora)

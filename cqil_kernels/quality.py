@@ -231,3 +231,66 @@ def find_quasi_independent_layers(model, calib_ids: torch.Tensor, eval_ids: torc
         chosen_metrics = best[2]
     config = CQILConfig(tuple(sorted(chosen)), bypass, bypass_mode)
     return SearchResult(config, reference.baseline, chosen_metrics, rows, sim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading text and drawing the similarity figure (used by `cqil calibrate` / `cqil eval`)
+
+
+def read_token_ids(path, model_src=None) -> torch.Tensor:
+    """Token ids from a file: `.pt` (a saved integer tensor), `.ids` (whitespace-separated integers), or
+    text tokenized with the tokenizer of `model_src` (a Hugging Face directory or a .gguf file)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".pt":
+        ids = torch.load(path, weights_only=True)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{path} holds a {type(ids).__name__}, not a tensor of token ids")
+        return ids.reshape(-1)
+    if path.suffix == ".ids":
+        try:
+            return torch.tensor([int(t) for t in path.read_text().split()], dtype=torch.long)
+        except ValueError:
+            raise ValueError(f"{path}: a .ids file holds whitespace-separated integers") from None
+    if model_src is None:
+        raise ValueError(f"{path}: tokenizing text needs the model's tokenizer (a model directory or .gguf)")
+    from transformers import AutoTokenizer
+
+    src = Path(model_src)
+    tokenizer = (AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name) if src.suffix == ".gguf"
+                 else AutoTokenizer.from_pretrained(str(src)))
+    return tokenizer(path.read_text(), return_tensors="pt").input_ids[0]
+
+
+def plot_similarity(sim: torch.Tensor, config: CQILConfig, path, title: str = "") -> None:
+    """Heatmap of the layer-input similarity with the groups outlined, and the adjacent-layer curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    L = sim.shape[0]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw=dict(width_ratios=[1, 1.25]))
+    im = ax.imshow(sim.numpy(), vmin=min(0.0, float(sim.min())), vmax=1.0, cmap="viridis")
+    for group in config.groups:
+        ax.add_patch(Rectangle((group[0] - 0.5, group[0] - 0.5), len(group), len(group), fill=False,
+                               edgecolor="red", lw=1.6))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title("cosine similarity of layer inputs", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    adjacent = sim.diagonal(1).numpy()
+    ax2.plot(range(1, L), adjacent, marker="o", ms=3)
+    for group in config.groups:
+        ax2.axvspan(group[0] + 0.5, group[-1] + 0.5, color="red", alpha=0.15)
+    ax2.set_xlabel("layer l (similarity of the inputs of l-1 and l)")
+    ax2.set_ylabel("cosine similarity")
+    ax2.set_title("adjacent layers; shaded: chosen groups", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
