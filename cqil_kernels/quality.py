@@ -90,9 +90,14 @@ class ReferenceRun:
 
     @staticmethod
     def check_text(ids: torch.Tensor, model, window: int) -> torch.Tensor:
+        """The text's ids, flattened; ValueError if they do not fill one window or do not fit the model."""
         if window < 2:
             raise ValueError(f"window must be >= 2, got {window}")
-        return _check_ids(ids, model.args.vocab_size, 2, "the text")
+        ids = _check_ids(ids, model.args.vocab_size, 2, "the text")
+        if ids.numel() < window:
+            raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: use a "
+                             f"longer text or a smaller window")
+        return ids
 
     @torch.inference_mode()
     def __init__(self, model, ids: torch.Tensor, window: int = 512, stride: int | None = None):

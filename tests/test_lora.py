@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _adapter(tmp_path, seed=0, targets=ALL, rslora=False, base=None, **lora_kw):
+def _adapter(tmp_path, seed=0, targets=ALL, rslora=False, base=None, safetensors=True, **lora_kw):
     base = base or random_hf_model(seed=31)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, **lora_kw)
     model = peft.get_peft_model(base, config)
@@ -22,13 +22,15 @@ def _adapter(tmp_path, seed=0, targets=ALL, rslora=False, base=None, **lora_kw):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=safetensors)
     return model
 
 
-@pytest.mark.parametrize("targets,rslora", [(ALL, False), (["q_proj", "down_proj"], True)])
-def test_merge_equals_peft_merge_and_unload(tmp_path, targets, rslora):
-    merged = _adapter(tmp_path, targets=targets, rslora=rslora).merge_and_unload()
+@pytest.mark.parametrize("targets,rslora,safetensors", [(ALL, False, True), (["q_proj", "down_proj"], True, False)])
+def test_merge_equals_peft_merge_and_unload(tmp_path, targets, rslora, safetensors):
+    adapter = _adapter(tmp_path, targets=targets, rslora=rslora, safetensors=safetensors)
+    assert (tmp_path / ("adapter_model.safetensors" if safetensors else "adapter_model.bin")).is_file()
+    merged = adapter.merge_and_unload()
     ours = CQILLlama.from_pretrained(random_hf_model(seed=31), lora=tmp_path,
                                      cqil=CQILConfig(groups=((2, 3),)))
     ids = torch.randint(0, 97, (2, 11))
