@@ -135,6 +135,53 @@ def _eval(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from . import quality
+    from .config import CQILConfig
+    from .finetune import finetune, save_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it, or --resume)")
+    out.mkdir(parents=True, exist_ok=True)
+    model = _load_for_quality(args)
+    model.cqil = CQILConfig.load(args.cqil)  # validated against the model
+    src = None if args.model == "tiny" else args.model
+    ids = quality.read_token_ids(args.text, src)
+    held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
+    if held_out is not None:
+        before = quality.ReferenceRun(model, held_out, window=args.window)
+        grouped_before = before.evaluate(model.cqil)
+    bar = tqdm(total=args.steps, desc="KD fine-tuning", unit="step")  # counts steps run now
+
+    def progress(step, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
+                   lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
+                   only_grouped=args.only_grouped, seed=args.seed, progress=progress,
+                   checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume)
+    bar.close()
+    save_adapter(model, out, base_name=str(args.model))
+    (out / "train_log.json").write_text(json.dumps(dict(steps=log.steps, kd_loss=log.losses), indent=0) + "\n")
+    print(f"wrote the adapter (PEFT format) and cqil.json to {out}; KD loss {log.losses[0]:.4f} -> "
+          f"{log.losses[-1]:.4f} over {args.steps} steps")
+    if held_out is not None:
+        after = before.evaluate(model.cqil)  # the adapters are live in the model
+        base = before.baseline
+        print(f"{'':<22} {'ppl':>9} {'Δppl %':>8} {'agree':>6} {'KL':>8}")
+        for name, m in (("original", base), ("grouped, before", grouped_before), ("grouped, after", after)):
+            print(f"{name:<22} {m.perplexity:>9.3f} {100 * (m.perplexity / base.perplexity - 1):>8.2f} "
+                  f"{m.agreement:>6.3f} {m.kl:>8.4f}")
+    return 0
+
+
 def _quality_args(p) -> None:
     p.add_argument("model", help="a Hugging Face directory, a .gguf file, or 'tiny' (a tiny random model)")
     p.add_argument("--text", required=True,
@@ -201,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     _quality_args(ev)
     ev.add_argument("--cqil", required=True, help="groups JSON (CQILConfig / the authors' keys)")
     ev.set_defaults(func=_eval)
+
+    ft = sub.add_parser("finetune", help="LoRA fine-tuning of a grouping by distillation from the original")
+    _quality_args(ft)
+    ft.add_argument("--cqil", required=True, help="groups JSON (e.g. from cqil calibrate)")
+    ft.add_argument("--eval-text", default=None, help="held-out text: metrics before and after")
+    ft.add_argument("--steps", type=int, default=200)
+    ft.add_argument("--lora-rank", type=int, default=8)
+    ft.add_argument("--batch", type=int, default=4)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--temperature", type=float, default=1.0)
+    ft.add_argument("--ce-weight", type=float, default=0.0, help="weight of a cross-entropy term")
+    ft.add_argument("--only-grouped", action="store_true", help="adapters on grouped layers only")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--out", required=True, help="adapter directory (PEFT format + cqil.json)")
+    ft.add_argument("--overwrite", action="store_true")
+    ft.add_argument("--checkpoint-every", type=int, default=50,
+                    help="steps between checkpoints (OUT/checkpoint.pt, written atomically)")
+    ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ft.set_defaults(func=_finetune)
 
     info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")
     info.set_defaults(func=_info)

@@ -1,0 +1,219 @@
+"""LoRA fine-tuning of a CQIL-grouped model by knowledge distillation from the original model.
+
+The student is the model with its grouping and trainable LoRA adapters on the attention and MLP
+projections; the teacher is the SAME weights with the grouping and the adapters switched off, so no
+second copy of the model is held. The loss is temperature^2 * KL(teacher || student) of the next-token
+distributions (plus, optionally, a cross-entropy term on the text). Only the adapters train.
+
+The result is saved as a PEFT-format adapter (adapter_config.json + adapter_model.safetensors) with the
+grouping beside it (cqil.json), which `CQILLlama.from_pretrained(base, lora=dir)` merges and applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CQILConfig
+
+TARGETS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+class LoRALinear(nn.Module):
+    """base(x) + scaling * (x @ A.T) @ B.T with A: [r, in] (PEFT's kaiming init), B: [out, r] = 0."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scaling, self.enabled = base, alpha / rank, True
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code reading `proj.weight` expects: the base weight
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        lora = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+        return out + (self.scaling * lora).to(out.dtype)
+
+
+def add_lora(model, rank: int, alpha: float | None = None, layers: list[int] | None = None) -> dict:
+    """Wrap the attention and MLP projections of `layers` (default: all) in LoRALinear; freeze the rest.
+    Returns {(layer, block, name): LoRALinear}."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"the LoRA rank must be an int >= 1, got {rank!r}")
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = {}
+    for l in (range(len(model.layers)) if layers is None else layers):
+        for block, names in TARGETS.items():
+            owner = getattr(model.layers[l], block)
+            for name in names:
+                module = getattr(owner, name)
+                if isinstance(module, LoRALinear):
+                    raise ValueError(f"layer {l} {name} already has a LoRA adapter")
+                wrapped = LoRALinear(module, rank, alpha)
+                setattr(owner, name, wrapped)
+                adapters[(l, block, name)] = wrapped
+    model.lora_adapters = adapters
+    return adapters
+
+
+@contextlib.contextmanager
+def teacher_mode(model):
+    """The original model on the same weights: grouping and adapters off, restored afterwards."""
+    saved = model.cqil
+    adapters = getattr(model, "lora_adapters", {})
+    try:
+        model.cqil = CQILConfig()
+        for a in adapters.values():
+            a.enabled = False
+        yield model
+    finally:
+        model.cqil = saved
+        for a in adapters.values():
+            a.enabled = True
+
+
+def kd_loss(model, ids: torch.Tensor, temperature: float = 1.0, ce_weight: float = 0.0) -> torch.Tensor:
+    """temperature^2 * mean over positions of KL(teacher || student), + ce_weight * cross-entropy."""
+    with torch.no_grad(), teacher_mode(model):
+        teacher = model(ids)[:, :-1].float()
+    student = model(ids)[:, :-1].float()
+    t = F.log_softmax(teacher / temperature, -1)
+    s = F.log_softmax(student / temperature, -1)
+    loss = temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student.reshape(-1, student.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss
+
+
+@dataclass
+class TrainLog:
+    steps: list[int]
+    losses: list[float]
+
+
+def _base_signature(model) -> list:
+    """What a checkpoint must match: the config and a checksum of a few base weights."""
+    a = model.args
+    probe = [model.layers[0].self_attn.q_proj.weight, model.layers[-1].mlp.down_proj.weight,
+             model.embed_tokens.weight]
+    return [a.num_hidden_layers, a.hidden_size, a.intermediate_size, a.vocab_size,
+            [round(float(w.detach().double().sum()), 3) for w in probe]]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: an interrupted run leaves the previous complete checkpoint in place."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: float | None = None,
+             window: int = 256, batch: int = 4, lr: float = 1e-3, temperature: float = 1.0,
+             ce_weight: float = 0.0, only_grouped: bool = False, seed: int = 0, progress=None,
+             checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> TrainLog:
+    """Train LoRA adapters on `model` (with its current grouping) to match the original model on `ids`.
+
+    Windows of `window` tokens are drawn from the text (seeded); AdamW on the adapters only. The model is
+    trained with the torch backend (the fused kernels know nothing of adapters) and left in eval mode.
+    checkpoint: a file written atomically every `checkpoint_every` steps and at the end (adapters,
+    optimizer, data-order RNG, losses); resume=True continues from it to the same result as an
+    uninterrupted run.
+    """
+    if not model.cqil.groups:
+        raise ValueError("the model has no CQIL groups: there is nothing to recover")
+    ids = ids.reshape(-1)
+    if ids.numel() < window + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one training window of {window} + 1")
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
+    layers = sorted({l for g in model.cqil.groups for l in g}) if only_grouped else None
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    adapters = add_lora(model, rank, alpha, layers)
+    params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    log = TrainLog([], [])
+    first = 1
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
+        state = torch.load(checkpoint, weights_only=False)
+        if state["base"] != _base_signature(model) or state["rank"] != rank or state["seed"] != seed:
+            raise ValueError(f"{checkpoint} was written for another base model, rank or seed")
+        for key, a in adapters.items():
+            a.lora_A.data.copy_(state["adapters"][repr(key)][0])
+            a.lora_B.data.copy_(state["adapters"][repr(key)][1])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        log = TrainLog(state["steps"], state["losses"])
+        first = state["step"] + 1
+
+    def save(step: int) -> None:
+        _save_checkpoint(checkpoint, dict(
+            step=step, rank=rank, seed=seed, base=_base_signature(model), optimizer=optimizer.state_dict(),
+            generator=generator.get_state(), steps=log.steps, losses=log.losses,
+            adapters={repr(k): (a.lora_A.detach().clone(), a.lora_B.detach().clone()) for k, a in adapters.items()}))
+
+    saved_backend, model.backend = model.backend, "torch"
+    model.train()
+    try:
+        for step in range(first, steps + 1):
+            starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
+            x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
+            loss = kd_loss(model, x, temperature, ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log.steps.append(step)
+            log.losses.append(loss.item())
+            if progress is not None:
+                progress(step, loss.item())
+            if checkpoint is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                save(step)
+    finally:
+        model.eval()
+        model.backend = saved_backend
+    return log
+
+
+def save_adapter(model, out_dir, base_name: str = "") -> Path:
+    """Write the trained adapters as a PEFT LoRA adapter, plus the grouping as cqil.json."""
+    from safetensors.torch import save_file
+
+    adapters = getattr(model, "lora_adapters", None)
+    if not adapters:
+        raise ValueError("the model has no LoRA adapters to save (run finetune first)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(adapters.values()))
+    rank = first.lora_A.shape[0]
+    tensors = {}
+    for (l, block, name), a in adapters.items():
+        prefix = f"base_model.model.model.layers.{l}.{block}.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = a.lora_A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = a.lora_B.detach().float().cpu().contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    layers = sorted({l for l, _, _ in adapters})
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=first.scaling * rank,
+                  target_modules=sorted({name for _, _, name in adapters}), lora_dropout=0.0, bias="none",
+                  fan_in_fan_out=False, use_rslora=False, base_model_name_or_path=base_name,
+                  layers_to_transform=layers if len(layers) < len(model.layers) else None)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    model.cqil.save(out / "cqil.json")
+    return out

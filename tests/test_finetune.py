@@ -1,0 +1,122 @@
+"""finetune.py on tiny random models: only adapters train, the loss falls, the saved adapter applies."""
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.finetune import add_lora, finetune, kd_loss, save_adapter
+
+from conftest import random_hf_model
+
+GROUPS = CQILConfig(groups=((1, 2), (3, 4)))
+
+
+def _model(cqil=GROUPS, seed=41):
+    return CQILLlama.from_pretrained(random_hf_model(seed=seed), cqil=cqil, device="cpu")
+
+
+def _text(n=400, seed=0):
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_empty_grouping_and_fresh_adapters_give_zero_loss():
+    model = _model(CQILConfig())
+    add_lora(model, rank=4)
+    assert kd_loss(model, _text()[None, :64]).item() == 0.0
+
+
+def test_only_adapters_train_and_the_loss_falls():
+    model = _model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _text()
+    with torch.no_grad():
+        before = kd_loss(model, ids[None, :120]).item()
+    log = finetune(model, ids, steps=40, rank=4, window=48, batch=4, lr=5e-3, seed=1)
+    with torch.no_grad():
+        after = kd_loss(model, ids[None, :120]).item()
+    assert after < 0.7 * before, (before, after)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    state = model.state_dict()
+    for key, value in base.items():  # base weights bit-identical (LoRALinear keeps them as .base)
+        key = key if key in state else key.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(state[key], value), key
+    assert len(log.losses) == 40
+
+
+def test_training_is_reproducible():
+    runs = []
+    for _ in range(2):
+        model = _model()
+        runs.append(finetune(model, _text(), steps=5, rank=2, window=32, batch=2, seed=3).losses)
+    assert runs[0] == runs[1]
+
+
+def test_saved_adapter_applies_and_peft_reads_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _model()
+    finetune(model, _text(), steps=10, rank=4, window=48, batch=2, lr=5e-3, seed=2)
+    save_adapter(model, tmp_path, base_name="tiny")
+    ids = _text(30, seed=9)[None]
+    with torch.no_grad():
+        expected = model(ids)
+    loaded = CQILLlama.from_pretrained(random_hf_model(seed=41), lora=tmp_path, device="cpu")
+    assert loaded.cqil == GROUPS  # the grouping comes with the adapter
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), expected, atol=1e-5, rtol=1e-5)
+    hf = peft.PeftModel.from_pretrained(random_hf_model(seed=41), tmp_path).merge_and_unload()
+    loaded.cqil = CQILConfig()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no CQIL groups"):
+        finetune(_model(CQILConfig()), _text(), steps=1)
+    with pytest.raises(ValueError, match="fewer than one training window"):
+        finetune(_model(), _text(20), steps=1, window=32)
+    with pytest.raises(ValueError, match="rank must be"):
+        finetune(_model(), _text(), steps=1, rank=0, window=32)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapter(_model(), tmp_path)
+
+
+def test_cli_finetune_end_to_end(tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "text.pt")
+    torch.save(ids.flip(0), tmp_path / "held_out.pt")
+    CQILConfig(groups=((4, 5), (6, 7))).save(tmp_path / "groups.json")
+    args = ["finetune", "tiny", "--cqil", str(tmp_path / "groups.json"), "--text", str(tmp_path / "text.pt"),
+            "--eval-text", str(tmp_path / "held_out.pt"), "--steps", "3", "--lora-rank", "2", "--window", "64",
+            "--batch", "2", "--out", str(tmp_path / "adapter")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "grouped, after" in printed
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert CQILConfig.load(tmp_path / "adapter" / "cqil.json").groups == ((4, 5), (6, 7))
+    assert main(args) == 2  # the output directory exists
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_resume_reaches_the_same_weights(tmp_path):
+    full = _model()
+    finetune(full, _text(), steps=8, rank=2, window=32, batch=2, seed=4)
+    first = _model()
+    finetune(first, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck.pt",
+             checkpoint_every=3)
+    # a run stopped after 5 steps (its checkpoint holds step 5), resumed by a fresh model to step 8
+    part = _model()
+    finetune(part, _text(), steps=5, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
+             checkpoint_every=3)
+    resumed = _model()
+    log = finetune(resumed, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
+                   resume=True)
+    assert log.steps == list(range(1, 9))
+    for key, a in full.lora_adapters.items():
+        assert torch.equal(resumed.lora_adapters[key].lora_B, a.lora_B), key
+        assert torch.equal(first.lora_adapters[key].lora_A, a.lora_A), key
+    with pytest.raises(ValueError, match="another base model"):
+        finetune(_model(seed=42), _text(), steps=9, rank=2, window=32, batch=2, seed=4,
+                 checkpoint=tmp_path / "ck2.pt", resume=True)
