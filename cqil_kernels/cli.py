@@ -136,14 +136,13 @@ def _eval(args) -> int:
 
 
 def _finetune(args) -> int:
-    import json
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
     from . import quality
     from .config import CQILConfig
-    from .finetune import finetune, save_adapter
+    from .finetune import finetune, save_adapter, write_log
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
@@ -169,7 +168,7 @@ def _finetune(args) -> int:
                    checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume)
     bar.close()
     save_adapter(model, out, base_name=str(args.model))
-    (out / "train_log.json").write_text(json.dumps(dict(steps=log.steps, kd_loss=log.losses), indent=0) + "\n")
+    write_log(log, out)
     print(f"wrote the adapter (PEFT format) and cqil.json to {out}; KD loss {log.losses[0]:.4f} -> "
           f"{log.losses[-1]:.4f} over {args.steps} steps")
     if held_out is not None:

@@ -217,3 +217,28 @@ def save_adapter(model, out_dir, base_name: str = "") -> Path:
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     model.cqil.save(out / "cqil.json")
     return out
+
+
+def write_log(log: TrainLog, out_dir) -> list[Path]:
+    """train_log.json, train_log.csv and (with matplotlib) loss.png in out_dir; returns what was written."""
+    out = Path(out_dir)
+    (out / "train_log.json").write_text(json.dumps(dict(steps=log.steps, kd_loss=log.losses)) + "\n")
+    (out / "train_log.csv").write_text("step,kd_loss\n" + "".join(
+        f"{step},{loss:.6g}\n" for step, loss in zip(log.steps, log.losses)))
+    written = [out / "train_log.json", out / "train_log.csv"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(log.steps, log.losses, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("KD loss (KL, nats)")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+    return written + [out / "loss.png"]

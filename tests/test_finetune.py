@@ -95,6 +95,13 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "grouped, after" in printed
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    csv = (tmp_path / "adapter" / "train_log.csv").read_text().splitlines()
+    assert csv[0] == "step,kd_loss" and len(csv) == 4
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "adapter" / "loss.png").stat().st_size > 1000
+    except ImportError:
+        pass
     assert CQILConfig.load(tmp_path / "adapter" / "cqil.json").groups == ((4, 5), (6, 7))
     assert main(args) == 2  # the output directory exists
     assert "--overwrite" in capsys.readouterr().err
