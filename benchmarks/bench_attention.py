@@ -1,18 +1,14 @@
 """ops.attention vs P separate torch scaled_dot_product_attention calls (one per layer's cache)."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHAPES, gpu_benchmark, randn
+from conftest import SHAPES, gpu_benchmark, op_cases, randn
 
 S = 512
 
 
-@pytest.mark.parametrize("impl", ["fused", "torch"])
-@pytest.mark.parametrize("T", [1, 512])
-@pytest.mark.parametrize("P", [1, 2, 4])
-@pytest.mark.parametrize("shape", SHAPES)
+@op_cases()
 def test_attention(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.attention import group_attention
 

@@ -1,20 +1,9 @@
 """ops.group_gemm vs the P separate torch (cuBLAS) calls each fused GEMM replaces."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHAPES, gpu_benchmark, randn, rms_norm
-
-P_VALUES, T_VALUES = [1, 2, 4], [1, 512]
-IMPLS = ["fused", "torch"]
-
-
-def gemm_cases(bench):
-    """Every GEMM benchmark runs over shape x P x T x (fused | torch)."""
-    for name, values in [("impl", IMPLS), ("T", T_VALUES), ("P", P_VALUES), ("shape", list(SHAPES))]:
-        bench = pytest.mark.parametrize(name, values)(bench)
-    return bench
+from conftest import SHAPES, gpu_benchmark, op_cases, randn, rms_norm
 
 
 def _qkv(s, P, T):
@@ -22,7 +11,7 @@ def _qkv(s, P, T):
     return lambda: (randn(T, s["D"]), randn(P, N, s["D"], scale=0.02), 1 + randn(P, s["D"], scale=0.1))
 
 
-@gemm_cases
+@op_cases()
 def test_qkv(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_linear
 
@@ -39,7 +28,7 @@ def test_qkv(benchmark, shape, P, T, impl):
     gpu_benchmark(benchmark, _qkv(s, P, T), op, nbytes=2 * (P * N * s["D"] + T * s["D"] + P * T * N))
 
 
-@gemm_cases
+@op_cases()
 def test_o_proj(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_linear
 
@@ -55,7 +44,7 @@ def test_o_proj(benchmark, shape, P, T, impl):
                   nbytes=2 * (P * s["D"] * K + P * T * K + P * T * s["D"]))
 
 
-@gemm_cases
+@op_cases()
 def test_gate_up_swiglu(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_swiglu
 
@@ -71,7 +60,7 @@ def test_gate_up_swiglu(benchmark, shape, P, T, impl):
     gpu_benchmark(benchmark, make, op, nbytes=2 * (2 * P * s["F"] * s["D"] + P * T * (s["D"] + s["F"])))
 
 
-@gemm_cases
+@op_cases()
 def test_down_sum(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.group_gemm import group_down_sum
 

@@ -1,19 +1,15 @@
 """ops.rope_kv vs the torch backend's per-layer RoPE on q and k plus the two cache writes."""
 
-import pytest
 import torch
 
 from cqil_kernels.model import apply_rope
 
-from conftest import SHAPES, gpu_benchmark, randn
+from conftest import SHAPES, gpu_benchmark, op_cases, randn
 
 S = 1024
 
 
-@pytest.mark.parametrize("impl", ["fused", "torch"])
-@pytest.mark.parametrize("T", [1, 512])
-@pytest.mark.parametrize("P", [1, 2, 4])
-@pytest.mark.parametrize("shape", SHAPES)
+@op_cases()
 def test_rope_kv(benchmark, shape, P, T, impl):
     from cqil_kernels.ops.rope_kv import rope_kv_write
 

@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def op_cases(P_values=(1, 2, 4), T_values=(1, 512)):
+    """The grid every op benchmark runs over: shape x P x T x (fused | torch)."""
+    def apply(bench):
+        for name, values in [("impl", ["fused", "torch"]), ("T", list(T_values)), ("P", list(P_values)),
+                             ("shape", list(SHAPES))]:
+            bench = pytest.mark.parametrize(name, values)(bench)
+        return bench
+    return apply
+
+
 def gpu_benchmark(benchmark, make_inputs, op, *, nbytes: int) -> None:
     """Benchmark op(*inputs) where make_inputs() builds one fresh input set of `nbytes` moved bytes."""
     copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))

@@ -74,17 +74,15 @@ def add_lora(model, rank: int, alpha: float | None = None, layers: list[int] | N
 @contextlib.contextmanager
 def teacher_mode(model):
     """The original model on the same weights: grouping and adapters off, restored afterwards."""
-    saved = model.cqil
     adapters = getattr(model, "lora_adapters", {})
-    try:
-        model.cqil = CQILConfig()
-        for a in adapters.values():
-            a.enabled = False
-        yield model
-    finally:
-        model.cqil = saved
-        for a in adapters.values():
-            a.enabled = True
+    with model.grouping(CQILConfig()):
+        try:
+            for a in adapters.values():
+                a.enabled = False
+            yield model
+        finally:
+            for a in adapters.values():
+                a.enabled = True
 
 
 def kd_loss(model, ids: torch.Tensor, temperature: float = 1.0, ce_weight: float = 0.0) -> torch.Tensor:

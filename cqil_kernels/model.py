@@ -15,6 +15,7 @@ P layers in a group.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -234,6 +235,16 @@ class CQILLlama(nn.Module):
             raise TypeError(f"cqil must be a CQILConfig or None, got {type(cqil).__name__}")
         self.stages = cqil.stages(self.args.num_hidden_layers)  # validates against this model
         self._cqil = cqil
+
+    @contextlib.contextmanager
+    def grouping(self, cqil: CQILConfig):
+        """`with model.grouping(cqil):` runs with that grouping and restores the current one afterwards."""
+        saved = self.cqil
+        try:
+            self.cqil = cqil
+            yield self
+        finally:
+            self.cqil = saved
 
     @property
     def backend(self) -> str:

@@ -51,21 +51,20 @@ def layer_input_similarity(model, ids: torch.Tensor, window: int = 512) -> torch
     L = model.args.num_hidden_layers
     gram = torch.zeros(L, L, dtype=torch.float64)
     count = 0
-    saved, inputs = model.cqil, [None] * L
+    inputs = [None] * L
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, l=l: inputs.__setitem__(l, args[0])) for l, layer in enumerate(model.layers)]
     try:
-        model.cqil = CQILConfig()
-        for begin in range(0, ids.numel(), window):
-            chunk = ids[begin:begin + window].to(model.device)
-            model(chunk[None])
-            x = F.normalize(torch.stack(inputs).reshape(L, chunk.numel(), -1).float(), dim=-1)
-            gram += torch.einsum("ind,jnd->ij", x, x).double().cpu()
-            count += chunk.numel()
+        with model.grouping(CQILConfig()):
+            for begin in range(0, ids.numel(), window):
+                chunk = ids[begin:begin + window].to(model.device)
+                model(chunk[None])
+                x = F.normalize(torch.stack(inputs).reshape(L, chunk.numel(), -1).float(), dim=-1)
+                gram += torch.einsum("ind,jnd->ij", x, x).double().cpu()
+                count += chunk.numel()
     finally:
         for hook in hooks:
             hook.remove()
-        model.cqil = saved
     return (gram / count).float()
 
 
@@ -114,12 +113,8 @@ class ReferenceRun:
                 prev_end = end
             if end == self.ids.numel():
                 break
-        saved = model.cqil
-        try:
-            model.cqil = CQILConfig()
+        with model.grouping(CQILConfig()):
             self.logprobs = [self._logprobs(span) for span in self.spans]
-        finally:
-            model.cqil = saved
         self.targets = torch.cat([self.ids[first:end] for _, end, first in self.spans])
         self.baseline = self._metrics(self.logprobs)
 
@@ -140,12 +135,8 @@ class ReferenceRun:
     def evaluate(self, cqil: CQILConfig) -> Metrics:
         """Metrics of the model with grouping `cqil` on the same windows (the model's own grouping is
         restored afterwards)."""
-        saved = self.model.cqil
-        try:
-            self.model.cqil = cqil
+        with self.model.grouping(cqil):
             return self._metrics([self._logprobs(span) for span in self.spans])
-        finally:
-            self.model.cqil = saved
 
 
 # --------------------------------------------------------------------------------------------------
