@@ -48,19 +48,32 @@ def resolve_cqil(cqil: Any, checkpoint_keys: Mapping[str, Any]) -> CQILConfig | 
     raise TypeError(f"cqil must be a CQILConfig, a dict, a JSON path or None, got {type(cqil).__name__}")
 
 
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+
+
 class _Loader:
-    """Fills the parameters of a model built on "meta", one checkpoint tensor at a time."""
+    """Fills the parameters of a model built on "meta", one checkpoint tensor at a time.
+
+    model.held_layers (set before loading) limits which layers are read; the others stay on "meta".
+    """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, source: str,
                  pack: bool = True):
         self.model, self.device, self.dtype, self.source = model, device, dtype, source
+        held = model.held_layers
         if pack:  # layer weights go straight into the group-contiguous packed tensors (packing.py)
-            model.packed_layers = pack_layers(model.layers, device, dtype, copy=False)
+            model.packed_layers = pack_layers(model.layers, device, dtype, copy=False, layer_ids=held)
         self.expected = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
+        self.skipped = {name for name in self.expected if not self.wants(name)}
         self.loaded: set[str] = set()
 
+    def wants(self, name: str) -> bool:
+        """False for a tensor of a layer this process does not hold (no need to read or convert it)."""
+        match = _LAYER_KEY.match(name)
+        return self.model.held_layers is None or match is None or int(match.group(1)) in self.model.held_layers
+
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        if _IGNORED_KEYS.match(name):
+        if _IGNORED_KEYS.match(name) or not self.wants(name):
             return
         if name == "lm_head.weight" and self.model.args.tie_word_embeddings:
             return  # tied to embed_tokens.weight, as transformers does
@@ -80,7 +93,7 @@ class _Loader:
         self.loaded.add(name)
 
     def finish(self) -> nn.Module:
-        missing = [n for n in self.expected if n not in self.loaded]
+        missing = [n for n in self.expected if n not in self.loaded and n not in self.skipped]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{self.source}: the checkpoint has no tensor for {shown}")
@@ -95,14 +108,17 @@ def _hf_name(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
-def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool = False, lora=None):
+def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool = False, lora=None,
+                    held_layers=None):
+    """See CQILLlama.from_pretrained. held_layers: read only these layers' weights, or a function
+    (LlamaArgs, CQILConfig) -> those layers (a rank of a multi-GPU run: parallel/rank.py)."""
     if lora is not None:
         from .lora import read_adapter
 
         read_adapter(lora)  # a bad adapter is refused before the model is read
         if cqil is None and (Path(lora) / "cqil.json").is_file():
             cqil = Path(lora) / "cqil.json"  # the grouping the adapter was trained for (finetune.py)
-    model = _load(cls, src, cqil, device, dtype, progress, copy=lora is not None)
+    model = _load(cls, src, cqil, device, dtype, progress, copy=lora is not None, held_layers=held_layers)
     if lora is not None:
         from .lora import merge_lora
 
@@ -110,24 +126,33 @@ def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool
     return model
 
 
-def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool):
+def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool, held_layers=None):
+    build = lambda args, cqil: _build(cls, args, cqil, held_layers)  # noqa: E731
     if isinstance(src, nn.Module):
-        return _load_transformers_model(cls, src, cqil, device, dtype, copy=copy)
+        return _load_transformers_model(build, src, cqil, device, dtype, copy=copy)
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"src must be a directory, a .gguf file or a LlamaForCausalLM, got {type(src).__name__}")
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(cls, path, cqil, device, dtype, progress)
+        return _load_gguf(build, path, cqil, device, dtype, progress)
     if path.is_dir():
-        return _load_hf_dir(cls, path, cqil, device, dtype, progress)
+        return _load_hf_dir(build, path, cqil, device, dtype, progress)
     raise ValueError(f"{path}: expected a checkpoint directory (config.json + weights) or a .gguf file")
 
 
-def _build(cls, args: LlamaArgs, cqil: CQILConfig | None) -> nn.Module:
+def _build(cls, args: LlamaArgs, cqil: CQILConfig | None, held_layers=None) -> nn.Module:
     with torch.device("meta"):
-        return cls(args, cqil)  # validates the grouping before any weight is read
+        model = cls(args, cqil)  # validates the grouping before any weight is read
+    if callable(held_layers):  # e.g. a rank's placement, which depends on the config and grouping
+        held_layers = held_layers(args, model.cqil)
+    if held_layers is not None:
+        bad = [i for i in held_layers if not 0 <= i < args.num_hidden_layers]
+        if bad:
+            raise ValueError(f"held_layers: layer {bad[0]} is outside the model ({args.num_hidden_layers} layers)")
+        model.held_layers = tuple(sorted(set(held_layers)))
+    return model
 
 
 def _progress(items, total: int, enabled: bool, desc: str):
@@ -142,7 +167,7 @@ def _progress(items, total: int, enabled: bool, desc: str):
 # transformers model object
 
 
-def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype, copy: bool = False):
+def _load_transformers_model(build, hf_model: nn.Module, cqil, device, dtype, copy: bool = False):
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(f"expected a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
@@ -150,7 +175,7 @@ def _load_transformers_model(cls, hf_model: nn.Module, cqil, device, dtype, copy
     some = next(hf_model.parameters())
     device = torch.device(device) if device is not None else some.device
     device, dtype = default_device_dtype(device, dtype if dtype is not None else some.dtype)
-    model = _build(cls, args, resolve_cqil(cqil, args.extra))
+    model = build(args, resolve_cqil(cqil, args.extra))
     # Not packed: parameters share the transformers model's storage when device and dtype match (the
     # Triton backend packs, i.e. copies, on first use).
     # (copy=True, e.g. to merge a LoRA adapter: packed copies, so the transformers model stays as it was)
@@ -193,7 +218,7 @@ def _iter_weight_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, state.pop(key)
 
 
-def _load_hf_dir(cls, path: Path, cqil, device, dtype, progress: bool):
+def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
@@ -204,7 +229,7 @@ def _load_hf_dir(cls, path: Path, cqil, device, dtype, progress: bool):
     args = LlamaArgs.from_hf(config)
     files = _weight_files(path)
     device, dtype = default_device_dtype(device, dtype)
-    model = _build(cls, args, resolve_cqil(cqil, args.extra))
+    model = build(args, resolve_cqil(cqil, args.extra))
     loader = _Loader(model, device, dtype, str(path))
     for file in _progress(files, len(files), progress, "loading shards"):
         for key, tensor in _iter_weight_file(file):
@@ -305,7 +330,7 @@ def _gguf_args(meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int,
     )
 
 
-def _load_gguf(cls, path: Path, cqil, device, dtype, progress: bool):
+def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool):
     try:
         from gguf import GGUFReader, GGMLQuantizationType
         from gguf.quants import dequantize
@@ -321,13 +346,15 @@ def _load_gguf(cls, path: Path, cqil, device, dtype, progress: bool):
         raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
     args = _gguf_args(gguf_metadata(reader), names, int(embed.shape[-1]), str(path))
     device, dtype = default_device_dtype(device, dtype)
-    model = _build(cls, args, resolve_cqil(cqil, {}))
+    model = build(args, resolve_cqil(cqil, {}))
     loader = _Loader(model, device, dtype, str(path))
     plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
     for t in _progress(reader.tensors, len(reader.tensors), progress, "loading GGUF"):
         name = _gguf_name(t.name)
         if name is None:
             raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for a LLaMA model")
+        if not loader.wants(name):
+            continue
         if t.tensor_type == GGMLQuantizationType.BF16:
             tensor = torch.from_numpy(t.data.copy()).view(torch.bfloat16)
         elif t.tensor_type in plain:

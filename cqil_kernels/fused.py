@@ -15,6 +15,8 @@ decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .ops.attention import group_attention
@@ -29,14 +31,14 @@ def packed_layers(model) -> PackedLayers:
     packed = getattr(model, "packed_layers", None)
     if packed is None or not packed.is_current():
         with torch.no_grad():
-            model.packed_layers = packed = pack_layers(model.layers)
+            model.packed_layers = packed = pack_layers(model.layers, layer_ids=model.held_layers)
     return packed
 
 
-def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor, inv_freq: torch.Tensor,
-                  *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
-    """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
+def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor,
+                    inv_freq: torch.Tensor, *, args) -> torch.Tensor:
+    """Launches 1-4 of a stage of P layers: h [B*T, D] -> the attention outputs a [P, B*T, D]."""
     P = w.qkv.shape[0]
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
@@ -45,11 +47,31 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   num_heads=H, num_kv_heads=args.num_key_value_heads)
     q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
     attn = group_attention(q, k_cache, v_cache, key_valid, start)
-    a = group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias)
+    return group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias)
+
+
+def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor, inv_freq: torch.Tensor,
+                  *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
+    """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
+    P = w.qkv.shape[0]
+    a = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args)
     xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
                                   bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)
     act = group_swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
     return group_down_sum(act, w.down, residual, bias=w.down_bias)
+
+
+def advance_cache(cache, valid: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Record T new tokens per row (valid: [B, T] bool, None = all real) in the cache's bookkeeping on
+    the device; returns their RoPE positions [B, T]. The caller advances cache.position afterwards."""
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    slots = cache.position.long() + torch.arange(T, device=device)
+    cache.key_valid.index_copy_(1, slots, valid)
+    positions = (cache.n_tokens[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+    cache.n_tokens += valid.long().sum(1)
+    return positions
 
 
 def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
@@ -57,13 +79,7 @@ def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> t
     logits [B, T, vocab]. Reads no device value on the host: safe to capture in a CUDA graph. The
     caller advances the host-side `cache.length`."""
     B, T = input_ids.shape
-    if valid is None:
-        valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-    slots = cache.position.long() + torch.arange(T, device=input_ids.device)
-    cache.key_valid.index_copy_(1, slots, valid)
-    positions = (cache.n_tokens[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
-    cache.n_tokens += valid.long().sum(1)
-
+    positions = advance_cache(cache, valid, B, T, input_ids.device)
     packed = packed_layers(model)
     h = model.embed_tokens(input_ids).view(B * T, -1)
     cqil = model.cqil
@@ -91,13 +107,15 @@ class GraphDecoder:
     The first call runs eagerly on a side stream (compiles and autotunes the kernels for this batch);
     the second captures the step and replays it; every later call only copies the new tokens in and
     replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
-    next call.
+    next call. step_fn(tokens, valid, cache) is the function captured (default: `step` above for this
+    model; a rank of a multi-GPU run passes its own, reductions included).
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, step_fn=None):
         if cache.stages != model.stages:
             raise ValueError("this KV cache was made for another CQIL grouping")
         self.model, self.cache = model, cache
+        self.step_fn = step_fn if step_fn is not None else functools.partial(step, model)
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -112,7 +130,7 @@ class GraphDecoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = step(self.model, self.tokens, None, cache)
+                logits = self.step_fn(self.tokens, None, cache)
             torch.cuda.current_stream().wait_stream(side)
             self.warm = True
             cache.length += 1
@@ -120,7 +138,7 @@ class GraphDecoder:
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = step(self.model, self.tokens, None, cache)[:, -1]
+                self.logits = self.step_fn(self.tokens, None, cache)[:, -1]
         self.graph.replay()
         cache.length += 1
         return self.logits

@@ -73,20 +73,17 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id=None, attention_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
-    """See CQILLlama.generate."""
-    args = model.args
+def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p,
+                        eos_token_id, attention_mask, generator, seed):
+    """Check generate()'s arguments (ValueError/TypeError naming the problem) before any work.
+    Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids)."""
     check_input_ids(input_ids, args.vocab_size)
-    input_ids = input_ids.to(model.device)
+    input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, input_ids)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    batch, prompt_len = input_ids.shape
+    prompt_len = input_ids.shape[1]
     total = prompt_len + max_new_tokens
     if total > args.max_position_embeddings:
         raise ValueError(
@@ -102,10 +99,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         if seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(seed)
-        if generator is not None and generator.device.type != model.device.type:
-            raise ValueError(f"generator is on {generator.device}, the model on {model.device}")
-    eos = _eos_set(eos_token_id, args.vocab_size)
+            generator = torch.Generator(device=device).manual_seed(seed)
+        if generator is not None and generator.device.type != torch.device(device).type:
+            raise ValueError(f"generator is on {generator.device}, the model on {device}")
+    return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id=None, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+    """See CQILLlama.generate."""
+    args = model.args
+    input_ids, attention_mask, generator, eos = check_generate_args(
+        args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+        generator=generator, seed=seed)
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
     eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
 
     cache = model.new_cache(batch, total)

@@ -77,6 +77,8 @@ def merge_lora(model, adapter_dir) -> int:
             raise ValueError(f"{adapter_dir}: layer {layer} {name} has lora_{''.join(ab)} without its pair")
         if layer >= len(model.layers):
             raise ValueError(f"{adapter_dir}: adapts layer {layer}, the model has {len(model.layers)} layers")
+        if model.held_layers is not None and layer not in model.held_layers:
+            continue  # another rank holds this layer (parallel/)
         weight = getattr(getattr(model.layers[layer], block), name).weight
         delta = ab["B"].float() @ ab["A"].float() * scaling
         if config.get("fan_in_fan_out"):

@@ -221,6 +221,9 @@ class CQILLlama(nn.Module):
         self.backend = "auto"
         self.cuda_graphs = True  # generate() replays decode steps from a CUDA graph (Triton backend)
         self.packed_layers = None  # set by the loaders / the Triton backend (packing.py)
+        # The layers whose weights this process holds (None: all). A rank of a multi-GPU run
+        # (parallel/) holds only its own layer of each group; the others stay on "meta".
+        self.held_layers: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------
 
@@ -427,7 +430,8 @@ class CQILLlama(nn.Module):
     def from_pretrained(cls, src: Any, cqil: CQILConfig | dict | str | os.PathLike | None = None,
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, progress: bool = False,
-                        lora: str | os.PathLike | None = None) -> CQILLlama:
+                        lora: str | os.PathLike | None = None, devices=None,
+                        held_layers=None, **parallel):
         """Load a LLaMA checkpoint.
 
         src: a local Hugging Face directory (config.json + *.safetensors or pytorch_model*.bin, sharded
@@ -441,7 +445,23 @@ class CQILLlama(nn.Module):
         model whose device and dtype already match shares its weight storage with the result.
         lora: a PEFT LoRA adapter directory (e.g. the CQIL authors' released adapters for their
             `cqil_layers`) merged into the weights at load time (lora.py); then nothing is shared.
+        devices: several devices, e.g. [0, 1] or ["cpu", "cpu"]: the layers of every group are spread
+            over one process per device (rank r runs layer r of each group) and the result is a
+            parallel.ParallelCQILLlama that starts and drives them (close() it, or use `with`); `src`
+            must then be a path. Extra keyword arguments (backend, one_shot, output_device, timeout_s)
+            go to it.
+        held_layers: read only these layers (or a function (LlamaArgs, CQILConfig) -> layers); the
+            others stay on "meta". How a rank loads its part (parallel/rank.py).
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress, lora=lora)
+        if devices is not None:
+            if device is not None:
+                raise ValueError("pass device (one process) or devices (one process per device), not both")
+            from .parallel import ParallelCQILLlama
+
+            return ParallelCQILLlama(src, cqil, devices=devices, dtype=dtype, lora=lora, **parallel)
+        if parallel:
+            raise TypeError(f"from_pretrained got unexpected arguments {sorted(parallel)} (they need devices=)")
+        return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress, lora=lora,
+                               held_layers=held_layers)

@@ -49,10 +49,19 @@ class PackedLayers:
     down_bias: torch.Tensor | None = None
     # (module, attribute, parameter, data_ptr) of every rebound parameter: how staleness is detected
     bindings: list = field(default_factory=list, repr=False)
+    # the model layer index of each packed row, when only some layers are packed (a rank of a multi-GPU
+    # run holds only its own layer of each group); None: row i is layer i
+    layer_ids: tuple[int, ...] | None = None
 
     def group(self, l0: int, P: int) -> PackedLayers:
         """The weights of layers [l0, l0 + P): views, no copy."""
-        return PackedLayers(**{name: None if getattr(self, name) is None else getattr(self, name)[l0:l0 + P]
+        row = l0
+        if self.layer_ids is not None:
+            if tuple(range(l0, l0 + P)) not in {self.layer_ids[i:i + P] for i in range(len(self.layer_ids))}:
+                raise ValueError(f"layers {l0}..{l0 + P - 1} are not packed together here "
+                                 f"(packed: {list(self.layer_ids)})")
+            row = self.layer_ids.index(l0)
+        return PackedLayers(**{name: None if getattr(self, name) is None else getattr(self, name)[row:row + P]
                                for name in LAYOUT})
 
     def is_current(self) -> bool:
@@ -75,14 +84,22 @@ def _params(layer: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, s
 
 
 def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
-                dtype: torch.dtype | None = None, copy: bool = True) -> PackedLayers:
+                dtype: torch.dtype | None = None, copy: bool = True,
+                layer_ids: tuple[int, ...] | None = None) -> PackedLayers:
     """Allocate the packed tensors and rebind every layer's parameters to views of them.
+
+    layer_ids: pack only these layers (in this order; the others are left alone, e.g. on "meta").
 
     copy=True copies the current values in (parameter by parameter; the old storage is freed as its
     last view goes, so the peak extra memory is about one packed tensor); copy=False leaves them
     uninitialised, for a loader that fills the views afterwards (the layers may then be on "meta").
     device/dtype default to the first layer's.
     """
+    if layer_ids is not None:
+        layer_ids = tuple(layer_ids)
+        layers = [layers[i] for i in layer_ids]
+    if len(layers) == 0:
+        raise ValueError("no layers to pack")
     some = layers[0].self_attn.q_proj.weight
     device = torch.device(device) if device is not None else some.device
     dtype = dtype if dtype is not None else some.dtype
@@ -107,4 +124,4 @@ def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
                 setattr(module, attr, param)
                 bindings.append((module, attr, param, param.data_ptr()))
         packed[name] = tensor
-    return PackedLayers(**packed, bindings=bindings)
+    return PackedLayers(**packed, bindings=bindings, layer_ids=layer_ids)

@@ -3,11 +3,17 @@
     python python/generate.py path/to/model.gguf --prompt "Hello" --groups 12-16:2
     python python/generate.py path/to/hf-dir --tokenizer path/to/hf-dir --prompt "Hello"
 
+Several GPUs (rank r runs layer r of every group), either launched by torchrun (SPMD; rank 0 prints):
+    torchrun --nproc-per-node 2 python/generate.py path/to/model.gguf --groups 12-30:2
+or started from this one process:
+    python python/generate.py path/to/model.gguf --groups 12-30:2 --devices 0,1      (cpu,cpu: gloo)
+
 A .gguf file carries its tokenizer; a Hugging Face directory usually does too (--tokenizer defaults to
 the model path).
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -28,21 +34,39 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--devices", default=None, help="e.g. 0,1 or cpu,cpu: one rank process per device")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
     cqil = parse_groups(args.groups, args.bypass) if args.groups else CQILConfig()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
+    torchrun = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if torchrun:  # SPMD: this process is one rank
+        from cqil_kernels.parallel import RankModel, init_from_env
+
+        device = init_from_env(backend="gloo" if args.device == "cpu" else None)
+        model = RankModel.from_pretrained(args.model, cqil, device=device, dtype=dtype)
+    elif args.devices:
+        devices = [int(d) if d.isdigit() else d for d in args.devices.split(",")]
+        model = CQILLlama.from_pretrained(args.model, cqil=cqil, devices=devices, dtype=dtype)
+    else:
+        model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
     if args.model.suffix == ".gguf":
         tokenizer = AutoTokenizer.from_pretrained(str(args.model.parent), gguf_file=args.model.name)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model))
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    run = timed_generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id, do_sample=args.sample,
-                         seed=args.seed if args.sample else None)
-    print(tokenizer.decode(run.tokens[0], skip_special_tokens=True))
-    print(f"\n{model.cqil}: {run.new_tokens} tokens in {run.seconds:.2f} s ({run.ms_per_token:.1f} ms/token)")
+    try:
+        run = timed_generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id, do_sample=args.sample,
+                             seed=args.seed if args.sample else None)
+    finally:
+        if args.devices and not torchrun:
+            model.close()
+    if not torchrun or int(os.environ["RANK"]) == 0:
+        print(tokenizer.decode(run.tokens[0], skip_special_tokens=True))
+        where = f" on {os.environ['WORLD_SIZE']} ranks" if torchrun else (f" on {args.devices}" if args.devices else "")
+        print(f"\n{model.cqil}{where}: {run.new_tokens} tokens in {run.seconds:.2f} s "
+              f"({run.ms_per_token:.1f} ms/token)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ distance d (DESIGN.md):
          = h + sum_j a_j             ("mlp_input" mode)        -> residual [M, D] float32
 The down-projection kernel adds sum_j m_j to R, giving the group's output h'. R stays fp32 so the
 group's output is rounded once. One program per row; everything in fp32.
+
+rank_residual is the same for one layer j of a group spread over ranks (parallel/rank.py): the bypass
+b_j arrives summed from the other ranks (`received`), and only rank 0 puts h into its R:
+    x_j = RMSNorm^post_j(h + a_j + b_j);   R_j = [h] + a_j + b_j ("residual") or [h] + a_j ("mlp_input").
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ from ._common import check_runnable, check_tensor, next_pow2
 
 @triton.jit
 def _group_residual_kernel(
-    h_ptr, a_ptr, nw_ptr, xn_ptr, res_ptr,
+    h_ptr, a_ptr, nw_ptr, xn_ptr, res_ptr, recv_ptr,
     D, P, BYPASS, eps,
-    stride_hm, stride_ap, stride_am, stride_nwp, stride_xp, stride_xm, stride_rm,
-    RESIDUAL_MODE: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_hm, stride_ap, stride_am, stride_nwp, stride_xp, stride_xm, stride_rm, stride_bm,
+    RESIDUAL_MODE: tl.constexpr, HAS_RECV: tl.constexpr, INCLUDE_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
     h = tl.load(h_ptr + m * stride_hm + offs, mask=ok, other=0.0).to(tl.float32)
-    total = h
+    total = h if INCLUDE_H else tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in range(0, P):
         a = tl.load(a_ptr + j * stride_ap + m * stride_am + offs, mask=ok, other=0.0).to(tl.float32)
         bypass = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_RECV:  # P == 1: b_j summed on the other ranks
+            bypass += tl.load(recv_ptr + m * stride_bm + offs, mask=ok, other=0.0).to(tl.float32)
         for i in range(tl.maximum(j - BYPASS, 0), j):
             bypass += tl.load(a_ptr + i * stride_ap + m * stride_am + offs, mask=ok, other=0.0).to(tl.float32)
         r = h + a + bypass
@@ -77,13 +83,45 @@ def group_residual(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, 
         check_tensor("residual", residual, ndim=2, dtype=torch.float32, device=h.device)
         if xn.shape != a.shape or residual.shape != h.shape:
             raise ValueError("out must be (xn [P, M, D], residual [M, D])")
-    if M == 0:
-        return xn, residual
-    _group_residual_kernel[(M,)](
-        h, a, norm_weight, xn, residual, D, P, bypass, float(eps),
-        h.stride(0), a.stride(0), a.stride(1), norm_weight.stride(0), xn.stride(0), xn.stride(1),
-        residual.stride(0),
-        RESIDUAL_MODE=bypass_mode == "residual", BLOCK_D=next_pow2(D),
-        num_warps=4 if D <= 2048 else 8,
-    )
+    _launch(h, a, norm_weight, xn, residual, None, eps, bypass, bypass_mode, include_h=True)
     return xn, residual
+
+
+def rank_residual(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, *, eps: float,
+                  received: torch.Tensor | None = None, include_h: bool = True,
+                  bypass_mode: str = "residual"):
+    """One layer of a group spread over ranks. h, a: [M, D]; norm_weight: [D]; received: [M, D] (b_j,
+    the bypassed attention outputs summed from the other ranks) or None -> (xn [M, D] in h's dtype,
+    residual [M, D] fp32), see the module docstring."""
+    check_tensor("h", h, ndim=2)
+    check_runnable(h)
+    check_tensor("a", a, ndim=2, dtype=h.dtype, device=h.device)
+    check_tensor("norm_weight", norm_weight, ndim=1, device=h.device)
+    if a.shape != h.shape:
+        raise ValueError(f"a {tuple(a.shape)} does not match h {tuple(h.shape)}")
+    if tuple(norm_weight.shape) != (h.shape[1],):
+        raise ValueError(f"norm_weight must have shape {(h.shape[1],)}, got {tuple(norm_weight.shape)}")
+    if received is not None:
+        check_tensor("received", received, ndim=2, dtype=h.dtype, device=h.device)
+        if received.shape != h.shape:
+            raise ValueError(f"received {tuple(received.shape)} does not match h {tuple(h.shape)}")
+    if bypass_mode not in BYPASS_MODES:
+        raise ValueError(f"bypass_mode must be one of {BYPASS_MODES}, got {bypass_mode!r}")
+    xn = torch.empty_like(h, memory_format=torch.contiguous_format)
+    residual = torch.empty(h.shape, device=h.device, dtype=torch.float32)
+    _launch(h, a[None], norm_weight[None], xn[None], residual, received, eps, 0, bypass_mode,
+            include_h=bool(include_h))
+    return xn, residual
+
+
+def _launch(h, a, norm_weight, xn, residual, received, eps, bypass, bypass_mode, include_h):
+    M, D = h.shape
+    if M == 0:
+        return
+    _group_residual_kernel[(M,)](
+        h, a, norm_weight, xn, residual, received if received is not None else h, D, a.shape[0], bypass,
+        float(eps), h.stride(0), a.stride(0), a.stride(1), norm_weight.stride(0), xn.stride(0), xn.stride(1),
+        residual.stride(0), received.stride(0) if received is not None else 0,
+        RESIDUAL_MODE=bypass_mode == "residual", HAS_RECV=received is not None, INCLUDE_H=include_h,
+        BLOCK_D=next_pow2(D), num_warps=4 if D <= 2048 else 8,
+    )

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cqil_kernels.ops.group_residual import group_residual
-from cqil_kernels.reference.group_residual import group_residual_ref
+from cqil_kernels.ops.group_residual import group_residual, rank_residual
+from cqil_kernels.reference.group_residual import group_residual_ref, rank_residual_ref
 
 from conftest import assert_kernel_close, poisoned
 
@@ -32,6 +32,40 @@ def test_group_residual(dtype, M, D, P, bypass, mode):
     assert_kernel_close(res, res_twin, res64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,D", [(1, 576), (7, 59)])
+@pytest.mark.parametrize("received,include_h", [(False, True), (True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("mode", ["residual", "mlp_input"])
+def test_rank_residual(dtype, M, D, received, include_h, mode):
+    g = torch.Generator().manual_seed(M + D + received)
+    h, a, b = (torch.randn(M, D, generator=g, dtype=torch.float64) for _ in range(3))
+    nw = 1 + 0.3 * torch.randn(D, generator=g, dtype=torch.float64)
+    h, a, b, nw = (t.to(DEVICE, dtype) for t in (h, a, b, nw))
+    kw = dict(eps=1e-5, received=b if received else None, include_h=include_h, bypass_mode=mode)
+    xn, res = rank_residual(h, a, nw, **kw)
+    xn_twin, res_twin = rank_residual_ref(h, a, nw, **kw)
+    kw64 = dict(kw, received=b.double() if received else None)
+    xn64, res64 = rank_residual_ref(h.double(), a.double(), nw.double(), **kw64)
+    assert_kernel_close(xn, xn_twin, xn64)
+    assert_kernel_close(res, res_twin, res64)
+
+
+def test_rank_residual_splits_group_residual():
+    """Summing the ranks' residuals (rank 0 with h) gives the single-process group's residual, and each
+    rank's MLP input is the group's x_j: the split of parallel/rank.py in one line of algebra."""
+    h, a = torch.randn(3, 48, device=DEVICE), torch.randn(3, 3, 48, device=DEVICE)
+    nw = 1 + 0.1 * torch.randn(3, 48, device=DEVICE)
+    for mode in ("residual", "mlp_input"):
+        xn, res = group_residual(h, a, nw, eps=1e-6, bypass=2, bypass_mode=mode)
+        total = torch.zeros_like(res)
+        for j in range(3):
+            b = a[:j].sum(0) if j else None
+            xn_j, res_j = rank_residual(h, a[j], nw[j], eps=1e-6, received=b, include_h=j == 0, bypass_mode=mode)
+            torch.testing.assert_close(xn_j, xn[j])
+            total += res_j
+        torch.testing.assert_close(total, res)
+
+
 def test_bypass_changes_the_result():
     """A kernel that ignored the bypass or the mode would pass a P = 1 test; this one would not."""
     h, a, nw = torch.randn(2, 48, device=DEVICE), torch.randn(3, 2, 48, device=DEVICE), torch.ones(
@@ -56,3 +90,7 @@ def test_bad_input_is_refused():
         group_residual(h, a, nw, eps=1e-6, bypass_mode="both")
     with pytest.raises(TypeError, match="a must be torch.float32"):
         group_residual(h, a.half(), nw, eps=1e-6)
+    with pytest.raises(ValueError, match="received"):
+        rank_residual(h, a[0], nw[0], eps=1e-6, received=h[:1])
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        rank_residual(h, a[0], nw[0, :40], eps=1e-6)

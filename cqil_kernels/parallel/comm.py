@@ -1,0 +1,184 @@
+"""Communication of a rank: the group reduction (sum over ranks) and the bypass exchange.
+
+GroupReducer.all_reduce sums a tensor over all ranks, in place. On CUDA it runs on a dedicated
+communication stream ordered by CUDA events, so work that does not depend on the result (the next token
+chunk of a prefill: rank.py) overlaps with it; each call picks its path:
+  * "one_shot": the C++/CUDA kernel of csrc/one_shot.cu — every rank writes its tensor into its own
+    peer-accessible buffer, and reads and sums all ranks' buffers in rank order (so every rank gets the
+    same bits); one launch, capturable in a CUDA graph; for small messages (a decode step's hidden state);
+  * "nccl" / "gloo": torch.distributed.all_reduce, for everything else.
+`GroupReducer.policy(tensor)` says which path a tensor takes and why (`OneShotPolicy`).
+
+The bypass (d >= 1): rank j of a group needs a_{j-1..j-d} from the ranks before it before its MLP, and
+sends its own a_j to ranks j+1..j+d; the sends are asynchronous and waited for after the sender's MLP, so
+the transfer overlaps with it (`exchange_bypass`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import _ext
+
+ONE_SHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_ONE_SHOT_BYTES = 512 * 1024  # above this, NCCL's ring/tree all-reduce wins on NVLink
+
+
+@dataclass(frozen=True)
+class OneShotPolicy:
+    """When the one-shot kernel is used: `enabled` (it could be set up on every rank; else `reason`),
+    and per call a tensor of at most max_bytes, a supported dtype, 16-byte aligned and contiguous."""
+
+    enabled: bool
+    reason: str
+    max_bytes: int = DEFAULT_ONE_SHOT_BYTES
+
+    def check(self, t: torch.Tensor) -> str | None:
+        """None when `t` can take the one-shot path, else why not."""
+        if not self.enabled:
+            return self.reason
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.max_bytes:
+            return f"{nbytes} bytes > one-shot limit {self.max_bytes}"
+        if t.dtype not in ONE_SHOT_DTYPES:
+            return f"dtype {t.dtype} (one-shot: float32/float16/bfloat16)"
+        if not t.is_contiguous():
+            return "not contiguous"
+        if t.data_ptr() % 16 or nbytes % 16:
+            return "not 16-byte aligned"
+        return None
+
+
+class GroupReducer:
+    """Sum over the ranks of `group` (default: the world), in place, on `device`.
+
+    one_shot: None = use the one-shot kernel where it can run (CUDA, the extension built with CUDA,
+    peer access between every pair of devices), True = require it (RuntimeError saying why not), False
+    = never. Every rank must construct it (collectively) with the same arguments.
+    """
+
+    def __init__(self, device: torch.device, group=None, one_shot: bool | None = None,
+                 max_bytes: int = DEFAULT_ONE_SHOT_BYTES, timeout_s: float = 30.0):
+        self.device, self.group = torch.device(device), group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+        self.calls = {"one_shot": 0, self.backend: 0}
+        self.last_reason: str | None = None
+        self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._one_shot = None
+        reason = self._setup_one_shot(one_shot, max_bytes, timeout_s)
+        self.one_shot_policy = OneShotPolicy(reason is None, reason or "", max_bytes)
+        if one_shot is True and reason is not None:
+            raise RuntimeError(f"one_shot=True but the one-shot all-reduce cannot run: {reason}")
+
+    def _setup_one_shot(self, wanted: bool | None, max_bytes: int, timeout_s: float) -> str | None:
+        """Set up the peer buffers on every rank; returns None when all ranks succeeded, else why not.
+        The decision is agreed by all ranks (an all-reduce of the local verdicts), so every rank takes
+        the same path for every call."""
+        if wanted is False:
+            return "disabled (one_shot=False)"
+        reason = None
+        if self.device.type != "cuda":
+            reason = f"tensors on {self.device.type}, the one-shot kernel needs CUDA"
+        elif not _ext.cuda_available():
+            reason = _ext.cuda_unavailable_reason()
+        elif self.world > 8:
+            reason = f"world size {self.world} > 8"
+        handle = b""
+        if reason is None:
+            try:
+                self._one_shot = _ext.one_shot_all_reduce(self.device.index, self.rank, self.world, max_bytes,
+                                                          timeout_s)
+                handle = self._one_shot.ipc_handle()
+            except RuntimeError as e:
+                reason, self._one_shot = str(e), None
+        handles: list = [None] * self.world
+        dist.all_gather_object(handles, (reason, handle), group=self.group)
+        reasons = [f"rank {r}: {why}" for r, (why, _) in enumerate(handles) if why is not None]
+        if not reasons:
+            try:
+                self._one_shot.open_peers([h for _, h in handles])
+            except RuntimeError as e:
+                reasons.append(f"rank {self.rank}: {e}")
+        ok = torch.tensor([0 if reasons else 1], device=self.device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if int(ok) == 1:
+            dist.barrier(group=self.group)  # every rank's flags are zeroed before anyone signals
+            return None
+        self._one_shot = None
+        return "; ".join(reasons) or "another rank could not open the peer buffers"
+
+    def policy(self, t: torch.Tensor) -> tuple[str, str | None]:
+        """(path, reason): the path `t` would take and, for the fallback, why the one-shot cannot."""
+        why = self.one_shot_policy.check(t)
+        return ("one_shot", None) if why is None else (self.backend, why)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """t += the other ranks' t (every rank gets the same sum). Returns t."""
+        return self.all_reduce_async(t).wait()
+
+    def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
+        """Start the reduction of t; `.wait()` orders the current stream after it and returns t."""
+        path, why = self.policy(t)
+        self.calls[path] += 1
+        if why is not None:
+            self.last_reason = why
+        if self.comm_stream is None:  # CPU (gloo): torch.distributed's own async work
+            work = dist.all_reduce(t, group=self.group, async_op=True)
+            return PendingReduce(t, work=work)
+        compute = torch.cuda.current_stream(self.device)
+        self.comm_stream.wait_stream(compute)
+        with torch.cuda.stream(self.comm_stream):
+            if path == "one_shot":
+                self._one_shot.all_reduce(t.data_ptr(), t.data_ptr(), t.numel(), str(t.dtype).split(".")[-1],
+                                          self.comm_stream.cuda_stream)
+            else:
+                dist.all_reduce(t, group=self.group)
+        t.record_stream(self.comm_stream)
+        done = torch.cuda.Event()
+        done.record(self.comm_stream)
+        return PendingReduce(t, event=done)
+
+    def check_health(self) -> None:
+        """RuntimeError when a one-shot call timed out waiting for a peer (a dead or stuck rank)."""
+        if self._one_shot is not None and self._one_shot.timed_out():
+            raise RuntimeError("the one-shot all-reduce timed out waiting for another rank (did a rank die?)")
+
+
+class PendingReduce:
+    def __init__(self, t: torch.Tensor, work=None, event: torch.cuda.Event | None = None):
+        self.t, self.work, self.event = t, work, event
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        if self.event is not None:
+            torch.cuda.current_stream(self.t.device).wait_event(self.event)
+        return self.t
+
+
+def exchange_bypass(a: torch.Tensor, j: int, P: int, d: int, group=None, ranks: list[int] | None = None):
+    """Rank j of a group of P ranks: send a (= a_j) to ranks j+1..j+d of the group, receive a_{j-1..j-d}.
+
+    Returns (b, sends): b = a_{j-min(d,j)} + ... + a_{j-1} (None when j = 0 or d = 0), and the pending
+    sends, to `.wait()` after the MLP. `ranks`: the global rank of each group position (default 0..P-1).
+    """
+    if d == 0 or P == 1:
+        return None, []
+    ranks = ranks if ranks is not None else list(range(P))
+    sources = list(range(max(0, j - d), j))
+    received = [torch.empty_like(a) for _ in sources]
+    ops = [dist.P2POp(dist.irecv, buf, ranks[i], group) for i, buf in zip(sources, received)]
+    ops += [dist.P2POp(dist.isend, a, ranks[i], group) for i in range(j + 1, min(P, j + d + 1))]
+    if not ops:
+        return None, []
+    works = dist.batch_isend_irecv(ops)
+    for work in works[:len(sources)]:
+        work.wait()
+    b = None
+    for buf in received:  # in group order, as the single-process model sums them
+        b = buf if b is None else b + buf
+    return b, works[len(sources):]

@@ -1,0 +1,383 @@
+"""Driving P ranks from one ordinary Python process: ParallelCQILLlama.
+
+`CQILLlama.from_pretrained(src, cqil=..., devices=[0, 1])` starts one worker process per device (spawned,
+so it works from notebooks and from processes that already use CUDA), each a rank (rank.py) of a
+torch.distributed group (NCCL on GPUs, gloo for devices=["cpu", "cpu", ...]); this process is not a rank
+and never enters a collective, so it cannot hang in one. Each call (forward, generate, ...) is checked
+here first (bad input raises here, with the workers untouched), then sent to every rank; rank 0 sends the
+result back. generate() runs its whole loop inside the ranks (one round trip per call, not per token).
+
+Faults: the driver waits on the workers' replies and on their process handles together, so a rank that
+raises or dies makes the call raise at once, with that rank's error and traceback; the other workers are
+then terminated (a rank blocked in a collective with a dead peer cannot be woken otherwise) and the model
+is closed. close() (or leaving a `with` block, or interpreter exit) stops the workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..generation import check_attention_mask, check_generate_args, check_input_ids
+from . import disable_multicast
+
+START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
+
+
+class RankError(RuntimeError):
+    """A rank failed; `rank` says which, the message carries its traceback."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass
+class RemoteCache:
+    """A KV cache that lives in the ranks (ParallelCQILLlama.new_cache); pass it to forward(cache=...)."""
+
+    id: int
+    batch: int
+    max_seq: int
+    length: int = 0
+
+
+def check_devices(devices) -> list[torch.device]:
+    """The device list of an in-process multi-rank model, or ValueError/TypeError before any process
+    starts: at least 2 entries, all CUDA or all "cpu", no CUDA index twice, none beyond the visible GPUs."""
+    if isinstance(devices, (str, int, torch.device)) or not hasattr(devices, "__iter__"):
+        raise TypeError(f"devices must be a list of devices (e.g. [0, 1] or ['cpu', 'cpu']), got {devices!r}")
+    out = []
+    for d in devices:
+        if isinstance(d, bool):
+            raise TypeError(f"devices: {d!r} is not a device")
+        try:
+            out.append(torch.device("cuda", d) if isinstance(d, int) else torch.device(d))
+        except (RuntimeError, TypeError):
+            raise ValueError(f"devices: {d!r} is not a device") from None
+    if len(out) < 2:
+        raise ValueError(f"devices needs at least 2 entries (one rank each), got {len(out)}")
+    kinds = {d.type for d in out}
+    if len(kinds) > 1 or not kinds <= {"cpu", "cuda"}:
+        raise ValueError(f"devices must be all CUDA devices or all 'cpu', got {[str(d) for d in out]}")
+    if kinds == {"cuda"}:
+        out = [torch.device("cuda", d.index if d.index is not None else 0) for d in out]
+        seen = [d.index for d in out]
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        if twice:
+            raise ValueError(f"devices lists GPU {twice[0]} more than once (one rank per GPU)")
+        visible = torch.cuda.device_count()
+        beyond = [i for i in seen if i >= visible]
+        if beyond:
+            raise ValueError(f"devices lists GPU {beyond[0]}, but {visible} GPU(s) are visible")
+    return out
+
+
+class ParallelCQILLlama:
+    """A CQILLlama whose group layers run on several devices, driven from this process.
+
+    Use it like a CQILLlama: model(input_ids, attention_mask) -> logits, model.generate(...),
+    model.new_cache(batch, max_seq) for incremental forward calls. Results come back on `output_device`
+    (default: the first device). `memory_per_rank` lists the bytes of weights each rank holds.
+    """
+
+    def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
+                 one_shot: bool | None = None, output_device=None, timeout_s: float | None = None):
+        self.devices = check_devices(devices)
+        self.world = len(self.devices)
+        if isinstance(src, torch.nn.Module):
+            raise TypeError("with devices=[...], src must be a checkpoint path (a directory or .gguf file) "
+                            "that every rank process can read, not a model object")
+        if not isinstance(src, (str, os.PathLike)):
+            raise TypeError(f"src must be a checkpoint path, got {type(src).__name__}")
+        if not Path(src).exists():
+            raise FileNotFoundError(f"{src}: no such checkpoint directory or file")
+        self.timeout_s = timeout_s
+        self.output_device = torch.device(output_device) if output_device is not None else self.devices[0]
+        self._closed = True
+        self._ids = itertools.count(1)
+        self._tmp = tempfile.TemporaryDirectory(prefix="cqil-rdzv-")
+        ctx = mp.get_context("spawn")
+        backend_name = "nccl" if self.devices[0].type == "cuda" else "gloo"
+        load = dict(src=str(src), cqil=cqil, dtype=dtype, lora=str(lora) if lora is not None else None,
+                    backend=backend, one_shot=one_shot)
+        init = f"file://{self._tmp.name}/store"
+        self._conns, self._procs = [], []
+        disable_multicast()  # the spawned ranks inherit the environment
+        for rank, device in enumerate(self.devices):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, daemon=True, name=f"cqil-rank{rank}",
+                               args=(rank, self.world, str(device), backend_name, init, load, child))
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, self._tmp)
+        atexit.register(self._finalizer)
+        info = self._collect("start", START_TIMEOUT_S if timeout_s is None else timeout_s)
+        self.args, self.cqil = info[0]["args"], info[0]["cqil"]
+        self.dtype = info[0]["dtype"]
+        self.memory_per_rank = [i["parameter_bytes"] for i in info]
+
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_device
+
+    def __enter__(self) -> ParallelCQILLlama:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the rank processes (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __call__(self, input_ids, attention_mask=None, cache: RemoteCache | None = None) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, cache)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: RemoteCache | None = None) -> torch.Tensor:
+        """CQILLlama.forward: input_ids [B, T] -> logits [B, T, vocab] on output_device."""
+        check_input_ids(input_ids, self.args.vocab_size)
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, input_ids).cpu()
+        B, T = input_ids.shape
+        if cache is not None:
+            if not isinstance(cache, RemoteCache):
+                raise TypeError(f"cache must come from this model's new_cache(), got {type(cache).__name__}")
+            if B != cache.batch:
+                raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
+            if cache.length + T > cache.max_seq:
+                raise ValueError(f"{cache.length + T} positions exceed the KV cache ({cache.max_seq})")
+        elif T > self.args.max_position_embeddings:
+            raise ValueError(f"{T} positions exceed max_position_embeddings ({self.args.max_position_embeddings})")
+        logits = self._call("forward", input_ids=input_ids.cpu(), attention_mask=attention_mask,
+                            cache=cache.id if cache is not None else None)
+        if cache is not None:
+            cache.length += T
+        return logits.to(self.output_device)
+
+    def new_cache(self, batch: int, max_seq: int) -> RemoteCache:
+        for name, value in (("batch", batch), ("max_seq", max_seq)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if max_seq > self.args.max_position_embeddings:
+            raise ValueError(f"a cache of {max_seq} positions exceeds max_position_embeddings "
+                             f"({self.args.max_position_embeddings})")
+        cache = RemoteCache(next(self._ids), batch, max_seq)
+        self._call("new_cache", id=cache.id, batch=batch, max_seq=max_seq)
+        return cache
+
+    def release_cache(self, cache: RemoteCache) -> None:
+        """Free a cache's memory in the ranks."""
+        self._call("release_cache", id=cache.id)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
+                 seed: int | None = None, generator=None) -> torch.Tensor:
+        """CQILLlama.generate, run inside the ranks. Sampling is seeded with `seed` in every rank (a
+        torch.Generator cannot be shared with other processes: pass seed instead)."""
+        if generator is not None:
+            raise ValueError("a multi-device model samples in its rank processes: pass seed=..., not generator")
+        kwargs = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_token_id=eos_token_id, seed=seed)
+        if do_sample and seed is None:
+            kwargs["seed"] = int(torch.randint(0, 2**62, ()).item())  # one draw, the same in every rank
+        input_ids, attention_mask, _, _ = check_generate_args(
+            self.args, "cpu", input_ids, max_new_tokens, attention_mask=attention_mask, generator=None,
+            **kwargs)
+        out = self._call("generate", input_ids=input_ids, max_new_tokens=max_new_tokens,
+                         attention_mask=attention_mask, **kwargs)
+        return out.to(self.output_device)
+
+    def rank_stats(self) -> list[dict]:
+        """Per rank: device, parameter bytes, peak device memory, and how many group reductions took
+        the one-shot path vs the fallback (with the last fallback reason)."""
+        return self._call("stats", all_ranks=True)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _call(self, command: str, all_ranks: bool = False, **payload) -> Any:
+        if self._closed:
+            raise RuntimeError("this model is closed (close() was called, or a rank failed)")
+        for conn in self._conns:
+            try:
+                conn.send((command, payload))
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                pass  # the worker is gone; _collect reports which and why
+        results = self._collect(command, self.timeout_s)
+        return results if all_ranks else results[0]
+
+    def _collect(self, command: str, timeout_s: float | None) -> list:
+        """Every rank's reply to `command`; RankError as soon as one fails or dies (then all stop)."""
+        pending = dict(enumerate(self._conns))
+        results: list = [None] * self.world
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait(list(pending.values()) + list(sentinels), timeout=left)
+            if not ready:
+                self._fail(f"{command}: no reply from rank(s) {sorted(pending)} within {timeout_s} s", -1)
+            for obj in ready:
+                rank = next((r for r, c in pending.items() if c is obj), None)
+                if rank is not None:
+                    try:
+                        status, value = obj.recv()
+                    except (EOFError, OSError):
+                        self._fail(self._death(rank), rank)
+                    if status == "error":
+                        exc, text = value
+                        if command == "start" and isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
+                            self._shutdown_all()
+                            raise type(exc)(f"rank {rank}: {exc}") from None
+                        self._fail(f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}", rank)
+                    results[rank] = value
+                    del pending[rank]
+                else:  # a rank exited: while a call is in flight, that is a failure
+                    rank = sentinels[obj]
+                    if rank in pending and pending[rank].poll():  # its last words are in the pipe: read first
+                        continue
+                    self._fail(self._death(rank), rank)
+        return results
+
+    def _death(self, rank: int) -> str:
+        proc = self._procs[rank]
+        proc.join(timeout=1)
+        return f"rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"
+
+    def _fail(self, message: str, rank: int):
+        self._shutdown_all()
+        raise RankError(rank, message)
+
+    def _shutdown_all(self) -> None:
+        self._closed = True
+        self._finalizer()
+
+
+def _shutdown(conns, procs, tmp) -> None:
+    """Ask the workers to exit, then terminate / kill whatever is left (no orphans)."""
+    for conn in conns:
+        try:
+            conn.send(("close", {}))
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
+    deadline = time.monotonic() + 5
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=2)
+    for conn in conns:
+        conn.close()
+    tmp.cleanup()
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker: one rank
+
+
+def _worker_main(rank: int, world: int, device: str, backend: str, init: str, load: dict, conn) -> None:
+    import torch.distributed as dist
+
+    from .rank import RankModel
+
+    try:
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=600))
+        model = RankModel.from_pretrained(load["src"], load["cqil"], device=device, dtype=load["dtype"],
+                                          lora=load["lora"], backend=load["backend"], one_shot=load["one_shot"])
+        conn.send(("ok", {"args": model.args, "cqil": model.cqil, "dtype": model.dtype,
+                          "parameter_bytes": model.parameter_bytes()}))
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it
+        _report(conn, e)
+        os._exit(1)
+    caches: dict[int, Any] = {}
+    while True:
+        try:
+            command, payload = conn.recv()
+        except (EOFError, OSError):  # the driver is gone
+            os._exit(0)
+        if command == "close":
+            break
+        try:
+            result = _run(model, caches, command, payload, rank)
+        except BaseException as e:  # noqa: BLE001
+            _report(conn, e)
+            os._exit(1)
+        conn.send(("ok", result))
+    conn.close()
+    # No destroy_process_group: a rank exiting while a peer is gone can hang in it (DESIGN.md).
+    os._exit(0)
+
+
+def _run(model, caches: dict, command: str, payload: dict, rank: int):
+    if command == "forward":
+        cache = caches[payload["cache"]] if payload["cache"] is not None else None
+        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache)
+        return logits.float().cpu() if rank == 0 else None
+    if command == "generate":
+        out = model.generate(payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)
+        return out.cpu() if rank == 0 else None
+    if command == "new_cache":
+        caches[payload["id"]] = model.new_cache(payload["batch"], payload["max_seq"])
+        return None
+    if command == "release_cache":
+        caches.pop(payload["id"], None)
+        return None
+    if command == "stats":
+        peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
+        return {"rank": rank, "device": str(model.device), "parameter_bytes": model.parameter_bytes(),
+                "peak_device_bytes": peak, "reductions": dict(model.reducer.calls),
+                "one_shot": model.reducer.one_shot_policy.enabled,
+                "one_shot_reason": model.reducer.one_shot_policy.reason or None,
+                "last_fallback_reason": model.reducer.last_reason}
+    if command == "_test_fault":  # tests: make this rank raise or die mid-call
+        if payload.get("rank") == rank:
+            if payload["how"] == "raise":
+                raise RuntimeError("injected fault")
+            os._exit(3)
+        model.reducer.all_reduce(torch.zeros(4, device=model.device))  # the others wait on the peer
+        return None
+    raise ValueError(f"unknown command {command!r}")
+
+
+def _report(conn, e: BaseException) -> None:
+    text = traceback.format_exc()
+    try:
+        conn.send(("error", (e, text)))
+    except Exception:  # noqa: BLE001 - an unpicklable exception: send its text
+        try:
+            conn.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), text)))
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,261 @@
+"""One rank of a CQIL model spread over P processes (one per GPU): RankModel.
+
+Every rank runs the same program (SPMD). Rank r holds layer l_r of every group plus everything that is
+replicated (placement.py). For a group G = [l_0 .. l_{P-1}] with input h and bypass d, rank j < P computes
+(the equations of model.py, split by layer):
+    a_j  = Attn_{l_j}(RMSNorm_in(h))                      on its own KV cache
+    b_j  = a_{j-1} + ... + a_{j-min(d, j)}                received from ranks j-1..j-d (comm.exchange_bypass)
+    m_j  = MLP_{l_j}(RMSNorm_post(h + a_j + b_j))
+    c_j  = [h if j == 0] + (a_j + b_j  "residual" | a_j  "mlp_input") + m_j
+and ranks j >= P contribute c_j = 0; one all-reduce (comm.GroupReducer) gives every rank
+h' = sum_j c_j = h + sum_j (...), the group's output. Rank 0 adds h so the sum needs no extra step.
+
+The Triton backend runs the same split with the fused kernels (fused.py, one layer per launch here), and
+the decode step — reductions included — is captured in one CUDA graph per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.distributed as dist
+
+from ..config import CQILConfig
+from ..generation import check_attention_mask, check_input_ids, generate
+from ..model import CQILLlama, KVCache
+from .comm import GroupReducer, exchange_bypass
+from .placement import Placement
+
+
+class RankModel:
+    """This rank's part of the model; call it like a CQILLlama (same forward / new_cache / generate).
+
+    Build it with `RankModel.from_pretrained(src, cqil, device=...)` after
+    `torch.distributed.init_process_group` (or `parallel.init_from_env()` under torchrun), on every rank.
+    """
+
+    def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
+                 prefill_chunks: int = 4):
+        self.model, self.placement, self.group = model, placement, group
+        self.args = model.args
+        self.stages = placement.local_stages  # the layout of this rank's KV cache
+        self.prefill_chunks = prefill_chunks
+        self.reducer = GroupReducer(model.device, group, one_shot=one_shot)
+        self.cuda_graphs = True
+
+    @classmethod
+    def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
+                        group=None, backend: str = "auto", one_shot: bool | None = None) -> RankModel:
+        """Load this rank's layers (CQILLlama.from_pretrained's arguments) and check that every rank
+        was given the same model and grouping (ValueError on every rank otherwise, before any of the
+        model's collectives)."""
+        if not dist.is_initialized():
+            raise ValueError("RankModel needs torch.distributed initialised (init_process_group, or "
+                             "cqil_kernels.parallel.init_from_env() under torchrun)")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        model = CQILLlama.from_pretrained(
+            src, cqil=cqil, device=device, dtype=dtype, lora=lora, progress=progress,
+            held_layers=lambda args, grouping: Placement.build(rank, world, args, grouping).held_layers)
+        model.backend = backend
+        _check_same_on_every_rank(model, group)
+        placement = Placement.build(rank, world, model.args, model.cqil)
+        return cls(model, placement, group=group, one_shot=one_shot)
+
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.placement.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def cqil(self) -> CQILConfig:
+        return self.model.cqil
+
+    def parameter_bytes(self) -> int:
+        """Bytes of weights this rank holds (tied embeddings counted once)."""
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.is_meta or p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+        return total
+
+    def new_cache(self, batch: int, max_seq: int) -> KVCache:
+        if max_seq > self.args.max_position_embeddings:
+            raise ValueError(f"a cache of {max_seq} positions exceeds max_position_embeddings "
+                             f"({self.args.max_position_embeddings})")
+        return KVCache(self.args, self.stages, batch, max_seq, self.device, self.dtype)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, cache)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
+        model = self.model
+        check_input_ids(input_ids, self.args.vocab_size)
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = check_attention_mask(attention_mask, input_ids)
+        self._check_cache(input_ids, cache)
+        if model.uses_triton():
+            B, T = input_ids.shape
+            logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
+                                       else self.new_cache(B, T))
+            if cache is not None:
+                cache.length += T
+            return logits
+        ctx = model._step_context(input_ids, attention_mask, cache)
+        h = model.embed_tokens(input_ids)
+        for s, stage in enumerate(self.placement.stages):
+            kv = cache.layer(s, 0) if cache is not None and self.stages[s] else None
+            if len(stage) == 1:
+                h = model.layers[stage[0]](h, ctx, kv)
+            else:
+                h = self._group_torch(h, s, ctx, kv)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+            cache.position += input_ids.shape[1]
+        return model.lm_head(model.norm(h))
+
+    def _group_torch(self, h: torch.Tensor, s: int, ctx, kv) -> torch.Tensor:
+        stage, j = self.placement.stages[s], self.rank
+        cqil = self.model.cqil
+        if not self.stages[s]:  # idle for this group
+            c = torch.zeros_like(h)
+        else:
+            layer = self.model.layers[stage[j]]
+            a = layer.attend(h, ctx, kv)
+            b, sends = exchange_bypass(a.contiguous(), j, len(stage), cqil.bypass, self.group)
+            ab = a if b is None else a + b
+            m = layer.feed_forward(h + ab)
+            c = (ab if cqil.bypass_mode == "residual" else a) + m
+            if j == 0:
+                c = h + c
+            for work in sends:
+                work.wait()
+        return self.reducer.all_reduce(c.contiguous())
+
+    # ----------------------------------------------------------------------------------------------
+    # Triton backend (CUDA, or CPU under TRITON_INTERPRET=1)
+
+    def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """fused.step for this rank: graph-safe (no host reads of device values)."""
+        from .. import fused
+        from ..ops.group_gemm import group_swiglu
+        from ..ops.group_residual import rank_residual
+
+        model, args, cqil = self.model, self.args, self.model.cqil
+        B, T = input_ids.shape
+        positions = fused.advance_cache(cache, valid, B, T, input_ids.device)
+        packed = fused.packed_layers(model)
+        h = model.embed_tokens(input_ids).view(B * T, -1)
+        for s, stage in enumerate(self.placement.stages):
+            local = self.stages[s]
+            if len(stage) == 1:
+                h = fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
+                                        cache.key_valid, cache.position, model.inv_freq, args=args,
+                                        bypass=0, bypass_mode=cqil.bypass_mode)
+                continue
+            if not local:  # idle for this group: contribute zeros, in the same chunks as the others
+                h = self._down_reduce(None, None, None, h)
+                continue
+            w = packed.group(local[0], 1)
+            a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid,
+                                      cache.position, model.inv_freq, args=args)
+            b, sends = exchange_bypass(a[0], self.rank, len(stage), cqil.bypass, self.group)
+            xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
+                                         include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
+            act = group_swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+            h = self._down_reduce(act, w, residual, h)
+            for work in sends:
+                work.wait()
+        cache.position += T
+        return model.lm_head(model.norm(h.view(B, T, -1)))
+
+    def _down_reduce(self, act: torch.Tensor | None, w, residual: torch.Tensor | None,
+                     h: torch.Tensor) -> torch.Tensor:
+        """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). For many
+        tokens the rows are cut into chunks and chunk i's reduction (on the communication stream)
+        overlaps with chunk i+1's GEMM; the chunking depends only on the shape, so all ranks agree."""
+        from ..ops.group_gemm import group_down_sum
+
+        M = h.shape[0]
+        chunks = self.prefill_chunks if M >= 64 * self.prefill_chunks else 1
+        out = torch.zeros_like(h) if act is None else torch.empty_like(h)
+        bounds = [M * i // chunks for i in range(chunks + 1)]
+        pending = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if act is not None:
+                group_down_sum(act[:, lo:hi], w.down, residual[lo:hi], bias=w.down_bias, out=out[lo:hi])
+            pending.append(self.reducer.all_reduce_async(out[lo:hi]))
+        for p in pending:
+            p.wait()
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _check_cache(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
+        B, T = input_ids.shape
+        if cache is None:
+            if T > self.args.max_position_embeddings:
+                raise ValueError(f"{T} positions exceed max_position_embeddings "
+                                 f"({self.args.max_position_embeddings})")
+            return
+        if cache.length + T > cache.max_seq:
+            raise ValueError(f"{cache.length + T} positions exceed the KV cache ({cache.max_seq})")
+        if B != cache.batch:
+            raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
+        if cache.stages != self.stages:
+            raise ValueError("this KV cache was not made by this rank's new_cache()")
+
+    def decoder(self, cache: KVCache):
+        """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
+        reductions captured in it) on the Triton backend on CUDA, else an eager forward."""
+        if self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton():
+            from ..fused import GraphDecoder
+
+            return GraphDecoder(self, cache, step_fn=self._triton_step)
+        return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """CQILLlama.generate on every rank (same arguments everywhere); returns the same ids on every
+        rank — checked once at the end (RuntimeError if the ranks' tokens ever parted)."""
+        out = generate(self, input_ids, max_new_tokens, **kwargs)
+        self.reducer.check_health()
+        ref = out.clone()
+        dist.broadcast(ref, src=0, group=self.group)
+        if not torch.equal(ref, out):
+            raise RuntimeError(f"rank {self.rank} generated other tokens than rank 0 (nondeterministic "
+                               f"sampling across ranks?)")
+        return out
+
+
+def _check_same_on_every_rank(model: CQILLlama, group) -> None:
+    """ValueError on every rank when the ranks loaded different configs or groupings."""
+    mine = {"args": repr(model.args), "cqil": model.cqil.to_dict(), "dtype": str(model.dtype)}
+    fingerprint = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
+    world = dist.get_world_size(group)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (fingerprint, mine), group=group)
+    differ = [r for r, (fp, _) in enumerate(everyone) if fp != everyone[0][0]]
+    if differ:
+        r = differ[0]
+        keys = [k for k in mine if everyone[r][1][k] != everyone[0][1][k]]
+        raise ValueError(f"rank {r} was given another model than rank 0 (different {', '.join(keys)}): "
+                         f"every rank must load the same checkpoint, grouping and dtype")

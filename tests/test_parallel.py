@@ -1,0 +1,243 @@
+"""Several ranks (parallel/): the multi-process model against the single-process one, on CPU processes with
+gloo (the way CI runs it), faults, and bad input. GPU versions: tests/test_parallel_cuda.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.parallel import ParallelCQILLlama, Placement, RankError
+from cqil_kernels.parallel.driver import check_devices
+
+from conftest import left_padding_mask, random_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt")
+    random_hf_model(seed=5, num_hidden_layers=LAYERS).save_pretrained(path)
+    return path
+
+
+def _single(checkpoint, cqil) -> CQILLlama:
+    model = CQILLlama.from_pretrained(checkpoint, cqil=cqil, device="cpu", dtype=torch.float32)
+    model.backend = "torch"
+    return model
+
+
+# (world, grouping): d = 0, 1, 2, both bypass modes, ungrouped layers between groups, idle ranks
+CASES = {
+    "w2-pairs-d0": (2, CQILConfig(groups=((1, 2), (4, 5)))),
+    "w2-pairs-d1": (2, CQILConfig(groups=((2, 3), (4, 5), (6, 7)), bypass=1)),
+    "w4-P4-d2": (4, CQILConfig(groups=((1, 2, 3, 4),), bypass=2)),
+    "w4-P3-P2-d1-mlp_input": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=1, bypass_mode="mlp_input")),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, checkpoint):
+    """(the multi-process model, the single-process model) for one case, started once per module."""
+    world, cqil = CASES[request.param]
+    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
+                                   backend="torch", timeout_s=120) as model:
+        yield model, _single(checkpoint, cqil)
+
+
+def test_forward_matches_single_process(pair):
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = left_padding_mask(ids, [0, 3, 8])
+    with torch.no_grad():
+        expected = single(ids, mask)
+    got = parallel(ids, mask)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert (got - expected)[real].abs().max() > 0 or single.cqil.groups  # the ranks really computed it
+
+
+def test_generate_with_cache_matches_single_process(pair):
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = left_padding_mask(ids, [2, 0])
+    expected = single.generate(ids, 12, attention_mask=mask)
+    torch.testing.assert_close(parallel.generate(ids, 12, attention_mask=mask), expected, rtol=0, atol=0)
+    sampled = [parallel.generate(ids, 8, attention_mask=mask, do_sample=True, top_k=5, seed=3) for _ in range(2)]
+    torch.testing.assert_close(sampled[0], sampled[1], rtol=0, atol=0)  # seeded: reproducible
+
+
+def test_incremental_forward_with_remote_cache(pair):
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    cache, remote = single.new_cache(2, 12), parallel.new_cache(2, 12)
+    with torch.no_grad():
+        for lo, hi in ((0, 6), (6, 7), (7, 9)):
+            torch.testing.assert_close(parallel(ids[:, lo:hi], cache=remote), single(ids[:, lo:hi], cache=cache),
+                                       atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        parallel(ids[:, :4], cache=remote)
+    parallel.release_cache(remote)
+
+
+def test_each_rank_holds_only_its_layers(pair):
+    parallel, single = pair
+    full = sum(p.numel() * p.element_size() for p in single.parameters())
+    per_layer = sum(p.numel() * p.element_size() for p in single.layers[0].parameters())
+    for rank, held in enumerate(parallel.memory_per_rank):
+        placement = Placement.build(rank, parallel.world, single.args, single.cqil)
+        not_held = LAYERS - len(placement.held_layers)
+        assert held == full - not_held * per_layer
+    stats = parallel.rank_stats()
+    assert [s["rank"] for s in stats] == list(range(parallel.world))
+    assert all(s["reductions"]["gloo"] > 0 and not s["one_shot"] for s in stats)
+    assert "cpu" in stats[0]["one_shot_reason"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement
+
+
+def test_placement():
+    args = random_hf_model(num_hidden_layers=LAYERS).config
+    from cqil_kernels.config import LlamaArgs
+
+    args = LlamaArgs.from_hf(args)
+    cqil = CQILConfig(groups=((1, 2, 3), (5, 6)))
+    p = [Placement.build(r, 4, args, cqil) for r in range(4)]
+    assert p[0].local_stages == [(0,), (1,), (4,), (5,), (7,)]
+    assert p[2].local_stages == [(0,), (3,), (4,), (), (7,)]
+    assert p[3].held_layers == (0, 4, 7)
+    with pytest.raises(ValueError, match="more than the 2 ranks"):
+        Placement.build(0, 2, args, cqil)
+    with pytest.raises(ValueError, match="rank"):
+        Placement.build(4, 4, args, cqil)
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: a rank that raises or dies makes the call raise within 60 s, and no worker is left behind
+
+
+@pytest.mark.parametrize("how", ["raise", "die"])
+def test_a_failing_rank_raises_in_the_driver(checkpoint, how):
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch")
+    procs = list(model._procs)
+    start = time.monotonic()
+    with pytest.raises(RankError, match="injected fault" if how == "raise" else "died with exit code 3") as info:
+        model._call("_test_fault", rank=1, how=how)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert not any(p.is_alive() for p in procs)  # rank 0 was blocked in a collective: terminated
+    with pytest.raises(RuntimeError, match="closed"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_killed_rank_process_is_noticed(checkpoint):
+    with CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                   dtype=torch.float32, backend="torch") as model:
+        model._procs[1].kill()
+        model._procs[1].join()
+        with pytest.raises(RankError, match="rank 1 .* died"):
+            model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+        assert not any(p.is_alive() for p in model._procs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: refused before any process starts (devices) or before any collective (the rest)
+
+
+def test_bad_devices_are_refused(checkpoint):
+    cqil = CASES["w2-pairs-d0"][1]
+    with pytest.raises(ValueError, match="at least 2"):
+        check_devices(["cpu"])
+    with pytest.raises(ValueError, match="more than once"):
+        check_devices([0, 0])
+    with pytest.raises(ValueError, match="all CUDA devices or all 'cpu'"):
+        check_devices(["cpu", "cuda:0"])
+    with pytest.raises(TypeError, match="list of devices"):
+        check_devices("cpu")
+    visible = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"{visible} GPU\\(s\\) are visible"):
+        check_devices(list(range(visible + 1)) if visible else [0, 1])
+    with pytest.raises(TypeError, match="checkpoint path"):
+        CQILLlama.from_pretrained(random_hf_model(), cqil=cqil, devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="not both"):
+        CQILLlama.from_pretrained(checkpoint, device="cpu", devices=["cpu", "cpu"])
+
+
+def test_group_larger_than_world_is_refused(checkpoint):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="rank [01]: group \\[1, 2, 3\\] has 3 layers, more than the 2 ranks"):
+        CQILLlama.from_pretrained(checkpoint, cqil=CQILConfig(groups=((1, 2, 3),)), devices=["cpu", "cpu"])
+    assert time.monotonic() - start < 60
+
+
+def test_bad_calls_leave_the_model_usable(pair):
+    parallel, single = pair
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        parallel(torch.tensor([[0, single.args.vocab_size]]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        parallel.generate(torch.zeros(1, 2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="seed"):
+        parallel.generate(torch.zeros(1, 2, dtype=torch.long), 2, do_sample=True, generator=torch.Generator())
+    with pytest.raises(TypeError, match="new_cache"):
+        parallel(torch.zeros(1, 2, dtype=torch.long), cache=single.new_cache(1, 4))
+    assert parallel(torch.zeros(1, 2, dtype=torch.long)).shape == (1, 2, single.args.vocab_size)
+
+
+_SPMD = r"""
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from cqil_kernels import CQILConfig
+from cqil_kernels.parallel import RankModel
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=timedelta(seconds=60))
+cqil = CQILConfig(groups=((1, 2),) if rank == 0 else ((3, 4),))
+try:
+    RankModel.from_pretrained(sys.argv[3], cqil, device="cpu", dtype=torch.float32)
+except ValueError as e:
+    print("ValueError:", e)
+"""
+
+
+def test_mismatched_configs_across_ranks_are_refused(checkpoint, tmp_path):
+    """SPMD ranks given different groupings: ValueError on every rank, before the model's collectives."""
+    script = tmp_path / "spmd.py"
+    script.write_text(_SPMD)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for out in outs:
+        assert "ValueError: rank 1 was given another model than rank 0 (different cqil)" in out, out
+
+
+def test_torchrun_generate_script(checkpoint, tmp_path):
+    """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(checkpoint)
+    common = [str(ROOT / "python" / "generate.py"), str(checkpoint), "--prompt", "w5 w9 w14",
+              "--groups", "1,2;4,5", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--standalone", *common], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("on 2 ranks") == 1  # rank 0 prints
+    assert run.stdout.split("\n")[0] == one.stdout.split("\n")[0]
