@@ -6,6 +6,8 @@
 #   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
+#   parallel    all visible GPUs: tests/test_parallel_cuda.py, then benchmarks/parallel_e2e.py under torchrun
+#               for each PAR_CONFIGS entry shape/groups (default llama-7b/12-30:2)
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -51,6 +53,18 @@ for stage in $stages; do
           | grep -E "passed|failed|deselected|ERROR SUMMARY|exit" | tr '\n' ' ' | sed "s|^|$tool $file $expr: |" \
           | tee -a "$OUT/sanitizer.log"; echo | tee -a "$OUT/sanitizer.log"
       done
+    done ;;
+  parallel)
+    n=$(nvidia-smi -L | wc -l)
+    echo "== parallel tests ($n GPUs)"
+    (cd /tmp && timeout ${PAR_TEST_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider \
+      "$REPO/tests/test_parallel_cuda.py" ${PAR_PYTEST_ARGS:-} 2>&1) | tee -a "$OUT/pytest_parallel.log" | tail -15
+    for cfg in ${PAR_CONFIGS:-llama-7b/12-30:2}; do
+      shape=${cfg%%/*}; groups=${cfg#*/}
+      echo "== parallel_e2e $shape $groups on $n GPUs" | tee -a "$OUT/parallel.log"
+      timeout ${PAR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node $n \
+        benchmarks/parallel_e2e.py --shape $shape --groups $groups --repeats ${REPEATS:-5} \
+        --out "$OUT/parallel_${shape}_${n}gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" | tee -a "$OUT/parallel.log"
     done ;;
   e2e)
     echo "== cqil bench"

@@ -30,11 +30,14 @@ SHAPES = {  # published configs; weights are random
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama-33b": dict(vocab_size=32000, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                      num_attention_heads=52, num_key_value_heads=52, max_position_embeddings=2048,
+                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-DEFAULT_GROUPS = {"llama-7b": "4-28:4", "smollm2-135m": "2-26:4"}
+DEFAULT_GROUPS = {"llama-7b": "4-28:4", "llama-33b": "10-50:4", "smollm2-135m": "2-26:4"}
 VARIANTS = ("hf-eager", "torch", "triton-seq", "triton-cqil")
 
 
@@ -69,6 +72,46 @@ def random_hf_model(shape: str, dtype: torch.dtype, device: torch.device, seed: 
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     return model
+
+
+@torch.no_grad()
+def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, held_layers=None):
+    """CQILLlama with the published config of `shape` and random weights (std 0.02, norms 1), built
+    directly on `device` layer by layer: no transformers model, no second copy. held_layers: only these
+    layers (a rank of a multi-GPU run; the others stay on "meta"). Layer l's weights depend only on
+    (seed, l), so every rank and a one-GPU model built with the same seed hold the same weights."""
+    from .model import CQILLlama
+    from .packing import pack_layers
+
+    args = LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
+    with torch.device("meta"):
+        model = CQILLlama(args)
+    model.held_layers = tuple(held_layers) if held_layers is not None else None
+    model.packed_layers = pack_layers(model.layers, device, dtype, copy=False, layer_ids=model.held_layers)
+
+    def fill(module, key: int) -> None:
+        g = torch.Generator(device=device).manual_seed(seed * 100_003 + key)
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_meta:
+                setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
+                                                         requires_grad=False))
+                p = getattr(module, name)
+            if name == "weight" and p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+    for l in (range(args.num_hidden_layers) if held_layers is None else model.held_layers):
+        for i, module in enumerate(model.layers[l].modules()):
+            fill(module, 10 * l + i)
+    fill(model.embed_tokens, -1)
+    fill(model.norm, -2)
+    if not args.tie_word_embeddings:
+        fill(model.lm_head, -3)
+    else:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope()
+    return model.eval()
 
 
 def decode_step_bytes(args: LlamaArgs, dtype: torch.dtype, batch: int, seq: int) -> int:

@@ -2,10 +2,13 @@
 // Python code never imports _C directly; cqil_kernels/_ext.py does, and says why it is unavailable.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #ifdef CQIL_WITH_CUDA
+#include "one_shot.h"
 #include "runtime_info.h"
 #endif
 
@@ -52,5 +55,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("probe_cuda", &probe_cuda,
         "Ask the CUDA runtime for its devices; never raises. Returns device_count, runtime_version, "
         "driver_version and error (empty when the runtime works).");
+  py::class_<cqil::OneShotAllReduce>(m, "OneShotAllReduce",
+                                     "One-shot all-reduce through peer-accessible buffers (csrc/one_shot.h).")
+      .def(py::init<int, int, int, std::size_t, double>(), py::arg("device"), py::arg("rank"),
+           py::arg("world"), py::arg("max_bytes"), py::arg("timeout_s"))
+      .def("ipc_handle", [](const cqil::OneShotAllReduce& self) { return py::bytes(self.ipc_handle()); })
+      .def("pci_bus_id", &cqil::OneShotAllReduce::pci_bus_id)
+      .def("open_peers", &cqil::OneShotAllReduce::open_peers, py::arg("handles"), py::arg("bus_ids"))
+      .def("all_reduce", &cqil::OneShotAllReduce::all_reduce, py::arg("input"), py::arg("output"),
+           py::arg("numel"), py::arg("dtype"), py::arg("stream"),
+           "output = sum over ranks of input (device pointers), launched on `stream` (a cudaStream_t "
+           "as an integer); no host synchronisation, so it can be captured in a CUDA graph.")
+      .def("timed_out", &cqil::OneShotAllReduce::timed_out)
+      .def_property_readonly("max_bytes", &cqil::OneShotAllReduce::max_bytes);
 #endif
 }

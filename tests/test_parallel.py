@@ -241,3 +241,50 @@ def test_torchrun_generate_script(checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("on 2 ranks") == 1  # rank 0 prints
     assert run.stdout.split("\n")[0] == one.stdout.split("\n")[0]
+
+
+@pytest.mark.parametrize("case", ["w2-pairs-d1", "w4-P3-P2-d1-mlp_input"])
+def test_triton_backend_ranks_match_single_process(checkpoint, case):
+    """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter)."""
+    world, cqil = CASES[case]
+    single = _single(checkpoint, cqil)
+    ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = left_padding_mask(ids, [0, 2])
+    with torch.no_grad():
+        expected = single(ids, mask)
+    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
+                                   backend="triton", timeout_s=300) as parallel:
+        got = parallel(ids, mask)
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(parallel.generate(ids, 5, attention_mask=mask),
+                                   single.generate(ids, 5, attention_mask=mask), rtol=0, atol=0)
+
+
+def test_chunked_down_reduce_covers_every_row():
+    """Prefill: the down projection is cut into token chunks, each reduced as soon as it is computed;
+    every row is computed and reduced once, and an idle rank sends zeros in the same chunks."""
+    from types import SimpleNamespace
+
+    from cqil_kernels.ops.group_gemm import group_down_sum
+    from cqil_kernels.parallel.rank import RankModel
+
+    sizes = []
+
+    def all_reduce_async(t):
+        sizes.append(t.shape[0])
+        return SimpleNamespace(wait=lambda: t)
+
+    fake = SimpleNamespace(prefill_chunks=4, reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
+    g = torch.Generator().manual_seed(0)
+    M, D, F = 259, 24, 40
+    act, residual = torch.randn(1, M, F, generator=g), torch.randn(M, D, generator=g)
+    w = SimpleNamespace(down=torch.randn(1, D, F, generator=g), down_bias=None)
+    h = torch.randn(M, D, generator=g)
+    out = RankModel._down_reduce(fake, act, w, residual, h)
+    assert sizes == [64, 65, 65, 65]
+    torch.testing.assert_close(out, group_down_sum(act, w.down, residual))
+    assert torch.equal(RankModel._down_reduce(fake, None, None, None, h), torch.zeros_like(h))
+    assert sizes[4:] == [64, 65, 65, 65]
+    sizes.clear()
+    RankModel._down_reduce(fake, act[:, :200], w, residual[:200], h[:200])  # < 64 rows a chunk: one piece
+    assert sizes == [200]

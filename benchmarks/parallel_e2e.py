@@ -1,0 +1,226 @@
+"""CQIL over several GPUs, end to end, and the group reduction alone (issue 6: P3-P7). Run under torchrun:
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/parallel_e2e.py --shape llama-7b --groups 12-30:2 \
+        --out benchmarks/results/<dir>/parallel_llama-7b_P2.json
+
+Every rank runs this file. In order:
+1. the group reduction of one decode token (and larger messages) inside a CUDA graph: the one-shot kernel
+   (csrc/one_shot.cu) through GroupReducer (communication stream + events, as the model calls it), the
+   kernel alone, and NCCL (dist.all_reduce) — median microseconds per call;
+2. rank 0 alone: the one-GPU baseline — the same random weights, no groups, Triton backend, decode from
+   a CUDA graph (what `cqil bench` calls triton-seq) — and one layer step (a single stage_forward replayed
+   from a CUDA graph at the same cache length), for the ideal: saved layer steps x layer step / baseline;
+3. all ranks: the grouped model spread over the ranks (rank.py), decode ms/token and prefill ms, its
+   logits and greedy tokens against the baseline's, and (P6) prefill with the reductions skipped and the
+   reductions alone, giving the fraction of reduction time hidden under compute.
+Rank 0 writes the JSON record (card, date, commit, command, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cqil_kernels import fused
+from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up_gpu, random_model
+from cqil_kernels.demo import parse_groups
+from cqil_kernels.parallel import Placement, RankModel, init_from_env
+from cqil_kernels.parallel.comm import GroupReducer
+
+
+def log(*parts) -> None:
+    if dist.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+def graph_us(fn, calls: int = 20, replays: int = 30) -> float:
+    """Median microseconds per fn() call, fn captured `calls` times in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    dist.barrier()
+    ms = _events_ms(graph.replay, replays)
+    return 1000 * ms / calls
+
+
+def bench_reduction(device, sizes_bytes: list[int]) -> list[dict]:
+    reducer = GroupReducer(device)
+    rows = []
+    for nbytes in sizes_bytes:
+        x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+        row = {"bytes": nbytes, "path": reducer.policy(x)[0]}
+        row["nccl_us"] = graph_us(lambda: dist.all_reduce(x))
+        if row["path"] == "one_shot":
+            row["one_shot_us"] = graph_us(lambda: reducer.all_reduce(x))
+            stream = torch.cuda.current_stream().cuda_stream
+            row["one_shot_kernel_us"] = graph_us(
+                lambda: reducer._one_shot.all_reduce(x.data_ptr(), x.data_ptr(), x.numel(), "bfloat16", stream))
+        else:
+            row["fallback_reason"] = reducer.policy(x)[1]
+        log(f"  reduce {nbytes:>8} B: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in row.items() if k != "bytes"))
+        rows.append(row)
+    reducer.check_health()
+    return rows
+
+
+@torch.inference_mode()
+def layer_step_ms(model, layer: int, prompt: int, T: int) -> float:
+    """One layer step (stage_forward, P = 1) for T tokens at cache length `prompt`, from a CUDA graph."""
+    args = model.args
+    cache = model.new_cache(1, prompt + T + 1)
+    cache.position.fill_(prompt)
+    positions = torch.arange(prompt, prompt + T, device=model.device)[None]
+    h = torch.randn(T, args.hidden_size, device=model.device, dtype=model.dtype)
+    cache.key_valid[:, :prompt + T] = True
+    w = fused.packed_layers(model).group(layer, 1)
+    s = next(i for i, st in enumerate(model.stages) if st[0] == layer)
+
+    def step():
+        fused.stage_forward(w, h, positions, cache.k[s], cache.v[s], cache.key_valid, cache.position,
+                            model.inv_freq, args=args, bypass=0, bypass_mode="residual")
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            step()
+    return _events_ms(graph.replay, 30) / 10
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
+    parser.add_argument("--groups", default="12-30:2")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--greedy", type=int, default=32, help="greedy tokens compared with the baseline")
+    parser.add_argument("--reduce-bytes", default="8192,16384,65536,262144,1048576")
+    parser.add_argument("--out", type=Path, required=True)
+    opts = parser.parse_args()
+
+    device = init_from_env()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.bfloat16
+    cqil = parse_groups(opts.groups)
+    props = torch.cuda.get_device_properties(device)
+    record = dict(card=props.name, gpus=world, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="minutes"), commit=_commit(), command="torchrun --standalone --nproc-per-node "
+        f"{world} benchmarks/parallel_e2e.py " + " ".join(sys.argv[1:]), shape=opts.shape, groups=opts.groups,
+        cqil=cqil.to_dict(), dtype="bfloat16", batch=1, prompt=opts.prompt, new_tokens=opts.new,
+        repeats=opts.repeats, env={k: os.environ.get(k) for k in
+                                   ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
+        torch=torch.__version__)
+    _warm_up_gpu(device)
+    log(f"{props.name} x{world}: group reduction inside a CUDA graph (bf16)")
+    record["reduction"] = bench_reduction(device, [int(b) for b in opts.reduce_bytes.split(",")])
+
+    vocab = SHAPES[opts.shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (1, opts.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+
+    # 2. the one-GPU baseline, on rank 0 while the others wait
+    if rank == 0:
+        t0 = time.perf_counter()
+        base = random_model(opts.shape, dtype, device)
+        base.backend = "triton"
+        base_prefill, base_decode = _time_ours(base, ids, opts.new, opts.repeats)
+        middle = cqil.groups[0][0] if cqil.groups else 0
+        t_layer = layer_step_ms(base, middle, opts.prompt + opts.new // 2, 1)
+        t_layer_prefill = layer_step_ms(base, middle, 0, opts.prompt)
+        base_logits = base(ids)[:, -1].float()
+        base_tokens = base.generate(ids, opts.greedy)
+        saved = cqil.layers_saved()
+        ideal = saved * t_layer / base_decode
+        record["baseline_1gpu"] = dict(decode_ms_per_token=base_decode, prefill_ms=base_prefill,
+                                       layer_step_ms=t_layer, layer_step_prefill_ms=t_layer_prefill,
+                                       seconds=time.perf_counter() - t0)
+        log(f"1 GPU: decode {base_decode:.4f} ms/token, prefill {base_prefill:.3f} ms, layer step "
+            f"{1000 * t_layer:.1f} us (decode) / {t_layer_prefill:.3f} ms (prefill {opts.prompt})")
+        del base
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+    # 3. the grouped model over the ranks
+    placement = Placement.build(rank, world, _args(opts.shape), cqil)
+    model = random_model(opts.shape, dtype, device, held_layers=placement.held_layers)
+    model.cqil = cqil
+    model.backend = "triton"
+    ranked = RankModel(model, placement)
+    torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
+    logits = ranked(ids)[:, -1].float()
+    tokens = ranked.generate(ids, opts.greedy)
+    # P6: the same prefill with the reductions skipped (wrong results, timing only), and the reductions alone
+    ranked.reducer.skip_for_benchmark = True
+    prefill_no_reduce = _events_ms(lambda: ranked(ids, cache=ranked.new_cache(1, opts.prompt + 2)),
+                                   max(opts.repeats, 10))
+    ranked.reducer.skip_for_benchmark = False
+    M, D = opts.prompt, model.args.hidden_size
+    chunks = ranked.prefill_chunks if M >= 64 * ranked.prefill_chunks else 1
+    bufs = [torch.ones((M * (i + 1) // chunks - M * i // chunks, D), dtype=dtype, device=device)
+            for i in range(chunks)]
+    n_groups = len(cqil.groups)
+
+    def reductions_alone():
+        for _ in range(n_groups):
+            for p in [ranked.reducer.all_reduce_async(b) for b in bufs]:
+                p.wait()
+
+    reduce_alone = _events_ms(reductions_alone, max(opts.repeats, 10))
+    stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
+                 reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
+                 one_shot_reason=ranked.reducer.one_shot_policy.reason or None)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, stats)
+    if rank == 0:
+        b = record["baseline_1gpu"]
+        measured = 1 - decode / b["decode_ms_per_token"]
+        exposed = prefill - prefill_no_reduce
+        record["parallel"] = dict(
+            decode_ms_per_token=decode, prefill_ms=prefill, prefill_no_reduce_ms=prefill_no_reduce,
+            reductions_alone_ms=reduce_alone, prefill_chunks=chunks, layer_steps_saved=saved,
+            decode_reduction=measured, decode_ideal_reduction=ideal, decode_fraction_of_ideal=measured / ideal,
+            prefill_reduction=1 - prefill / b["prefill_ms"],
+            prefill_reduction_hidden=1 - max(exposed, 0.0) / reduce_alone,
+            logits_max_abs_diff=(logits - base_logits).abs().max().item(),
+            logits_scale=base_logits.abs().max().item(),
+            greedy_tokens_identical=bool(torch.equal(tokens, base_tokens)),
+            greedy_first_difference=int((tokens != base_tokens).any(0).nonzero()[0]) - opts.prompt
+            if not torch.equal(tokens, base_tokens) else None,
+            ranks=everyone)
+        p = record["parallel"]
+        log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
+            f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms "
+            f"({100 * p['prefill_reduction']:.1f}% lower; reductions {reduce_alone:.3f} ms alone, "
+            f"{100 * p['prefill_reduction_hidden']:.0f}% hidden), logits diff {p['logits_max_abs_diff']:.3g} "
+            f"(scale {p['logits_scale']:.3g}), greedy identical: {p['greedy_tokens_identical']}")
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(record, indent=1) + "\n")
+        log(f"wrote {opts.out}")
+    dist.barrier()
+
+
+def _args(shape: str):
+    from cqil_kernels.config import LlamaArgs
+
+    return LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)  # no destroy_process_group: seen to hang at exit on these machines (DESIGN.md)

@@ -1,0 +1,267 @@
+// One-shot all-reduce over peer-accessible buffers: see one_shot.h for the protocol.
+
+#include "one_shot.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <stdexcept>
+
+namespace cqil {
+namespace {
+
+constexpr std::size_t kFlagBytes = sizeof(std::uint32_t) * kBlocks * kMaxRanks;
+constexpr int kThreads = 256;
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(status) + " (" +
+                             cudaGetErrorString(status) + ")");
+  }
+}
+
+struct Peers {
+  char* base[kMaxRanks];
+};
+
+__device__ __forceinline__ std::uint32_t* flag(char* base, int block, int src) {
+  return reinterpret_cast<std::uint32_t*>(base) + block * kMaxRanks + src;
+}
+
+__device__ __forceinline__ void store_release(std::uint32_t* p, std::uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ std::uint32_t load_acquire(const std::uint32_t* p) {
+  std::uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// 16 bytes of T as fp32 values (4 floats or 8 halves) and back.
+template <typename T>
+struct Pack;
+
+template <>
+struct Pack<float> {
+  static constexpr int N = 4;
+  __device__ static void add(float (&acc)[N], const uint4& v) {
+    const float* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += f[i];
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    uint4 v;
+    float* f = reinterpret_cast<float*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = acc[i];
+    return v;
+  }
+};
+
+template <>
+struct Pack<__half> {
+  static constexpr int N = 8;
+  __device__ static void add(float (&acc)[N], const uint4& v) {
+    const __half* h = reinterpret_cast<const __half*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += __half2float(h[i]);
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    uint4 v;
+    __half* h = reinterpret_cast<__half*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) h[i] = __float2half_rn(acc[i]);
+    return v;
+  }
+};
+
+template <>
+struct Pack<__nv_bfloat16> {
+  static constexpr int N = 8;
+  __device__ static void add(float (&acc)[N], const uint4& v) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += __bfloat162float(h[i]);
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    uint4 v;
+    __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) h[i] = __float2bfloat16_rn(acc[i]);
+    return v;
+  }
+};
+
+// n16: message size in 16-byte units. Block b of kBlocks owns units [b * per, min(n16, (b + 1) * per)).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const uint4* in, uint4* out,
+                                                            std::size_t n16, std::size_t slot_bytes,
+                                                            int rank, int world, std::uint32_t* counters,
+                                                            int* error, long long timeout_ns) {
+  const int b = blockIdx.x;
+  const std::uint32_t g = counters[b] + 1;  // every thread reads it before thread 0 updates it below
+  const std::size_t slot_offset = kFlagBytes + (g & 1) * slot_bytes;
+  const std::size_t per = (n16 + gridDim.x - 1) / gridDim.x;
+  const std::size_t lo = b * per;
+  const std::size_t hi = lo + per < n16 ? lo + per : n16;
+
+  // 1. my slice into my own buffer
+  uint4* mine = reinterpret_cast<uint4*>(peers.base[rank] + slot_offset);
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) mine[i] = in[i];
+  __syncthreads();
+  // 2. tell every rank (myself included) that block b arrived at generation g
+  if (threadIdx.x < world) store_release(flag(peers.base[threadIdx.x], b, rank), g);
+  // 3. wait for every rank's block b
+  if (threadIdx.x < world) {
+    const std::uint32_t* f = flag(peers.base[rank], b, threadIdx.x);
+    const unsigned long long start = global_ns();
+    while (load_acquire(f) < g) {
+      if (global_ns() - start > static_cast<unsigned long long>(timeout_ns)) {
+        atomicExch(error, 1);
+        __threadfence_system();
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  // 4. sum the slice over the ranks, in rank order, in fp32
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    float acc[Pack<T>::N] = {};
+    for (int r = 0; r < world; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(peers.base[r] + slot_offset);
+      Pack<T>::add(acc, src[i]);
+    }
+    out[i] = Pack<T>::pack(acc);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) counters[b] = g;
+}
+
+}  // namespace
+
+OneShotAllReduce::OneShotAllReduce(int device, int rank, int world, std::size_t max_bytes, double timeout_s)
+    : device_(device), rank_(rank), world_(world), max_bytes_(max_bytes),
+      timeout_ns_(static_cast<long long>(timeout_s * 1e9)) {
+  if (world < 1 || world > kMaxRanks) throw std::runtime_error("one-shot all-reduce: world must be 1..8");
+  if (rank < 0 || rank >= world) throw std::runtime_error("one-shot all-reduce: rank out of range");
+  if (max_bytes == 0 || max_bytes % 16) throw std::runtime_error("one-shot all-reduce: max_bytes % 16 != 0");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaMalloc(&buffer_, kFlagBytes + 2 * max_bytes), "cudaMalloc (one-shot buffer)");
+  check(cudaMemset(buffer_, 0, kFlagBytes), "cudaMemset (one-shot flags)");
+  check(cudaMalloc(&counters_, sizeof(std::uint32_t) * kBlocks), "cudaMalloc (one-shot counters)");
+  check(cudaMemset(counters_, 0, sizeof(std::uint32_t) * kBlocks), "cudaMemset (one-shot counters)");
+  check(cudaHostAlloc(&error_host_, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc (error flag)");
+  *error_host_ = 0;
+  check(cudaHostGetDevicePointer(&error_device_, error_host_, 0), "cudaHostGetDevicePointer");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  peers_[rank] = buffer_;
+}
+
+OneShotAllReduce::~OneShotAllReduce() {
+  cudaSetDevice(device_);
+  for (int r = 0; r < world_; ++r) {
+    if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
+  }
+  if (buffer_ != nullptr) cudaFree(buffer_);
+  if (counters_ != nullptr) cudaFree(counters_);
+  if (error_host_ != nullptr) cudaFreeHost(error_host_);
+}
+
+std::string OneShotAllReduce::ipc_handle() const {
+  cudaIpcMemHandle_t handle;
+  check(cudaIpcGetMemHandle(&handle, buffer_), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+std::string OneShotAllReduce::pci_bus_id() const {
+  char id[32] = {};
+  check(cudaDeviceGetPCIBusId(id, sizeof(id), device_), "cudaDeviceGetPCIBusId");
+  return std::string(id);
+}
+
+void OneShotAllReduce::open_peers(const std::vector<std::string>& handles,
+                                  const std::vector<std::string>& bus_ids) {
+  if (opened_) throw std::runtime_error("one-shot all-reduce: peers already opened");
+  if (static_cast<int>(handles.size()) != world_ || static_cast<int>(bus_ids.size()) != world_) {
+    throw std::runtime_error("one-shot all-reduce: need one IPC handle and bus id per rank");
+  }
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    int peer_device = -1;
+    if (cudaDeviceGetByPCIBusId(&peer_device, bus_ids[r].c_str()) != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("rank " + std::to_string(r) + "'s GPU " + bus_ids[r] +
+                               " is not visible from this process");
+    }
+    int can = 0;
+    check(cudaDeviceCanAccessPeer(&can, device_, peer_device), "cudaDeviceCanAccessPeer");
+    if (!can) {
+      throw std::runtime_error("no peer access from GPU " + std::to_string(device_) + " to rank " +
+                               std::to_string(r) + "'s GPU " + bus_ids[r]);
+    }
+    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+      throw std::runtime_error("rank " + std::to_string(r) + " sent a malformed IPC handle");
+    }
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, handles[r].data(), sizeof(handle));
+    void* ptr = nullptr;
+    check(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    peers_[r] = static_cast<char*>(ptr);
+  }
+  opened_ = true;
+}
+
+void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
+                                  const std::string& dtype, std::uintptr_t stream) {
+  if (!opened_ && world_ > 1) throw std::runtime_error("one-shot all-reduce: open_peers() first");
+  std::size_t element = 0;
+  if (dtype == "float32") {
+    element = 4;
+  } else if (dtype == "float16" || dtype == "bfloat16") {
+    element = 2;
+  } else {
+    throw std::runtime_error("one-shot all-reduce: unsupported dtype " + dtype);
+  }
+  const std::size_t bytes = numel * element;
+  if (bytes > max_bytes_ || bytes % 16 || in % 16 || out % 16) {
+    throw std::runtime_error("one-shot all-reduce: message must be 16-byte aligned and at most max_bytes");
+  }
+  if (bytes == 0) return;
+  const std::size_t n16 = bytes / 16;
+  // Always all kBlocks blocks, so every block's generation counts every call and the data slot parity
+  // is the same for the whole call (what makes the double buffering safe, one_shot.h).
+  constexpr int blocks = kBlocks;
+  Peers peers;
+  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto* src = reinterpret_cast<const uint4*>(in);
+  auto* dst = reinterpret_cast<uint4*>(out);
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  if (dtype == "float32") {
+    one_shot_kernel<float><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
+                                                        counters_, error_device_, timeout_ns_);
+  } else if (dtype == "float16") {
+    one_shot_kernel<__half><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
+                                                         counters_, error_device_, timeout_ns_);
+  } else {
+    one_shot_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_,
+                                                                world_, counters_, error_device_, timeout_ns_);
+  }
+  check(cudaGetLastError(), "one-shot all-reduce launch");
+}
+
+bool OneShotAllReduce::timed_out() const {
+  return *reinterpret_cast<volatile int*>(error_host_) != 0;
+}
+
+}  // namespace cqil

@@ -1,0 +1,76 @@
+// One-shot all-reduce (sum) over the GPUs of one host through peer-accessible memory, for small
+// messages: a decode step's hidden state (one token x hidden, a few KB) is summed in one kernel launch
+// that every rank runs at the same time, instead of NCCL's ring (measured 18 us on 2 H100s for 8 KB).
+//
+// Each rank owns one device buffer, shared with the other ranks through CUDA IPC handles (exchanged by
+// the caller, parallel/comm.py, over torch.distributed):
+//     flags [kBlocks][kMaxRanks] uint32      written by the other ranks: "block b of rank r arrived at
+//                                            generation g"
+//     data  [2][max_bytes]                   this rank's input, double-buffered by generation parity
+// A call (generation g, kept per block in device memory, so CUDA graph replays advance it):
+//   1. each block copies its slice of the input into data[g & 1] of its own buffer;
+//   2. it writes g into flags[b][rank] of every rank's buffer (release, system scope);
+//   3. it waits until flags[b][r] >= g in its own buffer for every rank r (acquire), or the timeout;
+//   4. it sums the slice over the ranks' data[g & 1] in rank order 0, 1, ... in fp32 and writes the output.
+// Every rank therefore gets the same bits. Double buffering makes a second barrier unnecessary: a rank
+// overwrites data[g & 1] only after every peer has signalled generation g - 1, which each peer does
+// after its call g - 2 (the last reader of that slot) has finished — calls on one stream do not overlap,
+// and every call runs all kBlocks blocks, so g is the same for all blocks of a call.
+//
+// A peer that never arrives (dead, or stuck) does not hang the GPU: after `timeout_s` the kernel sets a
+// host-visible error flag and returns (timed_out() reads it; the output is then garbage).
+//
+// Only plain C++ types cross this header (pointers and stream handles as integers): the extension never
+// compiles against torch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cqil {
+
+constexpr int kMaxRanks = 8;
+constexpr int kBlocks = 32;  // every call runs exactly this many blocks
+
+class OneShotAllReduce {
+ public:
+  // Allocates this rank's buffer on `device` (flags zeroed) and a host-mapped error flag.
+  OneShotAllReduce(int device, int rank, int world, std::size_t max_bytes, double timeout_s);
+  ~OneShotAllReduce();
+  OneShotAllReduce(const OneShotAllReduce&) = delete;
+  OneShotAllReduce& operator=(const OneShotAllReduce&) = delete;
+
+  // The CUDA IPC handle of this rank's buffer (opaque bytes) and this GPU's PCI bus id.
+  std::string ipc_handle() const;
+  std::string pci_bus_id() const;
+
+  // Open every other rank's buffer. Throws std::runtime_error (naming the peer and the reason) when a
+  // peer GPU is not visible here or not peer-accessible from this one.
+  void open_peers(const std::vector<std::string>& handles, const std::vector<std::string>& bus_ids);
+
+  // out = sum over ranks of in (numel elements of dtype "float32" | "float16" | "bfloat16"), launched on
+  // `stream`; in == out is allowed. numel * element size must be a multiple of 16 bytes, at most
+  // max_bytes, and both pointers 16-byte aligned (the caller's policy checks; this throws otherwise).
+  void all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel, const std::string& dtype,
+                  std::uintptr_t stream);
+
+  // True once any call gave up waiting for a peer.
+  bool timed_out() const;
+
+  std::size_t max_bytes() const { return max_bytes_; }
+
+ private:
+  int device_, rank_, world_;
+  std::size_t max_bytes_;
+  long long timeout_ns_;
+  char* buffer_ = nullptr;          // own IPC buffer: flags, then 2 data slots
+  std::uint32_t* counters_ = nullptr;  // per-block generation, device memory (not shared)
+  int* error_host_ = nullptr;       // host-mapped error flag
+  int* error_device_ = nullptr;
+  char* peers_[kMaxRanks] = {};     // every rank's buffer as seen from this device (own included)
+  bool opened_ = false;
+};
+
+}  // namespace cqil

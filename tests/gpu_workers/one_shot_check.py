@@ -1,0 +1,85 @@
+"""Checks of the one-shot all-reduce on real GPUs, one process per GPU (tests/test_parallel_cuda.py runs
+this under torchrun and reads its exit code and output).
+
+    torchrun --standalone --nproc-per-node 2 tests/gpu_workers/one_shot_check.py exact|timeout
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from cqil_kernels.parallel import init_from_env
+from cqil_kernels.parallel.comm import GroupReducer
+
+
+def exact(device) -> None:
+    """Integer-valued inputs (exact in any summation order): one-shot == dist.all_reduce bit for bit,
+    eagerly and replayed from a CUDA graph with new inputs, in every dtype; fallbacks say why."""
+    rank = dist.get_rank()
+    reducer = GroupReducer(device, one_shot=True, timeout_s=60)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for numel in (8, 4096, 4104, 65536, 131072):  # 131072 fp32 = 512 KB: the largest one-shot message
+            g = torch.Generator(device=device).manual_seed(1000 * rank + numel)
+            x = torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)
+            expected = x.clone()
+            dist.all_reduce(expected)
+            path, why = reducer.policy(x)
+            assert path == "one_shot", (dtype, numel, why)
+            got = x.clone()
+            reducer.all_reduce(got)
+            assert torch.equal(got, expected), (dtype, numel, "eager")
+            # in a CUDA graph: capture 3 calls, replay with fresh inputs
+            static = x.clone()
+            outs = []
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(3):
+                    y = static * 1
+                    reducer.all_reduce(y)
+                    outs.append(y)
+            for trial in range(4):
+                new = torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)
+                static.copy_(new)
+                graph.replay()
+                ref = new.clone()
+                dist.all_reduce(ref)
+                for y in outs:
+                    assert torch.equal(y, ref), (dtype, numel, "graph", trial)
+    big = torch.ones(300_000, dtype=torch.float32, device=device)
+    path, why = reducer.policy(big)
+    assert path == "nccl" and "one-shot limit" in why, why
+    assert reducer.policy(torch.ones(4097, dtype=torch.bfloat16, device=device)[1:])[0] == "nccl"
+    reducer.all_reduce(big)
+    assert torch.equal(big, torch.full_like(big, dist.get_world_size()))
+    reducer.check_health()
+    print(f"rank {rank}: one-shot exact OK, calls {reducer.calls}", flush=True)
+
+
+def timeout(device) -> None:
+    """Rank 1 never calls: rank 0's one-shot kernel gives up after its timeout instead of hanging."""
+    reducer = GroupReducer(device, one_shot=True, timeout_s=2.0)
+    x = torch.ones(4096, dtype=torch.bfloat16, device=device)
+    if dist.get_rank() == 0:
+        reducer.all_reduce(x)
+        torch.cuda.synchronize()
+        assert reducer._one_shot.timed_out()
+        try:
+            reducer.check_health()
+        except RuntimeError as e:
+            print(f"rank 0: {e}", flush=True)
+        else:
+            raise AssertionError("check_health did not raise")
+    else:
+        import time
+
+        time.sleep(8)  # stay alive (own buffer mapped) while rank 0 waits in vain
+    print(f"rank {dist.get_rank()}: timeout OK", flush=True)
+
+
+if __name__ == "__main__":
+    device = init_from_env()
+    {"exact": exact, "timeout": timeout}[sys.argv[1]](device)
+    sys.stdout.flush()
+    os._exit(0)
