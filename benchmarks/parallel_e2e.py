@@ -5,8 +5,9 @@
 
 Every rank runs this file. In order:
 1. the group reduction of one decode token (and larger messages) inside a CUDA graph: the one-shot kernel
-   (csrc/one_shot.cu) through GroupReducer (communication stream + events, as the model calls it), the
-   kernel alone, and NCCL (dist.all_reduce) — median microseconds per call;
+   (csrc/one_shot.cu) through GroupReducer.all_reduce (current stream, as decode calls it), through
+   all_reduce_async (communication stream + events, as the chunked prefill calls it), the kernel alone,
+   and NCCL (dist.all_reduce) — median microseconds per call;
 2. rank 0 alone: the one-GPU baseline — the same random weights, no groups, Triton backend, decode from
    a CUDA graph (what `cqil bench` calls triton-seq) — and one layer step (a single stage_forward replayed
    from a CUDA graph at the same cache length), for the ideal: saved layer steps x layer step / baseline;
@@ -64,9 +65,9 @@ def bench_reduction(device, sizes_bytes: list[int]) -> list[dict]:
         row["nccl_us"] = graph_us(lambda: dist.all_reduce(x))
         if row["path"] == "one_shot":
             row["one_shot_us"] = graph_us(lambda: reducer.all_reduce(x))
-            stream = torch.cuda.current_stream().cuda_stream
-            row["one_shot_kernel_us"] = graph_us(
-                lambda: reducer._one_shot.all_reduce(x.data_ptr(), x.data_ptr(), x.numel(), "bfloat16", stream))
+            row["one_shot_comm_stream_us"] = graph_us(lambda: reducer.all_reduce_async(x).wait())
+            row["one_shot_kernel_us"] = graph_us(lambda: reducer._one_shot.all_reduce(
+                x.data_ptr(), x.data_ptr(), x.numel(), "bfloat16", torch.cuda.current_stream().cuda_stream))
         else:
             row["fallback_reason"] = reducer.policy(x)[1]
         log(f"  reduce {nbytes:>8} B: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
@@ -143,7 +144,7 @@ def main() -> None:
         t_layer_prefill = layer_step_ms(base, middle, 0, opts.prompt)
         base_logits = base(ids)[:, -1].float()
         base_tokens = base.generate(ids, opts.greedy)
-        saved = cqil.layers_saved()
+        saved = cqil.layers_saved
         ideal = saved * t_layer / base_decode
         record["baseline_1gpu"] = dict(decode_ms_per_token=base_decode, prefill_ms=base_prefill,
                                        layer_step_ms=t_layer, layer_step_prefill_ms=t_layer_prefill,
