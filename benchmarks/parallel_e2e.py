@@ -11,9 +11,11 @@ Every rank runs this file. In order:
 2. rank 0 alone: the one-GPU baseline — the same random weights, no groups, Triton backend, decode from
    a CUDA graph (what `cqil bench` calls triton-seq) — and one layer step (a single stage_forward replayed
    from a CUDA graph at the same cache length), for the ideal: saved layer steps x layer step / baseline;
+   then the same grouping on one GPU, whose logits and greedy tokens the ranks must reproduce;
 3. all ranks: the grouped model spread over the ranks (rank.py), decode ms/token and prefill ms, its
-   logits and greedy tokens against the baseline's, and (P6) prefill with the reductions skipped and the
-   reductions alone, giving the fraction of reduction time hidden under compute.
+   logits and greedy tokens against the one-GPU grouped model's, and (P6) prefill from a CUDA graph as is,
+   with the reductions skipped, and the reductions alone: the fraction of reduction time hidden under
+   compute = 1 - (with - without) / alone.
 Rank 0 writes the JSON record (card, date, commit, command, figures).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -75,6 +78,26 @@ def bench_reduction(device, sizes_bytes: list[int]) -> list[dict]:
         rows.append(row)
     reducer.check_health()
     return rows
+
+
+def graph_prefill_ms(step_fn, new_cache, ids, together: bool = True) -> float:
+    """A prompt's prefill (step_fn(ids, None, cache)) replayed from a CUDA graph: the GPU time alone,
+    without Python launch overhead (which, eager, is most of a 512-token prefill here)."""
+    cache = new_cache(ids.shape[0], ids.shape[1] + 2)
+
+    def run():
+        cache.position.zero_()
+        cache.n_tokens.zero_()
+        step_fn(ids, None, cache)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    if together:  # all ranks start timing together
+        dist.barrier()
+    return _events_ms(graph.replay, 10)
 
 
 @torch.inference_mode()
@@ -142,15 +165,22 @@ def main() -> None:
         middle = cqil.groups[0][0] if cqil.groups else 0
         t_layer = layer_step_ms(base, middle, opts.prompt + opts.new // 2, 1)
         t_layer_prefill = layer_step_ms(base, middle, 0, opts.prompt)
-        base_logits = base(ids)[:, -1].float()
-        base_tokens = base.generate(ids, opts.greedy)
+        base_graph_prefill = graph_prefill_ms(functools.partial(fused.step, base), base.new_cache, ids, together=False)
         saved = cqil.layers_saved
         ideal = saved * t_layer / base_decode
+        base.cqil = cqil  # the same grouping on one GPU: what the ranks' logits and tokens must match
+        grouped_prefill, grouped_decode = _time_ours(base, ids, opts.new, opts.repeats)
+        base_logits = base(ids)[:, -1].float()
+        base_tokens = base.generate(ids, opts.greedy)
         record["baseline_1gpu"] = dict(decode_ms_per_token=base_decode, prefill_ms=base_prefill,
+                                       prefill_graph_ms=base_graph_prefill,
                                        layer_step_ms=t_layer, layer_step_prefill_ms=t_layer_prefill,
-                                       seconds=time.perf_counter() - t0)
-        log(f"1 GPU: decode {base_decode:.4f} ms/token, prefill {base_prefill:.3f} ms, layer step "
-            f"{1000 * t_layer:.1f} us (decode) / {t_layer_prefill:.3f} ms (prefill {opts.prompt})")
+                                       grouped_decode_ms_per_token=grouped_decode,
+                                       grouped_prefill_ms=grouped_prefill, seconds=time.perf_counter() - t0)
+        log(f"1 GPU: decode {base_decode:.4f} ms/token, prefill {base_prefill:.3f} ms (graph "
+            f"{base_graph_prefill:.3f} ms), layer step {1000 * t_layer:.1f} us (decode) / {t_layer_prefill:.3f} "
+            f"ms (prefill {opts.prompt}); grouped on 1 GPU: decode {grouped_decode:.4f}, prefill "
+            f"{grouped_prefill:.3f} ms")
         del base
         torch.cuda.empty_cache()
     dist.barrier()
@@ -165,10 +195,11 @@ def main() -> None:
     prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
     logits = ranked(ids)[:, -1].float()
     tokens = ranked.generate(ids, opts.greedy)
-    # P6: the same prefill with the reductions skipped (wrong results, timing only), and the reductions alone
+    # P6, from CUDA graphs (GPU time): prefill as is, with the reductions skipped (wrong results, timing
+    # only), and the same reductions alone
+    prefill_graph = graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
     ranked.reducer.skip_for_benchmark = True
-    prefill_no_reduce = _events_ms(lambda: ranked(ids, cache=ranked.new_cache(1, opts.prompt + 2)),
-                                   max(opts.repeats, 10))
+    prefill_graph_no_reduce = graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
     ranked.reducer.skip_for_benchmark = False
     M, D = opts.prompt, model.args.hidden_size
     chunks = ranked.prefill_chunks if M >= 64 * ranked.prefill_chunks else 1
@@ -181,7 +212,13 @@ def main() -> None:
             for p in [ranked.reducer.all_reduce_async(b) for b in bufs]:
                 p.wait()
 
-    reduce_alone = _events_ms(reductions_alone, max(opts.repeats, 10))
+    reductions_alone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reductions_alone()
+    dist.barrier()
+    reduce_alone = _events_ms(graph.replay, 10)
     stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
                  reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
                  one_shot_reason=ranked.reducer.one_shot_policy.reason or None)
@@ -190,12 +227,14 @@ def main() -> None:
     if rank == 0:
         b = record["baseline_1gpu"]
         measured = 1 - decode / b["decode_ms_per_token"]
-        exposed = prefill - prefill_no_reduce
+        exposed = prefill_graph - prefill_graph_no_reduce
         record["parallel"] = dict(
-            decode_ms_per_token=decode, prefill_ms=prefill, prefill_no_reduce_ms=prefill_no_reduce,
-            reductions_alone_ms=reduce_alone, prefill_chunks=chunks, layer_steps_saved=saved,
+            decode_ms_per_token=decode, prefill_ms=prefill, prefill_graph_ms=prefill_graph,
+            prefill_graph_no_reduce_ms=prefill_graph_no_reduce, reductions_alone_graph_ms=reduce_alone,
+            prefill_chunks=chunks, layer_steps_saved=saved,
             decode_reduction=measured, decode_ideal_reduction=ideal, decode_fraction_of_ideal=measured / ideal,
             prefill_reduction=1 - prefill / b["prefill_ms"],
+            prefill_graph_reduction=1 - prefill_graph / b["prefill_graph_ms"],
             prefill_reduction_hidden=1 - max(exposed, 0.0) / reduce_alone,
             logits_max_abs_diff=(logits - base_logits).abs().max().item(),
             logits_scale=base_logits.abs().max().item(),
@@ -205,9 +244,11 @@ def main() -> None:
             ranks=everyone)
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
-            f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms "
-            f"({100 * p['prefill_reduction']:.1f}% lower; reductions {reduce_alone:.3f} ms alone, "
-            f"{100 * p['prefill_reduction_hidden']:.0f}% hidden), logits diff {p['logits_max_abs_diff']:.3g} "
+            f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms eager "
+            f"({100 * p['prefill_reduction']:.1f}% lower), graph {prefill_graph:.3f} ms "
+            f"({100 * p['prefill_graph_reduction']:.1f}% lower; without reductions {prefill_graph_no_reduce:.3f} ms, "
+            f"reductions alone {reduce_alone:.3f} ms: {100 * p['prefill_reduction_hidden']:.0f}% hidden), "
+            f"logits diff vs 1-GPU grouped {p['logits_max_abs_diff']:.3g} "
             f"(scale {p['logits_scale']:.3g}), greedy identical: {p['greedy_tokens_identical']}")
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps(record, indent=1) + "\n")
