@@ -63,7 +63,7 @@ for stage in $stages; do
       shape=${cfg%%/*}; groups=${cfg#*/}
       echo "== parallel_e2e $shape $groups on $n GPUs" | tee -a "$OUT/parallel.log"
       timeout ${PAR_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node $n \
-        benchmarks/parallel_e2e.py --shape $shape --groups $groups --repeats ${REPEATS:-5} \
+        benchmarks/parallel_e2e.py --shape $shape --groups $groups --repeats ${REPEATS:-5} ${PAR_ARGS:-} \
         --out "$OUT/parallel_${shape}_${n}gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" | tee -a "$OUT/parallel.log"
     done ;;
   e2e)

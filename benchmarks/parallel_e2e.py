@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--greedy", type=int, default=32, help="greedy tokens compared with the baseline")
     parser.add_argument("--reduce-bytes", default="8192,16384,65536,262144,1048576")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile-prefill", action="store_true",
+                        help="print rank 0's CPU-time profile of one eager prefill")
     opts = parser.parse_args()
 
     device = init_from_env()
@@ -193,6 +195,13 @@ def main() -> None:
     ranked = RankModel(model, placement)
     torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
+    if opts.profile_prefill:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ranked(ids, cache=ranked.new_cache(1, opts.prompt + 2))
+            torch.cuda.synchronize()
+        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
     logits = ranked(ids)[:, -1].float()
     tokens = ranked.generate(ids, opts.greedy)
     # P6, from CUDA graphs (GPU time): prefill as is, with the reductions skipped (wrong results, timing
