@@ -211,7 +211,7 @@ def main() -> None:
     prefill_graph_no_reduce = graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
     ranked.reducer.skip_for_benchmark = False
     M, D = opts.prompt, model.args.hidden_size
-    chunks = ranked.prefill_chunks if M >= 64 * ranked.prefill_chunks else 1
+    chunks = ranked.chunks(M)
     bufs = [torch.ones((M * (i + 1) // chunks - M * i // chunks, D), dtype=dtype, device=device)
             for i in range(chunks)]
     n_groups = len(cqil.groups)

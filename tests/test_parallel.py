@@ -274,7 +274,9 @@ def test_chunked_down_reduce_covers_every_row():
         sizes.append(t.shape[0])
         return SimpleNamespace(wait=lambda: t)
 
-    fake = SimpleNamespace(prefill_chunks=4, reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
+    fake = SimpleNamespace(prefill_chunks=4, min_chunk_rows=64,
+                           reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
+    fake.chunks = lambda M: RankModel.chunks(fake, M)
     g = torch.Generator().manual_seed(0)
     M, D, F = 259, 24, 40
     act, residual = torch.randn(1, M, F, generator=g), torch.randn(M, D, generator=g)
@@ -286,5 +288,8 @@ def test_chunked_down_reduce_covers_every_row():
     assert torch.equal(RankModel._down_reduce(fake, None, None, None, h), torch.zeros_like(h))
     assert sizes[4:] == [64, 65, 65, 65]
     sizes.clear()
-    RankModel._down_reduce(fake, act[:, :200], w, residual[:200], h[:200])  # < 64 rows a chunk: one piece
-    assert sizes == [200]
+    RankModel._down_reduce(fake, act[:, :200], w, residual[:200], h[:200])  # chunks of >= 64 rows: 3
+    assert sizes == [66, 67, 67]
+    sizes.clear()
+    RankModel._down_reduce(fake, act[:, :100], w, residual[:100], h[:100])
+    assert sizes == [100]

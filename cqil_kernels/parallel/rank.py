@@ -37,11 +37,15 @@ class RankModel:
     """
 
     def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
-                 prefill_chunks: int = 4):
+                 prefill_chunks: int = 4, min_chunk_rows: int = 512):
         self.model, self.placement, self.group = model, placement, group
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
-        self.prefill_chunks = prefill_chunks
+        # Prefill: the down projection is cut into up to `prefill_chunks` token chunks of at least
+        # `min_chunk_rows` rows, each reduced while the next computes. Smaller chunks cost more GEMM
+        # efficiency than the overlap saves (measured on 2 H100s, LLaMA-7B, 512 tokens in 4 chunks:
+        # +2.4 ms of GEMM time to hide 0.4 ms of reductions; benchmarks/results/h100x2_2026-11-26).
+        self.prefill_chunks, self.min_chunk_rows = prefill_chunks, min_chunk_rows
         self.reducer = GroupReducer(model.device, group, one_shot=one_shot)
         self.cuda_graphs = True
 
@@ -187,6 +191,10 @@ class RankModel:
         cache.position += T
         return model.lm_head(model.norm(h.view(B, T, -1)))
 
+    def chunks(self, M: int) -> int:
+        """How many token chunks the down projection of M rows is cut into (the same on every rank)."""
+        return max(1, min(self.prefill_chunks, M // self.min_chunk_rows))
+
     def _down_reduce(self, act: torch.Tensor | None, w, residual: torch.Tensor | None,
                      h: torch.Tensor) -> torch.Tensor:
         """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). For many
@@ -195,7 +203,7 @@ class RankModel:
         from ..ops.group_gemm import group_down_sum
 
         M = h.shape[0]
-        chunks = self.prefill_chunks if M >= 64 * self.prefill_chunks else 1
+        chunks = self.chunks(M)
         out = torch.zeros_like(h) if act is None else torch.empty_like(h)
         bounds = [M * i // chunks for i in range(chunks + 1)]
         pending = []
