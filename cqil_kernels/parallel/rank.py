@@ -233,8 +233,11 @@ class RankModel:
 
     def decoder(self, cache: KVCache):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
-        reductions captured in it) on the Triton backend on CUDA, else an eager forward."""
-        if self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton():
+        reductions captured in it) on the Triton backend on CUDA without bypass, else an eager forward."""
+        # With a bypass the step holds NCCL point-to-point transfers, whose capture in a CUDA graph is
+        # not tested on the GPU yet: such steps run eagerly.
+        bypass_p2p = self.model.cqil.bypass > 0 and any(len(s) > 1 for s in self.placement.stages)
+        if self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton() and not bypass_p2p:
             from ..fused import GraphDecoder
 
             return GraphDecoder(self, cache, step_fn=self._triton_step)
