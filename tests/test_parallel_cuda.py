@@ -72,3 +72,35 @@ def test_smollm2_on_gpus_matches_one_gpu(n):
             r = exact(expected[:, :first])[0, -1].double()
         margin = (r[expected[0, first]] - r[tokens[0, first]]).abs().item()
         assert margin <= 2 * (err_one + err_par), f"tokens part at {first} with fp32 margin {margin}"
+
+
+def test_driver_on_gpus_with_random_weights_and_a_dying_rank(tmp_path):
+    """devices=[0, 1] from this process: logits match one GPU (same grouping, d = 0 and d = 1), then a
+    killed rank makes the next call raise RankError at once, with nothing left running."""
+    import time
+
+    from conftest import random_hf_model
+    from cqil_kernels.parallel import RankError
+
+    random_hf_model(seed=3, num_hidden_layers=8, hidden_size=256, intermediate_size=704,
+                    num_attention_heads=8, num_key_value_heads=4).save_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    for cqil in (CQILConfig(groups=((1, 2), (4, 5))), CQILConfig(groups=((2, 3), (5, 6)), bypass=1)):
+        one = CQILLlama.from_pretrained(tmp_path, cqil=cqil, device="cuda:0", dtype=torch.bfloat16)
+        exact = CQILLlama.from_pretrained(tmp_path, cqil=cqil, device="cuda:0", dtype=torch.float32)
+        exact.backend = "torch"
+        with torch.no_grad():
+            ref = exact(ids.cuda()).double()
+            err_one = (one(ids.cuda()).double() - ref).abs().max().item()
+        with CQILLlama.from_pretrained(tmp_path, cqil=cqil, devices=[0, 1], dtype=torch.bfloat16) as par:
+            err_par = (par(ids).double() - ref).abs().max().item()
+            assert err_par <= 2 * err_one + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+            assert par.generate(ids[:1, :5], 8).shape == (1, 13)
+            if cqil.bypass:
+                procs = list(par._procs)
+                procs[1].kill()
+                start = time.monotonic()
+                with pytest.raises(RankError, match="rank 1"):
+                    par.generate(ids[:1, :5], 8)
+                assert time.monotonic() - start < 60
+                assert not any(p.is_alive() for p in procs)
