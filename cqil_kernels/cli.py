@@ -138,6 +138,7 @@ def _eval(args) -> int:
 def _finetune(args) -> int:
     from pathlib import Path
 
+    import torch
     from tqdm.auto import tqdm
 
     from . import quality
@@ -165,7 +166,9 @@ def _finetune(args) -> int:
     log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
                    lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
                    only_grouped=args.only_grouped, seed=args.seed, progress=progress,
-                   checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   autocast_dtype={"auto": "auto", "none": None}.get(args.autocast, getattr(torch, args.autocast)),
+                   recompute={"auto": None, "on": True, "off": False}[args.recompute])
     bar.close()
     save_adapter(model, out, base_name=str(args.model))
     write_log(log, out)
@@ -265,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint-every", type=int, default=50,
                     help="steps between checkpoints (OUT/checkpoint.pt, written atomically)")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ft.add_argument("--autocast", choices=["auto", "bfloat16", "float16", "none"], default="auto",
+                    help="torch.autocast dtype of the forwards (auto: bfloat16 on CUDA, none elsewhere)")
+    ft.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
+                    help="gradient checkpointing of every layer (auto: on for CUDA)")
     ft.set_defaults(func=_finetune)
 
     info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")

@@ -85,11 +85,41 @@ def teacher_mode(model):
                 a.enabled = True
 
 
-def kd_loss(model, ids: torch.Tensor, temperature: float = 1.0, ce_weight: float = 0.0) -> torch.Tensor:
-    """temperature^2 * mean over positions of KL(teacher || student), + ce_weight * cross-entropy."""
-    with torch.no_grad(), teacher_mode(model):
-        teacher = model(ids)[:, :-1].float()
-    student = model(ids)[:, :-1].float()
+@contextlib.contextmanager
+def gradient_checkpointing(model):
+    """Recompute each layer's attention and MLP in the backward pass instead of keeping their
+    intermediate activations (the MLP's [tokens, intermediate] tensors dominate): memory per layer drops
+    to its inputs, at the cost of one more forward. Same results (the recomputation is deterministic)."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for layer in model.layers:
+        for name in ("attend", "feed_forward"):
+            original = getattr(layer, name)
+
+            def wrapped(*args, _fn=original):
+                return checkpoint(_fn, *args, use_reentrant=False) if torch.is_grad_enabled() else _fn(*args)
+
+            setattr(layer, name, wrapped)
+            patched.append((layer, name))
+    try:
+        yield model
+    finally:
+        for layer, name in patched:
+            delattr(layer, name)  # back to the class's method
+
+
+def kd_loss(model, ids: torch.Tensor, temperature: float = 1.0, ce_weight: float = 0.0,
+            autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """temperature^2 * mean over positions of KL(teacher || student), + ce_weight * cross-entropy.
+    autocast_dtype: run both forwards under torch.autocast in that dtype (e.g. bfloat16 on a GPU); the
+    losses are computed in fp32 either way."""
+    amp = (torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp:
+        with torch.no_grad(), teacher_mode(model):
+            teacher = model(ids)[:, :-1].float()
+        student = model(ids)[:, :-1].float()
     t = F.log_softmax(teacher / temperature, -1)
     s = F.log_softmax(student / temperature, -1)
     loss = temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
@@ -123,7 +153,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: float | None = None,
              window: int = 256, batch: int = 4, lr: float = 1e-3, temperature: float = 1.0,
              ce_weight: float = 0.0, only_grouped: bool = False, seed: int = 0, progress=None,
-             checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> TrainLog:
+             checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+             autocast_dtype: torch.dtype | None | str = "auto", recompute: bool | None = None) -> TrainLog:
     """Train LoRA adapters on `model` (with its current grouping) to match the original model on `ids`.
 
     Windows of `window` tokens are drawn from the text (seeded); AdamW on the adapters only. The model is
@@ -131,7 +162,15 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     checkpoint: a file written atomically every `checkpoint_every` steps and at the end (adapters,
     optimizer, data-order RNG, losses); resume=True continues from it to the same result as an
     uninterrupted run.
+    autocast_dtype: torch.autocast dtype for the forwards ("auto": bfloat16 on CUDA, none elsewhere).
+    recompute: gradient checkpointing (gradient_checkpointing above); None = on for CUDA.
+    The adapters themselves are fp32 whatever the model's dtype.
     """
+    if autocast_dtype == "auto":
+        autocast_dtype = torch.bfloat16 if model.device.type == "cuda" else None
+    if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
+        raise TypeError(f"autocast_dtype must be a floating torch.dtype, None or 'auto', got {autocast_dtype!r}")
+    recompute = model.device.type == "cuda" if recompute is None else bool(recompute)
     if not model.cqil.groups:
         raise ValueError("the model has no CQIL groups: there is nothing to recover")
     ids = ids.reshape(-1)
@@ -171,19 +210,20 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     saved_backend, model.backend = model.backend, "torch"
     model.train()
     try:
-        for step in range(first, steps + 1):
-            starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
-            x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
-            loss = kd_loss(model, x, temperature, ce_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log.steps.append(step)
-            log.losses.append(loss.item())
-            if progress is not None:
-                progress(step, loss.item())
-            if checkpoint is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
-                save(step)
+        with gradient_checkpointing(model) if recompute else contextlib.nullcontext():
+            for step in range(first, steps + 1):
+                starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
+                x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
+                loss = kd_loss(model, x, temperature, ce_weight, autocast_dtype)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                log.steps.append(step)
+                log.losses.append(loss.item())
+                if progress is not None:
+                    progress(step, loss.item())
+                if checkpoint is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                    save(step)
     finally:
         model.eval()
         model.backend = saved_backend

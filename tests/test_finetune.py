@@ -90,7 +90,7 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     CQILConfig(groups=((4, 5), (6, 7))).save(tmp_path / "groups.json")
     args = ["finetune", "tiny", "--cqil", str(tmp_path / "groups.json"), "--text", str(tmp_path / "text.pt"),
             "--eval-text", str(tmp_path / "held_out.pt"), "--steps", "3", "--lora-rank", "2", "--window", "64",
-            "--batch", "2", "--out", str(tmp_path / "adapter")]
+            "--batch", "2", "--out", str(tmp_path / "adapter"), "--autocast", "bfloat16", "--recompute", "on"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "grouped, after" in printed
@@ -127,3 +127,42 @@ def test_resume_reaches_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="another base model"):
         finetune(_model(seed=42), _text(), steps=9, rank=2, window=32, batch=2, seed=4,
                  checkpoint=tmp_path / "ck2.pt", resume=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from cqil_kernels.finetune import gradient_checkpointing
+
+    grads = []
+    for recompute in (False, True):
+        model = _model()
+        torch.manual_seed(0)
+        adapters = add_lora(model, rank=4)
+        next(iter(adapters.values())).lora_B.data.normal_()  # non-zero adapters: gradients reach lora_A too
+        model.train()
+        with gradient_checkpointing(model) if recompute else torch.enable_grad():
+            loss = kd_loss(model, _text()[None, :64])
+            loss.backward()
+        grads.append([p.grad.clone() for a in adapters.values() for p in (a.lora_A, a.lora_B)])
+        assert "attend" not in vars(model.layers[0])  # the patch is undone
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_and_recompute_train():
+    """The GPU defaults (bf16 autocast + gradient checkpointing), here on the CPU: training follows the
+    fp32 run (same seed) closely, the loss falls, the adapters stay fp32, the base weights are untouched."""
+    ids = _text()
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        model = _model()
+        base = model.layers[1].mlp.up_proj.weight.clone()
+        log = finetune(model, ids, steps=40, rank=4, window=48, batch=4, lr=5e-3, seed=1,
+                       autocast_dtype=dtype, recompute=True)
+        runs[dtype] = (sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5)
+        assert all(a.lora_A.dtype == torch.float32 for a in model.lora_adapters.values())
+        assert torch.equal(model.layers[1].mlp.up_proj.weight, base)
+    (first32, last32), (first16, last16) = runs[None], runs[torch.bfloat16]
+    assert last16 < 0.8 * first16, runs
+    assert abs(last16 - last32) < 0.05 * last32, runs
+    with pytest.raises(TypeError, match="autocast_dtype"):
+        finetune(_model(), ids, steps=1, rank=2, window=32, autocast_dtype="bf16")
