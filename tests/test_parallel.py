@@ -241,6 +241,12 @@ def test_torchrun_generate_script(checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("on 2 ranks") == 1  # rank 0 prints
     assert run.stdout.split("\n")[0] == one.stdout.split("\n")[0]
+    common.remove("--device")
+    common.remove("cpu")
+    spawned = subprocess.run([sys.executable, *common, "--devices", "cpu,cpu"], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert spawned.returncode == 0, spawned.stderr[-3000:]
+    assert "on cpu,cpu" in spawned.stdout and spawned.stdout.split("\n")[0] == one.stdout.split("\n")[0]
 
 
 @pytest.mark.parametrize("case", ["w2-pairs-d1", "w4-P3-P2-d1-mlp_input"])
