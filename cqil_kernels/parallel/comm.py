@@ -59,10 +59,12 @@ class GroupReducer:
     one_shot: None = use the one-shot kernel where it can run (CUDA, the extension built with CUDA,
     peer access between every pair of devices), True = require it (RuntimeError saying why not), False
     = never. Every rank must construct it (collectively) with the same arguments.
+    timeout_s: how long a one-shot call waits for a peer before giving up (check_health() then raises).
+    Generous, because a rank can legitimately lag by a kernel compilation or autotuning run.
     """
 
     def __init__(self, device: torch.device, group=None, one_shot: bool | None = None,
-                 max_bytes: int = DEFAULT_ONE_SHOT_BYTES, timeout_s: float = 30.0):
+                 max_bytes: int = DEFAULT_ONE_SHOT_BYTES, timeout_s: float = 120.0):
         self.device, self.group = torch.device(device), group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.backend = dist.get_backend(group)

@@ -344,8 +344,9 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
 def _run(model, caches: dict, command: str, payload: dict, rank: int):
     if command == "forward":
         cache = caches[payload["cache"]] if payload["cache"] is not None else None
-        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache)
-        return logits.float().cpu() if rank == 0 else None
+        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache).float().cpu()
+        model.reducer.check_health()  # after the copy: every reduction of this call has finished
+        return logits if rank == 0 else None
     if command == "generate":
         out = model.generate(payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)
         return out.cpu() if rank == 0 else None
