@@ -344,7 +344,7 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
 def _run(model, caches: dict, command: str, payload: dict, rank: int):
     if command == "forward":
         cache = caches[payload["cache"]] if payload["cache"] is not None else None
-        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache).float().cpu()
+        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache).cpu()
         model.reducer.check_health()  # after the copy: every reduction of this call has finished
         return logits if rank == 0 else None
     if command == "generate":
