@@ -142,6 +142,26 @@ def test_a_failing_rank_raises_in_the_driver(checkpoint, how):
         model(torch.zeros(1, 3, dtype=torch.long))
 
 
+def test_an_interrupted_call_closes_the_model(checkpoint, monkeypatch):
+    """Ctrl-C while the ranks work: their state is unknown, so the model closes (no stale replies later)."""
+    from cqil_kernels.parallel import driver
+
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch")
+    assert "running" in repr(model) and "cpu" in repr(model)
+    with pytest.raises(AttributeError, match="fixed when it is loaded"):
+        model.cqil = CQILConfig()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+    assert not any(p.is_alive() for p in model._procs)
+    assert "closed" in repr(model)
+
+
 def test_killed_rank_process_is_noticed(checkpoint):
     with CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
                                    dtype=torch.float32, backend="torch") as model:

@@ -129,7 +129,7 @@ class ParallelCQILLlama:
         self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, self._tmp)
         atexit.register(self._finalizer)
         info = self._collect("start", START_TIMEOUT_S if timeout_s is None else timeout_s)
-        self.args, self.cqil = info[0]["args"], info[0]["cqil"]
+        self.args, self._cqil = info[0]["args"], info[0]["cqil"]
         self.dtype = info[0]["dtype"]
         self.memory_per_rank = [i["parameter_bytes"] for i in info]
 
@@ -138,6 +138,20 @@ class ParallelCQILLlama:
     @property
     def device(self) -> torch.device:
         return self.output_device
+
+    @property
+    def cqil(self):
+        return self._cqil
+
+    @cqil.setter
+    def cqil(self, value) -> None:
+        raise AttributeError("the grouping of a multi-device model is fixed when it is loaded (it decides "
+                             "which layers each device holds); load it again with another cqil")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running"
+        return (f"ParallelCQILLlama({self.args.num_hidden_layers} layers, {self._cqil}, devices="
+                f"{[str(d) for d in self.devices]}, {state})")
 
     def __enter__(self) -> ParallelCQILLlama:
         return self
@@ -229,7 +243,15 @@ class ParallelCQILLlama:
         return results if all_ranks else results[0]
 
     def _collect(self, command: str, timeout_s: float | None) -> list:
-        """Every rank's reply to `command`; RankError as soon as one fails or dies (then all stop)."""
+        """Every rank's reply to `command`; RankError as soon as one fails or dies (then all stop).
+        Interrupted (Ctrl-C) while the ranks work, the model is closed: the ranks' state is unknown."""
+        try:
+            return self._replies(command, timeout_s)
+        except BaseException:
+            self._shutdown_all()
+            raise
+
+    def _replies(self, command: str, timeout_s: float | None) -> list:
         pending = dict(enumerate(self._conns))
         results: list = [None] * self.world
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
