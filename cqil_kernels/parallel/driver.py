@@ -1,7 +1,8 @@
 """Driving P ranks from one ordinary Python process: ParallelCQILLlama.
 
 `CQILLlama.from_pretrained(src, cqil=..., devices=[0, 1])` starts one worker process per device (spawned,
-so it works from notebooks and from processes that already use CUDA), each a rank (rank.py) of a
+so it works from notebooks and from processes that already use CUDA; a script needs the usual
+`if __name__ == "__main__":` guard), each a rank (rank.py) of a
 torch.distributed group (NCCL on GPUs, gloo for devices=["cpu", "cpu", ...]); this process is not a rank
 and never enters a collective, so it cannot hang in one. Each call (forward, generate, ...) is checked
 here first (bad input raises here, with the workers untouched), then sent to every rank; rank 0 sends the
