@@ -195,6 +195,12 @@ def test_bad_devices_are_refused(checkpoint):
         CQILLlama.from_pretrained(checkpoint, device="cpu", devices=["cpu", "cpu"])
 
 
+def test_no_groups_warns(checkpoint):
+    with pytest.warns(UserWarning, match="no CQIL groups"):
+        with CQILLlama.from_pretrained(checkpoint, cqil=CQILConfig(), devices=["cpu", "cpu"], backend="torch"):
+            pass
+
+
 def test_group_larger_than_world_is_refused(checkpoint):
     start = time.monotonic()
     with pytest.raises(ValueError, match="rank [01]: group \\[1, 2, 3\\] has 3 layers, more than the 2 ranks"):

@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 import traceback
+import warnings
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -133,6 +134,9 @@ class ParallelCQILLlama:
         self.args, self._cqil = info[0]["args"], info[0]["cqil"]
         self.dtype = info[0]["dtype"]
         self.memory_per_rank = [i["parameter_bytes"] for i in info]
+        if not self._cqil.groups:
+            warnings.warn("this model has no CQIL groups: every device runs the whole model and nothing "
+                          "runs concurrently; load it on one device, or pass cqil=", stacklevel=3)
 
     # ----------------------------------------------------------------------------------------------
 
