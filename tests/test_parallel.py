@@ -306,8 +306,12 @@ def test_chunked_down_reduce_covers_every_row():
         sizes.append(t.shape[0])
         return SimpleNamespace(wait=lambda: t)
 
+    def all_reduce(t):
+        sizes.append(-t.shape[0])  # negative: the synchronous path
+        return t
+
     fake = SimpleNamespace(prefill_chunks=4, min_chunk_rows=64,
-                           reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
+                           reducer=SimpleNamespace(all_reduce_async=all_reduce_async, all_reduce=all_reduce))
     fake.chunks = lambda M: RankModel.chunks(fake, M)
     g = torch.Generator().manual_seed(0)
     M, D, F = 259, 24, 40
@@ -323,5 +327,6 @@ def test_chunked_down_reduce_covers_every_row():
     RankModel._down_reduce(fake, act[:, :200], w, residual[:200], h[:200])  # chunks of >= 64 rows: 3
     assert sizes == [66, 67, 67]
     sizes.clear()
-    RankModel._down_reduce(fake, act[:, :100], w, residual[:100], h[:100])
-    assert sizes == [100]
+    out = RankModel._down_reduce(fake, act[:, :100], w, residual[:100], h[:100])
+    assert sizes == [-100]  # one chunk: reduced on the current stream
+    torch.testing.assert_close(out, group_down_sum(act[:, :100], w.down, residual[:100]))

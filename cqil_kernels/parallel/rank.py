@@ -205,6 +205,10 @@ class RankModel:
         M = h.shape[0]
         chunks = self.chunks(M)
         out = torch.zeros_like(h) if act is None else torch.empty_like(h)
+        if chunks == 1:  # decode, short prompts: nothing to overlap, so no communication-stream fork/join
+            if act is not None:
+                group_down_sum(act, w.down, residual, bias=w.down_bias, out=out)
+            return self.reducer.all_reduce(out)
         bounds = [M * i // chunks for i in range(chunks + 1)]
         pending = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
