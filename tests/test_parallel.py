@@ -248,6 +248,40 @@ def test_mismatched_configs_across_ranks_are_refused(checkpoint, tmp_path):
         assert "ValueError: rank 1 was given another model than rank 0 (different cqil)" in out, out
 
 
+_SUBGROUP = r"""
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.parallel import RankModel
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=3,
+                        timeout=timedelta(seconds=60))
+group = dist.new_group([1, 2])  # every process calls it; world rank 0 stays out
+if rank > 0:
+    cqil = CQILConfig(groups=((2, 3), (4, 5)), bypass=1)
+    model = RankModel.from_pretrained(sys.argv[3], cqil, device="cpu", dtype=torch.float32, group=group,
+                                      backend="torch")
+    single = CQILLlama.from_pretrained(sys.argv[3], cqil=cqil, device="cpu", dtype=torch.float32)
+    single.backend = "torch"
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids), single(ids), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, 6), single.generate(ids, 6))
+    print("subgroup OK", flush=True)
+"""
+
+
+def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
+    """RankModel on a subgroup (world ranks 1 and 2 of 3): the bypass transfers and generate()'s
+    consistency broadcast address the group's ranks by their world ranks."""
+    script = tmp_path / "subgroup.py"
+    script.write_text(_SUBGROUP)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
+
+
 def test_torchrun_generate_script(checkpoint, tmp_path):
     """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
     from transformers import PreTrainedTokenizerFast

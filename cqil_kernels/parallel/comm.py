@@ -188,19 +188,23 @@ class PendingReduce:
         return self.t
 
 
-def exchange_bypass(a: torch.Tensor, j: int, P: int, d: int, group=None, ranks: list[int] | None = None):
+def global_rank(group, i: int) -> int:
+    """The world rank of rank i of `group` (None: the world): what point-to-point ops and `src=` take."""
+    return i if group is None else dist.get_global_rank(group, i)
+
+
+def exchange_bypass(a: torch.Tensor, j: int, P: int, d: int, group=None):
     """Rank j of a group of P ranks: send a (= a_j) to ranks j+1..j+d of the group, receive a_{j-1..j-d}.
 
     Returns (b, sends): b = a_{j-min(d,j)} + ... + a_{j-1} (None when j = 0 or d = 0), and the pending
-    sends, to `.wait()` after the MLP. `ranks`: the global rank of each group position (default 0..P-1).
+    sends, to `.wait()` after the MLP. j and the peers are ranks of the process group `group`.
     """
     if d == 0 or P == 1:
         return None, []
-    ranks = ranks if ranks is not None else list(range(P))
     sources = list(range(max(0, j - d), j))
     received = [torch.empty_like(a) for _ in sources]
-    ops = [dist.P2POp(dist.irecv, buf, ranks[i], group) for i, buf in zip(sources, received)]
-    ops += [dist.P2POp(dist.isend, a, ranks[i], group) for i in range(j + 1, min(P, j + d + 1))]
+    ops = [dist.P2POp(dist.irecv, buf, global_rank(group, i), group) for i, buf in zip(sources, received)]
+    ops += [dist.P2POp(dist.isend, a, global_rank(group, i), group) for i in range(j + 1, min(P, j + d + 1))]
     if not ops:
         return None, []
     works = dist.batch_isend_irecv(ops)

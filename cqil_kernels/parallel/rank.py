@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..config import CQILConfig
 from ..generation import check_attention_mask, check_input_ids, generate
 from ..model import CQILLlama, KVCache
-from .comm import GroupReducer, exchange_bypass
+from .comm import GroupReducer, exchange_bypass, global_rank
 from .placement import Placement
 
 
@@ -254,7 +254,7 @@ class RankModel:
         out = generate(self, input_ids, max_new_tokens, **kwargs)
         self.reducer.check_health()
         ref = out.clone()
-        dist.broadcast(ref, src=0, group=self.group)
+        dist.broadcast(ref, src=global_rank(self.group, 0), group=self.group)
         if not torch.equal(ref, out):
             raise RuntimeError(f"rank {self.rank} generated other tokens than rank 0 (nondeterministic "
                                f"sampling across ranks?)")
