@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from cqil_kernels import fused
-from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up_gpu, random_model
+from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up_gpu, random_model, shape_args
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel, init_from_env
 from cqil_kernels.parallel.comm import GroupReducer
@@ -188,7 +188,7 @@ def main() -> None:
     dist.barrier()
 
     # 3. the grouped model over the ranks
-    placement = Placement.build(rank, world, _args(opts.shape), cqil)
+    placement = Placement.build(rank, world, shape_args(opts.shape), cqil)
     model = random_model(opts.shape, dtype, device, held_layers=placement.held_layers)
     model.cqil = cqil
     model.backend = "triton"
@@ -263,12 +263,6 @@ def main() -> None:
         opts.out.write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {opts.out}")
     dist.barrier()
-
-
-def _args(shape: str):
-    from cqil_kernels.config import LlamaArgs
-
-    return LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ def random_hf_model(shape: str, dtype: torch.dtype, device: torch.device, seed: 
     return model
 
 
+def shape_args(shape: str) -> LlamaArgs:
+    """The LlamaArgs of one of SHAPES."""
+    return LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
+
+
 @torch.no_grad()
 def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, held_layers=None):
     """CQILLlama with the published config of `shape` and random weights (std 0.02, norms 1), built
@@ -83,7 +88,7 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int
     from .model import CQILLlama
     from .packing import pack_layers
 
-    args = LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
+    args = shape_args(shape)
     with torch.device("meta"):
         model = CQILLlama(args)
     model.held_layers = tuple(held_layers) if held_layers is not None else None
