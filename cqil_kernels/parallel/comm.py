@@ -1,8 +1,9 @@
 """Communication of a rank: the group reduction (sum over ranks) and the bypass exchange.
 
-GroupReducer.all_reduce sums a tensor over all ranks, in place. On CUDA it runs on a dedicated
-communication stream ordered by CUDA events, so work that does not depend on the result (the next token
-chunk of a prefill: rank.py) overlaps with it; each call picks its path:
+GroupReducer.all_reduce sums a tensor over all ranks, in place, on the current stream (decode: the
+result is needed at once). all_reduce_async runs it on a dedicated communication stream ordered by CUDA
+events, so work that does not depend on the result (the next token chunk of a prefill: rank.py) overlaps
+with it. Each call picks its path:
   * "one_shot": the C++/CUDA kernel of csrc/one_shot.cu — every rank writes its tensor into its own
     peer-accessible buffer, and reads and sums all ranks' buffers in rank order (so every rank gets the
     same bits); one launch, capturable in a CUDA graph; for small messages (a decode step's hidden state);
