@@ -29,3 +29,26 @@ def test_group_residual(benchmark, shape, P, bypass, T, impl):
     make = lambda: (randn(T, D), randn(P, T, D), 1 + randn(P, D, scale=0.1))  # noqa: E731
     nbytes = 2 * (T * D + 2 * P * T * D + P * D) + 4 * T * D
     gpu_benchmark(benchmark, make, fused if impl == "fused" else torch_residual, nbytes=nbytes)
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("T", [1, 512])
+@pytest.mark.parametrize("received", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rank_residual(benchmark, shape, received, T, impl):
+    """One layer of a group on one rank (parallel/rank.py): bypass received from the other ranks."""
+    from cqil_kernels.ops.group_residual import rank_residual
+
+    D = SHAPES[shape]["D"]
+
+    def fused(h, a, b, nw):
+        rank_residual(h, a, nw, eps=1e-5, received=b if received else None, include_h=False)
+
+    def torch_residual(h, a, b, nw):
+        r = a + b if received else a
+        rms_norm(h + r, nw)
+        return r.float()
+
+    make = lambda: (randn(T, D), randn(T, D), randn(T, D), 1 + randn(D, scale=0.1))  # noqa: E731
+    nbytes = 2 * ((3 if received else 2) * T * D + T * D + D) + 4 * T * D
+    gpu_benchmark(benchmark, make, fused if impl == "fused" else torch_residual, nbytes=nbytes)
