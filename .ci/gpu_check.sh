@@ -6,6 +6,9 @@
 #   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
+#   finetune    cqil finetune of SmolLM2 on CUDA (issue 5): CQIL_SMOLLM2_GGUF=<gguf>, FT_TEXT=<dir with train.txt
+#               and held_out.txt from benchmarks/python_docs_text.py>, FT_GROUPS (from_range arguments,
+#               default "12 24 2"), FT_ARGS (more cqil finetune flags), FT_TIMEOUT (s, default 500)
 #   parallel    all visible GPUs: tests/test_parallel_cuda.py, then benchmarks/parallel_e2e.py under torchrun
 #               for each PAR_CONFIGS entry shape/groups (default llama-7b/12-30:2)
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
@@ -77,6 +80,14 @@ for stage in $stages; do
     (cd "$REPO" && timeout ${BENCH_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider benchmarks \
       ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$OUT/kernels.json" --benchmark-disable-gc 2>&1 | tail -5)
     python3 benchmarks/summarize.py "$OUT/kernels.json" | tee "$OUT/kernels.md" ;;
+  finetune)
+    python3 -c "import sys; from cqil_kernels import CQILConfig; CQILConfig.from_range(*map(int, sys.argv[2:])).save(sys.argv[1])" \
+      "$OUT/groups.json" ${FT_GROUPS:-12 24 2}
+    echo "command: cqil finetune \$CQIL_SMOLLM2_GGUF --cqil groups.json (from_range ${FT_GROUPS:-12 24 2}) --text train.txt --eval-text held_out.txt --device cuda --dtype float32 ${FT_ARGS:-}" | tee "$OUT/finetune.log"
+    (TQDM_MININTERVAL=10 timeout ${FT_TIMEOUT:-500} python3 -m cqil_kernels finetune "$CQIL_SMOLLM2_GGUF" \
+      --cqil "$OUT/groups.json" --text "$FT_TEXT/train.txt" --eval-text "$FT_TEXT/held_out.txt" --device cuda \
+      --dtype float32 --out "$OUT/finetune" --overwrite ${FT_ARGS:-} 2>&1; echo "exit $?") | tee -a "$OUT/finetune.log" | tail -12
+    rm -f "$OUT/finetune/checkpoint.pt" ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -151,10 +151,16 @@ def _finetune(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = _load_for_quality(args)
     model.cqil = CQILConfig.load(args.cqil)  # validated against the model
+    model.backend = "torch"  # training needs it; the metrics before and after then come from the same code
     src = None if args.model == "tiny" else args.model
     ids = quality.read_token_ids(args.text, src)
     held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
     if held_out is not None:
+        if args.eval_tokens < args.window:
+            raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one --window of {args.window}")
+        if held_out.numel() > args.eval_tokens:
+            print(f"held-out text: scoring its first {args.eval_tokens} of {held_out.numel()} tokens (--eval-tokens)")
+            held_out = held_out[:args.eval_tokens]
         before = quality.ReferenceRun(model, held_out, window=args.window)
         grouped_before = before.evaluate(model.cqil)
     bar = tqdm(total=args.steps, desc="KD fine-tuning", unit="step")  # counts steps run now
@@ -164,8 +170,8 @@ def _finetune(args) -> int:
         bar.set_postfix(loss=f"{loss:.4f}")
 
     log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
-                   lr=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
-                   only_grouped=args.only_grouped, seed=args.seed, progress=progress,
+                   lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
+                   ce_weight=args.ce_weight, only_grouped=args.only_grouped, seed=args.seed, progress=progress,
                    checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume,
                    autocast_dtype={"auto": "auto", "none": None}.get(args.autocast, getattr(torch, args.autocast)),
                    recompute={"auto": None, "on": True, "off": False}[args.recompute])
@@ -255,10 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     _quality_args(ft)
     ft.add_argument("--cqil", required=True, help="groups JSON (e.g. from cqil calibrate)")
     ft.add_argument("--eval-text", default=None, help="held-out text: metrics before and after")
+    ft.add_argument("--eval-tokens", type=int, default=16384,
+                    help="score at most this many held-out tokens (the original's log-probabilities over the "
+                         "vocabulary are kept in memory for the KL: tokens x vocab x 4 bytes; default 16384)")
     ft.add_argument("--steps", type=int, default=200)
     ft.add_argument("--lora-rank", type=int, default=8)
     ft.add_argument("--batch", type=int, default=4)
-    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    ft.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                    help="after warm-up: cosine decay to lr/10 at the last step, or constant (default cosine)")
+    ft.add_argument("--warmup", type=int, default=None,
+                    help="steps of linear warm-up (default: steps/20, at most 100)")
     ft.add_argument("--temperature", type=float, default=1.0)
     ft.add_argument("--ce-weight", type=float, default=0.0, help="weight of a cross-entropy term")
     ft.add_argument("--only-grouped", action="store_true", help="adapters on grouped layers only")

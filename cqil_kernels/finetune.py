@@ -134,6 +134,20 @@ class TrainLog:
     losses: list[float]
 
 
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate(step: int, steps: int, lr: float, warmup: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of `step` (1-based) of a run of `steps`: linear warm-up over the first `warmup`
+    steps, then constant, or a cosine decay from lr to lr / 10 at the last step."""
+    if warmup and step <= warmup:
+        return lr * step / warmup
+    if schedule == "constant" or steps <= warmup + 1:
+        return lr
+    done = (step - warmup - 1) / (steps - warmup - 1)
+    return lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * done)))
+
+
 def _base_signature(model) -> list:
     """What a checkpoint must match: the config and a checksum of a few base weights."""
     a = model.args
@@ -151,17 +165,21 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: float | None = None,
-             window: int = 256, batch: int = 4, lr: float = 1e-3, temperature: float = 1.0,
+             window: int = 256, batch: int = 4, lr: float = 1e-3, schedule: str = "cosine",
+             warmup: int | None = None, temperature: float = 1.0,
              ce_weight: float = 0.0, only_grouped: bool = False, seed: int = 0, progress=None,
              checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
              autocast_dtype: torch.dtype | None | str = "auto", recompute: bool | None = None) -> TrainLog:
     """Train LoRA adapters on `model` (with its current grouping) to match the original model on `ids`.
 
-    Windows of `window` tokens are drawn from the text (seeded); AdamW on the adapters only. The model is
+    Windows of `window` tokens are drawn from the text (seeded); AdamW on the adapters only, its learning
+    rate from `learning_rate` (schedule "cosine" or "constant"; warmup: steps of linear warm-up, default
+    steps // 20 capped at 100). The model is
     trained with the torch backend (the fused kernels know nothing of adapters) and left in eval mode.
     checkpoint: a file written atomically every `checkpoint_every` steps and at the end (adapters,
     optimizer, data-order RNG, losses); resume=True continues from it to the same result as an
-    uninterrupted run.
+    uninterrupted run (the checkpoint records steps and schedule: resuming with others is an error, except
+    more steps of a constant schedule).
     autocast_dtype: torch.autocast dtype for the forwards ("auto": bfloat16 on CUDA, none elsewhere).
     recompute: gradient checkpointing (gradient_checkpointing above); None = on for CUDA.
     The adapters themselves are fp32 whatever the model's dtype.
@@ -178,6 +196,14 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one training window of {window} + 1")
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    warmup = min(100, steps // 20) if warmup is None else warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
+        raise ValueError(f"warmup must be an int in [0, steps = {steps}], got {warmup!r}")
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be > 0, got {lr!r}")
+    plan = dict(schedule=schedule, warmup=warmup, lr=lr, steps=steps)
     layers = sorted({l for g in model.cqil.groups for l in g}) if only_grouped else None
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -193,6 +219,11 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
         state = torch.load(checkpoint, weights_only=False)
         if state["base"] != _base_signature(model) or state["rank"] != rank or state["seed"] != seed:
             raise ValueError(f"{checkpoint} was written for another base model, rank or seed")
+        was = state.get("plan", {})
+        extends = (schedule == "constant" and {**was, "steps": steps} == plan and steps >= was.get("steps", 0))
+        if was != plan and not extends:
+            raise ValueError(f"{checkpoint} was written by a run with {was}; this one has {plan} (resume with the "
+                             f"same --steps, --lr, --warmup and --schedule)")
         for key, a in adapters.items():
             a.lora_A.data.copy_(state["adapters"][repr(key)][0])
             a.lora_B.data.copy_(state["adapters"][repr(key)][1])
@@ -203,8 +234,8 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
 
     def save(step: int) -> None:
         _save_checkpoint(checkpoint, dict(
-            step=step, rank=rank, seed=seed, base=_base_signature(model), optimizer=optimizer.state_dict(),
-            generator=generator.get_state(), steps=log.steps, losses=log.losses,
+            step=step, rank=rank, seed=seed, plan=plan, base=_base_signature(model),
+            optimizer=optimizer.state_dict(), generator=generator.get_state(), steps=log.steps, losses=log.losses,
             adapters={repr(k): (a.lora_A.detach().clone(), a.lora_B.detach().clone()) for k, a in adapters.items()}))
 
     saved_backend, model.backend = model.backend, "torch"
@@ -215,6 +246,8 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
                 starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
                 x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
                 loss = kd_loss(model, x, temperature, ce_weight, autocast_dtype)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, steps, lr, warmup, schedule)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

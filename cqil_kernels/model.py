@@ -270,6 +270,10 @@ class CQILLlama(nn.Module):
         reason = triton_unavailable_reason(self.device)
         if reason is None and self.dtype not in SUPPORTED_DTYPES:
             reason = f"the Triton kernels support float32/float16/bfloat16, not {self.dtype}"
+        if reason is None and getattr(self, "lora_adapters", None):
+            reason = ("the model has live LoRA adapters (finetune.add_lora) and the fused kernels read the packed "
+                      "base weights: save the adapter and load it merged with from_pretrained(lora=DIR), or use "
+                      "backend='torch'")
         if self._backend == "triton" and reason is not None:
             raise ValueError(f"backend='triton' cannot run: {reason}")
         return reason is None and (self._backend == "triton" or self.device.type == "cuda")

@@ -11,8 +11,8 @@ from conftest import random_hf_model
 GROUPS = CQILConfig(groups=((1, 2), (3, 4)))
 
 
-def _model(cqil=GROUPS, seed=41):
-    return CQILLlama.from_pretrained(random_hf_model(seed=seed), cqil=cqil, device="cpu")
+def _model(cqil=GROUPS, seed=41, device="cpu"):
+    return CQILLlama.from_pretrained(random_hf_model(seed=seed), cqil=cqil, device=device)
 
 
 def _text(n=400, seed=0):
@@ -79,6 +79,12 @@ def test_bad_input_is_refused(tmp_path):
         finetune(_model(), _text(), steps=1, rank=0, window=32)
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_adapter(_model(), tmp_path)
+    with pytest.raises(ValueError, match="schedule must be"):
+        finetune(_model(), _text(), steps=1, window=32, schedule="linear")
+    with pytest.raises(ValueError, match="warmup must be"):
+        finetune(_model(), _text(), steps=3, window=32, warmup=4)
+    with pytest.raises(ValueError, match="learning rate must be"):
+        finetune(_model(), _text(), steps=3, window=32, lr=0.0)
 
 
 def test_cli_finetune_end_to_end(tmp_path, capsys):
@@ -90,10 +96,11 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     CQILConfig(groups=((4, 5), (6, 7))).save(tmp_path / "groups.json")
     args = ["finetune", "tiny", "--cqil", str(tmp_path / "groups.json"), "--text", str(tmp_path / "text.pt"),
             "--eval-text", str(tmp_path / "held_out.pt"), "--steps", "3", "--lora-rank", "2", "--window", "64",
-            "--batch", "2", "--out", str(tmp_path / "adapter"), "--autocast", "bfloat16", "--recompute", "on"]
+            "--batch", "2", "--out", str(tmp_path / "adapter"), "--autocast", "bfloat16", "--recompute", "on",
+            "--eval-tokens", "200"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "grouped, after" in printed
+    assert "grouped, after" in printed and "first 200 of 300 tokens" in printed
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     csv = (tmp_path / "adapter" / "train_log.csv").read_text().splitlines()
     assert csv[0] == "step,kd_loss" and len(csv) == 4
@@ -105,6 +112,8 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert CQILConfig.load(tmp_path / "adapter" / "cqil.json").groups == ((4, 5), (6, 7))
     assert main(args) == 2  # the output directory exists
     assert "--overwrite" in capsys.readouterr().err
+    assert main(args[:-1] + ["32", "--overwrite"]) == 2
+    assert "less than one --window" in capsys.readouterr().err
 
 
 def test_resume_reaches_the_same_weights(tmp_path):
@@ -113,10 +122,16 @@ def test_resume_reaches_the_same_weights(tmp_path):
     first = _model()
     finetune(first, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck.pt",
              checkpoint_every=3)
-    # a run stopped after 5 steps (its checkpoint holds step 5), resumed by a fresh model to step 8
-    part = _model()
-    finetune(part, _text(), steps=5, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
-             checkpoint_every=3)
+
+    def interrupt_at_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    # a run interrupted at step 5 leaves the checkpoint of step 3; a fresh model resumes it to step 8
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_model(), _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
+                 checkpoint_every=3, progress=interrupt_at_5)
+    assert torch.load(tmp_path / "ck2.pt", weights_only=False)["step"] == 3
     resumed = _model()
     log = finetune(resumed, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
                    resume=True)
@@ -125,8 +140,36 @@ def test_resume_reaches_the_same_weights(tmp_path):
         assert torch.equal(resumed.lora_adapters[key].lora_B, a.lora_B), key
         assert torch.equal(first.lora_adapters[key].lora_A, a.lora_A), key
     with pytest.raises(ValueError, match="another base model"):
-        finetune(_model(seed=42), _text(), steps=9, rank=2, window=32, batch=2, seed=4,
+        finetune(_model(seed=42), _text(), steps=8, rank=2, window=32, batch=2, seed=4,
                  checkpoint=tmp_path / "ck2.pt", resume=True)
+    with pytest.raises(ValueError, match="same --steps"):  # the cosine schedule depends on the run's length
+        finetune(_model(), _text(), steps=9, rank=2, window=32, batch=2, seed=4,
+                 checkpoint=tmp_path / "ck2.pt", resume=True)
+
+
+def test_a_constant_schedule_can_be_extended(tmp_path):
+    kw = dict(rank=2, window=32, batch=2, seed=4, schedule="constant", warmup=2)
+    full = _model()
+    finetune(full, _text(), steps=7, **kw)
+    part = _model()
+    finetune(part, _text(), steps=4, checkpoint=tmp_path / "ck.pt", **kw)
+    longer = _model()
+    finetune(longer, _text(), steps=7, checkpoint=tmp_path / "ck.pt", resume=True, **kw)
+    for key, a in full.lora_adapters.items():
+        assert torch.equal(longer.lora_adapters[key].lora_B, a.lora_B), key
+    with pytest.raises(ValueError, match="same --steps"):
+        finetune(_model(), _text(), steps=7, checkpoint=tmp_path / "ck.pt", resume=True, **{**kw, "lr": 2e-3})
+
+
+def test_learning_rate_schedule():
+    from cqil_kernels.finetune import learning_rate
+
+    lrs = [learning_rate(s, 100, 1e-3, 10) for s in range(1, 101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)  # cosine to lr / 10
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert learning_rate(100, 100, 1e-3, 10, "constant") == 1e-3
+    assert learning_rate(1, 1, 1e-3, 0) == 1e-3
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -148,13 +191,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_autocast_and_recompute_train():
-    """The GPU defaults (bf16 autocast + gradient checkpointing), here on the CPU: training follows the
-    fp32 run (same seed) closely, the loss falls, the adapters stay fp32, the base weights are untouched."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bf16_autocast_and_recompute_train(device):
+    """The GPU defaults (bf16 autocast + gradient checkpointing), on the CPU and on CUDA: training follows
+    the fp32 run (same seed) closely, the loss falls, the adapters stay fp32, the base weights are
+    untouched."""
     ids = _text()
     runs = {}
     for dtype in (None, torch.bfloat16):
-        model = _model()
+        model = _model(device=device)
         base = model.layers[1].mlp.up_proj.weight.clone()
         log = finetune(model, ids, steps=40, rank=4, window=48, batch=4, lr=5e-3, seed=1,
                        autocast_dtype=dtype, recompute=True)
@@ -166,3 +212,14 @@ def test_bf16_autocast_and_recompute_train():
     assert abs(last16 - last32) < 0.05 * last32, runs
     with pytest.raises(TypeError, match="autocast_dtype"):
         finetune(_model(), ids, steps=1, rank=2, window=32, autocast_dtype="bf16")
+
+
+def test_live_adapters_keep_the_fused_kernels_off():
+    """The Triton backend reads packed base weights: with live (unmerged) adapters "auto" falls back to
+    the torch path (so a CUDA model evaluated after finetune() includes them) and "triton" refuses."""
+    model = _model()
+    finetune(model, _text(), steps=3, rank=2, window=32, batch=2, lr=5e-3, seed=2)
+    assert not model.uses_triton()
+    model.backend = "triton"
+    with pytest.raises(ValueError, match="live LoRA adapters"):
+        model(_text(8)[None])
