@@ -173,7 +173,8 @@ def _finetune(args) -> int:
                    lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
                    ce_weight=args.ce_weight, only_grouped=args.only_grouped, seed=args.seed, progress=progress,
                    checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   autocast_dtype={"auto": "auto", "none": None}.get(args.autocast, getattr(torch, args.autocast)),
+                   autocast_dtype=(None if args.autocast == "none" else "auto" if args.autocast == "auto"
+                                   else getattr(torch, args.autocast)),
                    recompute={"auto": None, "on": True, "off": False}[args.recompute])
     bar.close()
     save_adapter(model, out, base_name=str(args.model))
