@@ -214,12 +214,25 @@ def test_bf16_autocast_and_recompute_train(device):
         finetune(_model(), ids, steps=1, rank=2, window=32, autocast_dtype="bf16")
 
 
-def test_live_adapters_keep_the_fused_kernels_off():
-    """The Triton backend reads packed base weights: with live (unmerged) adapters "auto" falls back to
-    the torch path (so a CUDA model evaluated after finetune() includes them) and "triton" refuses."""
-    model = _model()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_live_adapters_keep_the_fused_kernels_off(device):
+    """The Triton backend reads packed base weights: with live (unmerged) adapters "auto" runs the torch
+    path (on CUDA the metrics after finetune() once ignored the adapters) and "triton" refuses."""
+    from cqil_kernels.ops._common import triton_unavailable_reason
+
+    model = _model(device=device)
     finetune(model, _text(), steps=3, rank=2, window=32, batch=2, lr=5e-3, seed=2)
     assert not model.uses_triton()
+    x = _text(8)[None].to(device)
+    with torch.no_grad():
+        live = model(x)
+        for a in model.lora_adapters.values():
+            a.enabled = False
+        assert (model(x) - live).abs().max() > 1e-4  # the adapters are in the result
+        for a in model.lora_adapters.values():
+            a.enabled = True
     model.backend = "triton"
-    with pytest.raises(ValueError, match="live LoRA adapters"):
-        model(_text(8)[None])
+    expect = "live LoRA adapters" if triton_unavailable_reason(model.device) is None else "cannot run"
+    with pytest.raises(ValueError, match=expect):
+        model(x)
