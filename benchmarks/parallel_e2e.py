@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cqil_kernels import fused
+from cqil_kernels import CQILLlama, fused
 from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up_gpu, random_model, shape_args
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel, init_from_env
@@ -124,6 +124,27 @@ def layer_step_ms(model, layer: int, prompt: int, T: int) -> float:
     return _events_ms(graph.replay, 30) / 10
 
 
+def tie_check(tokens, base_tokens, ranks_logits, base_logits, exact_logits, prompt: int) -> dict | None:
+    """Where the ranks' greedy tokens first part from the one-GPU model's: both bf16 models' logit error
+    against the float32 model on the same weights (for the shared prefix), and that exact model's margin
+    between the two tokens. A tie: the margin is within the two errors (flat distributions of random
+    weights have such ties); None when the tokens are identical."""
+    if torch.equal(tokens, base_tokens):
+        return None
+    i = int((tokens != base_tokens).any(0).nonzero()[0]) - prompt  # new token i: logits row i
+    ours, theirs = int(tokens[0, prompt + i]), int(base_tokens[0, prompt + i])
+    out = dict(new_token=i, ranks_token=ours, one_gpu_token=theirs,
+               ranks_vs_one_gpu=(ranks_logits[i] - base_logits[i]).abs().max().item())
+    if exact_logits is None:
+        return {**out, "exact": "float32 model does not fit next to the ranks' weights: not checked"}
+    ref = exact_logits[i].to(ranks_logits.device)
+    err_ranks = (ranks_logits[i] - ref).abs().max().item()
+    err_one = (base_logits[i].to(ref.device) - ref).abs().max().item()
+    margin = abs(ref[ours] - ref[theirs]).item()
+    return {**out, "ranks_error_vs_fp32": err_ranks, "one_gpu_error_vs_fp32": err_one,
+            "fp32_margin": margin, "tie": margin <= err_ranks + err_one}
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -174,6 +195,8 @@ def main() -> None:
         grouped_prefill, grouped_decode = _time_ours(base, ids, opts.new, opts.repeats)
         base_logits = base(ids)[:, -1].float()
         base_tokens = base.generate(ids, opts.greedy)
+        # logits before every greedy token, for the tie check of step 3 (position i predicts token i + 1)
+        base_seq_logits = base(base_tokens)[0, opts.prompt - 1:-1].double()
         record["baseline_1gpu"] = dict(decode_ms_per_token=base_decode, prefill_ms=base_prefill,
                                        prefill_graph_ms=base_graph_prefill,
                                        layer_step_ms=t_layer, layer_step_prefill_ms=t_layer_prefill,
@@ -185,6 +208,16 @@ def main() -> None:
             f"{grouped_prefill:.3f} ms")
         del base
         torch.cuda.empty_cache()
+        # the same weights in float32 (torch backend): the exact logits a greedy difference is judged by
+        exact_logits = None
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in CQILLlama(shape_args(opts.shape)).parameters())
+        if 6 * n_params < 0.8 * torch.cuda.mem_get_info(device)[0]:  # float32 copy + the bf16 one it is cast from
+            exact = random_model(opts.shape, dtype, device).float()
+            exact.cqil, exact.backend = cqil, "torch"
+            exact_logits = exact(base_tokens)[0, opts.prompt - 1:-1].double()
+            del exact
+            torch.cuda.empty_cache()
     dist.barrier()
 
     # 3. the grouped model over the ranks
@@ -204,6 +237,7 @@ def main() -> None:
         log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
     logits = ranked(ids)[:, -1].float()
     tokens = ranked.generate(ids, opts.greedy)
+    ranks_seq_logits = ranked(tokens)[0, opts.prompt - 1:-1].double()  # every rank takes part
     # P6, from CUDA graphs (GPU time): prefill as is, with the reductions skipped (wrong results, timing
     # only), and the same reductions alone
     prefill_graph = graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
@@ -250,6 +284,8 @@ def main() -> None:
             greedy_tokens_identical=bool(torch.equal(tokens, base_tokens)),
             greedy_first_difference=int((tokens != base_tokens).any(0).nonzero()[0]) - opts.prompt
             if not torch.equal(tokens, base_tokens) else None,
+            greedy_tie=tie_check(tokens, base_tokens, ranks_seq_logits, base_seq_logits, exact_logits,
+                                 opts.prompt),
             ranks=everyone)
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
@@ -258,7 +294,8 @@ def main() -> None:
             f"({100 * p['prefill_graph_reduction']:.1f}% lower; without reductions {prefill_graph_no_reduce:.3f} ms, "
             f"reductions alone {reduce_alone:.3f} ms: {100 * p['prefill_reduction_hidden']:.0f}% hidden), "
             f"logits diff vs 1-GPU grouped {p['logits_max_abs_diff']:.3g} "
-            f"(scale {p['logits_scale']:.3g}), greedy identical: {p['greedy_tokens_identical']}")
+            f"(scale {p['logits_scale']:.3g}), greedy identical: {p['greedy_tokens_identical']}"
+            + (f" (first difference: {p['greedy_tie']})" if p["greedy_tie"] else ""))
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {opts.out}")
