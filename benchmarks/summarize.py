@@ -20,15 +20,16 @@ def main(path: str) -> None:
     first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     print(f"card: {first.get('card', '?')}; commit {first.get('commit', '?')}; "
           f"date {data.get('datetime', '?')[:16]}; per call: median of CUDA-graph replays\n")
-    print("| op | shape | P | T | fused µs | torch µs | speedup | fused GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| op | shape | P | T | other | fused µs | torch µs | speedup | fused GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, params), impls in sorted(rows.items()):
         p = dict(params)
         f, t = impls.get("fused"), impls.get("torch")
         if not f or not t:
             continue
         op = re.sub(r"^test_", "", name)
-        print(f"| {op} | {p['shape']} | {p.get('P')} | {p['T']} | {f['us_per_call']:.1f} | "
+        other = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("shape", "P", "T")) or "-"
+        print(f"| {op} | {p['shape']} | {p.get('P', '-')} | {p['T']} | {other} | {f['us_per_call']:.1f} | "
               f"{t['us_per_call']:.1f} | {t['us_per_call'] / f['us_per_call']:.2f}x | {f['gbps']:.0f} |")
 
 
