@@ -31,3 +31,23 @@ def test_attention(benchmark, shape, P, T, impl):
 
     nbytes = 2 * P * (2 * Hkv * S * Dh + 2 * T * H * Dh)
     gpu_benchmark(benchmark, make, fused if impl == "fused" else torch_attn, nbytes=nbytes)
+
+
+@op_cases(T_values=(1,))
+def test_attention_merge(benchmark, shape, P, T, impl):
+    """Decode: split partials merged by the last split program ("fused", the default) against the same
+    kernel followed by the separate merge kernel (reported in the torch column)."""
+    from cqil_kernels.ops.attention import group_attention
+
+    s = SHAPES[shape]
+    H, Hkv, Dh = s["H"], s["Hkv"], s["Dh"]
+    valid = torch.ones(1, S, dtype=torch.bool, device="cuda")
+    start_t = torch.tensor([S - 1], dtype=torch.int32, device="cuda")
+
+    def make():
+        return randn(P, 1, T, H, Dh), randn(P, 1, Hkv, S, Dh), randn(P, 1, Hkv, S, Dh)
+
+    def run(q, k, v):
+        group_attention(q, k, v, valid, start_t, merge="fused" if impl == "fused" else "separate")
+
+    gpu_benchmark(benchmark, make, run, nbytes=2 * P * (2 * Hkv * S * Dh + 2 * T * H * Dh))

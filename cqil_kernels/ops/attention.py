@@ -12,9 +12,18 @@ used). This is the torch backend's mask exactly.
 One program handles one (layer, batch row, kv head) and BLOCK_M query rows of the T*G rows that share
 that kv head (G = H / Hkv): GQA heads are packed into the rows of one tile, so decode (T = 1) fills a
 16-row tile with G heads instead of wasting 15 rows per head. Prefill is causal flash attention (online
-softmax, fp32 state, exp2). Decode splits the keys over NUM_SPLITS programs per head (flash decoding) and
-a second small kernel merges the partial softmaxes, so a short batch still fills the GPU. `start` is read
-from device memory: a captured CUDA graph replays the step at any position.
+softmax, fp32 state, exp2). Decode splits the keys over NUM_SPLITS programs per head (flash decoding), so
+a short batch still fills the GPU, and the partial softmaxes are merged in the same launch: each split
+program stores its partial state, then takes a ticket from a per-head counter (a CTA barrier, then an
+acq_rel atomic: the usual "last block reduces" pattern); the program that draws the last ticket merges
+all splits in split order (deterministic) and resets the counter for the next launch or graph replay. A
+separate merge kernel (merge="separate") is kept as the plain two-launch form; it cost ~3 us per group
+and layer in decode on the H100. `start` is read from device memory: a captured CUDA graph replays the
+step at any position.
+
+The counters are one int32 per (layer, batch row, kv head), zero between launches, kept per device and
+stream (`_ticket_counters`): two decode attentions must not run at the same time on one stream's
+counters — which cannot happen within a stream, and streams have their own.
 """
 
 from __future__ import annotations
@@ -31,15 +40,46 @@ from .rope_kv import check_cache, check_start
 
 
 @triton.jit
+def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
+                  stride_op, stride_ob, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out rows of head pid_h = the splits' partial softmaxes combined in split order. The partials
+    are read at L2 (.cg): other programs wrote them, and L1 is not coherent."""
+    p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
+    rows = tl.arange(0, BLOCK_M)
+    t, g = rows // G, rows % G
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_ok = rows < T * G
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * num_splits + s) * BLOCK_M + rows) * 2, mask=row_ok,
+                                  other=float("-inf"), cache_modifier=".cg"))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, num_splits):
+        split_row = (pid_h * num_splits + s) * BLOCK_M + rows
+        scale = tl.exp2(tl.load(stat_ptr + split_row * 2, mask=row_ok, other=float("-inf"),
+                                cache_modifier=".cg") - m_use)
+        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :],
+                                        mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr,
+    q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
     B, T, HKV, G, split_len, sm_scale_log2,
     stride_qp, stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kb, stride_kh, stride_ks,
     stride_vb,
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
@@ -93,6 +133,14 @@ def _attention_kernel(
         tl.store(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(stat_ptr + split_row * 2, m_i, mask=row_ok)
         tl.store(stat_ptr + split_row * 2 + 1, l_i, mask=row_ok)
+        if MERGE_HERE:  # the last split of this head to finish merges them all
+            tl.debug_barrier()  # every thread's partial stores precede the ticket (acq_rel, GPU scope)
+            ticket = tl.atomic_add(ticket_ptr + pid_h, 1, sem="acq_rel")
+            if ticket == tl.num_programs(2) - 1:
+                _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, tl.num_programs(2), B, T, HKV, G,
+                              stride_op, stride_ob, stride_ot, stride_oh,
+                              HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+                tl.atomic_xchg(ticket_ptr + pid_h, 0)  # ready for the next launch
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
@@ -106,29 +154,23 @@ def _merge_kernel(
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_h = tl.program_id(0)
-    p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
-    rows = tl.arange(0, BLOCK_M)
-    t, g = rows // G, rows % G
-    offs_d = tl.arange(0, BLOCK_D)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_ok = rows < T * G
-    for s in range(0, NUM_SPLITS):
-        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * NUM_SPLITS + s) * BLOCK_M + rows) * 2, mask=row_ok,
-                                  other=float("-inf")))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for s in range(0, NUM_SPLITS):
-        split_row = (pid_h * NUM_SPLITS + s) * BLOCK_M + rows
-        scale = tl.exp2(tl.load(stat_ptr + split_row * 2, mask=row_ok, other=float("-inf")) - m_use)
-        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1, mask=row_ok, other=0.0)
-        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :],
-                                        mask=row_ok[:, None], other=0.0)
-    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
-    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+    _merge_splits(part_ptr, stat_ptr, out_ptr, tl.program_id(0), NUM_SPLITS, B, T, HKV, G,
+                  stride_op, stride_ob, stride_ot, stride_oh, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+
+
+_TICKETS: dict = {}  # (device, stream) -> int32 counters, zero between launches
+_RETIRED: list = []  # outgrown counters stay alive: captured CUDA graphs may still point at them
+
+
+def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _TICKETS.get(key)
+    if have is None or have.numel() < n:
+        if have is not None:
+            _RETIRED.append(have)
+        _TICKETS[key] = have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return have
 
 
 def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, num_splits: int | None):
@@ -149,11 +191,13 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     key_valid: torch.Tensor, start: torch.Tensor, *, out: torch.Tensor | None = None,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, merge: str = "fused") -> torch.Tensor:
     """q: [P, B, T, H, Dh] (Dh contiguous); k_cache, v_cache: [P, B, Hkv, S, Dh]; key_valid: [B, S] bool;
     start: int32 [1] on the device (cache position of q's first token) -> out [P, B, T, H, Dh].
 
     num_splits: key splits for decode (T * H/Hkv <= 16 rows per kv head); default fills the GPU.
+    merge: how split partials are combined: "fused" (by the last split program of each head, one launch)
+        or "separate" (a second kernel).
     The caller guarantees start + T <= S (a device-side value cannot be checked without a sync).
     """
     check_tensor("q", q, ndim=5)
@@ -176,6 +220,8 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"{T} queries do not fit a cache of {S} positions")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if merge not in ("fused", "separate"):
+        raise ValueError(f"merge must be 'fused' or 'separate', got {merge!r}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     check_tensor("out", out, ndim=5, dtype=q.dtype, device=q.device)
@@ -198,18 +244,20 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         stat = torch.empty((heads * splits * block_m, 2), device=q.device, dtype=torch.float32)
     else:
         part = stat = out  # unused
+    merge_here = splits > 1 and merge == "fused"
+    tickets = _ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
-        q, k_cache, v_cache, valid, start, out, part, stat,
+        q, k_cache, v_cache, valid, start, out, part, stat, tickets,
         B, T, Hkv, G, split_len, math.log2(math.e) / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps,
+        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps,
     )
-    if splits > 1:
+    if splits > 1 and not merge_here:
         _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,
                                 HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m)
     return out

@@ -37,15 +37,28 @@ CASES = {  # P, B, T, H, Hkv, Dh, S, start, pads
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("splits", [None, 3])
-def test_group_attention(dtype, case, splits):
+@pytest.mark.parametrize("splits,merge", [(None, "fused"), (3, "fused"), (3, "separate")])
+def test_group_attention(dtype, case, splits, merge):
     P, B, T, H, Hkv, Dh, S, start, pads = CASES[case]
     q, kc, vc, valid, start_t = _inputs(P, B, T, H, Hkv, Dh, S, start, dtype, pads, seed=len(case))
     out = group_attention(q, kc, vc, valid, start_t, out=poisoned(q.shape, dtype, DEVICE),
-                          num_splits=splits)
+                          num_splits=splits, merge=merge)
     twin = group_attention_ref(q, kc, vc, valid, start_t)
     exact = group_attention_ref(q.double(), kc.double(), vc.double(), valid, start_t)
     assert_kernel_close(out, twin, exact)
+
+
+def test_fused_merge_equals_the_merge_kernel_and_leaves_the_tickets_at_zero():
+    """The last split program merges in split order, as the separate kernel does: same bits. Its ticket
+    counters are back to zero after every launch, so the next launch (or graph replay) starts clean."""
+    from cqil_kernels.ops.attention import _ticket_counters
+
+    q, kc, vc, valid, start_t = _inputs(3, 2, 1, 6, 2, 16, 90, 77, torch.float32, pads=[0, 9], seed=5)
+    separate = group_attention(q, kc, vc, valid, start_t, num_splits=5, merge="separate")
+    for _ in range(3):
+        fused = group_attention(q, kc, vc, valid, start_t, num_splits=5)
+        assert torch.equal(fused, separate)
+        assert int(_ticket_counters(q.device, 3 * 2 * 2).abs().sum()) == 0
 
 
 def test_keys_beyond_the_queries_are_not_read():
@@ -80,6 +93,8 @@ def test_bad_input_is_refused():
         group_attention(q, kc, vc, valid, 0)
     with pytest.raises(ValueError, match="num_splits"):
         group_attention(q, kc, vc, valid, start, num_splits=0)
+    with pytest.raises(ValueError, match="merge must be"):
+        group_attention(q, kc, vc, valid, start, merge="atomic")
     with pytest.raises(ValueError, match="last dimension"):
         group_attention(q.transpose(3, 4).contiguous().transpose(3, 4), kc, vc, valid, start)
     with pytest.raises(TypeError, match="v_cache must be torch.float32"):
