@@ -47,8 +47,8 @@ for stage in $stages; do
                   "test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
                   "test_group_gemm.py|test_group_swiglu and True-3-5-59-83-torch.bfloat16" \
                   "test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
-                  "test_attention.py|3-decode-P4-padded-torch.bfloat16" \
-                  "test_attention.py|None-prefill-gqa3-torch.float16" \
+                  "test_attention.py|3-fused-decode-P4-padded-torch.bfloat16" \
+                  "test_attention.py|None-fused-prefill-gqa3-torch.float16" \
                   "test_group_residual.py|residual-2-1-7-59-torch.bfloat16"; do
         file=${case%%|*}; expr=${case#*|}
         (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
