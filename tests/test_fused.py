@@ -154,14 +154,18 @@ def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_graph_decode_equals_eager_decode():
+def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
+    """Graph-replayed decode == eager decode bit for bit, and programmatic dependent launch (ops/_pdl.py;
+    on where the GPU has it) changes nothing either: the same kernels, only launched earlier."""
     model = _models(GROUPINGS["P3-d1-residual"])
     model.to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), device="cuda")
     mask = left_padding_mask(ids, [3, 0])
     outs = {}
-    for graphs in (False, True):
-        model.cuda_graphs = graphs
+    for graphs in (False, True, "graphs without PDL"):
+        if graphs == "graphs without PDL":
+            monkeypatch.setenv("CQIL_PDL", "0")
+        model.cuda_graphs = bool(graphs)
         cache = model.new_cache(2, 30)
         with torch.no_grad():
             logits = model(ids, mask, cache=cache)[:, -1]
@@ -173,6 +177,19 @@ def test_cuda_graph_decode_equals_eager_decode():
         outs[graphs] = torch.stack(steps)
         assert cache.length == 21 and int(cache.position) == 21
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+    torch.testing.assert_close(outs["graphs without PDL"], outs[True], rtol=0, atol=0)
+
+
+def test_dependent_launch_is_off_where_it_cannot_run(monkeypatch):
+    from cqil_kernels.ops._pdl import pdl_options
+
+    assert pdl_options(torch.zeros(1)) == {"USE_GDC": False}  # CPU (and the interpreter) never
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        on = torch.cuda.get_device_capability() >= (9, 0)
+        assert pdl_options(x)["USE_GDC"] is on
+        monkeypatch.setenv("CQIL_PDL", "0")
+        assert pdl_options(x) == {"USE_GDC": False}
 
 
 @cuda

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2
+from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
 def _configs():
@@ -62,9 +63,10 @@ def _group_gemm_kernel(
     stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
     eps,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     # m varies fastest over the launch order: the programs that share a weight tile run together, so in
     # prefill the weights stream from memory once instead of once per row block
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -112,6 +114,7 @@ def _group_gemm_kernel(
             if SWIGLU:
                 acc2 += tl.load(bias2_ptr + p * stride_bp + offs_n, mask=n_ok,
                                 other=0.0).to(tl.float32)[None, :]
+    release_consumer(USE_GDC)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if HAS_RES:
@@ -180,7 +183,7 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
         out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
         float(eps),
         NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision,
+        HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x),
     )
     return out
 
@@ -244,14 +247,15 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     _sum_p_kernel[(M, triton.cdiv(D, block))](
         partial, residual if residual is not None else partial, out, P, D,
         partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, BLOCK=block)
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
     return out
 
 
 @triton.jit
 def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm, stride_om,
-                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m] = residual[m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
+    wait_for_producer(USE_GDC)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -260,6 +264,7 @@ def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride
         acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
     for p in range(0, P):
         acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0)
+    release_consumer(USE_GDC)
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (PDL, Hopper and later): the next kernel of a decode step is launched
+while the current one finishes, instead of after it.
+
+A kernel launched with `launch_pdl` may start before its predecessor on the stream has finished; it
+must therefore wait (`wait_for_producer`, griddepcontrol.wait: the predecessor has completed and its
+writes are visible) before it touches any memory — every kernel here calls it first thing, so reads and
+writes alike are ordered, and the guarantee carries down the chain. Each kernel calls
+`release_consumer` (griddepcontrol.launch_dependents) once its main loop is done, which lets the
+hardware launch the next kernel's programs while this one stores its results and drains: the next
+kernel's launch latency and ramp hide behind this one's tail. Kernels that are not ours (cuBLAS, torch
+ops, the one-shot all-reduce) are launched without the attribute and order the stream as usual.
+
+On by default on CUDA devices of compute capability 9.0 and later; CQIL_PDL=0 turns it off (read at
+each launch, so a benchmark can compare both in one process). Never under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+
+@triton.jit
+def wait_for_producer(USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_consumer(USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or interpreting() or os.environ.get("CQIL_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_options(t: torch.Tensor) -> dict:
+    """Keyword arguments for a launch of one of our kernels on t's device: the USE_GDC constexpr, and
+    the launch attribute where PDL is on."""
+    return {"USE_GDC": True, "launch_pdl": True} if pdl_enabled(t.device) else {"USE_GDC": False}
