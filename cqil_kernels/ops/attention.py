@@ -81,11 +81,9 @@ def _attention_kernel(
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_GDC: tl.constexpr, EARLY_RELEASE: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
-    if EARLY_RELEASE:
-        release_consumer(USE_GDC)
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
     start = tl.load(start_ptr)
@@ -132,8 +130,7 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if not EARLY_RELEASE:
-        release_consumer(USE_GDC)
+    release_consumer(USE_GDC)
     if SPLIT:  # unnormalised partial state of this split; _merge_kernel combines the splits
         # only the real rows: with one query head per kv head (MHA) 15 of 16 rows are padding
         split_row = (pid_h * tl.num_programs(2) + pid_s) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,8 +261,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps,
-        **pdl_options(q, triton.cdiv(T * G, block_m) * heads * splits),
+        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **pdl_options(q),
     )
     if splits > 1 and not merge_here:
         _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,

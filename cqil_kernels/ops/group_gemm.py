@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2
-from ._pdl import pdl_options, prefetch_enabled, prefetch_l2, release_consumer, wait_for_producer
+from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
 def _configs():
@@ -64,8 +64,9 @@ def _group_gemm_kernel(
     eps,
     NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     # m varies fastest over the launch order: the programs that share a weight tile run together, so in
     # prefill the weights stream from memory once instead of once per row block
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -73,16 +74,6 @@ def _group_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
-    if PREFETCH_LINES > 0:  # _pdl.py: this tile's first weight lines into L2 while the producer ends
-        lines = tl.arange(0, PREFETCH_LINES) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)
-        rows = offs_n[:, None] * stride_wn + lines[None, :]
-        if not SUM_P:
-            rows += tl.program_id(2) * stride_wp
-        ok = n_ok[:, None] & (lines < K)[None, :]
-        prefetch_l2(w_ptr + rows, ok, w_ptr)
-        if SWIGLU:
-            prefetch_l2(w2_ptr + rows, ok, w2_ptr)
-    wait_for_producer(USE_GDC)  # _pdl.py: before any access to memory a kernel writes
     if SUM_P:  # one output for the whole group: the P matmuls are one reduction over K' = P*K
         p_lo, p_hi = 0, P
     else:
@@ -193,7 +184,6 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
         float(eps),
         NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x),
-        PREFETCH_LINES=64 if m_class == 0 and prefetch_enabled(x) else 0,
     )
     return out
 
@@ -257,19 +247,15 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     _sum_p_kernel[(M, triton.cdiv(D, block))](
         partial, residual if residual is not None else partial, out, P, D,
         partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, BLOCK=block,
-        **pdl_options(x, M * triton.cdiv(D, block)))
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
     return out
 
 
 @triton.jit
 def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm, stride_om,
-                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
-                  EARLY_RELEASE: tl.constexpr):
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m] = residual[m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
     wait_for_producer(USE_GDC)
-    if EARLY_RELEASE:
-        release_consumer(USE_GDC)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -278,8 +264,7 @@ def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride
         acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
     for p in range(0, P):
         acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0)
-    if not EARLY_RELEASE:
-        release_consumer(USE_GDC)
+    release_consumer(USE_GDC)
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 

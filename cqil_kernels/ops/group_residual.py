@@ -30,11 +30,9 @@ def _group_residual_kernel(
     D, P, BYPASS, eps,
     stride_hm, stride_ap, stride_am, stride_nwp, stride_xp, stride_xm, stride_rm, stride_bm,
     RESIDUAL_MODE: tl.constexpr, HAS_RECV: tl.constexpr, INCLUDE_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_GDC: tl.constexpr, EARLY_RELEASE: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
-    if EARLY_RELEASE:
-        release_consumer(USE_GDC)
     m = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -53,8 +51,7 @@ def _group_residual_kernel(
         nw = tl.load(nw_ptr + j * stride_nwp + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(xn_ptr + j * stride_xp + m * stride_xm + offs, (r * rstd * nw).to(xn_ptr.dtype.element_ty),
                  mask=ok)
-    if not EARLY_RELEASE:
-        release_consumer(USE_GDC)
+    release_consumer(USE_GDC)
     tl.store(res_ptr + m * stride_rm + offs, total, mask=ok)
 
 
@@ -130,5 +127,5 @@ def _launch(h, a, norm_weight, xn, residual, received, eps, bypass, bypass_mode,
         float(eps), h.stride(0), a.stride(0), a.stride(1), norm_weight.stride(0), xn.stride(0), xn.stride(1),
         residual.stride(0), received.stride(0) if received is not None else 0,
         RESIDUAL_MODE=bypass_mode == "residual", HAS_RECV=received is not None, INCLUDE_H=include_h,
-        BLOCK_D=next_pow2(D), num_warps=4 if D <= 2048 else 8, **pdl_options(h, M),
+        BLOCK_D=next_pow2(D), num_warps=4 if D <= 2048 else 8, **pdl_options(h),
     )

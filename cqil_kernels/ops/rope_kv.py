@@ -23,11 +23,8 @@ def _rope_kv_kernel(
     B, T, H, HKV,
     stride_qp, stride_qm, stride_pb, stride_cp, stride_cb, stride_ch, stride_cs,
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY_RELEASE: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
-    if EARLY_RELEASE:
-        release_consumer(USE_GDC)
     # One program per token of one layer, all its q and k heads as one [heads, Dh/2] tile (one
     # program per head was 24 us per LLaMA-7B layer for a 512-token prefill on the H100).
     row = tl.program_id(0)  # over P*B*T
@@ -45,8 +42,7 @@ def _rope_kv_kernel(
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    if not EARLY_RELEASE:
-        release_consumer(USE_GDC)
+    release_consumer(USE_GDC)
     is_q = (heads < H)[:, None] & d_ok[None, :]
     tl.store(src, y1.to(qkv_ptr.dtype.element_ty), mask=is_q)
     tl.store(src + half, y2.to(qkv_ptr.dtype.element_ty), mask=is_q)
@@ -123,5 +119,5 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Te
         qkv.stride(0), qkv.stride(1), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         HEAD_DIM=Dh, HALF_BLOCK=next_pow2(Dh // 2), HEAD_BLOCK=next_pow2(num_heads + Hkv),
-        num_warps=4 if (num_heads + Hkv) * Dh <= 4096 else 8, **pdl_options(qkv, P * B * T),
+        num_warps=4 if (num_heads + Hkv) * Dh <= 4096 else 8, **pdl_options(qkv),
     )
