@@ -236,3 +236,18 @@ def test_live_adapters_keep_the_fused_kernels_off(device):
     expect = "live LoRA adapters" if triton_unavailable_reason(model.device) is None else "cannot run"
     with pytest.raises(ValueError, match=expect):
         model(x)
+
+
+def test_cli_refuses_an_invalid_grouping_before_training(tmp_path, capsys):
+    import json
+
+    from cqil_kernels.cli import main
+
+    torch.save(_text(300), tmp_path / "text.pt")
+    for groups, message in (([[2, 3], [3, 4]], "overlap"), ([[30, 31]], "layer")):
+        (tmp_path / "groups.json").write_text(json.dumps({"cqil_layers": groups, "d": 0}))
+        out = tmp_path / "adapter"
+        assert main(["finetune", "tiny", "--cqil", str(tmp_path / "groups.json"), "--text",
+                     str(tmp_path / "text.pt"), "--steps", "2", "--window", "64", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoint.pt").exists()
