@@ -148,9 +148,9 @@ def _finetune(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it, or --resume)")
-    out.mkdir(parents=True, exist_ok=True)
     model = _load_for_quality(args)
     model.cqil = CQILConfig.load(args.cqil)  # validated against the model
+    out.mkdir(parents=True, exist_ok=True)
     model.backend = "torch"  # training needs it; the metrics before and after then come from the same code
     src = None if args.model == "tiny" else args.model
     ids = quality.read_token_ids(args.text, src)
