@@ -98,12 +98,20 @@ class ReferenceRun:
                              f"longer text or a smaller window")
         return ids
 
+    MAX_BYTES = 16 << 30  # the reference log-probabilities a run may keep (16 GiB)
+
     @torch.inference_mode()
     def __init__(self, model, ids: torch.Tensor, window: int = 512, stride: int | None = None):
         stride = stride or window
         if window < 2 or not 1 <= stride <= window:
             raise ValueError(f"need window >= 2 and 1 <= stride <= window, got {window}, {stride}")
         self.model, self.ids = model, self.check_text(ids, model, window)
+        need = (self.ids.numel() - 1) * model.args.vocab_size * 4
+        if need > self.MAX_BYTES:
+            keep = self.MAX_BYTES // (model.args.vocab_size * 4)
+            raise ValueError(f"scoring {self.ids.numel() - 1} tokens keeps {need / 2**30:.1f} GiB of reference "
+                             f"log-probabilities (tokens x vocab {model.args.vocab_size} x 4 bytes), more than "
+                             f"{self.MAX_BYTES / 2**30:.0f} GiB: use at most {keep} tokens of held-out text")
         self.spans = []  # (begin, end, first scored position)
         prev_end = 1  # position 0 has no context: never scored
         for begin in range(0, self.ids.numel(), stride):

@@ -77,6 +77,11 @@ def test_bad_input_is_refused(pair):
         layer_input_similarity(model, torch.rand(10))
     with pytest.raises(ValueError, match="stride"):
         ReferenceRun(model, torch.arange(10), window=8, stride=9)
+    with pytest.MonkeyPatch.context() as mp:  # a text whose reference log-probs would not fit
+        mp.setattr(ReferenceRun, "MAX_BYTES", 97 * 4 * 30)
+        with pytest.raises(ValueError, match="at most 30 tokens"):
+            ReferenceRun(model, torch.arange(40) % 97, window=8)
+        ReferenceRun(model, torch.arange(31) % 97, window=8)  # 30 scored tokens fit
 
 
 def _planted_model():
