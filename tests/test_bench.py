@@ -31,3 +31,30 @@ def test_plot_redraws_a_saved_record(tmp_path):
     record = json.loads(open("benchmarks/results/h100_2026-11-26/bench_smollm2-135m.json").read())
     plot(record, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
+
+
+def test_python_docs_text_makes_plain_text_and_splits_by_document(tmp_path):
+    """benchmarks/python_docs_text.py (the fine-tuning text of the GPU result): reST roles, literals and
+    links keep their text, headings keep their title, directives go; every tenth document is held out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "python_docs_text.py"
+    spec = importlib.util.spec_from_file_location("python_docs_text", path)
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    rst = ("The len function\n================\n\n.. function:: len(s)\n   :noindex:\n\n"
+           "   Return the length of :func:`len`'s argument ``s``; see :ref:`the tutorial <tut>` and\n"
+           "   `Python <https://python.org>`_.\n")
+    text = docs.plain_text(rst)
+    assert text == ("The len function\n\n   Return the length of len's argument s; see the tutorial and\n"
+                    "   Python.\n")
+    src = tmp_path / "_sources"
+    for i in range(12):
+        (src / f"d{i:02d}.rst.txt").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"d{i:02d}.rst.txt").write_text(f"document {i}\n")
+    assert docs.main([str(src), str(tmp_path / "out")]) == 0
+    held = (tmp_path / "out" / "held_out.txt").read_text()
+    train = (tmp_path / "out" / "train.txt").read_text()
+    assert "document 0\n" in held and "document 10\n" in held and "document 0\n" not in train
+    assert all(f"document {i}\n" in train for i in range(1, 10)) and "document 11\n" in train
