@@ -46,57 +46,34 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
+// Element conversions to and from the fp32 accumulator (round to nearest even on the way back).
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 // 16 bytes of T as fp32 values (4 floats or 8 halves) and back.
 template <typename T>
-struct Pack;
-
-template <>
-struct Pack<float> {
-  static constexpr int N = 4;
+struct Pack {
+  static constexpr int N = sizeof(uint4) / sizeof(T);
   __device__ static void add(float (&acc)[N], const uint4& v) {
-    const float* f = reinterpret_cast<const float*>(&v);
+    const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] += f[i];
+    for (int i = 0; i < N; ++i) acc[i] += to_float(e[i]);
   }
   __device__ static uint4 pack(const float (&acc)[N]) {
     uint4 v;
-    float* f = reinterpret_cast<float*>(&v);
+    T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-    for (int i = 0; i < N; ++i) f[i] = acc[i];
-    return v;
-  }
-};
-
-template <>
-struct Pack<__half> {
-  static constexpr int N = 8;
-  __device__ static void add(float (&acc)[N], const uint4& v) {
-    const __half* h = reinterpret_cast<const __half*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] += __half2float(h[i]);
-  }
-  __device__ static uint4 pack(const float (&acc)[N]) {
-    uint4 v;
-    __half* h = reinterpret_cast<__half*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) h[i] = __float2half_rn(acc[i]);
-    return v;
-  }
-};
-
-template <>
-struct Pack<__nv_bfloat16> {
-  static constexpr int N = 8;
-  __device__ static void add(float (&acc)[N], const uint4& v) {
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] += __bfloat162float(h[i]);
-  }
-  __device__ static uint4 pack(const float (&acc)[N]) {
-    uint4 v;
-    __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) h[i] = __float2bfloat16_rn(acc[i]);
+    for (int i = 0; i < N; ++i) e[i] = from_float<T>(acc[i]);
     return v;
   }
 };
