@@ -199,6 +199,34 @@ class KVCache:
 # The model
 
 
+def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What forward() checks before anything runs, for CQILLlama and for a rank of a multi-GPU run
+    (parallel/rank.py): token ids within the vocabulary, the mask, and a cache that fits `model` (its
+    `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
+    check_input_ids(input_ids, model.args.vocab_size)
+    input_ids = input_ids.to(model.device)
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(attention_mask, input_ids)
+    B, T = input_ids.shape
+    end = T + (cache.length if cache is not None else 0)
+    limit = cache.max_seq if cache is not None else model.args.max_position_embeddings
+    if end > limit:
+        what = "the KV cache" if cache is not None else "max_position_embeddings"
+        raise ValueError(f"{end} positions exceed {what} ({limit})")
+    if cache is None:
+        return input_ids, attention_mask
+    if B != cache.batch:
+        raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
+    if cache.stages != model.stages:
+        raise ValueError("this KV cache was made for another CQIL grouping (or another rank); make a new one "
+                         "with model.new_cache() after changing model.cqil")
+    if cache.k[0].dtype != model.dtype or cache.k[0].device != model.device:
+        raise ValueError(f"this KV cache holds {cache.k[0].dtype} on {cache.k[0].device}, the model "
+                         f"{model.dtype} on {model.device}; make a new one with model.new_cache()")
+    return input_ids, attention_mask
+
+
 class CQILLlama(nn.Module):
     """A LLaMA-family causal LM whose CQIL groups run on a shared input.
 
@@ -314,11 +342,7 @@ class CQILLlama(nn.Module):
         attention_mask: [B, T], 1 for real tokens, 0 for left padding (optional). With `cache`, the new
         tokens are appended to it (and attend to everything cached); without, a full causal forward.
         """
-        check_input_ids(input_ids, self.args.vocab_size)
-        input_ids = input_ids.to(self.device)
-        if attention_mask is not None:
-            attention_mask = check_attention_mask(attention_mask, input_ids)
-        self._check_cache(input_ids, cache)
+        input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
         if self.uses_triton():
             from . import fused
 
@@ -348,24 +372,6 @@ class CQILLlama(nn.Module):
             m = layer.feed_forward(h + a)
             deltas.append((a if residual else attn[j]) + m)
         return h + sum(deltas)
-
-    def _check_cache(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
-        B, T = input_ids.shape
-        end = T + (cache.length if cache is not None else 0)
-        limit = cache.max_seq if cache is not None else self.args.max_position_embeddings
-        if end > limit:
-            what = "the KV cache" if cache is not None else "max_position_embeddings"
-            raise ValueError(f"{end} positions exceed {what} ({limit})")
-        if cache is None:
-            return
-        if B != cache.batch:
-            raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
-        if cache.stages != self.stages:
-            raise ValueError("this KV cache was made for another CQIL grouping; make a new one with "
-                             "model.new_cache() after changing model.cqil")
-        if cache.k[0].dtype != self.dtype or cache.k[0].device != self.device:
-            raise ValueError(f"this KV cache holds {cache.k[0].dtype} on {cache.k[0].device}, the model "
-                             f"{self.dtype} on {self.device}; make a new one with model.new_cache()")
 
     def _step_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       cache: KVCache | None) -> StepContext:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import CQILConfig
-from ..generation import check_attention_mask, check_input_ids, generate
-from ..model import CQILLlama, KVCache
+from ..generation import generate
+from ..model import CQILLlama, KVCache, check_forward_inputs
 from .comm import GroupReducer, exchange_bypass, global_rank
 from .placement import Placement
 
@@ -111,11 +111,7 @@ class RankModel:
                 cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
         model = self.model
-        check_input_ids(input_ids, self.args.vocab_size)
-        input_ids = input_ids.to(self.device)
-        if attention_mask is not None:
-            attention_mask = check_attention_mask(attention_mask, input_ids)
-        self._check_cache(input_ids, cache)
+        input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
         if model.uses_triton():
             B, T = input_ids.shape
             logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
@@ -220,20 +216,6 @@ class RankModel:
         return out
 
     # ----------------------------------------------------------------------------------------------
-
-    def _check_cache(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
-        B, T = input_ids.shape
-        if cache is None:
-            if T > self.args.max_position_embeddings:
-                raise ValueError(f"{T} positions exceed max_position_embeddings "
-                                 f"({self.args.max_position_embeddings})")
-            return
-        if cache.length + T > cache.max_seq:
-            raise ValueError(f"{cache.length + T} positions exceed the KV cache ({cache.max_seq})")
-        if B != cache.batch:
-            raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
-        if cache.stages != self.stages:
-            raise ValueError("this KV cache was not made by this rank's new_cache()")
 
     def decoder(self, cache: KVCache):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
