@@ -253,6 +253,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     merge_here = splits > 1 and merge == "fused"
     tickets = _ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
+    pdl = pdl_options(q)  # the same for both launches
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
         q, k_cache, v_cache, valid, start, out, part, stat, tickets,
@@ -261,9 +262,9 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **pdl_options(q),
+        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **pdl,
     )
     if splits > 1 and not merge_here:
         _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,
-                                HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, **pdl_options(q))
+                                HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, **pdl)
     return out
