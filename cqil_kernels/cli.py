@@ -166,8 +166,8 @@ def _finetune(args) -> int:
     bar = tqdm(total=args.steps, desc="KD fine-tuning", unit="step")  # counts steps run now
 
     def progress(step, loss):
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # update() redraws, at most every mininterval
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
 
     log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
                    lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
