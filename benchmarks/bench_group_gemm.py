@@ -76,3 +76,16 @@ def test_down_sum(benchmark, shape, P, T, impl):
     make = lambda: (randn(P, T, s["F"]), randn(P, s["D"], s["F"], scale=0.02),  # noqa: E731
                     randn(T, s["D"], dtype=torch.float32))
     gpu_benchmark(benchmark, make, op, nbytes=2 * (P * s["F"] * s["D"] + P * T * s["F"] + 3 * T * s["D"]))
+
+
+@op_cases(P_values=(1,))
+def test_head(benchmark, shape, P, T, impl):
+    """The final RMSNorm + lm_head: group_linear with the norm in its prologue vs RMSNorm and cuBLAS."""
+    from cqil_kernels.ops.group_gemm import group_linear
+
+    s = SHAPES[shape]
+    op = ((lambda h, w, nw: group_linear(h, w, norm_weight=nw)) if impl == "fused"
+          else (lambda h, w, nw: F.linear(rms_norm(h, nw[0]), w[0])))
+    make = lambda: (randn(T, s["D"]), randn(1, s["V"], s["D"], scale=0.02),  # noqa: E731
+                    1 + randn(1, s["D"], scale=0.1))
+    gpu_benchmark(benchmark, make, op, nbytes=2 * (s["V"] * s["D"] + T * s["D"] + T * s["V"]))

@@ -18,9 +18,9 @@ import torch
 CALLS = 24
 L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
 
-SHAPES = {  # hidden D, heads H, kv heads Hkv, head dim Dh, intermediate F
-    "llama7b": dict(D=4096, H=32, Hkv=32, Dh=128, F=11008),
-    "smollm2": dict(D=576, H=9, Hkv=3, Dh=64, F=1536),
+SHAPES = {  # hidden D, heads H, kv heads Hkv, head dim Dh, intermediate F, vocabulary V
+    "llama7b": dict(D=4096, H=32, Hkv=32, Dh=128, F=11008, V=32000),
+    "smollm2": dict(D=576, H=9, Hkv=3, Dh=64, F=1536, V=49152),
 }
 
 

@@ -9,6 +9,11 @@ P = 1) runs as seven launches, whatever P is:
     6 group_swiglu    act[p]  = silu(xn[p] @ Wg[p].T) * (xn[p] @ Wu[p].T)
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
+A stage without bypass (P = 1, or bypass d = 0) needs six: launch 6 forms h + a_p, normalises and
+rounds it as it loads it, and launch 7 adds R = h + sum_p a_p in its epilogue, so launch 5 has nothing
+left to do. Around the stages: one cache_advance launch (the cache's bookkeeping) before, and the final
+RMSNorm + lm_head after (in decode one group_linear with the norm in its prologue).
+
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
 """
@@ -20,10 +25,16 @@ import functools
 import torch
 
 from .ops.attention import group_attention
+from .ops.cache_advance import cache_advance
 from .ops.group_gemm import group_down_sum, group_linear, group_swiglu
 from .ops.group_residual import group_residual
 from .ops.rope_kv import rope_kv_write
 from .packing import PackedLayers, pack_layers
+
+# Up to this many rows the final norm + lm_head is one group_linear; above, RMSNorm and cuBLAS (H100,
+# median of CUDA-graph replays: T = 1 Triton 95.9 vs 115.8 us LLaMA-7B, 24.0 vs 39.7 us SmolLM2;
+# T = 512 Triton 391 vs 252 us, 94 vs 76 us; benchmarks/bench_group_gemm.py::test_head).
+HEAD_ROWS = 16
 
 
 def packed_layers(model) -> PackedLayers:
@@ -56,22 +67,32 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
     a = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args)
+    # Without bypass both modes add R = h + sum_p a_p. Folding group_residual away is as fast in prefill
+    # (H100, LLaMA-7B sequential, 512 tokens: 21.1 ms folded vs 21.8 ms with group_residual).
+    if P == 1 or bypass == 0:
+        act = group_swiglu(a, w.gate, w.up, x_add=h, norm_weight=w.norm_post, eps=args.rms_norm_eps,
+                           bias_gate=w.gate_bias, bias_up=w.up_bias)
+        return group_down_sum(act, w.down, h, residual_terms=a, bias=w.down_bias)
     xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
                                   bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)
     act = group_swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
     return group_down_sum(act, w.down, residual, bias=w.down_bias)
 
 
-def advance_cache(cache, valid: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+def advance(cache, valid: torch.Tensor | None, T: int) -> torch.Tensor:
     """Record T new tokens per row (valid: [B, T] bool, None = all real) in the cache's bookkeeping on
-    the device; returns their RoPE positions [B, T]. The caller advances cache.position afterwards."""
-    if valid is None:
-        valid = torch.ones(B, T, dtype=torch.bool, device=device)
-    slots = cache.position.long() + torch.arange(T, device=device)
-    cache.key_valid.index_copy_(1, slots, valid)
-    positions = (cache.n_tokens[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
-    cache.n_tokens += valid.long().sum(1)
-    return positions
+    the device and move its position on; returns their RoPE positions [B, T]. The step's kernels take
+    their first slot from `cache.start`. The caller advances the host-side `cache.length`."""
+    return cache_advance(valid, cache.key_valid, cache.n_tokens, cache.position, cache.start, T)
+
+
+def head(model, h: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm and lm_head: h [M, D] -> logits [M, V]. In decode (M <= HEAD_ROWS) one GEMM
+    with the norm in its prologue."""
+    if h.shape[0] > HEAD_ROWS:
+        return model.lm_head(model.norm(h))
+    return group_linear(h, model.lm_head.weight[None], norm_weight=model.norm.weight[None],
+                        eps=model.norm.eps)[0]
 
 
 def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
@@ -79,16 +100,15 @@ def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> t
     logits [B, T, vocab]. Reads no device value on the host: safe to capture in a CUDA graph. The
     caller advances the host-side `cache.length`."""
     B, T = input_ids.shape
-    positions = advance_cache(cache, valid, B, T, input_ids.device)
+    positions = advance(cache, valid, T)
     packed = packed_layers(model)
     h = model.embed_tokens(input_ids).view(B * T, -1)
     cqil = model.cqil
     for s, stage in enumerate(model.stages):
         h = stage_forward(packed.group(stage[0], len(stage)), h, positions, cache.k[s], cache.v[s],
-                          cache.key_valid, cache.position, model.inv_freq, args=model.args,
+                          cache.key_valid, cache.start, model.inv_freq, args=model.args,
                           bypass=cqil.bypass, bypass_mode=cqil.bypass_mode)
-    cache.position += T
-    return model.lm_head(model.norm(h.view(B, T, -1)))
+    return head(model, h).view(B, T, -1)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:

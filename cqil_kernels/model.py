@@ -176,7 +176,8 @@ class KVCache:
     contiguous tensor and a fused kernel can treat the group as one batched attention.
     key_valid: [B, S_max] bool, False at left-padding positions. n_tokens: [B] real tokens seen so far
     (the next token's RoPE position). length: positions filled so far (same for every row), also kept
-    on the device as `position` (int32 [1]) so a captured CUDA graph can advance it.
+    on the device as `position` (int32 [1]) so a captured CUDA graph can advance it; `start` (int32 [1])
+    is the first slot of the Triton step in flight (ops.cache_advance moves `position` on first).
     """
 
     def __init__(self, args: LlamaArgs, stages: list[tuple[int, ...]], batch: int, max_seq: int,
@@ -188,6 +189,7 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
+        self.start = torch.zeros(1, dtype=torch.int32, device=device)
         self.batch, self.max_seq, self.length = batch, max_seq, 0
 
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:

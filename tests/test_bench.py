@@ -1,6 +1,7 @@
 """bench.py: the byte count behind the bandwidth figures, and refusals without a GPU."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_bench_needs_a_gpu(capsys):
 
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
-    record = json.loads(open("benchmarks/results/h100_2026-11-26/bench_smollm2-135m.json").read())
+    saved = Path(__file__).parents[1] / "benchmarks/results/h100_2026-11-26/bench_smollm2-135m.json"
+    record = json.loads(saved.read_text())
     plot(record, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
 

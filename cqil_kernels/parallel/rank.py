@@ -161,14 +161,14 @@ class RankModel:
 
         model, args, cqil = self.model, self.args, self.model.cqil
         B, T = input_ids.shape
-        positions = fused.advance_cache(cache, valid, B, T, input_ids.device)
+        positions = fused.advance(cache, valid, T)
         packed = fused.packed_layers(model)
         h = model.embed_tokens(input_ids).view(B * T, -1)
         for s, stage in enumerate(self.placement.stages):
             local = self.stages[s]
             if len(stage) == 1:
                 h = fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
-                                        cache.key_valid, cache.position, model.inv_freq, args=args,
+                                        cache.key_valid, cache.start, model.inv_freq, args=args,
                                         bypass=0, bypass_mode=cqil.bypass_mode)
                 continue
             if not local:  # idle for this group: contribute zeros, in the same chunks as the others
@@ -176,7 +176,7 @@ class RankModel:
                 continue
             w = packed.group(local[0], 1)
             a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid,
-                                      cache.position, model.inv_freq, args=args)
+                                      cache.start, model.inv_freq, args=args)
             b, sends = exchange_bypass(a[0], self.rank, len(stage), cqil.bypass, self.group)
             xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
                                          include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
@@ -184,8 +184,7 @@ class RankModel:
             h = self._down_reduce(act, w, residual, h)
             for work in sends:
                 work.wait()
-        cache.position += T
-        return model.lm_head(model.norm(h.view(B, T, -1)))
+        return fused.head(model, h).view(B, T, -1)
 
     def chunks(self, M: int) -> int:
         """How many token chunks the down projection of M rows is cut into (the same on every rank)."""
