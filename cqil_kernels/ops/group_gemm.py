@@ -3,13 +3,7 @@
     group_linear(x, w)                    out[p] = x[p] @ w[p].T               (o_proj; x may be shared)
     group_linear(x, w, norm_weight=n)     out[p] = RMSNorm_n[p](x) @ w[p].T    (QKV with the input norm)
     group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
-    group_swiglu(a, g, u, x_add=h, norm_weight=n)    the same of x[p] = RMSNorm_n[p](h + a[p])
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
-    group_down_sum(x, w, h, residual_terms=a)   out = h + sum_p a[p] + sum_p x[p] @ w[p].T
-
-The last two forms let a decode step skip group_residual when it has nothing to add (no bypass): the
-MLP input h + a_p is formed, normalised and rounded as the gate/up GEMM loads it, and the residual
-h + sum_p a_p is added by the down projection's epilogue.
 
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
 the packed group tensors. The input norm is applied in the prologue: the row's 1/rms is computed by a
@@ -64,14 +58,12 @@ def _prune(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_gemm_kernel(
-    x_ptr, xa_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, terms_ptr, out_ptr,
+    x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
     M, N, K, P, P_GRID, M_CLASS,
-    stride_xp, stride_xm, stride_xam, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm,
-    stride_tp, stride_tm, stride_op, stride_om,
+    stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
     eps,
-    NORM: tl.constexpr, ADD_X: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_TERMS: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
@@ -89,7 +81,6 @@ def _group_gemm_kernel(
         p_hi = p_lo + 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa_rows = xa_ptr + offs_m[:, None] * stride_xam
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
         w_cols = p * stride_wp + offs_n[None, :] * stride_wn
@@ -98,11 +89,6 @@ def _group_gemm_kernel(
             k_ok = k < K
             xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             wk = tl.load(w_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if ADD_X:  # x[p] + x_add in fp32, rounded once below (NORM) or here
-                xk = xk.to(tl.float32) + tl.load(xa_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                                                 other=0.0).to(tl.float32)
-                if not NORM:
-                    xk = xk.to(wk.dtype)
             if NORM:
                 nw = tl.load(nw_ptr + p * stride_nwp + k, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
@@ -120,15 +106,9 @@ def _group_gemm_kernel(
             sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
-                k_ok = (k < K)[None, :]
-                x32 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-                if ADD_X:
-                    x32 += tl.load(xa_rows + k[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+                x32 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
                 sq += tl.sum(x32 * x32, axis=1)
-            rstd = tl.rsqrt(sq / K + eps)[:, None]
-            acc = acc * rstd
-            if SWIGLU:
-                acc2 = acc2 * rstd
+            acc = acc * tl.rsqrt(sq / K + eps)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
@@ -140,10 +120,6 @@ def _group_gemm_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :],
                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    if RES_TERMS:  # SUM_P only: the P terms [P, M, N] added to the one output
-        for q in range(0, P):
-            acc += tl.load(terms_ptr + q * stride_tp + offs_m[:, None] * stride_tm + offs_n[None, :],
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     out = out_ptr + p_lo * stride_op + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -180,8 +156,8 @@ def _check_vector(name: str, v: torch.Tensor | None, P: int, n: int, x: torch.Te
         raise ValueError(f"{name} must have shape {(P, n)}, got {tuple(v.shape)}")
 
 
-def _launch(x, w, out, *, sx, x_add=None, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
-            residual=None, terms=None, sum_p=False):
+def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
+            residual=None, sum_p=False):
     P, N, K = w.shape
     M = x.shape[-2]
     if M == 0 or N == 0:
@@ -194,23 +170,20 @@ def _launch(x, w, out, *, sx, x_add=None, w2=None, norm_weight=None, eps=0.0, bi
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), p_grid
 
-    def given(t):
-        return t if t is not None else dummy
-
     _group_gemm_kernel[grid](
-        x, given(x_add), w, given(w2), given(norm_weight), given(bias), given(bias2), given(residual),
-        given(terms), out,
+        x, w, w2 if w2 is not None else dummy,
+        norm_weight if norm_weight is not None else dummy,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        residual if residual is not None else dummy, out,
         M, N, K, P, p_grid, m_class,
-        sx[0], sx[1], x_add.stride(0) if x_add is not None else 0, w.stride(0), w.stride(1),
+        sx[0], sx[1], w.stride(0), w.stride(1),
         norm_weight.stride(0) if norm_weight is not None else 0,
         bias.stride(0) if bias is not None else 0,
         residual.stride(0) if residual is not None else 0,
-        terms.stride(0) if terms is not None else 0, terms.stride(1) if terms is not None else 0,
         out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
         float(eps),
-        NORM=norm_weight is not None, ADD_X=x_add is not None, SWIGLU=w2 is not None, SUM_P=sum_p,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RES_TERMS=terms is not None,
-        UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x),
+        NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x),
     )
     return out
 
@@ -232,14 +205,9 @@ def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
 
 
 def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
-                 x_add: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6, bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
+                 bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [P, M, K] (or [M, K] shared); w_gate, w_up: [P, F, K] -> silu(x g^T) * (x u^T): [P, M, F].
-
-    x_add: [M, K] (any float dtype) added to every layer's x first; norm_weight: [P, K] — then each
-    layer's RMSNorm (eps) (the post-attention norm of h + a_p).
-    """
+    """x: [P, M, K] (or [M, K] shared); w_gate, w_up: [P, F, K] -> silu(x g^T) * (x u^T): [P, M, F]."""
     sx = _check_x(x, w_gate)
     _check_weight("w_up", w_up, x)
     if w_up.shape != w_gate.shape or w_up.stride() != w_gate.stride():
@@ -248,57 +216,45 @@ def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
     P, F, _ = w_gate.shape
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("pass both bias_gate and bias_up, or neither")
-    _check_rows("x_add", x_add, x.shape[-2], w_gate.shape[2], x)
-    _check_vector("norm_weight", norm_weight, P, w_gate.shape[2], x)
     _check_vector("bias_gate", bias_gate, P, F, x)
     _check_vector("bias_up", bias_up, P, F, x)
     if bias_gate is not None and bias_gate.stride() != bias_up.stride():
         raise ValueError("bias_gate and bias_up must have the same strides")
     out = _out(out, (P, x.shape[-2], F), x)
-    return _launch(x, w_gate, out, sx=sx, x_add=x_add, w2=w_up, norm_weight=norm_weight, eps=eps,
-                   bias=bias_gate, bias2=bias_up)
+    return _launch(x, w_gate, out, sx=sx, w2=w_up, bias=bias_gate, bias2=bias_up)
 
 
 def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, *,
-                   residual_terms: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
-    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F.
-
-    residual_terms: [P, M, D] (rows contiguous), also added: residual + sum_p residual_terms[p] + ...
-    """
+    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F."""
     if isinstance(x, torch.Tensor) and x.ndim != 3:
         raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
     sx = _check_x(x, w)
     P, D, _ = w.shape
     M = x.shape[1]
     _check_vector("bias", bias, P, D, x)
-    _check_rows("residual", residual, M, D, x)
-    if residual_terms is not None:
-        check_tensor("residual_terms", residual_terms, ndim=3, device=x.device)
-        if tuple(residual_terms.shape) != (P, M, D):
-            raise ValueError(f"residual_terms must have shape {(P, M, D)}, got {tuple(residual_terms.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, device=x.device)
+        if tuple(residual.shape) != (M, D):
+            raise ValueError(f"residual must have shape {(M, D)}, got {tuple(residual.shape)}")
     out = _out(out, (M, D), x)
     if M > 16 or P == 1 or M == 0:
-        return _launch(x, w, out, sx=sx, bias=bias, residual=residual, terms=residual_terms, sum_p=True)
+        return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
     partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
     _launch(x, w, partial, sx=sx, bias=bias)
     block = min(1024, next_pow2(D))
-    terms = residual_terms
     _sum_p_kernel[(M, triton.cdiv(D, block))](
-        partial, residual if residual is not None else partial, terms if terms is not None else partial,
-        out, P, D, partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
-        terms.stride(0) if terms is not None else 0, terms.stride(1) if terms is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, RES_TERMS=terms is not None, BLOCK=block,
-        **pdl_options(x))
+        partial, residual if residual is not None else partial, out, P, D,
+        partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
     return out
 
 
 @triton.jit
-def _sum_p_kernel(part_ptr, res_ptr, terms_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm,
-                  stride_tp, stride_tm, stride_om,
-                  HAS_RES: tl.constexpr, RES_TERMS: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    """out[m] = residual[m] + sum_p terms[p, m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
+def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm, stride_om,
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    """out[m] = residual[m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
     wait_for_producer(USE_GDC)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -306,22 +262,10 @@ def _sum_p_kernel(part_ptr, res_ptr, terms_ptr, out_ptr, P, N, stride_pp, stride
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_RES:
         acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
-    if RES_TERMS:
-        for q in range(0, P):
-            acc += tl.load(terms_ptr + q * stride_tp + m * stride_tm + offs, mask=ok, other=0.0).to(tl.float32)
     for p in range(0, P):
         acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0)
     release_consumer(USE_GDC)
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def _check_rows(name: str, t: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> None:
-    """An optional [M, N] operand (any float dtype, rows contiguous) on x's device."""
-    if t is None:
-        return
-    check_tensor(name, t, ndim=2, device=x.device)
-    if tuple(t.shape) != (M, N):
-        raise ValueError(f"{name} must have shape {(M, N)}, got {tuple(t.shape)}")
 
 
 def _out(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
