@@ -9,10 +9,11 @@ P = 1) runs as seven launches, whatever P is:
     6 group_swiglu    act[p]  = silu(xn[p] @ Wg[p].T) * (xn[p] @ Wu[p].T)
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
-A stage without bypass (P = 1, or bypass d = 0) needs six: launch 6 forms h + a_p, normalises and
-rounds it as it loads it, and launch 7 adds R = h + sum_p a_p in its epilogue, so launch 5 has nothing
-left to do. Around the stages: one cache_advance launch (the cache's bookkeeping) before, and the final
-RMSNorm + lm_head after (in decode one group_linear with the norm in its prologue).
+Around the stages: one cache_advance launch (the cache's bookkeeping) before, and the final RMSNorm +
+lm_head after (in decode one group_linear with the norm in its prologue). Folding launch 5 into 6 and 7
+(gate/up forming RMSNorm(h + a_p) as it loads x, down adding h + sum_p a_p) was measured and dropped:
+H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48 ms/token, SmolLM2 CQIL 0.468
+vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_*.json).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
@@ -67,12 +68,6 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
     a = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args)
-    # Without bypass both modes add R = h + sum_p a_p. Folding group_residual away is as fast in prefill
-    # (H100, LLaMA-7B sequential, 512 tokens: 21.1 ms folded vs 21.8 ms with group_residual).
-    if P == 1 or bypass == 0:
-        act = group_swiglu(a, w.gate, w.up, x_add=h, norm_weight=w.norm_post, eps=args.rms_norm_eps,
-                           bias_gate=w.gate_bias, bias_up=w.up_bias)
-        return group_down_sum(act, w.down, h, residual_terms=a, bias=w.down_bias)
     xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
                                   bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)
     act = group_swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
