@@ -29,7 +29,7 @@ def main(path: str) -> None:
             continue
         op = re.sub(r"^test_", "", name)
         other = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("shape", "P", "T")) or "-"
-        print(f"| {op} | {p['shape']} | {p.get('P', '-')} | {p['T']} | {other} | {f['us_per_call']:.1f} | "
+        print(f"| {op} | {p['shape']} | {p.get('P', '-')} | {p.get('T', '-')} | {other} | {f['us_per_call']:.1f} | "
               f"{t['us_per_call']:.1f} | {t['us_per_call'] / f['us_per_call']:.2f}x | {f['gbps']:.0f} |")
 
 

@@ -85,3 +85,22 @@ def next_pow2(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_TICKETS: dict = {}  # (device, stream) -> int32 counters, zero between launches
+_RETIRED: list = []  # outgrown counters stay alive: captured CUDA graphs may still point at them
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters on `device` for the current stream, zero between launches: the kernels
+    that finish with "the last program to arrive reduces" (attention's split merge, argmax) take a
+    ticket and the last program sets the counter back to zero. Kernels of one stream run one after
+    another, so they can share them; other streams get their own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _TICKETS.get(key)
+    if have is None or have.numel() < n:
+        if have is not None:
+            _RETIRED.append(have)
+        _TICKETS[key] = have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return have

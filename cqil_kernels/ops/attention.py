@@ -22,7 +22,7 @@ and layer in decode on the H100. `start` is read from device memory: a captured 
 step at any position.
 
 The counters are one int32 per (layer, batch row, kv head), zero between launches, kept per device and
-stream (`_ticket_counters`): two decode attentions must not run at the same time on one stream's
+stream (`_common.ticket_counters`): two decode attentions must not run at the same time on one stream's
 counters — which cannot happen within a stream, and streams have their own.
 """
 
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_runnable, check_tensor, dot_flags, interpreting, multiprocessor_count,
-                      next_pow2)
+                      next_pow2, ticket_counters)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 from .rope_kv import check_cache, check_start
 
@@ -164,21 +164,6 @@ def _merge_kernel(
                   stride_op, stride_ob, stride_ot, stride_oh, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
 
 
-_TICKETS: dict = {}  # (device, stream) -> int32 counters, zero between launches
-_RETIRED: list = []  # outgrown counters stay alive: captured CUDA graphs may still point at them
-
-
-def _ticket_counters(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    have = _TICKETS.get(key)
-    if have is None or have.numel() < n:
-        if have is not None:
-            _RETIRED.append(have)
-        _TICKETS[key] = have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return have
-
-
 def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, num_splits: int | None):
     """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape."""
     rows = T * G
@@ -251,7 +236,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part = stat = out  # unused
     merge_here = splits > 1 and merge == "fused"
-    tickets = _ticket_counters(q.device, heads) if merge_here else out  # out: unused
+    tickets = ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
     pdl = pdl_options(q)  # the same for both launches
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))

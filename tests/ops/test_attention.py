@@ -51,14 +51,14 @@ def test_group_attention(dtype, case, splits, merge):
 def test_fused_merge_equals_the_merge_kernel_and_leaves_the_tickets_at_zero():
     """The last split program merges in split order, as the separate kernel does: same bits. Its ticket
     counters are back to zero after every launch, so the next launch (or graph replay) starts clean."""
-    from cqil_kernels.ops.attention import _ticket_counters
+    from cqil_kernels.ops._common import ticket_counters
 
     q, kc, vc, valid, start_t = _inputs(3, 2, 1, 6, 2, 16, 90, 77, torch.float32, pads=[0, 9], seed=5)
     separate = group_attention(q, kc, vc, valid, start_t, num_splits=5, merge="separate")
     for _ in range(3):
         fused = group_attention(q, kc, vc, valid, start_t, num_splits=5)
         assert torch.equal(fused, separate)
-        assert int(_ticket_counters(q.device, 3 * 2 * 2).abs().sum()) == 0
+        assert int(ticket_counters(q.device, 3 * 2 * 2).abs().sum()) == 0
 
 
 def test_keys_beyond_the_queries_are_not_read():
