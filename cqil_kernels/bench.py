@@ -5,8 +5,9 @@ Variants (same random weights, same dtype, same prompt):
     torch          our torch backend (model.py), no groups, eager
     triton-seq     our Triton backend, no groups, decode replayed from a CUDA graph
     triton-cqil    our Triton backend with the CQIL groups, decode replayed from a CUDA graph
-Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill (argmax included),
-median of `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
+Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill, argmax included
+(ours: generation.greedy, one Triton launch; HF: torch.argmax, as HF users run it), median of
+`repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
 timed after the decode runs (the GPU is warmed up for a second before anything is timed).
 Achieved bandwidth counts every byte a decode step must read (all weights once, the KV cache so far) and
 is reported against a device-to-device copy measured in the same run.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import CQILConfig, LlamaArgs
+from .generation import greedy
 
 SHAPES = {  # published configs; weights are random
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -138,13 +140,13 @@ def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
         cache = model.new_cache(B, T + new + 2)
         logits = model(ids, cache=cache)[:, -1]
         decode = model.decoder(cache)
-        tok = logits.argmax(-1)
+        tok = greedy(logits)
         for _ in range(2):  # eager warm-up step and graph capture (Triton backend)
-            tok = decode(tok).argmax(-1)
+            tok = greedy(decode(tok))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(new - 2):
-            tok = decode(tok).argmax(-1)
+            tok = greedy(decode(tok))
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (new - 2))
