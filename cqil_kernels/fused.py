@@ -22,12 +22,13 @@ decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
-from .ops.group_gemm import group_down_sum, group_linear, group_swiglu
+from .ops.group_gemm import group_down_sum, group_linear, group_qkv_rope, group_swiglu
 from .ops.group_residual import group_residual
 from .ops.rope_kv import rope_kv_write
 from .packing import PackedLayers, pack_layers
@@ -47,6 +48,13 @@ def packed_layers(model) -> PackedLayers:
     return packed
 
 
+def qkv_rope_fused() -> bool:
+    """CQIL_QKV_ROPE=1: launches 1 and 2 as one (group_qkv_rope: RoPE and the cache write in the QKV
+    GEMM's epilogue). Off by default: tested for correctness (CPU interpreter), not yet timed on a GPU.
+    Read at each step, so one process can compare both."""
+    return os.environ.get("CQIL_QKV_ROPE", "0") == "1"
+
+
 def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor,
                     inv_freq: torch.Tensor, *, args) -> torch.Tensor:
@@ -54,10 +62,14 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     P = w.qkv.shape[0]
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
-    qkv = group_linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
-    rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start,
-                  num_heads=H, num_kv_heads=args.num_key_value_heads)
-    q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
+    heads = dict(num_heads=H, num_kv_heads=args.num_key_value_heads)
+    if qkv_rope_fused():
+        q = group_qkv_rope(h, w.qkv, positions, inv_freq, k_cache, v_cache, start, **heads,
+                           norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias).view(P, B, T, H, Dh)
+    else:
+        qkv = group_linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
+        rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, **heads)
+        q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
     attn = group_attention(q, k_cache, v_cache, key_valid, start)
     return group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias)
 

@@ -2,6 +2,7 @@
 
     group_linear(x, w)                    out[p] = x[p] @ w[p].T               (o_proj; x may be shared)
     group_linear(x, w, norm_weight=n)     out[p] = RMSNorm_n[p](x) @ w[p].T    (QKV with the input norm)
+    group_qkv_rope(x, w, ..., norm_weight=n)   the same, then RoPE and the KV-cache write in its epilogue
     group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
 
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2
 from ._pdl import pdl_options, release_consumer, wait_for_producer
+from .rope_kv import check_rope_kv
 
 
 def _configs():
@@ -54,17 +56,52 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
 
 
+@triton.jit
+def _rope_kv_store(acc, acc2, offs_m, offs_n, m_ok, n_ok, p, T, H, HKV,
+                   pos_ptr, inv_freq_ptr, start_ptr, q_ptr, k_ptr, v_ptr,
+                   stride_pb, stride_op, stride_om, stride_cp, stride_cb, stride_ch, stride_cs,
+                   HALF: tl.constexpr):
+    """The QKV epilogue with RoPE: acc / acc2 hold columns i and i + Dh/2 of head `offs_n // HALF` for
+    rows m = b*T + t. q and k heads are rotated by pos[b, t] * inv_freq[i] (fp32, rounded once); q goes
+    to q_ptr [P, M, H*Dh], k and v to their caches [P, B, Hkv, S, Dh] at slot start + t."""
+    head, i = offs_n // HALF, offs_n % HALF
+    b, t = offs_m // T, offs_m % T
+    pos = tl.load(pos_ptr + b * stride_pb + t, mask=m_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * tl.load(inv_freq_ptr + i, mask=n_ok, other=0.0)[None, :]
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    rotate = (head < H + HKV)[None, :]
+    y1 = tl.where(rotate, acc * cos - acc2 * sin, acc)
+    y2 = tl.where(rotate, acc2 * cos + acc * sin, acc2)
+    ok = m_ok[:, None] & n_ok[None, :]
+    q_at = q_ptr + p * stride_op + offs_m[:, None] * stride_om + (head * 2 * HALF + i)[None, :]
+    is_q = ok & (head < H)[None, :]
+    tl.store(q_at, y1.to(q_ptr.dtype.element_ty), mask=is_q)
+    tl.store(q_at + HALF, y2.to(q_ptr.dtype.element_ty), mask=is_q)
+    slot = tl.load(start_ptr) + t
+    kv_head = tl.where(head >= H + HKV, head - H - HKV, head - H)  # negative for q heads: masked below
+    at = p * stride_cp + b[:, None] * stride_cb + kv_head[None, :] * stride_ch + slot[:, None] * stride_cs \
+        + i[None, :]
+    is_k = ok & ((head >= H) & (head < H + HKV))[None, :]
+    is_v = ok & (head >= H + HKV)[None, :]
+    tl.store(k_ptr + at, y1.to(k_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_ptr + at + HALF, y2.to(k_ptr.dtype.element_ty), mask=is_k)
+    tl.store(v_ptr + at, y1.to(v_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_ptr + at + HALF, y2.to(v_ptr.dtype.element_ty), mask=is_v)
+
+
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
-    M, N, K, P, P_GRID, M_CLASS,
+    pos_ptr, inv_freq_ptr, start_ptr, k_ptr, v_ptr,
+    M, N, K, P, P_GRID, M_CLASS, T, H, HKV,
     stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
+    stride_pb, stride_cp, stride_cb, stride_ch, stride_cs,
     eps,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, SUM_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     # m varies fastest over the launch order: the programs that share a weight tile run together, so in
@@ -74,6 +111,12 @@ def _group_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
+    if ROPE:  # n counts column pairs: (head, i) -> columns head*Dh + i (acc) and + Dh/2 (acc2)
+        cols = (offs_n // HALF) * (2 * HALF) + offs_n % HALF
+        cols2 = cols + HALF
+    else:  # SWIGLU: the same columns of the two weights
+        cols = offs_n
+        cols2 = offs_n
     if SUM_P:  # one output for the whole group: the P matmuls are one reduction over K' = P*K
         p_lo, p_hi = 0, P
     else:
@@ -83,7 +126,8 @@ def _group_gemm_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
-        w_cols = p * stride_wp + offs_n[None, :] * stride_wn
+        w_cols = p * stride_wp + cols[None, :] * stride_wn
+        w2_cols = p * stride_wp + cols2[None, :] * stride_wn
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
@@ -95,8 +139,8 @@ def _group_gemm_kernel(
             if UPCAST:
                 xk, wk = xk.to(tl.float32), wk.to(tl.float32)
             acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                w2k = tl.load(w2_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if SWIGLU or ROPE:
+                w2k = tl.load(w2_ptr + w2_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if UPCAST:
                     w2k = w2k.to(tl.float32)
                 acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
@@ -108,13 +152,20 @@ def _group_gemm_kernel(
                 k = k0 + offs_k
                 x32 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
                 sq += tl.sum(x32 * x32, axis=1)
-            acc = acc * tl.rsqrt(sq / K + eps)[:, None]
+            rstd = tl.rsqrt(sq / K + eps)[:, None]
+            acc = acc * rstd
+            acc2 = acc2 * rstd
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc2 += tl.load(bias2_ptr + p * stride_bp + offs_n, mask=n_ok,
+            acc += tl.load(bias_ptr + p * stride_bp + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU or ROPE:
+                acc2 += tl.load(bias2_ptr + p * stride_bp + cols2, mask=n_ok,
                                 other=0.0).to(tl.float32)[None, :]
     release_consumer(USE_GDC)
+    if ROPE:
+        _rope_kv_store(acc, acc2, offs_m, offs_n, m_ok, n_ok, p_lo, T, H, HKV,
+                       pos_ptr, inv_freq_ptr, start_ptr, out_ptr, k_ptr, v_ptr,
+                       stride_pb, stride_op, stride_om, stride_cp, stride_cb, stride_ch, stride_cs, HALF=HALF)
+        return
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if HAS_RES:
@@ -157,7 +208,8 @@ def _check_vector(name: str, v: torch.Tensor | None, P: int, n: int, x: torch.Te
 
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
-            residual=None, sum_p=False):
+            residual=None, sum_p=False, rope=None):
+    """rope: dict(positions, inv_freq, start, k_cache, v_cache, H, Hkv) for group_qkv_rope."""
     P, N, K = w.shape
     M = x.shape[-2]
     if M == 0 or N == 0:
@@ -167,6 +219,17 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
     m_class = 0 if M <= 16 else 1
     dummy = w  # stands in for absent optional operands; never read (their flags are off)
 
+    half = 1
+    if rope is not None:  # the grid runs over column pairs; both accumulators read w (and bias)
+        half, w2, bias2 = rope["k_cache"].shape[-1] // 2, w, bias
+        N //= 2
+        cache = rope["k_cache"]
+        rope_args = (rope["positions"], rope["inv_freq"], rope["start"], cache, rope["v_cache"])
+        rope_ints = (rope["positions"].shape[1], rope["H"], rope["Hkv"])
+        rope_strides = (rope["positions"].stride(0), *cache.stride()[:4])
+    else:
+        rope_args, rope_ints, rope_strides = (dummy,) * 5, (1, 0, 0), (0,) * 5
+
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), p_grid
 
@@ -174,16 +237,17 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
         x, w, w2 if w2 is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
         bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
-        residual if residual is not None else dummy, out,
-        M, N, K, P, p_grid, m_class,
+        residual if residual is not None else dummy, out, *rope_args,
+        M, N, K, P, p_grid, m_class, *rope_ints,
         sx[0], sx[1], w.stride(0), w.stride(1),
         norm_weight.stride(0) if norm_weight is not None else 0,
         bias.stride(0) if bias is not None else 0,
         residual.stride(0) if residual is not None else 0,
-        out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
+        out.stride(0) if out.ndim == 3 else 0, out.stride(-2), *rope_strides,
         float(eps),
-        NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x),
+        NORM=norm_weight is not None, SWIGLU=w2 is not None and rope is None, ROPE=rope is not None,
+        HALF=half, SUM_P=sum_p, HAS_BIAS=bias is not None, HAS_RES=residual is not None, UPCAST=upcast,
+        DOT_PRECISION=precision, **pdl_options(x),
     )
     return out
 
@@ -202,6 +266,33 @@ def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
     _check_vector("bias", bias, P, N, x)
     out = _out(out, (P, x.shape[-2], N), x)
     return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias)
+
+
+def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, *, num_heads: int,
+                   num_kv_heads: int, norm_weight: torch.Tensor | None = None, eps: float = 1e-6, bias: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """group_linear(x, w, norm_weight, eps, bias) and ops.rope_kv.rope_kv_write in one launch.
+
+    x: [B*T, K] shared by the group (or [P, B*T, K]); w: [P, (H + 2*Hkv)*Dh, K] (q, k, v heads);
+    positions: [B, T] int RoPE positions; inv_freq: [Dh/2] fp32; k_cache, v_cache: [P, B, Hkv, S, Dh];
+    start: int32 [1] on the device -> q [P, B*T, H*Dh], rotated. k (rotated) and v are written into the
+    caches at slot start + t. Each program holds columns i and i + Dh/2 of its heads in its two
+    accumulators, so the rotation is applied to the fp32 results and rounded once. The caller
+    guarantees start + T <= S.
+    """
+    sx = _check_x(x, w)
+    P, N, K = w.shape
+    _check_vector("norm_weight", norm_weight, P, K, x)
+    _check_vector("bias", bias, P, N, x)
+    M = x.shape[-2]
+    check_rope_kv(x, (P, M, N), positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
+                  num_kv_heads=num_kv_heads)
+    Hkv, Dh = k_cache.shape[2], k_cache.shape[4]
+    out = _out(out, (P, M, num_heads * Dh), x)
+    rope = dict(positions=positions, inv_freq=inv_freq, start=start, k_cache=k_cache, v_cache=v_cache,
+                H=num_heads, Hkv=Hkv)
+    return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias, rope=rope)
 
 
 def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,

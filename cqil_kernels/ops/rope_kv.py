@@ -80,6 +80,35 @@ def check_start(start: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"start is on {start.device}, expected {device}")
 
 
+def check_rope_kv(like: torch.Tensor, qkv_shape: tuple[int, int, int], positions: torch.Tensor,
+                  inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                  *, num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
+    """The arguments of a RoPE + KV-cache write of a QKV result of shape qkv_shape [P, B*T, (H+2Hkv)*Dh]
+    (dtype and device those of `like`) -> (P, B, T); ValueError/TypeError naming what does not fit."""
+    check_cache(k_cache, v_cache, like)
+    check_start(start, like.device)
+    P, Bk, Hkv, S, Dh = k_cache.shape
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or positions.dtype not in (
+            torch.int32, torch.int64):
+        raise TypeError("positions must be an int32/int64 tensor [B, T]")
+    B, T = positions.shape
+    if positions.device != like.device or positions.stride(-1) != 1:
+        raise ValueError("positions must be on the qkv's device with contiguous rows")
+    if num_kv_heads != Hkv or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit a cache of "
+                         f"{Hkv} kv heads")
+    if Dh % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {Dh}")
+    if qkv_shape != (P, B * T, (num_heads + 2 * Hkv) * Dh) or Bk != B:
+        raise ValueError(f"qkv {qkv_shape} does not match P={P}, B*T={B * T}, "
+                         f"(H + 2*Hkv)*Dh={(num_heads + 2 * Hkv) * Dh} and the cache's batch {Bk}")
+    if inv_freq.shape != (Dh // 2,) or inv_freq.dtype != torch.float32 or inv_freq.device != like.device:
+        raise ValueError(f"inv_freq must be float32 [{Dh // 2}] on {like.device}")
+    if T > S:
+        raise ValueError(f"{T} new tokens do not fit a cache of {S} positions")
+    return P, B, T
+
+
 def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
                   *, num_heads: int, num_kv_heads: int) -> None:
@@ -90,27 +119,9 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Te
     """
     check_tensor("qkv", qkv, ndim=3)
     check_runnable(qkv)
-    check_cache(k_cache, v_cache, qkv)
-    check_start(start, qkv.device)
-    P, Bk, Hkv, S, Dh = k_cache.shape
-    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or positions.dtype not in (
-            torch.int32, torch.int64):
-        raise TypeError("positions must be an int32/int64 tensor [B, T]")
-    B, T = positions.shape
-    if positions.device != qkv.device or positions.stride(-1) != 1:
-        raise ValueError("positions must be on the qkv's device with contiguous rows")
-    if num_kv_heads != Hkv or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit a cache of "
-                         f"{Hkv} kv heads")
-    if Dh % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {Dh}")
-    if qkv.shape != (P, B * T, (num_heads + 2 * Hkv) * Dh) or Bk != B:
-        raise ValueError(f"qkv {tuple(qkv.shape)} does not match P={P}, B*T={B * T}, "
-                         f"(H + 2*Hkv)*Dh={(num_heads + 2 * Hkv) * Dh} and the cache's batch {Bk}")
-    if inv_freq.shape != (Dh // 2,) or inv_freq.dtype != torch.float32 or inv_freq.device != qkv.device:
-        raise ValueError(f"inv_freq must be float32 [{Dh // 2}] on {qkv.device}")
-    if T > S:
-        raise ValueError(f"{T} new tokens do not fit a cache of {S} positions")
+    P, B, T = check_rope_kv(qkv, tuple(qkv.shape), positions, inv_freq, k_cache, v_cache, start,
+                            num_heads=num_heads, num_kv_heads=num_kv_heads)
+    Hkv, Dh = k_cache.shape[2], k_cache.shape[4]
     if P * B * T == 0:
         return
     _rope_kv_kernel[(P * B * T,)](
