@@ -60,3 +60,14 @@ def test_python_docs_text_makes_plain_text_and_splits_by_document(tmp_path):
     train = (tmp_path / "out" / "train.txt").read_text()
     assert "document 0\n" in held and "document 10\n" in held and "document 0\n" not in train
     assert all(f"document {i}\n" in train for i in range(1, 10)) and "document 11\n" in train
+
+
+def test_ab_decode_variant_syntax(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from ab_decode import parse_variant
+
+    assert parse_variant("base:") == ("base", {})
+    assert parse_variant("rope:CQIL_QKV_ROPE=1,CQIL_PDL=0") == ("rope", {"CQIL_QKV_ROPE": "1", "CQIL_PDL": "0"})
+    for bad in ("base", ":A=1", "x:A", "x:=1"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)

@@ -1,0 +1,82 @@
+"""Same-process A/B of decode settings that are chosen by environment variables (CQIL_PDL,
+CQIL_QKV_ROPE, ...): one model, the variants alternated round by round (order reversed every other
+round) so that clock and thermal drift hit every variant alike. Separate `cqil bench` processes on the
+lent H100s drifted by up to 8% minutes apart; this is what to trust for changes of a few percent.
+
+    python benchmarks/ab_decode.py --shape llama-7b --groups none \\
+        --variant base: --variant qkv-rope:CQIL_QKV_ROPE=1 --rounds 4 --out ab.json
+
+A variant is NAME:VAR=VALUE[,VAR=VALUE...] (NAME: alone = the environment as it is). Decode ms/token per
+run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA graph, argmax included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'name:A=1,B=0' -> ('name', {'A': '1', 'B': '0'}); ValueError naming what is wrong."""
+    name, sep, assignments = text.partition(":")
+    if not sep or not name:
+        raise ValueError(f"a variant is NAME:VAR=VALUE[,VAR=VALUE...] (or NAME:), got {text!r}")
+    env = {}
+    for item in filter(None, assignments.split(",")):
+        var, eq, value = item.partition("=")
+        if not eq or not var:
+            raise ValueError(f"{item!r} in variant {name!r} is not VAR=VALUE")
+        env[var] = value
+    return name, env
+
+
+def main(argv=None) -> None:
+    from cqil_kernels import CQILConfig
+    from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _time_ours, _warm_up_gpu, random_model
+    from cqil_kernels.demo import parse_groups
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--groups", default=None, help="'none' for sequential (default: the shape's CQIL groups)")
+    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ab_decode measures GPU latency and needs a CUDA device")
+    device = torch.device("cuda")
+    model = random_model(a.shape, torch.bfloat16, device)
+    groups = a.groups or DEFAULT_GROUPS[a.shape]
+    model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
+    ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device=device)
+    _warm_up_gpu(device, 2.0)
+    saved = dict(os.environ)
+    runs: dict[str, list[float]] = {name: [] for name, _ in a.variant}
+    try:
+        for r in range(a.rounds):
+            for name, env in (a.variant if r % 2 == 0 else a.variant[::-1]):
+                os.environ.clear()
+                os.environ.update({**saved, **env})
+                with torch.inference_mode():
+                    _, decode_ms = _time_ours(model, ids, 64, 3)
+                runs[name].append(round(decode_ms, 4))
+                print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
+                  variants={name: dict(env=env, median_ms=statistics.median(runs[name]), runs=runs[name])
+                            for name, env in a.variant})
+    print(json.dumps(record, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
