@@ -56,11 +56,10 @@ def _eos_set(eos_token_id, vocab_size: int) -> list[int]:
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """logits: [B, vocab] -> argmax tokens [B] int64, first index among equal maxima: one Triton launch
     on CUDA (ops.argmax; torch's argmax of a 49 k-entry row took 11-14 us on the H100), torch elsewhere."""
-    if logits.is_cuda and logits.ndim == 2 and logits.dtype in (torch.float32, torch.float16, torch.bfloat16) \
-            and logits.stride(-1) == 1:
-        from .ops._common import triton_unavailable_reason
+    if logits.is_cuda and logits.ndim == 2 and logits.stride(-1) == 1:
+        from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 
-        if triton_unavailable_reason(logits.device) is None:
+        if logits.dtype in SUPPORTED_DTYPES and triton_unavailable_reason(logits.device) is None:
             from .ops.argmax import row_argmax
 
             return row_argmax(logits)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_runnable, check_tensor, interpreting, ticket_counters
+from ._common import check_runnable, check_tensor, interpreting, next_pow2, ticket_counters
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 BLOCK = 4096  # entries per program: a 49152-entry row is 12 programs
@@ -81,7 +81,7 @@ def row_argmax(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
     idxs = torch.empty(B * chunks, dtype=torch.int32, device=logits.device)
     _argmax_kernel[(B, chunks)](
         logits, keys, idxs, ticket_counters(logits.device, B), out, V, logits.stride(0),
-        BLOCK=block, CHUNKS_BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=8 if block >= 2048 else 4,
+        BLOCK=block, CHUNKS_BLOCK=max(16, next_pow2(chunks)), num_warps=8 if block >= 2048 else 4,
         **pdl_options(logits),
     )
     return out

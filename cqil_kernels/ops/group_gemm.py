@@ -209,7 +209,7 @@ def _check_vector(name: str, v: torch.Tensor | None, P: int, n: int, x: torch.Te
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
             residual=None, sum_p=False, rope=None):
-    """rope: dict(positions, inv_freq, start, k_cache, v_cache, H, Hkv) for group_qkv_rope."""
+    """rope: dict(positions, inv_freq, start, k_cache, v_cache, num_heads) for group_qkv_rope."""
     P, N, K = w.shape
     M = x.shape[-2]
     if M == 0 or N == 0:
@@ -219,16 +219,15 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
     m_class = 0 if M <= 16 else 1
     dummy = w  # stands in for absent optional operands; never read (their flags are off)
 
-    half = 1
     if rope is not None:  # the grid runs over column pairs; both accumulators read w (and bias)
-        half, w2, bias2 = rope["k_cache"].shape[-1] // 2, w, bias
+        cache, positions = rope["k_cache"], rope["positions"]
+        half, w2, bias2 = cache.shape[-1] // 2, w, bias
         N //= 2
-        cache = rope["k_cache"]
-        rope_args = (rope["positions"], rope["inv_freq"], rope["start"], cache, rope["v_cache"])
-        rope_ints = (rope["positions"].shape[1], rope["H"], rope["Hkv"])
-        rope_strides = (rope["positions"].stride(0), *cache.stride()[:4])
+        rope_args = (positions, rope["inv_freq"], rope["start"], cache, rope["v_cache"])
+        rope_ints = (positions.shape[1], rope["num_heads"], cache.shape[2])
+        rope_strides = (positions.stride(0), *cache.stride()[:4])
     else:
-        rope_args, rope_ints, rope_strides = (dummy,) * 5, (1, 0, 0), (0,) * 5
+        half, rope_args, rope_ints, rope_strides = 1, (dummy,) * 5, (1, 0, 0), (0,) * 5
 
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), p_grid
@@ -270,8 +269,8 @@ def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
 
 def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, *, num_heads: int,
-                   num_kv_heads: int, norm_weight: torch.Tensor | None = None, eps: float = 1e-6, bias: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   num_kv_heads: int, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """group_linear(x, w, norm_weight, eps, bias) and ops.rope_kv.rope_kv_write in one launch.
 
     x: [B*T, K] shared by the group (or [P, B*T, K]); w: [P, (H + 2*Hkv)*Dh, K] (q, k, v heads);
@@ -288,10 +287,9 @@ def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, in
     M = x.shape[-2]
     check_rope_kv(x, (P, M, N), positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
                   num_kv_heads=num_kv_heads)
-    Hkv, Dh = k_cache.shape[2], k_cache.shape[4]
-    out = _out(out, (P, M, num_heads * Dh), x)
+    out = _out(out, (P, M, num_heads * k_cache.shape[-1]), x)
     rope = dict(positions=positions, inv_freq=inv_freq, start=start, k_cache=k_cache, v_cache=v_cache,
-                H=num_heads, Hkv=Hkv)
+                num_heads=num_heads)
     return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias, rope=rope)
 
 

@@ -72,7 +72,8 @@ def test_group_down_sum(dtype, M, F, D, P, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("P,B,T,H,Hkv,Dh,K", [(1, 1, 1, 9, 3, 64, 576), (3, 2, 5, 6, 2, 8, 59),
                                               (2, 3, 7, 4, 4, 26, 48), (4, 1, 17, 3, 1, 6, 83)])
-@pytest.mark.parametrize("norm,bias", [(True, False), (True, True), (False, True)], ids=["norm", "norm-bias", "bias"])
+@pytest.mark.parametrize("norm,bias", [(True, False), (True, True), (False, True)],
+                         ids=["norm", "norm-bias", "bias"])
 def test_group_qkv_rope(dtype, P, B, T, H, Hkv, Dh, K, norm, bias):
     """QKV GEMM with RoPE and the cache write in its epilogue == group_linear then rope_kv_write (twin)."""
     torch.manual_seed(P * 100 + T)
@@ -84,17 +85,16 @@ def test_group_qkv_rope(dtype, P, B, T, H, Hkv, Dh, K, norm, bias):
     positions = torch.randint(0, 3000, (B, T), device=DEVICE)
     inv_freq = (1.0 / (10000.0 ** (torch.arange(0, Dh, 2).float() / Dh))).to(DEVICE)
     start_t = torch.tensor([start], dtype=torch.int32, device=DEVICE)
-    caches = {name: poisoned((P, B, Hkv, S, Dh), dt, DEVICE) for name, dt in
-              [("ours", dtype), ("twin", dtype), ("exact", torch.float64)] for _ in range(1)}
-    caches = {name: (c, c.clone()) for name, c in caches.items()}
+    caches = {name: (poisoned((P, B, Hkv, S, Dh), dt, DEVICE), poisoned((P, B, Hkv, S, Dh), dt, DEVICE))
+              for name, dt in [("ours", dtype), ("twin", dtype), ("exact", torch.float64)]}  # (k, v)
     heads = dict(num_heads=H, num_kv_heads=Hkv)
     q = group_qkv_rope(x, w, positions, inv_freq, *caches["ours"], start_t, **heads, norm_weight=nw, eps=1e-5,
                        bias=b, out=poisoned((P, B * T, H * Dh), dtype, DEVICE))
     q_twin = group_qkv_rope_ref(x, w, positions, inv_freq, *caches["twin"], start_t, **heads, norm_weight=nw,
                                 eps=1e-5, bias=b)
     d = (lambda t: None if t is None else t.double())
-    q_exact = group_qkv_rope_ref(x.double(), w.double(), positions, inv_freq.double(), *caches["exact"], start_t,
-                                 **heads, norm_weight=d(nw), eps=1e-5, bias=d(b))
+    q_exact = group_qkv_rope_ref(x.double(), w.double(), positions, inv_freq.double(), *caches["exact"],
+                                 start_t, **heads, norm_weight=d(nw), eps=1e-5, bias=d(b))
     assert_kernel_close(q, q_twin, q_exact, terms=K)
     written = slice(start, start + T)
     for j in range(2):  # k, then v
