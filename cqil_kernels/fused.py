@@ -13,7 +13,7 @@ Around the stages: one cache_advance launch (the cache's bookkeeping) before, an
 lm_head after (in decode one group_linear with the norm in its prologue). Folding launch 5 into 6 and 7
 (gate/up forming RMSNorm(h + a_p) as it loads x, down adding h + sum_p a_p) was measured and dropped:
 H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48 ms/token, SmolLM2 CQIL 0.468
-vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_*.json).
+vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
