@@ -13,13 +13,15 @@ One program handles one (layer, batch row, kv head) and BLOCK_M query rows of th
 that kv head (G = H / Hkv): GQA heads are packed into the rows of one tile, so decode (T = 1) fills a
 16-row tile with G heads instead of wasting 15 rows per head. Prefill is causal flash attention (online
 softmax, fp32 state, exp2). Decode splits the keys over NUM_SPLITS programs per head (flash decoding), so
-a short batch still fills the GPU, and the partial softmaxes are merged in the same launch: each split
-program stores its partial state, then takes a ticket from a per-head counter (a CTA barrier, then an
-acq_rel atomic: the usual "last block reduces" pattern); the program that draws the last ticket merges
-all splits in split order (deterministic) and resets the counter for the next launch or graph replay. A
-separate merge kernel (merge="separate") is kept as the plain two-launch form; it cost ~3 us per group
-and layer in decode on the H100. `start` is read from device memory: a captured CUDA graph replays the
-step at any position.
+a short batch still fills the GPU; each split's share is sized in the kernel from start (the keys
+actually cached, not the cache's length), so a long, mostly empty cache still spreads its keys over
+every program. The partial softmaxes are merged in the same launch: each split program stores its
+partial state, then takes a ticket from a per-head counter (a CTA barrier, then an acq_rel atomic: the
+usual "last block reduces" pattern); the program that draws the last ticket merges all splits (their
+state loaded at once, summed in a fixed order: deterministic) and resets the counter for the next launch
+or graph replay. A separate merge kernel (merge="separate") is kept as the plain two-launch form; it cost
+~3 us per group and layer in decode on the H100. `start` is read from device memory: a captured CUDA
+graph replays the step at any position.
 
 The counters are one int32 per (layer, batch row, kv head), zero between launches, kept per device and
 stream (`_common.ticket_counters`): two decode attentions must not run at the same time on one stream's
@@ -43,29 +45,44 @@ from .rope_kv import check_cache, check_start
 @triton.jit
 def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
                   stride_op, stride_ob, stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out rows of head pid_h = the splits' partial softmaxes combined in split order. The partials
-    are read at L2 (.cg): other programs wrote them, and L1 is not coherent."""
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr):
+    """out rows of head pid_h = the splits' partial softmaxes combined (fixed order: the same bits every
+    time). The state of SPLIT_CHUNK splits is loaded at once as [SPLIT_CHUNK, ROWS_P2(, BLOCK_D)] tiles
+    of the T*G real rows — usually all splits in one round trip to L2 (a loop that loaded them split by
+    split cost 0.6 us per launch for SmolLM2, 1.4 us for LLaMA-7B, H100). The partials are read at L2
+    (.cg): other programs wrote them, and L1 is not coherent.
+
+    The sums over splits are reduced across threads with butterfly shuffles, after which every thread
+    of a row holds the result and all of them write it when it changes layout (through shared memory).
+    Fused into a multiply-add, the shuffle steps round differently on each thread, the copies differ in
+    the last bit and which one lands is a race (compute-sanitizer racecheck: write-write hazard at the
+    final division; triton-lang/triton#7264). Both launches therefore compile with enable_fp_fusion=False:
+    then the copies are the same sums in swapped order, bit for bit."""
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, ROWS_P2)
     t, g = rows // G, rows % G
     offs_d = tl.arange(0, BLOCK_D)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_ok = rows < T * G
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(stat_ptr + ((pid_h * num_splits + s) * BLOCK_M + rows) * 2, mask=row_ok,
-                                  other=float("-inf"), cache_modifier=".cg"))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for s in range(0, num_splits):
-        split_row = (pid_h * num_splits + s) * BLOCK_M + rows
-        scale = tl.exp2(tl.load(stat_ptr + split_row * 2, mask=row_ok, other=float("-inf"),
-                                cache_modifier=".cg") - m_use)
-        l_sum += scale * tl.load(stat_ptr + split_row * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-        acc += scale[:, None] * tl.load(part_ptr + split_row[:, None] * BLOCK_D + offs_d[None, :],
-                                        mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    m_run = tl.full((ROWS_P2,), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((ROWS_P2,), dtype=tl.float32)
+    acc = tl.zeros((ROWS_P2, BLOCK_D), dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        split = s0 + tl.arange(0, SPLIT_CHUNK)
+        ok = (split < num_splits)[:, None] & row_ok[None, :]
+        split_row = (pid_h * num_splits + split[:, None]) * BLOCK_M + rows[None, :]  # [SPLIT_CHUNK, ROWS_P2]
+        m_s = tl.load(stat_ptr + split_row * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(stat_ptr + split_row * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_ptr + split_row[:, :, None] * BLOCK_D + offs_d[None, None, :],
+                       mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: every scale is 0
+        alpha = tl.exp2(m_run - m_use)
+        scale = tl.exp2(m_s - m_use[None, :])
+        l_run = l_run * alpha + tl.sum(scale * l_s, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(scale[:, :, None] * part, axis=0)
+        m_run = m_new
+    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
     o_rows = out_ptr + p * stride_op + b * stride_ob + t * stride_ot + (kv_head * G + g) * stride_oh
     ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
@@ -74,14 +91,14 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
-    B, T, HKV, G, split_len, sm_scale_log2,
+    B, T, HKV, G, sm_scale_log2,
     stride_qp, stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kb, stride_kh, stride_ks,
     stride_vb,
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -99,10 +116,17 @@ def _attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Keys this program reads: its split of the cache, up to the last query's position in this tile.
+    # Keys this program reads: those up to the last query's position in this tile, or its share of them
+    # when the keys are split (sized from start, so every split has work whatever the cache's length).
     last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
-    lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, start + last_t + 1)
+    n_keys = start + last_t + 1
+    if SPLIT:
+        split_len = tl.cdiv(tl.cdiv(n_keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = pid_s * split_len
+        hi = tl.minimum(lo + split_len, n_keys)
+    else:
+        lo = 0
+        hi = n_keys
     kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -143,7 +167,8 @@ def _attention_kernel(
             if ticket == tl.num_programs(2) - 1:
                 _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, tl.num_programs(2), B, T, HKV, G,
                               stride_op, stride_ob, stride_ot, stride_oh,
-                              HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+                              HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, SPLIT_CHUNK=SPLIT_CHUNK,
+                              ROWS_P2=ROWS_P2)
                 tl.atomic_xchg(ticket_ptr + pid_h, 0)  # ready for the next launch
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -156,27 +181,36 @@ def _attention_kernel(
 def _merge_kernel(
     part_ptr, stat_ptr, out_ptr, B, T, HKV, G, NUM_SPLITS,
     stride_op, stride_ob, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, USE_GDC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    ROWS_P2: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)
     release_consumer(USE_GDC)  # one small wave: nothing to hold the next kernel for
     _merge_splits(part_ptr, stat_ptr, out_ptr, tl.program_id(0), NUM_SPLITS, B, T, HKV, G,
-                  stride_op, stride_ob, stride_ot, stride_oh, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M)
+                  stride_op, stride_ob, stride_ot, stride_oh, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                  SPLIT_CHUNK=SPLIT_CHUNK, ROWS_P2=ROWS_P2)
 
 
-def _plan(P: int, B: int, Hkv: int, T: int, G: int, S: int, dtype: torch.dtype, num_splits: int | None):
+DECODE_PROGRAMS_PER_SM = 2  # decode: key splits chosen so that about this many programs run per SM
+DECODE_BLOCK_N = 32
+MERGE_TILE = 16384  # fp32 values of split state the merge loads at once
+
+
+def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype, num_splits: int | None):
     """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape."""
     rows = T * G
     if interpreting():
         return max(16, min(64, next_pow2(rows))), 32, num_splits or 1, 4
-    if rows <= 16:  # decode: one tile of rows; spread the keys over about 2 programs per SM
-        # (H100, LLaMA-7B shape, 512 cached keys: P = 1 in 2 splits of 256 keys 13.6 us, 4 of 128
-        # keys 11.6 us; P = 4 in 2 splits 21.1 us, in 4 splits 25.6 us)
-        block_n = 64
+    if rows <= 16:  # decode: one tile of rows, the keys split over programs (at most as many splits as
+        # the merge loads in one chunk). H100, bf16, 578-slot cache, 541 keys, us per launch, programs per
+        # SM x BLOCK_N (benchmarks/results/h100_2026-11-26/decode_attention/): LLaMA-7B P = 1: 2 x 32
+        # 9.97, 2 x 64 10.26, 2 x 128 12.34, 6 x 32 9.82; P = 4: 2 x 32 20.08, 2 x 64 20.45; SmolLM2
+        # P = 1: 2 x 32 4.99, 2 x 64 5.67; P = 4: 2 x 32 6.67, 2 x 128 6.42; 2048-slot cache: 2 x 32 9.96
         if num_splits is None:
             sms = multiprocessor_count(torch.cuda.current_device())
-            num_splits = max(1, min(triton.cdiv(2 * sms, P * B * Hkv), triton.cdiv(S, 128)))
-        return 16, block_n, num_splits, 4
+            one_chunk = max(1, MERGE_TILE // (next_pow2(rows) * max(16, next_pow2(Dh))))
+            num_splits = max(1, min(triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
+        return 16, DECODE_BLOCK_N, num_splits, 4
     return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
 
 
@@ -222,12 +256,11 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
 
     G = H // Hkv
-    block_m, block_n, splits, warps = _plan(P, B, Hkv, T, G, S, q.dtype, num_splits)
+    block_m, block_n, splits, warps = _plan(P, B, Hkv, T, G, Dh, q.dtype, num_splits)
     if T * G > block_m:
         splits = 1  # only a single tile of rows per head is split over the keys
     block_d = max(16, next_pow2(Dh))
-    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
-    splits = triton.cdiv(S, split_len)
+    splits = min(splits, triton.cdiv(S, block_n))  # more would leave splits empty at any position
     upcast, precision = dot_flags(q.dtype)
     heads = P * B * Hkv
     if splits > 1:
@@ -239,17 +272,22 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tickets = ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
     pdl = pdl_options(q)  # the same for both launches
+    rows_p2 = next_pow2(min(T * G, block_m))
+    chunk = min(next_pow2(splits), max(1, MERGE_TILE // (rows_p2 * block_d)))
+    merge_tile = dict(SPLIT_CHUNK=chunk, ROWS_P2=rows_p2)
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
         q, k_cache, v_cache, valid, start, out, part, stat, tickets,
-        B, T, Hkv, G, split_len, math.log2(math.e) / math.sqrt(Dh),
+        B, T, Hkv, G, math.log2(math.e) / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **pdl,
+        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **merge_tile, **pdl,
+        enable_fp_fusion=False,  # see _merge_splits
     )
     if splits > 1 and not merge_here:
         _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,
-                                HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, **pdl)
+                                HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, **merge_tile, **pdl,
+                                enable_fp_fusion=False)
     return out

@@ -32,6 +32,7 @@ CASES = {  # P, B, T, H, Hkv, Dh, S, start, pads
     "prefill-mha": (3, 1, 33, 2, 2, 64, 40, 0, None),
     "chunk-after-cache": (2, 2, 5, 4, 1, 32, 30, 11, [2, 0]),
     "prefill-gqa4-long": (1, 1, 70, 8, 2, 16, 75, 3, None),
+    "decode-long-cache": (2, 2, 1, 4, 2, 16, 300, 100, [0, 40]),  # splits cover the 101 keys, not S
 }
 
 
@@ -59,6 +60,19 @@ def test_fused_merge_equals_the_merge_kernel_and_leaves_the_tickets_at_zero():
         fused = group_attention(q, kc, vc, valid, start_t, num_splits=5)
         assert torch.equal(fused, separate)
         assert int(ticket_counters(q.device, 3 * 2 * 2).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+def test_merge_of_more_splits_than_one_tile_holds(merge):
+    """16 rows x head dim 128 fill the merge's 16K-value tile with 8 splits; 21 splits take three chunks
+    (the last one part-filled), and row 1's left padding leaves every split of the first chunk empty."""
+    P, B, T, H, Hkv, Dh, S, start = 1, 2, 2, 16, 2, 128, 21 * 32, 21 * 32 - 2
+    q, kc, vc, valid, start_t = _inputs(P, B, T, H, Hkv, Dh, S, start, torch.float32, pads=[0, 300], seed=7)
+    out = group_attention(q, kc, vc, valid, start_t, out=poisoned(q.shape, torch.float32, DEVICE),
+                          num_splits=21, merge=merge)
+    twin = group_attention_ref(q, kc, vc, valid, start_t)
+    exact = group_attention_ref(q.double(), kc.double(), vc.double(), valid, start_t)
+    assert_kernel_close(out, twin, exact)
 
 
 def test_keys_beyond_the_queries_are_not_read():
