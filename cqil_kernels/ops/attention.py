@@ -57,8 +57,8 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
     of a row holds the result and all of them write it when it changes layout (through shared memory).
     Fused into a multiply-add, the shuffle steps round differently on each thread, the copies differ in
     the last bit and which one lands is a race (compute-sanitizer racecheck: write-write hazard at the
-    final division; triton-lang/triton#7264). Both launches therefore compile with enable_fp_fusion=False:
-    then the copies are the same sums in swapped order, bit for bit."""
+    final division; triton-lang/triton#7264). Launches that merge therefore compile with
+    enable_fp_fusion=False: then the copies are the same sums in swapped order, bit for bit."""
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
     rows = tl.arange(0, ROWS_P2)
     t, g = rows // G, rows % G
@@ -193,7 +193,16 @@ def _merge_kernel(
 
 DECODE_PROGRAMS_PER_SM = 2  # decode: key splits chosen so that about this many programs run per SM
 DECODE_BLOCK_N = 32
-MERGE_TILE = 16384  # fp32 values of split state the merge loads at once
+MERGE_TILE = 16384  # fp32 values of split state the merge loads at once (a power of two)
+
+
+def _block_d(Dh: int) -> int:
+    return max(16, next_pow2(Dh))
+
+
+def _merge_chunk(rows_p2: int, block_d: int) -> int:
+    """How many splits' state the merge loads at once (a power of two, at most MERGE_TILE values)."""
+    return max(1, MERGE_TILE // (rows_p2 * block_d))
 
 
 def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype, num_splits: int | None):
@@ -208,7 +217,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
         # P = 1: 2 x 32 4.99, 2 x 64 5.67; P = 4: 2 x 32 6.67, 2 x 128 6.42; 2048-slot cache: 2 x 32 9.96
         if num_splits is None:
             sms = multiprocessor_count(torch.cuda.current_device())
-            one_chunk = max(1, MERGE_TILE // (next_pow2(rows) * max(16, next_pow2(Dh))))
+            one_chunk = _merge_chunk(next_pow2(rows), _block_d(Dh))
             num_splits = max(1, min(triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
         return 16, DECODE_BLOCK_N, num_splits, 4
     return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
@@ -259,7 +268,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m, block_n, splits, warps = _plan(P, B, Hkv, T, G, Dh, q.dtype, num_splits)
     if T * G > block_m:
         splits = 1  # only a single tile of rows per head is split over the keys
-    block_d = max(16, next_pow2(Dh))
+    block_d = _block_d(Dh)
     splits = min(splits, triton.cdiv(S, block_n))  # more would leave splits empty at any position
     upcast, precision = dot_flags(q.dtype)
     heads = P * B * Hkv
@@ -273,8 +282,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     valid = key_valid.view(torch.uint8)
     pdl = pdl_options(q)  # the same for both launches
     rows_p2 = next_pow2(min(T * G, block_m))
-    chunk = min(next_pow2(splits), max(1, MERGE_TILE // (rows_p2 * block_d)))
-    merge_tile = dict(SPLIT_CHUNK=chunk, ROWS_P2=rows_p2)
+    merge_tile = dict(SPLIT_CHUNK=min(next_pow2(splits), _merge_chunk(rows_p2, block_d)), ROWS_P2=rows_p2)
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
         q, k_cache, v_cache, valid, start, out, part, stat, tickets,
@@ -284,7 +292,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
         MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **merge_tile, **pdl,
-        enable_fp_fusion=False,  # see _merge_splits
+        enable_fp_fusion=not merge_here,  # see _merge_splits
     )
     if splits > 1 and not merge_here:
         _merge_kernel[(heads,)](part, stat, out, B, T, Hkv, G, splits, *o_strides,
