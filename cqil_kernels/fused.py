@@ -55,10 +55,18 @@ def qkv_rope_fused() -> bool:
     return os.environ.get("CQIL_QKV_ROPE", "0") == "1"
 
 
+def residual_folded() -> bool:
+    """CQIL_FOLD_RESIDUAL=1: a stage of one layer skips launch 5 — o_proj adds h in its epilogue (h + a,
+    rounded to the model's dtype as the torch backend rounds it) and the gate/up GEMM applies the
+    post-attention norm in its prologue, as the QKV GEMM does the input norm. Read at each step."""
+    return os.environ.get("CQIL_FOLD_RESIDUAL", "0") == "1"
+
+
 def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor,
-                    inv_freq: torch.Tensor, *, args) -> torch.Tensor:
-    """Launches 1-4 of a stage of P layers: h [B*T, D] -> the attention outputs a [P, B*T, D]."""
+                    inv_freq: torch.Tensor, *, args, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Launches 1-4 of a stage of P layers: h [B*T, D] -> the attention outputs a [P, B*T, D]
+    (residual [B*T, D]: + residual, added by o_proj's epilogue)."""
     P = w.qkv.shape[0]
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
@@ -71,7 +79,7 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
         rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, **heads)
         q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
     attn = group_attention(q, k_cache, v_cache, key_valid, start)
-    return group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias)
+    return group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
 
 
 def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
@@ -79,6 +87,12 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
+    if P == 1 and residual_folded():  # h + a from o_proj, the norm in gate/up's prologue: 6 launches
+        h_mid = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args,
+                                residual=h)
+        act = group_swiglu(h_mid, w.gate, w.up, norm_weight=w.norm_post, eps=args.rms_norm_eps,
+                           bias_gate=w.gate_bias, bias_up=w.up_bias)
+        return group_down_sum(act, w.down, h_mid[0], bias=w.down_bias)
     a = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args)
     xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
                                   bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)

@@ -36,10 +36,15 @@ def test_triton_backend_matches_torch_backend(name):
     torch.testing.assert_close(got[real], expected[real], atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("qkv_rope", ["0", "1"], ids=["rope-launch", "qkv-rope-fused"])
+# the Triton step's opt-in variants (fused.qkv_rope_fused, fused.residual_folded), as environments
+VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-folded": {"CQIL_FOLD_RESIDUAL": "1"}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", ["none", "P3-d1-residual"])
-def test_cached_prefill_then_decode_matches_torch_backend(name, qkv_rope, monkeypatch):
-    monkeypatch.setenv("CQIL_QKV_ROPE", qkv_rope)  # fused.qkv_rope_fused
+def test_cached_prefill_then_decode_matches_torch_backend(name, variant, monkeypatch):
+    for var, value in VARIANTS[variant].items():
+        monkeypatch.setenv(var, value)
     model = _models(GROUPINGS[name], head_dim=16, attention_bias=True, mlp_bias=True)
     ids = torch.randint(0, model.args.vocab_size, (2, 9), device=DEVICE)
     mask = left_padding_mask(ids, [3, 0])
@@ -126,13 +131,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("qkv_rope", ["0", "1"], ids=["rope-launch", "qkv-rope-fused"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["none", "P3-d1-residual", "P4-d2-mlp_input"])
-def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name, qkv_rope, monkeypatch):
+def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name, variant, monkeypatch):
     """Against the fp32 torch backend, the Triton backend's logits error in bf16/fp16 is at most 2x
     the torch backend's own error in the same dtype (prefill with padding, then cached decode)."""
-    monkeypatch.setenv("CQIL_QKV_ROPE", qkv_rope)  # fused.qkv_rope_fused
+    for var, value in VARIANTS[variant].items():
+        monkeypatch.setenv(var, value)
     hf = random_hf_model(seed=12, scale=0.05)
     exact = CQILLlama.from_pretrained(hf, cqil=GROUPINGS[name], device="cuda", dtype=torch.float32)
     exact.backend = "torch"
@@ -161,17 +167,21 @@ def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name, qkv_rope, mo
 def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     """Graph-replayed decode == eager decode bit for bit, and programmatic dependent launch (ops/_pdl.py;
     on where the GPU has it) changes nothing either: the same kernels, only launched earlier. Likewise
-    with RoPE in the QKV GEMM's epilogue (CQIL_QKV_ROPE=1)."""
+    with RoPE in the QKV GEMM's epilogue (CQIL_QKV_ROPE=1) and with the residual folded (CQIL_FOLD_RESIDUAL=1)."""
     model = _models(GROUPINGS["P3-d1-residual"])
     model.to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), device="cuda")
     mask = left_padding_mask(ids, [3, 0])
     outs = {}
-    runs = [("eager", False, "1", "0"), ("graphs", True, "1", "0"), ("graphs without PDL", True, "0", "0"),
-            ("eager, QKV + RoPE fused", False, "1", "1"), ("graphs, QKV + RoPE fused", True, "1", "1")]
-    for label, graphs, pdl, qkv_rope in runs:
+    runs = [("eager", False, "1", "default"), ("graphs", True, "1", "default"),
+            ("graphs without PDL", True, "0", "default"), ("eager, QKV + RoPE fused", False, "1", "qkv-rope-fused"),
+            ("graphs, QKV + RoPE fused", True, "1", "qkv-rope-fused"),
+            ("eager, residual folded", False, "1", "residual-folded"),
+            ("graphs, residual folded", True, "1", "residual-folded")]
+    for label, graphs, pdl, variant in runs:
         monkeypatch.setenv("CQIL_PDL", pdl)
-        monkeypatch.setenv("CQIL_QKV_ROPE", qkv_rope)
+        for var in ("CQIL_QKV_ROPE", "CQIL_FOLD_RESIDUAL"):
+            monkeypatch.setenv(var, VARIANTS[variant].get(var, "0"))
         model.cuda_graphs = graphs
         cache = model.new_cache(2, 30)
         with torch.no_grad():
@@ -186,6 +196,7 @@ def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     torch.testing.assert_close(outs["graphs"], outs["eager"], rtol=0, atol=0)
     torch.testing.assert_close(outs["graphs without PDL"], outs["graphs"], rtol=0, atol=0)
     torch.testing.assert_close(outs["graphs, QKV + RoPE fused"], outs["eager, QKV + RoPE fused"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["graphs, residual folded"], outs["eager, residual folded"], rtol=0, atol=0)
 
 
 def test_dependent_launch_is_off_where_it_cannot_run(monkeypatch):

@@ -207,6 +207,14 @@ def _check_vector(name: str, v: torch.Tensor | None, P: int, n: int, x: torch.Te
         raise ValueError(f"{name} must have shape {(P, n)}, got {tuple(v.shape)}")
 
 
+def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> None:
+    if residual is None:
+        return
+    check_tensor("residual", residual, ndim=2, device=x.device)
+    if tuple(residual.shape) != (M, N):
+        raise ValueError(f"residual must have shape {(M, N)}, got {tuple(residual.shape)}")
+
+
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
             residual=None, sum_p=False, rope=None):
     """rope: dict(positions, inv_freq, start, k_cache, v_cache, num_heads) for group_qkv_rope."""
@@ -252,19 +260,22 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
 
 
 def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6, bias: torch.Tensor | None = None,
+                 eps: float = 1e-6, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] shared by the group, or [P, M, K]; w: [P, N, K] -> [P, M, N].
 
     norm_weight: [P, K] — apply each layer's RMSNorm (eps) to x first. bias: [P, N].
+    residual: [M, N] (any float dtype), added to every layer's output in fp32 before it is rounded
+    (o_proj's output as the new residual stream h + a).
     out: an optional preallocated [P, M, N] (rows contiguous) to write into.
     """
     sx = _check_x(x, w)
     P, N, K = w.shape
     _check_vector("norm_weight", norm_weight, P, K, x)
     _check_vector("bias", bias, P, N, x)
+    _check_residual(residual, x.shape[-2], N, x)
     out = _out(out, (P, x.shape[-2], N), x)
-    return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias)
+    return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
 
 
 def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -294,9 +305,13 @@ def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, in
 
 
 def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                  bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [P, M, K] (or [M, K] shared); w_gate, w_up: [P, F, K] -> silu(x g^T) * (x u^T): [P, M, F]."""
+    """x: [P, M, K] (or [M, K] shared); w_gate, w_up: [P, F, K] -> silu(x g^T) * (x u^T): [P, M, F].
+
+    norm_weight: [P, K] — apply each layer's RMSNorm (eps) to x first (the post-attention norm), as
+    group_linear does."""
     sx = _check_x(x, w_gate)
     _check_weight("w_up", w_up, x)
     if w_up.shape != w_gate.shape or w_up.stride() != w_gate.stride():
@@ -305,12 +320,14 @@ def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
     P, F, _ = w_gate.shape
     if (bias_gate is None) != (bias_up is None):
         raise ValueError("pass both bias_gate and bias_up, or neither")
+    _check_vector("norm_weight", norm_weight, P, w_gate.shape[2], x)
     _check_vector("bias_gate", bias_gate, P, F, x)
     _check_vector("bias_up", bias_up, P, F, x)
     if bias_gate is not None and bias_gate.stride() != bias_up.stride():
         raise ValueError("bias_gate and bias_up must have the same strides")
     out = _out(out, (P, x.shape[-2], F), x)
-    return _launch(x, w_gate, out, sx=sx, w2=w_up, bias=bias_gate, bias2=bias_up)
+    return _launch(x, w_gate, out, sx=sx, w2=w_up, norm_weight=norm_weight, eps=eps, bias=bias_gate,
+                   bias2=bias_up)
 
 
 def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, *,
@@ -323,10 +340,7 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     P, D, _ = w.shape
     M = x.shape[1]
     _check_vector("bias", bias, P, D, x)
-    if residual is not None:
-        check_tensor("residual", residual, ndim=2, device=x.device)
-        if tuple(residual.shape) != (M, D):
-            raise ValueError(f"residual must have shape {(M, D)}, got {tuple(residual.shape)}")
+    _check_residual(residual, M, D, x)
     out = _out(out, (M, D), x)
     if M > 16 or P == 1 or M == 0:
         return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)

@@ -17,20 +17,26 @@ def _layers(x: torch.Tensor, P: int) -> torch.Tensor:
     return _acc(x).expand(P, *x.shape) if x.ndim == 2 else _acc(x)
 
 
-def group_linear_ref(x, w, *, norm_weight=None, eps=1e-6, bias=None):
-    """x: [M, K] or [P, M, K]; w: [P, N, K] -> [P, M, N] (see ops.group_gemm.group_linear)."""
-    xs = _layers(x, w.shape[0])
+def _normed(x, P, norm_weight, eps):
+    xs = _layers(x, P)
     if norm_weight is not None:
         xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * _acc(norm_weight)[:, None]
-    out = xs @ _acc(w).transpose(1, 2)
+    return xs
+
+
+def group_linear_ref(x, w, *, norm_weight=None, eps=1e-6, bias=None, residual=None):
+    """x: [M, K] or [P, M, K]; w: [P, N, K] -> [P, M, N] (see ops.group_gemm.group_linear)."""
+    out = _normed(x, w.shape[0], norm_weight, eps) @ _acc(w).transpose(1, 2)
     if bias is not None:
         out = out + _acc(bias)[:, None]
+    if residual is not None:
+        out = out + _acc(residual)
     return out.to(x.dtype)
 
 
-def group_swiglu_ref(x, w_gate, w_up, *, bias_gate=None, bias_up=None):
+def group_swiglu_ref(x, w_gate, w_up, *, norm_weight=None, eps=1e-6, bias_gate=None, bias_up=None):
     """x: [P, M, K] or [M, K]; w_gate, w_up: [P, F, K] -> [P, M, F]."""
-    xs = _layers(x, w_gate.shape[0])
+    xs = _normed(x, w_gate.shape[0], norm_weight, eps)
     g = xs @ _acc(w_gate).transpose(1, 2)
     u = xs @ _acc(w_up).transpose(1, 2)
     if bias_gate is not None:

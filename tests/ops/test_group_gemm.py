@@ -22,34 +22,42 @@ def _rand(*shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
-@pytest.mark.parametrize("shared,norm,bias", [(True, True, False), (True, True, True), (False, False, True),
-                                              (True, False, False)], ids=["qkv", "qkv-bias", "o-bias", "shared"])
-def test_group_linear(dtype, M, K, N, P, shared, norm, bias):
+@pytest.mark.parametrize("shared,norm,bias,res", [(True, True, False, False), (True, True, True, False),
+                                                  (False, False, True, False), (True, False, False, False),
+                                                  (False, False, True, True)],
+                         ids=["qkv", "qkv-bias", "o-bias", "shared", "o-residual"])
+def test_group_linear(dtype, M, K, N, P, shared, norm, bias, res):
     torch.manual_seed(P * 1000 + M)
     x = _rand(*((M, K) if shared else (P, M, K)), dtype=dtype, scale=2.0)
     w = _rand(P, N, K, dtype=dtype, scale=K ** -0.5)
     nw = _rand(P, K, dtype=dtype) + 1 if norm else None
     b = _rand(P, N, dtype=dtype) if bias else None
-    out = group_linear(x, w, norm_weight=nw, eps=1e-5, bias=b, out=poisoned((P, M, N), dtype, DEVICE))
-    twin = group_linear_ref(x, w, norm_weight=nw, eps=1e-5, bias=b)
-    exact = group_linear_ref(x.double(), w.double(), norm_weight=None if nw is None else nw.double(),
-                             eps=1e-5, bias=None if b is None else b.double())
+    r = _rand(M, N, dtype=dtype, scale=3.0) if res else None  # the residual stream h, in the model's dtype
+    out = group_linear(x, w, norm_weight=nw, eps=1e-5, bias=b, residual=r, out=poisoned((P, M, N), dtype, DEVICE))
+    twin = group_linear_ref(x, w, norm_weight=nw, eps=1e-5, bias=b, residual=r)
+    d = (lambda t: None if t is None else t.double())
+    exact = group_linear_ref(x.double(), w.double(), norm_weight=d(nw), eps=1e-5, bias=d(b), residual=d(r))
     assert_kernel_close(out, twin, exact, terms=K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("P", [1, 3, 4])
-@pytest.mark.parametrize("bias", [False, True])
-def test_group_swiglu(dtype, M, K, N, P, bias):
+@pytest.mark.parametrize("bias,norm", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "bias", "norm"])
+def test_group_swiglu(dtype, M, K, N, P, bias, norm):
+    """norm: the post-attention RMSNorm applied in the prologue, x being the residual stream h + a."""
     torch.manual_seed(P * 100 + M)
-    x = _rand(P, M, K, dtype=dtype)
+    x = _rand(P, M, K, dtype=dtype, scale=3.0 if norm else 1.0)
     wg, wu = _rand(P, N, K, dtype=dtype, scale=K ** -0.5), _rand(P, N, K, dtype=dtype, scale=K ** -0.5)
     bg, bu = (_rand(P, N, dtype=dtype), _rand(P, N, dtype=dtype)) if bias else (None, None)
-    out = group_swiglu(x, wg, wu, bias_gate=bg, bias_up=bu, out=poisoned((P, M, N), dtype, DEVICE))
-    twin = group_swiglu_ref(x, wg, wu, bias_gate=bg, bias_up=bu)
+    nw = _rand(P, K, dtype=dtype) + 1 if norm else None
+    out = group_swiglu(x, wg, wu, norm_weight=nw, eps=1e-5, bias_gate=bg, bias_up=bu,
+                       out=poisoned((P, M, N), dtype, DEVICE))
+    twin = group_swiglu_ref(x, wg, wu, norm_weight=nw, eps=1e-5, bias_gate=bg, bias_up=bu)
     d = (lambda t: None if t is None else t.double())
-    exact = group_swiglu_ref(x.double(), wg.double(), wu.double(), bias_gate=d(bg), bias_up=d(bu))
+    exact = group_swiglu_ref(x.double(), wg.double(), wu.double(), norm_weight=d(nw), eps=1e-5, bias_gate=d(bg),
+                             bias_up=d(bu))
     assert_kernel_close(out, twin, exact, terms=K)
 
 
@@ -155,6 +163,10 @@ def test_bad_input_is_refused():
         group_linear(x, w, out=torch.empty(2, 3, 41, device=DEVICE))
     with pytest.raises(ValueError, match="bias_gate and bias_up"):
         group_swiglu(x, w, w, bias_gate=_rand(2, 40, dtype=torch.float32))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        group_linear(x, w, residual=_rand(3, 48, dtype=torch.float32))
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        group_swiglu(x, w, w, norm_weight=_rand(2, 40, dtype=torch.float32))
     with pytest.raises(ValueError, match="residual must have shape"):
         group_down_sum(_rand(2, 3, 48, dtype=torch.float32), w, _rand(3, 41, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"\[P, M, F\]"):
