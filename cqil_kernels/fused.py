@@ -13,7 +13,8 @@ Around the stages: one cache_advance launch (the cache's bookkeeping) before, an
 lm_head after (in decode one group_linear with the norm in its prologue). Folding launch 5 into 6 and 7
 (gate/up forming RMSNorm(h + a_p) as it loads x, down adding h + sum_p a_p) was measured and dropped:
 H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48 ms/token, SmolLM2 CQIL 0.468
-vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
+vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/); so was the same for one-layer stages
+only, with h + a formed in o_proj's epilogue (CQIL_FOLD_RESIDUAL=1, see residual_folded).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
@@ -58,7 +59,10 @@ def qkv_rope_fused() -> bool:
 def residual_folded() -> bool:
     """CQIL_FOLD_RESIDUAL=1: a stage of one layer skips launch 5 — o_proj adds h in its epilogue (h + a,
     rounded to the model's dtype as the torch backend rounds it) and the gate/up GEMM applies the
-    post-attention norm in its prologue, as the QKV GEMM does the input norm. Read at each step."""
+    post-attention norm in its prologue, as the QKV GEMM does the input norm. Read at each step. Off:
+    measured slower (H100, same process: LLaMA-7B sequential 5.87 vs 5.42 ms/token, SmolLM2 CQIL 0.427
+    vs 0.420; benchmarks/results/h100_2026-11-26/fold_residual_7a00c97/), kept to time again once the
+    gate/up GEMM's norm mode is cheaper."""
     return os.environ.get("CQIL_FOLD_RESIDUAL", "0") == "1"
 
 
