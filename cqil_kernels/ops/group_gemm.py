@@ -1,9 +1,11 @@
 """The matmuls of a CQIL group of P layers, each family of P GEMMs as ONE launch.
 
     group_linear(x, w)                    out[p] = x[p] @ w[p].T               (o_proj; x may be shared)
+    group_linear(x, w, residual=h)        out[p] = h + x[p] @ w[p].T           (o_proj giving h + a)
     group_linear(x, w, norm_weight=n)     out[p] = RMSNorm_n[p](x) @ w[p].T    (QKV with the input norm)
     group_qkv_rope(x, w, ..., norm_weight=n)   the same, then RoPE and the KV-cache write in its epilogue
     group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
+    group_swiglu(x, g, u, norm_weight=n)  the same of RMSNorm_n[p](x[p])      (with the post-attention norm)
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
 
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
