@@ -275,14 +275,15 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         part = torch.empty((heads * splits * block_m, block_d), device=q.device, dtype=torch.float32)
         stat = torch.empty((heads * splits * block_m, 2), device=q.device, dtype=torch.float32)
+        rows_p2 = next_pow2(min(T * G, block_m))
+        merge_tile = dict(SPLIT_CHUNK=min(next_pow2(splits), _merge_chunk(rows_p2, block_d)), ROWS_P2=rows_p2)
     else:
         part = stat = out  # unused
+        merge_tile = dict(SPLIT_CHUNK=1, ROWS_P2=1)  # no merge: one compiled kernel whatever T * G is
     merge_here = splits > 1 and merge == "fused"
     tickets = ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
     pdl = pdl_options(q)  # the same for both launches
-    rows_p2 = next_pow2(min(T * G, block_m))
-    merge_tile = dict(SPLIT_CHUNK=min(next_pow2(splits), _merge_chunk(rows_p2, block_d)), ROWS_P2=rows_p2)
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
         q, k_cache, v_cache, valid, start, out, part, stat, tickets,
