@@ -21,6 +21,15 @@ def autotuning() -> bool:
     return os.environ.get("CQIL_AUTOTUNE", "1") != "0"
 
 
+def untimed_bench():
+    """The autotuner's do_bench under the interpreter, which has no device to time on: there every
+    launch's pruned config list holds one config (one per row class), so the figure is never compared.
+    None (Triton's own timer) elsewhere."""
+    if not interpreting():
+        return None
+    return lambda kernel_call, quantiles: [0.0] * len(quantiles)
+
+
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
     return _unavailable_reason(None if device is None else device.type, interpreting())

@@ -9,11 +9,15 @@
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
 
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
-the packed group tensors. The input norm is applied in the prologue: the row's 1/rms is computed by a
-first pass over K and applied to the fp32 accumulator (it commutes with the matmul); the norm weight
-multiplies x as it is loaded, so weights are used as stored (no folding). The sum of squares is taken
-in a second, short pass over x after the main loop: gathering it inside the main loop held a
-[BLOCK_M, BLOCK_K] fp32 tile in registers and slowed LLaMA-7B decode QKV from 41.6 to 55.5 us (H100).
+the packed group tensors. The input norm is applied in the prologue: x * norm weight is formed as x is
+loaded (weights are used as stored, no folding) and the row's 1/rms, which commutes with the matmul,
+scales the fp32 accumulator at the end. In decode tiles (BLOCK_M = 16) the sums of squares come from the
+tensor cores: each K tile adds x x^T into a [16, 16] fp32 accumulator whose diagonal they are. Measured
+on an H100 (decode, bf16, best config of each; benchmarks/results/h100_2026-11-26/norm_sq/): LLaMA-7B
+QKV 39.6 -> 37.6 us (no norm at all: 36.5), P = 2 78.2 -> 70.5, head 93.5 -> 90.0. Larger tiles keep
+the form it replaced in decode, a second pass over x after the main loop (an x x^T tile of 128 x 128
+would double a prefill tile's MMA work). Slower forms tried in decode: a per-tile tl.sum in the main loop
+(57 us) and a [BLOCK_M, BLOCK_K] fp32 accumulator (55 us).
 Accumulation is fp32.
 
 Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
@@ -29,14 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2
+from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2, untimed_bench
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 from .rope_kv import check_rope_kv
 
 
 def _configs():
-    if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast; one per row class
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
+                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
     if not autotuning():  # one config per row class: tests compile fewer kernels
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)]
@@ -92,7 +97,7 @@ def _rope_kv_store(acc, acc2, offs_m, offs_n, m_ok, n_ok, p, T, H, HKV,
 
 
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench())
 @triton.jit
 def _group_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
@@ -126,6 +131,12 @@ def _group_gemm_kernel(
         p_hi = p_lo + 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # NORM, decode tiles: x x^T, whose diagonal is each row's sum of squares; larger tiles: a second pass
+    SQ_MMA: tl.constexpr = BLOCK_M <= 16
+    if SQ_MMA:
+        sq = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    else:
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
         w_cols = p * stride_wp + cols[None, :] * stride_wn
@@ -135,7 +146,10 @@ def _group_gemm_kernel(
             k_ok = k < K
             xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             wk = tl.load(w_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if NORM:
+            if NORM:  # (x x^T on the tensor cores), then x * norm weight rounded as the GEMM's operand
+                if SQ_MMA:
+                    x_raw = xk.to(tl.float32) if UPCAST else xk
+                    sq = tl.dot(x_raw, tl.trans(x_raw), sq, input_precision=DOT_PRECISION)
                 nw = tl.load(nw_ptr + p * stride_nwp + k, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
             if UPCAST:
@@ -147,14 +161,16 @@ def _group_gemm_kernel(
                     w2k = w2k.to(tl.float32)
                 acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
         if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P: one p here)
-            # x's rows are read again after the main loop (from cache) rather than before it, so the
-            # weight stream starts at once
-            sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                x32 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-                sq += tl.sum(x32 * x32, axis=1)
-            rstd = tl.rsqrt(sq / K + eps)[:, None]
+            if SQ_MMA:
+                sumsq = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], sq, 0.0), axis=1)
+            else:  # x's rows again, from cache, after the main loop: the weight stream starts at once
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + offs_k
+                    x32 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
+                                  other=0.0).to(tl.float32)
+                    sq += tl.sum(x32 * x32, axis=1)
+                sumsq = sq
+            rstd = tl.rsqrt(sumsq / K + eps)[:, None]
             acc = acc * rstd
             acc2 = acc2 * rstd
         if HAS_BIAS:
@@ -332,10 +348,18 @@ def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
                    bias2=bias_up)
 
 
+# Decode (M <= 16) with P = 1: from this F on, each output tile's K is walked by two programs, each
+# writing an fp32 partial, and the partials are summed in order as a group's are. LLaMA-7B's down
+# projection (F = 11008) on an H100: 34.7 -> 34.0 us with the extra launch (M = 4: 34.9 -> 33.7);
+# SmolLM2's (F = 1536) and a 4096 x 4096 o_proj got slower (benchmarks/results/h100_2026-11-26/norm_sq/).
+SPLIT_K_MIN = 8192
+
+
 def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, *,
                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
-    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F."""
+    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F (decode: P partial
+    products summed in order; see SPLIT_K_MIN for P = 1)."""
     if isinstance(x, torch.Tensor) and x.ndim != 3:
         raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
     sx = _check_x(x, w)
@@ -344,8 +368,15 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     _check_vector("bias", bias, P, D, x)
     _check_residual(residual, M, D, x)
     out = _out(out, (M, D), x)
-    if M > 16 or P == 1 or M == 0:
+    F = w.shape[2]
+    split = P == 1 and bias is None and F >= SPLIT_K_MIN and F % 16 == 0
+    if M > 16 or M == 0 or (P == 1 and not split):
         return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+    if split:  # the two halves of K as two "layers" (each half starts 16-byte aligned)
+        half = F // 2
+        x = x.as_strided((2, M, half), (half, sx[1], 1))
+        w = w.as_strided((2, D, half), (half, w.stride(1), 1))
+        sx, P = (half, sx[1]), 2
     partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
     _launch(x, w, partial, sx=sx, bias=bias)
     block = min(1024, next_pow2(D))

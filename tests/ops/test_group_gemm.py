@@ -78,6 +78,34 @@ def test_group_down_sum(dtype, M, F, D, P, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,F,D,split", [(1, 96, 59, True), (5, 48, 576, True), (16, 64, 33, True),
+                                         (1, 88, 40, False), (17, 64, 33, False)])
+def test_group_down_sum_split_k(monkeypatch, dtype, M, F, D, split):
+    """P = 1 decode with K split in two halves (SPLIT_K_MIN lowered to reach it on small shapes); F not a
+    multiple of 16 and prefill rows keep one GEMM."""
+    import cqil_kernels.ops.group_gemm as G
+
+    monkeypatch.setattr(G, "SPLIT_K_MIN", 32)
+    launches = []
+    kernel = G._sum_p_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(G, "_sum_p_kernel", Spy())
+    torch.manual_seed(M * 7 + F)
+    x = _rand(1, M, 2 * F, dtype=dtype)[:, :, :F]  # rows with a stride of 2F: the halves must follow it
+    w = _rand(1, D, F, dtype=dtype, scale=F ** -0.5)
+    res = _rand(M, D, dtype=dtype, scale=2.0)
+    out = group_down_sum(x, w, res, out=poisoned((M, D), dtype, DEVICE))
+    assert len(launches) == int(split)
+    twin = group_down_sum_ref(x, w, res)
+    exact = group_down_sum_ref(x.double(), w.double(), res.double())
+    assert_kernel_close(out, twin, exact, terms=F)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("P,B,T,H,Hkv,Dh,K", [(1, 1, 1, 9, 3, 64, 576), (3, 2, 5, 6, 2, 8, 59),
                                               (2, 3, 7, 4, 4, 26, 48), (4, 1, 17, 3, 1, 6, 83)])
 @pytest.mark.parametrize("norm,bias", [(True, False), (True, True), (False, True)],
