@@ -184,8 +184,13 @@ class KVCache:
                  device: torch.device, dtype: torch.dtype):
         shape = (batch, args.num_key_value_heads, max_seq, args.head_dim)
         self.stages = stages
-        self.k = [torch.zeros((len(s), *shape), device=device, dtype=dtype) for s in stages]
-        self.v = [torch.zeros((len(s), *shape), device=device, dtype=dtype) for s in stages]
+        # one allocation and one fill for every layer's keys and values; the stages' tensors are views.
+        kv = torch.zeros((2, sum(len(s) for s in stages), *shape), device=device, dtype=dtype)
+        ends = [0]
+        for s in stages:
+            ends.append(ends[-1] + len(s))
+        self.k = [kv[0, a:b] for a, b in zip(ends, ends[1:])]
+        self.v = [kv[1, a:b] for a, b in zip(ends, ends[1:])]
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
