@@ -68,6 +68,71 @@ def residual_folded() -> bool:
     return os.environ.get("CQIL_FOLD_RESIDUAL", "0") == "1"
 
 
+def blas_rows() -> int:
+    """CQIL_PREFILL_BLAS_ROWS (default 0: never): a step of at least this many rows (batch x new tokens)
+    runs the stages' matmuls through torch (cuBLAS on a GPU, one batched call per family of the P
+    layers) instead of the group GEMM kernels; attention, RoPE and the residual/norm kernels stay. The
+    reason to try it: at 512 rows our GEMMs ran at 0.68-0.93x of cuBLAS on the H100
+    (benchmarks/results/h100_2026-11-26/kernels_1ce21cb.md). Not yet timed end to end, so it is off;
+    benchmarks/ab_prefill.py compares the two. Read at each step."""
+    text = os.environ.get("CQIL_PREFILL_BLAS_ROWS", "0")
+    try:
+        rows = int(text)
+    except ValueError:
+        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be a whole number of rows (0: never), got {text!r}") from None
+    if rows < 0:
+        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be >= 0, got {rows}")
+    return rows
+
+
+def _blas(x: torch.Tensor) -> bool:
+    rows = blas_rows()
+    return rows > 0 and x.shape[-2] >= rows
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+           bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.group_linear, or for many rows its torch form: the norm as the torch backend's RMSNorm rounds
+    it, then one batched matmul."""
+    if not _blas(x):
+        return group_linear(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
+    if norm_weight is not None:  # x [M, K] shared by the group -> each layer's normalized copy [P, M, K]
+        x32 = x.float()
+        x = norm_weight[:, None, :] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = torch.matmul(x, w.transpose(1, 2))
+    if bias is not None:
+        out += bias[:, None]
+    if residual is not None:
+        out += residual
+    return out
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, bias_gate: torch.Tensor | None = None,
+           bias_up: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.group_swiglu (x: [P, M, K]), or for many rows silu(x Wg^T) * (x Wu^T) through torch."""
+    if not _blas(x):
+        return group_swiglu(x, gate, up, bias_gate=bias_gate, bias_up=bias_up)
+    g, u = torch.matmul(x, gate.transpose(1, 2)), torch.matmul(x, up.transpose(1, 2))
+    if bias_gate is not None:
+        g += bias_gate[:, None]
+        u += bias_up[:, None]
+    return torch.nn.functional.silu(g) * u
+
+
+def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.group_down_sum, or for many rows one batched matmul whose P products are summed in fp32 with
+    the residual (in layer order), rounded once."""
+    if not _blas(x):
+        return group_down_sum(x, w, residual, bias=bias, out=out)
+    total = residual.float() + torch.matmul(x, w.transpose(1, 2)).float().sum(0)
+    if bias is not None:
+        total += bias.float().sum(0)
+    if out is None:
+        return total.to(x.dtype)
+    return out.copy_(total)
+
+
 def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor,
                     inv_freq: torch.Tensor, *, args, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,15 +142,15 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
     heads = dict(num_heads=H, num_kv_heads=args.num_key_value_heads)
-    if qkv_rope_fused():
+    if qkv_rope_fused() and not _blas(h):
         q = group_qkv_rope(h, w.qkv, positions, inv_freq, k_cache, v_cache, start, **heads,
                            norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias).view(P, B, T, H, Dh)
     else:
-        qkv = group_linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
+        qkv = linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
         rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, **heads)
         q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
     attn = group_attention(q, k_cache, v_cache, key_valid, start)
-    return group_linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
+    return linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
 
 
 def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
@@ -93,7 +158,7 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
-    if P == 1 and residual_folded():  # h + a from o_proj, the norm in gate/up's prologue: 6 launches
+    if P == 1 and residual_folded() and not _blas(h):  # h + a from o_proj, the norm in gate/up's prologue: 6 launches
         h_mid = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args,
                                 residual=h)
         act = group_swiglu(h_mid, w.gate, w.up, norm_weight=w.norm_post, eps=args.rms_norm_eps,
@@ -102,8 +167,8 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
     a = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args)
     xn, residual = group_residual(h, a, w.norm_post, eps=args.rms_norm_eps,
                                   bypass=bypass if P > 1 else 0, bypass_mode=bypass_mode)
-    act = group_swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
-    return group_down_sum(act, w.down, residual, bias=w.down_bias)
+    act = swiglu(xn, w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+    return down_sum(act, w.down, residual, bias=w.down_bias)
 
 
 def advance(cache, valid: torch.Tensor | None, T: int) -> torch.Tensor:

@@ -71,3 +71,14 @@ def test_ab_decode_variant_syntax(monkeypatch):
     for bad in ("base", ":A=1", "x:A", "x:=1"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_ab_prefill_needs_a_gpu_and_parses_variants(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from ab_prefill import main
+
+    with pytest.raises(SystemExit, match="CUDA"):
+        main(["--variant", "kernels:CQIL_PREFILL_BLAS_ROWS=0", "--variant", "blas:CQIL_PREFILL_BLAS_ROWS=1"])
+    with pytest.raises(SystemExit):  # argparse: a malformed variant
+        main(["--variant", "blas"])

@@ -5,7 +5,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
 
-from conftest import assert_greedy_agrees, left_padding_mask, random_hf_model
+from conftest import assert_greedy_agrees, assert_kernel_close, left_padding_mask, random_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GROUPINGS = {
@@ -36,8 +36,9 @@ def test_triton_backend_matches_torch_backend(name):
     torch.testing.assert_close(got[real], expected[real], atol=2e-4, rtol=2e-4)
 
 
-# the Triton step's opt-in variants (fused.qkv_rope_fused, fused.residual_folded), as environments
-VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-folded": {"CQIL_FOLD_RESIDUAL": "1"}}
+# the Triton step's variants (fused.qkv_rope_fused, fused.residual_folded, fused.blas_rows), as environments
+VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-folded": {"CQIL_FOLD_RESIDUAL": "1"},
+            "prefill-blas": {"CQIL_PREFILL_BLAS_ROWS": "8"}}  # the prompts' >= 8 rows through torch matmuls
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -245,3 +246,46 @@ def test_greedy_agreement_check_can_fail(monkeypatch):
     monkeypatch.setattr(fused, "stage_forward", lambda *a, **k: -stage(*a, **k))
     with pytest.raises(AssertionError, match="Triton logits error"):
         assert_greedy_agrees(model, exact, ids, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("P", [1, 3])
+def test_prefill_blas_forms_match_the_kernels_twins(P, dtype, monkeypatch):
+    """fused.linear / swiglu / down_sum above CQIL_PREFILL_BLAS_ROWS (torch matmuls) against the group GEMM
+    twins and float64, on odd shapes; below it they are the kernels themselves."""
+    from cqil_kernels import fused
+    from cqil_kernels.ops.group_gemm import group_swiglu
+    from cqil_kernels.reference.group_gemm import group_down_sum_ref, group_linear_ref, group_swiglu_ref
+
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "5")
+    g = torch.Generator().manual_seed(P)
+    M, K, N, F = 7, 59, 83, 45
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+    h, nw, w = rand(M, K, scale=2.0), rand(P, K) + 1, rand(P, N, K, scale=K ** -0.5)
+    b, x3, wg, wu = rand(P, N), rand(P, M, K), rand(P, F, K, scale=K ** -0.5), rand(P, F, K, scale=K ** -0.5)
+    act, wd, res = rand(P, M, F), rand(P, K, F, scale=F ** -0.5), rand(M, K, scale=3.0)
+    d = (lambda *ts: [t.double() for t in ts])
+    cases = [(fused.linear(h, w, norm_weight=nw, eps=1e-5, bias=b),
+              group_linear_ref(h, w, norm_weight=nw, eps=1e-5, bias=b),
+              group_linear_ref(*d(h, w), norm_weight=nw.double(), eps=1e-5, bias=b.double()), K),
+             (fused.linear(x3, w), group_linear_ref(x3, w), group_linear_ref(*d(x3, w)), K),
+             (fused.swiglu(x3, wg, wu), group_swiglu_ref(x3, wg, wu), group_swiglu_ref(*d(x3, wg, wu)), K),
+             (fused.down_sum(act, wd, res), group_down_sum_ref(act, wd, res), group_down_sum_ref(*d(act, wd, res)),
+              P * F)]
+    for got, twin, exact, terms in cases:
+        assert_kernel_close(got, twin, exact, terms=terms)
+    out = torch.full((M, K), float("nan"), device=DEVICE, dtype=dtype)
+    assert fused.down_sum(act, wd, res, out=out) is out and not out.isnan().any()
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "8")  # 7 rows: the kernels (interpreted on the CPU)
+    torch.testing.assert_close(fused.swiglu(x3, wg, wu), group_swiglu(x3, wg, wu), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "1.5"])
+def test_bad_prefill_blas_rows_is_refused(value, monkeypatch):
+    from cqil_kernels import fused
+
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", value)
+    with pytest.raises(ValueError, match="CQIL_PREFILL_BLAS_ROWS"):
+        fused.blas_rows()

@@ -309,9 +309,12 @@ def test_torchrun_generate_script(checkpoint, tmp_path):
     assert "on cpu,cpu" in spawned.stdout and spawned.stdout.split("\n")[0] == one.stdout.split("\n")[0]
 
 
-@pytest.mark.parametrize("case", ["w2-pairs-d1", "w4-P3-P2-d1-mlp_input"])
-def test_triton_backend_ranks_match_single_process(checkpoint, case):
-    """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter)."""
+@pytest.mark.parametrize("case,blas_rows", [("w2-pairs-d1", "0"), ("w4-P3-P2-d1-mlp_input", "0"),
+                                            ("w2-pairs-d1", "8")], ids=["w2", "w4", "w2-prefill-blas"])
+def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, monkeypatch):
+    """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter).
+    blas_rows 8: the prompt's 14 rows take the torch matmuls (fused.blas_rows), decode the kernels."""
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", blas_rows)  # the spawned ranks inherit it
     world, cqil = CASES[case]
     single = _single(checkpoint, cqil)
     ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))

@@ -156,7 +156,6 @@ class RankModel:
     def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """fused.step for this rank: graph-safe (no host reads of device values)."""
         from .. import fused
-        from ..ops.group_gemm import group_swiglu
         from ..ops.group_residual import rank_residual
 
         model, args, cqil = self.model, self.args, self.model.cqil
@@ -180,7 +179,7 @@ class RankModel:
             b, sends = exchange_bypass(a[0], self.rank, len(stage), cqil.bypass, self.group)
             xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
                                          include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
-            act = group_swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+            act = fused.swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
             h = self._down_reduce(act, w, residual, h)
             for work in sends:
                 work.wait()
@@ -195,20 +194,20 @@ class RankModel:
         """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). For many
         tokens the rows are cut into chunks and chunk i's reduction (on the communication stream)
         overlaps with chunk i+1's GEMM; the chunking depends only on the shape, so all ranks agree."""
-        from ..ops.group_gemm import group_down_sum
+        from ..fused import down_sum
 
         M = h.shape[0]
         chunks = self.chunks(M)
         out = torch.zeros_like(h) if act is None else torch.empty_like(h)
         if chunks == 1:  # decode, short prompts: nothing to overlap, so no communication-stream fork/join
             if act is not None:
-                group_down_sum(act, w.down, residual, bias=w.down_bias, out=out)
+                down_sum(act, w.down, residual, bias=w.down_bias, out=out)
             return self.reducer.all_reduce(out)
         bounds = [M * i // chunks for i in range(chunks + 1)]
         pending = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if act is not None:
-                group_down_sum(act[:, lo:hi], w.down, residual[lo:hi], bias=w.down_bias, out=out[lo:hi])
+                down_sum(act[:, lo:hi], w.down, residual[lo:hi], bias=w.down_bias, out=out[lo:hi])
             pending.append(self.reducer.all_reduce_async(out[lo:hi]))
         for p in pending:
             p.wait()
