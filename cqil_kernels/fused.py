@@ -79,7 +79,8 @@ def blas_rows() -> int:
     try:
         rows = int(text)
     except ValueError:
-        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be a whole number of rows (0: never), got {text!r}") from None
+        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be a whole number of rows (0: never), "
+                         f"got {text!r}") from None
     if rows < 0:
         raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be >= 0, got {rows}")
     return rows
@@ -98,7 +99,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None
         return group_linear(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
     if norm_weight is not None:  # x [M, K] shared by the group -> each layer's normalized copy [P, M, K]
         x32 = x.float()
-        x = norm_weight[:, None, :] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        x = norm_weight[:, None, :] * normed
     out = torch.matmul(x, w.transpose(1, 2))
     if bias is not None:
         out += bias[:, None]
@@ -158,7 +160,7 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
-    if P == 1 and residual_folded() and not _blas(h):  # h + a from o_proj, the norm in gate/up's prologue: 6 launches
+    if P == 1 and residual_folded() and not _blas(h):  # h + a from o_proj, norm in gate/up: 6 launches
         h_mid = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args,
                                 residual=h)
         act = group_swiglu(h_mid, w.gate, w.up, norm_weight=w.norm_post, eps=args.rms_norm_eps,

@@ -14,10 +14,10 @@ loaded (weights are used as stored, no folding) and the row's 1/rms, which commu
 scales the fp32 accumulator at the end. In decode tiles (BLOCK_M = 16) the sums of squares come from the
 tensor cores: each K tile adds x x^T into a [16, 16] fp32 accumulator whose diagonal they are. Measured
 on an H100 (decode, bf16, best config of each; benchmarks/results/h100_2026-11-26/norm_sq/): LLaMA-7B
-QKV 39.6 -> 37.6 us (no norm at all: 36.5), P = 2 78.2 -> 70.5, head 93.5 -> 90.0. Larger tiles keep
-the form it replaced in decode, a second pass over x after the main loop (an x x^T tile of 128 x 128
-would double a prefill tile's MMA work). Slower forms tried in decode: a per-tile tl.sum in the main loop
-(57 us) and a [BLOCK_M, BLOCK_K] fp32 accumulator (55 us).
+QKV 39.6 -> 37.6 us (no norm at all: 36.5), P = 2 78.2 -> 70.5, head 93.5 -> 90.0, against the form
+decode used before and larger (prefill) tiles still use: a second pass over x after the main loop (an
+x x^T tile of 128 x 128 would double a prefill tile's MMA work). Slower forms tried in decode: a
+per-tile tl.sum in the main loop (57 us) and a [BLOCK_M, BLOCK_K] fp32 accumulator (55 us).
 Accumulation is fp32.
 
 Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2, untimed_bench
+from ._common import (autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2,
+                      untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 from .rope_kv import check_rope_kv
 
