@@ -185,12 +185,9 @@ class KVCache:
         shape = (batch, args.num_key_value_heads, max_seq, args.head_dim)
         self.stages = stages
         # one allocation and one fill for every layer's keys and values; the stages' tensors are views.
-        kv = torch.zeros((2, sum(len(s) for s in stages), *shape), device=device, dtype=dtype)
-        ends = [0]
-        for s in stages:
-            ends.append(ends[-1] + len(s))
-        self.k = [kv[0, a:b] for a, b in zip(ends, ends[1:])]
-        self.v = [kv[1, a:b] for a, b in zip(ends, ends[1:])]
+        sizes = [len(s) for s in stages]
+        k, v = torch.zeros((2, sum(sizes), *shape), device=device, dtype=dtype)
+        self.k, self.v = list(k.split(sizes)), list(v.split(sizes))
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)

@@ -67,7 +67,9 @@ class PackedLayers:
     def is_current(self) -> bool:
         """True while every layer parameter is still the view it was bound to (a `.to()`, a
         `load_state_dict(assign=True)` or a parameter replaced by hand makes the packing stale)."""
-        return all(getattr(module, attr) is param and param.data_ptr() == ptr
+        # module._parameters, not getattr: nn.Module.__getattr__ made this check 0.7 ms per step for 32
+        # layers (measured on the CPU), host time every eager prefill waits for
+        return all(module._parameters.get(attr) is param and param.data_ptr() == ptr
                    for module, attr, param, ptr in self.bindings)
 
 

@@ -185,3 +185,9 @@ def test_kv_cache_groups_are_contiguous():
     assert [tuple(k.shape) for k in cache.k] == [(1, 2, 2, 10, 8), (3, 2, 2, 10, 8), (1, 2, 2, 10, 8),
                                                  (1, 2, 2, 10, 8)]
     assert all(k.is_contiguous() for k in cache.k)
+    # one zeroed allocation; the stages' keys and values are disjoint views of it
+    assert all(not t.any() for t in cache.k + cache.v)
+    views = cache.k + cache.v
+    for i, t in enumerate(views):
+        t.fill_(i + 1)
+    assert all((t == i + 1).all() for i, t in enumerate(views))  # no two views overlap

@@ -54,6 +54,14 @@ def test_staleness_is_detected():
     packed = pack_layers(model.layers)
     model.layers[0].input_layernorm.weight = torch.nn.Parameter(torch.ones(48, dtype=torch.float16))
     assert not packed.is_current()
+    packed = pack_layers(model.layers)
+    mlp = model.layers[3].mlp
+    mlp.load_state_dict({k: v.clone() for k, v in mlp.state_dict().items()}, assign=True)
+    assert not packed.is_current()
+    packed = pack_layers(model.layers)
+    with torch.no_grad():
+        model.layers[1].self_attn.o_proj.weight.mul_(2)  # in place: the packed view sees it, still current
+    assert packed.is_current()
 
 
 def test_rope_frequencies_stay_float32_through_dtype_changes():
