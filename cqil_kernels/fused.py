@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from .model import rms_norm
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
 from .ops.group_gemm import group_down_sum, group_linear, group_qkv_rope, group_swiglu
@@ -98,9 +99,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None
     if not _blas(x):
         return group_linear(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
     if norm_weight is not None:  # x [M, K] shared by the group -> each layer's normalized copy [P, M, K]
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        x = norm_weight[:, None, :] * normed
+        x = rms_norm(x, norm_weight[:, None, :], eps)
     out = torch.matmul(x, w.transpose(1, 2))
     if bias is not None:
         out += bias[:, None]
