@@ -13,6 +13,7 @@ run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +33,19 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"{item!r} in variant {name!r} is not VAR=VALUE")
         env[var] = value
     return name, env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """The process environment with `env` set on top, restored exactly afterwards (kernels read their
+    switches at each step, so a variant takes effect at once)."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def main(argv=None) -> None:
@@ -55,20 +69,13 @@ def main(argv=None) -> None:
     model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
     ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device=device)
     _warm_up_gpu(device, 2.0)
-    saved = dict(os.environ)
     runs: dict[str, list[float]] = {name: [] for name, _ in a.variant}
-    try:
-        for r in range(a.rounds):
-            for name, env in (a.variant if r % 2 == 0 else a.variant[::-1]):
-                os.environ.clear()
-                os.environ.update({**saved, **env})
-                with torch.inference_mode():
-                    _, decode_ms = _time_ours(model, ids, 64, 3)
-                runs[name].append(round(decode_ms, 4))
-                print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for r in range(a.rounds):
+        for name, env in (a.variant if r % 2 == 0 else a.variant[::-1]):
+            with environment(env), torch.inference_mode():
+                _, decode_ms = _time_ours(model, ids, 64, 3)
+            runs[name].append(round(decode_ms, 4))
+            print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
     record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
                   variants={name: dict(env=env, median_ms=statistics.median(runs[name]), runs=runs[name])
                             for name, env in a.variant})

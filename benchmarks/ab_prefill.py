@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
 
-from ab_decode import parse_variant
+from ab_decode import environment, parse_variant
 
 
 def main(argv=None) -> None:
@@ -50,26 +49,19 @@ def main(argv=None) -> None:
     runs_to_do = [("hf-eager", None, None)] if a.hf else []
     runs_to_do += [(f"{name}-{kind}", env, kind) for name, env in a.variant for kind in ("seq", "cqil")]
     _warm_up_gpu(device, 2.0)
-    saved = dict(os.environ)
     runs: dict[str, list[list[float]]] = {}
-    try:
-        for prompt in prompts:
-            for r in range(a.rounds):
-                for name, env, kind in (runs_to_do if r % 2 == 0 else runs_to_do[::-1]):
-                    if kind is None:
-                        prefill_ms, decode_ms = _time_hf(hf, ids[:, :prompt], 64, 1)
-                    else:
-                        os.environ.clear()
-                        os.environ.update({**saved, **env})
-                        model.cqil = CQILConfig() if kind == "seq" else cqil
-                        with torch.inference_mode():
-                            prefill_ms, decode_ms = _time_ours(model, ids[:, :prompt], 64, 1)
-                    runs.setdefault(f"{name}@{prompt}", []).append([round(prefill_ms, 3), round(decode_ms, 4)])
-                    print(f"prompt {prompt} round {r} {name:>16}: prefill {prefill_ms:8.3f} ms   "
-                          f"decode {decode_ms:.4f} ms/token", flush=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for prompt in prompts:
+        for r in range(a.rounds):
+            for name, env, kind in (runs_to_do if r % 2 == 0 else runs_to_do[::-1]):
+                if kind is None:
+                    prefill_ms, decode_ms = _time_hf(hf, ids[:, :prompt], 64, 1)
+                else:
+                    model.cqil = CQILConfig() if kind == "seq" else cqil
+                    with environment(env), torch.inference_mode():
+                        prefill_ms, decode_ms = _time_ours(model, ids[:, :prompt], 64, 1)
+                runs.setdefault(f"{name}@{prompt}", []).append([round(prefill_ms, 3), round(decode_ms, 4)])
+                print(f"prompt {prompt} round {r} {name:>16}: prefill {prefill_ms:8.3f} ms   "
+                      f"decode {decode_ms:.4f} ms/token", flush=True)
     record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
                   variants={name: env for name, env in a.variant},
                   results={k: dict(prefill_median_ms=statistics.median(p for p, _ in v),

@@ -1,6 +1,7 @@
 """bench.py: the byte count behind the bandwidth figures, and refusals without a GPU."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,16 @@ def test_ab_prefill_needs_a_gpu_and_parses_variants(monkeypatch):
         main(["--variant", "kernels:CQIL_PREFILL_BLAS_ROWS=0", "--variant", "blas:CQIL_PREFILL_BLAS_ROWS=1"])
     with pytest.raises(SystemExit):  # argparse: a malformed variant
         main(["--variant", "blas"])
+
+
+def test_ab_environment_sets_and_restores(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from ab_decode import environment
+
+    monkeypatch.setenv("CQIL_AB_KEPT", "1")
+    monkeypatch.delenv("CQIL_AB_SET", raising=False)
+    with pytest.raises(RuntimeError):
+        with environment({"CQIL_AB_SET": "x", "CQIL_AB_KEPT": "2"}):
+            assert os.environ["CQIL_AB_SET"] == "x" and os.environ["CQIL_AB_KEPT"] == "2"
+            raise RuntimeError("a failed run")
+    assert "CQIL_AB_SET" not in os.environ and os.environ["CQIL_AB_KEPT"] == "1"
