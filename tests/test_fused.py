@@ -266,11 +266,14 @@ def test_prefill_blas_forms_match_the_kernels_twins(P, dtype, monkeypatch):
     h, nw, w = rand(M, K, scale=2.0), rand(P, K) + 1, rand(P, N, K, scale=K ** -0.5)
     b, x3, wg, wu = rand(P, N), rand(P, M, K), rand(P, F, K, scale=K ** -0.5), rand(P, F, K, scale=K ** -0.5)
     act, wd, res = rand(P, M, F), rand(P, K, F, scale=F ** -0.5), rand(M, K, scale=3.0)
+    r = rand(M, N, scale=3.0)  # o_proj's residual h (the fold's form)
     d = (lambda *ts: [t.double() for t in ts])
     cases = [(fused.linear(h, w, norm_weight=nw, eps=1e-5, bias=b),
               group_linear_ref(h, w, norm_weight=nw, eps=1e-5, bias=b),
               group_linear_ref(*d(h, w), norm_weight=nw.double(), eps=1e-5, bias=b.double()), K),
              (fused.linear(x3, w), group_linear_ref(x3, w), group_linear_ref(*d(x3, w)), K),
+             (fused.linear(x3, w, residual=r), group_linear_ref(x3, w, residual=r),
+              group_linear_ref(*d(x3, w), residual=r.double()), K),
              (fused.swiglu(x3, wg, wu), group_swiglu_ref(x3, wg, wu), group_swiglu_ref(*d(x3, wg, wu)), K),
              (fused.down_sum(act, wd, res), group_down_sum_ref(act, wd, res), group_down_sum_ref(*d(act, wd, res)),
               P * F)]
