@@ -364,12 +364,11 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     if isinstance(x, torch.Tensor) and x.ndim != 3:
         raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
     sx = _check_x(x, w)
-    P, D, _ = w.shape
+    P, D, F = w.shape
     M = x.shape[1]
     _check_vector("bias", bias, P, D, x)
     _check_residual(residual, M, D, x)
     out = _out(out, (M, D), x)
-    F = w.shape[2]
     split = P == 1 and bias is None and F >= SPLIT_K_MIN and F % 16 == 0
     if M > 16 or M == 0 or (P == 1 and not split):
         return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
