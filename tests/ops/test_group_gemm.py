@@ -105,6 +105,36 @@ def test_group_down_sum_split_k(monkeypatch, dtype, M, F, D, split):
     assert_kernel_close(out, twin, exact, terms=F)
 
 
+def test_row_classes_bound_each_autotuned_config_to_a_range_of_rows():
+    """The autotuner keys on row_class(M): decode rows, then one class per factor of 4, so a config tuned
+    for a short prompt is not reused for a long one (it was: 17 rows and 4096 shared a class)."""
+    from cqil_kernels.ops.group_gemm import row_class
+
+    bounds = {1: 0, 16: 0, 17: 1, 64: 1, 65: 2, 256: 2, 257: 3, 1024: 3, 1025: 4, 4096: 4, 1 << 20: 4}
+    assert {M: row_class(M) for M in bounds} == bounds
+
+
+@pytest.mark.parametrize("M,expected_class", [(5, 0), (40, 1), (300, 3)])
+def test_launch_passes_the_row_class_to_the_autotuned_kernel(monkeypatch, M, expected_class):
+    import cqil_kernels.ops.group_gemm as G
+
+    classes = []
+    kernel = G._group_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                classes.append(args[kernel.arg_names.index("M_CLASS")])
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(G, "_group_gemm_kernel", Spy())
+    torch.manual_seed(M)
+    x, w = _rand(M, 24, dtype=torch.float32), _rand(1, 20, 24, dtype=torch.float32)
+    out = group_linear(x, w, out=poisoned((1, M, 20), torch.float32, DEVICE))
+    assert classes == [expected_class]
+    assert_kernel_close(out, group_linear_ref(x, w), group_linear_ref(x.double(), w.double()), terms=24)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("P,B,T,H,Hkv,Dh,K", [(1, 1, 1, 9, 3, 64, 576), (3, 2, 5, 6, 2, 8, 59),
                                               (2, 3, 7, 4, 4, 26, 48), (4, 1, 17, 3, 1, 6, 83)])

@@ -1,0 +1,106 @@
+"""Where the Triton backend's prefill time goes, per prompt length: eager (host and device together, as
+a user's `model(ids, cache=...)` runs) and device only (the step queued behind a GPU sleep, so the host's
+launch time is hidden). For each variant of the environment (as in ab_decode.py), sequential and with
+the shape's CQIL groups. This is the measurement behind fused.blas_rows' default.
+
+    python benchmarks/prefill_rows.py --shape llama-7b --rows 16 --rows 64 --rows 512 \\
+        --variant kernels:CQIL_PREFILL_BLAS_ROWS=0 --variant blas:CQIL_PREFILL_BLAS_ROWS=1 --out rows.json
+
+Eager ms: median over --repeats of CUDA events around new_cache + forward (the forward's input check
+syncs once, so the GPU waits for the host's launches). Device ms: the same step (fused.step, which reads
+no device value on the host) enqueued behind torch.cuda._sleep, events around it. Host ms: wall time to
+enqueue the forward. Variants and groupings alternate, order reversed every other round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ab_decode import environment, parse_variant
+
+SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100 clocks: longer than any step's host launch time here
+
+
+def time_step(model, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median eager, device-only and host-enqueue milliseconds of one prefill of ids."""
+    from cqil_kernels import fused
+
+    B, T = ids.shape
+    eager, device, host = [], [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        model(ids, cache=model.new_cache(B, T))
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end))
+        cache = model.new_cache(B, T)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start.record()
+        fused.step(model, ids, None, cache)
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+    return dict(eager_ms=statistics.median(eager), device_ms=statistics.median(device),
+                host_ms=statistics.median(host))
+
+
+def main(argv=None) -> None:
+    from cqil_kernels import CQILConfig
+    from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _warm_up_gpu, random_model
+    from cqil_kernels.demo import parse_groups
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-7b")
+    ap.add_argument("--groups", default=None, help="CQIL groups (default: the shape's)")
+    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap.add_argument("--rows", action="append", type=int, help="prompt lengths, batch 1 (default 16 64 512)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_rows measures GPU latency and needs a CUDA device")
+    rows = a.rows or [16, 64, 512]
+    if min(rows) < 1 or a.rounds < 1 or a.repeats < 1:
+        raise SystemExit("rows, rounds and repeats must be >= 1")
+    device = torch.device("cuda")
+    model = random_model(a.shape, torch.bfloat16, device)
+    groups = a.groups or DEFAULT_GROUPS[a.shape]
+    configs = {"seq": CQILConfig(), "cqil": parse_groups(groups)}
+    ids = torch.randint(0, model.args.vocab_size, (1, max(rows)), device=device)
+    runs_to_do = [(name, env, kind) for name, env in a.variant for kind in configs]
+    _warm_up_gpu(device, 2.0)
+    results: dict[str, list[dict[str, float]]] = {}
+    with torch.inference_mode():
+        for T in rows:
+            for name, env, kind in runs_to_do:  # compile and autotune outside the timed rounds
+                model.cqil = configs[kind]
+                with environment(env):
+                    model(ids[:, :T], cache=model.new_cache(1, T))
+            for r in range(a.rounds):
+                for name, env, kind in (runs_to_do if r % 2 == 0 else runs_to_do[::-1]):
+                    model.cqil = configs[kind]
+                    with environment(env):
+                        t = time_step(model, ids[:, :T], a.repeats)
+                    results.setdefault(f"{name}-{kind}@{T}", []).append(t)
+                    print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: eager {t['eager_ms']:8.3f}  "
+                          f"device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f} ms", flush=True)
+    summary = {k: {m: statistics.median(t[m] for t in v) for m in v[0]} for k, v in results.items()}
+    print(json.dumps(summary, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
+                           variants={name: env for name, env in a.variant}, rows=rows, median=summary,
+                           runs=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
