@@ -118,7 +118,9 @@ def test_backend_choice_is_checked():
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     model = _models(GROUPINGS["none"])
     assert model.backend == "auto" and not model.uses_triton()  # auto stays on torch on the CPU
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import cqil_kernels.ops._common as common
+
+    monkeypatch.setattr(common, "_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     model.backend = "triton"
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         model(torch.zeros(1, 3, dtype=torch.long))

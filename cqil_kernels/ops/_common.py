@@ -10,9 +10,15 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Triton decides between compiling and interpreting as each kernel is defined (triton.jit reads
+# TRITON_INTERPRET then), so the mode is the one in force when cqil_kernels.ops was imported; setting
+# the variable later changes nothing. Read once: the launchers ask at every launch.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs our kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
 
 
 def autotuning() -> bool:
@@ -35,7 +41,7 @@ def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     return _unavailable_reason(None if device is None else device.type, interpreting())
 
 
-@functools.lru_cache(maxsize=None)  # every launcher asks; the answer only changes with the environment
+@functools.lru_cache(maxsize=None)  # every launcher asks; the answer depends on these two only
 def _unavailable_reason(device_type: str | None, interpreted: bool) -> str | None:
     try:
         import triton  # noqa: F401

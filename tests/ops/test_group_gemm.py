@@ -115,24 +115,47 @@ def test_row_classes_bound_each_autotuned_config_to_a_range_of_rows():
 
 
 @pytest.mark.parametrize("M,expected_class", [(5, 0), (40, 1), (300, 3)])
-def test_launch_passes_the_row_class_to_the_autotuned_kernel(monkeypatch, M, expected_class):
+def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monkeypatch, M, expected_class):
+    """The row class reaches the autotuner's key; the first launch of a key goes through triton.autotune,
+    later ones straight to the config it chose (group_gemm._CHOSEN), with the same results."""
     import cqil_kernels.ops.group_gemm as G
 
-    classes = []
+    launches, direct_kwargs = [], {}
     kernel = G._group_gemm_kernel
 
-    class Spy:
+    class Spy:  # stands in for the autotuned kernel: records each launch's path and row class
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                classes.append(args[kernel.arg_names.index("M_CLASS")])
+                launches.append(("autotuner", args[kernel.arg_names.index("M_CLASS")]))
                 return kernel[grid](*args, **kwargs)
             return launch
+
+        @property
+        def best_config(self):
+            return kernel.best_config
+
+        @property
+        def fn(self):
+            class Direct:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        launches.append(("direct", args[kernel.arg_names.index("M_CLASS")]))
+                        direct_kwargs.update(kwargs)
+                        return kernel.fn[grid](*args, **kwargs)
+                    return launch
+            return Direct()
     monkeypatch.setattr(G, "_group_gemm_kernel", Spy())
+    monkeypatch.setattr(G, "_CHOSEN", {})
     torch.manual_seed(M)
     x, w = _rand(M, 24, dtype=torch.float32), _rand(1, 20, 24, dtype=torch.float32)
-    out = group_linear(x, w, out=poisoned((1, M, 20), torch.float32, DEVICE))
-    assert classes == [expected_class]
-    assert_kernel_close(out, group_linear_ref(x, w), group_linear_ref(x.double(), w.double()), terms=24)
+    twin, exact = group_linear_ref(x, w), group_linear_ref(x.double(), w.double())
+    for _ in range(2):
+        out = group_linear(x, w, out=poisoned((1, M, 20), torch.float32, DEVICE))
+        assert_kernel_close(out, twin, exact, terms=24)
+    assert launches == [("autotuner", expected_class), ("direct", expected_class)]
+    key = (expected_class, 20, 24, 1) + (torch.float32,) * 13
+    assert list(G._CHOSEN) == [key]
+    assert direct_kwargs.items() >= G._CHOSEN[key].items() and "BLOCK_M" in G._CHOSEN[key]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -233,6 +256,8 @@ def test_bad_input_is_refused():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only: the refusal of CPU tensors outside the interpreter")
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import cqil_kernels.ops._common as common
+
+    monkeypatch.setattr(common, "_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         group_linear(_rand(3, 48, dtype=torch.float32), _rand(2, 40, 48, dtype=torch.float32))
