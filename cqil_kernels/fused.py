@@ -9,12 +9,12 @@ P = 1) runs as seven launches, whatever P is:
     6 group_swiglu    act[p]  = silu(xn[p] @ Wg[p].T) * (xn[p] @ Wu[p].T)
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
-Around the stages: one cache_advance launch (the cache's bookkeeping) before, and the final RMSNorm +
-lm_head after (in decode one group_linear with the norm in its prologue). Folding launch 5 into 6 and 7
-(gate/up forming RMSNorm(h + a_p) as it loads x, down adding h + sum_p a_p) was measured and dropped:
+A stage of one layer runs six in decode: o_proj adds h in its epilogue and gate/up applies the
+post-attention norm in its prologue, so launch 5 goes (residual_folded). Around the stages: one cache_advance launch
+(the cache's bookkeeping) before, and the final RMSNorm + lm_head after (in decode one group_linear with
+the norm in its prologue). Folding launch 5 of a group (P > 1) into 6 and 7 was measured and dropped:
 H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48 ms/token, SmolLM2 CQIL 0.468
-vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/); so was the same for one-layer stages
-only, with h + a formed in o_proj's epilogue (CQIL_FOLD_RESIDUAL=1, see residual_folded).
+vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
@@ -59,44 +59,67 @@ def qkv_rope_fused() -> bool:
     return os.environ.get("CQIL_QKV_ROPE", "0") == "1"
 
 
+# The fold's row limit: decode tiles, whose gate/up norm takes the sums of squares from x x^T. Larger
+# tiles take them in a second pass over x, once per column tile: LLaMA-7B sequential prefill of 512 rows
+# took 20.1 ms on the device folded vs 16.6 unfolded (H100; prefill_rows_b0f148b/ vs _hostwork/).
+FOLD_ROWS = 16
+
+
 def residual_folded() -> bool:
-    """CQIL_FOLD_RESIDUAL=1: a stage of one layer skips launch 5 — o_proj adds h in its epilogue (h + a,
-    rounded to the model's dtype as the torch backend rounds it) and the gate/up GEMM applies the
-    post-attention norm in its prologue, as the QKV GEMM does the input norm. Read at each step. Off:
-    measured slower (H100, same process: LLaMA-7B sequential 5.87 vs 5.42 ms/token, SmolLM2 CQIL 0.427
-    vs 0.420; benchmarks/results/h100_2026-11-26/fold_residual_7a00c97/), kept to time again once the
-    gate/up GEMM's norm mode is cheaper."""
-    return os.environ.get("CQIL_FOLD_RESIDUAL", "0") == "1"
+    """Whether a stage of one layer in a decode step (at most FOLD_ROWS rows) skips launch 5 (default;
+    CQIL_FOLD_RESIDUAL=0 turns it off): o_proj
+    adds h in its epilogue (h + a, rounded to the model's dtype as the torch backend rounds it) and the
+    gate/up GEMM applies the post-attention norm in its prologue, as the QKV GEMM does the input norm.
+    Measured on an H100 in one process, alternated: LLaMA-7B sequential decode 5.305 -> 5.279 ms/token,
+    SmolLM2 CQIL 0.4182 -> 0.4087 (benchmarks/results/h100_2026-11-27/ab_763e7b5/). (Before the norm's
+    sums of squares moved to the tensor cores it was slower: 5.87 vs 5.42, fold_residual_7a00c97/.)
+    Read at each step, so one process can compare both."""
+    return os.environ.get("CQIL_FOLD_RESIDUAL", "1") != "0"
 
 
-def blas_rows() -> int:
-    """CQIL_PREFILL_BLAS_ROWS (default 0: never): a step of at least this many rows (batch x new tokens)
-    runs the stages' matmuls through torch (cuBLAS on a GPU, one batched call per family of the P
-    layers) instead of the group GEMM kernels; attention, RoPE and the residual/norm kernels stay. The
-    reason to try it: at 512 rows our GEMMs ran at 0.68-0.93x of cuBLAS on the H100
-    (benchmarks/results/h100_2026-11-26/kernels_1ce21cb.md). Not yet timed end to end, so it is off;
-    benchmarks/ab_prefill.py compares the two. Read at each step."""
-    text = os.environ.get("CQIL_PREFILL_BLAS_ROWS", "0")
+# The default rule for the cuBLAS prefill form (blas_rows unset): steps of at least this many rows, for
+# weights of at least this many elements per layer. Measured on an H100, device time of a prefill
+# (benchmarks/results/h100_2026-11-27/prefill_rows_b0f148b/, _763e7b5/): LLaMA-7B (every weight >= 4096
+# x 4096) sequential 9.04 vs 8.42 ms at 128 rows, 16.6 vs 14.1 at 512, grouped 15.0 vs 12.2 at 512, but
+# 6.48 vs 7.72 at 32; SmolLM2-135M (weights <= 1536 x 576) is faster with the kernels at every length
+# (512 rows: 1.89 vs 3.12 ms): the torch form's separate norm and elementwise launches cost more than
+# cuBLAS saves on small matmuls.
+AUTO_BLAS_ROWS = 128
+AUTO_BLAS_WEIGHT = 1 << 22
+
+
+def blas_rows() -> int | None:
+    """CQIL_PREFILL_BLAS_ROWS: unset or "auto" (None): the measured rule above; 0: never; N > 0: every
+    step of at least N rows (batch x new tokens), whatever the weights' size. Read at each step, so one
+    process can compare the forms (benchmarks/prefill_rows.py)."""
+    text = os.environ.get("CQIL_PREFILL_BLAS_ROWS", "auto")
+    if text == "auto":
+        return None
     try:
         rows = int(text)
     except ValueError:
-        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be a whole number of rows (0: never), "
+        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be 'auto' or a whole number of rows (0: never), "
                          f"got {text!r}") from None
     if rows < 0:
         raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be >= 0, got {rows}")
     return rows
 
 
-def _blas(x: torch.Tensor) -> bool:
-    rows = blas_rows()
-    return rows > 0 and x.shape[-2] >= rows
+def use_blas(rows: int, w: torch.Tensor) -> bool:
+    """Whether a step of `rows` rows runs the matmul with weights w [P, N, K] through torch (cuBLAS on a
+    GPU, one batched call for the P layers) rather than the group GEMM kernels; attention, RoPE and the
+    residual/norm kernels stay."""
+    forced = blas_rows()
+    if forced is None:
+        return rows >= AUTO_BLAS_ROWS and w.shape[-1] * w.shape[-2] >= AUTO_BLAS_WEIGHT
+    return 0 < forced <= rows
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
            bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """ops.group_linear, or for many rows its torch form: the norm as the torch backend's RMSNorm rounds
     it, then one batched matmul."""
-    if not _blas(x):
+    if not use_blas(x.shape[-2], w):
         return group_linear(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
     if norm_weight is not None:  # x [M, K] shared by the group -> each layer's normalized copy [P, M, K]
         x = rms_norm(x, norm_weight[:, None, :], eps)
@@ -111,7 +134,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, bias_gate: torch.Tensor | None = None,
            bias_up: torch.Tensor | None = None) -> torch.Tensor:
     """ops.group_swiglu (x: [P, M, K]), or for many rows silu(x Wg^T) * (x Wu^T) through torch."""
-    if not _blas(x):
+    if not use_blas(x.shape[-2], gate):
         return group_swiglu(x, gate, up, bias_gate=bias_gate, bias_up=bias_up)
     g, u = torch.matmul(x, gate.transpose(1, 2)), torch.matmul(x, up.transpose(1, 2))
     if bias_gate is not None:
@@ -124,7 +147,7 @@ def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: 
              out: torch.Tensor | None = None) -> torch.Tensor:
     """ops.group_down_sum, or for many rows one batched matmul whose P products are summed in fp32 with
     the residual (in layer order), rounded once."""
-    if not _blas(x):
+    if not use_blas(x.shape[-2], w):
         return group_down_sum(x, w, residual, bias=bias, out=out)
     total = residual.float() + torch.matmul(x, w.transpose(1, 2)).float().sum(0)
     if bias is not None:
@@ -143,7 +166,7 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
     heads = dict(num_heads=H, num_kv_heads=args.num_key_value_heads)
-    if qkv_rope_fused() and not _blas(h):
+    if qkv_rope_fused() and not use_blas(h.shape[0], w.qkv):
         q = group_qkv_rope(h, w.qkv, positions, inv_freq, k_cache, v_cache, start, **heads,
                            norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias).view(P, B, T, H, Dh)
     else:
@@ -159,7 +182,7 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
-    if P == 1 and residual_folded() and not _blas(h):  # h + a from o_proj, norm in gate/up: 6 launches
+    if P == 1 and h.shape[0] <= FOLD_ROWS and residual_folded():  # h + a from o_proj, norm in gate/up
         h_mid = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args,
                                 residual=h)
         act = group_swiglu(h_mid, w.gate, w.up, norm_weight=w.norm_post, eps=args.rms_norm_eps,

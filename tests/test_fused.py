@@ -37,7 +37,7 @@ def test_triton_backend_matches_torch_backend(name):
 
 
 # the Triton step's variants (fused.qkv_rope_fused, fused.residual_folded, fused.blas_rows), as environments
-VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-folded": {"CQIL_FOLD_RESIDUAL": "1"},
+VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-unfolded": {"CQIL_FOLD_RESIDUAL": "0"},
             "prefill-blas": {"CQIL_PREFILL_BLAS_ROWS": "8"}}  # the prompts' >= 8 rows through torch matmuls
 
 
@@ -170,7 +170,8 @@ def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name, variant, mon
 def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     """Graph-replayed decode == eager decode bit for bit, and programmatic dependent launch (ops/_pdl.py;
     on where the GPU has it) changes nothing either: the same kernels, only launched earlier. Likewise
-    with RoPE in the QKV GEMM's epilogue (CQIL_QKV_ROPE=1) and with the residual folded (CQIL_FOLD_RESIDUAL=1)."""
+    with RoPE in the QKV GEMM's epilogue (CQIL_QKV_ROPE=1) and with one-layer stages' residual launch kept
+    (CQIL_FOLD_RESIDUAL=0)."""
     model = _models(GROUPINGS["P3-d1-residual"])
     model.to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), device="cuda")
@@ -179,12 +180,15 @@ def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     runs = [("eager", False, "1", "default"), ("graphs", True, "1", "default"),
             ("graphs without PDL", True, "0", "default"), ("eager, QKV + RoPE fused", False, "1", "qkv-rope-fused"),
             ("graphs, QKV + RoPE fused", True, "1", "qkv-rope-fused"),
-            ("eager, residual folded", False, "1", "residual-folded"),
-            ("graphs, residual folded", True, "1", "residual-folded")]
+            ("eager, residual unfolded", False, "1", "residual-unfolded"),
+            ("graphs, residual unfolded", True, "1", "residual-unfolded")]
     for label, graphs, pdl, variant in runs:
         monkeypatch.setenv("CQIL_PDL", pdl)
         for var in ("CQIL_QKV_ROPE", "CQIL_FOLD_RESIDUAL"):
-            monkeypatch.setenv(var, VARIANTS[variant].get(var, "0"))
+            if var in VARIANTS[variant]:
+                monkeypatch.setenv(var, VARIANTS[variant][var])
+            else:
+                monkeypatch.delenv(var, raising=False)
         model.cuda_graphs = graphs
         cache = model.new_cache(2, 30)
         with torch.no_grad():
@@ -199,7 +203,7 @@ def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
     torch.testing.assert_close(outs["graphs"], outs["eager"], rtol=0, atol=0)
     torch.testing.assert_close(outs["graphs without PDL"], outs["graphs"], rtol=0, atol=0)
     torch.testing.assert_close(outs["graphs, QKV + RoPE fused"], outs["eager, QKV + RoPE fused"], rtol=0, atol=0)
-    torch.testing.assert_close(outs["graphs, residual folded"], outs["eager, residual folded"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["graphs, residual unfolded"], outs["eager, residual unfolded"], rtol=0, atol=0)
 
 
 def test_dependent_launch_is_off_where_it_cannot_run(monkeypatch):
@@ -294,3 +298,54 @@ def test_bad_prefill_blas_rows_is_refused(value, monkeypatch):
     monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", value)
     with pytest.raises(ValueError, match="CQIL_PREFILL_BLAS_ROWS"):
         fused.blas_rows()
+
+
+def test_prefill_blas_rule(monkeypatch):
+    """Unset (or 'auto'): torch matmuls from AUTO_BLAS_ROWS rows for weights of at least
+    AUTO_BLAS_WEIGHT elements per layer; 0: never; N: from N rows whatever the size."""
+    from cqil_kernels import fused
+
+    big = torch.empty(2, 4096, 1024, device="meta")  # 4 M elements per layer
+    small = torch.empty(2, 4096, 1023, device="meta")
+    rows = fused.AUTO_BLAS_ROWS
+    for value in (None, "auto"):
+        if value is None:
+            monkeypatch.delenv("CQIL_PREFILL_BLAS_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", value)
+        assert fused.use_blas(rows, big) and fused.use_blas(4096, big)
+        assert not fused.use_blas(rows - 1, big) and not fused.use_blas(1, big)
+        assert not fused.use_blas(rows, small) and not fused.use_blas(4096, small)
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "0")
+    assert not fused.use_blas(1 << 20, big)
+    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "8")
+    assert fused.use_blas(8, small) and not fused.use_blas(7, big)
+
+
+def test_one_layer_stages_fold_the_residual_launch_in_decode_only(monkeypatch):
+    """Default: a one-layer stage of at most FOLD_ROWS rows skips group_residual; a prompt of more rows,
+    a group of P > 1 and CQIL_FOLD_RESIDUAL=0 keep it."""
+    from cqil_kernels import fused
+
+    monkeypatch.delenv("CQIL_FOLD_RESIDUAL", raising=False)
+    calls = []
+    kept = fused.group_residual
+    monkeypatch.setattr(fused, "group_residual",
+                        lambda h, a, *args, **kw: calls.append(a.shape[0]) or kept(h, a, *args, **kw))
+    model = _models(GROUPINGS["P3-d1-residual"])
+    model.backend = "triton"
+    P1 = sum(len(s) == 1 for s in model.stages)
+    assert 0 < P1 < len(model.stages)
+    rows = fused.FOLD_ROWS + 1
+    ids = torch.randint(0, model.args.vocab_size, (1, rows), device=DEVICE)
+    with torch.no_grad():
+        cache = model.new_cache(1, rows + 2)
+        model(ids, cache=cache)
+        assert len(calls) == len(model.stages)  # prompt: every stage
+        calls.clear()
+        model(ids[:, :1], cache=cache)
+        assert calls and all(p > 1 for p in calls) and len(calls) == len(model.stages) - P1  # decode: groups only
+        calls.clear()
+        monkeypatch.setenv("CQIL_FOLD_RESIDUAL", "0")
+        model(ids[:, 1:2], cache=cache)
+        assert len(calls) == len(model.stages)
