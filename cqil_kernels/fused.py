@@ -10,11 +10,12 @@ P = 1) runs as seven launches, whatever P is:
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
 A stage of one layer runs six in decode: o_proj adds h in its epilogue and gate/up applies the
-post-attention norm in its prologue, so launch 5 goes (residual_folded). Around the stages: one cache_advance launch
-(the cache's bookkeeping) before, and the final RMSNorm + lm_head after (in decode one group_linear with
-the norm in its prologue). Folding launch 5 of a group (P > 1) into 6 and 7 was measured and dropped:
-H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48 ms/token, SmolLM2 CQIL 0.468
-vs 0.448 (benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
+post-attention norm in its prologue, so launch 5 goes (residual_folded). A prompt of many rows with
+large weights runs the matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas). Around the
+stages: one cache_advance launch (the cache's bookkeeping) before, and the final RMSNorm + lm_head after
+(in decode one group_linear with the norm in its prologue). Folding launch 5 of a group (P > 1) into 6
+and 7 was measured and dropped (H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48
+ms/token, SmolLM2 CQIL 0.468 vs 0.448; benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
 decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
@@ -61,29 +62,30 @@ def qkv_rope_fused() -> bool:
 
 # The fold's row limit: decode tiles, whose gate/up norm takes the sums of squares from x x^T. Larger
 # tiles take them in a second pass over x, once per column tile: LLaMA-7B sequential prefill of 512 rows
-# took 20.1 ms on the device folded vs 16.6 unfolded (H100; prefill_rows_b0f148b/ vs _hostwork/).
+# took 20.1 ms on the device folded vs 16.6 unfolded (H100; benchmarks/results/h100_2026-11-27/
+# prefill_rows_hostwork/ vs prefill_rows_b0f148b/).
 FOLD_ROWS = 16
 
 
 def residual_folded() -> bool:
     """Whether a stage of one layer in a decode step (at most FOLD_ROWS rows) skips launch 5 (default;
-    CQIL_FOLD_RESIDUAL=0 turns it off): o_proj
-    adds h in its epilogue (h + a, rounded to the model's dtype as the torch backend rounds it) and the
-    gate/up GEMM applies the post-attention norm in its prologue, as the QKV GEMM does the input norm.
-    Measured on an H100 in one process, alternated: LLaMA-7B sequential decode 5.305 -> 5.279 ms/token,
-    SmolLM2 CQIL 0.4182 -> 0.4087 (benchmarks/results/h100_2026-11-27/ab_763e7b5/). (Before the norm's
-    sums of squares moved to the tensor cores it was slower: 5.87 vs 5.42, fold_residual_7a00c97/.)
-    Read at each step, so one process can compare both."""
+    CQIL_FOLD_RESIDUAL=0 turns it off): o_proj adds h in its epilogue (h + a, rounded to the model's
+    dtype as the torch backend rounds it) and the gate/up GEMM applies the post-attention norm in its
+    prologue, as the QKV GEMM does the input norm. Measured on an H100 in one process, alternated:
+    LLaMA-7B sequential decode 5.305 -> 5.279 ms/token, SmolLM2 CQIL 0.4182 -> 0.4087
+    (benchmarks/results/h100_2026-11-27/ab_763e7b5/); before the norm's sums of squares moved to the
+    tensor cores it was slower (5.87 vs 5.42, h100_2026-11-26/fold_residual_7a00c97/). Read at each
+    step, so one process can compare both."""
     return os.environ.get("CQIL_FOLD_RESIDUAL", "1") != "0"
 
 
 # The default rule for the cuBLAS prefill form (blas_rows unset): steps of at least this many rows, for
-# weights of at least this many elements per layer. Measured on an H100, device time of a prefill
-# (benchmarks/results/h100_2026-11-27/prefill_rows_b0f148b/, _763e7b5/): LLaMA-7B (every weight >= 4096
-# x 4096) sequential 9.04 vs 8.42 ms at 128 rows, 16.6 vs 14.1 at 512, grouped 15.0 vs 12.2 at 512, but
-# 6.48 vs 7.72 at 32; SmolLM2-135M (weights <= 1536 x 576) is faster with the kernels at every length
-# (512 rows: 1.89 vs 3.12 ms): the torch form's separate norm and elementwise launches cost more than
-# cuBLAS saves on small matmuls.
+# weights of at least this many elements per layer. Device time of a prefill on an H100
+# (benchmarks/results/h100_2026-11-27/prefill_rows_b0f148b/ and prefill_rows_763e7b5/), kernels vs
+# cuBLAS: LLaMA-7B (every weight >= 4096 x 4096) sequential 9.04 vs 8.42 ms at 128 rows, 16.6 vs 14.1
+# at 512, grouped 15.0 vs 12.2 at 512, but 6.48 vs 7.72 at 32; SmolLM2-135M (weights <= 1536 x 576) is
+# faster with the kernels at every length (512 rows: 1.89 vs 3.12 ms): the torch form's separate norm
+# and elementwise launches cost more than cuBLAS saves on small matmuls.
 AUTO_BLAS_ROWS = 128
 AUTO_BLAS_WEIGHT = 1 << 22
 
