@@ -52,9 +52,17 @@ class PackedLayers:
     # the model layer index of each packed row, when only some layers are packed (a rank of a multi-GPU
     # run holds only its own layer of each group); None: row i is layer i
     layer_ids: tuple[int, ...] | None = None
+    # group() results by (l0, P): every eager step asks once per stage (~20 us each on the CPU)
+    _groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     def group(self, l0: int, P: int) -> PackedLayers:
-        """The weights of layers [l0, l0 + P): views, no copy."""
+        """The weights of layers [l0, l0 + P): views, no copy (made once, then reused)."""
+        views = self._groups.get((l0, P))
+        if views is None:
+            views = self._groups[(l0, P)] = self._views(l0, P)
+        return views
+
+    def _views(self, l0: int, P: int) -> PackedLayers:
         row = l0
         if self.layer_ids is not None:
             if tuple(range(l0, l0 + P)) not in {self.layer_ids[i:i + P] for i in range(len(self.layer_ids))}:

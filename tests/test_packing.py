@@ -43,6 +43,10 @@ def test_a_group_is_a_view():
         if whole is not None:
             assert getattr(group, name).data_ptr() == whole[2].data_ptr()
             assert getattr(group, name).shape[0] == 3
+    assert packed.group(2, 3) is group and packed.group(2, 2) is not group  # made once per (l0, P)
+    with torch.no_grad():
+        packed.gate[3].fill_(7.0)  # an in-place change shows through the kept views
+    assert bool((group.gate[1] == 7.0).all())
 
 
 def test_staleness_is_detected():

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_runnable, check_tensor, interpreting, next_pow2, ticket_counters
+from ._common import cdiv, check_runnable, check_tensor, interpreting, next_pow2, ticket_counters
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 BLOCK = 4096  # entries per program: a 49152-entry row is 12 programs
@@ -76,7 +76,7 @@ def row_argmax(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
     if B == 0:
         return out
     block = 256 if interpreting() else BLOCK  # small chunks: the interpreter's tests cross many
-    chunks = triton.cdiv(V, block)
+    chunks = cdiv(V, block)
     keys = torch.empty(B * chunks, dtype=torch.int32, device=logits.device)
     idxs = torch.empty(B * chunks, dtype=torch.int32, device=logits.device)
     _argmax_kernel[(B, chunks)](

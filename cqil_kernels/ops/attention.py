@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_runnable, check_tensor, dot_flags, interpreting, multiprocessor_count,
+from ._common import (cdiv, check_runnable, check_tensor, dot_flags, interpreting, multiprocessor_count,
                       next_pow2, ticket_counters)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 from .rope_kv import check_cache, check_start
@@ -218,7 +218,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
         if num_splits is None:
             sms = multiprocessor_count(torch.cuda.current_device())
             one_chunk = _merge_chunk(next_pow2(rows), _block_d(Dh))
-            num_splits = max(1, min(triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
+            num_splits = max(1, min(cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
         return 16, DECODE_BLOCK_N, num_splits, 4
     return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
 
@@ -269,7 +269,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if T * G > block_m:
         splits = 1  # only a single tile of rows per head is split over the keys
     block_d = _block_d(Dh)
-    splits = min(splits, triton.cdiv(S, block_n))  # more would leave splits empty at any position
+    splits = min(splits, cdiv(S, block_n))  # more would leave splits empty at any position
     upcast, precision = dot_flags(q.dtype)
     heads = P * B * Hkv
     if splits > 1:
@@ -285,7 +285,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     valid = key_valid.view(torch.uint8)
     pdl = pdl_options(q)  # the same for both launches
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
-    _attention_kernel[(triton.cdiv(T * G, block_m), heads, splits)](
+    _attention_kernel[(cdiv(T * G, block_m), heads, splits)](
         q, k_cache, v_cache, valid, start, out, part, stat, tickets,
         B, T, Hkv, G, math.log2(math.e) / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotuning, check_runnable, check_tensor, dot_flags, interpreting, next_pow2,
+from ._common import (autotuning, cdiv, check_runnable, check_tensor, dot_flags, interpreting, next_pow2,
                       untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 from .rope_kv import check_rope_kv
@@ -274,7 +274,7 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
         half, rope_args, rope_ints, rope_strides = 1, (dummy,) * 5, (1, 0, 0), (0,) * 5
 
     def grid(meta):
-        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), p_grid
+        return cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]), p_grid
 
     tensors = (x, w, w2 if w2 is not None else dummy, norm_weight if norm_weight is not None else dummy,
                bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
@@ -402,7 +402,7 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
     _launch(x, w, partial, sx=sx, bias=bias)
     block = min(1024, next_pow2(D))
-    _sum_p_kernel[(M, triton.cdiv(D, block))](
+    _sum_p_kernel[(M, cdiv(D, block))](
         partial, residual if residual is not None else partial, out, P, D,
         partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
         out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
