@@ -48,18 +48,25 @@ def environment(env: dict[str, str]):
         os.environ.update(saved)
 
 
+def ab_parser(doc: str, *, shape: str, groups_help: str, rounds: int) -> argparse.ArgumentParser:
+    """The options the A/B scripts here share: --shape, --groups, --variant (repeated), --rounds, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default=shape)
+    ap.add_argument("--groups", default=None, help=groups_help)
+    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--out", default=None)
+    return ap
+
+
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
     from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _time_ours, _warm_up_gpu, random_model
     from cqil_kernels.demo import parse_groups
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2-135m")
-    ap.add_argument("--groups", default=None, help="'none' for sequential (default: the shape's CQIL groups)")
-    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = ab_parser(__doc__, shape="smollm2-135m", rounds=4,
+                   groups_help="'none' for sequential (default: the shape's CQIL groups)")
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_decode measures GPU latency and needs a CUDA device")

@@ -12,13 +12,12 @@ shape's CQIL groups (--groups). Prefill ms = median of CUDA-event timings of new
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
 
-from ab_decode import environment, parse_variant
+from ab_decode import ab_parser, environment
 
 
 def main(argv=None) -> None:
@@ -26,14 +25,9 @@ def main(argv=None) -> None:
     from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _time_hf, _time_ours, _warm_up_gpu, random_hf_model
     from cqil_kernels.demo import parse_groups
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-7b")
-    ap.add_argument("--groups", default=None, help="CQIL groups (default: the shape's)")
-    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap = ab_parser(__doc__, shape="llama-7b", rounds=2, groups_help="CQIL groups (default: the shape's)")
     ap.add_argument("--prompt", action="append", type=int, help="prompt lengths (default 512)")
     ap.add_argument("--hf", action="store_true", help="time HF eager in the same rounds")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_prefill measures GPU latency and needs a CUDA device")

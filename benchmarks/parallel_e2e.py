@@ -156,6 +156,9 @@ def main() -> None:
     parser.add_argument("--greedy", type=int, default=32, help="greedy tokens compared with the baseline")
     parser.add_argument("--reduce-bytes", default="8192,16384,65536,262144,1048576")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--min-chunk-rows", type=int, default=None,
+                        help="RankModel's min_chunk_rows: the prefill's down projection is cut into token "
+                             "chunks of at least this many rows, each reduced while the next computes")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="print rank 0's CPU-time profile of one eager prefill")
     opts = parser.parse_args()
@@ -225,7 +228,8 @@ def main() -> None:
     model = random_model(opts.shape, dtype, device, held_layers=placement.held_layers)
     model.cqil = cqil
     model.backend = "triton"
-    ranked = RankModel(model, placement)
+    chunking = {} if opts.min_chunk_rows is None else dict(min_chunk_rows=opts.min_chunk_rows)
+    ranked = RankModel(model, placement, **chunking)
     torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
     if opts.profile_prefill:

@@ -14,14 +14,13 @@ enqueue the forward. Variants and groupings alternate, order reversed every othe
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
-from ab_decode import environment, parse_variant
+from ab_decode import ab_parser, environment
 
 SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100 clocks: longer than any step's host launch time here
 
@@ -57,14 +56,9 @@ def main(argv=None) -> None:
     from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _warm_up_gpu, random_model
     from cqil_kernels.demo import parse_groups
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-7b")
-    ap.add_argument("--groups", default=None, help="CQIL groups (default: the shape's)")
-    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap = ab_parser(__doc__, shape="llama-7b", rounds=2, groups_help="CQIL groups (default: the shape's)")
     ap.add_argument("--rows", action="append", type=int, help="prompt lengths, batch 1 (default 16 64 512)")
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("prefill_rows measures GPU latency and needs a CUDA device")

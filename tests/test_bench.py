@@ -85,6 +85,17 @@ def test_ab_prefill_needs_a_gpu_and_parses_variants(monkeypatch):
         main(["--variant", "blas"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_prefill_rows_needs_a_gpu_and_parses_variants(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from prefill_rows import main
+
+    with pytest.raises(SystemExit, match="CUDA"):
+        main(["--variant", "default:", "--variant", "kernels:CQIL_PREFILL_BLAS_ROWS=0", "--rows", "32"])
+    with pytest.raises(SystemExit):  # argparse: a malformed variant
+        main(["--variant", "kernels"])
+
+
 def test_ab_environment_sets_and_restores(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from ab_decode import environment
