@@ -247,7 +247,9 @@ def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tens
 # after the first of a key go straight to the kernel with it. triton.autotune's own lookup rebuilds dicts
 # of all ~45 arguments at every launch; on the lent H100's host a 37-argument kernel took 77 us per
 # launch through it and 40 us without (benchmarks/results/h100_2026-11-27/host_b0f148b/), and an eager
-# step makes four GEMM launches per stage.
+# step makes four GEMM launches per stage. Every config computes the same product (up to the order of its
+# fp32 sums); the choice sets the speed (were two threads to tune at once and swap their best_config
+# reads, a key would get a slower config, not a wrong result).
 _CHOSEN: dict[tuple, dict] = {}
 
 
