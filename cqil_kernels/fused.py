@@ -29,6 +29,7 @@ import os
 import torch
 
 from .model import rms_norm
+from .ops._common import env_switch
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
 from .ops.group_gemm import group_down_sum, group_linear, group_qkv_rope, group_swiglu
@@ -57,7 +58,7 @@ def qkv_rope_fused() -> bool:
     5.477 ms/token, SmolLM2 CQIL 0.4127 vs 0.4120, and its first compile for a shape takes minutes
     (benchmarks/results/h100_2026-11-26/decode_attention/). Read at each step, so one process can
     compare both."""
-    return os.environ.get("CQIL_QKV_ROPE", "0") == "1"
+    return env_switch("CQIL_QKV_ROPE", False)
 
 
 # The fold's row limit: decode tiles, whose gate/up norm takes the sums of squares from x x^T. Larger
@@ -76,7 +77,7 @@ def residual_folded() -> bool:
     (benchmarks/results/h100_2026-11-27/ab_763e7b5/); before the norm's sums of squares moved to the
     tensor cores it was slower (5.87 vs 5.42, h100_2026-11-26/fold_residual_7a00c97/). Read at each
     step, so one process can compare both."""
-    return os.environ.get("CQIL_FOLD_RESIDUAL", "1") != "0"
+    return env_switch("CQIL_FOLD_RESIDUAL", True)
 
 
 # The default rule for the cuBLAS prefill form (blas_rows unset): steps of at least this many rows, for

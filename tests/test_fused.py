@@ -300,6 +300,39 @@ def test_bad_prefill_blas_rows_is_refused(value, monkeypatch):
         fused.blas_rows()
 
 
+@pytest.mark.parametrize("value", ["true", "on", "2", " 1"])
+def test_bad_switch_values_are_refused(value, monkeypatch):
+    """CQIL_QKV_ROPE and CQIL_FOLD_RESIDUAL take 0 or 1: anything else is a ValueError naming the
+    variable, at the model's first step, not a silent choice."""
+    from cqil_kernels import fused
+    from cqil_kernels.ops._common import env_switch
+
+    for var, switch in (("CQIL_QKV_ROPE", fused.qkv_rope_fused), ("CQIL_FOLD_RESIDUAL", fused.residual_folded)):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ValueError, match=var):
+            switch()
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("CQIL_PDL", value)
+    with pytest.raises(ValueError, match="CQIL_PDL"):
+        env_switch("CQIL_PDL", True)
+    model = _models(GROUPINGS["none"])
+    model.backend = "triton"
+    monkeypatch.setenv("CQIL_FOLD_RESIDUAL", value)
+    with pytest.raises(ValueError, match="CQIL_FOLD_RESIDUAL"), torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache=model.new_cache(1, 4))
+
+
+def test_switches_read_0_1_and_default(monkeypatch):
+    from cqil_kernels.ops._common import env_switch
+
+    for value, default, expected in (("", True, True), ("", False, False), ("0", True, False),
+                                     ("1", False, True)):
+        monkeypatch.setenv("CQIL_TEST_SWITCH", value)
+        assert env_switch("CQIL_TEST_SWITCH", default) is expected
+    monkeypatch.delenv("CQIL_TEST_SWITCH")
+    assert env_switch("CQIL_TEST_SWITCH", True) is True
+
+
 def test_prefill_blas_rule(monkeypatch):
     """Unset (or 'auto'): torch matmuls from AUTO_BLAS_ROWS rows for weights of at least
     AUTO_BLAS_WEIGHT elements per layer; 0: never; N: from N rows whatever the size."""

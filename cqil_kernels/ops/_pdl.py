@@ -17,13 +17,12 @@ each launch, so a benchmark can compare both in one process). Never under TRITON
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import env_switch, interpreting
 
 
 @triton.jit
@@ -44,7 +43,7 @@ def _capable(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    if device.type != "cuda" or interpreting() or os.environ.get("CQIL_PDL", "1") == "0":
+    if device.type != "cuda" or interpreting() or not env_switch("CQIL_PDL", True):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
