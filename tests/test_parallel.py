@@ -282,8 +282,8 @@ def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
     assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
 
 
-def test_torchrun_generate_script(checkpoint, tmp_path):
-    """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
+def _generate_command(checkpoint) -> list[str]:
+    """python/generate.py on the checkpoint (with a word-level tokenizer saved beside it), CPU, fp32."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -291,9 +291,17 @@ def test_torchrun_generate_script(checkpoint, tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(checkpoint)
-    common = [str(ROOT / "python" / "generate.py"), str(checkpoint), "--prompt", "w5 w9 w14",
-              "--groups", "1,2;4,5", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [str(ROOT / "python" / "generate.py"), str(checkpoint), "--prompt", "w5 w9 w14",
+            "--groups", "1,2;4,5", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]
+
+
+GENERATE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_generate_script(checkpoint, tmp_path):
+    """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
+    common = _generate_command(checkpoint)
+    env = GENERATE_ENV
     one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -307,6 +315,35 @@ def test_torchrun_generate_script(checkpoint, tmp_path):
                              timeout=300, env=env)
     assert spawned.returncode == 0, spawned.stderr[-3000:]
     assert "on cpu,cpu" in spawned.stdout and spawned.stdout.split("\n")[0] == one.stdout.split("\n")[0]
+
+
+def test_torchrun_across_two_nodes(checkpoint):
+    """Two torchrun "nodes" of one process each (--nnodes 2, --node-rank, MASTER_ADDR/PORT: the
+    multi-node launch on one machine). The second node's process has RANK 1 but LOCAL_RANK 0, so this
+    checks that rank identity comes from RANK, not LOCAL_RANK: node 0 prints what one process prints,
+    node 1 prints nothing."""
+    import socket
+
+    common = _generate_command(checkpoint)
+    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300,
+                         env=GENERATE_ENV)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                               str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(port), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=GENERATE_ENV)
+             for node in (0, 1)]
+    try:
+        outs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outs]
+    assert outs[0][0].count("on 2 ranks") == 1 and outs[0][0].split("\n")[0] == one.stdout.split("\n")[0]
+    assert outs[1][0].strip() == ""
 
 
 @pytest.mark.parametrize("case,blas_rows", [("w2-pairs-d1", "0"), ("w4-P3-P2-d1-mlp_input", "0"),
