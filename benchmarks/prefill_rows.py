@@ -1,59 +1,28 @@
 """Where the Triton backend's prefill time goes, per prompt length: eager (host and device together, as
 a user's `model(ids, cache=...)` runs) and device only (the step queued behind a GPU sleep, so the host's
 launch time is hidden). For each variant of the environment (as in ab_decode.py), sequential and with
-the shape's CQIL groups. This is the measurement behind fused.blas_rows' default.
+the shape's CQIL groups. This is the measurement behind fused.use_blas' default rule.
 
     python benchmarks/prefill_rows.py --shape llama-7b --rows 16 --rows 64 --rows 512 \\
         --variant kernels:CQIL_PREFILL_BLAS_ROWS=0 --variant blas:CQIL_PREFILL_BLAS_ROWS=1 --out rows.json
 
-Eager ms: median over --repeats of CUDA events around new_cache + forward (the forward's input check
-syncs once, so the GPU waits for the host's launches). Device ms: the same step (fused.step, which reads
-no device value on the host) enqueued behind torch.cuda._sleep, events around it. Host ms: wall time to
-enqueue the forward. Variants and groupings alternate, order reversed every other round.
+Eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device: the step queued
+behind a GPU sleep). Variants and groupings alternate, order reversed every other round.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
 from ab_decode import ab_parser, environment
 
-SLEEP_CYCLES = 400_000_000  # ~0.2 s at H100 clocks: longer than any step's host launch time here
-
-
-def time_step(model, ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median eager, device-only and host-enqueue milliseconds of one prefill of ids."""
-    from cqil_kernels import fused
-
-    B, T = ids.shape
-    eager, device, host = [], [], []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        model(ids, cache=model.new_cache(B, T))
-        host.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        end.synchronize()
-        eager.append(start.elapsed_time(end))
-        cache = model.new_cache(B, T)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        fused.step(model, ids, None, cache)
-        end.record()
-        end.synchronize()
-        device.append(start.elapsed_time(end))
-    return dict(eager_ms=statistics.median(eager), device_ms=statistics.median(device),
-                host_ms=statistics.median(host))
-
 
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
-    from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _warm_up_gpu, random_model
+    from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _warm_up_gpu, prefill_split_ms, random_model
     from cqil_kernels.demo import parse_groups
 
     ap = ab_parser(__doc__, shape="llama-7b", rounds=2, groups_help="CQIL groups (default: the shape's)")
@@ -83,7 +52,7 @@ def main(argv=None) -> None:
                 for name, env, kind in (runs_to_do if r % 2 == 0 else runs_to_do[::-1]):
                     model.cqil = configs[kind]
                     with environment(env):
-                        t = time_step(model, ids[:, :T], a.repeats)
+                        t = prefill_split_ms(model, ids[:, :T], a.repeats)
                     results.setdefault(f"{name}-{kind}@{T}", []).append(t)
                     print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: eager {t['eager_ms']:8.3f}  "
                           f"device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f} ms", flush=True)

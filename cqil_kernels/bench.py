@@ -8,7 +8,9 @@ Variants (same random weights, same dtype, same prompt):
 Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill, argmax included
 (ours: generation.greedy, one Triton launch; HF: torch.argmax, as HF users run it), median of
 `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
-timed after the decode runs (the GPU is warmed up for a second before anything is timed).
+timed after the decode runs (the GPU is warmed up for a second before anything is timed). For the
+Triton variants the record also splits prefill into device time (the step queued behind a GPU sleep)
+and host time (enqueueing it): prefill_split_ms.
 Achieved bandwidth counts every byte a decode step must read (all weights once, the KV cache so far) and
 is reported against a device-to-device copy measured in the same run.
 """
@@ -21,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -157,6 +160,41 @@ def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
     return _events_ms(prefill, max(repeats, 10)), statistics.median(times[1:])
 
 
+SLEEP_CYCLES = 400_000_000  # ~0.2 s of GPU sleep at H100 clocks: longer than any step's host launch time
+
+
+def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | None = None) -> dict[str, float]:
+    """Where a Triton-backend prefill's time goes: median over `repeats` of
+    * eager_ms: CUDA events around new_cache + forward, as a user runs it (the forward's input check
+      syncs once, so the GPU waits for the host's launches);
+    * device_ms: the same step (fused.step, which reads no device value on the host) enqueued behind a
+      GPU sleep, so the host's launch time is hidden;
+    * host_ms: wall time to enqueue the eager forward."""
+    from . import fused
+
+    B, T = ids.shape
+    cache_len = cache_len or T
+    eager, device, host = [], [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        model(ids, cache=model.new_cache(B, cache_len))
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end))
+        cache = model.new_cache(B, cache_len)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start.record()
+        fused.step(model, ids, None, cache)
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+    return dict(eager_ms=statistics.median(eager), device_ms=statistics.median(device),
+                host_ms=statistics.median(host))
+
+
 def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
     """Keep the GPU busy for a while first: a GPU coming out of idle runs short jobs at lower clocks
     (seen on the H100: the first 512-token prefill timed in a process 37 ms, the same one later 18 ms)."""
@@ -241,7 +279,13 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
         gbps = step_bytes / decode_ms / 1e6
         results[variant] = dict(prefill_ms=round(prefill_ms, 4), decode_ms_per_token=round(decode_ms, 4),
                                 decode_gbps=round(gbps, 1), decode_pct_of_copy=round(100 * gbps / copy, 1))
-        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms   decode {decode_ms:7.4f} ms/token   "
+        split = ""
+        if variant.startswith("triton"):  # the prefill's device time and host time, apart
+            parts = prefill_split_ms(model, ids, repeats, cache_len=prompt + new + 2)
+            results[variant].update(prefill_device_ms=round(parts["device_ms"], 4),
+                                    prefill_host_ms=round(parts["host_ms"], 4))
+            split = f" (device {parts['device_ms']:.3f}, host {parts['host_ms']:.3f})"
+        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   decode {decode_ms:7.4f} ms/token   "
               f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy)", flush=True)
     props = torch.cuda.get_device_properties(device)
     import triton
