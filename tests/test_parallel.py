@@ -282,8 +282,13 @@ def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
     assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
 
 
-def _generate_command(checkpoint) -> list[str]:
-    """python/generate.py on the checkpoint (with a word-level tokenizer saved beside it), CPU, fp32."""
+GENERATE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def generate_run(checkpoint) -> tuple[list[str], str]:
+    """python/generate.py's arguments on the checkpoint (a word-level tokenizer saved beside it; CPU,
+    fp32) and the first line one process prints: what the launches below must reproduce."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -291,43 +296,38 @@ def _generate_command(checkpoint) -> list[str]:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(checkpoint)
-    return [str(ROOT / "python" / "generate.py"), str(checkpoint), "--prompt", "w5 w9 w14",
-            "--groups", "1,2;4,5", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]
-
-
-GENERATE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def test_torchrun_generate_script(checkpoint, tmp_path):
-    """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
-    common = _generate_command(checkpoint)
-    env = GENERATE_ENV
-    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300, env=env)
+    common = [str(ROOT / "python" / "generate.py"), str(checkpoint), "--prompt", "w5 w9 w14",
+              "--groups", "1,2;4,5", "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32"]
+    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300,
+                         env=GENERATE_ENV)
     assert one.returncode == 0, one.stderr
+    return common, one.stdout.split("\n")[0]
+
+
+def test_torchrun_generate_script(generate_run):
+    """python/generate.py under torchrun (env://, SPMD, gloo): rank 0 prints the same text as one process."""
+    common, expected = list(generate_run[0]), generate_run[1]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--standalone", *common], capture_output=True, text=True, timeout=300, env=env)
+                          "--standalone", *common], capture_output=True, text=True, timeout=300, env=GENERATE_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("on 2 ranks") == 1  # rank 0 prints
-    assert run.stdout.split("\n")[0] == one.stdout.split("\n")[0]
+    assert run.stdout.split("\n")[0] == expected
     common.remove("--device")
     common.remove("cpu")
     spawned = subprocess.run([sys.executable, *common, "--devices", "cpu,cpu"], capture_output=True, text=True,
-                             timeout=300, env=env)
+                             timeout=300, env=GENERATE_ENV)
     assert spawned.returncode == 0, spawned.stderr[-3000:]
-    assert "on cpu,cpu" in spawned.stdout and spawned.stdout.split("\n")[0] == one.stdout.split("\n")[0]
+    assert "on cpu,cpu" in spawned.stdout and spawned.stdout.split("\n")[0] == expected
 
 
-def test_torchrun_across_two_nodes(checkpoint):
+def test_torchrun_across_two_nodes(generate_run):
     """Two torchrun "nodes" of one process each (--nnodes 2, --node-rank, MASTER_ADDR/PORT: the
     multi-node launch on one machine). The second node's process has RANK 1 but LOCAL_RANK 0, so this
     checks that rank identity comes from RANK, not LOCAL_RANK: node 0 prints what one process prints,
     node 1 prints nothing."""
     import socket
 
-    common = _generate_command(checkpoint)
-    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300,
-                         env=GENERATE_ENV)
-    assert one.returncode == 0, one.stderr
+    common, expected = generate_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -342,7 +342,7 @@ def test_torchrun_across_two_nodes(checkpoint):
         for node in nodes:
             node.kill()
     assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outs]
-    assert outs[0][0].count("on 2 ranks") == 1 and outs[0][0].split("\n")[0] == one.stdout.split("\n")[0]
+    assert outs[0][0].count("on 2 ranks") == 1 and outs[0][0].split("\n")[0] == expected
     assert outs[1][0].strip() == ""
 
 
