@@ -315,6 +315,7 @@ def test_bad_switch_values_are_refused(value, monkeypatch):
     monkeypatch.setenv("CQIL_PDL", value)
     with pytest.raises(ValueError, match="CQIL_PDL"):
         env_switch("CQIL_PDL", True)
+    monkeypatch.delenv("CQIL_PDL")  # on the GPU the model reads it too, before the fold's switch
     model = _models(GROUPINGS["none"])
     model.backend = "triton"
     monkeypatch.setenv("CQIL_FOLD_RESIDUAL", value)
