@@ -45,8 +45,14 @@ for stage in $stages; do
     for tool in ${SAN_TOOLS:-memcheck racecheck}; do
       for case in "test_group_gemm.py|qkv-bias-2-5-59-83-torch.bfloat16" \
                   "test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
-                  "test_group_gemm.py|test_group_swiglu and True-3-5-59-83-torch.bfloat16" \
+                  "test_group_gemm.py|test_group_swiglu and bias-3-5-59-83-torch.bfloat16" \
+                  "test_group_gemm.py|o-residual-2-37-48-130-torch.bfloat16" \
+                  "test_group_gemm.py|test_group_swiglu and norm-3-37-48-130-torch.bfloat16" \
+                  "test_group_gemm.py|test_group_down_sum_split_k and 1-96-59-True-torch.bfloat16" \
+                  "test_group_gemm.py|test_group_qkv_rope and norm-3-2-5-6-2-8-59-torch.bfloat16" \
                   "test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
+                  "test_argmax.py|5-4099-torch.bfloat16" \
+                  "test_cache_advance.py|left-padded-2-1100" \
                   "test_attention.py|3-fused-decode-P4-padded-torch.bfloat16" \
                   "test_attention.py|None-fused-prefill-gqa3-torch.float16" \
                   "test_group_residual.py|residual-2-1-7-59-torch.bfloat16"; do
