@@ -150,6 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     parser.add_argument("--groups", default="12-30:2")
+    parser.add_argument("--bypass", type=int, default=0, help="the grouping's bypass d")
+    parser.add_argument("--bypass-exchange", default="p2p", choices=["p2p", "all_reduce"],
+                        help="RankModel's bypass_exchange (with --bypass); all_reduce: decode in a graph")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -166,7 +169,7 @@ def main() -> None:
     device = init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16
-    cqil = parse_groups(opts.groups)
+    cqil = parse_groups(opts.groups, opts.bypass)
     props = torch.cuda.get_device_properties(device)
     record = dict(card=props.name, gpus=world, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="minutes"), commit=_commit(), command="torchrun --standalone --nproc-per-node "
@@ -229,7 +232,7 @@ def main() -> None:
     model.cqil = cqil
     model.backend = "triton"
     chunking = {} if opts.min_chunk_rows is None else dict(min_chunk_rows=opts.min_chunk_rows)
-    ranked = RankModel(model, placement, **chunking)
+    ranked = RankModel(model, placement, bypass_exchange=opts.bypass_exchange, **chunking)
     torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
     if opts.profile_prefill:
@@ -268,7 +271,8 @@ def main() -> None:
     reduce_alone = _events_ms(graph.replay, 10)
     stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
                  reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
-                 one_shot_reason=ranked.reducer.one_shot_policy.reason or None)
+                 one_shot_reason=ranked.reducer.one_shot_policy.reason or None,
+                 bypass_exchange=ranked.bypass_exchange, decode_graph=ranked.decodes_in_a_graph())
     everyone: list = [None] * world
     dist.all_gather_object(everyone, stats)
     if rank == 0:

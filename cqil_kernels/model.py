@@ -467,8 +467,8 @@ class CQILLlama(nn.Module):
         devices: several devices, e.g. [0, 1] or ["cpu", "cpu"]: the layers of every group are spread
             over one process per device (rank r runs layer r of each group) and the result is a
             parallel.ParallelCQILLlama that starts and drives them (close() it, or use `with`); `src`
-            must then be a path. Extra keyword arguments (backend, one_shot, output_device, timeout_s)
-            go to it.
+            must then be a path. Extra keyword arguments (backend, one_shot, output_device, timeout_s,
+            bypass_exchange) go to it.
         held_layers: read only these layers (or a function (LlamaArgs, CQILConfig) -> layers); the
             others stay on "meta". How a rank loads its part (parallel/rank.py).
         """

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--groups", default=None, help="e.g. 12-16:2 or '12,13;14,15' (default: none)")
     parser.add_argument("--bypass", type=int, default=0)
+    parser.add_argument("--bypass-exchange", default="p2p", choices=["p2p", "all_reduce"],
+                        help="several ranks with --bypass: point-to-point sends (decode eager) or one "
+                             "all-reduce per group (decode in a CUDA graph)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,10 +48,12 @@ def main() -> None:
         from cqil_kernels.parallel import RankModel, init_from_env
 
         device = init_from_env(backend="gloo" if args.device == "cpu" else None)
-        model = RankModel.from_pretrained(args.model, cqil, device=device, dtype=dtype)
+        model = RankModel.from_pretrained(args.model, cqil, device=device, dtype=dtype,
+                                          bypass_exchange=args.bypass_exchange)
     elif args.devices:
         devices = [int(d) if d.isdigit() else d for d in args.devices.split(",")]
-        model = CQILLlama.from_pretrained(args.model, cqil=cqil, devices=devices, dtype=dtype)
+        model = CQILLlama.from_pretrained(args.model, cqil=cqil, devices=devices, dtype=dtype,
+                                          bypass_exchange=args.bypass_exchange)
     else:
         model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
     if args.model.suffix == ".gguf":

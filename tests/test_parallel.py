@@ -35,21 +35,25 @@ def _single(checkpoint, cqil) -> CQILLlama:
     return model
 
 
-# (world, grouping): d = 0, 1, 2, both bypass modes, ungrouped layers between groups, idle ranks
+# (world, grouping, options): d = 0, 1, 2, both bypass modes, ungrouped layers between groups, idle ranks,
+# both bypass exchanges (comm.py)
 CASES = {
-    "w2-pairs-d0": (2, CQILConfig(groups=((1, 2), (4, 5)))),
-    "w2-pairs-d1": (2, CQILConfig(groups=((2, 3), (4, 5), (6, 7)), bypass=1)),
-    "w4-P4-d2": (4, CQILConfig(groups=((1, 2, 3, 4),), bypass=2)),
-    "w4-P3-P2-d1-mlp_input": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=1, bypass_mode="mlp_input")),
+    "w2-pairs-d0": (2, CQILConfig(groups=((1, 2), (4, 5))), {}),
+    "w2-pairs-d1": (2, CQILConfig(groups=((2, 3), (4, 5), (6, 7)), bypass=1), {}),
+    "w4-P4-d2": (4, CQILConfig(groups=((1, 2, 3, 4),), bypass=2), {}),
+    "w4-P3-P2-d1-mlp_input": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=1, bypass_mode="mlp_input"),
+                              {}),
+    "w4-P3-P2-d2-all_reduce": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=2),
+                               {"bypass_exchange": "all_reduce"}),
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, checkpoint):
     """(the multi-process model, the single-process model) for one case, started once per module."""
-    world, cqil = CASES[request.param]
+    world, cqil, options = CASES[request.param]
     with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
-                                   backend="torch", timeout_s=120) as model:
+                                   backend="torch", timeout_s=120, **options) as model:
         yield model, _single(checkpoint, cqil)
 
 
@@ -99,7 +103,7 @@ def test_each_rank_holds_only_its_layers(pair):
         assert held == full - not_held * per_layer
     stats = parallel.rank_stats()
     assert [s["rank"] for s in stats] == list(range(parallel.world))
-    assert all(s["reductions"]["gloo"] > 0 and not s["one_shot"] for s in stats)
+    assert all(s["reductions"]["gloo"] > 0 and not s["one_shot"] and not s["decode_graph"] for s in stats)
     assert "cpu" in stats[0]["one_shot_reason"]
 
 
@@ -193,6 +197,23 @@ def test_bad_devices_are_refused(checkpoint):
         CQILLlama.from_pretrained(random_hf_model(), cqil=cqil, devices=["cpu", "cpu"])
     with pytest.raises(ValueError, match="not both"):
         CQILLlama.from_pretrained(checkpoint, device="cpu", devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="bypass_exchange must be one of"):  # before any process starts
+        CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu", "cpu"], bypass_exchange="nccl")
+
+
+def test_bypass_exchanges_agree_bit_for_bit(checkpoint):
+    """The bypass moved by point-to-point sends and by one all-reduce of each rank's row (comm.py) give
+    the same logits bit for bit: the all-reduce adds only zeros to each a_j. d = 2 on 3 ranks of 4 (rank
+    2 sums a_0 + a_1, rank 3 idle and still joining the all-reduce), then a group of 2."""
+    cqil = CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=2)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for exchange in ("p2p", "all_reduce"):
+        with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * 4, dtype=torch.float32,
+                                       backend="torch", timeout_s=120, bypass_exchange=exchange) as parallel:
+            logits[exchange] = parallel(ids)
+            assert {s["bypass_exchange"] for s in parallel.rank_stats()} == {exchange}
+    assert torch.equal(logits["p2p"], logits["all_reduce"])
 
 
 def test_no_groups_warns(checkpoint):
@@ -347,19 +368,20 @@ def test_torchrun_across_two_nodes(generate_run):
 
 
 @pytest.mark.parametrize("case,blas_rows", [("w2-pairs-d1", "0"), ("w4-P3-P2-d1-mlp_input", "0"),
-                                            ("w2-pairs-d1", "8")], ids=["w2", "w4", "w2-prefill-blas"])
+                                            ("w2-pairs-d1", "8"), ("w4-P3-P2-d2-all_reduce", "0")],
+                         ids=["w2", "w4", "w2-prefill-blas", "w4-bypass-all_reduce"])
 def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, monkeypatch):
     """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter).
     blas_rows 8: the prompt's 14 rows take the torch matmuls (fused.blas_rows), decode the kernels."""
     monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", blas_rows)  # the spawned ranks inherit it
-    world, cqil = CASES[case]
+    world, cqil, options = CASES[case]
     single = _single(checkpoint, cqil)
     ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = left_padding_mask(ids, [0, 2])
     with torch.no_grad():
         expected = single(ids, mask)
     with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
-                                   backend="triton", timeout_s=300) as parallel:
+                                   backend="triton", timeout_s=300, **options) as parallel:
         got = parallel(ids, mask)
         torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(parallel.generate(ids, 5, attention_mask=mask),

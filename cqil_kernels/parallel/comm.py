@@ -10,9 +10,16 @@ with it. Each call picks its path:
   * "nccl" / "gloo": torch.distributed.all_reduce, for everything else.
 `GroupReducer.policy(tensor)` says which path a tensor takes and why (`OneShotPolicy`).
 
-The bypass (d >= 1): rank j of a group needs a_{j-1..j-d} from the ranks before it before its MLP, and
-sends its own a_j to ranks j+1..j+d; the sends are asynchronous and waited for after the sender's MLP, so
-the transfer overlaps with it (`exchange_bypass`).
+The bypass (d >= 1): rank j of a group needs a_{j-1..j-d} from the ranks before it before its MLP. Two
+ways to move them, with the same result bit for bit:
+  * `exchange_bypass` (RankModel's bypass_exchange="p2p"): rank j sends its own a_j to ranks j+1..j+d;
+    the sends are asynchronous and waited for after the sender's MLP, so the transfer overlaps with it.
+    NCCL point-to-point calls are not captured in our CUDA graphs, so such decode steps run eagerly;
+  * `gather_bypass` ("all_reduce"): one all-reduce of a zeroed buffer in which each rank has written its
+    a_j into its own row. Adding zeros is exact, so every rank receives every a_j unchanged: an
+    all-gather through GroupReducer, which for a decode step's few KB is one capturable one-shot launch,
+    so the decode step with a bypass is one CUDA graph replay too. Every rank of the reducer's group
+    joins it, also ranks idle for the group.
 """
 
 from __future__ import annotations
@@ -215,3 +222,25 @@ def exchange_bypass(a: torch.Tensor, j: int, P: int, d: int, group=None):
     for buf in received:  # in group order, as the single-process model sums them
         b = buf if b is None else b + buf
     return b, works[len(sources):]
+
+
+def gather_bypass(a: torch.Tensor | None, j: int, P: int, d: int, reducer: GroupReducer,
+                  like: torch.Tensor) -> torch.Tensor | None:
+    """exchange_bypass's b for rank j of a group of P ranks, moved by one all-reduce (`reducer`) that
+    every rank of the reducer's group must join: a = a_j (None on a rank idle for this group, j >= P);
+    like: a tensor of a_j's shape, dtype and device. Ranks 0..P-2 write a_j into row j of a zeroed
+    [P-1, *shape] buffer (a_{P-1} is received by no one); the sum over ranks holds every a_i exactly
+    (x + 0 == x). Returns b = a_{j-min(d,j)} + ... + a_{j-1}, summed in group order as exchange_bypass
+    and the single-process model do (None when j = 0, j >= P or d = 0)."""
+    if d == 0 or P == 1:
+        return None
+    rows = torch.zeros((P - 1, *like.shape), dtype=like.dtype, device=like.device)
+    if a is not None and j < P - 1:
+        rows[j].copy_(a)
+    reducer.all_reduce(rows)
+    if j >= P:
+        return None
+    b = None
+    for i in range(max(0, j - d), j):
+        b = rows[i] if b is None else b + rows[i]
+    return b

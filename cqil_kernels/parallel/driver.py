@@ -97,7 +97,11 @@ class ParallelCQILLlama:
     """
 
     def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
-                 one_shot: bool | None = None, output_device=None, timeout_s: float | None = None):
+                 one_shot: bool | None = None, output_device=None, timeout_s: float | None = None,
+                 bypass_exchange: str = "p2p"):
+        from .rank import check_bypass_exchange
+
+        check_bypass_exchange(bypass_exchange)
         self.devices = check_devices(devices)
         self.world = len(self.devices)
         if isinstance(src, torch.nn.Module):
@@ -115,7 +119,7 @@ class ParallelCQILLlama:
         ctx = mp.get_context("spawn")
         backend_name = "nccl" if self.devices[0].type == "cuda" else "gloo"
         load = dict(src=str(src), cqil=cqil, dtype=dtype, lora=str(lora) if lora is not None else None,
-                    backend=backend, one_shot=one_shot)
+                    backend=backend, one_shot=one_shot, bypass_exchange=bypass_exchange)
         init = f"file://{self._tmp.name}/store"
         self._conns, self._procs = [], []
         disable_multicast()  # the spawned ranks inherit the environment
@@ -230,8 +234,9 @@ class ParallelCQILLlama:
         return out.to(self.output_device)
 
     def rank_stats(self) -> list[dict]:
-        """Per rank: device, parameter bytes, peak device memory, and how many group reductions took
-        the one-shot path vs the fallback (with the last fallback reason)."""
+        """Per rank: device, parameter bytes, peak device memory, how many group reductions took the
+        one-shot path vs the fallback (with the last fallback reason), the bypass exchange and whether
+        decode steps are CUDA graph replays."""
         return self._call("stats", all_ranks=True)
 
     # ----------------------------------------------------------------------------------------------
@@ -343,7 +348,8 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
         model = RankModel.from_pretrained(load["src"], load["cqil"], device=device, dtype=load["dtype"],
-                                          lora=load["lora"], backend=load["backend"], one_shot=load["one_shot"])
+                                          lora=load["lora"], backend=load["backend"],
+                                          one_shot=load["one_shot"], bypass_exchange=load["bypass_exchange"])
         conn.send(("ok", {"args": model.args, "cqil": model.cqil, "dtype": model.dtype,
                           "parameter_bytes": model.parameter_bytes()}))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it
@@ -389,7 +395,8 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
                 "peak_device_bytes": peak, "reductions": dict(model.reducer.calls),
                 "one_shot": model.reducer.one_shot_policy.enabled,
                 "one_shot_reason": model.reducer.one_shot_policy.reason or None,
-                "last_fallback_reason": model.reducer.last_reason}
+                "last_fallback_reason": model.reducer.last_reason,
+                "bypass_exchange": model.bypass_exchange, "decode_graph": model.decodes_in_a_graph()}
     if command == "_test_fault":  # tests: make this rank raise or die mid-call
         if payload.get("rank") == rank:
             if payload["how"] == "raise":

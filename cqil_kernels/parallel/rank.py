@@ -4,7 +4,7 @@ Every rank runs the same program (SPMD). Rank r holds layer l_r of every group p
 replicated (placement.py). For a group G = [l_0 .. l_{P-1}] with input h and bypass d, rank j < P computes
 (the equations of model.py, split by layer):
     a_j  = Attn_{l_j}(RMSNorm_in(h))                      on its own KV cache
-    b_j  = a_{j-1} + ... + a_{j-min(d, j)}                received from ranks j-1..j-d (comm.exchange_bypass)
+    b_j  = a_{j-1} + ... + a_{j-min(d, j)}                received from ranks j-1..j-d (comm.py)
     m_j  = MLP_{l_j}(RMSNorm_post(h + a_j + b_j))
     c_j  = [h if j == 0] + (a_j + b_j  "residual" | a_j  "mlp_input") + m_j
 and ranks j >= P contribute c_j = 0; one all-reduce (comm.GroupReducer) gives every rank
@@ -25,8 +25,10 @@ import torch.distributed as dist
 from ..config import CQILConfig
 from ..generation import generate
 from ..model import CQILLlama, KVCache, check_forward_inputs
-from .comm import GroupReducer, exchange_bypass, global_rank
+from .comm import GroupReducer, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
+
+BYPASS_EXCHANGES = ("p2p", "all_reduce")  # RankModel's ways to move the bypass (comm.py)
 
 
 class RankModel:
@@ -37,8 +39,13 @@ class RankModel:
     """
 
     def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
-                 prefill_chunks: int = 4, min_chunk_rows: int = 512):
+                 prefill_chunks: int = 4, min_chunk_rows: int = 512, bypass_exchange: str = "p2p"):
+        check_bypass_exchange(bypass_exchange)
         self.model, self.placement, self.group = model, placement, group
+        # How a bypass (d >= 1) moves a_j between the ranks of a group (comm.py): "p2p" (point-to-point
+        # sends overlapped with the sender's MLP; decode runs eagerly) or "all_reduce" (one all-reduce
+        # of each rank's a_j in its own row, so the decode step is captured in a CUDA graph).
+        self.bypass_exchange = bypass_exchange
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
         # Prefill: the down projection is cut into up to `prefill_chunks` token chunks of at least
@@ -51,10 +58,12 @@ class RankModel:
 
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
-                        group=None, backend: str = "auto", one_shot: bool | None = None) -> RankModel:
+                        group=None, backend: str = "auto", one_shot: bool | None = None,
+                        bypass_exchange: str = "p2p") -> RankModel:
         """Load this rank's layers (CQILLlama.from_pretrained's arguments) and check that every rank
         was given the same model and grouping (ValueError on every rank otherwise, before any of the
         model's collectives)."""
+        check_bypass_exchange(bypass_exchange)
         if not dist.is_initialized():
             raise ValueError("RankModel needs torch.distributed initialised (init_process_group, or "
                              "cqil_kernels.parallel.init_from_env() under torchrun)")
@@ -65,7 +74,7 @@ class RankModel:
         model.backend = backend
         _check_same_on_every_rank(model, group)
         placement = Placement.build(rank, world, model.args, model.cqil)
-        return cls(model, placement, group=group, one_shot=one_shot)
+        return cls(model, placement, group=group, one_shot=one_shot, bypass_exchange=bypass_exchange)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -136,11 +145,12 @@ class RankModel:
         stage, j = self.placement.stages[s], self.rank
         cqil = self.model.cqil
         if not self.stages[s]:  # idle for this group
+            self._bypass(None, len(stage), h)
             c = torch.zeros_like(h)
         else:
             layer = self.model.layers[stage[j]]
             a = layer.attend(h, ctx, kv)
-            b, sends = exchange_bypass(a.contiguous(), j, len(stage), cqil.bypass, self.group)
+            b, sends = self._bypass(a.contiguous(), len(stage), h)
             ab = a if b is None else a + b
             m = layer.feed_forward(h + ab)
             c = (ab if cqil.bypass_mode == "residual" else a) + m
@@ -171,12 +181,13 @@ class RankModel:
                                         bypass=0, bypass_mode=cqil.bypass_mode)
                 continue
             if not local:  # idle for this group: contribute zeros, in the same chunks as the others
+                self._bypass(None, len(stage), h)
                 h = self._down_reduce(None, None, None, h)
                 continue
             w = packed.group(local[0], 1)
             a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid,
                                       cache.start, model.inv_freq, args=args)
-            b, sends = exchange_bypass(a[0], self.rank, len(stage), cqil.bypass, self.group)
+            b, sends = self._bypass(a[0], len(stage), h)
             xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
                                          include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
             act = fused.swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
@@ -184,6 +195,16 @@ class RankModel:
             for work in sends:
                 work.wait()
         return fused.head(model, h).view(B, T, -1)
+
+    def _bypass(self, a: torch.Tensor | None, P: int, h: torch.Tensor) -> tuple[torch.Tensor | None, list]:
+        """(b, pending sends) for this rank in a group of P ranks, its attention output a (None: idle
+        for the group; only the "all_reduce" exchange needs idle ranks, so it is a no-op for "p2p")."""
+        d = self.model.cqil.bypass
+        if self.bypass_exchange == "all_reduce":
+            return gather_bypass(a, self.rank, P, d, self.reducer, h), []
+        if a is None:
+            return None, []
+        return exchange_bypass(a, self.rank, P, d, self.group)
 
     def chunks(self, M: int) -> int:
         """How many token chunks the down projection of M rows is cut into (the same on every rank)."""
@@ -215,13 +236,18 @@ class RankModel:
 
     # ----------------------------------------------------------------------------------------------
 
+    def decodes_in_a_graph(self) -> bool:
+        """Whether decoder() captures the step in a CUDA graph: on the Triton backend on CUDA, unless a
+        bypass moves through NCCL point-to-point transfers (bypass_exchange="p2p"), which we do not
+        capture ("all_reduce" moves it through the reducer instead)."""
+        bypass_p2p = (self.model.cqil.bypass > 0 and self.bypass_exchange == "p2p"
+                      and any(len(s) > 1 for s in self.placement.stages))
+        return self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton() and not bypass_p2p
+
     def decoder(self, cache: KVCache):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
-        reductions captured in it) on the Triton backend on CUDA without bypass, else an eager forward."""
-        # With a bypass the step holds NCCL point-to-point transfers, whose capture in a CUDA graph is
-        # not tested on the GPU yet: such steps run eagerly.
-        bypass_p2p = self.model.cqil.bypass > 0 and any(len(s) > 1 for s in self.placement.stages)
-        if self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton() and not bypass_p2p:
+        reductions captured in it) where decodes_in_a_graph(), else an eager forward."""
+        if self.decodes_in_a_graph():
             from ..fused import GraphDecoder
 
             return GraphDecoder(self, cache, step_fn=self._triton_step)
@@ -254,3 +280,8 @@ def _check_same_on_every_rank(model: CQILLlama, group) -> None:
         keys = [k for k in mine if everyone[r][1][k] != everyone[0][1][k]]
         raise ValueError(f"rank {r} was given another model than rank 0 (different {', '.join(keys)}): "
                          f"every rank must load the same checkpoint, grouping and dtype")
+
+
+def check_bypass_exchange(value) -> None:
+    if value not in BYPASS_EXCHANGES:
+        raise ValueError(f"bypass_exchange must be one of {BYPASS_EXCHANGES}, got {value!r}")
