@@ -16,6 +16,10 @@ Every rank runs this file. In order:
    logits and greedy tokens against the one-GPU grouped model's, and (P6) prefill from a CUDA graph as is,
    with the reductions skipped, and the reductions alone: the fraction of reduction time hidden under
    compute = 1 - (with - without) / alone.
+4. with --alternate N: N more rounds of decode timing, rank 0's one-GPU baseline then the ranks, in
+   turn, and "of ideal" per round from the pair (a baseline timed once can drift by several percent
+   within a run; seen 3.5% on an H200). The one-GPU model stays resident beside rank 0's part: too big
+   for the LLaMA-33B shape on 80 GB cards.
 Rank 0 writes the JSON record (card, date, commit, command, figures).
 """
 
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cqil_kernels import CQILLlama, fused
+from cqil_kernels import CQILConfig, CQILLlama, fused
 from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up_gpu, random_model, shape_args
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel, init_from_env
@@ -162,6 +166,8 @@ def main() -> None:
     parser.add_argument("--min-chunk-rows", type=int, default=None,
                         help="RankModel's min_chunk_rows: the prefill's down projection is cut into token "
                              "chunks of at least this many rows, each reduced while the next computes")
+    parser.add_argument("--alternate", type=int, default=0,
+                        help="rounds of decode timing, one-GPU baseline and ranks in turn (step 4)")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="print rank 0's CPU-time profile of one eager prefill")
     opts = parser.parse_args()
@@ -212,8 +218,9 @@ def main() -> None:
             f"{base_graph_prefill:.3f} ms), layer step {1000 * t_layer:.1f} us (decode) / {t_layer_prefill:.3f} "
             f"ms (prefill {opts.prompt}); grouped on 1 GPU: decode {grouped_decode:.4f}, prefill "
             f"{grouped_prefill:.3f} ms")
-        del base
-        torch.cuda.empty_cache()
+        if not opts.alternate:
+            del base
+            torch.cuda.empty_cache()
         # the same weights in float32 (torch backend): the exact logits a greedy difference is judged by
         exact_logits = None
         with torch.device("meta"):
@@ -269,6 +276,15 @@ def main() -> None:
         reductions_alone()
     dist.barrier()
     reduce_alone = _events_ms(graph.replay, 10)
+    rounds = []  # step 4: (one-GPU decode, ranks decode) per round, timed in turn
+    for _ in range(opts.alternate):
+        dist.barrier()
+        one = None
+        if rank == 0:
+            base.cqil = CQILConfig()
+            one = _time_ours(base, ids, opts.new, 2)[1]
+        dist.barrier()
+        rounds.append((one, _time_ours(ranked, ids, opts.new, 2)[1]))
     stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
                  reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
                  one_shot_reason=ranked.reducer.one_shot_policy.reason or None,
@@ -295,6 +311,14 @@ def main() -> None:
             greedy_tie=tie_check(tokens, base_tokens, ranks_seq_logits, base_seq_logits, exact_logits,
                                  opts.prompt),
             ranks=everyone)
+        if rounds:
+            fractions = [(1 - r / o) / (saved * t_layer / o) for o, r in rounds]
+            record["parallel"]["alternated"] = dict(
+                rounds=[dict(one_gpu_decode_ms=o, ranks_decode_ms=r) for o, r in rounds],
+                decode_fraction_of_ideal_median=statistics.median(fractions))
+            log("alternated decode, 1 GPU / ranks ms (of ideal): " + ", ".join(
+                f"{o:.4f}/{r:.4f} ({100 * f:.0f}%)" for (o, r), f in zip(rounds, fractions))
+                + f"; median {100 * statistics.median(fractions):.1f}% of ideal")
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
             f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms eager "
