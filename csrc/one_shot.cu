@@ -14,6 +14,9 @@ namespace {
 
 constexpr std::size_t kFlagBytes = sizeof(std::uint32_t) * kBlocks * kMaxRanks;
 constexpr int kThreads = 256;
+// 16-byte units each thread moves per loop step, loaded before any is used: the loads in flight, not
+// NVLink's bandwidth, bound a large message (2 H200s, 4 MB: 52 us with 1 per step, 22 us with 4).
+constexpr int kUnroll = 4;
 
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
@@ -91,9 +94,22 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
   const std::size_t lo = b * per;
   const std::size_t hi = lo + per < n16 ? lo + per : n16;
 
+  // Thread t visits units lo + t + k * blockDim.x for k = 0, 1, ..., kUnroll of them per step.
+  const std::size_t step = static_cast<std::size_t>(blockDim.x) * kUnroll;
+
   // 1. my slice into my own buffer
   uint4* mine = reinterpret_cast<uint4*>(peers.base[rank] + slot_offset);
-  for (std::size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) mine[i] = in[i];
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * blockDim.x < hi) v[u] = in[i + u * blockDim.x];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * blockDim.x < hi) mine[i + u * blockDim.x] = v[u];
+    }
+  }
   __syncthreads();
   // 2. tell every rank (myself included) that block b arrived at generation g
   if (threadIdx.x < world) store_release(flag(peers.base[threadIdx.x], b, rank), g);
@@ -110,14 +126,26 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
     }
   }
   __syncthreads();
-  // 4. sum the slice over the ranks, in rank order, in fp32
-  for (std::size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    float acc[Pack<T>::N] = {};
+  // 4. sum the slice over the ranks, in rank order, in fp32 (each element's order is the same for
+  //    every unit and every rank, so every rank gets the same bits)
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
+    float acc[kUnroll][Pack<T>::N] = {};
     for (int r = 0; r < world; ++r) {
       const uint4* src = reinterpret_cast<const uint4*>(peers.base[r] + slot_offset);
-      Pack<T>::add(acc, src[i]);
+      uint4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * blockDim.x < hi) v[u] = src[i + u * blockDim.x];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * blockDim.x < hi) Pack<T>::add(acc[u], v[u]);
+      }
     }
-    out[i] = Pack<T>::pack(acc);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * blockDim.x < hi) out[i + u * blockDim.x] = Pack<T>::pack(acc[u]);
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) counters[b] = g;

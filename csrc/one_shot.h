@@ -1,6 +1,8 @@
-// One-shot all-reduce (sum) over the GPUs of one host through peer-accessible memory, for small
-// messages: a decode step's hidden state (one token x hidden, a few KB) is summed in one kernel launch
-// that every rank runs at the same time, instead of NCCL's ring (measured 18 us on 2 H100s for 8 KB).
+// One-shot all-reduce (sum) over the GPUs of one host through peer-accessible memory: a decode step's
+// hidden state (one token x hidden, a few KB) is summed in one kernel launch that every rank runs at the
+// same time, instead of NCCL's ring (measured 18 us on 2 H100s for 8 KB). Each rank reads every other
+// rank's whole message, so on 2 GPUs it also beats NCCL for a prefill's megabytes (parallel/comm.py's
+// default_one_shot_bytes says up to which size it is used).
 //
 // Each rank owns one device buffer, shared with the other ranks through CUDA IPC handles (exchanged by
 // the caller, parallel/comm.py, over torch.distributed):

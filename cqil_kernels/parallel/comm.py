@@ -6,7 +6,8 @@ events, so work that does not depend on the result (the next token chunk of a pr
 with it. Each call picks its path:
   * "one_shot": the C++/CUDA kernel of csrc/one_shot.cu — every rank writes its tensor into its own
     peer-accessible buffer, and reads and sums all ranks' buffers in rank order (so every rank gets the
-    same bits); one launch, capturable in a CUDA graph; for small messages (a decode step's hidden state);
+    same bits); one launch, capturable in a CUDA graph; for messages up to default_one_shot_bytes(world)
+    (a decode step's hidden state; on 2 GPUs also a prefill's);
   * "nccl" / "gloo": torch.distributed.all_reduce, for everything else.
 `GroupReducer.policy(tensor)` says which path a tensor takes and why (`OneShotPolicy`).
 
@@ -33,7 +34,19 @@ import torch.distributed as dist
 from .. import _ext
 
 ONE_SHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEFAULT_ONE_SHOT_BYTES = 512 * 1024  # above this, NCCL's ring/tree all-reduce wins on NVLink
+
+
+def default_one_shot_bytes(world: int) -> int:
+    """The largest message the one-shot kernel takes by default among `world` ranks; NCCL above it.
+
+    Every rank reads every other rank's whole message, (world - 1) x its bytes, where NCCL's ring moves
+    about 2 (world - 1) / world x, so the one-shot's lead shrinks with size and with the ranks. Measured
+    inside CUDA graphs, bf16 (benchmarks/results/h200x2_2026-11-27/reduce_sizes/): on 2 H200s the
+    one-shot beats NCCL at every size from 8 KB to 8 MB (4 MB, a 512-token LLaMA-7B prefill's hidden
+    state: 22 us vs 35; 8 MB: 39 vs 48), hence 8 MB for 2 ranks. More ranks keep 512 KB, the limit
+    measured on 4 H100s before the kernel kept 4 loads in flight per thread.
+    """
+    return 8 << 20 if world <= 2 else 512 << 10
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ class OneShotPolicy:
 
     enabled: bool
     reason: str
-    max_bytes: int = DEFAULT_ONE_SHOT_BYTES
+    max_bytes: int
 
     def check(self, t: torch.Tensor) -> str | None:
         """None when `t` can take the one-shot path, else why not."""
@@ -67,14 +80,21 @@ class GroupReducer:
     one_shot: None = use the one-shot kernel where it can run (CUDA, the extension built with CUDA,
     peer access between every pair of devices), True = require it (RuntimeError saying why not), False
     = never. Every rank must construct it (collectively) with the same arguments.
+    max_bytes: the largest message the one-shot kernel takes (None: default_one_shot_bytes(world));
+    each rank's peer buffer holds twice that.
     timeout_s: how long a one-shot call waits for a peer before giving up (check_health() then raises).
     Generous, because a rank can legitimately lag by a kernel compilation or autotuning run.
     """
 
     def __init__(self, device: torch.device, group=None, one_shot: bool | None = None,
-                 max_bytes: int = DEFAULT_ONE_SHOT_BYTES, timeout_s: float = 120.0):
+                 max_bytes: int | None = None, timeout_s: float = 120.0):
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                      or max_bytes < 16 or max_bytes % 16):
+            raise ValueError(f"max_bytes must be a positive multiple of 16, got {max_bytes!r}")
         self.device, self.group = torch.device(device), group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        if max_bytes is None:
+            max_bytes = default_one_shot_bytes(self.world)
         self.backend = dist.get_backend(group)
         self.calls = {"one_shot": 0, self.backend: 0}
         self.last_reason: str | None = None

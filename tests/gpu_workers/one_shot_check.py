@@ -19,8 +19,13 @@ def exact(device) -> None:
     eagerly and replayed from a CUDA graph with new inputs, in every dtype; fallbacks say why."""
     rank = dist.get_rank()
     reducer = GroupReducer(device, one_shot=True, timeout_s=60)
+    limit = reducer.one_shot_policy.max_bytes
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for numel in (8, 4096, 4104, 65536, 131072):  # 131072 fp32 = 512 KB: the largest one-shot message
+        size = torch.finfo(dtype).bits // 8
+        # odd counts of 16-byte units (slices that end inside a thread's 4-unit step) up to the largest
+        # message the policy sends through the one-shot kernel
+        sizes = (8, 4096, 4104, 65536, 16 * 12_345 + 8, 2_000_008, limit // size)
+        for numel in sorted({n for n in sizes if n * size <= limit}):
             g = torch.Generator(device=device).manual_seed(1000 * rank + numel)
             x = torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)
             expected = x.clone()
@@ -47,7 +52,7 @@ def exact(device) -> None:
                 dist.all_reduce(ref)
                 for y in outs:
                     assert torch.equal(y, ref), (dtype, numel, "graph", trial)
-    big = torch.ones(300_000, dtype=torch.float32, device=device)
+    big = torch.ones(limit // 4 + 4, dtype=torch.float32, device=device)
     path, why = reducer.policy(big)
     assert path == "nccl" and "one-shot limit" in why, why
     assert reducer.policy(torch.ones(4097, dtype=torch.bfloat16, device=device)[1:])[0] == "nccl"
