@@ -43,8 +43,7 @@ CASES = {
     "w4-P4-d2": (4, CQILConfig(groups=((1, 2, 3, 4),), bypass=2), {}),
     "w4-P3-P2-d1-mlp_input": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=1, bypass_mode="mlp_input"),
                               {}),
-    "w4-P3-P2-d2-all_reduce": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=2),
-                               {"bypass_exchange": "all_reduce"}),
+    "w4-P3-P2-d2-p2p": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=2), {"bypass_exchange": "p2p"}),
 }
 
 
@@ -125,6 +124,18 @@ def test_placement():
         Placement.build(0, 2, args, cqil)
     with pytest.raises(ValueError, match="rank"):
         Placement.build(4, 4, args, cqil)
+
+
+def test_one_shot_limit_and_bad_max_bytes():
+    from cqil_kernels.parallel.comm import GroupReducer, default_one_shot_bytes
+
+    # 2 ranks: a 512-token LLaMA-7B prefill's hidden state (4 MB bf16) takes the one-shot kernel
+    assert default_one_shot_bytes(2) >= 512 * 4096 * 2
+    assert default_one_shot_bytes(4) % 16 == 0 and default_one_shot_bytes(8) % 16 == 0
+    # refused before any torch.distributed call (no process group exists here)
+    for bad in (0, 8, 1000, -16, 16.0, True, "8MB"):
+        with pytest.raises(ValueError, match="max_bytes"):
+            GroupReducer("cpu", max_bytes=bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,8 +379,8 @@ def test_torchrun_across_two_nodes(generate_run):
 
 
 @pytest.mark.parametrize("case,blas_rows", [("w2-pairs-d1", "0"), ("w4-P3-P2-d1-mlp_input", "0"),
-                                            ("w2-pairs-d1", "8"), ("w4-P3-P2-d2-all_reduce", "0")],
-                         ids=["w2", "w4", "w2-prefill-blas", "w4-bypass-all_reduce"])
+                                            ("w2-pairs-d1", "8"), ("w4-P3-P2-d2-p2p", "0")],
+                         ids=["w2", "w4", "w2-prefill-blas", "w4-bypass-p2p"])
 def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, monkeypatch):
     """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter).
     blas_rows 8: the prompt's 14 rows take the torch matmuls (fused.blas_rows), decode the kernels."""
