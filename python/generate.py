@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--groups", default=None, help="e.g. 12-16:2 or '12,13;14,15' (default: none)")
     parser.add_argument("--bypass", type=int, default=0)
-    parser.add_argument("--bypass-exchange", default="p2p", choices=["p2p", "all_reduce"],
+    parser.add_argument("--bypass-exchange", default="all_reduce", choices=["p2p", "all_reduce"],
                         help="several ranks with --bypass: point-to-point sends (decode eager) or one "
                              "all-reduce per group (decode in a CUDA graph)")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -98,7 +98,7 @@ class ParallelCQILLlama:
 
     def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
                  one_shot: bool | None = None, output_device=None, timeout_s: float | None = None,
-                 bypass_exchange: str = "p2p"):
+                 bypass_exchange: str = "all_reduce"):
         from .rank import check_bypass_exchange
 
         check_bypass_exchange(bypass_exchange)
