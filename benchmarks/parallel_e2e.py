@@ -16,9 +16,9 @@ Every rank runs this file. In order:
    logits and greedy tokens against the one-GPU grouped model's, and (P6) prefill from a CUDA graph as is,
    with the reductions skipped, and the reductions alone: the fraction of reduction time hidden under
    compute = 1 - (with - without) / alone.
-4. with --alternate N: N more rounds of decode timing, rank 0's one-GPU baseline then the ranks, in
-   turn, and "of ideal" per round from the pair (a baseline timed once can drift by several percent
-   within a run; seen 3.5% on an H200). The one-GPU model stays resident beside rank 0's part: too big
+4. with --alternate N: N more rounds of decode and graph-prefill timing, rank 0's one-GPU baseline then
+   the ranks, in turn, and "of ideal" and "prefill lower by" per round from the pair (a baseline timed
+   once can drift by several percent within a run; seen 3.5% on an H200). The one-GPU model stays resident beside rank 0's part: too big
    for the LLaMA-33B shape on 80 GB cards.
 Rank 0 writes the JSON record (card, date, commit, command, figures).
 """
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     parser.add_argument("--groups", default="12-30:2")
     parser.add_argument("--bypass", type=int, default=0, help="the grouping's bypass d")
-    parser.add_argument("--bypass-exchange", default="p2p", choices=["p2p", "all_reduce"],
+    parser.add_argument("--bypass-exchange", default="all_reduce", choices=["p2p", "all_reduce"],
                         help="RankModel's bypass_exchange (with --bypass); all_reduce: decode in a graph")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
@@ -276,15 +276,17 @@ def main() -> None:
         reductions_alone()
     dist.barrier()
     reduce_alone = _events_ms(graph.replay, 10)
-    rounds = []  # step 4: (one-GPU decode, ranks decode) per round, timed in turn
+    rounds = []  # step 4: (one-GPU decode, ranks decode, one-GPU graph prefill, ranks graph prefill)
     for _ in range(opts.alternate):
         dist.barrier()
-        one = None
+        one = one_prefill = None
         if rank == 0:
             base.cqil = CQILConfig()
             one = _time_ours(base, ids, opts.new, 2)[1]
+            one_prefill = graph_prefill_ms(functools.partial(fused.step, base), base.new_cache, ids, together=False)
         dist.barrier()
-        rounds.append((one, _time_ours(ranked, ids, opts.new, 2)[1]))
+        ranks_decode = _time_ours(ranked, ids, opts.new, 2)[1]
+        rounds.append((one, ranks_decode, one_prefill, graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
     stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
                  reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
                  one_shot_reason=ranked.reducer.one_shot_policy.reason or None,
@@ -312,13 +314,19 @@ def main() -> None:
                                  opts.prompt),
             ranks=everyone)
         if rounds:
-            fractions = [(1 - r / o) / (saved * t_layer / o) for o, r in rounds]
+            fractions = [(1 - r / o) / (saved * t_layer / o) for o, r, _, _ in rounds]
+            prefill_lower = [1 - rp / op for _, _, op, rp in rounds]
             record["parallel"]["alternated"] = dict(
-                rounds=[dict(one_gpu_decode_ms=o, ranks_decode_ms=r) for o, r in rounds],
-                decode_fraction_of_ideal_median=statistics.median(fractions))
+                rounds=[dict(one_gpu_decode_ms=o, ranks_decode_ms=r, one_gpu_prefill_graph_ms=op,
+                             ranks_prefill_graph_ms=rp) for o, r, op, rp in rounds],
+                decode_fraction_of_ideal_median=statistics.median(fractions),
+                prefill_graph_reduction_median=statistics.median(prefill_lower))
             log("alternated decode, 1 GPU / ranks ms (of ideal): " + ", ".join(
-                f"{o:.4f}/{r:.4f} ({100 * f:.0f}%)" for (o, r), f in zip(rounds, fractions))
+                f"{o:.4f}/{r:.4f} ({100 * f:.0f}%)" for (o, r, _, _), f in zip(rounds, fractions))
                 + f"; median {100 * statistics.median(fractions):.1f}% of ideal")
+            log("alternated graph prefill, 1 GPU / ranks ms (lower by): " + ", ".join(
+                f"{op:.3f}/{rp:.3f} ({100 * f:.1f}%)" for (_, _, op, rp), f in zip(rounds, prefill_lower))
+                + f"; median {100 * statistics.median(prefill_lower):.1f}% lower")
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
             f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms eager "
