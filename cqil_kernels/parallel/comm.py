@@ -43,10 +43,11 @@ def default_one_shot_bytes(world: int) -> int:
     about 2 (world - 1) / world x, so the one-shot's lead shrinks with size and with the ranks. Measured
     inside CUDA graphs, bf16 (benchmarks/results/h200x2_2026-11-27/reduce_sizes/): on 2 H200s the
     one-shot beats NCCL at every size from 8 KB to 8 MB (4 MB, a 512-token LLaMA-7B prefill's hidden
-    state: 22 us vs 35; 8 MB: 39 vs 48), hence 8 MB for 2 ranks. More ranks keep 512 KB, the limit
-    measured on 4 H100s before the kernel kept 4 loads in flight per thread.
+    state: 22 us vs 35; 8 MB: 39 vs 48), hence 8 MB for 2 ranks. On 4 H200s (h200x4_2026-11-27/) it
+    wins up to 1 MB (19 us vs 21), ties at 2 MB and loses at 4 MB (52 vs 43), hence 1 MB for 3 and 4
+    ranks. More ranks keep 512 KB (not measured with this kernel).
     """
-    return 8 << 20 if world <= 2 else 512 << 10
+    return 8 << 20 if world <= 2 else 1 << 20 if world <= 4 else 512 << 10
 
 
 @dataclass(frozen=True)
