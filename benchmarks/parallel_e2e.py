@@ -18,7 +18,9 @@ Every rank runs this file. In order:
    compute = 1 - (with - without) / alone.
 4. with --alternate N: N more rounds of decode and graph-prefill timing, rank 0's one-GPU baseline then
    the ranks, in turn, and "of ideal" and "prefill lower by" per round from the pair (a baseline timed
-   once can drift by several percent within a run; seen 3.5% on an H200). The one-GPU model stays resident beside rank 0's part: too big
+   once can drift by several percent within a run; seen 3.5% on an H200); --alternate-min-chunk-rows R
+   adds, per round, the ranks' graph prefill with another chunking, so two chunkings are compared in
+   one process. The one-GPU model stays resident beside rank 0's part: too big
    for the LLaMA-33B shape on 80 GB cards.
 Rank 0 writes the JSON record (card, date, commit, command, figures).
 """
@@ -168,6 +170,9 @@ def main() -> None:
                              "chunks of at least this many rows, each reduced while the next computes")
     parser.add_argument("--alternate", type=int, default=0,
                         help="rounds of decode timing, one-GPU baseline and ranks in turn (step 4)")
+    parser.add_argument("--alternate-min-chunk-rows", type=int, default=None,
+                        help="with --alternate: every round also times the ranks' graph prefill with this "
+                             "min_chunk_rows, in the same process (step 4)")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="print rank 0's CPU-time profile of one eager prefill")
     opts = parser.parse_args()
@@ -277,6 +282,7 @@ def main() -> None:
     dist.barrier()
     reduce_alone = _events_ms(graph.replay, 10)
     rounds = []  # step 4: (one-GPU decode, ranks decode, one-GPU graph prefill, ranks graph prefill)
+    other_chunks = []  # step 4 with --alternate-min-chunk-rows: (chunks, ranks graph prefill) per round
     for _ in range(opts.alternate):
         dist.barrier()
         one = one_prefill = None
@@ -287,6 +293,10 @@ def main() -> None:
         dist.barrier()
         ranks_decode = _time_ours(ranked, ids, opts.new, 2)[1]
         rounds.append((one, ranks_decode, one_prefill, graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
+        if opts.alternate_min_chunk_rows is not None:
+            default_rows, ranked.min_chunk_rows = ranked.min_chunk_rows, opts.alternate_min_chunk_rows
+            other_chunks.append((ranked.chunks(M), graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
+            ranked.min_chunk_rows = default_rows
     stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
                  reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
                  one_shot_reason=ranked.reducer.one_shot_policy.reason or None,
@@ -327,6 +337,16 @@ def main() -> None:
             log("alternated graph prefill, 1 GPU / ranks ms (lower by): " + ", ".join(
                 f"{op:.3f}/{rp:.3f} ({100 * f:.1f}%)" for (_, _, op, rp), f in zip(rounds, prefill_lower))
                 + f"; median {100 * statistics.median(prefill_lower):.1f}% lower")
+        if other_chunks:
+            other_lower = [1 - rp / op for (_, _, op, _), (_, rp) in zip(rounds, other_chunks)]
+            record["parallel"]["alternated"]["other_chunking"] = dict(
+                min_chunk_rows=opts.alternate_min_chunk_rows, chunks=other_chunks[0][0],
+                ranks_prefill_graph_ms=[rp for _, rp in other_chunks],
+                prefill_graph_reduction_median=statistics.median(other_lower))
+            log(f"  the same rounds with min_chunk_rows {opts.alternate_min_chunk_rows} ({other_chunks[0][0]} "
+                "chunks): ranks ms (lower by): " + ", ".join(
+                    f"{rp:.3f} ({100 * f:.1f}%)" for (_, rp), f in zip(other_chunks, other_lower))
+                + f"; median {100 * statistics.median(other_lower):.1f}% lower")
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
             f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms eager "
