@@ -45,7 +45,7 @@ class RankModel:
         # How a bypass (d >= 1) moves a_j between the ranks of a group (comm.py): "all_reduce" (one
         # all-reduce of each rank's a_j in its own row, so the decode step is captured in a CUDA graph)
         # or "p2p" (point-to-point sends overlapped with the sender's MLP; decode runs eagerly). Measured
-        # on 2 H200s, LLaMA-7B, P = 2, d = 1 decode: 3.06-3.09 ms/token vs 25.5 (h200x2_2026-11-27/bypass).
+        # on 2 H200s, LLaMA-7B, P = 2, d = 1 decode: 3.06-3.09 ms/token vs 25.5 (h200x2_2026-11-27/bypass_a5f97c4/).
         self.bypass_exchange = bypass_exchange
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
