@@ -1,0 +1,277 @@
+// One-shot all-reduce over peer-accessible buffers: see one_shot.h for the protocol.
+
+#include "one_shot.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <stdexcept>
+
+namespace cqil {
+namespace {
+
+constexpr std::size_t kFlagBytes = sizeof(std::uint32_t) * kBlocks * kMaxRanks;
+constexpr int kThreads = 256;
+// 16-byte units each thread moves per loop step, loaded before any is used: the loads in flight, not
+// NVLink's bandwidth, bound a large message (2 H200s, 4 MB: 52 us with 1 per step, 22 us with 4).
+constexpr int kUnroll = 4;
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(status) + " (" +
+                             cudaGetErrorString(status) + ")");
+  }
+}
+
+struct Peers {
+  char* base[kMaxRanks];
+};
+
+__device__ __forceinline__ std::uint32_t* flag(char* base, int block, int src) {
+  return reinterpret_cast<std::uint32_t*>(base) + block * kMaxRanks + src;
+}
+
+__device__ __forceinline__ void store_release(std::uint32_t* p, std::uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ std::uint32_t load_acquire(const std::uint32_t* p) {
+  std::uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Element conversions to and from the fp32 accumulator (round to nearest even on the way back).
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of T as fp32 values (4 floats or 8 halves) and back.
+template <typename T>
+struct Pack {
+  static constexpr int N = sizeof(uint4) / sizeof(T);
+  __device__ static void add(float (&acc)[N], const uint4& v) {
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += to_float(e[i]);
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = from_float<T>(acc[i]);
+    return v;
+  }
+};
+
+// n16: message size in 16-byte units. Block b of kBlocks owns units [b * per, min(n16, (b + 1) * per)).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const uint4* in, uint4* out,
+                                                            std::size_t n16, std::size_t slot_bytes,
+                                                            int rank, int world, std::uint32_t* counters,
+                                                            int* error, long long timeout_ns) {
+  const int b = blockIdx.x;
+  const std::uint32_t g = counters[b] + 1;  // every thread reads it before thread 0 updates it below
+  // EXPERIMENT (push): data[2][world][slot_bytes]; rank r's row of every buffer holds r's input
+  const std::size_t slot_offset = kFlagBytes + (g & 1) * world * slot_bytes;
+  const std::size_t per = (n16 + gridDim.x - 1) / gridDim.x;
+  const std::size_t lo = b * per;
+  const std::size_t hi = lo + per < n16 ? lo + per : n16;
+
+  // Thread t visits units lo + t + k * blockDim.x for k = 0, 1, ..., kUnroll of them per step.
+  const std::size_t step = static_cast<std::size_t>(blockDim.x) * kUnroll;
+
+  // 1. EXPERIMENT (push): my slice into my row of every rank's buffer (remote stores are posted: no
+  //    round trip), so step 4 reads only local memory
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * blockDim.x < hi) v[u] = in[i + u * blockDim.x];
+    }
+    for (int r = 0; r < world; ++r) {
+      uint4* row = reinterpret_cast<uint4*>(peers.base[r] + slot_offset + rank * slot_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * blockDim.x < hi) row[i + u * blockDim.x] = v[u];
+      }
+    }
+  }
+  __syncthreads();
+  // 2. tell every rank (myself included) that block b arrived at generation g
+  if (threadIdx.x < world) store_release(flag(peers.base[threadIdx.x], b, rank), g);
+  // 3. wait for every rank's block b
+  if (threadIdx.x < world) {
+    const std::uint32_t* f = flag(peers.base[rank], b, threadIdx.x);
+    const unsigned long long start = global_ns();
+    while (load_acquire(f) < g) {
+      if (global_ns() - start > static_cast<unsigned long long>(timeout_ns)) {
+        atomicExch(error, 1);
+        __threadfence_system();
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  // 4. sum the slice over the ranks, in rank order, in fp32 (each element's order is the same for
+  //    every unit and every rank, so every rank gets the same bits)
+  for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
+    float acc[kUnroll][Pack<T>::N] = {};
+    for (int r = 0; r < world; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(peers.base[rank] + slot_offset + r * slot_bytes);
+      uint4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * blockDim.x < hi) v[u] = src[i + u * blockDim.x];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * blockDim.x < hi) Pack<T>::add(acc[u], v[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i + u * blockDim.x < hi) out[i + u * blockDim.x] = Pack<T>::pack(acc[u]);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) counters[b] = g;
+}
+
+}  // namespace
+
+OneShotAllReduce::OneShotAllReduce(int device, int rank, int world, std::size_t max_bytes, double timeout_s)
+    : device_(device), rank_(rank), world_(world), max_bytes_(max_bytes),
+      timeout_ns_(static_cast<long long>(timeout_s * 1e9)) {
+  if (world < 1 || world > kMaxRanks) throw std::runtime_error("one-shot all-reduce: world must be 1..8");
+  if (rank < 0 || rank >= world) throw std::runtime_error("one-shot all-reduce: rank out of range");
+  if (max_bytes == 0 || max_bytes % 16) throw std::runtime_error("one-shot all-reduce: max_bytes % 16 != 0");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaMalloc(&buffer_, kFlagBytes + 2 * static_cast<std::size_t>(world) * max_bytes),
+        "cudaMalloc (one-shot buffer, push)");
+  check(cudaMemset(buffer_, 0, kFlagBytes), "cudaMemset (one-shot flags)");
+  check(cudaMalloc(&counters_, sizeof(std::uint32_t) * kBlocks), "cudaMalloc (one-shot counters)");
+  check(cudaMemset(counters_, 0, sizeof(std::uint32_t) * kBlocks), "cudaMemset (one-shot counters)");
+  check(cudaHostAlloc(&error_host_, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc (error flag)");
+  *error_host_ = 0;
+  check(cudaHostGetDevicePointer(&error_device_, error_host_, 0), "cudaHostGetDevicePointer");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  peers_[rank] = buffer_;
+}
+
+OneShotAllReduce::~OneShotAllReduce() {
+  cudaSetDevice(device_);
+  for (int r = 0; r < world_; ++r) {
+    if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
+  }
+  if (buffer_ != nullptr) cudaFree(buffer_);
+  if (counters_ != nullptr) cudaFree(counters_);
+  if (error_host_ != nullptr) cudaFreeHost(error_host_);
+}
+
+std::string OneShotAllReduce::ipc_handle() const {
+  cudaIpcMemHandle_t handle;
+  check(cudaIpcGetMemHandle(&handle, buffer_), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+std::string OneShotAllReduce::pci_bus_id() const {
+  char id[32] = {};
+  check(cudaDeviceGetPCIBusId(id, sizeof(id), device_), "cudaDeviceGetPCIBusId");
+  return std::string(id);
+}
+
+void OneShotAllReduce::open_peers(const std::vector<std::string>& handles,
+                                  const std::vector<std::string>& bus_ids) {
+  if (opened_) throw std::runtime_error("one-shot all-reduce: peers already opened");
+  if (static_cast<int>(handles.size()) != world_ || static_cast<int>(bus_ids.size()) != world_) {
+    throw std::runtime_error("one-shot all-reduce: need one IPC handle and bus id per rank");
+  }
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    int peer_device = -1;
+    if (cudaDeviceGetByPCIBusId(&peer_device, bus_ids[r].c_str()) != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("rank " + std::to_string(r) + "'s GPU " + bus_ids[r] +
+                               " is not visible from this process");
+    }
+    int can = 0;
+    check(cudaDeviceCanAccessPeer(&can, device_, peer_device), "cudaDeviceCanAccessPeer");
+    if (!can) {
+      throw std::runtime_error("no peer access from GPU " + std::to_string(device_) + " to rank " +
+                               std::to_string(r) + "'s GPU " + bus_ids[r]);
+    }
+    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+      throw std::runtime_error("rank " + std::to_string(r) + " sent a malformed IPC handle");
+    }
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, handles[r].data(), sizeof(handle));
+    void* ptr = nullptr;
+    check(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    peers_[r] = static_cast<char*>(ptr);
+  }
+  opened_ = true;
+}
+
+void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
+                                  const std::string& dtype, std::uintptr_t stream) {
+  if (!opened_ && world_ > 1) throw std::runtime_error("one-shot all-reduce: open_peers() first");
+  std::size_t element = 0;
+  if (dtype == "float32") {
+    element = 4;
+  } else if (dtype == "float16" || dtype == "bfloat16") {
+    element = 2;
+  } else {
+    throw std::runtime_error("one-shot all-reduce: unsupported dtype " + dtype);
+  }
+  const std::size_t bytes = numel * element;
+  if (bytes > max_bytes_ || bytes % 16 || in % 16 || out % 16) {
+    throw std::runtime_error("one-shot all-reduce: message must be 16-byte aligned and at most max_bytes");
+  }
+  if (bytes == 0) return;
+  const std::size_t n16 = bytes / 16;
+  // Always all kBlocks blocks, so every block's generation counts every call and the data slot parity
+  // is the same for the whole call (what makes the double buffering safe, one_shot.h).
+  constexpr int blocks = kBlocks;
+  Peers peers;
+  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto* src = reinterpret_cast<const uint4*>(in);
+  auto* dst = reinterpret_cast<uint4*>(out);
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  if (dtype == "float32") {
+    one_shot_kernel<float><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
+                                                        counters_, error_device_, timeout_ns_);
+  } else if (dtype == "float16") {
+    one_shot_kernel<__half><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
+                                                         counters_, error_device_, timeout_ns_);
+  } else {
+    one_shot_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_,
+                                                                world_, counters_, error_device_, timeout_ns_);
+  }
+  check(cudaGetLastError(), "one-shot all-reduce launch");
+}
+
+bool OneShotAllReduce::timed_out() const {
+  return *reinterpret_cast<volatile int*>(error_host_) != 0;
+}
+
+}  // namespace cqil
