@@ -81,6 +81,15 @@ struct Pack {
   }
 };
 
+// Units i, i + blockDim.x, ..., (kUnroll of them, those below hi) of p into v, all loads issued before
+// any value is used.
+__device__ __forceinline__ void load_units(uint4 (&v)[kUnroll], const uint4* p, std::size_t i, std::size_t hi) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (i + u * blockDim.x < hi) v[u] = p[i + u * blockDim.x];
+  }
+}
+
 // n16: message size in 16-byte units. Block b of kBlocks owns units [b * per, min(n16, (b + 1) * per)).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const uint4* in, uint4* out,
@@ -101,10 +110,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
   uint4* mine = reinterpret_cast<uint4*>(peers.base[rank] + slot_offset);
   for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
     uint4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * blockDim.x < hi) v[u] = in[i + u * blockDim.x];
-    }
+    load_units(v, in, i, hi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (i + u * blockDim.x < hi) mine[i + u * blockDim.x] = v[u];
@@ -133,10 +139,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
     for (int r = 0; r < world; ++r) {
       const uint4* src = reinterpret_cast<const uint4*>(peers.base[r] + slot_offset);
       uint4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * blockDim.x < hi) v[u] = src[i + u * blockDim.x];
-      }
+      load_units(v, src, i, hi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (i + u * blockDim.x < hi) Pack<T>::add(acc[u], v[u]);
