@@ -45,6 +45,7 @@ from cqil_kernels.bench import SHAPES, _commit, _events_ms, _time_ours, _warm_up
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel, init_from_env
 from cqil_kernels.parallel.comm import GroupReducer
+from cqil_kernels.parallel.rank import BYPASS_EXCHANGES
 
 
 def log(*parts) -> None:
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     parser.add_argument("--groups", default="12-30:2")
     parser.add_argument("--bypass", type=int, default=0, help="the grouping's bypass d")
-    parser.add_argument("--bypass-exchange", default="all_reduce", choices=["p2p", "all_reduce"],
+    parser.add_argument("--bypass-exchange", default="all_reduce", choices=BYPASS_EXCHANGES,
                         help="RankModel's bypass_exchange (with --bypass); all_reduce: decode in a graph")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
@@ -297,12 +298,8 @@ def main() -> None:
             default_rows, ranked.min_chunk_rows = ranked.min_chunk_rows, opts.alternate_min_chunk_rows
             other_chunks.append((ranked.chunks(M), graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
             ranked.min_chunk_rows = default_rows
-    stats = dict(parameter_bytes=ranked.parameter_bytes(), peak_bytes=torch.cuda.max_memory_allocated(device),
-                 reductions=dict(ranked.reducer.calls), one_shot=ranked.reducer.one_shot_policy.enabled,
-                 one_shot_reason=ranked.reducer.one_shot_policy.reason or None,
-                 bypass_exchange=ranked.bypass_exchange, decode_graph=ranked.decodes_in_a_graph())
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, stats)
+    dist.all_gather_object(everyone, ranked.stats())
     if rank == 0:
         b = record["baseline_1gpu"]
         measured = 1 - decode / b["decode_ms_per_token"]

@@ -24,13 +24,15 @@ from cqil_kernels.demo import parse_groups, timed_generate
 
 
 def main() -> None:
+    from cqil_kernels.parallel.rank import BYPASS_EXCHANGES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("model", type=Path, help="HF directory or .gguf file")
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--groups", default=None, help="e.g. 12-16:2 or '12,13;14,15' (default: none)")
     parser.add_argument("--bypass", type=int, default=0)
-    parser.add_argument("--bypass-exchange", default="all_reduce", choices=["p2p", "all_reduce"],
+    parser.add_argument("--bypass-exchange", default="all_reduce", choices=BYPASS_EXCHANGES,
                         help="several ranks with --bypass: point-to-point sends (decode eager) or one "
                              "all-reduce per group (decode in a CUDA graph)")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -234,9 +234,8 @@ class ParallelCQILLlama:
         return out.to(self.output_device)
 
     def rank_stats(self) -> list[dict]:
-        """Per rank: device, parameter bytes, peak device memory, how many group reductions took the
-        one-shot path vs the fallback (with the last fallback reason), the bypass exchange and whether
-        decode steps are CUDA graph replays."""
+        """Every rank's RankModel.stats() with its rank: device, parameter bytes, peak device memory,
+        group reductions by path (and the last fallback reason), bypass exchange, decode in a graph."""
         return self._call("stats", all_ranks=True)
 
     # ----------------------------------------------------------------------------------------------
@@ -390,13 +389,7 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
         caches.pop(payload["id"], None)
         return None
     if command == "stats":
-        peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
-        return {"rank": rank, "device": str(model.device), "parameter_bytes": model.parameter_bytes(),
-                "peak_device_bytes": peak, "reductions": dict(model.reducer.calls),
-                "one_shot": model.reducer.one_shot_policy.enabled,
-                "one_shot_reason": model.reducer.one_shot_policy.reason or None,
-                "last_fallback_reason": model.reducer.last_reason,
-                "bypass_exchange": model.bypass_exchange, "decode_graph": model.decodes_in_a_graph()}
+        return {"rank": rank, **model.stats()}
     if command == "_test_fault":  # tests: make this rank raise or die mid-call
         if payload.get("rank") == rank:
             if payload["how"] == "raise":

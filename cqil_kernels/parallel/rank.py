@@ -45,7 +45,8 @@ class RankModel:
         # How a bypass (d >= 1) moves a_j between the ranks of a group (comm.py): "all_reduce" (one
         # all-reduce of each rank's a_j in its own row, so the decode step is captured in a CUDA graph)
         # or "p2p" (point-to-point sends overlapped with the sender's MLP; decode runs eagerly). Measured
-        # on 2 H200s, LLaMA-7B, P = 2, d = 1 decode: 3.06-3.09 ms/token vs 25.5 (h200x2_2026-11-27/bypass_a5f97c4/).
+        # on 2 H200s, LLaMA-7B, P = 2, d = 1 decode: 3.06-3.09 ms/token vs 25.5
+        # (benchmarks/results/h200x2_2026-11-27/bypass_a5f97c4/).
         self.bypass_exchange = bypass_exchange
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
@@ -104,6 +105,17 @@ class RankModel:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
         return total
+
+    def stats(self) -> dict:
+        """What ParallelCQILLlama.rank_stats() reports for this rank: device, parameter bytes, peak
+        device memory (CUDA), how many group reductions took the one-shot path vs the fallback (with the
+        last fallback reason), the bypass exchange and whether decode steps are CUDA graph replays."""
+        policy = self.reducer.one_shot_policy
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"device": str(self.device), "parameter_bytes": self.parameter_bytes(), "peak_device_bytes": peak,
+                "reductions": dict(self.reducer.calls), "one_shot": policy.enabled,
+                "one_shot_reason": policy.reason or None, "last_fallback_reason": self.reducer.last_reason,
+                "bypass_exchange": self.bypass_exchange, "decode_graph": self.decodes_in_a_graph()}
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         if max_seq > self.args.max_position_embeddings:
