@@ -32,7 +32,7 @@ from .model import rms_norm
 from .ops._common import env_switch
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
-from .ops.group_gemm import group_down_sum, group_linear, group_qkv_rope, group_swiglu
+from .ops.group_gemm import group_down_partials, group_down_sum, group_linear, group_qkv_rope, group_swiglu
 from .ops.group_residual import group_residual
 from .ops.rope_kv import rope_kv_write
 from .packing import PackedLayers, pack_layers
@@ -158,6 +158,12 @@ def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: 
     if out is None:
         return total.to(x.dtype)
     return out.copy_(total)
+
+
+def down_partials(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """ops.group_down_partials where down_sum runs the group GEMM kernels (decode), else None: the fp32
+    partial products whose sum with the residual, in order and rounded once, is down_sum's output."""
+    return None if use_blas(x.shape[-2], w) else group_down_partials(x, w, bias=bias)
 
 
 def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,

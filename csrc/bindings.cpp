@@ -63,9 +63,15 @@ PYBIND11_MODULE(_C, m) {
       .def("pci_bus_id", &cqil::OneShotAllReduce::pci_bus_id)
       .def("open_peers", &cqil::OneShotAllReduce::open_peers, py::arg("handles"), py::arg("bus_ids"))
       .def("all_reduce", &cqil::OneShotAllReduce::all_reduce, py::arg("input"), py::arg("output"),
-           py::arg("numel"), py::arg("dtype"), py::arg("stream"),
+           py::arg("numel"), py::arg("dtype"), py::arg("stream"), py::arg("pdl") = false,
            "output = sum over ranks of input (device pointers), launched on `stream` (a cudaStream_t "
-           "as an integer); no host synchronisation, so it can be captured in a CUDA graph.")
+           "as an integer); no host synchronisation, so it can be captured in a CUDA graph. pdl: launch "
+           "with programmatic dependent launch (compute capability 9.0+).")
+      .def("all_reduce_sum", &cqil::OneShotAllReduce::all_reduce_sum, py::arg("parts"), py::arg("n_parts"),
+           py::arg("residual"), py::arg("output"), py::arg("numel"), py::arg("dtype"), py::arg("stream"),
+           py::arg("pdl") = false,
+           "all_reduce of each rank's residual + parts[0] + ... (fp32 device pointers; n_parts rows of "
+           "numel), formed in the kernel and rounded once to dtype, as one launch.")
       .def("timed_out", &cqil::OneShotAllReduce::timed_out)
       .def_property_readonly("max_bytes", &cqil::OneShotAllReduce::max_bytes);
 #endif

@@ -81,21 +81,74 @@ struct Pack {
   }
 };
 
-// Units i, i + blockDim.x, ..., (kUnroll of them, those below hi) of p into v, all loads issued before
+// Where a rank's contribution to the sum comes from, one 16-byte unit of T at a time.
+// CopySource: a message of T as it is (the plain all-reduce; also every rank's slot in step 4).
+struct CopySource {
+  const uint4* p;
+  __device__ __forceinline__ uint4 operator()(std::size_t i) const { return p[i]; }
+};
+
+// SumSource: residual + parts[0] + parts[1] + ... in fp32, added in that order and rounded once to T, as
+// ops/group_gemm.py's _sum_p_kernel forms a split-K GEMM's output from its fp32 partial products, bit for
+// bit. parts: n_parts rows of fp32, part_stride float4s apart; residual: one row of fp32.
+template <typename T>
+struct SumSource {
+  const float4* residual;
+  const float4* parts;
+  std::size_t part_stride;
+  int n_parts;
+  __device__ __forceinline__ uint4 operator()(std::size_t i) const {
+    constexpr int F = Pack<T>::N / 4;  // float4s per 16-byte unit of T
+    float acc[Pack<T>::N];
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      const float4 r = residual[i * F + f];
+      acc[4 * f] = r.x, acc[4 * f + 1] = r.y, acc[4 * f + 2] = r.z, acc[4 * f + 3] = r.w;
+    }
+    for (int q = 0; q < n_parts; ++q) {
+#pragma unroll
+      for (int f = 0; f < F; ++f) {
+        const float4 v = parts[q * part_stride + i * F + f];
+        acc[4 * f] += v.x, acc[4 * f + 1] += v.y, acc[4 * f + 2] += v.z, acc[4 * f + 3] += v.w;
+      }
+    }
+    return Pack<T>::pack(acc);
+  }
+};
+
+// Units i, i + blockDim.x, ..., (kUnroll of them, those below hi) of src into v, all loads issued before
 // any value is used.
-__device__ __forceinline__ void load_units(uint4 (&v)[kUnroll], const uint4* p, std::size_t i, std::size_t hi) {
+template <typename Source>
+__device__ __forceinline__ void load_units(uint4 (&v)[kUnroll], const Source& src, std::size_t i, std::size_t hi) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    if (i + u * blockDim.x < hi) v[u] = p[i + u * blockDim.x];
+    if (i + u * blockDim.x < hi) v[u] = src(i + u * blockDim.x);
   }
 }
 
+// Programmatic dependent launch (Hopper and later; parallel/comm.py asks for it where the Triton kernels
+// use it, ops/_pdl.py): the kernel may start while the previous one on the stream finishes, so it waits
+// for it before touching memory, and lets the next one launch once its sum is done. Without the launch
+// attribute both are no-ops.
+__device__ __forceinline__ void wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void release_consumer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // n16: message size in 16-byte units. Block b of kBlocks owns units [b * per, min(n16, (b + 1) * per)).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const uint4* in, uint4* out,
+template <typename T, typename Source>
+__global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, Source in, uint4* out,
                                                             std::size_t n16, std::size_t slot_bytes,
                                                             int rank, int world, std::uint32_t* counters,
                                                             int* error, long long timeout_ns) {
+  wait_for_producer();
   const int b = blockIdx.x;
   const std::uint32_t g = counters[b] + 1;  // every thread reads it before thread 0 updates it below
   const std::size_t slot_offset = kFlagBytes + (g & 1) * slot_bytes;
@@ -106,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
   // Thread t visits units lo + t + k * blockDim.x for k = 0, 1, ..., kUnroll of them per step.
   const std::size_t step = static_cast<std::size_t>(blockDim.x) * kUnroll;
 
-  // 1. my slice into my own buffer
+  // 1. my slice of my contribution into my own buffer
   uint4* mine = reinterpret_cast<uint4*>(peers.base[rank] + slot_offset);
   for (std::size_t i = lo + threadIdx.x; i < hi; i += step) {
     uint4 v[kUnroll];
@@ -139,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
     for (int r = 0; r < world; ++r) {
       const uint4* src = reinterpret_cast<const uint4*>(peers.base[r] + slot_offset);
       uint4 v[kUnroll];
-      load_units(v, src, i, hi);
+      load_units(v, CopySource{src}, i, hi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (i + u * blockDim.x < hi) Pack<T>::add(acc[u], v[u]);
@@ -150,6 +203,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, const u
       if (i + u * blockDim.x < hi) out[i + u * blockDim.x] = Pack<T>::pack(acc[u]);
     }
   }
+  release_consumer();  // the next kernel still waits for this grid's end (and its writes) to read them
   __syncthreads();
   if (threadIdx.x == 0) counters[b] = g;
 }
@@ -229,43 +283,93 @@ void OneShotAllReduce::open_peers(const std::vector<std::string>& handles,
   opened_ = true;
 }
 
-void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
-                                  const std::string& dtype, std::uintptr_t stream) {
-  if (!opened_ && world_ > 1) throw std::runtime_error("one-shot all-reduce: open_peers() first");
-  std::size_t element = 0;
-  if (dtype == "float32") {
-    element = 4;
-  } else if (dtype == "float16" || dtype == "bfloat16") {
-    element = 2;
-  } else {
-    throw std::runtime_error("one-shot all-reduce: unsupported dtype " + dtype);
-  }
-  const std::size_t bytes = numel * element;
-  if (bytes > max_bytes_ || bytes % 16 || in % 16 || out % 16) {
-    throw std::runtime_error("one-shot all-reduce: message must be 16-byte aligned and at most max_bytes");
-  }
-  if (bytes == 0) return;
-  const std::size_t n16 = bytes / 16;
+namespace {
+
+std::size_t element_bytes(const std::string& dtype, const char* what) {
+  if (dtype == "float32") return 4;
+  if (dtype == "float16" || dtype == "bfloat16") return 2;
+  throw std::runtime_error(std::string(what) + ": unsupported dtype " + dtype);
+}
+
+// One launch of one_shot_kernel<T> on `stream`, with the PDL attribute when `pdl`.
+template <typename T, typename Source>
+void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream, bool pdl,
+            const Peers& peers, std::size_t slot_bytes, int rank, int world, std::uint32_t* counters, int* error,
+            long long timeout_ns) {
+  cudaLaunchConfig_t config = {};
   // Always all kBlocks blocks, so every block's generation counts every call and the data slot parity
   // is the same for the whole call (what makes the double buffering safe, one_shot.h).
-  constexpr int blocks = kBlocks;
+  config.gridDim = dim3(kBlocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  check(cudaLaunchKernelEx(&config, one_shot_kernel<T, Source>, peers, source, reinterpret_cast<uint4*>(out), n16,
+                           slot_bytes, rank, world, counters, error, timeout_ns),
+        "one-shot all-reduce launch");
+}
+
+}  // namespace
+
+std::size_t OneShotAllReduce::check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype,
+                                            const char* what) const {
+  if (!opened_ && world_ > 1) throw std::runtime_error(std::string(what) + ": open_peers() first");
+  const std::size_t bytes = numel * element_bytes(dtype, what);
+  if (bytes > max_bytes_ || bytes % 16 || out % 16) {
+    throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned and at most max_bytes");
+  }
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  return bytes / 16;
+}
+
+void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
+                                  const std::string& dtype, std::uintptr_t stream, bool pdl) {
+  const std::size_t n16 = check_message(out, numel, dtype, "one-shot all-reduce");
+  if (in % 16) throw std::runtime_error("one-shot all-reduce: message must be 16-byte aligned and at most max_bytes");
+  if (n16 == 0) return;
   Peers peers;
   for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto* src = reinterpret_cast<const uint4*>(in);
-  auto* dst = reinterpret_cast<uint4*>(out);
-  check(cudaSetDevice(device_), "cudaSetDevice");
+  const CopySource source{reinterpret_cast<const uint4*>(in)};
   if (dtype == "float32") {
-    one_shot_kernel<float><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
-                                                        counters_, error_device_, timeout_ns_);
+    launch<float>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_, error_device_,
+                  timeout_ns_);
   } else if (dtype == "float16") {
-    one_shot_kernel<__half><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_, world_,
-                                                         counters_, error_device_, timeout_ns_);
+    launch<__half>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_, error_device_,
+                   timeout_ns_);
   } else {
-    one_shot_kernel<__nv_bfloat16><<<blocks, kThreads, 0, s>>>(peers, src, dst, n16, max_bytes_, rank_,
-                                                                world_, counters_, error_device_, timeout_ns_);
+    launch<__nv_bfloat16>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_,
+                          error_device_, timeout_ns_);
   }
-  check(cudaGetLastError(), "one-shot all-reduce launch");
+}
+
+void OneShotAllReduce::all_reduce_sum(std::uintptr_t parts, int n_parts, std::uintptr_t residual,
+                                      std::uintptr_t out, std::size_t numel, const std::string& dtype,
+                                      std::uintptr_t stream, bool pdl) {
+  const char* what = "one-shot all-reduce of partial sums";
+  const std::size_t n16 = check_message(out, numel, dtype, what);
+  if (n_parts < 1 || n_parts > kMaxParts) {
+    throw std::runtime_error(std::string(what) + ": n_parts must be 1.." + std::to_string(kMaxParts));
+  }
+  if (parts % 16 || residual % 16) throw std::runtime_error(std::string(what) + ": fp32 inputs must be 16-byte aligned");
+  if (n16 == 0) return;
+  Peers peers;
+  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
+  auto* res = reinterpret_cast<const float4*>(residual);
+  auto* p = reinterpret_cast<const float4*>(parts);
+  const std::size_t stride = numel / 4;  // numel * element size is a multiple of 16: numel % 4 == 0
+  if (dtype == "float32") {
+    launch<float>(SumSource<float>{res, p, stride, n_parts}, out, n16, stream, pdl, peers, max_bytes_, rank_,
+                  world_, counters_, error_device_, timeout_ns_);
+  } else if (dtype == "float16") {
+    launch<__half>(SumSource<__half>{res, p, stride, n_parts}, out, n16, stream, pdl, peers, max_bytes_, rank_,
+                   world_, counters_, error_device_, timeout_ns_);
+  } else {
+    launch<__nv_bfloat16>(SumSource<__nv_bfloat16>{res, p, stride, n_parts}, out, n16, stream, pdl, peers,
+                          max_bytes_, rank_, world_, counters_, error_device_, timeout_ns_);
+  }
 }
 
 bool OneShotAllReduce::timed_out() const {

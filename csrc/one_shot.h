@@ -35,6 +35,7 @@ namespace cqil {
 
 constexpr int kMaxRanks = 8;
 constexpr int kBlocks = 32;  // every call runs exactly this many blocks
+constexpr int kMaxParts = 8;  // all_reduce_sum's partial products
 
 class OneShotAllReduce {
  public:
@@ -55,15 +56,24 @@ class OneShotAllReduce {
   // out = sum over ranks of in (numel elements of dtype "float32" | "float16" | "bfloat16"), launched on
   // `stream`; in == out is allowed. numel * element size must be a multiple of 16 bytes, at most
   // max_bytes, and both pointers 16-byte aligned (the caller's policy checks; this throws otherwise).
+  // pdl: launch with programmatic dependent launch (compute capability 9.0 and later): the kernel may
+  // start while the previous one on the stream finishes, and waits for it before touching memory.
   void all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel, const std::string& dtype,
-                  std::uintptr_t stream);
-
+                  std::uintptr_t stream, bool pdl);
+  // The same, where each rank's message is formed in the kernel's first step from fp32 inputs:
+  // in = residual + parts[0] + ... + parts[n_parts - 1], added in that order in fp32 and rounded once to
+  // dtype (a split-K GEMM's partial products and the residual: one launch less than summing them first).
+  // parts: n_parts contiguous rows of numel fp32; residual: numel fp32; both 16-byte aligned.
+  void all_reduce_sum(std::uintptr_t parts, int n_parts, std::uintptr_t residual, std::uintptr_t out,
+                      std::size_t numel, const std::string& dtype, std::uintptr_t stream, bool pdl);
   // True once any call gave up waiting for a peer.
   bool timed_out() const;
 
   std::size_t max_bytes() const { return max_bytes_; }
 
  private:
+  // The checks shared by both calls; returns the message size in 16-byte units.
+  std::size_t check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype, const char* what) const;
   int device_, rank_, world_;
   std::size_t max_bytes_;
   long long timeout_ns_;

@@ -437,3 +437,68 @@ def test_chunked_down_reduce_covers_every_row():
     out = RankModel._down_reduce(fake, act[:, :100], w, residual[:100], h[:100])
     assert sizes == [-100]  # one chunk: reduced on the current stream
     torch.testing.assert_close(out, group_down_sum(act[:, :100], w.down, residual[:100]))
+
+
+_PARTIALS = r"""
+import os, sys, torch, torch.distributed as dist
+from datetime import timedelta
+from types import SimpleNamespace
+import cqil_kernels.ops.group_gemm as G
+from cqil_kernels.ops.group_gemm import group_down_sum
+from cqil_kernels.parallel.comm import GroupReducer
+from cqil_kernels.parallel.rank import RankModel
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=timedelta(seconds=60))
+reducer = GroupReducer("cpu")
+g = torch.Generator().manual_seed(rank)
+# each rank's term formed (fp32, in order, rounded once), then summed over the ranks
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    parts, residual = torch.randn(3, 5, 40, generator=g), torch.randn(5, 40, generator=g)
+    out = reducer.all_reduce_sum(parts, residual, torch.full((5, 40), float("nan"), dtype=dtype))
+    expected = (((residual + parts[0]) + parts[1]) + parts[2]).to(dtype)
+    dist.all_reduce(expected)
+    assert torch.equal(out, expected), dtype
+for bad, error in ((dict(parts=torch.zeros(2, 5, 40, dtype=torch.bfloat16)), TypeError),
+                   (dict(residual=torch.zeros(5, 40, dtype=torch.float64)), TypeError),
+                   (dict(parts=torch.zeros(2, 5, 41)), ValueError), (dict(residual=torch.zeros(40)), ValueError),
+                   (dict(parts=torch.zeros(9, 5, 40)), ValueError), (dict(parts=torch.zeros(0, 5, 40)), ValueError)):
+    call = {**dict(parts=torch.zeros(2, 5, 40), residual=torch.zeros(5, 40), out=torch.zeros(5, 40)), **bad}
+    try:
+        reducer.all_reduce_sum(**call)
+        raise AssertionError(f"accepted {bad}")
+    except error:
+        pass
+# a decode stage's down projection, K split in two (SPLIT_K_MIN lowered), reaches it from RankModel and
+# gives group_down_sum's bits, summed over the ranks; CQIL_REDUCE_PARTIALS=0 sums them first
+G.SPLIT_K_MIN = 32
+calls = []
+real = reducer.all_reduce_sum
+reducer.all_reduce_sum = lambda *args: calls.append(len(args[0])) or real(*args)
+fake = SimpleNamespace(prefill_chunks=4, min_chunk_rows=64, reducer=reducer)
+fake.chunks = lambda M: RankModel.chunks(fake, M)
+# (float16: the Triton interpreter rounds fp32 to bfloat16 toward zero, where the GPU and torch round to
+# nearest even; its float16 rounding is the GPU's)
+act = torch.randn(1, 3, 64, generator=g).to(torch.float16)
+w = SimpleNamespace(down=(torch.randn(1, 24, 64, generator=g) / 8).to(torch.float16), down_bias=None)
+residual, h = torch.randn(3, 24, generator=g), torch.zeros(3, 24, dtype=torch.float16)
+expected = group_down_sum(act, w.down, residual)
+dist.all_reduce(expected)
+assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
+os.environ["CQIL_REDUCE_PARTIALS"] = "0"
+assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
+print("partials OK", flush=True)
+"""
+
+
+def test_reduction_of_partial_products(tmp_path):
+    """GroupReducer.all_reduce_sum on gloo: each rank's residual + partial products, formed as the split-K
+    GEMM's sum kernel forms them, then summed over the ranks — bit for bit; bad inputs are refused; and a
+    decode stage's down projection reaches it from RankModel (GPU, the one-shot kernel: test_parallel_cuda)."""
+    script = tmp_path / "partials.py"
+    script.write_text(_PARTIALS)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [out.count("partials OK") for out in outs] == [1, 1], outs

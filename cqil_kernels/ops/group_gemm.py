@@ -7,6 +7,7 @@
     group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
     group_swiglu(x, g, u, norm_weight=n)  the same of RMSNorm_n[p](x[p])      (with the post-attention norm)
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
+    group_down_partials(x, w)             decode: the fp32 partial products that group_down_sum sums
 
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
 the packed group tensors. The input norm is applied in the prologue: x * norm weight is formed as x is
@@ -385,17 +386,46 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
     residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F (decode: P partial
     products summed in order; see SPLIT_K_MIN for P = 1)."""
+    x, w, sx = _check_down(x, w, bias)
+    M, D = x.shape[1], w.shape[1]
+    _check_residual(residual, M, D, x)
+    out = _out(out, (M, D), x)
+    partial = _partials(x, w, sx, bias)
+    if partial is None:
+        return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+    block = min(1024, next_pow2(D))
+    _sum_p_kernel[(M, cdiv(D, block))](
+        partial, residual if residual is not None else partial, out, partial.shape[0], D,
+        partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
+    return out
+
+
+def group_down_partials(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None
+                        ) -> torch.Tensor | None:
+    """The fp32 partial products [n, M, D] that group_down_sum(x, w, residual, bias=bias) adds to the
+    residual in a second launch: its output is (residual + parts[0] + parts[1] + ...) in fp32, in that
+    order, rounded once to x's dtype. None where group_down_sum runs as one GEMM (more than 16 rows, or
+    P = 1 below SPLIT_K_MIN). For a consumer that sums them itself (the one-shot all-reduce of a rank,
+    parallel/comm.py's GroupReducer.all_reduce_sum)."""
+    x, w, sx = _check_down(x, w, bias)
+    return _partials(x, w, sx, bias)
+
+
+def _check_down(x, w, bias):
     if isinstance(x, torch.Tensor) and x.ndim != 3:
         raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
     sx = _check_x(x, w)
+    _check_vector("bias", bias, w.shape[0], w.shape[1], x)
+    return x, w, sx
+
+
+def _partials(x, w, sx, bias) -> torch.Tensor | None:
     P, D, F = w.shape
     M = x.shape[1]
-    _check_vector("bias", bias, P, D, x)
-    _check_residual(residual, M, D, x)
-    out = _out(out, (M, D), x)
     split = P == 1 and bias is None and F >= SPLIT_K_MIN and F % 16 == 0
     if M > 16 or M == 0 or (P == 1 and not split):
-        return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
+        return None
     if split:  # the two halves of K as two "layers" (each half starts 16-byte aligned)
         half = F // 2
         x = x.as_strided((2, M, half), (half, sx[1], 1))
@@ -403,12 +433,7 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
         sx, P = (half, sx[1]), 2
     partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
     _launch(x, w, partial, sx=sx, bias=bias)
-    block = min(1024, next_pow2(D))
-    _sum_p_kernel[(M, cdiv(D, block))](
-        partial, residual if residual is not None else partial, out, P, D,
-        partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
-    return out
+    return partial
 
 
 @triton.jit

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _ext
+from ..ops._pdl import pdl_enabled
 
 ONE_SHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -160,10 +161,44 @@ class GroupReducer:
         if path is None:
             return t
         if path == "one_shot":
-            self._launch_one_shot(t, torch.cuda.current_stream(self.device))
+            self._launch_one_shot(t, torch.cuda.current_stream(self.device), pdl_enabled(self.device))
         else:
             dist.all_reduce(t, group=self.group)
         return t
+
+    def all_reduce_sum(self, parts: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = the sum over ranks of each rank's residual + parts[0] + parts[1] + ... (fp32, added in that
+        order, rounded once to out's dtype: what ops.group_down_sum makes of a split-K GEMM's partial
+        products), on the current stream. Returns out.
+
+        parts: [n, *out.shape] fp32 (1 <= n <= 8); residual: out's shape, fp32. On the one-shot path
+        each rank's term is formed inside the reduction kernel, which saves a decode stage the launch
+        that would sum the partial products first; on the others it is formed by torch (the same bits)
+        and then reduced."""
+        if parts.dtype != torch.float32 or residual.dtype != torch.float32:
+            raise TypeError(f"parts and residual must be float32, got {parts.dtype} and {residual.dtype}")
+        if tuple(parts.shape[1:]) != tuple(out.shape) or tuple(residual.shape) != tuple(out.shape):
+            raise ValueError(f"parts {tuple(parts.shape)} and residual {tuple(residual.shape)} must be "
+                             f"[n, *{tuple(out.shape)}] and {tuple(out.shape)}")
+        if not 1 <= parts.shape[0] <= 8:
+            raise ValueError(f"1 to 8 partial products, got {parts.shape[0]}")
+        path = self._path(out)
+        fused = (path == "one_shot" and parts.is_contiguous() and residual.is_contiguous()
+                 and parts.data_ptr() % 16 == 0 and residual.data_ptr() % 16 == 0)
+        if not fused:
+            total = residual.clone()
+            for part in parts:
+                total += part
+            out.copy_(total)
+            if path == "one_shot":
+                self._launch_one_shot(out, torch.cuda.current_stream(self.device), pdl_enabled(self.device))
+            elif path is not None:
+                dist.all_reduce(out, group=self.group)
+            return out
+        self._one_shot.all_reduce_sum(parts.data_ptr(), parts.shape[0], residual.data_ptr(), out.data_ptr(),
+                                      out.numel(), _dtype_name(out), torch.cuda.current_stream(self.device).cuda_stream,
+                                      pdl_enabled(self.device))
+        return out
 
     def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
         """Start the reduction of t on the communication stream (after the current stream's work so
@@ -195,14 +230,19 @@ class GroupReducer:
             self.last_reason = why
         return path
 
-    def _launch_one_shot(self, t: torch.Tensor, stream) -> None:
-        self._one_shot.all_reduce(t.data_ptr(), t.data_ptr(), t.numel(), str(t.dtype).split(".")[-1],
-                                  stream.cuda_stream)
+    def _launch_one_shot(self, t: torch.Tensor, stream, pdl: bool = False) -> None:
+        """pdl: launch with programmatic dependent launch (ops/_pdl.py), for a call on the current stream
+        right after one of our kernels; the communication stream's calls follow an event instead."""
+        self._one_shot.all_reduce(t.data_ptr(), t.data_ptr(), t.numel(), _dtype_name(t), stream.cuda_stream, pdl)
 
     def check_health(self) -> None:
         """RuntimeError when a one-shot call timed out waiting for a peer (a dead or stuck rank)."""
         if self._one_shot is not None and self._one_shot.timed_out():
             raise RuntimeError("the one-shot all-reduce timed out waiting for another rank (did a rank die?)")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).split(".")[-1]
 
 
 class PendingReduce:

@@ -11,7 +11,9 @@ and ranks j >= P contribute c_j = 0; one all-reduce (comm.GroupReducer) gives ev
 h' = sum_j c_j = h + sum_j (...), the group's output. Rank 0 adds h so the sum needs no extra step.
 
 The Triton backend runs the same split with the fused kernels (fused.py, one layer per launch here), and
-the decode step — reductions included — is captured in one CUDA graph per rank.
+the decode step — reductions included — is captured in one CUDA graph per rank. In decode the down
+projection's fp32 partial products go straight into the reduction, which forms c_j itself
+(GroupReducer.all_reduce_sum: one launch less per group).
 """
 
 from __future__ import annotations
@@ -25,10 +27,19 @@ import torch.distributed as dist
 from ..config import CQILConfig
 from ..generation import generate
 from ..model import CQILLlama, KVCache, check_forward_inputs
+from ..ops._common import env_switch
 from .comm import GroupReducer, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
 BYPASS_EXCHANGES = ("p2p", "all_reduce")  # RankModel's ways to move the bypass (comm.py)
+
+
+def reduce_partials() -> bool:
+    """Whether a decode stage hands the down projection's fp32 partial products and the residual to the
+    reduction (GroupReducer.all_reduce_sum, default) instead of summing them in a launch of their own
+    first; the same bits either way. CQIL_REDUCE_PARTIALS=0 turns it off; read at each step, so one
+    process can compare both."""
+    return env_switch("CQIL_REDUCE_PARTIALS", True)
 
 
 class RankModel:
@@ -228,14 +239,18 @@ class RankModel:
         """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). For many
         tokens the rows are cut into chunks and chunk i's reduction (on the communication stream)
         overlaps with chunk i+1's GEMM; the chunking depends only on the shape, so all ranks agree."""
-        from ..fused import down_sum
+        from ..fused import down_partials, down_sum
 
         M = h.shape[0]
         chunks = self.chunks(M)
         out = torch.zeros_like(h) if act is None else torch.empty_like(h)
         if chunks == 1:  # decode, short prompts: nothing to overlap, so no communication-stream fork/join
-            if act is not None:
-                down_sum(act, w.down, residual, bias=w.down_bias, out=out)
+            if act is None:
+                return self.reducer.all_reduce(out)
+            parts = down_partials(act, w.down, bias=w.down_bias) if reduce_partials() else None
+            if parts is not None:  # decode: the reduction forms residual + the partial products itself
+                return self.reducer.all_reduce_sum(parts, residual, out)
+            down_sum(act, w.down, residual, bias=w.down_bias, out=out)
             return self.reducer.all_reduce(out)
         bounds = [M * i // chunks for i in range(chunks + 1)]
         pending = []

@@ -58,8 +58,52 @@ def exact(device) -> None:
     assert reducer.policy(torch.ones(4097, dtype=torch.bfloat16, device=device)[1:])[0] == "nccl"
     reducer.all_reduce(big)
     assert torch.equal(big, torch.full_like(big, dist.get_world_size()))
+    partials(device, reducer)
     reducer.check_health()
     print(f"rank {rank}: one-shot exact OK, calls {reducer.calls}", flush=True)
+
+
+def partials(device, reducer) -> None:
+    """all_reduce_sum: each rank's term residual + parts[0] + ... formed inside the kernel (fp32, in that
+    order, rounded once) and the terms summed over the ranks in rank order in fp32, rounded once — the
+    same bits as forming the terms with torch and summing the gathered terms so; eagerly and replayed from
+    a CUDA graph with new inputs; random (not integer) values."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def expected(parts, residual, dtype):
+        term = residual.clone()
+        for part in parts:
+            term += part
+        every = [torch.empty_like(term.to(dtype)) for _ in range(world)]
+        dist.all_gather(every, term.to(dtype))
+        total = torch.zeros_like(term)
+        for t in every:
+            total += t.float()
+        return total.to(dtype)
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for numel in (576, 4096, 4104, 3 * 4096 + 8):
+            for n in (1, 2, 3):
+                g = torch.Generator(device=device).manual_seed(100 * rank + 10 * n + numel)
+                fresh = lambda: (torch.randn(n, numel, generator=g, device=device),  # noqa: E731
+                                 torch.randn(numel, generator=g, device=device) * 4)
+                parts, residual = fresh()
+                got = torch.full((numel,), float("nan"), dtype=dtype, device=device)
+                reducer.all_reduce_sum(parts, residual, got)
+                assert torch.equal(got, expected(parts, residual, dtype)), (dtype, numel, n, "eager")
+                static = fresh()
+                outs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(2)]
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for out in outs:
+                        reducer.all_reduce_sum(static[0] * 1, static[1] * 1, out)
+                for trial in range(3):
+                    new = fresh()
+                    static[0].copy_(new[0]), static[1].copy_(new[1])
+                    graph.replay()
+                    ref = expected(*new, dtype)
+                    assert all(torch.equal(out, ref) for out in outs), (dtype, numel, n, "graph", trial)
+    print(f"rank {rank}: one-shot partial sums exact", flush=True)
 
 
 def timeout(device) -> None:
