@@ -487,6 +487,12 @@ dist.all_reduce(expected)
 assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
 os.environ["CQIL_REDUCE_PARTIALS"] = "0"
 assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
+os.environ["CQIL_REDUCE_PARTIALS"] = "no"
+try:
+    RankModel._down_reduce(fake, act, w, residual, h)
+    raise AssertionError("CQIL_REDUCE_PARTIALS=no was accepted")
+except ValueError as e:
+    assert "CQIL_REDUCE_PARTIALS" in str(e), e
 print("partials OK", flush=True)
 """
 

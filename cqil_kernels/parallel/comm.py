@@ -10,6 +10,10 @@ with it. Each call picks its path:
     (a decode step's hidden state; on 2 GPUs also a prefill's);
   * "nccl" / "gloo": torch.distributed.all_reduce, for everything else.
 `GroupReducer.policy(tensor)` says which path a tensor takes and why (`OneShotPolicy`).
+all_reduce_sum takes a decode stage's split-K partial products and residual (fp32) instead of its output:
+the one-shot kernel forms the rank's term in its first step, which saves the launch that sums them.
+On the current stream the one-shot kernel is launched with programmatic dependent launch where our
+Triton kernels are (ops/_pdl.py; CQIL_PDL=0 turns both off).
 
 The bypass (d >= 1): rank j of a group needs a_{j-1..j-d} from the ranks before it before its MLP. Two
 ways to move them, with the same result bit for bit:
