@@ -119,7 +119,8 @@ struct SumSource {
 // Units i, i + blockDim.x, ..., (kUnroll of them, those below hi) of src into v, all loads issued before
 // any value is used.
 template <typename Source>
-__device__ __forceinline__ void load_units(uint4 (&v)[kUnroll], const Source& src, std::size_t i, std::size_t hi) {
+__device__ __forceinline__ void load_units(uint4 (&v)[kUnroll], const Source& src, std::size_t i,
+                                           std::size_t hi) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     if (i + u * blockDim.x < hi) v[u] = src(i + u * blockDim.x);
@@ -291,11 +292,30 @@ std::size_t element_bytes(const std::string& dtype, const char* what) {
   throw std::runtime_error(std::string(what) + ": unsupported dtype " + dtype);
 }
 
-// One launch of one_shot_kernel<T> on `stream`, with the PDL attribute when `pdl`.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<T>{}) for the element type T that dtype names (element_bytes has checked it).
+template <typename F>
+void with_element_type(const std::string& dtype, F&& f) {
+  if (dtype == "float32") {
+    f(Tag<float>{});
+  } else if (dtype == "float16") {
+    f(Tag<__half>{});
+  } else {
+    f(Tag<__nv_bfloat16>{});
+  }
+}
+
+}  // namespace
+
 template <typename T, typename Source>
-void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream, bool pdl,
-            const Peers& peers, std::size_t slot_bytes, int rank, int world, std::uint32_t* counters, int* error,
-            long long timeout_ns) {
+void OneShotAllReduce::launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream,
+                              bool pdl) const {
+  Peers peers;
+  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
   cudaLaunchConfig_t config = {};
   // Always all kBlocks blocks, so every block's generation counts every call and the data slot parity
   // is the same for the whole call (what makes the double buffering safe, one_shot.h).
@@ -307,12 +327,10 @@ void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uint
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
-  check(cudaLaunchKernelEx(&config, one_shot_kernel<T, Source>, peers, source, reinterpret_cast<uint4*>(out), n16,
-                           slot_bytes, rank, world, counters, error, timeout_ns),
+  check(cudaLaunchKernelEx(&config, one_shot_kernel<T, Source>, peers, source, reinterpret_cast<uint4*>(out),
+                           n16, max_bytes_, rank_, world_, counters_, error_device_, timeout_ns_),
         "one-shot all-reduce launch");
 }
-
-}  // namespace
 
 std::size_t OneShotAllReduce::check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype,
                                             const char* what) const {
@@ -327,22 +345,13 @@ std::size_t OneShotAllReduce::check_message(std::uintptr_t out, std::size_t nume
 
 void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
                                   const std::string& dtype, std::uintptr_t stream, bool pdl) {
-  const std::size_t n16 = check_message(out, numel, dtype, "one-shot all-reduce");
-  if (in % 16) throw std::runtime_error("one-shot all-reduce: message must be 16-byte aligned and at most max_bytes");
+  const char* what = "one-shot all-reduce";
+  const std::size_t n16 = check_message(out, numel, dtype, what);
+  if (in % 16) throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned");
   if (n16 == 0) return;
-  Peers peers;
-  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
-  const CopySource source{reinterpret_cast<const uint4*>(in)};
-  if (dtype == "float32") {
-    launch<float>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_, error_device_,
-                  timeout_ns_);
-  } else if (dtype == "float16") {
-    launch<__half>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_, error_device_,
-                   timeout_ns_);
-  } else {
-    launch<__nv_bfloat16>(source, out, n16, stream, pdl, peers, max_bytes_, rank_, world_, counters_,
-                          error_device_, timeout_ns_);
-  }
+  with_element_type(dtype, [&](auto tag) {
+    launch<typename decltype(tag)::type>(CopySource{reinterpret_cast<const uint4*>(in)}, out, n16, stream, pdl);
+  });
 }
 
 void OneShotAllReduce::all_reduce_sum(std::uintptr_t parts, int n_parts, std::uintptr_t residual,
@@ -353,23 +362,17 @@ void OneShotAllReduce::all_reduce_sum(std::uintptr_t parts, int n_parts, std::ui
   if (n_parts < 1 || n_parts > kMaxParts) {
     throw std::runtime_error(std::string(what) + ": n_parts must be 1.." + std::to_string(kMaxParts));
   }
-  if (parts % 16 || residual % 16) throw std::runtime_error(std::string(what) + ": fp32 inputs must be 16-byte aligned");
-  if (n16 == 0) return;
-  Peers peers;
-  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
-  auto* res = reinterpret_cast<const float4*>(residual);
-  auto* p = reinterpret_cast<const float4*>(parts);
-  const std::size_t stride = numel / 4;  // numel * element size is a multiple of 16: numel % 4 == 0
-  if (dtype == "float32") {
-    launch<float>(SumSource<float>{res, p, stride, n_parts}, out, n16, stream, pdl, peers, max_bytes_, rank_,
-                  world_, counters_, error_device_, timeout_ns_);
-  } else if (dtype == "float16") {
-    launch<__half>(SumSource<__half>{res, p, stride, n_parts}, out, n16, stream, pdl, peers, max_bytes_, rank_,
-                   world_, counters_, error_device_, timeout_ns_);
-  } else {
-    launch<__nv_bfloat16>(SumSource<__nv_bfloat16>{res, p, stride, n_parts}, out, n16, stream, pdl, peers,
-                          max_bytes_, rank_, world_, counters_, error_device_, timeout_ns_);
+  if (parts % 16 || residual % 16) {
+    throw std::runtime_error(std::string(what) + ": fp32 inputs must be 16-byte aligned");
   }
+  if (n16 == 0) return;
+  const std::size_t stride = numel / 4;  // float4s per row: numel * element size is a multiple of 16
+  with_element_type(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const SumSource<T> source{reinterpret_cast<const float4*>(residual), reinterpret_cast<const float4*>(parts),
+                              stride, n_parts};
+    launch<T>(source, out, n16, stream, pdl);
+  });
 }
 
 bool OneShotAllReduce::timed_out() const {

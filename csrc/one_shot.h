@@ -72,6 +72,9 @@ class OneShotAllReduce {
   std::size_t max_bytes() const { return max_bytes_; }
 
  private:
+  // One launch of the kernel for element type T, its contribution read through `source` (one_shot.cu).
+  template <typename T, typename Source>
+  void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream, bool pdl) const;
   // The checks shared by both calls; returns the message size in 16-byte units.
   std::size_t check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype, const char* what) const;
   int device_, rank_, world_;

@@ -462,7 +462,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 for bad, error in ((dict(parts=torch.zeros(2, 5, 40, dtype=torch.bfloat16)), TypeError),
                    (dict(residual=torch.zeros(5, 40, dtype=torch.float64)), TypeError),
                    (dict(parts=torch.zeros(2, 5, 41)), ValueError), (dict(residual=torch.zeros(40)), ValueError),
-                   (dict(parts=torch.zeros(9, 5, 40)), ValueError), (dict(parts=torch.zeros(0, 5, 40)), ValueError)):
+                   (dict(parts=torch.zeros(9, 5, 40)), ValueError), (dict(parts=torch.zeros(0, 5, 40)), ValueError),
+                   (dict(residual=torch.zeros(5, 40, device="meta")), ValueError)):
     call = {**dict(parts=torch.zeros(2, 5, 40), residual=torch.zeros(5, 40), out=torch.zeros(5, 40)), **bad}
     try:
         reducer.all_reduce_sum(**call)

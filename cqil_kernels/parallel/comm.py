@@ -186,6 +186,9 @@ class GroupReducer:
                              f"[n, *{tuple(out.shape)}] and {tuple(out.shape)}")
         if not 1 <= parts.shape[0] <= 8:
             raise ValueError(f"1 to 8 partial products, got {parts.shape[0]}")
+        if parts.device != out.device or residual.device != out.device:
+            raise ValueError(f"parts ({parts.device}), residual ({residual.device}) and out ({out.device}) "
+                             f"must be on one device")
         path = self._path(out)
         fused = (path == "one_shot" and parts.is_contiguous() and residual.is_contiguous()
                  and parts.data_ptr() % 16 == 0 and residual.data_ptr() % 16 == 0)
@@ -199,9 +202,9 @@ class GroupReducer:
             elif path is not None:
                 dist.all_reduce(out, group=self.group)
             return out
+        stream = torch.cuda.current_stream(self.device).cuda_stream
         self._one_shot.all_reduce_sum(parts.data_ptr(), parts.shape[0], residual.data_ptr(), out.data_ptr(),
-                                      out.numel(), _dtype_name(out), torch.cuda.current_stream(self.device).cuda_stream,
-                                      pdl_enabled(self.device))
+                                      out.numel(), _dtype_name(out), stream, pdl_enabled(self.device))
         return out
 
     def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
