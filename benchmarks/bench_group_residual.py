@@ -1,7 +1,6 @@
 """ops.group_residual vs the torch backend's per-layer bypass sums, residual adds and RMSNorm."""
 
 import pytest
-import torch
 
 from conftest import SHAPES, gpu_benchmark, randn, rms_norm
 

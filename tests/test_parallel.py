@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.parallel import ParallelCQILLlama, Placement, RankError
+from cqil_kernels.parallel import Placement, RankError
 from cqil_kernels.parallel.driver import check_devices
 
 from conftest import left_padding_mask, random_hf_model
