@@ -512,3 +512,40 @@ def test_reduction_of_partial_products(tmp_path):
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert [out.count("partials OK") for out in outs] == [1, 1], outs
+
+
+_NO_TRITON = r"""
+import importlib.abc, sys
+from datetime import timedelta
+
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is not installed (blocked by the test)")
+
+
+sys.meta_path.insert(0, NoTriton())
+import torch, torch.distributed as dist
+from cqil_kernels import CQILConfig
+from cqil_kernels.parallel import RankModel
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[1]), world_size=2,
+                        timeout=timedelta(seconds=60))
+model = RankModel.from_pretrained(sys.argv[3], CQILConfig(groups=((2, 3),)), device="cpu", dtype=torch.float32)
+ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+assert model.generate(ids, 3).shape == (1, 9)
+assert "triton" not in sys.modules
+dist.destroy_process_group()
+print("no triton OK", flush=True)
+"""
+
+
+def test_ranks_run_without_triton(checkpoint, tmp_path):
+    """Triton is optional (CPU torch wheels lack it): the ranks' torch backend imports and runs without it."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(_NO_TRITON)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [out.count("no triton OK") for out in outs] == [1, 1], outs

@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 
 from .. import _ext
-from ..ops._pdl import pdl_enabled
 
 ONE_SHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -165,7 +164,7 @@ class GroupReducer:
         if path is None:
             return t
         if path == "one_shot":
-            self._launch_one_shot(t, torch.cuda.current_stream(self.device), pdl_enabled(self.device))
+            self._launch_one_shot(t, torch.cuda.current_stream(self.device), _pdl(self.device))
         else:
             dist.all_reduce(t, group=self.group)
         return t
@@ -198,13 +197,13 @@ class GroupReducer:
                 total += part
             out.copy_(total)
             if path == "one_shot":
-                self._launch_one_shot(out, torch.cuda.current_stream(self.device), pdl_enabled(self.device))
+                self._launch_one_shot(out, torch.cuda.current_stream(self.device), _pdl(self.device))
             elif path is not None:
                 dist.all_reduce(out, group=self.group)
             return out
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self._one_shot.all_reduce_sum(parts.data_ptr(), parts.shape[0], residual.data_ptr(), out.data_ptr(),
-                                      out.numel(), _dtype_name(out), stream, pdl_enabled(self.device))
+                                      out.numel(), _dtype_name(out), stream, _pdl(self.device))
         return out
 
     def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
@@ -246,6 +245,16 @@ class GroupReducer:
         """RuntimeError when a one-shot call timed out waiting for a peer (a dead or stuck rank)."""
         if self._one_shot is not None and self._one_shot.timed_out():
             raise RuntimeError("the one-shot all-reduce timed out waiting for another rank (did a rank die?)")
+
+
+def _pdl(device: torch.device) -> bool:
+    """Whether the one-shot kernel is launched with PDL: where our Triton kernels are (ops/_pdl.py).
+    Without Triton (a CPU install; the torch backend's ranks) none of them runs."""
+    try:
+        from ..ops._pdl import pdl_enabled
+    except ImportError:
+        return False
+    return pdl_enabled(device)
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from ..config import CQILConfig
 from ..generation import generate
 from ..model import CQILLlama, KVCache, check_forward_inputs
-from ..ops._common import env_switch
 from .comm import GroupReducer, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
@@ -38,7 +37,9 @@ def reduce_partials() -> bool:
     """Whether a decode stage hands the down projection's fp32 partial products and the residual to the
     reduction (GroupReducer.all_reduce_sum, default) instead of summing them in a launch of their own
     first; the same bits either way. CQIL_REDUCE_PARTIALS=0 turns it off; read at each step, so one
-    process can compare both."""
+    process can compare both. (Only the Triton path asks, so the import needs no guard.)"""
+    from ..ops._common import env_switch
+
     return env_switch("CQIL_REDUCE_PARTIALS", True)
 
 
