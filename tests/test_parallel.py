@@ -253,6 +253,21 @@ def test_bad_calls_leave_the_model_usable(pair):
     assert parallel(torch.zeros(1, 2, dtype=torch.long)).shape == (1, 2, single.args.vocab_size)
 
 
+def _run_ranks(tmp_path: Path, source: str, n: int, *args: str, timeout: int) -> tuple[list[int], list[str]]:
+    """Run the script `source` as n processes with the arguments (rank, a file-store path, *args); their
+    exit codes and outputs. A process still running after `timeout` seconds is killed (the test then
+    fails with TimeoutExpired)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(source)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs
+
 _SPMD = r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
@@ -271,11 +286,7 @@ except ValueError as e:
 
 def test_mismatched_configs_across_ranks_are_refused(checkpoint, tmp_path):
     """SPMD ranks given different groupings: ValueError on every rank, before the model's collectives."""
-    script = tmp_path / "spmd.py"
-    script.write_text(_SPMD)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    _, outs = _run_ranks(tmp_path, _SPMD, 2, str(checkpoint), timeout=120)
     for out in outs:
         assert "ValueError: rank 1 was given another model than rank 0 (different cqil)" in out, out
 
@@ -306,12 +317,8 @@ dist.destroy_process_group()
 def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
     """RankModel on a subgroup (world ranks 1 and 2 of 3): the bypass transfers and generate()'s
     consistency broadcast address the group's ranks by their world ranks."""
-    script = tmp_path / "subgroup.py"
-    script.write_text(_SUBGROUP)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(3)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    codes, outs = _run_ranks(tmp_path, _SUBGROUP, 3, str(checkpoint), timeout=120)
+    assert codes == [0] * len(codes), outs
     assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
 
 
@@ -505,12 +512,8 @@ def test_reduction_of_partial_products(tmp_path):
     """GroupReducer.all_reduce_sum on gloo: each rank's residual + partial products, formed as the split-K
     GEMM's sum kernel forms them, then summed over the ranks — bit for bit; bad inputs are refused; and a
     decode stage's down projection reaches it from RankModel (GPU, the one-shot kernel: test_parallel_cuda)."""
-    script = tmp_path / "partials.py"
-    script.write_text(_PARTIALS)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    codes, outs = _run_ranks(tmp_path, _PARTIALS, 2, timeout=180)
+    assert codes == [0] * len(codes), outs
     assert [out.count("partials OK") for out in outs] == [1, 1], outs
 
 
@@ -542,10 +545,6 @@ print("no triton OK", flush=True)
 
 def test_ranks_run_without_triton(checkpoint, tmp_path):
     """Triton is optional (CPU torch wheels lack it): the ranks' torch backend imports and runs without it."""
-    script = tmp_path / "no_triton.py"
-    script.write_text(_NO_TRITON)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(checkpoint)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    codes, outs = _run_ranks(tmp_path, _NO_TRITON, 2, str(checkpoint), timeout=120)
+    assert codes == [0] * len(codes), outs
     assert [out.count("no triton OK") for out in outs] == [1, 1], outs

@@ -386,7 +386,7 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
     residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F (decode: P partial
     products summed in order; see SPLIT_K_MIN for P = 1)."""
-    x, w, sx = _check_down(x, w, bias)
+    sx = _check_down(x, w, bias)
     M, D = x.shape[1], w.shape[1]
     _check_residual(residual, M, D, x)
     out = _out(out, (M, D), x)
@@ -408,16 +408,16 @@ def group_down_partials(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor 
     order, rounded once to x's dtype. None where group_down_sum runs as one GEMM (more than 16 rows, or
     P = 1 below SPLIT_K_MIN). For a consumer that sums them itself (the one-shot all-reduce of a rank,
     parallel/comm.py's GroupReducer.all_reduce_sum)."""
-    x, w, sx = _check_down(x, w, bias)
-    return _partials(x, w, sx, bias)
+    return _partials(x, w, _check_down(x, w, bias), bias)
 
 
 def _check_down(x, w, bias):
+    """The checks of a down projection's inputs; returns x's strides as _check_x does."""
     if isinstance(x, torch.Tensor) and x.ndim != 3:
         raise ValueError(f"x must be [P, M, F], got shape {tuple(x.shape)}")
     sx = _check_x(x, w)
     _check_vector("bias", bias, w.shape[0], w.shape[1], x)
-    return x, w, sx
+    return sx
 
 
 def _partials(x, w, sx, bias) -> torch.Tensor | None:

@@ -160,7 +160,10 @@ class GroupReducer:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """t += the other ranks' t (every rank gets the same sum), on the current stream. Returns t.
         For a result needed at once (decode): no stream fork/join, which costs ~5 us in a CUDA graph."""
-        path = self._path(t)
+        return self._reduce(t, self._path(t))
+
+    def _reduce(self, t: torch.Tensor, path: str | None) -> torch.Tensor:
+        """all_reduce's work once the path is chosen (and counted)."""
         if path is None:
             return t
         if path == "one_shot":
@@ -196,11 +199,7 @@ class GroupReducer:
             for part in parts:
                 total += part
             out.copy_(total)
-            if path == "one_shot":
-                self._launch_one_shot(out, torch.cuda.current_stream(self.device), _pdl(self.device))
-            elif path is not None:
-                dist.all_reduce(out, group=self.group)
-            return out
+            return self._reduce(out, path)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self._one_shot.all_reduce_sum(parts.data_ptr(), parts.shape[0], residual.data_ptr(), out.data_ptr(),
                                       out.numel(), _dtype_name(out), stream, _pdl(self.device))
