@@ -70,3 +70,12 @@ def one_shot_all_reduce(device: int, rank: int, world: int, max_bytes: int, time
     if reason is not None:
         raise RuntimeError(reason)
     return _C.OneShotAllReduce(device, rank, world, max_bytes, timeout_s)
+
+
+def copy_engine_all_reduce(device: int, rank: int, world: int, max_bytes: int):
+    """The copy-engine all-reduce of csrc/copy_engine.cu for this rank (parallel/comm.py drives it):
+    RuntimeError saying why when the CUDA part of the extension cannot run here."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return _C.CopyEngineAllReduce(device, rank, world, max_bytes)

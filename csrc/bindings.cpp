@@ -8,6 +8,7 @@
 #include <vector>
 
 #ifdef CQIL_WITH_CUDA
+#include "copy_engine.h"
 #include "one_shot.h"
 #include "runtime_info.h"
 #endif
@@ -59,9 +60,11 @@ PYBIND11_MODULE(_C, m) {
                                      "One-shot all-reduce through peer-accessible buffers (csrc/one_shot.h).")
       .def(py::init<int, int, int, std::size_t, double>(), py::arg("device"), py::arg("rank"),
            py::arg("world"), py::arg("max_bytes"), py::arg("timeout_s"))
-      .def("ipc_handle", [](const cqil::OneShotAllReduce& self) { return py::bytes(self.ipc_handle()); })
-      .def("pci_bus_id", &cqil::OneShotAllReduce::pci_bus_id)
-      .def("open_peers", &cqil::OneShotAllReduce::open_peers, py::arg("handles"), py::arg("bus_ids"))
+      .def("ipc_handle", [](cqil::OneShotAllReduce& self) { return py::bytes(self.memory().ipc_handle()); })
+      .def("pci_bus_id", [](cqil::OneShotAllReduce& self) { return self.memory().pci_bus_id(); })
+      .def("open_peers", [](cqil::OneShotAllReduce& self, const std::vector<std::string>& handles,
+                            const std::vector<std::string>& bus_ids) { self.memory().open_peers(handles, bus_ids); },
+           py::arg("handles"), py::arg("bus_ids"))
       .def("all_reduce", &cqil::OneShotAllReduce::all_reduce, py::arg("input"), py::arg("output"),
            py::arg("numel"), py::arg("dtype"), py::arg("stream"), py::arg("pdl") = false,
            "output = sum over ranks of input (device pointers), launched on `stream` (a cudaStream_t "
@@ -74,5 +77,21 @@ PYBIND11_MODULE(_C, m) {
            "numel), formed in the kernel and rounded once to dtype, as one launch.")
       .def("timed_out", &cqil::OneShotAllReduce::timed_out)
       .def_property_readonly("max_bytes", &cqil::OneShotAllReduce::max_bytes);
+  py::class_<cqil::CopyEngineAllReduce>(m, "CopyEngineAllReduce",
+                                        "All-reduce through the copy engines and stream memory operations "
+                                        "(csrc/copy_engine.h).")
+      .def(py::init<int, int, int, std::size_t>(), py::arg("device"), py::arg("rank"), py::arg("world"),
+           py::arg("max_bytes"))
+      .def("ipc_handle", [](cqil::CopyEngineAllReduce& self) { return py::bytes(self.memory().ipc_handle()); })
+      .def("pci_bus_id", [](cqil::CopyEngineAllReduce& self) { return self.memory().pci_bus_id(); })
+      .def("open_peers", [](cqil::CopyEngineAllReduce& self, const std::vector<std::string>& handles,
+                            const std::vector<std::string>& bus_ids) { self.memory().open_peers(handles, bus_ids); },
+           py::arg("handles"), py::arg("bus_ids"))
+      .def("all_reduce", &cqil::CopyEngineAllReduce::all_reduce, py::arg("data"), py::arg("numel"),
+           py::arg("dtype"), py::arg("stream"),
+           "data = sum over ranks of data (a device pointer, in place), enqueued on `stream` (a "
+           "cudaStream_t as an integer): copies to the peers by DMA, waits through stream memory "
+           "operations, one small sum kernel; capturable in a CUDA graph.")
+      .def_property_readonly("max_bytes", &cqil::CopyEngineAllReduce::max_bytes);
 #endif
 }

@@ -2,12 +2,12 @@
 
 #include "one_shot.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstring>
 #include <stdexcept>
+
+#include "cuda_check.h"
+#include "pack.cuh"
 
 namespace cqil {
 namespace {
@@ -17,13 +17,6 @@ constexpr int kThreads = 256;
 // 16-byte units each thread moves per loop step, loaded before any is used: the loads in flight, not
 // NVLink's bandwidth, bound a large message (2 H200s, 4 MB: 52 us with 1 per step, 22 us with 4).
 constexpr int kUnroll = 4;
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(status) + " (" +
-                             cudaGetErrorString(status) + ")");
-  }
-}
 
 struct Peers {
   char* base[kMaxRanks];
@@ -48,38 +41,6 @@ __device__ __forceinline__ unsigned long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
-
-// Element conversions to and from the fp32 accumulator (round to nearest even on the way back).
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// 16 bytes of T as fp32 values (4 floats or 8 halves) and back.
-template <typename T>
-struct Pack {
-  static constexpr int N = sizeof(uint4) / sizeof(T);
-  __device__ static void add(float (&acc)[N], const uint4& v) {
-    const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc[i] += to_float(e[i]);
-  }
-  __device__ static uint4 pack(const float (&acc)[N]) {
-    uint4 v;
-    T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = from_float<T>(acc[i]);
-    return v;
-  }
-};
 
 // Where a rank's contribution to the sum comes from, one 16-byte unit of T at a time.
 // CopySource: a message of T as it is (the plain all-reduce; also every rank's slot in step 4).
@@ -212,110 +173,28 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Peers peers, Source 
 }  // namespace
 
 OneShotAllReduce::OneShotAllReduce(int device, int rank, int world, std::size_t max_bytes, double timeout_s)
-    : device_(device), rank_(rank), world_(world), max_bytes_(max_bytes),
+    : memory_(device, rank, world, kFlagBytes + 2 * max_bytes, kFlagBytes), max_bytes_(max_bytes),
       timeout_ns_(static_cast<long long>(timeout_s * 1e9)) {
-  if (world < 1 || world > kMaxRanks) throw std::runtime_error("one-shot all-reduce: world must be 1..8");
-  if (rank < 0 || rank >= world) throw std::runtime_error("one-shot all-reduce: rank out of range");
   if (max_bytes == 0 || max_bytes % 16) throw std::runtime_error("one-shot all-reduce: max_bytes % 16 != 0");
-  check(cudaSetDevice(device), "cudaSetDevice");
-  check(cudaMalloc(&buffer_, kFlagBytes + 2 * max_bytes), "cudaMalloc (one-shot buffer)");
-  check(cudaMemset(buffer_, 0, kFlagBytes), "cudaMemset (one-shot flags)");
   check(cudaMalloc(&counters_, sizeof(std::uint32_t) * kBlocks), "cudaMalloc (one-shot counters)");
   check(cudaMemset(counters_, 0, sizeof(std::uint32_t) * kBlocks), "cudaMemset (one-shot counters)");
   check(cudaHostAlloc(&error_host_, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc (error flag)");
   *error_host_ = 0;
   check(cudaHostGetDevicePointer(&error_device_, error_host_, 0), "cudaHostGetDevicePointer");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  peers_[rank] = buffer_;
 }
 
 OneShotAllReduce::~OneShotAllReduce() {
-  cudaSetDevice(device_);
-  for (int r = 0; r < world_; ++r) {
-    if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
-  }
-  if (buffer_ != nullptr) cudaFree(buffer_);
+  cudaSetDevice(memory_.device());
   if (counters_ != nullptr) cudaFree(counters_);
   if (error_host_ != nullptr) cudaFreeHost(error_host_);
 }
-
-std::string OneShotAllReduce::ipc_handle() const {
-  cudaIpcMemHandle_t handle;
-  check(cudaIpcGetMemHandle(&handle, buffer_), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
-}
-
-std::string OneShotAllReduce::pci_bus_id() const {
-  char id[32] = {};
-  check(cudaDeviceGetPCIBusId(id, sizeof(id), device_), "cudaDeviceGetPCIBusId");
-  return std::string(id);
-}
-
-void OneShotAllReduce::open_peers(const std::vector<std::string>& handles,
-                                  const std::vector<std::string>& bus_ids) {
-  if (opened_) throw std::runtime_error("one-shot all-reduce: peers already opened");
-  if (static_cast<int>(handles.size()) != world_ || static_cast<int>(bus_ids.size()) != world_) {
-    throw std::runtime_error("one-shot all-reduce: need one IPC handle and bus id per rank");
-  }
-  check(cudaSetDevice(device_), "cudaSetDevice");
-  for (int r = 0; r < world_; ++r) {
-    if (r == rank_) continue;
-    int peer_device = -1;
-    if (cudaDeviceGetByPCIBusId(&peer_device, bus_ids[r].c_str()) != cudaSuccess) {
-      cudaGetLastError();
-      throw std::runtime_error("rank " + std::to_string(r) + "'s GPU " + bus_ids[r] +
-                               " is not visible from this process");
-    }
-    int can = 0;
-    check(cudaDeviceCanAccessPeer(&can, device_, peer_device), "cudaDeviceCanAccessPeer");
-    if (!can) {
-      throw std::runtime_error("no peer access from GPU " + std::to_string(device_) + " to rank " +
-                               std::to_string(r) + "'s GPU " + bus_ids[r]);
-    }
-    if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
-      throw std::runtime_error("rank " + std::to_string(r) + " sent a malformed IPC handle");
-    }
-    cudaIpcMemHandle_t handle;
-    std::memcpy(&handle, handles[r].data(), sizeof(handle));
-    void* ptr = nullptr;
-    check(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
-    peers_[r] = static_cast<char*>(ptr);
-  }
-  opened_ = true;
-}
-
-namespace {
-
-std::size_t element_bytes(const std::string& dtype, const char* what) {
-  if (dtype == "float32") return 4;
-  if (dtype == "float16" || dtype == "bfloat16") return 2;
-  throw std::runtime_error(std::string(what) + ": unsupported dtype " + dtype);
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// f(Tag<T>{}) for the element type T that dtype names (element_bytes has checked it).
-template <typename F>
-void with_element_type(const std::string& dtype, F&& f) {
-  if (dtype == "float32") {
-    f(Tag<float>{});
-  } else if (dtype == "float16") {
-    f(Tag<__half>{});
-  } else {
-    f(Tag<__nv_bfloat16>{});
-  }
-}
-
-}  // namespace
 
 template <typename T, typename Source>
 void OneShotAllReduce::launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream,
                               bool pdl) const {
   Peers peers;
-  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = peers_[r];
+  for (int r = 0; r < kMaxRanks; ++r) peers.base[r] = r < memory_.world() ? memory_.base(r) : nullptr;
   cudaLaunchConfig_t config = {};
   // Always all kBlocks blocks, so every block's generation counts every call and the data slot parity
   // is the same for the whole call (what makes the double buffering safe, one_shot.h).
@@ -328,18 +207,18 @@ void OneShotAllReduce::launch(const Source& source, std::uintptr_t out, std::siz
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
   check(cudaLaunchKernelEx(&config, one_shot_kernel<T, Source>, peers, source, reinterpret_cast<uint4*>(out),
-                           n16, max_bytes_, rank_, world_, counters_, error_device_, timeout_ns_),
+                           n16, max_bytes_, memory_.rank(), memory_.world(), counters_, error_device_, timeout_ns_),
         "one-shot all-reduce launch");
 }
 
 std::size_t OneShotAllReduce::check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype,
                                             const char* what) const {
-  if (!opened_ && world_ > 1) throw std::runtime_error(std::string(what) + ": open_peers() first");
+  if (!memory_.opened()) throw std::runtime_error(std::string(what) + ": open_peers() first");
   const std::size_t bytes = numel * element_bytes(dtype, what);
   if (bytes > max_bytes_ || bytes % 16 || out % 16) {
     throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned and at most max_bytes");
   }
-  check(cudaSetDevice(device_), "cudaSetDevice");
+  check(cudaSetDevice(memory_.device()), "cudaSetDevice");
   return bytes / 16;
 }
 

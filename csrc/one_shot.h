@@ -31,9 +31,10 @@
 #include <string>
 #include <vector>
 
+#include "peer_memory.h"
+
 namespace cqil {
 
-constexpr int kMaxRanks = 8;
 constexpr int kBlocks = 32;  // every call runs exactly this many blocks
 constexpr int kMaxParts = 8;  // all_reduce_sum's partial products
 
@@ -45,13 +46,8 @@ class OneShotAllReduce {
   OneShotAllReduce(const OneShotAllReduce&) = delete;
   OneShotAllReduce& operator=(const OneShotAllReduce&) = delete;
 
-  // The CUDA IPC handle of this rank's buffer (opaque bytes) and this GPU's PCI bus id.
-  std::string ipc_handle() const;
-  std::string pci_bus_id() const;
-
-  // Open every other rank's buffer. Throws std::runtime_error (naming the peer and the reason) when a
-  // peer GPU is not visible here or not peer-accessible from this one.
-  void open_peers(const std::vector<std::string>& handles, const std::vector<std::string>& bus_ids);
+  // This rank's shared buffer (peer_memory.h): its IPC handle goes to the other ranks, which open it.
+  PeerMemory& memory() { return memory_; }
 
   // out = sum over ranks of in (numel elements of dtype "float32" | "float16" | "bfloat16"), launched on
   // `stream`; in == out is allowed. numel * element size must be a multiple of 16 bytes, at most
@@ -77,15 +73,12 @@ class OneShotAllReduce {
   void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream, bool pdl) const;
   // The checks shared by both calls; returns the message size in 16-byte units.
   std::size_t check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype, const char* what) const;
-  int device_, rank_, world_;
+  PeerMemory memory_;                  // own IPC buffer (flags, then 2 data slots) and the peers'
   std::size_t max_bytes_;
   long long timeout_ns_;
-  char* buffer_ = nullptr;          // own IPC buffer: flags, then 2 data slots
   std::uint32_t* counters_ = nullptr;  // per-block generation, device memory (not shared)
   int* error_host_ = nullptr;       // host-mapped error flag
   int* error_device_ = nullptr;
-  char* peers_[kMaxRanks] = {};     // every rank's buffer as seen from this device (own included)
-  bool opened_ = false;
 };
 
 }  // namespace cqil

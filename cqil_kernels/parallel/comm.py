@@ -8,8 +8,14 @@ with it. Each call picks its path:
     peer-accessible buffer, and reads and sums all ranks' buffers in rank order (so every rank gets the
     same bits); one launch, capturable in a CUDA graph; for messages up to default_one_shot_bytes(world)
     (a decode step's hidden state; on 2 GPUs also a prefill's);
+  * "copy_engine": all_reduce_async only (a prefill's micro-batches, rank.py) — csrc/copy_engine.cu
+    moves the message to the peers by DMA and waits for theirs with stream memory operations, so no
+    SM is held while the reduction runs beside the other micro-batch's GEMMs (the one-shot kernel and
+    NCCL both keep SMs busy, waiting included); a small kernel sums the ranks' messages in rank order
+    (the one-shot's bits). Its waits have no timeout: a dead peer is handled by the process supervision
+    (driver.py, torchrun);
   * "nccl" / "gloo": torch.distributed.all_reduce, for everything else.
-`GroupReducer.policy(tensor)` says which path a tensor takes and why (`OneShotPolicy`).
+`GroupReducer.policy(tensor)` says which path a tensor takes and why (`PeerPathPolicy`).
 all_reduce_sum takes a decode stage's split-K partial products and residual (fp32) instead of its output:
 the one-shot kernel forms the rank's term in its first step, which saves the launch that sums them.
 On the current stream the one-shot kernel is launched with programmatic dependent launch where our
@@ -54,11 +60,16 @@ def default_one_shot_bytes(world: int) -> int:
     return 8 << 20 if world <= 2 else 1 << 20 if world <= 4 else 512 << 10
 
 
-@dataclass(frozen=True)
-class OneShotPolicy:
-    """When the one-shot kernel is used: `enabled` (it could be set up on every rank; else `reason`),
-    and per call a tensor of at most max_bytes, a supported dtype, 16-byte aligned and contiguous."""
+COPY_ENGINE_BYTES = 8 << 20  # the copy-engine path's largest message (a 1024-row micro-batch of LLaMA-7B)
 
+
+@dataclass(frozen=True)
+class PeerPathPolicy:
+    """When a path through peer memory (the one-shot kernel, the copy engines) is used: `enabled` (it
+    could be set up on every rank; else `reason`), and per call a tensor of at most max_bytes, a
+    supported dtype, 16-byte aligned and contiguous."""
+
+    name: str
     enabled: bool
     reason: str
     max_bytes: int
@@ -69,9 +80,9 @@ class OneShotPolicy:
             return self.reason
         nbytes = t.numel() * t.element_size()
         if nbytes > self.max_bytes:
-            return f"{nbytes} bytes > one-shot limit {self.max_bytes}"
+            return f"{nbytes} bytes > {self.name} limit {self.max_bytes}"
         if t.dtype not in ONE_SHOT_DTYPES:
-            return f"dtype {t.dtype} (one-shot: float32/float16/bfloat16)"
+            return f"dtype {t.dtype} ({self.name}: float32/float16/bfloat16)"
         if not t.is_contiguous():
             return "not contiguous"
         if t.data_ptr() % 16 or nbytes % 16:
@@ -89,10 +100,11 @@ class GroupReducer:
     each rank's peer buffer holds twice that.
     timeout_s: how long a one-shot call waits for a peer before giving up (check_health() then raises).
     Generous, because a rank can legitimately lag by a kernel compilation or autotuning run.
+    copy_engine: the same choice for the copy-engine path of all_reduce_async (None: where it can run).
     """
 
     def __init__(self, device: torch.device, group=None, one_shot: bool | None = None,
-                 max_bytes: int | None = None, timeout_s: float = 120.0):
+                 max_bytes: int | None = None, timeout_s: float = 120.0, copy_engine: bool | None = None):
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
                                       or max_bytes < 16 or max_bytes % 16):
             raise ValueError(f"max_bytes must be a positive multiple of 16, got {max_bytes!r}")
@@ -101,27 +113,31 @@ class GroupReducer:
         if max_bytes is None:
             max_bytes = default_one_shot_bytes(self.world)
         self.backend = dist.get_backend(group)
-        self.calls = {"one_shot": 0, self.backend: 0}
+        self.calls = {"one_shot": 0, "copy_engine": 0, self.backend: 0}
         self.last_reason: str | None = None
         # Benchmarks only (P6's "how much of the reduction is hidden"): skip the communication, so
         # results are WRONG; never set in inference.
         self.skip_for_benchmark = False
         self.comm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._one_shot = None
-        reason = self._setup_one_shot(one_shot, max_bytes, timeout_s)
-        self.one_shot_policy = OneShotPolicy(reason is None, reason or "", max_bytes)
-        if one_shot is True and reason is not None:
-            raise RuntimeError(f"one_shot=True but the one-shot all-reduce cannot run: {reason}")
+        self._one_shot, reason = self._setup_peer_path(
+            "one_shot", one_shot, lambda: _ext.one_shot_all_reduce(self.device.index, self.rank, self.world,
+                                                                   max_bytes, timeout_s))
+        self.one_shot_policy = PeerPathPolicy("one-shot", reason is None, reason or "", max_bytes)
+        self._copy_engine, reason = self._setup_peer_path(
+            "copy_engine", copy_engine, lambda: _ext.copy_engine_all_reduce(self.device.index, self.rank, self.world,
+                                                                            COPY_ENGINE_BYTES))
+        self.copy_engine_policy = PeerPathPolicy("copy-engine", reason is None, reason or "", COPY_ENGINE_BYTES)
 
-    def _setup_one_shot(self, wanted: bool | None, max_bytes: int, timeout_s: float) -> str | None:
-        """Set up the peer buffers on every rank; returns None when all ranks succeeded, else why not.
-        The decision is agreed by all ranks (an all-reduce of the local verdicts), so every rank takes
-        the same path for every call."""
+    def _setup_peer_path(self, name: str, wanted: bool | None, make):
+        """(the extension object, None) when make() and opening the other ranks' buffers succeeded on
+        every rank, else (None, why not); wanted=True turns a failure into a RuntimeError. The decision
+        is agreed by all ranks (an all-reduce of the local verdicts), so every rank takes the same path
+        for every call."""
         if wanted is False:
-            return "disabled (one_shot=False)"
-        reason = None
+            return None, f"disabled ({name}=False)"
+        reason, peer = None, None
         if self.device.type != "cuda":
-            reason = f"tensors on {self.device.type}, the one-shot kernel needs CUDA"
+            reason = f"tensors on {self.device.type}, the {name} path needs CUDA"
         elif not _ext.cuda_available():
             reason = _ext.cuda_unavailable_reason()
         elif self.world > 8:
@@ -129,11 +145,10 @@ class GroupReducer:
         mine = (reason, b"", "", socket.gethostname())
         if reason is None:
             try:
-                self._one_shot = _ext.one_shot_all_reduce(self.device.index, self.rank, self.world, max_bytes,
-                                                          timeout_s)
-                mine = (None, self._one_shot.ipc_handle(), self._one_shot.pci_bus_id(), mine[3])
+                peer = make()
+                mine = (None, peer.ipc_handle(), peer.pci_bus_id(), mine[3])
             except RuntimeError as e:
-                mine, self._one_shot = (str(e), b"", "", mine[3]), None
+                mine, peer = (str(e), b"", "", mine[3]), None
         everyone: list = [None] * self.world
         dist.all_gather_object(everyone, mine, group=self.group)
         reasons = [f"rank {r}: {why}" for r, (why, *_) in enumerate(everyone) if why is not None]
@@ -141,21 +156,33 @@ class GroupReducer:
             reasons.append("the ranks are on different hosts (peer memory is per host)")
         if not reasons:
             try:
-                self._one_shot.open_peers([e[1] for e in everyone], [e[2] for e in everyone])
+                peer.open_peers([e[1] for e in everyone], [e[2] for e in everyone])
             except RuntimeError as e:
                 reasons.append(f"rank {self.rank}: {e}")
         ok = torch.tensor([0 if reasons else 1], device=self.device if self.backend == "nccl" else "cpu")
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
         if int(ok) == 1:
             dist.barrier(group=self.group)  # every rank's flags are zeroed before anyone signals
-            return None
-        self._one_shot = None
-        return "; ".join(reasons) or "another rank could not open the peer buffers"
+            return peer, None
+        reason = "; ".join(reasons) or "another rank could not open the peer buffers"
+        if wanted is True:
+            raise RuntimeError(f"{name}=True but the {name} all-reduce cannot run: {reason}")
+        return None, reason
 
-    def policy(self, t: torch.Tensor) -> tuple[str, str | None]:
-        """(path, reason): the path `t` would take and, for the fallback, why the one-shot cannot."""
+    def policy(self, t: torch.Tensor, overlapped: bool = False) -> tuple[str, str | None]:
+        """(path, reason): the path `t` would take — through all_reduce_async when `overlapped` — and,
+        for the fallback, why the faster paths cannot."""
+        whys = []
+        if overlapped:
+            why = self.copy_engine_policy.check(t)
+            if why is None:
+                return "copy_engine", None
+            whys.append(f"copy-engine: {why}")
         why = self.one_shot_policy.check(t)
-        return ("one_shot", None) if why is None else (self.backend, why)
+        if why is None:
+            return "one_shot", None
+        whys.append(why if not overlapped else f"one-shot: {why}")
+        return self.backend, "; ".join(whys)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """t += the other ranks' t (every rank gets the same sum), on the current stream. Returns t.
@@ -209,14 +236,16 @@ class GroupReducer:
         """Start the reduction of t on the communication stream (after the current stream's work so
         far); `.wait()` orders the current stream after it and returns t. Work issued in between
         overlaps with the reduction (the chunked prefill, rank.py)."""
-        path = self._path(t)
+        path = self._path(t, overlapped=True)
         if path is None:
             return PendingReduce(t)
         if self.comm_stream is None:  # CPU (gloo): torch.distributed's own async work
             return PendingReduce(t, work=dist.all_reduce(t, group=self.group, async_op=True))
         self.comm_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.comm_stream):
-            if path == "one_shot":
+            if path == "copy_engine":
+                self._copy_engine.all_reduce(t.data_ptr(), t.numel(), _dtype_name(t), self.comm_stream.cuda_stream)
+            elif path == "one_shot":
                 self._launch_one_shot(t, self.comm_stream)
             else:
                 dist.all_reduce(t, group=self.group)
@@ -226,10 +255,10 @@ class GroupReducer:
         done.record(self.comm_stream)
         return PendingReduce(t, event=done)
 
-    def _path(self, t: torch.Tensor) -> str | None:
+    def _path(self, t: torch.Tensor, overlapped: bool = False) -> str | None:
         if self.skip_for_benchmark:
             return None
-        path, why = self.policy(t)
+        path, why = self.policy(t, overlapped)
         self.calls[path] += 1
         if why is not None:
             self.last_reason = why
