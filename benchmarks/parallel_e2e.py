@@ -18,16 +18,17 @@ Every rank runs this file. In order:
    compute = 1 - (with - without) / alone.
 4. with --alternate N: N more rounds of decode and graph-prefill timing, rank 0's one-GPU baseline then
    the ranks, in turn, and "of ideal" and "prefill lower by" per round from the pair (a baseline timed
-   once can drift by several percent within a run; seen 3.5% on an H200); --alternate-min-chunk-rows R
-   adds, per round, the ranks' graph prefill with another chunking, so two chunkings are compared in
-   one process. The one-GPU model stays resident beside rank 0's part: too big
-   for the LLaMA-33B shape on 80 GB cards.
+   once can drift by several percent within a run; seen 3.5% on an H200); --prefill-variants adds, per
+   round, the ranks' graph prefill run other ways (PREFILL_VARIANTS: unsplit, micro-batches reduced by
+   the one-shot kernel instead of the copy engines), so they are compared in one process. The one-GPU
+   model stays resident beside rank 0's part: too big for the LLaMA-33B shape on 80 GB cards.
 Rank 0 writes the JSON record (card, date, commit, command, figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -152,6 +153,26 @@ def tie_check(tokens, base_tokens, ranks_logits, base_logits, exact_logits, prom
             "fp32_margin": margin, "tie": margin <= err_ranks + err_one}
 
 
+# Other ways to run the ranks' prefill, for --prefill-variants: (microbatch_rows or None for the
+# model's own, whether the copy-engine path may be taken)
+PREFILL_VARIANTS = {"unsplit": (0, True), "microbatches-one-shot": (None, False)}
+
+
+def prefill_variant_ms(ranked, name: str, ids) -> float:
+    """The ranks' graph prefill with PREFILL_VARIANTS[name] in force, then the model's own settings back."""
+    rows, copy_engine = PREFILL_VARIANTS[name]
+    reducer = ranked.reducer
+    own_rows, own_policy = ranked.microbatch_rows, reducer.copy_engine_policy
+    if rows is not None:
+        ranked.microbatch_rows = rows
+    if not copy_engine:
+        reducer.copy_engine_policy = dataclasses.replace(own_policy, enabled=False, reason="off (benchmark variant)")
+    try:
+        return graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
+    finally:
+        ranked.microbatch_rows, reducer.copy_engine_policy = own_rows, own_policy
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -166,17 +187,21 @@ def main() -> None:
     parser.add_argument("--greedy", type=int, default=32, help="greedy tokens compared with the baseline")
     parser.add_argument("--reduce-bytes", default="8192,16384,65536,262144,1048576")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--min-chunk-rows", type=int, default=None,
-                        help="RankModel's min_chunk_rows: the prefill's down projection is cut into token "
-                             "chunks of at least this many rows, each reduced while the next computes")
+    parser.add_argument("--microbatch-rows", type=int, default=None,
+                        help="RankModel's microbatch_rows: a prefill's grouped stages run as two micro-batches "
+                             "of tokens when each has at least this many rows (0: never)")
     parser.add_argument("--alternate", type=int, default=0,
                         help="rounds of decode timing, one-GPU baseline and ranks in turn (step 4)")
-    parser.add_argument("--alternate-min-chunk-rows", type=int, default=None,
-                        help="with --alternate: every round also times the ranks' graph prefill with this "
-                             "min_chunk_rows, in the same process (step 4)")
+    parser.add_argument("--prefill-variants", default="",
+                        help="with --alternate: every round also times the ranks' graph prefill run these "
+                             f"other ways, comma-separated, of {sorted(PREFILL_VARIANTS)} (step 4)")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="print rank 0's CPU-time profile of one eager prefill")
     opts = parser.parse_args()
+    variants = [v for v in opts.prefill_variants.split(",") if v]
+    unknown = [v for v in variants if v not in PREFILL_VARIANTS]
+    if unknown:
+        parser.error(f"unknown --prefill-variants {unknown}; known: {sorted(PREFILL_VARIANTS)}")
 
     device = init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -244,8 +269,8 @@ def main() -> None:
     model = random_model(opts.shape, dtype, device, held_layers=placement.held_layers)
     model.cqil = cqil
     model.backend = "triton"
-    chunking = {} if opts.min_chunk_rows is None else dict(min_chunk_rows=opts.min_chunk_rows)
-    ranked = RankModel(model, placement, bypass_exchange=opts.bypass_exchange, **chunking)
+    splitting = {} if opts.microbatch_rows is None else dict(microbatch_rows=opts.microbatch_rows)
+    ranked = RankModel(model, placement, bypass_exchange=opts.bypass_exchange, **splitting)
     torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = _time_ours(ranked, ids, opts.new, opts.repeats)
     if opts.profile_prefill:
@@ -265,7 +290,7 @@ def main() -> None:
     prefill_graph_no_reduce = graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)
     ranked.reducer.skip_for_benchmark = False
     M, D = opts.prompt, model.args.hidden_size
-    chunks = ranked.chunks(M)
+    chunks = 1 if ranked.microbatch_span(1, M) is None else 2  # the messages of one group's reduction
     bufs = [torch.ones((M * (i + 1) // chunks - M * i // chunks, D), dtype=dtype, device=device)
             for i in range(chunks)]
     n_groups = len(cqil.groups)
@@ -283,7 +308,7 @@ def main() -> None:
     dist.barrier()
     reduce_alone = _events_ms(graph.replay, 10)
     rounds = []  # step 4: (one-GPU decode, ranks decode, one-GPU graph prefill, ranks graph prefill)
-    other_chunks = []  # step 4 with --alternate-min-chunk-rows: (chunks, ranks graph prefill) per round
+    other_ways = {v: [] for v in variants}  # step 4 with --prefill-variants: ranks graph prefill per round
     for _ in range(opts.alternate):
         dist.barrier()
         one = one_prefill = None
@@ -294,10 +319,8 @@ def main() -> None:
         dist.barrier()
         ranks_decode = _time_ours(ranked, ids, opts.new, 2)[1]
         rounds.append((one, ranks_decode, one_prefill, graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
-        if opts.alternate_min_chunk_rows is not None:
-            default_rows, ranked.min_chunk_rows = ranked.min_chunk_rows, opts.alternate_min_chunk_rows
-            other_chunks.append((ranked.chunks(M), graph_prefill_ms(ranked._triton_step, ranked.new_cache, ids)))
-            ranked.min_chunk_rows = default_rows
+        for v in variants:
+            other_ways[v].append(prefill_variant_ms(ranked, v, ids))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, ranked.stats())
     if rank == 0:
@@ -307,7 +330,7 @@ def main() -> None:
         record["parallel"] = dict(
             decode_ms_per_token=decode, prefill_ms=prefill, prefill_graph_ms=prefill_graph,
             prefill_graph_no_reduce_ms=prefill_graph_no_reduce, reductions_alone_graph_ms=reduce_alone,
-            prefill_chunks=chunks, layer_steps_saved=saved,
+            prefill_microbatches=chunks, microbatch_rows=ranked.microbatch_rows, layer_steps_saved=saved,
             decode_reduction=measured, decode_ideal_reduction=ideal, decode_fraction_of_ideal=measured / ideal,
             prefill_reduction=1 - prefill / b["prefill_ms"],
             prefill_graph_reduction=1 - prefill_graph / b["prefill_graph_ms"],
@@ -334,16 +357,15 @@ def main() -> None:
             log("alternated graph prefill, 1 GPU / ranks ms (lower by): " + ", ".join(
                 f"{op:.3f}/{rp:.3f} ({100 * f:.1f}%)" for (_, _, op, rp), f in zip(rounds, prefill_lower))
                 + f"; median {100 * statistics.median(prefill_lower):.1f}% lower")
-        if other_chunks:
-            other_lower = [1 - rp / op for (_, _, op, _), (_, rp) in zip(rounds, other_chunks)]
-            record["parallel"]["alternated"]["other_chunking"] = dict(
-                min_chunk_rows=opts.alternate_min_chunk_rows, chunks=other_chunks[0][0],
-                ranks_prefill_graph_ms=[rp for _, rp in other_chunks],
-                prefill_graph_reduction_median=statistics.median(other_lower))
-            log(f"  the same rounds with min_chunk_rows {opts.alternate_min_chunk_rows} ({other_chunks[0][0]} "
-                "chunks): ranks ms (lower by): " + ", ".join(
-                    f"{rp:.3f} ({100 * f:.1f}%)" for (_, rp), f in zip(other_chunks, other_lower))
-                + f"; median {100 * statistics.median(other_lower):.1f}% lower")
+        for v, times in other_ways.items():
+            if not rounds:
+                break
+            lower = [1 - rp / op for (_, _, op, _), rp in zip(rounds, times)]
+            record["parallel"]["alternated"].setdefault("prefill_variants", {})[v] = dict(
+                ranks_prefill_graph_ms=times, prefill_graph_reduction_median=statistics.median(lower))
+            log(f"  the same rounds, prefill {v}: ranks ms (lower by): " + ", ".join(
+                f"{rp:.3f} ({100 * f:.1f}%)" for rp, f in zip(times, lower))
+                + f"; median {100 * statistics.median(lower):.1f}% lower")
         p = record["parallel"]
         log(f"{world} GPUs {opts.groups}: decode {decode:.4f} ms/token ({100 * measured:.1f}% lower; ideal "
             f"{100 * ideal:.1f}%: {100 * measured / ideal:.0f}% of it), prefill {prefill:.3f} ms eager "

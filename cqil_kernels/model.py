@@ -468,7 +468,7 @@ class CQILLlama(nn.Module):
             over one process per device (rank r runs layer r of each group) and the result is a
             parallel.ParallelCQILLlama that starts and drives them (close() it, or use `with`); `src`
             must then be a path. Extra keyword arguments (backend, one_shot, output_device, timeout_s,
-            bypass_exchange) go to it.
+            bypass_exchange, microbatch_rows) go to it.
         held_layers: read only these layers (or a function (LlamaArgs, CQILConfig) -> layers); the
             others stay on "meta". How a rank loads its part (parallel/rank.py).
         """

@@ -386,14 +386,20 @@ def test_torchrun_across_two_nodes(generate_run):
     assert outs[1][0].strip() == ""
 
 
-@pytest.mark.parametrize("case,blas_rows", [("w2-pairs-d1", "0"), ("w4-P3-P2-d1-mlp_input", "0"),
-                                            ("w2-pairs-d1", "8"), ("w4-P3-P2-d2-p2p", "0")],
-                         ids=["w2", "w4", "w2-prefill-blas", "w4-bypass-p2p"])
-def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, monkeypatch):
-    """The ranks' Triton path (fused kernels, rank_residual, chunked reduction; CPU: the interpreter).
-    blas_rows 8: the prompt's 14 rows take the torch matmuls (fused.blas_rows), decode the kernels."""
+@pytest.mark.parametrize("case,blas_rows,microbatch_rows", [
+    ("w2-pairs-d1", "0", 256), ("w4-P3-P2-d1-mlp_input", "0", 256), ("w2-pairs-d1", "8", 256),
+    ("w4-P3-P2-d2-p2p", "0", 256), ("w2-pairs-d1", "0", 2), ("w2-pairs-d1", "8", 3),
+    ("w4-P3-P2-d2-p2p", "0", 2), ("w4-P3-P2-d1-mlp_input", "0", 6)],
+    ids=["w2", "w4", "w2-prefill-blas", "w4-bypass-p2p", "w2-microbatches", "w2-prefill-blas-microbatches",
+         "w4-bypass-p2p-microbatches", "w4-microbatches"])
+def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, microbatch_rows, monkeypatch):
+    """The ranks' Triton path (fused kernels, rank_residual, reductions; CPU: the interpreter).
+    blas_rows 8: the prompt's 14 rows take the torch matmuls (fused.blas_rows), decode the kernels.
+    microbatch_rows <= 6: the prompt (2 rows x 7 tokens) runs its grouped stages as two micro-batches
+    of tokens 0-2 and 3-6, the second attending to the first's keys in the cache (rank.py)."""
     monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", blas_rows)  # the spawned ranks inherit it
     world, cqil, options = CASES[case]
+    options = {**options, "microbatch_rows": microbatch_rows}
     single = _single(checkpoint, cqil)
     ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = left_padding_mask(ids, [0, 2])
@@ -407,13 +413,33 @@ def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, 
                                    single.generate(ids, 5, attention_mask=mask), rtol=0, atol=0)
 
 
-def test_chunked_down_reduce_covers_every_row():
-    """Prefill: the down projection is cut into token chunks, each reduced as soon as it is computed;
-    every row is computed and reduced once, and an idle rank sends zeros in the same chunks."""
+def test_microbatch_span_and_overlapped_down_reduce():
+    """Which stages a prefill runs as two micro-batches (from the first group to the last, when each
+    half has microbatch_rows rows), and the overlapped reduction: every row computed, reduced once
+    through all_reduce_async, an idle rank's zeros too; a bad microbatch_rows is a ValueError."""
     from types import SimpleNamespace
 
     from cqil_kernels.ops.group_gemm import group_down_sum
-    from cqil_kernels.parallel.rank import RankModel
+    from cqil_kernels.parallel.rank import RankModel, check_microbatch_rows
+
+    stages = Placement.build(0, 2, SimpleNamespace(num_hidden_layers=8),
+                             CQILConfig(groups=((2, 3), (5, 6)))).stages
+    fake = SimpleNamespace(placement=SimpleNamespace(stages=stages), microbatch_rows=256)
+    grouped = [s for s, stage in enumerate(stages) if len(stage) > 1]
+    first, last = grouped[0], grouped[-1]
+    assert (first, last) == (2, 4)  # stages (0,) (1,) (2, 3) (4,) (5, 6) (7,)
+    assert RankModel.microbatch_span(fake, 1, 512) == (first, last)
+    assert RankModel.microbatch_span(fake, 1, 511) is None  # halves of 255 and 256 rows
+    assert RankModel.microbatch_span(fake, 2, 256) == (first, last)  # 2 x 128 rows per half
+    assert RankModel.microbatch_span(fake, 600, 1) is None  # decode
+    fake.microbatch_rows = 0
+    assert RankModel.microbatch_span(fake, 1, 4096) is None
+    fake.placement.stages = [(0,), (1,)]
+    fake.microbatch_rows = 1
+    assert RankModel.microbatch_span(fake, 1, 4096) is None  # no groups
+    for bad in (-1, 1.5, True, "256"):
+        with pytest.raises(ValueError, match="microbatch_rows"):
+            check_microbatch_rows(bad)
 
     sizes = []
 
@@ -421,30 +447,16 @@ def test_chunked_down_reduce_covers_every_row():
         sizes.append(t.shape[0])
         return SimpleNamespace(wait=lambda: t)
 
-    def all_reduce(t):
-        sizes.append(-t.shape[0])  # negative: the synchronous path
-        return t
-
-    fake = SimpleNamespace(prefill_chunks=4, min_chunk_rows=64,
-                           reducer=SimpleNamespace(all_reduce_async=all_reduce_async, all_reduce=all_reduce))
-    fake.chunks = lambda M: RankModel.chunks(fake, M)
+    fake = SimpleNamespace(reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
     g = torch.Generator().manual_seed(0)
-    M, D, F = 259, 24, 40
+    M, D, F = 37, 24, 40
     act, residual = torch.randn(1, M, F, generator=g), torch.randn(M, D, generator=g)
     w = SimpleNamespace(down=torch.randn(1, D, F, generator=g), down_bias=None)
     h = torch.randn(M, D, generator=g)
-    out = RankModel._down_reduce(fake, act, w, residual, h)
-    assert sizes == [64, 65, 65, 65]
-    torch.testing.assert_close(out, group_down_sum(act, w.down, residual))
-    assert torch.equal(RankModel._down_reduce(fake, None, None, None, h), torch.zeros_like(h))
-    assert sizes[4:] == [64, 65, 65, 65]
-    sizes.clear()
-    RankModel._down_reduce(fake, act[:, :200], w, residual[:200], h[:200])  # chunks of >= 64 rows: 3
-    assert sizes == [66, 67, 67]
-    sizes.clear()
-    out = RankModel._down_reduce(fake, act[:, :100], w, residual[:100], h[:100])
-    assert sizes == [-100]  # one chunk: reduced on the current stream
-    torch.testing.assert_close(out, group_down_sum(act[:, :100], w.down, residual[:100]))
+    torch.testing.assert_close(RankModel._down_reduce(fake, act, w, residual, h, overlap=True).wait(),
+                               group_down_sum(act, w.down, residual))
+    assert torch.equal(RankModel._down_reduce(fake, None, None, None, h, overlap=True).wait(), torch.zeros_like(h))
+    assert sizes == [M, M]
 
 
 _PARTIALS = r"""
@@ -484,8 +496,7 @@ G.SPLIT_K_MIN = 32
 calls = []
 real = reducer.all_reduce_sum
 reducer.all_reduce_sum = lambda *args: calls.append(len(args[0])) or real(*args)
-fake = SimpleNamespace(prefill_chunks=4, min_chunk_rows=64, reducer=reducer)
-fake.chunks = lambda M: RankModel.chunks(fake, M)
+fake = SimpleNamespace(reducer=reducer)
 # (float16: the Triton interpreter rounds fp32 to bfloat16 toward zero, where the GPU and torch round to
 # nearest even; its float16 rounding is the GPU's)
 act = torch.randn(1, 3, 64, generator=g).to(torch.float16)

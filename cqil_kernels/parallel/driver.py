@@ -98,10 +98,11 @@ class ParallelCQILLlama:
 
     def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
                  one_shot: bool | None = None, output_device=None, timeout_s: float | None = None,
-                 bypass_exchange: str = "all_reduce"):
-        from .rank import check_bypass_exchange
+                 bypass_exchange: str = "all_reduce", microbatch_rows: int = 256):
+        from .rank import check_bypass_exchange, check_microbatch_rows
 
         check_bypass_exchange(bypass_exchange)
+        check_microbatch_rows(microbatch_rows)
         self.devices = check_devices(devices)
         self.world = len(self.devices)
         if isinstance(src, torch.nn.Module):
@@ -119,7 +120,8 @@ class ParallelCQILLlama:
         ctx = mp.get_context("spawn")
         backend_name = "nccl" if self.devices[0].type == "cuda" else "gloo"
         load = dict(src=str(src), cqil=cqil, dtype=dtype, lora=str(lora) if lora is not None else None,
-                    backend=backend, one_shot=one_shot, bypass_exchange=bypass_exchange)
+                    backend=backend, one_shot=one_shot, bypass_exchange=bypass_exchange,
+                    microbatch_rows=microbatch_rows)
         init = f"file://{self._tmp.name}/store"
         self._conns, self._procs = [], []
         disable_multicast()  # the spawned ranks inherit the environment
@@ -348,7 +350,8 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
                                 timeout=timedelta(seconds=600))
         model = RankModel.from_pretrained(load["src"], load["cqil"], device=device, dtype=load["dtype"],
                                           lora=load["lora"], backend=load["backend"],
-                                          one_shot=load["one_shot"], bypass_exchange=load["bypass_exchange"])
+                                          one_shot=load["one_shot"], bypass_exchange=load["bypass_exchange"],
+                                          microbatch_rows=load["microbatch_rows"])
         conn.send(("ok", {"args": model.args, "cqil": model.cqil, "dtype": model.dtype,
                           "parameter_bytes": model.parameter_bytes()}))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it

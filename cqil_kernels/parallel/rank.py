@@ -14,6 +14,14 @@ The Triton backend runs the same split with the fused kernels (fused.py, one lay
 the decode step — reductions included — is captured in one CUDA graph per rank. In decode the down
 projection's fp32 partial products go straight into the reduction, which forms c_j itself
 (GroupReducer.all_reduce_sum: one launch less per group).
+
+A prefill cuts the run of stages from the first group to the last into two micro-batches of tokens,
+A = the first half of every row, B = the second, and runs them in turn, stage by stage: A's group
+reduction runs on the communication stream while B's stage computes, and B's while A's next stage
+computes. Causal attention lets B's queries read A's keys from the KV cache, where A's stage has put
+them before B's stage runs; every other operation acts on each token by itself. So the result is the
+unsplit computation's (up to the GEMMs' own rounding at other row counts), and every reduction but the
+last overlaps with a whole stage of compute, the skew between the ranks included.
 """
 
 from __future__ import annotations
@@ -51,8 +59,10 @@ class RankModel:
     """
 
     def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
-                 prefill_chunks: int = 4, min_chunk_rows: int = 512, bypass_exchange: str = "all_reduce"):
+                 microbatch_rows: int = 256, bypass_exchange: str = "all_reduce",
+                 copy_engine: bool | None = None):
         check_bypass_exchange(bypass_exchange)
+        check_microbatch_rows(microbatch_rows)
         self.model, self.placement, self.group = model, placement, group
         # How a bypass (d >= 1) moves a_j between the ranks of a group (comm.py): "all_reduce" (one
         # all-reduce of each rank's a_j in its own row, so the decode step is captured in a CUDA graph)
@@ -62,22 +72,22 @@ class RankModel:
         self.bypass_exchange = bypass_exchange
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
-        # Prefill: the down projection is cut into up to `prefill_chunks` token chunks of at least
-        # `min_chunk_rows` rows, each reduced while the next computes. Smaller chunks cost more GEMM
-        # efficiency than the overlap saves (measured on 2 H100s, LLaMA-7B, 512 tokens in 4 chunks:
-        # +2.4 ms of GEMM time to hide 0.4 ms of reductions; benchmarks/results/h100x2_2026-11-26).
-        self.prefill_chunks, self.min_chunk_rows = prefill_chunks, min_chunk_rows
-        self.reducer = GroupReducer(model.device, group, one_shot=one_shot)
+        # Prefill: the grouped stages run as two micro-batches of tokens (module docstring) when each
+        # has at least `microbatch_rows` rows (0: never).
+        self.microbatch_rows = microbatch_rows
+        self.reducer = GroupReducer(model.device, group, one_shot=one_shot, copy_engine=copy_engine)
         self.cuda_graphs = True
 
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
                         group=None, backend: str = "auto", one_shot: bool | None = None,
-                        bypass_exchange: str = "all_reduce") -> RankModel:
+                        bypass_exchange: str = "all_reduce", microbatch_rows: int = 256,
+                        copy_engine: bool | None = None) -> RankModel:
         """Load this rank's layers (CQILLlama.from_pretrained's arguments) and check that every rank
         was given the same model and grouping (ValueError on every rank otherwise, before any of the
         model's collectives)."""
         check_bypass_exchange(bypass_exchange)
+        check_microbatch_rows(microbatch_rows)
         if not dist.is_initialized():
             raise ValueError("RankModel needs torch.distributed initialised (init_process_group, or "
                              "cqil_kernels.parallel.init_from_env() under torchrun)")
@@ -88,7 +98,8 @@ class RankModel:
         model.backend = backend
         _check_same_on_every_rank(model, group)
         placement = Placement.build(rank, world, model.args, model.cqil)
-        return cls(model, placement, group=group, one_shot=one_shot, bypass_exchange=bypass_exchange)
+        return cls(model, placement, group=group, one_shot=one_shot, bypass_exchange=bypass_exchange,
+                   microbatch_rows=microbatch_rows, copy_engine=copy_engine)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -191,35 +202,82 @@ class RankModel:
     def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """fused.step for this rank: graph-safe (no host reads of device values)."""
         from .. import fused
+
+        model = self.model
+        B, T = input_ids.shape
+        positions = fused.advance(cache, valid, T)
+        h = model.embed_tokens(input_ids).view(B * T, -1)
+        span = self.microbatch_span(B, T)
+        s = 0
+        while s < len(self.placement.stages):
+            if span is not None and s == span[0]:
+                h = self._microbatched(h, span, positions, cache, B, T)
+                s = span[1] + 1
+                continue
+            h = self._stage(s, h, positions, cache.start, cache)
+            s += 1
+        return fused.head(model, h).view(B, T, -1)
+
+    def microbatch_span(self, B: int, T: int) -> tuple[int, int] | None:
+        """(first, last) stage run as two micro-batches of tokens for a step of B x T tokens, or None:
+        from the first group to the last, when each half has at least microbatch_rows rows (the same
+        on every rank: it depends only on the shape and the grouping)."""
+        grouped = [s for s, stage in enumerate(self.placement.stages) if len(stage) > 1]
+        if not grouped or self.microbatch_rows == 0 or T < 2 or B * (T // 2) < self.microbatch_rows:
+            return None
+        return grouped[0], grouped[-1]
+
+    def _microbatched(self, h: torch.Tensor, span: tuple[int, int], positions: torch.Tensor, cache: KVCache,
+                      B: int, T: int) -> torch.Tensor:
+        """Stages span[0]..span[1] with the tokens cut in two micro-batches (module docstring); h [B*T, D]."""
+        cut = T // 2
+        D = h.shape[-1]
+        rows = h.view(B, T, D)
+        bounds = ((0, cut), (cut, T))
+        x = [rows[:, lo:hi].reshape(B * (hi - lo), D) for lo, hi in bounds]  # B == 1: views, no copy
+        pos = [positions[:, lo:hi].contiguous() for lo, hi in bounds]
+        starts = [cache.start, cache.start + cut]  # the cache slot of each micro-batch's first token
+        pending: list = [None, None]
+        for s in range(span[0], span[1] + 1):
+            for i in (0, 1):
+                if pending[i] is not None:
+                    x[i], pending[i] = pending[i].wait(), None
+                out = self._stage(s, x[i], pos[i], starts[i], cache, overlap=True)
+                if isinstance(out, torch.Tensor):
+                    x[i] = out
+                else:
+                    pending[i] = out
+        x = [x[i] if pending[i] is None else pending[i].wait() for i in (0, 1)]
+        return torch.cat([x[0].view(B, cut, D), x[1].view(B, T - cut, D)], dim=1).view(B * T, D)
+
+    def _stage(self, s: int, h: torch.Tensor, positions: torch.Tensor, start: torch.Tensor, cache: KVCache,
+               overlap: bool = False):
+        """Stage s on h [M, D] (tokens positions [B, T], their first cache slot `start`): the stage's
+        output, or for a group with overlap=True its pending reduction (PendingReduce)."""
+        from .. import fused
         from ..ops.group_residual import rank_residual
 
         model, args, cqil = self.model, self.args, self.model.cqil
-        B, T = input_ids.shape
-        positions = fused.advance(cache, valid, T)
         packed = fused.packed_layers(model)
-        h = model.embed_tokens(input_ids).view(B * T, -1)
-        for s, stage in enumerate(self.placement.stages):
-            local = self.stages[s]
-            if len(stage) == 1:
-                h = fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
-                                        cache.key_valid, cache.start, model.inv_freq, args=args,
-                                        bypass=0, bypass_mode=cqil.bypass_mode)
-                continue
-            if not local:  # idle for this group: contribute zeros, in the same chunks as the others
-                self._bypass(None, len(stage), h)
-                h = self._down_reduce(None, None, None, h)
-                continue
-            w = packed.group(local[0], 1)
-            a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid,
-                                      cache.start, model.inv_freq, args=args)
-            b, sends = self._bypass(a[0], len(stage), h)
-            xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
-                                         include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
-            act = fused.swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
-            h = self._down_reduce(act, w, residual, h)
-            for work in sends:
-                work.wait()
-        return fused.head(model, h).view(B, T, -1)
+        stage, local = self.placement.stages[s], self.stages[s]
+        if len(stage) == 1:
+            return fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
+                                       cache.key_valid, start, model.inv_freq, args=args, bypass=0,
+                                       bypass_mode=cqil.bypass_mode)
+        if not local:  # idle for this group: contribute zeros
+            self._bypass(None, len(stage), h)
+            return self._down_reduce(None, None, None, h, overlap)
+        w = packed.group(local[0], 1)
+        a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid, start,
+                                  model.inv_freq, args=args)
+        b, sends = self._bypass(a[0], len(stage), h)
+        xn, residual = rank_residual(h, a[0], w.norm_post[0], eps=args.rms_norm_eps, received=b,
+                                     include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
+        act = fused.swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+        out = self._down_reduce(act, w, residual, h, overlap)
+        for work in sends:
+            work.wait()
+        return out
 
     def _bypass(self, a: torch.Tensor | None, P: int, h: torch.Tensor) -> tuple[torch.Tensor | None, list]:
         """(b, pending sends) for this rank in a group of P ranks, its attention output a (None: idle
@@ -231,37 +289,25 @@ class RankModel:
             return None, []
         return exchange_bypass(a, self.rank, P, d, self.group)
 
-    def chunks(self, M: int) -> int:
-        """How many token chunks the down projection of M rows is cut into (the same on every rank)."""
-        return max(1, min(self.prefill_chunks, M // self.min_chunk_rows))
-
-    def _down_reduce(self, act: torch.Tensor | None, w, residual: torch.Tensor | None,
-                     h: torch.Tensor) -> torch.Tensor:
-        """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). For many
-        tokens the rows are cut into chunks and chunk i's reduction (on the communication stream)
-        overlaps with chunk i+1's GEMM; the chunking depends only on the shape, so all ranks agree."""
+    def _down_reduce(self, act: torch.Tensor | None, w, residual: torch.Tensor | None, h: torch.Tensor,
+                     overlap: bool = False):
+        """h' = sum over ranks of (residual + act @ Wd.T) (act None: this rank adds zeros). overlap=True
+        returns the reduction pending on the communication stream (GroupReducer.all_reduce_async) for
+        the caller to wait on; otherwise it runs on the current stream."""
         from ..fused import down_partials, down_sum
 
-        M = h.shape[0]
-        chunks = self.chunks(M)
         out = torch.zeros_like(h) if act is None else torch.empty_like(h)
-        if chunks == 1:  # decode, short prompts: nothing to overlap, so no communication-stream fork/join
-            if act is None:
-                return self.reducer.all_reduce(out)
-            parts = down_partials(act, w.down, bias=w.down_bias) if reduce_partials() else None
-            if parts is not None:  # decode: the reduction forms residual + the partial products itself
-                return self.reducer.all_reduce_sum(parts, residual, out)
-            down_sum(act, w.down, residual, bias=w.down_bias, out=out)
-            return self.reducer.all_reduce(out)
-        bounds = [M * i // chunks for i in range(chunks + 1)]
-        pending = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if overlap:
             if act is not None:
-                down_sum(act[:, lo:hi], w.down, residual[lo:hi], bias=w.down_bias, out=out[lo:hi])
-            pending.append(self.reducer.all_reduce_async(out[lo:hi]))
-        for p in pending:
-            p.wait()
-        return out
+                down_sum(act, w.down, residual, bias=w.down_bias, out=out)
+            return self.reducer.all_reduce_async(out)
+        if act is None:
+            return self.reducer.all_reduce(out)
+        parts = down_partials(act, w.down, bias=w.down_bias) if reduce_partials() else None
+        if parts is not None:  # decode: the reduction forms residual + the partial products itself
+            return self.reducer.all_reduce_sum(parts, residual, out)
+        down_sum(act, w.down, residual, bias=w.down_bias, out=out)
+        return self.reducer.all_reduce(out)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -314,3 +360,8 @@ def _check_same_on_every_rank(model: CQILLlama, group) -> None:
 def check_bypass_exchange(value) -> None:
     if value not in BYPASS_EXCHANGES:
         raise ValueError(f"bypass_exchange must be one of {BYPASS_EXCHANGES}, got {value!r}")
+
+
+def check_microbatch_rows(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"microbatch_rows must be an int >= 0 (0: never split a prefill), got {value!r}")

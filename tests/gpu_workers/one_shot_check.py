@@ -1,7 +1,11 @@
-"""Checks of the one-shot all-reduce on real GPUs, one process per GPU (tests/test_parallel_cuda.py runs
+"""Checks of the one-shot and copy-engine all-reduces on real GPUs, one process per GPU (tests/test_parallel_cuda.py runs
 this under torchrun and reads its exit code and output).
 
-    torchrun --standalone --nproc-per-node 2 tests/gpu_workers/one_shot_check.py exact|timeout
+    torchrun --standalone --nproc-per-node 2 tests/gpu_workers/one_shot_check.py exact|timeout|one_gpu
+
+one_gpu: the exact checks with every rank on GPU 0 and gloo for torch.distributed (the ranks map each
+other's buffers by CUDA IPC on one device): the protocols run where only one GPU is lent; their speed
+means nothing there.
 """
 
 import os
@@ -12,6 +16,17 @@ import torch.distributed as dist
 
 from cqil_kernels.parallel import init_from_env
 from cqil_kernels.parallel.comm import GroupReducer
+
+
+def reference(x: torch.Tensor) -> torch.Tensor:
+    """dist.all_reduce of a copy of x; through the host where the backend is gloo."""
+    if dist.get_backend() == "nccl":
+        ref = x.clone()
+        dist.all_reduce(ref)
+        return ref
+    ref = x.cpu()
+    dist.all_reduce(ref)
+    return ref.to(x.device)
 
 
 def exact(device) -> None:
@@ -28,8 +43,7 @@ def exact(device) -> None:
         for numel in sorted({n for n in sizes if n * size <= limit}):
             g = torch.Generator(device=device).manual_seed(1000 * rank + numel)
             x = torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)
-            expected = x.clone()
-            dist.all_reduce(expected)
+            expected = reference(x)
             path, why = reducer.policy(x)
             assert path == "one_shot", (dtype, numel, why)
             got = x.clone()
@@ -48,19 +62,74 @@ def exact(device) -> None:
                 new = torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)
                 static.copy_(new)
                 graph.replay()
-                ref = new.clone()
-                dist.all_reduce(ref)
+                ref = reference(new)
                 for y in outs:
                     assert torch.equal(y, ref), (dtype, numel, "graph", trial)
     big = torch.ones(limit // 4 + 4, dtype=torch.float32, device=device)
     path, why = reducer.policy(big)
-    assert path == "nccl" and "one-shot limit" in why, why
-    assert reducer.policy(torch.ones(4097, dtype=torch.bfloat16, device=device)[1:])[0] == "nccl"
-    reducer.all_reduce(big)
-    assert torch.equal(big, torch.full_like(big, dist.get_world_size()))
+    assert path == reducer.backend and "one-shot limit" in why, why
+    assert reducer.policy(torch.ones(4097, dtype=torch.bfloat16, device=device)[1:])[0] == reducer.backend
+    if reducer.backend == "nccl":  # the fallback itself (one_gpu's gloo is not run on CUDA tensors)
+        reducer.all_reduce(big)
+        assert torch.equal(big, torch.full_like(big, dist.get_world_size()))
     partials(device, reducer)
+    copy_engine(device)
     reducer.check_health()
     print(f"rank {rank}: one-shot exact OK, calls {reducer.calls}", flush=True)
+
+
+def copy_engine(device) -> None:
+    """all_reduce_async through the copy engines (csrc/copy_engine.cu): integer-valued inputs equal
+    dist.all_reduce bit for bit in every dtype, with several calls in flight at once (more than the
+    two slots, so the busy flags must hold a sender back), beside compute on the current stream,
+    eagerly and replayed from a CUDA graph with new inputs; larger messages fall back, saying why."""
+    rank = dist.get_rank()
+    reducer = GroupReducer(device, one_shot=True, copy_engine=True, timeout_s=60)
+    limit = reducer.copy_engine_policy.max_bytes
+    a = torch.randn(2048, 2048, device=device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        size = torch.finfo(dtype).bits // 8
+        for numel in (8, 4104, 16 * 12_345 + 8, 256 * 4096, limit // size):
+            g = torch.Generator(device=device).manual_seed(7000 * rank + numel)
+            fresh = lambda: [torch.randint(-64, 64, (numel,), generator=g, device=device).to(dtype)  # noqa: E731
+                             for _ in range(5)]
+
+            def expected(xs):
+                return [reference(x) for x in xs]
+
+            xs = fresh()
+            assert all(reducer.policy(x, overlapped=True)[0] == "copy_engine" for x in xs), (dtype, numel)
+            refs = expected(xs)
+            got = [x.clone() for x in xs]
+            pending = []
+            for y in got:
+                pending.append(reducer.all_reduce_async(y))
+                a = torch.tanh(a @ a)  # compute on the current stream while the reductions run
+            for p in pending:
+                p.wait()
+            assert all(torch.equal(y, ref) for y, ref in zip(got, refs)), (dtype, numel, "eager")
+            static = fresh()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = [x * 1 for x in static]
+                pending = [reducer.all_reduce_async(y) for y in outs]
+                for p in pending:
+                    p.wait()
+            for trial in range(3):
+                new = fresh()
+                for x, n in zip(static, new):
+                    x.copy_(n)
+                graph.replay()
+                refs = expected(new)
+                assert all(torch.equal(y, ref) for y, ref in zip(outs, refs)), (dtype, numel, "graph", trial)
+    big = torch.ones(limit // 2 + 8, dtype=torch.bfloat16, device=device)
+    path, why = reducer.policy(big, overlapped=True)
+    assert path != "copy_engine" and "copy-engine limit" in why, why
+    if reducer.backend == "nccl":
+        reducer.all_reduce_async(big).wait()
+        assert torch.equal(big, torch.full_like(big, dist.get_world_size()))
+    assert reducer.calls["copy_engine"] > 0
+    print(f"rank {rank}: copy-engine exact OK", flush=True)
 
 
 def partials(device, reducer) -> None:
@@ -74,11 +143,12 @@ def partials(device, reducer) -> None:
         term = residual.clone()
         for part in parts:
             term += part
-        every = [torch.empty_like(term.to(dtype)) for _ in range(world)]
-        dist.all_gather(every, term.to(dtype))
+        on = "cpu" if dist.get_backend() == "gloo" else term.device
+        every = [torch.empty_like(term.to(dtype), device=on) for _ in range(world)]
+        dist.all_gather(every, term.to(dtype).to(on))
         total = torch.zeros_like(term)
         for t in every:
-            total += t.float()
+            total += t.to(term.device).float()
         return total.to(dtype)
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -128,7 +198,15 @@ def timeout(device) -> None:
 
 
 if __name__ == "__main__":
-    device = init_from_env()
-    {"exact": exact, "timeout": timeout}[sys.argv[1]](device)
+    if sys.argv[1] == "one_gpu":
+        from datetime import timedelta
+
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=300))
+        exact(device)
+    else:
+        device = init_from_env()
+        {"exact": exact, "timeout": timeout}[sys.argv[1]](device)
     sys.stdout.flush()
     os._exit(0)
