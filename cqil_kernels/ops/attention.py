@@ -220,7 +220,13 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
             one_chunk = _merge_chunk(next_pow2(rows), _block_d(Dh))
             num_splits = max(1, min(cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
         return 16, DECODE_BLOCK_N, num_splits, 4
-    return (128 if rows >= 1024 else 64), 64, 1, 4 if dtype != torch.float32 else 8
+    # prefill: 64-row tiles at every length, 128 keys per step for short ones (H200, bf16, LLaMA-7B heads,
+    # us per launch, benchmarks/results/h200_2026-12-04/attention_prefill/): 2048 rows 274.8 with the
+    # 128-row tiles used before -> 167.8, 1024 rows 93.4 -> 55.5 (keys at offset 1024: 199.1 -> 123.2),
+    # 512 rows 19.1 either way, 256 rows 10.2 -> 7.6 with BLOCK_N 128 (at offset 256: 17.6 -> 11.9)
+    if dtype == torch.float32:
+        return 64, 64, 1, 8
+    return 64, (128 if rows <= 256 else 64), 1, 4
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
