@@ -98,7 +98,7 @@ class ParallelCQILLlama:
 
     def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
                  one_shot: bool | None = None, output_device=None, timeout_s: float | None = None,
-                 bypass_exchange: str = "all_reduce", microbatch_rows: int = 256):
+                 bypass_exchange: str = "all_reduce", microbatch_rows: int = 512):
         from .rank import check_bypass_exchange, check_microbatch_rows
 
         check_bypass_exchange(bypass_exchange)

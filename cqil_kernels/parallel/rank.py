@@ -59,7 +59,7 @@ class RankModel:
     """
 
     def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
-                 microbatch_rows: int = 256, bypass_exchange: str = "all_reduce",
+                 microbatch_rows: int = 512, bypass_exchange: str = "all_reduce",
                  copy_engine: bool | None = None):
         check_bypass_exchange(bypass_exchange)
         check_microbatch_rows(microbatch_rows)
@@ -73,7 +73,11 @@ class RankModel:
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
         # Prefill: the grouped stages run as two micro-batches of tokens (module docstring) when each
-        # has at least `microbatch_rows` rows (0: never).
+        # has at least `microbatch_rows` rows (0: never). The split costs compute: smaller GEMMs, a
+        # second pass over the stage's weights and launches. One rank's LLaMA-7B prefill on an H200,
+        # reductions skipped (benchmarks/microbatch_cost.py, results/h200_2026-12-04/microbatch_cost/):
+        # +0.83 ms at 512 tokens (2 x 256 rows; the reductions it would hide cost about 0.5 ms there),
+        # +0.68 at 768, +0.10 at 1024, +0.18 of 40.8 ms at 2048. Hence halves of at least 512 rows.
         self.microbatch_rows = microbatch_rows
         self.reducer = GroupReducer(model.device, group, one_shot=one_shot, copy_engine=copy_engine)
         self.cuda_graphs = True
@@ -81,7 +85,7 @@ class RankModel:
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
                         group=None, backend: str = "auto", one_shot: bool | None = None,
-                        bypass_exchange: str = "all_reduce", microbatch_rows: int = 256,
+                        bypass_exchange: str = "all_reduce", microbatch_rows: int = 512,
                         copy_engine: bool | None = None) -> RankModel:
         """Load this rank's layers (CQILLlama.from_pretrained's arguments) and check that every rank
         was given the same model and grouping (ValueError on every rank otherwise, before any of the
