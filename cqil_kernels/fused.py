@@ -11,7 +11,9 @@ P = 1) runs as seven launches, whatever P is:
 
 A stage of one layer runs six in decode: o_proj adds h in its epilogue and gate/up applies the
 post-attention norm in its prologue, so launch 5 goes (residual_folded). A prompt of many rows with
-large weights runs the matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas). Around the
+large weights runs the matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas), with the
+input norm (ops.rms_norm), SwiGLU's silu(g) * u and the down projection's sum with the residual
+(ops.group_gemm.silu_mul, sum_parts) as one launch each around them. Around the
 stages: one cache_advance launch (the cache's bookkeeping) before, and the final RMSNorm + lm_head after
 (in decode one group_linear with the norm in its prologue). Folding launch 5 of a group (P > 1) into 6
 and 7 was measured and dropped (H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48
@@ -32,8 +34,10 @@ from .model import rms_norm
 from .ops._common import env_switch
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
-from .ops.group_gemm import group_down_partials, group_down_sum, group_linear, group_qkv_rope, group_swiglu
+from .ops.group_gemm import (group_down_partials, group_down_sum, group_linear, group_qkv_rope, group_swiglu,
+                             silu_mul, sum_parts)
 from .ops.group_residual import group_residual
+from .ops.rms_norm import group_rms_norm
 from .ops.rope_kv import rope_kv_write
 from .packing import PackedLayers, pack_layers
 
@@ -124,7 +128,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None
     it, then one batched matmul."""
     if not use_blas(x.shape[-2], w):
         return group_linear(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
-    if norm_weight is not None:  # x [M, K] shared by the group -> each layer's normalized copy [P, M, K]
+    if norm_weight is not None and x.ndim == 2:  # x [M, K] shared by the group -> each layer's normalized
+        x = group_rms_norm(x, norm_weight, eps=eps)  # copy [P, M, K], rounded as rms_norm rounds, one launch
+    elif norm_weight is not None:
         x = rms_norm(x, norm_weight[:, None, :], eps)
     out = torch.matmul(x, w.transpose(1, 2))
     if bias is not None:
@@ -136,14 +142,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, bias_gate: torch.Tensor | None = None,
            bias_up: torch.Tensor | None = None) -> torch.Tensor:
-    """ops.group_swiglu (x: [P, M, K]), or for many rows silu(x Wg^T) * (x Wu^T) through torch."""
+    """ops.group_swiglu (x: [P, M, K]), or for many rows silu(x Wg^T) * (x Wu^T): the matmuls through
+    torch, the product in one launch (ops.group_gemm.silu_mul)."""
     if not use_blas(x.shape[-2], gate):
         return group_swiglu(x, gate, up, bias_gate=bias_gate, bias_up=bias_up)
     g, u = torch.matmul(x, gate.transpose(1, 2)), torch.matmul(x, up.transpose(1, 2))
     if bias_gate is not None:
         g += bias_gate[:, None]
         u += bias_up[:, None]
-    return torch.nn.functional.silu(g) * u
+    return silu_mul(g, u)
 
 
 def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -152,6 +159,8 @@ def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: 
     the residual (in layer order), rounded once."""
     if not use_blas(x.shape[-2], w):
         return group_down_sum(x, w, residual, bias=bias, out=out)
+    if bias is None:  # the products, then residual + products in order in one launch (ops.sum_parts)
+        return sum_parts(torch.matmul(x, w.transpose(1, 2)), residual, dtype=x.dtype, out=out)
     total = residual.float() + torch.matmul(x, w.transpose(1, 2)).float().sum(0)
     if bias is not None:
         total += bias.float().sum(0)
@@ -215,7 +224,7 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm and lm_head: h [M, D] -> logits [M, V]. In decode (M <= HEAD_ROWS) one GEMM
     with the norm in its prologue."""
     if h.shape[0] > HEAD_ROWS:
-        return model.lm_head(model.norm(h))
+        return model.lm_head(group_rms_norm(h, model.norm.weight[None], eps=model.norm.eps)[0])
     return group_linear(h, model.lm_head.weight[None], norm_weight=model.norm.weight[None],
                         eps=model.norm.eps)[0]
 

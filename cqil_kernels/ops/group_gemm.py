@@ -393,11 +393,41 @@ def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | No
     partial = _partials(x, w, sx, bias)
     if partial is None:
         return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
-    block = min(1024, next_pow2(D))
-    _sum_p_kernel[(M, cdiv(D, block))](
-        partial, residual if residual is not None else partial, out, partial.shape[0], D,
-        partial.stride(0), partial.stride(1), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(x))
+    return _sum_parts(partial, residual, out)
+
+
+def sum_parts(parts: torch.Tensor, residual: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """parts: [n, M, N] (fp32 partial products, or a batched matmul's P products); residual: [M, N] or
+    None (any supported dtype) -> [M, N] in `dtype` (default parts'): residual + parts[0] + parts[1] + ...
+    in fp32, added in that order, rounded once. The second launch of group_down_sum in decode, and the
+    epilogue of fused.down_sum's cuBLAS form (one launch where torch takes four)."""
+    check_tensor("parts", parts, ndim=3)
+    check_runnable(parts)
+    n, M, N = parts.shape
+    if n < 1:
+        raise ValueError("parts must hold at least one product ([n >= 1, M, N])")
+    if residual is not None:
+        check_tensor("residual", residual, ndim=2, device=parts.device)
+        if tuple(residual.shape) != (M, N):
+            raise ValueError(f"residual must have shape {(M, N)}, got {tuple(residual.shape)}")
+    if out is None:
+        out = torch.empty((M, N), device=parts.device, dtype=dtype or parts.dtype)
+    check_tensor("out", out, ndim=2, dtype=dtype or out.dtype, device=parts.device)
+    if tuple(out.shape) != (M, N):
+        raise ValueError(f"out must have shape {(M, N)}, got {tuple(out.shape)}")
+    return _sum_parts(parts, residual, out)
+
+
+def _sum_parts(parts: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    M, N = out.shape
+    if out.numel() == 0:
+        return out
+    block = min(1024, next_pow2(N))
+    _sum_p_kernel[(M, cdiv(N, block))](
+        parts, residual if residual is not None else parts, out, parts.shape[0], N,
+        parts.stride(0), parts.stride(1), residual.stride(0) if residual is not None else 0,
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(parts))
     return out
 
 
@@ -448,9 +478,43 @@ def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride
     if HAS_RES:
         acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
     for p in range(0, P):
-        acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0)
+        acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0).to(tl.float32)
     release_consumer(USE_GDC)
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    """out = silu(g) * u over n contiguous elements, in fp32, rounded once."""
+    wait_for_producer(USE_GDC)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    release_consumer(USE_GDC)
+    tl.store(out_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(g) * u elementwise (g, u: contiguous, one shape and dtype), in fp32, rounded once: the
+    SwiGLU of fused.swiglu's cuBLAS form in one launch where torch takes two (and rounds twice)."""
+    if not isinstance(g, torch.Tensor) or not isinstance(u, torch.Tensor):
+        raise TypeError("g and u must be torch.Tensors")
+    check_runnable(g)
+    if g.shape != u.shape or g.dtype != u.dtype or g.device != u.device:
+        raise ValueError(f"g {tuple(g.shape)} {g.dtype} and u {tuple(u.shape)} {u.dtype} must match in shape, "
+                         f"dtype and device")
+    if not (g.is_contiguous() and u.is_contiguous()):
+        raise ValueError("g and u must be contiguous")
+    if out is None:
+        out = torch.empty_like(g)
+    if out.shape != g.shape or out.dtype != g.dtype or out.device != g.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(g.shape)} {g.dtype} tensor on {g.device}")
+    n = g.numel()
+    if n:
+        block = 2048
+        _silu_mul_kernel[(cdiv(n, block),)](g, u, out, n, BLOCK=block, **pdl_options(g))
+    return out
 
 
 def _out(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:

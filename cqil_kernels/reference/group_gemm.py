@@ -62,3 +62,18 @@ def group_qkv_rope_ref(x, w, positions, inv_freq, k_cache, v_cache, start, *, nu
     rope_kv_write_ref(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
                       num_kv_heads=num_kv_heads)
     return qkv[..., :num_heads * k_cache.shape[-1]].to(x.dtype)
+
+
+def sum_parts_ref(parts, residual=None, *, dtype=None):
+    """Same contract as ops.group_gemm.sum_parts: residual + parts[0] + parts[1] + ..., in order, in
+    fp32 (float64 for float64 inputs), rounded once to dtype (default parts')."""
+    acc = torch.float64 if parts.dtype == torch.float64 else torch.float32
+    total = torch.zeros(parts.shape[1:], dtype=acc, device=parts.device) if residual is None else residual.to(acc)
+    for part in parts:
+        total = total + part.to(acc)
+    return total.to(dtype or parts.dtype)
+
+
+def silu_mul_ref(g, u):
+    """Same contract as ops.group_gemm.silu_mul: silu(g) * u in fp32 (float64 for float64), rounded once."""
+    return (F.silu(_acc(g)) * _acc(u)).to(g.dtype)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from cqil_kernels.ops.group_gemm import group_down_sum, group_linear, group_qkv_rope, group_swiglu
+from cqil_kernels.ops.group_gemm import (group_down_sum, group_linear, group_qkv_rope, group_swiglu, silu_mul,
+                                          sum_parts)
 from cqil_kernels.reference.group_gemm import (group_down_sum_ref, group_linear_ref, group_qkv_rope_ref,
-                                               group_swiglu_ref)
+                                               group_swiglu_ref, silu_mul_ref, sum_parts_ref)
 
 from conftest import assert_kernel_close, poisoned
 
@@ -103,6 +104,53 @@ def test_group_down_sum_split_k(monkeypatch, dtype, M, F, D, split):
     twin = group_down_sum_ref(x, w, res)
     exact = group_down_sum_ref(x.double(), w.double(), res.double())
     assert_kernel_close(out, twin, exact, terms=F)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", [None, torch.float32, "same"], ids=["no-residual", "fp32-residual", "residual"])
+@pytest.mark.parametrize("n,M,N", [(1, 7, 59), (3, 5, 1100), (4, 1, 4096), (2, 0, 8)])
+def test_sum_parts(dtype, res_dtype, n, M, N):
+    """residual + parts[0] + parts[1] + ... in fp32 in that order, rounded once (the cuBLAS prefill
+    form's epilogue: parts are a batched matmul's products in the model's dtype)."""
+    parts = _rand(n, M, N, dtype=dtype)
+    residual = None if res_dtype is None else _rand(M, N, dtype=dtype if res_dtype == "same" else res_dtype,
+                                                    scale=3.0)
+    out = poisoned((M, N), dtype, DEVICE)
+    got = sum_parts(parts, residual, out=out)
+    assert got is out
+    exact = sum_parts_ref(parts.double(), None if residual is None else residual.double())
+    assert_kernel_close(got, sum_parts_ref(parts, residual), exact, terms=n + 1)
+    if dtype != torch.bfloat16:  # the same additions in the same order: the same bits (the interpreter
+        torch.testing.assert_close(got, sum_parts_ref(parts, residual), rtol=0, atol=0)  # truncates bf16)
+    fp32_parts = _rand(n, M, N, dtype=torch.float32)  # split-K partials, out in the model's dtype
+    assert sum_parts(fp32_parts, residual, dtype=dtype).dtype == dtype
+
+
+def test_sum_parts_bad_input():
+    parts = torch.zeros(2, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        sum_parts(parts, torch.zeros(3, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="at least one"):
+        sum_parts(parts[:0])
+    with pytest.raises(ValueError, match="parts must have 3"):
+        sum_parts(parts[0])
+    with pytest.raises(ValueError, match="out must have shape"):
+        sum_parts(parts, out=torch.zeros(3, 9, device=DEVICE))
+    with pytest.raises(TypeError, match="out must be"):
+        sum_parts(parts, dtype=torch.float16, out=torch.zeros(3, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 83), (3, 1, 4099), (2, 0, 5)])
+def test_silu_mul(dtype, shape):
+    g, u = _rand(*shape, dtype=dtype, scale=4.0), _rand(*shape, dtype=dtype)
+    out = poisoned(shape, dtype, DEVICE)
+    assert silu_mul(g, u, out=out) is out
+    assert_kernel_close(out, silu_mul_ref(g, u), silu_mul_ref(g.double(), u.double()))
+    for bad in (dict(u=u.float() if dtype != torch.float32 else u.half()), dict(u=u[..., :-1]),
+                dict(g=g.transpose(0, 1)), dict(out=torch.empty(0, device=DEVICE))):
+        with pytest.raises(ValueError):
+            silu_mul(**{**dict(g=g, u=u), **bad})
 
 
 def test_row_classes_bound_each_autotuned_config_to_a_range_of_rows():
