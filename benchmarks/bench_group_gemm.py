@@ -118,3 +118,32 @@ def test_qkv_rope(benchmark, shape, P, T, impl):
     N = (H + 2 * Hkv) * Dh
     gpu_benchmark(benchmark, make, fused if impl == "fused" else two_launches,
                   nbytes=2 * (P * N * s["D"] + T * s["D"] + P * T * N))
+
+
+@op_cases(T_values=(128, 512, 2048))
+def test_silu_mul(benchmark, shape, P, T, impl):
+    """The cuBLAS prefill form's SwiGLU on the gate and up products: one launch vs torch's silu, then *."""
+    from cqil_kernels.ops.group_gemm import silu_mul
+
+    n = SHAPES[shape]["F"]
+    op = silu_mul if impl == "fused" else (lambda g, u: F.silu(g) * u)
+    make = lambda: (randn(P, T, n), randn(P, T, n))  # noqa: E731
+    gpu_benchmark(benchmark, make, op, nbytes=2 * 3 * P * T * n)
+
+
+@op_cases(T_values=(128, 512, 2048))
+def test_sum_parts(benchmark, shape, P, T, impl):
+    """The cuBLAS prefill form's down epilogue, residual (fp32) + the P products: one launch vs torch's
+    .float(), sum(0), + and the cast."""
+    from cqil_kernels.ops.group_gemm import sum_parts
+
+    D = SHAPES[shape]["D"]
+
+    def fused(parts, residual):
+        sum_parts(parts, residual, dtype=torch.bfloat16)
+
+    def torch_sum(parts, residual):
+        return (residual + parts.float().sum(0)).to(torch.bfloat16)
+
+    make = lambda: (randn(P, T, D), randn(T, D, dtype=torch.float32))  # noqa: E731
+    gpu_benchmark(benchmark, make, fused if impl == "fused" else torch_sum, nbytes=2 * P * T * D + 4 * T * D + 2 * T * D)
