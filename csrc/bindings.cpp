@@ -34,6 +34,17 @@ py::dict build_info() {
 }
 
 #ifdef CQIL_WITH_CUDA
+// The peer-buffer methods both all-reduces share (peer_memory.h): export this rank's buffer, open the
+// others'.
+template <typename Reduce>
+void def_peer_memory(py::class_<Reduce>& cls) {
+  cls.def("ipc_handle", [](Reduce& self) { return py::bytes(self.memory().ipc_handle()); })
+      .def("pci_bus_id", [](Reduce& self) { return self.memory().pci_bus_id(); })
+      .def("open_peers", [](Reduce& self, const std::vector<std::string>& handles,
+                            const std::vector<std::string>& bus_ids) { self.memory().open_peers(handles, bus_ids); },
+           py::arg("handles"), py::arg("bus_ids"));
+}
+
 py::dict probe_cuda() {
   const cqil::CudaProbe probe = cqil::probe_cuda();
   py::dict out;
@@ -56,15 +67,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("probe_cuda", &probe_cuda,
         "Ask the CUDA runtime for its devices; never raises. Returns device_count, runtime_version, "
         "driver_version and error (empty when the runtime works).");
-  py::class_<cqil::OneShotAllReduce>(m, "OneShotAllReduce",
-                                     "One-shot all-reduce through peer-accessible buffers (csrc/one_shot.h).")
-      .def(py::init<int, int, int, std::size_t, double>(), py::arg("device"), py::arg("rank"),
+  py::class_<cqil::OneShotAllReduce> one_shot(m, "OneShotAllReduce",
+                                              "One-shot all-reduce through peer-accessible buffers (csrc/one_shot.h).");
+  def_peer_memory(one_shot);
+  one_shot.def(py::init<int, int, int, std::size_t, double>(), py::arg("device"), py::arg("rank"),
            py::arg("world"), py::arg("max_bytes"), py::arg("timeout_s"))
-      .def("ipc_handle", [](cqil::OneShotAllReduce& self) { return py::bytes(self.memory().ipc_handle()); })
-      .def("pci_bus_id", [](cqil::OneShotAllReduce& self) { return self.memory().pci_bus_id(); })
-      .def("open_peers", [](cqil::OneShotAllReduce& self, const std::vector<std::string>& handles,
-                            const std::vector<std::string>& bus_ids) { self.memory().open_peers(handles, bus_ids); },
-           py::arg("handles"), py::arg("bus_ids"))
       .def("all_reduce", &cqil::OneShotAllReduce::all_reduce, py::arg("input"), py::arg("output"),
            py::arg("numel"), py::arg("dtype"), py::arg("stream"), py::arg("pdl") = false,
            "output = sum over ranks of input (device pointers), launched on `stream` (a cudaStream_t "
@@ -77,16 +84,12 @@ PYBIND11_MODULE(_C, m) {
            "numel), formed in the kernel and rounded once to dtype, as one launch.")
       .def("timed_out", &cqil::OneShotAllReduce::timed_out)
       .def_property_readonly("max_bytes", &cqil::OneShotAllReduce::max_bytes);
-  py::class_<cqil::CopyEngineAllReduce>(m, "CopyEngineAllReduce",
-                                        "All-reduce through the copy engines and stream memory operations "
-                                        "(csrc/copy_engine.h).")
-      .def(py::init<int, int, int, std::size_t>(), py::arg("device"), py::arg("rank"), py::arg("world"),
+  py::class_<cqil::CopyEngineAllReduce> copy_engine(m, "CopyEngineAllReduce",
+                                                    "All-reduce through the copy engines and stream memory "
+                                                    "operations (csrc/copy_engine.h).");
+  def_peer_memory(copy_engine);
+  copy_engine.def(py::init<int, int, int, std::size_t>(), py::arg("device"), py::arg("rank"), py::arg("world"),
            py::arg("max_bytes"))
-      .def("ipc_handle", [](cqil::CopyEngineAllReduce& self) { return py::bytes(self.memory().ipc_handle()); })
-      .def("pci_bus_id", [](cqil::CopyEngineAllReduce& self) { return self.memory().pci_bus_id(); })
-      .def("open_peers", [](cqil::CopyEngineAllReduce& self, const std::vector<std::string>& handles,
-                            const std::vector<std::string>& bus_ids) { self.memory().open_peers(handles, bus_ids); },
-           py::arg("handles"), py::arg("bus_ids"))
       .def("all_reduce", &cqil::CopyEngineAllReduce::all_reduce, py::arg("data"), py::arg("numel"),
            py::arg("dtype"), py::arg("stream"),
            "data = sum over ranks of data (a device pointer, in place), enqueued on `stream` (a "

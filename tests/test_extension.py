@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -50,3 +51,18 @@ def test_only_ext_imports_the_compiled_module():
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_C"):
                 importers.append(path.name)
     assert importers == ["_ext.py"]
+
+
+def test_both_all_reduces_are_bound_with_the_peer_buffer_methods():
+    """What parallel/comm.py calls on each all-reduce object exists (the GPU tests call it for real);
+    without a device the constructors refuse through _ext with the reason, not a crash."""
+    if not _ext.build_info()["cuda"]:
+        pytest.skip("extension built without CUDA")
+    shared = {"ipc_handle", "pci_bus_id", "open_peers", "all_reduce", "max_bytes"}
+    assert shared | {"all_reduce_sum", "timed_out"} <= set(dir(_ext._C.OneShotAllReduce))
+    assert shared <= set(dir(_ext._C.CopyEngineAllReduce))
+    if not _ext.cuda_available():
+        for make in (lambda: _ext.one_shot_all_reduce(0, 0, 2, 1 << 20, 1.0),
+                     lambda: _ext.copy_engine_all_reduce(0, 0, 2, 1 << 20)):
+            with pytest.raises(RuntimeError, match=re.escape(_ext.cuda_unavailable_reason())):
+                make()

@@ -87,13 +87,20 @@ def test_smollm2_on_gpus_matches_one_gpu(n):
         stats = par.rank_stats()
     assert all(s["one_shot"] for s in stats), stats
     assert all(s["reductions"]["one_shot"] > 0 for s in stats)
+    _assert_same_or_tie(tokens, expected, exact, 2 * (err_one + err_par))
+
+
+def _assert_same_or_tie(tokens, expected, exact, bound: float) -> None:
+    """Greedy tokens [1, T] equal, or parted first where the fp32 model `exact` tells the two tokens
+    apart by no more than `bound` (the two bf16 runs' errors): a tie neither run can resolve."""
+    tokens, expected = tokens.to(expected.device), expected
     differs = (tokens != expected).any(0)
     if bool(differs.any()):
         first = int(differs.nonzero()[0])
         with torch.no_grad():
             r = exact(expected[:, :first])[0, -1].double()
         margin = (r[expected[0, first]] - r[tokens[0, first]]).abs().item()
-        assert margin <= 2 * (err_one + err_par), f"tokens part at {first} with fp32 margin {margin}"
+        assert margin <= bound, f"tokens part at {first} with fp32 margin {margin} > {bound}"
 
 
 @two_gpus
@@ -143,18 +150,12 @@ def test_microbatched_prefill_on_gpus_matches_one_gpu(tmp_path, n):
             with CQILLlama.from_pretrained(tmp_path, cqil=cqil, devices=list(range(n)), dtype=torch.bfloat16,
                                            microbatch_rows=rows) as par:
                 runs[rows] = (par(ids).double(), par.generate(ids[:1, :20], 8), par.rank_stats())
-        err_par = (runs[8][0] - ref).abs().max().item()
-        assert err_par <= 2 * err_one + torch.finfo(torch.bfloat16).eps * ref.abs().max().item(), (err_par, err_one)
+        err_split, err_whole = ((runs[rows][0] - ref).abs().max().item() for rows in (8, 0))
+        bound = 2 * err_one + torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+        assert err_split <= bound, (err_split, err_one)
         assert all(s["reductions"]["copy_engine"] > 0 for s in runs[8][2]), runs[8][2]
         assert all(s["reductions"]["copy_engine"] == 0 for s in runs[0][2]), runs[0][2]
-        tokens, expected = runs[8][1].cuda(), runs[0][1].cuda()
-        differs = (tokens != expected).any(0)
-        if bool(differs.any()):
-            first = int(differs.nonzero()[0])
-            with torch.no_grad():
-                r = exact(expected[:, :first])[0, -1].double()
-            margin = (r[expected[0, first]] - r[tokens[0, first]]).abs().item()
-            assert margin <= 4 * err_par, f"tokens part at {first} with fp32 margin {margin}"
+        _assert_same_or_tie(runs[8][1], runs[0][1].cuda(), exact, 2 * (err_split + err_whole))
 
 
 @two_gpus
