@@ -135,13 +135,17 @@ class RankModel:
 
     def stats(self) -> dict:
         """What ParallelCQILLlama.rank_stats() reports for this rank: device, parameter bytes, peak
-        device memory (CUDA), how many group reductions took the one-shot path vs the fallback (with the
-        last fallback reason), the bypass exchange and whether decode steps are CUDA graph replays."""
-        policy = self.reducer.one_shot_policy
+        device memory (CUDA), how many group reductions took each path (one-shot, copy engine, the
+        backend's) with the last fallback reason, whether the one-shot and copy-engine paths could be set
+        up (else why not), the prefill micro-batch threshold, the bypass exchange and whether decode
+        steps are CUDA graph replays."""
+        policy, copy_engine = self.reducer.one_shot_policy, self.reducer.copy_engine_policy
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {"device": str(self.device), "parameter_bytes": self.parameter_bytes(), "peak_device_bytes": peak,
                 "reductions": dict(self.reducer.calls), "one_shot": policy.enabled,
-                "one_shot_reason": policy.reason or None, "last_fallback_reason": self.reducer.last_reason,
+                "one_shot_reason": policy.reason or None, "copy_engine": copy_engine.enabled,
+                "copy_engine_reason": copy_engine.reason or None, "microbatch_rows": self.microbatch_rows,
+                "last_fallback_reason": self.reducer.last_reason,
                 "bypass_exchange": self.bypass_exchange, "decode_graph": self.decodes_in_a_graph()}
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
