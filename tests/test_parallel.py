@@ -515,6 +515,17 @@ try:
     raise AssertionError("CQIL_REDUCE_PARTIALS=no was accepted")
 except ValueError as e:
     assert "CQIL_REDUCE_PARTIALS" in str(e), e
+# the overlapped path: on CPU neither peer path runs, each says why, and gloo's async sum is the result
+path, why = reducer.policy(torch.zeros(8), overlapped=True)
+assert path == "gloo" and "copy-engine: tensors on cpu" in why and "one-shot: tensors on cpu" in why, why
+assert not reducer.copy_engine_policy.enabled and "copy_engine path needs CUDA" in reducer.copy_engine_policy.reason
+x = torch.full((5, 8), float(rank + 1))
+assert torch.equal(reducer.all_reduce_async(x).wait(), torch.full((5, 8), 3.0)) and reducer.calls["gloo"] > 0
+try:
+    GroupReducer("cpu", one_shot=False, copy_engine=True)  # collective: every rank raises
+    raise AssertionError("copy_engine=True on CPU was accepted")
+except RuntimeError as e:
+    assert "copy_engine=True but the copy_engine all-reduce cannot run" in str(e), e
 dist.destroy_process_group()
 print("partials OK", flush=True)
 os._exit(0)  # an interpreter shutdown with gloo's threads once aborted ("terminate called ...") in CI
@@ -524,7 +535,9 @@ os._exit(0)  # an interpreter shutdown with gloo's threads once aborted ("termin
 def test_reduction_of_partial_products(tmp_path):
     """GroupReducer.all_reduce_sum on gloo: each rank's residual + partial products, formed as the split-K
     GEMM's sum kernel forms them, then summed over the ranks — bit for bit; bad inputs are refused; and a
-    decode stage's down projection reaches it from RankModel (GPU, the one-shot kernel: test_parallel_cuda)."""
+    decode stage's down projection reaches it from RankModel (GPU, the one-shot kernel: test_parallel_cuda).
+    Also the overlapped path's policy on CPU (both peer paths refused, with their reasons) and
+    copy_engine=True refused on every rank."""
     codes, outs = _run_ranks(tmp_path, _PARTIALS, 2, timeout=180)
     assert codes == [0] * len(codes), outs
     assert [out.count("partials OK") for out in outs] == [1, 1], outs

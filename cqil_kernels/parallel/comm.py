@@ -2,7 +2,7 @@
 
 GroupReducer.all_reduce sums a tensor over all ranks, in place, on the current stream (decode: the
 result is needed at once). all_reduce_async runs it on a dedicated communication stream ordered by CUDA
-events, so work that does not depend on the result (the next token chunk of a prefill: rank.py) overlaps
+events, so work that does not depend on the result (the other micro-batch of a prefill: rank.py) overlaps
 with it. Each call picks its path:
   * "one_shot": the C++/CUDA kernel of csrc/one_shot.cu — every rank writes its tensor into its own
     peer-accessible buffer, and reads and sums all ranks' buffers in rank order (so every rank gets the
@@ -235,7 +235,8 @@ class GroupReducer:
     def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
         """Start the reduction of t on the communication stream (after the current stream's work so
         far); `.wait()` orders the current stream after it and returns t. Work issued in between
-        overlaps with the reduction (the chunked prefill, rank.py)."""
+        overlaps with the reduction (the micro-batched prefill, rank.py); the copy-engine path where it
+        can run, else as all_reduce would."""
         path = self._path(t, overlapped=True)
         if path is None:
             return PendingReduce(t)
