@@ -77,7 +77,9 @@ class RankModel:
         # second pass over the stage's weights and launches. One rank's LLaMA-7B prefill on an H200,
         # reductions skipped (benchmarks/microbatch_cost.py, results/h200_2026-12-04/microbatch_cost/):
         # +0.83 ms at 512 tokens (2 x 256 rows; the reductions it would hide cost about 0.5 ms there),
-        # +0.68 at 768, +0.10 at 1024, +0.18 of 40.8 ms at 2048. Hence halves of at least 512 rows.
+        # +0.68 at 768, +0.10 at 1024, +0.18 of 40.8 ms at 2048; after the fused prefill epilogues
+        # (fused.py) +0.28 to +0.37 ms at 512 (prefill_epilogues/). Hence halves of at least 512 rows,
+        # until two GPUs show what the hidden reductions save at 512 (parallel_e2e.py --prefill-variants).
         self.microbatch_rows = microbatch_rows
         self.reducer = GroupReducer(model.device, group, one_shot=one_shot, copy_engine=copy_engine)
         self.cuda_graphs = True
