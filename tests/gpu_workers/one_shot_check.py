@@ -1,5 +1,5 @@
-"""Checks of the one-shot and copy-engine all-reduces on real GPUs, one process per GPU (tests/test_parallel_cuda.py runs
-this under torchrun and reads its exit code and output).
+"""Checks of the one-shot and copy-engine all-reduces on real GPUs, one process per GPU
+(tests/test_parallel_cuda.py runs this under torchrun and reads its exit code and output).
 
     torchrun --standalone --nproc-per-node 2 tests/gpu_workers/one_shot_check.py exact|timeout|one_gpu
 
