@@ -161,9 +161,7 @@ def down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: 
         return group_down_sum(x, w, residual, bias=bias, out=out)
     if bias is None:  # the products, then residual + products in order in one launch (ops.sum_parts)
         return sum_parts(torch.matmul(x, w.transpose(1, 2)), residual, dtype=x.dtype, out=out)
-    total = residual.float() + torch.matmul(x, w.transpose(1, 2)).float().sum(0)
-    if bias is not None:
-        total += bias.float().sum(0)
+    total = residual.float() + torch.matmul(x, w.transpose(1, 2)).float().sum(0) + bias.float().sum(0)
     if out is None:
         return total.to(x.dtype)
     return out.copy_(total)

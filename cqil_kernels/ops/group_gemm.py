@@ -407,10 +407,7 @@ def sum_parts(parts: torch.Tensor, residual: torch.Tensor | None = None, *, dtyp
     n, M, N = parts.shape
     if n < 1:
         raise ValueError("parts must hold at least one product ([n >= 1, M, N])")
-    if residual is not None:
-        check_tensor("residual", residual, ndim=2, device=parts.device)
-        if tuple(residual.shape) != (M, N):
-            raise ValueError(f"residual must have shape {(M, N)}, got {tuple(residual.shape)}")
+    _check_residual(residual, M, N, parts)
     if out is None:
         out = torch.empty((M, N), device=parts.device, dtype=dtype or parts.dtype)
     check_tensor("out", out, ndim=2, dtype=dtype or out.dtype, device=parts.device)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..config import CQILConfig
 from ..generation import generate
 from ..model import CQILLlama, KVCache, check_forward_inputs
-from .comm import GroupReducer, exchange_bypass, gather_bypass, global_rank
+from .comm import GroupReducer, PendingReduce, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
 BYPASS_EXCHANGES = ("p2p", "all_reduce")  # RankModel's ways to move the bypass (comm.py)
@@ -81,6 +81,8 @@ class RankModel:
         # (fused.py) +0.28 to +0.37 ms at 512 (prefill_epilogues/). Hence halves of at least 512 rows,
         # until two GPUs show what the hidden reductions save at 512 (parallel_e2e.py --prefill-variants).
         self.microbatch_rows = microbatch_rows
+        if copy_engine is None and microbatch_rows == 0:  # only micro-batches reduce through it
+            copy_engine = False
         self.reducer = GroupReducer(model.device, group, one_shot=one_shot, copy_engine=copy_engine)
         self.cuda_graphs = True
 
@@ -216,15 +218,16 @@ class RankModel:
         model = self.model
         B, T = input_ids.shape
         positions = fused.advance(cache, valid, T)
+        packed = fused.packed_layers(model)
         h = model.embed_tokens(input_ids).view(B * T, -1)
         span = self.microbatch_span(B, T)
         s = 0
         while s < len(self.placement.stages):
             if span is not None and s == span[0]:
-                h = self._microbatched(h, span, positions, cache, B, T)
+                h = self._microbatched(h, span, positions, cache, packed, B, T)
                 s = span[1] + 1
                 continue
-            h = self._stage(s, h, positions, cache.start, cache)
+            h = self._stage(s, h, positions, cache.start, cache, packed)
             s += 1
         return fused.head(model, h).view(B, T, -1)
 
@@ -238,42 +241,37 @@ class RankModel:
         return grouped[0], grouped[-1]
 
     def _microbatched(self, h: torch.Tensor, span: tuple[int, int], positions: torch.Tensor, cache: KVCache,
-                      B: int, T: int) -> torch.Tensor:
+                      packed, B: int, T: int) -> torch.Tensor:
         """Stages span[0]..span[1] with the tokens cut in two micro-batches (module docstring); h [B*T, D]."""
         cut = T // 2
         D = h.shape[-1]
         rows = h.view(B, T, D)
         bounds = ((0, cut), (cut, T))
-        x = [rows[:, lo:hi].reshape(B * (hi - lo), D) for lo, hi in bounds]  # B == 1: views, no copy
+        # each micro-batch's stage output, pending until its reduction is waited for
+        pending = [PendingReduce(rows[:, lo:hi].reshape(B * (hi - lo), D)) for lo, hi in bounds]  # B == 1: views
         pos = [positions[:, lo:hi].contiguous() for lo, hi in bounds]
         starts = [cache.start, cache.start + cut]  # the cache slot of each micro-batch's first token
-        pending: list = [None, None]
         for s in range(span[0], span[1] + 1):
             for i in (0, 1):
-                if pending[i] is not None:
-                    x[i], pending[i] = pending[i].wait(), None
-                out = self._stage(s, x[i], pos[i], starts[i], cache, overlap=True)
-                if isinstance(out, torch.Tensor):
-                    x[i] = out
-                else:
-                    pending[i] = out
-        x = [x[i] if pending[i] is None else pending[i].wait() for i in (0, 1)]
+                pending[i] = self._stage(s, pending[i].wait(), pos[i], starts[i], cache, packed, overlap=True)
+        x = [p.wait() for p in pending]
         return torch.cat([x[0].view(B, cut, D), x[1].view(B, T - cut, D)], dim=1).view(B * T, D)
 
     def _stage(self, s: int, h: torch.Tensor, positions: torch.Tensor, start: torch.Tensor, cache: KVCache,
-               overlap: bool = False):
-        """Stage s on h [M, D] (tokens positions [B, T], their first cache slot `start`): the stage's
-        output, or for a group with overlap=True its pending reduction (PendingReduce)."""
+               packed, overlap: bool = False):
+        """Stage s on h [M, D] (tokens positions [B, T], their first cache slot `start`; packed: the
+        model's packed layers): the stage's output, or with overlap=True a PendingReduce of it (for a
+        group, its reduction running on the communication stream)."""
         from .. import fused
         from ..ops.group_residual import rank_residual
 
         model, args, cqil = self.model, self.args, self.model.cqil
-        packed = fused.packed_layers(model)
         stage, local = self.placement.stages[s], self.stages[s]
         if len(stage) == 1:
-            return fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
-                                       cache.key_valid, start, model.inv_freq, args=args, bypass=0,
-                                       bypass_mode=cqil.bypass_mode)
+            out = fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
+                                      cache.key_valid, start, model.inv_freq, args=args, bypass=0,
+                                      bypass_mode=cqil.bypass_mode)
+            return PendingReduce(out) if overlap else out
         if not local:  # idle for this group: contribute zeros
             self._bypass(None, len(stage), h)
             return self._down_reduce(None, None, None, h, overlap)
