@@ -63,19 +63,22 @@ def cuda_available() -> bool:
     return cuda_unavailable_reason() is None
 
 
-def one_shot_all_reduce(device: int, rank: int, world: int, max_bytes: int, timeout_s: float):
-    """The one-shot all-reduce of csrc/one_shot.cu for this rank (parallel/comm.py drives it):
-    RuntimeError saying why when the CUDA part of the extension cannot run here."""
+def _require_cuda() -> None:
+    """RuntimeError saying why when the CUDA part of the extension cannot run here."""
     reason = cuda_unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
+
+
+def one_shot_all_reduce(device: int, rank: int, world: int, max_bytes: int, timeout_s: float):
+    """The one-shot all-reduce of csrc/one_shot.cu for this rank (parallel/comm.py drives it):
+    RuntimeError saying why when the CUDA part of the extension cannot run here."""
+    _require_cuda()
     return _C.OneShotAllReduce(device, rank, world, max_bytes, timeout_s)
 
 
 def copy_engine_all_reduce(device: int, rank: int, world: int, max_bytes: int):
     """The copy-engine all-reduce of csrc/copy_engine.cu for this rank (parallel/comm.py drives it):
     RuntimeError saying why when the CUDA part of the extension cannot run here."""
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(reason)
+    _require_cuda()
     return _C.CopyEngineAllReduce(device, rank, world, max_bytes)

@@ -95,14 +95,9 @@ char* CopyEngineAllReduce::data(int owner, int slot, int src) const {
 
 void CopyEngineAllReduce::all_reduce(std::uintptr_t message, std::size_t numel, const std::string& dtype,
                                      std::uintptr_t stream_handle) {
-  const char* what = "copy-engine all-reduce";
-  if (!memory_.opened()) throw std::runtime_error(std::string(what) + ": open_peers() first");
-  const std::size_t bytes = numel * element_bytes(dtype, what);
-  if (bytes > max_bytes_ || bytes % 16 || message % 16) {
-    throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned and at most max_bytes");
-  }
-  if (bytes == 0 || memory_.world() == 1) return;
-  check(cudaSetDevice(memory_.device()), "cudaSetDevice");
+  const std::size_t n16 = memory_.check_message(message, numel, dtype, max_bytes_, "copy-engine all-reduce");
+  if (n16 == 0 || memory_.world() == 1) return;
+  const std::size_t bytes = n16 * 16;
   const MemOps& ops = mem_ops();
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const auto cu = reinterpret_cast<CUstream>(stream);
@@ -123,7 +118,6 @@ void CopyEngineAllReduce::all_reduce(std::uintptr_t message, std::size_t numel, 
     check_driver(ops.wait(cu, at(ready(me, s, p)), 1, CU_STREAM_WAIT_VALUE_EQ), "cuStreamWaitValue32");
     check_driver(ops.write(cu, at(ready(me, s, p)), 0, CU_STREAM_WRITE_VALUE_DEFAULT), "cuStreamWriteValue32");
   }
-  const std::size_t n16 = bytes / 16;
   const int blocks = static_cast<int>(std::min<std::size_t>(kSumBlocks, (n16 + kThreads - 1) / kThreads));
   auto* io = reinterpret_cast<uint4*>(message);
   with_element_type(dtype, [&](auto tag) {

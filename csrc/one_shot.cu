@@ -211,21 +211,10 @@ void OneShotAllReduce::launch(const Source& source, std::uintptr_t out, std::siz
         "one-shot all-reduce launch");
 }
 
-std::size_t OneShotAllReduce::check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype,
-                                            const char* what) const {
-  if (!memory_.opened()) throw std::runtime_error(std::string(what) + ": open_peers() first");
-  const std::size_t bytes = numel * element_bytes(dtype, what);
-  if (bytes > max_bytes_ || bytes % 16 || out % 16) {
-    throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned and at most max_bytes");
-  }
-  check(cudaSetDevice(memory_.device()), "cudaSetDevice");
-  return bytes / 16;
-}
-
 void OneShotAllReduce::all_reduce(std::uintptr_t in, std::uintptr_t out, std::size_t numel,
                                   const std::string& dtype, std::uintptr_t stream, bool pdl) {
   const char* what = "one-shot all-reduce";
-  const std::size_t n16 = check_message(out, numel, dtype, what);
+  const std::size_t n16 = memory_.check_message(out, numel, dtype, max_bytes_, what);
   if (in % 16) throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned");
   if (n16 == 0) return;
   with_element_type(dtype, [&](auto tag) {
@@ -237,7 +226,7 @@ void OneShotAllReduce::all_reduce_sum(std::uintptr_t parts, int n_parts, std::ui
                                       std::uintptr_t out, std::size_t numel, const std::string& dtype,
                                       std::uintptr_t stream, bool pdl) {
   const char* what = "one-shot all-reduce of partial sums";
-  const std::size_t n16 = check_message(out, numel, dtype, what);
+  const std::size_t n16 = memory_.check_message(out, numel, dtype, max_bytes_, what);
   if (n_parts < 1 || n_parts > kMaxParts) {
     throw std::runtime_error(std::string(what) + ": n_parts must be 1.." + std::to_string(kMaxParts));
   }

@@ -71,8 +71,6 @@ class OneShotAllReduce {
   // One launch of the kernel for element type T, its contribution read through `source` (one_shot.cu).
   template <typename T, typename Source>
   void launch(const Source& source, std::uintptr_t out, std::size_t n16, std::uintptr_t stream, bool pdl) const;
-  // The checks shared by both calls; returns the message size in 16-byte units.
-  std::size_t check_message(std::uintptr_t out, std::size_t numel, const std::string& dtype, const char* what) const;
   PeerMemory memory_;                  // own IPC buffer (flags, then 2 data slots) and the peers'
   std::size_t max_bytes_;
   long long timeout_ns_;

@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "cuda_check.h"
+#include "pack.cuh"
 
 namespace cqil {
 
@@ -72,6 +73,17 @@ void PeerMemory::open_peers(const std::vector<std::string>& handles, const std::
     peers_[r] = static_cast<char*>(ptr);
   }
   opened_ = true;
+}
+
+std::size_t PeerMemory::check_message(std::uintptr_t ptr, std::size_t numel, const std::string& dtype,
+                                      std::size_t max_bytes, const char* what) const {
+  if (!opened()) throw std::runtime_error(std::string(what) + ": open_peers() first");
+  const std::size_t bytes = numel * element_bytes(dtype, what);
+  if (bytes > max_bytes || bytes % 16 || ptr % 16) {
+    throw std::runtime_error(std::string(what) + ": message must be 16-byte aligned and at most max_bytes");
+  }
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  return bytes / 16;
 }
 
 }  // namespace cqil

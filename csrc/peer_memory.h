@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,13 @@ class PeerMemory {
   // peer GPU is not visible here or not peer-accessible from this one.
   void open_peers(const std::vector<std::string>& handles, const std::vector<std::string>& bus_ids);
   bool opened() const { return opened_ || world_ == 1; }
+
+  // The checks every all-reduce call through this memory makes on a message of numel elements of
+  // dtype at `ptr` (peers opened; at most max_bytes; its size and address 16-byte aligned: throws
+  // std::runtime_error naming `what` otherwise), then makes the device current. Returns the message's
+  // size in 16-byte units.
+  std::size_t check_message(std::uintptr_t ptr, std::size_t numel, const std::string& dtype,
+                            std::size_t max_bytes, const char* what) const;
 
   // Rank r's buffer as seen from this device (this rank's own for r == rank).
   char* base(int r) const { return peers_[r]; }
