@@ -7,7 +7,6 @@ is ever held.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,14 +16,34 @@ import torch
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
+from .files import (inside, iter_safetensors, load_torch_tensors, read_json, regular_file,
+                    safetensors_shapes)
 from .packing import pack_layers
 
 # Keys some LLaMA checkpoints carry that hold nothing we need (the RoPE table is recomputed).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, or ValueError naming it when it cannot be used here: an unknown name, a
+    CUDA device without a GPU (or beyond the visible ones)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type not in ("cpu", "meta"):
+        raise ValueError(f"device {str(device)!r}: cqil_kernels runs on 'cpu' or 'cuda' devices")
+    return device
+
+
 def default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -135,10 +154,10 @@ def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool, held_layers
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(build, path, cqil, device, dtype, progress)
     if path.is_dir():
         return _load_hf_dir(build, path, cqil, device, dtype, progress)
+    if path.suffix == ".gguf":
+        return _load_gguf(build, regular_file(path, "GGUF file"), cqil, device, dtype, progress)
     raise ValueError(f"{path}: expected a checkpoint directory (config.json + weights) or a .gguf file")
 
 
@@ -186,48 +205,110 @@ def _load_transformers_model(build, hf_model: nn.Module, cqil, device, dtype, co
 
 
 # --------------------------------------------------------------------------------------------------
+# What a checkpoint must hold, checked from its tensor list before the model is built
+
+
+def expected_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor a checkpoint of this config holds (HF names without "model.");
+    lm_head.weight is optional with tied embeddings (transformers saves it or not)."""
+    D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    per_layer = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+                 "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D),
+                 "self_attn.v_proj.weight": (kv, D), "self_attn.o_proj.weight": (D, q),
+                 "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F)}
+    if args.attention_bias:
+        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (D,)})
+    if args.mlp_bias:
+        per_layer.update({"mlp.gate_proj.bias": (F,), "mlp.up_proj.bias": (F,), "mlp.down_proj.bias": (D,)})
+    out = {"embed_tokens.weight": (V, D), "norm.weight": (D,), "lm_head.weight": (V, D)}
+    for layer in range(args.num_hidden_layers):
+        out.update({f"layers.{layer}.{name}": shape for name, shape in per_layer.items()})
+    return out
+
+
+def check_tensor_list(shapes: Mapping[str, tuple[int, ...]], args: LlamaArgs, source: str) -> None:
+    """ValueError, before anything is built or allocated, when the checkpoint's tensors (shapes: {name
+    without "model.": shape}) are not exactly what the config describes: an unexpected tensor, a shape
+    that differs, or a missing one (e.g. a config edited to 100000 layers)."""
+    expected = expected_shapes(args)
+    for name, shape in shapes.items():
+        if _IGNORED_KEYS.match(name):
+            continue
+        want = expected.get(name)
+        if want is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a LLaMA model of this config")
+        if tuple(shape) != want:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(shape)}, but the model config "
+                             f"expects {want}")
+    optional = {"lm_head.weight"} if args.tie_word_embeddings else set()
+    missing = [n for n in expected if n not in shapes and n not in optional]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{source}: the checkpoint has no tensor for {shown}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Hugging Face directory: config.json + safetensors or pytorch_model*.bin (sharded or not)
 
 
 def _weight_files(path: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).is_file()]
+        if index.exists():
+            weight_map = read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: the shard index has no weight_map (an object naming each tensor's "
+                                 f"file)")
+            shards = sorted(set(weight_map.values()), key=str)
+            files = [inside(path, shard, "shard") for shard in shards]
+            missing = [f for f in files if not f.exists()]
             if missing:
-                raise FileNotFoundError(f"{index}: shard {missing[0]} is missing")
-            return [path / s for s in shards]
+                raise FileNotFoundError(f"{index}: shard {missing[0].name} is missing")
+            return [regular_file(f, "shard") for f in files]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         files = sorted(path.glob(pattern))
         if files:
-            return files
+            return [regular_file(f, "weight file") for f in files]
     raise FileNotFoundError(f"{path}: no weights found (*.safetensors or pytorch_model*.bin)")
+
+
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    if file.suffix == ".safetensors":
+        return safetensors_shapes(file)
+    return {key: tuple(t.shape) for key, t in load_torch_tensors(file, "weight file").items()}
 
 
 def _iter_weight_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        yield from iter_safetensors(file)
     else:
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        state = load_torch_tensors(file, "weight file")
         for key in list(state):
             yield key, state.pop(key)
 
 
+def _directory_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """{name without "model.": shape} over every weight file; ValueError for a tensor in two files."""
+    shapes, where = {}, {}
+    for file in files:
+        for key, shape in _file_shapes(file).items():
+            name = _hf_name(key)
+            if name in where:
+                raise ValueError(f"{file}: tensor {key!r} is also in {where[name]} (a tensor must be in one "
+                                 f"file only)")
+            shapes[name], where[name] = shape, file.name
+    return shapes
+
+
 def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool):
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    args = LlamaArgs.from_hf(config)
+    args = LlamaArgs.from_hf(read_json(config_file, "model config"), source=config_file)
     files = _weight_files(path)
+    check_tensor_list(_directory_shapes(files), args, str(path))
     device, dtype = default_device_dtype(device, dtype)
     model = build(args, resolve_cqil(cqil, args.extra))
     loader = _Loader(model, device, dtype, str(path))
@@ -302,32 +383,43 @@ def _gguf_args(meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int,
             raise ValueError(f"{source}: GGUF metadata lacks llama.{key}")
         return meta[f"llama.{key}"]
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    def number(key, kind, default=None):
+        value = meta.get(f"llama.{key}", default) if default is not None else need(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{source}: GGUF metadata llama.{key} must be {what}, got {value!r}")
+        return kind(value)
+
+    hidden, heads = number("embedding_length", int), number("attention.head_count", int)
+    if heads <= 0:
+        raise ValueError(f"{source}: GGUF metadata llama.attention.head_count must be > 0, got {heads}")
     rope_scaling = None
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+        rope_scaling = {"rope_type": "linear", "factor": number("rope.scaling.factor", float)}
     elif scaling_type != "none":
         raise ValueError(f"{source}: GGUF rope scaling type {scaling_type!r} is not supported")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return LlamaArgs(
-        vocab_size=int(meta.get("llama.vocab_size", vocab_rows)),
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
-        max_position_embeddings=int(meta.get("llama.context_length", 2048)),
-        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=int(eos) if eos is not None else None,
-    )
+    tokens = {key: meta.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id")}
+    try:
+        return LlamaArgs(
+            vocab_size=number("vocab_size", int, vocab_rows),
+            hidden_size=hidden,
+            intermediate_size=number("feed_forward_length", int),
+            num_hidden_layers=number("block_count", int),
+            num_attention_heads=heads,
+            num_key_value_heads=number("attention.head_count_kv", int, heads),
+            head_dim=number("attention.key_length", int, hidden // heads),
+            max_position_embeddings=number("context_length", int, 2048),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", float, 1e-5),
+            rope_theta=number("rope.freq_base", float, 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            **{key: int(v) if isinstance(v, int) and not isinstance(v, bool) else v for key, v in tokens.items()},
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool):
@@ -345,14 +437,21 @@ def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool):
     if embed is None:
         raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
     args = _gguf_args(gguf_metadata(reader), names, int(embed.shape[-1]), str(path))
+    shapes = {}
+    for t in reader.tensors:
+        name = _gguf_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for a LLaMA model")
+        shapes[name] = tuple(int(n) for n in reversed(t.shape))  # GGML lists dims innermost first
+    if len(shapes) != len(reader.tensors):
+        raise ValueError(f"{path}: a GGUF tensor name appears twice")
+    check_tensor_list(shapes, args, str(path))
     device, dtype = default_device_dtype(device, dtype)
     model = build(args, resolve_cqil(cqil, {}))
     loader = _Loader(model, device, dtype, str(path))
     plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
     for t in _progress(reader.tensors, len(reader.tensors), progress, "loading GGUF"):
         name = _gguf_name(t.name)
-        if name is None:
-            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for a LLaMA model")
         if not loader.wants(name):
             continue
         if t.tensor_type == GGMLQuantizationType.BF16:

@@ -7,10 +7,13 @@ bypass distance), so their configs and LoRA adapters keep their meaning here.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .files import atomic_write_text, read_json
 
 BYPASS_MODES = ("residual", "mlp_input")
 
@@ -94,7 +97,7 @@ class CQILConfig:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CQILConfig:
@@ -179,16 +182,12 @@ def _normalise_groups(groups) -> tuple[tuple[int, ...], ...]:
 def _read_json_source(src: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(src, Mapping):
         return dict(src)
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"expected a dict or the path of a JSON file, got {type(src).__name__}")
     path = Path(src)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
+    return read_json(path, "config file")
 
 # --------------------------------------------------------------------------------------------------
 # LLaMA hyper-parameters
@@ -225,6 +224,13 @@ class LlamaArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model config: {name} must be a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _positive_number(value):
+                raise ValueError(f"model config: {name} must be a finite number > 0, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -232,21 +238,32 @@ class LlamaArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else (value,) if value is not None else ()
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"model config: {name} must be a token id (an int >= 0), a list of them or "
+                                 f"null, got {value!r}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(
-                    f"model config: rope scaling type {rope_type!r} is not supported "
-                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-                )
+            _check_rope_scaling(self.rope_scaling)
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any] | Any) -> LlamaArgs:
-        """From a transformers config object or a config.json dict; ValueError for non-LLaMA models."""
+    def from_hf(cls, config: Mapping[str, Any] | Any, source: str | os.PathLike | None = None) -> LlamaArgs:
+        """From a transformers config object or a config.json dict; ValueError for non-LLaMA models and
+        for values that would give garbage (each error names the key, and `source` when given)."""
+        try:
+            return cls._from_hf(config)
+        except ValueError as e:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, config: Mapping[str, Any] | Any) -> LlamaArgs:
         data = dict(config) if isinstance(config, Mapping) else config.to_dict()
         model_type = data.get("model_type")
         archs = data.get("architectures") or []
-        if model_type != "llama" and "LlamaForCausalLM" not in archs:
+        if model_type != "llama" and (not isinstance(archs, list) or "LlamaForCausalLM" not in archs):
             raise ValueError(
                 f"not a LLaMA checkpoint: model_type={model_type!r}, architectures={archs} "
                 f"(cqil_kernels supports model_type 'llama' / LlamaForCausalLM)"
@@ -254,33 +271,44 @@ class LlamaArgs:
         act = data.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"model config: hidden_act {act!r} is not supported (LLaMA uses 'silu')")
-        try:
-            hidden, heads = data["hidden_size"], data["num_attention_heads"]
-            rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
-            rope_theta = float(rope.pop("rope_theta", data.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            eos = data.get("eos_token_id")
-            return cls(
-                vocab_size=data["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=data["intermediate_size"],
-                num_hidden_layers=data["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=data.get("num_key_value_heads") or heads,
-                head_dim=data.get("head_dim") or hidden // heads,
-                max_position_embeddings=data.get("max_position_embeddings", 2048),
-                rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=None if rope_type == "default" else rope,
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-                attention_bias=bool(data.get("attention_bias", False)),
-                mlp_bias=bool(data.get("mlp_bias", False)),
-                bos_token_id=data.get("bos_token_id"),
-                eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-                extra={k: data[k] for k in ("cqil_layers", "d", "cqil_bypass_mode") if k in data},
-            )
-        except KeyError as e:
-            raise ValueError(f"model config is missing the key {e.args[0]!r}") from None
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in data]
+        if missing:
+            raise ValueError(f"model config is missing the key {missing[0]!r}")
+        hidden, heads = data["hidden_size"], data["num_attention_heads"]
+        for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive int, got {value!r}")
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"model config: rope_parameters / rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
+        rope_theta = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = data.get("eos_token_id")
+        # transformers' LlamaConfig: a missing or null num_key_value_heads means one per query head, a
+        # missing or null head_dim means hidden_size // num_attention_heads; 0 is an error, not a default.
+        kv_heads = data.get("num_key_value_heads")
+        head_dim = data.get("head_dim")
+        return cls(
+            vocab_size=data["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=data["intermediate_size"],
+            num_hidden_layers=data["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv_heads is None else kv_heads,
+            head_dim=hidden // heads if head_dim is None else head_dim,
+            max_position_embeddings=data.get("max_position_embeddings", 2048),
+            rms_norm_eps=_as_float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=_as_float(rope_theta),
+            rope_scaling=None if rope_type == "default" else rope,
+            tie_word_embeddings=data.get("tie_word_embeddings", False),
+            attention_bias=data.get("attention_bias", False),
+            mlp_bias=data.get("mlp_bias", False),
+            bos_token_id=data.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            extra={k: data[k] for k in ("cqil_layers", "d", "cqil_bypass_mode") if k in data},
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict that transformers' LlamaConfig reads back to the same model."""
@@ -307,3 +335,34 @@ class LlamaArgs:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
             else self.eos_token_id,
         }
+
+
+def _as_float(value):
+    """A JSON number as a float; anything else unchanged, for __post_init__ to refuse by name."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def _check_rope_scaling(scaling) -> None:
+    """ValueError unless `scaling` is a rope scaling this package applies, with usable values."""
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"model config: rope_scaling must be an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"model config: rope scaling type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}.get(rope_type, ())
+    for key in needed:
+        if not _positive_number(scaling.get(key)):
+            raise ValueError(f"model config: rope scaling {rope_type!r} needs {key} as a finite number > 0, "
+                             f"got {scaling.get(key)!r}")
+    if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"model config: rope scaling 'llama3' needs high_freq_factor > low_freq_factor, got "
+                         f"{scaling['high_freq_factor']} and {scaling['low_freq_factor']}")

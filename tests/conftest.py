@@ -111,3 +111,27 @@ def assert_greedy_agrees(model, exact, ids: torch.Tensor, new_tokens: int) -> in
             f"{where}: tokens {int(expected[r, first])} / {int(got[r, first])} differ by {margin:.4g} in "
             f"the exact logits, more than the backends' errors {err_torch:.4g} + {err_triton:.4g}")
     return first - ids.shape[1]
+
+
+class _PlantsAMarker:
+    """Unpickling this calls open(marker, "w"): a harmless stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.open, (self.marker, "w")
+
+
+def write_malicious_pickle(path, marker) -> None:
+    """A torch.save file that creates `marker` when a full (not weights-only) unpickler reads it; tests of
+    every loader assert the marker is absent afterwards."""
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "payload": _PlantsAMarker(marker)}, path)
+
+
+def make_fifo(path):
+    """A FIFO at `path` (nothing ever writes to it: a plain read would block forever)."""
+    os.mkfifo(path)
+    return path

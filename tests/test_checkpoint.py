@@ -9,7 +9,7 @@ import torch
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.checkpoint import unpermute_rope_rows
 
-from conftest import random_hf_model
+from conftest import make_fifo, random_hf_model, write_malicious_pickle
 
 
 def _logits(model, ids):
@@ -101,7 +101,7 @@ def _permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(path, hf, qtype_name="F32", arch="llama"):
-    import gguf
+    gguf = pytest.importorskip("gguf")  # optional (the demo extra); the GPU image lacks it
 
     c = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -226,6 +226,7 @@ def test_gguf_of_another_architecture(tmp_path):
 
 
 def test_not_a_gguf_file(tmp_path):
+    pytest.importorskip("gguf")
     (tmp_path / "broken.gguf").write_bytes(b"definitely not gguf" * 10)
     with pytest.raises(ValueError, match="not a readable GGUF file"):
         CQILLlama.from_pretrained(tmp_path / "broken.gguf")
@@ -236,6 +237,140 @@ def test_grouping_checked_before_weights_are_read(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"group \[5, 6, 7\]: layer index 6 is outside the model"):
         CQILLlama.from_pretrained(tmp_path, cqil=CQILConfig([[5, 6, 7]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Files a user may have been handed: no code runs, nothing blocks, nothing big is built before the
+# checkpoint is known to match its config
+
+
+def test_a_malicious_pickle_never_runs(tmp_path):
+    hf = random_hf_model()
+    hf.config.save_pretrained(tmp_path)
+    write_malicious_pickle(tmp_path / "pytorch_model.bin", tmp_path / "pwned")
+    with pytest.raises(ValueError, match="refused: the weight file holds objects other than tensors"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_fifo_named_like_a_weight_file_is_refused(tmp_path):
+    hf = random_hf_model()
+    hf.config.save_pretrained(tmp_path)
+    make_fifo(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: the weight file is a FIFO"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "config.json").unlink()
+    make_fifo(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="config.json: the model config is a FIFO"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+    make_fifo(tmp_path / "model.gguf")
+    with pytest.raises(ValueError, match="the GGUF file is a FIFO"):
+        CQILLlama.from_pretrained(tmp_path / "model.gguf", device="cpu")
+
+
+def test_a_config_that_disagrees_with_the_tensors_is_refused_before_building(tmp_path):
+    """A 1 KB edit of config.json ("num_hidden_layers": 100000) must not build and allocate 100000
+    layers before saying the tensors are missing."""
+    import time
+
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=100000)))
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="no tensor for layers.6.input_layernorm.weight.* and 899941 more"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+    assert time.monotonic() - start < 10
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=64)))
+    with pytest.raises(ValueError, match=r"'layers.0.mlp.\w+_proj.weight' has shape \(\d+, \d+\), but the model "
+                                         r"config expects \((64, 48|48, 64)\)"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta must be a finite number > 0, "
+                                                                      "got 0"),
+    ({"rope_theta": -1.0, "rope_parameters": None}, "rope_theta must be a finite number > 0"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a finite number > 0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0, got nan"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
+    ({"hidden_size": "48"}, "hidden_size must be a positive int, got '48'"),
+    ({"intermediate_size": 83.0}, "intermediate_size must be a positive int, got 83.0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive int, got 0"),
+    ({"head_dim": 0}, "head_dim must be a positive int, got 0"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be a positive int, got True"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 0, "rope_theta": 1e4}}, "needs factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "needs low_freq_factor"),
+    ({"rope_parameters": "linear"}, "must be an object"),
+])
+def test_config_values_that_would_give_garbage_are_refused(tmp_path, change, message):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json: model config: {message}|config.json: .*{message}"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+
+
+def test_null_kv_heads_and_head_dim_take_the_transformers_defaults(tmp_path, ids):
+    hf = random_hf_model(num_key_value_heads=6)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_key_value_heads=None, head_dim=None)))
+    model = CQILLlama.from_pretrained(tmp_path, device="cpu")
+    assert model.args.num_key_value_heads == 6 and model.args.head_dim == 8
+    torch.testing.assert_close(_logits(model, ids), _logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config_bytes, message", [
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "config.json: the model config is not UTF-8"),
+    (b"[1, 2, 3]", "config.json: the model config must hold a JSON object at the top level, got array"),
+    (b"{", "config.json: the model config is not valid JSON"),
+])
+def test_unreadable_configs_name_the_file(tmp_path, config_bytes, message):
+    random_hf_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_bytes(config_bytes)
+    with pytest.raises(ValueError, match=message):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+
+
+def _sharded(tmp_path, hf):
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return index
+
+
+def test_shard_index_that_escapes_or_lacks_its_map_is_refused(tmp_path):
+    index = _sharded(tmp_path, random_hf_model())
+    path = tmp_path / "model.safetensors.index.json"
+    for shard in ("../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"):
+        key = next(iter(index["weight_map"]))
+        path.write_text(json.dumps({"weight_map": {**index["weight_map"], key: shard}}))
+        with pytest.raises(ValueError, match="points outside the checkpoint directory"):
+            CQILLlama.from_pretrained(tmp_path, device="cpu")
+    path.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="the shard index has no weight_map"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    index = _sharded(tmp_path, random_hf_model())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    a, b = load_file(str(tmp_path / first)), load_file(str(tmp_path / second))
+    key = next(iter(a))
+    save_file({**b, key: a[key] + 1}, str(tmp_path / second))
+    with pytest.raises(ValueError, match=f"tensor '{key}' is also in {first}"):
+        CQILLlama.from_pretrained(tmp_path, device="cpu")
 
 
 _PEAK_MEMORY_SCRIPT = r"""

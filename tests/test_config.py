@@ -115,3 +115,21 @@ def test_llama_args_reject_unsupported_configs(change, message):
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
     with pytest.raises(ValueError, match=message):
         LlamaArgs.from_hf(config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"cqil_layers"', "must hold a JSON object at the top level, got string"),
+    ("null", "must hold a JSON object at the top level, got null"),
+    ('{"cqil_layers": "12,13"}', "groups must be a list"),
+    ('{"cqil_layers": [[1, 2]], "d": "1"}', "bypass must be an int"),
+])
+def test_cqil_json_of_the_wrong_shape_is_refused(tmp_path, text, message):
+    (tmp_path / "groups.json").write_text(text)
+    with pytest.raises((ValueError, TypeError), match=message):
+        CQILConfig.load(tmp_path / "groups.json")
+
+
+def test_cqil_json_of_random_bytes_names_the_file(tmp_path):
+    (tmp_path / "groups.json").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="groups.json: the config file is not UTF-8"):
+        CQILConfig.load(tmp_path / "groups.json")
