@@ -135,7 +135,7 @@ def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool
         from .lora import read_adapter
 
         read_adapter(lora)  # a bad adapter is refused before the model is read
-        if cqil is None and (Path(lora) / "cqil.json").is_file():
+        if cqil is None and (Path(lora) / "cqil.json").exists():  # CQILConfig.load refuses a non-regular file
             cqil = Path(lora) / "cqil.json"  # the grouping the adapter was trained for (finetune.py)
     model = _load(cls, src, cqil, device, dtype, progress, copy=lora is not None, held_layers=held_layers)
     if lora is not None:
