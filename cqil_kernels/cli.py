@@ -49,18 +49,34 @@ def _bench(args) -> int:
     return 0
 
 
-def _load_for_quality(args):
+def _load_for_quality(args, cqil=None):
+    """The model of `args.model` ("tiny": a tiny random one) with the grouping `cqil` (checked against the
+    model's config before any weight is read; None: no groups)."""
     import torch
 
     from .config import CQILConfig
     from .demo import _tiny_model
     from .model import CQILLlama
 
+    cqil = cqil if cqil is not None else CQILConfig()
     if args.model == "tiny":
-        return _tiny_model(args.device, None)
+        model = _tiny_model(args.device, None)
+        model.cqil = cqil
+        return model
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return CQILLlama.from_pretrained(args.model, cqil=CQILConfig(), device=args.device, dtype=dtype,
-                                     progress=True)
+    return CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
+
+
+def _output_file(path: str, option: str = "--out"):
+    """The Path of an output file, or ValueError when it names a directory or its folder is missing."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{option} {out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise ValueError(f"{option} {out}: the folder {out.parent} does not exist")
+    return out
 
 
 def _print_rows(rows, baseline) -> None:
@@ -79,7 +95,9 @@ def _calibrate(args) -> int:
     from tqdm.auto import tqdm
 
     from . import quality
+    from .files import atomic_write_text
 
+    out = _output_file(args.out)
     model = _load_for_quality(args)
     src = None if args.model == "tiny" else args.model
     calib = quality.read_token_ids(args.text, src)
@@ -92,7 +110,6 @@ def _calibrate(args) -> int:
         window=args.window, stride=args.stride, beam=args.beam, progress=lambda row: bar.update(1))
     bar.close()
     _print_rows(result.candidates, result.baseline)
-    out = Path(args.out)
     result.config.save(out)
     report = dict(model=str(args.model), text=str(args.text), eval_text=str(args.eval_text or args.text),
                   parallel=list(sizes), max_ppl_increase=args.max_ppl_increase, window=args.window,
@@ -100,7 +117,7 @@ def _calibrate(args) -> int:
                   layers_saved=result.layers_saved, baseline=result.baseline.row(), chosen=result.chosen.row(),
                   candidates=result.candidates, adjacent_similarity=[round(x, 4) for x in
                                                                       result.similarity.diagonal(1).tolist()])
-    out.with_suffix(".report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".report.json"), json.dumps(report, indent=1) + "\n")
     print(f"chosen: {[list(g) for g in result.config.groups]} saves {result.layers_saved} layer steps; "
           f"ppl {result.chosen.perplexity:.3f} vs {result.baseline.perplexity:.3f} "
           f"({100 * (result.chosen.perplexity / result.baseline.perplexity - 1):+.2f}%), "
@@ -120,9 +137,9 @@ def _eval(args) -> int:
     from . import quality
     from .config import CQILConfig
 
-    model = _load_for_quality(args)
     config = CQILConfig.load(args.cqil)
-    config.validate(model.args.num_hidden_layers)
+    model = _load_for_quality(args, config)  # the grouping is checked before the weights are read
+    model.cqil = CQILConfig()
     ids = quality.read_token_ids(args.text, None if args.model == "tiny" else args.model)
     reference = quality.ReferenceRun(model, ids, window=args.window, stride=args.stride)
     metrics = reference.evaluate(config)
@@ -136,21 +153,62 @@ def _eval(args) -> int:
 
 
 def _finetune(args) -> int:
+    """Train in OUT.partial/ (its checkpoints included) and move the finished adapter to OUT in one
+    rename: OUT holds the previous result or the new one, never a mix of both."""
+    import shutil
     from pathlib import Path
 
+    from .config import CQILConfig
+    from .files import replace_directory
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the adapter")
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it, or --resume)")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    work = out.with_name(out.name + ".partial")
+    checkpoint = work / CHECKPOINT_NAME
+    if args.resume:
+        previous = [c for c in (checkpoint, out / CHECKPOINT_NAME) if c.exists()]
+        if not previous:
+            old = [c for c in (work / "checkpoint.pt", out / "checkpoint.pt") if c.exists()]
+            raise ValueError(f"--resume: no {CHECKPOINT_NAME} in {work} or {out}" + (
+                f" ({old[0]} is the pickled format of an older version, which is not read: a pickle can run code)"
+                if old else ""))
+    elif work.exists():
+        shutil.rmtree(work)  # an interrupted run's leftovers: this run starts afresh
+    cqil = CQILConfig.load(args.cqil)
+    model = _load_for_quality(args, cqil)  # the grouping is checked before the weights are read
+    work.mkdir(exist_ok=True)
+    try:
+        if args.resume and not checkpoint.exists():  # extending a finished run
+            shutil.copyfile(out / CHECKPOINT_NAME, checkpoint)
+        _train(args, model, work)
+    except BaseException as e:
+        # keep the checkpoints of an interrupted run for --resume; a run that failed before writing one,
+        # or whose loss diverged, leaves nothing behind
+        if not checkpoint.exists() or isinstance(e, FloatingPointError):
+            shutil.rmtree(work, ignore_errors=True)
+        elif isinstance(e, KeyboardInterrupt):
+            print(f"interrupted: continue with --resume (the last checkpoint is in {work})", file=sys.stderr)
+        raise
+    replace_directory(work, out)
+    print(f"wrote the adapter (PEFT format), cqil.json and the training log to {out}")
+    return 0
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def _train(args, model, work) -> None:
     import torch
     from tqdm.auto import tqdm
 
     from . import quality
-    from .config import CQILConfig
     from .finetune import finetune, save_adapter, write_log
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
-        raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it, or --resume)")
-    model = _load_for_quality(args)
-    model.cqil = CQILConfig.load(args.cqil)  # validated against the model
-    out.mkdir(parents=True, exist_ok=True)
     model.backend = "torch"  # training needs it; the metrics before and after then come from the same code
     src = None if args.model == "tiny" else args.model
     ids = quality.read_token_ids(args.text, src)
@@ -163,24 +221,22 @@ def _finetune(args) -> int:
             held_out = held_out[:args.eval_tokens]
         before = quality.ReferenceRun(model, held_out, window=args.window)
         grouped_before = before.evaluate(model.cqil)
-    bar = tqdm(total=args.steps, desc="KD fine-tuning", unit="step")  # counts steps run now
+    with tqdm(total=args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
+        def progress(step, loss):
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # update() redraws, at most every mininterval
+            bar.update(1)
 
-    def progress(step, loss):
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # update() redraws, at most every mininterval
-        bar.update(1)
-
-    log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
-                   lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
-                   ce_weight=args.ce_weight, only_grouped=args.only_grouped, seed=args.seed, progress=progress,
-                   checkpoint=out / "checkpoint.pt", checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   autocast_dtype=(None if args.autocast == "none" else "auto" if args.autocast == "auto"
-                                   else getattr(torch, args.autocast)),
-                   recompute={"auto": None, "on": True, "off": False}[args.recompute])
-    bar.close()
-    save_adapter(model, out, base_name=str(args.model))
-    write_log(log, out)
-    print(f"wrote the adapter (PEFT format) and cqil.json to {out}; KD loss {log.losses[0]:.4f} -> "
-          f"{log.losses[-1]:.4f} over {args.steps} steps")
+        log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
+                       lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
+                       ce_weight=args.ce_weight, only_grouped=args.only_grouped, seed=args.seed,
+                       progress=progress, checkpoint=work / CHECKPOINT_NAME, checkpoint_every=args.checkpoint_every,
+                       resume=args.resume,
+                       autocast_dtype=(None if args.autocast == "none" else "auto" if args.autocast == "auto"
+                                       else getattr(torch, args.autocast)),
+                       recompute={"auto": None, "on": True, "off": False}[args.recompute])
+    save_adapter(model, work, base_name=str(args.model))
+    write_log(log, work)
+    print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} over {args.steps} steps")
     if held_out is not None:
         after = before.evaluate(model.cqil)  # the adapters are live in the model
         base = before.baseline
@@ -188,7 +244,6 @@ def _finetune(args) -> int:
         for name, m in (("original", base), ("grouped, before", grouped_before), ("grouped, after", after)):
             print(f"{name:<22} {m.perplexity:>9.3f} {100 * (m.perplexity / base.perplexity - 1):>8.2f} "
                   f"{m.agreement:>6.3f} {m.kl:>8.4f}")
-    return 0
 
 
 def _quality_args(p) -> None:
@@ -294,9 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user error (bad input, a bad or missing file, a bad device, a run that
+    diverged) is one line on stderr and exit code 2; Ctrl-C is exit code 130."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            from .checkpoint import check_device
+
+            check_device(args.device)
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"cqil {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
+        print(f"cqil {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cqil {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split())

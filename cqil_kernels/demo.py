@@ -43,12 +43,18 @@ def parse_groups(text: str, bypass: int = 0, bypass_mode: str = "residual") -> C
         if "-" in text:
             span, _, parallel = text.partition(":")
             start, _, end = span.partition("-")
-            return CQILConfig.from_range(int(start), int(end), int(parallel or 2), bypass, bypass_mode)
-        groups = [[int(i) for i in g.split(",")] for g in text.split(";") if g.strip()]
+            start, end, parallel = int(start), int(end), int(parallel or 2)
+        else:
+            groups = [[int(i) for i in g.split(",")] for g in text.split(";") if g.strip()]
     except ValueError:
         raise ValueError(f"cannot read groups {text!r}: use START-END:P (e.g. 12-16:2) or "
                          f"'12,13;14,15'") from None
-    return CQILConfig(groups, bypass, bypass_mode)
+    if "-" not in text:
+        return CQILConfig(groups, bypass, bypass_mode)
+    if start >= end:
+        raise ValueError(f"groups {text!r}: the start layer {start} is not before the end {end} (START-END:P covers "
+                         f"layers START..END-1)")
+    return CQILConfig.from_range(start, end, parallel, bypass, bypass_mode)
 
 
 @dataclass
@@ -101,7 +107,8 @@ def run_demo(prompt: str = DEFAULT_PROMPT, groups: str = DEFAULT_GROUPS, bypass:
         eos = None
     else:
         print_fn(f"Loading {gguf.name} (dequantizing Q4_1) ...")
-        model = CQILLlama.from_pretrained(gguf, device=device, dtype=torch_dtype, progress=True)
+        # the grouping is checked against the model's config before any weight is read
+        model = CQILLlama.from_pretrained(gguf, cqil=cqil, device=device, dtype=torch_dtype, progress=True)
         print_fn("Loading its tokenizer from the GGUF ...")
         tokenizer = _gguf_tokenizer(gguf)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

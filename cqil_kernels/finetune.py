@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig
+from .files import atomic_write_bytes, load_safetensors, regular_file, safetensors_metadata
 
 TARGETS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -157,11 +158,93 @@ def _base_signature(model) -> list:
             [round(float(w.detach().double().sum()), 3) for w in probe]]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: an interrupted run leaves the previous complete checkpoint in place."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+CHECKPOINT_FORMAT = "cqil-finetune-checkpoint/1"
+
+
+def _adapter_name(key: tuple[int, str, str]) -> str:
+    return ".".join(map(str, key))
+
+
+def save_checkpoint(path: Path, *, state: dict, adapters: dict, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> None:
+    """Write a training checkpoint atomically (an interrupted run leaves the previous complete one).
+
+    One safetensors file: the adapters, the optimizer's tensors and the data-order RNG state as tensors;
+    everything else (step, plan, losses, the optimizer's hyper-parameters) as JSON in its metadata. Neither
+    part can run code when read, unlike a pickle."""
+    from safetensors.torch import save
+
+    tensors = {"generator": generator.get_state()}
+    for key, a in adapters.items():
+        tensors[f"adapter.{_adapter_name(key)}.A"] = a.lora_A.detach().cpu().contiguous()
+        tensors[f"adapter.{_adapter_name(key)}.B"] = a.lora_B.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for index, param_state in opt["state"].items():
+        for name, value in param_state.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {name!r} is a {type(value).__name__}, not a tensor")
+            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+    meta = dict(state, format=CHECKPOINT_FORMAT, adapters=[_adapter_name(k) for k in adapters],
+                param_groups=opt["param_groups"])
+    atomic_write_bytes(path, save(tensors, metadata={"cqil": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path, *, adapters: dict, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> dict:
+    """Read a checkpoint of save_checkpoint into the adapters, the optimizer and the generator, and
+    return its JSON part. ValueError naming the file for anything that is not such a checkpoint of this
+    run's adapters (nothing is changed then)."""
+    with open(regular_file(path, "checkpoint"), "rb") as f:
+        if f.read(2) == b"PK":  # torch.save's zip container
+            raise ValueError(f"{path}: a pickled checkpoint (torch.save, older versions of this package); it is "
+                             f"not read, because a pickle can run code: start the run again")
+    tensors = load_safetensors(path)
+    try:
+        meta = json.loads(safetensors_metadata(path)["cqil"])
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        names = [_adapter_name(k) for k in adapters]
+        if meta["adapters"] != names:
+            raise ValueError("it holds adapters for other layers or modules")
+        for key, a in adapters.items():
+            for which, param in (("A", a.lora_A), ("B", a.lora_B)):
+                t = tensors[f"adapter.{_adapter_name(key)}.{which}"]
+                if t.shape != param.shape or t.dtype != param.dtype or not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"adapter {_adapter_name(key)} lora_{which} is not a finite "
+                                     f"{tuple(param.shape)} {param.dtype} tensor")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for name, t in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, field = name.split(".", 2)
+                index = int(index)
+                if not 0 <= index < len(params):
+                    raise ValueError(f"optimizer state for parameter {index} of {len(params)}")
+                if t.dim() > 0 and (t.shape != params[index].shape or not bool(torch.isfinite(t).all())):
+                    raise ValueError(f"optimizer state {name} is not a finite {tuple(params[index].shape)} tensor")
+                state.setdefault(index, {})[field] = t
+        opt_state = {"state": state, "param_groups": meta["param_groups"]}
+        for k in ("step", "rank", "seed"):
+            if isinstance(meta[k], bool) or not isinstance(meta[k], int):
+                raise ValueError(f"{k} is not an int")
+        if not (isinstance(meta["steps"], list) and isinstance(meta["losses"], list)
+                and len(meta["steps"]) == len(meta["losses"]) == meta["step"]):
+            raise ValueError("its loss log does not match its step")
+        generator_state = tensors["generator"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a fine-tuning checkpoint this run can resume ({e})") from None
+    saved_rng = generator.get_state()
+    try:
+        generator.set_state(generator_state)
+        optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        generator.set_state(saved_rng)
+        raise ValueError(f"{path}: not a fine-tuning checkpoint this run can resume ({e})") from None
+    with torch.no_grad():
+        for key, a in adapters.items():
+            a.lora_A.copy_(tensors[f"adapter.{_adapter_name(key)}.A"])
+            a.lora_B.copy_(tensors[f"adapter.{_adapter_name(key)}.B"])
+    return meta
 
 
 def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: float | None = None,
@@ -214,29 +297,24 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     first = 1
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if resume:
-        if checkpoint is None or not checkpoint.is_file():
+        if checkpoint is None or not checkpoint.exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
-        state = torch.load(checkpoint, weights_only=False)
-        if state["base"] != _base_signature(model) or state["rank"] != rank or state["seed"] != seed:
+        state = load_checkpoint(checkpoint, adapters=adapters, optimizer=optimizer, generator=generator)
+        if state.get("base") != _base_signature(model) or state["rank"] != rank or state["seed"] != seed:
             raise ValueError(f"{checkpoint} was written for another base model, rank or seed")
         was = state.get("plan", {})
-        extends = (schedule == "constant" and {**was, "steps": steps} == plan and steps >= was.get("steps", 0))
+        extends = (schedule == "constant" and isinstance(was, dict) and {**was, "steps": steps} == plan
+                   and steps >= was.get("steps", 0))
         if was != plan and not extends:
             raise ValueError(f"{checkpoint} was written by a run with {was}; this one has {plan} (resume with the "
                              f"same --steps, --lr, --warmup and --schedule)")
-        for key, a in adapters.items():
-            a.lora_A.data.copy_(state["adapters"][repr(key)][0])
-            a.lora_B.data.copy_(state["adapters"][repr(key)][1])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         log = TrainLog(state["steps"], state["losses"])
         first = state["step"] + 1
 
     def save(step: int) -> None:
-        _save_checkpoint(checkpoint, dict(
-            step=step, rank=rank, seed=seed, plan=plan, base=_base_signature(model),
-            optimizer=optimizer.state_dict(), generator=generator.get_state(), steps=log.steps, losses=log.losses,
-            adapters={repr(k): (a.lora_A.detach().clone(), a.lora_B.detach().clone()) for k, a in adapters.items()}))
+        save_checkpoint(checkpoint, state=dict(step=step, rank=rank, seed=seed, plan=plan,
+                                               base=_base_signature(model), steps=log.steps, losses=log.losses),
+                        adapters=adapters, optimizer=optimizer, generator=generator)
 
     saved_backend, model.backend = model.backend, "torch"
     model.train()
@@ -246,6 +324,11 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
                 starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
                 x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
                 loss = kd_loss(model, x, temperature, ce_weight, autocast_dtype)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"the distillation loss became {loss.item()} at step {step} (lr "
+                                             f"{learning_rate(step, steps, lr, warmup, schedule):g}, temperature "
+                                             f"{temperature:g}): lower the learning rate; nothing was saved "
+                                             f"from this step")
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, steps, lr, warmup, schedule)
                 optimizer.zero_grad(set_to_none=True)
@@ -270,6 +353,10 @@ def save_adapter(model, out_dir, base_name: str = "") -> Path:
     adapters = getattr(model, "lora_adapters", None)
     if not adapters:
         raise ValueError("the model has no LoRA adapters to save (run finetune first)")
+    bad = [_adapter_name(k) for k, a in adapters.items()
+           if not (bool(torch.isfinite(a.lora_A).all()) and bool(torch.isfinite(a.lora_B).all()))]
+    if bad:
+        raise FloatingPointError(f"adapter {bad[0]} holds NaN or infinite values: not saved")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(adapters.values()))

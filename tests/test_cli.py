@@ -96,3 +96,75 @@ def test_calibrate_refuses_bad_input(tmp_path, capsys):
     assert "max_ppl_increase must be > 0" in capsys.readouterr().err
     assert main(["calibrate", "tiny", "--text", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cqil "), err
+    return lines[0]
+
+
+def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import random_hf_model
+
+    model_dir = tmp_path / "model"
+    random_hf_model().save_pretrained(model_dir)
+    (tmp_path / "text.ids").write_text(" ".join(str(i % 97) for i in range(300)))
+    (tmp_path / "groups.json").write_text(json.dumps({"cqil_layers": [[1, 2]]}))
+    base = ["eval", str(model_dir), "--text", str(tmp_path / "text.ids"), "--cqil", str(tmp_path / "groups.json"),
+            "--window", "64"]
+    assert main(base) == 0
+    capsys.readouterr()
+    weights = (model_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").write_bytes(weights[:len(weights) // 3])
+    assert main(base) == 2
+    assert "model.safetensors: not a readable safetensors file" in _error_line(capsys.readouterr().err)
+    save_file({"x": torch.zeros(1)}, str(model_dir / "model.safetensors"))
+    config = (model_dir / "config.json").read_text()
+    (model_dir / "config.json").write_text("[1, 2]")
+    assert main(base) == 2
+    assert "config.json: the model config must hold a JSON object" in _error_line(capsys.readouterr().err)
+    (model_dir / "config.json").write_text(config)
+    (tmp_path / "groups.json").write_text('"nope"')
+    assert main(base) == 2
+    assert "groups.json: the config file must hold a JSON object" in _error_line(capsys.readouterr().err)
+    assert main(["calibrate", "tiny", "--text", str(tmp_path / "text.ids"), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in _error_line(capsys.readouterr().err)
+    assert main(["demo", "--tiny", "--groups", "5-3:2"]) == 2
+    assert "start layer 5 is not before the end 3" in _error_line(capsys.readouterr().err)
+    assert main(["demo", "--tiny", "--device", "tpu"]) == 2
+    assert "device 'tpu'" in _error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(capsys):
+    assert main(["demo", "--tiny", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is usable here" in _error_line(capsys.readouterr().err)
+
+
+def test_a_grouping_beyond_the_model_is_refused_before_its_weights_are_read(tmp_path, capsys, monkeypatch):
+    import json
+
+    from cqil_kernels import checkpoint
+
+    from conftest import random_hf_model
+
+    random_hf_model().save_pretrained(tmp_path / "model")  # 6 layers
+    (tmp_path / "text.ids").write_text(" ".join(str(i % 97) for i in range(300)))
+    (tmp_path / "groups.json").write_text(json.dumps({"cqil_layers": [[5, 6]]}))
+
+    def no_reading(*args):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(checkpoint, "_iter_weight_file", no_reading)
+    capsys.readouterr()
+    for command in (["eval", "--cqil", str(tmp_path / "groups.json")],
+                    ["finetune", "--cqil", str(tmp_path / "groups.json"), "--out", str(tmp_path / "out")]):
+        assert main([command[0], str(tmp_path / "model"), "--text", str(tmp_path / "text.ids"), *command[1:]]) == 2
+        assert "layer index 6 is outside the model" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -1,9 +1,12 @@
 """finetune.py on tiny random models: only adapters train, the loss falls, the saved adapter applies."""
 
+import json
+
 import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.files import safetensors_metadata
 from cqil_kernels.finetune import add_lora, finetune, kd_loss, save_adapter
 
 from conftest import random_hf_model
@@ -120,7 +123,7 @@ def test_resume_reaches_the_same_weights(tmp_path):
     full = _model()
     finetune(full, _text(), steps=8, rank=2, window=32, batch=2, seed=4)
     first = _model()
-    finetune(first, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck.pt",
+    finetune(first, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck.st",
              checkpoint_every=3)
 
     def interrupt_at_5(step, loss):
@@ -129,11 +132,11 @@ def test_resume_reaches_the_same_weights(tmp_path):
 
     # a run interrupted at step 5 leaves the checkpoint of step 3; a fresh model resumes it to step 8
     with pytest.raises(KeyboardInterrupt):
-        finetune(_model(), _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
+        finetune(_model(), _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.st",
                  checkpoint_every=3, progress=interrupt_at_5)
-    assert torch.load(tmp_path / "ck2.pt", weights_only=False)["step"] == 3
+    assert json.loads(safetensors_metadata(tmp_path / "ck2.st")["cqil"])["step"] == 3
     resumed = _model()
-    log = finetune(resumed, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.pt",
+    log = finetune(resumed, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.st",
                    resume=True)
     assert log.steps == list(range(1, 9))
     for key, a in full.lora_adapters.items():
@@ -141,10 +144,10 @@ def test_resume_reaches_the_same_weights(tmp_path):
         assert torch.equal(first.lora_adapters[key].lora_A, a.lora_A), key
     with pytest.raises(ValueError, match="another base model"):
         finetune(_model(seed=42), _text(), steps=8, rank=2, window=32, batch=2, seed=4,
-                 checkpoint=tmp_path / "ck2.pt", resume=True)
+                 checkpoint=tmp_path / "ck2.st", resume=True)
     with pytest.raises(ValueError, match="same --steps"):  # the cosine schedule depends on the run's length
         finetune(_model(), _text(), steps=9, rank=2, window=32, batch=2, seed=4,
-                 checkpoint=tmp_path / "ck2.pt", resume=True)
+                 checkpoint=tmp_path / "ck2.st", resume=True)
 
 
 def test_a_constant_schedule_can_be_extended(tmp_path):
@@ -152,13 +155,13 @@ def test_a_constant_schedule_can_be_extended(tmp_path):
     full = _model()
     finetune(full, _text(), steps=7, **kw)
     part = _model()
-    finetune(part, _text(), steps=4, checkpoint=tmp_path / "ck.pt", **kw)
+    finetune(part, _text(), steps=4, checkpoint=tmp_path / "ck.st", **kw)
     longer = _model()
-    finetune(longer, _text(), steps=7, checkpoint=tmp_path / "ck.pt", resume=True, **kw)
+    finetune(longer, _text(), steps=7, checkpoint=tmp_path / "ck.st", resume=True, **kw)
     for key, a in full.lora_adapters.items():
         assert torch.equal(longer.lora_adapters[key].lora_B, a.lora_B), key
     with pytest.raises(ValueError, match="same --steps"):
-        finetune(_model(), _text(), steps=7, checkpoint=tmp_path / "ck.pt", resume=True, **{**kw, "lr": 2e-3})
+        finetune(_model(), _text(), steps=7, checkpoint=tmp_path / "ck.st", resume=True, **{**kw, "lr": 2e-3})
 
 
 def test_learning_rate_schedule():
@@ -251,3 +254,119 @@ def test_cli_refuses_an_invalid_grouping_before_training(tmp_path, capsys):
                      str(tmp_path / "text.pt"), "--steps", "2", "--window", "64", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()  # nothing written
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints that cannot run code, outputs that are replaced whole, runs that fail loudly
+
+
+def _error(err: str) -> str:
+    """The one error line `cqil` printed (the progress bar also writes to stderr)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _cli_args(tmp_path, out, *extra):
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "text.pt")
+    CQILConfig(groups=((4, 5), (6, 7))).save(tmp_path / "groups.json")
+    return ["finetune", "tiny", "--cqil", str(tmp_path / "groups.json"), "--text", str(tmp_path / "text.pt"),
+            "--steps", "4", "--lora-rank", "2", "--window", "32", "--batch", "2", "--checkpoint-every", "2",
+            "--out", str(out), *extra]
+
+
+def test_a_crafted_checkpoint_never_runs_code(tmp_path, capsys):
+    from cqil_kernels.cli import main
+    from conftest import write_malicious_pickle
+
+    out = tmp_path / "adapter"
+    marker = tmp_path / "pwned"
+    for folder, name in ((out, "checkpoint.pt"), (out.with_name("adapter.partial"), "checkpoint.safetensors")):
+        folder.mkdir(exist_ok=True)
+        write_malicious_pickle(folder / name, marker)
+        assert main(_cli_args(tmp_path, out, "--resume")) == 2
+        assert "a pickle can run code" in _error(capsys.readouterr().err)
+        assert not marker.exists()
+    with pytest.raises(ValueError, match="a pickle can run code"):
+        finetune(_model(), _text(), steps=2, rank=2, window=32, checkpoint=out / "checkpoint.pt", resume=True)
+    assert not marker.exists()
+
+
+def test_a_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    out = tmp_path / "adapter"
+    assert main(_cli_args(tmp_path, out)) == 0
+    checkpoint = out / "checkpoint.safetensors"
+    data = checkpoint.read_bytes()
+    work = out.with_name("adapter.partial")
+    work.mkdir()
+    (work / "checkpoint.safetensors").write_bytes(data[:len(data) // 2])
+    assert main(_cli_args(tmp_path, out, "--resume")) == 2
+    assert "not a readable safetensors file" in _error(capsys.readouterr().err)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(work / "checkpoint.safetensors"), metadata={"cqil": "[]"})
+    with pytest.raises(ValueError, match="not a fine-tuning checkpoint this run can resume"):
+        finetune(_model(), _text(), steps=2, rank=2, window=32, checkpoint=work / "checkpoint.safetensors",
+                 resume=True)
+
+
+def test_overwrite_replaces_the_output_whole_even_when_interrupted(tmp_path, monkeypatch, capsys):
+    from cqil_kernels import cli, finetune as ft
+
+    out = tmp_path / "adapter"
+    assert cli.main(_cli_args(tmp_path, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real = ft.kd_loss
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "kd_loss", interrupted)
+    assert cli.main(_cli_args(tmp_path, out, "--overwrite", "--seed", "7")) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old adapter, whole
+    assert (out.with_name("adapter.partial") / "checkpoint.safetensors").is_file()
+    monkeypatch.setattr(ft, "kd_loss", real)
+    assert cli.main(_cli_args(tmp_path, out, "--resume", "--seed", "7")) == 0  # resumes the interrupted run
+    assert not out.with_name("adapter.partial").exists()
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before) and after["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "groups.json", "text.pt"]
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_nothing(tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    out = tmp_path / "adapter"
+    assert main(_cli_args(tmp_path, out, "--lr", "1e30")) == 2
+    assert "loss became nan" in _error(capsys.readouterr().err)
+    assert not out.exists() and not out.with_name("adapter.partial").exists()
+    assert main(_cli_args(tmp_path, out, "--temperature", "0")) == 2
+    assert not out.exists() and not out.with_name("adapter.partial").exists()
+    model = _model()
+    finetune(model, _text(), steps=2, rank=2, window=32)
+    next(iter(model.lora_adapters.values())).lora_B.data.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        save_adapter(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_output_paths_that_cannot_work_are_refused_before_training(tmp_path, capsys):
+    from cqil_kernels.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    assert main(_cli_args(tmp_path, tmp_path / "a_file")) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(_cli_args(tmp_path, tmp_path / "missing" / "adapter")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_cli_args(tmp_path, tmp_path / "adapter", "--resume")) == 2
+    assert "no checkpoint.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.partial").exists()
