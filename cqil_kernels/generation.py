@@ -6,23 +6,34 @@ Works on any model with CQILLlama's interface: `model(input_ids, attention_mask,
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    """TypeError / ValueError unless input_ids is a [B, T] integer tensor of tokens < vocab_size."""
+# Integer dtypes whose every value is an int64 (the unsigned 16/32/64-bit types have few kernels in torch).
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
+    """input_ids as int64 (same device); TypeError / ValueError unless it is a [B, T] integer tensor of
+    tokens in [0, vocab_size)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"input_ids must hold integer token ids (int64, int32, int16, int8 or uint8), got dtype "
+                        f"{input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+    input_ids = input_ids.long()
     low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return input_ids
 
 
 def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
@@ -44,13 +55,34 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tenso
 
 
 def _eos_set(eos_token_id, vocab_size: int) -> list[int]:
+    """The eos ids as a list of ints: an int (numpy and 0-d tensor integers too), or a list / tuple /
+    1-d tensor of them."""
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
-            raise ValueError(f"eos_token_id {i!r} is not a token id in [0, {vocab_size})")
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.dim() > 1 or eos_token_id.dtype not in ID_DTYPES:
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got a tensor of shape "
+                             f"{tuple(eos_token_id.shape)} and dtype {eos_token_id.dtype}")
+        eos_token_id = eos_token_id.tolist()
+    many = isinstance(eos_token_id, (list, tuple))
+    ids = []
+    for i in (eos_token_id if many else [eos_token_id]):
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            value = operator.index(i)  # int, numpy integers; not floats or strings
+        except TypeError:
+            raise ValueError(f"eos_token_id {i!r} is not a token id (an int)") from None
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"eos_token_id {value} is not a token id in [0, {vocab_size})")
+        ids.append(value)
+    if many and not ids:
+        raise ValueError("eos_token_id is an empty list (pass None for no eos)")
     return ids
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -71,7 +103,10 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     """logits: [B, vocab] -> next tokens [B] (argmax, or a draw after temperature / top-k / top-p)."""
     if not do_sample:
         return greedy(logits)
-    logits = logits.float() / temperature
+    # Shift by the row maximum before scaling, so that a tiny temperature sends the other logits to -inf
+    # (a greedy draw) instead of the maximum to inf (NaN probabilities).
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -90,8 +125,7 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
                         eos_token_id, attention_mask, generator, seed):
     """Check generate()'s arguments (ValueError/TypeError naming the problem) before any work.
     Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids)."""
-    check_input_ids(input_ids, args.vocab_size)
-    input_ids = input_ids.to(device)
+    input_ids = check_input_ids(input_ids, args.vocab_size).to(device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, input_ids)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -102,13 +136,15 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
         raise ValueError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"max_position_embeddings ({args.max_position_embeddings})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not (_number(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         if seed is not None:

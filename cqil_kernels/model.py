@@ -213,8 +213,7 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
     """What forward() checks before anything runs, for CQILLlama and for a rank of a multi-GPU run
     (parallel/rank.py): token ids within the vocabulary, the mask, and a cache that fits `model` (its
     `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
-    check_input_ids(input_ids, model.args.vocab_size)
-    input_ids = input_ids.to(model.device)
+    input_ids = check_input_ids(input_ids, model.args.vocab_size).to(model.device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, input_ids)
     B, T = input_ids.shape

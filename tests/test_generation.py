@@ -123,9 +123,9 @@ def test_generation_limits_and_bad_arguments():
         model(ids[:, :3], cache=cache)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         model.generate(ids, 0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         model.generate(ids, 2, do_sample=True, temperature=0)
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match="top_p must be a number in"):
         model.generate(ids, 2, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="top_k must be an int >= 1"):
         model.generate(ids, 2, do_sample=True, top_k=0)
@@ -160,3 +160,40 @@ def test_greedy_on_cuda_is_the_triton_argmax(monkeypatch):
     logits = torch.randn(3, 49152, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(greedy(logits), logits.argmax(-1)) and calls == [(3, 49152)]
     assert torch.equal(greedy(logits.double()), logits.double().argmax(-1)) and len(calls) == 1  # torch's
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_integer_ids_give_the_int64_result(dtype):
+    model = CQILLlama.from_pretrained(random_hf_model())
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.to(dtype)), model(ids), rtol=0, atol=0)
+    assert torch.equal(model.generate(ids.to(dtype), 3), model.generate(ids, 3))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(ids.to(torch.uint16))
+
+
+def test_sampling_arguments_at_their_limits():
+    import numpy as np
+
+    model = CQILLlama.from_pretrained(random_hf_model())
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    greedy_out = model.generate(ids, 4)
+    # a temperature so small that logits / temperature overflow: a greedy draw, not a NaN
+    assert torch.equal(model.generate(ids, 4, do_sample=True, temperature=1e-45, seed=0), greedy_out)
+    first = int(greedy_out[0, 5])
+    for eos in (np.int64(first), [np.int32(first)], torch.tensor(first), torch.tensor([first, 3])):
+        out = model.generate(ids, 4, eos_token_id=eos)
+        assert int(out[0, 5]) == first and (out[0, 5:] == first).all()
+    for bad, message in ((float("inf"), "temperature must be a finite number"),
+                         (float("nan"), "temperature must be a finite number"),
+                         ("1", "temperature must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, 2, do_sample=True, temperature=bad)
+    for bad in (2.0, "2", [], True):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            model.generate(ids, 2, eos_token_id=bad)
+    with pytest.raises(ValueError, match="top_p must be a number"):
+        model.generate(ids, 2, do_sample=True, top_p="0.5")
+    with pytest.raises(ValueError, match="seed must be an int"):
+        model.generate(ids, 2, do_sample=True, seed="7")
