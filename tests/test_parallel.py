@@ -20,6 +20,8 @@ from conftest import left_padding_mask, random_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 8
+# The environment of CPU rank processes, also on a machine with GPUs: no GPU visible, Triton interpreted.
+CPU_RANKS = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +263,7 @@ def _run_ranks(tmp_path: Path, source: str, n: int, *args: str, timeout: int) ->
     fails with TimeoutExpired)."""
     script = tmp_path / "ranks.py"
     script.write_text(source)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), *args],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), *args], env=CPU_RANKS,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -400,6 +402,7 @@ def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, 
     microbatch_rows <= 6: the prompt (2 rows x 7 tokens) runs its grouped stages as two micro-batches
     of tokens 0-2 and 3-6, the second attending to the first's keys in the cache (rank.py)."""
     monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", blas_rows)  # the spawned ranks inherit it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU ranks: the interpreter, also on a machine with a GPU
     world, cqil, options = CASES[case]
     options = {**options, "microbatch_rows": microbatch_rows}
     single = _single(checkpoint, cqil)
@@ -452,9 +455,10 @@ def test_microbatch_span_and_overlapped_down_reduce():
     fake = SimpleNamespace(reducer=SimpleNamespace(all_reduce_async=all_reduce_async))
     g = torch.Generator().manual_seed(0)
     M, D, F = 37, 24, 40
-    act, residual = torch.randn(1, M, F, generator=g), torch.randn(M, D, generator=g)
-    w = SimpleNamespace(down=torch.randn(1, D, F, generator=g), down_bias=None)
-    h = torch.randn(M, D, generator=g)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where this process runs the kernels
+    act, residual = torch.randn(1, M, F, generator=g).to(device), torch.randn(M, D, generator=g).to(device)
+    w = SimpleNamespace(down=torch.randn(1, D, F, generator=g).to(device), down_bias=None)
+    h = torch.randn(M, D, generator=g).to(device)
     torch.testing.assert_close(RankModel._down_reduce(fake, act, w, residual, h, overlap=True).wait(),
                                group_down_sum(act, w.down, residual))
     assert torch.equal(RankModel._down_reduce(fake, None, None, None, h, overlap=True).wait(), torch.zeros_like(h))
@@ -575,3 +579,79 @@ def test_ranks_run_without_triton(checkpoint, tmp_path):
     codes, outs = _run_ranks(tmp_path, _NO_TRITON, 2, str(checkpoint), timeout=120)
     assert codes == [0] * len(codes), outs
     assert [out.count("no triton OK") for out in outs] == [1, 1], outs
+
+
+# --------------------------------------------------------------------------------------------------
+# A user's mistake leaves the model usable; dropped caches are freed; a stopped rank is noticed
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    with CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                   dtype=torch.float32, backend="torch", timeout_s=120) as model:
+        yield model
+
+
+def _usable(model):
+    assert model(torch.zeros(1, 2, dtype=torch.long)).shape == (1, 2, model.args.vocab_size)
+
+
+def test_recoverable_errors_leave_the_model_usable(served):
+    cache = served.new_cache(1, 8)
+    served.release_cache(cache)
+    with pytest.raises(ValueError, match="was released"):
+        served(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="already released"):
+        served.release_cache(cache)
+    with pytest.raises(ValueError, match="rank 0: KV cache 999 was released"):  # the ranks' own check
+        served._call("forward", input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=None, cache=999)
+    _usable(served)
+    with pytest.raises(RuntimeError, match="cannot make a KV cache of batch 1000000000"):
+        served.new_cache(10**9, 64)  # more memory than any machine has: refused by every rank
+    assert [s["kv_caches"] for s in served.rank_stats()] == [0, 0]  # nothing half-made is left
+    _usable(served)
+
+
+def test_dropped_cache_handles_free_the_ranks_memory(served):
+    import gc
+
+    caches = [served.new_cache(2, 32) for _ in range(3)]
+    stats = served.rank_stats()
+    assert [s["kv_caches"] for s in stats] == [3, 3] and stats[0]["kv_cache_bytes"] > 0
+    del caches
+    gc.collect()
+    _usable(served)  # the next call frees them
+    assert [s["kv_caches"] for s in served.rank_stats()] == [0, 0]
+
+
+def test_a_stopped_rank_is_noticed_by_its_heartbeat(checkpoint):
+    import signal
+
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch", heartbeat_timeout_s=3,
+                                      timeout_s=None)
+    procs = list(model._procs)
+    _usable(model)
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankError, match="rank 1 .* stopped responding: no heartbeat"):
+            model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+        assert time.monotonic() - start < 30
+        assert not any(p.is_alive() for p in procs)  # SIGKILL ends a stopped process too
+    finally:
+        if procs[1].is_alive():
+            os.kill(procs[1].pid, signal.SIGKILL)
+
+
+def test_start_and_calls_have_separate_time_limits(checkpoint):
+    # a start that takes seconds is bounded by start_timeout_s, not by the per-call limit
+    with CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                   dtype=torch.float32, backend="torch", timeout_s=0.5) as model:
+        model.rank_stats()
+    with pytest.raises(RankError, match="start: no reply"):
+        CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                  dtype=torch.float32, backend="torch", start_timeout_s=0.2)
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="must be a number of seconds"):
+            CQILLlama.from_pretrained(checkpoint, devices=["cpu", "cpu"], timeout_s=bad)

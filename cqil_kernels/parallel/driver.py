@@ -11,7 +11,12 @@ result back. generate() runs its whole loop inside the ranks (one round trip per
 Faults: the driver waits on the workers' replies and on their process handles together, so a rank that
 raises or dies makes the call raise at once, with that rank's error and traceback; the other workers are
 then terminated (a rank blocked in a collective with a dead peer cannot be woken otherwise) and the model
-is closed. close() (or leaving a `with` block, or interpreter exit) stops the workers.
+is closed. A rank that stops without dying (SIGSTOP, a hang in native code that holds the GIL) stops its
+heartbeat, a thread that stamps the time into shared memory every HEARTBEAT_INTERVAL_S: after
+heartbeat_timeout_s without one, the call fails the same way. Every call has a time limit too
+(timeout_s; start-up has its own, start_timeout_s). A request the ranks refuse before any collective runs
+(a KV cache that was released, one too large to allocate) raises in the driver and leaves the model
+usable. close() (or leaving a `with` block, or interpreter exit) stops the workers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from ..generation import check_attention_mask, check_generate_args, check_input_
 from . import disable_multicast
 
 START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
+CALL_TIMEOUT_S = 900.0  # one forward / generate / ... call, unless the model is built with another limit
+HEARTBEAT_INTERVAL_S = 0.5
+# A rank's heartbeat thread needs the GIL: native code that holds it (a Triton compile of one kernel takes
+# a few seconds) delays the beat, so the limit is generous.
+HEARTBEAT_TIMEOUT_S = 60.0
 
 
 class RankError(RuntimeError):
@@ -47,14 +57,24 @@ class RankError(RuntimeError):
         self.rank = rank
 
 
-@dataclass
+@dataclass(eq=False)
 class RemoteCache:
-    """A KV cache that lives in the ranks (ParallelCQILLlama.new_cache); pass it to forward(cache=...)."""
+    """A KV cache that lives in the ranks (ParallelCQILLlama.new_cache); pass it to forward(cache=...).
+    Its memory in the ranks is freed by release_cache(), or once this handle is garbage-collected."""
 
     id: int
     batch: int
     max_seq: int
     length: int = 0
+
+
+class _Refused(Exception):
+    """Raised in a rank for a request refused before any collective ran (every rank refuses it alike, or
+    the request has no collective at all): the driver re-raises `error` and the ranks go on serving."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 def check_devices(devices) -> list[torch.device]:
@@ -97,12 +117,22 @@ class ParallelCQILLlama:
     """
 
     def __init__(self, src, cqil=None, *, devices, dtype=None, lora=None, backend: str = "auto",
-                 one_shot: bool | None = None, output_device=None, timeout_s: float | None = None,
+                 one_shot: bool | None = None, output_device=None, timeout_s: float | None = CALL_TIMEOUT_S,
+                 start_timeout_s: float | None = START_TIMEOUT_S,
+                 heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
                  bypass_exchange: str = "all_reduce", microbatch_rows: int = 512):
+        """timeout_s: the time limit of each call (None: none); start_timeout_s: of loading the ranks;
+        heartbeat_timeout_s: how long a rank may go without a heartbeat during a call (None: not
+        watched). On any of them the call raises RankError and the ranks are stopped."""
         from .rank import check_bypass_exchange, check_microbatch_rows
 
         check_bypass_exchange(bypass_exchange)
         check_microbatch_rows(microbatch_rows)
+        for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
+                            ("heartbeat_timeout_s", heartbeat_timeout_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
         self.devices = check_devices(devices)
         self.world = len(self.devices)
         if isinstance(src, torch.nn.Module):
@@ -112,10 +142,13 @@ class ParallelCQILLlama:
             raise TypeError(f"src must be a checkpoint path, got {type(src).__name__}")
         if not Path(src).exists():
             raise FileNotFoundError(f"{src}: no such checkpoint directory or file")
-        self.timeout_s = timeout_s
+        self.timeout_s, self.heartbeat_timeout_s = timeout_s, heartbeat_timeout_s
         self.output_device = torch.device(output_device) if output_device is not None else self.devices[0]
         self._closed = True
         self._ids = itertools.count(1)
+        self._live_caches: set[int] = set()
+        self._dropped_caches: list[int] = []  # handles collected without release_cache(): freed on the next call
+        self._cache_finalizers: dict[int, weakref.finalize] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="cqil-rdzv-")
         ctx = mp.get_context("spawn")
         backend_name = "nccl" if self.devices[0].type == "cuda" else "gloo"
@@ -124,11 +157,12 @@ class ParallelCQILLlama:
                     microbatch_rows=microbatch_rows)
         init = f"file://{self._tmp.name}/store"
         self._conns, self._procs = [], []
+        self._beats = ctx.Array("d", self.world, lock=False)  # each rank's last heartbeat (time.monotonic)
         disable_multicast()  # the spawned ranks inherit the environment
         for rank, device in enumerate(self.devices):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, daemon=True, name=f"cqil-rank{rank}",
-                               args=(rank, self.world, str(device), backend_name, init, load, child))
+                               args=(rank, self.world, str(device), backend_name, init, load, child, self._beats))
             proc.start()
             child.close()
             self._conns.append(parent)
@@ -136,7 +170,7 @@ class ParallelCQILLlama:
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._conns, self._procs, self._tmp)
         atexit.register(self._finalizer)
-        info = self._collect("start", START_TIMEOUT_S if timeout_s is None else timeout_s)
+        info, _ = self._collect("start", start_timeout_s, watch_heartbeats=False)
         self.args, self._cqil = info[0]["args"], info[0]["cqil"]
         self.dtype = info[0]["dtype"]
         self.memory_per_rank = [i["parameter_bytes"] for i in info]
@@ -182,13 +216,15 @@ class ParallelCQILLlama:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: RemoteCache | None = None) -> torch.Tensor:
         """CQILLlama.forward: input_ids [B, T] -> logits [B, T, vocab] on output_device."""
-        check_input_ids(input_ids, self.args.vocab_size)
+        input_ids = check_input_ids(input_ids, self.args.vocab_size)
         if attention_mask is not None:
             attention_mask = check_attention_mask(attention_mask, input_ids).cpu()
         B, T = input_ids.shape
         if cache is not None:
             if not isinstance(cache, RemoteCache):
                 raise TypeError(f"cache must come from this model's new_cache(), got {type(cache).__name__}")
+            if cache.id not in self._live_caches:
+                raise ValueError(f"KV cache {cache.id} was released (release_cache) or made by another model")
             if B != cache.batch:
                 raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
             if cache.length + T > cache.max_seq:
@@ -210,10 +246,19 @@ class ParallelCQILLlama:
                              f"({self.args.max_position_embeddings})")
         cache = RemoteCache(next(self._ids), batch, max_seq)
         self._call("new_cache", id=cache.id, batch=batch, max_seq=max_seq)
+        self._live_caches.add(cache.id)
+        # the finalizer must not hold the model: it only queues the id for the next call to free
+        self._cache_finalizers[cache.id] = weakref.finalize(cache, self._dropped_caches.append, cache.id)
         return cache
 
     def release_cache(self, cache: RemoteCache) -> None:
-        """Free a cache's memory in the ranks."""
+        """Free a cache's memory in the ranks (also done when the handle is garbage-collected)."""
+        if not isinstance(cache, RemoteCache):
+            raise TypeError(f"cache must come from this model's new_cache(), got {type(cache).__name__}")
+        if cache.id not in self._live_caches:
+            raise ValueError(f"KV cache {cache.id} was already released or made by another model")
+        self._cache_finalizers.pop(cache.id).detach()
+        self._live_caches.discard(cache.id)
         self._call("release_cache", id=cache.id)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
@@ -228,16 +273,18 @@ class ParallelCQILLlama:
                       eos_token_id=eos_token_id, seed=seed)
         if do_sample and seed is None:
             kwargs["seed"] = int(torch.randint(0, 2**62, ()).item())  # one draw, the same in every rank
-        input_ids, attention_mask, _, _ = check_generate_args(
+        input_ids, attention_mask, _, eos = check_generate_args(
             self.args, "cpu", input_ids, max_new_tokens, attention_mask=attention_mask, generator=None,
             **kwargs)
+        kwargs["eos_token_id"] = eos or None  # plain ints for the ranks
         out = self._call("generate", input_ids=input_ids, max_new_tokens=max_new_tokens,
                          attention_mask=attention_mask, **kwargs)
         return out.to(self.output_device)
 
     def rank_stats(self) -> list[dict]:
         """Every rank's RankModel.stats() with its rank: device, parameter bytes, peak device memory,
-        group reductions by path (and the last fallback reason), bypass exchange, decode in a graph."""
+        group reductions by path (and the last fallback reason), bypass exchange, decode in a graph, and
+        the KV caches it holds (kv_caches, kv_cache_bytes)."""
         return self._call("stats", all_ranks=True)
 
     # ----------------------------------------------------------------------------------------------
@@ -245,33 +292,68 @@ class ParallelCQILLlama:
     def _call(self, command: str, all_ranks: bool = False, **payload) -> Any:
         if self._closed:
             raise RuntimeError("this model is closed (close() was called, or a rank failed)")
+        dropped = []
+        while self._dropped_caches:
+            cache_id = self._dropped_caches.pop()
+            if cache_id in self._live_caches:
+                self._live_caches.discard(cache_id)
+                self._cache_finalizers.pop(cache_id, None)
+                dropped.append(cache_id)
         for conn in self._conns:
             try:
-                conn.send((command, payload))
+                conn.send((command, dict(payload, release=dropped)))
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 pass  # the worker is gone; _collect reports which and why
-        results = self._collect(command, self.timeout_s)
+        results, refused = self._collect(command, self.timeout_s)
+        if refused:
+            if command == "new_cache":  # the ranks that made it free it again: no rank keeps a cache the driver lacks
+                self._call("release_cache", id=payload["id"])
+            rank, error = refused[0]
+            raise type(error)(f"rank {rank}: {error}") from None
         return results if all_ranks else results[0]
 
-    def _collect(self, command: str, timeout_s: float | None) -> list:
-        """Every rank's reply to `command`; RankError as soon as one fails or dies (then all stop).
-        Interrupted (Ctrl-C) while the ranks work, the model is closed: the ranks' state is unknown."""
+    def _collect(self, command: str, timeout_s: float | None, watch_heartbeats: bool = True):
+        """(every rank's reply to `command`, [(rank, error) of the ranks that refused it]); RankError as
+        soon as one fails, dies or stops beating (then all stop). Interrupted (Ctrl-C) while the ranks
+        work, the model is closed: the ranks' state is unknown."""
         try:
-            return self._replies(command, timeout_s)
+            return self._replies(command, timeout_s, watch_heartbeats)
         except BaseException:
             self._shutdown_all()
             raise
 
-    def _replies(self, command: str, timeout_s: float | None) -> list:
+    def _silent_rank(self, ranks) -> tuple[int, float] | None:
+        """(rank, seconds since its last heartbeat) of the first of `ranks` past heartbeat_timeout_s."""
+        if self.heartbeat_timeout_s is None:
+            return None
+        now = time.monotonic()
+        for rank in sorted(ranks):
+            beat = self._beats[rank]
+            if beat and now - beat > self.heartbeat_timeout_s:
+                return rank, now - beat
+        return None
+
+    def _replies(self, command: str, timeout_s: float | None, watch_heartbeats: bool):
         pending = dict(enumerate(self._conns))
         results: list = [None] * self.world
+        refused: list = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
+        watch = watch_heartbeats and self.heartbeat_timeout_s is not None
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait(list(pending.values()) + list(sentinels), timeout=left)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if watch:  # wake at least every second to look at the heartbeats
+                timeout = 1.0 if timeout is None else min(timeout, 1.0)
+            ready = wait(list(pending.values()) + list(sentinels), timeout=timeout)
             if not ready:
-                self._fail(f"{command}: no reply from rank(s) {sorted(pending)} within {timeout_s} s", -1)
+                silent = self._silent_rank(pending) if watch else None
+                if silent is not None:
+                    rank, quiet = silent
+                    self._fail(f"{command}: rank {rank} (pid {self._procs[rank].pid}) stopped responding: no "
+                               f"heartbeat for {quiet:.0f} s (stopped, or hung in native code)", rank)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._fail(f"{command}: no reply from rank(s) {sorted(pending)} within {timeout_s} s", -1)
+                continue
             for obj in ready:
                 rank = next((r for r, c in pending.items() if c is obj), None)
                 if rank is not None:
@@ -285,6 +367,8 @@ class ParallelCQILLlama:
                             self._shutdown_all()
                             raise type(exc)(f"rank {rank}: {exc}") from None
                         self._fail(f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}", rank)
+                    if status == "refused":
+                        refused.append((rank, value))
                     results[rank] = value
                     del pending[rank]
                 else:  # a rank exited: while a call is in flight, that is a failure
@@ -292,7 +376,7 @@ class ParallelCQILLlama:
                     if rank in pending and pending[rank].poll():  # its last words are in the pipe: read first
                         continue
                     self._fail(self._death(rank), rank)
-        return results
+        return results, refused
 
     def _death(self, rank: int) -> str:
         proc = self._procs[rank]
@@ -335,11 +419,20 @@ def _shutdown(conns, procs, tmp) -> None:
 # The worker: one rank
 
 
-def _worker_main(rank: int, world: int, device: str, backend: str, init: str, load: dict, conn) -> None:
+def _heartbeat(beats, rank: int) -> None:
+    while True:
+        beats[rank] = time.monotonic()
+        time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def _worker_main(rank: int, world: int, device: str, backend: str, init: str, load: dict, conn, beats) -> None:
+    import threading
+
     import torch.distributed as dist
 
     from .rank import RankModel
 
+    threading.Thread(target=_heartbeat, args=(beats, rank), daemon=True, name="cqil-heartbeat").start()
     try:
         device = torch.device(device)
         if device.type == "cuda":
@@ -367,6 +460,9 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
             break
         try:
             result = _run(model, caches, command, payload, rank)
+        except _Refused as refusal:
+            conn.send(("refused", refusal.error))
+            continue
         except BaseException as e:  # noqa: BLE001
             _report(conn, e)
             os._exit(1)
@@ -376,23 +472,39 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
     os._exit(0)
 
 
+def _cache(caches: dict, cache_id: int | None):
+    """The rank's cache `cache_id`; a missing one is refused alike on every rank, before any collective."""
+    if cache_id is None:
+        return None
+    if cache_id not in caches:
+        raise _Refused(ValueError(f"KV cache {cache_id} was released"))
+    return caches[cache_id]
+
+
 def _run(model, caches: dict, command: str, payload: dict, rank: int):
+    for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
+        caches.pop(cache_id, None)
     if command == "forward":
-        cache = caches[payload["cache"]] if payload["cache"] is not None else None
+        cache = _cache(caches, payload["cache"])
         logits = model(payload["input_ids"], payload["attention_mask"], cache=cache).cpu()
         model.reducer.check_health()  # after the copy: every reduction of this call has finished
         return logits if rank == 0 else None
     if command == "generate":
         out = model.generate(payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)
         return out.cpu() if rank == 0 else None
-    if command == "new_cache":
-        caches[payload["id"]] = model.new_cache(payload["batch"], payload["max_seq"])
+    if command == "new_cache":  # no collective: any failure (out of memory) leaves the ranks consistent
+        try:
+            caches[payload["id"]] = model.new_cache(payload["batch"], payload["max_seq"])
+        except (RuntimeError, ValueError, MemoryError) as e:
+            raise _Refused(type(e)(f"cannot make a KV cache of batch {payload['batch']} x {payload['max_seq']} "
+                                   f"positions: {str(e).splitlines()[0] if str(e) else type(e).__name__}")) from None
         return None
     if command == "release_cache":
         caches.pop(payload["id"], None)
         return None
     if command == "stats":
-        return {"rank": rank, **model.stats()}
+        kv_bytes = sum(t.numel() * t.element_size() for c in caches.values() for t in (*c.k, *c.v))
+        return {"rank": rank, **model.stats(), "kv_caches": len(caches), "kv_cache_bytes": kv_bytes}
     if command == "_test_fault":  # tests: make this rank raise or die mid-call
         if payload.get("rank") == rank:
             if payload["how"] == "raise":
