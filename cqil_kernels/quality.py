@@ -43,7 +43,9 @@ def layer_input_similarity(model, ids: torch.Tensor, window: int = 512) -> torch
     """[L, L] mean over tokens of cos(x_i, x_j), x_l the hidden state entering layer l (original order).
 
     ids: token ids (any shape; read as one text), cut into windows of `window` tokens run one at a
-    time with the model's grouping switched off. Memory: one window's L inputs at a time.
+    time with the model's grouping switched off. Memory: one window's L inputs at a time. The pass runs
+    the torch backend: the inputs are read by hooks on the layer modules, which the fused backend never
+    calls.
     """
     ids = _check_ids(ids, model.args.vocab_size, 2, "ids")
     if window < 2:
@@ -54,6 +56,7 @@ def layer_input_similarity(model, ids: torch.Tensor, window: int = 512) -> torch
     inputs = [None] * L
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, l=l: inputs.__setitem__(l, args[0])) for l, layer in enumerate(model.layers)]
+    saved_backend, model.backend = model.backend, "torch"
     try:
         with model.grouping(CQILConfig()):
             for begin in range(0, ids.numel(), window):
@@ -63,6 +66,7 @@ def layer_input_similarity(model, ids: torch.Tensor, window: int = 512) -> torch
                 gram += torch.einsum("ind,jnd->ij", x, x).double().cpu()
                 count += chunk.numel()
     finally:
+        model.backend = saved_backend
         for hook in hooks:
             hook.remove()
     return (gram / count).float()
@@ -246,27 +250,35 @@ def read_token_ids(path, model_src=None) -> torch.Tensor:
     text tokenized with the tokenizer of `model_src` (a Hugging Face directory or a .gguf file)."""
     from pathlib import Path
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    from .files import load_token_tensor, read_text, regular_file
+
+    path = regular_file(path, "text file")
     if path.suffix == ".pt":
-        ids = torch.load(path, weights_only=True)
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{path} holds a {type(ids).__name__}, not a tensor of token ids")
-        return ids.reshape(-1)
+        ids = load_token_tensor(path)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{path} holds {ids.dtype} values, not integer token ids")
+        return ids.reshape(-1).long()
     if path.suffix == ".ids":
         try:
-            return torch.tensor([int(t) for t in path.read_text().split()], dtype=torch.long)
-        except ValueError:
+            return torch.tensor([int(t) for t in read_text(path, "token file").split()], dtype=torch.long)
+        except (ValueError, OverflowError, RuntimeError):
             raise ValueError(f"{path}: a .ids file holds whitespace-separated integers") from None
     if model_src is None:
         raise ValueError(f"{path}: tokenizing text needs the model's tokenizer (a model directory or .gguf)")
     from transformers import AutoTokenizer
 
     src = Path(model_src)
+    folder = src.parent if src.suffix == ".gguf" else src
+    for name in TOKENIZER_FILES:  # transformers would block reading a FIFO named like one
+        if (folder / name).exists():
+            regular_file(folder / name, "tokenizer file")
     tokenizer = (AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name) if src.suffix == ".gguf"
                  else AutoTokenizer.from_pretrained(str(src)))
-    return tokenizer(path.read_text(), return_tensors="pt").input_ids[0]
+    return tokenizer(read_text(path), return_tensors="pt").input_ids[0]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def plot_similarity(sim: torch.Tensor, config: CQILConfig, path, title: str = "") -> None:

@@ -32,6 +32,12 @@ def test_similarity_matches_transformers_hidden_states(pair):
     torch.testing.assert_close(sim, sim.T)
     torch.testing.assert_close(sim.diagonal(), torch.ones(6), atol=1e-5, rtol=0)
     assert model.cqil.groups == ((1, 2),)  # the model's grouping is left as it was
+    model.backend = "triton"  # the fused backend never calls the layer modules the pass hooks
+    try:
+        torch.testing.assert_close(layer_input_similarity(model, ids, window=20), sim, rtol=0, atol=0)
+        assert model.backend == "triton"
+    finally:
+        model.backend = "auto"
 
 
 @pytest.mark.parametrize("window,stride", [(16, 16), (16, 8), (37, 37)])
