@@ -49,7 +49,6 @@ for stage in $stages; do
                   "test_group_gemm.py|o-residual-2-37-48-130-torch.bfloat16" \
                   "test_group_gemm.py|test_group_swiglu and norm-3-37-48-130-torch.bfloat16" \
                   "test_group_gemm.py|test_group_down_sum_split_k and 1-96-59-True-torch.bfloat16" \
-                  "test_group_gemm.py|test_group_qkv_rope and norm-3-2-5-6-2-8-59-torch.bfloat16" \
                   "test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
                   "test_argmax.py|5-4099-torch.bfloat16" \
                   "test_cache_advance.py|left-padded-2-1100" \

@@ -1,51 +1,46 @@
-"""Same-process A/B of decode settings that are chosen by environment variables (CQIL_PDL,
-CQIL_QKV_ROPE, ...): one model, the variants alternated round by round (order reversed every other
-round) so that clock and thermal drift hit every variant alike. Separate `cqil bench` processes on the
-lent H100s drifted by up to 8% minutes apart; this is what to trust for changes of a few percent.
+"""Same-process A/B of decode settings (the variables of cqil_kernels/envs.py, e.g. CQIL_PDL): one model,
+the variants alternated round by round (order reversed every other round) so that clock and thermal
+drift hit every variant alike. Separate `cqil bench` processes on the lent H100s drifted by up to 8%
+minutes apart; this is what to trust for changes of a few percent.
 
     python benchmarks/ab_decode.py --shape llama-7b --groups none \\
-        --variant base: --variant qkv-rope:CQIL_QKV_ROPE=1 --rounds 4 --out ab.json
+        --variant base: --variant no-pdl:CQIL_PDL=0 --rounds 4 --out ab.json
 
-A variant is NAME:VAR=VALUE[,VAR=VALUE...] (NAME: alone = the environment as it is). Decode ms/token per
+A variant is NAME:VAR=VALUE[,VAR=VALUE...] (NAME: alone = the settings as they are). Decode ms/token per
 run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA graph, argmax included).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 
 import torch
 
+from cqil_kernels import envs
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """'name:A=1,B=0' -> ('name', {'A': '1', 'B': '0'}); ValueError naming what is wrong."""
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:A=1,B=0' -> ('name', {'A': value of 1, 'B': value of 0}), each value parsed as envs.py parses
+    it; ValueError naming what is wrong."""
     name, sep, assignments = text.partition(":")
     if not sep or not name:
         raise ValueError(f"a variant is NAME:VAR=VALUE[,VAR=VALUE...] (or NAME:), got {text!r}")
-    env = {}
+    values = {}
     for item in filter(None, assignments.split(",")):
         var, eq, value = item.partition("=")
         if not eq or not var:
             raise ValueError(f"{item!r} in variant {name!r} is not VAR=VALUE")
-        env[var] = value
-    return name, env
+        if var not in envs.VARIABLES:
+            raise ValueError(f"{var!r} in variant {name!r} is not one of {sorted(envs.VARIABLES)}")
+        values[var] = envs.parse(var, value)
+    return name, values
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    """The process environment with `env` set on top, restored exactly afterwards (kernels read their
-    switches at each step, so a variant takes effect at once)."""
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def settings(values: dict):
+    """The variant's settings for a block (envs.overridden)."""
+    return envs.overridden(**values)
 
 
 def ab_parser(doc: str, *, shape: str, groups_help: str, rounds: int) -> argparse.ArgumentParser:
@@ -79,12 +74,12 @@ def main(argv=None) -> None:
     runs: dict[str, list[float]] = {name: [] for name, _ in a.variant}
     for r in range(a.rounds):
         for name, env in (a.variant if r % 2 == 0 else a.variant[::-1]):
-            with environment(env), torch.inference_mode():
+            with settings(env), torch.inference_mode():
                 _, decode_ms = _time_ours(model, ids, 64, 3)
             runs[name].append(round(decode_ms, 4))
             print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
     record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
-                  variants={name: dict(env=env, median_ms=statistics.median(runs[name]), runs=runs[name])
+                  variants={name: dict(settings=env, median_ms=statistics.median(runs[name]), runs=runs[name])
                             for name, env in a.variant})
     print(json.dumps(record, indent=1))
     if a.out:

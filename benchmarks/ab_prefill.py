@@ -1,4 +1,4 @@
-"""Same-process A/B of prefill settings chosen by environment variables (CQIL_PREFILL_BLAS_ROWS, ...),
+"""Same-process A/B of prefill settings of cqil_kernels/envs.py (CQIL_PREFILL_BLAS_ROWS, ...),
 set up as `cqil bench` sets up: an HF model with random weights, ours converted from it, each timing a
 CUDA-graph decode before its prefills (`bench._time_ours`), HF eager optionally in the same rounds.
 Variants and groupings alternate round by round, the order reversed every other round.
@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from ab_decode import ab_parser, environment
+from ab_decode import ab_parser, settings
 
 
 def main(argv=None) -> None:
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
                     prefill_ms, decode_ms = _time_hf(hf, ids[:, :prompt], 64, 1)
                 else:
                     model.cqil = CQILConfig() if kind == "seq" else cqil
-                    with environment(env), torch.inference_mode():
+                    with settings(env), torch.inference_mode():
                         prefill_ms, decode_ms = _time_ours(model, ids[:, :prompt], 64, 1)
                 runs.setdefault(f"{name}@{prompt}", []).append([round(prefill_ms, 3), round(decode_ms, 4)])
                 print(f"prompt {prompt} round {r} {name:>16}: prefill {prefill_ms:8.3f} ms   "

@@ -91,35 +91,6 @@ def test_head(benchmark, shape, P, T, impl):
     gpu_benchmark(benchmark, make, op, nbytes=2 * (s["V"] * s["D"] + T * s["D"] + T * s["V"]))
 
 
-@op_cases()
-def test_qkv_rope(benchmark, shape, P, T, impl):
-    """QKV GEMM with RoPE + the cache write in its epilogue ("fused" column) vs our two launches it
-    replaces, group_linear then rope_kv_write ("torch" column)."""
-    from cqil_kernels.ops.group_gemm import group_linear, group_qkv_rope
-    from cqil_kernels.ops.rope_kv import rope_kv_write
-
-    s = SHAPES[shape]
-    H, Hkv, Dh = s["H"], s["Hkv"], s["Dh"]
-    pos = torch.arange(T, device="cuda")[None]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, Dh, 2, device="cuda").float() / Dh))
-    start = torch.zeros(1, dtype=torch.int32, device="cuda")
-    heads = dict(num_heads=H, num_kv_heads=Hkv)
-
-    def make():
-        h, w, nw = _qkv(s, P, T)()
-        return h, w, nw, randn(P, 1, Hkv, T + 8, Dh), randn(P, 1, Hkv, T + 8, Dh)
-
-    def fused(h, w, nw, kc, vc):
-        group_qkv_rope(h, w, pos, inv_freq, kc, vc, start, **heads, norm_weight=nw)
-
-    def two_launches(h, w, nw, kc, vc):
-        rope_kv_write(group_linear(h, w, norm_weight=nw), pos, inv_freq, kc, vc, start, **heads)
-
-    N = (H + 2 * Hkv) * Dh
-    gpu_benchmark(benchmark, make, fused if impl == "fused" else two_launches,
-                  nbytes=2 * (P * N * s["D"] + T * s["D"] + P * T * N))
-
-
 @op_cases(T_values=(128, 512, 2048))
 def test_silu_mul(benchmark, shape, P, T, impl):
     """The cuBLAS prefill form's SwiGLU on the gate and up products: one launch vs torch's silu, then *."""

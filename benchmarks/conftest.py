@@ -10,10 +10,11 @@ microseconds per call and the achieved GB/s over the bytes the op must move.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+
+from cqil_kernels import envs
 
 CALLS = 24
 L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
@@ -66,7 +67,7 @@ def gpu_benchmark(benchmark, make_inputs, op, *, nbytes: int) -> None:
     benchmark.extra_info.update(us_per_call=round(us, 3), gbps=round(nbytes / us / 1e3, 1),
                                 nbytes=nbytes, input_copies=copies, calls_per_round=CALLS,
                                 card=torch.cuda.get_device_name(),
-                                commit=os.environ.get("CQIL_COMMIT", "unknown"))
+                                commit=envs.get("CQIL_COMMIT") or "unknown")
 
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import functools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cqil_kernels import fused
+from cqil_kernels import envs, fused
 from cqil_kernels.bench import SHAPES, _commit, _warm_up_gpu, random_model, shape_args
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel
@@ -105,7 +104,7 @@ def run(a, cqil, world: int, rows_list: list[int], device: torch.device) -> dict
                   ideal_reduction=ideal_ms / one, times_ms=times,
                   microbatch_span=[ranked.microbatch_span(1, a.prompt) if r else None for r in variants],
                   lower_by_median={k: statistics.median(v) for k, v in lower.items()}, lower_by=lower,
-                  env={k: os.environ.get(k) for k in ("CQIL_PDL", "CQIL_PREFILL_BLAS_ROWS")})
+                  settings={k: envs.get(k) for k in ("CQIL_PDL", "CQIL_PREFILL_BLAS_ROWS")})
     print(f"{props.name}: {a.shape} {a.groups}, prompt {a.prompt}: one GPU {one:.3f} ms; prefill layer step "
           f"{t_layer:.3f} ms, ideal {100 * record['ideal_reduction']:.1f}% lower", flush=True)
     for name, v in lower.items():

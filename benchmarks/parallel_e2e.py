@@ -117,7 +117,7 @@ def layer_step_ms(model, layer: int, prompt: int, T: int) -> float:
     positions = torch.arange(prompt, prompt + T, device=model.device)[None]
     h = torch.randn(T, args.hidden_size, device=model.device, dtype=model.dtype)
     cache.key_valid[:, :prompt + T] = True
-    w = fused.packed_layers(model).group(layer, 1)
+    w = model.packed_weights().group(layer, 1)
     s = next(i for i, st in enumerate(model.stages) if st[0] == layer)
 
     def step():
@@ -384,4 +384,4 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     sys.stdout.flush()
-    os._exit(0)  # no destroy_process_group: seen to hang at exit on these machines (DESIGN.md)
+    os._exit(0)  # no destroy_process_group: seen to hang at exit on these machines (launch.end_rank)

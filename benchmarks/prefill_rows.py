@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from ab_decode import ab_parser, environment
+from ab_decode import ab_parser, settings
 
 
 def main(argv=None) -> None:
@@ -46,12 +46,12 @@ def main(argv=None) -> None:
         for T in rows:
             for name, env, kind in runs_to_do:  # compile and autotune outside the timed rounds
                 model.cqil = configs[kind]
-                with environment(env):
+                with settings(env):
                     model(ids[:, :T], cache=model.new_cache(1, T))
             for r in range(a.rounds):
                 for name, env, kind in (runs_to_do if r % 2 == 0 else runs_to_do[::-1]):
                     model.cqil = configs[kind]
-                    with environment(env):
+                    with settings(env):
                         t = prefill_split_ms(model, ids[:, :T], a.repeats)
                     results.setdefault(f"{name}-{kind}@{T}", []).append(t)
                     print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: eager {t['eager_ms']:8.3f}  "

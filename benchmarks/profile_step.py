@@ -13,7 +13,6 @@ from torch.profiler import ProfilerActivity, profile
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model
 from cqil_kernels.demo import parse_groups
-from cqil_kernels.generation import greedy
 
 
 def main() -> None:
@@ -39,14 +38,14 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
 
         cache = model.new_cache(1, a.prompt + 40)
-        tok = greedy(model(ids, cache=cache)[:, -1])
+        tok = model.argmax(model(ids, cache=cache)[:, -1])
         decode = model.decoder(cache)
         for _ in range(3):
-            tok = greedy(decode(tok))
+            tok = model.argmax(decode(tok))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                tok = greedy(decode(tok))
+                tok = model.argmax(decode(tok))
             torch.cuda.synchronize()
         print(f"== 10 decode steps (CUDA graph), groups {groups}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))

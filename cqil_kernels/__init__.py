@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import CQILConfig, LlamaArgs
-from .model import CQILLlama, KVCache
+from .llama import CQILLlama
+from .model import CQILTransformer, KVCache
 
-__all__ = ["CQILConfig", "CQILLlama", "KVCache", "LlamaArgs", "__version__"]
+__all__ = ["CQILConfig", "CQILLlama", "CQILTransformer", "KVCache", "LlamaArgs", "__version__"]

@@ -6,7 +6,7 @@ Variants (same random weights, same dtype, same prompt):
     triton-seq     our Triton backend, no groups, decode replayed from a CUDA graph
     triton-cqil    our Triton backend with the CQIL groups, decode replayed from a CUDA graph
 Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill, argmax included
-(ours: generation.greedy, one Triton launch; HF: torch.argmax, as HF users run it), median of
+(ours: fused.greedy, one Triton launch; HF: torch.argmax, as HF users run it), median of
 `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
 timed after the decode runs (the GPU is warmed up for a second before anything is timed). For the
 Triton variants the record also splits prefill into device time (the step queued behind a GPU sleep)
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from . import envs
 from .config import CQILConfig, LlamaArgs
-from .generation import greedy
 
 SHAPES = {  # published configs; weights are random
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -90,14 +90,12 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int
     directly on `device` layer by layer: no transformers model, no second copy. held_layers: only these
     layers (a rank of a multi-GPU run; the others stay on "meta"). Layer l's weights depend only on
     (seed, l), so every rank and a one-GPU model built with the same seed hold the same weights."""
-    from .model import CQILLlama
-    from .packing import pack_layers
+    from .llama import CQILLlama
 
     args = shape_args(shape)
     with torch.device("meta"):
-        model = CQILLlama(args)
-    model.held_layers = tuple(held_layers) if held_layers is not None else None
-    model.packed_layers = pack_layers(model.layers, device, dtype, copy=False, layer_ids=model.held_layers)
+        model = CQILLlama(args, held_layers=held_layers)
+    model.pack(device, dtype, copy=False)
 
     def fill(module, key: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + key)
@@ -143,13 +141,13 @@ def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
         cache = model.new_cache(B, T + new + 2)
         logits = model(ids, cache=cache)[:, -1]
         decode = model.decoder(cache)
-        tok = greedy(logits)
+        tok = model.argmax(logits)
         for _ in range(2):  # eager warm-up step and graph capture (Triton backend)
-            tok = greedy(decode(tok))
+            tok = model.argmax(decode(tok))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(new - 2):
-            tok = greedy(decode(tok))
+            tok = model.argmax(decode(tok))
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (new - 2))
@@ -230,8 +228,8 @@ def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
 
 
 def _commit() -> str:
-    if os.environ.get("CQIL_COMMIT"):
-        return os.environ["CQIL_COMMIT"]
+    if envs.get("CQIL_COMMIT"):
+        return envs.get("CQIL_COMMIT")
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -245,7 +243,7 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
               variants: tuple[str, ...] = VARIANTS, command: str = "") -> dict:
     """Measure the variants; returns the result record (see module docstring)."""
     from .demo import parse_groups
-    from .model import CQILLlama
+    from .llama import CQILLlama
 
     if not torch.cuda.is_available():
         raise ValueError("cqil bench measures GPU latency and needs a CUDA device")

@@ -18,7 +18,6 @@ from torch import nn
 from .config import CQILConfig, LlamaArgs
 from .files import (inside, iter_safetensors, load_torch_tensors, read_json, regular_file,
                     safetensors_shapes)
-from .packing import pack_layers
 
 # Keys some LLaMA checkpoints carry that hold nothing we need (the RoPE table is recomputed).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -79,9 +78,8 @@ class _Loader:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, source: str,
                  pack: bool = True):
         self.model, self.device, self.dtype, self.source = model, device, dtype, source
-        held = model.held_layers
         if pack:  # layer weights go straight into the group-contiguous packed tensors (packing.py)
-            model.packed_layers = pack_layers(model.layers, device, dtype, copy=False, layer_ids=held)
+            model.pack(device, dtype, copy=False)
         self.expected = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
         self.skipped = {name for name in self.expected if not self.wants(name)}
         self.loaded: set[str] = set()
@@ -162,16 +160,10 @@ def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool, held_layers
 
 
 def _build(cls, args: LlamaArgs, cqil: CQILConfig | None, held_layers=None) -> nn.Module:
-    with torch.device("meta"):
-        model = cls(args, cqil)  # validates the grouping before any weight is read
     if callable(held_layers):  # e.g. a rank's placement, which depends on the config and grouping
-        held_layers = held_layers(args, model.cqil)
-    if held_layers is not None:
-        bad = [i for i in held_layers if not 0 <= i < args.num_hidden_layers]
-        if bad:
-            raise ValueError(f"held_layers: layer {bad[0]} is outside the model ({args.num_hidden_layers} layers)")
-        model.held_layers = tuple(sorted(set(held_layers)))
-    return model
+        held_layers = held_layers(args, cqil if cqil is not None else CQILConfig())
+    with torch.device("meta"):
+        return cls(args, cqil, held_layers=held_layers)  # validates the grouping before any weight is read
 
 
 def _progress(items, total: int, enabled: bool, desc: str):

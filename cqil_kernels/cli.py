@@ -17,10 +17,11 @@ def _demo(args) -> int:
 def _info(args) -> int:
     import torch
 
-    from . import __version__, _ext
+    from . import __version__, _ext, envs
 
     print(f"cqil_kernels {__version__}, torch {torch.__version__}, "
           f"torch.cuda.is_available() = {torch.cuda.is_available()}")
+    print("settings (environment variables, cqil_kernels/envs.py):\n  " + envs.describe().replace("\n", "\n  "))
     if not _ext.available():
         print(f"extension: unavailable: {_ext.unavailable_reason()}")
         return 0
@@ -56,7 +57,7 @@ def _load_for_quality(args, cqil=None):
 
     from .config import CQILConfig
     from .demo import _tiny_model
-    from .model import CQILLlama
+    from .llama import CQILLlama
 
     cqil = cqil if cqil is not None else CQILConfig()
     if args.model == "tiny":

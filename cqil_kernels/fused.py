@@ -1,5 +1,7 @@
-"""The Triton backend of CQILLlama: every stage (a CQIL group of P layers, or one ungrouped layer as
-P = 1) runs as seven launches, whatever P is:
+"""The fused Triton backend of the model (model.py), attached to a model with `attach(model)`.
+
+Every stage (a CQIL group of P layers, or one ungrouped layer as P = 1) runs as seven launches, whatever
+P is:
 
     1 group_linear    qkv[p]  = RMSNorm_in_p(h) @ Wqkv[p].T             all P layers read the same h
     2 rope_kv_write   rotate q, k of all P layers; write k, v into the group's caches
@@ -10,36 +12,35 @@ P = 1) runs as seven launches, whatever P is:
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
 A stage of one layer runs six in decode: o_proj adds h in its epilogue and gate/up applies the
-post-attention norm in its prologue, so launch 5 goes (residual_folded). A prompt of many rows with
-large weights runs the matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas), with the
-input norm (ops.rms_norm), SwiGLU's silu(g) * u and the down projection's sum with the residual
-(ops.group_gemm.silu_mul, sum_parts) as one launch each around them. Around the
-stages: one cache_advance launch (the cache's bookkeeping) before, and the final RMSNorm + lm_head after
-(in decode one group_linear with the norm in its prologue). Folding launch 5 of a group (P > 1) into 6
-and 7 was measured and dropped (H100, same process, alternated: LLaMA-7B sequential decode 6.19 vs 5.48
-ms/token, SmolLM2 CQIL 0.468 vs 0.448; benchmarks/results/h100_2026-11-26/ab_step_e3512a9/).
+post-attention norm in its prologue, so launch 5 goes. A prompt of many rows with large weights runs the
+matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas), with the input norm
+(ops.rms_norm), SwiGLU's silu(g) * u and the down projection's sum with the residual (ops.group_gemm.
+silu_mul, sum_parts) as one launch each around them. Around the stages: one cache_advance launch (the
+cache's bookkeeping) before, and the final RMSNorm + lm_head after (in decode one group_linear with the
+norm in its prologue).
 
 The step never reads a device value on the host (the cache position lives on the device), so the whole
-decode step is captured in a CUDA graph by GraphDecoder and replayed per token.
+decode step is captured in a CUDA graph by GraphDecoder and replayed per token. docs/performance.md holds
+the measurements behind each choice.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from .model import rms_norm
-from .ops._common import env_switch
+from . import envs
+from .model import KVCache, forward_step, rms_norm
+from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
+from .ops.argmax import row_argmax
 from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
-from .ops.group_gemm import (group_down_partials, group_down_sum, group_linear, group_qkv_rope, group_swiglu,
-                             silu_mul, sum_parts)
+from .ops.group_gemm import group_down_partials, group_down_sum, group_linear, group_swiglu, silu_mul, sum_parts
 from .ops.group_residual import group_residual
 from .ops.rms_norm import group_rms_norm
 from .ops.rope_kv import rope_kv_write
-from .packing import PackedLayers, pack_layers
+from .packing import PackedLayers
 
 # Up to this many rows the final norm + lm_head is one group_linear; above, RMSNorm and cuBLAS (H100,
 # median of CUDA-graph replays: T = 1 Triton 95.9 vs 115.8 us LLaMA-7B, 24.0 vs 39.7 us SmolLM2;
@@ -47,76 +48,25 @@ from .packing import PackedLayers, pack_layers
 HEAD_ROWS = 16
 
 
-def packed_layers(model) -> PackedLayers:
-    """The model's packed layer weights, (re)packed if the parameters were moved or replaced."""
-    packed = getattr(model, "packed_layers", None)
-    if packed is None or not packed.is_current():
-        with torch.no_grad():
-            model.packed_layers = packed = pack_layers(model.layers, layer_ids=model.held_layers)
-    return packed
-
-
-def qkv_rope_fused() -> bool:
-    """CQIL_QKV_ROPE=1: launches 1 and 2 as one (group_qkv_rope: RoPE and the cache write in the QKV
-    GEMM's epilogue). Off by default: timed on an H100 in one process, LLaMA-7B sequential 5.448 vs
-    5.477 ms/token, SmolLM2 CQIL 0.4127 vs 0.4120, and its first compile for a shape takes minutes
-    (benchmarks/results/h100_2026-11-26/decode_attention/). Read at each step, so one process can
-    compare both."""
-    return env_switch("CQIL_QKV_ROPE", False)
-
-
-# The fold's row limit: decode tiles, whose gate/up norm takes the sums of squares from x x^T. Larger
-# tiles take them in a second pass over x, once per column tile: LLaMA-7B sequential prefill of 512 rows
-# took 20.1 ms on the device folded vs 16.6 unfolded (H100; benchmarks/results/h100_2026-11-27/
-# prefill_rows_hostwork/ vs prefill_rows_b0f148b/).
+# The fold's row limit (decode tiles, whose gate/up norm takes the sums of squares from x x^T): larger
+# tiles would take them in a second pass over x per column tile, which made a LLaMA-7B prefill of 512 rows
+# 20.1 ms on the device against 16.6 unfolded (H100).
 FOLD_ROWS = 16
 
 
-def residual_folded() -> bool:
-    """Whether a stage of one layer in a decode step (at most FOLD_ROWS rows) skips launch 5 (default;
-    CQIL_FOLD_RESIDUAL=0 turns it off): o_proj adds h in its epilogue (h + a, rounded to the model's
-    dtype as the torch backend rounds it) and the gate/up GEMM applies the post-attention norm in its
-    prologue, as the QKV GEMM does the input norm. Measured on an H100 in one process, alternated:
-    LLaMA-7B sequential decode 5.305 -> 5.279 ms/token, SmolLM2 CQIL 0.4182 -> 0.4087
-    (benchmarks/results/h100_2026-11-27/ab_763e7b5/); before the norm's sums of squares moved to the
-    tensor cores it was slower (5.87 vs 5.42, h100_2026-11-26/fold_residual_7a00c97/). Read at each
-    step, so one process can compare both."""
-    return env_switch("CQIL_FOLD_RESIDUAL", True)
-
-
-# The default rule for the cuBLAS prefill form (blas_rows unset): steps of at least this many rows, for
-# weights of at least this many elements per layer. Device time of a prefill on an H100
-# (benchmarks/results/h100_2026-11-27/prefill_rows_b0f148b/ and prefill_rows_763e7b5/), kernels vs
-# cuBLAS: LLaMA-7B (every weight >= 4096 x 4096) sequential 9.04 vs 8.42 ms at 128 rows, 16.6 vs 14.1
-# at 512, grouped 15.0 vs 12.2 at 512, but 6.48 vs 7.72 at 32; SmolLM2-135M (weights <= 1536 x 576) is
-# faster with the kernels at every length (512 rows: 1.89 vs 3.12 ms): the torch form's separate norm
-# and elementwise launches cost more than cuBLAS saves on small matmuls.
+# The rule for the cuBLAS prefill form (CQIL_PREFILL_BLAS_ROWS unset): steps of at least this many rows,
+# for weights of at least this many elements per layer. H100, device time: LLaMA-7B sequential prefill of
+# 512 rows 16.6 ms with the kernels vs 14.1 with cuBLAS, but 6.48 vs 7.72 at 32 rows; SmolLM2-135M is
+# faster with the kernels at every length (512 rows: 1.89 vs 3.12 ms).
 AUTO_BLAS_ROWS = 128
 AUTO_BLAS_WEIGHT = 1 << 22
-
-
-def blas_rows() -> int | None:
-    """CQIL_PREFILL_BLAS_ROWS: unset or "auto" (None): the measured rule above; 0: never; N > 0: every
-    step of at least N rows (batch x new tokens), whatever the weights' size. Read at each step, so one
-    process can compare the forms (benchmarks/prefill_rows.py)."""
-    text = os.environ.get("CQIL_PREFILL_BLAS_ROWS", "auto")
-    if text == "auto":
-        return None
-    try:
-        rows = int(text)
-    except ValueError:
-        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be 'auto' or a whole number of rows (0: never), "
-                         f"got {text!r}") from None
-    if rows < 0:
-        raise ValueError(f"CQIL_PREFILL_BLAS_ROWS must be >= 0, got {rows}")
-    return rows
 
 
 def use_blas(rows: int, w: torch.Tensor) -> bool:
     """Whether a step of `rows` rows runs the matmul with weights w [P, N, K] through torch (cuBLAS on a
     GPU, one batched call for the P layers) rather than the group GEMM kernels; attention, RoPE and the
     residual/norm kernels stay."""
-    forced = blas_rows()
+    forced = envs.get("CQIL_PREFILL_BLAS_ROWS")
     if forced is None:
         return rows >= AUTO_BLAS_ROWS and w.shape[-1] * w.shape[-2] >= AUTO_BLAS_WEIGHT
     return 0 < forced <= rows
@@ -181,14 +131,10 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     P = w.qkv.shape[0]
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
-    heads = dict(num_heads=H, num_kv_heads=args.num_key_value_heads)
-    if qkv_rope_fused() and not use_blas(h.shape[0], w.qkv):
-        q = group_qkv_rope(h, w.qkv, positions, inv_freq, k_cache, v_cache, start, **heads,
-                           norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias).view(P, B, T, H, Dh)
-    else:
-        qkv = linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
-        rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, **heads)
-        q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
+    qkv = linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
+    rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=H,
+                  num_kv_heads=args.num_key_value_heads)
+    q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
     attn = group_attention(q, k_cache, v_cache, key_valid, start)
     return linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
 
@@ -198,7 +144,7 @@ def stage_forward(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k_c
                   *, args, bypass: int, bypass_mode: str) -> torch.Tensor:
     """One stage of P layers. h: [B*T, D]; positions: [B, T]; caches [P, B, Hkv, S, Dh] -> h' [B*T, D]."""
     P = w.qkv.shape[0]
-    if P == 1 and h.shape[0] <= FOLD_ROWS and residual_folded():  # h + a from o_proj, norm in gate/up
+    if P == 1 and h.shape[0] <= FOLD_ROWS:  # h + a from o_proj's epilogue, the norm in gate/up's prologue
         h_mid = stage_attention(w, h, positions, k_cache, v_cache, key_valid, start, inv_freq, args=args,
                                 residual=h)
         act = group_swiglu(h_mid, w.gate, w.up, norm_weight=w.norm_post, eps=args.rms_norm_eps,
@@ -227,30 +173,84 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
                         eps=model.norm.eps)[0]
 
 
-def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
+class TritonRunner:
+    """model.StepRunner on the fused kernels: h is [B*T, D]; the state is (positions [B, T], cache)."""
+
+    def __init__(self, model):
+        self.model, self.packed = model, model.packed_weights()
+
+    def begin(self, input_ids, valid, cache: KVCache):
+        return advance(cache, valid, input_ids.shape[1]), cache
+
+    def embed(self, input_ids, state) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids).view(input_ids.numel(), -1)
+
+    def stage(self, s, stage, h, state) -> torch.Tensor:
+        positions, cache = state
+        model, cqil = self.model, self.model.cqil
+        return stage_forward(self.packed.group(stage[0], len(stage)), h, positions, cache.k[s], cache.v[s],
+                             cache.key_valid, cache.start, model.inv_freq, args=model.args, bypass=cqil.bypass,
+                             bypass_mode=cqil.bypass_mode)
+
+    def end(self, h, state) -> torch.Tensor:
+        B, T = state[0].shape
+        return head(self.model, h).view(B, T, -1)
+
+
+def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
     """Append input_ids [B, T] (valid: [B, T] bool, None = all real tokens) to the cache and return the
     logits [B, T, vocab]. Reads no device value on the host: safe to capture in a CUDA graph. The
     caller advances the host-side `cache.length`."""
-    B, T = input_ids.shape
-    positions = advance(cache, valid, T)
-    packed = packed_layers(model)
-    h = model.embed_tokens(input_ids).view(B * T, -1)
-    cqil = model.cqil
-    for s, stage in enumerate(model.stages):
-        h = stage_forward(packed.group(stage[0], len(stage)), h, positions, cache.k[s], cache.v[s],
-                          cache.key_valid, cache.start, model.inv_freq, args=model.args,
-                          bypass=cqil.bypass, bypass_mode=cqil.bypass_mode)
-    return head(model, h).view(B, T, -1)
+    return forward_step(TritonRunner(model), model.stages, input_ids, valid, cache)
 
 
-def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
-    """CQILLlama.forward on the Triton backend (inputs already checked by the model)."""
-    B, T = input_ids.shape
-    if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
-        cache = model.new_cache(B, T)
-    logits = step(model, input_ids, attention_mask, cache)
-    cache.length += T
-    return logits
+class TritonBackend:
+    """model.Backend on the fused kernels: CUDA (or CPU tensors under TRITON_INTERPRET=1), fp32/fp16/bf16,
+    no live LoRA adapters. cuda_graphs: decode steps replay a captured CUDA graph (GraphDecoder)."""
+
+    name = "triton"
+
+    def __init__(self, cuda_graphs: bool = True):
+        self.cuda_graphs = cuda_graphs
+
+    def unavailable_reason(self, model) -> str | None:
+        reason = triton_unavailable_reason(model.device)
+        if reason is None and model.dtype not in SUPPORTED_DTYPES:
+            reason = f"the Triton kernels support float32/float16/bfloat16, not {model.dtype}"
+        if reason is None and model.adapters:
+            reason = ("the model has live LoRA adapters (finetune.add_lora) and the fused kernels read the packed "
+                      "base weights: save the adapter and load it merged with from_pretrained(lora=DIR), or use "
+                      "backend='torch'")
+        return reason
+
+    def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
+        if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
+            cache = model.new_cache(*input_ids.shape)
+        return step(model, input_ids, valid, cache)
+
+    def decoder(self, model, cache):
+        if self.cuda_graphs and model.device.type == "cuda":
+            return GraphDecoder(model, cache)
+        return None
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return greedy(logits)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [B, vocab] -> argmax tokens [B] int64, first index among equal maxima: one launch on CUDA
+    (ops.argmax; torch's argmax of a 49 k-entry row took 11-14 us on the H100), torch's elsewhere."""
+    if (logits.is_cuda and logits.ndim == 2 and logits.stride(-1) == 1 and logits.dtype in SUPPORTED_DTYPES
+            and triton_unavailable_reason(logits.device) is None):
+        return row_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def attach(model, cuda_graphs: bool = True) -> TritonBackend:
+    """Attach the fused backend to `model` (a model.CQILTransformer): with backend "auto" it then runs
+    on CUDA, with "triton" wherever Triton can run. Returns the backend (its `cuda_graphs` switch)."""
+    model.accelerator = TritonBackend(cuda_graphs)
+    return model.accelerator
 
 
 class GraphDecoder:

@@ -1,7 +1,8 @@
 """Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
 
 Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits`,
-`model.new_cache(batch, max_seq)`, `model.decoder(cache)` (one decode step), `model.args`, `model.device`.
+`model.new_cache(batch, max_seq)`, `model.decoder(cache)` (one decode step), `model.argmax(logits)`,
+`model.args`, `model.device`.
 """
 
 from __future__ import annotations
@@ -85,24 +86,12 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [B, vocab] -> argmax tokens [B] int64, first index among equal maxima: one Triton launch
-    on CUDA (ops.argmax; torch's argmax of a 49 k-entry row took 11-14 us on the H100), torch elsewhere."""
-    if logits.is_cuda and logits.ndim == 2 and logits.stride(-1) == 1:
-        from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
-
-        if logits.dtype in SUPPORTED_DTYPES and triton_unavailable_reason(logits.device) is None:
-            from .ops.argmax import row_argmax
-
-            return row_argmax(logits)
-    return logits.argmax(dim=-1)
-
-
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, vocab] -> next tokens [B] (argmax, or a draw after temperature / top-k / top-p)."""
+                top_p: float | None, generator: torch.Generator | None, argmax=None) -> torch.Tensor:
+    """logits: [B, vocab] -> next tokens [B] (argmax, or a draw after temperature / top-k / top-p).
+    argmax: logits -> tokens for greedy decoding (default torch's; the model's may be a fused kernel)."""
     if not do_sample:
-        return greedy(logits)
+        return argmax(logits) if argmax is not None else logits.argmax(dim=-1)
     # Shift by the row maximum before scaling, so that a tiny temperature sends the other logits to -inf
     # (a greedy draw) instead of the maximum to inf (NaN probabilities).
     logits = logits.float()
@@ -175,7 +164,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     tokens = [input_ids]
     for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, model.argmax)
         if eos:
             next_tokens = torch.where(finished, eos_tensor[0], next_tokens)
             finished |= torch.isin(next_tokens, eos_tensor)

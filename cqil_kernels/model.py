@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from torch import nn
 
 from .config import CQILConfig, LlamaArgs
 from .generation import check_attention_mask, check_input_ids, generate
+from .packing import PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -204,13 +204,9 @@ class KVCache:
         return self.k[stage][j], self.v[stage][j]
 
 
-# --------------------------------------------------------------------------------------------------
-# The model
-
-
 def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What forward() checks before anything runs, for CQILLlama and for a rank of a multi-GPU run
+    """What forward() checks before anything runs, for the model and for a rank of a multi-GPU run
     (parallel/rank.py): token ids within the vocabulary, the mask, and a cache that fits `model` (its
     `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
     input_ids = check_input_ids(input_ids, model.args.vocab_size).to(model.device)
@@ -235,15 +231,117 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
     return input_ids, attention_mask
 
 
-class CQILLlama(nn.Module):
-    """A LLaMA-family causal LM whose CQIL groups run on a shared input.
+# --------------------------------------------------------------------------------------------------
+# One forward step: the loop over stages, written once for every backend
+
+
+class StepRunner(Protocol):
+    """How a backend runs one forward step: this file's torch path (TorchRunner), the fused kernels
+    (fused.py) and a rank of a multi-GPU run (parallel/rank.py) each implement it; forward_step holds the
+    loop they share."""
+
+    def begin(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None) -> Any:
+        """Positions, masks and the cache's bookkeeping for the new tokens: the state `stage` and `end`
+        receive."""
+
+    def embed(self, input_ids: torch.Tensor, state: Any) -> Any:
+        """The hidden state entering the first stage."""
+
+    def stage(self, s: int, stage: tuple[int, ...], h: Any, state: Any) -> Any:
+        """Stage s (a group, or one ungrouped layer) on h."""
+
+    def end(self, h: Any, state: Any) -> torch.Tensor:
+        """The logits [B, T, vocab] of the last stage's output."""
+
+
+def forward_step(runner: StepRunner, stages, input_ids: torch.Tensor, valid: torch.Tensor | None,
+                 cache: KVCache | None) -> torch.Tensor:
+    """input_ids [B, T] through every stage in order, with `runner`'s way of running each; the new tokens'
+    keys and values go into the cache (if any), whose host-side `length` the caller advances (a CUDA
+    graph replays this step without running the host code). Inputs already checked."""
+    state = runner.begin(input_ids, valid, cache)
+    h = runner.embed(input_ids, state)
+    for s, stage in enumerate(stages):
+        h = runner.stage(s, stage, h, state)
+    return runner.end(h, state)
+
+
+class TorchRunner:
+    """The readable reference: each layer's modules as written above; a group as in the module docstring."""
+
+    def __init__(self, model: CQILTransformer):
+        self.model = model
+
+    def begin(self, input_ids, valid, cache) -> tuple[StepContext, KVCache | None]:
+        ctx = self.model.step_context(input_ids, valid, cache)
+        if cache is not None:
+            cache.position += input_ids.shape[1]
+        return ctx, cache
+
+    def embed(self, input_ids, state) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def stage(self, s, stage, h, state) -> torch.Tensor:
+        ctx, cache = state
+        if len(stage) == 1:
+            return self.model.layers[stage[0]](h, ctx, cache.layer(s, 0) if cache is not None else None)
+        return self.group(s, stage, h, ctx, cache)
+
+    def group(self, s, stage, h, ctx, cache) -> torch.Tensor:
+        """One CQIL group: every layer reads h; returns h' (see the module docstring)."""
+        model = self.model
+        layers = [model.layers[i] for i in stage]
+        attn = [layer.attend(h, ctx, cache.layer(s, j) if cache is not None else None)
+                for j, layer in enumerate(layers)]
+        d, residual = model.cqil.bypass, model.cqil.bypass_mode == "residual"
+        deltas = []
+        for j, layer in enumerate(layers):
+            a = attn[j] + sum(attn[max(0, j - d):j])  # a_j + b_j (sum of nothing is 0)
+            m = layer.feed_forward(h + a)
+            deltas.append((a if residual else attn[j]) + m)
+        return h + sum(deltas)
+
+    def end(self, h, state) -> torch.Tensor:
+        return self.model.lm_head(self.model.norm(h))
+
+
+class Backend(Protocol):
+    """A faster way to run the model, attached to it from outside (fused.attach): the model asks it
+    whether it can run, then hands it the step."""
+
+    name: str
+
+    def unavailable_reason(self, model: CQILTransformer) -> str | None:
+        """None when it can run the model now, else why not."""
+
+    def forward(self, model: CQILTransformer, input_ids: torch.Tensor, valid: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        """CQILTransformer.forward with the inputs checked; the model advances cache.length afterwards."""
+
+    def decoder(self, model: CQILTransformer, cache: KVCache):
+        """A decode step next_tokens [B] -> logits [B, vocab] for `cache` (e.g. a CUDA graph replay), or
+        None for the plain forward."""
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, vocab] -> greedy tokens [B] int64 (the first index among equal maxima)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class CQILTransformer(nn.Module):
+    """A LLaMA-family causal LM whose CQIL groups run on a shared input, in plain PyTorch.
 
     Parameter names follow transformers' LlamaForCausalLM without the "model." prefix, so HF state
-    dicts load directly. Build it with `CQILLlama.from_pretrained(...)`; `model.cqil` can be changed at
-    any time (the weights are the same; only the execution of grouped layers changes).
+    dicts load directly. `model.cqil` can be changed at any time (the weights are the same; only the
+    execution of grouped layers changes). cqil_kernels.CQILLlama adds loading and the fused backend.
+
+    held_layers: the layers whose weights this process holds (None: all); a rank of a multi-GPU run holds
+    only its own layer of each group (parallel/placement.py), the others stay on "meta".
     """
 
-    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None):
+    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None, held_layers=None):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -254,12 +352,21 @@ class CQILLlama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.cqil = cqil
+        if held_layers is not None:
+            bad = [i for i in held_layers if not 0 <= i < args.num_hidden_layers]
+            if bad:
+                raise ValueError(f"held_layers: layer {bad[0]} is outside the model ({args.num_hidden_layers} "
+                                 f"layers)")
+            held_layers = tuple(sorted(set(held_layers)))
+        self.held_layers: tuple[int, ...] | None = held_layers
+        # The layer weights packed layer-major (packing.py; pack()), shared with the layers' parameters.
+        self.packed: PackedLayers | None = None
+        # A faster backend attached from outside (fused.attach); None: this file's torch path only.
+        self.accelerator: Backend | None = None
+        # Live LoRA adapters wrapped around the projections (finetune.add_lora fills it): the fused
+        # backend, which reads the packed base weights, does not run while any is live.
+        self.adapters: dict = {}
         self.backend = "auto"
-        self.cuda_graphs = True  # generate() replays decode steps from a CUDA graph (Triton backend)
-        self.packed_layers = None  # set by the loaders / the Triton backend (packing.py)
-        # The layers whose weights this process holds (None: all). A rank of a multi-GPU run
-        # (parallel/) holds only its own layer of each group; the others stay on "meta".
-        self.held_layers: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------
 
@@ -287,8 +394,8 @@ class CQILLlama(nn.Module):
 
     @property
     def backend(self) -> str:
-        """"torch" (this file, the readable reference), "triton" (fused kernels, fused.py) or "auto":
-        Triton on CUDA when it is installed and the dtype is fp16/bf16/fp32, else torch."""
+        """"torch" (this file, the readable reference), "triton" (the attached fused backend, fused.py) or
+        "auto": the attached backend on CUDA where it can run, else torch."""
         return self._backend
 
     @backend.setter
@@ -297,19 +404,16 @@ class CQILLlama(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._backend = backend
 
-    def uses_triton(self) -> bool:
-        """Whether forward() runs the Triton backend now; ValueError when "triton" cannot run here."""
+    def accelerated(self) -> bool:
+        """Whether forward() runs the attached backend now; ValueError when backend="triton" cannot run."""
         if self._backend == "torch":
             return False
-        from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
-
-        reason = triton_unavailable_reason(self.device)
-        if reason is None and self.dtype not in SUPPORTED_DTYPES:
-            reason = f"the Triton kernels support float32/float16/bfloat16, not {self.dtype}"
-        if reason is None and getattr(self, "lora_adapters", None):
-            reason = ("the model has live LoRA adapters (finetune.add_lora) and the fused kernels read the packed "
-                      "base weights: save the adapter and load it merged with from_pretrained(lora=DIR), or use "
-                      "backend='torch'")
+        if self.accelerator is None:
+            if self._backend == "triton":
+                raise ValueError("backend='triton' cannot run: no fused backend is attached to this model (load "
+                                 "it with CQILLlama.from_pretrained, or call cqil_kernels.fused.attach(model))")
+            return False
+        reason = self.accelerator.unavailable_reason(self)
         if self._backend == "triton" and reason is not None:
             raise ValueError(f"backend='triton' cannot run: {reason}")
         return reason is None and (self._backend == "triton" or self.device.type == "cuda")
@@ -333,6 +437,20 @@ class CQILLlama(nn.Module):
         """(Re)compute the RoPE frequency buffer on the model's device, e.g. after building on "meta"."""
         self.inv_freq = rope_inv_freq(self.args).to(self.device)
 
+    def pack(self, device: torch.device | None = None, dtype: torch.dtype | None = None,
+             copy: bool = True) -> PackedLayers:
+        """Pack the held layers' weights layer-major (packing.py) and rebind their parameters to views of
+        the packed tensors; copy=False leaves them uninitialised, for a loader to fill."""
+        with torch.no_grad():
+            self.packed = pack_layers(self.layers, device, dtype, copy=copy, layer_ids=self.held_layers)
+        return self.packed
+
+    def packed_weights(self) -> PackedLayers:
+        """The packed layer weights, (re)packed if the parameters were moved or replaced since."""
+        if self.packed is None or not self.packed.is_current():
+            self.pack()
+        return self.packed
+
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_seq` positions, in this grouping's layout."""
         if max_seq > self.args.max_position_embeddings:
@@ -351,38 +469,18 @@ class CQILLlama(nn.Module):
         tokens are appended to it (and attend to everything cached); without, a full causal forward.
         """
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
-        if self.uses_triton():
-            from . import fused
-
-            return fused.forward(self, input_ids, attention_mask, cache)
-        ctx = self._step_context(input_ids, attention_mask, cache)
-
-        h = self.embed_tokens(input_ids)
-        for s, stage in enumerate(self.stages):
-            if len(stage) == 1:
-                h = self.layers[stage[0]](h, ctx, cache.layer(s, 0) if cache else None)
-            else:
-                h = self._group_forward(h, stage, s, ctx, cache)
+        if self.accelerated():
+            logits = self.accelerator.forward(self, input_ids, attention_mask, cache)
+        else:
+            logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
-            cache.position += input_ids.shape[1]
-        return self.lm_head(self.norm(h))
+        return logits
 
-    def _group_forward(self, h: torch.Tensor, stage: tuple[int, ...], s: int, ctx: StepContext,
-                       cache: KVCache | None) -> torch.Tensor:
-        """One CQIL group: every layer reads h; returns h' (see the module docstring)."""
-        layers = [self.layers[i] for i in stage]
-        attn = [layer.attend(h, ctx, cache.layer(s, j) if cache else None) for j, layer in enumerate(layers)]
-        d, residual = self.cqil.bypass, self.cqil.bypass_mode == "residual"
-        deltas = []
-        for j, layer in enumerate(layers):
-            a = attn[j] + sum(attn[max(0, j - d):j])  # a_j + b_j (sum of nothing is 0)
-            m = layer.feed_forward(h + a)
-            deltas.append((a if residual else attn[j]) + m)
-        return h + sum(deltas)
-
-    def _step_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      cache: KVCache | None) -> StepContext:
+    def step_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     cache: KVCache | None) -> StepContext:
+        """RoPE tables and the attention mask of T new tokens; records them in the cache's bookkeeping
+        (key_valid, n_tokens)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + T
@@ -413,16 +511,21 @@ class CQILLlama(nn.Module):
         return StepContext(cos, sin, mask[:, None], False, start)
 
     def decoder(self, cache: KVCache):
-        """A function next_tokens [B] -> logits [B, vocab] that appends one token per row to `cache`.
-
-        With the Triton backend on CUDA (and `cuda_graphs` on) the step is a captured CUDA graph
-        (fused.GraphDecoder); its logits are overwritten by the next call.
-        """
-        if self.cuda_graphs and self.device.type == "cuda" and self.uses_triton():
-            from .fused import GraphDecoder
-
-            return GraphDecoder(self, cache)
+        """A function next_tokens [B] -> logits [B, vocab] that appends one token per row to `cache`:
+        the attached backend's (a CUDA graph replay for the fused one; its logits are overwritten by the
+        next call) or a plain forward."""
+        if self.accelerated():
+            decode = self.accelerator.decoder(self, cache)
+            if decode is not None:
+                return decode
         return lambda next_tokens: self(next_tokens[:, None], cache=cache)[:, -1]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding's choice: logits [B, vocab] -> tokens [B] int64, the first index among equal
+        maxima (the attached backend's kernel where it runs, torch's argmax otherwise)."""
+        if self.accelerated():
+            return self.accelerator.argmax(logits)
+        return logits.argmax(dim=-1)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -443,43 +546,3 @@ class CQILLlama(nn.Module):
         return generate(self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                         attention_mask=attention_mask, generator=generator, seed=seed)
-
-    @classmethod
-    def from_pretrained(cls, src: Any, cqil: CQILConfig | dict | str | os.PathLike | None = None,
-                        device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, progress: bool = False,
-                        lora: str | os.PathLike | None = None, devices=None,
-                        held_layers=None, **parallel):
-        """Load a LLaMA checkpoint.
-
-        src: a local Hugging Face directory (config.json + *.safetensors or pytorch_model*.bin, sharded
-            or not), a transformers LlamaForCausalLM, or a .gguf file (dequantized to `dtype`).
-        cqil: a CQILConfig, a dict or JSON file with the authors' keys (`cqil_layers`, `d`), or None:
-            then a directory whose config.json carries `cqil_layers` uses it, else no groups. Pass
-            CQILConfig() to force the original model.
-        device: default "cuda" when available, else "cpu" (a transformers model: its own device).
-        dtype: default bfloat16 on CUDA and float32 on CPU (a transformers model: its own dtype).
-        Weights stream tensor by tensor into the model; no second full copy is held. A transformers
-        model whose device and dtype already match shares its weight storage with the result.
-        lora: a PEFT LoRA adapter directory (e.g. the CQIL authors' released adapters for their
-            `cqil_layers`) merged into the weights at load time (lora.py); then nothing is shared.
-        devices: several devices, e.g. [0, 1] or ["cpu", "cpu"]: the layers of every group are spread
-            over one process per device (rank r runs layer r of each group) and the result is a
-            parallel.ParallelCQILLlama that starts and drives them (close() it, or use `with`); `src`
-            must then be a path. Extra keyword arguments (backend, one_shot, output_device, timeout_s,
-            bypass_exchange, microbatch_rows) go to it.
-        held_layers: read only these layers (or a function (LlamaArgs, CQILConfig) -> layers); the
-            others stay on "meta". How a rank loads its part (parallel/rank.py).
-        """
-        from .checkpoint import load_pretrained
-
-        if devices is not None:
-            if device is not None:
-                raise ValueError("pass device (one process) or devices (one process per device), not both")
-            from .parallel import ParallelCQILLlama
-
-            return ParallelCQILLlama(src, cqil, devices=devices, dtype=dtype, lora=lora, **parallel)
-        if parallel:
-            raise TypeError(f"from_pretrained got unexpected arguments {sorted(parallel)} (they need devices=)")
-        return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress, lora=lora,
-                               held_layers=held_layers)

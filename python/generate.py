@@ -74,6 +74,10 @@ def main() -> None:
         where = f" on {os.environ['WORLD_SIZE']} ranks" if torchrun else (f" on {args.devices}" if args.devices else "")
         print(f"\n{model.cqil}{where}: {run.new_tokens} tokens in {run.seconds:.2f} s "
               f"({run.ms_per_token:.1f} ms/token)")
+    if torchrun:
+        from cqil_kernels.parallel import end_rank
+
+        end_rank()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """bench.py: the byte count behind the bandwidth figures, and refusals without a GPU."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -68,8 +67,9 @@ def test_ab_decode_variant_syntax(monkeypatch):
     from ab_decode import parse_variant
 
     assert parse_variant("base:") == ("base", {})
-    assert parse_variant("rope:CQIL_QKV_ROPE=1,CQIL_PDL=0") == ("rope", {"CQIL_QKV_ROPE": "1", "CQIL_PDL": "0"})
-    for bad in ("base", ":A=1", "x:A", "x:=1"):
+    assert parse_variant("x:CQIL_PREFILL_BLAS_ROWS=8,CQIL_PDL=0") == (
+        "x", {"CQIL_PREFILL_BLAS_ROWS": 8, "CQIL_PDL": False})
+    for bad in ("base", ":A=1", "x:A", "x:=1", "x:CQIL_NOPE=1", "x:CQIL_PDL=yes"):
         with pytest.raises(ValueError):
             parse_variant(bad)
 
@@ -96,14 +96,15 @@ def test_prefill_rows_needs_a_gpu_and_parses_variants(monkeypatch):
         main(["--variant", "kernels"])
 
 
-def test_ab_environment_sets_and_restores(monkeypatch):
+def test_ab_settings_set_and_restore(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    from ab_decode import environment
+    from ab_decode import settings
 
-    monkeypatch.setenv("CQIL_AB_KEPT", "1")
-    monkeypatch.delenv("CQIL_AB_SET", raising=False)
+    from cqil_kernels import envs
+
+    before = envs.get("CQIL_PREFILL_BLAS_ROWS")
     with pytest.raises(RuntimeError):
-        with environment({"CQIL_AB_SET": "x", "CQIL_AB_KEPT": "2"}):
-            assert os.environ["CQIL_AB_SET"] == "x" and os.environ["CQIL_AB_KEPT"] == "2"
+        with settings({"CQIL_PREFILL_BLAS_ROWS": 3}):
+            assert envs.get("CQIL_PREFILL_BLAS_ROWS") == 3
             raise RuntimeError("a failed run")
-    assert "CQIL_AB_SET" not in os.environ and os.environ["CQIL_AB_KEPT"] == "1"
+    assert envs.get("CQIL_PREFILL_BLAS_ROWS") == before

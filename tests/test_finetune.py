@@ -139,9 +139,9 @@ def test_resume_reaches_the_same_weights(tmp_path):
     log = finetune(resumed, _text(), steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck2.st",
                    resume=True)
     assert log.steps == list(range(1, 9))
-    for key, a in full.lora_adapters.items():
-        assert torch.equal(resumed.lora_adapters[key].lora_B, a.lora_B), key
-        assert torch.equal(first.lora_adapters[key].lora_A, a.lora_A), key
+    for key, a in full.adapters.items():
+        assert torch.equal(resumed.adapters[key].lora_B, a.lora_B), key
+        assert torch.equal(first.adapters[key].lora_A, a.lora_A), key
     with pytest.raises(ValueError, match="another base model"):
         finetune(_model(seed=42), _text(), steps=8, rank=2, window=32, batch=2, seed=4,
                  checkpoint=tmp_path / "ck2.st", resume=True)
@@ -158,8 +158,8 @@ def test_a_constant_schedule_can_be_extended(tmp_path):
     finetune(part, _text(), steps=4, checkpoint=tmp_path / "ck.st", **kw)
     longer = _model()
     finetune(longer, _text(), steps=7, checkpoint=tmp_path / "ck.st", resume=True, **kw)
-    for key, a in full.lora_adapters.items():
-        assert torch.equal(longer.lora_adapters[key].lora_B, a.lora_B), key
+    for key, a in full.adapters.items():
+        assert torch.equal(longer.adapters[key].lora_B, a.lora_B), key
     with pytest.raises(ValueError, match="same --steps"):
         finetune(_model(), _text(), steps=7, checkpoint=tmp_path / "ck.st", resume=True, **{**kw, "lr": 2e-3})
 
@@ -208,9 +208,9 @@ def test_bf16_autocast_and_recompute_train(device):
         log = finetune(model, ids, steps=40, rank=4, window=48, batch=4, lr=5e-3, seed=1,
                        autocast_dtype=dtype, recompute=True)
         runs[dtype] = (sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5)
-        assert all(a.lora_A.dtype == torch.float32 for a in model.lora_adapters.values())
+        assert all(a.lora_A.dtype == torch.float32 for a in model.adapters.values())
         assert torch.equal(model.layers[1].mlp.up_proj.weight, base)
-    (first32, last32), (first16, last16) = runs[None], runs[torch.bfloat16]
+    (_, last32), (first16, last16) = runs[None], runs[torch.bfloat16]
     assert last16 < 0.8 * first16, runs
     assert abs(last16 - last32) < 0.05 * last32, runs
     with pytest.raises(TypeError, match="autocast_dtype"):
@@ -226,14 +226,14 @@ def test_live_adapters_keep_the_fused_kernels_off(device):
 
     model = _model(device=device)
     finetune(model, _text(), steps=3, rank=2, window=32, batch=2, lr=5e-3, seed=2)
-    assert not model.uses_triton()
+    assert not model.accelerated()
     x = _text(8)[None].to(device)
     with torch.no_grad():
         live = model(x)
-        for a in model.lora_adapters.values():
+        for a in model.adapters.values():
             a.enabled = False
         assert (model(x) - live).abs().max() > 1e-4  # the adapters are in the result
-        for a in model.lora_adapters.values():
+        for a in model.adapters.values():
             a.enabled = True
     model.backend = "triton"
     expect = "live LoRA adapters" if triton_unavailable_reason(model.device) is None else "cannot run"
@@ -353,7 +353,7 @@ def test_a_diverging_run_stops_with_an_error_and_writes_nothing(tmp_path, capsys
     assert not out.exists() and not out.with_name("adapter.partial").exists()
     model = _model()
     finetune(model, _text(), steps=2, rank=2, window=32)
-    next(iter(model.lora_adapters.values())).lora_B.data.fill_(float("inf"))
+    next(iter(model.adapters.values())).lora_B.data.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         save_adapter(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

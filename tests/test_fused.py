@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels import CQILConfig, CQILLlama, envs
 
 from conftest import assert_greedy_agrees, assert_kernel_close, left_padding_mask, random_hf_model
 
@@ -36,21 +36,18 @@ def test_triton_backend_matches_torch_backend(name):
     torch.testing.assert_close(got[real], expected[real], atol=2e-4, rtol=2e-4)
 
 
-# the Triton step's variants (fused.qkv_rope_fused, fused.residual_folded, fused.blas_rows), as environments
-VARIANTS = {"default": {}, "qkv-rope-fused": {"CQIL_QKV_ROPE": "1"}, "residual-unfolded": {"CQIL_FOLD_RESIDUAL": "0"},
-            "prefill-blas": {"CQIL_PREFILL_BLAS_ROWS": "8"}}  # the prompts' >= 8 rows through torch matmuls
+# the Triton step's forms: the kernels, and the prompts' >= 8 rows through torch matmuls (fused.use_blas)
+VARIANTS = {"default": {}, "prefill-blas": {"CQIL_PREFILL_BLAS_ROWS": 8}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", ["none", "P3-d1-residual"])
-def test_cached_prefill_then_decode_matches_torch_backend(name, variant, monkeypatch):
-    for var, value in VARIANTS[variant].items():
-        monkeypatch.setenv(var, value)
+def test_cached_prefill_then_decode_matches_torch_backend(name, variant):
     model = _models(GROUPINGS[name], head_dim=16, attention_bias=True, mlp_bias=True)
     ids = torch.randint(0, model.args.vocab_size, (2, 9), device=DEVICE)
     mask = left_padding_mask(ids, [3, 0])
     logits = {}
-    with torch.no_grad():
+    with torch.no_grad(), envs.overridden(**VARIANTS[variant]):
         for backend in ("torch", "triton"):
             model.backend = backend
             cache = model.new_cache(2, 16)
@@ -78,10 +75,10 @@ def test_regrouping_reuses_the_packed_weights():
     ids = torch.randint(0, model.args.vocab_size, (1, 5), device=DEVICE)
     with torch.no_grad():
         model(ids)
-        packed = model.packed_layers
+        packed = model.packed
         model.cqil = GROUPINGS["pairs-d0"]
         got = model(ids)
-        assert model.packed_layers is packed  # a group is a slice of the layer-major tensors
+        assert model.packed is packed  # a group is a slice of the layer-major tensors
         model.backend = "torch"
         torch.testing.assert_close(got, model(ids), atol=2e-4, rtol=2e-4)
 
@@ -94,9 +91,9 @@ def test_replaced_parameters_are_repacked():
         before = model(ids)
         layer = model.layers[2].mlp.down_proj
         layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)
-        assert not model.packed_layers.is_current()
+        assert not model.packed.is_current()
         after = model(ids)
-        assert model.packed_layers.is_current()
+        assert model.packed.is_current()
         assert not torch.allclose(before, after)
         model.backend = "torch"
         torch.testing.assert_close(after, model(ids), atol=2e-4, rtol=2e-4)
@@ -111,13 +108,13 @@ def test_backend_choice_is_checked():
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         model(torch.zeros(1, 3, dtype=torch.long, device=DEVICE))
     model.backend = "auto"
-    assert not model.uses_triton()  # float64 falls back to the torch backend
+    assert not model.accelerated()  # float64 falls back to the torch backend
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only: Triton on CPU tensors needs the interpreter")
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     model = _models(GROUPINGS["none"])
-    assert model.backend == "auto" and not model.uses_triton()  # auto stays on torch on the CPU
+    assert model.backend == "auto" and not model.accelerated()  # auto stays on torch on the CPU
     import cqil_kernels.ops._common as common
 
     monkeypatch.setattr(common, "_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
@@ -167,31 +164,18 @@ def test_cuda_triton_error_no_worse_than_torch_backend(dtype, name, variant, mon
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
+def test_cuda_graph_decode_equals_eager_decode():
     """Graph-replayed decode == eager decode bit for bit, and programmatic dependent launch (ops/_pdl.py;
-    on where the GPU has it) changes nothing either: the same kernels, only launched earlier. Likewise
-    with RoPE in the QKV GEMM's epilogue (CQIL_QKV_ROPE=1) and with one-layer stages' residual launch kept
-    (CQIL_FOLD_RESIDUAL=0)."""
+    on where the GPU has it) changes nothing either: the same kernels, only launched earlier."""
     model = _models(GROUPINGS["P3-d1-residual"])
     model.to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), device="cuda")
     mask = left_padding_mask(ids, [3, 0])
     outs = {}
-    runs = [("eager", False, "1", "default"), ("graphs", True, "1", "default"),
-            ("graphs without PDL", True, "0", "default"), ("eager, QKV + RoPE fused", False, "1", "qkv-rope-fused"),
-            ("graphs, QKV + RoPE fused", True, "1", "qkv-rope-fused"),
-            ("eager, residual unfolded", False, "1", "residual-unfolded"),
-            ("graphs, residual unfolded", True, "1", "residual-unfolded")]
-    for label, graphs, pdl, variant in runs:
-        monkeypatch.setenv("CQIL_PDL", pdl)
-        for var in ("CQIL_QKV_ROPE", "CQIL_FOLD_RESIDUAL"):
-            if var in VARIANTS[variant]:
-                monkeypatch.setenv(var, VARIANTS[variant][var])
-            else:
-                monkeypatch.delenv(var, raising=False)
-        model.cuda_graphs = graphs
+    for label, graphs, pdl in (("eager", False, True), ("graphs", True, True), ("graphs without PDL", True, False)):
+        model.accelerator.cuda_graphs = graphs
         cache = model.new_cache(2, 30)
-        with torch.no_grad():
+        with torch.no_grad(), envs.overridden(CQIL_PDL=pdl):
             logits = model(ids, mask, cache=cache)[:, -1]
             decode = model.decoder(cache)
             steps = []
@@ -202,11 +186,9 @@ def test_cuda_graph_decode_equals_eager_decode(monkeypatch):
         assert cache.length == 21 and int(cache.position) == 21
     torch.testing.assert_close(outs["graphs"], outs["eager"], rtol=0, atol=0)
     torch.testing.assert_close(outs["graphs without PDL"], outs["graphs"], rtol=0, atol=0)
-    torch.testing.assert_close(outs["graphs, QKV + RoPE fused"], outs["eager, QKV + RoPE fused"], rtol=0, atol=0)
-    torch.testing.assert_close(outs["graphs, residual unfolded"], outs["eager, residual unfolded"], rtol=0, atol=0)
 
 
-def test_dependent_launch_is_off_where_it_cannot_run(monkeypatch):
+def test_dependent_launch_is_off_where_it_cannot_run():
     from cqil_kernels.ops._pdl import pdl_options
 
     assert pdl_options(torch.zeros(1)) == {"USE_GDC": False}  # CPU (and the interpreter) never
@@ -214,8 +196,8 @@ def test_dependent_launch_is_off_where_it_cannot_run(monkeypatch):
         x = torch.zeros(1, device="cuda")
         on = torch.cuda.get_device_capability() >= (9, 0)
         assert pdl_options(x)["USE_GDC"] is on
-        monkeypatch.setenv("CQIL_PDL", "0")
-        assert pdl_options(x) == {"USE_GDC": False}
+        with envs.overridden(CQIL_PDL=False):
+            assert pdl_options(x) == {"USE_GDC": False}
 
 
 @cuda
@@ -263,7 +245,7 @@ def test_prefill_blas_forms_match_the_kernels_twins(P, dtype, monkeypatch):
     from cqil_kernels.ops.group_gemm import group_swiglu
     from cqil_kernels.reference.group_gemm import group_down_sum_ref, group_linear_ref, group_swiglu_ref
 
-    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "5")
+    monkeypatch.setitem(envs._values, "CQIL_PREFILL_BLAS_ROWS", 5)
     g = torch.Generator().manual_seed(P)
     M, K, N, F = 7, 59, 83, 45
 
@@ -287,51 +269,8 @@ def test_prefill_blas_forms_match_the_kernels_twins(P, dtype, monkeypatch):
         assert_kernel_close(got, twin, exact, terms=terms)
     out = torch.full((M, K), float("nan"), device=DEVICE, dtype=dtype)
     assert fused.down_sum(act, wd, res, out=out) is out and not out.isnan().any()
-    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "8")  # 7 rows: the kernels (interpreted on the CPU)
-    torch.testing.assert_close(fused.swiglu(x3, wg, wu), group_swiglu(x3, wg, wu), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("value", ["many", "-1", "1.5"])
-def test_bad_prefill_blas_rows_is_refused(value, monkeypatch):
-    from cqil_kernels import fused
-
-    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", value)
-    with pytest.raises(ValueError, match="CQIL_PREFILL_BLAS_ROWS"):
-        fused.blas_rows()
-
-
-@pytest.mark.parametrize("value", ["true", "on", "2", " 1"])
-def test_bad_switch_values_are_refused(value, monkeypatch):
-    """CQIL_QKV_ROPE and CQIL_FOLD_RESIDUAL take 0 or 1: anything else is a ValueError naming the
-    variable, at the model's first step, not a silent choice."""
-    from cqil_kernels import fused
-    from cqil_kernels.ops._common import env_switch
-
-    for var, switch in (("CQIL_QKV_ROPE", fused.qkv_rope_fused), ("CQIL_FOLD_RESIDUAL", fused.residual_folded)):
-        monkeypatch.setenv(var, value)
-        with pytest.raises(ValueError, match=var):
-            switch()
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("CQIL_PDL", value)
-    with pytest.raises(ValueError, match="CQIL_PDL"):
-        env_switch("CQIL_PDL", True)
-    monkeypatch.delenv("CQIL_PDL")  # on the GPU the model reads it too, before the fold's switch
-    model = _models(GROUPINGS["none"])
-    model.backend = "triton"
-    monkeypatch.setenv("CQIL_FOLD_RESIDUAL", value)
-    with pytest.raises(ValueError, match="CQIL_FOLD_RESIDUAL"), torch.no_grad():
-        model(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache=model.new_cache(1, 4))
-
-
-def test_switches_read_0_1_and_default(monkeypatch):
-    from cqil_kernels.ops._common import env_switch
-
-    for value, default, expected in (("", True, True), ("", False, False), ("0", True, False),
-                                     ("1", False, True)):
-        monkeypatch.setenv("CQIL_TEST_SWITCH", value)
-        assert env_switch("CQIL_TEST_SWITCH", default) is expected
-    monkeypatch.delenv("CQIL_TEST_SWITCH")
-    assert env_switch("CQIL_TEST_SWITCH", True) is True
+    with envs.overridden(CQIL_PREFILL_BLAS_ROWS=8):  # 7 rows: the kernels (interpreted on the CPU)
+        torch.testing.assert_close(fused.swiglu(x3, wg, wu), group_swiglu(x3, wg, wu), rtol=0, atol=0)
 
 
 def test_prefill_blas_rule(monkeypatch):
@@ -342,26 +281,21 @@ def test_prefill_blas_rule(monkeypatch):
     big = torch.empty(2, 4096, 1024, device="meta")  # 4 M elements per layer
     small = torch.empty(2, 4096, 1023, device="meta")
     rows = fused.AUTO_BLAS_ROWS
-    for value in (None, "auto"):
-        if value is None:
-            monkeypatch.delenv("CQIL_PREFILL_BLAS_ROWS", raising=False)
-        else:
-            monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", value)
+    with envs.overridden(CQIL_PREFILL_BLAS_ROWS=envs.parse("CQIL_PREFILL_BLAS_ROWS", "auto")):
         assert fused.use_blas(rows, big) and fused.use_blas(4096, big)
         assert not fused.use_blas(rows - 1, big) and not fused.use_blas(1, big)
         assert not fused.use_blas(rows, small) and not fused.use_blas(4096, small)
-    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "0")
-    assert not fused.use_blas(1 << 20, big)
-    monkeypatch.setenv("CQIL_PREFILL_BLAS_ROWS", "8")
-    assert fused.use_blas(8, small) and not fused.use_blas(7, big)
+    with envs.overridden(CQIL_PREFILL_BLAS_ROWS=0):
+        assert not fused.use_blas(1 << 20, big)
+    with envs.overridden(CQIL_PREFILL_BLAS_ROWS=8):
+        assert fused.use_blas(8, small) and not fused.use_blas(7, big)
 
 
 def test_one_layer_stages_fold_the_residual_launch_in_decode_only(monkeypatch):
-    """Default: a one-layer stage of at most FOLD_ROWS rows skips group_residual; a prompt of more rows,
-    a group of P > 1 and CQIL_FOLD_RESIDUAL=0 keep it."""
+    """A one-layer stage of at most FOLD_ROWS rows skips group_residual; a prompt of more rows and a
+    group of P > 1 keep it."""
     from cqil_kernels import fused
 
-    monkeypatch.delenv("CQIL_FOLD_RESIDUAL", raising=False)
     calls = []
     kept = fused.group_residual
     monkeypatch.setattr(fused, "group_residual",
@@ -380,7 +314,26 @@ def test_one_layer_stages_fold_the_residual_launch_in_decode_only(monkeypatch):
         model(ids[:, :1], cache=cache)
         assert calls and all(p > 1 for p in calls)  # decode: the groups only
         assert len(calls) == len(model.stages) - P1
-        calls.clear()
-        monkeypatch.setenv("CQIL_FOLD_RESIDUAL", "0")
-        model(ids[:, 1:2], cache=cache)
-        assert len(calls) == len(model.stages)
+
+
+def test_greedy_is_torch_argmax_off_cuda():
+    from cqil_kernels.fused import greedy
+
+    logits = torch.randn(3, 50)
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    model = _models(GROUPINGS["none"])
+    assert torch.equal(model.argmax(logits.to(DEVICE)), logits.to(DEVICE).argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_on_cuda_is_the_triton_argmax(monkeypatch):
+    from cqil_kernels import fused
+
+    calls = []
+    real = fused.row_argmax
+    monkeypatch.setattr(fused, "row_argmax", lambda x: calls.append(x.shape) or real(x))
+    logits = torch.randn(3, 49152, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(fused.greedy(logits), logits.argmax(-1)) and calls == [(3, 49152)]
+    assert torch.equal(fused.greedy(logits.double()), logits.double().argmax(-1)) and len(calls) == 1  # torch's
+    model = _models(GROUPINGS["none"])
+    assert torch.equal(model.argmax(logits), logits.argmax(-1)) and len(calls) == 2  # the model's greedy choice

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.generation import greedy
 
 from conftest import left_padding_mask, random_hf_model
 
@@ -143,23 +142,6 @@ def test_bad_attention_mask(mask, message):
     model = CQILLlama.from_pretrained(random_hf_model())
     with pytest.raises(ValueError, match=message):
         model.generate(torch.tensor([[1, 2, 3]]), 2, attention_mask=mask)
-
-
-def test_greedy_is_torch_argmax_off_cuda():
-    logits = torch.randn(3, 50)
-    assert torch.equal(greedy(logits), logits.argmax(-1))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_greedy_on_cuda_is_the_triton_argmax(monkeypatch):
-    import cqil_kernels.ops.argmax as argmax_op
-
-    calls = []
-    real = argmax_op.row_argmax
-    monkeypatch.setattr(argmax_op, "row_argmax", lambda x: calls.append(x.shape) or real(x))
-    logits = torch.randn(3, 49152, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(greedy(logits), logits.argmax(-1)) and calls == [(3, 49152)]
-    assert torch.equal(greedy(logits.double()), logits.double().argmax(-1)) and len(calls) == 1  # torch's
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])

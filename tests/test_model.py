@@ -1,4 +1,4 @@
-"""CQILLlama against transformers (no groups) and against a float64 transcription of DESIGN.md (groups)."""
+"""CQILLlama against transformers (no groups) and against a float64 transcription of docs/design.md (groups)."""
 
 import math
 
@@ -48,7 +48,7 @@ def test_no_groups_matches_transformers_with_left_padding():
 
 
 # --------------------------------------------------------------------------------------------------
-# A float64 implementation that follows DESIGN.md's equations literally, from the raw weights.
+# A float64 implementation that follows docs/design.md's equations literally, from the raw weights.
 
 
 def _ref_forward(hf, ids, groups, d, mode):

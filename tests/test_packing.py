@@ -18,7 +18,7 @@ def test_loader_fills_the_packed_tensors_in_place(tmp_path, bias):
     hf = random_hf_model(seed=3, attention_bias=bias, mlp_bias=bias)
     hf.save_pretrained(tmp_path)
     model = CQILLlama.from_pretrained(tmp_path, device="cpu")
-    packed = model.packed_layers
+    packed = model.packed
     assert packed is not None and packed.is_current()
     layer = model.layers[4]
     assert _storage_of(layer.self_attn.k_proj.weight) == _storage_of(packed.qkv)

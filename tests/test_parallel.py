@@ -497,7 +497,7 @@ for bad, error in ((dict(parts=torch.zeros(2, 5, 40, dtype=torch.bfloat16)), Typ
     except error:
         pass
 # a decode stage's down projection, K split in two (SPLIT_K_MIN lowered), reaches it from RankModel and
-# gives group_down_sum's bits, summed over the ranks; CQIL_REDUCE_PARTIALS=0 sums them first
+# gives group_down_sum's bits, summed over the ranks
 G.SPLIT_K_MIN = 32
 calls = []
 real = reducer.all_reduce_sum
@@ -511,14 +511,6 @@ residual, h = torch.randn(3, 24, generator=g), torch.zeros(3, 24, dtype=torch.fl
 expected = group_down_sum(act, w.down, residual)
 dist.all_reduce(expected)
 assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
-os.environ["CQIL_REDUCE_PARTIALS"] = "0"
-assert torch.equal(RankModel._down_reduce(fake, act, w, residual, h), expected) and calls == [2]
-os.environ["CQIL_REDUCE_PARTIALS"] = "no"
-try:
-    RankModel._down_reduce(fake, act, w, residual, h)
-    raise AssertionError("CQIL_REDUCE_PARTIALS=no was accepted")
-except ValueError as e:
-    assert "CQIL_REDUCE_PARTIALS" in str(e), e
 # the overlapped path: on CPU neither peer path runs, each says why, and gloo's async sum is the result
 path, why = reducer.policy(torch.zeros(8), overlapped=True)
 assert path == "gloo" and "copy-engine: rank 0: tensors on cpu" in why, why

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .. import envs
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -21,19 +23,9 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
-def env_switch(name: str, default: bool) -> bool:
-    """An on/off environment switch: unset or empty -> default; "1" -> on, "0" -> off; anything else is a
-    ValueError naming the variable (a "false" silently read as on would be worse)."""
-    value = os.environ.get(name, "")
-    if value in ("", "0", "1"):
-        return default if value == "" else value == "1"
-    raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-
-
 def autotuning() -> bool:
-    """Whether kernels autotune over several configs (CQIL_AUTOTUNE=0 picks one fixed config per
-    shape class: quicker compiles for tests; read when cqil_kernels.ops is first imported)."""
-    return env_switch("CQIL_AUTOTUNE", True)
+    """Whether kernels autotune over several configs (envs: CQIL_AUTOTUNE)."""
+    return envs.get("CQIL_AUTOTUNE")
 
 
 def untimed_bench():

@@ -10,8 +10,8 @@ hardware launch the next kernel's programs while this one stores its results and
 kernel's launch latency and ramp hide behind this one's tail. Kernels that are not ours (cuBLAS, torch
 ops, the one-shot all-reduce) are launched without the attribute and order the stream as usual.
 
-On by default on CUDA devices of compute capability 9.0 and later; CQIL_PDL=0 turns it off (read at
-each launch, so a benchmark can compare both in one process). Never under TRITON_INTERPRET=1.
+On by default on CUDA devices of compute capability 9.0 and later; CQIL_PDL=0 turns it off (envs.py).
+Never under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import env_switch, interpreting
+from .. import envs
+from ._common import interpreting
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _capable(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    if device.type != "cuda" or interpreting() or not env_switch("CQIL_PDL", True):
+    if device.type != "cuda" or interpreting() or not envs.get("CQIL_PDL"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

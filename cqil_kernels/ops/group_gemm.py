@@ -3,7 +3,6 @@
     group_linear(x, w)                    out[p] = x[p] @ w[p].T               (o_proj; x may be shared)
     group_linear(x, w, residual=h)        out[p] = h + x[p] @ w[p].T           (o_proj giving h + a)
     group_linear(x, w, norm_weight=n)     out[p] = RMSNorm_n[p](x) @ w[p].T    (QKV with the input norm)
-    group_qkv_rope(x, w, ..., norm_weight=n)   the same, then RoPE and the KV-cache write in its epilogue
     group_swiglu(x, w_gate, w_up)         out[p] = silu(x[p] @ g[p].T) * (x[p] @ u[p].T)
     group_swiglu(x, g, u, norm_weight=n)  the same of RMSNorm_n[p](x[p])      (with the post-attention norm)
     group_down_sum(x, w, residual)        out    = residual + sum_p x[p] @ w[p].T   (one GEMM, K = P*F)
@@ -13,19 +12,15 @@ Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's par
 the packed group tensors. The input norm is applied in the prologue: x * norm weight is formed as x is
 loaded (weights are used as stored, no folding) and the row's 1/rms, which commutes with the matmul,
 scales the fp32 accumulator at the end. In decode tiles (BLOCK_M = 16) the sums of squares come from the
-tensor cores: each K tile adds x x^T into a [16, 16] fp32 accumulator whose diagonal they are. Measured
-on an H100 (decode, bf16, best config of each; benchmarks/results/h100_2026-11-26/norm_sq/): LLaMA-7B
-QKV 39.6 -> 37.6 us (no norm at all: 36.5), P = 2 78.2 -> 70.5, head 93.5 -> 90.0, against the form
-decode used before and larger (prefill) tiles still use: a second pass over x after the main loop (an
-x x^T tile of 128 x 128 would double a prefill tile's MMA work). Slower forms tried in decode: a
-per-tile tl.sum in the main loop (57 us) and a [BLOCK_M, BLOCK_K] fp32 accumulator (55 us).
-Accumulation is fp32.
+tensor cores: each K tile adds x x^T into a [16, 16] fp32 accumulator whose diagonal they are (LLaMA-7B
+decode QKV on an H100: 37.6 us, against 39.6 with a second pass over x, which larger tiles keep: an
+x x^T tile of 128 x 128 would double a prefill tile's MMA work). Accumulation is fp32.
 
 Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
-loads in flight. For the down projection of a group in decode, one program per output tile would walk
-K = P*F alone (15.0 us for SmolLM2 P = 4 on the H100, 474 GB/s); there each layer's partial product is
-computed by its own programs (fp32, [P, M, D]) and a small kernel adds the P partials and the residual
-in a fixed order, so results stay deterministic.
+loads in flight. For the down projection of a group in decode, each layer's partial product is computed
+by its own programs (fp32, [P, M, D]) and a small kernel adds the P partials and the residual in a fixed
+order, so results stay deterministic; one program per output tile walking K = P*F alone ran at 474 GB/s
+(SmolLM2 P = 4, H100).
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ import triton.language as tl
 from ._common import (autotuning, cdiv, check_runnable, check_tensor, dot_flags, interpreting, next_pow2,
                       untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
-from .rope_kv import check_rope_kv
 
 
 def _configs():
@@ -74,50 +68,15 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
 
 
-@triton.jit
-def _rope_kv_store(acc, acc2, offs_m, offs_n, m_ok, n_ok, p, T, H, HKV,
-                   pos_ptr, inv_freq_ptr, start_ptr, q_ptr, k_ptr, v_ptr,
-                   stride_pb, stride_op, stride_om, stride_cp, stride_cb, stride_ch, stride_cs,
-                   HALF: tl.constexpr):
-    """The QKV epilogue with RoPE: acc / acc2 hold columns i and i + Dh/2 of head `offs_n // HALF` for
-    rows m = b*T + t. q and k heads are rotated by pos[b, t] * inv_freq[i] (fp32, rounded once); q goes
-    to q_ptr [P, M, H*Dh], k and v to their caches [P, B, Hkv, S, Dh] at slot start + t."""
-    head, i = offs_n // HALF, offs_n % HALF
-    b, t = offs_m // T, offs_m % T
-    pos = tl.load(pos_ptr + b * stride_pb + t, mask=m_ok, other=0).to(tl.float32)
-    angle = pos[:, None] * tl.load(inv_freq_ptr + i, mask=n_ok, other=0.0)[None, :]
-    cos, sin = tl.cos(angle), tl.sin(angle)
-    rotate = (head < H + HKV)[None, :]
-    y1 = tl.where(rotate, acc * cos - acc2 * sin, acc)
-    y2 = tl.where(rotate, acc2 * cos + acc * sin, acc2)
-    ok = m_ok[:, None] & n_ok[None, :]
-    q_at = q_ptr + p * stride_op + offs_m[:, None] * stride_om + (head * 2 * HALF + i)[None, :]
-    is_q = ok & (head < H)[None, :]
-    tl.store(q_at, y1.to(q_ptr.dtype.element_ty), mask=is_q)
-    tl.store(q_at + HALF, y2.to(q_ptr.dtype.element_ty), mask=is_q)
-    slot = tl.load(start_ptr) + t
-    kv_head = tl.where(head >= H + HKV, head - H - HKV, head - H)  # negative for q heads: masked below
-    at = p * stride_cp + b[:, None] * stride_cb + kv_head[None, :] * stride_ch + slot[:, None] * stride_cs \
-        + i[None, :]
-    is_k = ok & ((head >= H) & (head < H + HKV))[None, :]
-    is_v = ok & (head >= H + HKV)[None, :]
-    tl.store(k_ptr + at, y1.to(k_ptr.dtype.element_ty), mask=is_k)
-    tl.store(k_ptr + at + HALF, y2.to(k_ptr.dtype.element_ty), mask=is_k)
-    tl.store(v_ptr + at, y1.to(v_ptr.dtype.element_ty), mask=is_v)
-    tl.store(v_ptr + at + HALF, y2.to(v_ptr.dtype.element_ty), mask=is_v)
-
-
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench())
 @triton.jit(do_not_specialize=["M_CLASS"])  # a key for the autotuner only: one compile for all classes
 def _group_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
-    pos_ptr, inv_freq_ptr, start_ptr, k_ptr, v_ptr,
-    M, N, K, P, P_GRID, M_CLASS, T, H, HKV,
+    M, N, K, P, P_GRID, M_CLASS,
     stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
-    stride_pb, stride_cp, stride_cb, stride_ch, stride_cs,
     eps,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, SUM_P: tl.constexpr,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -129,12 +88,6 @@ def _group_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
-    if ROPE:  # n counts column pairs: (head, i) -> columns head*Dh + i (acc) and + Dh/2 (acc2)
-        cols = (offs_n // HALF) * (2 * HALF) + offs_n % HALF
-        cols2 = cols + HALF
-    else:  # SWIGLU: the same columns of the two weights
-        cols = offs_n
-        cols2 = offs_n
     if SUM_P:  # one output for the whole group: the P matmuls are one reduction over K' = P*K
         p_lo, p_hi = 0, P
     else:
@@ -150,8 +103,7 @@ def _group_gemm_kernel(
         sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
-        w_cols = p * stride_wp + cols[None, :] * stride_wn
-        w2_cols = p * stride_wp + cols2[None, :] * stride_wn
+        w_cols = p * stride_wp + offs_n[None, :] * stride_wn  # SWIGLU: the same columns of both weights
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
@@ -166,8 +118,8 @@ def _group_gemm_kernel(
             if UPCAST:
                 xk, wk = xk.to(tl.float32), wk.to(tl.float32)
             acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
-            if SWIGLU or ROPE:
-                w2k = tl.load(w2_ptr + w2_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if SWIGLU:
+                w2k = tl.load(w2_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if UPCAST:
                     w2k = w2k.to(tl.float32)
                 acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
@@ -185,16 +137,11 @@ def _group_gemm_kernel(
             acc = acc * rstd
             acc2 = acc2 * rstd
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + p * stride_bp + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU or ROPE:
-                acc2 += tl.load(bias2_ptr + p * stride_bp + cols2, mask=n_ok,
+            acc += tl.load(bias_ptr + p * stride_bp + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc2 += tl.load(bias2_ptr + p * stride_bp + offs_n, mask=n_ok,
                                 other=0.0).to(tl.float32)[None, :]
     release_consumer(USE_GDC)
-    if ROPE:
-        _rope_kv_store(acc, acc2, offs_m, offs_n, m_ok, n_ok, p_lo, T, H, HKV,
-                       pos_ptr, inv_freq_ptr, start_ptr, out_ptr, k_ptr, v_ptr,
-                       stride_pb, stride_op, stride_om, stride_cp, stride_cb, stride_ch, stride_cs, HALF=HALF)
-        return
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if HAS_RES:
@@ -255,8 +202,7 @@ _CHOSEN: dict[tuple, dict] = {}
 
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
-            residual=None, sum_p=False, rope=None):
-    """rope: dict(positions, inv_freq, start, k_cache, v_cache, num_heads) for group_qkv_rope."""
+            residual=None, sum_p=False):
     P, N, K = w.shape
     M = x.shape[-2]
     if M == 0 or N == 0:
@@ -266,33 +212,23 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
     m_class = row_class(M)
     dummy = w  # stands in for absent optional operands; never read (their flags are off)
 
-    if rope is not None:  # the grid runs over column pairs; both accumulators read w (and bias)
-        cache, positions = rope["k_cache"], rope["positions"]
-        half, w2, bias2 = cache.shape[-1] // 2, w, bias
-        N //= 2
-        rope_args = (positions, rope["inv_freq"], rope["start"], cache, rope["v_cache"])
-        rope_ints = (positions.shape[1], rope["num_heads"], cache.shape[2])
-        rope_strides = (positions.stride(0), *cache.stride()[:4])
-    else:
-        half, rope_args, rope_ints, rope_strides = 1, (dummy,) * 5, (1, 0, 0), (0,) * 5
-
     def grid(meta):
         return cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]), p_grid
 
     tensors = (x, w, w2 if w2 is not None else dummy, norm_weight if norm_weight is not None else dummy,
                bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
-               residual if residual is not None else dummy, out, *rope_args)
-    args = (*tensors, M, N, K, P, p_grid, m_class, *rope_ints,
+               residual if residual is not None else dummy, out)
+    args = (*tensors, M, N, K, P, p_grid, m_class,
             sx[0], sx[1], w.stride(0), w.stride(1),
             norm_weight.stride(0) if norm_weight is not None else 0,
             bias.stride(0) if bias is not None else 0,
             residual.stride(0) if residual is not None else 0,
-            out.stride(0) if out.ndim == 3 else 0, out.stride(-2), *rope_strides,
+            out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
             float(eps))
     # the autotuner's own key: the row class, N, K, P_GRID and every tensor argument's dtype
     key = (m_class, N, K, p_grid, *(t.dtype for t in tensors))
-    flags = dict(NORM=norm_weight is not None, SWIGLU=w2 is not None and rope is None, ROPE=rope is not None,
-                 HALF=half, SUM_P=sum_p, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+    flags = dict(NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None,
                  UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
     chosen = _CHOSEN.get(key)
     if chosen is None:  # the autotuner picks (timing the configs the first time it sees the key)
@@ -320,32 +256,6 @@ def group_linear(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor 
     _check_residual(residual, x.shape[-2], N, x)
     out = _out(out, (P, x.shape[-2], N), x)
     return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
-
-
-def group_qkv_rope(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, *, num_heads: int,
-                   num_kv_heads: int, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """group_linear(x, w, norm_weight, eps, bias) and ops.rope_kv.rope_kv_write in one launch.
-
-    x: [B*T, K] shared by the group (or [P, B*T, K]); w: [P, (H + 2*Hkv)*Dh, K] (q, k, v heads);
-    positions: [B, T] int RoPE positions; inv_freq: [Dh/2] fp32; k_cache, v_cache: [P, B, Hkv, S, Dh];
-    start: int32 [1] on the device -> q [P, B*T, H*Dh], rotated. k (rotated) and v are written into the
-    caches at slot start + t. Each program holds columns i and i + Dh/2 of its heads in its two
-    accumulators, so the rotation is applied to the fp32 results and rounded once. The caller
-    guarantees start + T <= S.
-    """
-    sx = _check_x(x, w)
-    P, N, K = w.shape
-    _check_vector("norm_weight", norm_weight, P, K, x)
-    _check_vector("bias", bias, P, N, x)
-    M = x.shape[-2]
-    check_rope_kv(x, (P, M, N), positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
-                  num_kv_heads=num_kv_heads)
-    out = _out(out, (P, M, num_heads * k_cache.shape[-1]), x)
-    rope = dict(positions=positions, inv_freq=inv_freq, start=start, k_cache=k_cache, v_cache=v_cache,
-                num_heads=num_heads)
-    return _launch(x, w, out, sx=sx, norm_weight=norm_weight, eps=eps, bias=bias, rope=rope)
 
 
 def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,

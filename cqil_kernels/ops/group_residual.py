@@ -1,7 +1,7 @@
 """Bypass prefix sums + residual + post-attention RMSNorm of a CQIL group, in one launch.
 
 Given the group input h: [M, D] and the P attention outputs a: [P, M, D] (after o_proj), with bypass
-distance d (DESIGN.md):
+distance d (docs/design.md):
     b_j  = a_{j-1} + ... + a_{j-min(d, j)}
     x_j  = RMSNorm^post_j(h + a_j + b_j)                      -> xn [P, M, D], the MLP inputs
     R    = h + sum_j (a_j + b_j)     ("residual" mode)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..generation import check_attention_mask, check_generate_args, check_input_ids
-from . import disable_multicast
+from .launch import disable_multicast
 
 START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
 CALL_TIMEOUT_S = 900.0  # one forward / generate / ... call, unless the model is built with another limit
@@ -308,7 +308,7 @@ class ParallelCQILLlama:
         if refused:
             if command == "new_cache":  # the ranks that made it free it again: no rank keeps a cache the driver lacks
                 self._call("release_cache", id=payload["id"])
-            rank, error = refused[0]
+            rank, error = min(refused, key=lambda r: r[0])
             raise type(error)(f"rank {rank}: {error}") from None
         return results if all_ranks else results[0]
 
@@ -468,7 +468,7 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
             os._exit(1)
         conn.send(("ok", result))
     conn.close()
-    # No destroy_process_group: a rank exiting while a peer is gone can hang in it (DESIGN.md).
+    # No destroy_process_group: a rank exiting while a peer is gone can hang in it (launch.end_rank).
     os._exit(0)
 
 

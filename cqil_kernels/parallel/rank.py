@@ -13,7 +13,8 @@ h' = sum_j c_j = h + sum_j (...), the group's output. Rank 0 adds h so the sum n
 The Triton backend runs the same split with the fused kernels (fused.py, one layer per launch here), and
 the decode step — reductions included — is captured in one CUDA graph per rank. In decode the down
 projection's fp32 partial products go straight into the reduction, which forms c_j itself
-(GroupReducer.all_reduce_sum: one launch less per group).
+(GroupReducer.all_reduce_sum: one launch less per group). Both paths are model.StepRunners: the stage
+loop is model.forward_step's.
 
 A prefill cuts the run of stages from the first group to the last into two micro-batches of tokens,
 A = the first half of every row, B = the second, and runs them in turn, stage by stage: A's group
@@ -32,23 +33,15 @@ import json
 import torch
 import torch.distributed as dist
 
+from ..backends import attach_default
+from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import generate
-from ..model import CQILLlama, KVCache, check_forward_inputs
+from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
 BYPASS_EXCHANGES = ("p2p", "all_reduce")  # RankModel's ways to move the bypass (comm.py)
-
-
-def reduce_partials() -> bool:
-    """Whether a decode stage hands the down projection's fp32 partial products and the residual to the
-    reduction (GroupReducer.all_reduce_sum, default) instead of summing them in a launch of their own
-    first; the same bits either way. CQIL_REDUCE_PARTIALS=0 turns it off; read at each step, so one
-    process can compare both. (Only the Triton path asks, so the import needs no guard.)"""
-    from ..ops._common import env_switch
-
-    return env_switch("CQIL_REDUCE_PARTIALS", True)
 
 
 class RankModel:
@@ -58,7 +51,7 @@ class RankModel:
     `torch.distributed.init_process_group` (or `parallel.init_from_env()` under torchrun), on every rank.
     """
 
-    def __init__(self, model: CQILLlama, placement: Placement, group=None, one_shot: bool | None = None,
+    def __init__(self, model: CQILTransformer, placement: Placement, group=None, one_shot: bool | None = None,
                  microbatch_rows: int = 512, bypass_exchange: str = "all_reduce",
                  copy_engine: bool | None = None):
         check_bypass_exchange(bypass_exchange)
@@ -100,9 +93,10 @@ class RankModel:
             raise ValueError("RankModel needs torch.distributed initialised (init_process_group, or "
                              "cqil_kernels.parallel.init_from_env() under torchrun)")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        model = CQILLlama.from_pretrained(
-            src, cqil=cqil, device=device, dtype=dtype, lora=lora, progress=progress,
+        model = load_pretrained(
+            CQILTransformer, src, cqil=cqil, device=device, dtype=dtype, lora=lora, progress=progress,
             held_layers=lambda args, grouping: Placement.build(rank, world, args, grouping).held_layers)
+        attach_default(model)
         model.backend = backend
         _check_same_on_every_rank(model, group)
         placement = Placement.build(rank, world, model.args, model.cqil)
@@ -167,27 +161,15 @@ class RankModel:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
-        model = self.model
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
-        if model.uses_triton():
-            B, T = input_ids.shape
+        if self.model.accelerated():
             logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
-                                       else self.new_cache(B, T))
-            if cache is not None:
-                cache.length += T
-            return logits
-        ctx = model._step_context(input_ids, attention_mask, cache)
-        h = model.embed_tokens(input_ids)
-        for s, stage in enumerate(self.placement.stages):
-            kv = cache.layer(s, 0) if cache is not None and self.stages[s] else None
-            if len(stage) == 1:
-                h = model.layers[stage[0]](h, ctx, kv)
-            else:
-                h = self._group_torch(h, s, ctx, kv)
+                                       else self.new_cache(*input_ids.shape))
+        else:
+            logits = forward_step(_RankTorchRunner(self), self.placement.stages, input_ids, attention_mask, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
-            cache.position += input_ids.shape[1]
-        return model.lm_head(model.norm(h))
+        return logits
 
     def _group_torch(self, h: torch.Tensor, s: int, ctx, kv) -> torch.Tensor:
         stage, j = self.placement.stages[s], self.rank
@@ -213,23 +195,7 @@ class RankModel:
 
     def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """fused.step for this rank: graph-safe (no host reads of device values)."""
-        from .. import fused
-
-        model = self.model
-        B, T = input_ids.shape
-        positions = fused.advance(cache, valid, T)
-        packed = fused.packed_layers(model)
-        h = model.embed_tokens(input_ids).view(B * T, -1)
-        span = self.microbatch_span(B, T)
-        s = 0
-        while s < len(self.placement.stages):
-            if span is not None and s == span[0]:
-                h = self._microbatched(h, span, positions, cache, packed, B, T)
-                s = span[1] + 1
-                continue
-            h = self._stage(s, h, positions, cache.start, cache, packed)
-            s += 1
-        return fused.head(model, h).view(B, T, -1)
+        return forward_step(_RankTritonRunner(self), self.placement.stages, input_ids, valid, cache)
 
     def microbatch_span(self, B: int, T: int) -> tuple[int, int] | None:
         """(first, last) stage run as two micro-batches of tokens for a step of B x T tokens, or None:
@@ -240,22 +206,6 @@ class RankModel:
             return None
         return grouped[0], grouped[-1]
 
-    def _microbatched(self, h: torch.Tensor, span: tuple[int, int], positions: torch.Tensor, cache: KVCache,
-                      packed, B: int, T: int) -> torch.Tensor:
-        """Stages span[0]..span[1] with the tokens cut in two micro-batches (module docstring); h [B*T, D]."""
-        cut = T // 2
-        D = h.shape[-1]
-        rows = h.view(B, T, D)
-        bounds = ((0, cut), (cut, T))
-        # each micro-batch's stage output, pending until its reduction is waited for
-        pending = [PendingReduce(rows[:, lo:hi].reshape(B * (hi - lo), D)) for lo, hi in bounds]  # B == 1: views
-        pos = [positions[:, lo:hi].contiguous() for lo, hi in bounds]
-        starts = [cache.start, cache.start + cut]  # the cache slot of each micro-batch's first token
-        for s in range(span[0], span[1] + 1):
-            for i in (0, 1):
-                pending[i] = self._stage(s, pending[i].wait(), pos[i], starts[i], cache, packed, overlap=True)
-        x = [p.wait() for p in pending]
-        return torch.cat([x[0].view(B, cut, D), x[1].view(B, T - cut, D)], dim=1).view(B * T, D)
 
     def _stage(self, s: int, h: torch.Tensor, positions: torch.Tensor, start: torch.Tensor, cache: KVCache,
                packed, overlap: bool = False):
@@ -311,7 +261,7 @@ class RankModel:
             return self.reducer.all_reduce_async(out)
         if act is None:
             return self.reducer.all_reduce(out)
-        parts = down_partials(act, w.down, bias=w.down_bias) if reduce_partials() else None
+        parts = down_partials(act, w.down, bias=w.down_bias)
         if parts is not None:  # decode: the reduction forms residual + the partial products itself
             return self.reducer.all_reduce_sum(parts, residual, out)
         down_sum(act, w.down, residual, bias=w.down_bias, out=out)
@@ -319,13 +269,16 @@ class RankModel:
 
     # ----------------------------------------------------------------------------------------------
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.model.argmax(logits)
+
     def decodes_in_a_graph(self) -> bool:
         """Whether decoder() captures the step in a CUDA graph: on the Triton backend on CUDA, unless a
         bypass moves through NCCL point-to-point transfers (bypass_exchange="p2p"), which we do not
         capture ("all_reduce" moves it through the reducer instead)."""
         bypass_p2p = (self.model.cqil.bypass > 0 and self.bypass_exchange == "p2p"
                       and any(len(s) > 1 for s in self.placement.stages))
-        return self.cuda_graphs and self.device.type == "cuda" and self.model.uses_triton() and not bypass_p2p
+        return self.cuda_graphs and self.device.type == "cuda" and self.model.accelerated() and not bypass_p2p
 
     def decoder(self, cache: KVCache):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
@@ -350,7 +303,86 @@ class RankModel:
         return out
 
 
-def _check_same_on_every_rank(model: CQILLlama, group) -> None:
+class _RankTorchRunner(TorchRunner):
+    """The torch path of a rank: ungrouped layers as model.py runs them; a group as this rank's layer and
+    the reduction (RankModel._group_torch). Its KV cache holds only this rank's layers."""
+
+    def __init__(self, rank_model: RankModel):
+        super().__init__(rank_model.model)
+        self.rank_model = rank_model
+
+    def stage(self, s, stage, h, state):
+        ctx, cache = state
+        kv = cache.layer(s, 0) if cache is not None and self.rank_model.stages[s] else None
+        if len(stage) == 1:
+            return self.model.layers[stage[0]](h, ctx, kv)
+        return self.rank_model._group_torch(h, s, ctx, kv)
+
+
+class _Halves:
+    """A prefill's hidden state while its grouped stages run as two micro-batches of tokens (module
+    docstring): each half's stage output, pending until its reduction is waited for."""
+
+    def __init__(self, pending: list[PendingReduce], bounds, positions, starts):
+        self.pending, self.bounds, self.positions, self.starts = pending, bounds, positions, starts
+
+
+class _RankTritonRunner:
+    """model.StepRunner of a rank on the fused kernels (fused.TritonRunner's state: positions, cache)."""
+
+    def __init__(self, rank_model: RankModel):
+        self.rank_model, self.model = rank_model, rank_model.model
+        self.packed = self.model.packed_weights()
+
+    def begin(self, input_ids, valid, cache):
+        from ..fused import advance
+
+        B, T = input_ids.shape
+        return advance(cache, valid, T), cache, self.rank_model.microbatch_span(B, T)
+
+    def embed(self, input_ids, state):
+        return self.model.embed_tokens(input_ids).view(input_ids.numel(), -1)
+
+    def stage(self, s, stage, h, state):
+        positions, cache, span = state
+        if span is not None and s == span[0]:
+            h = self._split(h, positions, cache)
+        if isinstance(h, _Halves):
+            for i in (0, 1):
+                h.pending[i] = self.rank_model._stage(s, h.pending[i].wait(), h.positions[i], h.starts[i], cache,
+                                                      self.packed, overlap=True)
+        else:
+            h = self.rank_model._stage(s, h, positions, cache.start, cache, self.packed)
+        if span is not None and s == span[1]:
+            h = self._join(h, positions)
+        return h
+
+    def end(self, h, state):
+        from ..fused import head
+
+        B, T = state[0].shape
+        return head(self.model, h).view(B, T, -1)
+
+    @staticmethod
+    def _split(h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> _Halves:
+        """h [B*T, D] -> the first half of every row's tokens and the second."""
+        B, T = positions.shape
+        cut, D = T // 2, h.shape[-1]
+        rows = h.view(B, T, D)
+        bounds = ((0, cut), (cut, T))
+        return _Halves([PendingReduce(rows[:, lo:hi].reshape(B * (hi - lo), D)) for lo, hi in bounds], bounds,
+                       [positions[:, lo:hi].contiguous() for lo, hi in bounds],
+                       [cache.start, cache.start + cut])  # the cache slot of each half's first token
+
+    @staticmethod
+    def _join(h: _Halves, positions: torch.Tensor) -> torch.Tensor:
+        B, T = positions.shape
+        x = [p.wait() for p in h.pending]
+        D = x[0].shape[-1]
+        return torch.cat([x[i].view(B, hi - lo, D) for i, (lo, hi) in enumerate(h.bounds)], dim=1).view(B * T, D)
+
+
+def _check_same_on_every_rank(model: CQILTransformer, group) -> None:
     """ValueError on every rank when the ranks loaded different configs or groupings."""
     mine = {"args": repr(model.args), "cqil": model.cqil.to_dict(), "dtype": str(model.dtype)}
     fingerprint = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rope_kv import rope_kv_write_ref
-
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """fp32 like the kernels' accumulators; float64 stays float64 (the tests' exact evaluation)."""
@@ -52,16 +50,6 @@ def group_down_sum_ref(x, w, residual=None, *, bias=None):
     if residual is not None:
         out = out + _acc(residual)
     return out.to(x.dtype)
-
-
-def group_qkv_rope_ref(x, w, positions, inv_freq, k_cache, v_cache, start, *, num_heads, num_kv_heads,
-                       norm_weight=None, eps=1e-6, bias=None):
-    """group_linear_ref then rope_kv_write_ref on the unrounded (fp32) result; writes k_cache and v_cache,
-    returns q [P, M, H*Dh] (see ops.group_gemm.group_qkv_rope)."""
-    qkv = group_linear_ref(_acc(x), w, norm_weight=norm_weight, eps=eps, bias=bias)  # fp32 (or fp64)
-    rope_kv_write_ref(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
-                      num_kv_heads=num_kv_heads)
-    return qkv[..., :num_heads * k_cache.shape[-1]].to(x.dtype)
 
 
 def sum_parts_ref(parts, residual=None, *, dtype=None):
