@@ -38,7 +38,7 @@ for stage in $stages; do
     cqil info 2>&1 | tee -a "$OUT/env.txt" ;;
   tests)
     echo "== tests (CQIL_AUTOTUNE=0: one GEMM config per shape class)"
-    (cd /tmp && CQIL_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs -x -p no:cacheprovider \
+    (cd /tmp && CQIL_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rfs -p no:cacheprovider \
       --durations=8 "$REPO/tests" ${PYTEST_ARGS:-} 2>&1) | tee "$OUT/pytest.log" | tail -30 ;;
   sanitizer)
     echo "== compute-sanitizer" | tee "$OUT/sanitizer.log"
@@ -92,7 +92,7 @@ for stage in $stages; do
     (TQDM_MININTERVAL=10 timeout ${FT_TIMEOUT:-500} python3 -m cqil_kernels finetune "$CQIL_SMOLLM2_GGUF" \
       --cqil "$OUT/groups.json" --text "$FT_TEXT/train.txt" --eval-text "$FT_TEXT/held_out.txt" --device cuda \
       --dtype float32 --out "$OUT/finetune" --overwrite ${FT_ARGS:-} 2>&1; echo "exit $?") | tee -a "$OUT/finetune.log" | tail -12
-    rm -f "$OUT/finetune/checkpoint.pt" ;;
+    rm -f "$OUT/finetune/checkpoint.safetensors" ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -191,6 +191,8 @@ class KVCache:
         self.stages = stages
         # one allocation and one fill for every layer's keys and values; the stages' tensors are views.
         sizes = [len(s) for s in stages]
+        check_fits(2 * sum(sizes) * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                   torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions")
         k, v = torch.zeros((2, sum(sizes), *shape), device=device, dtype=dtype)
         self.k, self.v = list(k.split(sizes)), list(v.split(sizes))
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
@@ -202,6 +204,34 @@ class KVCache:
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
         return self.k[stage][j], self.v[stage][j]
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """MemoryError naming `what` when nbytes cannot be allocated on `device`: more than the GPU has free
+    (plus what torch's allocator holds unused), or than the host's available memory. A host that
+    overcommits would otherwise hand out the pages and kill the process once they are touched."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    elif device.type == "cpu":
+        free = _host_available_bytes()
+    else:
+        return
+    if free is not None and nbytes > free:
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB "
+                          f"available on {device}")
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -13,6 +13,21 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+def _interpreter_broken() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels in this environment, or None. Triton 3.6's
+    interpreter turns scalar kernel arguments into 1-element numpy arrays and calls int() on them, which
+    numpy >= 2.4 refuses (the test extras pin numpy<2.4; the lent GPU machines' image has a newer one)."""
+    import numpy
+
+    major, minor = (int(x) for x in numpy.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        return f"Triton's CPU interpreter fails with numpy {numpy.__version__} (>= 2.4); pip install 'numpy<2.4'"
+    return None
+
+
+# for tests that run kernels in the interpreter on CPU tensors even on a machine with a GPU (CPU ranks)
+interpreter = pytest.mark.skipif(_interpreter_broken() is not None, reason=str(_interpreter_broken()))
+
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=83, num_hidden_layers=6,
             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
 

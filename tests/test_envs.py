@@ -7,6 +7,8 @@ import pytest
 
 from cqil_kernels import envs
 
+from conftest import interpreter
+
 
 def test_every_variable_the_package_reads_is_registered():
     """No module reads a CQIL_ variable behind the registry's back (setup.py's build variables aside)."""
@@ -54,6 +56,7 @@ def test_read_once_and_overridden_for_a_block():
     assert "CQIL_PREFILL_BLAS_ROWS" in envs.describe()
 
 
+@interpreter
 def test_a_bad_value_fails_the_first_step_that_reads_it():
     script = ("import torch\nfrom cqil_kernels import CQILConfig, CQILLlama, LlamaArgs\n"
               "m = CQILLlama(LlamaArgs(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,"

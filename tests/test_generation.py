@@ -179,3 +179,10 @@ def test_sampling_arguments_at_their_limits():
         model.generate(ids, 2, do_sample=True, top_p="0.5")
     with pytest.raises(ValueError, match="seed must be an int"):
         model.generate(ids, 2, do_sample=True, seed="7")
+
+
+def test_a_cache_larger_than_the_memory_is_refused_before_allocating():
+    model = CQILLlama.from_pretrained(random_hf_model(max_position_embeddings=128))
+    with pytest.raises(MemoryError, match=r"a KV cache of batch 1000000000 x 128 positions needs .* GiB, more than"):
+        model.new_cache(10**9, 128)
+    assert model.new_cache(2, 128).batch == 2
