@@ -1,6 +1,6 @@
 """Real-model report for issue 4: groups found on SmolLM2-135M-Instruct under perplexity budgets.
 
-    python python/calibrate_smollm2.py [--out benchmarks/results/calibration_smollm2]
+    python python/calibrate_smollm2.py [--out calibration_smollm2]
 
 Calibration (similarity, candidate ranking): tests/data/jargon_calibration.txt. Metrics: the first
 `--eval-tokens` tokens of tests/data/jargon_evaluation.txt (held out). For each P one greedy search runs
@@ -24,7 +24,7 @@ BUDGETS = (0.02, 0.05, 0.10)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/calibration_smollm2")
+    ap.add_argument("--out", default="calibration_smollm2")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--window", type=int, default=512)

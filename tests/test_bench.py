@@ -29,8 +29,12 @@ def test_bench_needs_a_gpu(capsys):
 
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
-    saved = Path(__file__).parents[1] / "benchmarks/results/h100_2026-11-26/bench_smollm2-135m.json"
-    record = json.loads(saved.read_text())
+    result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
+    record = dict(card="a card", date="2026-12-04", commit="abc", command="cqil bench", shape="smollm2-135m",
+                  groups="2-26:4", batch=1, prompt=512, new_tokens=64, dtype="bfloat16", copy_gbps=3000.0,
+                  decode_step_bytes=1, floor_ms_per_token=0.1,
+                  results={v: dict(result) for v in ("hf-eager", "torch", "triton-seq", "triton-cqil")})
+    json.dumps(record)  # what `cqil bench --plot FILE.json` reads back
     plot(record, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
 
@@ -108,3 +112,23 @@ def test_ab_settings_set_and_restore(monkeypatch):
             assert envs.get("CQIL_PREFILL_BLAS_ROWS") == 3
             raise RuntimeError("a failed run")
     assert envs.get("CQIL_PREFILL_BLAS_ROWS") == before
+
+
+def test_every_result_is_a_record_the_table_script_draws(monkeypatch, capsys):
+    """Each figure the docs cite is a record in benchmarks/results/ with its card, date, commit and command;
+    benchmarks/tables.py draws them all."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import tables
+
+    files = sorted(tables.RESULTS.glob("*.json"))
+    assert files and all(p.suffix == ".json" for p in tables.RESULTS.iterdir())
+    for path in files:
+        record = tables.load(path)
+        for key in tables.META:
+            assert record.get(key) not in (None, "") or key in record["columns"], (path.name, key)
+    tables.main([])
+    drawn = capsys.readouterr().out
+    assert drawn.count("source: ") == len(files) and drawn.count("**") == 2 * len(files)
+    with pytest.raises(ValueError, match="no commit"):
+        tables.check(dict(title="t", what="w", columns=["a"], rows=[[1]], source="s", card="c", date="d",
+                          command="x"), "bad.json")

@@ -212,7 +212,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
         return max(16, min(64, next_pow2(rows))), 32, num_splits or 1, 4
     if rows <= 16:  # decode: one tile of rows, the keys split over programs (at most as many splits as
         # the merge loads in one chunk). H100, bf16, 578-slot cache, 541 keys, us per launch, programs per
-        # SM x BLOCK_N (benchmarks/results/h100_2026-11-26/decode_attention/): LLaMA-7B P = 1: 2 x 32
+        # SM x BLOCK_N (the decode attention sweep, docs/performance.md): LLaMA-7B P = 1: 2 x 32
         # 9.97, 2 x 64 10.26, 2 x 128 12.34, 6 x 32 9.82; P = 4: 2 x 32 20.08, 2 x 64 20.45; SmolLM2
         # P = 1: 2 x 32 4.99, 2 x 64 5.67; P = 4: 2 x 32 6.67, 2 x 128 6.42; 2048-slot cache: 2 x 32 9.96
         if num_splits is None:
@@ -221,7 +221,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
             num_splits = max(1, min(cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
         return 16, DECODE_BLOCK_N, num_splits, 4
     # prefill: 64-row tiles at every length, 128 keys per step for short ones (H200, bf16, LLaMA-7B heads,
-    # us per launch, benchmarks/results/h200_2026-12-04/attention_prefill/): 2048 rows 274.8 with the
+    # us per launch, benchmarks/results/prefill_h200_2026-12-04.json): 2048 rows 274.8 with the
     # 128-row tiles used before -> 167.8, 1024 rows 93.4 -> 55.5 (keys at offset 1024: 199.1 -> 123.2),
     # 512 rows 19.1 either way, 256 rows 10.2 -> 7.6 with BLOCK_N 128 (at offset 256: 17.6 -> 11.9)
     if dtype == torch.float32:

@@ -59,7 +59,7 @@ def row_class(M: int) -> int:
     tiles), then one class per factor of 4 in rows: 17-64, 65-256, 257-1024, more. With one class for
     every M > 16, the config tuned for the first prompt (often a short one) was reused for every later
     length: tuned at 32 rows, LLaMA-7B's 512-row prefill took 34.0 ms on the device against 14.1 ms
-    through cuBLAS (H100, benchmarks/results/h100_2026-11-27/prefill_rows_763e7b5/)."""
+    through cuBLAS (H100; benchmarks/results/prefill_h100_2026-11-27.json)."""
     return 0 if M <= 16 else min(4, ((M - 1).bit_length() - 3) // 2)
 
 
@@ -194,7 +194,7 @@ def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tens
 # The config the autotuner chose, per its key (row class, N, K, P_GRID, the tensors' dtypes): launches
 # after the first of a key go straight to the kernel with it. triton.autotune's own lookup rebuilds dicts
 # of all ~45 arguments at every launch; on the lent H100's host a 37-argument kernel took 77 us per
-# launch through it and 40 us without (benchmarks/results/h100_2026-11-27/host_b0f148b/), and an eager
+# launch through it and 40 us without (benchmarks/results/prefill_h100_2026-11-27.json), and an eager
 # step makes four GEMM launches per stage. Every config computes the same product (up to the order of its
 # fp32 sums); the choice sets the speed (were two threads to tune at once and swap their best_config
 # reads, a key would get a slower config, not a wrong result).
@@ -287,7 +287,7 @@ def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
 # Decode (M <= 16) with P = 1: from this F on, each output tile's K is walked by two programs, each
 # writing an fp32 partial, and the partials are summed in order as a group's are. LLaMA-7B's down
 # projection (F = 11008) on an H100: 34.7 -> 34.0 us with the extra launch (M = 4: 34.9 -> 33.7);
-# SmolLM2's (F = 1536) and a 4096 x 4096 o_proj got slower (benchmarks/results/h100_2026-11-26/norm_sq/).
+# SmolLM2's (F = 1536) and a 4096 x 4096 o_proj got slower (the norm_sq sweep, docs/performance.md).
 SPLIT_K_MIN = 8192
 
 

