@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 
 import torch
@@ -20,28 +19,9 @@ import torch.distributed as dist
 from cqil_kernels.bench import _commit
 from cqil_kernels.parallel import end_rank, init_from_env
 from cqil_kernels.parallel.comm import GroupReducer
+from parallel_e2e import graph_us
 
 SIZES = [8 << 10, 64 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20]
-
-
-def graph_us(fn, calls: int = 20, replays: int = 30) -> float:
-    """Median microseconds per call of `fn`, `calls` of them captured in one CUDA graph, all ranks aligned."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    dist.barrier()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 1000 * statistics.median(times) / calls
 
 
 def main() -> None:
