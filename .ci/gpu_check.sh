@@ -11,6 +11,9 @@
 #               default "12 24 2"), FT_ARGS (more cqil finetune flags), FT_TIMEOUT (s, default 500)
 #   parallel    all visible GPUs: tests/test_parallel_cuda.py, then benchmarks/parallel_e2e.py under torchrun
 #               for each PAR_CONFIGS entry shape/groups (default llama-7b/12-30:2)
+#   placements  all visible GPUs (>= 2): benchmarks/placements_e2e.py, one-GPU vs TP vs CQIL vs the hybrid
+#               (PLACE_ARGS, default "--shape llama-7b --groups 12-30:2"); one GPU: the one-GPU estimate of 2
+#               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4)
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -74,6 +77,20 @@ for stage in $stages; do
         benchmarks/parallel_e2e.py --shape $shape --groups $groups --repeats ${REPEATS:-5} ${PAR_ARGS:-} \
         --out "$OUT/parallel_${shape}_${n}gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" | tee -a "$OUT/parallel.log"
     done ;;
+  placements)
+    n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -ge 2 ]; then
+      timeout ${PLACE_TIMEOUT:-500} python3 -m torch.distributed.run --standalone --nproc-per-node $n \
+        benchmarks/placements_e2e.py ${PLACE_ARGS:---shape llama-7b --groups 12-30:2} \
+        --out "$OUT/placements_${n}gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" | tee -a "$OUT/placements.log"
+    else
+      timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-7b --world 2 \
+        --groups 12-30:2 --reduce-us ${EST_US2:-5.0} --rounds ${ROUNDS:-2} --out "$OUT/estimate_llama-7b_2.json" \
+        2>&1 | tee -a "$OUT/placements.log"
+      timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-7b --world 4 \
+        --groups 14-30:4 --split-groups 12-30:2 --reduce-us ${EST_US4:-7.5} --rounds ${ROUNDS:-2} \
+        --out "$OUT/estimate_llama-7b_4.json" 2>&1 | tee -a "$OUT/placements.log"
+    fi ;;
   e2e)
     echo "== cqil bench"
     for shape in ${E2E_SHAPES:-smollm2-135m llama-7b}; do

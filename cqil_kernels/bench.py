@@ -41,8 +41,11 @@ SHAPES = {  # published configs; weights are random
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-DEFAULT_GROUPS = {"llama-7b": "4-28:4", "llama-33b": "10-50:4", "smollm2-135m": "2-26:4"}
+DEFAULT_GROUPS = {"llama-7b": "4-28:4", "llama-33b": "10-50:4", "smollm2-135m": "2-26:4", "llama-3.2-1b": "2-14:2"}
 VARIANTS = ("hf-eager", "torch", "triton-seq", "triton-cqil")
 
 
@@ -85,37 +88,44 @@ def shape_args(shape: str) -> LlamaArgs:
 
 
 @torch.no_grad()
-def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, held_layers=None):
+def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, held_layers=None,
+                 placement=None):
     """CQILLlama with the published config of `shape` and random weights (std 0.02, norms 1), built
     directly on `device` layer by layer: no transformers model, no second copy. held_layers: only these
-    layers (a rank of a multi-GPU run; the others stay on "meta"). Layer l's weights depend only on
-    (seed, l), so every rank and a one-GPU model built with the same seed hold the same weights."""
+    layers (the others stay on "meta"); placement: a parallel.Placement, whose layers are held as its
+    shards (a rank of a multi-GPU run). Layer l's weights depend only on (seed, l), so every rank and a
+    one-GPU model built with the same seed hold the same weights."""
     from .llama import CQILLlama
 
     args = shape_args(shape)
+    if placement is not None:
+        held_layers = placement.held_layers
     with torch.device("meta"):
-        model = CQILLlama(args, held_layers=held_layers)
+        model = CQILLlama(args, held_layers=held_layers,
+                          layer_args=None if placement is None else (lambda l: placement.layer_args(l, args)))
     model.pack(device, dtype, copy=False)
+    full = {name: p.shape for name, p in CQILLlama(args).to("meta").named_parameters()} if placement else None
 
-    def fill(module, key: int) -> None:
+    def fill(prefix: str, module, key: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + key)
         for name, p in module.named_parameters(recurse=False):
             if p.is_meta:
                 setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
                                                          requires_grad=False))
                 p = getattr(module, name)
-            if name == "weight" and p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+            qualified = f"{prefix}{name}"
+            shape = full[qualified] if full is not None else p.shape
+            value = (torch.ones(shape, device=device, dtype=dtype) if name == "weight" and len(shape) == 1
+                     else torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g))
+            p.copy_(placement.take(qualified, value) if placement is not None else value)
 
     for l in (range(args.num_hidden_layers) if held_layers is None else model.held_layers):
-        for i, module in enumerate(model.layers[l].modules()):
-            fill(module, 10 * l + i)
-    fill(model.embed_tokens, -1)
-    fill(model.norm, -2)
+        for i, (name, module) in enumerate(model.layers[l].named_modules()):
+            fill(f"layers.{l}.{name}." if name else f"layers.{l}.", module, 10 * l + i)
+    fill("embed_tokens.", model.embed_tokens, -1)
+    fill("norm.", model.norm, -2)
     if not args.tie_word_embeddings:
-        fill(model.lm_head, -3)
+        fill("lm_head.", model.lm_head, -3)
     else:
         model.lm_head.weight = model.embed_tokens.weight
     model.reset_rope()

@@ -72,12 +72,13 @@ _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 class _Loader:
     """Fills the parameters of a model built on "meta", one checkpoint tensor at a time.
 
-    model.held_layers (set before loading) limits which layers are read; the others stay on "meta".
+    model.held_layers (its constructor argument) limits which layers are read; the others stay on "meta".
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, source: str,
-                 pack: bool = True):
+                 pack: bool = True, take=None):
         self.model, self.device, self.dtype, self.source = model, device, dtype, source
+        self.take = take  # (name, tensor) -> the part of it this process holds (a tensor-parallel shard)
         if pack:  # layer weights go straight into the group-contiguous packed tensors (packing.py)
             model.pack(device, dtype, copy=False)
         self.expected = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
@@ -97,6 +98,8 @@ class _Loader:
         target = self.expected.get(name)
         if target is None:
             raise ValueError(f"{self.source}: unexpected tensor {name!r} for a LLaMA model of this config")
+        if self.take is not None:
+            tensor = self.take(name, tensor)
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(
                 f"{self.source}: tensor {name!r} has shape {tuple(tensor.shape)}, but the model config "
@@ -126,26 +129,57 @@ def _hf_name(key: str) -> str:
 
 
 def load_pretrained(cls, src, cqil=None, device=None, dtype=None, progress: bool = False, lora=None,
-                    held_layers=None):
-    """See CQILLlama.from_pretrained. held_layers: read only these layers' weights, or a function
-    (LlamaArgs, CQILConfig) -> those layers (a rank of a multi-GPU run: parallel/rank.py)."""
+                    held_layers=None, placement=None):
+    """See CQILLlama.from_pretrained. held_layers: read only these layers' weights. placement: a function
+    (LlamaArgs, CQILConfig) -> the part of the model this process holds (a parallel.Placement, or any
+    object with `held_layers`, `layer_args(layer, args)` and `take(name, tensor)`): its layers, built
+    with their shard's sizes and filled with their shards."""
     if lora is not None:
         from .lora import read_adapter
 
         read_adapter(lora)  # a bad adapter is refused before the model is read
         if cqil is None and (Path(lora) / "cqil.json").exists():  # CQILConfig.load refuses a non-regular file
             cqil = Path(lora) / "cqil.json"  # the grouping the adapter was trained for (finetune.py)
-    model = _load(cls, src, cqil, device, dtype, progress, copy=lora is not None, held_layers=held_layers)
+    parts = {}
+
+    def build(args, grouping):
+        if placement is None:
+            with torch.device("meta"):  # validates the grouping before any weight is read
+                return cls(args, grouping, held_layers=held_layers)
+        part = parts["part"] = placement(args, grouping if grouping is not None else CQILConfig())
+        with torch.device("meta"):
+            return cls(args, grouping, held_layers=part.held_layers,
+                       layer_args=lambda layer: part.layer_args(layer, args))
+
+    take = (lambda name, tensor: parts["part"].take(name, tensor)) if placement is not None else None
+    model = _load(build, src, cqil, device, dtype, progress, copy=lora is not None, take=take)
     if lora is not None:
         from .lora import merge_lora
 
-        merge_lora(model, lora)
+        merge_lora(model, lora, take=take)
     return model
 
 
-def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool, held_layers=None):
-    build = lambda args, cqil: _build(cls, args, cqil, held_layers)  # noqa: E731
+def read_args(src) -> LlamaArgs:
+    """The LlamaArgs of a checkpoint path (config.json, or a GGUF file's metadata) without reading weights:
+    what a multi-process launcher checks a placement against before it starts any process."""
+    path = Path(src)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+        return LlamaArgs.from_hf(read_json(config_file, "model config"), source=config_file)
+    reader = _gguf_reader(regular_file(path, "GGUF file"))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
+    return _gguf_args(gguf_metadata(reader), {t.name for t in reader.tensors}, int(embed.shape[-1]), str(path))
+
+
+def _load(build, src, cqil, device, dtype, progress: bool, copy: bool, take=None):
     if isinstance(src, nn.Module):
+        if take is not None:
+            raise TypeError("a placement needs a checkpoint path, not a model object")
         return _load_transformers_model(build, src, cqil, device, dtype, copy=copy)
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"src must be a directory, a .gguf file or a LlamaForCausalLM, got {type(src).__name__}")
@@ -153,17 +187,10 @@ def _load(cls, src, cqil, device, dtype, progress: bool, copy: bool, held_layers
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory or file")
     if path.is_dir():
-        return _load_hf_dir(build, path, cqil, device, dtype, progress)
+        return _load_hf_dir(build, path, cqil, device, dtype, progress, take)
     if path.suffix == ".gguf":
-        return _load_gguf(build, regular_file(path, "GGUF file"), cqil, device, dtype, progress)
+        return _load_gguf(build, regular_file(path, "GGUF file"), cqil, device, dtype, progress, take)
     raise ValueError(f"{path}: expected a checkpoint directory (config.json + weights) or a .gguf file")
-
-
-def _build(cls, args: LlamaArgs, cqil: CQILConfig | None, held_layers=None) -> nn.Module:
-    if callable(held_layers):  # e.g. a rank's placement, which depends on the config and grouping
-        held_layers = held_layers(args, cqil if cqil is not None else CQILConfig())
-    with torch.device("meta"):
-        return cls(args, cqil, held_layers=held_layers)  # validates the grouping before any weight is read
 
 
 def _progress(items, total: int, enabled: bool, desc: str):
@@ -294,7 +321,7 @@ def _directory_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool):
+def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool, take=None):
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
@@ -303,7 +330,7 @@ def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool):
     check_tensor_list(_directory_shapes(files), args, str(path))
     device, dtype = default_device_dtype(device, dtype)
     model = build(args, resolve_cqil(cqil, args.extra))
-    loader = _Loader(model, device, dtype, str(path))
+    loader = _Loader(model, device, dtype, str(path), take=take)
     for file in _progress(files, len(files), progress, "loading shards"):
         for key, tensor in _iter_weight_file(file):
             loader.put(_hf_name(key), tensor)
@@ -414,16 +441,22 @@ def _gguf_args(meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int,
         raise ValueError(f"{source}: {e}") from None
 
 
-def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool):
+def _gguf_reader(path: Path):
     try:
-        from gguf import GGUFReader, GGMLQuantizationType
-        from gguf.quants import dequantize
+        from gguf import GGUFReader
     except ImportError:
         raise ImportError("loading .gguf files needs the gguf package: pip install gguf") from None
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/struct.error/... on a file that is not GGUF
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool, take=None):
+    reader = _gguf_reader(path)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
     names = {t.name for t in reader.tensors}
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -440,7 +473,7 @@ def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool):
     check_tensor_list(shapes, args, str(path))
     device, dtype = default_device_dtype(device, dtype)
     model = build(args, resolve_cqil(cqil, {}))
-    loader = _Loader(model, device, dtype, str(path))
+    loader = _Loader(model, device, dtype, str(path), take=take)
     plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
     for t in _progress(reader.tensors, len(reader.tensors), progress, "loading GGUF"):
         name = _gguf_name(t.name)

@@ -18,8 +18,8 @@ class CQILLlama(CQILTransformer):
     """A LLaMA-family causal LM whose CQIL groups run on a shared input (model.CQILTransformer), with
     the fused backend attached: `backend="auto"` runs the Triton kernels on CUDA, torch elsewhere."""
 
-    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None, held_layers=None):
-        super().__init__(args, cqil, held_layers)
+    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None, held_layers=None, layer_args=None):
+        super().__init__(args, cqil, held_layers, layer_args)
         attach_default(self)
 
     @classmethod
@@ -42,9 +42,8 @@ class CQILLlama(CQILTransformer):
         lora: a PEFT LoRA adapter directory (e.g. the CQIL authors' released adapters for their
             `cqil_layers`) merged into the weights at load time (lora.py); then nothing is shared.
         devices: several devices, e.g. [0, 1] or ["cpu", "cpu"]: parallel.load(src, devices=...), whose
-            keyword arguments (backend, one_shot, output_device, timeout_s, ...) are passed on.
-        held_layers: read only these layers (or a function (LlamaArgs, CQILConfig) -> layers); the
-            others stay on "meta". How a rank loads its part (parallel/rank.py).
+            keyword arguments (tensor_parallel, backend, one_shot, output_device, timeout_s, ...) are passed on.
+        held_layers: read only these layers; the others stay on "meta".
         """
         from .checkpoint import load_pretrained
 
@@ -54,6 +53,8 @@ class CQILLlama(CQILTransformer):
             from .parallel import load
 
             return load(src, cqil, devices=devices, dtype=dtype, lora=lora, **parallel)
+        if parallel.get("tensor_parallel"):
+            raise ValueError("tensor_parallel=True needs several devices: pass devices=[...] (one process each)")
         if parallel:
             raise TypeError(f"from_pretrained got unexpected arguments {sorted(parallel)} (they need devices=)")
         return load_pretrained(cls, src, cqil=cqil, device=device, dtype=dtype, progress=progress, lora=lora,

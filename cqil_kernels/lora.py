@@ -237,11 +237,12 @@ def read_adapter(adapter_dir) -> tuple[AdapterConfig, dict[tuple[int, str], dict
 
 
 @torch.no_grad()
-def merge_lora(model, adapter_dir) -> int:
+def merge_lora(model, adapter_dir, take=None) -> int:
     """Add the adapter's deltas to `model`'s weights in place. Returns the number of weights changed.
 
-    Raises ValueError (before changing anything) when the adapter does not fit the model or its config
-    (read_adapter), or when the config selects a module the adapter has no tensors for.
+    take: (name, tensor) -> the part of a full weight this process holds (a tensor-parallel rank's shard),
+    applied to each delta. Raises ValueError (before changing anything) when the adapter does not fit the
+    model or its config (read_adapter), or when the config selects a module the adapter has no tensors for.
     """
     config, pairs = read_adapter(adapter_dir)
     n_layers = len(model.layers)
@@ -262,6 +263,8 @@ def merge_lora(model, adapter_dir) -> int:
         weight = getattr(getattr(model.layers[layer], _BLOCK[name]), name).weight
         _, scaling = config.rank_and_scaling(_module_key(layer, name))
         delta = ab["B"].float() @ ab["A"].float() * scaling
+        if take is not None:
+            delta = take(f"layers.{layer}.{_BLOCK[name]}.{name}.weight", delta)
         if delta.shape != weight.shape:
             raise ValueError(f"{adapter_dir}: layer {layer} {name}: the adapter's delta is "
                              f"{tuple(delta.shape)}, the weight {tuple(weight.shape)}: an adapter for "

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import CQILConfig, LlamaArgs
 from .generation import check_attention_mask, check_input_ids, generate
-from .packing import PackedLayers, pack_layers
+from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -186,15 +186,19 @@ class KVCache:
     """
 
     def __init__(self, args: LlamaArgs, stages: list[tuple[int, ...]], batch: int, max_seq: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, args.num_key_value_heads, max_seq, args.head_dim)
+                 device: torch.device, dtype: torch.dtype, kv_heads: list[int] | None = None):
+        """kv_heads: the key/value heads each stage caches (default the config's; a tensor-parallel rank
+        caches only its shard's)."""
         self.stages = stages
+        kv_heads = kv_heads if kv_heads is not None else [args.num_key_value_heads] * len(stages)
+        shapes = [(len(s), batch, h, max_seq, args.head_dim) for s, h in zip(stages, kv_heads)]
+        sizes = [math.prod(shape) for shape in shapes]
+        check_fits(2 * sum(sizes) * torch.empty((), dtype=dtype).element_size(), torch.device(device),
+                   f"a KV cache of batch {batch} x {max_seq} positions")
         # one allocation and one fill for every layer's keys and values; the stages' tensors are views.
-        sizes = [len(s) for s in stages]
-        check_fits(2 * sum(sizes) * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
-                   torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions")
-        k, v = torch.zeros((2, sum(sizes), *shape), device=device, dtype=dtype)
-        self.k, self.v = list(k.split(sizes)), list(v.split(sizes))
+        k, v = torch.zeros((2, sum(sizes)), device=device, dtype=dtype)
+        self.k = [part.view(shape) for part, shape in zip(k.split(sizes), shapes)]
+        self.v = [part.view(shape) for part, shape in zip(v.split(sizes), shapes)]
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
@@ -369,13 +373,16 @@ class CQILTransformer(nn.Module):
 
     held_layers: the layers whose weights this process holds (None: all); a rank of a multi-GPU run holds
     only its own layer of each group (parallel/placement.py), the others stay on "meta".
+    layer_args: layer -> the LlamaArgs its modules are built with (default `args`): a tensor-parallel
+    rank's layers are shards, with fewer heads and a smaller intermediate size.
     """
 
-    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None, held_layers=None):
+    def __init__(self, args: LlamaArgs, cqil: CQILConfig | None = None, held_layers=None, layer_args=None):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        layer_args = layer_args if layer_args is not None else (lambda layer: args)
+        self.layers = nn.ModuleList(DecoderLayer(layer_args(layer)) for layer in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -390,7 +397,7 @@ class CQILTransformer(nn.Module):
             held_layers = tuple(sorted(set(held_layers)))
         self.held_layers: tuple[int, ...] | None = held_layers
         # The layer weights packed layer-major (packing.py; pack()), shared with the layers' parameters.
-        self.packed: PackedLayers | None = None
+        self.packed: PackedLayers | LayerPacks | None = None
         # A faster backend attached from outside (fused.attach); None: this file's torch path only.
         self.accelerator: Backend | None = None
         # Live LoRA adapters wrapped around the projections (finetune.add_lora fills it): the fused
@@ -468,14 +475,14 @@ class CQILTransformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.args).to(self.device)
 
     def pack(self, device: torch.device | None = None, dtype: torch.dtype | None = None,
-             copy: bool = True) -> PackedLayers:
+             copy: bool = True) -> PackedLayers | LayerPacks:
         """Pack the held layers' weights layer-major (packing.py) and rebind their parameters to views of
         the packed tensors; copy=False leaves them uninitialised, for a loader to fill."""
         with torch.no_grad():
             self.packed = pack_layers(self.layers, device, dtype, copy=copy, layer_ids=self.held_layers)
         return self.packed
 
-    def packed_weights(self) -> PackedLayers:
+    def packed_weights(self) -> PackedLayers | LayerPacks:
         """The packed layer weights, (re)packed if the parameters were moved or replaced since."""
         if self.packed is None or not self.packed.is_current():
             self.pack()

@@ -93,12 +93,35 @@ def _params(layer: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, s
     return out
 
 
+@dataclass
+class LayerPacks:
+    """Several PackedLayers, each a run of consecutive layers of one shape: what pack_layers makes of
+    layers of different sizes (a tensor-parallel rank holds shards of different widths). group() and
+    is_current() as PackedLayers'."""
+
+    packs: list[PackedLayers]
+
+    def group(self, l0: int, P: int) -> PackedLayers:
+        for pack in self.packs:
+            if l0 in pack.layer_ids:
+                return pack.group(l0, P)
+        raise ValueError(f"layer {l0} is not packed here")
+
+    def is_current(self) -> bool:
+        return all(pack.is_current() for pack in self.packs)
+
+
+def _shape_of(layer: nn.Module) -> tuple:
+    return tuple(tuple(getattr(m, a).shape) for names in LAYOUT.values() for m, a in (_params(layer, names) or ()))
+
+
 def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, copy: bool = True,
-                layer_ids: tuple[int, ...] | None = None) -> PackedLayers:
+                layer_ids: tuple[int, ...] | None = None) -> PackedLayers | LayerPacks:
     """Allocate the packed tensors and rebind every layer's parameters to views of them.
 
     layer_ids: pack only these layers (in this order; the others are left alone, e.g. on "meta").
+    Layers of different shapes are packed in runs of equal ones (a LayerPacks).
 
     copy=True copies the current values in (parameter by parameter; the old storage is freed as its
     last view goes, so the peak extra memory is about one packed tensor); copy=False leaves them
@@ -110,6 +133,21 @@ def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
         layers = [layers[i] for i in layer_ids]
     if len(layers) == 0:
         raise ValueError("no layers to pack")
+    shapes = [_shape_of(layer) for layer in layers]
+    if len(set(shapes)) > 1:
+        ids = layer_ids if layer_ids is not None else tuple(range(len(layers)))
+        runs, start = [], 0
+        for i in range(1, len(layers) + 1):
+            if i == len(layers) or shapes[i] != shapes[start]:
+                runs.append(ids[start:i])
+                start = i
+        everything = dict(zip(ids, layers))
+        return LayerPacks([_pack([everything[i] for i in run], device, dtype, copy, run) for run in runs])
+    return _pack(layers, device, dtype, copy, layer_ids)
+
+
+def _pack(layers, device, dtype, copy: bool, layer_ids) -> PackedLayers:
+    """pack_layers for layers of one shape."""
     some = layers[0].self_attn.q_proj.weight
     device = torch.device(device) if device is not None else some.device
     dtype = dtype if dtype is not None else some.dtype

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--devices", default=None, help="e.g. 0,1 or cpu,cpu: one rank process per device")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="split layers over the ranks too: pure TP without --groups, else the hybrid")
     args = parser.parse_args()
 
     cqil = parse_groups(args.groups, args.bypass) if args.groups else CQILConfig()
@@ -51,11 +53,11 @@ def main() -> None:
 
         device = init_from_env(backend="gloo" if args.device == "cpu" else None)
         model = RankModel.from_pretrained(args.model, cqil, device=device, dtype=dtype,
-                                          bypass_exchange=args.bypass_exchange)
+                                          bypass_exchange=args.bypass_exchange, tensor_parallel=args.tensor_parallel)
     elif args.devices:
         devices = [int(d) if d.isdigit() else d for d in args.devices.split(",")]
         model = CQILLlama.from_pretrained(args.model, cqil=cqil, devices=devices, dtype=dtype,
-                                          bypass_exchange=args.bypass_exchange)
+                                          bypass_exchange=args.bypass_exchange, tensor_parallel=args.tensor_parallel)
     else:
         model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, progress=True)
     if args.model.suffix == ".gguf":

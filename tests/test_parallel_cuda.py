@@ -186,3 +186,41 @@ def test_bypass_decode_is_a_graph_replay_and_matches_p2p(tmp_path, monkeypatch):
     assert all(s["reductions"]["one_shot"] > 0 for s in runs["all_reduce"][2])
     assert torch.equal(runs["p2p"][0], runs["all_reduce"][0])
     assert torch.equal(runs["p2p"][1], runs["all_reduce"][1])
+
+
+@pytest.fixture(scope="module")
+def tp_checkpoint(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tp_gpu")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tensor_parallel_and_hybrid_on_one_gpu_shared_by_the_ranks(tp_checkpoint, n):
+    """Pure TP (4 ranks: key/value heads replicated), the hybrid with groups of P = W, and groups of 2
+    with each layer over 2 ranks and a bypass: the ranks' logits of a prompt and of 8 decode steps, each a
+    CUDA-graph replay with the reductions in it, within twice one GPU's error against float32 (two or four
+    ranks sharing GPU 0 check the protocols, not the speed)."""
+    env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0], "CQIL_AUTOTUNE": "0"}
+    run = _torchrun(n, str(ROOT / "tests" / "gpu_workers" / "tp_check.py"), str(tp_checkpoint), "one_gpu",
+                    env=env, timeout=420)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count("tp check OK") == (2 if n == 2 else 3), run.stdout
+
+
+@two_gpus
+def test_tensor_parallel_and_hybrid_on_several_gpus(tp_checkpoint):
+    n = 4 if GPUS >= 4 else 2
+    run = _torchrun(n, str(ROOT / "tests" / "gpu_workers" / "tp_check.py"), str(tp_checkpoint), "gpus",
+                    env={"CQIL_AUTOTUNE": "0"}, timeout=420)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count("tp check OK") == (2 if n == 2 else 3), run.stdout

@@ -324,7 +324,7 @@ def exchange_bypass(a: torch.Tensor, j: int, P: int, d: int, group=None):
     works = dist.batch_isend_irecv(ops)
     for work in works[:len(sources)]:
         work.wait()
-    return _bypass_sum(received), works[len(sources):]
+    return bypass_sum(received), works[len(sources):]
 
 
 def gather_bypass(a: torch.Tensor | None, j: int, P: int, d: int, reducer: GroupReducer,
@@ -341,10 +341,10 @@ def gather_bypass(a: torch.Tensor | None, j: int, P: int, d: int, reducer: Group
     if a is not None and j < P - 1:
         rows[j].copy_(a)
     reducer.all_reduce(rows)
-    return None if j >= P else _bypass_sum([rows[i] for i in range(max(0, j - d), j)])
+    return None if j >= P else bypass_sum([rows[i] for i in range(max(0, j - d), j)])
 
 
-def _bypass_sum(received: list[torch.Tensor]) -> torch.Tensor | None:
+def bypass_sum(received: list[torch.Tensor]) -> torch.Tensor | None:
     """b = a_{j-min(d,j)} + ... + a_{j-1} from the received a_i in group order, added one at a time as the
     single-process model adds them: both exchanges go through here, so they agree bit for bit."""
     b = None

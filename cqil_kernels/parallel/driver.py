@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..config import CQILConfig
 from ..generation import check_attention_mask, check_generate_args, check_input_ids
 from .launch import disable_multicast
 
@@ -108,6 +109,19 @@ def check_devices(devices) -> list[torch.device]:
     return out
 
 
+def _check_placement(src, cqil, world: int, tensor_parallel: bool) -> None:
+    """ValueError before any process starts when the model cannot be placed on `world` ranks (group sizes,
+    heads or intermediate size that do not divide): read from the checkpoint's config, no weights."""
+    from ..checkpoint import read_args, resolve_cqil
+    from .placement import Placement
+
+    try:
+        args = read_args(src)
+    except ImportError:  # a GGUF without the gguf package: the ranks say so
+        return
+    Placement.build(0, world, args, resolve_cqil(cqil, args.extra) or CQILConfig(), tensor_parallel)
+
+
 class ParallelCQILLlama:
     """A CQILLlama whose group layers run on several devices, driven from this process.
 
@@ -120,14 +134,20 @@ class ParallelCQILLlama:
                  one_shot: bool | None = None, output_device=None, timeout_s: float | None = CALL_TIMEOUT_S,
                  start_timeout_s: float | None = START_TIMEOUT_S,
                  heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
-                 bypass_exchange: str = "all_reduce", microbatch_rows: int = 512):
-        """timeout_s: the time limit of each call (None: none); start_timeout_s: of loading the ranks;
-        heartbeat_timeout_s: how long a rank may go without a heartbeat during a call (None: not
-        watched). On any of them the call raises RankError and the ranks are stopped."""
+                 bypass_exchange: str = "all_reduce", microbatch_rows: int = 512, tensor_parallel: bool = False):
+        """tensor_parallel: split layers over the ranks too (parallel/placement.py): with no groups pure
+        tensor parallelism, with groups the hybrid. timeout_s: the time limit of each call (None: none);
+        start_timeout_s: of loading the ranks; heartbeat_timeout_s: how long a rank may go without a
+        heartbeat during a call (None: not watched). On any of them the call raises RankError and the
+        ranks are stopped."""
         from .rank import check_bypass_exchange, check_microbatch_rows
 
         check_bypass_exchange(bypass_exchange)
         check_microbatch_rows(microbatch_rows)
+        if not isinstance(tensor_parallel, bool):
+            raise TypeError(f"tensor_parallel must be True or False, got {tensor_parallel!r}")
+        if tensor_parallel and bypass_exchange == "p2p":
+            raise ValueError("bypass_exchange='p2p' is not supported with tensor_parallel=True (use 'all_reduce')")
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s),
                             ("heartbeat_timeout_s", heartbeat_timeout_s)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -142,6 +162,7 @@ class ParallelCQILLlama:
             raise TypeError(f"src must be a checkpoint path, got {type(src).__name__}")
         if not Path(src).exists():
             raise FileNotFoundError(f"{src}: no such checkpoint directory or file")
+        _check_placement(src, cqil, self.world, tensor_parallel)
         self.timeout_s, self.heartbeat_timeout_s = timeout_s, heartbeat_timeout_s
         self.output_device = torch.device(output_device) if output_device is not None else self.devices[0]
         self._closed = True
@@ -154,7 +175,7 @@ class ParallelCQILLlama:
         backend_name = "nccl" if self.devices[0].type == "cuda" else "gloo"
         load = dict(src=str(src), cqil=cqil, dtype=dtype, lora=str(lora) if lora is not None else None,
                     backend=backend, one_shot=one_shot, bypass_exchange=bypass_exchange,
-                    microbatch_rows=microbatch_rows)
+                    microbatch_rows=microbatch_rows, tensor_parallel=tensor_parallel)
         init = f"file://{self._tmp.name}/store"
         self._conns, self._procs = [], []
         self._beats = ctx.Array("d", self.world, lock=False)  # each rank's last heartbeat (time.monotonic)
@@ -174,9 +195,10 @@ class ParallelCQILLlama:
         self.args, self._cqil = info[0]["args"], info[0]["cqil"]
         self.dtype = info[0]["dtype"]
         self.memory_per_rank = [i["parameter_bytes"] for i in info]
-        if not self._cqil.groups:
+        self.tensor_parallel = tensor_parallel
+        if not self._cqil.groups and not tensor_parallel:
             warnings.warn("this model has no CQIL groups: every device runs the whole model and nothing "
-                          "runs concurrently; load it on one device, or pass cqil=", stacklevel=3)
+                          "runs concurrently; load it on one device, pass cqil=, or tensor_parallel=True", stacklevel=3)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -444,7 +466,8 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
         model = RankModel.from_pretrained(load["src"], load["cqil"], device=device, dtype=load["dtype"],
                                           lora=load["lora"], backend=load["backend"],
                                           one_shot=load["one_shot"], bypass_exchange=load["bypass_exchange"],
-                                          microbatch_rows=load["microbatch_rows"])
+                                          microbatch_rows=load["microbatch_rows"],
+                                          tensor_parallel=load["tensor_parallel"])
         conn.send(("ok", {"args": model.args, "cqil": model.cqil, "dtype": model.dtype,
                           "parameter_bytes": model.parameter_bytes()}))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it

@@ -16,6 +16,15 @@ projection's fp32 partial products go straight into the reduction, which forms c
 (GroupReducer.all_reduce_sum: one launch less per group). Both paths are model.StepRunners: the stage
 loop is model.forward_step's.
 
+With tensor_parallel=True a stage may be split over k > 1 ranks per layer (placement.py): rank (j, s) runs
+shard s of layer l_j, whose attention output is a partial sum a_j^(s) (o_proj is row-parallel, its bias
+on shard 0). The MLP's norm needs the whole a_j, so one all-reduce among the layer's k ranks completes it
+(with a bypass: one over all ranks of every layer's partials stacked, which also brings the a_i of the
+layers before); then m_j^(s) is again a partial sum (down is row-parallel) and
+    c = m_j^(s) + [a_j + b_j  "residual" | a_j  "mlp_input"  if s == 0] + [h if rank 0]
+summed over all ranks is h' = h + sum_j (...), the stage's output: two all-reduces per stage, for a
+layer outside the groups (P = 1, k = W) as for a group of P layers of k = W / P ranks each.
+
 A prefill cuts the run of stages from the first group to the last into two micro-batches of tokens,
 A = the first half of every row, B = the second, and runs them in turn, stage by stage: A's group
 reduction runs on the communication stream while B's stage computes, and B's while A's next stage
@@ -38,7 +47,7 @@ from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import generate
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
-from .comm import GroupReducer, PendingReduce, exchange_bypass, gather_bypass, global_rank
+from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
 BYPASS_EXCHANGES = ("p2p", "all_reduce")  # RankModel's ways to move the bypass (comm.py)
@@ -53,9 +62,14 @@ class RankModel:
 
     def __init__(self, model: CQILTransformer, placement: Placement, group=None, one_shot: bool | None = None,
                  microbatch_rows: int = 512, bypass_exchange: str = "all_reduce",
-                 copy_engine: bool | None = None):
+                 copy_engine: bool | None = None, reducer: GroupReducer | None = None):
+        """reducer: one reducer for every reduction of this rank (a one-process timing run of one rank's
+        compute, benchmarks/placement_estimate.py); default: one for the whole group and one for each
+        tensor-parallel subgroup the placement splits layers over (created collectively here)."""
         check_bypass_exchange(bypass_exchange)
         check_microbatch_rows(microbatch_rows)
+        if placement.tensor_parallel and bypass_exchange == "p2p":
+            raise ValueError("bypass_exchange='p2p' is not supported with tensor_parallel=True (use 'all_reduce')")
         self.model, self.placement, self.group = model, placement, group
         # How a bypass (d >= 1) moves a_j between the ranks of a group (comm.py): "all_reduce" (one
         # all-reduce of each rank's a_j in its own row, so the decode step is captured in a CUDA graph)
@@ -76,14 +90,34 @@ class RankModel:
         self.microbatch_rows = microbatch_rows
         if copy_engine is None and microbatch_rows == 0:  # only micro-batches reduce through it
             copy_engine = False
+        # the sizes of this rank's modules of each layer it holds (a shard's, where a layer is split)
+        self.layer_args = {layer: placement.layer_args(layer, model.args) for layer in placement.held_layers}
+        self.subgroup_reducers: dict[tuple[int, ...], GroupReducer] = {}
+        if reducer is not None:
+            self.reducer = reducer
+            return
         self.reducer = GroupReducer(model.device, group, one_shot=one_shot, copy_engine=copy_engine)
-        self.cuda_graphs = True
+        # every rank creates every subgroup (torch.distributed's rule), then its own subgroups' reducers
+        subgroups = [(ranks, dist.new_group([global_rank(group, r) for r in ranks]))
+                     for ranks in placement.subgroups()]
+        for ranks, process_group in subgroups:
+            if placement.rank in ranks:
+                self.subgroup_reducers[ranks] = GroupReducer(model.device, process_group, one_shot=one_shot,
+                                                             copy_engine=False)
+
+    def _reducer_of(self, peers: tuple[int, ...]) -> GroupReducer:
+        """The reducer over `peers` (a layer's tensor-parallel ranks): the group's own when they are all."""
+        if len(peers) == self.placement.world:
+            return self.reducer
+        return self.subgroup_reducers.get(peers, self.reducer)
+
+    cuda_graphs = True  # decoder() replays a captured step where decodes_in_a_graph()
 
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
                         group=None, backend: str = "auto", one_shot: bool | None = None,
                         bypass_exchange: str = "all_reduce", microbatch_rows: int = 512,
-                        copy_engine: bool | None = None) -> RankModel:
+                        copy_engine: bool | None = None, tensor_parallel: bool = False) -> RankModel:
         """Load this rank's layers (CQILLlama.from_pretrained's arguments) and check that every rank
         was given the same model and grouping (ValueError on every rank otherwise, before any of the
         model's collectives)."""
@@ -93,13 +127,15 @@ class RankModel:
             raise ValueError("RankModel needs torch.distributed initialised (init_process_group, or "
                              "cqil_kernels.parallel.init_from_env() under torchrun)")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if tensor_parallel and bypass_exchange == "p2p":
+            raise ValueError("bypass_exchange='p2p' is not supported with tensor_parallel=True (use 'all_reduce')")
         model = load_pretrained(
             CQILTransformer, src, cqil=cqil, device=device, dtype=dtype, lora=lora, progress=progress,
-            held_layers=lambda args, grouping: Placement.build(rank, world, args, grouping).held_layers)
+            placement=lambda args, grouping: Placement.build(rank, world, args, grouping, tensor_parallel))
         attach_default(model)
         model.backend = backend
-        _check_same_on_every_rank(model, group)
-        placement = Placement.build(rank, world, model.args, model.cqil)
+        _check_same_on_every_rank(model, group, tensor_parallel)
+        placement = Placement.build(rank, world, model.args, model.cqil, tensor_parallel)
         return cls(model, placement, group=group, one_shot=one_shot, bypass_exchange=bypass_exchange,
                    microbatch_rows=microbatch_rows, copy_engine=copy_engine)
 
@@ -132,15 +168,22 @@ class RankModel:
         return total
 
     def stats(self) -> dict:
-        """What ParallelCQILLlama.rank_stats() reports for this rank: device, parameter bytes, peak
-        device memory (CUDA), how many group reductions took each path (one-shot, copy engine, the
-        backend's) with the last fallback reason, whether the one-shot and copy-engine paths could be set
+        """What ParallelCQILLlama.rank_stats() reports for this rank: device, the placement (what this
+        rank runs of each stage) and its all-reduces per step, parameter bytes, peak device memory (CUDA),
+        how many reductions took each path (one-shot, copy engine, the backend's) with the last fallback
+        reason, whether the one-shot and copy-engine paths could be set
         up (else why not), the prefill micro-batch threshold, the bypass exchange and whether decode
         steps are CUDA graph replays."""
         policy, copy_engine = self.reducer.one_shot_policy, self.reducer.copy_engine_policy
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"device": str(self.device), "parameter_bytes": self.parameter_bytes(), "peak_device_bytes": peak,
-                "reductions": dict(self.reducer.calls), "one_shot": policy.enabled,
+        reductions = dict(self.reducer.calls)
+        for sub in self.subgroup_reducers.values():
+            for path, n in sub.calls.items():
+                reductions[path] = reductions.get(path, 0) + n
+        return {"device": str(self.device), "placement": self.placement.describe(),
+                "reductions_per_step": self.placement.reductions_per_step(self.model.cqil.bypass),
+                "parameter_bytes": self.parameter_bytes(), "peak_device_bytes": peak,
+                "reductions": reductions, "one_shot": policy.enabled,
                 "one_shot_reason": policy.reason or None, "copy_engine": copy_engine.enabled,
                 "copy_engine_reason": copy_engine.reason or None, "microbatch_rows": self.microbatch_rows,
                 "last_fallback_reason": self.reducer.last_reason,
@@ -150,7 +193,8 @@ class RankModel:
         if max_seq > self.args.max_position_embeddings:
             raise ValueError(f"a cache of {max_seq} positions exceeds max_position_embeddings "
                              f"({self.args.max_position_embeddings})")
-        return KVCache(self.args, self.stages, batch, max_seq, self.device, self.dtype)
+        kv_heads = [self.layer_args[layers[0]].num_key_value_heads if layers else 0 for layers in self.stages]
+        return KVCache(self.args, self.stages, batch, max_seq, self.device, self.dtype, kv_heads=kv_heads)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -178,7 +222,7 @@ class RankModel:
             self._bypass(None, len(stage), h)
             c = torch.zeros_like(h)
         else:
-            layer = self.model.layers[stage[j]]
+            layer = self.model.layers[self.stages[s][0]]
             a = layer.attend(h, ctx, kv)
             b, sends = self._bypass(a.contiguous(), len(stage), h)
             ab = a if b is None else a + b
@@ -189,6 +233,33 @@ class RankModel:
             for work in sends:
                 work.wait()
         return self.reducer.all_reduce(c.contiguous())
+
+    def _split_torch(self, h: torch.Tensor, s: int, ctx, kv) -> torch.Tensor:
+        """A stage split over k > 1 ranks per layer, this rank's shard of its layer (module docstring)."""
+        part, cqil = self.placement.part(s), self.model.cqil
+        layer = self.model.layers[part.layers[0]]
+        a, b = self._attention_sum(layer.attend(h, ctx, kv).contiguous(), s)
+        ab = a if b is None else a + b
+        c = layer.feed_forward(h + ab)
+        if part.shard == 0:
+            c = c + (ab if cqil.bypass_mode == "residual" else a)
+        if self.rank == 0:
+            c = c + h
+        return self.reducer.all_reduce(c.contiguous())
+
+    def _attention_sum(self, a: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a_j, b_j) from this shard's partial sum a of stage s's attention output: one all-reduce among
+        the layer's ranks, or, with a bypass in a group, one over all ranks of every layer's partials
+        stacked (row j of a zeroed [P, ...] buffer), whose rows are then every a_i."""
+        part, stage = self.placement.part(s), self.placement.stages[s]
+        P, d = len(stage), self.model.cqil.bypass
+        if P == 1 or d == 0:
+            return self._reducer_of(part.peers).all_reduce(a), None
+        j = stage.index(part.layers[0])
+        rows = torch.zeros((P, *a.shape), dtype=a.dtype, device=a.device)
+        rows[j].copy_(a)
+        self.reducer.all_reduce(rows)
+        return rows[j], bypass_sum([rows[i] for i in range(max(0, j - d), j)])
 
     # ----------------------------------------------------------------------------------------------
     # Triton backend (CUDA, or CPU under TRITON_INTERPRET=1)
@@ -216,7 +287,9 @@ class RankModel:
         from ..ops.group_residual import rank_residual
 
         model, args, cqil = self.model, self.args, self.model.cqil
-        stage, local = self.placement.stages[s], self.stages[s]
+        stage, local, part = self.placement.stages[s], self.stages[s], self.placement.part(s)
+        if part.shards > 1:
+            return self._split_stage(s, h, positions, start, cache, packed, overlap)
         if len(stage) == 1:
             out = fused.stage_forward(packed.group(stage[0], 1), h, positions, cache.k[s], cache.v[s],
                                       cache.key_valid, start, model.inv_freq, args=args, bypass=0,
@@ -236,6 +309,25 @@ class RankModel:
         for work in sends:
             work.wait()
         return out
+
+    def _split_stage(self, s: int, h: torch.Tensor, positions: torch.Tensor, start: torch.Tensor, cache: KVCache,
+                     packed, overlap: bool):
+        """_stage for a stage split over k > 1 ranks per layer (this rank's shard of its layer)."""
+        from .. import fused
+        from ..ops.group_residual import rank_residual
+
+        part, cqil = self.placement.part(s), self.model.cqil
+        layer = part.layers[0]
+        w, layer_args = packed.group(layer, 1), self.layer_args[layer]
+        a = fused.stage_attention(w, h, positions, cache.k[s], cache.v[s], cache.key_valid, start,
+                                  self.model.inv_freq, args=layer_args)
+        a, b = self._attention_sum(a[0], s)
+        xn, residual = rank_residual(h, a, w.norm_post[0], eps=layer_args.rms_norm_eps, received=b,
+                                     include_h=self.rank == 0, bypass_mode=cqil.bypass_mode)
+        if part.shard != 0:  # the attention terms (and h) are added by shard 0 of each layer
+            residual.zero_()
+        act = fused.swiglu(xn[None], w.gate, w.up, bias_gate=w.gate_bias, bias_up=w.up_bias)
+        return self._down_reduce(act, w, residual, h, overlap)
 
     def _bypass(self, a: torch.Tensor | None, P: int, h: torch.Tensor) -> tuple[torch.Tensor | None, list]:
         """(b, pending sends) for this rank in a group of P ranks, its attention output a (None: idle
@@ -314,6 +406,8 @@ class _RankTorchRunner(TorchRunner):
     def stage(self, s, stage, h, state):
         ctx, cache = state
         kv = cache.layer(s, 0) if cache is not None and self.rank_model.stages[s] else None
+        if self.rank_model.placement.part(s).shards > 1:
+            return self.rank_model._split_torch(h, s, ctx, kv)
         if len(stage) == 1:
             return self.model.layers[stage[0]](h, ctx, kv)
         return self.rank_model._group_torch(h, s, ctx, kv)
@@ -382,9 +476,10 @@ class _RankTritonRunner:
         return torch.cat([x[i].view(B, hi - lo, D) for i, (lo, hi) in enumerate(h.bounds)], dim=1).view(B * T, D)
 
 
-def _check_same_on_every_rank(model: CQILTransformer, group) -> None:
-    """ValueError on every rank when the ranks loaded different configs or groupings."""
-    mine = {"args": repr(model.args), "cqil": model.cqil.to_dict(), "dtype": str(model.dtype)}
+def _check_same_on_every_rank(model: CQILTransformer, group, tensor_parallel: bool = False) -> None:
+    """ValueError on every rank when the ranks loaded different configs, groupings or placements."""
+    mine = {"args": repr(model.args), "cqil": model.cqil.to_dict(), "dtype": str(model.dtype),
+            "tensor_parallel": tensor_parallel}
     fingerprint = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
     world = dist.get_world_size(group)
     everyone: list = [None] * world

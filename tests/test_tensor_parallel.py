@@ -1,0 +1,231 @@
+"""Tensor parallelism and the hybrid placement (parallel/placement.py, rank.py): the shards, the multi-process
+model against the single-process one on CPU processes with gloo (the torch path, and the Triton path under
+the interpreter for each kind of placement), and bad input refused before any process starts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.config import LlamaArgs
+from cqil_kernels.parallel import Placement
+
+from conftest import interpreter, left_padding_mask, random_hf_model
+
+LAYERS = 6
+SHAPE = dict(num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=88, attention_bias=True, mlp_bias=True)
+PAIRS = ((1, 2), (3, 4))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tp")
+    random_hf_model(seed=7, **SHAPE).save_pretrained(path)
+    return path
+
+
+def _single(checkpoint, cqil) -> CQILLlama:
+    model = CQILLlama.from_pretrained(checkpoint, cqil=cqil, device="cpu", dtype=torch.float32)
+    model.backend = "torch"
+    return model
+
+
+# (world, grouping): pure TP with the key/value heads split (2 ranks) and replicated (4 ranks: 2 kv heads),
+# the hybrid with groups of P = W (one layer per rank) and of P < W (each layer over W / P ranks), with a
+# bypass in both modes
+CASES = {
+    "tp-w2": (2, CQILConfig()),
+    "tp-w4-kv-replicated": (4, CQILConfig()),
+    "hybrid-w2-d1": (2, CQILConfig(groups=PAIRS, bypass=1)),
+    "hybrid-w4-P2xTP2-d1-mlp_input": (4, CQILConfig(groups=PAIRS, bypass=1, bypass_mode="mlp_input")),
+    "hybrid-w4-P4": (4, CQILConfig(groups=((1, 2, 3, 4),))),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, checkpoint):
+    world, cqil = CASES[request.param]
+    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
+                                   backend="torch", tensor_parallel=True, timeout_s=120) as model:
+        yield model, _single(checkpoint, cqil)
+
+
+def test_forward_matches_single_process(pair):
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = left_padding_mask(ids, [0, 3, 8])
+    with torch.no_grad():
+        expected = single(ids, mask)
+    got = parallel(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_and_incremental_cache_match_single_process(pair):
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = left_padding_mask(ids, [2, 0])
+    torch.testing.assert_close(parallel.generate(ids, 10, attention_mask=mask),
+                               single.generate(ids, 10, attention_mask=mask), rtol=0, atol=0)
+    cache, remote = single.new_cache(2, 12), parallel.new_cache(2, 12)
+    with torch.no_grad():
+        for lo, hi in ((0, 4), (4, 5), (5, 9)):
+            torch.testing.assert_close(parallel(ids.repeat(1, 2)[:, lo:hi], cache=remote),
+                                       single(ids.repeat(1, 2)[:, lo:hi], cache=cache), atol=1e-5, rtol=1e-5)
+    parallel.release_cache(remote)
+
+
+def test_each_rank_holds_its_shards_and_reports_the_placement(pair):
+    parallel, single = pair
+    full = sum(p.numel() * p.element_size() for p in single.parameters())
+    assert all(held < full for held in parallel.memory_per_rank)
+    stats = parallel.rank_stats()
+    kinds = {s["placement"]["kind"] for s in stats}
+    assert kinds == ({"tensor parallel"} if not single.cqil.groups else {"hybrid"})
+    placement = Placement.build(0, parallel.world, single.args, single.cqil, tensor_parallel=True)
+    assert stats[0]["reductions_per_step"] == placement.reductions_per_step(single.cqil.bypass) > 0
+    assert all(s["reductions"]["gloo"] > 0 for s in stats)
+
+
+@interpreter
+@pytest.mark.parametrize("case", ["tp-w2", "hybrid-w4-P2xTP2-d1-mlp_input", "hybrid-w2-d1"])
+def test_triton_backend_matches_single_process(checkpoint, case, monkeypatch):
+    """The fused path of split stages (shards' QKV/RoPE/attention/o_proj, the attention sums, the MLP
+    shards and the reduction of the partial products) under the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU ranks: the interpreter, also on a machine with a GPU
+    world, cqil = CASES[case]
+    single = _single(checkpoint, cqil)
+    ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = left_padding_mask(ids, [0, 2])
+    with torch.no_grad():
+        expected = single(ids, mask)
+    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
+                                   backend="triton", tensor_parallel=True, timeout_s=300) as parallel:
+        torch.testing.assert_close(parallel(ids, mask)[mask.bool()], expected[mask.bool()], atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(parallel.generate(ids, 4, attention_mask=mask),
+                                   single.generate(ids, 4, attention_mask=mask), rtol=0, atol=0)
+
+
+def test_lora_adapter_is_merged_into_the_shards(checkpoint, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(checkpoint)
+    adapter = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    adapter.save_pretrained(tmp_path)
+    cqil = CQILConfig(groups=PAIRS)
+    single = CQILLlama.from_pretrained(checkpoint, cqil=cqil, device="cpu", lora=tmp_path)
+    single.backend = "torch"
+    ids = torch.randint(0, single.args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = single(ids)
+    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * 4, lora=tmp_path, backend="torch",
+                                   tensor_parallel=True, timeout_s=120) as parallel:
+        torch.testing.assert_close(parallel(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The placement itself
+
+
+def _args(**overrides) -> LlamaArgs:
+    return LlamaArgs(**{**dict(vocab_size=97, hidden_size=64, intermediate_size=88, num_hidden_layers=LAYERS,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=8), **overrides})
+
+
+def test_shards_put_together_are_the_weights():
+    """Concatenating every rank's shard of a tensor gives the tensor back (q, gate and up by rows, o_proj
+    and down by columns); key/value heads are split or, with fewer heads than ranks, each rank keeps the
+    one its query heads share; row-parallel biases are shard 0's."""
+    args = _args()
+    g = torch.Generator().manual_seed(0)
+    full = {"q_proj": torch.randn(64, 64, generator=g), "k_proj": torch.randn(16, 64, generator=g),
+            "gate_proj": torch.randn(88, 64, generator=g), "down_proj": torch.randn(64, 88, generator=g),
+            "o_proj": torch.randn(64, 64, generator=g)}
+    for world in (2, 4):
+        parts = [Placement.build(r, world, args, CQILConfig(), tensor_parallel=True) for r in range(world)]
+
+        def name(module, kind="weight"):
+            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            return f"layers.2.{block}.{module}.{kind}"
+
+        for module, dim in (("q_proj", 0), ("gate_proj", 0), ("down_proj", 1), ("o_proj", 1)):
+            torch.testing.assert_close(torch.cat([p.take(name(module), full[module]) for p in parts], dim),
+                                       full[module], rtol=0, atol=0)
+        k_shards = [p.take(name("k_proj"), full["k_proj"]) for p in parts]
+        if world == 2:
+            torch.testing.assert_close(torch.cat(k_shards), full["k_proj"], rtol=0, atol=0)
+        else:  # heads 0-1 and 2-3 use kv head 0, heads 4-5 and 6-7 kv head 1
+            for r, shard in enumerate(k_shards):
+                torch.testing.assert_close(shard, full["k_proj"][(r // 2) * 8:(r // 2 + 1) * 8], rtol=0, atol=0)
+        bias = torch.randn(64, generator=g)
+        shards = [p.take(name("o_proj", "bias"), bias) for p in parts]
+        assert torch.equal(shards[0], bias) and all(not s.any() for s in shards[1:])
+        assert parts[1].take("embed_tokens.weight", bias) is bias
+        assert parts[1].layer_args(2, args).num_attention_heads == 8 // world
+        assert parts[1].layer_args(2, args).num_key_value_heads == max(1, 2 // world)
+        assert parts[1].layer_args(2, args).intermediate_size == 88 // world
+
+
+def test_the_hybrid_places_groups_and_counts_reductions():
+    args = _args()
+    p = [Placement.build(r, 4, args, CQILConfig(groups=PAIRS), tensor_parallel=True) for r in range(4)]
+    # stages (0,) (1, 2) (3, 4) (5,): layers outside groups over all 4 ranks, each pair's layers over 2
+    assert [part.layers for part in p[3].parts] == [(0,), (2,), (4,), (5,)]
+    assert [(part.shard, part.shards, part.peers) for part in p[3].parts] == [
+        (3, 4, (0, 1, 2, 3)), (1, 2, (2, 3)), (1, 2, (2, 3)), (3, 4, (0, 1, 2, 3))]
+    assert p[0].subgroups() == [(0, 1), (2, 3)]
+    assert p[0].reductions_per_step(0) == 8  # two per stage
+    assert p[0].describe()["kind"] == "hybrid"
+    cqil = [Placement.build(r, 2, args, CQILConfig(groups=PAIRS)) for r in range(2)]
+    assert cqil[1].local_stages == [(0,), (2,), (4,), (5,)] and cqil[0].reductions_per_step(1) == 4
+    tp = Placement.build(0, 2, args, CQILConfig(), tensor_parallel=True)
+    assert tp.reductions_per_step(0) == 2 * LAYERS and tp.describe()["kind"] == "tensor parallel"
+    assert tp.subgroups() == []
+
+
+@pytest.mark.parametrize("overrides, world, cqil, message", [
+    (dict(num_attention_heads=6, num_key_value_heads=2), 4, CQILConfig(), "6 attention heads do not divide by 4"),
+    (dict(intermediate_size=90), 4, CQILConfig(), "intermediate size 90 does not divide by 4"),
+    (dict(num_attention_heads=12, num_key_value_heads=3), 4, CQILConfig(),
+     "3 key/value heads neither divide by 4 nor divide 4"),
+    ({}, 4, CQILConfig(groups=((1, 2, 3),)), r"group \[1, 2, 3\] has 3 layers, which does not divide the 4 ranks"),
+])
+def test_placements_that_cannot_split_are_refused(overrides, world, cqil, message):
+    with pytest.raises(ValueError, match=message):
+        Placement.build(0, world, _args(**overrides), cqil, tensor_parallel=True)
+
+
+def test_bad_tensor_parallel_requests_are_refused_before_any_process_starts(checkpoint, tmp_path):
+    import multiprocessing
+
+    start = time.monotonic()
+    before = len(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="needs several devices"):
+        CQILLlama.from_pretrained(checkpoint, device="cpu", tensor_parallel=True)
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        CQILLlama.from_pretrained(checkpoint, devices=["cpu"], tensor_parallel=True)
+    with pytest.raises(ValueError, match="'p2p' is not supported with tensor_parallel=True"):
+        CQILLlama.from_pretrained(checkpoint, cqil=CQILConfig(groups=PAIRS, bypass=1), devices=["cpu"] * 2,
+                                  tensor_parallel=True, bypass_exchange="p2p")
+    with pytest.raises(ValueError, match="does not divide the 4 ranks"):
+        CQILLlama.from_pretrained(checkpoint, cqil=CQILConfig(groups=((1, 2, 3),)), devices=["cpu"] * 4,
+                                  tensor_parallel=True)
+    odd = tmp_path / "odd"
+    random_hf_model(seed=7, **{**SHAPE, "intermediate_size": 90}).save_pretrained(odd)
+    with pytest.raises(ValueError, match="intermediate size 90 does not divide by 4"):
+        CQILLlama.from_pretrained(odd, devices=["cpu"] * 4, tensor_parallel=True)
+    with pytest.raises(TypeError, match="tensor_parallel must be True or False"):
+        CQILLlama.from_pretrained(checkpoint, devices=["cpu"] * 2, tensor_parallel="yes")
+    assert len(multiprocessing.active_children()) == before and time.monotonic() - start < 30
