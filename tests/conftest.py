@@ -52,6 +52,15 @@ def random_hf_model(seed: int = 0, scale: float = 0.15, **overrides):
     return model
 
 
+def single_process_model(src, cqil):
+    """The one-process float32 model on the CPU, torch backend: what a multi-process model must match."""
+    from cqil_kernels import CQILLlama
+
+    model = CQILLlama.from_pretrained(src, cqil=cqil, device="cpu", dtype=torch.float32)
+    model.backend = "torch"
+    return model
+
+
 @pytest.fixture
 def hf_tiny():
     return random_hf_model()

@@ -16,7 +16,7 @@ from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.parallel import Placement, RankError
 from cqil_kernels.parallel.driver import check_devices
 
-from conftest import interpreter, left_padding_mask, random_hf_model
+from conftest import interpreter, left_padding_mask, random_hf_model, single_process_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 8
@@ -24,21 +24,23 @@ LAYERS = 8
 CPU_RANKS = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+# 4 heads, 2 key/value heads and an intermediate size of 84 split over 2 and 4 ranks (tensor_parallel)
+SHAPE = dict(num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, intermediate_size=84,
+             attention_bias=True, mlp_bias=True)
+TP = {"tensor_parallel": True}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt")
-    random_hf_model(seed=5, num_hidden_layers=LAYERS).save_pretrained(path)
+    random_hf_model(seed=5, **SHAPE).save_pretrained(path)
     return path
 
 
-def _single(checkpoint, cqil) -> CQILLlama:
-    model = CQILLlama.from_pretrained(checkpoint, cqil=cqil, device="cpu", dtype=torch.float32)
-    model.backend = "torch"
-    return model
-
-
-# (world, grouping, options): d = 0, 1, 2, both bypass modes, ungrouped layers between groups, idle ranks,
-# both bypass exchanges (comm.py)
+# (world, grouping, options): CQIL alone with d = 0, 1, 2, both bypass modes, ungrouped layers between
+# groups, idle ranks, both bypass exchanges (comm.py); with tensor_parallel: pure TP with the key/value heads
+# split (2 ranks) and replicated (4 ranks), the hybrid with groups of P = W (one layer per rank) and of P < W
+# (each layer over W / P ranks) with a bypass
 CASES = {
     "w2-pairs-d0": (2, CQILConfig(groups=((1, 2), (4, 5))), {}),
     "w2-pairs-d1": (2, CQILConfig(groups=((2, 3), (4, 5), (6, 7)), bypass=1), {}),
@@ -46,6 +48,11 @@ CASES = {
     "w4-P3-P2-d1-mlp_input": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=1, bypass_mode="mlp_input"),
                               {}),
     "w4-P3-P2-d2-p2p": (4, CQILConfig(groups=((1, 2, 3), (5, 6)), bypass=2), {"bypass_exchange": "p2p"}),
+    "tp-w2": (2, CQILConfig(), TP),
+    "tp-w4-kv-replicated": (4, CQILConfig(), TP),
+    "hybrid-w2-d1": (2, CQILConfig(groups=((2, 3), (4, 5), (6, 7)), bypass=1), TP),
+    "hybrid-w4-P2xTP2-d1-mlp_input": (4, CQILConfig(groups=((1, 2), (4, 5)), bypass=1, bypass_mode="mlp_input"),
+                                      TP),
 }
 
 
@@ -55,7 +62,7 @@ def pair(request, checkpoint):
     world, cqil, options = CASES[request.param]
     with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
                                    backend="torch", timeout_s=120, **options) as model:
-        yield model, _single(checkpoint, cqil)
+        yield model, single_process_model(checkpoint, cqil)
 
 
 def test_forward_matches_single_process(pair):
@@ -99,11 +106,16 @@ def test_each_rank_holds_only_its_layers(pair):
     parallel(torch.zeros(1, 2, dtype=torch.long))  # at least one reduction, whatever ran before
     full = sum(p.numel() * p.element_size() for p in single.parameters())
     per_layer = sum(p.numel() * p.element_size() for p in single.layers[0].parameters())
+    tp = parallel.tensor_parallel
     for rank, held in enumerate(parallel.memory_per_rank):
-        placement = Placement.build(rank, parallel.world, single.args, single.cqil)
+        placement = Placement.build(rank, parallel.world, single.args, single.cqil, tensor_parallel=tp)
         not_held = LAYERS - len(placement.held_layers)
-        assert held == full - not_held * per_layer
+        assert held == full - not_held * per_layer if not tp else held < full
     stats = parallel.rank_stats()
+    kind = "cqil" if not tp else "hybrid" if single.cqil.groups else "tensor parallel"
+    assert {s["placement"]["kind"] for s in stats} == {kind}
+    assert stats[0]["reductions_per_step"] == Placement.build(0, parallel.world, single.args, single.cqil,
+                                                              tensor_parallel=tp).reductions_per_step(single.cqil.bypass)
     assert [s["rank"] for s in stats] == list(range(parallel.world))
     assert all(s["reductions"]["gloo"] > 0 and not s["one_shot"] and not s["decode_graph"] for s in stats)
     assert "cpu" in stats[0]["one_shot_reason"]
@@ -410,7 +422,7 @@ def test_triton_backend_ranks_match_single_process(checkpoint, case, blas_rows, 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU ranks: the interpreter, also on a machine with a GPU
     world, cqil, options = CASES[case]
     options = {**options, "microbatch_rows": microbatch_rows}
-    single = _single(checkpoint, cqil)
+    single = single_process_model(checkpoint, cqil)
     ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = left_padding_mask(ids, [0, 2])
     with torch.no_grad():

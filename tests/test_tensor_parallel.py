@@ -1,6 +1,7 @@
-"""Tensor parallelism and the hybrid placement (parallel/placement.py, rank.py): the shards, the multi-process
-model against the single-process one on CPU processes with gloo (the torch path, and the Triton path under
-the interpreter for each kind of placement), and bad input refused before any process starts."""
+"""Tensor parallelism and the hybrid placement (parallel/placement.py, rank.py): the shards, the Triton path
+of each kind of placement under the interpreter against the single-process model (CPU processes, gloo; the
+torch path of the same placements runs with CQIL's cases in tests/test_parallel.py), LoRA adapters merged
+into shards, and bad input refused before any process starts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.config import LlamaArgs
 from cqil_kernels.parallel import Placement
 
-from conftest import interpreter, left_padding_mask, random_hf_model
+from conftest import interpreter, left_padding_mask, random_hf_model, single_process_model
 
 LAYERS = 6
 SHAPE = dict(num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
@@ -29,67 +30,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def _single(checkpoint, cqil) -> CQILLlama:
-    model = CQILLlama.from_pretrained(checkpoint, cqil=cqil, device="cpu", dtype=torch.float32)
-    model.backend = "torch"
-    return model
-
-
-# (world, grouping): pure TP with the key/value heads split (2 ranks) and replicated (4 ranks: 2 kv heads),
-# the hybrid with groups of P = W (one layer per rank) and of P < W (each layer over W / P ranks), with a
-# bypass in both modes
+# (world, grouping) of the Triton path's cases; the torch path of these placements is tested with CQIL's in
+# tests/test_parallel.py (CASES)
 CASES = {
     "tp-w2": (2, CQILConfig()),
-    "tp-w4-kv-replicated": (4, CQILConfig()),
     "hybrid-w2-d1": (2, CQILConfig(groups=PAIRS, bypass=1)),
     "hybrid-w4-P2xTP2-d1-mlp_input": (4, CQILConfig(groups=PAIRS, bypass=1, bypass_mode="mlp_input")),
-    "hybrid-w4-P4": (4, CQILConfig(groups=((1, 2, 3, 4),))),
 }
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def pair(request, checkpoint):
-    world, cqil = CASES[request.param]
-    with CQILLlama.from_pretrained(checkpoint, cqil=cqil, devices=["cpu"] * world, dtype=torch.float32,
-                                   backend="torch", tensor_parallel=True, timeout_s=120) as model:
-        yield model, _single(checkpoint, cqil)
-
-
-def test_forward_matches_single_process(pair):
-    parallel, single = pair
-    ids = torch.randint(0, single.args.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
-    mask = left_padding_mask(ids, [0, 3, 8])
-    with torch.no_grad():
-        expected = single(ids, mask)
-    got = parallel(ids, mask)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
-
-
-def test_generate_and_incremental_cache_match_single_process(pair):
-    parallel, single = pair
-    ids = torch.randint(0, single.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
-    mask = left_padding_mask(ids, [2, 0])
-    torch.testing.assert_close(parallel.generate(ids, 10, attention_mask=mask),
-                               single.generate(ids, 10, attention_mask=mask), rtol=0, atol=0)
-    cache, remote = single.new_cache(2, 12), parallel.new_cache(2, 12)
-    with torch.no_grad():
-        for lo, hi in ((0, 4), (4, 5), (5, 9)):
-            torch.testing.assert_close(parallel(ids.repeat(1, 2)[:, lo:hi], cache=remote),
-                                       single(ids.repeat(1, 2)[:, lo:hi], cache=cache), atol=1e-5, rtol=1e-5)
-    parallel.release_cache(remote)
-
-
-def test_each_rank_holds_its_shards_and_reports_the_placement(pair):
-    parallel, single = pair
-    full = sum(p.numel() * p.element_size() for p in single.parameters())
-    assert all(held < full for held in parallel.memory_per_rank)
-    stats = parallel.rank_stats()
-    kinds = {s["placement"]["kind"] for s in stats}
-    assert kinds == ({"tensor parallel"} if not single.cqil.groups else {"hybrid"})
-    placement = Placement.build(0, parallel.world, single.args, single.cqil, tensor_parallel=True)
-    assert stats[0]["reductions_per_step"] == placement.reductions_per_step(single.cqil.bypass) > 0
-    assert all(s["reductions"]["gloo"] > 0 for s in stats)
 
 
 @interpreter
@@ -99,7 +46,7 @@ def test_triton_backend_matches_single_process(checkpoint, case, monkeypatch):
     shards and the reduction of the partial products) under the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU ranks: the interpreter, also on a machine with a GPU
     world, cqil = CASES[case]
-    single = _single(checkpoint, cqil)
+    single = single_process_model(checkpoint, cqil)
     ids = torch.randint(0, single.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     mask = left_padding_mask(ids, [0, 2])
     with torch.no_grad():
