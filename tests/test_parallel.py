@@ -292,7 +292,7 @@ _SPMD = r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
 from cqil_kernels import CQILConfig
-from cqil_kernels.parallel import RankModel
+from cqil_kernels.parallel import RankModel, end_rank
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
                         timeout=timedelta(seconds=60))
@@ -301,6 +301,7 @@ try:
     RankModel.from_pretrained(sys.argv[3], cqil, device="cpu", dtype=torch.float32)
 except ValueError as e:
     print("ValueError:", e)
+end_rank()
 """
 
 
@@ -315,7 +316,7 @@ _SUBGROUP = r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.parallel import RankModel
+from cqil_kernels.parallel import RankModel, end_rank
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=3,
                         timeout=timedelta(seconds=60))
@@ -331,6 +332,7 @@ if rank > 0:
     assert torch.equal(model.generate(ids, 6), single.generate(ids, 6))
     print("subgroup OK", flush=True)
 dist.destroy_process_group()
+end_rank()
 """
 
 
@@ -489,6 +491,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 import cqil_kernels.ops.group_gemm as G
 from cqil_kernels.ops.group_gemm import group_down_sum
+from cqil_kernels.parallel import end_rank
 from cqil_kernels.parallel.comm import GroupReducer
 from cqil_kernels.parallel.rank import RankModel
 rank = int(sys.argv[1])
@@ -543,7 +546,7 @@ except RuntimeError as e:
     assert "copy_engine=True but the copy_engine all-reduce cannot run" in str(e), e
 dist.destroy_process_group()
 print("partials OK", flush=True)
-os._exit(0)  # an interpreter shutdown with gloo's threads once aborted ("terminate called ...") in CI
+end_rank()  # an interpreter shutdown with gloo's threads once aborted ("terminate called ...") in CI
 """
 
 
@@ -573,7 +576,7 @@ class NoTriton(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTriton())
 import torch, torch.distributed as dist
 from cqil_kernels import CQILConfig
-from cqil_kernels.parallel import RankModel
+from cqil_kernels.parallel import RankModel, end_rank
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[1]), world_size=2,
                         timeout=timedelta(seconds=60))
 model = RankModel.from_pretrained(sys.argv[3], CQILConfig(groups=((2, 3),)), device="cpu", dtype=torch.float32)
@@ -582,6 +585,7 @@ assert model.generate(ids, 3).shape == (1, 9)
 assert "triton" not in sys.modules
 dist.destroy_process_group()
 print("no triton OK", flush=True)
+end_rank()
 """
 
 
