@@ -80,13 +80,16 @@ def _output_file(path: str, option: str = "--out"):
     return out
 
 
-def _print_rows(rows, baseline) -> None:
-    print(f"{'groups':<44} {'saved':>5} {'ppl':>9} {'Δppl %':>8} {'agree':>6} {'KL':>8}  ok")
-    print(f"{'(original)':<44} {0:>5} {baseline.perplexity:>9.3f} {0:>8.2f} {1:>6.3f} {0:>8.4f}")
+def _print_rows(rows, baseline, confidence: float) -> None:
+    interval = f"{100 * confidence:g}% interval"
+    print(f"{'groups':<40} {'saved':>5} {'ppl':>9} {'Δppl %':>8} {interval:>17} {'agree':>6} {'KL':>8}  ok")
+    print(f"{'(original)':<40} {0:>5} {baseline.perplexity:>9.3f} {0:>8.2f} {'':>17} {1:>6.3f} {0:>8.4f}")
     for row in rows:
         groups = ";".join(",".join(map(str, g)) for g in row["groups"])
-        print(f"{groups:<44} {row['layers_saved']:>5} {row['ppl']:>9.3f} {row['ppl_increase_pct']:>8.2f} "
-              f"{row['agreement']:>6.3f} {row['kl']:>8.4f}  {'yes' if row['within_budget'] else 'no'}")
+        low, high = row["ppl_increase_ci_pct"]
+        print(f"{groups:<40} {row['layers_saved']:>5} {row['ppl']:>9.3f} {row['ppl_increase_pct']:>8.2f} "
+              f"{f'[{low:.2f}, {high:.2f}]':>17} {row['agreement']:>6.3f} {row['kl']:>8.4f}  "
+              f"{'yes' if row['within_budget'] else 'no'}")
 
 
 def _calibrate(args) -> int:
@@ -108,21 +111,25 @@ def _calibrate(args) -> int:
     result = quality.find_quasi_independent_layers(
         model, calib, held_out, parallel=sizes if len(sizes) > 1 else sizes[0],
         max_ppl_increase=args.max_ppl_increase, bypass=args.bypass, bypass_mode=args.bypass_mode,
-        window=args.window, stride=args.stride, beam=args.beam, progress=lambda row: bar.update(1))
+        window=args.window, stride=args.stride, beam=args.beam, confidence=args.confidence, seed=args.seed,
+        progress=lambda row: bar.update(1))
     bar.close()
-    _print_rows(result.candidates, result.baseline)
+    _print_rows(result.candidates, result.baseline, args.confidence)
     result.config.save(out)
     report = dict(model=str(args.model), text=str(args.text), eval_text=str(args.eval_text or args.text),
-                  parallel=list(sizes), max_ppl_increase=args.max_ppl_increase, window=args.window,
+                  parallel=list(sizes), max_ppl_increase=args.max_ppl_increase, confidence=args.confidence,
+                  seed=args.seed, decision="the interval's upper end within the budget", window=args.window,
                   stride=args.stride or args.window, config=result.config.to_dict(),
                   layers_saved=result.layers_saved, baseline=result.baseline.row(), chosen=result.chosen.row(),
                   candidates=result.candidates, adjacent_similarity=[round(x, 4) for x in
                                                                       result.similarity.diagonal(1).tolist()])
     atomic_write_text(out.with_suffix(".report.json"), json.dumps(report, indent=1) + "\n")
+    ci = result.chosen.ppl_increase_ci
     print(f"chosen: {[list(g) for g in result.config.groups]} saves {result.layers_saved} layer steps; "
           f"ppl {result.chosen.perplexity:.3f} vs {result.baseline.perplexity:.3f} "
-          f"({100 * (result.chosen.perplexity / result.baseline.perplexity - 1):+.2f}%), "
-          f"agreement {result.chosen.agreement:.3f}")
+          f"({100 * (result.chosen.perplexity / result.baseline.perplexity - 1):+.2f}%"
+          + (f", {100 * args.confidence:g}% interval [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]%" if ci else "")
+          + f"), agreement {result.chosen.agreement:.3f}")
     print(f"wrote {out} and {out.with_suffix('.report.json')}")
     try:
         quality.plot_similarity(result.similarity, result.config, out.with_suffix(".png"),
@@ -142,14 +149,15 @@ def _eval(args) -> int:
     model = _load_for_quality(args, config)  # the grouping is checked before the weights are read
     model.cqil = CQILConfig()
     ids = quality.read_token_ids(args.text, None if args.model == "tiny" else args.model)
-    reference = quality.ReferenceRun(model, ids, window=args.window, stride=args.stride)
+    reference = quality.ReferenceRun(model, ids, window=args.window, stride=args.stride, seed=args.seed)
     metrics = reference.evaluate(config)
     base = reference.baseline
-    print(f"original: ppl {base.perplexity:.3f} over {base.tokens} tokens")
+    low, high = metrics.ppl_increase_ci
+    print(f"original: ppl {base.perplexity:.3f} over {base.tokens} tokens in {base.windows} windows")
     print(f"{[list(g) for g in config.groups]} (bypass {config.bypass}, {config.bypass_mode}): saves "
           f"{config.layers_saved} layer steps; ppl {metrics.perplexity:.3f} "
-          f"({100 * (metrics.perplexity / base.perplexity - 1):+.2f}%), agreement {metrics.agreement:.4f}, "
-          f"KL {metrics.kl:.5f}")
+          f"({100 * (metrics.perplexity / base.perplexity - 1):+.2f}%, 90% interval over the windows "
+          f"[{100 * low:+.2f}, {100 * high:+.2f}]%), agreement {metrics.agreement:.4f}, KL {metrics.kl:.5f}")
     return 0
 
 
@@ -255,6 +263,7 @@ def _quality_args(p) -> None:
     p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap over windows (and of training)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--bypass", type=int, default=0)
     cal.add_argument("--bypass-mode", choices=["residual", "mlp_input"], default="residual")
     cal.add_argument("--beam", type=int, default=6, help="candidates evaluated per round (default 6)")
+    cal.add_argument("--confidence", type=float, default=0.90,
+                     help="the bootstrap interval over the windows whose upper end must hold the budget "
+                          "(default 0.90: a one-sided 95%% bound)")
     cal.add_argument("--out", default="groups.json",
                      help="CQILConfig JSON (a .report.json and a .png are written beside it)")
     cal.set_defaults(func=_calibrate)
@@ -332,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--temperature", type=float, default=1.0)
     ft.add_argument("--ce-weight", type=float, default=0.0, help="weight of a cross-entropy term")
     ft.add_argument("--only-grouped", action="store_true", help="adapters on grouped layers only")
-    ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", required=True, help="adapter directory (PEFT format + cqil.json)")
     ft.add_argument("--overwrite", action="store_true")
     ft.add_argument("--checkpoint-every", type=int, default=50,

@@ -1,12 +1,13 @@
-"""Real-model report for issue 4: groups found on SmolLM2-135M-Instruct under perplexity budgets.
+"""Real-model report: groups found on SmolLM2-135M-Instruct under perplexity budgets.
 
     python python/calibrate_smollm2.py [--out calibration_smollm2]
 
 Calibration (similarity, candidate ranking): tests/data/jargon_calibration.txt. Metrics: the first
-`--eval-tokens` tokens of tests/data/jargon_evaluation.txt (held out). For each P one greedy search runs
-with the largest budget; each round adds one group of P layers and keeps the lowest perplexity, so the
-search under a smaller budget is a prefix of that path (it stops at the first round whose best grouping
-exceeds it): the smaller budgets' answers are read off the same path.
+`--eval-tokens` tokens of tests/data/jargon_evaluation.txt (held out), in windows of `--window`. For each
+P one greedy search runs with the largest budget; each round adds one group of P layers, keeping among the
+groupings whose perplexity increase (the upper end of its bootstrap interval over the windows) fits the
+budget the one of lowest KL, so the search under a smaller budget is a prefix of that path (it stops at the
+first round whose choice exceeds it): the smaller budgets' answers are read off the same path.
 """
 
 import argparse
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default="calibration_smollm2")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--beam", type=int, default=4)
-    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--window", type=int, default=256)
     a = ap.parse_args()
     gguf = find_smollm2()
     if gguf is None:
@@ -43,21 +44,20 @@ def main() -> None:
         result = find_quasi_independent_layers(model, calib, held_out, parallel=P, max_ppl_increase=max(BUDGETS),
                                                window=a.window, beam=a.beam,
                                                progress=lambda row: print(row, flush=True))
-        base = result.baseline.perplexity
-        path = []  # the greedy path: round k's rows have k groups; its choice is the lowest perplexity
+        path = []  # the greedy path: round k's rows have k groups; its choice fits and has the lowest KL
         by_round = {}
         for row in result.candidates:
             by_round.setdefault(len(row["groups"]), []).append(row)
         for k in sorted(by_round):
-            best = min(by_round[k], key=lambda r: r["ppl"])
-            if best["ppl"] > base * (1 + max(BUDGETS)):
+            fits = [r for r in by_round[k] if r["within_budget"]]
+            if not fits:
                 break
-            path.append(best)
+            path.append(min(fits, key=lambda r: r["kl"]))
         per_budget = {}
         for budget in BUDGETS:
-            cut = []  # the path up to the first round whose best exceeds this budget
+            cut = []  # the path up to the first round whose choice exceeds this budget (upper bound)
             for r in path:
-                if r["ppl"] > base * (1 + budget):
+                if r["ppl_increase_ci_pct"][1] > 100 * budget:
                     break
                 cut.append(r)
             per_budget[f"{budget:.0%}"] = cut[-1] if cut else None
