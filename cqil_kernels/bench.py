@@ -104,7 +104,10 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int
         model = CQILLlama(args, held_layers=held_layers,
                           layer_args=None if placement is None else (lambda l: placement.layer_args(l, args)))
     model.pack(device, dtype, copy=False)
-    full = {name: p.shape for name, p in CQILLlama(args).to("meta").named_parameters()} if placement else None
+    full = None
+    if placement is not None:  # the full tensors' shapes, whose shards this process holds
+        with torch.device("meta"):
+            full = {name: p.shape for name, p in CQILLlama(args).named_parameters()}
 
     def fill(prefix: str, module, key: int) -> None:
         g = torch.Generator(device=device).manual_seed(seed * 100_003 + key)
