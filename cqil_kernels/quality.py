@@ -198,6 +198,13 @@ class ReferenceRun:
                        ppl_ci, kl_ci)
 
     @torch.inference_mode()
+    def grouped_window_nll(self, cqil: CQILConfig) -> torch.Tensor:
+        """[windows] summed negative log-likelihood of each window's scored tokens under grouping `cqil`
+        (window_nll is the original's), for analyses of the windows' spread."""
+        with self.model.grouping(cqil):
+            return self._window_nll([self._logprobs(span) for span in self.spans])
+
+    @torch.inference_mode()
     def evaluate(self, cqil: CQILConfig) -> Metrics:
         """Metrics of the model with grouping `cqil` on the same windows (the model's own grouping is
         restored afterwards)."""
