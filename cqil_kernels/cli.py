@@ -80,6 +80,25 @@ def _output_file(path: str, option: str = "--out"):
     return out
 
 
+def _text_ids(args):
+    """(ids, name) of the text to measure on: --text, or, without it, the shipped corpus (corpus.py) in
+    windows of --window."""
+    from . import corpus, quality
+
+    src = None if args.model == "tiny" else args.model
+    if args.text is not None:
+        return quality.read_token_ids(args.text, src), str(args.text)
+    if src is None:
+        raise ValueError("the tiny model has no tokenizer for the shipped corpus: pass --text with token ids "
+                         "(a .ids or .pt file)")
+    if args.stride is not None and args.stride != args.window:
+        raise ValueError("--stride applies to --text; the shipped corpus is measured in whole windows")
+    ids = corpus.calibration_ids(src, args.window, args.corpus_tokens)
+    name = f"the shipped corpus ({', '.join(corpus.KINDS)}): {ids.numel()} tokens in windows of {args.window}"
+    print(f"text: {name}")
+    return ids, name
+
+
 def _print_rows(rows, baseline, confidence: float) -> None:
     interval = f"{100 * confidence:g}% interval"
     print(f"{'groups':<40} {'saved':>5} {'ppl':>9} {'Δppl %':>8} {interval:>17} {'agree':>6} {'KL':>8}  ok")
@@ -104,7 +123,7 @@ def _calibrate(args) -> int:
     out = _output_file(args.out)
     model = _load_for_quality(args)
     src = None if args.model == "tiny" else args.model
-    calib = quality.read_token_ids(args.text, src)
+    calib, text_name = _text_ids(args)
     held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
     sizes = tuple(int(p) for p in str(args.parallel).split(","))
     bar = tqdm(desc="groupings evaluated", unit="grouping")
@@ -116,7 +135,7 @@ def _calibrate(args) -> int:
     bar.close()
     _print_rows(result.candidates, result.baseline, args.confidence)
     result.config.save(out)
-    report = dict(model=str(args.model), text=str(args.text), eval_text=str(args.eval_text or args.text),
+    report = dict(model=str(args.model), text=text_name, eval_text=str(args.eval_text or text_name),
                   parallel=list(sizes), max_ppl_increase=args.max_ppl_increase, confidence=args.confidence,
                   seed=args.seed, decision="the interval's upper end within the budget", window=args.window,
                   stride=args.stride or args.window, config=result.config.to_dict(),
@@ -148,7 +167,7 @@ def _eval(args) -> int:
     config = CQILConfig.load(args.cqil)
     model = _load_for_quality(args, config)  # the grouping is checked before the weights are read
     model.cqil = CQILConfig()
-    ids = quality.read_token_ids(args.text, None if args.model == "tiny" else args.model)
+    ids, _ = _text_ids(args)
     reference = quality.ReferenceRun(model, ids, window=args.window, stride=args.stride, seed=args.seed)
     metrics = reference.evaluate(config)
     base = reference.baseline
@@ -255,10 +274,18 @@ def _train(args, model, work) -> None:
                   f"{m.agreement:>6.3f} {m.kl:>8.4f}")
 
 
-def _quality_args(p) -> None:
+def _quality_args(p, corpus_default: bool = False) -> None:
+    from .corpus import DEFAULT_TOKENS
+
     p.add_argument("model", help="a Hugging Face directory, a .gguf file, or 'tiny' (a tiny random model)")
-    p.add_argument("--text", required=True,
-                   help="text (tokenized with the model's tokenizer), or token ids: .pt tensor / .ids file")
+    text_help = "text (tokenized with the model's tokenizer), or token ids: .pt tensor / .ids file"
+    if corpus_default:
+        p.add_argument("--text", default=None, help=text_help + " (default: the shipped corpus of four kinds of "
+                                                                "text, cqil_kernels/texts/README.md)")
+        p.add_argument("--corpus-tokens", type=int, default=DEFAULT_TOKENS,
+                       help=f"tokens of the shipped corpus measured without --text (default {DEFAULT_TOKENS})")
+    else:
+        p.add_argument("--text", required=True, help=text_help)
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
     p.add_argument("--device", default=None)
@@ -306,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="find the CQIL groups that save the most layer steps within a "
                                            "perplexity budget")
-    _quality_args(cal)
+    _quality_args(cal, corpus_default=True)
     cal.add_argument("--eval-text", default=None, help="held-out text for the metrics (default: --text)")
     cal.add_argument("--parallel", default="2", help="group size P, or sizes to mix: 2,3,4 (default 2)")
     cal.add_argument("--max-ppl-increase", type=float, default=0.05,
@@ -322,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser("eval", help="perplexity, agreement and KL of one grouping against the original")
-    _quality_args(ev)
+    _quality_args(ev, corpus_default=True)
     ev.add_argument("--cqil", required=True, help="groups JSON (CQILConfig / the authors' keys)")
     ev.set_defaults(func=_eval)
 

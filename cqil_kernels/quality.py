@@ -322,7 +322,6 @@ def find_quasi_independent_layers(model, calib_ids: torch.Tensor, eval_ids: torc
 def read_token_ids(path, model_src=None) -> torch.Tensor:
     """Token ids from a file: `.pt` (a saved integer tensor), `.ids` (whitespace-separated integers), or
     text tokenized with the tokenizer of `model_src` (a Hugging Face directory or a .gguf file)."""
-    from pathlib import Path
 
     from .files import load_token_tensor, read_text, regular_file
 
@@ -339,16 +338,30 @@ def read_token_ids(path, model_src=None) -> torch.Tensor:
             raise ValueError(f"{path}: a .ids file holds whitespace-separated integers") from None
     if model_src is None:
         raise ValueError(f"{path}: tokenizing text needs the model's tokenizer (a model directory or .gguf)")
+    return tokenize(read_text(path), model_src)
+
+
+def load_tokenizer(model_src):
+    """The tokenizer of `model_src` (a Hugging Face directory or a .gguf file), via transformers."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    from .files import regular_file
 
     src = Path(model_src)
     folder = src.parent if src.suffix == ".gguf" else src
     for name in TOKENIZER_FILES:  # transformers would block reading a FIFO named like one
         if (folder / name).exists():
             regular_file(folder / name, "tokenizer file")
-    tokenizer = (AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name) if src.suffix == ".gguf"
-                 else AutoTokenizer.from_pretrained(str(src)))
-    return tokenizer(read_text(path), return_tensors="pt").input_ids[0]
+    return (AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name) if src.suffix == ".gguf"
+            else AutoTokenizer.from_pretrained(str(src)))
+
+
+def tokenize(text: str, model_src) -> torch.Tensor:
+    """[tokens] int64 ids of `text` under the tokenizer of `model_src` (with its start-of-text token, if
+    it adds one)."""
+    return load_tokenizer(model_src)(text, return_tensors="pt").input_ids[0]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
