@@ -169,16 +169,31 @@ class ReferenceRun:
             if end == self.ids.numel():
                 break
         with model.grouping(CQILConfig()):
-            self.logprobs = [self._logprobs(span) for span in self.spans]
+            self.logprobs = self._all_logprobs()
         self.targets = [self.ids[first:end][:, None] for _, end, first in self.spans]
         self.window_tokens = torch.tensor([lp.shape[0] for lp in self.logprobs], dtype=torch.float64)
         self.window_nll = self._window_nll(self.logprobs)
         self.baseline = self._metrics(self.logprobs)
 
-    def _logprobs(self, span) -> torch.Tensor:
-        begin, end, first = span
-        logits = self.model(self.ids[None, begin:end].to(self.model.device))[0]
-        return logits[first - 1 - begin:end - 1 - begin].float().log_softmax(-1).cpu()
+    BATCH_BYTES = 1 << 30  # the fp32 logits of the windows one forward scores together
+
+    def _all_logprobs(self) -> list[torch.Tensor]:
+        """[scored tokens, vocab] log-probabilities of every span under the model's current grouping;
+        windows of one length go through the model together, at most BATCH_BYTES of logits at a time."""
+        out: list[torch.Tensor | None] = [None] * len(self.spans)
+        by_length: dict[int, list[int]] = {}
+        for i, (begin, end, _) in enumerate(self.spans):
+            by_length.setdefault(end - begin, []).append(i)
+        for length, members in by_length.items():
+            per_call = max(1, self.BATCH_BYTES // (length * self.model.args.vocab_size * 4))
+            for k in range(0, len(members), per_call):
+                chunk = members[k:k + per_call]
+                ids = torch.stack([self.ids[self.spans[i][0]:self.spans[i][1]] for i in chunk])
+                logits = self.model(ids.to(self.model.device))
+                for row, i in enumerate(chunk):
+                    begin, end, first = self.spans[i]
+                    out[i] = logits[row, first - 1 - begin:end - 1 - begin].float().log_softmax(-1).cpu()
+        return out
 
     def _window_nll(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
         """[windows] summed negative log-likelihood of each window's scored tokens."""
@@ -202,14 +217,14 @@ class ReferenceRun:
         """[windows] summed negative log-likelihood of each window's scored tokens under grouping `cqil`
         (window_nll is the original's), for analyses of the windows' spread."""
         with self.model.grouping(cqil):
-            return self._window_nll([self._logprobs(span) for span in self.spans])
+            return self._window_nll(self._all_logprobs())
 
     @torch.inference_mode()
     def evaluate(self, cqil: CQILConfig) -> Metrics:
         """Metrics of the model with grouping `cqil` on the same windows (the model's own grouping is
         restored afterwards)."""
         with self.model.grouping(cqil):
-            return self._metrics([self._logprobs(span) for span in self.spans])
+            return self._metrics(self._all_logprobs())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -64,6 +64,28 @@ def test_perplexity_matches_transformers_loss(pair, window, stride):
     assert same.agreement == 1.0 and same.kl == 0.0 and same.perplexity == ref.baseline.perplexity
 
 
+def test_windows_scored_together_equal_one_at_a_time(pair, monkeypatch):
+    """ReferenceRun batches windows of one length into one forward (BATCH_BYTES of logits at most): the
+    same log-probabilities as one window per forward, and fewer calls."""
+    _, model = pair
+    ids = torch.randint(0, 97, (101,), generator=torch.Generator().manual_seed(4))
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, x, *a, **k: calls.append(x.shape) or forward(self, x, *a, **k))
+    together = ReferenceRun(model, ids, window=16, stride=10)  # 9 windows of 16, the last of 11
+    assert calls == [(9, 16), (1, 11)]
+    calls.clear()
+    grouped = together.evaluate(CQILConfig(groups=((1, 2),)))
+    assert calls == [(9, 16), (1, 11)] and grouped.windows == 10
+    calls.clear()
+    monkeypatch.setattr(ReferenceRun, "BATCH_BYTES", 16 * 97 * 4 * 4)  # 4 windows of 16 per call
+    apart = ReferenceRun(model, ids, window=16, stride=10)
+    assert calls == [(4, 16), (4, 16), (1, 16), (1, 11)]
+    for a, b in zip(together.logprobs, apart.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_a_grouping_costs_quality(pair):
     _, model = pair
     ref = ReferenceRun(model, torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)), window=30)
