@@ -152,10 +152,15 @@ def calibration_ids(model_src, window: int = 512, tokens: int = DEFAULT_TOKENS) 
         raise ValueError(f"tokens must be a positive int, got {tokens!r}")
     per_kind = max(2, tokens // (window * len(KINDS)))
     ids = token_ids(model_src)
-    for kind in KINDS:
-        if ids[kind].numel() < per_kind * window:
-            most = max(2, ids[kind].numel() // per_kind)
-            raise ValueError(f"the shipped {kind} text has {ids[kind].numel()} tokens under this tokenizer, fewer "
-                             f"than {per_kind} windows of {window}: use a window of at most {most} tokens, fewer "
-                             f"corpus tokens, or your own text (--text)")
+    kind = min(KINDS, key=lambda k: ids[k].numel())
+    shortest = ids[kind].numel()
+    if shortest < 2 * window:
+        raise ValueError(f"the shipped {kind} text has {shortest} tokens under this tokenizer, fewer than 2 "
+                         f"windows of {window}: use a window of at most {shortest // 2} tokens, or your own text "
+                         f"(--text)")
+    if shortest < per_kind * window:
+        most = len(KINDS) * window * (shortest // window)
+        raise ValueError(f"the shipped corpus gives at most {most} tokens in windows of {window} under this "
+                         f"tokenizer ({kind} has {shortest}), not {tokens}: ask for fewer (--corpus-tokens) or "
+                         f"pass your own text (--text)")
     return torch.cat([spread_windows(ids[kind], per_kind, window) for kind in KINDS])

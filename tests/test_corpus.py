@@ -136,9 +136,17 @@ def test_calibration_ids_take_as_many_windows_from_every_kind(fake_tokenizer):
         parts = ids.view(len(corpus.KINDS), per_kind, window)
         for kind, part in zip(corpus.KINDS, parts):
             assert torch.equal(part.reshape(-1), corpus.spread_windows(tokens[kind], per_kind, window))
-    with pytest.raises(ValueError, match=r"the shipped \w+ text has \d+ tokens under this tokenizer, fewer than "
-                                         r"2 windows of 40000: use a window of at most \d+ tokens"):
+    kind = min(corpus.KINDS, key=lambda k: tokens[k].numel())
+    shortest = tokens[kind].numel()
+    with pytest.raises(ValueError, match=rf"the shipped {kind} text has {shortest} tokens under this tokenizer, "
+                                         rf"fewer than 2 windows of 40000: use a window of at most {shortest // 2}"):
         corpus.calibration_ids(fake_tokenizer, 40000)
+    most = 4 * 512 * (shortest // 512)
+    corpus.calibration_ids(fake_tokenizer, 512, most)  # the most there is
+    with pytest.raises(ValueError, match=rf"the shipped corpus gives at most {most} tokens in windows of 512 under "
+                                         rf"this tokenizer \({kind} has {shortest}\), not {most + 2048}: ask for "
+                                         rf"fewer \(--corpus-tokens\)"):
+        corpus.calibration_ids(fake_tokenizer, 512, most + 2048)
     with pytest.raises(ValueError, match="window must be an int >= 2"):
         corpus.calibration_ids(fake_tokenizer, 1)
 
