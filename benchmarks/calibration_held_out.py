@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    commit = _commit()  # the code this run loads (a later commit may land while it runs)
     on_cpu = a.device in (None, "cpu")
     model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device,
                                       dtype=torch.float32 if on_cpu else None)
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
                   what=f"{Path(a.model).name}, {'fp32' if on_cpu else 'bf16'}, groups of {a.parallel}, corpus of "
                        f"{calib.numel()} tokens in windows of {a.window}, search as cqil calibrate (beam 6, "
                        f"confidence 0.90, seed 0); held-out text in windows of {a.window}",
-                  card=device, date=datetime.date.today().isoformat(), commit=_commit(),
+                  card=device, date=datetime.date.today().isoformat(), commit=commit,
                   command="python benchmarks/calibration_held_out.py " + " ".join(sys.argv[1:]), source="this file",
                   columns=["budget", "groups", "layers saved", "corpus increase %", "corpus upper %", "held out",
                            "held-out increase %", "low %", "high %", "within 1.5 budget", "search s"],

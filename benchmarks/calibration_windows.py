@@ -41,6 +41,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    commit = _commit()  # the code this run loads (a later commit may land while it runs)
     cqil = parse_groups(a.groups)
     model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device,
                                       dtype=torch.float32 if a.device in (None, "cpu") else None)
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     record = dict(title=f"Perplexity increase of {a.groups} and its 90% interval, by windows",
                   what=f"{Path(a.model).name}, fp32, windows of {a.window} tokens spread over each text, paired "
                        f"bootstrap (2000 resamples, seed 0)",
-                  card=device, date=datetime.date.today().isoformat(), commit=_commit(),
+                  card=device, date=datetime.date.today().isoformat(), commit=commit,
                   command="python benchmarks/calibration_windows.py " + " ".join(sys.argv[1:]), source="this file",
                   columns=["text", "windows", "which", "increase %", "low %", "high %", "width (points)"], rows=rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
