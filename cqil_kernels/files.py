@@ -12,6 +12,7 @@ Every loader of the package reads through here, so the rules hold everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -109,29 +110,30 @@ def _json_type(t: type) -> str:
     return names.get(t, t.__name__)
 
 
-def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of a safetensors file, from its header alone (no tensor data is read)."""
+@contextlib.contextmanager
+def _safetensors(path) -> Iterator[Any]:
+    """safe_open of a regular file; a file safetensors cannot read is a ValueError naming it."""
     from safetensors import SafetensorError, safe_open
 
     path = regular_file(path, "safetensors file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            yield f
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a safetensors file, from its header alone (no tensor data is read)."""
+    with _safetensors(path) as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def iter_safetensors(path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of a safetensors file, one tensor at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    path = regular_file(path, "safetensors file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    with _safetensors(path) as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
@@ -141,27 +143,27 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path) -> dict[str, str]:
     """The string metadata of a safetensors file's header."""
-    from safetensors import SafetensorError, safe_open
-
-    path = regular_file(path, "safetensors file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    with _safetensors(path) as f:
+        return dict(f.metadata() or {})
 
 
-def load_torch_tensors(path, what: str = "torch file", mmap: bool = True) -> dict[str, torch.Tensor]:
-    """A `torch.save`d dict of tensors (pytorch_model.bin, adapter_model.bin), read with the weights-only
-    unpickler: a pickle that would build anything else (and so could run code) is refused."""
+def _weights_only_load(path, what: str, mmap: bool) -> Any:
+    """torch.load with the weights-only unpickler: a pickle that would build anything but tensors and
+    containers (and so could run code) is refused; every failure is a ValueError naming the file."""
     path = regular_file(path, what)
     try:
-        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused: the {what} holds objects other than tensors, which could run "
                          f"code when loaded ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable {what} ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
+def load_torch_tensors(path, what: str = "torch file", mmap: bool = True) -> dict[str, torch.Tensor]:
+    """A `torch.save`d dict of tensors (pytorch_model.bin, adapter_model.bin), read with the weights-only
+    unpickler."""
+    state = _weights_only_load(path, what, mmap)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"{path}: the {what} must hold a dict of named tensors, got {type(state).__name__}")
@@ -170,14 +172,7 @@ def load_torch_tensors(path, what: str = "torch file", mmap: bool = True) -> dic
 
 def load_token_tensor(path) -> torch.Tensor:
     """A `torch.save`d tensor of token ids (weights-only unpickler)."""
-    path = regular_file(path, "token file")
-    try:
-        ids = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused: the token file holds objects other than tensors, which could run "
-                         f"code when loaded ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable token file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    ids = _weights_only_load(path, "token file", mmap=False)
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{path} holds a {type(ids).__name__}, not a tensor of token ids")
     return ids
