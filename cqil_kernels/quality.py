@@ -141,6 +141,21 @@ class ReferenceRun:
                              f"longer text or a smaller window")
         return ids
 
+    @staticmethod
+    def windows(tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+        """(begin, end, first scored position) of each window over a text of `tokens` tokens; every
+        position but the first is scored once, by the first window that reaches it."""
+        spans = []
+        prev_end = 1  # position 0 has no context: never scored
+        for begin in range(0, tokens, stride):
+            end = min(begin + window, tokens)
+            if end > prev_end:
+                spans.append((begin, end, max(prev_end, begin + 1)))
+                prev_end = end
+            if end == tokens:
+                break
+        return spans
+
     MAX_BYTES = 16 << 30  # the reference log-probabilities a run may keep (16 GiB)
 
     @torch.inference_mode()
@@ -159,15 +174,7 @@ class ReferenceRun:
             raise ValueError(f"scoring {self.ids.numel() - 1} tokens keeps {need / 2**30:.1f} GiB of reference "
                              f"log-probabilities (tokens x vocab {model.args.vocab_size} x 4 bytes), more than "
                              f"{self.MAX_BYTES / 2**30:.0f} GiB: use at most {keep} tokens of held-out text")
-        self.spans = []  # (begin, end, first scored position)
-        prev_end = 1  # position 0 has no context: never scored
-        for begin in range(0, self.ids.numel(), stride):
-            end = min(begin + window, self.ids.numel())
-            if end > prev_end:
-                self.spans.append((begin, end, max(prev_end, begin + 1)))
-                prev_end = end
-            if end == self.ids.numel():
-                break
+        self.spans = self.windows(self.ids.numel(), window, stride)
         with model.grouping(CQILConfig()):
             self.logprobs = self._all_logprobs()
         self.targets = [self.ids[first:end][:, None] for _, end, first in self.spans]
@@ -291,7 +298,7 @@ def find_quasi_independent_layers(model, calib_ids: torch.Tensor, eval_ids: torc
     CQILConfig((), bypass, bypass_mode)  # validates bypass and mode before any long work
     text = ReferenceRun.check_text(eval_ids if eval_ids is not None else calib_ids, model, window)
     step = stride or window
-    windows = 1 + max(0, -(-(text.numel() - window) // step))
+    windows = len(ReferenceRun.windows(text.numel(), window, step))
     if windows < min_windows:
         need = window + (min_windows - 1) * step
         raise ValueError(f"the evaluation text gives {windows} window(s) of {window} tokens; deciding a budget on "
@@ -337,7 +344,6 @@ def find_quasi_independent_layers(model, calib_ids: torch.Tensor, eval_ids: torc
 def read_token_ids(path, model_src=None) -> torch.Tensor:
     """Token ids from a file: `.pt` (a saved integer tensor), `.ids` (whitespace-separated integers), or
     text tokenized with the tokenizer of `model_src` (a Hugging Face directory or a .gguf file)."""
-
     from .files import load_token_tensor, read_text, regular_file
 
     path = regular_file(path, "text file")
