@@ -53,20 +53,19 @@ def manifest() -> dict[str, dict]:
     return entries
 
 
-def texts() -> dict[str, str]:
-    """{kind: text}, each checked against the manifest's sha256."""
+def texts(entries: dict[str, dict] | None = None) -> dict[str, str]:
+    """{kind: text}, each checked against the sha256 of the manifest (`entries`, read if not given)."""
     from .files import read_bytes
 
+    entries = entries if entries is not None else manifest()
     out = {}
-    for kind, entry in manifest().items():
-        if kind not in KINDS:
-            continue
-        path = TEXTS / Path(entry["file"]).name
+    for kind in KINDS:
+        path = TEXTS / Path(entries[kind]["file"]).name
         try:
             data = read_bytes(path, "corpus file", max_bytes=16 << 20)
         except (OSError, ValueError) as e:
             raise _error(f"{path.name} does not read ({e})") from None
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if hashlib.sha256(data).hexdigest() != entries[kind]["sha256"]:
             raise _error(f"{path.name} is not the file shipped (its sha256 differs from manifest.json)")
         out[kind] = data.decode("utf-8")
     return out
@@ -119,7 +118,7 @@ def token_ids(model_src) -> dict[str, torch.Tensor]:
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
         print(f"cqil_kernels: the cached corpus tokens {path} do not read back; tokenizing again", file=sys.stderr)
-    corpus, tokenizer = texts(), load_tokenizer(model_src)
+    corpus, tokenizer = texts(entries), load_tokenizer(model_src)
     ids = {k: torch.tensor(tokenizer(corpus[k]).input_ids, dtype=torch.long) for k in KINDS}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
