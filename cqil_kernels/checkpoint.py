@@ -165,15 +165,9 @@ def read_args(src) -> LlamaArgs:
     what a multi-process launcher checks a placement against before it starts any process."""
     path = Path(src)
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        return LlamaArgs.from_hf(read_json(config_file, "model config"), source=config_file)
-    reader = _gguf_reader(regular_file(path, "GGUF file"))
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
-    return _gguf_args(gguf_metadata(reader), {t.name for t in reader.tensors}, int(embed.shape[-1]), str(path))
+        return _hf_dir_args(path)
+    path = regular_file(path, "GGUF file")
+    return _gguf_reader_args(_gguf_reader(path), path)
 
 
 def _load(build, src, cqil, device, dtype, progress: bool, copy: bool, take=None):
@@ -321,11 +315,15 @@ def _directory_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool, take=None):
+def _hf_dir_args(path: Path) -> LlamaArgs:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    args = LlamaArgs.from_hf(read_json(config_file, "model config"), source=config_file)
+    return LlamaArgs.from_hf(read_json(config_file, "model config"), source=config_file)
+
+
+def _load_hf_dir(build, path: Path, cqil, device, dtype, progress: bool, take=None):
+    args = _hf_dir_args(path)
     files = _weight_files(path)
     check_tensor_list(_directory_shapes(files), args, str(path))
     device, dtype = default_device_dtype(device, dtype)
@@ -452,16 +450,19 @@ def _gguf_reader(path: Path):
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
 
+def _gguf_reader_args(reader, path: Path) -> LlamaArgs:
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
+    return _gguf_args(gguf_metadata(reader), {t.name for t in reader.tensors}, int(embed.shape[-1]), str(path))
+
+
 def _load_gguf(build, path: Path, cqil, device, dtype, progress: bool, take=None):
     reader = _gguf_reader(path)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    names = {t.name for t in reader.tensors}
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
-    args = _gguf_args(gguf_metadata(reader), names, int(embed.shape[-1]), str(path))
+    args = _gguf_reader_args(reader, path)
     shapes = {}
     for t in reader.tensors:
         name = _gguf_name(t.name)
