@@ -9,6 +9,7 @@ licence notices; python/build_calibration_corpus.py rebuilds them from Debian pa
   docs       the Python 3.11 tutorial (reStructuredText)            PSF License 2
   code       Python 3.11 standard-library modules                   PSF License 2
 
+`training_ids(model_src)` is all of it, the default training text of `cqil finetune`;
 `calibration_ids(model_src, window)` returns the same number of windows from each kind, spread evenly over
 it, laid end to end so that windows of `window` tokens (stride = window) are exactly those. Why these sizes:
 docs/performance.md ("How many windows"), from benchmarks/calibration_windows.py.
@@ -163,3 +164,10 @@ def calibration_ids(model_src, window: int = 512, tokens: int = DEFAULT_TOKENS) 
                          f"tokenizer ({kind} has {shortest}), not {tokens}: ask for fewer (--corpus-tokens) or "
                          f"pass your own text (--text)")
     return torch.cat([spread_windows(ids[kind], per_kind, window) for kind in KINDS])
+
+
+def training_ids(model_src) -> torch.Tensor:
+    """Every token of the corpus, the kinds one after another: what `cqil finetune` distils on when no
+    --text is given (training draws windows anywhere in it, so every batch mixes kinds)."""
+    ids = token_ids(model_src)
+    return torch.cat([ids[kind] for kind in KINDS])

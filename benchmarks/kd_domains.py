@@ -1,0 +1,104 @@
+"""Does an adapter distilled on one text hold on other kinds of text? (issue 25, item 4)
+
+    python benchmarks/kd_domains.py MODEL --cqil GROUPS.json --train corpus --domains DIR \\
+        --steps 160 --batch 2 --out kd.json
+
+--train: `corpus` (the shipped corpus, `cqil finetune`'s default) or a text file (e.g. DIR/docs_train.txt).
+--domains: a folder of KIND.txt files (benchmarks/domain_texts.py writes them); each is measured on
+--windows windows of --window tokens spread evenly over it, against the original model on the same
+windows, before and after `finetune` with `cqil finetune`'s defaults but --steps and --batch: perplexity
+increase with its 90% paired-bootstrap interval, agreement and KL. The goal of issue 25: after training, the
+increase on a kind of text the training text does not have is at most twice the increase in-domain.
+Writes a record (card, date, commit, command, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama, corpus
+from cqil_kernels.bench import _commit
+from cqil_kernels.finetune import finetune
+from cqil_kernels.quality import ReferenceRun, read_token_ids
+
+
+def measured(reference: ReferenceRun, cqil: CQILConfig) -> dict:
+    m = reference.evaluate(cqil)
+    low, high = m.ppl_increase_ci
+    return dict(increase_pct=round(100 * (m.perplexity / reference.baseline.perplexity - 1), 2),
+                ci_pct=[round(100 * low, 2), round(100 * high, 2)], agreement=round(m.agreement, 4),
+                kl=round(m.kl, 4))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--cqil", required=True, help="the grouping (CQILConfig JSON)")
+    ap.add_argument("--train", required=True, help="'corpus' or a text file")
+    ap.add_argument("--domains", type=Path, required=True, help="folder of KIND.txt files to measure on")
+    ap.add_argument("--skip", default="docs_train", help="comma-separated kinds of --domains not measured")
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    commit = _commit()  # the code this run loads (a later commit may land while it runs)
+    cqil = CQILConfig.load(a.cqil)
+    on_cpu = a.device in (None, "cpu")
+    model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device,
+                                      dtype=torch.float32 if on_cpu else None)
+    skip = set(a.skip.split(","))
+    references = {}
+    for path in sorted(a.domains.glob("*.txt")):
+        if path.stem not in skip:
+            ids = corpus.spread_windows(read_token_ids(path, a.model), a.windows, a.window)
+            references[path.stem] = ReferenceRun(model, ids, window=a.window)
+    train = corpus.training_ids(a.model) if a.train == "corpus" else read_token_ids(a.train, a.model)
+    before = {kind: measured(ref, cqil) for kind, ref in references.items()}
+    for kind, row in before.items():
+        print(f"before {kind}: {row}", flush=True)
+    start = time.perf_counter()
+    with model.grouping(cqil):
+        log = finetune(model, train, steps=a.steps, batch=a.batch, window=a.window)
+    seconds = time.perf_counter() - start
+    print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} in {seconds:.0f} s", flush=True)
+    rows = []
+    for kind, ref in references.items():
+        after = measured(ref, cqil)
+        print(f"after {kind}: {after}", flush=True)
+        rows.append([kind, before[kind]["increase_pct"], before[kind]["ci_pct"], after["increase_pct"],
+                     after["ci_pct"], before[kind]["agreement"], after["agreement"], before[kind]["kl"],
+                     after["kl"]])
+    device = (torch.cuda.get_device_name() if model.device.type == "cuda"
+              else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})")
+    layers = model.args.num_hidden_layers
+    record = dict(title="LoRA distillation measured on kinds of text other than the training text",
+                  what=f"{Path(a.model).name}, {'fp32' if on_cpu else 'bf16'}, groups {[list(g) for g in cqil.groups]}"
+                       f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
+                       f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
+                       f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank 8, "
+                       f"lr 1e-3 cosine; each kind: {a.windows} windows of {a.window} spread over it, 90% "
+                       f"paired-bootstrap intervals over windows",
+                  card=device, date=datetime.date.today().isoformat(), commit=commit,
+                  command="python benchmarks/kd_domains.py " + " ".join(sys.argv[1:]), source="this file",
+                  train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
+                  columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
+                           "agreement before", "agreement after", "KL before", "KL after"],
+                  rows=rows)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
