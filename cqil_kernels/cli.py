@@ -80,9 +80,9 @@ def _output_file(path: str, option: str = "--out"):
     return out
 
 
-def _text_ids(args):
-    """(ids, name) of the text to measure on: --text, or, without it, the shipped corpus (corpus.py) in
-    windows of --window."""
+def _text_ids(args, training: bool = False):
+    """(ids, name) of the text: --text, or, without it, the shipped corpus (corpus.py): windows of --window
+    of it to measure on, or all of it to train on."""
     from . import corpus, quality
 
     src = None if args.model == "tiny" else args.model
@@ -91,10 +91,15 @@ def _text_ids(args):
     if src is None:
         raise ValueError("the tiny model has no tokenizer for the shipped corpus: pass --text with token ids "
                          "(a .ids or .pt file)")
-    if args.stride is not None and args.stride != args.window:
-        raise ValueError("--stride applies to --text; the shipped corpus is measured in whole windows")
-    ids = corpus.calibration_ids(src, args.window, args.corpus_tokens)
-    name = f"the shipped corpus ({', '.join(corpus.KINDS)}): {ids.numel()} tokens in windows of {args.window}"
+    kinds = ", ".join(corpus.KINDS)
+    if training:
+        ids = corpus.training_ids(src)
+        name = f"the shipped corpus ({kinds}): {ids.numel()} tokens"
+    else:
+        if args.stride is not None and args.stride != args.window:
+            raise ValueError("--stride applies to --text; the shipped corpus is measured in whole windows")
+        ids = corpus.calibration_ids(src, args.window, args.corpus_tokens)
+        name = f"the shipped corpus ({kinds}): {ids.numel()} tokens in windows of {args.window}"
     print(f"text: {name}")
     return ids, name
 
@@ -239,7 +244,7 @@ def _train(args, model, work) -> None:
 
     model.backend = "torch"  # training needs it; the metrics before and after then come from the same code
     src = None if args.model == "tiny" else args.model
-    ids = quality.read_token_ids(args.text, src)
+    ids, _ = _text_ids(args, training=True)
     held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
     if held_out is not None:
         if args.eval_tokens < args.window:
@@ -247,7 +252,7 @@ def _train(args, model, work) -> None:
         if held_out.numel() > args.eval_tokens:
             print(f"held-out text: scoring its first {args.eval_tokens} of {held_out.numel()} tokens (--eval-tokens)")
             held_out = held_out[:args.eval_tokens]
-        before = quality.ReferenceRun(model, held_out, window=args.window)
+        before = quality.ReferenceRun(model, held_out, window=args.window, stride=args.stride, seed=args.seed)
         grouped_before = before.evaluate(model.cqil)
     with tqdm(total=args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
         def progress(step, loss):
@@ -274,18 +279,18 @@ def _train(args, model, work) -> None:
                   f"{m.agreement:>6.3f} {m.kl:>8.4f}")
 
 
-def _quality_args(p, corpus_default: bool = False) -> None:
+def _quality_args(p, corpus_tokens: bool = True) -> None:
+    """The arguments of calibrate, eval and finetune; without --text they use the shipped corpus (windows of
+    --corpus-tokens of it where corpus_tokens, all of it for training)."""
     from .corpus import DEFAULT_TOKENS
 
     p.add_argument("model", help="a Hugging Face directory, a .gguf file, or 'tiny' (a tiny random model)")
-    text_help = "text (tokenized with the model's tokenizer), or token ids: .pt tensor / .ids file"
-    if corpus_default:
-        p.add_argument("--text", default=None, help=text_help + " (default: the shipped corpus of four kinds of "
-                                                                "text, cqil_kernels/texts/README.md)")
+    p.add_argument("--text", default=None, help="text (tokenized with the model's tokenizer), or token ids: .pt "
+                                                "tensor / .ids file (default: the shipped corpus of four kinds of "
+                                                "text, cqil_kernels/texts/README.md)")
+    if corpus_tokens:
         p.add_argument("--corpus-tokens", type=int, default=DEFAULT_TOKENS,
                        help=f"tokens of the shipped corpus measured without --text (default {DEFAULT_TOKENS})")
-    else:
-        p.add_argument("--text", required=True, help=text_help)
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
     p.add_argument("--device", default=None)
@@ -333,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="find the CQIL groups that save the most layer steps within a "
                                            "perplexity budget")
-    _quality_args(cal, corpus_default=True)
+    _quality_args(cal)
     cal.add_argument("--eval-text", default=None, help="held-out text for the metrics (default: --text)")
     cal.add_argument("--parallel", default="2", help="group size P, or sizes to mix: 2,3,4 (default 2)")
     cal.add_argument("--max-ppl-increase", type=float, default=0.05,
@@ -349,12 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser("eval", help="perplexity, agreement and KL of one grouping against the original")
-    _quality_args(ev, corpus_default=True)
+    _quality_args(ev)
     ev.add_argument("--cqil", required=True, help="groups JSON (CQILConfig / the authors' keys)")
     ev.set_defaults(func=_eval)
 
     ft = sub.add_parser("finetune", help="LoRA fine-tuning of a grouping by distillation from the original")
-    _quality_args(ft)
+    _quality_args(ft, corpus_tokens=False)
     ft.add_argument("--cqil", required=True, help="groups JSON (e.g. from cqil calibrate)")
     ft.add_argument("--eval-text", default=None, help="held-out text: metrics before and after")
     ft.add_argument("--eval-tokens", type=int, default=16384,
@@ -374,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="adapter directory (PEFT format + cqil.json)")
     ft.add_argument("--overwrite", action="store_true")
     ft.add_argument("--checkpoint-every", type=int, default=50,
-                    help="steps between checkpoints (OUT/checkpoint.pt, written atomically)")
-    ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+                    help=f"steps between checkpoints (OUT.partial/{CHECKPOINT_NAME}, written atomically)")
+    ft.add_argument("--resume", action="store_true",
+                    help=f"continue from the last checkpoint (OUT.partial/{CHECKPOINT_NAME}, or OUT's own to train a "
+                         f"finished run further)")
     ft.add_argument("--autocast", choices=["auto", "bfloat16", "float16", "none"], default="auto",
                     help="torch.autocast dtype of the forwards (auto: bfloat16 on CUDA, none elsewhere)")
     ft.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",

@@ -153,8 +153,28 @@ def test_calibration_ids_take_as_many_windows_from_every_kind(fake_tokenizer):
 
 def test_the_cli_measures_on_the_corpus_without_text(tmp_path, capsys):
     (tmp_path / "g.json").write_text('{"cqil_layers": [[1, 2]]}')
-    assert main(["eval", "tiny", "--cqil", str(tmp_path / "g.json")]) == 2
-    assert "the tiny model has no tokenizer for the shipped corpus" in capsys.readouterr().err
+    for command in ("eval", "calibrate", "finetune"):
+        extra = ["--out", str(tmp_path / "adapter")] if command == "finetune" else []
+        grouping = [] if command == "calibrate" else ["--cqil", str(tmp_path / "g.json")]
+        assert main([command, "tiny", *grouping, *extra]) == 2
+        assert "the tiny model has no tokenizer for the shipped corpus" in capsys.readouterr().err
+
+
+def test_training_ids_are_every_token_of_every_kind(fake_tokenizer):
+    tokens = corpus.token_ids(fake_tokenizer)
+    assert torch.equal(corpus.training_ids(fake_tokenizer), torch.cat([tokens[k] for k in corpus.KINDS]))
+
+
+def test_cqil_finetune_trains_on_the_corpus_without_text(fake_tokenizer, tmp_path, capsys):
+    from conftest import random_hf_model
+
+    random_hf_model(vocab_size=512).save_pretrained(fake_tokenizer)  # the stand-in tokenizer's ids < 512
+    (tmp_path / "g.json").write_text('{"cqil_layers": [[1, 2]]}')
+    assert main(["finetune", str(fake_tokenizer), "--cqil", str(tmp_path / "g.json"), "--steps", "2", "--batch",
+                 "1", "--window", "32", "--lora-rank", "2", "--out", str(tmp_path / "adapter")]) == 0
+    total = sum(t.numel() for t in corpus.token_ids(fake_tokenizer).values())
+    assert f"text: the shipped corpus (lexicon, narrative, docs, code): {total} tokens\n" in capsys.readouterr().out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 SMOLLM2 = find_smollm2()
