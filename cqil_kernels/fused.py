@@ -164,6 +164,12 @@ def advance(cache, valid: torch.Tensor | None, T: int) -> torch.Tensor:
     return cache_advance(valid, cache.key_valid, cache.n_tokens, cache.position, cache.start, T)
 
 
+def last_rows(h: torch.Tensor, shape: torch.Size, keep: int) -> torch.Tensor:
+    """h [B*T, D] -> the rows of each sequence's last `keep` positions [B*keep, D]."""
+    B, T = shape
+    return h if keep == T else h.view(B, T, -1)[:, T - keep:].reshape(B * keep, -1)
+
+
 def head(model, h: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm and lm_head: h [M, D] -> logits [M, V]. In decode (M <= HEAD_ROWS) one GEMM
     with the norm in its prologue."""
@@ -192,16 +198,16 @@ class TritonRunner:
                              cache.key_valid, cache.start, model.inv_freq, args=model.args, bypass=cqil.bypass,
                              bypass_mode=cqil.bypass_mode)
 
-    def end(self, h, state) -> torch.Tensor:
-        B, T = state[0].shape
-        return head(self.model, h).view(B, T, -1)
+    def end(self, h, state, keep) -> torch.Tensor:
+        return head(self.model, last_rows(h, state[0].shape, keep)).view(state[0].shape[0], keep, -1)
 
 
-def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,
+         logits_to_keep: int = 0) -> torch.Tensor:
     """Append input_ids [B, T] (valid: [B, T] bool, None = all real tokens) to the cache and return the
-    logits [B, T, vocab]. Reads no device value on the host: safe to capture in a CUDA graph. The
-    caller advances the host-side `cache.length`."""
-    return forward_step(TritonRunner(model), model.stages, input_ids, valid, cache)
+    logits [B, T, vocab] (of the last logits_to_keep positions, 0 = all). Reads no device value on the
+    host: safe to capture in a CUDA graph. The caller advances the host-side `cache.length`."""
+    return forward_step(TritonRunner(model), model.stages, input_ids, valid, cache, logits_to_keep)
 
 
 class TritonBackend:
@@ -223,10 +229,11 @@ class TritonBackend:
                       "backend='torch'")
         return reason
 
-    def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
+    def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
+                logits_to_keep: int = 0) -> torch.Tensor:
         if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
             cache = model.new_cache(*input_ids.shape)
-        return step(model, input_ids, valid, cache)
+        return step(model, input_ids, valid, cache, logits_to_keep)
 
     def decoder(self, model, cache):
         if self.cuda_graphs and model.device.type == "cuda":

@@ -13,6 +13,10 @@ import operator
 import torch
 
 
+# Prompt positions per forward of generate's prefill: long prompts go in parts of this size (bounded
+# activation memory: a 32k-token prompt's attention scores alone would take gigabytes in one forward).
+PREFILL_CHUNK = 4096
+
 # Integer dtypes whose every value is an int64 (the unsigned 16/32/64-bit types have few kernels in torch).
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -37,8 +41,9 @@ def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     return input_ids
 
 
-def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row."""
+def check_attention_mask(attention_mask, input_ids: torch.Tensor, empty_rows: bool = False) -> torch.Tensor:
+    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row
+    (unless empty_rows: the first part of a left-padded prompt fed to a cache in parts may have one)."""
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
@@ -47,12 +52,26 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tenso
     if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-    if not bool(mask.any(dim=1).all()):
+    if not empty_rows and not bool(mask.any(dim=1).all()):
         raise ValueError("attention_mask has a row with no tokens")
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
         raise ValueError("attention_mask must be left-padded (zeros only before a row's first token); "
                          "right padding is not supported")
     return mask
+
+
+def check_logits_to_keep(value) -> int:
+    """forward()'s logits_to_keep: an int >= 0 (0 = every position)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {value!r}")
+    return value
+
+
+def check_prefill_chunk(value) -> int | None:
+    """generate()'s prefill_chunk: an int >= 1, or None (the whole prompt in one forward)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"prefill_chunk must be an int >= 1 or None (the whole prompt at once), got {value!r}")
+    return value
 
 
 def _eos_set(eos_token_id, vocab_size: int) -> list[int]:
@@ -111,9 +130,10 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p,
-                        eos_token_id, attention_mask, generator, seed):
+                        eos_token_id, attention_mask, generator, seed, prefill_chunk=None):
     """Check generate()'s arguments (ValueError/TypeError naming the problem) before any work.
     Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids)."""
+    check_prefill_chunk(prefill_chunk)
     input_ids = check_input_ids(input_ids, args.vocab_size).to(device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, input_ids)
@@ -143,23 +163,38 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
     return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
 
 
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+            chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
+    """Append the prompt to `cache`, `chunk` positions per forward (None: all at once), and return the
+    last position's logits [B, vocab]. Only the last position reaches the lm_head; the activations of one
+    forward are bounded by the chunk, not the prompt."""
+    T = input_ids.shape[1]
+    step = T if chunk is None else chunk
+    for begin in range(0, T, step):
+        part = slice(begin, begin + step)
+        logits = model(input_ids[:, part], None if attention_mask is None else attention_mask[:, part],
+                       cache=cache, logits_to_keep=1)
+    return logits[:, -1]
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id=None, attention_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, seed: int | None = None,
+             prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
     """See CQILLlama.generate."""
     args = model.args
     input_ids, attention_mask, generator, eos = check_generate_args(
         args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-        generator=generator, seed=seed)
+        generator=generator, seed=seed, prefill_chunk=prefill_chunk)
     batch, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
 
     cache = model.new_cache(batch, total)
-    logits = model(input_ids, attention_mask, cache=cache)[:, -1]
+    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
     decode = model.decoder(cache)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     tokens = [input_ids]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import check_attention_mask, check_input_ids, generate
+from .generation import PREFILL_CHUNK, check_attention_mask, check_input_ids, check_logits_to_keep, generate
 from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
@@ -245,7 +245,7 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
     `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
     input_ids = check_input_ids(input_ids, model.args.vocab_size).to(model.device)
     if attention_mask is not None:
-        attention_mask = check_attention_mask(attention_mask, input_ids)
+        attention_mask = check_attention_mask(attention_mask, input_ids, empty_rows=cache is not None)
     B, T = input_ids.shape
     end = T + (cache.length if cache is not None else 0)
     limit = cache.max_seq if cache is not None else model.args.max_position_embeddings
@@ -284,20 +284,22 @@ class StepRunner(Protocol):
     def stage(self, s: int, stage: tuple[int, ...], h: Any, state: Any) -> Any:
         """Stage s (a group, or one ungrouped layer) on h."""
 
-    def end(self, h: Any, state: Any) -> torch.Tensor:
-        """The logits [B, T, vocab] of the last stage's output."""
+    def end(self, h: Any, state: Any, keep: int) -> torch.Tensor:
+        """The logits [B, keep, vocab] of the last `keep` of the T positions of the last stage's output."""
 
 
 def forward_step(runner: StepRunner, stages, input_ids: torch.Tensor, valid: torch.Tensor | None,
-                 cache: KVCache | None) -> torch.Tensor:
+                 cache: KVCache | None, logits_to_keep: int = 0) -> torch.Tensor:
     """input_ids [B, T] through every stage in order, with `runner`'s way of running each; the new tokens'
     keys and values go into the cache (if any), whose host-side `length` the caller advances (a CUDA
-    graph replays this step without running the host code). Inputs already checked."""
+    graph replays this step without running the host code). Inputs already checked. Returns the logits
+    of the last `logits_to_keep` positions [B, k, vocab] (0: all T)."""
+    T = input_ids.shape[1]
     state = runner.begin(input_ids, valid, cache)
     h = runner.embed(input_ids, state)
     for s, stage in enumerate(stages):
         h = runner.stage(s, stage, h, state)
-    return runner.end(h, state)
+    return runner.end(h, state, min(logits_to_keep, T) or T)
 
 
 class TorchRunner:
@@ -335,8 +337,8 @@ class TorchRunner:
             deltas.append((a if residual else attn[j]) + m)
         return h + sum(deltas)
 
-    def end(self, h, state) -> torch.Tensor:
-        return self.model.lm_head(self.model.norm(h))
+    def end(self, h, state, keep) -> torch.Tensor:
+        return self.model.lm_head(self.model.norm(h[:, h.shape[1] - keep:]))
 
 
 class Backend(Protocol):
@@ -349,7 +351,7 @@ class Backend(Protocol):
         """None when it can run the model now, else why not."""
 
     def forward(self, model: CQILTransformer, input_ids: torch.Tensor, valid: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, logits_to_keep: int) -> torch.Tensor:
         """CQILTransformer.forward with the inputs checked; the model advances cache.length afterwards."""
 
     def decoder(self, model: CQILTransformer, cache: KVCache):
@@ -499,17 +501,21 @@ class CQILTransformer(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, vocab].
 
         attention_mask: [B, T], 1 for real tokens, 0 for left padding (optional). With `cache`, the new
-        tokens are appended to it (and attend to everything cached); without, a full causal forward.
+        tokens are appended to it (and attend to everything cached; a row may then be all padding, as
+        in the first part of a left-padded prompt fed in parts); without, a full causal forward.
+        logits_to_keep: only the last k positions' logits [B, k, vocab] (0: all), as in transformers; a
+        prefill needs only the last one, and the others cost T x vocab x hidden multiply-adds.
         """
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
+        keep = check_logits_to_keep(logits_to_keep)
         if self.accelerated():
-            logits = self.accelerator.forward(self, input_ids, attention_mask, cache)
+            logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep)
         else:
-            logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache)
+            logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache, keep)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return logits
@@ -571,15 +577,19 @@ class CQILTransformer(nn.Module):
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | list[int] | None = None,
                  attention_mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
         """Continue each prompt by up to `max_new_tokens` tokens with a KV cache.
 
         input_ids: [B, T] (left-padded when B > 1, with `attention_mask` [B, T] marking real tokens).
         Greedy unless do_sample; sampling uses temperature, then top_k, then top_p (nucleus), drawing
         from `generator` (or a new one seeded with `seed`). Rows that produced an eos token are filled
         with that eos token afterwards; generation stops early when every row has finished.
+        prefill_chunk: the prompt goes into the cache this many positions per forward (default 4096;
+        None: all at once), which bounds the memory a long prompt needs.
         Returns [B, T + n] token ids with n <= max_new_tokens.
         """
         return generate(self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        attention_mask=attention_mask, generator=generator, seed=seed)
+                        attention_mask=attention_mask, generator=generator, seed=seed,
+                        prefill_chunk=prefill_chunk)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, envs
+from cqil_kernels.generation import prefill
 
 from conftest import assert_greedy_agrees, assert_kernel_close, left_padding_mask, random_hf_model
 
@@ -57,6 +58,25 @@ def test_cached_prefill_then_decode_matches_torch_backend(name, variant):
             logits[backend] = torch.stack(steps)
             assert cache.length == 13 and int(cache.position) == 13
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["none", "P3-d1-residual"])
+def test_a_prompt_in_parts_and_the_last_logits_match_torch_backend(name):
+    """Parts of 4 after a cached prefix (row 0's first part all padding), only the last position's logits."""
+    model = _models(GROUPINGS[name])
+    ids = torch.randint(0, model.args.vocab_size, (2, 11), device=DEVICE)
+    mask = left_padding_mask(ids, [5, 0])
+    logits = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            model.backend = backend
+            cache = model.new_cache(2, 12)
+            logits[backend] = prefill(model, ids, mask, cache, 4)
+            assert cache.length == 11 and int(cache.position) == 11
+        model.backend = "torch"
+        whole = model(ids, mask)[:, -1]
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(logits["torch"], whole, atol=2e-4, rtol=2e-4)
 
 
 def test_generate_is_identical_on_both_backends():

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.generation import prefill
 
-from conftest import left_padding_mask, random_hf_model
+from conftest import assert_kernel_close, left_padding_mask, random_hf_model
 
 GROUPINGS = [CQILConfig(), CQILConfig([[1, 2], [3, 4, 5]], bypass=1),
              CQILConfig([[0, 1, 2]], bypass=2, bypass_mode="mlp_input")]
@@ -186,3 +187,69 @@ def test_a_cache_larger_than_the_memory_is_refused_before_allocating():
     with pytest.raises(MemoryError, match=r"a KV cache of batch 1000000000 x 128 positions needs .* GiB, more than"):
         model.new_cache(10**9, 128)
     assert model.new_cache(2, 128).batch == 2
+
+
+@pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
+def test_logits_to_keep_are_the_last_positions(cqil):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=9), cqil=cqil)
+    ids = torch.randint(0, model.args.vocab_size, (3, 10))
+    mask = left_padding_mask(ids, [0, 2, 7])
+    with torch.no_grad():
+        every = model(ids, mask)
+        for keep in (1, 4, 10, 25):
+            # the lm_head on fewer rows may sum in another order: fp32 rounding, nothing more
+            torch.testing.assert_close(model(ids, mask, logits_to_keep=keep), every[:, -keep:])
+        torch.testing.assert_close(model(ids, mask, logits_to_keep=0), every, rtol=0, atol=0)
+        cache = model.new_cache(3, 12)
+        model(ids, mask, cache=cache)
+        assert model(ids[:, :2], cache=cache, logits_to_keep=1).shape == (3, 1, model.args.vocab_size)
+        for bad in (-1, 1.0, True, "1"):
+            with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+                model(ids, mask, logits_to_keep=bad)
+
+
+@pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
+def test_a_prompt_fed_in_parts_continues_as_in_one_forward(cqil):
+    """prefill_chunk: the last position's logits as accurate as one forward's (against float64), the same
+    cache bookkeeping, the same tokens; row 2 (10 of 13 positions padding) has first parts of padding only."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=8), cqil=cqil)
+    exact = CQILLlama.from_pretrained(random_hf_model(seed=8), cqil=cqil, dtype=torch.float64)
+    ids = torch.randint(0, model.args.vocab_size, (3, 13))
+    mask = left_padding_mask(ids, [4, 0, 10])
+    with torch.no_grad():
+        truth = exact(ids, mask)[:, -1]
+        whole_cache = model.new_cache(3, 16)
+        whole = prefill(model, ids, mask, whole_cache, None)
+        expected = model.generate(ids, 8, attention_mask=mask, prefill_chunk=None)
+        for chunk in (1, 3, 5, 12, 13, 100):
+            cache = model.new_cache(3, 16)
+            got = prefill(model, ids, mask, cache, chunk)
+            assert_kernel_close(got, whole, truth, terms=model.args.hidden_size)
+            assert cache.length == 13 and int(cache.position) == 13
+            assert torch.equal(cache.key_valid, whole_cache.key_valid)
+            assert torch.equal(cache.n_tokens, whole_cache.n_tokens)
+            for mine, theirs in zip((*cache.k, *cache.v), (*whole_cache.k, *whole_cache.v)):
+                torch.testing.assert_close(mine, theirs)
+            assert torch.equal(model.generate(ids, 8, attention_mask=mask, prefill_chunk=chunk), expected), chunk
+
+
+def test_bad_prefill_chunk_is_refused():
+    model = CQILLlama.from_pretrained(random_hf_model(seed=1))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1 or None"):
+            model.generate(ids, 2, prefill_chunk=bad)
+
+
+def test_a_row_of_padding_only_is_refused_without_a_cache_and_fed_with_one():
+    model = CQILLlama.from_pretrained(random_hf_model(seed=1))
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask has a row with no tokens"):
+        model(ids, mask)
+    with torch.no_grad():
+        cache = model.new_cache(2, 6)
+        assert model(ids, mask, cache=cache).isfinite().all()  # the first part of a left-padded prompt
+        assert cache.n_tokens.tolist() == [0, 4]
+    with pytest.raises(ValueError, match="attention_mask has a row with no tokens"):
+        model.generate(ids, 2, attention_mask=mask)  # a whole prompt still needs a token per row

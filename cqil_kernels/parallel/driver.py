@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from ..config import CQILConfig
-from ..generation import check_attention_mask, check_generate_args, check_input_ids
+from ..generation import (PREFILL_CHUNK, check_attention_mask, check_generate_args, check_input_ids,
+                          check_logits_to_keep)
 from .launch import disable_multicast
 
 START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
@@ -232,15 +233,17 @@ class ParallelCQILLlama:
             self._closed = True
             self._finalizer()
 
-    def __call__(self, input_ids, attention_mask=None, cache: RemoteCache | None = None) -> torch.Tensor:
-        return self.forward(input_ids, attention_mask, cache)
+    def __call__(self, input_ids, attention_mask=None, cache: RemoteCache | None = None,
+                 logits_to_keep: int = 0) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, cache, logits_to_keep)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: RemoteCache | None = None) -> torch.Tensor:
+                cache: RemoteCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """CQILLlama.forward: input_ids [B, T] -> logits [B, T, vocab] on output_device."""
         input_ids = check_input_ids(input_ids, self.args.vocab_size)
+        check_logits_to_keep(logits_to_keep)
         if attention_mask is not None:
-            attention_mask = check_attention_mask(attention_mask, input_ids).cpu()
+            attention_mask = check_attention_mask(attention_mask, input_ids, empty_rows=cache is not None).cpu()
         B, T = input_ids.shape
         if cache is not None:
             if not isinstance(cache, RemoteCache):
@@ -254,7 +257,7 @@ class ParallelCQILLlama:
         elif T > self.args.max_position_embeddings:
             raise ValueError(f"{T} positions exceed max_position_embeddings ({self.args.max_position_embeddings})")
         logits = self._call("forward", input_ids=input_ids.cpu(), attention_mask=attention_mask,
-                            cache=cache.id if cache is not None else None)
+                            cache=cache.id if cache is not None else None, logits_to_keep=logits_to_keep)
         if cache is not None:
             cache.length += T
         return logits.to(self.output_device)
@@ -286,13 +289,13 @@ class ParallelCQILLlama:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
-                 seed: int | None = None, generator=None) -> torch.Tensor:
+                 seed: int | None = None, generator=None, prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
         """CQILLlama.generate, run inside the ranks. Sampling is seeded with `seed` in every rank (a
         torch.Generator cannot be shared with other processes: pass seed instead)."""
         if generator is not None:
             raise ValueError("a multi-device model samples in its rank processes: pass seed=..., not generator")
         kwargs = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_token_id=eos_token_id, seed=seed)
+                      eos_token_id=eos_token_id, seed=seed, prefill_chunk=prefill_chunk)
         if do_sample and seed is None:
             kwargs["seed"] = int(torch.randint(0, 2**62, ()).item())  # one draw, the same in every rank
         input_ids, attention_mask, _, eos = check_generate_args(
@@ -509,7 +512,8 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
         caches.pop(cache_id, None)
     if command == "forward":
         cache = _cache(caches, payload["cache"])
-        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache).cpu()
+        logits = model(payload["input_ids"], payload["attention_mask"], cache=cache,
+                       logits_to_keep=payload["logits_to_keep"]).cpu()
         model.reducer.check_health()  # after the copy: every reduction of this call has finished
         return logits if rank == 0 else None
     if command == "generate":

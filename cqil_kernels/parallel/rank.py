@@ -45,7 +45,7 @@ import torch.distributed as dist
 from ..backends import attach_default
 from ..checkpoint import load_pretrained
 from ..config import CQILConfig
-from ..generation import generate
+from ..generation import check_logits_to_keep, generate
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
@@ -198,19 +198,22 @@ class RankModel:
 
     # ----------------------------------------------------------------------------------------------
 
-    def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
-        return self.forward(input_ids, attention_mask, cache)
+    def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                 logits_to_keep: int = 0) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, cache, logits_to_keep)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
+        keep = check_logits_to_keep(logits_to_keep)
         if self.model.accelerated():
             logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
-                                       else self.new_cache(*input_ids.shape))
+                                       else self.new_cache(*input_ids.shape), keep)
         else:
-            logits = forward_step(_RankTorchRunner(self), self.placement.stages, input_ids, attention_mask, cache)
+            logits = forward_step(_RankTorchRunner(self), self.placement.stages, input_ids, attention_mask, cache,
+                                  keep)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return logits
@@ -264,9 +267,10 @@ class RankModel:
     # ----------------------------------------------------------------------------------------------
     # Triton backend (CUDA, or CPU under TRITON_INTERPRET=1)
 
-    def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    def _triton_step(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,
+                     logits_to_keep: int = 0) -> torch.Tensor:
         """fused.step for this rank: graph-safe (no host reads of device values)."""
-        return forward_step(_RankTritonRunner(self), self.placement.stages, input_ids, valid, cache)
+        return forward_step(_RankTritonRunner(self), self.placement.stages, input_ids, valid, cache, logits_to_keep)
 
     def microbatch_span(self, B: int, T: int) -> tuple[int, int] | None:
         """(first, last) stage run as two micro-batches of tokens for a step of B x T tokens, or None:
@@ -451,11 +455,10 @@ class _RankTritonRunner:
             h = self._join(h, positions)
         return h
 
-    def end(self, h, state):
-        from ..fused import head
+    def end(self, h, state, keep):
+        from ..fused import head, last_rows
 
-        B, T = state[0].shape
-        return head(self.model, h).view(B, T, -1)
+        return head(self.model, last_rows(h, state[0].shape, keep)).view(state[0].shape[0], keep, -1)
 
     @staticmethod
     def _split(h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> _Halves:
