@@ -6,6 +6,9 @@
 #   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
+#   quality     cqil calibrate + cqil eval of SmolLM2 on the shipped corpus on CUDA, timed (CQIL_SMOLLM2_GGUF=<gguf>)
+#   kd          benchmarks/kd_domains.py on CUDA: KD_DOMAINS=<dir from benchmarks/domain_texts.py>, KD_GROUPS,
+#               KD_TRAIN (corpus or a file), KD_ARGS
 #   finetune    cqil finetune of SmolLM2 on CUDA (issue 5): CQIL_SMOLLM2_GGUF=<gguf>, FT_TEXT=<dir with train.txt
 #               and held_out.txt from benchmarks/python_docs_text.py>, FT_GROUPS (from_range arguments,
 #               default "12 24 2"), FT_ARGS (more cqil finetune flags), FT_TIMEOUT (s, default 500)
@@ -110,6 +113,24 @@ for stage in $stages; do
       --cqil "$OUT/groups.json" --text "$FT_TEXT/train.txt" --eval-text "$FT_TEXT/held_out.txt" --device cuda \
       --dtype float32 --out "$OUT/finetune" --overwrite ${FT_ARGS:-} 2>&1; echo "exit $?") | tee -a "$OUT/finetune.log" | tail -12
     rm -f "$OUT/finetune/checkpoint.safetensors" ;;
+  quality)
+    # issue 25: cqil calibrate and cqil eval of SmolLM2 on the shipped corpus, on CUDA, timed (goal: calibrate < 2 min)
+    mkdir -p "$OUT/calibrate"
+    for cmd in "calibrate $CQIL_SMOLLM2_GGUF --parallel 2 --max-ppl-increase 0.05 --out $OUT/calibrate/groups.json" \
+               "eval $CQIL_SMOLLM2_GGUF --cqil $OUT/calibrate/groups.json"; do
+      start=$(date +%s%N)
+      (TQDM_MININTERVAL=10 timeout ${QUALITY_TIMEOUT:-400} cqil $cmd --device cuda 2>&1; echo "exit $?") \
+        | tee -a "$OUT/quality.log" | tail -15
+      echo "cqil $cmd --device cuda: $(( ($(date +%s%N) - start) / 1000000 )) ms wall" | tee -a "$OUT/quality.log"
+    done ;;
+  kd)
+    # issue 25, item 4: benchmarks/kd_domains.py on CUDA. KD_DOMAINS=<folder from benchmarks/domain_texts.py, carried>,
+    # KD_GROUPS (from_range arguments, default "12 24 2"), KD_TRAIN (corpus or a file), KD_ARGS (e.g. --steps 1500)
+    python3 -c "import sys; from cqil_kernels import CQILConfig; CQILConfig.from_range(*map(int, sys.argv[2:])).save(sys.argv[1])" \
+      "$OUT/kd_groups.json" ${KD_GROUPS:-12 24 2}
+    (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
+      --train ${KD_TRAIN:-corpus} --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
+      echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;

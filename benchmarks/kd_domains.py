@@ -54,9 +54,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     commit = _commit()  # the code this run loads (a later commit may land while it runs)
     cqil = CQILConfig.load(a.cqil)
-    on_cpu = a.device in (None, "cpu")
-    model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device,
-                                      dtype=torch.float32 if on_cpu else None)
+    # fp32 weights everywhere (on CUDA finetune's forwards run under bf16 autocast, as `cqil finetune`'s)
+    model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device, dtype=torch.float32)
     skip = set(a.skip.split(","))
     references = {}
     for path in sorted(a.domains.glob("*.txt")):
@@ -83,7 +82,7 @@ def main(argv=None) -> None:
               else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})")
     layers = model.args.num_hidden_layers
     record = dict(title="LoRA distillation measured on kinds of text other than the training text",
-                  what=f"{Path(a.model).name}, {'fp32' if on_cpu else 'bf16'}, groups {[list(g) for g in cqil.groups]}"
+                  what=f"{Path(a.model).name}, fp32, groups {[list(g) for g in cqil.groups]}"
                        f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
                        f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
                        f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank 8, "

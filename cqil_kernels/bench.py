@@ -10,7 +10,10 @@ Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token 
 `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
 timed after the decode runs (the GPU is warmed up for a second before anything is timed). For the
 Triton variants the record also splits prefill into device time (the step queued behind a GPU sleep)
-and host time (enqueueing it): prefill_split_ms.
+and host time (enqueueing it): prefill_split_ms. Time to first token (ttft_ms) is what a user of
+generate waits for: the prompt in, the first greedy token on the host (our generate(ids, 1), which feeds
+the prompt in parts of generate's prefill_chunk with the last position's logits only; transformers'
+generate(ids, max_new_tokens=1)), wall clock, the median of max(repeats, 10) after one warm-up call.
 Achieved bandwidth counts every byte a decode step must read (all weights once, the KV cache so far) and
 is reported against a device-to-device copy measured in the same run.
 """
@@ -222,6 +225,20 @@ def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
             return
 
 
+def ttft_ms(first_token, repeats: int) -> float:
+    """Median wall-clock ms of first_token() (which ends with the token on the host) over `repeats`
+    calls after one warm-up call, the device idle before each."""
+    first_token()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        first_token()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
     from transformers import DynamicCache
 
@@ -283,20 +300,25 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
     for variant in variants:
         if variant == "hf-eager":
             prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
+            first = ttft_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                                do_sample=False, pad_token_id=0)[:, -1].cpu(), max(repeats, 10))
         else:
             model.backend = "torch" if variant == "torch" else "triton"
             model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
             prefill_ms, decode_ms = _time_ours(model, ids, new, repeats)
+            first = ttft_ms(lambda: model.generate(ids, 1)[:, -1].cpu(), max(repeats, 10))
         gbps = step_bytes / decode_ms / 1e6
-        results[variant] = dict(prefill_ms=round(prefill_ms, 4), decode_ms_per_token=round(decode_ms, 4),
-                                decode_gbps=round(gbps, 1), decode_pct_of_copy=round(100 * gbps / copy, 1))
+        results[variant] = dict(prefill_ms=round(prefill_ms, 4), ttft_ms=round(first, 4),
+                                decode_ms_per_token=round(decode_ms, 4), decode_gbps=round(gbps, 1),
+                                decode_pct_of_copy=round(100 * gbps / copy, 1))
         split = ""
         if variant.startswith("triton"):  # the prefill's device time and host time, apart
             parts = prefill_split_ms(model, ids, repeats, cache_len=prompt + new + 2)
             results[variant].update(prefill_device_ms=round(parts["device_ms"], 4),
                                     prefill_host_ms=round(parts["host_ms"], 4))
             split = f" (device {parts['device_ms']:.3f}, host {parts['host_ms']:.3f})"
-        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   decode {decode_ms:7.4f} ms/token   "
+        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
+              f"decode {decode_ms:7.4f} ms/token   "
               f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy)", flush=True)
     props = torch.cuda.get_device_properties(device)
     import triton

@@ -132,3 +132,27 @@ def test_every_result_is_a_record_the_table_script_draws(monkeypatch, capsys):
     with pytest.raises(ValueError, match="no commit"):
         tables.check(dict(title="t", what="w", columns=["a"], rows=[[1]], source="s", card="c", date="d",
                           command="x"), "bad.json")
+
+
+def test_ttft_times_the_first_token_of_both_generates():
+    """The two calls `cqil bench` times as time to first token run and give one token per row."""
+    from conftest import random_hf_model
+
+    from cqil_kernels import CQILLlama
+    from cqil_kernels.bench import ttft_ms
+
+    hf = random_hf_model(seed=3)
+    model = CQILLlama.from_pretrained(hf)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    seen = []
+
+    def ours():
+        seen.append(model.generate(ids, 1)[:, -1].cpu())
+
+    def theirs():
+        seen.append(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                                pad_token_id=0)[:, -1].cpu())
+
+    assert ttft_ms(ours, 3) > 0 and ttft_ms(theirs, 3) > 0
+    assert len(seen) == 8 and all(t.shape == (2,) for t in seen)
+    assert torch.equal(seen[0], seen[4])  # the same greedy token: the same model
