@@ -18,14 +18,13 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.bench import _commit
+from cqil_kernels.bench import _commit, card
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.quality import ReferenceRun, paired_bootstrap, read_token_ids
 
@@ -84,12 +83,10 @@ def main(argv=None) -> None:
                          round(100 * low, 2), round(100 * high, 2), round(100 * (high - low), 2)])
             print(f"mixed: {len(per_text) * w:>3} windows: {100 * point:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}]",
                   flush=True)
-    device = (torch.cuda.get_device_name() if model.device.type == "cuda"
-              else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})")
     record = dict(title=f"Perplexity increase of {a.groups} and its 90% interval, by windows",
                   what=f"{Path(a.model).name}, fp32, windows of {a.window} tokens spread over each text, paired "
                        f"bootstrap (2000 resamples, seed 0)",
-                  card=device, date=datetime.date.today().isoformat(), commit=commit,
+                  card=card(model.device), date=datetime.date.today().isoformat(), commit=commit,
                   command="python benchmarks/calibration_windows.py " + " ".join(sys.argv[1:]), source="this file",
                   columns=["text", "windows", "which", "increase %", "low %", "high %", "width (points)"], rows=rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)

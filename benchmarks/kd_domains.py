@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, corpus
-from cqil_kernels.bench import _commit
+from cqil_kernels.bench import _commit, card
 from cqil_kernels.finetune import finetune
 from cqil_kernels.quality import ReferenceRun, read_token_ids
 
@@ -78,8 +77,6 @@ def main(argv=None) -> None:
         rows.append([kind, before[kind]["increase_pct"], before[kind]["ci_pct"], after["increase_pct"],
                      after["ci_pct"], before[kind]["agreement"], after["agreement"], before[kind]["kl"],
                      after["kl"]])
-    device = (torch.cuda.get_device_name() if model.device.type == "cuda"
-              else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})")
     layers = model.args.num_hidden_layers
     record = dict(title="LoRA distillation measured on kinds of text other than the training text",
                   what=f"{Path(a.model).name}, fp32, groups {[list(g) for g in cqil.groups]}"
@@ -88,7 +85,7 @@ def main(argv=None) -> None:
                        f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank 8, "
                        f"lr 1e-3 cosine; each kind: {a.windows} windows of {a.window} spread over it, 90% "
                        f"paired-bootstrap intervals over windows",
-                  card=device, date=datetime.date.today().isoformat(), commit=commit,
+                  card=card(model.device), date=datetime.date.today().isoformat(), commit=commit,
                   command="python benchmarks/kd_domains.py " + " ".join(sys.argv[1:]), source="this file",
                   train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
                   columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",

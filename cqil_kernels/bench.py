@@ -257,6 +257,13 @@ def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
     return prefill_ms, statistics.median(times[1:])
 
 
+def card(device: torch.device) -> str:
+    """What a record names as the machine: the GPU's name, or the CPU with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
+
+
 def _commit() -> str:
     if envs.get("CQIL_COMMIT"):
         return envs.get("CQIL_COMMIT")
