@@ -12,16 +12,14 @@ text in windows of the same size, with its 90% interval; the goal of issue 25 is
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, corpus
-from cqil_kernels.bench import _commit, card
+from cqil_kernels.bench import _commit, write_record
 from cqil_kernels.quality import ReferenceRun, find_quasi_independent_layers, read_token_ids
 
 
@@ -64,18 +62,14 @@ def main(argv=None) -> None:
                          round(100 * h_high, 2), "yes" if h_point <= 1.5 * budget else "no", round(seconds)])
             print(f"  {name}: {100 * h_point:+.2f}% [{100 * h_low:+.2f}, {100 * h_high:+.2f}] "
                   f"(goal <= {150 * budget:g}%)", flush=True)
-    record = dict(title="Groupings chosen on the shipped corpus, measured on a kind of text it does not have",
-                  what=f"{Path(a.model).name}, {'fp32' if on_cpu else 'bf16'}, groups of {a.parallel}, corpus of "
-                       f"{calib.numel()} tokens in windows of {a.window}, search as cqil calibrate (beam 6, "
-                       f"confidence 0.90, seed 0); held-out text in windows of {a.window}",
-                  card=card(model.device), date=datetime.date.today().isoformat(), commit=commit,
-                  command="python benchmarks/calibration_held_out.py " + " ".join(sys.argv[1:]), source="this file",
-                  columns=["budget", "groups", "layers saved", "corpus increase %", "corpus upper %", "held out",
-                           "held-out increase %", "low %", "high %", "within 1.5 budget", "search s"],
-                  rows=rows)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_record(a.out, device=model.device, commit=commit,
+                 title="Groupings chosen on the shipped corpus, measured on a kind of text it does not have",
+                 what=f"{Path(a.model).name}, {'fp32' if on_cpu else 'bf16'}, groups of {a.parallel}, corpus of "
+                      f"{calib.numel()} tokens in windows of {a.window}, search as cqil calibrate (beam 6, "
+                      f"confidence 0.90, seed 0); held-out text in windows of {a.window}",
+                 columns=["budget", "groups", "layers saved", "corpus increase %", "corpus upper %", "held out",
+                          "held-out increase %", "low %", "high %", "within 1.5 budget", "search s"],
+                 rows=rows)
 
 
 if __name__ == "__main__":

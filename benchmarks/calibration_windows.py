@@ -15,16 +15,13 @@ date, commit, command, rows).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.bench import _commit, card
+from cqil_kernels.bench import _commit, write_record
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.quality import ReferenceRun, paired_bootstrap, read_token_ids
 
@@ -83,15 +80,11 @@ def main(argv=None) -> None:
                          round(100 * low, 2), round(100 * high, 2), round(100 * (high - low), 2)])
             print(f"mixed: {len(per_text) * w:>3} windows: {100 * point:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}]",
                   flush=True)
-    record = dict(title=f"Perplexity increase of {a.groups} and its 90% interval, by windows",
-                  what=f"{Path(a.model).name}, fp32, windows of {a.window} tokens spread over each text, paired "
-                       f"bootstrap (2000 resamples, seed 0)",
-                  card=card(model.device), date=datetime.date.today().isoformat(), commit=commit,
-                  command="python benchmarks/calibration_windows.py " + " ".join(sys.argv[1:]), source="this file",
-                  columns=["text", "windows", "which", "increase %", "low %", "high %", "width (points)"], rows=rows)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_record(a.out, device=model.device, commit=commit,
+                 title=f"Perplexity increase of {a.groups} and its 90% interval, by windows",
+                 what=f"{Path(a.model).name}, fp32, windows of {a.window} tokens spread over each text, paired "
+                      f"bootstrap (2000 resamples, seed 0)",
+                 columns=["text", "windows", "which", "increase %", "low %", "high %", "width (points)"], rows=rows)
 
 
 if __name__ == "__main__":

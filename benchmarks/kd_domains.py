@@ -15,16 +15,13 @@ Writes a record (card, date, commit, command, rows).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, corpus
-from cqil_kernels.bench import _commit, card
+from cqil_kernels.bench import _commit, write_record
 from cqil_kernels.finetune import finetune
 from cqil_kernels.quality import ReferenceRun, read_token_ids
 
@@ -78,22 +75,18 @@ def main(argv=None) -> None:
                      after["ci_pct"], before[kind]["agreement"], after["agreement"], before[kind]["kl"],
                      after["kl"]])
     layers = model.args.num_hidden_layers
-    record = dict(title="LoRA distillation measured on kinds of text other than the training text",
-                  what=f"{Path(a.model).name}, fp32, groups {[list(g) for g in cqil.groups]}"
-                       f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
-                       f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
-                       f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank 8, "
-                       f"lr 1e-3 cosine; each kind: {a.windows} windows of {a.window} spread over it, 90% "
-                       f"paired-bootstrap intervals over windows",
-                  card=card(model.device), date=datetime.date.today().isoformat(), commit=commit,
-                  command="python benchmarks/kd_domains.py " + " ".join(sys.argv[1:]), source="this file",
-                  train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
-                  columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
-                           "agreement before", "agreement after", "KL before", "KL after"],
-                  rows=rows)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    write_record(a.out, device=model.device, commit=commit,
+                 title="LoRA distillation measured on kinds of text other than the training text",
+                 what=f"{Path(a.model).name}, fp32, groups {[list(g) for g in cqil.groups]}"
+                      f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
+                      f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
+                      f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank 8, "
+                      f"lr 1e-3 cosine; each kind: {a.windows} windows of {a.window} spread over it, 90% "
+                      f"paired-bootstrap intervals over windows",
+                 train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
+                 columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
+                          "agreement before", "agreement after", "KL before", "KL after"],
+                 rows=rows)
 
 
 if __name__ == "__main__":

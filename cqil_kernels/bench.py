@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -262,6 +263,18 @@ def card(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
+
+
+def write_record(out: str | os.PathLike, *, device: torch.device, commit: str, title: str, what: str,
+                 **fields) -> None:
+    """Write a benchmark script's record as JSON: title and what it measured, the machine, the date, the
+    commit (taken when the script started) and the command line that ran it, then its own fields."""
+    out = Path(out)
+    record = dict(title=title, what=what, card=card(device), date=datetime.date.today().isoformat(),
+                  commit=commit, command="python " + " ".join(sys.argv), source=Path(sys.argv[0]).name, **fields)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def _commit() -> str:
