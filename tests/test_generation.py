@@ -221,7 +221,7 @@ def test_a_prompt_fed_in_parts_continues_as_in_one_forward(cqil):
         whole_cache = model.new_cache(3, 16)
         whole = prefill(model, ids, mask, whole_cache, None)
         expected = model.generate(ids, 8, attention_mask=mask, prefill_chunk=None)
-        for chunk in (1, 3, 5, 12, 13, 100):
+        for chunk in (1, 5, 12, 100):  # parts of padding only (row 2), a last part of one token, one part
             cache = model.new_cache(3, 16)
             got = prefill(model, ids, mask, cache, chunk)
             assert_kernel_close(got, whole, truth, terms=model.args.hidden_size)
