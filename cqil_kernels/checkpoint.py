@@ -166,7 +166,6 @@ def read_args(src) -> LlamaArgs:
     path = Path(src)
     if path.is_dir():
         return _hf_dir_args(path)
-    path = regular_file(path, "GGUF file")
     return _gguf_reader_args(_gguf_reader(path), path)
 
 
@@ -183,7 +182,7 @@ def _load(build, src, cqil, device, dtype, progress: bool, copy: bool, take=None
     if path.is_dir():
         return _load_hf_dir(build, path, cqil, device, dtype, progress, take)
     if path.suffix == ".gguf":
-        return _load_gguf(build, regular_file(path, "GGUF file"), cqil, device, dtype, progress, take)
+        return _load_gguf(build, path, cqil, device, dtype, progress, take)
     raise ValueError(f"{path}: expected a checkpoint directory (config.json + weights) or a .gguf file")
 
 
@@ -440,6 +439,8 @@ def _gguf_args(meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int,
 
 
 def _gguf_reader(path: Path):
+    """A GGUFReader of a regular file (gguf would block on a FIFO); ValueError naming a file it cannot read."""
+    path = regular_file(path, "GGUF file")
     try:
         from gguf import GGUFReader
     except ImportError:
