@@ -164,10 +164,13 @@ def advance(cache, valid: torch.Tensor | None, T: int) -> torch.Tensor:
     return cache_advance(valid, cache.key_valid, cache.n_tokens, cache.position, cache.start, T)
 
 
-def last_rows(h: torch.Tensor, shape: torch.Size, keep: int) -> torch.Tensor:
-    """h [B*T, D] -> the rows of each sequence's last `keep` positions [B*keep, D]."""
+def last_logits(model, h: torch.Tensor, shape: torch.Size, keep: int) -> torch.Tensor:
+    """The end of a step: h [B*T, D] (shape: (B, T)) -> the logits [B, keep, V] of each sequence's last
+    `keep` positions."""
     B, T = shape
-    return h if keep == T else h.view(B, T, -1)[:, T - keep:].reshape(B * keep, -1)
+    if keep < T:
+        h = h.view(B, T, -1)[:, T - keep:].reshape(B * keep, -1)
+    return head(model, h).view(B, keep, -1)
 
 
 def head(model, h: torch.Tensor) -> torch.Tensor:
@@ -199,7 +202,7 @@ class TritonRunner:
                              bypass_mode=cqil.bypass_mode)
 
     def end(self, h, state, keep) -> torch.Tensor:
-        return head(self.model, last_rows(h, state[0].shape, keep)).view(state[0].shape[0], keep, -1)
+        return last_logits(self.model, h, state[0].shape, keep)
 
 
 def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,

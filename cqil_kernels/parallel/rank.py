@@ -456,9 +456,9 @@ class _RankTritonRunner:
         return h
 
     def end(self, h, state, keep):
-        from ..fused import head, last_rows
+        from ..fused import last_logits
 
-        return head(self.model, last_rows(h, state[0].shape, keep)).view(state[0].shape[0], keep, -1)
+        return last_logits(self.model, h, state[0].shape, keep)
 
     @staticmethod
     def _split(h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> _Halves:
