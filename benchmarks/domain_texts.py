@@ -21,15 +21,18 @@ legal and conversation are kinds of text that no corpus of ours has.
 from __future__ import annotations
 
 import argparse
-import gzip
 import re
-import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 from python_docs_text import plain_text
 
-TEXTS = Path(__file__).resolve().parents[1] / "cqil_kernels" / "texts"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))  # the shipped corpus's builder reads the same sources
+from build_calibration_corpus import lexicon as jargon_prose, narrative, paragraphs  # noqa: E402
+
+TEXTS = ROOT / "cqil_kernels" / "texts"
 DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 STDLIB = Path("/usr/lib/python3.11")
 MODULES = ["argparse", "csv", "dataclasses", "functools", "json/decoder", "json/encoder", "pprint", "random",
@@ -39,27 +42,13 @@ BOOKS = ["Exodus 1:1-14:31", "Joshua 1:1-6:27", "Judges 13:1-16:31", "1Kings 17:
 LICENCES = ["GPL-3", "LGPL-3", "Apache-2.0", "MPL-2.0"]
 
 
-def paragraphs(text: str) -> list[str]:
-    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
-
-
 def lexicon() -> str:
-    shipped = set(paragraphs((TEXTS / "lexicon.txt").read_text()))
-    text = gzip.decompress(Path("/usr/share/doc/jargon-text/jargon.txt.gz").read_bytes()).decode("utf-8")
-    return "\n\n".join(p for p in paragraphs(text) if len(p) > 200 and p not in shipped) + "\n"
+    shipped = set(paragraphs((TEXTS / "lexicon.txt").read_text(), True))
+    return "\n\n".join(p for p in jargon_prose() if p not in shipped) + "\n"
 
 
 def literary() -> str:
-    chapters = []
-    for ref in BOOKS:
-        out = subprocess.run(["bible", "-f", ref], check=True, capture_output=True, text=True).stdout
-        verses: dict[str, list[str]] = {}
-        for line in out.splitlines():
-            m = re.match(r"^(\S+?)(\d+):(\d+) (.*)$", line)
-            if m:
-                verses.setdefault(m.group(2), []).append(m.group(4).strip())
-        chapters += [" ".join(v) for v in verses.values()]
-    return "\n\n".join(chapters) + "\n"
+    return "\n\n".join(narrative(BOOKS)) + "\n"
 
 
 def code() -> str:

@@ -72,9 +72,10 @@ def lexicon() -> list[str]:
     return [p for p in paragraphs(text, True) if len(p) > 200]
 
 
-def narrative() -> list[str]:
+def narrative(books: list[str] = BOOKS) -> list[str]:
+    """A paragraph per chapter of the passages `books` (bible-kjv references), verse numbers left out."""
     paras = []
-    for ref in BOOKS:
+    for ref in books:
         out = subprocess.run(["bible", "-f", ref], check=True, capture_output=True, text=True).stdout
         chapter, verses = None, []
         for line in out.splitlines():
