@@ -6,6 +6,8 @@
 #   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
+#   prefill     benchmarks/prefill_rows.py per PREFILL_SHAPES (default smollm2-135m llama-7b) and PREFILL_ROWS
+#               (default "64 256 512 1024 4096"): wall (graph-replayed), eager, device and host ms per length
 #   quality     cqil calibrate + cqil eval of SmolLM2 on the shipped corpus on CUDA, timed (CQIL_SMOLLM2_GGUF=<gguf>)
 #   kd          benchmarks/kd_domains.py on CUDA: KD_DOMAINS=<dir from benchmarks/domain_texts.py>, KD_GROUPS,
 #               KD_TRAIN (corpus or a file), KD_ARGS
@@ -132,6 +134,13 @@ for stage in $stages; do
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
       --train ${KD_TRAIN:-corpus} --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
+  prefill)
+    for shape in ${PREFILL_SHAPES:-smollm2-135m llama-7b}; do
+      rows=""; for T in ${PREFILL_ROWS:-64 256 512 1024 4096}; do rows="$rows --rows $T"; done
+      timeout ${PREFILL_TIMEOUT:-240} python3 benchmarks/prefill_rows.py --shape $shape $rows --variant base: \
+        --rounds ${ROUNDS:-1} --repeats ${REPEATS:-5} --out "$OUT/prefill_rows_$shape.json" 2>&1 \
+        | grep -v "^ \|^{\|^}" | tee -a "$OUT/prefill.log"
+    done ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;

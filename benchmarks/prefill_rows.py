@@ -1,12 +1,13 @@
-"""Where the Triton backend's prefill time goes, per prompt length: eager (host and device together, as
-a user's `model(ids, cache=...)` runs) and device only (the step queued behind a GPU sleep, so the host's
-launch time is hidden). For each variant of the environment (as in ab_decode.py), sequential and with
+"""Where the Triton backend's prefill time goes, per prompt length: wall (host and device together, as a
+user's `model(ids, cache=...)` runs: on CUDA replayed from the length bucket's CUDA graph), eager (the same
+with the prefill graphs off) and device only (the step queued behind a GPU sleep, so the host's launch
+time is hidden). For each variant of the environment (as in ab_decode.py), sequential and with
 the shape's CQIL groups. This is the measurement behind fused.use_blas' default rule.
 
     python benchmarks/prefill_rows.py --shape llama-7b --rows 16 --rows 64 --rows 512 \\
         --variant kernels:CQIL_PREFILL_BLAS_ROWS=0 --variant blas:CQIL_PREFILL_BLAS_ROWS=1 --out rows.json
 
-Eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device: the step queued
+Wall, eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device: the step queued
 behind a GPU sleep). Variants and groupings alternate, order reversed every other round.
 """
 
@@ -54,8 +55,9 @@ def main(argv=None) -> None:
                     with settings(env):
                         t = prefill_split_ms(model, ids[:, :T], a.repeats)
                     results.setdefault(f"{name}-{kind}@{T}", []).append(t)
-                    print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: eager {t['eager_ms']:8.3f}  "
-                          f"device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f} ms", flush=True)
+                    print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: wall {t['wall_ms']:8.3f}  "
+                          f"eager {t['eager_ms']:8.3f}  device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f}  "
+                          f"graph host {t['graph_host_ms']:8.3f} ms", flush=True)
     summary = {k: {m: statistics.median(t[m] for t in v) for m in v[0]} for k, v in results.items()}
     print(json.dumps(summary, indent=1))
     if a.out:

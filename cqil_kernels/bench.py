@@ -8,9 +8,10 @@ Variants (same random weights, same dtype, same prompt):
 Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token prefill, argmax included
 (ours: fused.greedy, one Triton launch; HF: torch.argmax, as HF users run it), median of
 `repeats` runs; prefill is the median of max(repeats, 10) prompt forwards into a fresh cache,
-timed after the decode runs (the GPU is warmed up for a second before anything is timed). For the
-Triton variants the record also splits prefill into device time (the step queued behind a GPU sleep)
-and host time (enqueueing it): prefill_split_ms. Time to first token (ttft_ms) is what a user of
+timed after the decode runs (the GPU is warmed up for a second before anything is timed); on CUDA our
+Triton variants replay the prompt's length bucket from a CUDA graph (graphs.py). For them the record
+also gives the prefill with the graphs off (prefill_eager_ms), its device time (the step queued behind
+a GPU sleep) and the host's time to enqueue each form: prefill_split_ms. Time to first token (ttft_ms) is what a user of
 generate waits for: the prompt in, the first greedy token on the host (our generate(ids, 1), which feeds
 the prompt in parts of generate's prefill_chunk with the last position's logits only; transformers'
 generate(ids, max_new_tokens=1)), wall clock, the median of max(repeats, 10) after one warm-up call.
@@ -180,34 +181,47 @@ SLEEP_CYCLES = 400_000_000  # ~0.2 s of GPU sleep at H100 clocks: longer than an
 
 def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | None = None) -> dict[str, float]:
     """Where a Triton-backend prefill's time goes: median over `repeats` of
-    * eager_ms: CUDA events around new_cache + forward, as a user runs it (the forward's input check
-      syncs once, so the GPU waits for the host's launches);
+    * wall_ms: CUDA events around new_cache + forward, as a user runs it (on CUDA the prompt's bucket
+      replayed from a CUDA graph, graphs.py; the forward's input check syncs once, so the GPU waits for
+      the host's launches);
+    * eager_ms: the same with the prefill graphs off (every kernel launched from Python);
     * device_ms: the same step (fused.step, which reads no device value on the host) enqueued behind a
       GPU sleep, so the host's launch time is hidden;
-    * host_ms: wall time to enqueue the eager forward."""
+    * host_ms / graph_host_ms: wall time to enqueue the eager / the graph-replayed forward."""
     from . import fused
 
     B, T = ids.shape
     cache_len = cache_len or T
-    eager, device, host = [], [], []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        model(ids, cache=model.new_cache(B, cache_len))
-        host.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        end.synchronize()
-        eager.append(start.elapsed_time(end))
-        cache = model.new_cache(B, cache_len)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        fused.step(model, ids, None, cache)
-        end.record()
-        end.synchronize()
-        device.append(start.elapsed_time(end))
-    return dict(eager_ms=statistics.median(eager), device_ms=statistics.median(device),
-                host_ms=statistics.median(host))
+    backend = model.accelerator
+    times: dict[str, list[float]] = {key: [] for key in ("wall_ms", "eager_ms", "device_ms", "host_ms",
+                                                           "graph_host_ms")}
+    for graphs in (True, False):
+        backend.prefill_graphs = graphs
+        for _ in range(2):  # the bucket's first forward runs eagerly, its second captures the graph
+            model(ids, cache=model.new_cache(B, cache_len))
+    try:
+        for _ in range(repeats):
+            for graphs, wall, host in ((True, "wall_ms", "graph_host_ms"), (False, "eager_ms", "host_ms")):
+                backend.prefill_graphs = graphs
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                start.record()
+                model(ids, cache=model.new_cache(B, cache_len))
+                times[host].append((time.perf_counter() - t0) * 1e3)
+                end.record()
+                end.synchronize()
+                times[wall].append(start.elapsed_time(end))
+            cache = model.new_cache(B, cache_len)
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fused.step(model, ids, None, cache)
+            end.record()
+            end.synchronize()
+            times["device_ms"].append(start.elapsed_time(end))
+    finally:
+        backend.prefill_graphs = True
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
@@ -332,11 +346,14 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
                                 decode_ms_per_token=round(decode_ms, 4), decode_gbps=round(gbps, 1),
                                 decode_pct_of_copy=round(100 * gbps / copy, 1))
         split = ""
-        if variant.startswith("triton"):  # the prefill's device time and host time, apart
+        if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
             parts = prefill_split_ms(model, ids, repeats, cache_len=prompt + new + 2)
-            results[variant].update(prefill_device_ms=round(parts["device_ms"], 4),
-                                    prefill_host_ms=round(parts["host_ms"], 4))
-            split = f" (device {parts['device_ms']:.3f}, host {parts['host_ms']:.3f})"
+            results[variant].update(prefill_eager_ms=round(parts["eager_ms"], 4),
+                                    prefill_device_ms=round(parts["device_ms"], 4),
+                                    prefill_host_ms=round(parts["host_ms"], 4),
+                                    prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
+            split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
+                     f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
         print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
               f"decode {decode_ms:7.4f} ms/token   "
               f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy)", flush=True)

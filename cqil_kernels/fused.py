@@ -19,18 +19,21 @@ silu_mul, sum_parts) as one launch each around them. Around the stages: one cach
 cache's bookkeeping) before, and the final RMSNorm + lm_head after (in decode one group_linear with the
 norm in its prologue).
 
-The step never reads a device value on the host (the cache position lives on the device), so the whole
-decode step is captured in a CUDA graph by GraphDecoder and replayed per token. docs/performance.md holds
-the measurements behind each choice.
+The step never reads a device value on the host (the cache position lives on the device), so on CUDA a
+decode step and a prompt's forward are captured in CUDA graphs and replayed (graphs.py: GraphDecoder, per
+token; PrefillGraphs, per prompt-length bucket). docs/performance.md holds the measurements behind each
+choice.
 """
 
 from __future__ import annotations
+
 
 import functools
 
 import torch
 
 from . import envs
+from .graphs import GraphDecoder, PrefillGraphs
 from .model import KVCache, forward_step, rms_norm
 from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 from .ops.argmax import row_argmax
@@ -205,6 +208,29 @@ class TritonRunner:
         return last_logits(self.model, h, state[0].shape, keep)
 
 
+class PaddedRunner(TritonRunner):
+    """TritonRunner over a prompt padded on the right whose true length only the device knows: the logits
+    of the rows `rows` (device indices into the B*T rows, [B*k]), or of every row when rows is None."""
+
+    def __init__(self, model, rows: torch.Tensor | None):
+        super().__init__(model)
+        self.rows = rows
+
+    def end(self, h, state, keep) -> torch.Tensor:
+        B, T = state[0].shape
+        if self.rows is None:
+            return last_logits(self.model, h, (B, T), T)
+        logits = head(self.model, h.index_select(0, self.rows))
+        return logits.view(B, -1, logits.shape[-1])
+
+
+def padded_step(model, input_ids: torch.Tensor, valid: torch.Tensor, cache: KVCache,
+                rows: torch.Tensor | None) -> torch.Tensor:
+    """`step` for graphs.PrefillGraphs: input_ids [B, T] padded on the right (valid: False there) into
+    `cache`; the logits of the rows `rows` [B*k] as [B, k, V] (None: of all B*T rows). Capturable."""
+    return forward_step(PaddedRunner(model, rows), model.stages, input_ids, valid, cache)
+
+
 def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,
          logits_to_keep: int = 0) -> torch.Tensor:
     """Append input_ids [B, T] (valid: [B, T] bool, None = all real tokens) to the cache and return the
@@ -215,12 +241,14 @@ def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCa
 
 class TritonBackend:
     """model.Backend on the fused kernels: CUDA (or CPU tensors under TRITON_INTERPRET=1), fp32/fp16/bf16,
-    no live LoRA adapters. cuda_graphs: decode steps replay a captured CUDA graph (GraphDecoder)."""
+    no live LoRA adapters. On CUDA, graphs.py's captured graphs: cuda_graphs turns them all off or on;
+    prefill_graphs those of prompts alone (decode steps replay a graph while cuda_graphs is on)."""
 
     name = "triton"
 
-    def __init__(self, cuda_graphs: bool = True):
-        self.cuda_graphs = cuda_graphs
+    def __init__(self, cuda_graphs: bool = True, prefill_graphs: bool = True):
+        self.cuda_graphs, self.prefill_graphs = cuda_graphs, prefill_graphs
+        self.graphs = None  # graphs.PrefillGraphs, made at the first prompt that one serves
 
     def unavailable_reason(self, model) -> str | None:
         reason = triton_unavailable_reason(model.device)
@@ -234,13 +262,22 @@ class TritonBackend:
 
     def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
                 logits_to_keep: int = 0) -> torch.Tensor:
+        if self.cuda_graphs and self.prefill_graphs and model.device.type == "cuda" \
+                and PrefillGraphs.serves(input_ids, cache):
+            return self.prefill_graphs_of(model)(model, input_ids, valid, cache, logits_to_keep)
         if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
             cache = model.new_cache(*input_ids.shape)
         return step(model, input_ids, valid, cache, logits_to_keep)
 
+    def prefill_graphs_of(self, model):
+        """The model's graphs.PrefillGraphs (made on first use)."""
+        if self.graphs is None or self.graphs.model() is not model:
+            self.graphs = PrefillGraphs(model, padded_step)
+        return self.graphs
+
     def decoder(self, model, cache):
         if self.cuda_graphs and model.device.type == "cuda":
-            return GraphDecoder(model, cache)
+            return GraphDecoder(model, cache, functools.partial(step, model), pool=self.prefill_graphs_of(model).pool)
         return None
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
@@ -256,51 +293,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def attach(model, cuda_graphs: bool = True) -> TritonBackend:
+def attach(model, cuda_graphs: bool = True, prefill_graphs: bool = True) -> TritonBackend:
     """Attach the fused backend to `model` (a model.CQILTransformer): with backend "auto" it then runs
-    on CUDA, with "triton" wherever Triton can run. Returns the backend (its `cuda_graphs` switch)."""
-    model.accelerator = TritonBackend(cuda_graphs)
+    on CUDA, with "triton" wherever Triton can run. Returns the backend (its `cuda_graphs` and
+    `prefill_graphs` switches)."""
+    model.accelerator = TritonBackend(cuda_graphs, prefill_graphs)
     return model.accelerator
-
-
-class GraphDecoder:
-    """One decode step (a token per row) as a captured CUDA graph, bound to one KV cache.
-
-    The first call runs eagerly on a side stream (compiles and autotunes the kernels for this batch);
-    the second captures the step and replays it; every later call only copies the new tokens in and
-    replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
-    next call. step_fn(tokens, valid, cache) is the function captured (default: `step` above for this
-    model; a rank of a multi-GPU run passes its own, reductions included).
-    """
-
-    def __init__(self, model, cache, step_fn=None):
-        if cache.stages != model.stages:
-            raise ValueError("this KV cache was made for another CQIL grouping")
-        self.model, self.cache = model, cache
-        self.step_fn = step_fn if step_fn is not None else functools.partial(step, model)
-        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.warm = False
-
-    def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
-        if cache.length + 1 > cache.max_seq:
-            raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
-        self.tokens.copy_(next_tokens.view(cache.batch, 1))
-        if not self.warm:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self.step_fn(self.tokens, None, cache)
-            torch.cuda.current_stream().wait_stream(side)
-            self.warm = True
-            cache.length += 1
-            return logits[:, -1]
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step_fn(self.tokens, None, cache)[:, -1]
-        self.graph.replay()
-        cache.length += 1
-        return self.logits

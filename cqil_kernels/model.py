@@ -199,6 +199,12 @@ class KVCache:
         k, v = torch.zeros((2, sum(sizes)), device=device, dtype=dtype)
         self.k = [part.view(shape) for part, shape in zip(k.split(sizes), shapes)]
         self.v = [part.view(shape) for part, shape in zip(v.split(sizes), shapes)]
+        # every layer's keys (values) as one [layers, B, Hkv, S_max, Dh] view where the stages cache the
+        # same heads (copy_prompt's one copy for all layers); None on a rank that caches shards of them
+        uniform = len(set(kv_heads)) <= 1
+        n_layers = sum(len(s) for s in stages)
+        self.k_layers = k.view(n_layers, batch, kv_heads[0], max_seq, args.head_dim) if uniform and stages else None
+        self.v_layers = v.view(n_layers, batch, kv_heads[0], max_seq, args.head_dim) if uniform and stages else None
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
@@ -208,6 +214,25 @@ class KVCache:
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
         return self.k[stage][j], self.v[stage][j]
+
+    def copy_prompt(self, src: KVCache, length: int) -> None:
+        """Take the first `length` positions of every layer and their bookkeeping from `src`, a cache of the
+        same layout and batch (any max_seq) that was filled from position 0: this cache must be empty. The
+        prefill graphs (graphs.py) run a prompt into a cache of their own and hand it over this way. The
+        host-side `length` is left to the caller, as after a forward step."""
+        if self.length != 0:
+            raise ValueError(f"copy_prompt fills an empty cache; this one holds {self.length} positions")
+        if (src.stages != self.stages or src.batch != self.batch or self.k_layers is None or src.k_layers is None
+                or src.k_layers.shape[::2] != self.k_layers.shape[::2] or src.k_layers.dtype != self.k_layers.dtype
+                or src.k_layers.device != self.k_layers.device):
+            raise ValueError("copy_prompt needs a cache of the same stages, batch, heads and dtype")
+        if not 0 < length <= min(src.max_seq, self.max_seq):
+            raise ValueError(f"length must be in [1, {min(src.max_seq, self.max_seq)}], got {length}")
+        self.k_layers[..., :length, :].copy_(src.k_layers[..., :length, :])
+        self.v_layers[..., :length, :].copy_(src.v_layers[..., :length, :])
+        self.key_valid[:, :length].copy_(src.key_valid[:, :length])
+        self.n_tokens.copy_(src.n_tokens)
+        self.position.fill_(length)
 
 
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:

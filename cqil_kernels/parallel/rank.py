@@ -380,7 +380,7 @@ class RankModel:
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
         reductions captured in it) where decodes_in_a_graph(), else an eager forward."""
         if self.decodes_in_a_graph():
-            from ..fused import GraphDecoder
+            from ..graphs import GraphDecoder
 
             return GraphDecoder(self, cache, step_fn=self._triton_step)
         return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]

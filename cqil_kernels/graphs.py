@@ -1,0 +1,223 @@
+"""CUDA graphs of the fused backend (fused.py): a decode step per token (GraphDecoder) and a prompt's
+forward per length bucket (PrefillGraphs).
+
+A step of the fused backend is about seven launches per stage; enqueueing them costs the host ~40 us each,
+far more than the GPU needs for a small model (SmolLM2-135M, 512-token prompt on the H200: 27.6 ms wall,
+1.7 ms on the device). A captured graph replays every launch of the step in one call.
+
+Prefill graphs, as serving engines do it:
+* A prompt of T tokens is padded on the right to its bucket (`bucket(T)`: a multiple of 16 up to 64, then
+  eight buckets per octave, at most 12.5% padding) and runs into a KV cache of the graph's own (the
+  scratch, bucket positions long). The padding's keys come after every real token, so causal attention
+  never lets a real token see them; its rows are marked invalid, so the cache's bookkeeping counts only
+  the T real tokens. The logits are taken at the true length (their rows picked on the device from the
+  length copied in before the replay), then the first T positions of every layer are copied into the
+  caller's cache (KVCache.copy_prompt). A graph therefore serves any cache, as long as it is empty: a
+  prompt after a cached prefix (and generate's second and later chunks of a long prompt, whose device
+  time hides the host's anyway) runs eagerly.
+* The first prompt of a bucket runs the padded step eagerly (it compiles and autotunes the kernels for that
+  shape); the second captures it; later ones replay it. At most `limit` graphs are kept per model, the
+  least recently used dropped first; all of them (and the model's decode graphs) draw on one memory pool.
+  Sharing the pool is safe because every graph's outputs are read right after its own replay (the
+  returned logits are copies), and the graphs replay one at a time on one stream.
+* A graph holds the packed weights it was captured with: a regrouping, a repack or moved weights drop
+  every graph (`PrefillGraphs.current`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import weakref
+
+import torch
+
+from .model import KVCache
+
+# The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
+# eagerly, where the device time of each part dwarfs the host's launch time.
+MAX_BUCKET = 4096
+
+# Graphs kept per model (each holds a KV scratch of its bucket and its share of the memory pool).
+MAX_GRAPHS = 8
+
+
+def bucket(T: int) -> int:
+    """The length a prompt of T tokens is padded to: a multiple of 16 up to 64, then of 2**(k-3) for T in
+    [2**k, 2**(k+1)): eight buckets per octave, so the padding is under 12.5% of T."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"a prompt length must be an int >= 1, got {T!r}")
+    unit = 16 if T <= 64 else 1 << (T.bit_length() - 4)
+    return -(-T // unit) * unit
+
+
+class GraphDecoder:
+    """One decode step (a token per row) as a captured CUDA graph, bound to one KV cache.
+
+    The first call runs eagerly on a side stream (compiles and autotunes the kernels for this batch);
+    the second captures the step and replays it; every later call only copies the new tokens in and
+    replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
+    next call. step_fn(tokens, valid, cache) is the function captured (the fused backend's step for this
+    model; a rank of a multi-GPU run passes its own, reductions included). pool: a CUDA graph memory pool
+    to capture into (the model's prefill graphs' pool), default a pool of its own.
+    """
+
+    def __init__(self, model, cache, step_fn, pool=None):
+        if cache.stages != model.stages:
+            raise ValueError("this KV cache was made for another CQIL grouping")
+        self.model, self.cache, self.pool = model, cache, pool
+        self.step_fn = step_fn
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.warm = False
+
+    def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if cache.length + 1 > cache.max_seq:
+            raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
+        self.tokens.copy_(next_tokens.view(cache.batch, 1))
+        if not self.warm:
+            logits = _on_side_stream(lambda: self.step_fn(self.tokens, None, cache))
+            self.warm = True
+            cache.length += 1
+            return logits[:, -1]
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.logits = self.step_fn(self.tokens, None, cache)[:, -1]
+        self.graph.replay()
+        cache.length += 1
+        return self.logits
+
+
+def _on_side_stream(fn):
+    """fn() on a side stream that waits for the current one and is waited for: the eager run before a
+    capture, as torch.cuda.graphs recommends."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+class _Bucket:
+    """A [batch, length] padded prompt forward: its input buffers, its KV scratch, and once captured its
+    graph. keep: the logits of the last `keep` real positions of each row (0: of every position)."""
+
+    def __init__(self, model, batch: int, length: int, keep: int):
+        device = model.device
+        self.batch, self.length, self.keep = batch, length, keep
+        self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)  # the prompt's mask in [:T]
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # T, the true length
+        self.columns = torch.arange(length, device=device)
+        # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
+        self.base = (torch.arange(batch, device=device)[:, None] * length
+                     + torch.arange(keep, device=device)[None] - keep).view(-1)
+        self.scratch = KVCache(model.args, model.stages, batch, length, device, model.dtype)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.runs = 0
+
+    def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
+        T = input_ids.shape[1]
+        self.ids[:, :T].copy_(input_ids)
+        if valid is None:
+            self.mask[:, :T].fill_(True)
+        else:
+            self.mask[:, :T].copy_(valid)
+        self.count.fill_(T)
+
+    def forward(self, step_fn) -> torch.Tensor:
+        """The padded step into the scratch (reads the length on the device only: capturable)."""
+        scratch = self.scratch
+        scratch.n_tokens.zero_()
+        scratch.position.zero_()
+        valid = self.mask & (self.columns < self.count)
+        return step_fn(self.ids, valid, scratch, self.base + self.count if self.keep else None)
+
+    def run(self, step_fn, capture: bool, pool) -> torch.Tensor:
+        """Eagerly the first time; captured the second (where capture); replayed after."""
+        self.runs += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not capture or self.runs == 1:
+            return _on_side_stream(lambda: self.forward(step_fn)) if capture else self.forward(step_fn)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self.forward(step_fn)
+        self.graph.replay()
+        return self.logits
+
+
+class PrefillGraphs:
+    """A model's prompt forwards by length bucket (see the module docstring). step_fn(model, ids, valid,
+    cache, rows) is the step captured: ids [B, Tb] padded on the right (valid False in the padding) into
+    `cache`, returning the logits of the step's rows `rows` (device indices into its B * Tb rows, [B * k])
+    as [B, k, V], or of every row when rows is None (the fused backend's: fused.padded_step). capture:
+    replay CUDA graphs (CUDA only); without, the same padded step runs eagerly every time (the CPU tests of
+    its logic)."""
+
+    def __init__(self, model, step_fn, capture: bool = True, limit: int = MAX_GRAPHS):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        self.model, self.step_fn = weakref.ref(model), step_fn
+        self.capture, self.limit = capture, limit
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.buckets: collections.OrderedDict[tuple[int, int, int], _Bucket] = collections.OrderedDict()
+        self.signature = None
+
+    @staticmethod
+    def serves(input_ids: torch.Tensor, cache) -> bool:
+        """Whether a forward of input_ids into `cache` (None: a plain forward) can run here: a prompt of at
+        most MAX_BUCKET tokens into an empty cache whose layers cache the same heads."""
+        return (input_ids.shape[1] <= MAX_BUCKET
+                and (cache is None or (cache.length == 0 and cache.k_layers is not None)))
+
+    def captured(self) -> int:
+        """The number of graphs held."""
+        return sum(b.graph is not None for b in self.buckets.values())
+
+    def clear(self) -> None:
+        """Drop every graph and scratch."""
+        self.buckets.clear()
+
+    def current(self, model) -> None:
+        """Drop the graphs when what they were captured with has changed: the packed weights (a regrouping
+        keeps them, a repack or a move replaces them), the grouping, the other weights' storage."""
+        signature = (id(model.packed_weights()), model.stages, model.cqil, model.dtype, model.device,
+                     model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr(),
+                     model.norm.weight.data_ptr(), model.inv_freq.data_ptr())
+        if signature != self.signature:
+            self.clear()
+            self.signature = signature
+            self.packed = model.packed  # keeps the id above from being reused while the graphs hold it
+
+    def __call__(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
+                 logits_to_keep: int = 0) -> torch.Tensor:
+        """model(input_ids, valid, cache, logits_to_keep) through the bucket's graph: the logits [B, k, V]
+        of the last k = logits_to_keep positions (0: all T), a tensor of the caller's."""
+        if self.model() is not model:
+            raise ValueError("these prefill graphs belong to another model")
+        if not self.serves(input_ids, cache):
+            raise ValueError("a prefill graph takes a prompt of at most "
+                             f"{MAX_BUCKET} tokens into an empty cache")
+        B, T = input_ids.shape
+        keep = 0 if logits_to_keep >= T else logits_to_keep
+        self.current(model)
+        key = (B, bucket(T), keep)
+        entry = self.buckets.pop(key, None)
+        if entry is None:
+            while len(self.buckets) >= self.limit:
+                self.buckets.popitem(last=False)
+            entry = _Bucket(model, B, key[1], keep)
+        self.buckets[key] = entry
+        entry.load(input_ids, valid)
+        logits = entry.run(functools.partial(self.step_fn, model), self.capture, self.pool)
+        if cache is not None:
+            cache.copy_prompt(entry.scratch, T)
+        return logits[:, :T].clone() if keep == 0 else logits.clone()

@@ -1,0 +1,200 @@
+"""graphs.py: prompt-length buckets and the padded prefill the prefill graphs capture (CPU: the same padded
+step run eagerly under TRITON_INTERPRET=1), and on CUDA the captured graphs against the eager path."""
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama, fused, graphs
+from cqil_kernels.graphs import MAX_GRAPHS, PrefillGraphs, bucket
+
+from conftest import left_padding_mask, random_hf_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GROUPINGS = {
+    "none": CQILConfig(),
+    "P3-d1-residual": CQILConfig(groups=((1, 2, 3),), bypass=1),
+    "P2-d1-mlp_input": CQILConfig(groups=((2, 3), (4, 5)), bypass=1, bypass_mode="mlp_input"),
+}
+
+
+def _model(cqil, dtype=torch.float32):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=5), cqil=cqil, device=DEVICE, dtype=dtype)
+    model.backend = "triton"
+    return model
+
+
+def test_buckets():
+    assert [bucket(T) for T in (1, 16, 17, 64, 65, 72, 73, 512, 513, 4095, 4096)] == \
+        [16, 16, 32, 64, 72, 72, 80, 512, 576, 4096, 4096]
+    lengths = range(1, 4097)
+    buckets = [bucket(T) for T in lengths]
+    assert all(b >= T and bucket(b) == b for T, b in zip(lengths, buckets))
+    assert all(b1 <= b2 for b1, b2 in zip(buckets, buckets[1:]))
+    assert max((b - T) / T for T, b in zip(lengths, buckets) if T > 64) <= 0.125
+    assert len(set(buckets)) == 4 + 8 * 6  # 16..64, then eight per octave from 64 to 4096
+    for bad in (0, -3, 2.0, True, "16"):
+        with pytest.raises(ValueError, match="prompt length"):
+            bucket(bad)
+
+
+def _eager(model, ids, mask, keep, max_seq):
+    cache = model.new_cache(ids.shape[0], max_seq)
+    logits = fused.step(model, ids, mask, cache, keep)
+    cache.length += ids.shape[1]
+    return logits, cache
+
+
+@pytest.mark.parametrize("name, keep, padded", [("none", 0, False), ("P3-d1-residual", 1, True),
+                                                 ("P2-d1-mlp_input", 3, True)])
+def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, padded):
+    """The prompt padded to its bucket gives the unpadded step's logits and cache (the padding's keys are
+    never taken), and decoding on from the handed-over cache gives the same logits."""
+    model = _model(GROUPINGS[name])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    ids = torch.randint(0, model.args.vocab_size, (3, 13), device=DEVICE)
+    valid = left_padding_mask(ids, [0, 5, 12]).bool() if padded else None
+    with torch.no_grad():
+        expected, eager_cache = _eager(model, ids, valid, keep, 20)
+        cache = model.new_cache(3, 20)
+        got = prefill(model, ids, valid, cache, keep)
+        cache.length += 13
+        assert got.shape == expected.shape == (3, keep or 13, model.args.vocab_size)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.k_layers[..., :13, :], eager_cache.k_layers[..., :13, :])
+        torch.testing.assert_close(cache.v_layers[..., :13, :], eager_cache.v_layers[..., :13, :])
+        assert torch.equal(cache.key_valid, eager_cache.key_valid)
+        assert torch.equal(cache.n_tokens, eager_cache.n_tokens) and int(cache.position) == 13
+        token = expected[:, -1].argmax(-1)[:, None]
+        torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
+    assert list(prefill.buckets) == [(3, 16, keep)]
+
+
+def test_bucket_edges_and_plain_forwards():
+    """Lengths at and just past a bucket's end, and forwards without a cache."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    with torch.no_grad():
+        for T in (16, 17, 1):
+            ids = torch.randint(0, model.args.vocab_size, (2, T), device=DEVICE)
+            expected, _ = _eager(model, ids, None, 0, T)
+            torch.testing.assert_close(prefill(model, ids, None, None), expected, rtol=1e-5, atol=1e-5)
+    assert list(prefill.buckets) == [(2, 32, 0), (2, 16, 0)]  # 1 token: the 16 bucket again, used last
+
+
+def test_graphs_are_bounded_and_dropped_when_the_model_changes():
+    model = _model(GROUPINGS["none"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
+    ids = torch.randint(0, model.args.vocab_size, (1, 40), device=DEVICE)
+    with torch.no_grad():
+        for T in (5, 20, 40, 20):
+            prefill(model, ids[:, :T], None, None, 1)
+        assert list(prefill.buckets) == [(1, 48, 1), (1, 32, 1)]  # 16 dropped first, 32 used last
+        model.cqil = GROUPINGS["P3-d1-residual"]  # a regrouping: the graphs' stages are gone
+        got = prefill(model, ids[:, :20], None, None, 1)
+        assert list(prefill.buckets) == [(1, 32, 1)]
+        expected, _ = _eager(model, ids[:, :20], None, 1, 20)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        model.to(torch.float64)  # moved weights: repacked at the next step
+        model.to(torch.float32)
+        prefill(model, ids[:, :20], None, None, 1)
+        assert len(prefill.buckets) == 1
+    with pytest.raises(ValueError, match="limit"):
+        PrefillGraphs(model, fused.padded_step, capture=False, limit=0)
+    with pytest.raises(ValueError, match="another model"):
+        prefill(_model(GROUPINGS["none"]), ids, None, None)
+
+
+def test_what_a_prefill_graph_serves(monkeypatch):
+    model = _model(GROUPINGS["none"])
+    ids = torch.zeros(1, 10, dtype=torch.long, device=DEVICE)
+    cache = model.new_cache(1, 30)
+    assert PrefillGraphs.serves(ids, cache) and PrefillGraphs.serves(ids, None)
+    cache.length = 4  # a cached prefix: the graph's own cache cannot hold it
+    assert not PrefillGraphs.serves(ids, cache)
+    monkeypatch.setattr(graphs, "MAX_BUCKET", 8)
+    assert not PrefillGraphs.serves(ids, None)
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        PrefillGraphs(model, fused.padded_step, capture=False)(model, ids, None, None)
+
+
+def test_copy_prompt_checks_its_caches():
+    model = _model(GROUPINGS["P3-d1-residual"])
+    src, dst = model.new_cache(2, 16), model.new_cache(2, 30)
+    with pytest.raises(ValueError, match="length must be in"):
+        dst.copy_prompt(src, 17)
+    with pytest.raises(ValueError, match="same stages"):
+        dst.copy_prompt(model.new_cache(1, 16), 4)
+    with model.grouping(CQILConfig()):
+        other = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="same stages"):
+        dst.copy_prompt(other, 4)
+    dst.length = 3
+    with pytest.raises(ValueError, match="empty cache"):
+        dst.copy_prompt(src, 4)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only: off CUDA the step runs unpadded")
+def test_cpu_forwards_do_not_use_prefill_graphs():
+    model = _model(GROUPINGS["none"])
+    with torch.no_grad():
+        model(torch.zeros(1, 5, dtype=torch.long, device=DEVICE))
+    assert model.accelerator.graphs is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA: the captured graphs
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("keep", [0, 1])
+def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
+    """The first call of a bucket runs eagerly, the second captures, the third replays: bit for bit the
+    same logits and cache; against the unpadded eager path (prefill_graphs off) equal within bf16
+    rounding, and greedy generation gives the same tokens."""
+    model = _model(GROUPINGS["P3-d1-residual"], torch.bfloat16)
+    ids = torch.randint(0, model.args.vocab_size, (2, 21), device="cuda")
+    mask = left_padding_mask(ids, [0, 6])
+    outs, caches = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            cache = model.new_cache(2, 30)
+            outs.append(model(ids, mask, cache=cache, logits_to_keep=keep))
+            caches.append(cache)
+        graphs_of_model = model.accelerator.graphs
+        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, keep)]
+        for out, cache in zip(outs[1:], caches[1:]):
+            torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+            assert torch.equal(cache.k_layers[..., :21, :], caches[0].k_layers[..., :21, :])
+            assert torch.equal(cache.key_valid, caches[0].key_valid) and int(cache.position) == 21
+        model.accelerator.prefill_graphs = False
+        cache = model.new_cache(2, 30)
+        eager = model(ids, mask, cache=cache, logits_to_keep=keep)
+        torch.testing.assert_close(outs[0].float(), eager.float(), rtol=2e-2, atol=2e-2)
+        assert graphs_of_model.captured() == 1  # the switch: nothing new
+        tokens_eager = model.generate(ids, 12, attention_mask=mask)
+        model.accelerator.prefill_graphs = True
+        assert torch.equal(model.generate(ids, 12, attention_mask=mask), tokens_eager)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_prefill_graphs_leave_prefixes_and_long_prompts_to_the_eager_path(monkeypatch):
+    model = _model(GROUPINGS["none"], torch.bfloat16)
+    ids = torch.randint(0, model.args.vocab_size, (1, 40), device="cuda")
+    with torch.no_grad():
+        expected = model.generate(ids, 8, prefill_chunk=None)
+        monkeypatch.setattr(graphs, "MAX_BUCKET", 16)
+        # 40 tokens in parts of 16: the first part through a graph bucket, the later ones (a prefix in
+        # the cache) eagerly
+        for _ in range(3):
+            assert torch.equal(model.generate(ids, 8, prefill_chunk=16), expected)
+        assert list(model.accelerator.graphs.buckets) == [(1, 16, 1)]
+        assert model.accelerator.graphs.captured() == 1
+        monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
+        ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
+        lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
+        for T in lengths:
+            model(ids[:, :T], logits_to_keep=1)
+        assert list(model.accelerator.graphs.buckets) == [(1, T, 1) for T in lengths[-MAX_GRAPHS:]]
