@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (device tool). Stages (default: build tests):
 #   build       pip install --no-build-isolation --no-deps .   (and the environment, to env.txt)
-#   tests       the whole test suite, CUDA tests included, from outside the checkout
+#   tests       the whole test suite (TEST_FILES: only these files of tests/), CUDA tests included, from
+#               outside the checkout
 #   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests
-#   e2e         cqil bench for the SmolLM2 and LLaMA-7B shapes (JSON + PNG)
+#   e2e         cqil bench for E2E_SHAPES (default the SmolLM2 and LLaMA-7B shapes; E2E_ARGS: more flags),
+#               JSON + PNG
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
 #   prefill     benchmarks/prefill_rows.py per PREFILL_SHAPES (default smollm2-135m llama-7b) and PREFILL_ROWS
@@ -46,8 +48,9 @@ for stage in $stages; do
     cqil info 2>&1 | tee -a "$OUT/env.txt" ;;
   tests)
     echo "== tests (CQIL_AUTOTUNE=0: one GEMM config per shape class)"
+    paths="$REPO/tests"; [ -n "${TEST_FILES:-}" ] && paths=$(for f in $TEST_FILES; do echo "$REPO/tests/$f"; done)
     (cd /tmp && CQIL_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rfs -p no:cacheprovider \
-      --durations=8 "$REPO/tests" ${PYTEST_ARGS:-} 2>&1) | tee "$OUT/pytest.log" | tail -30 ;;
+      --durations=8 $paths ${PYTEST_ARGS:-} 2>&1) | tee "$OUT/pytest.log" | tail -30 ;;
   sanitizer)
     echo "== compute-sanitizer" | tee "$OUT/sanitizer.log"
     for tool in ${SAN_TOOLS:-memcheck racecheck}; do
@@ -99,7 +102,8 @@ for stage in $stages; do
   e2e)
     echo "== cqil bench"
     for shape in ${E2E_SHAPES:-smollm2-135m llama-7b}; do
-      timeout ${E2E_TIMEOUT:-300} cqil bench --shape $shape --repeats ${REPEATS:-5} --out "$OUT/bench_${shape}.json" 2>&1 \
+      timeout ${E2E_TIMEOUT:-300} cqil bench --shape $shape --repeats ${REPEATS:-5} ${E2E_ARGS:-} \
+        --out "$OUT/bench_${shape}.json" 2>&1 \
         | tee -a "$OUT/e2e.log"
     done ;;
   kernels)
