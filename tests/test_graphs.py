@@ -173,15 +173,18 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
         eager = model(ids, mask, cache=cache, logits_to_keep=keep)
         torch.testing.assert_close(outs[0].float(), eager.float(), rtol=2e-2, atol=2e-2)
         assert graphs_of_model.captured() == 1  # the switch: nothing new
+        model.to(torch.float32)  # moved weights drop the graphs; fp32 keeps greedy ties out of the comparison
         tokens_eager = model.generate(ids, 12, attention_mask=mask)
         model.accelerator.prefill_graphs = True
-        assert torch.equal(model.generate(ids, 12, attention_mask=mask), tokens_eager)
+        for _ in range(3):  # eager padded, captured, replayed
+            assert torch.equal(model.generate(ids, 12, attention_mask=mask), tokens_eager)
+        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, 1)]
 
 
 @cuda
 @pytest.mark.cuda
 def test_cuda_prefill_graphs_leave_prefixes_and_long_prompts_to_the_eager_path(monkeypatch):
-    model = _model(GROUPINGS["none"], torch.bfloat16)
+    model = _model(GROUPINGS["none"])  # fp32: the chunked and whole prompts' tokens compared exactly
     ids = torch.randint(0, model.args.vocab_size, (1, 40), device="cuda")
     with torch.no_grad():
         expected = model.generate(ids, 8, prefill_chunk=None)
@@ -190,8 +193,8 @@ def test_cuda_prefill_graphs_leave_prefixes_and_long_prompts_to_the_eager_path(m
         # the cache) eagerly
         for _ in range(3):
             assert torch.equal(model.generate(ids, 8, prefill_chunk=16), expected)
-        assert list(model.accelerator.graphs.buckets) == [(1, 16, 1)]
-        assert model.accelerator.graphs.captured() == 1
+        assert list(model.accelerator.graphs.buckets) == [(1, 48, 1), (1, 16, 1)]
+        assert model.accelerator.graphs.captured() == 1  # the 16 bucket, used three times
         monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
         lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
