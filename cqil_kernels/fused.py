@@ -277,7 +277,7 @@ class TritonBackend:
 
     def decoder(self, model, cache):
         if self.cuda_graphs and model.device.type == "cuda":
-            return GraphDecoder(model, cache, functools.partial(step, model), pool=self.prefill_graphs_of(model).pool)
+            return GraphDecoder(model, cache, functools.partial(step, model))
         return None
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:

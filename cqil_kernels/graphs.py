@@ -17,9 +17,10 @@ Prefill graphs, as serving engines do it:
   time hides the host's anyway) runs eagerly.
 * The first prompt of a bucket runs the padded step eagerly (it compiles and autotunes the kernels for that
   shape); the second captures it; later ones replay it. At most `limit` graphs are kept per model, the
-  least recently used dropped first; all of them (and the model's decode graphs) draw on one memory pool.
-  Sharing the pool is safe because every graph's outputs are read right after its own replay (the
-  returned logits are copies), and the graphs replay one at a time on one stream.
+  least recently used dropped first. Each graph has a memory pool of its own: one pool shared by graphs
+  that are freed independently (a decode graph per generate call, evicted buckets) tripped torch 2.11's
+  caching allocator (`use_count > 0` asserted when a graph was captured into a pool whose graphs had all
+  been freed), on the H200 at 4fe1302.
 * A graph holds the packed weights it was captured with: a regrouping, a repack or moved weights drop
   every graph (`PrefillGraphs.current`).
 """
@@ -38,7 +39,7 @@ from .model import KVCache
 # eagerly, where the device time of each part dwarfs the host's launch time.
 MAX_BUCKET = 4096
 
-# Graphs kept per model (each holds a KV scratch of its bucket and its share of the memory pool).
+# Graphs kept per model (each holds a KV scratch of its bucket and a memory pool of its own).
 MAX_GRAPHS = 8
 
 
@@ -58,14 +59,13 @@ class GraphDecoder:
     the second captures the step and replays it; every later call only copies the new tokens in and
     replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
     next call. step_fn(tokens, valid, cache) is the function captured (the fused backend's step for this
-    model; a rank of a multi-GPU run passes its own, reductions included). pool: a CUDA graph memory pool
-    to capture into (the model's prefill graphs' pool), default a pool of its own.
+    model; a rank of a multi-GPU run passes its own, reductions included).
     """
 
-    def __init__(self, model, cache, step_fn, pool=None):
+    def __init__(self, model, cache, step_fn):
         if cache.stages != model.stages:
             raise ValueError("this KV cache was made for another CQIL grouping")
-        self.model, self.cache, self.pool = model, cache, pool
+        self.model, self.cache = model, cache
         self.step_fn = step_fn
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -84,7 +84,7 @@ class GraphDecoder:
             return logits[:, -1]
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph):
                 self.logits = self.step_fn(self.tokens, None, cache)[:, -1]
         self.graph.replay()
         cache.length += 1
@@ -139,7 +139,7 @@ class _Bucket:
         valid = self.mask & (self.columns < self.count)
         return step_fn(self.ids, valid, scratch, self.base + self.count if self.keep else None)
 
-    def run(self, step_fn, capture: bool, pool) -> torch.Tensor:
+    def run(self, step_fn, capture: bool) -> torch.Tensor:
         """Eagerly the first time; captured the second (where capture); replayed after."""
         self.runs += 1
         if self.graph is not None:
@@ -148,7 +148,7 @@ class _Bucket:
         if not capture or self.runs == 1:
             return _on_side_stream(lambda: self.forward(step_fn)) if capture else self.forward(step_fn)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):
             self.logits = self.forward(step_fn)
         self.graph.replay()
         return self.logits
@@ -167,7 +167,6 @@ class PrefillGraphs:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         self.model, self.step_fn = weakref.ref(model), step_fn
         self.capture, self.limit = capture, limit
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.buckets: collections.OrderedDict[tuple[int, int, int], _Bucket] = collections.OrderedDict()
         self.signature = None
 
@@ -217,7 +216,7 @@ class PrefillGraphs:
             entry = _Bucket(model, B, key[1], keep)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
-        logits = entry.run(functools.partial(self.step_fn, model), self.capture, self.pool)
+        logits = entry.run(functools.partial(self.step_fn, model), self.capture)
         if cache is not None:
             cache.copy_prompt(entry.scratch, T)
         return logits[:, :T].clone() if keep == 0 else logits.clone()
