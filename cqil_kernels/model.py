@@ -240,8 +240,10 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
     (plus what torch's allocator holds unused), or than the host's available memory. A host that
     overcommits would otherwise hand out the pages and kill the process once they are touched."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if nbytes <= unused:  # held by torch's allocator already: no driver query (cudaMemGetInfo) needed
+            return
+        free = torch.cuda.mem_get_info(device)[0] + unused
     elif device.type == "cpu":
         free = _host_available_bytes()
     else:
