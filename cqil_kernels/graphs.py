@@ -213,7 +213,10 @@ class PrefillGraphs:
         if entry is None:
             while len(self.buckets) >= self.limit:
                 self.buckets.popitem(last=False)
-            entry = _Bucket(model, B, key[1], keep)
+            # normal tensors even when made under generate's inference_mode: a later forward outside it
+            # updates them in place
+            with torch.inference_mode(False):
+                entry = _Bucket(model, B, key[1], keep)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
         logits = entry.run(functools.partial(self.step_fn, model), self.capture)

@@ -105,6 +105,18 @@ def test_graphs_are_bounded_and_dropped_when_the_model_changes():
         prefill(_model(GROUPINGS["none"]), ids, None, None)
 
 
+def test_a_bucket_made_in_inference_mode_serves_forwards_outside_it():
+    """generate runs under torch.inference_mode; a later model(ids) under no_grad reuses its bucket, whose
+    buffers it updates in place (inference tensors would refuse that)."""
+    model = _model(GROUPINGS["none"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    ids = torch.randint(0, model.args.vocab_size, (1, 7), device=DEVICE)
+    with torch.inference_mode():
+        first = prefill(model, ids, None, None, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(prefill(model, ids, None, None, 1), first, rtol=0, atol=0)
+
+
 def test_what_a_prefill_graph_serves(monkeypatch):
     model = _model(GROUPINGS["none"])
     ids = torch.zeros(1, 10, dtype=torch.long, device=DEVICE)
