@@ -45,15 +45,16 @@ def _eager(model, ids, mask, keep, max_seq):
     return logits, cache
 
 
-@pytest.mark.parametrize("name, keep, padded", [("none", 0, False), ("P3-d1-residual", 1, True),
-                                                 ("P2-d1-mlp_input", 3, True)])
-def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, padded):
+@pytest.mark.parametrize("name, keep, pads", [("none", 0, None), ("P3-d1-residual", 1, [0, 5, 12]),
+                                               ("P2-d1-mlp_input", 3, [0, 13, 4])])
+def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, pads):
     """The prompt padded to its bucket gives the unpadded step's logits and cache (the padding's keys are
-    never taken), and decoding on from the handed-over cache gives the same logits."""
+    never taken), and decoding on from the handed-over cache gives the same logits; with left padding, also
+    a row that is all padding (the first part of a prompt fed in parts)."""
     model = _model(GROUPINGS[name])
     prefill = PrefillGraphs(model, fused.padded_step, capture=False)
     ids = torch.randint(0, model.args.vocab_size, (3, 13), device=DEVICE)
-    valid = left_padding_mask(ids, [0, 5, 12]).bool() if padded else None
+    valid = left_padding_mask(ids, pads).bool() if pads else None
     with torch.no_grad():
         expected, eager_cache = _eager(model, ids, valid, keep, 20)
         cache = model.new_cache(3, 20)
