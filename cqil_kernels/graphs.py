@@ -168,7 +168,8 @@ class PrefillGraphs:
         self.model, self.step_fn = weakref.ref(model), step_fn
         self.capture, self.limit = capture, limit
         self.buckets: collections.OrderedDict[tuple[int, int, int], _Bucket] = collections.OrderedDict()
-        self.signature = None
+        self.signature = None  # what the graphs were captured with (current())
+        self.packed = None  # the packed weights they read, held so that their id stays theirs
 
     @staticmethod
     def serves(input_ids: torch.Tensor, cache) -> bool:
@@ -194,7 +195,7 @@ class PrefillGraphs:
         if signature != self.signature:
             self.clear()
             self.signature = signature
-            self.packed = model.packed  # keeps the id above from being reused while the graphs hold it
+            self.packed = model.packed
 
     def __call__(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
                  logits_to_keep: int = 0) -> torch.Tensor:
