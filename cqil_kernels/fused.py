@@ -27,7 +27,6 @@ choice.
 
 from __future__ import annotations
 
-
 import functools
 
 import torch
@@ -217,11 +216,10 @@ class PaddedRunner(TritonRunner):
         self.rows = rows
 
     def end(self, h, state, keep) -> torch.Tensor:
-        B, T = state[0].shape
         if self.rows is None:
-            return last_logits(self.model, h, (B, T), T)
+            return super().end(h, state, keep)
         logits = head(self.model, h.index_select(0, self.rows))
-        return logits.view(B, -1, logits.shape[-1])
+        return logits.view(state[0].shape[0], -1, logits.shape[-1])
 
 
 def padded_step(model, input_ids: torch.Tensor, valid: torch.Tensor, cache: KVCache,

@@ -52,63 +52,74 @@ def bucket(T: int) -> int:
     return -(-T // unit) * unit
 
 
-class GraphDecoder:
+class _CapturedLazily:
+    """What a decode step and a prompt bucket share: their step runs eagerly on the first call (on a side
+    stream: it compiles and autotunes the kernels for the shape), is captured in a CUDA graph on the second
+    and replayed on every later one, whose result is the graph's output buffer (read it before the next
+    replay). fn must read the same buffers every time: a replay runs what the capture recorded."""
+
+    def __init__(self):
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.calls = 0
+
+    def replay_or_run(self, fn, capture: bool = True) -> torch.Tensor:
+        """fn() as above; capture=False runs it eagerly every time (the CPU, under the interpreter)."""
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        if not capture:
+            return fn()
+        if self.calls == 1:
+            side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = fn()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+        self.graph.replay()
+        return self.out
+
+
+class GraphDecoder(_CapturedLazily):
     """One decode step (a token per row) as a captured CUDA graph, bound to one KV cache.
 
-    The first call runs eagerly on a side stream (compiles and autotunes the kernels for this batch);
-    the second captures the step and replays it; every later call only copies the new tokens in and
-    replays. The returned logits [B, vocab] live in the graph's output buffer: use them before the
-    next call. step_fn(tokens, valid, cache) is the function captured (the fused backend's step for this
-    model; a rank of a multi-GPU run passes its own, reductions included).
+    The first call runs eagerly, the second captures the step and replays it; every later call only copies
+    the new tokens in and replays (_CapturedLazily). The returned logits [B, vocab] live in the graph's
+    output buffer: use them before the next call. step_fn(tokens, valid, cache) is the function captured
+    (the fused backend's step for this model; a rank of a multi-GPU run passes its own, reductions
+    included).
     """
 
     def __init__(self, model, cache, step_fn):
         if cache.stages != model.stages:
             raise ValueError("this KV cache was made for another CQIL grouping")
-        self.model, self.cache = model, cache
-        self.step_fn = step_fn
+        super().__init__()
+        self.model, self.cache, self.step_fn = model, cache, step_fn
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.warm = False
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         if cache.length + 1 > cache.max_seq:
             raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
         self.tokens.copy_(next_tokens.view(cache.batch, 1))
-        if not self.warm:
-            logits = _on_side_stream(lambda: self.step_fn(self.tokens, None, cache))
-            self.warm = True
-            cache.length += 1
-            return logits[:, -1]
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step_fn(self.tokens, None, cache)[:, -1]
-        self.graph.replay()
+        logits = self.replay_or_run(lambda: self.step_fn(self.tokens, None, cache))
         cache.length += 1
-        return self.logits
+        return logits[:, -1]
 
 
-def _on_side_stream(fn):
-    """fn() on a side stream that waits for the current one and is waited for: the eager run before a
-    capture, as torch.cuda.graphs recommends."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    return out
-
-
-class _Bucket:
+class _Bucket(_CapturedLazily):
     """A [batch, length] padded prompt forward: its input buffers, its KV scratch, and once captured its
     graph. keep: the logits of the last `keep` real positions of each row (0: of every position)."""
 
     def __init__(self, model, batch: int, length: int, keep: int):
+        super().__init__()
         device = model.device
-        self.batch, self.length, self.keep = batch, length, keep
+        self.keep = keep
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)  # the prompt's mask in [:T]
         self.count = torch.zeros(1, dtype=torch.long, device=device)  # T, the true length
@@ -117,9 +128,6 @@ class _Bucket:
         self.base = (torch.arange(batch, device=device)[:, None] * length
                      + torch.arange(keep, device=device)[None] - keep).view(-1)
         self.scratch = KVCache(model.args, model.stages, batch, length, device, model.dtype)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.runs = 0
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
@@ -138,20 +146,6 @@ class _Bucket:
         scratch.position.zero_()
         valid = self.mask & (self.columns < self.count)
         return step_fn(self.ids, valid, scratch, self.base + self.count if self.keep else None)
-
-    def run(self, step_fn, capture: bool) -> torch.Tensor:
-        """Eagerly the first time; captured the second (where capture); replayed after."""
-        self.runs += 1
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        if not capture or self.runs == 1:
-            return _on_side_stream(lambda: self.forward(step_fn)) if capture else self.forward(step_fn)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.forward(step_fn)
-        self.graph.replay()
-        return self.logits
 
 
 class PrefillGraphs:
@@ -220,7 +214,7 @@ class PrefillGraphs:
                 entry = _Bucket(model, B, key[1], keep)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
-        logits = entry.run(functools.partial(self.step_fn, model), self.capture)
+        logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
         if cache is not None:
             cache.copy_prompt(entry.scratch, T)
         return logits[:, :T].clone() if keep == 0 else logits.clone()
