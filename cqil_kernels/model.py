@@ -201,10 +201,11 @@ class KVCache:
         self.v = [part.view(shape) for part, shape in zip(v.split(sizes), shapes)]
         # every layer's keys (values) as one [layers, B, Hkv, S_max, Dh] view where the stages cache the
         # same heads (copy_prompt's one copy for all layers); None on a rank that caches shards of them
-        uniform = len(set(kv_heads)) <= 1
-        n_layers = sum(len(s) for s in stages)
-        self.k_layers = k.view(n_layers, batch, kv_heads[0], max_seq, args.head_dim) if uniform and stages else None
-        self.v_layers = v.view(n_layers, batch, kv_heads[0], max_seq, args.head_dim) if uniform and stages else None
+        if stages and len(set(kv_heads)) == 1:
+            layers = (sum(len(s) for s in stages), batch, kv_heads[0], max_seq, args.head_dim)
+            self.k_layers, self.v_layers = k.view(layers), v.view(layers)
+        else:
+            self.k_layers = self.v_layers = None
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
