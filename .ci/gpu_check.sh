@@ -21,6 +21,9 @@
 #   placements  all visible GPUs (>= 2): benchmarks/placements_e2e.py, one-GPU vs TP vs CQIL vs the hybrid
 #               (PLACE_ARGS, default "--shape llama-7b --groups 12-30:2"); one GPU: the one-GPU estimate of 2
 #               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4)
+#   boundaries  issue 26: benchmarks/layer_slope.py (per-layer fixed cost of our decode, SLOPE_SHAPE default llama-7b,
+#               full layer and the TP2/TP4 shard shapes) and benchmarks/persistent_chain.py (the persistent
+#               one-launch prototype against a launch per layer; CHAIN_ARGS)
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -144,6 +147,13 @@ for stage in $stages; do
       timeout ${PREFILL_TIMEOUT:-240} python3 benchmarks/prefill_rows.py --shape $shape $rows --variant base: \
         --rounds ${ROUNDS:-1} --repeats ${REPEATS:-5} --out "$OUT/prefill_rows_$shape.json" 2>&1 \
         | grep -v "^ \|^{\|^}" | tee -a "$OUT/prefill.log"
+    done ;;
+  boundaries)
+    timeout ${SLOPE_TIMEOUT:-240} python3 benchmarks/layer_slope.py --shape ${SLOPE_SHAPE:-llama-7b} --tp 1 --tp 2 \
+      --tp 4 --out "$OUT/layer_slope.json" 2>&1 | tee -a "$OUT/boundaries.log"
+    for b in ${CHAIN_BATCHES:-1 8}; do
+      timeout ${CHAIN_TIMEOUT:-120} python3 benchmarks/persistent_chain.py --batch $b ${CHAIN_ARGS:-} \
+        --out "$OUT/persistent_chain_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
     done ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;

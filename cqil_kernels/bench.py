@@ -87,22 +87,23 @@ def random_hf_model(shape: str, dtype: torch.dtype, device: torch.device, seed: 
     return model
 
 
-def shape_args(shape: str) -> LlamaArgs:
-    """The LlamaArgs of one of SHAPES."""
-    return LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape]})
+def shape_args(shape: str, **overrides) -> LlamaArgs:
+    """The LlamaArgs of one of SHAPES, with config fields replaced by `overrides` (num_hidden_layers=2)."""
+    return LlamaArgs.from_hf({"model_type": "llama", **SHAPES[shape], **overrides})
 
 
 @torch.no_grad()
 def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, held_layers=None,
-                 placement=None):
+                 placement=None, **overrides):
     """CQILLlama with the published config of `shape` and random weights (std 0.02, norms 1), built
     directly on `device` layer by layer: no transformers model, no second copy. held_layers: only these
     layers (the others stay on "meta"); placement: a parallel.Placement, whose layers are held as its
     shards (a rank of a multi-GPU run). Layer l's weights depend only on (seed, l), so every rank and a
-    one-GPU model built with the same seed hold the same weights."""
+    one-GPU model built with the same seed hold the same weights. overrides: config fields replaced
+    (shape_args)."""
     from .llama import CQILLlama
 
-    args = shape_args(shape)
+    args = shape_args(shape, **overrides)
     if placement is not None:
         held_layers = placement.held_layers
     with torch.device("meta"):

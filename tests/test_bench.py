@@ -156,3 +156,27 @@ def test_ttft_times_the_first_token_of_both_generates():
     assert ttft_ms(ours, 3) > 0 and ttft_ms(theirs, 3) > 0
     assert len(seen) == 8 and all(t.shape == (2,) for t in seen)
     assert torch.equal(seen[0], seen[4])  # the same greedy token: the same model
+
+
+def test_layer_slope_shard_shapes(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from layer_slope import shard_overrides
+
+    from cqil_kernels.bench import shape_args
+
+    over = shard_overrides("llama-7b", 4, 2)
+    assert over == dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, intermediate_size=2752,
+                        head_dim=128)
+    args = shape_args("llama-7b", **over)
+    assert (args.hidden_size, args.num_attention_heads, args.head_dim, args.num_hidden_layers) == (4096, 8, 128, 2)
+    with pytest.raises(SystemExit, match="divide by tp=3"):
+        shard_overrides("llama-7b", 3, 2)
+
+
+def test_random_model_overrides():
+    from cqil_kernels.bench import random_model
+
+    model = random_model("smollm2-135m", torch.float32, torch.device("cpu"), num_hidden_layers=1,
+                         intermediate_size=64)
+    assert model.args.num_hidden_layers == 1 and len(model.layers) == 1
+    assert model.args.intermediate_size == 64 and model.args.hidden_size == 576
