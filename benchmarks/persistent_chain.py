@@ -99,7 +99,8 @@ def _layer_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o,
 
 @triton.jit
 def _chain_kernel(act_ptr, w_ptr, state_ptr, M, D, F, n_layers, stride_act,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole chain in one launch. state_ptr: [0] the ticket counter, [1 + l] tiles of layer l stored
     (zeroed before the launch). Tile t of the chain: layers in order, then columns; a tile only waits on
     tiles of lower tickets, all taken by running programs, so no order of scheduling can deadlock."""

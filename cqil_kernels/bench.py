@@ -2,6 +2,9 @@
 
 Variants (same random weights, same dtype, same prompt):
     hf-eager       transformers LlamaForCausalLM, eager, DynamicCache: what users run today
+    hf-compiled    transformers with a StaticCache and its forward compiled by
+                   torch.compile(mode="reduce-overhead", fullgraph=True): what transformers documents for
+                   fast decode (one compiled graph for the prompt's length, one for a decode step)
     torch          our torch backend (model.py), no groups, eager
     triton-seq     our Triton backend, no groups, decode replayed from a CUDA graph
     triton-cqil    our Triton backend with the CQIL groups, decode replayed from a CUDA graph
@@ -51,7 +54,7 @@ SHAPES = {  # published configs; weights are random
                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 DEFAULT_GROUPS = {"llama-7b": "4-28:4", "llama-33b": "10-50:4", "smollm2-135m": "2-26:4", "llama-3.2-1b": "2-14:2"}
-VARIANTS = ("hf-eager", "torch", "triton-seq", "triton-cqil")
+VARIANTS = ("hf-eager", "hf-compiled", "torch", "triton-seq", "triton-cqil")
 
 
 def _events_ms(fn, repeats: int) -> float:
@@ -273,6 +276,59 @@ def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
     return prefill_ms, statistics.median(times[1:])
 
 
+class HFCompiled:
+    """Greedy decoding with transformers as its documentation says to for speed: a StaticCache of
+    `max_len` positions and the model's forward compiled (torch.compile, `mode`, fullgraph). prefill(ids)
+    resets the cache and returns the first greedy token; step(tok) feeds one token per sequence and returns
+    the next. backend="eager" traces with dynamo without code generation (the CPU tests)."""
+
+    def __init__(self, hf, batch: int, max_len: int, *, mode: str | None = "reduce-overhead",
+                 backend: str = "inductor"):
+        from transformers import StaticCache
+
+        try:
+            self.cache = StaticCache(config=hf.config, max_cache_len=max_len)
+        except TypeError:  # transformers 4.x: the batch, device and dtype up front
+            self.cache = StaticCache(config=hf.config, max_batch_size=batch, max_cache_len=max_len,
+                                     device=hf.device, dtype=hf.dtype)
+        self.forward = torch.compile(hf.forward, mode=mode, fullgraph=True, dynamic=False, backend=backend)
+        self.device, self.max_len, self.pos = hf.device, max_len, 0
+
+    def _next(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"the static cache holds {self.max_len} positions; {self.pos} + {T} do not fit")
+        position = torch.arange(self.pos, self.pos + T, device=self.device)
+        torch.compiler.cudagraph_mark_step_begin()  # the last call's graph outputs are no longer read
+        logits = self.forward(ids, past_key_values=self.cache, cache_position=position, use_cache=True).logits
+        self.pos += T
+        return logits[:, -1].argmax(-1)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        self.pos = 0
+        return self._next(ids)
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        return self._next(tok[:, None])
+
+
+def _time_hf_compiled(runner: HFCompiled, ids, new: int, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats + 1):  # the first run compiles (prompt and step graphs) and is dropped
+        tok = runner.prefill(ids)
+        for _ in range(2):
+            tok = runner.step(tok)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new - 2):
+            tok = runner.step(tok)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (new - 2))
+    return _events_ms(lambda: runner.prefill(ids), max(repeats, 10)), statistics.median(times[1:])
+
+
 def card(device: torch.device) -> str:
     """What a record names as the machine: the GPU's name, or the CPU with the threads torch uses."""
     if device.type == "cuda":
@@ -337,6 +393,11 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
             prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
             first = ttft_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                                                 do_sample=False, pad_token_id=0)[:, -1].cpu(), max(repeats, 10))
+        elif variant == "hf-compiled":
+            runner = HFCompiled(hf, batch, prompt + new + 2)
+            prefill_ms, decode_ms = _time_hf_compiled(runner, ids, new, repeats)
+            first = ttft_ms(lambda: runner.prefill(ids).cpu(), max(repeats, 10))
+            del runner
         else:
             model.backend = "torch" if variant == "torch" else "triton"
             model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
@@ -385,7 +446,7 @@ def plot(record: dict, path: str | os.PathLike) -> None:
     for ax, key, label in [(axes[0], "decode_ms_per_token", "decode ms/token"),
                            (axes[1], "prefill_ms", f"prefill ms ({record['prompt']} tokens)")]:
         values = [record["results"][n][key] for n in names]
-        bars = ax.bar(names, values, color=["#999999", "#6b8ec7", "#3a6fb5", "#d0652f"][:len(names)])
+        bars = ax.bar(names, values, color=["#999999", "#b8b8b8", "#6b8ec7", "#3a6fb5", "#d0652f"][:len(names)])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_ylabel(label)
         ax.set_yscale("log")

@@ -33,7 +33,7 @@ def test_plot_redraws_a_saved_record(tmp_path):
     record = dict(card="a card", date="2026-12-04", commit="abc", command="cqil bench", shape="smollm2-135m",
                   groups="2-26:4", batch=1, prompt=512, new_tokens=64, dtype="bfloat16", copy_gbps=3000.0,
                   decode_step_bytes=1, floor_ms_per_token=0.1,
-                  results={v: dict(result) for v in ("hf-eager", "torch", "triton-seq", "triton-cqil")})
+                  results={v: dict(result) for v in ("hf-eager", "hf-compiled", "torch", "triton-seq", "triton-cqil")})
     json.dumps(record)  # what `cqil bench --plot FILE.json` reads back
     plot(record, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
@@ -180,3 +180,25 @@ def test_random_model_overrides():
                          intermediate_size=64)
     assert model.args.num_hidden_layers == 1 and len(model.layers) == 1
     assert model.args.intermediate_size == 64 and model.args.hidden_size == 576
+
+
+def test_hf_compiled_runner_matches_generate():
+    """The hf-compiled variant's loop (StaticCache, compiled forward; dynamo without code generation here)
+    gives transformers' own greedy tokens."""
+    from conftest import random_hf_model
+
+    from cqil_kernels.bench import HFCompiled
+
+    hf = random_hf_model(seed=3, num_hidden_layers=2)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                       pad_token_id=0)[:, 7:]
+    runner = HFCompiled(hf, 2, 12, mode=None, backend="eager")
+    for _ in range(2):  # the second prompt starts from a reset cache
+        toks = [runner.prefill(ids)]
+        for _ in range(4):
+            toks.append(runner.step(toks[-1]))
+        assert torch.equal(torch.stack(toks, 1), want)
+    runner.step(toks[-1])  # position 11, the cache's last
+    with pytest.raises(ValueError, match="holds 12 positions; 12 \\+ 1 do not fit"):
+        runner.step(toks[-1])
