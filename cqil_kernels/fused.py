@@ -175,6 +175,15 @@ def last_logits(model, h: torch.Tensor, shape: torch.Size, keep: int) -> torch.T
     return head(model, h).view(B, keep, -1)
 
 
+def picked_logits(model, h: torch.Tensor, shape: torch.Size, keep: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """last_logits, or with `rows` (device indices into the B*T rows of h, [B*k]: a padded prompt whose
+    true length only the device knows) the logits of those rows as [B, k, V]."""
+    if rows is None:
+        return last_logits(model, h, shape, keep)
+    logits = head(model, h.index_select(0, rows))
+    return logits.view(shape[0], -1, logits.shape[-1])
+
+
 def head(model, h: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm and lm_head: h [M, D] -> logits [M, V]. In decode (M <= HEAD_ROWS) one GEMM
     with the norm in its prologue."""
@@ -216,10 +225,7 @@ class PaddedRunner(TritonRunner):
         self.rows = rows
 
     def end(self, h, state, keep) -> torch.Tensor:
-        if self.rows is None:
-            return super().end(h, state, keep)
-        logits = head(self.model, h.index_select(0, self.rows))
-        return logits.view(state[0].shape[0], -1, logits.shape[-1])
+        return picked_logits(self.model, h, state[0].shape, keep, self.rows)
 
 
 def padded_step(model, input_ids: torch.Tensor, valid: torch.Tensor, cache: KVCache,
@@ -261,7 +267,7 @@ class TritonBackend:
     def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
                 logits_to_keep: int = 0) -> torch.Tensor:
         if self.cuda_graphs and self.prefill_graphs and model.device.type == "cuda" \
-                and PrefillGraphs.serves(input_ids, cache):
+                and PrefillGraphs.serves(model, input_ids, cache):
             return self.prefill_graphs_of(model)(model, input_ids, valid, cache, logits_to_keep)
         if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
             cache = model.new_cache(*input_ids.shape)

@@ -14,7 +14,8 @@ Prefill graphs, as serving engines do it:
   length copied in before the replay), then the first T positions of every layer are copied into the
   caller's cache (KVCache.copy_prompt). A graph therefore serves any cache, as long as it is empty: a
   prompt after a cached prefix (and generate's second and later chunks of a long prompt, whose device
-  time hides the host's anyway) runs eagerly.
+  time hides the host's anyway) runs eagerly, as does a prompt whose bucket would pass the model's
+  max_position_embeddings.
 * The first prompt of a bucket runs the padded step eagerly (it compiles and autotunes the kernels for that
   shape); the second captures it; later ones replay it. At most `limit` graphs are kept per model, the
   least recently used dropped first. Each graph has a memory pool of its own: one pool shared by graphs
@@ -23,6 +24,9 @@ Prefill graphs, as serving engines do it:
   been freed), on the H200 at 4fe1302.
 * A graph holds the packed weights it was captured with: a regrouping, a repack or moved weights drop
   every graph (`PrefillGraphs.current`).
+* The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
+  (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
+  packed_weights, graph_signature, args and device, and the step function.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ import functools
 import weakref
 
 import torch
-
-from .model import KVCache
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
 # eagerly, where the device time of each part dwarfs the host's launch time.
@@ -127,7 +129,7 @@ class _Bucket(_CapturedLazily):
         # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
         self.base = (torch.arange(batch, device=device)[:, None] * length
                      + torch.arange(keep, device=device)[None] - keep).view(-1)
-        self.scratch = KVCache(model.args, model.stages, batch, length, device, model.dtype)
+        self.scratch = model.new_cache(batch, length)  # a rank's: the heads of its shards
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
@@ -166,11 +168,12 @@ class PrefillGraphs:
         self.packed = None  # the packed weights they read, held so that their id stays theirs
 
     @staticmethod
-    def serves(input_ids: torch.Tensor, cache) -> bool:
+    def serves(model, input_ids: torch.Tensor, cache) -> bool:
         """Whether a forward of input_ids into `cache` (None: a plain forward) can run here: a prompt of at
-        most MAX_BUCKET tokens into an empty cache whose layers cache the same heads."""
-        return (input_ids.shape[1] <= MAX_BUCKET
-                and (cache is None or (cache.length == 0 and cache.k_layers is not None)))
+        most MAX_BUCKET tokens, whose bucket the model's positions hold, into an empty cache."""
+        T = input_ids.shape[1]
+        return (T <= MAX_BUCKET and bucket(T) <= model.args.max_position_embeddings
+                and (cache is None or cache.length == 0))
 
     def captured(self) -> int:
         """The number of graphs held."""
@@ -181,15 +184,12 @@ class PrefillGraphs:
         self.buckets.clear()
 
     def current(self, model) -> None:
-        """Drop the graphs when what they were captured with has changed: the packed weights (a regrouping
-        keeps them, a repack or a move replaces them), the grouping, the other weights' storage."""
-        signature = (id(model.packed_weights()), model.stages, model.cqil, model.dtype, model.device,
-                     model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr(),
-                     model.norm.weight.data_ptr(), model.inv_freq.data_ptr())
+        """Drop the graphs when what they were captured with has changed (model.graph_signature())."""
+        signature = model.graph_signature()
         if signature != self.signature:
             self.clear()
             self.signature = signature
-            self.packed = model.packed
+            self.packed = model.packed_weights()  # its id is in the signature: held, so it stays its own
 
     def __call__(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
                  logits_to_keep: int = 0) -> torch.Tensor:
@@ -197,9 +197,9 @@ class PrefillGraphs:
         of the last k = logits_to_keep positions (0: all T), a tensor of the caller's."""
         if self.model() is not model:
             raise ValueError("these prefill graphs belong to another model")
-        if not self.serves(input_ids, cache):
-            raise ValueError("a prefill graph takes a prompt of at most "
-                             f"{MAX_BUCKET} tokens into an empty cache")
+        if not self.serves(model, input_ids, cache):
+            raise ValueError(f"a prefill graph takes a prompt of at most {MAX_BUCKET} tokens (its bucket within "
+                             "max_position_embeddings) into an empty cache")
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
         self.current(model)

@@ -199,13 +199,21 @@ class KVCache:
         k, v = torch.zeros((2, sum(sizes)), device=device, dtype=dtype)
         self.k = [part.view(shape) for part, shape in zip(k.split(sizes), shapes)]
         self.v = [part.view(shape) for part, shape in zip(v.split(sizes), shapes)]
-        # every layer's keys (values) as one [layers, B, Hkv, S_max, Dh] view where the stages cache the
-        # same heads (copy_prompt's one copy for all layers); None on a rank that caches shards of them
-        if stages and len(set(kv_heads)) == 1:
-            layers = (sum(len(s) for s in stages), batch, kv_heads[0], max_seq, args.head_dim)
-            self.k_layers, self.v_layers = k.view(layers), v.view(layers)
-        else:
-            self.k_layers = self.v_layers = None
+        # the keys (values) of each run of consecutive stages that cache the same heads as one
+        # [layers, B, heads, S_max, Dh] view (copy_prompt's one copy per run): one run for a whole model,
+        # a few on a tensor-parallel rank of the hybrid placement (shards outside the groups, whole layers
+        # inside); stages a rank does not hold (no heads) are left out
+        self.runs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        offset, s = 0, 0
+        while s < len(stages):
+            e = s
+            while e < len(stages) and kv_heads[e] == kv_heads[s]:
+                e += 1
+            size = sum(sizes[s:e])
+            if size:
+                layers = (sum(len(stage) for stage in stages[s:e]), batch, kv_heads[s], max_seq, args.head_dim)
+                self.runs.append((k[offset:offset + size].view(layers), v[offset:offset + size].view(layers)))
+            offset, s = offset + size, e
         self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
@@ -223,14 +231,15 @@ class KVCache:
         host-side `length` is left to the caller, as after a forward step."""
         if self.length != 0:
             raise ValueError(f"copy_prompt fills an empty cache; this one holds {self.length} positions")
-        if (src.stages != self.stages or src.batch != self.batch or self.k_layers is None or src.k_layers is None
-                or src.k_layers.shape[::2] != self.k_layers.shape[::2] or src.k_layers.dtype != self.k_layers.dtype
-                or src.k_layers.device != self.k_layers.device):
+        if (src.stages != self.stages or src.batch != self.batch or len(src.runs) != len(self.runs)
+                or any(a.shape[::2] != b.shape[::2] or a.dtype != b.dtype or a.device != b.device
+                       for (a, _), (b, _) in zip(src.runs, self.runs))):
             raise ValueError("copy_prompt needs a cache of the same stages, batch, heads and dtype")
         if not 0 < length <= min(src.max_seq, self.max_seq):
             raise ValueError(f"length must be in [1, {min(src.max_seq, self.max_seq)}], got {length}")
-        self.k_layers[..., :length, :].copy_(src.k_layers[..., :length, :])
-        self.v_layers[..., :length, :].copy_(src.v_layers[..., :length, :])
+        for (k, v), (k_src, v_src) in zip(self.runs, src.runs):
+            k[..., :length, :].copy_(k_src[..., :length, :])
+            v[..., :length, :].copy_(v_src[..., :length, :])
         self.key_valid[:, :length].copy_(src.key_valid[:, :length])
         self.n_tokens.copy_(src.n_tokens)
         self.position.fill_(length)
@@ -517,6 +526,14 @@ class CQILTransformer(nn.Module):
         if self.packed is None or not self.packed.is_current():
             self.pack()
         return self.packed
+
+    def graph_signature(self) -> tuple:
+        """What a captured CUDA graph of a step reads besides its own buffers (graphs.PrefillGraphs): the
+        packed weights (a regrouping keeps them, a repack or a move replaces them), the grouping, the
+        other weights' storage. A graph captured under another signature must not be replayed."""
+        return (id(self.packed_weights()), self.stages, self.cqil, self.dtype, self.device,
+                self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(), self.norm.weight.data_ptr(),
+                self.inv_freq.data_ptr())
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_seq` positions, in this grouping's layout."""

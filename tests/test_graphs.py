@@ -1,6 +1,8 @@
 """graphs.py: prompt-length buckets and the padded prefill the prefill graphs capture (CPU: the same padded
 step run eagerly under TRITON_INTERPRET=1), and on CUDA the captured graphs against the eager path."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,8 +64,10 @@ def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, pad
         cache.length += 13
         assert got.shape == expected.shape == (3, keep or 13, model.args.vocab_size)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cache.k_layers[..., :13, :], eager_cache.k_layers[..., :13, :])
-        torch.testing.assert_close(cache.v_layers[..., :13, :], eager_cache.v_layers[..., :13, :])
+        (k, v), = cache.runs
+        (k_eager, v_eager), = eager_cache.runs
+        torch.testing.assert_close(k[..., :13, :], k_eager[..., :13, :])
+        torch.testing.assert_close(v[..., :13, :], v_eager[..., :13, :])
         assert torch.equal(cache.key_valid, eager_cache.key_valid)
         assert torch.equal(cache.n_tokens, eager_cache.n_tokens) and int(cache.position) == 13
         token = expected[:, -1].argmax(-1)[:, None]
@@ -122,11 +126,15 @@ def test_what_a_prefill_graph_serves(monkeypatch):
     model = _model(GROUPINGS["none"])
     ids = torch.zeros(1, 10, dtype=torch.long, device=DEVICE)
     cache = model.new_cache(1, 30)
-    assert PrefillGraphs.serves(ids, cache) and PrefillGraphs.serves(ids, None)
+    assert PrefillGraphs.serves(model, ids, cache) and PrefillGraphs.serves(model, ids, None)
     cache.length = 4  # a cached prefix: the graph's own cache cannot hold it
-    assert not PrefillGraphs.serves(ids, cache)
+    assert not PrefillGraphs.serves(model, ids, cache)
+    args = model.args
+    model.args = dataclasses.replace(args, max_position_embeddings=15)  # 10 tokens' bucket, 16, passes it
+    assert not PrefillGraphs.serves(model, ids, None)
+    model.args = args
     monkeypatch.setattr(graphs, "MAX_BUCKET", 8)
-    assert not PrefillGraphs.serves(ids, None)
+    assert not PrefillGraphs.serves(model, ids, None)
     with pytest.raises(ValueError, match="at most 8 tokens"):
         PrefillGraphs(model, fused.padded_step, capture=False)(model, ids, None, None)
 
@@ -179,7 +187,7 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
         assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, keep)]
         for out, cache in zip(outs[1:], caches[1:]):
             torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
-            assert torch.equal(cache.k_layers[..., :21, :], caches[0].k_layers[..., :21, :])
+            assert torch.equal(cache.runs[0][0][..., :21, :], caches[0].runs[0][0][..., :21, :])
             assert torch.equal(cache.key_valid, caches[0].key_valid) and int(cache.position) == 21
         model.accelerator.prefill_graphs = False
         cache = model.new_cache(2, 30)
@@ -214,3 +222,28 @@ def test_cuda_prefill_graphs_leave_prefixes_and_long_prompts_to_the_eager_path(m
         for T in lengths:
             model(ids[:, :T], logits_to_keep=1)
         assert list(model.accelerator.graphs.buckets) == [(1, T, 1) for T in lengths[-MAX_GRAPHS:]]
+
+
+def test_cache_runs_of_equal_heads_are_handed_over():
+    """A rank's cache: stages of other head counts (shards, whole layers) and stages it does not hold (no
+    heads) — copy_prompt copies each run of equal heads and leaves positions past `length` alone."""
+    from cqil_kernels.model import KVCache
+
+    args = _model(GROUPINGS["none"]).args
+    stages, heads = [(0,), (1, 2), (3,), (4,), (5,)], [1, 0, 2, 2, 1]
+    src = KVCache(args, stages, 2, 8, torch.device(DEVICE), torch.float32, kv_heads=heads)
+    dst = KVCache(args, stages, 2, 12, torch.device(DEVICE), torch.float32, kv_heads=heads)
+    assert [tuple(k.shape) for k, _ in src.runs] == [(1, 2, 1, 8, 8), (2, 2, 2, 8, 8), (1, 2, 1, 8, 8)]
+    for k, v in src.runs:
+        k.normal_()
+        v.normal_()
+    src.key_valid[:, :5] = True
+    src.n_tokens.fill_(5)
+    dst.copy_prompt(src, 5)
+    for s, stage in enumerate(stages):
+        assert torch.equal(dst.k[s][..., :5, :], src.k[s][..., :5, :])
+        assert torch.equal(dst.v[s][..., :5, :], src.v[s][..., :5, :])
+        assert not dst.k[s][..., 5:, :].any() and not dst.v[s][..., 5:, :].any()
+    assert int(dst.position) == 5 and dst.n_tokens.tolist() == [5, 5]
+    with pytest.raises(ValueError, match="same stages, batch, heads"):
+        dst.copy_prompt(KVCache(args, stages, 2, 8, torch.device(DEVICE), torch.float32, kv_heads=[1, 0, 2, 2, 2]), 5)

@@ -347,6 +347,54 @@ def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
     assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
 
 
+
+
+_RANK_PREFILL = r"""
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from cqil_kernels import CQILConfig
+from cqil_kernels.graphs import PrefillGraphs
+from cqil_kernels.parallel import RankModel, end_rank
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=timedelta(seconds=120))
+cqil = CQILConfig(groups=((1, 2), (3, 4)), bypass=1)
+model = RankModel.from_pretrained(sys.argv[3], cqil, device="cpu", dtype=torch.float32, backend="triton",
+                                  tensor_parallel=True)
+prefill = PrefillGraphs(model, RankModel._padded_step, capture=False)  # what a CUDA rank captures
+ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+valid = torch.ones(2, 13, dtype=torch.bool)
+valid[1, :5] = False
+with torch.no_grad():
+    eager_cache = model.new_cache(2, 20)
+    expected = model(ids, valid.long(), cache=eager_cache)  # on the CPU a rank's forward runs eagerly
+    cache = model.new_cache(2, 20)
+    got = prefill(model, ids, valid, cache)
+    cache.length += 13
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for (k, v), (k_eager, v_eager) in zip(cache.runs, eager_cache.runs, strict=True):
+        torch.testing.assert_close(k[..., :13, :], k_eager[..., :13, :])
+        torch.testing.assert_close(v[..., :13, :], v_eager[..., :13, :])
+    assert torch.equal(cache.key_valid, eager_cache.key_valid) and int(cache.position) == 13
+    token = expected[:, -1].argmax(-1)[:, None]
+    torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
+print("rank prefill OK", [tuple(k.shape[::2]) for k, _ in cache.runs], list(prefill.buckets), flush=True)
+end_rank()
+"""
+
+
+@interpreter
+def test_a_ranks_padded_prefill_equals_its_step(checkpoint, tmp_path):
+    """The step a rank's prefill graph captures (RankModel._padded_step: the prompt padded to its bucket,
+    reductions included) gives the rank's eager logits and KV cache, handed over run by run: a hybrid rank
+    caches shards (1 of 2 key/value heads) outside the groups and its layer of each group whole (2 heads)
+    inside them: three runs of (layers, heads, head size)."""
+    codes, outs = _run_ranks(tmp_path, _RANK_PREFILL, 2, str(checkpoint), timeout=300)
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for out in outs:
+        assert "rank prefill OK [(1, 1, 12), (2, 2, 12), (3, 1, 12)] [(2, 16, 0)]" in out, out
+
+
 GENERATE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

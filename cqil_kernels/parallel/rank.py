@@ -11,7 +11,8 @@ and ranks j >= P contribute c_j = 0; one all-reduce (comm.GroupReducer) gives ev
 h' = sum_j c_j = h + sum_j (...), the group's output. Rank 0 adds h so the sum needs no extra step.
 
 The Triton backend runs the same split with the fused kernels (fused.py, one layer per launch here), and
-the decode step — reductions included — is captured in one CUDA graph per rank. In decode the down
+the decode step — reductions included — is captured in one CUDA graph per rank, as is a prompt's step per
+length bucket (graphs.PrefillGraphs; the same calls on every rank take the same path). In decode the down
 projection's fp32 partial products go straight into the reduction, which forms c_j itself
 (GroupReducer.all_reduce_sum: one launch less per group). Both paths are model.StepRunners: the stage
 loop is model.forward_step's.
@@ -46,6 +47,7 @@ from ..backends import attach_default
 from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
+from ..graphs import PrefillGraphs, bucket
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
@@ -93,6 +95,7 @@ class RankModel:
         # the sizes of this rank's modules of each layer it holds (a shard's, where a layer is split)
         self.layer_args = {layer: placement.layer_args(layer, model.args) for layer in placement.held_layers}
         self.subgroup_reducers: dict[tuple[int, ...], GroupReducer] = {}
+        self._graphs: PrefillGraphs | None = None  # made at the first prompt one serves
         if reducer is not None:
             self.reducer = reducer
             return
@@ -112,6 +115,7 @@ class RankModel:
         return self.subgroup_reducers.get(peers, self.reducer)
 
     cuda_graphs = True  # decoder() replays a captured step where decodes_in_a_graph()
+    prefill_graphs = True  # and forward() a prompt's step, per length bucket (graphs.PrefillGraphs)
 
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
@@ -208,7 +212,13 @@ class RankModel:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
         keep = check_logits_to_keep(logits_to_keep)
-        if self.model.accelerated():
+        if (self.prefill_graphs and self.decodes_in_a_graph() and PrefillGraphs.serves(self, input_ids, cache)
+                and self._prompt_capturable(*input_ids.shape)):
+            # every rank takes this branch for the same calls: it depends on shapes and lengths only
+            if self._graphs is None:
+                self._graphs = PrefillGraphs(self, RankModel._padded_step)
+            logits = self._graphs(self, input_ids, attention_mask, cache, keep)
+        elif self.model.accelerated():
             logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
                                        else self.new_cache(*input_ids.shape), keep)
         else:
@@ -271,6 +281,30 @@ class RankModel:
                      logits_to_keep: int = 0) -> torch.Tensor:
         """fused.step for this rank: graph-safe (no host reads of device values)."""
         return forward_step(_RankTritonRunner(self), self.placement.stages, input_ids, valid, cache, logits_to_keep)
+
+    def _padded_step(self, input_ids: torch.Tensor, valid: torch.Tensor, cache: KVCache,
+                     rows: torch.Tensor | None) -> torch.Tensor:
+        """fused.padded_step for this rank (the step graphs.PrefillGraphs captures, reductions included)."""
+        return forward_step(_RankTritonRunner(self, rows), self.placement.stages, input_ids, valid, cache)
+
+    def _prompt_capturable(self, B: int, T: int) -> bool:
+        """Whether every reduction of a prompt step of B x bucket(T) tokens can be captured in a CUDA graph:
+        NCCL's can; through gloo (ranks sharing one GPU) only those the one-shot kernel takes, the largest
+        being a group's stacked bypass rows, and no micro-batches. The same answer on every rank."""
+        if self.reducer.backend == "nccl":
+            return True
+        policy, Tb = self.reducer.one_shot_policy, bucket(T)
+        P = max(len(stage) for stage in self.placement.stages)
+        nbytes = P * B * Tb * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        return policy.enabled and nbytes <= policy.max_bytes and self.microbatch_span(B, Tb) is None
+
+    def packed_weights(self):
+        """The packed weights of this rank's layers (CQILTransformer.packed_weights)."""
+        return self.model.packed_weights()
+
+    def graph_signature(self) -> tuple:
+        """What this rank's captured graphs read (CQILTransformer.graph_signature)."""
+        return self.model.graph_signature()
 
     def microbatch_span(self, B: int, T: int) -> tuple[int, int] | None:
         """(first, last) stage run as two micro-batches of tokens for a step of B x T tokens, or None:
@@ -426,10 +460,11 @@ class _Halves:
 
 
 class _RankTritonRunner:
-    """model.StepRunner of a rank on the fused kernels (fused.TritonRunner's state: positions, cache)."""
+    """model.StepRunner of a rank on the fused kernels (fused.TritonRunner's state: positions, cache).
+    rows: as fused.PaddedRunner's (a padded prompt's logits rows; None: the last `keep` of each row)."""
 
-    def __init__(self, rank_model: RankModel):
-        self.rank_model, self.model = rank_model, rank_model.model
+    def __init__(self, rank_model: RankModel, rows: torch.Tensor | None = None):
+        self.rank_model, self.model, self.rows = rank_model, rank_model.model, rows
         self.packed = self.model.packed_weights()
 
     def begin(self, input_ids, valid, cache):
@@ -456,9 +491,9 @@ class _RankTritonRunner:
         return h
 
     def end(self, h, state, keep):
-        from ..fused import last_logits
+        from ..fused import picked_logits
 
-        return last_logits(self.model, h, state[0].shape, keep)
+        return picked_logits(self.model, h, state[0].shape, keep, self.rows)
 
     @staticmethod
     def _split(h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> _Halves:

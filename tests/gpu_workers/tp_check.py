@@ -4,8 +4,9 @@ that device), or one GPU per rank.
 
     torchrun --standalone --nproc-per-node N tests/gpu_workers/tp_check.py CHECKPOINT one_gpu|gpus
 
-For each placement, the ranks' bf16 logits of a left-padded prompt and of 8 decode steps (replayed from a
-CUDA graph, reductions included) must be within twice the one-process bf16 model's error against a float32
+For each placement, the ranks' bf16 logits of a left-padded prompt (its third call replayed from the
+prompt's CUDA graph, bit for bit the first, eager, call's) and of 8 decode steps (replayed from a CUDA
+graph, reductions included) must be within twice the one-process bf16 model's error against a float32
 model of the same weights (plus one bf16 unit at the logits' scale). Rank 0 prints "tp check OK <case>".
 """
 
@@ -41,13 +42,18 @@ def check(src: str, name: str, cqil: CQILConfig, device: torch.device) -> None:
     logits = {}
     for label, model in (("ranks", ranked), ("one", one), ("exact", exact)):
         with torch.inference_mode():
-            cache = model.new_cache(2, 24)
-            outs = [model(ids, mask, cache=cache)[:, -1].double()]
+            firsts = []
+            for _ in range(3 if label == "ranks" else 1):  # the ranks' prompt: eager padded, captured, replayed
+                cache = model.new_cache(2, 24)
+                firsts.append(model(ids, mask, cache=cache)[:, -1].double())
+            outs = [firsts[-1]]
             decode = model.decoder(cache)
             outs += [decode(tok).double().clone() for tok in steps]
         logits[label] = torch.stack(outs)
         if label == "ranks":
             assert decode.graph is not None, "the ranks' decode step is not a CUDA-graph replay"
+            assert model._graphs is not None and model._graphs.captured() == 1, "the ranks' prompt is not replayed"
+            assert all(torch.equal(first, firsts[0]) for first in firsts[1:]), "replayed prompt logits differ"
     err_ranks = (logits["ranks"] - logits["exact"]).abs().max().item()
     err_one = (logits["one"] - logits["exact"]).abs().max().item()
     scale = logits["exact"].abs().max().item()
