@@ -20,7 +20,8 @@
 #               for each PAR_CONFIGS entry shape/groups (default llama-7b/12-30:2)
 #   placements  all visible GPUs (>= 2): benchmarks/placements_e2e.py, one-GPU vs TP vs CQIL vs the hybrid
 #               (PLACE_ARGS, default "--shape llama-7b --groups 12-30:2"); one GPU: the one-GPU estimate of 2
-#               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4)
+#               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4; EST_33B=1: also
+#               LLaMA-33B, one rank part at a time, H200 only)
 #   boundaries  issue 26: benchmarks/layer_slope.py (per-layer fixed cost of our decode, SLOPE_SHAPE default llama-7b,
 #               full layer and the TP2/TP4 shard shapes) and benchmarks/persistent_chain.py (the persistent
 #               one-launch prototype against a launch per layer; CHAIN_ARGS)
@@ -101,6 +102,14 @@ for stage in $stages; do
       timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-7b --world 4 \
         --groups 14-30:4 --split-groups 12-30:2 --reduce-us ${EST_US4:-7.5} --rounds ${ROUNDS:-2} \
         --out "$OUT/estimate_llama-7b_4.json" 2>&1 | tee -a "$OUT/placements.log"
+      if [ "${EST_33B:-0}" = 1 ]; then  # one rank part at a time beside the one-GPU model: needs an H200
+        timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-33b --world 2 \
+          --groups 22-56:2 --reduce-us ${EST_US2:-5.0} --rounds ${ROUNDS:-2} --one-at-a-time \
+          --out "$OUT/estimate_llama-33b_2.json" 2>&1 | tee -a "$OUT/placements.log"
+        timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-33b --world 4 \
+          --groups 24-56:4 --split-groups 22-56:2 --reduce-us ${EST_US4:-7.5} --rounds ${ROUNDS:-2} --one-at-a-time \
+          --out "$OUT/estimate_llama-33b_4.json" 2>&1 | tee -a "$OUT/placements.log"
+      fi
     fi ;;
   e2e)
     echo "== cqil bench"

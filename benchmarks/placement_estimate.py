@@ -10,7 +10,11 @@ For each placement, rank 0's part of the model (its layers, or its shards of the
 a one-process group with every reduction skipped, and its decode step is timed from a CUDA graph: the
 rank's compute. The estimate adds the all-reduces one step makes on that placement times the latency of
 one (--reduce-us: 8 KB in a CUDA graph, measured on several GPUs; benchmarks/results/reductions.json). The
-one-GPU model is timed in the same rounds, alternated, order reversed every other round; medians.
+one-GPU model is timed in the same rounds, alternated, order reversed every other round; medians. With
+--one-at-a-time only one rank part is on the GPU beside the one-GPU model (LLaMA-33B on one H200):
+
+    python benchmarks/placement_estimate.py --shape llama-33b --world 2 --groups 22-56:2 --reduce-us 5.0 \\
+        --one-at-a-time --out est_33b_2.json
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="build each placement's rank part only while it is timed (the one-GPU model beside one "
+                         "part, not beside all: LLaMA-33B on one H200)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -81,18 +88,33 @@ def run(a, device: torch.device) -> dict:
     skip = GroupReducer(device, one_shot=False, copy_engine=False)
     skip.skip_for_benchmark = True  # timing only: every reduction returns its input
     ranks, steps = {}, {}
-    for name, (cqil, tp) in placements(a.world, groups, split).items():
+
+    def build(cqil, tp):
         placement = Placement.build(0, a.world, args, cqil, tensor_parallel=tp)
         part = random_model(a.shape, dtype, device, placement=placement)
         part.cqil, part.backend = cqil, "triton"
-        ranks[name] = RankModel(part, placement, reducer=skip)
-        steps[name] = placement.reductions_per_step(cqil.bypass)
-    times = {"one-gpu": [], **{name: [] for name in ranks}}
-    for r in range(a.rounds):
-        order = [("one-gpu", base), *ranks.items()]
+        return RankModel(part, placement, reducer=skip), placement.reductions_per_step(cqil.bypass)
+
+    def time_round(r, order):
         for name, model in (order if r % 2 == 0 else order[::-1]):
             times[name].append(_time_ours(model, ids, 64, 3)[1])
             print(f"round {r} {name:>16}: {times[name][-1]:.4f} ms/token (compute)", flush=True)
+
+    chosen = placements(a.world, groups, split)
+    times = {"one-gpu": [], **{name: [] for name in chosen}}
+    if a.one_at_a_time:  # each rank part built, timed against the one-GPU model and freed in turn
+        for name, (cqil, tp) in chosen.items():
+            part, steps[name] = build(cqil, tp)
+            for r in range(a.rounds):
+                time_round(r, [("one-gpu", base), (name, part)])
+            del part
+            torch.cuda.empty_cache()
+        ranks = chosen
+    else:
+        for name, (cqil, tp) in chosen.items():
+            ranks[name], steps[name] = build(cqil, tp)
+        for r in range(a.rounds):
+            time_round(r, [("one-gpu", base), *ranks.items()])
     one = statistics.median(times["one-gpu"])
     rows = [["one-gpu", 1, 0, round(one, 4), round(one, 4), "1.00x"]]
     for name in ranks:
@@ -105,7 +127,9 @@ def run(a, device: torch.device) -> dict:
     return dict(title=f"Decode on {a.world} GPUs estimated on one: {a.shape}",
                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, graph-replayed decode; rank 0's compute "
                       f"(reductions skipped) + reductions per step x {a.reduce_us} us; CQIL groups {a.groups}"
-                      + (f", split groups {a.split_groups}" if a.split_groups else "") + f"; {a.rounds} rounds"),
+                      + (f", split groups {a.split_groups}" if a.split_groups else "") + f"; {a.rounds} rounds"
+                      + (" per placement, each rank part alternated with the one-GPU model alone"
+                         if a.one_at_a_time else "")),
                 card=torch.cuda.get_device_name(device),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 commit=_commit(), command="python benchmarks/placement_estimate.py " + " ".join(sys.argv[1:]),
