@@ -16,8 +16,11 @@ layer before it:
   persistent    one launch for the whole chain: programs take tiles in order from a ticket counter and a
                 tile of layer l waits (spinning on a counter) until every tile of layer l-1 has stored;
                 its first weight chunk is loaded before the wait
+  dataflow      as persistent, but while layer l-1 still runs a tile of layer l goes chunk by chunk of K,
+                each once the tiles of layer l-1 that store it are done (a counter per chunk), each weight
+                chunk loaded before its wait: no layer barrier, so no tail
 
-All four give bit-identical results (the same tile code in the same order; tested in
+All variants give bit-identical results (the same tile code in the same order; tested in
 tests/test_persistent_chain.py on the interpreter). Each variant is replayed from a CUDA graph and timed
 with events; variants alternate, order reversed every other round; medians. The device-to-device copy of
 the same run is the bound, as in cqil bench.
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from cqil_kernels.ops._common import dot_flags
 
-VARIANTS = ("launch", "pdl", "pdl-prefetch", "persistent")
+VARIANTS = ("launch", "pdl", "pdl-prefetch", "persistent", "dataflow")
 BLOCK_M = 16  # decode rows, padded to one tensor-core tile as in ops/group_gemm.py
 
 
@@ -58,11 +61,15 @@ def _dot(x, w, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, pid_n, wait_ptr, wait_target,
-          WAIT: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, pid_n, wait_ptr, wait_target, chunk_ptr,
+          chunk_target, WAIT: tl.constexpr, PREFETCH: tl.constexpr, FORCE_CHUNKS: tl.constexpr,
+          UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
     """out[:M, pid_n*BLOCK_N:+BLOCK_N] = x[:M, :K] @ w[cols, :K]^T. WAIT: 0 none, 1 griddepcontrol.wait,
-    2 spin on *wait_ptr >= wait_target. PREFETCH: the first weight chunk is loaded before the wait."""
+    2 spin until *wait_ptr >= wait_target (the whole layer before), 3 the same where the layer before is
+    already complete, else chunk by chunk: K chunk c once chunk_ptr[c] >= chunk_target (the tiles that
+    store those columns of x; FORCE_CHUNKS: always so, the CPU tests' way to the chunked loop).
+    PREFETCH: the first weight chunk is loaded before any wait."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -75,15 +82,33 @@ def _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, pid_n, wait_ptr, w
         tl.extra.cuda.gdc_wait()
     if WAIT == 2:
         _wait_count(wait_ptr, wait_target)
+    chunked = False
+    if WAIT == 3:
+        if FORCE_CHUNKS:
+            chunked = True
+        else:
+            chunked = tl.atomic_add(wait_ptr, 0, sem="acquire", scope="gpu") < wait_target
     if not PREFETCH:
         w0 = tl.load(w_cols + offs_k[:, None])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # x was written by other programs of this launch (persistent): read it from L2, not a stale L1 line
-    x0 = tl.load(x_rows + offs_k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
-    acc = _dot(x0, w0, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
-        acc = _dot(xk, tl.load(w_cols + k[:, None]), acc, UPCAST, PRECISION)
+    if chunked:  # the layer before is still running: each chunk of x once its producers have stored it
+        _wait_count(chunk_ptr, chunk_target)
+        x0 = tl.load(x_rows + offs_k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+        acc = _dot(x0, w0, acc, UPCAST, PRECISION)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + offs_k
+            wk = tl.load(w_cols + k[:, None])  # issued before the wait: weights never depend on it
+            _wait_count(chunk_ptr + k0 // BLOCK_K, chunk_target)
+            xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+            acc = _dot(xk, wk, acc, UPCAST, PRECISION)
+    else:
+        x0 = tl.load(x_rows + offs_k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+        acc = _dot(x0, w0, acc, UPCAST, PRECISION)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + offs_k
+            xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+            acc = _dot(xk, tl.load(w_cols + k[:, None]), acc, UPCAST, PRECISION)
     if WAIT == 1:
         tl.extra.cuda.gdc_launch_dependents()
     tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok)
@@ -93,21 +118,25 @@ def _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, pid_n, wait_ptr, w
 def _layer_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o,
                   WAIT: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, tl.program_id(0), x_ptr, 0,
-          WAIT, PREFETCH, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _tile(x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_o, tl.program_id(0), x_ptr, 0, x_ptr, 0,
+          WAIT, PREFETCH, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _chain_kernel(act_ptr, w_ptr, state_ptr, M, D, F, n_layers, stride_act,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The whole chain in one launch. state_ptr: [0] the ticket counter, [1 + l] tiles of layer l stored
-    (zeroed before the launch). Tile t of the chain: layers in order, then columns; a tile only waits on
-    tiles of lower tickets, all taken by running programs, so no order of scheduling can deadlock."""
+def _chain_kernel(act_ptr, w_ptr, state_ptr, M, D, F, n_layers, stride_act, CHUNKS,
+                  WAIT: tl.constexpr, FORCE_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole chain in one launch. state_ptr (zeroed before the launch): [0] the ticket counter,
+    [1 + l] tiles of layer l stored, [1 + n_layers + l * CHUNKS + c] tiles of layer l stored whose
+    columns fall in K chunk c of layer l + 1 (DATAFLOW). Tile t of the chain: layers in order, then
+    columns; a tile only waits on tiles of lower tickets, all taken by running programs, so no order of
+    scheduling can deadlock. WAIT (_tile's): 3, dataflow: a tile of layer l starts on its first chunks
+    while the last tiles of layer l - 1 still run; 2: it waits for all of them."""
     tiles_even, tiles_odd = F // BLOCK_N, D // BLOCK_N  # layer 2i: D -> F, layer 2i+1: F -> D
     pair = tiles_even + tiles_odd
     total = (n_layers // 2) * pair + (n_layers % 2) * tiles_even
     layer_elems = D * F
+    chunks_base = state_ptr + 1 + n_layers
     t = tl.atomic_add(state_ptr, 1)
     while t < total:
         t_next = tl.atomic_add(state_ptr, 1)  # the next ticket's latency hides behind this tile
@@ -116,15 +145,19 @@ def _chain_kernel(act_ptr, w_ptr, state_ptr, M, D, F, n_layers, stride_act,
         pid_n = t % pair - odd.to(tl.int32) * tiles_even
         N = tl.where(odd, D, F)
         K = tl.where(odd, F, D)
-        prev_tiles = tl.where(odd, tiles_even, tiles_odd)
+        first = layer == 0
+        target = tl.where(first, 0, tl.where(odd, tiles_even, tiles_odd))
         x = act_ptr + layer * BLOCK_M * stride_act
         out = x + BLOCK_M * stride_act
         w = w_ptr + layer.to(tl.int64) * layer_elems
-        target = tl.where(layer == 0, 0, prev_tiles)
-        _tile(x, w, out, M, N, K, stride_act, stride_act, pid_n, state_ptr + layer, target,
-              2, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()  # every thread's stores of this tile happen before the release below
+        prev_chunks = chunks_base + tl.where(first, 0, layer - 1) * CHUNKS
+        _tile(x, w, out, M, N, K, stride_act, stride_act, pid_n, state_ptr + layer, target, prev_chunks,
+              tl.where(first, 0, BLOCK_K // BLOCK_N), WAIT, True, FORCE_CHUNKS, UPCAST, PRECISION,
+              BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()  # every thread's stores of this tile happen before the releases below
         tl.atomic_add(state_ptr + 1 + layer, 1, sem="release", scope="gpu")
+        if WAIT == 3:
+            tl.atomic_add(chunks_base + layer * CHUNKS + pid_n * BLOCK_N // BLOCK_K, 1, sem="release", scope="gpu")
         t = t_next
 
 
@@ -149,7 +182,8 @@ class Chain:
         self.width = max(D, F)
         self.act = torch.zeros(layers + 1, BLOCK_M, self.width, dtype=dtype, device=device)
         self.act[0, :batch, :D] = torch.randn(batch, D, generator=g).to(dtype)
-        self.state = torch.zeros(1 + layers, dtype=torch.int32, device=device)
+        self.state = torch.zeros(1 + layers + layers * self.width // block_k, dtype=torch.int32, device=device)
+        self.force_chunks = False  # dataflow: every tile takes the chunked loop (the CPU tests)
         upcast, precision = dot_flags(dtype)
         self.meta = dict(UPCAST=upcast, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                          BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
@@ -175,10 +209,12 @@ class Chain:
         return self.act[self.layers, :self.batch, :N]
 
     def run(self, variant: str) -> None:
-        if variant == "persistent":
+        if variant in ("persistent", "dataflow"):
             self.state.zero_()
             _chain_kernel[(self.programs,)](self.act, self.w, self.state, self.batch, self.D, self.F,
-                                            self.layers, self.act.stride(1), **self.meta)
+                                            self.layers, self.act.stride(1), self.width // self.meta["BLOCK_K"],
+                                            WAIT=3 if variant == "dataflow" else 2,
+                                            FORCE_CHUNKS=self.force_chunks, **self.meta)
             return
         wait, prefetch, pdl = {"launch": (0, False, False), "pdl": (1, False, True),
                                "pdl-prefetch": (1, True, True)}[variant]

@@ -36,15 +36,25 @@ def assert_layers_close(chain) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers,batch,programs", [(1, 1, 2), (4, 3, 2), (3, 16, 5)])
 def test_persistent_chain_matches_launches(chain_module, dtype, layers, batch, programs):
+    """The one-launch chain (layer barrier, and dataflow with every tile taking the chunk-by-chunk loop)
+    stores the launches' bits; the counters end at every layer's tiles and every chunk's producers."""
     chain = chain_module.Chain((64, 96), layers, batch, dtype, torch.device("cpu"), block_n=16, block_k=32,
                                programs_per_sm=programs, seed=layers)
     chain.run("launch")
     launched = chain.output().clone()
-    chain.act[1:].fill_(float("nan"))
-    chain.run("persistent")
-    assert torch.equal(chain.output(), launched)
-    assert chain.state[0].item() >= chain.programs  # every program took a ticket past the last tile
-    assert chain.state[1:].tolist() == [96 // 16 if layer % 2 == 0 else 64 // 16 for layer in range(layers)]
+    tiles = [96 // 16 if layer % 2 == 0 else 64 // 16 for layer in range(layers)]
+    chain.force_chunks = True
+    for variant in ("persistent", "dataflow"):
+        chain.act[1:].fill_(float("nan"))
+        chain.run(variant)
+        assert torch.equal(chain.output(), launched), variant
+        assert chain.state[0].item() >= chain.programs  # every program took a ticket past the last tile
+        assert chain.state[1:1 + layers].tolist() == tiles
+        chunks = chain.state[1 + layers:].view(layers, 96 // 32)
+        if variant == "dataflow":  # 32 / 16 producer tiles per chunk of the next layer's K
+            assert chunks.tolist() == [[2] * (n // 2) + [0] * (3 - n // 2) for n in tiles]
+        else:
+            assert not chunks.any()
     assert_layers_close(chain)
 
 
@@ -59,6 +69,9 @@ def test_persistent_chain_cuda_variants_agree(chain_module):
         chain.act[1:].fill_(float("nan"))
         chain.run(variant)
         outs[variant] = chain.output().clone()
+    chain.force_chunks = True  # dataflow's chunked loop in every tile, its waits on the device
+    chain.run("dataflow")
+    outs["dataflow, chunked"] = chain.output().clone()
     for variant, out in outs.items():
         assert torch.equal(out, outs["launch"]), variant
     assert_layers_close(chain)
