@@ -22,6 +22,8 @@
 #               (PLACE_ARGS, default "--shape llama-7b --groups 12-30:2"); one GPU: the one-GPU estimate of 2
 #               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4; EST_33B=1: also
 #               LLaMA-33B, one rank part at a time, H200 only)
+#   profile     benchmarks/profile_step.py per PROFILE_SHAPES (default smollm2-135m, PROFILE_GROUPS default none):
+#               eager prefill's host/device ops, the graph-replayed prompt's host Python (cProfile), decode kernels
 #   boundaries  issue 26: benchmarks/layer_slope.py (per-layer fixed cost of our decode, SLOPE_SHAPE default llama-7b,
 #               full layer and the TP2/TP4 shard shapes) and benchmarks/persistent_chain.py (the persistent
 #               one-launch prototype against a launch per layer; CHAIN_ARGS)
@@ -163,6 +165,11 @@ for stage in $stages; do
     for b in ${CHAIN_BATCHES:-1 8}; do
       timeout ${CHAIN_TIMEOUT:-120} python3 benchmarks/persistent_chain.py --batch $b ${CHAIN_ARGS:-} \
         --out "$OUT/persistent_chain_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
+    done ;;
+  profile)
+    for shape in ${PROFILE_SHAPES:-smollm2-135m}; do
+      timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/profile_step.py --shape $shape --groups ${PROFILE_GROUPS:-none} \
+        --prompt ${PROFILE_PROMPT:-512} --rows 20 2>&1 | tee -a "$OUT/profile.log"
     done ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;

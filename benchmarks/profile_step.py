@@ -1,11 +1,16 @@
 """Where a prefill and a decode step spend their time: torch.profiler over our model on the GPU.
 
     python benchmarks/profile_step.py --shape smollm2-135m --groups 2-26:4 [--prompt 512]
-Prints host (CPU) and device time of one eager prefill, and the per-kernel device time of decode steps
+Prints host (CPU) and device time of one eager prefill, the host's Python time of a prompt replayed from
+its bucket's CUDA graph (cProfile over repeated calls, the device idle before each: the host work that
+stands between a user's call and the first kernel), and the per-kernel device time of decode steps
 replayed from the CUDA graph.
 """
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,15 +32,33 @@ def main() -> None:
     model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
     ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device="cuda")
     with torch.inference_mode():
+        model.accelerator.prefill_graphs = False  # first the prompt launched from Python
         for _ in range(2):
             model(ids, cache=model.new_cache(1, a.prompt + 40))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model(ids, cache=model.new_cache(1, a.prompt + 40))
             torch.cuda.synchronize()
-        print(f"== prefill {a.prompt} tokens, groups {groups}")
+        print(f"== eager prefill {a.prompt} tokens, groups {groups}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
+
+        model.accelerator.prefill_graphs = True
+        for _ in range(3):  # eager padded, captured, replayed
+            model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1)
+        torch.cuda.synchronize()
+        profiler, walls = cProfile.Profile(), []
+        for _ in range(20):
+            start = time.perf_counter()
+            profiler.enable()
+            model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1)
+            profiler.disable()
+            walls.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+        walls.sort()
+        print(f"== prompt replayed from its graph: host {1e3 * walls[len(walls) // 2]:.3f} ms per call (median of "
+              f"20, the device idle before each); cProfile over the 20 calls (its own overhead included):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(a.rows)
 
         cache = model.new_cache(1, a.prompt + 40)
         tok = model.argmax(model(ids, cache=cache)[:, -1])
