@@ -16,10 +16,7 @@ cqil bench; models of one --tp alternate, order reversed every other round; medi
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +38,7 @@ def shard_overrides(shape: str, tp: int, layers: int) -> dict:
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
     from cqil_kernels.bench import (_commit, _time_ours, _warm_up_gpu, copy_bandwidth_gbps, decode_step_bytes,
-                                    random_model, shape_args)
+                                    random_model, shape_args, write_record)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b")
@@ -59,7 +56,7 @@ def main(argv=None) -> None:
         raise SystemExit("--layers: two different counts >= 1")
     if not torch.cuda.is_available():
         raise SystemExit("layer_slope measures GPU time and needs a CUDA device")
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype, commit = torch.device("cuda"), torch.bfloat16, _commit()
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
     rows, times_all = [], {}
@@ -88,21 +85,16 @@ def main(argv=None) -> None:
         print(f"tp {tp}: layer step {slope_us:.2f} us for {layer_bytes / 1e6:.1f} MB ({floor_us:.2f} us at copy "
               f"speed): fixed cost {slope_us - floor_us:.2f} us ({100 * floor_us / slope_us:.0f}% of copy)",
               flush=True)
-    record = dict(
+    write_record(
+        a.out, device=device, commit=commit,
         title=f"Per-layer fixed cost of our decode step (slope method): {a.shape}",
         what=(f"sequential decode, bf16, batch {a.batch}, {a.prompt} cached positions, graph-replayed "
               f"(cqil_kernels.bench._time_ours, {a.new} steps x {a.repeats} repeats); models of {lo} and {hi} "
               f"layers alternated over {a.rounds} rounds, medians; tp T: heads and intermediate size / T"),
-        card=torch.cuda.get_device_name(device),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        commit=_commit(), command="python benchmarks/layer_slope.py " + " ".join(sys.argv[1:]),
-        source="this file", copy_gbps=round(copy, 1),
+        copy_gbps=round(copy, 1),
         columns=["tp", f"ms/token at {lo} layers", f"ms/token at {hi} layers", "us per layer step",
                  "MB per layer", "us at copy speed", "fixed cost us", "% of copy"],
         rows=rows, times_ms=times_all)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,7 @@ the same run is the bound, as in cqil bench.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -234,7 +231,7 @@ class Chain:
 
 
 def main(argv=None) -> None:
-    from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps
+    from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
@@ -249,7 +246,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("persistent_chain measures GPU time and needs a CUDA device")
-    device = torch.device("cuda")
+    device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
     rows, times_all = [], {}
@@ -298,20 +295,15 @@ def main(argv=None) -> None:
                   flush=True)
         times_all[str(layers)] = times
         print(f"    max error against float64 (relative to max |out|): {err:.2e}", flush=True)
-    record = dict(
+    write_record(
+        a.out, device=device, commit=commit,
         title="Persistent chain prototype: one launch with per-layer counters against a launch per layer",
         what=(f"chain of GEMVs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, batch {a.batch}, "
               f"BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} persistent programs per SM; "
               f"{a.replays} chains per CUDA graph replay, events, medians of {a.rounds} rounds"),
-        card=torch.cuda.get_device_name(device),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        commit=_commit(), command="python benchmarks/persistent_chain.py " + " ".join(sys.argv[1:]),
-        source="this file", copy_gbps=round(copy, 1),
+        copy_gbps=round(copy, 1),
         columns=["variant", "layers", "us per chain", "us per layer", "% of copy", "us per layer over copy"],
         rows=rows, times_us=times_all)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
