@@ -1,0 +1,410 @@
+"""Prototype for the persistent decode step (issue 26), second stage: every layer of a sequential LLaMA
+decode step (T = 1, up to 16 rows) in one launch, against today's fused step (six launches a layer,
+graph-replayed) on the same model.
+
+    python benchmarks/persistent_layers.py --shape llama-7b --layers 4 --layers 12 --batch 1 --out pl.json
+
+One launch runs the layers' tasks in ticket order; a program takes the next ticket, runs its task and
+releases counters. The tasks of layer l, in order:
+  A  one head of QKV (Dh outputs; two halves for RoPE): RMSNorm_in in the prologue (its sum of squares
+     from the chunks of h streamed anyway, applied at the end as in ops/group_gemm.py), RoPE on q and k
+     heads, q to a buffer, k and v into the KV cache at the step's slot;
+  B  attention of one head for one row (online softmax over the cached positions, key_valid masked),
+     once its q head and its key/value heads are stored;
+  C  BLOCK_N columns of o_proj + the residual h, chunk c of K (head c) once head c's B tasks are done;
+  D  BLOCK_N columns of gate and up, RMSNorm_post in the prologue, silu(g) * u in the epilogue;
+  E  BLOCK_N columns of down + the residual, which are h of layer l + 1.
+A GEMV task (A, C, D, E) checks once whether the whole stage before it is done (then streams without
+waits); otherwise it waits chunk by chunk of K on the counter of the tiles that store that chunk, each
+weight chunk loaded before its wait. A task waits only on tasks of lower tickets, all taken by running
+programs, so no order of scheduling deadlocks. Embedding, cache bookkeeping (ops/cache_advance) and the
+final norm + lm_head stay as today's launches.
+
+Not in the prototype: groups, bypass, biases, prompts (T > 1), left-padded rows whose positions differ
+(positions are per row, so they work; tested with uniform rows only). tests/test_persistent_layers.py checks
+its logits against the fused step and a float64 model on the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from cqil_kernels.ops._common import dot_flags
+
+BLOCK_M = 16  # decode rows, padded to one tensor-core tile as in ops/group_gemm.py
+
+
+@triton.jit
+def _wait(counter_ptr, target):
+    """Spin until *counter_ptr >= target (acquire)."""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _release(counter_ptr):
+    """*counter_ptr += 1 after every thread's stores of this task."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _dot(x, w, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # ops/_common.dot_flags: the interpreter's bf16 arithmetic is wrong
+        x, w = x.to(tl.float32), w.to(tl.float32)
+    return tl.dot(x, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, nw_ptr, wait_ptr, wait_target, done_ptr, done_target,
+          FORCE_CHUNKS: tl.constexpr, NORM: tl.constexpr, DUAL: tl.constexpr, WN: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc, acc2, sumsq): x[:M, :K] @ w[n0:n0 + WN, :K]^T and the same with w2 (DUAL), fp32; NORM: x
+    times nw per chunk (rounded to the weights' dtype, as ops/group_gemm.py) and the rows' sums of squares
+    of the raw x. Chunk c of x is read once wait_ptr[c] >= wait_target, unless *done_ptr >= done_target
+    at the start (FORCE_CHUNKS: never so, the CPU tests' way to the chunked loop)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = (n0 + tl.arange(0, WN))[None, :] * K
+    m_ok = offs_m[:, None] < M
+    x_rows = x_ptr + offs_m[:, None] * stride_x
+    acc = tl.zeros((BLOCK_M, WN), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, WN), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if FORCE_CHUNKS:
+        chunked = True
+    else:
+        chunked = tl.atomic_add(done_ptr, 0, sem="acquire", scope="gpu") < done_target
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        wk = tl.load(w_ptr + cols + k[:, None])  # weights never depend on the wait: loaded before it
+        if DUAL:
+            w2k = tl.load(w2_ptr + cols + k[:, None])
+        if chunked:
+            _wait(wait_ptr + k0 // BLOCK_K, wait_target)
+        xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+        if NORM:
+            x32 = xk.to(tl.float32)
+            sumsq += tl.sum(x32 * x32, axis=1)
+            xk = (x32 * tl.load(nw_ptr + k).to(tl.float32)[None, :]).to(wk.dtype)
+        acc = _dot(xk, wk, acc, UPCAST, PRECISION)
+        if DUAL:
+            acc2 = _dot(xk, w2k, acc2, UPCAST, PRECISION)
+    return acc, acc2, sumsq
+
+
+@triton.jit
+def _layers_kernel(
+    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, state_ptr,
+    qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
+    k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
+    M, L, D, F, H, HKV, S, eps, scale,
+    s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
+    FORCE_CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Every layer's tasks (module docstring). state_ptr (zeroed before the launch): [0] the ticket, then
+    per layer: A flags [H + 2 HKV], B counts [H], C / D / E chunk counts [D / BLOCK_K, F / BLOCK_K,
+    D / BLOCK_K], and the B / C / D / E tasks done."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    n_a = H + 2 * HKV
+    n_b = H * M
+    n_c = D // BLOCK_N
+    n_d = F // BLOCK_N
+    per_layer = n_a + n_b + 2 * n_c + n_d
+    total = L * per_layer
+    # counters of one layer
+    off_b = n_a
+    off_c = off_b + H
+    off_d = off_c + D // BLOCK_K
+    off_e = off_d + F // BLOCK_K
+    off_done = off_e + D // BLOCK_K
+    span = off_done + 4
+    per_chunk = BLOCK_K // BLOCK_N  # tiles of BLOCK_N columns that store one chunk of the next K
+    dtype = h_ptr.dtype.element_ty
+    HD = H * HEAD_DIM
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    t = tl.atomic_add(state_ptr, 1)
+    while t < total:
+        t_next = tl.atomic_add(state_ptr, 1)  # the next ticket's latency hides behind this task
+        layer = t // per_layer
+        r = t % per_layer
+        st = state_ptr + 1 + layer * span
+        prev = state_ptr + 1 + tl.maximum(layer - 1, 0) * span  # layer 0: its own, with targets 0
+        first = layer == 0
+        h_l = h_ptr + layer * BLOCK_M * D
+        if r < n_a:  # A: QKV head r
+            wq = qkv_w + layer.to(tl.int64) * s_qkv + (r * HEAD_DIM).to(tl.int64) * D
+            lo, hi, sumsq = _gemv(h_l, D, M, wq, wq + HALF * D, 0, D, nin_w + layer * s_norm,
+                                  prev + off_e, tl.where(first, 0, per_chunk), prev + off_done + 3,
+                                  tl.where(first, 0, n_c), FORCE_CHUNKS, True, True, HALF, BLOCK_M, BLOCK_K,
+                                  UPCAST, PRECISION)
+            rstd = tl.rsqrt(sumsq / D + eps)[:, None]
+            lo = (lo * rstd).to(dtype).to(tl.float32)  # rounded as the QKV GEMM stores it, then RoPE
+            hi = (hi * rstd).to(dtype).to(tl.float32)
+            offs_d = tl.arange(0, HALF)
+            slot = tl.load(start_ptr)
+            if r < H + HKV:  # q and k heads: RoPE at each row's position
+                pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.float32)
+                angle = pos[:, None] * tl.load(inv_freq_ptr + offs_d)[None, :]
+                cos, sin = tl.cos(angle), tl.sin(angle)
+                lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+            ok = m_ok[:, None]
+            if r < H:
+                dst = q_ptr + layer * BLOCK_M * HD + offs_m[:, None] * HD + r * HEAD_DIM + offs_d[None, :]
+                tl.store(dst, lo.to(dtype), mask=ok)
+                tl.store(dst + HALF, hi.to(dtype), mask=ok)
+            else:
+                kv = tl.where(r < H + HKV, r - H, r - H - HKV)
+                cache = tl.where(r < H + HKV, 0, 1)  # which of k_cache / v_cache (s_kv apart)
+                dst = k_cache + cache.to(tl.int64) * s_kv + layer.to(tl.int64) * s_cl + offs_m[:, None] * s_cb \
+                    + kv * s_ch + slot * s_cs + offs_d[None, :]
+                tl.store(dst, lo.to(dtype), mask=ok)
+                tl.store(dst + HALF, hi.to(dtype), mask=ok)
+            _release(st + r)
+        elif r < n_a + n_b:  # B: attention of head h for row b
+            j = r - n_a
+            h, b = j // M, j % M
+            kvh = h // (H // HKV)
+            _wait(st + h, 1)
+            _wait(st + H + kvh, 1)
+            _wait(st + H + HKV + kvh, 1)
+            offs_d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d,
+                        cache_modifier=".cg").to(tl.float32)
+            base = layer.to(tl.int64) * s_cl + b * s_cb + kvh * s_ch
+            slot = tl.load(start_ptr)
+            m_i = tl.full((), float("-inf"), tl.float32)
+            l_i = tl.zeros((), dtype=tl.float32)
+            acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+            offs_s = tl.arange(0, BLOCK_S)
+            for s0 in range(0, slot + 1, BLOCK_S):
+                s = s0 + offs_s
+                live = (s <= slot) & tl.load(key_valid_ptr + b * S + s, mask=s <= slot, other=0).to(tl.int1)
+                kk = tl.load(k_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
+                             cache_modifier=".cg").to(tl.float32)
+                score = tl.where(live, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(score, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no live key yet (left padding)
+                p = tl.where(live, tl.exp(score - m_safe), 0.0)
+                alpha = tl.exp(m_i - m_safe)
+                vv = tl.load(v_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
+                             cache_modifier=".cg").to(tl.float32)
+                acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                m_i = m_new
+            tl.store(attn_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d, (acc / l_i).to(dtype))
+            tl.debug_barrier()
+            tl.atomic_add(st + off_b + h, 1, sem="release", scope="gpu")
+            tl.atomic_add(st + off_done, 1, sem="release", scope="gpu")
+        elif r < n_a + n_b + n_c:  # C: o_proj columns + h
+            n0 = (r - n_a - n_b) * BLOCK_N
+            acc, _unused, _sq = _gemv(attn_ptr + layer * BLOCK_M * HD, HD, M, o_w + layer.to(tl.int64) * s_o, o_w,
+                                      n0, HD, nin_w, st + off_b, M, st + off_done, n_b, FORCE_CHUNKS, False, False,
+                                      BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            res = tl.load(h_l + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0,
+                          cache_modifier=".cg").to(tl.float32)
+            tl.store(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
+                     mask=m_ok[:, None])
+            tl.debug_barrier()
+            tl.atomic_add(st + off_c + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            tl.atomic_add(st + off_done + 1, 1, sem="release", scope="gpu")
+        elif r < n_a + n_b + n_c + n_d:  # D: gate / up columns, RMSNorm_post, silu(g) * u
+            n0 = (r - n_a - n_b - n_c) * BLOCK_N
+            g, u, sumsq = _gemv(hmid_ptr + layer * BLOCK_M * D, D, M, gate_w + layer.to(tl.int64) * s_gate,
+                                up_w + layer.to(tl.int64) * s_gate, n0, D, npost_w + layer * s_norm, st + off_c,
+                                per_chunk, st + off_done + 1, n_c, FORCE_CHUNKS, True, True, BLOCK_N, BLOCK_M,
+                                BLOCK_K, UPCAST, PRECISION)
+            rstd = tl.rsqrt(sumsq / D + eps)[:, None]
+            g, u = g * rstd, u * rstd
+            cols = n0 + tl.arange(0, BLOCK_N)
+            tl.store(act_ptr + layer * BLOCK_M * F + offs_m[:, None] * F + cols[None, :],
+                     (g * tl.sigmoid(g) * u).to(dtype), mask=m_ok[:, None])
+            tl.debug_barrier()
+            tl.atomic_add(st + off_d + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            tl.atomic_add(st + off_done + 2, 1, sem="release", scope="gpu")
+        else:  # E: down columns + h_mid: h of the next layer
+            n0 = (r - n_a - n_b - n_c - n_d) * BLOCK_N
+            acc, _unused, _sq = _gemv(act_ptr + layer * BLOCK_M * F, F, M, down_w + layer.to(tl.int64) * s_down,
+                                      down_w, n0, F, nin_w, st + off_d, per_chunk, st + off_done + 2, n_d,
+                                      FORCE_CHUNKS, False, False, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            res = tl.load(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None],
+                          other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(h_l + BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
+                     mask=m_ok[:, None])
+            tl.debug_barrier()
+            tl.atomic_add(st + off_e + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            tl.atomic_add(st + off_done + 3, 1, sem="release", scope="gpu")
+        t = t_next
+
+
+class PersistentStep:
+    """A sequential model's decode step with its layers in one launch (module docstring). Holds the
+    buffers for `batch` rows; step(tokens, cache) -> logits [B, V], advancing the cache like model.decoder."""
+
+    def __init__(self, model, batch: int, block_n: int = 32, block_k: int = 128, block_s: int = 64,
+                 num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2):
+        args = model.args
+        if any(len(stage) != 1 for stage in model.stages):
+            raise ValueError("the persistent prototype runs sequential models only (no CQIL groups)")
+        packed = model.packed_weights()
+        if not hasattr(packed, "qkv") or packed.qkv_bias is not None or packed.o_bias is not None \
+                or packed.gate_bias is not None or packed.down_bias is not None:
+            raise ValueError("the persistent prototype needs one run of equal layers without biases")
+        D, F, H, HKV, Dh = (args.hidden_size, args.intermediate_size, args.num_attention_heads,
+                            args.num_key_value_heads, args.head_dim)
+        if not 1 <= batch <= BLOCK_M:
+            raise ValueError(f"batch must be 1..{BLOCK_M}, got {batch}")
+        if D % block_k or F % block_k or block_k % block_n or Dh & (Dh - 1) or H % HKV:
+            raise ValueError(f"need hidden {D} and intermediate {F} multiples of block_k {block_k}, block_k a "
+                             f"multiple of block_n {block_n}, a power-of-two head size ({Dh})")
+        self.model, self.packed, self.batch = model, packed, batch
+        L, device, dtype = args.num_hidden_layers, model.device, model.dtype
+        self.L = L
+        self.h = torch.zeros(L + 1, BLOCK_M, D, device=device, dtype=dtype)
+        self.q = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
+        self.attn = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
+        self.hmid = torch.zeros(L, BLOCK_M, D, device=device, dtype=dtype)
+        self.act = torch.zeros(L, BLOCK_M, F, device=device, dtype=dtype)
+        span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + 4
+        self.state = torch.zeros(1 + L * span, dtype=torch.int32, device=device)
+        upcast, precision = dot_flags(dtype)
+        self.meta = dict(HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s,
+                         UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.programs = sms * programs_per_sm
+        self.force_chunks = False  # every GEMV task takes the chunked loop (the CPU tests)
+        for name in ("qkv", "o", "gate", "up", "down"):
+            w = getattr(packed, name)
+            if w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
+                raise ValueError(f"packed {name} must be contiguous per layer")
+
+    def layers(self, cache, positions: torch.Tensor) -> None:
+        """The launch: h[0] [:B] -> h[L] [:B]; cache.start is the step's slot, positions [B, 1]."""
+        args, w = self.model.args, self.packed
+        (k, v), = cache.runs
+        self.state.zero_()
+        _layers_kernel[(self.programs,)](
+            self.h, self.q, self.attn, self.hmid, self.act, self.state,
+            w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
+            k, v, cache.key_valid, positions, cache.start, self.model.inv_freq,
+            self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
+            args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
+            w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
+            FORCE_CHUNKS=self.force_chunks, **self.meta)
+
+    @staticmethod
+    def kv_offset(k: torch.Tensor, v: torch.Tensor) -> int:
+        """v's storage from k's in elements: the kernel reaches both caches from one pointer (KVCache
+        allocates keys and values as two halves of one tensor)."""
+        delta = v.data_ptr() - k.data_ptr()
+        if k.stride() != v.stride() or delta % k.element_size():
+            raise ValueError("the key and value caches must have one layout")
+        return delta // k.element_size()
+
+    def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        from cqil_kernels.fused import advance, last_logits
+
+        B = self.batch
+        if cache.batch != B or len(cache.runs) != 1 or cache.length + 1 > cache.max_seq:
+            raise ValueError("a cache of this batch with room for one more position is needed")
+        self.h[0, :B].copy_(self.model.embed_tokens(tokens.view(B)))
+        positions = advance(cache, None, 1)
+        self.layers(cache, positions)
+        cache.length += 1
+        return last_logits(self.model, self.h[self.L, :B], (B, 1), 1)[:, -1]
+
+
+def main(argv=None) -> None:
+    from cqil_kernels import CQILConfig, fused
+    from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, decode_step_bytes, random_model, \
+        shape_args, write_record
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-7b")
+    ap.add_argument("--layers", type=int, action="append", help="layer counts (default 4 and 12)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20, help="decode steps per CUDA graph")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block-n", type=int, default=32)
+    ap.add_argument("--block-k", type=int, default=128, help="a divisor of the hidden and intermediate sizes")
+    ap.add_argument("--programs-per-sm", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("persistent_layers measures GPU time and needs a CUDA device")
+    device, dtype, commit = torch.device("cuda"), torch.bfloat16, _commit()
+    _warm_up_gpu(device, 1.0)
+    copy = copy_bandwidth_gbps(device)
+    rows, times_all = [], {}
+    for n in a.layers or [4, 12]:
+        model = random_model(a.shape, dtype, device, num_hidden_layers=n)
+        model.cqil, model.backend = CQILConfig(), "triton"
+        ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
+        graphs = {}
+        with torch.inference_mode():
+            for variant in ("fused", "persistent"):
+                cache = model.new_cache(a.batch, a.prompt + a.steps * (2 * a.rounds + 6) + 8)
+                tok = model.argmax(model(ids, cache=cache)[:, -1])
+                if variant == "fused":  # today's step: fused.step, as the decoder's graph holds it
+                    def step(t, cache=cache, model=model):
+                        return fused.step(model, t.view(-1, 1), None, cache, 1)[:, -1]
+                else:
+                    runner = PersistentStep(model, a.batch, block_n=a.block_n, block_k=a.block_k,
+                                            programs_per_sm=a.programs_per_sm)
+                    step = functools.partial(runner.step, cache=cache)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compile and autotune outside the capture
+                        step(tok)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(a.steps):  # the same token each step: the weights' stream is what is timed
+                        step(tok)
+                graphs[variant] = g
+            times = {v: [] for v in graphs}
+            for r in range(a.rounds):
+                for v in (list(graphs) if r % 2 == 0 else list(graphs)[::-1]):
+                    graphs[v].replay()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graphs[v].replay()
+                    end.record()
+                    end.synchronize()
+                    times[v].append(start.elapsed_time(end) / a.steps)
+        step_bytes = decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, a.batch, a.prompt)
+        for v, t in times.items():
+            ms = statistics.median(t)
+            rows.append([v, n, round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1)])
+            print(f"{n:>3} layers {v:>10}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
+                  flush=True)
+        times_all[str(n)] = times
+        del model, graphs
+        torch.cuda.empty_cache()
+    write_record(a.out, device=device, commit=commit,
+                 title=f"Persistent decode layers prototype against the fused step: {a.shape}",
+                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, sequential; fused: fused.step (what the "
+                       f"decoder's graph holds); persistent: embedding, cache_advance, one launch for every layer, "
+                       f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); {a.steps} "
+                       f"steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
+                 copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy"], rows=rows,
+                 times_ms=times_all)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The persistent decode-layers prototype of benchmarks/persistent_layers.py (issue 26): one launch for
+every layer of a sequential decode step gives the fused step's logits and KV cache entries, within the
+kernels' tolerance against a float64 model (CPU: the interpreter, one program taking every task in
+order, and every GEMV task forced through its chunk-by-chunk waits; CUDA: programs running together)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cqil_kernels import CQILConfig, CQILLlama, fused
+
+from conftest import assert_kernel_close, interpreter, random_hf_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=3, vocab_size=97)
+
+
+@pytest.fixture(scope="module")
+def layers_module():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import persistent_layers
+    finally:
+        sys.path.pop(0)
+    return persistent_layers
+
+
+def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32):
+    hf = random_hf_model(seed=11, **SHAPE)
+    model = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=dtype)
+    model.backend = "triton"
+    exact = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=torch.float64)
+    exact.backend = "torch"
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 97, (batch, 9), generator=g).to(DEVICE)
+    nxt = torch.randint(0, 97, (batch,), generator=g).to(DEVICE)
+    runner = layers_module.PersistentStep(model, batch, block_n=block_n, block_k=block_k, block_s=8)
+    runner.force_chunks = force_chunks
+    with torch.no_grad():
+        caches = []
+        for _ in range(2):
+            cache = model.new_cache(batch, 16)
+            model(ids, cache=cache)
+            caches.append(cache)
+        got = runner.step(nxt, caches[0])
+        twin = fused.step(model, nxt[:, None], None, caches[1], 1)[:, -1]
+        caches[1].length += 1
+        want = exact(torch.cat([ids, nxt[:, None]], 1))[:, -1]
+    assert caches[0].length == caches[1].length == 10
+    assert_kernel_close(got, twin, want, terms=SHAPE["intermediate_size"])
+    (k, v), (k_twin, v_twin) = caches[0].runs[0], caches[1].runs[0]
+    torch.testing.assert_close(k[..., :10, :], k_twin[..., :10, :], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(v[..., :10, :], v_twin[..., :10, :], rtol=2e-2, atol=2e-2)
+    assert torch.equal(caches[0].key_valid, caches[1].key_valid)
+    return runner
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, force", [(1, True), (3, False)])
+def test_persistent_layers_match_the_fused_step(layers_module, dtype, batch, force):
+    runner = _check_step(layers_module, dtype, batch, force)
+    L, H, Hkv = 3, 4, 2
+    span = (runner.state.numel() - 1) // L
+    counters = runner.state[1:].view(L, span)
+    assert (counters[:, :H + 2 * Hkv] == 1).all()  # every QKV head stored once
+    assert (counters[:, H + 2 * Hkv:2 * H + 2 * Hkv] == batch).all()  # each head's attention, per row
+    done = counters[:, -4:]  # B, C, D, E tasks done
+    assert done.tolist() == [[H * batch, 64 // 16, 96 // 16, 64 // 16]] * L
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("force", [False, True])
+def test_persistent_layers_cuda(layers_module, force):
+    _check_step(layers_module, torch.bfloat16, 5, force, block_n=32, block_k=32)
+
+
+def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=1, **SHAPE), cqil=CQILConfig(groups=((0, 1),)),
+                                      device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="sequential models only"):
+        layers_module.PersistentStep(model, 1)
+    model.cqil = CQILConfig()
+    with pytest.raises(ValueError, match="multiples of block_k"):
+        layers_module.PersistentStep(model, 1, block_k=48)
+    with pytest.raises(ValueError, match="batch must be"):
+        layers_module.PersistentStep(model, 17)
