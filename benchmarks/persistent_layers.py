@@ -400,8 +400,8 @@ def main(argv=None) -> None:
                  title=f"Persistent decode layers prototype against the fused step: {a.shape}",
                  what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, sequential; fused: fused.step (what the "
                        f"decoder's graph holds); persistent: embedding, cache_advance, one launch for every layer, "
-                       f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); {a.steps} "
-                       f"steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
+                       f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); "
+                       f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
                  copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy"], rows=rows,
                  times_ms=times_all)
 
