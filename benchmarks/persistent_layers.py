@@ -9,8 +9,9 @@ releases counters. The tasks of layer l, in order:
   A  one head of QKV (Dh outputs; two halves for RoPE): RMSNorm_in in the prologue (its sum of squares
      from the chunks of h streamed anyway, applied at the end as in ops/group_gemm.py), RoPE on q and k
      heads, q to a buffer, k and v into the KV cache at the step's slot;
-  B  attention of one head for one row (online softmax over the cached positions, key_valid masked),
-     once its q head and its key/value heads are stored;
+  B  attention of one head for one row over one of SPLITS parts of the cached positions (online softmax,
+     key_valid masked), once its q head and its key/value heads are stored; the part that finishes last
+     (an arrival counter) combines them;
   C  BLOCK_N columns of o_proj + the residual h, chunk c of K (head c) once head c's B tasks are done;
   D  BLOCK_N columns of gate and up, RMSNorm_post in the prologue, silu(g) * u in the epilogue;
   E  BLOCK_N columns of down + the residual, which are h of layer l + 1.
@@ -103,20 +104,21 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, nw_ptr, wait_ptr, wait_targe
 
 @triton.jit
 def _layers_kernel(
-    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, state_ptr,
+    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, part_ml_ptr, part_acc_ptr, state_ptr,
     qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
     k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
     M, L, D, F, H, HKV, S, eps, scale,
     s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
-    FORCE_CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FORCE_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Every layer's tasks (module docstring). state_ptr (zeroed before the launch): [0] the ticket, then
-    per layer: A flags [H + 2 HKV], B counts [H], C / D / E chunk counts [D / BLOCK_K, F / BLOCK_K,
-    D / BLOCK_K], and the B / C / D / E tasks done."""
+    per layer: A flags [H + 2 HKV], B counts [H] (rows whose attention of the head is combined), C / D / E
+    chunk counts [D / BLOCK_K, F / BLOCK_K, D / BLOCK_K], splits arrived [H, BLOCK_M], and the B / C / D / E
+    tasks done (B: combined head rows)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n_a = H + 2 * HKV
-    n_b = H * M
+    n_b = H * M * SPLITS
     n_c = D // BLOCK_N
     n_d = F // BLOCK_N
     per_layer = n_a + n_b + 2 * n_c + n_d
@@ -126,7 +128,8 @@ def _layers_kernel(
     off_c = off_b + H
     off_d = off_c + D // BLOCK_K
     off_e = off_d + F // BLOCK_K
-    off_done = off_e + D // BLOCK_K
+    off_arrive = off_e + D // BLOCK_K
+    off_done = off_arrive + H * BLOCK_M
     span = off_done + 4
     per_chunk = BLOCK_K // BLOCK_N  # tiles of BLOCK_N columns that store one chunk of the next K
     dtype = h_ptr.dtype.element_ty
@@ -171,9 +174,9 @@ def _layers_kernel(
                 tl.store(dst, lo.to(dtype), mask=ok)
                 tl.store(dst + HALF, hi.to(dtype), mask=ok)
             _release(st + r)
-        elif r < n_a + n_b:  # B: attention of head h for row b
+        elif r < n_a + n_b:  # B: attention of head h for row b over one split of the cached positions
             j = r - n_a
-            h, b = j // M, j % M
+            h, b, split = j // (M * SPLITS), (j // SPLITS) % M, j % SPLITS
             kvh = h // (H // HKV)
             _wait(st + h, 1)
             _wait(st + H + kvh, 1)
@@ -183,13 +186,16 @@ def _layers_kernel(
                         cache_modifier=".cg").to(tl.float32)
             base = layer.to(tl.int64) * s_cl + b * s_cb + kvh * s_ch
             slot = tl.load(start_ptr)
+            per_split = tl.cdiv(slot + 1, SPLITS * BLOCK_S) * BLOCK_S
+            lo_s = split * per_split
+            hi_s = tl.minimum(lo_s + per_split, slot + 1)
             m_i = tl.full((), float("-inf"), tl.float32)
             l_i = tl.zeros((), dtype=tl.float32)
             acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
             offs_s = tl.arange(0, BLOCK_S)
-            for s0 in range(0, slot + 1, BLOCK_S):
+            for s0 in range(lo_s, hi_s, BLOCK_S):
                 s = s0 + offs_s
-                live = (s <= slot) & tl.load(key_valid_ptr + b * S + s, mask=s <= slot, other=0).to(tl.int1)
+                live = (s < hi_s) & tl.load(key_valid_ptr + b * S + s, mask=s < hi_s, other=0).to(tl.int1)
                 kk = tl.load(k_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
                              cache_modifier=".cg").to(tl.float32)
                 score = tl.where(live, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
@@ -202,14 +208,30 @@ def _layers_kernel(
                 acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
                 l_i = l_i * alpha + tl.sum(p, axis=0)
                 m_i = m_new
-            tl.store(attn_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d, (acc / l_i).to(dtype))
+            # this split's (max, sum, unnormalised output); the split that arrives last combines them all
+            part = (layer * H + h) * BLOCK_M + b
+            tl.store(part_ml_ptr + (part * SPLITS + split) * 2, m_i)
+            tl.store(part_ml_ptr + (part * SPLITS + split) * 2 + 1, l_i)
+            tl.store(part_acc_ptr + (part * SPLITS + split) * HEAD_DIM + offs_d, acc)
             tl.debug_barrier()
-            tl.atomic_add(st + off_b + h, 1, sem="release", scope="gpu")
-            tl.atomic_add(st + off_done, 1, sem="release", scope="gpu")
+            arrived = tl.atomic_add(st + off_arrive + h * BLOCK_M + b, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                splits = tl.arange(0, SPLITS)
+                ms = tl.load(part_ml_ptr + (part * SPLITS + splits) * 2, cache_modifier=".cg")
+                ls = tl.load(part_ml_ptr + (part * SPLITS + splits) * 2 + 1, cache_modifier=".cg")
+                accs = tl.load(part_acc_ptr + (part * SPLITS + splits)[:, None] * HEAD_DIM + offs_d[None, :],
+                               cache_modifier=".cg")
+                m_all = tl.max(ms, axis=0)
+                weight = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_all))
+                out = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
+                tl.store(attn_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d, out.to(dtype))
+                tl.debug_barrier()
+                tl.atomic_add(st + off_b + h, 1, sem="release", scope="gpu")
+                tl.atomic_add(st + off_done, 1, sem="release", scope="gpu")
         elif r < n_a + n_b + n_c:  # C: o_proj columns + h
             n0 = (r - n_a - n_b) * BLOCK_N
             acc, _unused, _sq = _gemv(attn_ptr + layer * BLOCK_M * HD, HD, M, o_w + layer.to(tl.int64) * s_o, o_w,
-                                      n0, HD, nin_w, st + off_b, M, st + off_done, n_b, FORCE_CHUNKS, False, False,
+                                      n0, HD, nin_w, st + off_b, M, st + off_done, H * M, FORCE_CHUNKS, False, False,
                                       BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
             cols = n0 + tl.arange(0, BLOCK_N)
             res = tl.load(h_l + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0,
@@ -254,7 +276,7 @@ class PersistentStep:
     buffers for `batch` rows; step(tokens, cache) -> logits [B, V], advancing the cache like model.decoder."""
 
     def __init__(self, model, batch: int, block_n: int = 32, block_k: int = 128, block_s: int = 64,
-                 num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2):
+                 num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2, splits: int | None = None):
         args = model.args
         if any(len(stage) != 1 for stage in model.stages):
             raise ValueError("the persistent prototype runs sequential models only (no CQIL groups)")
@@ -277,13 +299,20 @@ class PersistentStep:
         self.attn = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
         self.hmid = torch.zeros(L, BLOCK_M, D, device=device, dtype=dtype)
         self.act = torch.zeros(L, BLOCK_M, F, device=device, dtype=dtype)
-        span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + 4
+        span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + H * BLOCK_M + 4
         self.state = torch.zeros(1 + L * span, dtype=torch.int32, device=device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.programs = sms * programs_per_sm
+        if splits is None:  # enough attention tasks for every program, at most 16 splits of the positions
+            splits = min(16, triton.next_power_of_2(max(1, self.programs // (H * batch))))
+        if splits < 1 or splits & (splits - 1):
+            raise ValueError(f"splits must be a power of two, got {splits}")
+        self.splits = splits
+        self.part_ml = torch.zeros(L * H * BLOCK_M * splits * 2, device=device, dtype=torch.float32)
+        self.part_acc = torch.zeros(L * H * BLOCK_M * splits * Dh, device=device, dtype=torch.float32)
         upcast, precision = dot_flags(dtype)
         self.meta = dict(HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s,
                          UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self.programs = sms * programs_per_sm
         self.force_chunks = False  # every GEMV task takes the chunked loop (the CPU tests)
         for name in ("qkv", "o", "gate", "up", "down"):
             w = getattr(packed, name)
@@ -296,14 +325,14 @@ class PersistentStep:
         (k, v), = cache.runs
         self.state.zero_()
         _layers_kernel[(self.programs,)](
-            self.h, self.q, self.attn, self.hmid, self.act, self.state,
+            self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
             k, v, cache.key_valid, positions, cache.start, self.model.inv_freq,
             self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
             args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
-            FORCE_CHUNKS=self.force_chunks, **self.meta)
+            FORCE_CHUNKS=self.force_chunks, SPLITS=self.splits, **self.meta)
 
     @staticmethod
     def kv_offset(k: torch.Tensor, v: torch.Tensor) -> int:
