@@ -6,9 +6,10 @@ graph-replayed) on the same model.
 
 One launch runs the layers' tasks in ticket order; a program takes the next ticket, runs its task and
 releases counters. The tasks of layer l, in order:
-  A  one head of QKV (Dh outputs; two halves for RoPE): RMSNorm_in in the prologue (its sum of squares
-     from the chunks of h streamed anyway, applied at the end as in ops/group_gemm.py), RoPE on q and k
-     heads, q to a buffer, k and v into the KV cache at the step's slot;
+  A  one head of QKV (Dh outputs; two halves for RoPE) over one of KSPLIT parts of K (enough tasks for
+     every program; the part arriving last sums the parts in order): RMSNorm_in in the prologue (its sum
+     of squares from the chunks of h streamed anyway, applied at the end as in ops/group_gemm.py), RoPE
+     on q and k heads, q to a buffer, k and v into the KV cache at the step's slot;
   B  attention of one head for one row over one of SPLITS parts of the cached positions (online softmax,
      key_valid masked), once its q head and its key/value heads are stored; the part that finishes last
      (an arrival counter) combines them;
@@ -65,13 +66,28 @@ def _dot(x, w, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, nw_ptr, wait_ptr, wait_target, done_ptr, done_target,
-          FORCE_CHUNKS: tl.constexpr, NORM: tl.constexpr, DUAL: tl.constexpr, WN: tl.constexpr,
+def _mac(xk, wk, w2k, acc, acc2, sumsq, nw_ptr, k, NORM: tl.constexpr, DUAL: tl.constexpr,
+         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of _gemv: x times the norm weight (NORM), the products into acc (and acc2)."""
+    if NORM:  # as ops/group_gemm.py: x * norm weight rounded to the weights' dtype, 1/rms at the end
+        x32 = xk.to(tl.float32)
+        sumsq += tl.sum(x32 * x32, axis=1)
+        xk = (x32 * tl.load(nw_ptr + k).to(tl.float32)[None, :]).to(wk.dtype)
+    acc = _dot(xk, wk, acc, UPCAST, PRECISION)
+    if DUAL:
+        acc2 = _dot(xk, w2k, acc2, UPCAST, PRECISION)
+    return acc, acc2, sumsq
+
+
+@triton.jit
+def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr, wait_target, done_ptr,
+          done_target, FORCE_CHUNKS: tl.constexpr, NORM: tl.constexpr, DUAL: tl.constexpr, WN: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """(acc, acc2, sumsq): x[:M, :K] @ w[n0:n0 + WN, :K]^T and the same with w2 (DUAL), fp32; NORM: x
-    times nw per chunk (rounded to the weights' dtype, as ops/group_gemm.py) and the rows' sums of squares
-    of the raw x. Chunk c of x is read once wait_ptr[c] >= wait_target, unless *done_ptr >= done_target
-    at the start (FORCE_CHUNKS: never so, the CPU tests' way to the chunked loop)."""
+    """(acc, acc2, sumsq): x[:M, k_lo:k_hi] @ w[n0:n0 + WN, k_lo:k_hi]^T (rows of w K long) and the same
+    with w2 (DUAL), fp32; NORM: x times nw and the rows' sums of squares of the raw x. If *done_ptr <
+    done_target at the start (the stage before still runs; FORCE_CHUNKS: always, the CPU tests' way here),
+    chunk c of x is read once wait_ptr[c] >= wait_target, each weight chunk loaded before its wait;
+    otherwise a loop without waits, which Triton can pipeline."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     cols = (n0 + tl.arange(0, WN))[None, :] * K
@@ -84,52 +100,59 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, nw_ptr, wait_ptr, wait_targe
         chunked = True
     else:
         chunked = tl.atomic_add(done_ptr, 0, sem="acquire", scope="gpu") < done_target
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        wk = tl.load(w_ptr + cols + k[:, None])  # weights never depend on the wait: loaded before it
-        if DUAL:
-            w2k = tl.load(w2_ptr + cols + k[:, None])
-        if chunked:
+    if chunked:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            wk = tl.load(w_ptr + cols + k[:, None])  # weights never depend on the wait: loaded before it
+            w2k = wk
+            if DUAL:
+                w2k = tl.load(w2_ptr + cols + k[:, None])
             _wait(wait_ptr + k0 // BLOCK_K, wait_target)
-        xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
-        if NORM:
-            x32 = xk.to(tl.float32)
-            sumsq += tl.sum(x32 * x32, axis=1)
-            xk = (x32 * tl.load(nw_ptr + k).to(tl.float32)[None, :]).to(wk.dtype)
-        acc = _dot(xk, wk, acc, UPCAST, PRECISION)
-        if DUAL:
-            acc2 = _dot(xk, w2k, acc2, UPCAST, PRECISION)
+            xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+            acc, acc2, sumsq = _mac(xk, wk, w2k, acc, acc2, sumsq, nw_ptr, k, NORM, DUAL, UPCAST, PRECISION)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
+            wk = tl.load(w_ptr + cols + k[:, None])
+            w2k = wk
+            if DUAL:
+                w2k = tl.load(w2_ptr + cols + k[:, None])
+            acc, acc2, sumsq = _mac(xk, wk, w2k, acc, acc2, sumsq, nw_ptr, k, NORM, DUAL, UPCAST, PRECISION)
     return acc, acc2, sumsq
 
 
 @triton.jit
 def _layers_kernel(
-    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, part_ml_ptr, part_acc_ptr, state_ptr,
+    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, part_ml_ptr, part_acc_ptr, part_a_ptr, part_sq_ptr, state_ptr,
     qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
     k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
     M, L, D, F, H, HKV, S, eps, scale,
     s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
-    FORCE_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FORCE_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, KSPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Every layer's tasks (module docstring). state_ptr (zeroed before the launch): [0] the ticket, then
     per layer: A flags [H + 2 HKV], B counts [H] (rows whose attention of the head is combined), C / D / E
-    chunk counts [D / BLOCK_K, F / BLOCK_K, D / BLOCK_K], splits arrived [H, BLOCK_M], and the B / C / D / E
-    tasks done (B: combined head rows)."""
+    chunk counts [D / BLOCK_K, F / BLOCK_K, D / BLOCK_K], attention splits arrived [H, BLOCK_M], QKV parts
+    arrived [H + 2 HKV], and the B / C / D / E tasks done (B: combined head rows)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    n_a = H + 2 * HKV
+    n_heads = H + 2 * HKV
+    n_a = n_heads * KSPLIT
     n_b = H * M * SPLITS
     n_c = D // BLOCK_N
     n_d = F // BLOCK_N
     per_layer = n_a + n_b + 2 * n_c + n_d
     total = L * per_layer
     # counters of one layer
-    off_b = n_a
+    off_b = n_heads
     off_c = off_b + H
     off_d = off_c + D // BLOCK_K
     off_e = off_d + F // BLOCK_K
     off_arrive = off_e + D // BLOCK_K
-    off_done = off_arrive + H * BLOCK_M
+    off_arrive_a = off_arrive + H * BLOCK_M
+    off_done = off_arrive_a + n_heads
     span = off_done + 4
     per_chunk = BLOCK_K // BLOCK_N  # tiles of BLOCK_N columns that store one chunk of the next K
     dtype = h_ptr.dtype.element_ty
@@ -145,35 +168,57 @@ def _layers_kernel(
         prev = state_ptr + 1 + tl.maximum(layer - 1, 0) * span  # layer 0: its own, with targets 0
         first = layer == 0
         h_l = h_ptr + layer * BLOCK_M * D
-        if r < n_a:  # A: QKV head r
-            wq = qkv_w + layer.to(tl.int64) * s_qkv + (r * HEAD_DIM).to(tl.int64) * D
-            lo, hi, sumsq = _gemv(h_l, D, M, wq, wq + HALF * D, 0, D, nin_w + layer * s_norm,
-                                  prev + off_e, tl.where(first, 0, per_chunk), prev + off_done + 3,
-                                  tl.where(first, 0, n_c), FORCE_CHUNKS, True, True, HALF, BLOCK_M, BLOCK_K,
-                                  UPCAST, PRECISION)
-            rstd = tl.rsqrt(sumsq / D + eps)[:, None]
-            lo = (lo * rstd).to(dtype).to(tl.float32)  # rounded as the QKV GEMM stores it, then RoPE
-            hi = (hi * rstd).to(dtype).to(tl.float32)
+        if r < n_a:  # A: QKV head r // KSPLIT, its part r % KSPLIT of K
+            head, kpart = r // KSPLIT, r % KSPLIT
+            k_len = D // KSPLIT
+            wq = qkv_w + layer.to(tl.int64) * s_qkv + (head * HEAD_DIM).to(tl.int64) * D
+            lo, hi, sumsq = _gemv(h_l, D, M, wq, wq + HALF * D, 0, D, kpart * k_len, (kpart + 1) * k_len,
+                                  nin_w + layer * s_norm, prev + off_e, tl.where(first, 0, per_chunk),
+                                  prev + off_done + 3, tl.where(first, 0, n_c), FORCE_CHUNKS, True, True, HALF,
+                                  BLOCK_M, BLOCK_K, UPCAST, PRECISION)
             offs_d = tl.arange(0, HALF)
-            slot = tl.load(start_ptr)
-            if r < H + HKV:  # q and k heads: RoPE at each row's position
-                pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.float32)
-                angle = pos[:, None] * tl.load(inv_freq_ptr + offs_d)[None, :]
-                cos, sin = tl.cos(angle), tl.sin(angle)
-                lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
             ok = m_ok[:, None]
-            if r < H:
-                dst = q_ptr + layer * BLOCK_M * HD + offs_m[:, None] * HD + r * HEAD_DIM + offs_d[None, :]
-                tl.store(dst, lo.to(dtype), mask=ok)
-                tl.store(dst + HALF, hi.to(dtype), mask=ok)
+            if KSPLIT > 1:  # the part that arrives last sums every part's products in part order
+                pa = (layer * n_heads + head) * KSPLIT
+                rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+                tl.store(part_a_ptr + (pa + kpart) * BLOCK_M * HEAD_DIM + rows, lo)
+                tl.store(part_a_ptr + (pa + kpart) * BLOCK_M * HEAD_DIM + rows + HALF, hi)
+                tl.store(part_sq_ptr + (pa + kpart) * BLOCK_M + offs_m, sumsq)
+                tl.debug_barrier()
+                last = tl.atomic_add(st + off_arrive_a + head, 1, sem="acq_rel", scope="gpu") == KSPLIT - 1
             else:
-                kv = tl.where(r < H + HKV, r - H, r - H - HKV)
-                cache = tl.where(r < H + HKV, 0, 1)  # which of k_cache / v_cache (s_kv apart)
-                dst = k_cache + cache.to(tl.int64) * s_kv + layer.to(tl.int64) * s_cl + offs_m[:, None] * s_cb \
-                    + kv * s_ch + slot * s_cs + offs_d[None, :]
-                tl.store(dst, lo.to(dtype), mask=ok)
-                tl.store(dst + HALF, hi.to(dtype), mask=ok)
-            _release(st + r)
+                last = True
+            if last:
+                if KSPLIT > 1:
+                    lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+                    hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+                    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    for kp in tl.static_range(KSPLIT):
+                        lo += tl.load(part_a_ptr + (pa + kp) * BLOCK_M * HEAD_DIM + rows, cache_modifier=".cg")
+                        hi += tl.load(part_a_ptr + (pa + kp) * BLOCK_M * HEAD_DIM + rows + HALF,
+                                      cache_modifier=".cg")
+                        sumsq += tl.load(part_sq_ptr + (pa + kp) * BLOCK_M + offs_m, cache_modifier=".cg")
+                rstd = tl.rsqrt(sumsq / D + eps)[:, None]
+                lo = (lo * rstd).to(dtype).to(tl.float32)  # rounded as the QKV GEMM stores it, then RoPE
+                hi = (hi * rstd).to(dtype).to(tl.float32)
+                slot = tl.load(start_ptr)
+                if head < H + HKV:  # q and k heads: RoPE at each row's position
+                    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.float32)
+                    angle = pos[:, None] * tl.load(inv_freq_ptr + offs_d)[None, :]
+                    cos, sin = tl.cos(angle), tl.sin(angle)
+                    lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+                if head < H:
+                    dst = q_ptr + layer * BLOCK_M * HD + offs_m[:, None] * HD + head * HEAD_DIM + offs_d[None, :]
+                    tl.store(dst, lo.to(dtype), mask=ok)
+                    tl.store(dst + HALF, hi.to(dtype), mask=ok)
+                else:
+                    kv = tl.where(head < H + HKV, head - H, head - H - HKV)
+                    cache = tl.where(head < H + HKV, 0, 1)  # which of k_cache / v_cache (s_kv apart)
+                    dst = k_cache + cache.to(tl.int64) * s_kv + layer.to(tl.int64) * s_cl \
+                        + offs_m[:, None] * s_cb + kv * s_ch + slot * s_cs + offs_d[None, :]
+                    tl.store(dst, lo.to(dtype), mask=ok)
+                    tl.store(dst + HALF, hi.to(dtype), mask=ok)
+                _release(st + head)
         elif r < n_a + n_b:  # B: attention of head h for row b over one split of the cached positions
             j = r - n_a
             h, b, split = j // (M * SPLITS), (j // SPLITS) % M, j % SPLITS
@@ -231,8 +276,8 @@ def _layers_kernel(
         elif r < n_a + n_b + n_c:  # C: o_proj columns + h
             n0 = (r - n_a - n_b) * BLOCK_N
             acc, _unused, _sq = _gemv(attn_ptr + layer * BLOCK_M * HD, HD, M, o_w + layer.to(tl.int64) * s_o, o_w,
-                                      n0, HD, nin_w, st + off_b, M, st + off_done, H * M, FORCE_CHUNKS, False, False,
-                                      BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                                      n0, HD, 0, HD, nin_w, st + off_b, M, st + off_done, H * M, FORCE_CHUNKS, False,
+                                      False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
             cols = n0 + tl.arange(0, BLOCK_N)
             res = tl.load(h_l + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0,
                           cache_modifier=".cg").to(tl.float32)
@@ -244,7 +289,7 @@ def _layers_kernel(
         elif r < n_a + n_b + n_c + n_d:  # D: gate / up columns, RMSNorm_post, silu(g) * u
             n0 = (r - n_a - n_b - n_c) * BLOCK_N
             g, u, sumsq = _gemv(hmid_ptr + layer * BLOCK_M * D, D, M, gate_w + layer.to(tl.int64) * s_gate,
-                                up_w + layer.to(tl.int64) * s_gate, n0, D, npost_w + layer * s_norm, st + off_c,
+                                up_w + layer.to(tl.int64) * s_gate, n0, D, 0, D, npost_w + layer * s_norm, st + off_c,
                                 per_chunk, st + off_done + 1, n_c, FORCE_CHUNKS, True, True, BLOCK_N, BLOCK_M,
                                 BLOCK_K, UPCAST, PRECISION)
             rstd = tl.rsqrt(sumsq / D + eps)[:, None]
@@ -258,7 +303,7 @@ def _layers_kernel(
         else:  # E: down columns + h_mid: h of the next layer
             n0 = (r - n_a - n_b - n_c - n_d) * BLOCK_N
             acc, _unused, _sq = _gemv(act_ptr + layer * BLOCK_M * F, F, M, down_w + layer.to(tl.int64) * s_down,
-                                      down_w, n0, F, nin_w, st + off_d, per_chunk, st + off_done + 2, n_d,
+                                      down_w, n0, F, 0, F, nin_w, st + off_d, per_chunk, st + off_done + 2, n_d,
                                       FORCE_CHUNKS, False, False, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
             cols = n0 + tl.arange(0, BLOCK_N)
             res = tl.load(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None],
@@ -276,7 +321,8 @@ class PersistentStep:
     buffers for `batch` rows; step(tokens, cache) -> logits [B, V], advancing the cache like model.decoder."""
 
     def __init__(self, model, batch: int, block_n: int = 32, block_k: int = 128, block_s: int = 64,
-                 num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2, splits: int | None = None):
+                 num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2, splits: int | None = None,
+                 qkv_splits: int | None = None):
         args = model.args
         if any(len(stage) != 1 for stage in model.stages):
             raise ValueError("the persistent prototype runs sequential models only (no CQIL groups)")
@@ -299,7 +345,7 @@ class PersistentStep:
         self.attn = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
         self.hmid = torch.zeros(L, BLOCK_M, D, device=device, dtype=dtype)
         self.act = torch.zeros(L, BLOCK_M, F, device=device, dtype=dtype)
-        span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + H * BLOCK_M + 4
+        span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + H * BLOCK_M + H + 2 * HKV + 4
         self.state = torch.zeros(1 + L * span, dtype=torch.int32, device=device)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.programs = sms * programs_per_sm
@@ -308,6 +354,14 @@ class PersistentStep:
         if splits < 1 or splits & (splits - 1):
             raise ValueError(f"splits must be a power of two, got {splits}")
         self.splits = splits
+        if qkv_splits is None:  # enough QKV tasks for every program: the largest divisor of D / block_k that fits
+            want = -(-self.programs // (H + 2 * HKV))
+            qkv_splits = max(d for d in range(1, D // block_k + 1) if (D // block_k) % d == 0 and d <= want)
+        if qkv_splits < 1 or (D // block_k) % qkv_splits:
+            raise ValueError(f"qkv_splits must divide hidden / block_k = {D // block_k}, got {qkv_splits}")
+        self.qkv_splits = qkv_splits
+        self.part_a = torch.zeros(L * (H + 2 * HKV) * qkv_splits * BLOCK_M * Dh, device=device, dtype=torch.float32)
+        self.part_sq = torch.zeros(L * (H + 2 * HKV) * qkv_splits * BLOCK_M, device=device, dtype=torch.float32)
         self.part_ml = torch.zeros(L * H * BLOCK_M * splits * 2, device=device, dtype=torch.float32)
         self.part_acc = torch.zeros(L * H * BLOCK_M * splits * Dh, device=device, dtype=torch.float32)
         upcast, precision = dot_flags(dtype)
@@ -325,14 +379,15 @@ class PersistentStep:
         (k, v), = cache.runs
         self.state.zero_()
         _layers_kernel[(self.programs,)](
-            self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.state,
+            self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.part_a, self.part_sq,
+            self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
             k, v, cache.key_valid, positions, cache.start, self.model.inv_freq,
             self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
             args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
-            FORCE_CHUNKS=self.force_chunks, SPLITS=self.splits, **self.meta)
+            FORCE_CHUNKS=self.force_chunks, SPLITS=self.splits, KSPLIT=self.qkv_splits, **self.meta)
 
     @staticmethod
     def kv_offset(k: torch.Tensor, v: torch.Tensor) -> int:

@@ -29,7 +29,7 @@ def layers_module():
     return persistent_layers
 
 
-def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None):
+def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None):
     hf = random_hf_model(seed=11, **SHAPE)
     model = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=dtype)
     model.backend = "triton"
@@ -38,7 +38,8 @@ def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=3
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 97, (batch, 9), generator=g).to(DEVICE)
     nxt = torch.randint(0, 97, (batch,), generator=g).to(DEVICE)
-    runner = layers_module.PersistentStep(model, batch, block_n=block_n, block_k=block_k, block_s=4, splits=splits)
+    runner = layers_module.PersistentStep(model, batch, block_n=block_n, block_k=block_k, block_s=4, splits=splits,
+                                          qkv_splits=qkv_splits)
     runner.force_chunks = force_chunks
     with torch.no_grad():
         caches = []
@@ -61,18 +62,19 @@ def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=3
 
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, force, splits", [(1, True, 4), (3, False, 1), (2, False, 2)])
-def test_persistent_layers_match_the_fused_step(layers_module, dtype, batch, force, splits):
+@pytest.mark.parametrize("batch, force, splits, qkv_splits", [(1, True, 4, 2), (3, False, 1, 1), (2, False, 2, 2)])
+def test_persistent_layers_match_the_fused_step(layers_module, dtype, batch, force, splits, qkv_splits):
     """10 cached positions in attention blocks of 4: with 4 splits, one split of positions 0-3, one of 4-7,
-    one of 8-9 and one empty (its max stays -inf)."""
-    runner = _check_step(layers_module, dtype, batch, force, splits=splits)
+    one of 8-9 and one empty (its max stays -inf). QKV heads over 1 or 2 parts of the hidden size."""
+    runner = _check_step(layers_module, dtype, batch, force, splits=splits, qkv_splits=qkv_splits)
     L, H, Hkv = 3, 4, 2
     span = (runner.state.numel() - 1) // L
     counters = runner.state[1:].view(L, span)
     assert (counters[:, :H + 2 * Hkv] == 1).all()  # every QKV head stored once
     assert (counters[:, H + 2 * Hkv:2 * H + 2 * Hkv] == batch).all()  # each head's attention, per row
-    arrived = counters[:, -4 - H * 16:-4].view(L, H, 16)
+    arrived = counters[:, -4 - (H + 2 * Hkv) - H * 16:-4 - (H + 2 * Hkv)].view(L, H, 16)
     assert (arrived[..., :batch] == splits).all() and not arrived[..., batch:].any()
+    assert (counters[:, -4 - (H + 2 * Hkv):-4] == (qkv_splits if qkv_splits > 1 else 0)).all()
     done = counters[:, -4:]  # B (combined head rows), C, D, E tasks done
     assert done.tolist() == [[H * batch, 64 // 16, 96 // 16, 64 // 16]] * L
 
@@ -96,3 +98,5 @@ def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
         layers_module.PersistentStep(model, 17)
     with pytest.raises(ValueError, match="power of two"):
         layers_module.PersistentStep(model, 1, block_n=16, block_k=32, splits=3)
+    with pytest.raises(ValueError, match="qkv_splits must divide hidden / block_k = 2"):
+        layers_module.PersistentStep(model, 1, block_n=16, block_k=32, qkv_splits=3)
