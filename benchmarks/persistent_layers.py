@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def _release(counter_ptr):
     """*counter_ptr += 1 after every thread's stores of this task."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smid():
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False,
+                                     pack=1).to(tl.int64)
 
 
 @triton.jit
@@ -125,11 +137,13 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr
 @triton.jit
 def _layers_kernel(
     h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, part_ml_ptr, part_acc_ptr, part_a_ptr, part_sq_ptr, state_ptr,
+    prof_ptr,
     qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
     k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
     M, L, D, F, H, HKV, S, eps, scale,
     s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
-    FORCE_CHUNKS: tl.constexpr, SPLITS: tl.constexpr, KSPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    FORCE_CHUNKS: tl.constexpr, PROFILE: tl.constexpr, SPLITS: tl.constexpr, KSPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -162,6 +176,8 @@ def _layers_kernel(
     t = tl.atomic_add(state_ptr, 1)
     while t < total:
         t_next = tl.atomic_add(state_ptr, 1)  # the next ticket's latency hides behind this task
+        if PROFILE:
+            began = _globaltimer()
         layer = t // per_layer
         r = t % per_layer
         st = state_ptr + 1 + layer * span
@@ -313,6 +329,10 @@ def _layers_kernel(
             tl.debug_barrier()
             tl.atomic_add(st + off_e + n0 // BLOCK_K, 1, sem="release", scope="gpu")
             tl.atomic_add(st + off_done + 3, 1, sem="release", scope="gpu")
+        if PROFILE:  # [start ns, end ns, SM] of ticket t
+            tl.store(prof_ptr + t * 3, began)
+            tl.store(prof_ptr + t * 3 + 1, _globaltimer())
+            tl.store(prof_ptr + t * 3 + 2, _smid())
         t = t_next
 
 
@@ -368,6 +388,7 @@ class PersistentStep:
         self.meta = dict(HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s,
                          UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
         self.force_chunks = False  # every GEMV task takes the chunked loop (the CPU tests)
+        self.prof = None  # int64 [tasks, 3] when set (profile()): each ticket's start, end (ns) and SM
         for name in ("qkv", "o", "gate", "up", "down"):
             w = getattr(packed, name)
             if w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
@@ -380,14 +401,35 @@ class PersistentStep:
         self.state.zero_()
         _layers_kernel[(self.programs,)](
             self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.part_a, self.part_sq,
-            self.state,
+            self.state, self.prof if self.prof is not None else self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
             k, v, cache.key_valid, positions, cache.start, self.model.inv_freq,
             self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
             args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
-            FORCE_CHUNKS=self.force_chunks, SPLITS=self.splits, KSPLIT=self.qkv_splits, **self.meta)
+            FORCE_CHUNKS=self.force_chunks, PROFILE=self.prof is not None, SPLITS=self.splits,
+            KSPLIT=self.qkv_splits, **self.meta)
+
+    def task_counts(self) -> dict[str, int]:
+        """The tasks of one layer by kind, in ticket order."""
+        a = self.model.args
+        return {"A qkv": (a.num_attention_heads + 2 * a.num_key_value_heads) * self.qkv_splits,
+                "B attention": a.num_attention_heads * self.batch * self.splits,
+                "C o_proj": a.hidden_size // self.meta["BLOCK_N"],
+                "D gate/up": a.intermediate_size // self.meta["BLOCK_N"],
+                "E down": a.hidden_size // self.meta["BLOCK_N"]}
+
+    def profile(self, tokens: torch.Tensor, cache) -> dict:
+        """One step with every task timed on the device (%globaltimer; CUDA only): summarize_profile's."""
+        self.prof = torch.zeros(self.L * sum(self.task_counts().values()), 3, dtype=torch.int64,
+                                device=self.model.device)
+        try:
+            self.step(tokens, cache)
+            torch.cuda.synchronize()
+            return summarize_profile(self.prof.cpu(), self.task_counts(), self.L, self.programs)
+        finally:
+            self.prof = None
 
     @staticmethod
     def kv_offset(k: torch.Tensor, v: torch.Tensor) -> int:
@@ -409,6 +451,35 @@ class PersistentStep:
         self.layers(cache, positions)
         cache.length += 1
         return last_logits(self.model, self.h[self.L, :B], (B, 1), 1)[:, -1]
+
+
+def summarize_profile(prof: torch.Tensor, counts: dict[str, int], layers: int, programs: int) -> dict:
+    """Where a persistent step's time went, from each ticket's [start ns, end ns, SM] (prof [tasks, 3],
+    tickets in order: layer by layer, each layer's tasks by kind as `counts`): the step's span, the share of
+    program time spent in tasks (the rest: waiting for a ticket's dependencies, or idle at the ends), each
+    kind's task count and median / total µs, and the median span of a layer (its first task's start to
+    its last task's end)."""
+    per_layer = sum(counts.values())
+    if prof.shape != (layers * per_layer, 3):
+        raise ValueError(f"profile of {prof.shape[0]} tasks, expected {layers} x {per_layer}")
+    start, end = prof[:, 0].double(), prof[:, 1].double()
+    t0, span = start.min().item(), (end.max() - start.min()).item()
+    dur = (end - start) / 1e3
+    kinds, offset = {}, 0
+    layer_of = torch.arange(layers * per_layer) // per_layer
+    within = torch.arange(layers * per_layer) % per_layer
+    for kind, n in counts.items():
+        sel = (within >= offset) & (within < offset + n)
+        d = dur[sel]
+        kinds[kind] = dict(tasks=int(sel.sum()), median_us=round(d.median().item(), 3),
+                           total_us=round(d.sum().item(), 1),
+                           first_start_us=round((start[sel].min().item() - t0) / 1e3, 2),
+                           last_end_us=round((end[sel].max().item() - t0) / 1e3, 2))
+        offset += n
+    layer_spans = [((end[layer_of == l].max() - start[layer_of == l].min()) / 1e3).item() for l in range(layers)]
+    return dict(span_us=round(span / 1e3, 2), busy_pct=round(100 * dur.sum().item() / (programs * span / 1e3), 1),
+                sms_used=int(prof[:, 2].unique().numel()), kinds=kinds,
+                layer_span_median_us=round(statistics.median(layer_spans), 2))
 
 
 def main(argv=None) -> None:
@@ -433,7 +504,7 @@ def main(argv=None) -> None:
     device, dtype, commit = torch.device("cuda"), torch.bfloat16, _commit()
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
-    rows, times_all = [], {}
+    rows, times_all, profiles = [], {}, {}
     for n in a.layers or [4, 12]:
         model = random_model(a.shape, dtype, device, num_hidden_layers=n)
         model.cqil, model.backend = CQILConfig(), "triton"
@@ -450,6 +521,7 @@ def main(argv=None) -> None:
                     runner = PersistentStep(model, a.batch, block_n=a.block_n, block_k=a.block_k,
                                             programs_per_sm=a.programs_per_sm)
                     step = functools.partial(runner.step, cache=cache)
+                    profiled = (runner, cache, tok)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
@@ -471,6 +543,9 @@ def main(argv=None) -> None:
                     end.record()
                     end.synchronize()
                     times[v].append(start.elapsed_time(end) / a.steps)
+            runner, cache, tok = profiled
+            profiles[str(n)] = runner.profile(tok, cache)
+            print(f"{n:>3} layers, one persistent step's tasks: {json.dumps(profiles[str(n)])}", flush=True)
         step_bytes = decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, a.batch, a.prompt)
         for v, t in times.items():
             ms = statistics.median(t)
@@ -487,7 +562,7 @@ def main(argv=None) -> None:
                        f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); "
                        f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
                  copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy"], rows=rows,
-                 times_ms=times_all)
+                 times_ms=times_all, task_profiles=profiles)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,29 @@ def test_persistent_layers_match_the_fused_step(layers_module, dtype, batch, for
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("force", [False, True])
 def test_persistent_layers_cuda(layers_module, force):
-    _check_step(layers_module, torch.bfloat16, 5, force, block_n=32, block_k=32)
+    runner = _check_step(layers_module, torch.bfloat16, 5, force, block_n=32, block_k=32)
+    cache = runner.model.new_cache(5, 16)
+    runner.model(torch.zeros(5, 4, dtype=torch.long, device="cuda"), cache=cache)
+    summary = runner.profile(torch.zeros(5, dtype=torch.long, device="cuda"), cache)
+    counts = runner.task_counts()
+    assert {k: v["tasks"] for k, v in summary["kinds"].items()} == {k: 3 * n for k, n in counts.items()}
+    assert 0 < summary["busy_pct"] <= 100 and summary["span_us"] > 0
+
+
+def test_task_profile_summary(layers_module):
+    """Two layers of tasks A, B (2 each), the second layer starting when the first ends, on 2 programs."""
+    counts = {"A": 2, "B": 2}
+    rows = [[0, 1000, 0], [0, 1000, 1], [1000, 3000, 0], [1000, 2000, 1],
+            [3000, 4000, 0], [3000, 4000, 1], [4000, 5000, 0], [4000, 6000, 1]]
+    summary = layers_module.summarize_profile(torch.tensor(rows), counts, 2, 2)
+    assert summary["span_us"] == 6.0 and summary["sms_used"] == 2
+    assert summary["busy_pct"] == round(100 * 10 / 12, 1)  # 10 us of tasks in 2 programs x 6 us
+    assert summary["kinds"]["A"] == dict(tasks=4, median_us=1.0, total_us=4.0, first_start_us=0.0,
+                                         last_end_us=4.0)
+    assert summary["kinds"]["B"]["tasks"] == 4 and summary["kinds"]["B"]["total_us"] == 6.0
+    assert summary["layer_span_median_us"] == 3.0
+    with pytest.raises(ValueError, match="expected 2 x 4"):
+        layers_module.summarize_profile(torch.tensor(rows[:7]), counts, 2, 2)
 
 
 def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
