@@ -256,7 +256,7 @@ def _layers_kernel(
             offs_s = tl.arange(0, BLOCK_S)
             for s0 in range(lo_s, hi_s, BLOCK_S):
                 s = s0 + offs_s
-                live = (s < hi_s) & tl.load(key_valid_ptr + b * S + s, mask=s < hi_s, other=0).to(tl.int1)
+                live = (s < hi_s) & (tl.load(key_valid_ptr + b * S + s, mask=s < hi_s, other=0) != 0)
                 kk = tl.load(k_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
                              cache_modifier=".cg").to(tl.float32)
                 score = tl.where(live, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
@@ -403,7 +403,7 @@ class PersistentStep:
             self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.part_a, self.part_sq,
             self.state, self.prof if self.prof is not None else self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
-            k, v, cache.key_valid, positions, cache.start, self.model.inv_freq,
+            k, v, cache.key_valid.view(torch.uint8), positions, cache.start, self.model.inv_freq,
             self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
             args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
