@@ -10,7 +10,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, fused
 
-from conftest import assert_kernel_close, interpreter, random_hf_model
+from conftest import assert_kernel_close, interpreter, left_padding_mask, random_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -29,7 +29,8 @@ def layers_module():
     return persistent_layers
 
 
-def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None):
+def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None,
+                pads=None):
     hf = random_hf_model(seed=11, **SHAPE)
     model = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=dtype)
     model.backend = "triton"
@@ -41,16 +42,17 @@ def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=3
     runner = layers_module.PersistentStep(model, batch, block_n=block_n, block_k=block_k, block_s=4, splits=splits,
                                           qkv_splits=qkv_splits)
     runner.force_chunks = force_chunks
+    mask = left_padding_mask(ids, pads) if pads else torch.ones_like(ids)
     with torch.no_grad():
         caches = []
         for _ in range(2):
             cache = model.new_cache(batch, 16)
-            model(ids, cache=cache)
+            model(ids, mask, cache=cache)
             caches.append(cache)
         got = runner.step(nxt, caches[0])
         twin = fused.step(model, nxt[:, None], None, caches[1], 1)[:, -1]
         caches[1].length += 1
-        want = exact(torch.cat([ids, nxt[:, None]], 1))[:, -1]
+        want = exact(torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1))[:, -1]
     assert caches[0].length == caches[1].length == 10
     assert_kernel_close(got, twin, want, terms=SHAPE["intermediate_size"])
     (k, v), (k_twin, v_twin) = caches[0].runs[0], caches[1].runs[0]
@@ -90,6 +92,12 @@ def test_persistent_layers_cuda(layers_module, force):
     counts = runner.task_counts()
     assert {k: v["tasks"] for k, v in summary["kinds"].items()} == {k: 3 * n for k, n in counts.items()}
     assert 0 < summary["busy_pct"] <= 100 and summary["span_us"] > 0
+
+
+@interpreter
+def test_persistent_layers_left_padded_rows(layers_module):
+    """Rows whose prompts were left-padded: RoPE at each row's own position, padded keys masked."""
+    _check_step(layers_module, torch.float32, 3, True, splits=2, qkv_splits=2, pads=[0, 3, 6])
 
 
 def test_task_profile_summary(layers_module):
