@@ -22,9 +22,8 @@ weight chunk loaded before its wait. A task waits only on tasks of lower tickets
 programs, so no order of scheduling deadlocks. Embedding, cache bookkeeping (ops/cache_advance) and the
 final norm + lm_head stay as today's launches.
 
-Not in the prototype: groups, bypass, biases, prompts (T > 1), left-padded rows whose positions differ
-(positions are per row, so they work; tested with uniform rows only). tests/test_persistent_layers.py checks
-its logits against the fused step and a float64 model on the interpreter.
+Up to 32 rows. Not in the prototype: groups, bypass, biases, prompts (T > 1). tests/test_persistent_layers.py
+checks its logits and KV entries against the fused step and a float64 model on the interpreter.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from cqil_kernels.ops._common import dot_flags
 
-BLOCK_M = 16  # decode rows, padded to one tensor-core tile as in ops/group_gemm.py
+MAX_BATCH = 32  # decode rows, padded to 16 (one tensor-core tile, as in ops/group_gemm.py) or 32
 
 
 @triton.jit
@@ -338,7 +337,8 @@ def _layers_kernel(
 
 class PersistentStep:
     """A sequential model's decode step with its layers in one launch (module docstring). Holds the
-    buffers for `batch` rows; step(tokens, cache) -> logits [B, V], advancing the cache like model.decoder."""
+    buffers for `batch` rows (padded to block_m = 16 or 32); step(tokens, cache) -> logits [B, V], advancing
+    the cache like model.decoder."""
 
     def __init__(self, model, batch: int, block_n: int = 32, block_k: int = 128, block_s: int = 64,
                  num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2, splits: int | None = None,
@@ -352,8 +352,9 @@ class PersistentStep:
             raise ValueError("the persistent prototype needs one run of equal layers without biases")
         D, F, H, HKV, Dh = (args.hidden_size, args.intermediate_size, args.num_attention_heads,
                             args.num_key_value_heads, args.head_dim)
-        if not 1 <= batch <= BLOCK_M:
-            raise ValueError(f"batch must be 1..{BLOCK_M}, got {batch}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {batch}")
+        self.block_m = BLOCK_M = 16 if batch <= 16 else 32
         if D % block_k or F % block_k or block_k % block_n or Dh & (Dh - 1) or H % HKV:
             raise ValueError(f"need hidden {D} and intermediate {F} multiples of block_k {block_k}, block_k a "
                              f"multiple of block_n {block_n}, a power-of-two head size ({Dh})")
