@@ -573,8 +573,8 @@ def main(argv=None) -> None:
                        f"decoder's graph holds); persistent: embedding, cache_advance, one launch for every layer, "
                        f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); "
                        f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
-                 copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy", "persistent num_stages"], rows=rows,
-                 times_ms=times_all, task_profiles=profiles)
+                 copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy", "num_stages"],
+                 rows=rows, times_ms=times_all, task_profiles=profiles)
 
 
 if __name__ == "__main__":
