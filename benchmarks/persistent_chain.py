@@ -51,6 +51,13 @@ def _wait_count(counter_ptr, target):
 
 
 @triton.jit
+def _release(counter_ptr):
+    """*counter_ptr += 1 (release) once every thread of the program has made its stores."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _dot(x, w, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # ops/_common.dot_flags: the interpreter's bf16 arithmetic is wrong
         x, w = x.to(tl.float32), w.to(tl.float32)
@@ -151,8 +158,7 @@ def _chain_kernel(act_ptr, w_ptr, state_ptr, M, D, F, n_layers, stride_act, CHUN
         _tile(x, w, out, M, N, K, stride_act, stride_act, pid_n, state_ptr + layer, target, prev_chunks,
               tl.where(first, 0, BLOCK_K // BLOCK_N), WAIT, True, FORCE_CHUNKS, UPCAST, PRECISION,
               BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()  # every thread's stores of this tile happen before the releases below
-        tl.atomic_add(state_ptr + 1 + layer, 1, sem="release", scope="gpu")
+        _release(state_ptr + 1 + layer)
         if WAIT == 3:
             tl.atomic_add(chunks_base + layer * CHUNKS + pid_n * BLOCK_N // BLOCK_K, 1, sem="release", scope="gpu")
         t = t_next

@@ -40,23 +40,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from cqil_kernels.ops._common import dot_flags
+from persistent_chain import _dot, _release, _wait_count  # the same spin, release and dot as the chain
 
 MAX_BATCH = 32  # decode rows, padded to 16 (one tensor-core tile, as in ops/group_gemm.py) or 32
-
-
-@triton.jit
-def _wait(counter_ptr, target):
-    """Spin until *counter_ptr >= target (acquire)."""
-    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
-def _release(counter_ptr):
-    """*counter_ptr += 1 after every thread's stores of this task."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -68,13 +54,6 @@ def _globaltimer():
 def _smid():
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False,
                                      pack=1).to(tl.int64)
-
-
-@triton.jit
-def _dot(x, w, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:  # ops/_common.dot_flags: the interpreter's bf16 arithmetic is wrong
-        x, w = x.to(tl.float32), w.to(tl.float32)
-    return tl.dot(x, w, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -119,7 +98,7 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr
             w2k = wk
             if DUAL:
                 w2k = tl.load(w2_ptr + cols + k[:, None])
-            _wait(wait_ptr + k0 // BLOCK_K, wait_target)
+            _wait_count(wait_ptr + k0 // BLOCK_K, wait_target)
             xk = tl.load(x_rows + k[None, :], mask=m_ok, other=0.0, cache_modifier=".cg")
             acc, acc2, sumsq = _mac(xk, wk, w2k, acc, acc2, sumsq, nw_ptr, k, NORM, DUAL, UPCAST, PRECISION)
     else:
@@ -239,9 +218,9 @@ def _layers_kernel(
             j = r - n_a
             h, b, split = j // (M * SPLITS), (j // SPLITS) % M, j % SPLITS
             kvh = h // (H // HKV)
-            _wait(st + h, 1)
-            _wait(st + H + kvh, 1)
-            _wait(st + H + HKV + kvh, 1)
+            _wait_count(st + h, 1)
+            _wait_count(st + H + kvh, 1)
+            _wait_count(st + H + HKV + kvh, 1)
             offs_d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d,
                         cache_modifier=".cg").to(tl.float32)
@@ -286,8 +265,7 @@ def _layers_kernel(
                 weight = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_all))
                 out = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
                 tl.store(attn_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d, out.to(dtype))
-                tl.debug_barrier()
-                tl.atomic_add(st + off_b + h, 1, sem="release", scope="gpu")
+                _release(st + off_b + h)
                 tl.atomic_add(st + off_done, 1, sem="release", scope="gpu")
         elif r < n_a + n_b + n_c:  # C: o_proj columns + h
             n0 = (r - n_a - n_b) * BLOCK_N
@@ -299,8 +277,7 @@ def _layers_kernel(
                           cache_modifier=".cg").to(tl.float32)
             tl.store(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
                      mask=m_ok[:, None])
-            tl.debug_barrier()
-            tl.atomic_add(st + off_c + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            _release(st + off_c + n0 // BLOCK_K)
             tl.atomic_add(st + off_done + 1, 1, sem="release", scope="gpu")
         elif r < n_a + n_b + n_c + n_d:  # D: gate / up columns, RMSNorm_post, silu(g) * u
             n0 = (r - n_a - n_b - n_c) * BLOCK_N
@@ -313,8 +290,7 @@ def _layers_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             tl.store(act_ptr + layer * BLOCK_M * F + offs_m[:, None] * F + cols[None, :],
                      (g * tl.sigmoid(g) * u).to(dtype), mask=m_ok[:, None])
-            tl.debug_barrier()
-            tl.atomic_add(st + off_d + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            _release(st + off_d + n0 // BLOCK_K)
             tl.atomic_add(st + off_done + 2, 1, sem="release", scope="gpu")
         else:  # E: down columns + h_mid: h of the next layer
             n0 = (r - n_a - n_b - n_c - n_d) * BLOCK_N
@@ -326,8 +302,7 @@ def _layers_kernel(
                           other=0.0, cache_modifier=".cg").to(tl.float32)
             tl.store(h_l + BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
                      mask=m_ok[:, None])
-            tl.debug_barrier()
-            tl.atomic_add(st + off_e + n0 // BLOCK_K, 1, sem="release", scope="gpu")
+            _release(st + off_e + n0 // BLOCK_K)
             tl.atomic_add(st + off_done + 3, 1, sem="release", scope="gpu")
         if PROFILE:  # [start ns, end ns, SM] of ticket t
             tl.store(prof_ptr + t * 3, began)
