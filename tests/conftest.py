@@ -73,6 +73,20 @@ def left_padding_mask(ids: torch.Tensor, pads: list[int]) -> torch.Tensor:
     return (positions[None, :] >= torch.tensor(pads, device=ids.device)[:, None]).to(ids.dtype)
 
 
+def import_benchmark(name: str):
+    """The module benchmarks/<name>.py (its own imports of benchmarks/ modules included), for tests of a
+    benchmark's kernels and helpers; sys.path is left as it was."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
     """An output buffer full of NaN, so an element a kernel forgets to write fails the test."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -1,24 +1,15 @@
 """The persistent-chain prototype of benchmarks/persistent_chain.py (issue 26): the one-launch chain with
 per-layer counters gives the same bits as a launch per layer, and both match a float64 chain."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import assert_kernel_close, interpreter
+from conftest import assert_kernel_close, import_benchmark, interpreter
 
 
 @pytest.fixture(scope="module")
 def chain_module():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    try:
-        import persistent_chain
-    finally:
-        sys.path.pop(0)
-    return persistent_chain
+    return import_benchmark("persistent_chain")
 
 
 def assert_layers_close(chain) -> None:

@@ -3,14 +3,12 @@ every layer of a sequential decode step gives the fused step's logits and KV cac
 kernels' tolerance against a float64 model (CPU: the interpreter, one program taking every task in
 order, and every GEMV task forced through its chunk-by-chunk waits; CUDA: programs running together)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, fused
 
-from conftest import assert_kernel_close, interpreter, left_padding_mask, random_hf_model
+from conftest import assert_kernel_close, import_benchmark, interpreter, left_padding_mask, random_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -19,14 +17,7 @@ SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_ke
 
 @pytest.fixture(scope="module")
 def layers_module():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    try:
-        import persistent_layers
-    finally:
-        sys.path.pop(0)
-    return persistent_layers
+    return import_benchmark("persistent_layers")
 
 
 def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None,
