@@ -87,7 +87,7 @@ def run(a, device: torch.device) -> dict:
     base.backend = "triton"
     skip = GroupReducer(device, one_shot=False, copy_engine=False)
     skip.skip_for_benchmark = True  # timing only: every reduction returns its input
-    ranks, steps = {}, {}
+    steps = {}
 
     def build(cqil, tp):
         placement = Placement.build(0, a.world, args, cqil, tensor_parallel=tp)
@@ -109,15 +109,15 @@ def run(a, device: torch.device) -> dict:
                 time_round(r, [("one-gpu", base), (name, part)])
             del part
             torch.cuda.empty_cache()
-        ranks = chosen
     else:
+        ranks = {}
         for name, (cqil, tp) in chosen.items():
             ranks[name], steps[name] = build(cqil, tp)
         for r in range(a.rounds):
             time_round(r, [("one-gpu", base), *ranks.items()])
     one = statistics.median(times["one-gpu"])
     rows = [["one-gpu", 1, 0, round(one, 4), round(one, 4), "1.00x"]]
-    for name in ranks:
+    for name in chosen:
         compute = statistics.median(times[name])
         estimate = compute + steps[name] * a.reduce_us / 1000
         rows.append([name, a.world, steps[name], round(compute, 4), round(estimate, 4), f"{one / estimate:.2f}x"])
