@@ -155,29 +155,40 @@ def decode_step_bytes(args: LlamaArgs, dtype: torch.dtype, batch: int, seq: int)
     return (weights + kv) * torch.finfo(dtype).bits // 8
 
 
-def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms, decode ms/token) for our model in its current backend/grouping."""
-    B, T = ids.shape
+def _step_ms(begin, new: int, repeats: int, warm: int) -> float:
+    """Median ms per decode step over `repeats` sequences (one more first, dropped: compiles and captures).
+    begin() starts a sequence and returns (step, first token), step(token) -> next token; `warm` steps run
+    untimed, then new - 2 steps between CUDA events."""
     times = []
     for _ in range(repeats + 1):
-        cache = model.new_cache(B, T + new + 2)
-        logits = model(ids, cache=cache)[:, -1]
-        decode = model.decoder(cache)
-        tok = model.argmax(logits)
-        for _ in range(2):  # eager warm-up step and graph capture (Triton backend)
-            tok = model.argmax(decode(tok))
+        step, tok = begin()
+        for _ in range(warm):
+            tok = step(tok)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(new - 2):
-            tok = model.argmax(decode(tok))
+            tok = step(tok)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / (new - 2))
+    return statistics.median(times[1:])
+
+
+def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms, decode ms/token) for our model in its current backend/grouping."""
+    B, T = ids.shape
+
+    def begin():
+        cache = model.new_cache(B, T + new + 2)
+        logits = model(ids, cache=cache)[:, -1]
+        decode = model.decoder(cache)
+        return (lambda tok: model.argmax(decode(tok))), model.argmax(logits)
 
     def prefill():
         model(ids, cache=model.new_cache(B, T + new + 2))
 
-    return _events_ms(prefill, max(repeats, 10)), statistics.median(times[1:])
+    decode_ms = _step_ms(begin, new, repeats, warm=2)  # eager warm-up step and graph capture (Triton backend)
+    return _events_ms(prefill, max(repeats, 10)), decode_ms
 
 
 SLEEP_CYCLES = 400_000_000  # ~0.2 s of GPU sleep at H100 clocks: longer than any step's host launch time
@@ -199,11 +210,12 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
     backend = model.accelerator
     times: dict[str, list[float]] = {key: [] for key in ("wall_ms", "eager_ms", "device_ms", "host_ms",
                                                            "graph_host_ms")}
-    for graphs in (True, False):
-        backend.prefill_graphs = graphs
-        for _ in range(2):  # the bucket's first forward runs eagerly, its second captures the graph
-            model(ids, cache=model.new_cache(B, cache_len))
+    was = backend.prefill_graphs
     try:
+        for graphs in (True, False):
+            backend.prefill_graphs = graphs
+            for _ in range(2):  # the bucket's first forward runs eagerly, its second captures the graph
+                model(ids, cache=model.new_cache(B, cache_len))
         for _ in range(repeats):
             for graphs, wall, host in ((True, "wall_ms", "graph_host_ms"), (False, "eager_ms", "host_ms")):
                 backend.prefill_graphs = graphs
@@ -224,7 +236,7 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
             end.synchronize()
             times["device_ms"].append(start.elapsed_time(end))
     finally:
-        backend.prefill_graphs = True
+        backend.prefill_graphs = was
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -261,19 +273,17 @@ def ttft_ms(first_token, repeats: int) -> float:
 def _time_hf(hf, ids, new: int, repeats: int) -> tuple[float, float]:
     from transformers import DynamicCache
 
-    times = []
-    for _ in range(repeats + 1):
+    def begin():
         cache = DynamicCache()
-        tok = hf(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(new - 2):
-            tok = hf(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (new - 2))
+
+        def step(tok):
+            return hf(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+
+        return step, hf(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+
+    decode_ms = _step_ms(begin, new, repeats, warm=0)
     prefill_ms = _events_ms(lambda: hf(ids, past_key_values=DynamicCache(), use_cache=True), max(repeats, 10))
-    return prefill_ms, statistics.median(times[1:])
+    return prefill_ms, decode_ms
 
 
 class HFCompiled:
@@ -314,19 +324,8 @@ class HFCompiled:
 
 
 def _time_hf_compiled(runner: HFCompiled, ids, new: int, repeats: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats + 1):  # the first run compiles (prompt and step graphs) and is dropped
-        tok = runner.prefill(ids)
-        for _ in range(2):
-            tok = runner.step(tok)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(new - 2):
-            tok = runner.step(tok)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (new - 2))
-    return _events_ms(lambda: runner.prefill(ids), max(repeats, 10)), statistics.median(times[1:])
+    decode_ms = _step_ms(lambda: (runner.step, runner.prefill(ids)), new, repeats, warm=2)
+    return _events_ms(lambda: runner.prefill(ids), max(repeats, 10)), decode_ms
 
 
 def card(device: torch.device) -> str:
