@@ -236,6 +236,23 @@ class Chain:
         return x
 
 
+def replay_ms(graphs: dict, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of one replay of each CUDA graph per round (after an untimed replay, CUDA events), the
+    graphs alternated, their order reversed every other round."""
+    names = list(graphs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            graphs[name].replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[name].replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return times
+
+
 def main(argv=None) -> None:
     from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
 
@@ -278,16 +295,7 @@ def main(argv=None) -> None:
                 for _ in range(a.replays):
                     chain.run(v)
             graphs[v] = g
-        times = {v: [] for v in VARIANTS}
-        for r in range(a.rounds):
-            for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                graphs[v].replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graphs[v].replay()
-                end.record()
-                end.synchronize()
-                times[v].append(start.elapsed_time(end) * 1000 / a.replays)
+        times = {v: [1000 * ms / a.replays for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
         if not torch.equal(chain.output(), outs["launch"]):
             raise SystemExit("the replayed graphs left a different result")
         nbytes = chain.weight_bytes()

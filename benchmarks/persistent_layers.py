@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from cqil_kernels.ops._common import dot_flags
-from persistent_chain import _dot, _release, _wait_count  # the same spin, release and dot as the chain
+from persistent_chain import _dot, _release, _wait_count, replay_ms  # the chain's spin, release, dot, timing
 
 MAX_BATCH = 32  # decode rows, padded to 16 (one tensor-core tile, as in ops/group_gemm.py) or 32
 
@@ -519,16 +519,7 @@ def main(argv=None) -> None:
                     for _ in range(a.steps):  # the same token each step: the weights' stream is what is timed
                         step(tok)
                 graphs[variant] = g
-            times = {v: [] for v in graphs}
-            for r in range(a.rounds):
-                for v in (list(graphs) if r % 2 == 0 else list(graphs)[::-1]):
-                    graphs[v].replay()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graphs[v].replay()
-                    end.record()
-                    end.synchronize()
-                    times[v].append(start.elapsed_time(end) / a.steps)
+            times = {v: [ms / a.steps for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
             runner, cache, tok = profiled
             profiles[str(n)] = runner.profile(tok, cache)
             print(f"{n:>3} layers, one persistent step's tasks: {json.dumps(profiles[str(n)])}", flush=True)
