@@ -1,29 +1,38 @@
-"""Prototype for the persistent decode step (issue 26), second stage: every layer of a sequential LLaMA
-decode step (T = 1, up to 16 rows) in one launch, against today's fused step (six launches a layer,
-graph-replayed) on the same model.
+"""Prototype for the persistent decode step (issue 26), second stage: every stage of a LLaMA decode step
+(T = 1, up to 32 rows; a stage is one layer or a CQIL group of P layers reading the same input, bypass in
+either mode) in one launch, against today's fused step (six or seven launches a stage, graph-replayed) on
+the same model.
 
-    python benchmarks/persistent_layers.py --shape llama-7b --layers 4 --layers 12 --batch 1 --out pl.json
+    python benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 --run 12/2-10:4 --batch 1 --out pl.json
+    python benchmarks/persistent_layers.py --shape smollm2-135m --run 30 --run 30/2-26:4 --block-k 64 --out c.json
 
-One launch runs the layers' tasks in ticket order; a program takes the next ticket, runs its task and
-releases counters. The tasks of layer l, in order:
-  A  one head of QKV (Dh outputs; two halves for RoPE) over one of KSPLIT parts of K (enough tasks for
-     every program; the part arriving last sums the parts in order): RMSNorm_in in the prologue (its sum
-     of squares from the chunks of h streamed anyway, applied at the end as in ops/group_gemm.py), RoPE
-     on q and k heads, q to a buffer, k and v into the KV cache at the step's slot;
-  B  attention of one head for one row over one of SPLITS parts of the cached positions (online softmax,
-     key_valid masked), once its q head and its key/value heads are stored; the part that finishes last
-     (an arrival counter) combines them;
-  C  BLOCK_N columns of o_proj + the residual h, chunk c of K (head c) once head c's B tasks are done;
-  D  BLOCK_N columns of gate and up, RMSNorm_post in the prologue, silu(g) * u in the epilogue;
-  E  BLOCK_N columns of down + the residual, which are h of layer l + 1.
+One launch runs the stages' tasks in ticket order; a program takes the next ticket, runs its task and
+releases counters. The tasks of a stage whose input is h, in order:
+  A  for each layer j: one head of QKV (Dh outputs; two halves for RoPE) over one of KSPLIT parts of K
+     (enough tasks for every program; the part arriving last sums the parts in order): RMSNorm_in in the
+     prologue (its sum of squares from the chunks of h streamed anyway, applied at the end as in
+     ops/group_gemm.py), RoPE on q and k heads, q to a buffer, k and v into the KV cache at the step's slot;
+  B  for each layer j: attention of one head for one row over one of SPLITS parts of the cached positions
+     (online softmax, key_valid masked), once its q head and its key/value heads are stored; the part that
+     finishes last (an arrival counter) combines them;
+  C  BLOCK_N columns of o_proj of every layer of the stage, chunk c of K (head c) once head c's B tasks are
+     done. One layer: + h, the MLP's input (as today's o_proj epilogue). A group: a_j rounded, then as
+     ops/group_residual.py r_j = h + a_j + b_j (fp32; b_j the bypassed a of the d layers before) and the
+     stage's residual R = h + sum_j (a_j [+ b_j]);
+  D  for each layer j: BLOCK_N columns of gate and up, RMSNorm_post in the prologue, silu(g) * u in the
+     epilogue;
+  E  BLOCK_N columns of the down projections of every layer of the stage (one accumulator over K = P F)
+     + the residual: the next stage's h.
 A GEMV task (A, C, D, E) checks once whether the whole stage before it is done (then streams without
 waits); otherwise it waits chunk by chunk of K on the counter of the tiles that store that chunk, each
 weight chunk loaded before its wait. A task waits only on tasks of lower tickets, all taken by running
 programs, so no order of scheduling deadlocks. Embedding, cache bookkeeping (ops/cache_advance) and the
 final norm + lm_head stay as today's launches.
 
-Up to 32 rows. Not in the prototype: groups, bypass, biases, prompts (T > 1). tests/test_persistent_layers.py
-checks its logits and KV entries against the fused step and a float64 model on the interpreter.
+Not in the prototype: biases, prompts (T > 1), tensor-parallel shards. A sequential stage gives the fused
+step's bits; a group applies RMSNorm_post in the gate/up prologue (the fused step normalizes in
+group_residual), so its results differ from the fused step's by rounding. tests/test_persistent_layers.py
+checks logits and KV entries against the fused step and a float64 model on the interpreter.
 """
 
 from __future__ import annotations
@@ -72,19 +81,19 @@ def _mac(xk, wk, w2k, acc, acc2, sumsq, nw_ptr, k, NORM: tl.constexpr, DUAL: tl.
 
 @triton.jit
 def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr, wait_target, done_ptr,
-          done_target, FORCE_CHUNKS: tl.constexpr, NORM: tl.constexpr, DUAL: tl.constexpr, WN: tl.constexpr,
+          done_target, acc, FORCE_CHUNKS: tl.constexpr, NORM: tl.constexpr, DUAL: tl.constexpr, WN: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """(acc, acc2, sumsq): x[:M, k_lo:k_hi] @ w[n0:n0 + WN, k_lo:k_hi]^T (rows of w K long) and the same
-    with w2 (DUAL), fp32; NORM: x times nw and the rows' sums of squares of the raw x. If *done_ptr <
-    done_target at the start (the stage before still runs; FORCE_CHUNKS: always, the CPU tests' way here),
-    chunk c of x is read once wait_ptr[c] >= wait_target, each weight chunk loaded before its wait;
-    otherwise a loop without waits, which Triton can pipeline."""
+    """(acc, acc2, sumsq): acc + x[:M, k_lo:k_hi] @ w[n0:n0 + WN, k_lo:k_hi]^T (rows of w K long; acc fp32
+    [BLOCK_M, WN], so a group's down projections add up in one accumulator) and the same with w2 from zero
+    (DUAL), fp32; NORM: x times nw and the rows' sums of squares of the raw x. If *done_ptr < done_target
+    at the start (the stage before still runs; FORCE_CHUNKS: always, the CPU tests' way here), chunk c of x
+    is read once wait_ptr[c] >= wait_target, each weight chunk loaded before its wait; otherwise a loop
+    without waits, which Triton can pipeline."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     cols = (n0 + tl.arange(0, WN))[None, :] * K
     m_ok = offs_m[:, None] < M
     x_rows = x_ptr + offs_m[:, None] * stride_x
-    acc = tl.zeros((BLOCK_M, WN), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, WN), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if FORCE_CHUNKS:
@@ -115,29 +124,29 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr
 
 @triton.jit
 def _layers_kernel(
-    h_ptr, q_ptr, attn_ptr, hmid_ptr, act_ptr, part_ml_ptr, part_acc_ptr, part_a_ptr, part_sq_ptr, state_ptr,
-    prof_ptr,
+    h_ptr, q_ptr, attn_ptr, hmid_ptr, r_ptr, res_ptr, act_ptr, part_ml_ptr, part_acc_ptr, part_a_ptr, part_sq_ptr,
+    state_ptr, stage_ptr, prof_ptr,
     qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
     k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
-    M, L, D, F, H, HKV, S, eps, scale,
+    M, NS, total, D, F, H, HKV, S, BYPASS, eps, scale,
     s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
     FORCE_CHUNKS: tl.constexpr, PROFILE: tl.constexpr, SPLITS: tl.constexpr, KSPLIT: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    RESIDUAL_MODE: tl.constexpr, MAX_STAGES: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Every layer's tasks (module docstring). state_ptr (zeroed before the launch): [0] the ticket, then
-    per layer: A flags [H + 2 HKV], B counts [H] (rows whose attention of the head is combined), C / D / E
-    chunk counts [D / BLOCK_K, F / BLOCK_K, D / BLOCK_K], attention splits arrived [H, BLOCK_M], QKV parts
-    arrived [H + 2 HKV], and the B / C / D / E tasks done (B: combined head rows)."""
+    """Every stage's tasks (module docstring). stage_ptr: per stage [first ticket, first layer l0, P].
+    state_ptr (zeroed before the launch): [0] the ticket, then per layer: A flags [H + 2 HKV], B counts [H]
+    (rows whose attention of the head is combined), C / D / E chunk counts [D / BLOCK_K, F / BLOCK_K,
+    D / BLOCK_K], attention splits arrived [H, BLOCK_M], QKV parts arrived [H + 2 HKV], and the B / C / D / E
+    tasks done (B: combined head rows). The counters of a stage's C and E tasks and of its C / D / E tasks
+    done are its first layer's; D chunk counts are each layer's own."""
     HALF: tl.constexpr = HEAD_DIM // 2
     n_heads = H + 2 * HKV
     n_a = n_heads * KSPLIT
     n_b = H * M * SPLITS
     n_c = D // BLOCK_N
     n_d = F // BLOCK_N
-    per_layer = n_a + n_b + 2 * n_c + n_d
-    total = L * per_layer
     # counters of one layer
     off_b = n_heads
     off_c = off_b + H
@@ -152,24 +161,32 @@ def _layers_kernel(
     HD = H * HEAD_DIM
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
+    offs_st = tl.arange(0, MAX_STAGES)
+    firsts = tl.load(stage_ptr + offs_st * 3, mask=offs_st < NS, other=total)  # each stage's first ticket
     t = tl.atomic_add(state_ptr, 1)
     while t < total:
         t_next = tl.atomic_add(state_ptr, 1)  # the next ticket's latency hides behind this task
         if PROFILE:
             began = _globaltimer()
-        layer = t // per_layer
-        r = t % per_layer
-        st = state_ptr + 1 + layer * span
-        prev = state_ptr + 1 + tl.maximum(layer - 1, 0) * span  # layer 0: its own, with targets 0
-        first = layer == 0
-        h_l = h_ptr + layer * BLOCK_M * D
-        if r < n_a:  # A: QKV head r // KSPLIT, its part r % KSPLIT of K
-            head, kpart = r // KSPLIT, r % KSPLIT
+        s = tl.sum((firsts <= t).to(tl.int32), axis=0) - 1
+        r = t - tl.load(stage_ptr + s * 3)
+        l0 = tl.load(stage_ptr + s * 3 + 1)
+        P = tl.load(stage_ptr + s * 3 + 2)
+        st0 = state_ptr + 1 + l0 * span  # the stage's counters (C, E, done)
+        prev = state_ptr + 1 + tl.load(stage_ptr + tl.maximum(s - 1, 0) * 3 + 1) * span  # stage 0: own, target 0
+        first = s == 0
+        h_s = h_ptr + s * BLOCK_M * D
+        if r < P * n_a:  # A: QKV head of layer l0 + j, its part of K
+            j, ra = r // n_a, r % n_a
+            layer = l0 + j
+            st = state_ptr + 1 + layer * span
+            head, kpart = ra // KSPLIT, ra % KSPLIT
             k_len = D // KSPLIT
             wq = qkv_w + layer.to(tl.int64) * s_qkv + (head * HEAD_DIM).to(tl.int64) * D
-            lo, hi, sumsq = _gemv(h_l, D, M, wq, wq + HALF * D, 0, D, kpart * k_len, (kpart + 1) * k_len,
+            lo, hi, sumsq = _gemv(h_s, D, M, wq, wq + HALF * D, 0, D, kpart * k_len, (kpart + 1) * k_len,
                                   nin_w + layer * s_norm, prev + off_e, tl.where(first, 0, per_chunk),
-                                  prev + off_done + 3, tl.where(first, 0, n_c), FORCE_CHUNKS, True, True, HALF,
+                                  prev + off_done + 3, tl.where(first, 0, n_c),
+                                  tl.zeros((BLOCK_M, HALF), dtype=tl.float32), FORCE_CHUNKS, True, True, HALF,
                                   BLOCK_M, BLOCK_K, UPCAST, PRECISION)
             offs_d = tl.arange(0, HALF)
             ok = m_ok[:, None]
@@ -214,9 +231,11 @@ def _layers_kernel(
                     tl.store(dst, lo.to(dtype), mask=ok)
                     tl.store(dst + HALF, hi.to(dtype), mask=ok)
                 _release(st + head)
-        elif r < n_a + n_b:  # B: attention of head h for row b over one split of the cached positions
-            j = r - n_a
-            h, b, split = j // (M * SPLITS), (j // SPLITS) % M, j % SPLITS
+        elif r < P * (n_a + n_b):  # B: attention of head h of layer l0 + j for row b over one split
+            j, rb = (r - P * n_a) // n_b, (r - P * n_a) % n_b
+            layer = l0 + j
+            st = state_ptr + 1 + layer * span
+            h, b, split = rb // (M * SPLITS), (rb // SPLITS) % M, rb % SPLITS
             kvh = h // (H // HKV)
             _wait_count(st + h, 1)
             _wait_count(st + H + kvh, 1)
@@ -234,16 +253,16 @@ def _layers_kernel(
             acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
             offs_s = tl.arange(0, BLOCK_S)
             for s0 in range(lo_s, hi_s, BLOCK_S):
-                s = s0 + offs_s
-                live = (s < hi_s) & (tl.load(key_valid_ptr + b * S + s, mask=s < hi_s, other=0) != 0)
-                kk = tl.load(k_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
+                sk = s0 + offs_s
+                live = (sk < hi_s) & (tl.load(key_valid_ptr + b * S + sk, mask=sk < hi_s, other=0) != 0)
+                kk = tl.load(k_cache + base + sk[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
                              cache_modifier=".cg").to(tl.float32)
                 score = tl.where(live, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(score, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no live key yet (left padding)
                 p = tl.where(live, tl.exp(score - m_safe), 0.0)
                 alpha = tl.exp(m_i - m_safe)
-                vv = tl.load(v_cache + base + s[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
+                vv = tl.load(v_cache + base + sk[:, None] * s_cs + offs_d[None, :], mask=live[:, None], other=0.0,
                              cache_modifier=".cg").to(tl.float32)
                 acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
                 l_i = l_i * alpha + tl.sum(p, axis=0)
@@ -267,43 +286,81 @@ def _layers_kernel(
                 tl.store(attn_ptr + layer * BLOCK_M * HD + b * HD + h * HEAD_DIM + offs_d, out.to(dtype))
                 _release(st + off_b + h)
                 tl.atomic_add(st + off_done, 1, sem="release", scope="gpu")
-        elif r < n_a + n_b + n_c:  # C: o_proj columns + h
-            n0 = (r - n_a - n_b) * BLOCK_N
-            acc, _unused, _sq = _gemv(attn_ptr + layer * BLOCK_M * HD, HD, M, o_w + layer.to(tl.int64) * s_o, o_w,
-                                      n0, HD, 0, HD, nin_w, st + off_b, M, st + off_done, H * M, FORCE_CHUNKS, False,
-                                      False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
-            cols = n0 + tl.arange(0, BLOCK_N)
-            res = tl.load(h_l + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0,
-                          cache_modifier=".cg").to(tl.float32)
-            tl.store(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
-                     mask=m_ok[:, None])
-            _release(st + off_c + n0 // BLOCK_K)
-            tl.atomic_add(st + off_done + 1, 1, sem="release", scope="gpu")
-        elif r < n_a + n_b + n_c + n_d:  # D: gate / up columns, RMSNorm_post, silu(g) * u
-            n0 = (r - n_a - n_b - n_c) * BLOCK_N
-            g, u, sumsq = _gemv(hmid_ptr + layer * BLOCK_M * D, D, M, gate_w + layer.to(tl.int64) * s_gate,
-                                up_w + layer.to(tl.int64) * s_gate, n0, D, 0, D, npost_w + layer * s_norm, st + off_c,
-                                per_chunk, st + off_done + 1, n_c, FORCE_CHUNKS, True, True, BLOCK_N, BLOCK_M,
-                                BLOCK_K, UPCAST, PRECISION)
+        elif r < P * (n_a + n_b) + n_c:  # C: o_proj columns of every layer of the stage, with the residual
+            n0 = (r - P * (n_a + n_b)) * BLOCK_N
+            tile = offs_m[:, None] * D + (n0 + tl.arange(0, BLOCK_N))[None, :]
+            h_tile = tl.load(h_s + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+            if P == 1:  # h + a, as today's o_proj epilogue rounds it: the MLP's input (norm folded into D)
+                acc, _unused, _sq = _gemv(attn_ptr + l0 * BLOCK_M * HD, HD, M, o_w + l0.to(tl.int64) * s_o, o_w,
+                                          n0, HD, 0, HD, nin_w, st0 + off_b, M, st0 + off_done, H * M,
+                                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FORCE_CHUNKS, False,
+                                          False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                tl.store(hmid_ptr + l0 * BLOCK_M * D + tile, (acc + h_tile).to(dtype), mask=m_ok[:, None])
+            else:  # as ops/group_residual.py: r_j = h + a_j + b_j (fp32) and the stage's R, from a_j rounded
+                res = h_tile
+                for j in range(P):
+                    layer = l0 + j
+                    st = state_ptr + 1 + layer * span
+                    acc, _unused, _sq = _gemv(attn_ptr + layer * BLOCK_M * HD, HD, M,
+                                              o_w + layer.to(tl.int64) * s_o, o_w, n0, HD, 0, HD, nin_w,
+                                              st + off_b, M, st + off_done, H * M,
+                                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FORCE_CHUNKS, False,
+                                              False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                    a = acc.to(dtype)
+                    tl.store(hmid_ptr + layer * BLOCK_M * D + tile, a, mask=m_ok[:, None])  # a_j, for b_{j+1..}
+                    tl.debug_barrier()
+                    bypass = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for i in range(tl.maximum(j - BYPASS, 0), j):
+                        bypass += tl.load(hmid_ptr + (l0 + i) * BLOCK_M * D + tile, mask=m_ok[:, None], other=0.0,
+                                          cache_modifier=".cg").to(tl.float32)
+                    a32 = a.to(tl.float32)
+                    tl.store(r_ptr + layer * BLOCK_M * D + tile, h_tile + a32 + bypass, mask=m_ok[:, None])
+                    if RESIDUAL_MODE:
+                        res += a32 + bypass
+                    else:
+                        res += a32
+                tl.store(res_ptr + s * BLOCK_M * D + tile, res, mask=m_ok[:, None])
+            _release(st0 + off_c + n0 // BLOCK_K)
+            tl.atomic_add(st0 + off_done + 1, 1, sem="release", scope="gpu")
+        elif r < P * (n_a + n_b + n_d) + n_c:  # D: gate / up columns of layer l0 + j, RMSNorm_post, silu(g) * u
+            j, rd = (r - P * (n_a + n_b) - n_c) // n_d, (r - P * (n_a + n_b) - n_c) % n_d
+            layer = l0 + j
+            n0 = rd * BLOCK_N
+            wg, wu = gate_w + layer.to(tl.int64) * s_gate, up_w + layer.to(tl.int64) * s_gate
+            nw = npost_w + layer * s_norm
+            if P == 1:
+                g, u, sumsq = _gemv(hmid_ptr + layer * BLOCK_M * D, D, M, wg, wu, n0, D, 0, D, nw, st0 + off_c,
+                                    per_chunk, st0 + off_done + 1, n_c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                                    FORCE_CHUNKS, True, True, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+            else:  # the fp32 r_j of the C tasks
+                g, u, sumsq = _gemv(r_ptr + layer * BLOCK_M * D, D, M, wg, wu, n0, D, 0, D, nw, st0 + off_c,
+                                    per_chunk, st0 + off_done + 1, n_c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                                    FORCE_CHUNKS, True, True, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
             rstd = tl.rsqrt(sumsq / D + eps)[:, None]
             g, u = g * rstd, u * rstd
             cols = n0 + tl.arange(0, BLOCK_N)
             tl.store(act_ptr + layer * BLOCK_M * F + offs_m[:, None] * F + cols[None, :],
                      (g * tl.sigmoid(g) * u).to(dtype), mask=m_ok[:, None])
-            _release(st + off_d + n0 // BLOCK_K)
-            tl.atomic_add(st + off_done + 2, 1, sem="release", scope="gpu")
-        else:  # E: down columns + h_mid: h of the next layer
-            n0 = (r - n_a - n_b - n_c - n_d) * BLOCK_N
-            acc, _unused, _sq = _gemv(act_ptr + layer * BLOCK_M * F, F, M, down_w + layer.to(tl.int64) * s_down,
-                                      down_w, n0, F, 0, F, nin_w, st + off_d, per_chunk, st + off_done + 2, n_d,
-                                      FORCE_CHUNKS, False, False, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
-            cols = n0 + tl.arange(0, BLOCK_N)
-            res = tl.load(hmid_ptr + layer * BLOCK_M * D + offs_m[:, None] * D + cols[None, :], mask=m_ok[:, None],
-                          other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(h_l + BLOCK_M * D + offs_m[:, None] * D + cols[None, :], (acc + res).to(dtype),
-                     mask=m_ok[:, None])
-            _release(st + off_e + n0 // BLOCK_K)
-            tl.atomic_add(st + off_done + 3, 1, sem="release", scope="gpu")
+            _release(state_ptr + 1 + layer * span + off_d + n0 // BLOCK_K)
+            tl.atomic_add(st0 + off_done + 2, 1, sem="release", scope="gpu")
+        else:  # E: down columns, every layer of the stage into one accumulator (K = P F), + the residual
+            n0 = (r - P * (n_a + n_b + n_d) - n_c) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(P):
+                layer = l0 + j
+                acc, _unused, _sq = _gemv(act_ptr + layer * BLOCK_M * F, F, M, down_w + layer.to(tl.int64) * s_down,
+                                          down_w, n0, F, 0, F, nin_w, state_ptr + 1 + layer * span + off_d, per_chunk,
+                                          st0 + off_done + 2, P * n_d, acc, FORCE_CHUNKS, False, False, BLOCK_N,
+                                          BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+            tile = offs_m[:, None] * D + (n0 + tl.arange(0, BLOCK_N))[None, :]
+            if P == 1:
+                res = tl.load(hmid_ptr + l0 * BLOCK_M * D + tile, mask=m_ok[:, None], other=0.0,
+                              cache_modifier=".cg").to(tl.float32)
+            else:
+                res = tl.load(res_ptr + s * BLOCK_M * D + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(h_s + BLOCK_M * D + tile, (acc + res).to(dtype), mask=m_ok[:, None])
+            _release(st0 + off_e + n0 // BLOCK_K)
+            tl.atomic_add(st0 + off_done + 3, 1, sem="release", scope="gpu")
         if PROFILE:  # [start ns, end ns, SM] of ticket t
             tl.store(prof_ptr + t * 3, began)
             tl.store(prof_ptr + t * 3 + 1, _globaltimer())
@@ -312,19 +369,17 @@ def _layers_kernel(
 
 
 class PersistentStep:
-    """A sequential model's decode step with its layers in one launch (module docstring). Holds the
-    buffers for `batch` rows (padded to block_m = 16 or 32); step(tokens, cache) -> logits [B, V], advancing
-    the cache like model.decoder."""
+    """A model's decode step with its layers in one launch (module docstring), CQIL groups (bypass in
+    either mode) included. Holds the buffers for `batch` rows (padded to block_m = 16 or 32); step(tokens,
+    cache) -> logits [B, V], advancing the cache like model.decoder."""
 
     def __init__(self, model, batch: int, block_n: int = 32, block_k: int = 128, block_s: int = 64,
                  num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2, splits: int | None = None,
                  qkv_splits: int | None = None):
         args = model.args
-        if any(len(stage) != 1 for stage in model.stages):
-            raise ValueError("the persistent prototype runs sequential models only (no CQIL groups)")
         packed = model.packed_weights()
-        if not hasattr(packed, "qkv") or packed.qkv_bias is not None or packed.o_bias is not None \
-                or packed.gate_bias is not None or packed.down_bias is not None:
+        if not hasattr(packed, "qkv") or packed.layer_ids is not None or packed.qkv_bias is not None \
+                or packed.o_bias is not None or packed.gate_bias is not None or packed.down_bias is not None:
             raise ValueError("the persistent prototype needs one run of equal layers without biases")
         D, F, H, HKV, Dh = (args.hidden_size, args.intermediate_size, args.num_attention_heads,
                             args.num_key_value_heads, args.head_dim)
@@ -335,12 +390,16 @@ class PersistentStep:
             raise ValueError(f"need hidden {D} and intermediate {F} multiples of block_k {block_k}, block_k a "
                              f"multiple of block_n {block_n}, a power-of-two head size ({Dh})")
         self.model, self.packed, self.batch = model, packed, batch
-        L, device, dtype = args.num_hidden_layers, model.device, model.dtype
+        self.stages = [tuple(stage) for stage in model.stages]
+        L, NS, device, dtype = args.num_hidden_layers, len(self.stages), model.device, model.dtype
         self.L = L
-        self.h = torch.zeros(L + 1, BLOCK_M, D, device=device, dtype=dtype)
+        self.h = torch.zeros(NS + 1, BLOCK_M, D, device=device, dtype=dtype)  # each stage's input, then the output
         self.q = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
         self.attn = torch.zeros(L, BLOCK_M, H * Dh, device=device, dtype=dtype)
-        self.hmid = torch.zeros(L, BLOCK_M, D, device=device, dtype=dtype)
+        self.hmid = torch.zeros(L, BLOCK_M, D, device=device, dtype=dtype)  # h + a (one layer) or a_j (groups)
+        grouped = any(len(stage) > 1 for stage in self.stages)
+        self.r = torch.zeros(L if grouped else 1, BLOCK_M, D, device=device, dtype=torch.float32)  # h + a_j + b_j
+        self.res = torch.zeros(NS if grouped else 1, BLOCK_M, D, device=device, dtype=torch.float32)  # stage's R
         self.act = torch.zeros(L, BLOCK_M, F, device=device, dtype=dtype)
         span = H + 2 * HKV + H + 2 * D // block_k + F // block_k + H * BLOCK_M + H + 2 * HKV + 4
         self.state = torch.zeros(1 + L * span, dtype=torch.int32, device=device)
@@ -364,30 +423,40 @@ class PersistentStep:
         upcast, precision = dot_flags(dtype)
         self.meta = dict(HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s,
                          UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        # per stage [first ticket, first layer, P]: a stage of P layers has P times the A, B and D tasks of a
+        # layer and one set of C and E tasks (task_counts)
+        table, first = [], 0
+        for stage in self.stages:
+            table.append([first, stage[0], len(stage)])
+            first += sum(self.task_counts(len(stage)).values())
+        self.tickets = first
+        self.stage_table = torch.tensor(table, dtype=torch.int32, device=device)
         self.force_chunks = False  # every GEMV task takes the chunked loop (the CPU tests)
-        self.prof = None  # int64 [tasks, 3] when set (profile()): each ticket's start, end (ns) and SM
+        self.prof = None  # int64 [tickets, 3] when set (profile()): each ticket's start, end (ns) and SM
         for name in ("qkv", "o", "gate", "up", "down"):
             w = getattr(packed, name)
             if w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
                 raise ValueError(f"packed {name} must be contiguous per layer")
 
     def layers(self, cache, positions: torch.Tensor) -> None:
-        """The launch: h[0] [:B] -> h[L] [:B]; cache.start is the step's slot, positions [B, 1]."""
-        args, w = self.model.args, self.packed
+        """The launch: h[0] [:B] -> h[stages] [:B]; cache.start is the step's slot, positions [B, 1]."""
+        args, w, cqil = self.model.args, self.packed, self.model.cqil
         (k, v), = cache.runs
         self.state.zero_()
         launch = functools.partial(
             _layers_kernel[(self.programs,)],
-            self.h, self.q, self.attn, self.hmid, self.act, self.part_ml, self.part_acc, self.part_a, self.part_sq,
-            self.state, self.prof if self.prof is not None else self.state,
+            self.h, self.q, self.attn, self.hmid, self.r, self.res, self.act, self.part_ml, self.part_acc,
+            self.part_a, self.part_sq, self.state, self.stage_table, self.prof if self.prof is not None else self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
             k, v, cache.key_valid.view(torch.uint8), positions, cache.start, self.model.inv_freq,
-            self.batch, self.L, args.hidden_size, args.intermediate_size, args.num_attention_heads,
-            args.num_key_value_heads, cache.max_seq, float(args.rms_norm_eps), args.head_dim ** -0.5,
+            self.batch, len(self.stages), self.tickets, args.hidden_size, args.intermediate_size,
+            args.num_attention_heads, args.num_key_value_heads, cache.max_seq, cqil.bypass, float(args.rms_norm_eps),
+            args.head_dim ** -0.5,
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
             FORCE_CHUNKS=self.force_chunks, PROFILE=self.prof is not None, SPLITS=self.splits,
-            KSPLIT=self.qkv_splits)
+            KSPLIT=self.qkv_splits, RESIDUAL_MODE=cqil.bypass_mode == "residual",
+            MAX_STAGES=triton.next_power_of_2(len(self.stages)))
         try:
             launch(**self.meta)
         except OutOfResources as e:  # one kernel holding every task's pipelined loops may not fit
@@ -397,23 +466,32 @@ class PersistentStep:
             self.meta["num_stages"] = 1
             launch(**self.meta)
 
-    def task_counts(self) -> dict[str, int]:
-        """The tasks of one layer by kind, in ticket order."""
+    def task_counts(self, P: int = 1) -> dict[str, int]:
+        """The tasks of a stage of P layers by kind, in ticket order."""
         a = self.model.args
-        return {"A qkv": (a.num_attention_heads + 2 * a.num_key_value_heads) * self.qkv_splits,
-                "B attention": a.num_attention_heads * self.batch * self.splits,
+        return {"A qkv": P * (a.num_attention_heads + 2 * a.num_key_value_heads) * self.qkv_splits,
+                "B attention": P * a.num_attention_heads * self.batch * self.splits,
                 "C o_proj": a.hidden_size // self.meta["BLOCK_N"],
-                "D gate/up": a.intermediate_size // self.meta["BLOCK_N"],
+                "D gate/up": P * a.intermediate_size // self.meta["BLOCK_N"],
                 "E down": a.hidden_size // self.meta["BLOCK_N"]}
+
+    def ticket_kinds(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(kind, stage) of every ticket in order, as indices into the names of task_counts and into the
+        stages, and those names."""
+        kinds, stages = [], []
+        for s, stage in enumerate(self.stages):
+            counts = list(self.task_counts(len(stage)).values())
+            kinds.append(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
+            stages.append(torch.full((sum(counts),), s))
+        return torch.cat(kinds), torch.cat(stages), list(self.task_counts())
 
     def profile(self, tokens: torch.Tensor, cache) -> dict:
         """One step with every task timed on the device (%globaltimer; CUDA only): summarize_profile's."""
-        self.prof = torch.zeros(self.L * sum(self.task_counts().values()), 3, dtype=torch.int64,
-                                device=self.model.device)
+        self.prof = torch.zeros(self.tickets, 3, dtype=torch.int64, device=self.model.device)
         try:
             self.step(tokens, cache)
             torch.cuda.synchronize()
-            return summarize_profile(self.prof.cpu(), self.task_counts(), self.L, self.programs)
+            return summarize_profile(self.prof.cpu(), *self.ticket_kinds(), self.programs)
         finally:
             self.prof = None
 
@@ -432,50 +510,53 @@ class PersistentStep:
         B = self.batch
         if cache.batch != B or len(cache.runs) != 1 or cache.length + 1 > cache.max_seq:
             raise ValueError("a cache of this batch with room for one more position is needed")
+        if [tuple(stage) for stage in self.model.stages] != self.stages:
+            raise ValueError("the model was regrouped since this step was built; build a new PersistentStep")
         self.h[0, :B].copy_(self.model.embed_tokens(tokens.view(B)))
         positions = advance(cache, None, 1)
         self.layers(cache, positions)
         cache.length += 1
-        return last_logits(self.model, self.h[self.L, :B], (B, 1), 1)[:, -1]
+        return last_logits(self.model, self.h[len(self.stages), :B], (B, 1), 1)[:, -1]
 
 
-def summarize_profile(prof: torch.Tensor, counts: dict[str, int], layers: int, programs: int) -> dict:
-    """Where a persistent step's time went, from each ticket's [start ns, end ns, SM] (prof [tasks, 3],
-    tickets in order: layer by layer, each layer's tasks by kind as `counts`): the step's span, the share of
-    program time spent in tasks (the rest: waiting for a ticket's dependencies, or idle at the ends), each
-    kind's task count and median / total µs, and the median span of a layer (its first task's start to
-    its last task's end)."""
-    per_layer = sum(counts.values())
-    if prof.shape != (layers * per_layer, 3):
-        raise ValueError(f"profile of {prof.shape[0]} tasks, expected {layers} x {per_layer}")
+def summarize_profile(prof: torch.Tensor, kinds: torch.Tensor, stages: torch.Tensor, names: list[str],
+                      programs: int) -> dict:
+    """Where a persistent step's time went, from each ticket's [start ns, end ns, SM] (prof [tickets, 3]) and
+    its kind and stage (ticket_kinds()): the step's span, the share of program time spent in tasks (the rest:
+    waiting for a ticket's dependencies, or idle at the ends), each kind's task count and median / total
+    µs, and the median span of a stage (its first task's start to its last task's end)."""
+    if not prof.shape[0] == kinds.numel() == stages.numel() or prof.shape[1:] != (3,):
+        raise ValueError(f"profile of {tuple(prof.shape)} for {kinds.numel()} tickets, expected [tickets, 3]")
     start, end = prof[:, 0].double(), prof[:, 1].double()
     t0, span = start.min().item(), (end.max() - start.min()).item()
     dur = (end - start) / 1e3
-    kinds, offset = {}, 0
-    layer_of = torch.arange(layers * per_layer) // per_layer
-    within = torch.arange(layers * per_layer) % per_layer
-    for kind, n in counts.items():
-        sel = (within >= offset) & (within < offset + n)
+    summary = {}
+    for i, kind in enumerate(names):
+        sel = kinds == i
         d = dur[sel]
-        kinds[kind] = dict(tasks=int(sel.sum()), median_us=round(d.median().item(), 3),
-                           total_us=round(d.sum().item(), 1),
-                           first_start_us=round((start[sel].min().item() - t0) / 1e3, 2),
-                           last_end_us=round((end[sel].max().item() - t0) / 1e3, 2))
-        offset += n
-    layer_spans = [((end[layer_of == l].max() - start[layer_of == l].min()) / 1e3).item() for l in range(layers)]
+        summary[kind] = dict(tasks=int(sel.sum()), median_us=round(d.median().item(), 3),
+                             total_us=round(d.sum().item(), 1),
+                             first_start_us=round((start[sel].min().item() - t0) / 1e3, 2),
+                             last_end_us=round((end[sel].max().item() - t0) / 1e3, 2))
+    stage_spans = [((end[stages == s].max() - start[stages == s].min()) / 1e3).item()
+                   for s in range(int(stages.max()) + 1)]
     return dict(span_us=round(span / 1e3, 2), busy_pct=round(100 * dur.sum().item() / (programs * span / 1e3), 1),
-                sms_used=int(prof[:, 2].unique().numel()), kinds=kinds,
-                layer_span_median_us=round(statistics.median(layer_spans), 2))
+                sms_used=int(prof[:, 2].unique().numel()), kinds=summary,
+                stage_span_median_us=round(statistics.median(stage_spans), 2))
 
 
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig, fused
+    from cqil_kernels.demo import parse_groups
     from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, decode_step_bytes, random_model, \
         shape_args, write_record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b")
-    ap.add_argument("--layers", type=int, action="append", help="layer counts (default 4 and 12)")
+    ap.add_argument("--run", action="append", metavar="LAYERS[/GROUPS]",
+                    help="a model of LAYERS layers, sequential or with CQIL GROUPS as `cqil demo --groups` reads "
+                         "them (e.g. 12/2-10:4); repeated (default 4 and 12)")
+    ap.add_argument("--bypass", type=int, default=0, help="bypass distance d of the runs with groups")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20, help="decode steps per CUDA graph")
@@ -491,9 +572,12 @@ def main(argv=None) -> None:
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
     rows, times_all, profiles = [], {}, {}
-    for n in a.layers or [4, 12]:
+    for run in a.run or ["4", "12"]:
+        layers, _, groups = run.partition("/")
+        n = int(layers)
         model = random_model(a.shape, dtype, device, num_hidden_layers=n)
-        model.cqil, model.backend = CQILConfig(), "triton"
+        model.cqil = parse_groups(groups, a.bypass) if groups else CQILConfig()
+        model.backend = "triton"
         ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
         graphs = {}
         with torch.inference_mode():
@@ -521,25 +605,27 @@ def main(argv=None) -> None:
                 graphs[variant] = g
             times = {v: [ms / a.steps for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
             runner, cache, tok = profiled
-            profiles[str(n)] = runner.profile(tok, cache)
-            print(f"{n:>3} layers, one persistent step's tasks: {json.dumps(profiles[str(n)])}", flush=True)
+            profiles[run] = runner.profile(tok, cache)
+            print(f"{run:>8}, one persistent step's tasks: {json.dumps(profiles[run])}", flush=True)
         step_bytes = decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, a.batch, a.prompt)
         for v, t in times.items():
             ms = statistics.median(t)
-            rows.append([v, n, round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1),
+            rows.append([v, n, groups or "none", round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1),
                          runner.meta["num_stages"] if v == "persistent" else None])
-            print(f"{n:>3} layers {v:>10}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
+            print(f"{run:>8} {v:>10}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
                   flush=True)
-        times_all[str(n)] = times
+        times_all[run] = times
         del model, graphs
         torch.cuda.empty_cache()
     write_record(a.out, device=device, commit=commit,
                  title=f"Persistent decode layers prototype against the fused step: {a.shape}",
-                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, sequential; fused: fused.step (what the "
-                       f"decoder's graph holds); persistent: embedding, cache_advance, one launch for every layer, "
+                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, bypass {a.bypass} where grouped; "
+                       f"fused: fused.step (what the decoder's graph holds); persistent: embedding, cache_advance, "
+                       f"one launch for every stage, "
                        f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); "
                        f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
-                 copy_gbps=round(copy, 1), columns=["variant", "layers", "ms/token", "% of copy", "num_stages"],
+                 copy_gbps=round(copy, 1),
+                 columns=["variant", "layers", "groups", "ms/token", "% of copy", "num_stages"],
                  rows=rows, times_ms=times_all, task_profiles=profiles)
 
 

@@ -1,7 +1,8 @@
 """The persistent decode-layers prototype of benchmarks/persistent_layers.py (issue 26): one launch for
-every layer of a sequential decode step gives the fused step's logits and KV cache entries, within the
-kernels' tolerance against a float64 model (CPU: the interpreter, one program taking every task in
-order, and every GEMV task forced through its chunk-by-chunk waits; CUDA: programs running together)."""
+every stage of a decode step (layers and CQIL groups, bypass in both modes) gives the fused step's logits
+and KV cache entries, within the kernels' tolerance against a float64 model (CPU: the interpreter, one
+program taking every task in order, and every GEMV task forced through its chunk-by-chunk waits; CUDA:
+programs running together)."""
 
 import pytest
 import torch
@@ -21,11 +22,12 @@ def layers_module():
 
 
 def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None,
-                pads=None):
-    hf = random_hf_model(seed=11, **SHAPE)
-    model = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=dtype)
+                pads=None, cqil=None, layers=3):
+    cqil = cqil or CQILConfig()
+    hf = random_hf_model(seed=11, **{**SHAPE, "num_hidden_layers": layers})
+    model = CQILLlama.from_pretrained(hf, cqil=cqil, device=DEVICE, dtype=dtype)
     model.backend = "triton"
-    exact = CQILLlama.from_pretrained(hf, cqil=CQILConfig(), device=DEVICE, dtype=torch.float64)
+    exact = CQILLlama.from_pretrained(hf, cqil=cqil, device=DEVICE, dtype=torch.float64)
     exact.backend = "torch"
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 97, (batch, 9), generator=g).to(DEVICE)
@@ -88,6 +90,21 @@ def test_persistent_layers_cuda(layers_module, force):
     assert 0 < summary["busy_pct"] <= 100 and summary["span_us"] > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("force", [False, True])
+def test_persistent_groups_cuda(layers_module, force):
+    """Stages of 1, 3 and 2 layers, bypass 1, programs running together."""
+    cqil = CQILConfig(groups=((1, 2, 3), (4, 5)), bypass=1)
+    runner = _check_step(layers_module, torch.bfloat16, 5, force, block_n=32, block_k=32, cqil=cqil, layers=6)
+    cache = runner.model.new_cache(5, 16)
+    runner.model(torch.zeros(5, 4, dtype=torch.long, device="cuda"), cache=cache)
+    summary = runner.profile(torch.zeros(5, dtype=torch.long, device="cuda"), cache)
+    assert {k: v["tasks"] for k, v in summary["kinds"].items()} == {
+        k: 6 * n if k[0] in "ABD" else 3 * n for k, n in runner.task_counts().items()}
+    assert 0 < summary["busy_pct"] <= 100 and summary["span_us"] > 0
+
+
 @interpreter
 def test_persistent_layers_more_than_16_rows(layers_module):
     """19 rows: tiles of 32 rows."""
@@ -101,27 +118,48 @@ def test_persistent_layers_left_padded_rows(layers_module):
 
 
 def test_task_profile_summary(layers_module):
-    """Two layers of tasks A, B (2 each), the second layer starting when the first ends, on 2 programs."""
-    counts = {"A": 2, "B": 2}
+    """Two stages of tasks A, B (2 each), the second starting when the first ends, on 2 programs."""
+    kinds, stages = torch.tensor([0, 0, 1, 1] * 2), torch.tensor([0] * 4 + [1] * 4)
     rows = [[0, 1000, 0], [0, 1000, 1], [1000, 3000, 0], [1000, 2000, 1],
             [3000, 4000, 0], [3000, 4000, 1], [4000, 5000, 0], [4000, 6000, 1]]
-    summary = layers_module.summarize_profile(torch.tensor(rows), counts, 2, 2)
+    summary = layers_module.summarize_profile(torch.tensor(rows), kinds, stages, ["A", "B"], 2)
     assert summary["span_us"] == 6.0 and summary["sms_used"] == 2
     assert summary["busy_pct"] == round(100 * 10 / 12, 1)  # 10 us of tasks in 2 programs x 6 us
     assert summary["kinds"]["A"] == dict(tasks=4, median_us=1.0, total_us=4.0, first_start_us=0.0,
                                          last_end_us=4.0)
     assert summary["kinds"]["B"]["tasks"] == 4 and summary["kinds"]["B"]["total_us"] == 6.0
-    assert summary["layer_span_median_us"] == 3.0
-    with pytest.raises(ValueError, match="expected 2 x 4"):
-        layers_module.summarize_profile(torch.tensor(rows[:7]), counts, 2, 2)
+    assert summary["stage_span_median_us"] == 3.0
+    with pytest.raises(ValueError, match="for 8 tickets"):
+        layers_module.summarize_profile(torch.tensor(rows[:7]), kinds, stages, ["A", "B"], 2)
+
+
+def test_tickets_of_stages(layers_module):
+    """A stage of P layers has P times a layer's A, B and D tasks and one set of C and E tasks; the stage
+    table gives each stage's first ticket."""
+    cqil = CQILConfig(groups=((1, 2, 3),))
+    model = CQILLlama.from_pretrained(random_hf_model(seed=1, **{**SHAPE, "num_hidden_layers": 5}), cqil=cqil,
+                                      device="cpu", dtype=torch.float32)
+    runner = layers_module.PersistentStep(model, 2, block_n=16, block_k=32, splits=2, qkv_splits=2)
+    one = runner.task_counts()
+    assert one == {"A qkv": 8 * 2, "B attention": 4 * 2 * 2, "C o_proj": 4, "D gate/up": 6, "E down": 4}
+    per = sum(one.values())
+    three = per + 2 * (one["A qkv"] + one["B attention"] + one["D gate/up"])
+    assert runner.stage_table.tolist() == [[0, 0, 1], [per, 1, 3], [per + three, 4, 1]]
+    assert runner.tickets == 2 * per + three
+    kinds, stages, names = runner.ticket_kinds()
+    assert names == list(one) and kinds.numel() == stages.numel() == runner.tickets
+    assert torch.bincount(stages).tolist() == [per, three, per]
+    assert torch.bincount(kinds[stages == 1]).tolist() == [3 * 16, 3 * 16, 4, 3 * 6, 4]
+    assert (kinds.diff()[stages[1:] == stages[:-1]] >= 0).all()  # a stage's tickets in kind order
 
 
 def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
     model = CQILLlama.from_pretrained(random_hf_model(seed=1, **SHAPE), cqil=CQILConfig(groups=((0, 1),)),
                                       device="cpu", dtype=torch.float32)
-    with pytest.raises(ValueError, match="sequential models only"):
-        layers_module.PersistentStep(model, 1)
+    runner = layers_module.PersistentStep(model, 1, block_n=16, block_k=32)
     model.cqil = CQILConfig()
+    with pytest.raises(ValueError, match="regrouped since this step was built"):
+        runner.step(torch.zeros(1, dtype=torch.long), model.new_cache(1, 4))
     with pytest.raises(ValueError, match="multiples of block_k"):
         layers_module.PersistentStep(model, 1, block_k=48)
     with pytest.raises(ValueError, match="batch must be 1..32"):
@@ -130,3 +168,25 @@ def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
         layers_module.PersistentStep(model, 1, block_n=16, block_k=32, splits=3)
     with pytest.raises(ValueError, match="qkv_splits must divide hidden / block_k = 2"):
         layers_module.PersistentStep(model, 1, block_n=16, block_k=32, qkv_splits=3)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype, batch, force, bypass, mode, pads", [
+    (torch.float32, 2, True, 0, "residual", None),
+    (torch.bfloat16, 3, False, 1, "residual", None),
+    (torch.float32, 3, True, 2, "mlp_input", [0, 2, 5]),
+])
+def test_persistent_groups_match_the_fused_step(layers_module, dtype, batch, force, bypass, mode, pads):
+    """Stages of 1, 3 and 2 layers and one of 1 (layers 0 | 1 2 3 | 4 5 | 6): the C tasks' bypass sums and
+    residual, the D tasks' norm of the fp32 r_j, the E tasks' sum over the group's down projections."""
+    cqil = CQILConfig(groups=((1, 2, 3), (4, 5)), bypass=bypass, bypass_mode=mode)
+    runner = _check_step(layers_module, dtype, batch, force, splits=2, qkv_splits=2, pads=pads, cqil=cqil, layers=7)
+    L, H = 7, 4
+    counters = runner.state[1:].view(L, -1)
+    done = counters[:, -4:]  # B (combined head rows, per layer), then a stage's C, D, E tasks at its first layer
+    n_c, n_d = 64 // 16, 96 // 16
+    assert done[:, 0].tolist() == [H * batch] * L
+    assert done[:, 1:].tolist() == [[n_c, P * n_d, n_c] if P else [0, 0, 0] for P in (1, 3, 0, 0, 2, 0, 1)]
+    D_CHUNKS = 96 // 32  # every layer's gate/up chunks, each stored by 2 tiles of 16 columns
+    off_d = (H + 2 * 2) + H + 64 // 32
+    assert (counters[:, off_d:off_d + D_CHUNKS] == 2).all()
