@@ -7,15 +7,20 @@ far more than the GPU needs for a small model (SmolLM2-135M, 512-token prompt on
 
 Prefill graphs, as serving engines do it:
 * A prompt of T tokens is padded on the right to its bucket (`bucket(T)`: a multiple of 16 up to 64, then
-  eight buckets per octave, at most 12.5% padding) and runs into a KV cache of the graph's own (the
-  scratch, bucket positions long). The padding's keys come after every real token, so causal attention
-  never lets a real token see them; its rows are marked invalid, so the cache's bookkeeping counts only
-  the T real tokens. The logits are taken at the true length (their rows picked on the device from the
-  length copied in before the replay), then the first T positions of every layer are copied into the
-  caller's cache (KVCache.copy_prompt). A graph therefore serves any cache, as long as it is empty: a
-  prompt after a cached prefix (and generate's second and later chunks of a long prompt, whose device
-  time hides the host's anyway) runs eagerly, as does a prompt whose bucket would pass the model's
-  max_position_embeddings.
+  eight buckets per octave, at most 12.5% padding). The padding's keys come after every real token, so
+  causal attention never lets a real token see them; its rows are marked invalid, so the cache's
+  bookkeeping counts only the T real tokens. The logits are taken at the true length (their rows picked
+  on the device from the length copied in before the replay).
+* Into an empty cache (generate's prompt, a `model(ids)` forward) the prompt runs into a KV cache of the
+  graph's own (the scratch, bucket positions long), whose first T positions of every layer are then
+  copied into the caller's cache (KVCache.copy_prompt): such a graph serves every later prompt of its
+  bucket, whatever cache it goes to. Its bucket must fit the model's max_position_embeddings.
+* After a cached prefix (a conversation's next turn, generate's second and later chunks of a long prompt)
+  the prompt runs straight into the caller's cache, whose position the step reads on the device, so one
+  graph serves every prefix length; the padding's slots are given back after the step (the cache's
+  position is set to the prefix + T, so the next token overwrites them, and they stay marked invalid).
+  Such a graph is bound to that cache (held weakly: it is dropped once the cache is gone), and needs
+  room for the whole bucket after the prefix; a prompt without that room runs eagerly.
 * The first prompt of a bucket runs the padded step eagerly (it compiles and autotunes the kernels for that
   shape); the second captures it; later ones replay it. At most `limit` graphs are kept per model, the
   least recently used dropped first. Each graph has a memory pool of its own: one pool shared by graphs
@@ -115,21 +120,25 @@ class GraphDecoder(_CapturedLazily):
 
 
 class _Bucket(_CapturedLazily):
-    """A [batch, length] padded prompt forward: its input buffers, its KV scratch, and once captured its
-    graph. keep: the logits of the last `keep` real positions of each row (0: of every position)."""
+    """A [batch, length] padded prompt forward: its input buffers, where it runs (a KV scratch of its own,
+    or the caller's cache after a prefix, held weakly) and once captured its graph. keep: the logits of
+    the last `keep` real positions of each row (0: of every position)."""
 
-    def __init__(self, model, batch: int, length: int, keep: int):
+    def __init__(self, model, batch: int, length: int, keep: int, cache=None):
         super().__init__()
         device = model.device
         self.keep = keep
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)  # the prompt's mask in [:T]
-        self.count = torch.zeros(1, dtype=torch.long, device=device)  # T, the true length
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)  # T, the true length
         self.columns = torch.arange(length, device=device)
         # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
         self.base = (torch.arange(batch, device=device)[:, None] * length
                      + torch.arange(keep, device=device)[None] - keep).view(-1)
-        self.scratch = model.new_cache(batch, length)  # a rank's: the heads of its shards
+        # the caller's cache (a prompt after a prefix), or a scratch of the bucket's length (a rank's: the
+        # heads of its shards), whose first T positions copy_prompt hands over
+        self.target = weakref.ref(cache) if cache is not None else None
+        self.scratch = model.new_cache(batch, length) if cache is None else None
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
@@ -142,12 +151,19 @@ class _Bucket(_CapturedLazily):
         self.count.fill_(T)
 
     def forward(self, step_fn) -> torch.Tensor:
-        """The padded step into the scratch (reads the length on the device only: capturable)."""
-        scratch = self.scratch
-        scratch.n_tokens.zero_()
-        scratch.position.zero_()
+        """The padded step into the scratch or the caller's cache (reads the length on the device only:
+        capturable)."""
+        if self.target is None:
+            cache = self.scratch
+            cache.n_tokens.zero_()
+            cache.position.zero_()
+        else:
+            cache = self.target()
         valid = self.mask & (self.columns < self.count)
-        return step_fn(self.ids, valid, scratch, self.base + self.count if self.keep else None)
+        logits = step_fn(self.ids, valid, cache, self.base + self.count if self.keep else None)
+        if self.target is not None:  # the padding's slots are free again: the next token goes at start + T
+            torch.add(cache.start, self.count, out=cache.position)
+        return logits
 
 
 class PrefillGraphs:
@@ -163,17 +179,22 @@ class PrefillGraphs:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         self.model, self.step_fn = weakref.ref(model), step_fn
         self.capture, self.limit = capture, limit
-        self.buckets: collections.OrderedDict[tuple[int, int, int], _Bucket] = collections.OrderedDict()
+        # (batch, bucket, keep, id of the caller's cache after a prefix, else None) -> its bucket
+        self.buckets: collections.OrderedDict[tuple, _Bucket] = collections.OrderedDict()
         self.signature = None  # what the graphs were captured with (current())
         self.packed = None  # the packed weights they read, held so that their id stays theirs
 
     @staticmethod
     def serves(model, input_ids: torch.Tensor, cache) -> bool:
         """Whether a forward of input_ids into `cache` (None: a plain forward) can run here: a prompt of at
-        most MAX_BUCKET tokens, whose bucket the model's positions hold, into an empty cache."""
+        most MAX_BUCKET tokens, into an empty cache with a bucket the model's positions hold, or after a
+        cached prefix with room in the cache for the whole bucket."""
         T = input_ids.shape[1]
-        return (T <= MAX_BUCKET and bucket(T) <= model.args.max_position_embeddings
-                and (cache is None or cache.length == 0))
+        if T > MAX_BUCKET:
+            return False
+        if cache is None or cache.length == 0:
+            return bucket(T) <= model.args.max_position_embeddings
+        return cache.length + bucket(T) <= cache.max_seq
 
     def captured(self) -> int:
         """The number of graphs held."""
@@ -198,12 +219,16 @@ class PrefillGraphs:
         if self.model() is not model:
             raise ValueError("these prefill graphs belong to another model")
         if not self.serves(model, input_ids, cache):
-            raise ValueError(f"a prefill graph takes a prompt of at most {MAX_BUCKET} tokens (its bucket within "
-                             "max_position_embeddings) into an empty cache")
+            raise ValueError(f"a prefill graph takes a prompt of at most {MAX_BUCKET} tokens, into an empty cache "
+                             "(its bucket within max_position_embeddings) or after a prefix with room in the "
+                             "cache for its bucket")
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
         self.current(model)
-        key = (B, bucket(T), keep)
+        for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
+            del self.buckets[key]  # bound to a cache that is gone
+        prefixed = cache is not None and cache.length > 0
+        key = (B, bucket(T), keep, id(cache) if prefixed else None)
         entry = self.buckets.pop(key, None)
         if entry is None:
             while len(self.buckets) >= self.limit:
@@ -211,10 +236,10 @@ class PrefillGraphs:
             # normal tensors even when made under generate's inference_mode: a later forward outside it
             # updates them in place
             with torch.inference_mode(False):
-                entry = _Bucket(model, B, key[1], keep)
+                entry = _Bucket(model, B, key[1], keep, cache if prefixed else None)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
-        if cache is not None:
+        if cache is not None and not prefixed:
             cache.copy_prompt(entry.scratch, T)
         return logits[:, :T].clone() if keep == 0 else logits.clone()

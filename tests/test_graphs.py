@@ -72,7 +72,49 @@ def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, pad
         assert torch.equal(cache.n_tokens, eager_cache.n_tokens) and int(cache.position) == 13
         token = expected[:, -1].argmax(-1)[:, None]
         torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
-    assert list(prefill.buckets) == [(3, 16, keep)]
+    assert list(prefill.buckets) == [(3, 16, keep, None)]
+
+
+@pytest.mark.parametrize("name, keep, pads", [("none", 1, None), ("P3-d1-residual", 0, [0, 3, 9]),
+                                               ("P2-d1-mlp_input", 2, None)])
+def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads):
+    """A conversation's turns into one cache: each turn's prompt padded to its bucket runs in the caller's
+    cache after what it holds and gives the unpadded step's logits and cache; the padding's slots are given
+    back (the next turn and the next token go where the unpadded step puts them). The turns share one
+    bucket bound to that cache; another cache gets its own, and a bucket whose cache is gone is dropped."""
+    model = _model(GROUPINGS[name])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    g = torch.Generator().manual_seed(3)
+    turns = [torch.randint(0, model.args.vocab_size, (3, T), generator=g).to(DEVICE) for T in (11, 9, 13)]
+    masks = [left_padding_mask(turns[0], pads).bool() if pads else None, None, None]
+    with torch.no_grad():
+        cache, eager_cache = model.new_cache(3, 60), model.new_cache(3, 60)
+        for ids, valid in zip(turns, masks):
+            expected = fused.step(model, ids, valid, eager_cache, keep)
+            eager_cache.length += ids.shape[1]
+            got = prefill(model, ids, valid, cache, keep)
+            cache.length += ids.shape[1]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            n = cache.length
+            assert int(cache.position) == n and torch.equal(cache.n_tokens, eager_cache.n_tokens)
+            assert torch.equal(cache.key_valid, eager_cache.key_valid)  # the padding's slots stay invalid
+            for (k, v), (k_eager, v_eager) in zip(cache.runs, eager_cache.runs):
+                torch.testing.assert_close(k[..., :n, :], k_eager[..., :n, :], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v[..., :n, :], v_eager[..., :n, :], rtol=1e-5, atol=1e-5)
+        token = expected[:, -1].argmax(-1)[:, None]
+        torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
+        # turns 2 and 3 (9 and 13 tokens) share the 16 bucket bound to this cache; turn 1 took the scratch one
+        assert list(prefill.buckets) == [(3, 16, keep, None), (3, 16, keep, id(cache))]
+        assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
+        other = model.new_cache(3, 60)
+        other_id = id(other)
+        prefill(model, turns[0], masks[0], other, keep)
+        other.length += 11
+        prefill(model, turns[1], None, other, keep)
+        assert list(prefill.buckets)[-1] == (3, 16, keep, other_id)
+        del cache, other
+        prefill(model, turns[0], masks[0], None, keep)
+        assert list(prefill.buckets) == [(3, 16, keep, None)]
 
 
 def test_bucket_edges_and_plain_forwards():
@@ -84,7 +126,7 @@ def test_bucket_edges_and_plain_forwards():
             ids = torch.randint(0, model.args.vocab_size, (2, T), device=DEVICE)
             expected, _ = _eager(model, ids, None, 0, T)
             torch.testing.assert_close(prefill(model, ids, None, None), expected, rtol=1e-5, atol=1e-5)
-    assert list(prefill.buckets) == [(2, 32, 0), (2, 16, 0)]  # 1 token: the 16 bucket again, used last
+    assert list(prefill.buckets) == [(2, 32, 0, None), (2, 16, 0, None)]  # 1 token: the 16 bucket again, used last
 
 
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():
@@ -94,10 +136,10 @@ def test_graphs_are_bounded_and_dropped_when_the_model_changes():
     with torch.no_grad():
         for T in (5, 20, 40, 20):
             prefill(model, ids[:, :T], None, None, 1)
-        assert list(prefill.buckets) == [(1, 48, 1), (1, 32, 1)]  # 16 dropped first, 32 used last
+        assert list(prefill.buckets) == [(1, 48, 1, None), (1, 32, 1, None)]  # 16 dropped first, 32 used last
         model.cqil = GROUPINGS["P3-d1-residual"]  # a regrouping: the graphs' stages are gone
         got = prefill(model, ids[:, :20], None, None, 1)
-        assert list(prefill.buckets) == [(1, 32, 1)]
+        assert list(prefill.buckets) == [(1, 32, 1, None)]
         expected, _ = _eager(model, ids[:, :20], None, 1, 20)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         model.to(torch.float64)  # moved weights: repacked at the next step
@@ -127,8 +169,11 @@ def test_what_a_prefill_graph_serves(monkeypatch):
     ids = torch.zeros(1, 10, dtype=torch.long, device=DEVICE)
     cache = model.new_cache(1, 30)
     assert PrefillGraphs.serves(model, ids, cache) and PrefillGraphs.serves(model, ids, None)
-    cache.length = 4  # a cached prefix: the graph's own cache cannot hold it
+    cache.length = 14  # a cached prefix with room for the 16-token bucket after it (the caller's cache)
+    assert PrefillGraphs.serves(model, ids, cache)
+    cache.length = 15  # the padding would pass the cache's end
     assert not PrefillGraphs.serves(model, ids, cache)
+    cache.length = 0
     args = model.args
     model.args = dataclasses.replace(args, max_position_embeddings=15)  # 10 tokens' bucket, 16, passes it
     assert not PrefillGraphs.serves(model, ids, None)
@@ -204,24 +249,46 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_prefill_graphs_leave_prefixes_and_long_prompts_to_the_eager_path(monkeypatch):
+def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
     model = _model(GROUPINGS["none"])  # fp32: the chunked and whole prompts' tokens compared exactly
     ids = torch.randint(0, model.args.vocab_size, (1, 40), device="cuda")
     with torch.no_grad():
         expected = model.generate(ids, 8, prefill_chunk=None)
         monkeypatch.setattr(graphs, "MAX_BUCKET", 16)
-        # 40 tokens in parts of 16: the first part through a graph bucket, the later ones (a prefix in
-        # the cache) eagerly
+        # 40 tokens in parts of 16: the first part through the scratch bucket of 16; the second (16 after 16)
+        # and the third (8 after 32) through a bucket of 16 bound to the generate call's cache of 48
+        # positions: eager, then captured and replayed. A call's bound bucket goes once its cache is gone.
         for _ in range(3):
             assert torch.equal(model.generate(ids, 8, prefill_chunk=16), expected)
-        assert list(model.accelerator.graphs.buckets) == [(1, 48, 1), (1, 16, 1)]
-        assert model.accelerator.graphs.captured() == 1  # the 16 bucket, used three times
+        held = model.accelerator.graphs.buckets
+        bound = [entry for key, entry in held.items() if key[3] is not None]
+        assert (1, 16, 1, None) in held and held[(1, 16, 1, None)].calls == 3
+        assert len(bound) == 1 and bound[0].calls == 2 and bound[0].graph is not None
+        assert model.accelerator.graphs.captured() == 2
         monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
         lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
         for T in lengths:
             model(ids[:, :T], logits_to_keep=1)
-        assert list(model.accelerator.graphs.buckets) == [(1, T, 1) for T in lengths[-MAX_GRAPHS:]]
+        assert list(model.accelerator.graphs.buckets) == [(1, T, 1, None) for T in lengths[-MAX_GRAPHS:]]
+        # a conversation's turns into one cache: the first through a scratch bucket, the next three through
+        # the 32 bucket bound to the cache (eager, captured, replayed), as the eager path computes them
+        turns = [torch.randint(0, model.args.vocab_size, (2, T), device="cuda") for T in (20, 25, 30, 28)]
+        caches, outs = [], []
+        for graphs_on in (True, False):
+            model.accelerator.prefill_graphs = graphs_on
+            cache = model.new_cache(2, 160)
+            outs.append([model(t, cache=cache, logits_to_keep=1) for t in turns])
+            caches.append(cache)
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert int(caches[0].position) == int(caches[1].position) == 103
+        assert torch.equal(caches[0].key_valid, caches[1].key_valid)
+        for graph_kv, eager_kv in zip(caches[0].runs[0], caches[1].runs[0]):  # past 103: the padding's slots
+            torch.testing.assert_close(graph_kv[..., :103, :], eager_kv[..., :103, :], rtol=1e-4, atol=1e-4)
+        model.accelerator.prefill_graphs = True
+        entry = model.accelerator.graphs.buckets[(2, 32, 1, id(caches[0]))]
+        assert entry.calls == 3 and entry.graph is not None
 
 
 def test_cache_runs_of_equal_heads_are_handed_over():
