@@ -456,7 +456,7 @@ class PersistentStep:
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
             FORCE_CHUNKS=self.force_chunks, PROFILE=self.prof is not None, SPLITS=self.splits,
             KSPLIT=self.qkv_splits, RESIDUAL_MODE=cqil.bypass_mode == "residual",
-            MAX_STAGES=triton.next_power_of_2(len(self.stages)))
+            MAX_STAGES=max(64, triton.next_power_of_2(len(self.stages))))  # one compile up to 64 stages
         try:
             launch(**self.meta)
         except OutOfResources as e:  # one kernel holding every task's pipelined loops may not fit
@@ -561,9 +561,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20, help="decode steps per CUDA graph")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--block-n", type=int, default=32)
+    ap.add_argument("--block-n", type=int, action="append", help="columns per GEMV task (default 32); repeated: "
+                    "one persistent variant per value and programs-per-SM value")
     ap.add_argument("--block-k", type=int, default=128, help="a divisor of the hidden and intermediate sizes")
-    ap.add_argument("--programs-per-sm", type=int, default=2)
+    ap.add_argument("--programs-per-sm", type=int, action="append", help="default 2; repeated as --block-n")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -581,17 +582,21 @@ def main(argv=None) -> None:
         ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
         graphs = {}
         with torch.inference_mode():
-            for variant in ("fused", "persistent"):
+            tilings = [(bn, pps) for bn in a.block_n or [32] for pps in a.programs_per_sm or [2]]
+            names = {"persistent" if len(tilings) == 1 else f"persistent bn{bn} pps{pps}": (bn, pps)
+                     for bn, pps in tilings}
+            runners = {}
+            for variant in ["fused", *names]:
                 cache = model.new_cache(a.batch, a.prompt + a.steps * (2 * a.rounds + 6) + 8)
                 tok = model.argmax(model(ids, cache=cache)[:, -1])
                 if variant == "fused":  # today's step: fused.step, as the decoder's graph holds it
                     def step(t, cache=cache, model=model):
                         return fused.step(model, t.view(-1, 1), None, cache, 1)[:, -1]
                 else:
-                    runner = PersistentStep(model, a.batch, block_n=a.block_n, block_k=a.block_k,
-                                            programs_per_sm=a.programs_per_sm)
+                    bn, pps = names[variant]
+                    runner = PersistentStep(model, a.batch, block_n=bn, block_k=a.block_k, programs_per_sm=pps)
                     step = functools.partial(runner.step, cache=cache)
-                    profiled = (runner, cache, tok)
+                    runners[variant] = (runner, cache, tok)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
@@ -604,25 +609,27 @@ def main(argv=None) -> None:
                         step(tok)
                 graphs[variant] = g
             times = {v: [ms / a.steps for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
-            runner, cache, tok = profiled
-            profiles[run] = runner.profile(tok, cache)
-            print(f"{run:>8}, one persistent step's tasks: {json.dumps(profiles[run])}", flush=True)
+            profiles[run] = {}
+            for variant, (runner, cache, tok) in runners.items():
+                profiles[run][variant] = runner.profile(tok, cache)
+                print(f"{run:>8} {variant}, one step's tasks: {json.dumps(profiles[run][variant])}", flush=True)
         step_bytes = decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, a.batch, a.prompt)
         for v, t in times.items():
             ms = statistics.median(t)
             rows.append([v, n, groups or "none", round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1),
-                         runner.meta["num_stages"] if v == "persistent" else None])
-            print(f"{run:>8} {v:>10}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
+                         runners[v][0].meta["num_stages"] if v in runners else None])
+            print(f"{run:>8} {v:>22}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
                   flush=True)
         times_all[run] = times
-        del model, graphs
+        del model, graphs, runners
         torch.cuda.empty_cache()
     write_record(a.out, device=device, commit=commit,
                  title=f"Persistent decode layers prototype against the fused step: {a.shape}",
                  what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, bypass {a.bypass} where grouped; "
                        f"fused: fused.step (what the decoder's graph holds); persistent: embedding, cache_advance, "
                        f"one launch for every stage, "
-                       f"head (BLOCK_N {a.block_n}, BLOCK_K {a.block_k}, {a.programs_per_sm} programs per SM); "
+                       f"head (BLOCK_K {a.block_k}; BLOCK_N {a.block_n or [32]} x programs per SM "
+                       f"{a.programs_per_sm or [2]}); "
                        f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
                  copy_gbps=round(copy, 1),
                  columns=["variant", "layers", "groups", "ms/token", "% of copy", "num_stages"],
