@@ -29,7 +29,8 @@ weight chunk loaded before its wait. A task waits only on tasks of lower tickets
 programs, so no order of scheduling deadlocks. Embedding, cache bookkeeping (ops/cache_advance) and the
 final norm + lm_head stay as today's launches.
 
-Not in the prototype: biases, prompts (T > 1), tensor-parallel shards. A sequential stage gives the fused
+Biases (on q/k/v/o and on gate/up/down) are added where the fused kernels' epilogues add them. Not in the
+prototype: prompts (T > 1), tensor-parallel shards. A sequential stage gives the fused
 step's bits; a group applies RMSNorm_post in the gate/up prologue (the fused step normalizes in
 group_residual), so its results differ from the fused step's by rounding. tests/test_persistent_layers.py
 checks logits and KV entries against the fused step and a float64 model on the interpreter.
@@ -126,12 +127,13 @@ def _gemv(x_ptr, stride_x, M, w_ptr, w2_ptr, n0, K, k_lo, k_hi, nw_ptr, wait_ptr
 def _layers_kernel(
     h_ptr, q_ptr, attn_ptr, hmid_ptr, r_ptr, res_ptr, act_ptr, part_ml_ptr, part_acc_ptr, part_a_ptr, part_sq_ptr,
     state_ptr, stage_ptr, prof_ptr,
-    qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w,
+    qkv_w, o_w, gate_w, up_w, down_w, nin_w, npost_w, qkv_b, o_b, gate_b, up_b, down_b,
     k_cache, v_cache, key_valid_ptr, pos_ptr, start_ptr, inv_freq_ptr,
     M, NS, total, D, F, H, HKV, S, BYPASS, eps, scale,
     s_qkv, s_o, s_gate, s_down, s_norm, s_cl, s_cb, s_ch, s_cs, s_kv,
     FORCE_CHUNKS: tl.constexpr, PROFILE: tl.constexpr, SPLITS: tl.constexpr, KSPLIT: tl.constexpr,
-    RESIDUAL_MODE: tl.constexpr, MAX_STAGES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    RESIDUAL_MODE: tl.constexpr, ATTN_BIAS: tl.constexpr, MLP_BIAS: tl.constexpr, MAX_STAGES: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -211,8 +213,13 @@ def _layers_kernel(
                                       cache_modifier=".cg")
                         sumsq += tl.load(part_sq_ptr + (pa + kp) * BLOCK_M + offs_m, cache_modifier=".cg")
                 rstd = tl.rsqrt(sumsq / D + eps)[:, None]
-                lo = (lo * rstd).to(dtype).to(tl.float32)  # rounded as the QKV GEMM stores it, then RoPE
-                hi = (hi * rstd).to(dtype).to(tl.float32)
+                lo, hi = lo * rstd, hi * rstd
+                if ATTN_BIAS:  # the head's bias, after the norm, as the QKV GEMM's epilogue adds it
+                    b_head = qkv_b + layer * n_heads * HEAD_DIM + head * HEAD_DIM + offs_d
+                    lo += tl.load(b_head).to(tl.float32)[None, :]
+                    hi += tl.load(b_head + HALF).to(tl.float32)[None, :]
+                lo = lo.to(dtype).to(tl.float32)  # rounded as the QKV GEMM stores it, then RoPE
+                hi = hi.to(dtype).to(tl.float32)
                 slot = tl.load(start_ptr)
                 if head < H + HKV:  # q and k heads: RoPE at each row's position
                     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.float32)
@@ -295,6 +302,8 @@ def _layers_kernel(
                                           n0, HD, 0, HD, nin_w, st0 + off_b, M, st0 + off_done, H * M,
                                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FORCE_CHUNKS, False,
                                           False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                if ATTN_BIAS:
+                    acc += tl.load(o_b + l0 * D + n0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
                 tl.store(hmid_ptr + l0 * BLOCK_M * D + tile, (acc + h_tile).to(dtype), mask=m_ok[:, None])
             else:  # as ops/group_residual.py: r_j = h + a_j + b_j (fp32) and the stage's R, from a_j rounded
                 res = h_tile
@@ -306,6 +315,8 @@ def _layers_kernel(
                                               st + off_b, M, st + off_done, H * M,
                                               tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FORCE_CHUNKS, False,
                                               False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                    if ATTN_BIAS:
+                        acc += tl.load(o_b + layer * D + n0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
                     a = acc.to(dtype)
                     tl.store(hmid_ptr + layer * BLOCK_M * D + tile, a, mask=m_ok[:, None])  # a_j, for b_{j+1..}
                     tl.debug_barrier()
@@ -339,6 +350,9 @@ def _layers_kernel(
             rstd = tl.rsqrt(sumsq / D + eps)[:, None]
             g, u = g * rstd, u * rstd
             cols = n0 + tl.arange(0, BLOCK_N)
+            if MLP_BIAS:
+                g += tl.load(gate_b + layer * F + cols).to(tl.float32)[None, :]
+                u += tl.load(up_b + layer * F + cols).to(tl.float32)[None, :]
             tl.store(act_ptr + layer * BLOCK_M * F + offs_m[:, None] * F + cols[None, :],
                      (g * tl.sigmoid(g) * u).to(dtype), mask=m_ok[:, None])
             _release(state_ptr + 1 + layer * span + off_d + n0 // BLOCK_K)
@@ -352,6 +366,8 @@ def _layers_kernel(
                                           down_w, n0, F, 0, F, nin_w, state_ptr + 1 + layer * span + off_d, per_chunk,
                                           st0 + off_done + 2, P * n_d, acc, FORCE_CHUNKS, False, False, BLOCK_N,
                                           BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+                if MLP_BIAS:  # each layer's bias after its products, as the group's down GEMM adds them
+                    acc += tl.load(down_b + layer * D + n0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
             tile = offs_m[:, None] * D + (n0 + tl.arange(0, BLOCK_N))[None, :]
             if P == 1:
                 res = tl.load(hmid_ptr + l0 * BLOCK_M * D + tile, mask=m_ok[:, None], other=0.0,
@@ -378,9 +394,11 @@ class PersistentStep:
                  qkv_splits: int | None = None):
         args = model.args
         packed = model.packed_weights()
-        if not hasattr(packed, "qkv") or packed.layer_ids is not None or packed.qkv_bias is not None \
-                or packed.o_bias is not None or packed.gate_bias is not None or packed.down_bias is not None:
-            raise ValueError("the persistent prototype needs one run of equal layers without biases")
+        if not hasattr(packed, "qkv") or packed.layer_ids is not None:
+            raise ValueError("the persistent prototype needs one run of equal layers (one GPU's packed weights)")
+        if (packed.qkv_bias is None) != (packed.o_bias is None) or (packed.gate_bias is None) != (
+                packed.up_bias is None) or (packed.gate_bias is None) != (packed.down_bias is None):
+            raise ValueError("the persistent prototype takes biases on all of q/k/v/o, all of gate/up/down, or none")
         D, F, H, HKV, Dh = (args.hidden_size, args.intermediate_size, args.num_attention_heads,
                             args.num_key_value_heads, args.head_dim)
         if not 1 <= batch <= MAX_BATCH:
@@ -437,6 +455,9 @@ class PersistentStep:
             w = getattr(packed, name)
             if w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
                 raise ValueError(f"packed {name} must be contiguous per layer")
+            b = getattr(packed, f"{name}_bias")
+            if b is not None and not b.is_contiguous():
+                raise ValueError(f"packed {name}_bias must be contiguous")
 
     def layers(self, cache, positions: torch.Tensor) -> None:
         """The launch: h[0] [:B] -> h[stages] [:B]; cache.start is the step's slot, positions [B, 1]."""
@@ -448,6 +469,7 @@ class PersistentStep:
             self.h, self.q, self.attn, self.hmid, self.r, self.res, self.act, self.part_ml, self.part_acc,
             self.part_a, self.part_sq, self.state, self.stage_table, self.prof if self.prof is not None else self.state,
             w.qkv, w.o, w.gate, w.up, w.down, w.norm_in, w.norm_post,
+            *(b if b is not None else w.norm_in for b in (w.qkv_bias, w.o_bias, w.gate_bias, w.up_bias, w.down_bias)),
             k, v, cache.key_valid.view(torch.uint8), positions, cache.start, self.model.inv_freq,
             self.batch, len(self.stages), self.tickets, args.hidden_size, args.intermediate_size,
             args.num_attention_heads, args.num_key_value_heads, cache.max_seq, cqil.bypass, float(args.rms_norm_eps),
@@ -455,7 +477,8 @@ class PersistentStep:
             w.qkv.stride(0), w.o.stride(0), w.gate.stride(0), w.down.stride(0), w.norm_in.stride(0),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3), self.kv_offset(k, v),
             FORCE_CHUNKS=self.force_chunks, PROFILE=self.prof is not None, SPLITS=self.splits,
-            KSPLIT=self.qkv_splits, RESIDUAL_MODE=cqil.bypass_mode == "residual",
+            KSPLIT=self.qkv_splits, RESIDUAL_MODE=cqil.bypass_mode == "residual", ATTN_BIAS=w.qkv_bias is not None,
+            MLP_BIAS=w.gate_bias is not None,
             MAX_STAGES=max(64, triton.next_power_of_2(len(self.stages))))  # one compile up to 64 stages
         try:
             launch(**self.meta)

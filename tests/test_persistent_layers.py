@@ -22,9 +22,9 @@ def layers_module():
 
 
 def _check_step(layers_module, dtype, batch, force_chunks, block_n=16, block_k=32, splits=None, qkv_splits=None,
-                pads=None, cqil=None, layers=3):
+                pads=None, cqil=None, layers=3, bias=False):
     cqil = cqil or CQILConfig()
-    hf = random_hf_model(seed=11, **{**SHAPE, "num_hidden_layers": layers})
+    hf = random_hf_model(seed=11, **{**SHAPE, "num_hidden_layers": layers}, attention_bias=bias, mlp_bias=bias)
     model = CQILLlama.from_pretrained(hf, cqil=cqil, device=DEVICE, dtype=dtype)
     model.backend = "triton"
     exact = CQILLlama.from_pretrained(hf, cqil=cqil, device=DEVICE, dtype=torch.float64)
@@ -190,3 +190,12 @@ def test_persistent_groups_match_the_fused_step(layers_module, dtype, batch, for
     D_CHUNKS = 96 // 32  # every layer's gate/up chunks, each stored by 2 tiles of 16 columns
     off_d = (H + 2 * 2) + H + 64 // 32
     assert (counters[:, off_d:off_d + D_CHUNKS] == 2).all()
+
+
+@interpreter
+@pytest.mark.parametrize("dtype, cqil", [(torch.bfloat16, CQILConfig()),
+                                         (torch.float32, CQILConfig(groups=((1, 2, 3),), bypass=1))])
+def test_persistent_layers_with_biases(layers_module, dtype, cqil):
+    """q/k/v/o and gate/up/down biases, added where the fused kernels' epilogues add them."""
+    runner = _check_step(layers_module, dtype, 2, False, splits=2, qkv_splits=2, cqil=cqil, layers=4, bias=True)
+    assert runner.packed.qkv_bias is not None and runner.packed.down_bias is not None
