@@ -160,6 +160,11 @@ def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
     model.cqil = CQILConfig()
     with pytest.raises(ValueError, match="regrouped since this step was built"):
         runner.step(torch.zeros(1, dtype=torch.long), model.new_cache(1, 4))
+    biased = CQILLlama.from_pretrained(random_hf_model(seed=1, **SHAPE, mlp_bias=True), device="cpu",
+                                       dtype=torch.float32)
+    biased.packed_weights().up_bias = None
+    with pytest.raises(ValueError, match="all of gate/up/down, or none"):
+        layers_module.PersistentStep(biased, 1, block_n=16, block_k=32)
     with pytest.raises(ValueError, match="multiples of block_k"):
         layers_module.PersistentStep(model, 1, block_k=48)
     with pytest.raises(ValueError, match="batch must be 1..32"):
