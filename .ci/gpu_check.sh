@@ -28,7 +28,8 @@
 #               full layer and the TP2/TP4 shard shapes) and benchmarks/persistent_chain.py (the persistent
 #               one-launch prototype against a launch per layer; CHAIN_ARGS), benchmarks/persistent_layers.py
 #               (every decode stage in one launch against the fused step: LLaMA-7B 4 and 12 layers, 12 with
-#               groups of 4 over 2-10, at each of LAYERS_BATCHES, default 1; SmolLM2 sequential and 2-26:4;
+#               groups of 4 over 2-10, the TP4 shard shape, the per-layer slopes, at each of LAYERS_BATCHES,
+#               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 # Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
@@ -170,8 +171,8 @@ for stage in $stages; do
         --out "$OUT/persistent_chain_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
     done
     for b in ${LAYERS_BATCHES:-1}; do
-      timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 \
-        --run 12/2-10:4 --batch $b ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_llama-7b_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
+      timeout ${LAYERS_TIMEOUT:-360} python3 benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 \
+        --run 12/2-10:4 --tp 1 --tp 4 --batch $b ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_llama-7b_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
     done
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 | tee -a "$OUT/boundaries.log" ;;

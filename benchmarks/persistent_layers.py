@@ -3,7 +3,8 @@
 either mode) in one launch, against today's fused step (six or seven launches a stage, graph-replayed) on
 the same model.
 
-    python benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 --run 12/2-10:4 --batch 1 --out pl.json
+    python benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 --run 12/2-10:4 --tp 1 --tp 4 \\
+        --batch 1 --out pl.json
     python benchmarks/persistent_layers.py --shape smollm2-135m --run 30 --run 30/2-26:4 --block-k 64 --out c.json
 
 One launch runs the stages' tasks in ticket order; a program takes the next ticket, runs its task and
@@ -50,6 +51,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from cqil_kernels.ops._common import dot_flags
+from layer_slope import shard_overrides  # the layer a rank of tensor parallelism holds
 from persistent_chain import _dot, _release, _wait_count, replay_ms  # the chain's spin, release, dot, timing
 
 MAX_BATCH = 32  # decode rows, padded to 16 (one tensor-core tile, as in ops/group_gemm.py) or 32
@@ -568,6 +570,34 @@ def summarize_profile(prof: torch.Tensor, kinds: torch.Tensor, stages: torch.Ten
                 stage_span_median_us=round(statistics.median(stage_spans), 2))
 
 
+def fitting_block_k(args, block_k: int, block_n: int) -> int:
+    """block_k, halved (not below block_n) until it divides the hidden and intermediate sizes: the TP4 shard
+    of LLaMA-7B has F / 4 = 2752 = 43 x 64."""
+    while (args.hidden_size % block_k or args.intermediate_size % block_k) and block_k // 2 >= block_n:
+        block_k //= 2
+    return block_k
+
+
+def layer_slopes(rows: list, copy_gbps: float) -> dict:
+    """The per-layer step of each variant and shard shape from its sequential runs (the slope method of
+    layer_slope.py): between its fewest and most layers, µs per layer, the µs its bytes take at copy speed,
+    and the rest, the fixed cost. rows: main()'s [variant, layers, groups, tp, ms/token, ..., step bytes]."""
+    runs: dict[str, dict[int, tuple[float, int]]] = {}
+    for variant, layers, groups, tp, ms, *_, step_bytes in rows:
+        if groups == "none":
+            runs.setdefault(f"{variant} tp{tp}", {})[layers] = (ms, step_bytes)
+    slopes = {}
+    for name, by_layers in runs.items():
+        if len(by_layers) < 2:
+            continue
+        lo, hi = min(by_layers), max(by_layers)
+        per_layer_us = (by_layers[hi][0] - by_layers[lo][0]) / (hi - lo) * 1e3
+        at_copy_us = (by_layers[hi][1] - by_layers[lo][1]) / (hi - lo) / copy_gbps / 1e3
+        slopes[name] = dict(layers=[lo, hi], us_per_layer=round(per_layer_us, 2), us_at_copy=round(at_copy_us, 2),
+                            fixed_us=round(per_layer_us - at_copy_us, 2))
+    return slopes
+
+
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig, fused
     from cqil_kernels.demo import parse_groups
@@ -580,13 +610,17 @@ def main(argv=None) -> None:
                     help="a model of LAYERS layers, sequential or with CQIL GROUPS as `cqil demo --groups` reads "
                          "them (e.g. 12/2-10:4); repeated (default 4 and 12)")
     ap.add_argument("--bypass", type=int, default=0, help="bypass distance d of the runs with groups")
+    ap.add_argument("--tp", type=int, action="append",
+                    help="shard shapes: every sequential run also as the layers one rank of T-way tensor "
+                         "parallelism holds (heads and intermediate size / T, no reductions); repeated (default 1)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20, help="decode steps per CUDA graph")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block-n", type=int, action="append", help="columns per GEMV task (default 32); repeated: "
                     "one persistent variant per value and programs-per-SM value")
-    ap.add_argument("--block-k", type=int, default=128, help="a divisor of the hidden and intermediate sizes")
+    ap.add_argument("--block-k", type=int, default=128, help="K per weight chunk; halved where it does not divide the "
+                    "hidden and intermediate sizes")
     ap.add_argument("--programs-per-sm", type=int, action="append", help="default 2; repeated as --block-n")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
@@ -596,10 +630,13 @@ def main(argv=None) -> None:
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
     rows, times_all, profiles = [], {}, {}
-    for run in a.run or ["4", "12"]:
+    runs = [(run, tp) for tp in a.tp or [1] for run in a.run or ["4", "12"] if tp == 1 or "/" not in run]
+    for run, tp in runs:
         layers, _, groups = run.partition("/")
         n = int(layers)
-        model = random_model(a.shape, dtype, device, num_hidden_layers=n)
+        over = shard_overrides(a.shape, tp, n)
+        run = run if tp == 1 else f"{run} tp{tp}"
+        model = random_model(a.shape, dtype, device, **over)
         model.cqil = parse_groups(groups, a.bypass) if groups else CQILConfig()
         model.backend = "triton"
         ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
@@ -617,7 +654,8 @@ def main(argv=None) -> None:
                         return fused.step(model, t.view(-1, 1), None, cache, 1)[:, -1]
                 else:
                     bn, pps = names[variant]
-                    runner = PersistentStep(model, a.batch, block_n=bn, block_k=a.block_k, programs_per_sm=pps)
+                    bk = fitting_block_k(model.args, a.block_k, bn)
+                    runner = PersistentStep(model, a.batch, block_n=bn, block_k=bk, programs_per_sm=pps)
                     step = functools.partial(runner.step, cache=cache)
                     runners[variant] = (runner, cache, tok)
                 side = torch.cuda.Stream()
@@ -636,27 +674,34 @@ def main(argv=None) -> None:
             for variant, (runner, cache, tok) in runners.items():
                 profiles[run][variant] = runner.profile(tok, cache)
                 print(f"{run:>8} {variant}, one step's tasks: {json.dumps(profiles[run][variant])}", flush=True)
-        step_bytes = decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, a.batch, a.prompt)
+        step_bytes = decode_step_bytes(shape_args(a.shape, **over), dtype, a.batch, a.prompt)
         for v, t in times.items():
             ms = statistics.median(t)
-            rows.append([v, n, groups or "none", round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1),
-                         runners[v][0].meta["num_stages"] if v in runners else None])
+            meta = runners[v][0].meta if v in runners else {}
+            rows.append([v, n, groups or "none", tp, round(ms, 4), round(100 * step_bytes / ms / 1e6 / copy, 1),
+                         meta.get("num_stages"), meta.get("BLOCK_K"), step_bytes])
             print(f"{run:>8} {v:>22}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
                   flush=True)
         times_all[run] = times
         del model, graphs, runners
         torch.cuda.empty_cache()
+    slopes = layer_slopes(rows, copy)
+    for name, slope in slopes.items():
+        print(f"{name}: {slope['us_per_layer']:.2f} us per layer, {slope['us_at_copy']:.2f} at copy speed, fixed cost "
+              f"{slope['fixed_us']:.2f} us (layers {slope['layers']})", flush=True)
     write_record(a.out, device=device, commit=commit,
                  title=f"Persistent decode layers prototype against the fused step: {a.shape}",
-                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, bypass {a.bypass} where grouped; "
+                 what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, bypass {a.bypass} where grouped, tp T: "
+                       f"the layers of one rank of T-way tensor parallelism without its reductions; "
                        f"fused: fused.step (what the decoder's graph holds); persistent: embedding, cache_advance, "
                        f"one launch for every stage, "
                        f"head (BLOCK_K {a.block_k}; BLOCK_N {a.block_n or [32]} x programs per SM "
                        f"{a.programs_per_sm or [2]}); "
                        f"{a.steps} steps per CUDA graph for both, alternated, medians of {a.rounds} rounds"),
                  copy_gbps=round(copy, 1),
-                 columns=["variant", "layers", "groups", "ms/token", "% of copy", "num_stages"],
-                 rows=rows, times_ms=times_all, task_profiles=profiles)
+                 columns=["variant", "layers", "groups", "tp", "ms/token", "% of copy", "num_stages", "BLOCK_K",
+                          "step bytes"],
+                 rows=rows, times_ms=times_all, task_profiles=profiles, slopes=slopes)
 
 
 if __name__ == "__main__":

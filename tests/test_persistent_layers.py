@@ -204,3 +204,29 @@ def test_persistent_layers_with_biases(layers_module, dtype, cqil):
     """q/k/v/o and gate/up/down biases, added where the fused kernels' epilogues add them."""
     runner = _check_step(layers_module, dtype, 2, False, splits=2, qkv_splits=2, cqil=cqil, layers=4, bias=True)
     assert runner.packed.qkv_bias is not None and runner.packed.down_bias is not None
+
+
+def test_layer_slopes(layers_module):
+    """The per-layer step of each variant and shard shape from its fewest and most sequential layers; runs
+    with groups and a variant measured at one layer count give none."""
+    rows = [["fused", 4, "none", 1, 1.0, 50.0, None, None, 4_000_000],
+            ["fused", 12, "none", 1, 2.6, 50.0, None, None, 12_000_000],
+            ["fused", 8, "none", 1, 9.9, 50.0, None, None, 8_000_000],
+            ["fused", 12, "2-10:4", 1, 2.0, 50.0, None, None, 1],
+            ["persistent", 4, "none", 2, 0.5, 50.0, 3, 128, 2_000_000]]
+    slopes = layers_module.layer_slopes(rows, copy_gbps=4000.0)
+    assert list(slopes) == ["fused tp1"]
+    # 1.6 ms over 8 layers: 200 us a layer; 1 MB a layer at 4000 GB/s: 0.25 us
+    assert slopes["fused tp1"] == dict(layers=[4, 12], us_per_layer=200.0, us_at_copy=0.25, fixed_us=199.75)
+
+
+def test_block_k_fits_the_shard_shapes(layers_module):
+    """7B: 128 divides the full layer and the TP2 shard (F 5504); the TP4 shard's F 2752 takes 64."""
+    from cqil_kernels.bench import shape_args
+
+    layer_slope = import_benchmark("layer_slope")
+    got = [layers_module.fitting_block_k(shape_args("llama-7b", **layer_slope.shard_overrides("llama-7b", tp, 4)),
+                                         128, 32) for tp in (1, 2, 4)]
+    assert got == [128, 128, 64]
+    assert layers_module.fitting_block_k(shape_args("smollm2-135m"), 128, 32) == 64  # hidden 576 = 9 x 64
+    assert layers_module.fitting_block_k(shape_args("smollm2-135m"), 128, 128) == 128  # not below block_n
