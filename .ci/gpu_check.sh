@@ -3,7 +3,8 @@
 #   build       pip install --no-build-isolation --no-deps .   (and the environment, to env.txt)
 #   tests       the whole test suite (TEST_FILES: only these files of tests/), CUDA tests included, from
 #               outside the checkout
-#   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests
+#   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests (the persistent
+#               prototypes' included)
 #   e2e         cqil bench for E2E_SHAPES (default the SmolLM2 and LLaMA-7B shapes; E2E_ARGS: more flags),
 #               JSON + PNG
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
@@ -64,21 +65,23 @@ for stage in $stages; do
   sanitizer)
     echo "== compute-sanitizer" | tee "$OUT/sanitizer.log"
     for tool in ${SAN_TOOLS:-memcheck racecheck}; do
-      for case in "test_group_gemm.py|qkv-bias-2-5-59-83-torch.bfloat16" \
-                  "test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
-                  "test_group_gemm.py|test_group_swiglu and bias-3-5-59-83-torch.bfloat16" \
-                  "test_group_gemm.py|o-residual-2-37-48-130-torch.bfloat16" \
-                  "test_group_gemm.py|test_group_swiglu and norm-3-37-48-130-torch.bfloat16" \
-                  "test_group_gemm.py|test_group_down_sum_split_k and 1-96-59-True-torch.bfloat16" \
-                  "test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
-                  "test_argmax.py|5-4099-torch.bfloat16" \
-                  "test_cache_advance.py|left-padded-2-1100" \
-                  "test_attention.py|3-fused-decode-P4-padded-torch.bfloat16" \
-                  "test_attention.py|None-fused-prefill-gqa3-torch.float16" \
-                  "test_group_residual.py|residual-2-1-7-59-torch.bfloat16"; do
+      for case in "ops/test_group_gemm.py|qkv-bias-2-5-59-83-torch.bfloat16" \
+                  "ops/test_group_gemm.py|test_group_down_sum and True-1-7-130-59-torch.float16" \
+                  "ops/test_group_gemm.py|test_group_swiglu and bias-3-5-59-83-torch.bfloat16" \
+                  "ops/test_group_gemm.py|o-residual-2-37-48-130-torch.bfloat16" \
+                  "ops/test_group_gemm.py|test_group_swiglu and norm-3-37-48-130-torch.bfloat16" \
+                  "ops/test_group_gemm.py|test_group_down_sum_split_k and 1-96-59-True-torch.bfloat16" \
+                  "ops/test_rope_kv.py|3-2-5-6-2-8-torch.bfloat16" \
+                  "ops/test_argmax.py|5-4099-torch.bfloat16" \
+                  "ops/test_cache_advance.py|left-padded-2-1100" \
+                  "ops/test_attention.py|3-fused-decode-P4-padded-torch.bfloat16" \
+                  "ops/test_attention.py|None-fused-prefill-gqa3-torch.float16" \
+                  "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
+                  "test_persistent_chain.py|cuda" \
+                  "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
         file=${case%%|*}; expr=${case#*|}
         (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
-          python3 -m pytest -q -p no:cacheprovider "$REPO/tests/ops/$file" -k "$expr" 2>&1; echo "exit $?") \
+          python3 -m pytest -q -p no:cacheprovider "$REPO/tests/$file" -k "$expr" 2>&1; echo "exit $?") \
           | grep -E "passed|failed|deselected|ERROR SUMMARY|exit" | tr '\n' ' ' | sed "s|^|$tool $file $expr: |" \
           | tee -a "$OUT/sanitizer.log"; echo | tee -a "$OUT/sanitizer.log"
       done

@@ -105,6 +105,47 @@ def test_persistent_groups_cuda(layers_module, force):
     assert 0 < summary["busy_pct"] <= 100 and summary["span_us"] > 0
 
 
+def _clone_cache(model, cache):
+    twin = model.new_cache(cache.batch, cache.max_seq)
+    for (k, v), (k_src, v_src) in zip(twin.runs, cache.runs):
+        k.copy_(k_src)
+        v.copy_(v_src)
+    for name in ("key_valid", "n_tokens", "position", "start"):
+        getattr(twin, name).copy_(getattr(cache, name))
+    twin.length = cache.length
+    return twin
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch, mode", [(19, "residual"), (1, "mlp_input")])
+def test_persistent_steps_are_deterministic_and_follow_the_fused_decode_cuda(layers_module, batch, mode):
+    """A race between programs (a task reading what another has not finished) shows as steps that differ
+    from run to run: every order of scheduling must give the same bits (the parts of a split are summed in
+    part order by whichever arrives last). 24 decode steps, each run twice from the same state; greedy
+    tokens and logits follow the fused decode (biases, groups with bypass, left padding)."""
+    cqil = CQILConfig(groups=((1, 2, 3), (4, 5)), bypass=1, bypass_mode=mode)
+    hf = random_hf_model(seed=4, **{**SHAPE, "num_hidden_layers": 7}, attention_bias=True, mlp_bias=True)
+    model = CQILLlama.from_pretrained(hf, cqil=cqil, device="cuda", dtype=torch.float32)
+    model.backend = "triton"
+    runner = layers_module.PersistentStep(model, batch, block_n=16, block_k=32)
+    ids = torch.randint(0, 97, (batch, 11), device="cuda")
+    mask = left_padding_mask(ids, [i % 7 for i in range(batch)])
+    with torch.no_grad():
+        ours, theirs = model.new_cache(batch, 40), model.new_cache(batch, 40)
+        model(ids, mask, cache=ours)
+        model(ids, mask, cache=theirs)
+        token = torch.randint(0, 97, (batch,), device="cuda")
+        for _ in range(24):
+            again = _clone_cache(model, ours)
+            got = runner.step(token, ours).clone()
+            assert torch.equal(runner.step(token, again), got), "a persistent step differs from run to run"
+            want = fused.step(model, token[:, None], None, theirs, 1)[:, -1]
+            theirs.length += 1
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            token = want.argmax(-1)
+
+
 @interpreter
 def test_persistent_layers_more_than_16_rows(layers_module):
     """19 rows: tiles of 32 rows."""
