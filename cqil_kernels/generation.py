@@ -197,14 +197,45 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
     decode = model.decoder(cache)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    watch = _FinishWatch(max_new_tokens, model.device) if eos else None
     tokens = [input_ids]
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, model.argmax)
         if eos:
             next_tokens = torch.where(finished, eos_tensor[0], next_tokens)
             finished |= torch.isin(next_tokens, eos_tensor)
+            watch.record(step, finished)
+            if watch.finished(step - 1):  # every row had finished a step ago: this step's tokens go
+                break
         tokens.append(next_tokens[:, None])
-        if step == max_new_tokens - 1 or (eos and bool(finished.all())):
+        if step == max_new_tokens - 1:
             break
         logits = decode(next_tokens)
     return torch.cat(tokens, dim=1)
+
+
+class _FinishWatch:
+    """Whether every row had finished by a step, read on the host one step late: the flag of step s is
+    copied to the host without waiting, and read at step s + 1, by which time the GPU has step s + 1's
+    decode queued behind it, so the check never leaves the GPU idle (reading it at once made the host wait
+    for each step before enqueueing the next). generate thus runs one decode step past the last row's eos
+    and drops its tokens: the output is the same. Every rank of a multi-GPU run stops at the same step, as
+    the reductions inside the decode step need."""
+
+    def __init__(self, steps: int, device: torch.device):
+        cuda = torch.device(device).type == "cuda"
+        self.flags = torch.zeros(steps, dtype=torch.bool, pin_memory=cuda)
+        self.events = [torch.cuda.Event() for _ in range(2)] if cuda else None
+
+    def record(self, step: int, finished: torch.Tensor) -> None:
+        self.flags[step].copy_(finished.all(), non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[step % 2].record()
+
+    def finished(self, step: int) -> bool:
+        """Whether every row had finished at `step` (recorded before; False for step < 0)."""
+        if step < 0:
+            return False
+        if self.events is not None:
+            self.events[step % 2].synchronize()
+        return bool(self.flags[step])

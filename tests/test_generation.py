@@ -93,6 +93,37 @@ def test_eos_stops_rows_and_pads_with_eos():
     assert stop_all.shape[1] == 9  # stops as soon as every row has finished
 
 
+@pytest.mark.parametrize("finish_at", [0, 3, 8, 9])
+def test_generation_stops_after_the_step_where_every_row_finished(finish_at, monkeypatch):
+    """The all-finished flag is read one step late (so the host never waits for the step it has just
+    enqueued): the output still ends at the step where the last row emitted eos, and at most one decode
+    step runs past it. finish_at: the new step at which the second row first emits the eos token."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12))
+    # prompts whose greedy continuation of row 1 has new tokens at steps 0, 3, 8 and 9
+    ids = torch.randint(0, model.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    free = model.generate(ids, 10)
+    eos = [int(free[0, 7]), int(free[1, 6 + finish_at])]  # row 0 ends at its 2nd step at the latest
+    # each row's first eos step (10: none, the row runs to the end)
+    first = [int(torch.cat([torch.isin(free[r, 6:], torch.tensor(eos)).nonzero().flatten(), torch.tensor([10])])[0])
+             for r in range(2)]
+    last = max(first)
+    assert first[1] == finish_at and first[0] <= 1  # the case this parameter is for
+    decodes = []
+    decoder = model.decoder
+
+    def counting(cache):
+        step = decoder(cache)
+        return lambda tokens: decodes.append(1) or step(tokens)
+
+    monkeypatch.setattr(model, "decoder", counting)
+    out = model.generate(ids, 10, eos_token_id=eos)
+    assert out.shape[1] == 6 + min(last + 1, 10)
+    for r in range(2):
+        assert torch.equal(out[r, :7 + first[r]], free[r, :7 + first[r]])
+        assert (out[r, 7 + first[r]:] == eos[0]).all()  # finished rows repeat the first eos id
+    assert len(decodes) == min(last + 1, 9)  # the steps through the last eos, and one more to notice it
+
+
 @pytest.mark.parametrize("bad, exc, message", [
     ([[1, 2, 3]], TypeError, "must be a torch.Tensor"),
     (torch.tensor([[1.0, 2.0]]), TypeError, "integer token ids"),

@@ -84,6 +84,11 @@ def test_generate_with_cache_matches_single_process(pair):
     mask = left_padding_mask(ids, [2, 0])
     expected = single.generate(ids, 12, attention_mask=mask)
     torch.testing.assert_close(parallel.generate(ids, 12, attention_mask=mask), expected, rtol=0, atol=0)
+    # eos: every rank stops at the same step (its flag read one step late), the single process's output
+    eos = [int(expected[0, 8]), int(expected[1, 11])]
+    stopped = single.generate(ids, 12, attention_mask=mask, eos_token_id=eos)
+    torch.testing.assert_close(parallel.generate(ids, 12, attention_mask=mask, eos_token_id=eos), stopped, rtol=0,
+                               atol=0)
     # the prompt in parts of 2 (row 0's first part is all padding)
     torch.testing.assert_close(parallel.generate(ids, 4, attention_mask=mask, prefill_chunk=2),
                                single.generate(ids, 4, attention_mask=mask, prefill_chunk=2), rtol=0, atol=0)
