@@ -6,7 +6,7 @@
 #   sanitizer   compute-sanitizer memcheck + racecheck on a small case of every kernel's tests (the persistent
 #               prototypes' included)
 #   e2e         cqil bench for E2E_SHAPES (default the SmolLM2 and LLaMA-7B shapes; E2E_ARGS: more flags),
-#               JSON + PNG
+#               JSON + PNG; benchmarks/generate_eos.py (what generate's eos check costs, SmolLM2)
 #   kernels     pytest-benchmark kernel comparisons (benchmarks/; BENCH_K=<-k expression>), as a table
 #   demo        cqil demo --tiny on CUDA
 #   prefill     benchmarks/prefill_rows.py per PREFILL_SHAPES (default smollm2-135m llama-7b) and PREFILL_ROWS
@@ -32,7 +32,8 @@
 #               groups of 4 over 2-10, the TP4 shard shape, the per-layer slopes, at each of LAYERS_BATCHES,
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
-# Everything is logged under $OUT (or ./gpu_out). Pass CQIL_COMMIT=<hash>: the copy has no git history.
+# Everything is logged under $OUT (or ./gpu_out); BUNDLE=1 leaves it as one archive, $OUT/results.tgz (the device
+# tool brings back at most 8 files). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -126,7 +127,10 @@ for stage in $stages; do
       timeout ${E2E_TIMEOUT:-300} cqil bench --shape $shape --repeats ${REPEATS:-5} ${E2E_ARGS:-} \
         --out "$OUT/bench_${shape}.json" 2>&1 \
         | tee -a "$OUT/e2e.log"
-    done ;;
+    done
+    # what an eos check costs generate (the flag read a step late against the per-step wait), SmolLM2
+    timeout ${EOS_TIMEOUT:-180} python3 benchmarks/generate_eos.py --shape smollm2-135m --out "$OUT/generate_eos.json" \
+      2>&1 | tee -a "$OUT/e2e.log" ;;
   kernels)
     echo "== kernel benchmarks"
     (cd "$REPO" && timeout ${BENCH_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider benchmarks \
@@ -175,10 +179,12 @@ for stage in $stages; do
     done
     for b in ${LAYERS_BATCHES:-1}; do
       timeout ${LAYERS_TIMEOUT:-360} python3 benchmarks/persistent_layers.py --shape llama-7b --run 4 --run 12 \
-        --run 12/2-10:4 --tp 1 --tp 4 --batch $b ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_llama-7b_b$b.json" 2>&1 | tee -a "$OUT/boundaries.log"
+        --run 12/2-10:4 --tp 1 --tp 4 --batch $b ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_llama-7b_b$b.json" \
+        2>&1 | tee -a "$OUT/boundaries.log"
     done
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
-      --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 | tee -a "$OUT/boundaries.log" ;;
+      --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
+      | tee -a "$OUT/boundaries.log" ;;
   profile)
     for shape in ${PROFILE_SHAPES:-smollm2-135m}; do
       timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/profile_step.py --shape $shape --groups ${PROFILE_GROUPS:-none} \
@@ -189,3 +195,7 @@ for stage in $stages; do
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+if [ "${BUNDLE:-0}" = 1 ]; then  # the device tool brings back at most 8 files: everything as one archive
+  tar -czf /tmp/gpu_check_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+    && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz" && ls -l "$OUT"
+fi

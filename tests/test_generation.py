@@ -6,7 +6,7 @@ import torch
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.generation import prefill
 
-from conftest import assert_kernel_close, left_padding_mask, random_hf_model
+from conftest import assert_kernel_close, import_benchmark, left_padding_mask, random_hf_model
 
 GROUPINGS = [CQILConfig(), CQILConfig([[1, 2], [3, 4, 5]], bypass=1),
              CQILConfig([[0, 1, 2]], bypass=2, bypass_mode="mlp_input")]
@@ -284,3 +284,16 @@ def test_a_row_of_padding_only_is_refused_without_a_cache_and_fed_with_one():
         assert cache.n_tokens.tolist() == [0, 4]
     with pytest.raises(ValueError, match="attention_mask has a row with no tokens"):
         model.generate(ids, 2, attention_mask=mask)  # a whole prompt still needs a token per row
+
+
+def test_the_eos_benchmarks_baseline_is_the_old_loop():
+    """benchmarks/generate_eos.py times generate against the loop it had before (the flag read at once):
+    the same tokens with eos firing and with an eos the run never emits."""
+    bench = import_benchmark("generate_eos")
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12))
+    ids = torch.randint(0, model.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    free = model.generate(ids, 10)
+    never = bench.unused_token(free[:, 6:], model.args.vocab_size)
+    assert never not in free[:, 6:].tolist()[0] + free[:, 6:].tolist()[1]
+    for eos in (never, int(free[1, 9]), int(free[0, 7])):
+        assert torch.equal(bench.per_step_wait_generate(model, ids, 10, eos), model.generate(ids, 10, eos_token_id=eos))
