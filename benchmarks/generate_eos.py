@@ -22,14 +22,14 @@ VARIANTS = ("no eos", "eos, read a step late", "eos, per-step wait")
 
 @torch.inference_mode()
 def per_step_wait_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
-    """Greedy generate as it was before 43053b9: after each step the host reads whether every row has
-    finished (a wait for that step) before it enqueues the next decode step."""
+    """Greedy generate with the eos check it had before 43053b9 (on today's kept caches and graphs, so
+    that only the check differs): after each step the host reads whether every row has finished (a wait
+    for that step) before it enqueues the next decode step."""
     from cqil_kernels.generation import prefill
 
     batch, prompt_len = input_ids.shape
-    cache = model.new_cache(batch, prompt_len + max_new_tokens)
+    cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
     logits = prefill(model, input_ids, None, cache)
-    decode = model.decoder(cache)
     eos = torch.tensor([eos_token_id], device=model.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     tokens = [input_ids]

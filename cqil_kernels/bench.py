@@ -257,8 +257,9 @@ def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
 
 
 def ttft_ms(first_token, repeats: int) -> float:
-    """Median wall-clock ms of first_token() (which ends with the token on the host) over `repeats`
-    calls after one warm-up call, the device idle before each."""
+    """Median wall-clock ms of first_token() (which ends with the token on the host; or any call that ends
+    with its result on the host, e.g. a whole generate) over `repeats` calls after one warm-up call, the
+    device idle before each."""
     first_token()
     times = []
     for _ in range(repeats):
@@ -402,10 +403,13 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
             model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
             prefill_ms, decode_ms = _time_ours(model, ids, new, repeats)
             first = ttft_ms(lambda: model.generate(ids, 1)[:, -1].cpu(), max(repeats, 10))
+            whole = ttft_ms(lambda: model.generate(ids, new).cpu(), repeats)  # a user's call, end to end
         gbps = step_bytes / decode_ms / 1e6
         results[variant] = dict(prefill_ms=round(prefill_ms, 4), ttft_ms=round(first, 4),
                                 decode_ms_per_token=round(decode_ms, 4), decode_gbps=round(gbps, 1),
                                 decode_pct_of_copy=round(100 * gbps / copy, 1))
+        if not variant.startswith("hf"):
+            results[variant]["generate_ms"] = round(whole, 3)
         split = ""
         if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
             parts = prefill_split_ms(model, ids, repeats, cache_len=prompt + new + 2)
@@ -415,9 +419,11 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
                                     prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
             split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
                      f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
+        whole_text = f"   generate {new} tokens {results[variant]['generate_ms']:.2f} ms" \
+            if "generate_ms" in results[variant] else ""
         print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
               f"decode {decode_ms:7.4f} ms/token   "
-              f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy)", flush=True)
+              f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy){whole_text}", flush=True)
     props = torch.cuda.get_device_properties(device)
     import triton
     import transformers

@@ -32,7 +32,7 @@ import functools
 import torch
 
 from . import envs
-from .graphs import GraphDecoder, PrefillGraphs
+from .graphs import DecodeSlots, GraphDecoder, PrefillGraphs
 from .model import KVCache, forward_step, rms_norm
 from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 from .ops.argmax import row_argmax
@@ -253,6 +253,7 @@ class TritonBackend:
     def __init__(self, cuda_graphs: bool = True, prefill_graphs: bool = True):
         self.cuda_graphs, self.prefill_graphs = cuda_graphs, prefill_graphs
         self.graphs = None  # graphs.PrefillGraphs, made at the first prompt that one serves
+        self.slots = None  # graphs.DecodeSlots: generate's caches and decode graphs, made at its first call
 
     def unavailable_reason(self, model) -> str | None:
         reason = triton_unavailable_reason(model.device)
@@ -283,6 +284,21 @@ class TritonBackend:
         if self.cuda_graphs and model.device.type == "cuda":
             return GraphDecoder(model, cache, functools.partial(step, model))
         return None
+
+    def generation_cache(self, model, batch: int, max_seq: int):
+        """On CUDA with graphs: a cache and its decode graph kept from an earlier generate (DecodeSlots)."""
+        if not (self.cuda_graphs and model.device.type == "cuda"):
+            return None
+        if self.slots is None:
+            self.slots = DecodeSlots(self.decoder)
+        return self.slots.take(model, batch, max_seq)
+
+    def clear_graphs(self) -> None:
+        """Free every graph kept for the model: the prompt buckets and generate's caches with their decode
+        graphs (made again as they are needed)."""
+        for kept in (self.graphs, self.slots):
+            if kept is not None:
+                kept.clear()
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return greedy(logits)

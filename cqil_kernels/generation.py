@@ -1,7 +1,7 @@
 """Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
 
 Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits`,
-`model.new_cache(batch, max_seq)`, `model.decoder(cache)` (one decode step), `model.argmax(logits)`,
+`model.generation_cache(batch, max_seq)` (an empty KV cache and its decode step), `model.argmax(logits)`,
 `model.args`, `model.device`.
 """
 
@@ -193,9 +193,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     total = prompt_len + max_new_tokens
     eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
 
-    cache = model.new_cache(batch, total)
+    cache, decode = model.generation_cache(batch, total)
     logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
-    decode = model.decoder(cache)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     watch = _FinishWatch(max_new_tokens, model.device) if eos else None
     tokens = [input_ids]

@@ -1,5 +1,5 @@
-"""CUDA graphs of the fused backend (fused.py): a decode step per token (GraphDecoder) and a prompt's
-forward per length bucket (PrefillGraphs).
+"""CUDA graphs of the fused backend (fused.py): a decode step per token (GraphDecoder, kept with generate's
+KV caches across calls by DecodeSlots) and a prompt's forward per length bucket (PrefillGraphs).
 
 A step of the fused backend is about seven launches per stage; enqueueing them costs the host ~40 us each,
 far more than the GPU needs for a small model (SmolLM2-135M, 512-token prompt on the H200: 27.6 ms wall,
@@ -48,6 +48,9 @@ MAX_BUCKET = 4096
 
 # Graphs kept per model (each holds a KV scratch of its bucket and a memory pool of its own).
 MAX_GRAPHS = 8
+
+# generate's KV caches kept per model with their decode graphs (DecodeSlots).
+MAX_DECODE_SLOTS = 2
 
 
 def bucket(T: int) -> int:
@@ -243,3 +246,51 @@ class PrefillGraphs:
         if cache is not None and not prefixed:
             cache.copy_prompt(entry.scratch, T)
         return logits[:, :T].clone() if keep == 0 else logits.clone()
+
+
+class DecodeSlots:
+    """generate's KV caches, each with its decode step (a GraphDecoder bound to it), kept for later calls.
+
+    A generate call takes the smallest slot of its batch size that holds its length, cleared
+    (KVCache.clear), whose decode graph an earlier call captured; only when none fits is a cache made, of
+    bucket(length) positions (the prompt buckets' rounding: at most 12.5% more than asked; a decode step's
+    time does not depend on the cache's size, its attention reads the filled positions only). Before, every
+    call made a cache and a graph of its own, so its first decode step ran eagerly and its second was
+    captured: two steps' worth of Python launches per call. The prompt buckets bound to a slot's cache
+    (PrefillGraphs, a long prompt's later parts) are kept with it. At most `limit` slots, the least
+    recently used dropped first; a changed model (graph_signature) drops them all.
+    decoder_of(model, cache) makes the decode step of a new slot.
+    """
+
+    def __init__(self, decoder_of, limit: int = MAX_DECODE_SLOTS):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        self.decoder_of, self.limit = decoder_of, limit
+        self.slots: list[tuple] = []  # (cache, decode step), least recently used first
+        self.signature = None
+
+    def take(self, model, batch: int, length: int) -> tuple:
+        """(an empty cache of `batch` rows and at least `length` positions, its decode step)."""
+        signature = model.graph_signature()
+        if signature != self.signature:
+            self.slots.clear()
+            self.signature = signature
+        fits = [slot for slot in self.slots if slot[0].batch == batch and slot[0].max_seq >= length]
+        if fits:
+            slot = min(fits, key=lambda fit: fit[0].max_seq)
+            self.slots.remove(slot)
+            slot[0].clear()
+        else:
+            while len(self.slots) >= self.limit:
+                self.slots.pop(0)  # before the new cache is allocated: its memory can be reused
+            max_seq = max(length, min(bucket(length), model.args.max_position_embeddings))
+            # normal tensors even under generate's inference_mode (as the prompt buckets')
+            with torch.inference_mode(False):
+                cache = model.new_cache(batch, max_seq)
+                slot = (cache, self.decoder_of(model, cache))
+        self.slots.append(slot)
+        return slot
+
+    def clear(self) -> None:
+        """Drop every slot (their caches and graphs)."""
+        self.slots.clear()

@@ -224,6 +224,15 @@ class KVCache:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
         return self.k[stage][j], self.v[stage][j]
 
+    def clear(self) -> None:
+        """Forget every position (the buffers stay): the cache is empty again, as a new one is (the old
+        keys and values are left in place, marked invalid, and overwritten as positions are filled)."""
+        self.key_valid.zero_()
+        self.n_tokens.zero_()
+        self.position.zero_()
+        self.start.zero_()
+        self.length = 0
+
     def copy_prompt(self, src: KVCache, length: int) -> None:
         """Take the first `length` positions of every layer and their bookkeeping from `src`, a cache of the
         same layout and batch (any max_seq) that was filled from position 0: this cache must be empty. The
@@ -397,6 +406,10 @@ class Backend(Protocol):
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, vocab] -> greedy tokens [B] int64 (the first index among equal maxima)."""
+
+    def generation_cache(self, model: CQILTransformer, batch: int, max_seq: int):
+        """generate's (empty KV cache of at least max_seq positions, its decode step), e.g. kept from an
+        earlier call with its captured graph, or None for a new cache and decoder()."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,6 +620,18 @@ class CQILTransformer(nn.Module):
             if decode is not None:
                 return decode
         return lambda next_tokens: self(next_tokens[:, None], cache=cache)[:, -1]
+
+    def generation_cache(self, batch: int, max_seq: int):
+        """generate's KV cache and decode step: (an empty cache of at least max_seq positions, a function
+        next_tokens [B] -> logits [B, vocab] appending to it). With CUDA graphs (the fused backend on CUDA)
+        a cache and its captured decode graph kept from an earlier call (graphs.DecodeSlots), else a new
+        cache and decoder(cache)."""
+        if self.accelerated():
+            slot = self.accelerator.generation_cache(self, batch, max_seq)
+            if slot is not None:
+                return slot
+        cache = self.new_cache(batch, max_seq)
+        return cache, self.decoder(cache)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy decoding's choice: logits [B, vocab] -> tokens [B] int64, the first index among equal

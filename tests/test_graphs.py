@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, fused, graphs
-from cqil_kernels.graphs import MAX_GRAPHS, PrefillGraphs, bucket
+from cqil_kernels.graphs import MAX_GRAPHS, DecodeSlots, PrefillGraphs, bucket
 
 from conftest import left_padding_mask, random_hf_model
 
@@ -200,6 +200,86 @@ def test_copy_prompt_checks_its_caches():
         dst.copy_prompt(src, 4)
 
 
+def _eager_decoder_of(made):
+    def decoder_of(model, cache):
+        made.append(cache)
+        return lambda tokens: model(tokens[:, None], cache=cache)[:, -1]
+    return decoder_of
+
+
+def test_decode_slots_are_kept_cleared_and_bounded():
+    """generate's caches: the smallest kept one of the batch that holds the length, cleared; a new one of
+    bucket(length) positions (within max_position_embeddings) when none does; the least recently used
+    dropped past the limit; all dropped when the model changes."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    model.backend = "torch"  # the slots' logic; the fused step's graphs are the CUDA test's
+    made = []
+    slots = DecodeSlots(_eager_decoder_of(made), limit=2)
+    first, decode = slots.take(model, 1, 50)
+    assert first.max_seq == 64 and len(made) == 1
+    with torch.no_grad():
+        decode(torch.tensor([3], device=DEVICE))
+        model(torch.ones(1, 5, dtype=torch.long, device=DEVICE), cache=first)
+    assert first.length == 6 and first.key_valid.any()
+    again, decode_again = slots.take(model, 1, 60)  # 64 positions hold 60: the same cache, empty again
+    assert again is first and decode_again is decode and len(made) == 1
+    fresh = model.new_cache(1, 64)
+    assert again.length == 0 and int(again.position) == int(again.start) == 0
+    assert torch.equal(again.key_valid, fresh.key_valid) and torch.equal(again.n_tokens, fresh.n_tokens)
+    bigger, _ = slots.take(model, 1, 70)
+    assert bigger.max_seq == 72 and len(made) == 2
+    pair, _ = slots.take(model, 2, 10)  # a third slot: the 64-position one, used least recently, goes
+    assert pair.max_seq == 16 and [c.max_seq for c, _ in slots.slots] == [72, 16]
+    assert slots.take(model, 1, 60)[0] is bigger  # the 72-position cache holds 60
+    assert slots.take(model, 1, 121)[0].max_seq == 128  # bucket(121) = 128 = max_position_embeddings
+    assert slots.take(model, 1, 124)[0].max_seq == 128  # kept: it holds 124
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        slots.take(model, 1, 129)
+    model.cqil = GROUPINGS["none"]  # another grouping: every kept cache (its stages) and graph goes
+    cache, _ = slots.take(model, 1, 60)
+    assert cache.stages == model.stages and [c for c, _ in slots.slots] == [cache]
+    with pytest.raises(ValueError, match="limit"):
+        DecodeSlots(_eager_decoder_of([]), limit=0)
+
+
+def test_generate_on_kept_caches_equals_new_caches(monkeypatch):
+    """Calls of generate one after another on the same kept caches (a long one, then shorter ones, other
+    batches, left padding, eos) give what each gives on a cache of its own: nothing of an earlier call's
+    keys or bookkeeping reaches a later one."""
+    model = _model(GROUPINGS["P2-d1-mlp_input"])
+    model.backend = "torch"  # the caches' reuse; the fused step's graphs are the CUDA test's
+    g = torch.Generator().manual_seed(9)
+    calls = []
+    for batch, T, new, pads in ((2, 30, 20, [0, 7]), (2, 9, 6, None), (1, 4, 12, None), (2, 17, 3, [5, 0]),
+                                (2, 11, 16, [0, 3])):
+        ids = torch.randint(0, model.args.vocab_size, (batch, T), generator=g).to(DEVICE)
+        calls.append((ids, new, left_padding_mask(ids, pads) if pads else None))
+    expected = [model.generate(ids, new, attention_mask=mask) for ids, new, mask in calls]
+    eos = int(expected[0][1, 35])
+    expected_eos = model.generate(calls[0][0], 20, attention_mask=calls[0][2], eos_token_id=eos)
+    made, used = [], []
+    slots = DecodeSlots(_eager_decoder_of(made), limit=2)
+
+    def generation_cache(batch, length):
+        used.append(slots.take(model, batch, length)[0])
+        return slots.slots[-1]
+
+    monkeypatch.setattr(model, "generation_cache", generation_cache)
+    for _ in range(2):
+        for (ids, new, mask), want in zip(calls, expected):
+            assert torch.equal(model.generate(ids, new, attention_mask=mask), want)
+            # the cache's bookkeeping as a new cache's: RoPE is relative, so positions off by a stale count
+            # would change no token, only the logits' rounding
+            cache, real = used[-1], (mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
+            valid = torch.cat([real, torch.ones(ids.shape[0], new - 1, dtype=torch.bool, device=DEVICE)], 1)
+            assert cache.length == int(cache.position) == valid.shape[1]
+            assert torch.equal(cache.n_tokens, valid.sum(1)) and torch.equal(cache.key_valid[:, :cache.length], valid)
+            assert not cache.key_valid[:, cache.length:].any()
+        assert torch.equal(model.generate(calls[0][0], 20, attention_mask=calls[0][2], eos_token_id=eos),
+                           expected_eos)
+    assert len(made) == 2 and len(used) == 2 * (len(calls) + 1)  # two caches (batch 2 and 1), kept and reused
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only: off CUDA the step runs unpadded")
 def test_cpu_forwards_do_not_use_prefill_graphs():
     model = _model(GROUPINGS["none"])
@@ -289,6 +369,27 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
         model.accelerator.prefill_graphs = True
         entry = model.accelerator.graphs.buckets[(2, 32, 1, id(caches[0]))]
         assert entry.calls == 3 and entry.graph is not None
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_generate_replays_its_decode_graph_across_calls():
+    """generate's cache and decode graph are kept: the first call runs its first decode step eagerly and
+    captures the second, later calls (a shorter one on the same cache) replay from their first step, with
+    the tokens of the path without graphs (fp32)."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    ids = torch.randint(0, model.args.vocab_size, (2, 21), device="cuda")
+    model.accelerator.cuda_graphs = False
+    expected = [model.generate(ids, 10), model.generate(ids[:, :7], 12)]
+    model.accelerator.cuda_graphs = True
+    for _ in range(3):
+        assert torch.equal(model.generate(ids, 10), expected[0])
+        assert torch.equal(model.generate(ids[:, :7], 12), expected[1])
+    (cache, decode), = model.accelerator.slots.slots  # 31 and 19 positions: one cache of bucket(31) = 32
+    assert cache.max_seq == 32 and decode.graph is not None and decode.calls == 3 * (9 + 11)
+    model.accelerator.clear_graphs()
+    assert not model.accelerator.slots.slots and not model.accelerator.graphs.buckets
+    assert torch.equal(model.generate(ids, 10), expected[0])
 
 
 def test_cache_runs_of_equal_heads_are_handed_over():

@@ -96,6 +96,7 @@ class RankModel:
         self.layer_args = {layer: placement.layer_args(layer, model.args) for layer in placement.held_layers}
         self.subgroup_reducers: dict[tuple[int, ...], GroupReducer] = {}
         self._graphs: PrefillGraphs | None = None  # made at the first prompt one serves
+        self._decode_slots = None  # graphs.DecodeSlots, made at the first generate whose decode is a graph
         if reducer is not None:
             self.reducer = reducer
             return
@@ -418,6 +419,19 @@ class RankModel:
 
             return GraphDecoder(self, cache, step_fn=self._triton_step)
         return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
+
+    def generation_cache(self, batch: int, max_seq: int):
+        """CQILLlama.generation_cache for this rank: where decodes_in_a_graph(), a cache and its decode graph
+        kept from an earlier generate (graphs.DecodeSlots; every rank keeps and takes the same slots, the
+        choice depends on shapes only), else a new cache and decoder()."""
+        if self.decodes_in_a_graph():
+            if self._decode_slots is None:
+                from ..graphs import DecodeSlots
+
+                self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache))
+            return self._decode_slots.take(self, batch, max_seq)
+        cache = self.new_cache(batch, max_seq)
+        return cache, self.decoder(cache)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
