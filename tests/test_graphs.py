@@ -336,14 +336,16 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
         expected = model.generate(ids, 8, prefill_chunk=None)
         monkeypatch.setattr(graphs, "MAX_BUCKET", 16)
         # 40 tokens in parts of 16: the first part through the scratch bucket of 16; the second (16 after 16)
-        # and the third (8 after 32) through a bucket of 16 bound to the generate call's cache of 48
-        # positions: eager, then captured and replayed. A call's bound bucket goes once its cache is gone.
+        # and the third (8 after 32) through a bucket of 16 bound to generate's cache of 48 positions (kept
+        # from call to call, graphs.DecodeSlots): eager, then captured, then replayed in the later calls
         for _ in range(3):
             assert torch.equal(model.generate(ids, 8, prefill_chunk=16), expected)
         held = model.accelerator.graphs.buckets
         bound = [entry for key, entry in held.items() if key[3] is not None]
         assert (1, 16, 1, None) in held and held[(1, 16, 1, None)].calls == 3
-        assert len(bound) == 1 and bound[0].calls == 2 and bound[0].graph is not None
+        assert len(bound) == 1 and bound[0].calls == 6 and bound[0].graph is not None
+        (kept, _), = model.accelerator.slots.slots
+        assert bound[0].target() is kept
         assert model.accelerator.graphs.captured() == 2
         monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
