@@ -294,3 +294,7 @@ class DecodeSlots:
     def clear(self) -> None:
         """Drop every slot (their caches and graphs)."""
         self.slots.clear()
+
+    def cache_bytes(self) -> int:
+        """The device memory of the kept caches' keys and values."""
+        return sum(t.numel() * t.element_size() for cache, _ in self.slots for run in cache.runs for t in run)

@@ -228,6 +228,7 @@ def test_decode_slots_are_kept_cleared_and_bounded():
     assert torch.equal(again.key_valid, fresh.key_valid) and torch.equal(again.n_tokens, fresh.n_tokens)
     bigger, _ = slots.take(model, 1, 70)
     assert bigger.max_seq == 72 and len(made) == 2
+    assert slots.cache_bytes() == 2 * 4 * (64 + 72) * 2 * 8 * 6  # k and v, fp32, positions x kv heads x Dh x layers
     pair, _ = slots.take(model, 2, 10)  # a third slot: the 64-position one, used least recently, goes
     assert pair.max_seq == 16 and [c.max_seq for c, _ in slots.slots] == [72, 16]
     assert slots.take(model, 1, 60)[0] is bigger  # the 72-position cache holds 60

@@ -126,6 +126,7 @@ def test_each_rank_holds_only_its_layers(pair):
                                                               tensor_parallel=tp).reductions_per_step(single.cqil.bypass)
     assert [s["rank"] for s in stats] == list(range(parallel.world))
     assert all(s["reductions"]["gloo"] > 0 and not s["one_shot"] and not s["decode_graph"] for s in stats)
+    assert all(s["kept_kv_cache_bytes"] == 0 for s in stats)  # no decode graphs on the CPU: nothing kept
     assert "cpu" in stats[0]["one_shot_reason"]
     assert not stats[0]["copy_engine"] and "cpu" in stats[0]["copy_engine_reason"]
     assert stats[0]["reductions"]["copy_engine"] == 0 and stats[0]["microbatch_rows"] == 512

@@ -308,8 +308,9 @@ class ParallelCQILLlama:
 
     def rank_stats(self) -> list[dict]:
         """Every rank's RankModel.stats() with its rank: device, parameter bytes, peak device memory,
-        group reductions by path (and the last fallback reason), bypass exchange, decode in a graph, and
-        the KV caches it holds (kv_caches, kv_cache_bytes)."""
+        group reductions by path (and the last fallback reason), bypass exchange, decode in a graph, the
+        KV caches it holds for the caller (kv_caches, kv_cache_bytes) and those generate keeps with their
+        decode graphs (kept_kv_cache_bytes)."""
         return self._call("stats", all_ranks=True)
 
     # ----------------------------------------------------------------------------------------------

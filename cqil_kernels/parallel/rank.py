@@ -177,8 +177,8 @@ class RankModel:
         rank runs of each stage) and its all-reduces per step, parameter bytes, peak device memory (CUDA),
         how many reductions took each path (one-shot, copy engine, the backend's) with the last fallback
         reason, whether the one-shot and copy-engine paths could be set
-        up (else why not), the prefill micro-batch threshold, the bypass exchange and whether decode
-        steps are CUDA graph replays."""
+        up (else why not), the prefill micro-batch threshold, the bypass exchange, whether decode
+        steps are CUDA graph replays and the bytes of the KV caches generate keeps with their graphs."""
         policy, copy_engine = self.reducer.one_shot_policy, self.reducer.copy_engine_policy
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         reductions = dict(self.reducer.calls)
@@ -192,7 +192,8 @@ class RankModel:
                 "one_shot_reason": policy.reason or None, "copy_engine": copy_engine.enabled,
                 "copy_engine_reason": copy_engine.reason or None, "microbatch_rows": self.microbatch_rows,
                 "last_fallback_reason": self.reducer.last_reason,
-                "bypass_exchange": self.bypass_exchange, "decode_graph": self.decodes_in_a_graph()}
+                "bypass_exchange": self.bypass_exchange, "decode_graph": self.decodes_in_a_graph(),
+                "kept_kv_cache_bytes": self._decode_slots.cache_bytes() if self._decode_slots is not None else 0}
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         if max_seq > self.args.max_position_embeddings:
