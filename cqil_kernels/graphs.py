@@ -286,7 +286,11 @@ class DecodeSlots:
             max_seq = max(length, min(bucket(length), model.args.max_position_embeddings))
             # normal tensors even under generate's inference_mode (as the prompt buckets')
             with torch.inference_mode(False):
-                cache = model.new_cache(batch, max_seq)
+                try:
+                    cache = model.new_cache(batch, max_seq)
+                except MemoryError:  # what a call without kept caches would have had: none kept, no rounding
+                    self.slots.clear()
+                    cache = model.new_cache(batch, length)
                 slot = (cache, self.decoder_of(model, cache))
         self.slots.append(slot)
         return slot

@@ -236,6 +236,19 @@ def test_decode_slots_are_kept_cleared_and_bounded():
     assert slots.take(model, 1, 124)[0].max_seq == 128  # kept: it holds 124
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         slots.take(model, 1, 129)
+    new_cache = model.new_cache
+
+    def short_of_memory(batch, max_seq):  # room for 100 positions, with nothing else kept
+        if max_seq > 100 or len(slots.slots) > 0:
+            raise MemoryError("a KV cache of ... needs more than the free memory")
+        return new_cache(batch, max_seq)
+
+    model.new_cache = short_of_memory
+    tight, _ = slots.take(model, 3, 97)  # bucket(97) = 104 does not fit: the kept caches go, then 97 exactly
+    assert tight.max_seq == 97 and [c for c, _ in slots.slots] == [tight]
+    with pytest.raises(MemoryError, match="free memory"):
+        slots.take(model, 3, 101)
+    del model.new_cache
     model.cqil = GROUPINGS["none"]  # another grouping: every kept cache (its stages) and graph goes
     cache, _ = slots.take(model, 1, 60)
     assert cache.stages == model.stages and [c for c, _ in slots.slots] == [cache]
