@@ -75,13 +75,11 @@ def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, pad
     assert list(prefill.buckets) == [(3, 16, keep, None)]
 
 
-@pytest.mark.parametrize("name, keep, pads", [("none", 1, None), ("P3-d1-residual", 0, [0, 3, 9]),
-                                               ("P2-d1-mlp_input", 2, None)])
+@pytest.mark.parametrize("name, keep, pads", [("P3-d1-residual", 0, [0, 3, 9]), ("P2-d1-mlp_input", 2, None)])
 def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads):
     """A conversation's turns into one cache: each turn's prompt padded to its bucket runs in the caller's
     cache after what it holds and gives the unpadded step's logits and cache; the padding's slots are given
-    back (the next turn and the next token go where the unpadded step puts them). The turns share one
-    bucket bound to that cache; another cache gets its own, and a bucket whose cache is gone is dropped."""
+    back (the next turn and the next token go where the unpadded step puts them)."""
     model = _model(GROUPINGS[name])
     prefill = PrefillGraphs(model, fused.padded_step, capture=False)
     g = torch.Generator().manual_seed(3)
@@ -103,18 +101,35 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
                 torch.testing.assert_close(v[..., :n, :], v_eager[..., :n, :], rtol=1e-5, atol=1e-5)
         token = expected[:, -1].argmax(-1)[:, None]
         torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
-        # turns 2 and 3 (9 and 13 tokens) share the 16 bucket bound to this cache; turn 1 took the scratch one
-        assert list(prefill.buckets) == [(3, 16, keep, None), (3, 16, keep, id(cache))]
-        assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
-        other = model.new_cache(3, 60)
-        other_id = id(other)
-        prefill(model, turns[0], masks[0], other, keep)
-        other.length += 11
-        prefill(model, turns[1], None, other, keep)
-        assert list(prefill.buckets)[-1] == (3, 16, keep, other_id)
-        del cache, other
-        prefill(model, turns[0], masks[0], None, keep)
-        assert list(prefill.buckets) == [(3, 16, keep, None)]
+    # turns 2 and 3 (9 and 13 tokens) share the 16 bucket bound to this cache; turn 1 took the scratch one
+    assert list(prefill.buckets) == [(3, 16, keep, None), (3, 16, keep, id(cache))]
+    assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
+
+
+def test_buckets_bound_to_a_cache_go_with_it():
+    """Each cache after a prefix gets buckets of its own; once the cache is gone, so are they (the step is a
+    stand-in here: what is checked is which bucket serves which call)."""
+    model = _model(GROUPINGS["none"])
+    V = model.args.vocab_size
+
+    def stand_in(model, ids, valid, cache, rows):
+        return torch.zeros(ids.shape[0], ids.shape[1] if rows is None else 1, V, device=DEVICE)
+
+    prefill = PrefillGraphs(model, stand_in, capture=False)
+    ids = torch.zeros(1, 9, dtype=torch.long, device=DEVICE)
+    one, other = model.new_cache(1, 60), model.new_cache(1, 60)
+    keys = {}
+    for cache in (one, other):
+        prefill(model, ids, None, cache, 1)  # empty: the scratch bucket, then handed over
+        cache.length += 9
+        prefill(model, ids, None, cache, 1)
+        cache.length += 9
+        keys[id(cache)] = (1, 16, 1, id(cache))
+        assert prefill.buckets[keys[id(cache)]].target() is cache
+    assert list(prefill.buckets) == [keys[id(one)], (1, 16, 1, None), keys[id(other)]]  # least recently used first
+    del one, other, cache
+    prefill(model, ids, None, None, 1)
+    assert list(prefill.buckets) == [(1, 16, 1, None)]
 
 
 def test_bucket_edges_and_plain_forwards():
