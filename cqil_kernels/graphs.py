@@ -259,13 +259,16 @@ class DecodeSlots:
     captured: two steps' worth of Python launches per call. The prompt buckets bound to a slot's cache
     (PrefillGraphs, a long prompt's later parts) are kept with it. At most `limit` slots, the least
     recently used dropped first; a changed model (graph_signature) drops them all.
-    decoder_of(model, cache) makes the decode step of a new slot.
+    decoder_of(model, cache) makes the decode step of a new slot. shrink: where the rounded-up cache does not
+    fit the memory, drop the kept ones and make one of the exact length (as generate did before it kept
+    any); the ranks of a multi-GPU run pass False, since a cache's size decides whether a prompt after a
+    prefix replays a graph, and every rank must take the same path.
     """
 
-    def __init__(self, decoder_of, limit: int = MAX_DECODE_SLOTS):
+    def __init__(self, decoder_of, limit: int = MAX_DECODE_SLOTS, shrink: bool = True):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-        self.decoder_of, self.limit = decoder_of, limit
+        self.decoder_of, self.limit, self.shrink = decoder_of, limit, shrink
         self.slots: list[tuple] = []  # (cache, decode step), least recently used first
         self.signature = None
 
@@ -289,6 +292,8 @@ class DecodeSlots:
                 try:
                     cache = model.new_cache(batch, max_seq)
                 except MemoryError:  # what a call without kept caches would have had: none kept, no rounding
+                    if not self.shrink:
+                        raise
                     self.slots.clear()
                     cache = model.new_cache(batch, length)
                 slot = (cache, self.decoder_of(model, cache))

@@ -263,6 +263,9 @@ def test_decode_slots_are_kept_cleared_and_bounded():
     assert tight.max_seq == 97 and [c for c, _ in slots.slots] == [tight]
     with pytest.raises(MemoryError, match="free memory"):
         slots.take(model, 3, 101)
+    strict = DecodeSlots(_eager_decoder_of([]), shrink=False)  # a rank's: the same size on every rank or none
+    with pytest.raises(MemoryError, match="free memory"):
+        strict.take(model, 3, 97)
     del model.new_cache
     model.cqil = GROUPINGS["none"]  # another grouping: every kept cache (its stages) and graph goes
     cache, _ = slots.take(model, 1, 60)

@@ -429,7 +429,7 @@ class RankModel:
             if self._decode_slots is None:
                 from ..graphs import DecodeSlots
 
-                self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache))
+                self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache), shrink=False)
             return self._decode_slots.take(self, batch, max_seq)
         cache = self.new_cache(batch, max_seq)
         return cache, self.decoder(cache)
