@@ -75,16 +75,18 @@ def test_padded_prefill_equals_the_step_and_hands_over_the_cache(name, keep, pad
     assert list(prefill.buckets) == [(3, 16, keep, None)]
 
 
-@pytest.mark.parametrize("name, keep, pads", [("P3-d1-residual", 0, [0, 3, 9]), ("P2-d1-mlp_input", 2, None)])
+@pytest.mark.parametrize("name, keep, pads", [("P3-d1-residual", 0, ([0, 3, 11], [0, 0, 4])),
+                                               ("P2-d1-mlp_input", 2, None)])
 def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads):
     """A conversation's turns into one cache: each turn's prompt padded to its bucket runs in the caller's
     cache after what it holds and gives the unpadded step's logits and cache; the padding's slots are given
-    back (the next turn and the next token go where the unpadded step puts them)."""
+    back (the next turn and the next token go where the unpadded step puts them). pads: left padding of
+    the first two turns (a left-padded prompt in parts: row 2's first part is all padding)."""
     model = _model(GROUPINGS[name])
     prefill = PrefillGraphs(model, fused.padded_step, capture=False)
     g = torch.Generator().manual_seed(3)
     turns = [torch.randint(0, model.args.vocab_size, (3, T), generator=g).to(DEVICE) for T in (11, 9, 13)]
-    masks = [left_padding_mask(turns[0], pads).bool() if pads else None, None, None]
+    masks = [left_padding_mask(turn, p).bool() for turn, p in zip(turns, pads)] + [None] if pads else [None] * 3
     with torch.no_grad():
         cache, eager_cache = model.new_cache(3, 60), model.new_cache(3, 60)
         for ids, valid in zip(turns, masks):
