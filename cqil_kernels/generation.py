@@ -24,6 +24,23 @@ ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     """input_ids as int64 (same device); TypeError / ValueError unless it is a [B, T] integer tensor of
     tokens in [0, vocab_size)."""
+    return check_inputs(input_ids, vocab_size)[0]
+
+
+def check_attention_mask(attention_mask, input_ids: torch.Tensor, empty_rows: bool = False) -> torch.Tensor:
+    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row
+    (unless empty_rows: the first part of a left-padded prompt fed to a cache in parts may have one)."""
+    _check_mask_type(attention_mask, input_ids)
+    _raise_for_mask(*_read([_mask_stats(attention_mask, empty_rows)])[0])
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def check_inputs(input_ids, vocab_size: int, attention_mask=None, *, empty_rows: bool = False,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """check_input_ids and check_attention_mask in one: (input_ids int64, the mask as bool or None), both on
+    `device` (default input_ids'). The values the checks need are read from the device once per device the
+    inputs are on (a forward of CUDA tensors waited for the GPU up to four times before its first launch);
+    the checks run where the inputs are, before they move."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in ID_DTYPES:
@@ -34,30 +51,65 @@ def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
     input_ids = input_ids.long()
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both
+    if attention_mask is not None:
+        _check_mask_type(attention_mask, input_ids)
+    stats = [torch.stack(torch.aminmax(input_ids))]
+    if attention_mask is not None:
+        stats.append(_mask_stats(attention_mask, empty_rows))
+    values = _read(stats)
+    low, high = values[0]
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return input_ids
+    device = input_ids.device if device is None else torch.device(device)
+    if attention_mask is not None:
+        _raise_for_mask(*values[1])
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    return input_ids.to(device), attention_mask
 
 
-def check_attention_mask(attention_mask, input_ids: torch.Tensor, empty_rows: bool = False) -> torch.Tensor:
-    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row
-    (unless empty_rows: the first part of a left-padded prompt fed to a cache in parts may have one)."""
+def _check_mask_type(attention_mask, input_ids: torch.Tensor) -> None:
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                          f"input_ids shape {tuple(input_ids.shape)}")
-    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+
+
+def _mask_stats(attention_mask: torch.Tensor, empty_rows: bool) -> torch.Tensor:
+    """[not 0/1 only, a row with no tokens (where not allowed), right padding] as int64, on the mask's device."""
+    if attention_mask.dtype == torch.bool:
+        mask, not_binary = attention_mask, torch.zeros((), dtype=torch.bool, device=attention_mask.device)
+    else:
+        mask = attention_mask != 0
+        not_binary = ~((attention_mask == 0) | (attention_mask == 1)).all()
+    empty = ~mask.any(dim=1).all() if not empty_rows else torch.zeros_like(not_binary)
+    right_padded = (mask[:, :-1] & ~mask[:, 1:]).any()
+    return torch.stack([not_binary, empty, right_padded]).long()
+
+
+def _read(stats: list[torch.Tensor]) -> list[list[int]]:
+    """Each 1-d int64 tensor of `stats` as a list of ints: one read per device they are on."""
+    out: list = [None] * len(stats)
+    by_device: dict = {}
+    for i, t in enumerate(stats):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        sizes = [stats[i].numel() for i in indices]
+        flat = torch.cat([stats[i].long() for i in indices]).tolist()
+        for i, n in zip(indices, sizes):
+            out[i], flat = flat[:n], flat[n:]
+    return out
+
+
+def _raise_for_mask(not_binary: int, empty: int, right_padded: int) -> None:
+    if not_binary:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-    if not empty_rows and not bool(mask.any(dim=1).all()):
+    if empty:
         raise ValueError("attention_mask has a row with no tokens")
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+    if right_padded:
         raise ValueError("attention_mask must be left-padded (zeros only before a row's first token); "
                          "right padding is not supported")
-    return mask
 
 
 def check_logits_to_keep(value) -> int:
@@ -134,9 +186,7 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
     """Check generate()'s arguments (ValueError/TypeError naming the problem) before any work.
     Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids)."""
     check_prefill_chunk(prefill_chunk)
-    input_ids = check_input_ids(input_ids, args.vocab_size).to(device)
-    if attention_mask is not None:
-        attention_mask = check_attention_mask(attention_mask, input_ids)
+    input_ids, attention_mask = check_inputs(input_ids, args.vocab_size, attention_mask, device=device)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     prompt_len = input_ids.shape[1]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import PREFILL_CHUNK, check_attention_mask, check_input_ids, check_logits_to_keep, generate
+from .generation import PREFILL_CHUNK, check_inputs, check_logits_to_keep, generate
 from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
@@ -289,9 +289,8 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
     """What forward() checks before anything runs, for the model and for a rank of a multi-GPU run
     (parallel/rank.py): token ids within the vocabulary, the mask, and a cache that fits `model` (its
     `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
-    input_ids = check_input_ids(input_ids, model.args.vocab_size).to(model.device)
-    if attention_mask is not None:
-        attention_mask = check_attention_mask(attention_mask, input_ids, empty_rows=cache is not None)
+    input_ids, attention_mask = check_inputs(input_ids, model.args.vocab_size, attention_mask,
+                                             empty_rows=cache is not None, device=model.device)
     B, T = input_ids.shape
     end = T + (cache.length if cache is not None else 0)
     limit = cache.max_seq if cache is not None else model.args.max_position_embeddings

@@ -297,3 +297,35 @@ def test_the_eos_benchmarks_baseline_is_the_old_loop():
     assert never not in free[:, 6:].tolist()[0] + free[:, 6:].tolist()[1]
     for eos in (never, int(free[1, 9]), int(free[0, 7])):
         assert torch.equal(bench.per_step_wait_generate(model, ids, 10, eos), model.generate(ids, 10, eos_token_id=eos))
+
+
+def test_input_checks_read_the_device_once(monkeypatch):
+    """Token ids and mask are checked with one read of device values (on CUDA each read waits for the GPU
+    before the forward's first launch): no tensor is turned into a Python bool or number on its own."""
+    from cqil_kernels.generation import check_inputs
+
+    ids = torch.tensor([[0, 5, 9], [3, 4, 96]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def counted(t):
+        reads.append(t.shape)
+        return real_tolist(t)
+
+    def refused(*args):
+        raise AssertionError("a device value read on its own")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    monkeypatch.setattr(torch.Tensor, "__bool__", refused)
+    monkeypatch.setattr(torch.Tensor, "item", refused)
+    got_ids, got_mask = check_inputs(ids, 97, mask, empty_rows=False)
+    assert len(reads) == 1 and got_mask.dtype == torch.bool and torch.equal(got_ids, ids)
+    for bad_mask, message in ((torch.tensor([[0, 2, 1], [1, 1, 1]]), "only 0"), (torch.tensor([[0, 0, 0], [1, 1, 1]]),
+                              "no tokens"), (torch.tensor([[1, 0, 1], [1, 1, 1]]), "left-padded")):
+        with pytest.raises(ValueError, match=message):
+            check_inputs(ids, 97, bad_mask)
+    check_inputs(ids, 97, torch.tensor([[0, 0, 0], [1, 1, 1]]), empty_rows=True)  # a part of a prompt
+    with pytest.raises(ValueError, match="token id 96, outside the vocabulary"):
+        check_inputs(ids, 96, mask)
+    assert len(reads) == 6
