@@ -49,8 +49,9 @@ MAX_BUCKET = 4096
 # Graphs kept per model (each holds a KV scratch of its bucket and a memory pool of its own).
 MAX_GRAPHS = 8
 
-# generate's KV caches kept per model with their decode graphs (DecodeSlots).
-MAX_DECODE_SLOTS = 2
+# generate's KV caches kept per model with their decode graphs (DecodeSlots): one, so that what a call keeps
+# is never more than it used, and a call that needs a new cache frees the kept one first.
+MAX_DECODE_SLOTS = 1
 
 
 def bucket(T: int) -> int:

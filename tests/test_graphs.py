@@ -274,6 +274,10 @@ def test_decode_slots_are_kept_cleared_and_bounded():
     assert cache.stages == model.stages and [c for c, _ in slots.slots] == [cache]
     with pytest.raises(ValueError, match="limit"):
         DecodeSlots(_eager_decoder_of([]), limit=0)
+    default = DecodeSlots(_eager_decoder_of([]))  # one kept: a call that needs another cache frees it first
+    default.take(model, 1, 10)
+    other, _ = default.take(model, 2, 10)
+    assert [c for c, _ in default.slots] == [other]
 
 
 def test_generate_on_kept_caches_equals_new_caches(monkeypatch):
