@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py --shape smollm2-135m --groups 2-26:4 [--prompt 512]
 Prints host (CPU) and device time of one eager prefill, the host's Python time of a prompt replayed from
 its bucket's CUDA graph (cProfile over repeated calls, the device idle before each: the host work that
-stands between a user's call and the first kernel), and the per-kernel device time of decode steps
-replayed from the CUDA graph.
+stands between a user's call and the first kernel), the per-kernel device time of decode steps
+replayed from the CUDA graph, and the wall time and host Python of whole generate calls.
 """
 
 import argparse
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--groups", default=None, help="'none' for sequential")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rows", type=int, default=14)
+    ap.add_argument("--new", type=int, default=64, help="tokens of the profiled generate calls")
     a = ap.parse_args()
     groups = a.groups or DEFAULT_GROUPS[a.shape]
     model = CQILLlama.from_pretrained(random_hf_model(a.shape, torch.bfloat16, torch.device("cuda")))
@@ -72,6 +73,21 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"== 10 decode steps (CUDA graph), groups {groups}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
+
+        for _ in range(3):  # the kept cache's decode graph captured (graphs.DecodeSlots), the prompt's replayed
+            model.generate(ids, a.new)
+        torch.cuda.synchronize()
+        profiler, walls = cProfile.Profile(), []
+        for _ in range(5):
+            start = time.perf_counter()
+            profiler.enable()
+            model.generate(ids, a.new).cpu()
+            profiler.disable()
+            walls.append(time.perf_counter() - start)
+        walls.sort()
+        print(f"== generate({a.prompt} tokens, {a.new} new): {1e3 * walls[len(walls) // 2]:.3f} ms per call (median "
+              f"of 5, tokens on the host); cProfile over the 5 calls (its own overhead included):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(a.rows)
 
 
 if __name__ == "__main__":
