@@ -9,6 +9,7 @@ Triton backends share one copy of the weights.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,8 @@ class PackedLayers:
     layer_ids: tuple[int, ...] | None = None
     # group() results by (l0, P): every eager step asks once per stage (~20 us each on the CPU)
     _groups: dict = field(default_factory=dict, repr=False, compare=False)
+    # is_current()'s view of `bindings`: (owners' parameter dicts, attributes, parameters, data pointers)
+    _check: tuple | None = field(default=None, repr=False, compare=False)
 
     def group(self, l0: int, P: int) -> PackedLayers:
         """The weights of layers [l0, l0 + P): views, no copy (made once, then reused)."""
@@ -76,9 +79,15 @@ class PackedLayers:
         """True while every layer parameter is still the view it was bound to (a `.to()`, a
         `load_state_dict(assign=True)` or a parameter replaced by hand makes the packing stale)."""
         # module._parameters, not getattr: nn.Module.__getattr__ made this check 0.7 ms per step for 32
-        # layers (measured on the CPU), host time every eager prefill waits for
-        return all(module._parameters.get(attr) is param and param.data_ptr() == ptr
-                   for module, attr, param, ptr in self.bindings)
+        # layers (measured on the CPU), host time every eager prefill waits for; then the four columns of the
+        # bindings compared with map() instead of a generator over tuples: 46.7 -> 29.2 us per call for
+        # SmolLM2's 270 bindings (this 2-core CPU), paid by every prompt and every generate call
+        if self._check is None:
+            self._check = tuple(map(list, zip(*((module._parameters, attr, param, ptr)
+                                                for module, attr, param, ptr in self.bindings)))) or ([],) * 4
+        owners, attrs, params, ptrs = self._check
+        return (all(map(operator.is_, map(dict.get, owners, attrs), params))
+                and list(map(torch.Tensor.data_ptr, params)) == ptrs)
 
 
 def _params(layer: nn.Module, names: tuple[str, ...]) -> list[tuple[nn.Module, str]] | None:
