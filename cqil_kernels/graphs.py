@@ -307,4 +307,4 @@ class DecodeSlots:
 
     def cache_bytes(self) -> int:
         """The device memory of the kept caches' keys and values."""
-        return sum(t.numel() * t.element_size() for cache, _ in self.slots for run in cache.runs for t in run)
+        return sum(cache.nbytes() for cache, _ in self.slots)

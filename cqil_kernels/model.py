@@ -224,6 +224,10 @@ class KVCache:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
         return self.k[stage][j], self.v[stage][j]
 
+    def nbytes(self) -> int:
+        """The memory of its keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     def clear(self) -> None:
         """Forget every position (the buffers stay): the cache is empty again, as a new one is (the old
         keys and values are left in place, marked invalid, and overwritten as positions are filled)."""

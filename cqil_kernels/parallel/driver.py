@@ -531,7 +531,7 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
         caches.pop(payload["id"], None)
         return None
     if command == "stats":
-        kv_bytes = sum(t.numel() * t.element_size() for c in caches.values() for t in (*c.k, *c.v))
+        kv_bytes = sum(c.nbytes() for c in caches.values())
         return {"rank": rank, **model.stats(), "kv_caches": len(caches), "kv_cache_bytes": kv_bytes}
     if command == "_test_fault":  # tests: make this rank raise or die mid-call
         if payload.get("rank") == rank:

@@ -47,7 +47,7 @@ from ..backends import attach_default
 from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
-from ..graphs import PrefillGraphs, bucket
+from ..graphs import DecodeSlots, GraphDecoder, PrefillGraphs, bucket
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
@@ -96,7 +96,7 @@ class RankModel:
         self.layer_args = {layer: placement.layer_args(layer, model.args) for layer in placement.held_layers}
         self.subgroup_reducers: dict[tuple[int, ...], GroupReducer] = {}
         self._graphs: PrefillGraphs | None = None  # made at the first prompt one serves
-        self._decode_slots = None  # graphs.DecodeSlots, made at the first generate whose decode is a graph
+        self._decode_slots: DecodeSlots | None = None  # made at the first generate whose decode is a graph
         if reducer is not None:
             self.reducer = reducer
             return
@@ -416,8 +416,6 @@ class RankModel:
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
         reductions captured in it) where decodes_in_a_graph(), else an eager forward."""
         if self.decodes_in_a_graph():
-            from ..graphs import GraphDecoder
-
             return GraphDecoder(self, cache, step_fn=self._triton_step)
         return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
 
@@ -427,8 +425,6 @@ class RankModel:
         choice depends on shapes only), else a new cache and decoder()."""
         if self.decodes_in_a_graph():
             if self._decode_slots is None:
-                from ..graphs import DecodeSlots
-
                 self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache), shrink=False)
             return self._decode_slots.take(self, batch, max_seq)
         cache = self.new_cache(batch, max_seq)
