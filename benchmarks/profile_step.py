@@ -10,6 +10,7 @@ replayed from the CUDA graph, and the wall time and host Python of whole generat
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 
 import torch
@@ -18,6 +19,19 @@ from torch.profiler import ProfilerActivity, profile
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model
 from cqil_kernels.demo import parse_groups
+
+
+def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
+    """(median wall ms of call(), a cProfile of every call) over `times` calls, the device idle before each."""
+    profiler, walls = cProfile.Profile(), []
+    for _ in range(times):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        profiler.enable()
+        call()
+        profiler.disable()
+        walls.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(walls), profiler
 
 
 def main() -> None:
@@ -47,18 +61,9 @@ def main() -> None:
         model.accelerator.prefill_graphs = True
         for _ in range(3):  # eager padded, captured, replayed
             model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1)
-        torch.cuda.synchronize()
-        profiler, walls = cProfile.Profile(), []
-        for _ in range(20):
-            start = time.perf_counter()
-            profiler.enable()
-            model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1)
-            profiler.disable()
-            walls.append(time.perf_counter() - start)
-            torch.cuda.synchronize()
-        walls.sort()
-        print(f"== prompt replayed from its graph: host {1e3 * walls[len(walls) // 2]:.3f} ms per call (median of "
-              f"20, the device idle before each); cProfile over the 20 calls (its own overhead included):")
+        ms, profiler = host_profile(lambda: model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1), 20)
+        print(f"== prompt replayed from its graph: host {ms:.3f} ms per call (median of 20, the device idle "
+              f"before each); cProfile over the 20 calls (its own overhead included):")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(a.rows)
 
         cache = model.new_cache(1, a.prompt + 40)
@@ -76,17 +81,9 @@ def main() -> None:
 
         for _ in range(3):  # the kept cache's decode graph captured (graphs.DecodeSlots), the prompt's replayed
             model.generate(ids, a.new)
-        torch.cuda.synchronize()
-        profiler, walls = cProfile.Profile(), []
-        for _ in range(5):
-            start = time.perf_counter()
-            profiler.enable()
-            model.generate(ids, a.new).cpu()
-            profiler.disable()
-            walls.append(time.perf_counter() - start)
-        walls.sort()
-        print(f"== generate({a.prompt} tokens, {a.new} new): {1e3 * walls[len(walls) // 2]:.3f} ms per call (median "
-              f"of 5, tokens on the host); cProfile over the 5 calls (its own overhead included):")
+        ms, profiler = host_profile(lambda: model.generate(ids, a.new).cpu(), 5)
+        print(f"== generate({a.prompt} tokens, {a.new} new): {ms:.3f} ms per call (median of 5, tokens on the "
+              f"host); cProfile over the 5 calls (its own overhead included):")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(a.rows)
 
 

@@ -389,6 +389,7 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
 
     results = {}
     for variant in variants:
+        whole = None  # a whole generate call: ours only
         if variant == "hf-eager":
             prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
             first = ttft_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
@@ -408,7 +409,7 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
         results[variant] = dict(prefill_ms=round(prefill_ms, 4), ttft_ms=round(first, 4),
                                 decode_ms_per_token=round(decode_ms, 4), decode_gbps=round(gbps, 1),
                                 decode_pct_of_copy=round(100 * gbps / copy, 1))
-        if not variant.startswith("hf"):
+        if whole is not None:
             results[variant]["generate_ms"] = round(whole, 3)
         split = ""
         if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
@@ -419,8 +420,7 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
                                     prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
             split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
                      f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
-        whole_text = f"   generate {new} tokens {results[variant]['generate_ms']:.2f} ms" \
-            if "generate_ms" in results[variant] else ""
+        whole_text = f"   generate {new} tokens {whole:.2f} ms" if whole is not None else ""
         print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
               f"decode {decode_ms:7.4f} ms/token   "
               f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy){whole_text}", flush=True)
