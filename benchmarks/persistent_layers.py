@@ -298,7 +298,9 @@ def _layers_kernel(
         elif r < P * (n_a + n_b) + n_c:  # C: o_proj columns of every layer of the stage, with the residual
             n0 = (r - P * (n_a + n_b)) * BLOCK_N
             tile = offs_m[:, None] * D + (n0 + tl.arange(0, BLOCK_N))[None, :]
-            h_tile = tl.load(h_s + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+            # h (the stage before's E tasks store it) is read only after the first wait of a _gemv: any of
+            # this stage's attention heads done implies every E task before it done (one head's QKV parts
+            # cover all of h). Read before the waits, a tile could be the stage before's (the H100 at 3ab933a)
             if P == 1:  # h + a, as today's o_proj epilogue rounds it: the MLP's input (norm folded into D)
                 acc, _unused, _sq = _gemv(attn_ptr + l0 * BLOCK_M * HD, HD, M, o_w + l0.to(tl.int64) * s_o, o_w,
                                           n0, HD, 0, HD, nin_w, st0 + off_b, M, st0 + off_done, H * M,
@@ -306,9 +308,10 @@ def _layers_kernel(
                                           False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
                 if ATTN_BIAS:
                     acc += tl.load(o_b + l0 * D + n0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
+                h_tile = tl.load(h_s + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 tl.store(hmid_ptr + l0 * BLOCK_M * D + tile, (acc + h_tile).to(dtype), mask=m_ok[:, None])
             else:  # as ops/group_residual.py: r_j = h + a_j + b_j (fp32) and the stage's R, from a_j rounded
-                res = h_tile
+                res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for j in range(P):
                     layer = l0 + j
                     st = state_ptr + 1 + layer * span
@@ -319,6 +322,8 @@ def _layers_kernel(
                                               False, BLOCK_N, BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
                     if ATTN_BIAS:
                         acc += tl.load(o_b + layer * D + n0 + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
+                    h_tile = tl.load(h_s + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                    res = tl.where(j == 0, h_tile, res)  # R starts from h, summed in the order of group_residual
                     a = acc.to(dtype)
                     tl.store(hmid_ptr + layer * BLOCK_M * D + tile, a, mask=m_ok[:, None])  # a_j, for b_{j+1..}
                     tl.debug_barrier()

@@ -20,8 +20,8 @@ GROUPINGS = {
 }
 
 
-def _model(cqil, dtype=torch.float32):
-    model = CQILLlama.from_pretrained(random_hf_model(seed=5), cqil=cqil, device=DEVICE, dtype=dtype)
+def _model(cqil, dtype=torch.float32, **overrides):
+    model = CQILLlama.from_pretrained(random_hf_model(seed=5, **overrides), cqil=cqil, device=DEVICE, dtype=dtype)
     model.backend = "triton"
     return model
 
@@ -347,7 +347,7 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
             outs.append(model(ids, mask, cache=cache, logits_to_keep=keep))
             caches.append(cache)
         graphs_of_model = model.accelerator.graphs
-        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, keep)]
+        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, keep, None)]
         for out, cache in zip(outs[1:], caches[1:]):
             torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
             assert torch.equal(cache.runs[0][0][..., :21, :], caches[0].runs[0][0][..., :21, :])
@@ -362,13 +362,14 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
         model.accelerator.prefill_graphs = True
         for _ in range(3):  # eager padded, captured, replayed
             assert torch.equal(model.generate(ids, 12, attention_mask=mask), tokens_eager)
-        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, 1)]
+        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, 1, None)]
 
 
 @cuda
 @pytest.mark.cuda
 def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
-    model = _model(GROUPINGS["none"])  # fp32: the chunked and whole prompts' tokens compared exactly
+    # fp32: the chunked and whole prompts' tokens compared exactly; 256 positions: prompts of 14 buckets
+    model = _model(GROUPINGS["none"], max_position_embeddings=256)
     ids = torch.randint(0, model.args.vocab_size, (1, 40), device="cuda")
     with torch.no_grad():
         expected = model.generate(ids, 8, prefill_chunk=None)
