@@ -263,7 +263,11 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
     (plus what torch's allocator holds unused), or than the host's available memory. A host that
     overcommits would otherwise hand out the pages and kill the process once they are touched."""
     if device.type == "cuda":
-        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        # one query of the allocator's counters: memory_reserved() and memory_allocated() each flatten all of
+        # them (0.55 of the 1.6 ms a replayed SmolLM2 prompt took on the host under cProfile, H100, 42b5305)
+        stats = torch.cuda.memory.memory_stats_as_nested_dict(device)  # {} before CUDA is initialized
+        unused = (stats.get("reserved_bytes", {}).get("all", {}).get("current", 0)
+                  - stats.get("allocated_bytes", {}).get("all", {}).get("current", 0))
         if nbytes <= unused:  # held by torch's allocator already: no driver query (cudaMemGetInfo) needed
             return
         free = torch.cuda.mem_get_info(device)[0] + unused

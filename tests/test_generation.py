@@ -220,6 +220,28 @@ def test_a_cache_larger_than_the_memory_is_refused_before_allocating():
     assert model.new_cache(2, 128).batch == 2
 
 
+def test_gpu_memory_check_reads_the_allocator_once_and_asks_the_driver_only_when_needed(monkeypatch):
+    """check_fits on a GPU (the queries faked): what torch's allocator holds unused serves without asking the
+    driver; beyond it, the driver's free memory plus that; {} (CUDA not initialized yet) counts as none held."""
+    from cqil_kernels.model import check_fits
+
+    stats = {"reserved_bytes": {"all": {"current": 1000}}, "allocated_bytes": {"all": {"current": 400}}}
+    asked = []
+    monkeypatch.setattr(torch.cuda.memory, "memory_stats_as_nested_dict", lambda device: asked.append("stats") or stats)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append("driver") or (5000, 10**6))
+    gpu = torch.device("cuda", 0)
+    check_fits(600, gpu, "six hundred bytes")
+    assert asked == ["stats"]
+    check_fits(5600, gpu, "free + unused")
+    assert asked == ["stats", "stats", "driver"]
+    with pytest.raises(MemoryError, match=r"one byte more needs .* GiB, more than the .* GiB available on cuda:0"):
+        check_fits(5601, gpu, "one byte more")
+    stats = {}
+    check_fits(5000, gpu, "nothing held")
+    with pytest.raises(MemoryError, match="nothing held"):
+        check_fits(5001, gpu, "nothing held")
+
+
 @pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
 def test_logits_to_keep_are_the_last_positions(cqil):
     model = CQILLlama.from_pretrained(random_hf_model(seed=9), cqil=cqil)
