@@ -126,8 +126,12 @@ def paired_bootstrap(base: torch.Tensor, new: torch.Tensor, tokens: torch.Tensor
 class ReferenceRun:
     """The original model's next-token log-probabilities on held-out text, kept for comparing groupings.
 
-    Memory: scored tokens x vocab floats (fp32) on the CPU, e.g. 2,000 tokens of SmolLM2 (49,152
-    entries) take 393 MB.
+    Memory: scored tokens x vocab floats (fp32), e.g. 2,000 tokens of SmolLM2 (49,152 entries) take 393 MB:
+    on the model's GPU when they take at most a quarter of its free memory, else on the CPU. A grouping's
+    windows are scored as they come out of the model, on its device, and only three numbers per window
+    (negative log-likelihood, KL, agreements) leave it: on the H100, scoring on the CPU took most of the
+    3.6 s each SmolLM2 grouping cost `cqil calibrate` (32 windows of 512 tokens, 3.2 GB of log-probabilities
+    moved to the host and reduced there, at 3ab933a).
     """
 
     @staticmethod
@@ -158,6 +162,14 @@ class ReferenceRun:
 
     MAX_BYTES = 16 << 30  # the reference log-probabilities a run may keep (16 GiB)
 
+    @staticmethod
+    def store_device(model, nbytes: int) -> torch.device:
+        """Where `nbytes` of reference log-probabilities are kept: the model's GPU if they take at most a
+        quarter of its free memory (the rest is for the forwards' logits), else the CPU."""
+        if model.device.type == "cuda" and nbytes <= torch.cuda.mem_get_info(model.device)[0] // 4:
+            return model.device
+        return torch.device("cpu")
+
     @torch.inference_mode()
     def __init__(self, model, ids: torch.Tensor, window: int = 512, stride: int | None = None, *,
                  bootstrap_samples: int = 2000, confidence: float = 0.90, seed: int = 0):
@@ -175,19 +187,24 @@ class ReferenceRun:
                              f"log-probabilities (tokens x vocab {model.args.vocab_size} x 4 bytes), more than "
                              f"{self.MAX_BYTES / 2**30:.0f} GiB: use at most {keep} tokens of held-out text")
         self.spans = self.windows(self.ids.numel(), window, stride)
+        store = self.store_device(model, need)
+        self.targets = [self.ids[first:end][:, None].to(model.device) for _, end, first in self.spans]
+        self.logprobs: list[torch.Tensor | None] = [None] * len(self.spans)  # [scored tokens, vocab] each
         with model.grouping(CQILConfig()):
-            self.logprobs = self._all_logprobs()
-        self.targets = [self.ids[first:end][:, None] for _, end, first in self.spans]
+            for i, lp in self._scored():
+                self.logprobs[i] = lp.to(store)
         self.window_tokens = torch.tensor([lp.shape[0] for lp in self.logprobs], dtype=torch.float64)
-        self.window_nll = self._window_nll(self.logprobs)
-        self.baseline = self._metrics(self.logprobs)
+        self.window_nll = torch.stack([self._nll(i, self.logprobs[i]) for i in range(len(self.spans))]).cpu()
+        W = len(self.spans)
+        self.baseline = self._metrics(self.window_nll, torch.zeros(W, dtype=torch.float64), self.window_tokens,
+                                      reference=True)
 
     BATCH_BYTES = 1 << 30  # the fp32 logits of the windows one forward scores together
 
-    def _all_logprobs(self) -> list[torch.Tensor]:
-        """[scored tokens, vocab] log-probabilities of every span under the model's current grouping;
-        windows of one length go through the model together, at most BATCH_BYTES of logits at a time."""
-        out: list[torch.Tensor | None] = [None] * len(self.spans)
+    def _scored(self):
+        """(window index, its [scored tokens, vocab] fp32 log-probabilities on the model's device) of every
+        span under the model's current grouping, windows of one length through the model together (at most
+        BATCH_BYTES of logits at a time), so not in window order."""
         by_length: dict[int, list[int]] = {}
         for i, (begin, end, _) in enumerate(self.spans):
             by_length.setdefault(end - begin, []).append(i)
@@ -199,39 +216,51 @@ class ReferenceRun:
                 logits = self.model(ids.to(self.model.device))
                 for row, i in enumerate(chunk):
                     begin, end, first = self.spans[i]
-                    out[i] = logits[row, first - 1 - begin:end - 1 - begin].float().log_softmax(-1).cpu()
-        return out
+                    yield i, logits[row, first - 1 - begin:end - 1 - begin].float().log_softmax(-1)
 
-    def _window_nll(self, logprobs: list[torch.Tensor]) -> torch.Tensor:
-        """[windows] summed negative log-likelihood of each window's scored tokens."""
-        return torch.tensor([-lp.gather(-1, t).double().sum().item() for lp, t in zip(logprobs, self.targets)])
+    def _nll(self, i: int, lp: torch.Tensor) -> torch.Tensor:
+        """Window i's summed negative log-likelihood (a float64 scalar on lp's device)."""
+        return -lp.gather(-1, self.targets[i].to(lp.device)).double().sum()
 
-    def _metrics(self, logprobs: list[torch.Tensor]) -> Metrics:
-        nll = self._window_nll(logprobs)
-        kl = torch.tensor([(ref.exp() * (ref - lp)).sum(-1).double().sum().item()
-                           for lp, ref in zip(logprobs, self.logprobs)])
-        agree = sum(int((lp.argmax(-1) == ref.argmax(-1)).sum()) for lp, ref in zip(logprobs, self.logprobs))
+    def _window_metrics(self, i: int, lp: torch.Tensor) -> torch.Tensor:
+        """[3] float64 on lp's device: window i's summed NLL, summed KL(original || lp) over its positions,
+        and the positions whose top-1 token agrees with the original's."""
+        ref = self.logprobs[i].to(lp.device)
+        kl = (ref.exp() * (ref - lp)).sum(-1).double().sum()
+        agree = (lp.argmax(-1) == ref.argmax(-1)).sum().double()
+        return torch.stack([self._nll(i, lp), kl, agree])
+
+    def _metrics(self, nll: torch.Tensor, kl: torch.Tensor, agree: torch.Tensor, reference: bool = False) -> Metrics:
+        """Metrics from per-window [W] float64 sums (CPU): NLL, KL, agreements."""
         n = self.window_tokens.sum().item()
         ppl_ci = kl_ci = None
-        if logprobs is not self.logprobs:
+        if not reference:
             ppl_ci = paired_bootstrap(self.window_nll, nll, self.window_tokens, **self.bootstrap)
             kl_ci = paired_bootstrap(self.window_nll, kl, self.window_tokens, ratio=False, **self.bootstrap)
-        return Metrics(math.exp(nll.sum().item() / n), agree / n, kl.sum().item() / n, int(n), len(logprobs),
+        agreement = (agree.sum().item() if not reference else n) / n
+        return Metrics(math.exp(nll.sum().item() / n), agreement, kl.sum().item() / n, int(n), len(self.spans),
                        ppl_ci, kl_ci)
 
     @torch.inference_mode()
     def grouped_window_nll(self, cqil: CQILConfig) -> torch.Tensor:
         """[windows] summed negative log-likelihood of each window's scored tokens under grouping `cqil`
         (window_nll is the original's), for analyses of the windows' spread."""
+        nll: list[torch.Tensor | None] = [None] * len(self.spans)
         with self.model.grouping(cqil):
-            return self._window_nll(self._all_logprobs())
+            for i, lp in self._scored():
+                nll[i] = self._nll(i, lp)
+        return torch.stack(nll).cpu()
 
     @torch.inference_mode()
     def evaluate(self, cqil: CQILConfig) -> Metrics:
         """Metrics of the model with grouping `cqil` on the same windows (the model's own grouping is
         restored afterwards)."""
+        rows: list[torch.Tensor | None] = [None] * len(self.spans)
         with self.model.grouping(cqil):
-            return self._metrics(self._all_logprobs())
+            for i, lp in self._scored():
+                rows[i] = self._window_metrics(i, lp)
+        nll, kl, agree = torch.stack(rows).cpu().unbind(1)
+        return self._metrics(nll, kl, agree)
 
 
 # --------------------------------------------------------------------------------------------------
