@@ -1,6 +1,7 @@
 """quality.py on tiny random models, against transformers' own hidden states and loss."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -91,6 +92,29 @@ def test_a_grouping_costs_quality(pair):
     ref = ReferenceRun(model, torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(2)), window=30)
     grouped = ref.evaluate(CQILConfig(groups=((1, 2, 3, 4),)))
     assert grouped.kl > 0 and grouped.agreement < 1.0 and grouped.perplexity != ref.baseline.perplexity
+
+
+def test_reference_log_probs_stay_on_the_gpu_when_they_take_a_quarter_of_its_free_memory(monkeypatch, pair):
+    """ReferenceRun.store_device (the free memory faked): the model's GPU up to a quarter of its free memory,
+    beyond it the CPU; a CPU model keeps them on the CPU. Evaluations are the same whichever holds them."""
+    _, model = pair
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4000, 10**6))
+    assert ReferenceRun.store_device(gpu, 1000) == torch.device("cuda", 0)
+    assert ReferenceRun.store_device(gpu, 1001) == torch.device("cpu")
+    assert ReferenceRun.store_device(model, 1) == torch.device("cpu")
+    ids = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(4))
+    grouping = CQILConfig(groups=((1, 2),))
+    ref = ReferenceRun(model, ids, window=20, stride=15)  # 4 windows of 20, then one of 10 (scored apart)
+    assert all(lp.device == torch.device("cpu") for lp in ref.logprobs)
+    # windows scored as they stream out, in window order: each window's NLL as one forward of it computes it
+    nll = ref.grouped_window_nll(grouping)
+    with torch.no_grad(), model.grouping(grouping):
+        for (begin, end, first), got in zip(ref.spans, nll.tolist()):
+            lp = model(ids[None, begin:end])[0, first - 1 - begin:end - 1 - begin].float().log_softmax(-1)
+            assert got == pytest.approx(-lp.gather(-1, ids[first:end, None]).double().sum().item(), rel=1e-6)
+    metrics = ref.evaluate(grouping)
+    assert nll.dtype == torch.float64 and metrics.perplexity == math.exp(nll.sum().item() / metrics.tokens)
 
 
 def test_bad_input_is_refused(pair):
