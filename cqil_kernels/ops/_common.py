@@ -28,6 +28,19 @@ def autotuning() -> bool:
     return envs.get("CQIL_AUTOTUNE")
 
 
+def autotune_disk_cache() -> dict:
+    """triton.autotune's keyword that keeps each key's config timings on disk, where Triton has it (3.4 and
+    later: `cache_results`, in Triton's cache dir, keyed by the kernel's source, the GPU target, the tuning
+    key and the configs), so that a later process (`cqil eval` after `cqil calibrate`, a restarted server)
+    takes the config without timing every one again; {} on older Triton. Only keys with more than one
+    config after pruning are timed and cached (never under the interpreter or with CQIL_AUTOTUNE=0)."""
+    import inspect
+
+    import triton
+
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def untimed_bench():
     """The autotuner's do_bench under the interpreter, which has no device to time on: there every
     launch's pruned config list holds one config (one per row class), so the figure is never compared.

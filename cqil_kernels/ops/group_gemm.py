@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotuning, cdiv, check_runnable, check_tensor, dot_flags, interpreting, next_pow2,
-                      untimed_bench)
+from ._common import (autotune_disk_cache, autotuning, cdiv, check_runnable, check_tensor, dot_flags,
+                      interpreting, next_pow2, untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
@@ -69,7 +69,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench())
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench(), **autotune_disk_cache())
 @triton.jit(do_not_specialize=["M_CLASS"])  # a key for the autotuner only: one compile for all classes
 def _group_gemm_kernel(
     x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,

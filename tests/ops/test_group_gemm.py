@@ -161,6 +161,22 @@ def test_row_classes_bound_each_autotuned_config_to_a_range_of_rows():
     assert {M: row_class(M) for M in bounds} == bounds
 
 
+def test_the_autotuner_keeps_its_timings_on_disk_where_triton_can():
+    """Triton >= 3.4 keeps each key's config timings in its cache dir (cache_results): a later process takes the
+    tuned config without timing them all again; older Triton has no such option and gets none, and Triton
+    turns it off under its interpreter (which times nothing)."""
+    import inspect
+
+    import triton
+
+    from cqil_kernels.ops import group_gemm as G
+    from cqil_kernels.ops._common import interpreting
+
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert G._group_gemm_kernel.cache_results is (supported and not interpreting())
+    assert G.autotune_disk_cache() == ({"cache_results": True} if supported else {})
+
+
 @pytest.mark.parametrize("M,expected_class", [(5, 0), (40, 1), (300, 3)])
 def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monkeypatch, M, expected_class):
     """The row class reaches the autotuner's key; the first launch of a key goes through triton.autotune,
