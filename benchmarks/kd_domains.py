@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     for path in sorted(a.domains.glob("*.txt")):
         if path.stem not in skip:
             ids = corpus.spread_windows(read_token_ids(path, a.model), a.windows, a.window)
-            references[path.stem] = ReferenceRun(model, ids, window=a.window)
+            references[path.stem] = ReferenceRun(model, ids, window=a.window, store="cpu")  # GPU: training's
     train = corpus.training_ids(a.model) if a.train == "corpus" else read_token_ids(a.train, a.model)
     before = {kind: measured(ref, cqil) for kind, ref in references.items()}
     for kind, row in before.items():

@@ -252,7 +252,9 @@ def _train(args, model, work) -> None:
         if held_out.numel() > args.eval_tokens:
             print(f"held-out text: scoring its first {args.eval_tokens} of {held_out.numel()} tokens (--eval-tokens)")
             held_out = held_out[:args.eval_tokens]
-        before = quality.ReferenceRun(model, held_out, window=args.window, stride=args.stride, seed=args.seed)
+        # on the CPU: the training between the two evaluations needs the GPU's memory
+        before = quality.ReferenceRun(model, held_out, window=args.window, stride=args.stride, seed=args.seed,
+                                      store="cpu")
         grouped_before = before.evaluate(model.cqil)
     with tqdm(total=args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
         def progress(step, loss):

@@ -172,7 +172,10 @@ class ReferenceRun:
 
     @torch.inference_mode()
     def __init__(self, model, ids: torch.Tensor, window: int = 512, stride: int | None = None, *,
-                 bootstrap_samples: int = 2000, confidence: float = 0.90, seed: int = 0):
+                 bootstrap_samples: int = 2000, confidence: float = 0.90, seed: int = 0,
+                 store: str | torch.device | None = None):
+        """store: where the reference log-probabilities are kept (None: store_device chooses; "cpu" leaves the
+        GPU's memory to other work between evaluations, e.g. training)."""
         stride = stride or window
         if window < 2 or not 1 <= stride <= window:
             raise ValueError(f"need window >= 2 and 1 <= stride <= window, got {window}, {stride}")
@@ -187,7 +190,7 @@ class ReferenceRun:
                              f"log-probabilities (tokens x vocab {model.args.vocab_size} x 4 bytes), more than "
                              f"{self.MAX_BYTES / 2**30:.0f} GiB: use at most {keep} tokens of held-out text")
         self.spans = self.windows(self.ids.numel(), window, stride)
-        store = self.store_device(model, need)
+        store = self.store_device(model, need) if store is None else torch.device(store)
         self.targets = [self.ids[first:end][:, None].to(model.device) for _, end, first in self.spans]
         self.logprobs: list[torch.Tensor | None] = [None] * len(self.spans)  # [scored tokens, vocab] each
         with model.grouping(CQILConfig()):

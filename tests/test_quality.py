@@ -107,6 +107,8 @@ def test_reference_log_probs_stay_on_the_gpu_when_they_take_a_quarter_of_its_fre
     grouping = CQILConfig(groups=((1, 2),))
     ref = ReferenceRun(model, ids, window=20, stride=15)  # 4 windows of 20, then one of 10 (scored apart)
     assert all(lp.device == torch.device("cpu") for lp in ref.logprobs)
+    monkeypatch.setattr(ReferenceRun, "store_device", lambda *a: pytest.fail("asked where to keep them"))
+    assert ReferenceRun(model, ids, window=20, store="cpu").logprobs[0].device == torch.device("cpu")
     # windows scored as they stream out, in window order: each window's NLL as one forward of it computes it
     nll = ref.grouped_window_nll(grouping)
     with torch.no_grad(), model.grouping(grouping):
