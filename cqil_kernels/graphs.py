@@ -20,7 +20,9 @@ Prefill graphs, as serving engines do it:
   graph serves every prefix length; the padding's slots are given back after the step (the cache's
   position is set to the prefix + T, so the next token overwrites them, and they stay marked invalid).
   Such a graph is bound to that cache (held weakly: it is dropped once the cache is gone), and needs
-  room for the whole bucket after the prefix; a prompt without that room runs eagerly.
+  room for the whole bucket after the prefix; a prompt without that room runs eagerly. generate's own
+  cache, kept from call to call (DecodeSlots, KVCache.long_lived), binds even when empty: its prompts
+  need no scratch and no copy (a LLaMA-7B scratch of 4096 positions holds 2 GiB of keys and values).
 * The first prompt of a bucket runs the padded step eagerly (it compiles and autotunes the kernels for that
   shape); the second captures it; later ones replay it. At most `limit` graphs are kept per model, the
   least recently used dropped first. Each graph has a memory pool of its own: one pool shared by graphs
@@ -189,16 +191,24 @@ class PrefillGraphs:
         self.packed = None  # the packed weights they read, held so that their id stays theirs
 
     @staticmethod
+    def binds(cache, T: int) -> bool:
+        """Whether a prompt of T tokens runs straight in `cache` through a bucket bound to it: after a cached
+        prefix, or into an empty cache kept for later calls (KVCache.long_lived), where the cache has room for
+        the whole bucket."""
+        return (cache is not None and (cache.length > 0 or cache.long_lived)
+                and cache.length + bucket(T) <= cache.max_seq)
+
+    @staticmethod
     def serves(model, input_ids: torch.Tensor, cache) -> bool:
         """Whether a forward of input_ids into `cache` (None: a plain forward) can run here: a prompt of at
-        most MAX_BUCKET tokens, into an empty cache with a bucket the model's positions hold, or after a
-        cached prefix with room in the cache for the whole bucket."""
+        most MAX_BUCKET tokens, bound to the cache (binds), or into an empty cache through a scratch bucket
+        the model's positions hold."""
         T = input_ids.shape[1]
         if T > MAX_BUCKET:
             return False
-        if cache is None or cache.length == 0:
-            return bucket(T) <= model.args.max_position_embeddings
-        return cache.length + bucket(T) <= cache.max_seq
+        if PrefillGraphs.binds(cache, T):
+            return True
+        return (cache is None or cache.length == 0) and bucket(T) <= model.args.max_position_embeddings
 
     def captured(self) -> int:
         """The number of graphs held."""
@@ -224,15 +234,15 @@ class PrefillGraphs:
             raise ValueError("these prefill graphs belong to another model")
         if not self.serves(model, input_ids, cache):
             raise ValueError(f"a prefill graph takes a prompt of at most {MAX_BUCKET} tokens, into an empty cache "
-                             "(its bucket within max_position_embeddings) or after a prefix with room in the "
-                             "cache for its bucket")
+                             "(its bucket within max_position_embeddings), or after a prefix or into a cache kept "
+                             "for later calls with room in the cache for its bucket")
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
         self.current(model)
         for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
             del self.buckets[key]  # bound to a cache that is gone
-        prefixed = cache is not None and cache.length > 0
-        key = (B, bucket(T), keep, id(cache) if prefixed else None)
+        bound = self.binds(cache, T)
+        key = (B, bucket(T), keep, id(cache) if bound else None)
         entry = self.buckets.pop(key, None)
         if entry is None:
             while len(self.buckets) >= self.limit:
@@ -240,11 +250,11 @@ class PrefillGraphs:
             # normal tensors even when made under generate's inference_mode: a later forward outside it
             # updates them in place
             with torch.inference_mode(False):
-                entry = _Bucket(model, B, key[1], keep, cache if prefixed else None)
+                entry = _Bucket(model, B, key[1], keep, cache if bound else None)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
-        if cache is not None and not prefixed:
+        if cache is not None and not bound:
             cache.copy_prompt(entry.scratch, T)
         return logits[:, :T].clone() if keep == 0 else logits.clone()
 
@@ -297,6 +307,7 @@ class DecodeSlots:
                         raise
                     self.slots.clear()
                     cache = model.new_cache(batch, length)
+                cache.long_lived = True  # the prompts' graphs bind to it (PrefillGraphs)
                 slot = (cache, self.decoder_of(model, cache))
         self.slots.append(slot)
         return slot

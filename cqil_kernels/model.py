@@ -219,6 +219,9 @@ class KVCache:
         self.position = torch.zeros(1, dtype=torch.int32, device=device)
         self.start = torch.zeros(1, dtype=torch.int32, device=device)
         self.batch, self.max_seq, self.length = batch, max_seq, 0
+        # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
+        # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
+        self.long_lived = False
 
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""

@@ -108,6 +108,39 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
     assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
 
 
+def test_a_kept_cache_takes_its_prompt_straight_in():
+    """An empty cache kept for later calls (KVCache.long_lived: generate's, through DecodeSlots) binds its
+    prompt's bucket as a cache after a prefix does: no scratch, nothing copied over, the scratch path's
+    logits and cache (left padding included). A kept cache without room for the bucket takes the scratch
+    path."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    ids = torch.randint(0, model.args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    valid = left_padding_mask(ids, [0, 4]).bool()
+    with torch.no_grad():
+        plain, kept = model.new_cache(2, 20), model.new_cache(2, 20)
+        kept.long_lived = True
+        outs = []
+        for cache in (plain, kept):
+            outs.append(prefill(model, ids, valid, cache, 1))
+            cache.length += 13
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        entry = prefill.buckets[(2, 16, 1, id(kept))]
+        assert entry.scratch is None and entry.target() is kept
+        assert int(kept.position) == 13 and torch.equal(kept.n_tokens, plain.n_tokens)
+        assert torch.equal(kept.key_valid, plain.key_valid)  # the padding's slots invalid, as never written
+        for (k, v), (k_plain, v_plain) in zip(kept.runs, plain.runs):
+            torch.testing.assert_close(k[..., :13, :], k_plain[..., :13, :], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v[..., :13, :], v_plain[..., :13, :], rtol=1e-5, atol=1e-5)
+        token = outs[0][:, -1].argmax(-1)[:, None]
+        torch.testing.assert_close(model(token, cache=kept), model(token, cache=plain), rtol=1e-5, atol=1e-5)
+        small = model.new_cache(2, 14)  # kept, but 14 positions cannot take the 16 bucket
+        small.long_lived = True
+        torch.testing.assert_close(prefill(model, ids, valid, small, 1), outs[0], rtol=1e-5, atol=1e-5)
+        assert (2, 16, 1, id(small)) not in prefill.buckets and int(small.position) == 13
+    assert list(prefill.buckets) == [(2, 16, 1, id(kept)), (2, 16, 1, None)]
+
+
 def test_buckets_bound_to_a_cache_go_with_it():
     """Each cache after a prefix gets buckets of its own; once the cache is gone, so are they (the step is a
     stand-in here: what is checked is which bucket serves which call)."""
@@ -234,6 +267,7 @@ def test_decode_slots_are_kept_cleared_and_bounded():
     slots = DecodeSlots(_eager_decoder_of(made), limit=2)
     first, decode = slots.take(model, 1, 50)
     assert first.max_seq == 64 and len(made) == 1
+    assert first.long_lived and not model.new_cache(1, 8).long_lived  # its prompts' graphs bind to it
     with torch.no_grad():
         decode(torch.tensor([3], device=DEVICE))
         model(torch.ones(1, 5, dtype=torch.long, device=DEVICE), cache=first)
@@ -362,7 +396,8 @@ def test_cuda_prefill_graph_replays_equal_the_eager_padded_step(keep):
         model.accelerator.prefill_graphs = True
         for _ in range(3):  # eager padded, captured, replayed
             assert torch.equal(model.generate(ids, 12, attention_mask=mask), tokens_eager)
-        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, 1, None)]
+        (kept, _), = model.accelerator.slots.slots  # generate's prompt runs straight in its kept cache
+        assert graphs_of_model.captured() == 1 and list(graphs_of_model.buckets) == [(2, 32, 1, id(kept))]
 
 
 @cuda
@@ -374,18 +409,18 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
     with torch.no_grad():
         expected = model.generate(ids, 8, prefill_chunk=None)
         monkeypatch.setattr(graphs, "MAX_BUCKET", 16)
-        # 40 tokens in parts of 16: the first part through the scratch bucket of 16; the second (16 after 16)
-        # and the third (8 after 32) through a bucket of 16 bound to generate's cache of 48 positions (kept
-        # from call to call, graphs.DecodeSlots): eager, then captured, then replayed in the later calls
+        # 40 tokens in parts of 16, each (16 into the empty cache, 16 after 16, 8 after 32) through a bucket of
+        # 16 bound to generate's cache of 48 positions (kept from call to call, graphs.DecodeSlots): eager,
+        # then captured, then replayed; the whole prompt of the first call went through the 48 bucket bound
+        # to the same cache (run once: eager). No scratch bucket: nothing copied over.
         for _ in range(3):
             assert torch.equal(model.generate(ids, 8, prefill_chunk=16), expected)
         held = model.accelerator.graphs.buckets
-        bound = [entry for key, entry in held.items() if key[3] is not None]
-        assert (1, 16, 1, None) in held and held[(1, 16, 1, None)].calls == 3
-        assert len(bound) == 1 and bound[0].calls == 6 and bound[0].graph is not None
         (kept, _), = model.accelerator.slots.slots
-        assert bound[0].target() is kept
-        assert model.accelerator.graphs.captured() == 2
+        assert list(held) == [(1, 48, 1, id(kept)), (1, 16, 1, id(kept))]
+        entry = held[(1, 16, 1, id(kept))]
+        assert entry.calls == 9 and entry.graph is not None and entry.target() is kept and entry.scratch is None
+        assert model.accelerator.graphs.captured() == 1
         monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
         lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
