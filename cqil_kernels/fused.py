@@ -32,7 +32,7 @@ import functools
 import torch
 
 from . import envs
-from .graphs import DecodeSlots, GraphDecoder, PrefillGraphs
+from .graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, check_limit
 from .model import KVCache, forward_step, rms_norm
 from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 from .ops.argmax import row_argmax
@@ -246,14 +246,28 @@ def step(model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCa
 class TritonBackend:
     """model.Backend on the fused kernels: CUDA (or CPU tensors under TRITON_INTERPRET=1), fp32/fp16/bf16,
     no live LoRA adapters. On CUDA, graphs.py's captured graphs: cuda_graphs turns them all off or on;
-    prefill_graphs those of prompts alone (decode steps replay a graph while cuda_graphs is on)."""
+    prefill_graphs those of prompts alone (decode steps replay a graph while cuda_graphs is on);
+    prefill_graph_limit bounds the prompt buckets kept (graphs.MAX_GRAPHS by default: a server whose prompts
+    fall in more buckets than it keeps runs their first two prompts eagerly again and again; each bucket
+    holds its graph's memory, and a plain forward's a KV scratch of its length)."""
 
     name = "triton"
 
-    def __init__(self, cuda_graphs: bool = True, prefill_graphs: bool = True):
+    def __init__(self, cuda_graphs: bool = True, prefill_graphs: bool = True, prefill_graph_limit: int = MAX_GRAPHS):
         self.cuda_graphs, self.prefill_graphs = cuda_graphs, prefill_graphs
         self.graphs = None  # graphs.PrefillGraphs, made at the first prompt that one serves
         self.slots = None  # graphs.DecodeSlots: generate's caches and decode graphs, made at its first call
+        self.prefill_graph_limit = prefill_graph_limit
+
+    @property
+    def prefill_graph_limit(self) -> int:
+        return self._prefill_graph_limit
+
+    @prefill_graph_limit.setter
+    def prefill_graph_limit(self, limit: int) -> None:
+        self._prefill_graph_limit = check_limit(limit)
+        if self.graphs is not None:
+            self.graphs.resize(limit)
 
     def unavailable_reason(self, model) -> str | None:
         reason = triton_unavailable_reason(model.device)
@@ -277,7 +291,7 @@ class TritonBackend:
     def prefill_graphs_of(self, model):
         """The model's graphs.PrefillGraphs (made on first use)."""
         if self.graphs is None or self.graphs.model() is not model:
-            self.graphs = PrefillGraphs(model, padded_step)
+            self.graphs = PrefillGraphs(model, padded_step, limit=self.prefill_graph_limit)
         return self.graphs
 
     def decoder(self, model, cache):
@@ -313,9 +327,10 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def attach(model, cuda_graphs: bool = True, prefill_graphs: bool = True) -> TritonBackend:
+def attach(model, cuda_graphs: bool = True, prefill_graphs: bool = True,
+           prefill_graph_limit: int = MAX_GRAPHS) -> TritonBackend:
     """Attach the fused backend to `model` (a model.CQILTransformer): with backend "auto" it then runs
     on CUDA, with "triton" wherever Triton can run. Returns the backend (its `cuda_graphs` and
-    `prefill_graphs` switches)."""
-    model.accelerator = TritonBackend(cuda_graphs, prefill_graphs)
+    `prefill_graphs` switches, its `prefill_graph_limit`)."""
+    model.accelerator = TritonBackend(cuda_graphs, prefill_graphs, prefill_graph_limit)
     return model.accelerator

@@ -56,6 +56,13 @@ MAX_GRAPHS = 8
 MAX_DECODE_SLOTS = 1
 
 
+def check_limit(limit) -> int:
+    """A number of graphs kept: an int >= 1, else ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    return limit
+
+
 def bucket(T: int) -> int:
     """The length a prompt of T tokens is padded to: a multiple of 16 up to 64, then of 2**(k-3) for T in
     [2**k, 2**(k+1)): eight buckets per octave, so the padding is under 12.5% of T."""
@@ -181,10 +188,8 @@ class PrefillGraphs:
     its logic)."""
 
     def __init__(self, model, step_fn, capture: bool = True, limit: int = MAX_GRAPHS):
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         self.model, self.step_fn = weakref.ref(model), step_fn
-        self.capture, self.limit = capture, limit
+        self.capture, self.limit = capture, check_limit(limit)
         # (batch, bucket, keep, id of the caller's cache after a prefix, else None) -> its bucket
         self.buckets: collections.OrderedDict[tuple, _Bucket] = collections.OrderedDict()
         self.signature = None  # what the graphs were captured with (current())
@@ -209,6 +214,12 @@ class PrefillGraphs:
         if PrefillGraphs.binds(cache, T):
             return True
         return (cache is None or cache.length == 0) and bucket(T) <= model.args.max_position_embeddings
+
+    def resize(self, limit: int) -> None:
+        """Keep at most `limit` buckets from now on (the least recently used dropped at once)."""
+        self.limit = check_limit(limit)
+        while len(self.buckets) > self.limit:
+            self.buckets.popitem(last=False)
 
     def captured(self) -> int:
         """The number of graphs held."""

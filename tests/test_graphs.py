@@ -198,6 +198,21 @@ def test_graphs_are_bounded_and_dropped_when_the_model_changes():
         assert len(prefill.buckets) == 1
     with pytest.raises(ValueError, match="limit"):
         PrefillGraphs(model, fused.padded_step, capture=False, limit=0)
+    # the backend's prefill_graph_limit: checked, and applied at once to the buckets held (LRU first out)
+    backend = fused.TritonBackend(prefill_graph_limit=3)
+    backend.graphs = prefill
+    with torch.no_grad():
+        for T in (5, 20, 40):
+            prefill(model, ids[:, :T], None, None, 1)
+    assert prefill.limit == 2 and list(prefill.buckets) == [(1, 32, 1, None), (1, 48, 1, None)]
+    backend.prefill_graph_limit = 1
+    assert prefill.limit == 1 and list(prefill.buckets) == [(1, 48, 1, None)]
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="limit must be an int >= 1"):
+            backend.prefill_graph_limit = bad
+    with pytest.raises(ValueError, match="limit must be an int >= 1"):
+        fused.TritonBackend(prefill_graph_limit=-1)
+    assert backend.prefill_graph_limit == 1 and fused.TritonBackend().prefill_graph_limit == MAX_GRAPHS
     with pytest.raises(ValueError, match="another model"):
         prefill(_model(GROUPINGS["none"]), ids, None, None)
 
