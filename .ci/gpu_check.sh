@@ -33,6 +33,7 @@
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep);
 #               benchmarks/rope_attention.py (decode with rope_kv inside attention against today's step)
+#   rope        benchmarks/rope_attention.py alone
 # Everything is logged under $OUT (or ./gpu_out); BUNDLE=1 leaves it as one archive, $OUT/results.tgz (the device
 # tool brings back at most 8 files). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
@@ -194,6 +195,10 @@ for stage in $stages; do
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
+  rope)
+    # issue 26: decode with rope_kv's work inside attention against today's step (also part of boundaries)
+    timeout ${ROPE_TIMEOUT:-150} python3 benchmarks/rope_attention.py --shape smollm2-135m --shape llama-7b \
+      --out "$OUT/rope_attention.json" 2>&1 | tee -a "$OUT/rope.log" ;;
   profile)
     for shape in ${PROFILE_SHAPES:-smollm2-135m}; do
       timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/profile_step.py --shape $shape --groups ${PROFILE_GROUPS:-none} \
