@@ -134,7 +134,7 @@ class GraphDecoder(_CapturedLazily):
 
 class _Bucket(_CapturedLazily):
     """A [batch, length] padded prompt forward: its input buffers, where it runs (a KV scratch of its own,
-    or the caller's cache after a prefix, held weakly) and once captured its graph. keep: the logits of
+    or the cache it is bound to, held weakly) and once captured its graph. keep: the logits of
     the last `keep` real positions of each row (0: of every position)."""
 
     def __init__(self, model, batch: int, length: int, keep: int, cache=None):
@@ -190,7 +190,7 @@ class PrefillGraphs:
     def __init__(self, model, step_fn, capture: bool = True, limit: int = MAX_GRAPHS):
         self.model, self.step_fn = weakref.ref(model), step_fn
         self.capture, self.limit = capture, check_limit(limit)
-        # (batch, bucket, keep, id of the caller's cache after a prefix, else None) -> its bucket
+        # (batch, bucket, keep, id of the cache it is bound to (binds), else None: the scratch path) -> its bucket
         self.buckets: collections.OrderedDict[tuple, _Bucket] = collections.OrderedDict()
         self.signature = None  # what the graphs were captured with (current())
         self.packed = None  # the packed weights they read, held so that their id stays theirs
