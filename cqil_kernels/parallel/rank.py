@@ -47,7 +47,7 @@ from ..backends import attach_default
 from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
-from ..graphs import DecodeSlots, GraphDecoder, PrefillGraphs, bucket
+from ..graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
@@ -117,6 +117,7 @@ class RankModel:
 
     cuda_graphs = True  # decoder() replays a captured step where decodes_in_a_graph()
     prefill_graphs = True  # and forward() a prompt's step, per length bucket (graphs.PrefillGraphs)
+    prefill_graph_limit = MAX_GRAPHS  # the buckets kept (the same on every rank: the calls take the same path)
 
     @classmethod
     def from_pretrained(cls, src, cqil=None, *, device=None, dtype=None, lora=None, progress: bool = False,
@@ -218,7 +219,7 @@ class RankModel:
                 and self._prompt_capturable(*input_ids.shape)):
             # every rank takes this branch for the same calls: it depends on shapes and lengths only
             if self._graphs is None:
-                self._graphs = PrefillGraphs(self, RankModel._padded_step)
+                self._graphs = PrefillGraphs(self, RankModel._padded_step, limit=self.prefill_graph_limit)
             logits = self._graphs(self, input_ids, attention_mask, cache, keep)
         elif self.model.accelerated():
             logits = self._triton_step(input_ids, attention_mask, cache if cache is not None
