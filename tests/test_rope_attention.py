@@ -90,9 +90,13 @@ def test_bad_input_is_refused(module):
 
 @interpreter
 @pytest.mark.parametrize("cqil", [CQILConfig(), CQILConfig(groups=((1, 2, 3),), bypass=1)], ids=["none", "P3-d1"])
-def test_decode_steps_with_rope_in_attention_follow_the_fused_step(module, cqil):
+def test_decode_steps_with_rope_in_attention_follow_the_fused_step(module, cqil, monkeypatch):
     """Greedy decode with the prototype swapped into fused.step gives the fused step's tokens, and logits
-    within fp32 rounding (interpreter: the same bits), on left-padded rows."""
+    within fp32 rounding (interpreter: the same bits), on left-padded rows; every stage of every step went
+    through the prototype."""
+    calls = []
+    rope_attention = module.rope_attention
+    monkeypatch.setattr(module, "rope_attention", lambda *a, **k: calls.append(1) or rope_attention(*a, **k))
     hf = random_hf_model(seed=8, num_hidden_layers=5)
     model = CQILLlama.from_pretrained(hf, cqil=cqil, device=DEVICE, dtype=torch.float32)
     model.backend = "triton"
@@ -113,6 +117,7 @@ def test_decode_steps_with_rope_in_attention_follow_the_fused_step(module, cqil)
                     tok = out.argmax(-1)
             runs.append((torch.stack(logits), cache))
     (want, cache_a), (got, cache_b) = runs
+    assert len(calls) == 5 * len(model.stages)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     if DEVICE == "cpu":
         assert torch.equal(got, want)
