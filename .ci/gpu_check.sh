@@ -34,6 +34,7 @@
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep);
 #               benchmarks/rope_attention.py (decode with rope_kv inside attention against today's step)
 #   rope        benchmarks/rope_attention.py alone
+#   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 # Everything is logged under $OUT (or ./gpu_out); BUNDLE=1 leaves it as one archive, $OUT/results.tgz (the device
 # tool brings back at most 8 files). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
@@ -195,6 +196,10 @@ for stage in $stages; do
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
+  mix)
+    # issue 24: first-token time over prompts of many lengths, by the prompt buckets kept (8 and 64)
+    timeout ${MIX_TIMEOUT:-240} python3 benchmarks/prompt_mix.py --shape ${MIX_SHAPE:-smollm2-135m} \
+      --out "$OUT/prompt_mix.json" 2>&1 | tee -a "$OUT/mix.log" ;;
   rope)
     # issue 26: decode with rope_kv's work inside attention against today's step (also part of boundaries)
     timeout ${ROPE_TIMEOUT:-150} python3 benchmarks/rope_attention.py --shape smollm2-135m --shape llama-7b \

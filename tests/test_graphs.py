@@ -9,7 +9,7 @@ import torch
 from cqil_kernels import CQILConfig, CQILLlama, fused, graphs
 from cqil_kernels.graphs import MAX_GRAPHS, DecodeSlots, PrefillGraphs, bucket
 
-from conftest import left_padding_mask, random_hf_model
+from conftest import import_benchmark, left_padding_mask, random_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -139,6 +139,20 @@ def test_a_kept_cache_takes_its_prompt_straight_in():
         torch.testing.assert_close(prefill(model, ids, valid, small, 1), outs[0], rtol=1e-5, atol=1e-5)
         assert (2, 16, 1, id(small)) not in prefill.buckets and int(small.position) == 13
     assert list(prefill.buckets) == [(2, 16, 1, id(kept)), (2, 16, 1, None)]
+
+
+def test_the_prompt_mix_benchmarks_lengths_and_percentiles():
+    """benchmarks/prompt_mix.py: its prompts' lengths (log-uniform, fixed by the seed, within the bounds, over
+    many buckets) and its nearest-rank percentile; bad bounds refused before anything runs."""
+    mix = import_benchmark("prompt_mix")
+    lengths = mix.prompt_lengths(400, 16, 2048, seed=1)
+    assert lengths == mix.prompt_lengths(400, 16, 2048, seed=1) != mix.prompt_lengths(400, 16, 2048, seed=2)
+    assert min(lengths) >= 16 and max(lengths) <= 2048 and len({bucket(T) for T in lengths}) > 30
+    assert sum(T <= 181 for T in lengths) > 100  # half of the log range below sqrt(16 * 2048) = 181
+    assert mix.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 90) == 5.0 and mix.percentile([5.0, 1.0, 3.0], 50) == 3.0
+    for bad in ((10, 0, 5), (10, 9, 5), (0, 16, 32)):
+        with pytest.raises(ValueError, match="need"):
+            mix.prompt_lengths(*bad)
 
 
 def test_buckets_bound_to_a_cache_go_with_it():
