@@ -214,10 +214,17 @@ class KVCache:
                 layers = (sum(len(stage) for stage in stages[s:e]), batch, kv_heads[s], max_seq, args.head_dim)
                 self.runs.append((k[offset:offset + size].view(layers), v[offset:offset + size].view(layers)))
             offset, s = offset + size, e
-        self.key_valid = torch.zeros(batch, max_seq, dtype=torch.bool, device=device)
-        self.n_tokens = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.position = torch.zeros(1, dtype=torch.int32, device=device)
-        self.start = torch.zeros(1, dtype=torch.int32, device=device)
+        # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
+        # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
+        # one fill here, one fill in clear() (generate's every call), where there were four of each
+        at = [0]
+        for nbytes in (batch * max_seq, 8 * batch, 4):
+            at.append(at[-1] + -(-nbytes // 16) * 16)
+        self._bookkeeping = torch.zeros(at[-1] + 4, dtype=torch.uint8, device=device)
+        self.key_valid = self._bookkeeping[:batch * max_seq].view(torch.bool).view(batch, max_seq)
+        self.n_tokens = self._bookkeeping[at[1]:at[1] + 8 * batch].view(torch.int64)
+        self.position = self._bookkeeping[at[2]:at[2] + 4].view(torch.int32)
+        self.start = self._bookkeeping[at[3]:at[3] + 4].view(torch.int32)
         self.batch, self.max_seq, self.length = batch, max_seq, 0
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
         # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
@@ -234,10 +241,7 @@ class KVCache:
     def clear(self) -> None:
         """Forget every position (the buffers stay): the cache is empty again, as a new one is (the old
         keys and values are left in place, marked invalid, and overwritten as positions are filled)."""
-        self.key_valid.zero_()
-        self.n_tokens.zero_()
-        self.position.zero_()
-        self.start.zero_()
+        self._bookkeeping.zero_()  # key_valid, n_tokens, position and start
         self.length = 0
 
     def copy_prompt(self, src: KVCache, length: int) -> None:

@@ -191,3 +191,29 @@ def test_kv_cache_groups_are_contiguous():
     for i, t in enumerate(views):
         t.fill_(i + 1)
     assert all((t == i + 1).all() for i, t in enumerate(views))  # no two views overlap
+
+
+@pytest.mark.parametrize("batch, max_seq", [(1, 1), (3, 17), (2, 128)])
+def test_kv_cache_bookkeeping_is_one_buffer_of_separate_fields(batch, max_seq):
+    """key_valid, n_tokens, position and start are views of one zeroed buffer (one allocation, and one fill
+    in clear()), each contiguous at a 16-byte boundary; writing one leaves the others alone; clear() zeroes
+    them all and leaves the keys and values in place."""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    cache = model.new_cache(batch=batch, max_seq=max_seq)
+    fields = {"key_valid": (torch.bool, (batch, max_seq)), "n_tokens": (torch.int64, (batch,)),
+              "position": (torch.int32, (1,)), "start": (torch.int32, (1,))}
+    for name, (dtype, shape) in fields.items():
+        t = getattr(cache, name)
+        assert t.dtype == dtype and tuple(t.shape) == shape and t.is_contiguous() and not t.any()
+        assert t.data_ptr() % 16 == 0
+    cache.key_valid.fill_(True)
+    cache.n_tokens.fill_(-1)  # every byte set
+    cache.position.fill_(7)
+    cache.start.fill_(5)
+    assert cache.key_valid.all() and (cache.n_tokens == -1).all()
+    assert int(cache.position) == 7 and int(cache.start) == 5
+    cache.k[0].fill_(2.0)
+    cache.length = 3
+    cache.clear()
+    assert all(not getattr(cache, name).any() for name in fields) and cache.length == 0
+    assert (cache.k[0] == 2.0).all()
