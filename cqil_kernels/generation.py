@@ -21,26 +21,14 @@ PREFILL_CHUNK = 4096
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
-    """input_ids as int64 (same device); TypeError / ValueError unless it is a [B, T] integer tensor of
-    tokens in [0, vocab_size)."""
-    return check_inputs(input_ids, vocab_size)[0]
-
-
-def check_attention_mask(attention_mask, input_ids: torch.Tensor, empty_rows: bool = False) -> torch.Tensor:
-    """Return the mask as bool on input_ids' device; it must be [B, T] of 0/1, left-padded, no empty row
-    (unless empty_rows: the first part of a left-padded prompt fed to a cache in parts may have one)."""
-    _check_mask_type(attention_mask, input_ids)
-    _raise_for_mask(*_read([_mask_stats(attention_mask, empty_rows)])[0])
-    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
-
-
 def check_inputs(input_ids, vocab_size: int, attention_mask=None, *, empty_rows: bool = False,
                  device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """check_input_ids and check_attention_mask in one: (input_ids int64, the mask as bool or None), both on
-    `device` (default input_ids'). The values the checks need are read from the device once per device the
-    inputs are on (a forward of CUDA tensors waited for the GPU up to four times before its first launch);
-    the checks run where the inputs are, before they move."""
+    """(input_ids as int64, the mask as bool or None), both on `device` (default input_ids'); TypeError /
+    ValueError unless input_ids is a [B, T] integer tensor of tokens in [0, vocab_size) and the mask is
+    [B, T] of 0/1, left-padded, with no empty row (unless empty_rows: the first part of a left-padded prompt
+    fed to a cache in parts may have one). The values the checks need are read from the device once per
+    device the inputs are on (a forward of CUDA tensors waited for the GPU up to four times before its first
+    launch); the checks run where the inputs are, before they move."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in ID_DTYPES:

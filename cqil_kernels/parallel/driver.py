@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from ..config import CQILConfig
-from ..generation import (PREFILL_CHUNK, check_attention_mask, check_generate_args, check_input_ids,
-                          check_logits_to_keep)
+from ..generation import PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep
 from .launch import disable_multicast
 
 START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
@@ -240,10 +239,11 @@ class ParallelCQILLlama:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: RemoteCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """CQILLlama.forward: input_ids [B, T] -> logits [B, T, vocab] on output_device."""
-        input_ids = check_input_ids(input_ids, self.args.vocab_size)
+        input_ids, attention_mask = check_inputs(input_ids, self.args.vocab_size, attention_mask,
+                                                 empty_rows=cache is not None)
         check_logits_to_keep(logits_to_keep)
         if attention_mask is not None:
-            attention_mask = check_attention_mask(attention_mask, input_ids, empty_rows=cache is not None).cpu()
+            attention_mask = attention_mask.cpu()
         B, T = input_ids.shape
         if cache is not None:
             if not isinstance(cache, RemoteCache):
