@@ -244,25 +244,26 @@ class ReferenceRun:
         return Metrics(math.exp(nll.sum().item() / n), agreement, kl.sum().item() / n, int(n), len(self.spans),
                        ppl_ci, kl_ci)
 
+    def _per_window(self, cqil: CQILConfig, fn) -> torch.Tensor:
+        """fn(i, log-probabilities of window i) of every window under grouping `cqil`, stacked in window order
+        and moved to the CPU at once."""
+        out: list[torch.Tensor | None] = [None] * len(self.spans)
+        with self.model.grouping(cqil):
+            for i, lp in self._scored():
+                out[i] = fn(i, lp)
+        return torch.stack(out).cpu()
+
     @torch.inference_mode()
     def grouped_window_nll(self, cqil: CQILConfig) -> torch.Tensor:
         """[windows] summed negative log-likelihood of each window's scored tokens under grouping `cqil`
         (window_nll is the original's), for analyses of the windows' spread."""
-        nll: list[torch.Tensor | None] = [None] * len(self.spans)
-        with self.model.grouping(cqil):
-            for i, lp in self._scored():
-                nll[i] = self._nll(i, lp)
-        return torch.stack(nll).cpu()
+        return self._per_window(cqil, self._nll)
 
     @torch.inference_mode()
     def evaluate(self, cqil: CQILConfig) -> Metrics:
         """Metrics of the model with grouping `cqil` on the same windows (the model's own grouping is
         restored afterwards)."""
-        rows: list[torch.Tensor | None] = [None] * len(self.spans)
-        with self.model.grouping(cqil):
-            for i, lp in self._scored():
-                rows[i] = self._window_metrics(i, lp)
-        nll, kl, agree = torch.stack(rows).cpu().unbind(1)
+        nll, kl, agree = self._per_window(cqil, self._window_metrics).unbind(1)
         return self._metrics(nll, kl, agree)
 
 
