@@ -217,14 +217,16 @@ class KVCache:
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
         # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
         # one fill here, one fill in clear() (generate's every call), where there were four of each
+        sizes = (batch * max_seq, 8 * batch, 4, 4)
         at = [0]
-        for nbytes in (batch * max_seq, 8 * batch, 4):
+        for nbytes in sizes:
             at.append(at[-1] + -(-nbytes // 16) * 16)
-        self._bookkeeping = torch.zeros(at[-1] + 4, dtype=torch.uint8, device=device)
-        self.key_valid = self._bookkeeping[:batch * max_seq].view(torch.bool).view(batch, max_seq)
-        self.n_tokens = self._bookkeeping[at[1]:at[1] + 8 * batch].view(torch.int64)
-        self.position = self._bookkeeping[at[2]:at[2] + 4].view(torch.int32)
-        self.start = self._bookkeeping[at[3]:at[3] + 4].view(torch.int32)
+        self._bookkeeping = torch.zeros(at[-1], dtype=torch.uint8, device=device)
+        key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n] for a, n in zip(at, sizes))
+        self.key_valid = key_valid.view(torch.bool).view(batch, max_seq)
+        self.n_tokens = n_tokens.view(torch.int64)
+        self.position = position.view(torch.int32)
+        self.start = start.view(torch.int32)
         self.batch, self.max_seq, self.length = batch, max_seq, 0
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
         # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
