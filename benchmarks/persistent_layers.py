@@ -650,7 +650,7 @@ def main(argv=None) -> None:
             tilings = [(bn, pps) for bn in a.block_n or [32] for pps in a.programs_per_sm or [2]]
             names = {"persistent" if len(tilings) == 1 else f"persistent bn{bn} pps{pps}": (bn, pps)
                      for bn, pps in tilings}
-            runners = {}
+            runners, kept = {}, {}
             for variant in ["fused", *names]:
                 cache = model.new_cache(a.batch, a.prompt + a.steps * (2 * a.rounds + 6) + 8)
                 tok = model.argmax(model(ids, cache=cache)[:, -1])
@@ -674,6 +674,7 @@ def main(argv=None) -> None:
                     for _ in range(a.steps):  # the same token each step: the weights' stream is what is timed
                         step(tok)
                 graphs[variant] = g
+                kept[variant] = cache, tok, step  # what the graph reads and writes outlives it
             times = {v: [ms / a.steps for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
             profiles[run] = {}
             for variant, (runner, cache, tok) in runners.items():
@@ -691,7 +692,7 @@ def main(argv=None) -> None:
             print(f"{run:>8} {v:>22}: {ms:.4f} ms/token ({100 * step_bytes / ms / 1e6 / copy:.1f}% of copy)",
                   flush=True)
         times_all[run] = times
-        del model, graphs, runners, g, step, cache, tok
+        del model, graphs, runners, kept, g, step, cache, tok
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     slopes = layer_slopes(rows, copy)

@@ -239,7 +239,7 @@ def main(argv=None) -> None:
         model.backend = "triton"
         layers = model.args.num_hidden_layers
         ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
-        graphs, first = {}, {}
+        graphs, first, kept = {}, {}, {}
         with torch.inference_mode():
             for variant in ("today", "rope in attention"):
                 cache = model.new_cache(a.batch, a.prompt + a.steps * (2 * a.rounds + 4) + 8)
@@ -257,6 +257,7 @@ def main(argv=None) -> None:
                         for _ in range(a.steps):
                             fused.step(model, tok.view(-1, 1), None, cache, 1)
                 graphs[variant] = g
+                kept[variant] = cache, tok  # a graph's inputs and cache must outlive it (capture frees memory)
             times = {v: [ms / a.steps for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
         diff = (first["today"] - first["rope in attention"]).abs().max().item()
         scale = first["today"].abs().max().item()
@@ -268,7 +269,7 @@ def main(argv=None) -> None:
                   f"saved)", flush=True)
         print(f"{shape:>14} first step's logits: max difference {diff:.3g} (of max |logit| {scale:.3g})", flush=True)
         times_all[shape] = times
-        del model, graphs
+        del model, graphs, kept, cache, tok
         torch.cuda.empty_cache()
     write_record(a.out, device=device, commit=commit,
                  title="Decode with rope_kv's work inside attention (one kernel fewer per layer step)",

@@ -302,6 +302,14 @@ class HFCompiled:
         except TypeError:  # transformers 4.x: the batch, device and dtype up front
             self.cache = StaticCache(config=hf.config, max_batch_size=batch, max_cache_len=max_len,
                                      device=hf.device, dtype=hf.dtype)
+        early = getattr(self.cache, "early_initialization", None)
+        if early is not None:  # transformers >= 4.56 allocates the cache at its first update unless told here; with
+            # the prompt compiled too, that allocation happens inside the compiled graph and the decode graph's
+            # cudagraph then writes memory it does not own (segfault, torch 2.11 / transformers 5.17 on an H200)
+            cfg = hf.config
+            heads = cfg.num_attention_heads
+            early(batch, getattr(cfg, "num_key_value_heads", None) or heads,
+                  getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, hf.dtype, hf.device)
         self.forward = torch.compile(hf.forward, mode=mode, fullgraph=True, dynamic=False, backend=backend)
         self.device, self.max_len, self.pos = hf.device, max_len, 0
 

@@ -194,11 +194,14 @@ def test_hf_compiled_runner_matches_generate():
     want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                        pad_token_id=0)[:, 7:]
     runner = HFCompiled(hf, 2, 12, mode=None, backend="eager")
+    keys = [layer.keys for layer in runner.cache.layers]  # allocated before any compiled call, never again
+    assert all(k.shape == (2, hf.config.num_key_value_heads, 12, 8) for k in keys)  # head_dim 48 / 6
     for _ in range(2):  # the second prompt starts from a reset cache
         toks = [runner.prefill(ids)]
         for _ in range(4):
             toks.append(runner.step(toks[-1]))
         assert torch.equal(torch.stack(toks, 1), want)
+        assert all(layer.keys is k for layer, k in zip(runner.cache.layers, keys))
     runner.step(toks[-1])  # position 11, the cache's last
     with pytest.raises(ValueError, match="holds 12 positions; 12 \\+ 1 do not fit"):
         runner.step(toks[-1])
