@@ -1,8 +1,8 @@
 """Time to first token when prompts come in many lengths, as a server sees them: what the number of prompt
-buckets a model keeps (`model.accelerator.prefill_graph_limit`, graphs.MAX_GRAPHS = 8 by default) costs
-and what it holds. Prompts of lengths drawn log-uniformly from [--min, --max] fall in up to 52 buckets; a
-bucket not held runs its next two prompts eagerly (Python launches: ~20 ms for SmolLM2 on the H100 against
-~3 ms replayed) and its graph is captured again.
+buckets a model keeps (`model.accelerator.prefill_graph_limit`; graphs.MAX_GRAPHS, 64 by default since 8
+thrashed here) costs and what it holds. Prompts of lengths drawn log-uniformly from [--min, --max] fall in
+up to 52 buckets; a bucket not held runs its next two prompts eagerly (Python launches: ~20 ms for SmolLM2
+on the H100 against ~3 ms replayed) and its graph is captured again.
 
     python benchmarks/prompt_mix.py --shape smollm2-135m --prompts 200 --limit 8 --limit 64 --out mix.json
 

@@ -247,9 +247,10 @@ class TritonBackend:
     """model.Backend on the fused kernels: CUDA (or CPU tensors under TRITON_INTERPRET=1), fp32/fp16/bf16,
     no live LoRA adapters. On CUDA, graphs.py's captured graphs: cuda_graphs turns them all off or on;
     prefill_graphs those of prompts alone (decode steps replay a graph while cuda_graphs is on);
-    prefill_graph_limit bounds the prompt buckets kept (graphs.MAX_GRAPHS by default: a server whose prompts
-    fall in more buckets than it keeps runs their first two prompts eagerly again and again; each bucket
-    holds its graph's memory, and a plain forward's a KV scratch of its length)."""
+    prefill_graph_limit bounds the prompt buckets kept (graphs.MAX_GRAPHS = 64 by default, every bucket of
+    one batch size: a server whose prompts fall in more buckets than it keeps runs their first two prompts
+    eagerly again and again; each bucket holds its graph's memory, and a plain forward's a KV scratch of its
+    length: lower it where memory is tight)."""
 
     name = "triton"
 

@@ -48,8 +48,13 @@ import torch
 # eagerly, where the device time of each part dwarfs the host's launch time.
 MAX_BUCKET = 4096
 
-# Graphs kept per model (each holds a KV scratch of its bucket and a memory pool of its own).
-MAX_GRAPHS = 8
+# Prompt buckets kept per model (each holds a memory pool of its own, and a KV scratch of its bucket unless it
+# is bound to a cache): 64, more than the 52 buckets up to MAX_BUCKET, so one batch size's prompts of any
+# length keep their graphs. With 8, a mix of prompt lengths thrashed: SmolLM2 on the H200 at 02f60b6
+# (benchmarks/prompt_mix.py, 200 prompts over 42 buckets) took 24.9 ms to the first token at the median
+# against 1.9 ms with 64, every evicted bucket's next prompts running eagerly and being captured again;
+# the 40 graphs more held 464 MiB more (benchmarks/results/prompt_mix_smollm2_h200_02f60b6.json).
+MAX_GRAPHS = 64
 
 # generate's KV caches kept per model with their decode graphs (DecodeSlots): one, so that what a call keeps
 # is never more than it used, and a call that needs a new cache frees the kept one first.

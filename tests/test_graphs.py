@@ -193,6 +193,13 @@ def test_bucket_edges_and_plain_forwards():
     assert list(prefill.buckets) == [(2, 32, 0, None), (2, 16, 0, None)]  # 1 token: the 16 bucket again, used last
 
 
+def test_the_default_limit_keeps_every_bucket_of_a_batch_size():
+    """A server's prompts of one batch size, whatever their lengths, keep their graphs by default (with 8 of
+    the 52 buckets kept, a mix of lengths ran its prompts eagerly again and again: prompt_mix.py)."""
+    assert len({bucket(T) for T in range(1, graphs.MAX_BUCKET + 1)}) == 52 <= MAX_GRAPHS
+    assert fused.TritonBackend().prefill_graph_limit == MAX_GRAPHS
+
+
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():
     model = _model(GROUPINGS["none"])
     prefill = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
@@ -453,9 +460,11 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
         monkeypatch.setattr(graphs, "MAX_BUCKET", 4096)
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
         lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
+        model.accelerator.prefill_graph_limit = 8
         for T in lengths:
             model(ids[:, :T], logits_to_keep=1)
-        assert list(model.accelerator.graphs.buckets) == [(1, T, 1, None) for T in lengths[-MAX_GRAPHS:]]
+        assert list(model.accelerator.graphs.buckets) == [(1, T, 1, None) for T in lengths[-8:]]
+        model.accelerator.prefill_graph_limit = MAX_GRAPHS
         # a conversation's turns into one cache: the first through a scratch bucket, the next three through
         # the 32 bucket bound to the cache (eager, captured, replayed), as the eager path computes them
         turns = [torch.randint(0, model.args.vocab_size, (2, T), device="cuda") for T in (20, 25, 30, 28)]
