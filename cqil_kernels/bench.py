@@ -303,9 +303,10 @@ class HFCompiled:
             self.cache = StaticCache(config=hf.config, max_batch_size=batch, max_cache_len=max_len,
                                      device=hf.device, dtype=hf.dtype)
         early = getattr(self.cache, "early_initialization", None)
-        if early is not None:  # transformers >= 4.56 allocates the cache at its first update unless told here; with
-            # the prompt compiled too, that allocation happens inside the compiled graph and the decode graph's
-            # cudagraph then writes memory it does not own (segfault, torch 2.11 / transformers 5.17 on an H200)
+        if early is not None:  # transformers allocates the cache at its first update unless told here: with the
+            # prompt compiled too, inside the compiled graph, where it is not marked static (transformers asks for
+            # early_initialization then); the likely cause of a segfault in torch's cudagraph trees at the first
+            # decode step (torch 2.11, transformers 5.17, H200, 02f60b6)
             cfg = hf.config
             heads = cfg.num_attention_heads
             early(batch, getattr(cfg, "num_key_value_heads", None) or heads,
