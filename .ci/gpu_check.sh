@@ -22,7 +22,8 @@
 #   placements  all visible GPUs (>= 2): benchmarks/placements_e2e.py, one-GPU vs TP vs CQIL vs the hybrid
 #               (PLACE_ARGS, default "--shape llama-7b --groups 12-30:2"); one GPU: the one-GPU estimate of 2
 #               and 4 ranks (benchmarks/placement_estimate.py, reduction latencies EST_US2 / EST_US4; EST_33B=1: also
-#               LLaMA-33B, one rank part at a time, H200 only)
+#               LLaMA-33B, one rank part at a time, H200 only); one GPU with PLACE_SHARED=1: placements_e2e.py with
+#               2 ranks sharing the GPU (its checks against the one-GPU model; timings mean nothing)
 #   profile     benchmarks/profile_step.py per PROFILE_SHAPES (default smollm2-135m, PROFILE_GROUPS default none):
 #               eager prefill's host/device ops, the graph-replayed prompt's host Python (cProfile), decode kernels
 #   boundaries  issue 26: benchmarks/layer_slope.py (per-layer fixed cost of our decode, SLOPE_SHAPE default llama-7b,
@@ -109,6 +110,11 @@ for stage in $stages; do
       timeout ${PLACE_TIMEOUT:-500} python3 -m torch.distributed.run --standalone --nproc-per-node $n \
         benchmarks/placements_e2e.py ${PLACE_ARGS:---shape llama-7b --groups 12-30:2} \
         --out "$OUT/placements_${n}gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" | tee -a "$OUT/placements.log"
+    elif [ "${PLACE_SHARED:-0}" = 1 ]; then  # one GPU: placements_e2e.py's protocols and checks, 2 ranks sharing it
+      timeout ${PLACE_TIMEOUT:-300} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+        benchmarks/placements_e2e.py --one-gpu-shared ${PLACE_ARGS:---shape llama-3.2-1b --groups 2-14:2} --rounds 2 \
+        --new 16 --greedy 8 --out "$OUT/placements_shared.json" 2>&1 | grep -v "^W1\|OMP_NUM_THREADS" \
+        | tee -a "$OUT/placements.log"
     else
       timeout ${PLACE_TIMEOUT:-240} python3 benchmarks/placement_estimate.py --shape llama-7b --world 2 \
         --groups 12-30:2 --reduce-us ${EST_US2:-5.0} --rounds ${ROUNDS:-2} --out "$OUT/estimate_llama-7b_2.json" \

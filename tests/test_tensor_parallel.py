@@ -142,6 +142,37 @@ def test_the_hybrid_places_groups_and_counts_reductions():
     assert tp.subgroups() == []
 
 
+@pytest.mark.parametrize("record", sorted(Path(__file__).parents[1].glob("benchmarks/results/estimate_*.json")),
+                         ids=lambda path: path.stem)
+def test_the_estimate_records_count_the_reductions_placement_makes(record):
+    """The one-GPU estimates in benchmarks/results add each placement's reductions per decode step: they
+    must be the ones Placement makes for the shape, world and groups the record names (a change of the
+    placements makes the records stale)."""
+    import json
+    import re
+
+    from conftest import import_benchmark
+
+    from cqil_kernels.bench import shape_args
+    from cqil_kernels.demo import parse_groups
+
+    estimate = import_benchmark("placement_estimate")
+    rec = json.loads(record.read_text())
+    command = rec["command"]
+    shape, world = re.search(r"--shape (\S+)", command)[1], int(re.search(r"--world (\d+)", command)[1])
+    split = re.search(r"--split-groups (\S+)", command)
+    chosen = estimate.placements(world, parse_groups(re.search(r"--groups (\S+)", command)[1]),
+                                 parse_groups(split[1]) if split else None)
+    rows = {row[0]: row for row in rec["rows"]}
+    assert set(rows) == {"one-gpu", *chosen}
+    for name, (cqil, tp) in chosen.items():
+        counts = {Placement.build(r, world, shape_args(shape), cqil, tensor_parallel=tp).reductions_per_step(0)
+                  for r in range(world)}
+        assert counts == {rows[name][2]}, name  # every rank makes the same number
+        assert rows[name][4] == pytest.approx(rows[name][3] + rows[name][2] * float(
+            re.search(r"--reduce-us (\S+)", command)[1]) / 1000, abs=1e-3)
+
+
 @pytest.mark.parametrize("overrides, world, cqil, message", [
     (dict(num_attention_heads=6, num_key_value_heads=2), 4, CQILConfig(), "6 attention heads do not divide by 4"),
     (dict(intermediate_size=90), 4, CQILConfig(), "intermediate size 90 does not divide by 4"),
