@@ -12,7 +12,8 @@ position's logits, max difference; greedy tokens over --greedy, identical or not
 on all ranks, the order reversed every other round; medians. Also the 8 KB group reduction inside a CUDA
 graph (our one-shot kernel and NCCL) and, per placement, the reductions per step and each rank's weight and
 KV-cache bytes. Rank 0 writes the record. --one-gpu-shared: every rank on GPU 0 (protocol check; the
-timings then mean nothing).
+timings then mean nothing). Without CUDA the ranks run on the CPU over gloo (tests/test_tensor_parallel.py:
+a small config through --config, --backend torch, --dtype float32; wall-clock timings, no reduction timed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cqil_kernels import CQILConfig
-from cqil_kernels.bench import SHAPES, _commit, _time_ours, _warm_up_gpu, random_model, shape_args
+from cqil_kernels.bench import SHAPES, _commit, _time_ours, _warm_up_gpu, card, random_model, shape_args
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.parallel import Placement, RankModel, end_rank, init_from_env
 from cqil_kernels.parallel.comm import GroupReducer
@@ -41,7 +42,7 @@ def log(*parts) -> None:
 
 
 @torch.inference_mode()
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     ap.add_argument("--groups", default="12-30:2", help="CQIL groups of the cqil and hybrid placements")
@@ -54,8 +55,16 @@ def main() -> None:
     ap.add_argument("--greedy", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--one-gpu-shared", action="store_true", help="every rank on GPU 0, gloo (protocols only)")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=INT",
+                    help="a config field of --shape replaced (num_hidden_layers=2); repeated")
+    ap.add_argument("--backend", default="triton", choices=["triton", "torch"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    try:
+        overrides = {key: int(value) for key, value in (item.split("=", 1) for item in a.config)}
+    except ValueError:
+        raise SystemExit(f"--config takes KEY=INT, got {a.config}")
     if a.one_gpu_shared:
         init_from_env(backend="gloo")
         device = torch.device("cuda", 0)
@@ -63,30 +72,32 @@ def main() -> None:
     else:
         device = init_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
-    dtype, args = torch.bfloat16, shape_args(a.shape)
+    dtype, args = getattr(torch, a.dtype), shape_args(a.shape, **overrides)
     names = [n for n in a.placements.split(",") if n]
     wanted = {"tp": (CQILConfig(), True), "cqil": (parse_groups(a.groups), False),
               "hybrid": (parse_groups(a.groups), True)}
     if a.split_groups:
         names.append("hybrid-split")
         wanted["hybrid-split"] = (parse_groups(a.split_groups), True)
-    _warm_up_gpu(device)
-    reducer = GroupReducer(device)
-    x = torch.ones(4096, dtype=dtype, device=device)
-    reduce_us = dict(one_shot=graph_us(lambda: reducer.all_reduce(x)) if reducer.one_shot_policy.enabled else None,
-                     backend=graph_us(lambda: dist.all_reduce(x)) if not a.one_gpu_shared else None)
+    reduce_us = dict(one_shot=None, backend=None)
+    if device.type == "cuda":
+        _warm_up_gpu(device)
+        reducer = GroupReducer(device)
+        x = torch.ones(4096, dtype=dtype, device=device)
+        reduce_us.update(one_shot=graph_us(lambda: reducer.all_reduce(x)) if reducer.one_shot_policy.enabled else None,
+                         backend=graph_us(lambda: dist.all_reduce(x)) if not a.one_gpu_shared else None)
     log(f"8 KB all-reduce in a graph: {reduce_us}")
     ids = torch.randint(0, args.vocab_size, (a.batch, a.prompt), generator=torch.Generator().manual_seed(0)).to(device)
     base = None
     if rank == 0 and "one-gpu" in names:
-        base = random_model(a.shape, dtype, device)
-        base.backend = "triton"
+        base = random_model(a.shape, dtype, device, **overrides)
+        base.backend = a.backend
     ranked = {}
     for name in (n for n in names if n != "one-gpu"):
         cqil, tp = wanted[name]
         placement = Placement.build(rank, world, args, cqil, tensor_parallel=tp)
-        part = random_model(a.shape, dtype, device, placement=placement)
-        part.cqil, part.backend = cqil, "triton"
+        part = random_model(a.shape, dtype, device, placement=placement, **overrides)
+        part.cqil, part.backend = cqil, a.backend
         ranked[name] = RankModel(part, placement)
     checks = {}
     for name, model in ranked.items():
@@ -128,10 +139,12 @@ def main() -> None:
             rows.append([name, world if name != "one-gpu" else 1, s.get("reductions_per_step", 0), round(ms, 4),
                          f"{one / ms:.2f}x" if one else None, checks.get(name, {}).get("greedy_tokens_identical")])
         record = dict(title=f"Decode on {world} GPUs, by placement: {a.shape}",
-                      what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, graph-replayed decode, {a.rounds} "
+                      what=(f"{a.dtype}, batch {a.batch}, {a.prompt}-token prompt, "
+                            f"{'graph-replayed' if device.type == 'cuda' else 'eager'} decode, {a.rounds} "
                             f"alternated rounds (medians); groups {a.groups}"
-                            + (f", split groups {a.split_groups}" if a.split_groups else "")),
-                      card=torch.cuda.get_device_name(device),
+                            + (f", split groups {a.split_groups}" if a.split_groups else "")
+                            + (f"; config {overrides}" if overrides else "") + f"; {a.backend} backend"),
+                      card=card(device),
                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                       commit=_commit(), command=f"torchrun --nproc-per-node {world} benchmarks/placements_e2e.py "
                       + " ".join(sys.argv[1:]), source="this file",

@@ -57,17 +57,38 @@ DEFAULT_GROUPS = {"llama-7b": "4-28:4", "llama-33b": "10-50:4", "smollm2-135m": 
 VARIANTS = ("hf-eager", "hf-compiled", "torch", "triton-seq", "triton-cqil")
 
 
+class _Timer:
+    """Milliseconds between start() and stop(): CUDA events where CUDA is up, else the wall clock (a CPU
+    run, where the work is done when the calls return: the multi-process benchmarks' CPU tests)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end)
+        return 1e3 * (time.perf_counter() - self.begin)
+
+
 def _events_ms(fn, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` runs, timed with CUDA events (after one warm-up)."""
+    """Median milliseconds of fn() over `repeats` runs, timed with CUDA events (the wall clock without CUDA),
+    after one warm-up."""
     fn()
     times = []
+    timer = _Timer()
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        timer.start()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(timer.stop())
     return statistics.median(times)
 
 
@@ -158,19 +179,17 @@ def decode_step_bytes(args: LlamaArgs, dtype: torch.dtype, batch: int, seq: int)
 def _step_ms(begin, new: int, repeats: int, warm: int) -> float:
     """Median ms per decode step over `repeats` sequences (one more first, dropped: compiles and captures).
     begin() starts a sequence and returns (step, first token), step(token) -> next token; `warm` steps run
-    untimed, then new - 2 steps between CUDA events."""
+    untimed, then new - 2 steps between CUDA events (the wall clock without CUDA)."""
     times = []
+    timer = _Timer()
     for _ in range(repeats + 1):
         step, tok = begin()
         for _ in range(warm):
             tok = step(tok)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        timer.start()
         for _ in range(new - 2):
             tok = step(tok)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (new - 2))
+        times.append(timer.stop() / (new - 2))
     return statistics.median(times[1:])
 
 

@@ -173,6 +173,53 @@ def test_the_estimate_records_count_the_reductions_placement_makes(record):
             re.search(r"--reduce-us (\S+)", command)[1]) / 1000, abs=1e-3)
 
 
+# a small config of the llama-3.2-1b shape for placements_e2e.py's --config (8 heads, 2 key/value heads, F 88)
+SMALL = dict(num_hidden_layers=6, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+             intermediate_size=88, vocab_size=97)
+
+
+@pytest.mark.parametrize("world, groups", [(2, ["--groups", "1-5:2"]),
+                                           (4, ["--groups", "1-5:4", "--split-groups", "1-5:2"])], ids=["w2", "w4"])
+def test_the_placements_benchmark_runs_every_placement_on_cpu_ranks(tmp_path, world, groups):
+    """benchmarks/placements_e2e.py, the several-GPU comparison, end to end on CPU ranks under torchrun
+    (gloo, torch backend, a small config): every placement gives the one-GPU model's last logits and greedy
+    tokens, reports the reductions Placement makes and every rank's bytes. Its CPU timings mean nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cqil_kernels.bench import shape_args
+    from cqil_kernels.demo import parse_groups
+
+    out = tmp_path / "placements.json"
+    config = [arg for key, value in SMALL.items() for arg in ("--config", f"{key}={value}")]
+    script = Path(__file__).parents[1] / "benchmarks" / "placements_e2e.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                          str(script), "--shape", "llama-3.2-1b", *config, *groups, "--backend", "torch",
+                          "--dtype", "float32", "--prompt", "8", "--new", "6", "--greedy", "4", "--rounds", "1",
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    args = shape_args("llama-3.2-1b", **SMALL)
+    wanted = {"tp": (CQILConfig(), True), "cqil": (parse_groups(groups[1]), False),
+              "hybrid": (parse_groups(groups[1]), True)}
+    if world == 4:
+        wanted["hybrid-split"] = (parse_groups(groups[3]), True)
+    rows = {row[0]: row for row in record["rows"]}
+    assert set(rows) == {"one-gpu", *wanted}
+    for name, (cqil, tp) in wanted.items():
+        check = record["checks"][name]
+        assert check["greedy_tokens_identical"] is True and rows[name][5] is True, name
+        assert check["logits_max_abs_diff"] <= 1e-5 * check["logits_scale"], name
+        assert rows[name][2] == record["per_rank"][name]["reductions_per_step"] == \
+            Placement.build(0, world, args, cqil, tensor_parallel=tp).reductions_per_step(0), name
+        ranks = record["per_rank"][name]["ranks"]
+        assert len(ranks) == world and all(r["parameter_bytes"] > 0 and r["kv_cache_bytes"] > 0 for r in ranks)
+
+
 @pytest.mark.parametrize("overrides, world, cqil, message", [
     (dict(num_attention_heads=6, num_key_value_heads=2), 4, CQILConfig(), "6 attention heads do not divide by 4"),
     (dict(intermediate_size=90), 4, CQILConfig(), "intermediate size 90 does not divide by 4"),
