@@ -185,6 +185,8 @@ def test_kv_cache_groups_are_contiguous():
     assert [tuple(k.shape) for k in cache.k] == [(1, 2, 2, 10, 8), (3, 2, 2, 10, 8), (1, 2, 2, 10, 8),
                                                  (1, 2, 2, 10, 8)]
     assert all(k.is_contiguous() for k in cache.k)
+    for kv in (cache.k, cache.v):  # in stage order, back to back (the runs copy_prompt copies span them)
+        assert all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(kv, kv[1:]))
     # one zeroed allocation; the stages' keys and values are disjoint views of it
     assert all(not t.any() for t in cache.k + cache.v)
     views = cache.k + cache.v
