@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 import weakref
 
 import torch
@@ -81,12 +82,18 @@ class _CapturedLazily:
     """What a decode step and a prompt bucket share: their step runs eagerly on the first call (on a side
     stream: it compiles and autotunes the kernels for the shape), is captured in a CUDA graph on the second
     and replayed on every later one, whose result is the graph's output buffer (read it before the next
-    replay). fn must read the same buffers every time: a replay runs what the capture recorded."""
+    replay). fn must read the same buffers every time: a replay runs what the capture recorded.
+
+    A graph is kept only once its capture has completed: a capture that raised is never replayed. One that
+    ran out of memory (a graph's pool cannot take the blocks torch's allocator holds for eager work) warns,
+    runs the step eagerly and leaves this step eager from then on (a bucket evicted and made again tries
+    anew); any other error propagates."""
 
     def __init__(self):
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.calls = 0
+        self.eager_only = False
 
     def replay_or_run(self, fn, capture: bool = True) -> torch.Tensor:
         """fn() as above; capture=False runs it eagerly every time (the CPU, under the interpreter)."""
@@ -94,7 +101,7 @@ class _CapturedLazily:
         if self.graph is not None:
             self.graph.replay()
             return self.out
-        if not capture:
+        if not capture or self.eager_only:
             return fn()
         if self.calls == 1:
             side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
@@ -103,11 +110,20 @@ class _CapturedLazily:
                 out = fn()
             torch.cuda.current_stream().wait_stream(side)
             return out
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
-        self.graph.replay()
-        return self.out
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = fn()
+        except torch.cuda.OutOfMemoryError as e:
+            del graph
+            self.eager_only = True
+            warnings.warn(f"no memory to capture a CUDA graph of this step ({str(e).splitlines()[0]}); it runs "
+                          "eagerly (lower model.accelerator.prefill_graph_limit to keep fewer prompt graphs)",
+                          RuntimeWarning, stacklevel=3)
+            return fn()
+        self.graph, self.out = graph, out
+        graph.replay()
+        return out
 
 
 class GraphDecoder(_CapturedLazily):

@@ -1,6 +1,7 @@
 """graphs.py: prompt-length buckets and the padded prefill the prefill graphs capture (CPU: the same padded
 step run eagerly under TRITON_INTERPRET=1), and on CUDA the captured graphs against the eager path."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -198,6 +199,48 @@ def test_the_default_limit_keeps_every_bucket_of_a_batch_size():
     the 52 buckets kept, a mix of lengths ran its prompts eagerly again and again: prompt_mix.py)."""
     assert len({bucket(T) for T in range(1, graphs.MAX_BUCKET + 1)}) == 52 <= MAX_GRAPHS
     assert fused.TritonBackend().prefill_graph_limit == MAX_GRAPHS
+
+
+def test_a_capture_that_raises_is_never_replayed(monkeypatch):
+    """A step whose capture failed keeps no graph: an error propagates and the next call captures anew; out of
+    memory warns and leaves the step eager. (Fakes stand in for torch's CUDA graph: the logic, on the CPU.)"""
+    events = []
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capturing(graph):
+        events.append("capture")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    step = graphs._CapturedLazily()
+    step.calls = 1  # the eager first call (on a side stream) is behind it
+    failures = [ValueError("bad shape")]
+
+    def fn():
+        if failures:
+            raise failures.pop()
+        events.append("run")
+        return torch.ones(2)
+
+    with pytest.raises(ValueError, match="bad shape"):
+        step.replay_or_run(fn)
+    assert step.graph is None and step.out is None
+    assert torch.equal(step.replay_or_run(fn), torch.ones(2)) and step.graph is not None  # captured this time
+    assert events == ["capture", "capture", "run", "replay"]
+    step = graphs._CapturedLazily()
+    step.calls = 1
+    failures.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    events.clear()
+    with pytest.warns(RuntimeWarning, match="no memory to capture a CUDA graph.*Tried to allocate 2.00 GiB"):
+        assert torch.equal(step.replay_or_run(fn), torch.ones(2))
+    assert step.graph is None and step.eager_only
+    step.replay_or_run(fn)
+    assert events == ["capture", "run", "run"]  # eager from then on: no second capture
 
 
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():
