@@ -23,7 +23,8 @@ from ab_decode import ab_parser, settings
 
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
-    from cqil_kernels.bench import DEFAULT_GROUPS, _commit, _warm_up_gpu, prefill_split_ms, random_model
+    from cqil_kernels.bench import (DEFAULT_GROUPS, _commit, _warm_up_gpu, prefill_split_ms, random_model,
+                                    write_record)
     from cqil_kernels.demo import parse_groups
 
     ap = ab_parser(__doc__, shape="llama-7b", rounds=2, groups_help="CQIL groups (default: the shape's)")
@@ -35,11 +36,11 @@ def main(argv=None) -> None:
     rows = a.rows or [16, 64, 512]
     if min(rows) < 1 or a.rounds < 1 or a.repeats < 1:
         raise SystemExit("rows, rounds and repeats must be >= 1")
-    device = torch.device("cuda")
+    device, commit = torch.device("cuda"), _commit()
     model = random_model(a.shape, torch.bfloat16, device)
     groups = a.groups or DEFAULT_GROUPS[a.shape]
     configs = {"seq": CQILConfig(), "cqil": parse_groups(groups)}
-    ids = torch.randint(0, model.args.vocab_size, (1, max(rows)), device=device)
+    ids = torch.randint(0, model.args.vocab_size, (1, max(rows)), device=model.device)
     runs_to_do = [(name, env, kind) for name, env in a.variant for kind in configs]
     _warm_up_gpu(device, 2.0)
     results: dict[str, list[dict[str, float]]] = {}
@@ -61,10 +62,22 @@ def main(argv=None) -> None:
     summary = {k: {m: statistics.median(t[m] for t in v) for m in v[0]} for k, v in results.items()}
     print(json.dumps(summary, indent=1))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
-                           variants={name: env for name, env in a.variant}, rows=rows, median=summary,
-                           runs=results), f, indent=1)
+        table = []
+        for T in rows:
+            for name, _, kind in runs_to_do:
+                m = summary[f"{name}-{kind}@{T}"]
+                table.append([a.shape, name, groups if kind == "cqil" else "none", T, round(m["wall_ms"], 3),
+                              round(m["device_ms"], 3), round(m["graph_host_ms"], 3), round(m["eager_ms"], 3),
+                              round(m["host_ms"], 3)])
+        write_record(a.out, device=device, commit=commit,
+                     title=f"Prompt wall time against its device time: {a.shape}",
+                     what=(f"bf16, batch 1, random weights; wall = the graph-replayed prompt (the default on CUDA) "
+                           f"including new_cache; eager = prefill graphs off; device = the step queued behind a GPU "
+                           f"sleep; host = wall time to enqueue; medians of {a.rounds} rounds of {a.repeats}, "
+                           f"variants and groupings alternated"),
+                     columns=["shape", "variant", "groups", "prompt tokens", "wall ms (graph)", "device ms",
+                              "host ms before the replay", "wall ms (graphs off)", "host ms (graphs off)"],
+                     rows=table, variants={name: env for name, env in a.variant}, median=summary, runs=results)
 
 
 if __name__ == "__main__":

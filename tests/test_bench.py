@@ -100,6 +100,34 @@ def test_prefill_rows_needs_a_gpu_and_parses_variants(monkeypatch):
         main(["--variant", "kernels"])
 
 
+def test_prefill_rows_writes_a_record_the_table_script_draws(monkeypatch, tmp_path):
+    """prefill_rows.py's record (its GPU parts faked: a small CPU model, the split timings made up) holds a
+    row per length, variant and grouping, and passes benchmarks/tables.py's checks."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import prefill_rows
+    import tables
+    from conftest import random_hf_model
+
+    from cqil_kernels import CQILLlama, bench
+
+    small = CQILLlama.from_pretrained(random_hf_model(num_hidden_layers=6))
+    small.backend = "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a faked GPU")
+    monkeypatch.setattr(bench, "random_model", lambda *a, **k: small)
+    monkeypatch.setattr(bench, "_warm_up_gpu", lambda *a: None)
+    monkeypatch.setattr(bench, "prefill_split_ms", lambda model, ids, repeats: dict(
+        wall_ms=1.0 + ids.shape[1], device_ms=0.5, host_ms=2.0, eager_ms=3.0, graph_host_ms=0.25))
+    out = tmp_path / "rows.json"
+    prefill_rows.main(["--shape", "smollm2-135m", "--groups", "1-5:2", "--variant", "base:", "--rows", "3",
+                       "--rows", "7", "--rounds", "1", "--repeats", "1", "--out", str(out)])
+    record = tables.load(out)
+    tables.check(record, out.name)
+    assert [row[1:5] for row in record["rows"]] == [["base", "none", 3, 4.0], ["base", "1-5:2", 3, 4.0],
+                                                    ["base", "none", 7, 8.0], ["base", "1-5:2", 7, 8.0]]
+    assert record["card"] == "a faked GPU"
+
+
 def test_ab_settings_set_and_restore(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from ab_decode import settings
