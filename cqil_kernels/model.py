@@ -193,13 +193,13 @@ class KVCache:
         self.stages = stages
         kv_heads = kv_heads if kv_heads is not None else [args.num_key_value_heads] * len(stages)
         shapes = [(len(s), batch, h, max_seq, args.head_dim) for s, h in zip(stages, kv_heads)]
-        sizes = [math.prod(shape) for shape in shapes]
-        check_fits(2 * sum(sizes) * dtype.itemsize, torch.device(device),
+        total = sum(math.prod(shape) for shape in shapes)
+        check_fits(2 * total * dtype.itemsize, torch.device(device),
                    f"a KV cache of batch {batch} x {max_seq} positions")
         # one allocation and one fill for every layer's keys and values; the stages' tensors are views, those of
         # each run of consecutive stages of one shape made by one view and one unbind (a new cache is made on
         # the host before every plain prompt: ~60 view calls of a 30-layer model were half its host time)
-        k, v = torch.zeros((2, sum(sizes)), device=device, dtype=dtype)
+        k, v = torch.zeros((2, total), device=device, dtype=dtype)
         self.k, self.v = [], []
         offset = 0
         for shape, run in itertools.groupby(shapes):
@@ -223,12 +223,12 @@ class KVCache:
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
         # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
         # one fill here, one fill in clear() (generate's every call), where there were four of each
-        sizes = (batch * max_seq, 8 * batch, 4, 4)
+        field_bytes = (batch * max_seq, 8 * batch, 4, 4)
         at = [0]
-        for nbytes in sizes:
+        for nbytes in field_bytes:
             at.append(at[-1] + -(-nbytes // 16) * 16)
         self._bookkeeping = torch.zeros(at[-1], dtype=torch.uint8, device=device)
-        key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n] for a, n in zip(at, sizes))
+        key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n] for a, n in zip(at, field_bytes))
         self.key_valid = key_valid.view(torch.bool).view(batch, max_seq)
         self.n_tokens = n_tokens.view(torch.int64)
         self.position = position.view(torch.int32)

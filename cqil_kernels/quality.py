@@ -199,6 +199,7 @@ class ReferenceRun:
         self.window_tokens = torch.tensor([lp.shape[0] for lp in self.logprobs], dtype=torch.float64)
         self.window_nll = torch.stack([self._nll(i, self.logprobs[i]) for i in range(len(self.spans))]).cpu()
         W = len(self.spans)
+        # the original against itself: no KL, every position agrees
         self.baseline = self._metrics(self.window_nll, torch.zeros(W, dtype=torch.float64), self.window_tokens,
                                       reference=True)
 
@@ -240,9 +241,8 @@ class ReferenceRun:
         if not reference:
             ppl_ci = paired_bootstrap(self.window_nll, nll, self.window_tokens, **self.bootstrap)
             kl_ci = paired_bootstrap(self.window_nll, kl, self.window_tokens, ratio=False, **self.bootstrap)
-        agreement = (agree.sum().item() if not reference else n) / n
-        return Metrics(math.exp(nll.sum().item() / n), agreement, kl.sum().item() / n, int(n), len(self.spans),
-                       ppl_ci, kl_ci)
+        return Metrics(math.exp(nll.sum().item() / n), agree.sum().item() / n, kl.sum().item() / n, int(n),
+                       len(self.spans), ppl_ci, kl_ci)
 
     def _per_window(self, cqil: CQILConfig, fn) -> torch.Tensor:
         """fn(i, log-probabilities of window i) of every window under grouping `cqil`, stacked in window order
