@@ -681,7 +681,8 @@ def main(argv=None) -> None:
                 profiles[run][variant] = runner.profile(tok, cache)
                 print(f"{run:>8} {variant}, one step's tasks: {json.dumps(profiles[run][variant])}", flush=True)
         # a fault of this configuration's kernels is reported here, not in the next one's (at 42b5305 the
-        # combined 7B run reported an illegal access in its second configuration, which ran clean alone)
+        # combined 7B run reported an illegal access in its second configuration, which ran clean alone: most
+        # likely the fused variant's cache, freed under its graph until `kept` held it, 9a1c9c4)
         torch.cuda.synchronize()
         step_bytes = decode_step_bytes(shape_args(a.shape, **over), dtype, a.batch, a.prompt)
         for v, t in times.items():
