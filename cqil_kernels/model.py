@@ -194,12 +194,15 @@ class KVCache:
         kv_heads = kv_heads if kv_heads is not None else [args.num_key_value_heads] * len(stages)
         shapes = [(len(s), batch, h, max_seq, args.head_dim) for s, h in zip(stages, kv_heads)]
         total = sum(math.prod(shape) for shape in shapes)
-        check_fits(2 * total * dtype.itemsize, torch.device(device),
-                   f"a KV cache of batch {batch} x {max_seq} positions")
-        # one allocation and one fill for every layer's keys and values; the stages' tensors are views, those of
-        # each run of consecutive stages of one shape made by one view and one unbind (a new cache is made on
-        # the host before every plain prompt: ~60 view calls of a 30-layer model were half its host time)
-        k, v = torch.zeros((2, total), device=device, dtype=dtype)
+        # one allocation for every layer's keys and values, not filled: a step writes every position it covers
+        # (left padding and a prompt bucket's right padding included) before any kernel reads it, and attention
+        # reads only positions below the step's last (masked loads, tested with the unwritten ones poisoned
+        # with NaN), so zeros would be device time spent on nothing (LLaMA-7B, a 4096-position cache: 2 GiB).
+        # The stages' tensors are views, those of each run of consecutive stages of one shape made by one view
+        # and one unbind (a new cache is made on the host before every plain prompt: ~60 view calls of a
+        # 30-layer model were half its host time)
+        k, v = allocate((2, total), dtype, torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions",
+                        zeroed=False)
         self.k, self.v = [], []
         offset = 0
         for shape, run in itertools.groupby(shapes):
@@ -273,23 +276,29 @@ class KVCache:
         self.position.fill_(length)
 
 
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str,
+             zeroed: bool = True) -> torch.Tensor:
+    """A tensor of `shape` on `device` (zeros, or left as the allocator hands it out), or MemoryError naming
+    `what` when it does not fit: on a GPU, torch's out-of-memory error turned into one (no query before
+    allocating: reading the allocator's counters was 0.55 of the 1.6 ms a replayed SmolLM2 prompt took on
+    the host, under cProfile on the H100 at 42b5305); on the host, checked against the available memory
+    before allocating (check_fits)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cuda":
+        check_fits(nbytes, device, what)
+    try:
+        return (torch.zeros if zeroed else torch.empty)(shape, device=device, dtype=dtype)
+    except torch.OutOfMemoryError as e:
+        free = torch.cuda.mem_get_info(device)[0]
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB free on "
+                          f"{device} ({str(e).splitlines()[0]})") from None
+
+
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:
-    """MemoryError naming `what` when nbytes cannot be allocated on `device`: more than the GPU has free
-    (plus what torch's allocator holds unused), or than the host's available memory. A host that
-    overcommits would otherwise hand out the pages and kill the process once they are touched."""
-    if device.type == "cuda":
-        # one query of the allocator's counters: memory_reserved() and memory_allocated() each flatten all of
-        # them (0.55 of the 1.6 ms a replayed SmolLM2 prompt took on the host under cProfile, H100, 42b5305)
-        stats = torch.cuda.memory.memory_stats_as_nested_dict(device)  # {} before CUDA is initialized
-        unused = (stats.get("reserved_bytes", {}).get("all", {}).get("current", 0)
-                  - stats.get("allocated_bytes", {}).get("all", {}).get("current", 0))
-        if nbytes <= unused:  # held by torch's allocator already: no driver query (cudaMemGetInfo) needed
-            return
-        free = torch.cuda.mem_get_info(device)[0] + unused
-    elif device.type == "cpu":
-        free = _host_available_bytes()
-    else:
-        return
+    """MemoryError naming `what` when nbytes is more than the host's available memory (device "cpu"): a host
+    that overcommits would otherwise hand out the pages and kill the process once they are touched. Other
+    devices are not checked here (allocate: a GPU's own out-of-memory error says it)."""
+    free = _host_available_bytes() if device.type == "cpu" else None
     if free is not None and nbytes > free:
         raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB "
                           f"available on {device}")

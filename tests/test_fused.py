@@ -79,6 +79,31 @@ def test_a_prompt_in_parts_and_the_last_logits_match_torch_backend(name):
     torch.testing.assert_close(logits["torch"], whole, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["none", "P3-d1-residual"])
+def test_unwritten_cache_positions_are_never_read(name, backend):
+    """A KV cache is allocated unfilled (model.allocate): every position a step covers is written before it is
+    read and attention loads none past the step's last. Keys and values poisoned with NaN everywhere before
+    a left-padded prompt (in parts, the first all padding for row 0) and decode steps give the logits a
+    zeroed cache gives, bit for bit."""
+    model = _models(GROUPINGS[name])
+    model.backend = backend
+    ids = torch.randint(0, model.args.vocab_size, (2, 11), device=DEVICE)
+    mask = left_padding_mask(ids, [5, 0])
+    logits = {}
+    with torch.no_grad():
+        for fill in ("zeros", "nan"):
+            cache = model.new_cache(2, 40)
+            for t in (*cache.k, *cache.v):
+                t.fill_(0.0 if fill == "zeros" else float("nan"))
+            steps = [prefill(model, ids, mask, cache, 4)]
+            for t in range(3):
+                steps.append(model(ids[:, t:t + 1], cache=cache)[:, -1])
+            logits[fill] = torch.stack(steps)
+    assert torch.isfinite(logits["zeros"]).all()
+    assert torch.equal(logits["nan"], logits["zeros"])
+
+
 def test_generate_is_identical_on_both_backends():
     model = _models(GROUPINGS["pairs-d0"])
     ids = torch.randint(0, model.args.vocab_size, (2, 7), device=DEVICE)

@@ -564,11 +564,13 @@ def test_cache_runs_of_equal_heads_are_handed_over():
         v.normal_()
     src.key_valid[:, :5] = True
     src.n_tokens.fill_(5)
+    for t in (*dst.k, *dst.v):
+        t.fill_(-1.0)
     dst.copy_prompt(src, 5)
     for s, stage in enumerate(stages):
         assert torch.equal(dst.k[s][..., :5, :], src.k[s][..., :5, :])
         assert torch.equal(dst.v[s][..., :5, :], src.v[s][..., :5, :])
-        assert not dst.k[s][..., 5:, :].any() and not dst.v[s][..., 5:, :].any()
+        assert (dst.k[s][..., 5:, :] == -1).all() and (dst.v[s][..., 5:, :] == -1).all()  # the rest left alone
     assert int(dst.position) == 5 and dst.n_tokens.tolist() == [5, 5]
     with pytest.raises(ValueError, match="same stages, batch, heads"):
         dst.copy_prompt(KVCache(args, stages, 2, 8, torch.device(DEVICE), torch.float32, kv_heads=[1, 0, 2, 2, 2]), 5)

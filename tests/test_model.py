@@ -187,8 +187,7 @@ def test_kv_cache_groups_are_contiguous():
     assert all(k.is_contiguous() for k in cache.k)
     for kv in (cache.k, cache.v):  # in stage order, back to back (the runs copy_prompt copies span them)
         assert all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(kv, kv[1:]))
-    # one zeroed allocation; the stages' keys and values are disjoint views of it
-    assert all(not t.any() for t in cache.k + cache.v)
+    # one allocation (not filled: model.allocate); the stages' keys and values are disjoint views of it
     views = cache.k + cache.v
     for i, t in enumerate(views):
         t.fill_(i + 1)
