@@ -84,7 +84,8 @@ def _read(stats: list[torch.Tensor]) -> list[list[int]]:
         by_device.setdefault(t.device, []).append(i)
     for indices in by_device.values():
         sizes = [stats[i].numel() for i in indices]
-        flat = torch.cat([stats[i].long() for i in indices]).tolist()
+        # one tensor (input ids without a mask) is read as it is: a cat would be one more launch before the sync
+        flat = (stats[indices[0]] if len(indices) == 1 else torch.cat([stats[i] for i in indices])).long().tolist()
         for i, n in zip(indices, sizes):
             out[i], flat = flat[:n], flat[n:]
     return out
