@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from cqil_kernels import CQILConfig, CQILLlama
 from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model
 from cqil_kernels.demo import parse_groups
+from cqil_kernels.model import check_forward_inputs
 
 
 def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
@@ -32,6 +33,17 @@ def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
         profiler.disable()
         walls.append(time.perf_counter() - start)
     return 1e3 * statistics.median(walls), profiler
+
+
+def host_ms(call, times: int) -> float:
+    """Median wall ms of call() over `times` calls, the device idle before each (no profiler)."""
+    walls = []
+    for _ in range(times):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        walls.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(walls)
 
 
 def main() -> None:
@@ -64,7 +76,25 @@ def main() -> None:
         ms, profiler = host_profile(lambda: model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1), 20)
         print(f"== prompt replayed from its graph: host {ms:.3f} ms per call (median of 20, the device idle "
               f"before each); cProfile over the 20 calls (its own overhead included):")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(a.rows)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(a.rows)
+        stats.sort_stats("cumulative").print_stats(a.rows)
+        stats.sort_stats("tottime").print_callers(6)
+        print("== the replayed prompt's host time by part (median ms of 20 calls, the device idle before each):")
+        kept = model.new_cache(1, a.prompt + 40)
+        kept.long_lived = True  # generate's kind of cache: the prompt's graph binds to it (no scratch, no copy)
+        parts = {
+            "new_cache": lambda: model.new_cache(1, a.prompt + 40),
+            "check_inputs": lambda: check_forward_inputs(model, ids, None, kept),
+            "forward into a new cache (scratch + copy)": lambda: model(ids, cache=model.new_cache(1, a.prompt + 40),
+                                                                       logits_to_keep=1),
+            "forward into a kept cache (bound)": lambda: (kept.clear(), model(ids, cache=kept, logits_to_keep=1)),
+            "generate(ids, 1), token on the host": lambda: model.generate(ids, 1).cpu(),
+        }
+        for name, call in parts.items():
+            for _ in range(3):
+                call()
+            print(f"  {name:45s} {host_ms(call, 20):8.3f}")
 
         cache = model.new_cache(1, a.prompt + 40)
         tok = model.argmax(model(ids, cache=cache)[:, -1])
