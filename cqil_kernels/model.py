@@ -442,6 +442,10 @@ class Backend(Protocol):
         """generate's (empty KV cache of at least max_seq positions, its decode step), e.g. kept from an
         earlier call with its captured graph, or None for a new cache and decoder()."""
 
+    def warm_up(self, model: CQILTransformer, batch: int, max_seq: int, lengths: list[int]) -> list[int]:
+        """Make ready what generate will run for `batch` rows, up to max_seq positions and prompts of these
+        lengths (e.g. compile and capture its steps); returns the prompt lengths (buckets) made ready."""
+
 
 # --------------------------------------------------------------------------------------------------
 # The model
@@ -663,6 +667,33 @@ class CQILTransformer(nn.Module):
                 return slot
         cache = self.new_cache(batch, max_seq)
         return cache, self.decoder(cache)
+
+    def warm_up(self, batch: int = 1, max_seq: int | None = None, prompt_lengths=None) -> list[int]:
+        """Make generate ready for requests of `batch` rows and up to `max_seq` positions each (prompt + new
+        tokens; default max_position_embeddings) before the first one comes, as serving engines do when they
+        start: the attached backend compiles and captures now what it would otherwise do on the first calls.
+        With the fused backend on CUDA, generate's kept KV cache is made, and its decode step and the prompt
+        bucket of each of `prompt_lengths` (default: every length one forward takes, up to
+        min(max_seq - 1, 4096)) are captured as CUDA graphs; without, a bucket's first two prompts and a
+        new cache's first two decode steps run their kernels one launch at a time from Python. Returns the
+        prompt buckets made ready ([] where there is nothing to capture: the torch backend, the CPU). What is
+        captured is for the current grouping and weights: changing either drops it (graph_signature)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        limit = self.args.max_position_embeddings
+        max_seq = limit if max_seq is None else max_seq
+        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or not 2 <= max_seq <= limit:
+            raise ValueError(f"max_seq must be an int in [2, max_position_embeddings = {limit}], got {max_seq!r}")
+        if prompt_lengths is None:
+            prompt_lengths = range(1, min(max_seq - 1, PREFILL_CHUNK) + 1)
+        lengths = list(prompt_lengths)
+        bad = [T for T in lengths if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T < max_seq]
+        if bad or not lengths:
+            raise ValueError(f"prompt_lengths must be ints in [1, max_seq - 1 = {max_seq - 1}] (a prompt and at least "
+                             f"one new token), got {bad[0] if bad else 'none'}")
+        if not self.accelerated():
+            return []
+        return self.accelerator.warm_up(self, batch, max_seq, lengths)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy decoding's choice: logits [B, vocab] -> tokens [B] int64, the first index among equal

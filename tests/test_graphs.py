@@ -439,6 +439,25 @@ def test_cpu_forwards_do_not_use_prefill_graphs():
     assert model.accelerator.graphs is None
 
 
+def test_warm_up_checks_its_arguments_and_captures_nothing_off_cuda():
+    model = _model(GROUPINGS["P3-d1-residual"])  # max_position_embeddings 128
+    for bad, match in (({"batch": 0}, "batch must be an int >= 1"), ({"max_seq": 129}, r"max_seq must be .* 128\]"),
+                       ({"max_seq": 1}, "max_seq must be"), ({"max_seq": 40, "prompt_lengths": [5, 40]},
+                                                             r"\[1, max_seq - 1 = 39\].*got 40"),
+                       ({"prompt_lengths": []}, "got none"), ({"prompt_lengths": [2.0]}, "got 2.0")):
+        with pytest.raises(ValueError, match=match):
+            model.warm_up(**bad)
+    backend = fused.TritonBackend(prefill_graph_limit=2)
+    with pytest.raises(ValueError, match="at most 4096"):
+        backend.warm_up(model, 1, 5000, [4097])
+    with pytest.raises(ValueError, match="fall in 3 buckets, more than the 2 kept"):
+        backend.warm_up(model, 1, 100, [5, 20, 40])
+    if DEVICE == "cpu":  # nothing is captured off CUDA, nor with the torch backend
+        assert model.warm_up(2, 40) == [] and backend.warm_up(model, 1, 100, [5, 20]) == []
+    model.backend = "torch"
+    assert model.warm_up(2, 40) == []
+
+
 # ------------------------------------------------------------------------------------------------------
 # CUDA: the captured graphs
 
@@ -574,3 +593,28 @@ def test_cache_runs_of_equal_heads_are_handed_over():
     assert int(dst.position) == 5 and dst.n_tokens.tolist() == [5, 5]
     with pytest.raises(ValueError, match="same stages, batch, heads"):
         dst.copy_prompt(KVCache(args, stages, 2, 8, torch.device(DEVICE), torch.float32, kv_heads=[1, 0, 2, 2, 2]), 5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_warm_up_captures_what_generate_then_replays():
+    """After warm_up(batch, max_seq) every prompt bucket up to max_seq - 1 (the last one, 48 > 40 positions,
+    through a scratch) and the kept cache's decode step are captured: generate's calls of any of those lengths
+    replay from their first forward, with the tokens of the path without graphs."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    g = torch.Generator(device="cuda").manual_seed(3)
+    calls = [(torch.randint(0, model.args.vocab_size, (2, T), device="cuda", generator=g), new)
+             for T, new in ((5, 3), (20, 19), (33, 6), (39, 1))]
+    model.accelerator.cuda_graphs = False
+    expected = [model.generate(ids, new) for ids, new in calls]
+    model.accelerator.cuda_graphs = True
+    assert model.warm_up(2, 40) == [16, 32, 48]
+    (cache, decode), = model.accelerator.slots.slots
+    buckets = model.accelerator.graphs.buckets
+    assert decode.graph is not None and decode.calls == 2 and cache.max_seq == 40
+    assert sorted(buckets) == [(2, 16, 1, id(cache)), (2, 32, 1, id(cache)), (2, 48, 1, None)]
+    assert all(entry.graph is not None and entry.calls == 2 for entry in buckets.values())
+    for (ids, new), want in zip(calls, expected):
+        assert torch.equal(model.generate(ids, new), want)
+    assert [entry.calls for entry in buckets.values()] == [3, 3, 4]  # (16: 5), (32: 20), (48: 33 and 39)
+    assert model.accelerator.slots.slots[0][0] is cache
