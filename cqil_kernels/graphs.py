@@ -33,7 +33,7 @@ Prefill graphs, as serving engines do it:
   every graph (`PrefillGraphs.current`).
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
-  packed_weights, graph_signature, args and device, and the step function.
+  packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
 """
 
 from __future__ import annotations
@@ -142,9 +142,15 @@ class GraphDecoder(_CapturedLazily):
         super().__init__()
         self.model, self.cache, self.step_fn = model, cache, step_fn
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
+        # what the step is made for, checked by identity at every call (~1 us; the whole graph_signature,
+        # ~50 us, is checked where generate takes a kept step, DecodeSlots.take)
+        self.cqil, self.packed = model.cqil, model.packed_weights()
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
+        cache, model = self.cache, self.model
+        if model.cqil is not self.cqil or model.packed is not self.packed:
+            raise ValueError("the model's grouping or packed weights changed since this decode step was made: make "
+                             "a new cache and step (model.new_cache, model.decoder)")
         if cache.length + 1 > cache.max_seq:
             raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
         self.tokens.copy_(next_tokens.view(cache.batch, 1))

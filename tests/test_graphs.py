@@ -439,6 +439,19 @@ def test_cpu_forwards_do_not_use_prefill_graphs():
     assert model.accelerator.graphs is None
 
 
+def test_a_held_decode_step_refuses_a_changed_model():
+    """A decode step made by model.decoder (a CUDA graph of the step it was made for) refuses to run once the
+    model's grouping or packed weights changed, before anything runs (the check needs no GPU)."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    for change in (lambda: setattr(model, "cqil", GROUPINGS["none"]), model.pack):
+        cache = model.new_cache(1, 8)
+        decode = graphs.GraphDecoder(model, cache, lambda *args: pytest.fail("the step ran"))
+        change()
+        with pytest.raises(ValueError, match="grouping or packed weights changed since this decode step was made"):
+            decode(torch.zeros(1, dtype=torch.long, device=DEVICE))
+        assert cache.length == 0
+
+
 def test_warm_up_checks_its_arguments_and_captures_nothing_off_cuda():
     model = _model(GROUPINGS["P3-d1-residual"])  # max_position_embeddings 128
     for bad, match in (({"batch": 0}, "batch must be an int >= 1"), ({"max_seq": 129}, r"max_seq must be .* 128\]"),

@@ -305,6 +305,11 @@ class RankModel:
         """The packed weights of this rank's layers (CQILTransformer.packed_weights)."""
         return self.model.packed_weights()
 
+    @property
+    def packed(self):
+        """The packed weights as last packed (CQILTransformer.packed), None before the first packing."""
+        return self.model.packed
+
     def graph_signature(self) -> tuple:
         """What this rank's captured graphs read (CQILTransformer.graph_signature)."""
         return self.model.graph_signature()
