@@ -65,8 +65,14 @@ def main(argv=None) -> None:
     for kind, row in before.items():
         print(f"before {kind}: {row}", flush=True)
     start = time.perf_counter()
+
+    def progress(step: int, loss: float) -> None:  # the rate, so that a run cut short by a timeout says it
+        if step % 100 == 0 or step == a.steps:
+            print(f"step {step}/{a.steps}: KD loss {loss:.4f}, {time.perf_counter() - start:.0f} s", flush=True)
+
     with model.grouping(cqil):
-        log = finetune(model, train, steps=a.steps, batch=a.batch, window=a.window, rank=a.lora_rank)
+        log = finetune(model, train, steps=a.steps, batch=a.batch, window=a.window, rank=a.lora_rank,
+                       progress=progress)
     seconds = time.perf_counter() - start
     print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} in {seconds:.0f} s", flush=True)
     rows = []
