@@ -32,9 +32,7 @@
 #               (every decode stage in one launch against the fused step: LLaMA-7B 4 and 12 layers, 12 with
 #               groups of 4 over 2-10, the TP4 shard shape, the per-layer slopes, at each of LAYERS_BATCHES,
 #               default 1; SmolLM2 sequential and 2-26:4;
-#               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep);
-#               benchmarks/rope_attention.py (decode with rope_kv inside attention against today's step)
-#   rope        benchmarks/rope_attention.py alone
+#               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 # Everything is logged under $OUT (or ./gpu_out); BUNDLE=1 leaves it as one archive, $OUT/results.tgz (the device
 # tool brings back at most 8 files). Pass CQIL_COMMIT=<hash>: the copy has no git history.
@@ -83,7 +81,6 @@ for stage in $stages; do
                   "ops/test_attention.py|None-fused-prefill-gqa3-torch.float16" \
                   "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
                   "test_persistent_chain.py|cuda" \
-                  "test_rope_attention.py|test_rope_attention_cuda and None" \
                   "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
         file=${case%%|*}; expr=${case#*|}
         (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
@@ -196,9 +193,6 @@ for stage in $stages; do
         --run 12/2-10:4 --tp 1 --tp 4 --batch $b ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_llama-7b_b$b.json" \
         2>&1 | tee -a "$OUT/boundaries.log"
     done
-    # one kernel fewer per decode layer step: rope_kv's work inside decode attention, the whole step both ways
-    timeout ${ROPE_TIMEOUT:-150} python3 benchmarks/rope_attention.py --shape smollm2-135m --shape llama-7b \
-      --out "$OUT/rope_attention.json" 2>&1 | tee -a "$OUT/boundaries.log"
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
@@ -206,10 +200,6 @@ for stage in $stages; do
     # issue 24: first-token time over prompts of many lengths, by the prompt buckets kept (8 and 64)
     timeout ${MIX_TIMEOUT:-240} python3 benchmarks/prompt_mix.py --shape ${MIX_SHAPE:-smollm2-135m} \
       --out "$OUT/prompt_mix.json" 2>&1 | tee -a "$OUT/mix.log" ;;
-  rope)
-    # issue 26: decode with rope_kv's work inside attention against today's step (also part of boundaries)
-    timeout ${ROPE_TIMEOUT:-150} python3 benchmarks/rope_attention.py --shape smollm2-135m --shape llama-7b \
-      --out "$OUT/rope_attention.json" 2>&1 | tee -a "$OUT/rope.log" ;;
   profile)
     for shape in ${PROFILE_SHAPES:-smollm2-135m}; do
       timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/profile_step.py --shape $shape --groups ${PROFILE_GROUPS:-none} \
