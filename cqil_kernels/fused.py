@@ -32,7 +32,8 @@ import functools
 import torch
 
 from . import envs
-from .graphs import MAX_BUCKET, MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket, check_limit
+from .graphs import (MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, check_limit, warm_up,
+                     warm_up_buckets)
 from .model import KVCache, forward_step, rms_norm
 from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 from .ops.argmax import row_argmax
@@ -309,35 +310,11 @@ class TritonBackend:
         return self.slots.take(model, batch, max_seq)
 
     def warm_up(self, model, batch: int, max_seq: int, lengths: list[int]) -> list[int]:
-        """model.warm_up on this backend: generate's kept cache for `batch` rows and max_seq positions made
-        first with its decode step (run twice: eager, then captured), then, for each prompt bucket of `lengths`
-        (the longest of them in the bucket standing for it), generate(prompt, 1) twice (the bucket's eager run,
-        then its capture). Returns the buckets made ready, [] off CUDA or with the graphs off (nothing to capture)."""
-        longest = {}
-        for T in sorted(lengths):
-            if T > MAX_BUCKET:
-                raise ValueError(f"a prompt length of at most {MAX_BUCKET} (one forward of generate; longer prompts "
-                                 f"go in parts of prefill_chunk: warm up the parts' lengths), got {T}")
-            longest[bucket(T)] = T
-        if self.prefill_graphs and len(longest) > self.prefill_graph_limit:
-            raise ValueError(f"these prompt lengths fall in {len(longest)} buckets, more than the "
-                             f"{self.prefill_graph_limit} kept (prefill_graph_limit): later ones would evict "
-                             "earlier ones")
+        """model.warm_up on this backend (graphs.warm_up): [] off CUDA or with the graphs off."""
+        longest = warm_up_buckets(lengths, self.prefill_graphs, self.prefill_graph_limit)
         if not (self.cuda_graphs and model.device.type == "cuda"):
             return []
-        # the kept cache every generate call below takes (DecodeSlots), and its decode step: eager, then captured
-        # (a decode step into an empty cache is a one-token prompt; the next take clears it)
-        cache, decode = model.generation_cache(batch, max_seq)
-        with torch.inference_mode():
-            for _ in range(2):
-                decode(torch.zeros(batch, dtype=torch.long, device=model.device))
-        if self.prefill_graphs:
-            for T in longest.values():
-                ids = torch.zeros(batch, T, dtype=torch.long, device=model.device)
-                for _ in range(2):
-                    model.generate(ids, 1)
-        torch.cuda.synchronize(model.device)
-        return sorted(longest) if self.prefill_graphs else []
+        return warm_up(model, batch, max_seq, longest, self.prefill_graphs)
 
     def clear_graphs(self) -> None:
         """Free every graph kept for the model: the prompt buckets and generate's caches with their decode

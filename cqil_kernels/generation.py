@@ -202,6 +202,25 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
     return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
 
 
+def check_warm_up_args(args, batch, max_seq, prompt_lengths) -> tuple[int, list[int]]:
+    """warm_up()'s arguments checked (ValueError naming the problem): (max_seq, default max_position_embeddings;
+    the prompt lengths, default every length one forward takes up to min(max_seq - 1, PREFILL_CHUNK))."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    limit = args.max_position_embeddings
+    max_seq = limit if max_seq is None else max_seq
+    if isinstance(max_seq, bool) or not isinstance(max_seq, int) or not 2 <= max_seq <= limit:
+        raise ValueError(f"max_seq must be an int in [2, max_position_embeddings = {limit}], got {max_seq!r}")
+    if prompt_lengths is None:
+        prompt_lengths = range(1, min(max_seq - 1, PREFILL_CHUNK) + 1)
+    lengths = list(prompt_lengths)
+    bad = [T for T in lengths if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T < max_seq]
+    if bad or not lengths:
+        raise ValueError(f"prompt_lengths must be ints in [1, max_seq - 1 = {max_seq - 1}] (a prompt and at least "
+                         f"one new token), got {bad[0] if bad else 'none'}")
+    return max_seq, lengths
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
             chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
     """Append the prompt to `cache`, `chunk` positions per forward (None: all at once), and return the

@@ -297,6 +297,42 @@ class PrefillGraphs:
         return logits[:, :T].clone() if keep == 0 else logits.clone()
 
 
+def warm_up_buckets(lengths, prompts: bool, limit: int) -> dict[int, int]:
+    """The prompt buckets a warm-up captures for these prompt lengths, bucket -> the longest of its lengths
+    (it stands for the bucket); ValueError for a length one forward does not take or more buckets than
+    `limit` (the buckets kept) when prompts are captured."""
+    longest = {}
+    for T in sorted(lengths):
+        if T > MAX_BUCKET:
+            raise ValueError(f"a prompt length of at most {MAX_BUCKET} (one forward of generate; longer prompts go "
+                             f"in parts of prefill_chunk: warm up the parts' lengths), got {T}")
+        longest[bucket(T)] = T
+    if prompts and len(longest) > limit:
+        raise ValueError(f"these prompt lengths fall in {len(longest)} buckets, more than the {limit} kept "
+                         "(prefill_graph_limit): later ones would evict earlier ones")
+    return longest
+
+
+def warm_up(model, batch: int, max_seq: int, longest: dict[int, int], prompts: bool) -> list[int]:
+    """Capture what generate runs for `batch` rows and max_seq positions (CQILTransformer.warm_up) on a model
+    whose generate keeps its cache and decode graph (DecodeSlots) and replays prompt buckets: the kept cache
+    made first with its decode step (run twice: eager, then captured; a decode step into an empty cache is a
+    one-token prompt, and the next take clears it), then per bucket of `longest` (warm_up_buckets)
+    generate(prompt, 1) twice (the bucket's eager run, then its capture). Every rank of a multi-GPU run makes
+    the same calls (their collectives included). Returns the buckets captured."""
+    cache, decode = model.generation_cache(batch, max_seq)
+    with torch.inference_mode():
+        for _ in range(2):
+            decode(torch.zeros(batch, dtype=torch.long, device=model.device))
+    if prompts:
+        for T in longest.values():
+            ids = torch.zeros(batch, T, dtype=torch.long, device=model.device)
+            for _ in range(2):
+                model.generate(ids, 1)
+    torch.cuda.synchronize(model.device)
+    return sorted(longest) if prompts else []
+
+
 class DecodeSlots:
     """generate's KV caches, each with its decode step (a GraphDecoder bound to it), kept for later calls.
 

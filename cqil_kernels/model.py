@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import PREFILL_CHUNK, check_inputs, check_logits_to_keep, generate
+from .generation import PREFILL_CHUNK, check_inputs, check_logits_to_keep, check_warm_up_args, generate
 from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
@@ -678,19 +678,7 @@ class CQILTransformer(nn.Module):
         new cache's first two decode steps run their kernels one launch at a time from Python. Returns the
         prompt buckets made ready ([] where there is nothing to capture: the torch backend, the CPU). What is
         captured is for the current grouping and weights: changing either drops it (graph_signature)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        limit = self.args.max_position_embeddings
-        max_seq = limit if max_seq is None else max_seq
-        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or not 2 <= max_seq <= limit:
-            raise ValueError(f"max_seq must be an int in [2, max_position_embeddings = {limit}], got {max_seq!r}")
-        if prompt_lengths is None:
-            prompt_lengths = range(1, min(max_seq - 1, PREFILL_CHUNK) + 1)
-        lengths = list(prompt_lengths)
-        bad = [T for T in lengths if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T < max_seq]
-        if bad or not lengths:
-            raise ValueError(f"prompt_lengths must be ints in [1, max_seq - 1 = {max_seq - 1}] (a prompt and at least "
-                             f"one new token), got {bad[0] if bad else 'none'}")
+        max_seq, lengths = check_warm_up_args(self.args, batch, max_seq, prompt_lengths)
         if not self.accelerated():
             return []
         return self.accelerator.warm_up(self, batch, max_seq, lengths)

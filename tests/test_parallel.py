@@ -684,6 +684,21 @@ def test_recoverable_errors_leave_the_model_usable(served):
     _usable(served)
 
 
+def test_warm_up_runs_in_the_ranks_and_refuses_bad_arguments_alike(served):
+    """ParallelCQILLlama.warm_up: the arguments checked in the driver; a request the ranks refuse (here sent
+    past the driver's check) is refused by every rank before any collective, and the model stays usable;
+    CPU ranks capture nothing."""
+    with pytest.raises(ValueError, match=r"prompt_lengths must be ints in \[1, max_seq - 1 = 9\]"):
+        served.warm_up(1, 10, [10])
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        served.warm_up(0)
+    with pytest.raises(ValueError, match="rank 0: a prompt length of at most 4096"):
+        served._call("warm_up", batch=1, max_seq=64, lengths=[5000])
+    _usable(served)
+    assert served.warm_up(2, 32) == []
+    _usable(served)
+
+
 def test_dropped_cache_handles_free_the_ranks_memory(served):
     import gc
 

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from ..config import CQILConfig
-from ..generation import PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep
+from ..generation import PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep, check_warm_up_args
+from ..graphs import warm_up_buckets
 from .launch import disable_multicast
 
 START_TIMEOUT_S = 600.0  # loading (and for CUDA, creating contexts); a dead worker is noticed at once
@@ -306,6 +307,12 @@ class ParallelCQILLlama:
                          attention_mask=attention_mask, **kwargs)
         return out.to(self.output_device)
 
+    def warm_up(self, batch: int = 1, max_seq: int | None = None, prompt_lengths=None) -> list[int]:
+        """CQILLlama.warm_up, in every rank (their decode steps and prompt buckets captured with their
+        reductions); [] where the ranks capture nothing (CPU ranks, the torch backend)."""
+        max_seq, lengths = check_warm_up_args(self.args, batch, max_seq, prompt_lengths)
+        return self._call("warm_up", batch=batch, max_seq=max_seq, lengths=lengths)
+
     def rank_stats(self) -> list[dict]:
         """Every rank's RankModel.stats() with its rank: device, parameter bytes, peak device memory,
         group reductions by path (and the last fallback reason), bypass exchange, decode in a graph, the
@@ -520,6 +527,12 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
     if command == "generate":
         out = model.generate(payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)
         return out.cpu() if rank == 0 else None
+    if command == "warm_up":
+        try:  # refused alike on every rank, before any collective
+            warm_up_buckets(payload["lengths"], model.prefill_graphs, model.prefill_graph_limit)
+        except ValueError as e:
+            raise _Refused(e) from None
+        return model.warm_up(payload["batch"], payload["max_seq"], payload["lengths"])
     if command == "new_cache":  # no collective: any failure (out of memory) leaves the ranks consistent
         try:
             caches[payload["id"]] = model.new_cache(payload["batch"], payload["max_seq"])

@@ -47,7 +47,7 @@ from ..backends import attach_default
 from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
-from ..graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket
+from ..graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket, warm_up, warm_up_buckets
 from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
@@ -435,6 +435,15 @@ class RankModel:
             return self._decode_slots.take(self, batch, max_seq)
         cache = self.new_cache(batch, max_seq)
         return cache, self.decoder(cache)
+
+    def warm_up(self, batch: int, max_seq: int, lengths: list[int]) -> list[int]:
+        """CQILTransformer.warm_up for this rank (graphs.warm_up, the same calls on every rank): [] where
+        its decode steps are not captured (decodes_in_a_graph())."""
+        prompts = self.prefill_graphs
+        longest = warm_up_buckets(lengths, prompts, self.prefill_graph_limit)
+        if not self.decodes_in_a_graph():
+            return []
+        return warm_up(self, batch, max_seq, longest, prompts)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
