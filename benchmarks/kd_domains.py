@@ -47,6 +47,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--recompute", choices=["on", "off"], default="off",
+                    help="gradient checkpointing (default off, as the H100 finetune run: on costs a second forward "
+                         "per step and is only needed where the activations do not fit)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
 
     with model.grouping(cqil):
         log = finetune(model, train, steps=a.steps, batch=a.batch, window=a.window, rank=a.lora_rank,
-                       progress=progress)
+                       progress=progress, recompute=a.recompute == "on")
     seconds = time.perf_counter() - start
     print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} in {seconds:.0f} s", flush=True)
     rows = []
@@ -89,8 +92,8 @@ def main(argv=None) -> None:
                       f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
                       f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
                       f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank "
-                      f"{a.lora_rank}, lr 1e-3 cosine; each kind: {a.windows} windows of {a.window} spread over "
-                      f"it, 90% paired-bootstrap intervals over windows",
+                      f"{a.lora_rank}, lr 1e-3 cosine, recompute {a.recompute}; each kind: {a.windows} windows of "
+                      f"{a.window} spread over it, 90% paired-bootstrap intervals over windows",
                  train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
                  columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
                           "agreement before", "agreement after", "KL before", "KL after"],
