@@ -169,7 +169,10 @@ class _Bucket(_CapturedLazily):
         device = model.device
         self.keep = keep
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, length, dtype=torch.bool, device=device)  # the prompt's mask in [:T]
+        # the prompt's mask in [:T]; True everywhere while no masked prompt has come since it was last filled
+        # (mask_set), so that an unmasked prompt, the usual one, needs no fill before its replay
+        self.mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        self.mask_set = False
         self.count = torch.zeros(1, dtype=torch.int32, device=device)  # T, the true length
         self.columns = torch.arange(length, device=device)
         # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
@@ -184,10 +187,12 @@ class _Bucket(_CapturedLazily):
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
         T = input_ids.shape[1]
         self.ids[:, :T].copy_(input_ids)
-        if valid is None:
-            self.mask[:, :T].fill_(True)
-        else:
+        if valid is not None:
             self.mask[:, :T].copy_(valid)
+            self.mask_set = True
+        elif self.mask_set:
+            self.mask.fill_(True)
+            self.mask_set = False
         self.count.fill_(T)
 
     def forward(self, step_fn) -> torch.Tensor:

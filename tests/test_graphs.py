@@ -439,6 +439,21 @@ def test_cpu_forwards_do_not_use_prefill_graphs():
     assert model.accelerator.graphs is None
 
 
+def test_a_bucket_fills_its_mask_only_after_a_masked_prompt():
+    """_Bucket.load: an unmasked prompt (the usual one) leaves the mask buffer alone while it is all True; a
+    masked prompt's mask is copied in, and the next unmasked prompt sees every position real again."""
+    model = _model(GROUPINGS["none"])
+    entry = graphs._Bucket(model, 2, 16, 1)
+    ids = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
+    entry.load(ids, None)
+    assert entry.mask.all() and not entry.mask_set and int(entry.count) == 11
+    valid = left_padding_mask(ids, [0, 4]).bool()
+    entry.load(ids, valid)
+    assert torch.equal(entry.mask[:, :11], valid) and entry.mask_set
+    entry.load(ids[:, :5], None)
+    assert entry.mask.all() and not entry.mask_set and int(entry.count) == 5
+
+
 def test_a_held_decode_step_refuses_a_changed_model():
     """A decode step made by model.decoder (a CUDA graph of the step it was made for) refuses to run once the
     model's grouping or packed weights changed, before anything runs (the check needs no GPU)."""
