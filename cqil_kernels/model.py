@@ -198,19 +198,13 @@ class KVCache:
         # (left padding and a prompt bucket's right padding included) before any kernel reads it, and attention
         # reads only positions below the step's last (masked loads, tested with the unwritten ones poisoned
         # with NaN), so zeros would be device time spent on nothing (LLaMA-7B, a 4096-position cache: 2 GiB).
-        # The stages' tensors are views, those of each run of consecutive stages of one shape made by one view
-        # and one unbind (a new cache is made on the host before every plain prompt: ~60 view calls of a
-        # 30-layer model were half its host time)
-        k, v = allocate((2, total), dtype, torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions",
-                        zeroed=False)
-        self.k, self.v = [], []
-        offset = 0
-        for shape, run in itertools.groupby(shapes):
-            n = len(list(run))
-            size = n * math.prod(shape)
-            self.k.extend(k[offset:offset + size].view(n, *shape).unbind(0))
-            self.v.extend(v[offset:offset + size].view(n, *shape).unbind(0))
-            offset += size
+        kv = allocate((2, total), dtype, torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions",
+                      zeroed=False)
+        k, v = kv[0], kv[1]
+        # The stages' tensors (k and v, made at their first use) are views: a prompt replayed from a CUDA graph
+        # into a new cache only needs the runs below (KVCache is made on the host before every plain prompt,
+        # whose replay waits for it; the stages' 60 views of a 30-layer model were the larger part of its time)
+        self._kv, self._shapes, self._stage_views = kv, shapes, None
         # the keys (values) of each run of consecutive stages that cache the same heads as one
         # [layers, B, heads, S_max, Dh] view (copy_prompt's one copy per run): one run for a whole model,
         # a few on a tensor-parallel rank of the hybrid placement (shards outside the groups, whole layers
@@ -240,6 +234,31 @@ class KVCache:
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
         # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
         self.long_lived = False
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """The keys of each stage, k[s]: [P_s, B, Hkv, S_max, Dh] (views of the one allocation)."""
+        return self._views()[0]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        """The values of each stage, as k."""
+        return self._views()[1]
+
+    def _views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The stages' keys and values, made once: each run of consecutive stages of one shape by one view and
+        one unbind."""
+        if self._stage_views is None:
+            ks, vs = [], []
+            offset = 0
+            for shape, run in itertools.groupby(self._shapes):
+                n = len(list(run))
+                size = n * math.prod(shape)
+                ks.extend(self._kv[0, offset:offset + size].view(n, *shape).unbind(0))
+                vs.extend(self._kv[1, offset:offset + size].view(n, *shape).unbind(0))
+                offset += size
+            self._stage_views = (ks, vs)
+        return self._stage_views
 
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
