@@ -325,7 +325,7 @@ def warm_up(model, batch: int, max_seq: int, longest: dict[int, int], prompts: b
     one-token prompt, and the next take clears it), then per bucket of `longest` (warm_up_buckets)
     generate(prompt, 1) twice (the bucket's eager run, then its capture). Every rank of a multi-GPU run makes
     the same calls (their collectives included). Returns the buckets captured."""
-    cache, decode = model.generation_cache(batch, max_seq)
+    _, decode = model.generation_cache(batch, max_seq)
     with torch.inference_mode():
         for _ in range(2):
             decode(torch.zeros(batch, dtype=torch.long, device=model.device))

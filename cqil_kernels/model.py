@@ -203,7 +203,7 @@ class KVCache:
         k, v = kv[0], kv[1]
         # The stages' tensors (k and v, made at their first use) are views: a prompt replayed from a CUDA graph
         # into a new cache only needs the runs below (KVCache is made on the host before every plain prompt,
-        # whose replay waits for it; the stages' 60 views of a 30-layer model were the larger part of its time)
+        # whose replay waits for it; the stages' 60 views of a 30-layer model were half of its time)
         self._kv, self._shapes, self._stage_views = kv, shapes, None
         # the keys (values) of each run of consecutive stages that cache the same heads as one
         # [layers, B, heads, S_max, Dh] view (copy_prompt's one copy per run): one run for a whole model,
