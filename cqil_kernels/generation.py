@@ -1,6 +1,7 @@
 """Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
 
-Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits`,
+Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits` (and
+`model.forward_checked`, the same for inputs checked already),
 `model.generation_cache(batch, max_seq)` (an empty KV cache and its decode step), `model.argmax(logits)`,
 `model.args`, `model.device`.
 """
@@ -226,16 +227,18 @@ def check_warm_up_args(args, batch, max_seq, prompt_lengths) -> tuple[int, list[
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-            chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
+            chunk: int | None = PREFILL_CHUNK, checked: bool = False) -> torch.Tensor:
     """Append the prompt to `cache`, `chunk` positions per forward (None: all at once), and return the
     last position's logits [B, vocab]. Only the last position reaches the lm_head; the activations of one
-    forward are bounded by the chunk, not the prompt."""
+    forward are bounded by the chunk, not the prompt. checked: the inputs are as check_inputs returns them,
+    checked for the whole prompt (generate's): the parts skip forward()'s own check, a read of the device."""
     T = input_ids.shape[1]
     step = T if chunk is None else chunk
     for begin in range(0, T, step):
         part = slice(begin, begin + step)
-        logits = model(input_ids[:, part], None if attention_mask is None else attention_mask[:, part],
-                       cache=cache, logits_to_keep=1)
+        ids, mask = input_ids[:, part], None if attention_mask is None else attention_mask[:, part]
+        logits = model.forward_checked(ids, mask, cache, 1) if checked else model(ids, mask, cache=cache,
+                                                                                      logits_to_keep=1)
     return logits[:, -1]
 
 
@@ -256,7 +259,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
 
     cache, decode = model.generation_cache(batch, total)
-    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
+    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     watch = _FinishWatch(max_new_tokens, model.device) if eos else None
     tokens = [input_ids]

@@ -205,6 +205,7 @@ class KVCache:
         # into a new cache only needs the runs below (KVCache is made on the host before every plain prompt,
         # whose replay waits for it; the stages' 60 views of a 30-layer model were half of its time)
         self._kv, self._shapes, self._stage_views = kv, shapes, None
+        self.dtype, self.device = kv.dtype, kv.device
         # the keys (values) of each run of consecutive stages that cache the same heads as one
         # [layers, B, heads, S_max, Dh] view (copy_prompt's one copy per run): one run for a whole model,
         # a few on a tensor-parallel rank of the hybrid placement (shards outside the groups, whole layers
@@ -342,23 +343,29 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
     `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
     input_ids, attention_mask = check_inputs(input_ids, model.args.vocab_size, attention_mask,
                                              empty_rows=cache is not None, device=model.device)
-    B, T = input_ids.shape
+    check_cache_fits(model, input_ids.shape, cache)
+    return input_ids, attention_mask
+
+
+def check_cache_fits(model, shape: tuple[int, int], cache: KVCache | None) -> None:
+    """The host-side part of check_forward_inputs (no device read): T new positions of a [B, T] input fit
+    the cache (or max_position_embeddings without one), and the cache fits `model`."""
+    B, T = shape
     end = T + (cache.length if cache is not None else 0)
     limit = cache.max_seq if cache is not None else model.args.max_position_embeddings
     if end > limit:
         what = "the KV cache" if cache is not None else "max_position_embeddings"
         raise ValueError(f"{end} positions exceed {what} ({limit})")
     if cache is None:
-        return input_ids, attention_mask
+        return
     if B != cache.batch:
         raise ValueError(f"input batch {B} does not match the KV cache's batch {cache.batch}")
     if cache.stages != model.stages:
         raise ValueError("this KV cache was made for another CQIL grouping (or another rank); make a new one "
                          "with model.new_cache() after changing model.cqil")
-    if cache.k[0].dtype != model.dtype or cache.k[0].device != model.device:
-        raise ValueError(f"this KV cache holds {cache.k[0].dtype} on {cache.k[0].device}, the model "
+    if cache.dtype != model.dtype or cache.device != model.device:
+        raise ValueError(f"this KV cache holds {cache.dtype} on {cache.device}, the model "
                          f"{model.dtype} on {model.device}; make a new one with model.new_cache()")
-    return input_ids, attention_mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,7 +630,15 @@ class CQILTransformer(nn.Module):
         prefill needs only the last one, and the others cost T x vocab x hidden multiply-adds.
         """
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
-        keep = check_logits_to_keep(logits_to_keep)
+        return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep))
+
+    def forward_checked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
+                        keep: int) -> torch.Tensor:
+        """forward() of inputs already checked as check_inputs returns them (int64 ids within the vocabulary on
+        this model's device, a bool mask or None) and logits_to_keep `keep`: generate checks its whole prompt
+        once (one read of the device) and runs its parts through here. The cache's fit is checked again (on
+        the host only)."""
+        check_cache_fits(self, input_ids.shape, cache)
         if self.accelerated():
             logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep)
         else:

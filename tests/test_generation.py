@@ -293,6 +293,30 @@ def test_a_prompt_fed_in_parts_continues_as_in_one_forward(cqil):
             assert torch.equal(model.generate(ids, 8, attention_mask=mask, prefill_chunk=chunk), expected), chunk
 
 
+def test_generate_reads_its_prompt_from_the_device_once(monkeypatch):
+    """generate checks the whole prompt once (one device read for ids and mask together); its parts go through
+    forward_checked, which checks only on the host whether they fit the cache (it read the device once per part
+    as well). model(...) still checks each call."""
+    from cqil_kernels import generation
+
+    model = CQILLlama.from_pretrained(random_hf_model(seed=8))
+    ids = torch.randint(0, model.args.vocab_size, (2, 11))
+    mask = left_padding_mask(ids, [3, 0])
+    reads = []
+    read = generation._read
+    monkeypatch.setattr(generation, "_read", lambda stats: reads.append(len(stats)) or read(stats))
+    with torch.no_grad():
+        out = model.generate(ids, 3, attention_mask=mask, prefill_chunk=4)  # three parts, then two decode steps
+        assert reads == [2, 1, 1]  # off CUDA graphs a decode step is a plain forward (its tokens checked)
+        model(ids, mask)
+        assert reads == [2, 1, 1, 2]
+        cache = model.new_cache(2, 12)
+        with pytest.raises(ValueError, match="13 positions exceed the KV cache"):
+            model.forward_checked(torch.zeros(2, 13, dtype=torch.long), None, cache, 1)
+    monkeypatch.undo()
+    assert torch.equal(out, model.generate(ids, 3, attention_mask=mask, prefill_chunk=None))
+
+
 def test_bad_prefill_chunk_is_refused():
     model = CQILLlama.from_pretrained(random_hf_model(seed=1))
     ids = torch.zeros(1, 4, dtype=torch.long)

@@ -48,7 +48,7 @@ from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
 from ..graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket, warm_up, warm_up_buckets
-from ..model import CQILTransformer, KVCache, TorchRunner, check_forward_inputs, forward_step
+from ..model import CQILTransformer, KVCache, TorchRunner, check_cache_fits, check_forward_inputs, forward_step
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
@@ -214,7 +214,13 @@ class RankModel:
                 cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
-        keep = check_logits_to_keep(logits_to_keep)
+        return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep))
+
+    @torch.inference_mode()
+    def forward_checked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
+                        keep: int) -> torch.Tensor:
+        """CQILTransformer.forward_checked for this rank."""
+        check_cache_fits(self, input_ids.shape, cache)
         if (self.prefill_graphs and self.decodes_in_a_graph() and PrefillGraphs.serves(self, input_ids, cache)
                 and self._prompt_capturable(*input_ids.shape)):
             # every rank takes this branch for the same calls: it depends on shapes and lengths only
