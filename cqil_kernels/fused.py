@@ -296,9 +296,9 @@ class TritonBackend:
             self.graphs = PrefillGraphs(model, padded_step, limit=self.prefill_graph_limit)
         return self.graphs
 
-    def decoder(self, model, cache):
+    def decoder(self, model, cache, check_tokens: bool = True):
         if self.cuda_graphs and model.device.type == "cuda":
-            return GraphDecoder(model, cache, functools.partial(step, model))
+            return GraphDecoder(model, cache, functools.partial(step, model), check_tokens)
         return None
 
     def generation_cache(self, model, batch: int, max_seq: int):
@@ -306,7 +306,7 @@ class TritonBackend:
         if not (self.cuda_graphs and model.device.type == "cuda"):
             return None
         if self.slots is None:
-            self.slots = DecodeSlots(self.decoder)
+            self.slots = DecodeSlots(lambda model, cache: self.decoder(model, cache, check_tokens=False))
         return self.slots.take(model, batch, max_seq)
 
     def warm_up(self, model, batch: int, max_seq: int, lengths: list[int]) -> list[int]:

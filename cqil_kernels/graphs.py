@@ -45,6 +45,8 @@ import weakref
 
 import torch
 
+from .generation import check_inputs
+
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
 # eagerly, where the device time of each part dwarfs the host's launch time.
 MAX_BUCKET = 4096
@@ -133,10 +135,12 @@ class GraphDecoder(_CapturedLazily):
     the new tokens in and replays (_CapturedLazily). The returned logits [B, vocab] live in the graph's
     output buffer: use them before the next call. step_fn(tokens, valid, cache) is the function captured
     (the fused backend's step for this model; a rank of a multi-GPU run passes its own, reductions
-    included).
+    included). check_tokens: read the tokens from the device every step and refuse ids outside the
+    vocabulary (the captured embedding lookup would index out of bounds with them); generate, whose tokens
+    are the model's own argmax or draws, passes False.
     """
 
-    def __init__(self, model, cache, step_fn):
+    def __init__(self, model, cache, step_fn, check_tokens: bool = True):
         if cache.stages != model.stages:
             raise ValueError("this KV cache was made for another CQIL grouping")
         super().__init__()
@@ -145,6 +149,7 @@ class GraphDecoder(_CapturedLazily):
         # what the step is made for, checked by identity at every call (~1 us; the whole graph_signature,
         # ~50 us, is checked where generate takes a kept step, DecodeSlots.take)
         self.cqil, self.packed = model.cqil, model.packed_weights()
+        self.check_tokens = check_tokens
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
         cache, model = self.cache, self.model
@@ -153,6 +158,11 @@ class GraphDecoder(_CapturedLazily):
                              "a new cache and step (model.new_cache, model.decoder)")
         if cache.length + 1 > cache.max_seq:
             raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
+        if not isinstance(next_tokens, torch.Tensor) or next_tokens.numel() != cache.batch:
+            raise ValueError(f"next_tokens must be a tensor of {cache.batch} token ids (one per row of the cache), "
+                             f"got {next_tokens if not isinstance(next_tokens, torch.Tensor) else next_tokens.shape}")
+        if self.check_tokens:
+            check_inputs(next_tokens.reshape(cache.batch, 1), model.args.vocab_size)
         self.tokens.copy_(next_tokens.view(cache.batch, 1))
         logits = self.replay_or_run(lambda: self.step_fn(self.tokens, None, cache))
         cache.length += 1

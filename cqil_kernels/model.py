@@ -457,9 +457,9 @@ class Backend(Protocol):
                 cache: KVCache | None, logits_to_keep: int) -> torch.Tensor:
         """CQILTransformer.forward with the inputs checked; the model advances cache.length afterwards."""
 
-    def decoder(self, model: CQILTransformer, cache: KVCache):
+    def decoder(self, model: CQILTransformer, cache: KVCache, check_tokens: bool = True):
         """A decode step next_tokens [B] -> logits [B, vocab] for `cache` (e.g. a CUDA graph replay), or
-        None for the plain forward."""
+        None for the plain forward; check_tokens as CQILTransformer.decoder's."""
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, vocab] -> greedy tokens [B] int64 (the first index among equal maxima)."""
@@ -680,15 +680,18 @@ class CQILTransformer(nn.Module):
         mask = (k_pos <= q_pos) & (key_valid[:, None, :] | (k_pos == q_pos))
         return StepContext(cos, sin, mask[:, None], False, start)
 
-    def decoder(self, cache: KVCache):
+    def decoder(self, cache: KVCache, check_tokens: bool = True):
         """A function next_tokens [B] -> logits [B, vocab] that appends one token per row to `cache`:
         the attached backend's (a CUDA graph replay for the fused one; its logits are overwritten by the
-        next call) or a plain forward."""
+        next call) or a plain forward. check_tokens: refuse token ids outside the vocabulary, which costs a
+        read of the device every step; pass False only for tokens the model chose itself (generate's)."""
         if self.accelerated():
-            decode = self.accelerator.decoder(self, cache)
+            decode = self.accelerator.decoder(self, cache, check_tokens)
             if decode is not None:
                 return decode
-        return lambda next_tokens: self(next_tokens[:, None], cache=cache)[:, -1]
+        if check_tokens:
+            return lambda next_tokens: self(next_tokens[:, None], cache=cache)[:, -1]
+        return lambda next_tokens: self.forward_checked(next_tokens[:, None], None, cache, 0)[:, -1]
 
     def generation_cache(self, batch: int, max_seq: int):
         """generate's KV cache and decode step: (an empty cache of at least max_seq positions, a function
@@ -700,7 +703,7 @@ class CQILTransformer(nn.Module):
             if slot is not None:
                 return slot
         cache = self.new_cache(batch, max_seq)
-        return cache, self.decoder(cache)
+        return cache, self.decoder(cache, check_tokens=False)
 
     def warm_up(self, batch: int = 1, max_seq: int | None = None, prompt_lengths=None) -> list[int]:
         """Make generate ready for requests of `batch` rows and up to `max_seq` positions each (prompt + new

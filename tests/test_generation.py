@@ -113,8 +113,8 @@ def test_generation_stops_after_the_step_where_every_row_finished(finish_at, mon
     decodes = []
     decoder = model.decoder
 
-    def counting(cache):
-        step = decoder(cache)
+    def counting(cache, check_tokens=True):
+        step = decoder(cache, check_tokens)
         return lambda tokens: decodes.append(1) or step(tokens)
 
     monkeypatch.setattr(model, "decoder", counting)
@@ -296,7 +296,7 @@ def test_a_prompt_fed_in_parts_continues_as_in_one_forward(cqil):
 def test_generate_reads_its_prompt_from_the_device_once(monkeypatch):
     """generate checks the whole prompt once (one device read for ids and mask together); its parts go through
     forward_checked, which checks only on the host whether they fit the cache (it read the device once per part
-    as well). model(...) still checks each call."""
+    as well), and so do its decode steps. model(...) and a decoder made for the user still check each call."""
     from cqil_kernels import generation
 
     model = CQILLlama.from_pretrained(random_hf_model(seed=8))
@@ -307,9 +307,12 @@ def test_generate_reads_its_prompt_from_the_device_once(monkeypatch):
     monkeypatch.setattr(generation, "_read", lambda stats: reads.append(len(stats)) or read(stats))
     with torch.no_grad():
         out = model.generate(ids, 3, attention_mask=mask, prefill_chunk=4)  # three parts, then two decode steps
-        assert reads == [2, 1, 1]  # off CUDA graphs a decode step is a plain forward (its tokens checked)
+        assert reads == [2]  # nor do its decode steps read their tokens (the model's own argmax)
         model(ids, mask)
-        assert reads == [2, 1, 1, 2]
+        assert reads == [2, 2]
+        cache = model.new_cache(2, 12)
+        model.decoder(cache)(torch.tensor([1, 2]))  # a decoder of the user's checks what it is given
+        assert reads == [2, 2, 1]
         cache = model.new_cache(2, 12)
         with pytest.raises(ValueError, match="13 positions exceed the KV cache"):
             model.forward_checked(torch.zeros(2, 13, dtype=torch.long), None, cache, 1)

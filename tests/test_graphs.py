@@ -467,6 +467,20 @@ def test_a_held_decode_step_refuses_a_changed_model():
         assert cache.length == 0
 
 
+def test_a_decode_step_refuses_tokens_outside_the_vocabulary_before_running():
+    """A user's decode step (model.decoder: check_tokens) refuses token ids the captured embedding lookup
+    would read out of bounds with, and a wrong number of tokens, before anything runs (no GPU needed)."""
+    model = _model(GROUPINGS["none"])
+    cache = model.new_cache(2, 8)
+    decode = graphs.GraphDecoder(model, cache, lambda *args: pytest.fail("the step ran"))
+    for bad, match in ((torch.tensor([3, model.args.vocab_size]), "token id 97, outside the vocabulary"),
+                       (torch.tensor([-1, 0]), "token id -1"), (torch.tensor([1, 2, 3]), "a tensor of 2 token ids"),
+                       ([1, 2], "a tensor of 2 token ids"), (torch.tensor([1.0, 2.0]), "integer token ids")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            decode(bad.to(DEVICE) if isinstance(bad, torch.Tensor) else bad)
+    assert cache.length == 0
+
+
 def test_warm_up_checks_its_arguments_and_captures_nothing_off_cuda():
     model = _model(GROUPINGS["P3-d1-residual"])  # max_position_embeddings 128
     for bad, match in (({"batch": 0}, "batch must be an int >= 1"), ({"max_seq": 129}, r"max_seq must be .* 128\]"),

@@ -424,12 +424,15 @@ class RankModel:
                       and any(len(s) > 1 for s in self.placement.stages))
         return self.cuda_graphs and self.device.type == "cuda" and self.model.accelerated() and not bypass_p2p
 
-    def decoder(self, cache: KVCache):
+    def decoder(self, cache: KVCache, check_tokens: bool = True):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
-        reductions captured in it) where decodes_in_a_graph(), else an eager forward."""
+        reductions captured in it) where decodes_in_a_graph(), else an eager forward; check_tokens as
+        CQILTransformer.decoder's."""
         if self.decodes_in_a_graph():
-            return GraphDecoder(self, cache, step_fn=self._triton_step)
-        return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
+            return GraphDecoder(self, cache, step_fn=self._triton_step, check_tokens=check_tokens)
+        if check_tokens:
+            return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
+        return lambda next_tokens: self.forward_checked(next_tokens[:, None], None, cache, 0)[:, -1]
 
     def generation_cache(self, batch: int, max_seq: int):
         """CQILLlama.generation_cache for this rank: where decodes_in_a_graph(), a cache and its decode graph
@@ -437,10 +440,11 @@ class RankModel:
         choice depends on shapes only), else a new cache and decoder()."""
         if self.decodes_in_a_graph():
             if self._decode_slots is None:
-                self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache), shrink=False)
+                self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache, check_tokens=False),
+                                                 shrink=False)
             return self._decode_slots.take(self, batch, max_seq)
         cache = self.new_cache(batch, max_seq)
-        return cache, self.decoder(cache)
+        return cache, self.decoder(cache, check_tokens=False)
 
     def warm_up(self, batch: int, max_seq: int, lengths: list[int]) -> list[int]:
         """CQILTransformer.warm_up for this rank (graphs.warm_up, the same calls on every rank): [] where
