@@ -338,18 +338,18 @@ def _host_available_bytes() -> int | None:
 
 def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What forward() checks before anything runs, for the model and for a rank of a multi-GPU run
-    (parallel/rank.py): token ids within the vocabulary, the mask, and a cache that fits `model` (its
-    `args`, `stages`, `dtype`, `device`). Returns (input_ids on model.device, the checked mask)."""
-    input_ids, attention_mask = check_inputs(input_ids, model.args.vocab_size, attention_mask,
-                                             empty_rows=cache is not None, device=model.device)
-    check_cache_fits(model, input_ids.shape, cache)
-    return input_ids, attention_mask
+    """What forward() checks of its inputs before anything runs (one read of the device), for the model and for
+    a rank of a multi-GPU run (parallel/rank.py): token ids within the vocabulary and the mask (a row of
+    padding only allowed with a cache). Returns (input_ids on model.device, the checked mask). forward_checked,
+    which forward() then runs, checks the cache (check_cache_fits)."""
+    return check_inputs(input_ids, model.args.vocab_size, attention_mask, empty_rows=cache is not None,
+                        device=model.device)
 
 
 def check_cache_fits(model, shape: tuple[int, int], cache: KVCache | None) -> None:
-    """The host-side part of check_forward_inputs (no device read): T new positions of a [B, T] input fit
-    the cache (or max_position_embeddings without one), and the cache fits `model`."""
+    """What forward_checked checks on the host before anything runs: T new positions of a [B, T] input fit
+    the cache (or max_position_embeddings without one), and the cache fits `model` (its `args`, `stages`,
+    `dtype`, `device`)."""
     B, T = shape
     end = T + (cache.length if cache is not None else 0)
     limit = cache.max_seq if cache is not None else model.args.max_position_embeddings
