@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cqil_kernels import CQILConfig, CQILLlama
-from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model
+from cqil_kernels.bench import DEFAULT_GROUPS, random_hf_model, ttft_ms
 from cqil_kernels.demo import parse_groups
 from cqil_kernels.model import check_forward_inputs
 
@@ -33,17 +33,6 @@ def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
         profiler.disable()
         walls.append(time.perf_counter() - start)
     return 1e3 * statistics.median(walls), profiler
-
-
-def host_ms(call, times: int) -> float:
-    """Median wall ms of call() over `times` calls, the device idle before each (no profiler)."""
-    walls = []
-    for _ in range(times):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        walls.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(walls)
 
 
 def main() -> None:
@@ -92,9 +81,9 @@ def main() -> None:
             "generate(ids, 1), token on the host": lambda: model.generate(ids, 1).cpu(),
         }
         for name, call in parts.items():
-            for _ in range(3):
+            for _ in range(2):  # and ttft_ms's own warm-up call
                 call()
-            print(f"  {name:45s} {host_ms(call, 20):8.3f}")
+            print(f"  {name:45s} {ttft_ms(call, 20):8.3f}")
 
         cache = model.new_cache(1, a.prompt + 40)
         tok = model.argmax(model(ids, cache=cache)[:, -1])
