@@ -248,20 +248,22 @@ def test_dependent_launch_is_off_where_it_cannot_run():
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 32 * 2**30,
+                    reason="needs a GPU of at least 32 GiB (a 12-layer LLaMA-7B shape in bf16 and in fp32)")
 def test_cuda_llama7b_shape_greedy_tokens_follow_torch_backend():
-    """A LLaMA-7B-shaped model (random bf16 weights): 32 greedy tokens of the Triton backend (CUDA graph)
-    against the torch backend's, sequential and with groups of 4. Random weights give flat next-token
-    distributions: on the H100 the two backends parted after 6-25 tokens, each time at a near-tie, so
-    the check is assert_greedy_agrees (equal, or the first difference is a tie at bf16 resolution)."""
-    from cqil_kernels.bench import random_hf_model as random_shape
+    """A LLaMA-7B-shaped model (random bf16 weights, 12 of its 32 layers): 32 greedy tokens of the Triton
+    backend (CUDA graph) against the torch backend's, sequential and with groups of 4. Random weights give flat
+    next-token distributions: on the H100 the two backends parted after 6-25 tokens, each time at a near-tie,
+    so the check is assert_greedy_agrees (equal, or the first difference is a tie at bf16 resolution). 12 layers:
+    the whole 32 took 46 GiB with the fp32 copy, and under pytest -n 12 on the H100 (d1a3c1f) five other tests
+    ran out of memory beside it."""
+    from cqil_kernels.bench import random_model
 
-    hf = random_shape("llama-7b", torch.bfloat16, torch.device("cuda"))
-    model = CQILLlama.from_pretrained(hf)
-    exact = CQILLlama.from_pretrained(hf, dtype=torch.float32)  # 27 GB: fits beside the bf16 copy
+    model = random_model("llama-7b", torch.bfloat16, torch.device("cuda"), num_hidden_layers=12)
+    exact = random_model("llama-7b", torch.bfloat16, torch.device("cuda"), num_hidden_layers=12).float()
     exact.backend = "torch"
-    del hf
     ids = torch.randint(0, 32000, (1, 64), device="cuda")
-    for cqil in (CQILConfig(), CQILConfig.from_range(4, 28, 4)):
+    for cqil in (CQILConfig(), CQILConfig.from_range(2, 10, 4)):
         model.cqil = exact.cqil = cqil
         assert_greedy_agrees(model, exact, ids, 32)
 
