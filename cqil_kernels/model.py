@@ -225,7 +225,8 @@ class KVCache:
         at = [0]
         for nbytes in field_bytes:
             at.append(at[-1] + -(-nbytes // 16) * 16)
-        self._bookkeeping = torch.zeros(at[-1], dtype=torch.uint8, device=device)
+        self._bookkeeping = allocate((at[-1],), torch.uint8, torch.device(device),
+                                     f"the bookkeeping of a KV cache of batch {batch} x {max_seq} positions")
         key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n] for a, n in zip(at, field_bytes))
         self.key_valid = key_valid.view(torch.bool).view(batch, max_seq)
         self.n_tokens = n_tokens.view(torch.int64)
