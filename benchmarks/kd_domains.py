@@ -50,23 +50,42 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", choices=["on", "off"], default="off",
                     help="gradient checkpointing (default off, as the H100 finetune run: on costs a second forward "
                          "per step and is only needed where the activations do not fit)")
+    ap.add_argument("--backend", choices=["torch", "auto"], default="torch",
+                    help="the backend of the measurements (training runs the torch path, its adapters live): torch "
+                         "(default: cuBLAS, nothing to compile) or auto (the fused kernels on CUDA, which compile and "
+                         "autotune every new fp32 shape first)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     commit = _commit()  # the code this run loads (a later commit may land while it runs)
     cqil = CQILConfig.load(a.cqil)
+    clock = time.perf_counter()
+
+    def took(what: str) -> None:  # each phase's time: at d1a3c1f on the H100 the part before training took
+        nonlocal clock  # ~7 of a 9-minute run's minutes, and nothing said which part
+        now = time.perf_counter()
+        print(f"{what}: {now - clock:.1f} s", flush=True)
+        clock = now
+
     # fp32 weights everywhere (on CUDA finetune's forwards run under bf16 autocast, as `cqil finetune`'s)
     model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device, dtype=torch.float32)
+    model.backend = a.backend
+    took("model loaded")
     skip = set(a.skip.split(","))
     references = {}
     for path in sorted(a.domains.glob("*.txt")):
         if path.stem not in skip:
             ids = corpus.spread_windows(read_token_ids(path, a.model), a.windows, a.window)
+            took(f"{path.stem} tokenized")
             references[path.stem] = ReferenceRun(model, ids, window=a.window, store="cpu")  # GPU: training's
+            took(f"{path.stem} reference scored")
     train = corpus.training_ids(a.model) if a.train == "corpus" else read_token_ids(a.train, a.model)
-    before = {kind: measured(ref, cqil) for kind, ref in references.items()}
-    for kind, row in before.items():
-        print(f"before {kind}: {row}", flush=True)
+    took("training text tokenized")
+    before = {}
+    for kind, ref in references.items():
+        before[kind] = measured(ref, cqil)
+        print(f"before {kind}: {before[kind]}", flush=True)
+    took("before measured")
     start = time.perf_counter()
 
     def progress(step: int, loss: float) -> None:  # the rate, so that a run cut short by a timeout says it
@@ -85,6 +104,7 @@ def main(argv=None) -> None:
         rows.append([kind, before[kind]["increase_pct"], before[kind]["ci_pct"], after["increase_pct"],
                      after["ci_pct"], before[kind]["agreement"], after["agreement"], before[kind]["kl"],
                      after["kl"]])
+    took("after measured")
     layers = model.args.num_hidden_layers
     write_record(a.out, device=model.device, commit=commit,
                  title="LoRA distillation measured on kinds of text other than the training text",
@@ -92,8 +112,9 @@ def main(argv=None) -> None:
                       f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on "
                       f"{'the shipped corpus' if a.train == 'corpus' else Path(a.train).name} "
                       f"({train.numel()} tokens), {a.steps} steps of {a.batch} x {a.window} tokens, rank "
-                      f"{a.lora_rank}, lr 1e-3 cosine, recompute {a.recompute}; each kind: {a.windows} windows of "
-                      f"{a.window} spread over it, 90% paired-bootstrap intervals over windows",
+                      f"{a.lora_rank}, lr 1e-3 cosine, recompute {a.recompute}; measured with the {a.backend} backend; "
+                      f"each kind: {a.windows} windows of {a.window} spread over it, 90% paired-bootstrap intervals "
+                      "over windows",
                  train_seconds=round(seconds), kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)],
                  columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
                           "agreement before", "agreement after", "KL before", "KL after"],
