@@ -168,8 +168,10 @@ for stage in $stages; do
   kd)
     # issue 25, item 4: benchmarks/kd_domains.py on CUDA. KD_DOMAINS=<folder from benchmarks/domain_texts.py, carried>,
     # KD_GROUPS (from_range arguments, default "12 24 2"), KD_TRAIN (corpus or a file), KD_ARGS (the H100 run's
-    # schedule: --steps 1500 --batch 16 --lora-rank 16; recompute is off by default). At 5744672 1000 steps did not
-    # finish within 440 s (recompute was on then); the script prints its rate every 100 steps
+    # schedule: --steps 1500 --batch 16 --lora-rank 16; recompute is off by default). Training runs ~0.31 s a step
+    # of 16 x 512 on the H100 (d1a3c1f); that run spent ~7 minutes before its first step (the measurements then ran
+    # on the fused kernels; the torch backend since 825cfd5) and was cut at step 300 of 1200 by its 530 s timeout.
+    # The script prints each phase's time and its rate every 100 steps
     python3 -c "import sys; from cqil_kernels import CQILConfig; CQILConfig.from_range(*map(int, sys.argv[2:])).save(sys.argv[1])" \
       "$OUT/kd_groups.json" ${KD_GROUPS:-12 24 2}
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
