@@ -389,8 +389,10 @@ def _commit() -> str:
 @torch.inference_mode()
 def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int = 1, prompt: int = 512,
               new: int = 64, dtype: str = "bfloat16", repeats: int = 5,
-              variants: tuple[str, ...] = VARIANTS, command: str = "") -> dict:
-    """Measure the variants; returns the result record (see module docstring)."""
+              variants: tuple[str, ...] = VARIANTS, command: str = "", progress=None) -> dict:
+    """Measure the variants; returns the result record (see module docstring). progress(record), if given,
+    is called after each variant with the record so far, whose `pending` lists the variants still to run
+    (the CLI writes it, so that a run cut short keeps what it measured); the returned record has none."""
     from .demo import parse_groups
     from .llama import CQILLlama
 
@@ -410,61 +412,69 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
     hf = random_hf_model(shape, torch_dtype, device)
     model = CQILLlama.from_pretrained(hf)
     cqil.validate(model.args.num_hidden_layers)
-    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device)
+    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=model.device)
     step_bytes = decode_step_bytes(model.args, torch_dtype, batch, prompt + new // 2)
     copy = copy_bandwidth_gbps(device)
     _warm_up_gpu(device)
-
-    results = {}
-    for variant in variants:
-        whole = None  # a whole generate call: ours only
-        if variant == "hf-eager":
-            prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
-            first = ttft_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
-                                                do_sample=False, pad_token_id=0)[:, -1].cpu(), max(repeats, 10))
-        elif variant == "hf-compiled":
-            runner = HFCompiled(hf, batch, prompt + new + 2)
-            prefill_ms, decode_ms = _time_hf_compiled(runner, ids, new, repeats)
-            first = ttft_ms(lambda: runner.prefill(ids).cpu(), max(repeats, 10))
-            del runner
-        else:
-            model.backend = "torch" if variant == "torch" else "triton"
-            model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
-            prefill_ms, decode_ms = _time_ours(model, ids, new, repeats)
-            first = ttft_ms(lambda: model.generate(ids, 1)[:, -1].cpu(), max(repeats, 10))
-            whole = ttft_ms(lambda: model.generate(ids, new).cpu(), repeats)  # a user's call, end to end
-        gbps = step_bytes / decode_ms / 1e6
-        results[variant] = dict(prefill_ms=round(prefill_ms, 4), ttft_ms=round(first, 4),
-                                decode_ms_per_token=round(decode_ms, 4), decode_gbps=round(gbps, 1),
-                                decode_pct_of_copy=round(100 * gbps / copy, 1))
-        if whole is not None:
-            results[variant]["generate_ms"] = round(whole, 3)
-        split = ""
-        if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
-            parts = prefill_split_ms(model, ids, repeats, cache_len=prompt + new + 2)
-            results[variant].update(prefill_eager_ms=round(parts["eager_ms"], 4),
-                                    prefill_device_ms=round(parts["device_ms"], 4),
-                                    prefill_host_ms=round(parts["host_ms"], 4),
-                                    prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
-            split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
-                     f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
-        whole_text = f"   generate {new} tokens {whole:.2f} ms" if whole is not None else ""
-        print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
-              f"decode {decode_ms:7.4f} ms/token   "
-              f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy){whole_text}", flush=True)
-    props = torch.cuda.get_device_properties(device)
     import triton
     import transformers
 
-    return dict(
-        card=props.name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    record = dict(
+        card=torch.cuda.get_device_properties(device).name,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         commit=_commit(), command=command, shape=shape, config=SHAPES[shape], groups=groups,
         cqil=cqil.to_dict(), batch=batch, prompt=prompt, new_tokens=new, dtype=dtype, repeats=repeats,
         decode_step_bytes=step_bytes, copy_gbps=round(copy, 1),
         floor_ms_per_token=round(step_bytes / copy / 1e6, 4),
         versions=dict(torch=torch.__version__, triton=triton.__version__,
                       transformers=transformers.__version__, python=platform.python_version()),
-        results=results)
+        results={}, pending=list(variants))
+    for variant in variants:
+        record["results"][variant] = _measure_variant(variant, hf, model, cqil, ids, new, repeats, step_bytes, copy)
+        record["pending"].remove(variant)
+        if progress is not None:
+            progress(record)
+    del record["pending"]
+    return record
+
+
+def _measure_variant(variant: str, hf, model, cqil: CQILConfig, ids: torch.Tensor, new: int, repeats: int,
+                     step_bytes: int, copy: float) -> dict:
+    """One variant of run_bench: its results entry (and its line printed)."""
+    whole = None  # a whole generate call: ours only
+    if variant == "hf-eager":
+        prefill_ms, decode_ms = _time_hf(hf, ids, new, repeats)
+        first = ttft_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                            do_sample=False, pad_token_id=0)[:, -1].cpu(), max(repeats, 10))
+    elif variant == "hf-compiled":
+        runner = HFCompiled(hf, ids.shape[0], ids.shape[1] + new + 2)
+        prefill_ms, decode_ms = _time_hf_compiled(runner, ids, new, repeats)
+        first = ttft_ms(lambda: runner.prefill(ids).cpu(), max(repeats, 10))
+        del runner
+    else:
+        model.backend = "torch" if variant == "torch" else "triton"
+        model.cqil = cqil if variant == "triton-cqil" else CQILConfig()
+        prefill_ms, decode_ms = _time_ours(model, ids, new, repeats)
+        first = ttft_ms(lambda: model.generate(ids, 1)[:, -1].cpu(), max(repeats, 10))
+        whole = ttft_ms(lambda: model.generate(ids, new).cpu(), repeats)  # a user's call, end to end
+    gbps = step_bytes / decode_ms / 1e6
+    result = dict(prefill_ms=round(prefill_ms, 4), ttft_ms=round(first, 4), decode_ms_per_token=round(decode_ms, 4),
+                  decode_gbps=round(gbps, 1), decode_pct_of_copy=round(100 * gbps / copy, 1))
+    if whole is not None:
+        result["generate_ms"] = round(whole, 3)
+    split = ""
+    if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
+        parts = prefill_split_ms(model, ids, repeats, cache_len=ids.shape[1] + new + 2)
+        result.update(prefill_eager_ms=round(parts["eager_ms"], 4), prefill_device_ms=round(parts["device_ms"], 4),
+                      prefill_host_ms=round(parts["host_ms"], 4),
+                      prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
+        split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
+                 f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
+    whole_text = f"   generate {new} tokens {whole:.2f} ms" if whole is not None else ""
+    print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
+          f"decode {decode_ms:7.4f} ms/token   "
+          f"{gbps:7.1f} GB/s ({100 * gbps / copy:.0f}% of copy){whole_text}", flush=True)
+    return result
 
 
 def plot(record: dict, path: str | os.PathLike) -> None:
@@ -493,12 +503,20 @@ def plot(record: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def write_json(record: dict, out: str | os.PathLike) -> Path:
+    """Write record as JSON to `out` (through a temporary file beside it: a reader never sees half of it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    part.write_text(json.dumps(record, indent=1) + "\n")
+    part.replace(out)
+    return out
+
+
 def write(record: dict, out: str | os.PathLike) -> list[Path]:
     """Write record as JSON to `out` and a PNG beside it when matplotlib is installed."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    written = [out]
+    written = [write_json(record, out)]
     try:
         plot(record, out.with_suffix(".png"))
         written.append(out.with_suffix(".png"))

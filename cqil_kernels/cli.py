@@ -42,10 +42,13 @@ def _bench(args) -> int:
             bench.plot(record, path.rsplit(".", 1)[0] + ".png")
         return 0
     command = "cqil bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "cqil bench"
+    out = args.out or f"bench_{args.shape}_b{args.batch}.json"
+    # the record so far after each variant (with the variants still `pending`): a run cut short keeps its figures
     record = bench.run_bench(shape=args.shape, groups=args.groups, batch=args.batch, prompt=args.prompt,
                              new=args.new_tokens, dtype=args.dtype, repeats=args.repeats,
-                             variants=tuple(args.variants.split(",")), command=command)
-    for path in bench.write(record, args.out or f"bench_{args.shape}_b{args.batch}.json"):
+                             variants=tuple(args.variants.split(",")), command=command,
+                             progress=lambda partial: bench.write_json(partial, out))
+    for path in bench.write(record, out):
         print(f"wrote {path}")
     return 0
 

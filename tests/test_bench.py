@@ -27,6 +27,47 @@ def test_bench_needs_a_gpu(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_a_bench_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_path):
+    """cqil bench writes its record after every variant, with the variants still to run `pending` (a run cut by
+    a timeout on the H100 at d1a3c1f lost two measured variants with its third); the whole run's record has no
+    `pending`. GPU parts faked: a tiny CPU model, made-up timings."""
+    from types import SimpleNamespace
+
+    from conftest import random_hf_model as tiny_hf
+
+    from cqil_kernels import bench
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import tables
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name="a faked GPU"))
+    monkeypatch.setattr(bench, "random_hf_model", lambda shape, dtype, device: tiny_hf())
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 1000.0)
+    monkeypatch.setattr(bench, "_warm_up_gpu", lambda device: None)
+    ran = []
+
+    def measure(variant, *args):
+        ran.append(variant)
+        if variant == "triton-cqil":
+            raise RuntimeError("cut here")  # as a timeout's kill: what was written stays
+        return dict(prefill_ms=1.0, ttft_ms=1.5, decode_ms_per_token=0.5, decode_gbps=2.0, decode_pct_of_copy=0.2)
+
+    monkeypatch.setattr(bench, "_measure_variant", measure)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shape", "smollm2-135m", "--groups", "1-5:2", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="cut here"):
+        main(args + ["--variants", "hf-compiled,triton-seq,triton-cqil"])
+    record = json.loads(out.read_text())
+    assert list(record["results"]) == ["hf-compiled", "triton-seq"] and record["pending"] == ["triton-cqil"]
+    assert "cut short before triton-cqil" in tables.load(out)["what"]
+    assert main(args + ["--variants", "hf-compiled,triton-seq"]) == 0
+    record = json.loads(out.read_text())
+    assert list(record["results"]) == ["hf-compiled", "triton-seq"] and "pending" not in record
+    assert record["card"] == "a faked GPU" and not list(tmp_path.glob("*.part"))
+    assert ran == ["hf-compiled", "triton-seq", "triton-cqil", "hf-compiled", "triton-seq"]
+
+
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
     result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
