@@ -249,33 +249,84 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
              generator: torch.Generator | None = None, seed: int | None = None,
              prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
     """See CQILLlama.generate."""
-    args = model.args
     input_ids, attention_mask, generator, eos = check_generate_args(
-        args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        model.args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
         generator=generator, seed=seed, prefill_chunk=prefill_chunk)
-    batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
-    eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
+    steps = new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
+                       prefill_chunk=prefill_chunk)
+    return torch.cat([input_ids, *(tokens[:, None] for tokens in steps)], dim=1)
 
-    cache, decode = model.generation_cache(batch, total)
-    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
-    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
-    watch = _FinishWatch(max_new_tokens, model.device) if eos else None
-    tokens = [input_ids]
-    for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, model.argmax)
-        if eos:
-            next_tokens = torch.where(finished, eos_tensor[0], next_tokens)
-            finished |= torch.isin(next_tokens, eos_tensor)
-            watch.record(step, finished)
-            if watch.finished(step - 1):  # every row had finished a step ago: this step's tokens go
-                break
-        tokens.append(next_tokens[:, None])
-        if step == max_new_tokens - 1:
-            break
-        logits = decode(next_tokens)
-    return torch.cat(tokens, dim=1)
+
+def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos_token_id=None, attention_mask: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, seed: int | None = None,
+           prefill_chunk: int | None = PREFILL_CHUNK):
+    """See CQILLlama.stream. The arguments are checked here, before the iterator is returned."""
+    input_ids, attention_mask, generator, eos = check_generate_args(
+        model.args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+        generator=generator, seed=seed, prefill_chunk=prefill_chunk)
+    steps = new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
+                       prefill_chunk=prefill_chunk)
+    return _on_host(steps, model.device)
+
+
+@torch.inference_mode()  # on a generator: every resumption runs in inference mode, wherever it is resumed
+def _on_host(steps, device):
+    """Each step's tokens [B] as a CPU tensor. On CUDA a step's tokens are copied to pinned memory without
+    waiting, and handed out only once the next step is queued behind them (as _FinishWatch reads eos flags):
+    the GPU computes the next token while the host takes this one."""
+    cuda = torch.device(device).type == "cuda"
+    steps = iter(steps)
+    tokens = next(steps, None)
+    while tokens is not None:
+        if cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = tokens, None
+        tokens = next(steps, None)  # the next step queued (a decode step, its sampling)
+        if copied is not None:
+            copied.synchronize()
+        yield host
+
+
+def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
+               do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None, eos: list[int], prefill_chunk: int | None):
+    """generate's loop on checked arguments (check_generate_args): yields each step's new tokens [B] on the
+    device, at most max_new_tokens steps, ending once every row has finished (a finished row's tokens are its
+    eos); the next step is queued when the generator is resumed. The cache it runs in is marked busy until the
+    loop ends or is dropped, so that a later call meanwhile (a stream not yet exhausted, then another one) does
+    not take it from generate's kept caches (graphs.DecodeSlots) while it is in use."""
+    batch, prompt_len = input_ids.shape
+    eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
+    cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
+    cache.busy = True
+    try:
+        logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
+        finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+        watch = _FinishWatch(max_new_tokens, model.device) if eos else None
+        for step in range(max_new_tokens):
+            next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, model.argmax)
+            if eos:
+                next_tokens = torch.where(finished, eos_tensor[0], next_tokens)
+                finished |= torch.isin(next_tokens, eos_tensor)
+                watch.record(step, finished)
+                if watch.finished(step - 1):  # every row had finished a step ago: this step's tokens go
+                    return
+            yield next_tokens
+            if step == max_new_tokens - 1:
+                return
+            logits = decode(next_tokens)
+    finally:
+        cache.busy = False
 
 
 class _FinishWatch:

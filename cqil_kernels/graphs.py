@@ -352,7 +352,8 @@ class DecodeSlots:
     """generate's KV caches, each with its decode step (a GraphDecoder bound to it), kept for later calls.
 
     A generate call takes the smallest slot of its batch size that holds its length, cleared
-    (KVCache.clear), whose decode graph an earlier call captured; only when none fits is a cache made, of
+    (KVCache.clear), whose decode graph an earlier call captured, and not busy (a stream still running in it,
+    KVCache.busy); only when none fits is a cache made, of
     bucket(length) positions (the prompt buckets' rounding: at most 12.5% more than asked; a decode step's
     time does not depend on the cache's size, its attention reads the filled positions only). Before, every
     call made a cache and a graph of its own, so its first decode step ran eagerly and its second was
@@ -378,7 +379,8 @@ class DecodeSlots:
         if signature != self.signature:
             self.slots.clear()
             self.signature = signature
-        fits = [slot for slot in self.slots if slot[0].batch == batch and slot[0].max_seq >= length]
+        fits = [slot for slot in self.slots
+                if slot[0].batch == batch and slot[0].max_seq >= length and not slot[0].busy]
         if fits:
             slot = min(fits, key=lambda fit: fit[0].max_seq)
             self.slots.remove(slot)

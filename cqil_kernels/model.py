@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import PREFILL_CHUNK, check_inputs, check_logits_to_keep, check_warm_up_args, generate
+from .generation import (PREFILL_CHUNK, check_inputs, check_logits_to_keep, check_warm_up_args, generate,
+                         stream)
 from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
@@ -236,6 +238,8 @@ class KVCache:
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
         # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
         self.long_lived = False
+        # a generate or stream is running in it (generation.new_tokens): graphs.DecodeSlots does not hand it out
+        self.busy = False
 
     @property
     def k(self) -> list[torch.Tensor]:
@@ -751,3 +755,20 @@ class CQILTransformer(nn.Module):
                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                         attention_mask=attention_mask, generator=generator, seed=seed,
                         prefill_chunk=prefill_chunk)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               eos_token_id: int | list[int] | None = None,
+               attention_mask: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, seed: int | None = None,
+               prefill_chunk: int | None = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
+        """generate's new tokens as they are made: an iterator of one [B] int64 CPU tensor per step, each
+        row's next token (a row that has finished gives its eos), ending after max_new_tokens steps or once
+        every row has finished; the tokens it gives are those generate returns after the prompt. The
+        arguments are generate's, checked when stream is called. On CUDA the next step runs on the GPU while
+        the host takes a step's tokens. A stream holds its KV cache until it is exhausted or dropped: a
+        generate or stream called meanwhile makes a cache of its own."""
+        return stream(self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                      top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                      attention_mask=attention_mask, generator=generator, seed=seed,
+                      prefill_chunk=prefill_chunk)

@@ -95,6 +95,98 @@ def test_eos_stops_rows_and_pads_with_eos():
     assert stop_all.shape[1] == 9  # stops as soon as every row has finished
 
 
+def _streamed(model, ids, new, **kw):
+    """model.stream's steps appended to the prompt, as generate returns them; each step checked as a [B]
+    int64 CPU tensor."""
+    steps = list(model.stream(ids, new, **kw))
+    assert all(t.shape == (ids.shape[0],) and t.dtype == torch.int64 and t.device.type == "cpu" for t in steps)
+    return torch.cat([ids.cpu(), *(t[:, None] for t in steps)], dim=1)
+
+
+@pytest.mark.parametrize("cqil", GROUPINGS, ids=["none", "groups-d1", "first-layer-mlp_input"])
+def test_stream_gives_generates_tokens_step_by_step(cqil):
+    """model.stream yields, one step at a time, the tokens generate returns: greedy over a left-padded batch,
+    with an eos that ends one row early and then every row, sampling with a seed, a prompt in parts."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12), cqil=cqil)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = left_padding_mask(ids, [0, 4])
+    free = model.generate(ids, 12, attention_mask=mask)
+    assert torch.equal(_streamed(model, ids, 12, attention_mask=mask), free.cpu())
+    eos = int(free[0, 11])  # row 0 ends at its third new token
+    for kw in (dict(eos_token_id=eos), dict(eos_token_id=[eos, int(free[1, 12])]),
+               dict(do_sample=True, temperature=1.2, top_k=20, top_p=0.95, seed=5), dict(prefill_chunk=4)):
+        want = model.generate(ids, 12, attention_mask=mask, **kw)
+        assert torch.equal(_streamed(model, ids, 12, attention_mask=mask, **kw), want.cpu()), kw
+    one = ids[:1, :5]
+    stop = int(model.generate(one, 6)[0, 7])
+    assert _streamed(model, one, 6, eos_token_id=stop).shape[1] == model.generate(one, 6, eos_token_id=stop).shape[1]
+
+
+def test_a_stream_checks_its_arguments_when_called():
+    """Bad arguments raise at model.stream(...), before the first step is asked for, as generate's do."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12))
+    ids = torch.randint(0, model.args.vocab_size, (2, 5))
+    for kw, message in ((dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=500), "exceeds"),
+                        (dict(max_new_tokens=3, eos_token_id=10**6), "eos_token_id"),
+                        (dict(max_new_tokens=3, do_sample=True, top_p=0.0), "top_p")):
+        with pytest.raises(ValueError, match=message):
+            model.stream(ids, **kw)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.stream(ids + model.args.vocab_size, 3)
+
+
+def test_streams_running_at_once_keep_their_own_caches(monkeypatch):
+    """Two streams advanced in turn, and a generate between their steps, each give their own tokens: a stream's
+    KV cache is busy until it ends, so generate's kept caches (graphs.DecodeSlots: one kept, here as on a GPU)
+    hand it to no other call; once ended it is kept for the next."""
+    from cqil_kernels.graphs import DecodeSlots
+
+    model = CQILLlama.from_pretrained(random_hf_model(seed=13), cqil=CQILConfig([[1, 2], [3, 4]], bypass=1))
+    a = torch.randint(0, model.args.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    b = torch.randint(0, model.args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    want_a, want_b = model.generate(a, 10).cpu(), model.generate(b, 10).cpu()
+    slots = DecodeSlots(lambda model, cache: model.decoder(cache, check_tokens=False))
+    used = []
+
+    def generation_cache(batch, length):
+        used.append(slots.take(model, batch, length))
+        return used[-1]
+
+    monkeypatch.setattr(model, "generation_cache", generation_cache)
+    first, second = model.stream(a, 10), model.stream(b, 10)
+    got_a, got_b = [], []
+    for step in range(10):
+        got_a.append(next(first))
+        got_b.append(next(second))
+        if step == 4:
+            assert torch.equal(model.generate(b, 10).cpu(), want_b)
+    assert next(first, None) is None and next(second, None) is None
+    assert torch.equal(torch.cat([a.cpu(), torch.stack(got_a, 1)], 1), want_a)
+    assert torch.equal(torch.cat([b.cpu(), torch.stack(got_b, 1)], 1), want_b)
+    assert len({id(cache) for cache, _ in used}) == 3 and not any(cache.busy for cache, _ in used)
+    assert torch.equal(model.generate(b, 10).cpu(), want_b)
+    assert used[-1][0] is used[-2][0]  # the cache of the generate between the steps: ended, so kept and taken
+
+
+def test_a_dropped_stream_frees_its_cache():
+    """A stream left before its end (a user's stop condition) gives its cache back once dropped."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=13))
+    ids = torch.randint(0, model.args.vocab_size, (1, 6))
+    made = []
+    real = model.generation_cache
+
+    def generation_cache(batch, length):
+        made.append(real(batch, length))
+        return made[-1]
+
+    model.generation_cache = generation_cache
+    steps = model.stream(ids, 8)
+    next(steps)
+    assert made[0][0].busy
+    steps.close()
+    assert not made[0][0].busy
+
+
 @pytest.mark.parametrize("finish_at", [0, 3, 8, 9])
 def test_generation_stops_after_the_step_where_every_row_finished(finish_at, monkeypatch):
     """The all-finished flag is read one step late (so the host never waits for the step it has just
