@@ -2,7 +2,9 @@
 checks it (the all-finished flag read on the host one step late, so the next decode step is already queued
 on the GPU), and with the check generate made before 43053b9 (the flag read at once: the host waits for
 every step before enqueueing the next; `per_step_wait_generate` below). The eos id is a token the greedy
-continuation never produces, so every variant runs all its steps and returns the same tokens.
+continuation never produces, so every variant runs all its steps and returns the same tokens. One more
+variant, "stream, no eos": the same generation through model.stream, every step's tokens taken on the host as
+a user's loop takes them (each read one step late), to set against "no eos".
 
     python benchmarks/generate_eos.py --shape smollm2-135m --new 128 --rounds 5 --out eos.json
 
@@ -17,7 +19,7 @@ import statistics
 
 import torch
 
-VARIANTS = ("no eos", "eos, read a step late", "eos, per-step wait")
+VARIANTS = ("no eos", "eos, read a step late", "eos, per-step wait", "stream, no eos")
 
 
 @torch.inference_mode()
@@ -73,7 +75,9 @@ def main(argv=None) -> None:
     eos = unused_token(free[:, a.prompt:], model.args.vocab_size)
     runs = {"no eos": lambda: model.generate(ids, a.new),
             "eos, read a step late": lambda: model.generate(ids, a.new, eos_token_id=eos),
-            "eos, per-step wait": lambda: per_step_wait_generate(model, ids, a.new, eos)}
+            "eos, per-step wait": lambda: per_step_wait_generate(model, ids, a.new, eos),
+            "stream, no eos": lambda: torch.cat([ids, *(t.to(device)[:, None] for t in list(model.stream(ids, a.new)))],
+                                                dim=1)}
     for name, run in runs.items():  # compile, capture; all return the eos-free tokens
         if not torch.equal(run(), free):
             raise SystemExit(f"{name}: not the eos-free tokens")
@@ -94,7 +98,7 @@ def main(argv=None) -> None:
         rows.append([name, round(ms, 3), round((ms - base) / (a.new - 1) * 1e3, 2)])
         print(f"{name:>22}: {ms:.3f} ms for {a.new} tokens ({(ms - base) / (a.new - 1) * 1e3:+.2f} us a step "
               f"over no eos)", flush=True)
-    write_record(a.out, device=device, commit=commit, title=f"What an eos check costs generate: {a.shape}",
+    write_record(a.out, device=device, commit=commit, title=f"What an eos check and streaming cost generate: {a.shape}",
                  what=(f"bf16, batch {a.batch}, {a.prompt}-token prompt, {a.new} greedy tokens, groups {a.groups}; "
                        f"CUDA events around each generate call (prefill included), variants alternated over "
                        f"{a.rounds} rounds, medians; the eos id is a token the run never emits"),
