@@ -34,6 +34,10 @@
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
+#   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
+#               and this one on the same machine (host times differ by half between machines of one card):
+#               HOST_AB_OLD=<carried folder with the older tree: git archive REV | tar -x -C DIR>, HOST_AB_NAME=<REV>,
+#               HOST_AB_ARGS (prefill_rows.py's arguments)
 # Everything is logged under $OUT (or ./gpu_out); BUNDLE=1 leaves it as one archive, $OUT/results.tgz (the device
 # tool brings back at most 8 files). Pass CQIL_COMMIT=<hash>: the copy has no git history.
 # Wheels the image lacks (gguf) are carried in .whl/ (see the device tool's README).
@@ -177,6 +181,13 @@ for stage in $stages; do
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
       --train ${KD_TRAIN:-corpus} --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
+  host_ab)
+    CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/ab_old \
+      "$HOST_AB_OLD" > "$OUT/host_ab.log" 2>&1 || { tail -20 "$OUT/host_ab.log"; exit 1; }
+    timeout ${HOST_AB_TIMEOUT:-400} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
+      --rounds ${ROUNDS:-3} --out "$OUT/host_ab.json" -- \
+      ${HOST_AB_ARGS:---shape smollm2-135m --rows 64 --rows 512 --rows 4096 --variant base: --repeats 5} 2>&1 \
+      | grep -v "^ \|^{\|^}" | tee -a "$OUT/host_ab.log" ;;
   prefill)
     for shape in ${PREFILL_SHAPES:-smollm2-135m llama-7b}; do
       rows=""; for T in ${PREFILL_ROWS:-64 256 512 1024 4096}; do rows="$rows --rows $T"; done

@@ -68,6 +68,43 @@ def test_a_bench_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_path)
     assert ran == ["hf-compiled", "triton-seq", "triton-cqil", "hf-compiled", "triton-seq"]
 
 
+def test_ab_trees_alternates_two_builds_and_takes_medians(monkeypatch, tmp_path):
+    """benchmarks/ab_trees.py runs a script once per build and round, the builds' order reversed every other
+    round, the old build first on PYTHONPATH; its record holds each build's rows with the numeric cells' medians
+    over the rounds and passes tables.py's checks. The script here is a stand-in writing made-up figures."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import ab_trees
+    import tables
+
+    old = tmp_path / "old"
+    (old / "cqil_kernels").mkdir(parents=True)
+    (old / "cqil_kernels" / "__init__.py").write_text("")
+    log = tmp_path / "order.txt"
+    script = tmp_path / "fake_rows.py"
+    script.write_text(f"""import json, os, sys
+old = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] == {str(old)!r}
+out = sys.argv[sys.argv.index("--out") + 1]
+with open({str(log)!r}, "a") as f:
+    f.write("old " if old else "new ")
+runs = len(open({str(log)!r}).read().split())
+rows = [["s", "base", "none", T, (3.0 if old else 2.0) + runs / 100, 1.5] for T in (64, 512)]
+json.dump(dict(title="fake", columns=["shape", "variant", "groups", "tokens", "wall", "device"], rows=rows,
+               card="c"), open(out, "w"))
+""")
+    out = tmp_path / "ab.json"
+    ab_trees.main(["--old", str(old), "--old-name", "before", "--new-name", "after", "--script", str(script),
+                   "--rounds", "3", "--out", str(out), "--", "--rows", "64"])
+    assert log.read_text().split() == ["old", "new", "new", "old", "old", "new"]
+    record = tables.load(out)
+    tables.check(record, out.name)
+    assert record["columns"] == ["build", "shape", "variant", "groups", "tokens", "wall", "device"]
+    # wall: 3 + run / 100 for the old build's runs 1, 4, 5 (median 3.04), 2 + run / 100 for the new's 2, 3, 6
+    assert record["rows"] == [[build, "s", "base", "none", T, wall, 1.5]
+                              for build, wall in (("before", 3.04), ("after", 2.03)) for T in (64, 512)]
+    with pytest.raises(SystemExit, match="no cqil_kernels"):
+        ab_trees.main(["--old", str(tmp_path), "--out", str(out)])
+
+
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
     result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
