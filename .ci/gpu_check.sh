@@ -175,11 +175,15 @@ for stage in $stages; do
     # schedule: --steps 1500 --batch 16 --lora-rank 16; recompute is off by default). Training runs ~0.31 s a step
     # of 16 x 512 on the H100 (d1a3c1f); that run spent ~7 minutes before its first step (the measurements then ran
     # on the fused kernels; the torch backend since 825cfd5) and was cut at step 300 of 1200 by its 530 s timeout.
-    # The script prints each phase's time and its rate every 100 steps
+    # The script prints each phase's time and its rate every 100 steps. Where one call's limit is too short: the
+    # adapter is always saved in /tmp/kd_adapter, and KD_ADAPTER=/tmp/kd_adapter in a later call of the same warm
+    # machine measures it without training
     python3 -c "import sys; from cqil_kernels import CQILConfig; CQILConfig.from_range(*map(int, sys.argv[2:])).save(sys.argv[1])" \
       "$OUT/kd_groups.json" ${KD_GROUPS:-12 24 2}
+    if [ -n "${KD_ADAPTER:-}" ]; then kd_what="--adapter $KD_ADAPTER"
+    else rm -rf /tmp/kd_adapter; kd_what="--train ${KD_TRAIN:-corpus} --adapter-out /tmp/kd_adapter"; fi
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
-      --train ${KD_TRAIN:-corpus} --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
+      $kd_what --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
   host_ab)
     CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/ab_old \
