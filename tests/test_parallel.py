@@ -96,6 +96,19 @@ def test_generate_with_cache_matches_single_process(pair):
     torch.testing.assert_close(sampled[0], sampled[1], rtol=0, atol=0)  # seeded: reproducible
 
 
+def test_stream_in_the_ranks_gives_generates_tokens(pair):
+    """ParallelCQILLlama.stream: rank 0's steps, as [B] CPU tensors, are the one-process generate's tokens
+    (greedy over a left-padded batch, with an eos list)."""
+    parallel, single = pair
+    ids = torch.randint(0, single.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = left_padding_mask(ids, [2, 0])
+    for kw in ({}, dict(eos_token_id=[int(single.generate(ids, 6, attention_mask=mask)[0, 9])])):
+        expected = single.generate(ids, 12, attention_mask=mask, **kw)
+        steps = list(parallel.stream(ids, 12, attention_mask=mask, **kw))
+        assert all(t.shape == (2,) and t.device.type == "cpu" for t in steps)
+        torch.testing.assert_close(torch.cat([ids, torch.stack(steps, 1)], 1), expected, rtol=0, atol=0)
+
+
 def test_incremental_forward_with_remote_cache(pair):
     parallel, single = pair
     ids = torch.randint(0, single.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -709,6 +722,37 @@ def test_dropped_cache_handles_free_the_ranks_memory(served):
     gc.collect()
     _usable(served)  # the next call frees them
     assert [s["kv_caches"] for s in served.rank_stats()] == [0, 0]
+
+
+def test_an_open_stream_holds_the_model_and_a_closed_one_frees_it(served):
+    """While a stream is open the model takes no other call (a clear error, the stream unharmed); closed
+    before its end, the rest of its steps are read and dropped and the next call is served; a dropped handle
+    does the same. Arguments are checked at the call."""
+    import gc
+
+    ids = torch.randint(0, served.args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected = served.generate(ids, 10)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        served.stream(ids, 0)
+    steps = served.stream(ids, 10)
+    first = [next(steps), next(steps)]
+    with pytest.raises(RuntimeError, match="a stream of this model is still open"):
+        served(ids)
+    with pytest.raises(RuntimeError, match="still open"):
+        next(served.stream(ids, 3))
+    rest = list(steps)
+    torch.testing.assert_close(torch.cat([ids, torch.stack(first + rest, 1)], 1), expected, rtol=0, atol=0)
+    _usable(served)
+    steps = served.stream(ids, 10)
+    next(steps)
+    steps.close()
+    _usable(served)
+    torch.testing.assert_close(served.generate(ids, 10), expected, rtol=0, atol=0)
+    steps = served.stream(ids, 10)
+    next(steps)
+    del steps
+    gc.collect()
+    torch.testing.assert_close(served.generate(ids, 10), expected, rtol=0, atol=0)
 
 
 def test_a_stopped_rank_is_noticed_by_its_heartbeat(checkpoint):

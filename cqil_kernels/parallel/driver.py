@@ -6,7 +6,9 @@ so it works from notebooks and from processes that already use CUDA; a script ne
 torch.distributed group (NCCL on GPUs, gloo for devices=["cpu", "cpu", ...]); this process is not a rank
 and never enters a collective, so it cannot hang in one. Each call (forward, generate, ...) is checked
 here first (bad input raises here, with the workers untouched), then sent to every rank; rank 0 sends the
-result back. generate() runs its whole loop inside the ranks (one round trip per call, not per token).
+result back. generate() runs its whole loop inside the ranks (one round trip per call, not per token);
+stream() too, rank 0 sending each step's tokens as it comes, the driver reading them as they are asked for
+(no other call is taken while a stream is open; one closed early is read to its end first).
 
 Faults: the driver waits on the workers' replies and on their process handles together, so a rank that
 raises or dies makes the call raise at once, with that rank's error and traceback; the other workers are
@@ -39,7 +41,8 @@ from typing import Any
 import torch
 
 from ..config import CQILConfig
-from ..generation import PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep, check_warm_up_args
+from ..generation import (PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep, check_warm_up_args,
+                          stream)
 from ..graphs import warm_up_buckets
 from .launch import disable_multicast
 
@@ -167,6 +170,7 @@ class ParallelCQILLlama:
         self.timeout_s, self.heartbeat_timeout_s = timeout_s, heartbeat_timeout_s
         self.output_device = torch.device(output_device) if output_device is not None else self.devices[0]
         self._closed = True
+        self._streaming = False  # a stream is open (_streamed): no other call until it ends
         self._ids = itertools.count(1)
         self._live_caches: set[int] = set()
         self._dropped_caches: list[int] = []  # handles collected without release_cache(): freed on the next call
@@ -293,6 +297,25 @@ class ParallelCQILLlama:
                  seed: int | None = None, generator=None, prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
         """CQILLlama.generate, run inside the ranks. Sampling is seeded with `seed` in every rank (a
         torch.Generator cannot be shared with other processes: pass seed instead)."""
+        payload = self._generate_payload(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                         eos_token_id, attention_mask, seed, generator, prefill_chunk)
+        return self._call("generate", **payload).to(self.output_device)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
+               seed: int | None = None, generator=None, prefill_chunk: int | None = PREFILL_CHUNK):
+        """CQILLlama.stream, run inside the ranks: rank 0 sends each step's tokens [B] (CPU) as it is made.
+        The arguments are checked here, when stream is called; the ranks start at the first step asked for.
+        While a stream is open (not exhausted, closed or dropped) the model takes no other call. The time limit
+        (timeout_s) holds for each step."""
+        payload = self._generate_payload(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                         eos_token_id, attention_mask, seed, generator, prefill_chunk)
+        return self._streamed(payload)
+
+    def _generate_payload(self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                          attention_mask, seed, generator, prefill_chunk) -> dict:
+        """generate's and stream's arguments checked here and made ready for the ranks."""
         if generator is not None:
             raise ValueError("a multi-device model samples in its rank processes: pass seed=..., not generator")
         kwargs = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -303,9 +326,38 @@ class ParallelCQILLlama:
             self.args, "cpu", input_ids, max_new_tokens, attention_mask=attention_mask, generator=None,
             **kwargs)
         kwargs["eos_token_id"] = eos or None  # plain ints for the ranks
-        out = self._call("generate", input_ids=input_ids, max_new_tokens=max_new_tokens,
-                         attention_mask=attention_mask, **kwargs)
-        return out.to(self.output_device)
+        return dict(input_ids=input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
+
+    def _streamed(self, payload: dict):
+        """The stream's steps as rank 0 sends them (started at the first one asked for). Closed or dropped
+        before its end, the rest is read and dropped, so that the next call starts clean."""
+        self._send("stream", payload)
+        self._streaming = True
+        steps = self._messages("stream", self.timeout_s, True)
+        finished = False
+        try:
+            while True:
+                if self._closed:
+                    raise RuntimeError("this model was closed while its stream was open")
+                try:
+                    tokens = next(steps)
+                except StopIteration:
+                    finished = True
+                    return
+                yield tokens
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._shutdown_all()  # interrupted or failed while the ranks work: their state is unknown
+            raise
+        finally:
+            self._streaming = False
+            if not finished and not self._closed:
+                try:
+                    _run_out(steps)
+                except BaseException:
+                    self._shutdown_all()
+                    raise
 
     def warm_up(self, batch: int = 1, max_seq: int | None = None, prompt_lengths=None) -> list[int]:
         """CQILLlama.warm_up, in every rank (their decode steps and prompt buckets captured with their
@@ -323,8 +375,21 @@ class ParallelCQILLlama:
     # ----------------------------------------------------------------------------------------------
 
     def _call(self, command: str, all_ranks: bool = False, **payload) -> Any:
+        self._send(command, payload)
+        results, refused = self._collect(command, self.timeout_s)
+        if refused:
+            if command == "new_cache":  # the ranks that made it free it again: no rank keeps a cache the driver lacks
+                self._call("release_cache", id=payload["id"])
+            rank, error = min(refused, key=lambda r: r[0])
+            raise type(error)(f"rank {rank}: {error}") from None
+        return results if all_ranks else results[0]
+
+    def _send(self, command: str, payload: dict) -> None:
+        """Send a command to every rank (with the caches whose handles were dropped, to free)."""
         if self._closed:
             raise RuntimeError("this model is closed (close() was called, or a rank failed)")
+        if self._streaming:
+            raise RuntimeError("a stream of this model is still open: iterate it to its end or close() it first")
         dropped = []
         while self._dropped_caches:
             cache_id = self._dropped_caches.pop()
@@ -337,13 +402,6 @@ class ParallelCQILLlama:
                 conn.send((command, dict(payload, release=dropped)))
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 pass  # the worker is gone; _collect reports which and why
-        results, refused = self._collect(command, self.timeout_s)
-        if refused:
-            if command == "new_cache":  # the ranks that made it free it again: no rank keeps a cache the driver lacks
-                self._call("release_cache", id=payload["id"])
-            rank, error = min(refused, key=lambda r: r[0])
-            raise type(error)(f"rank {rank}: {error}") from None
-        return results if all_ranks else results[0]
 
     def _collect(self, command: str, timeout_s: float | None, watch_heartbeats: bool = True):
         """(every rank's reply to `command`, [(rank, error) of the ranks that refused it]); RankError as
@@ -367,6 +425,17 @@ class ParallelCQILLlama:
         return None
 
     def _replies(self, command: str, timeout_s: float | None, watch_heartbeats: bool):
+        messages = self._messages(command, timeout_s, watch_heartbeats)
+        while True:
+            try:
+                next(messages)
+            except StopIteration as stop:
+                return stop.value
+            self._fail(f"{command}: rank 0 sent a stream's step outside a stream", 0)
+
+    def _messages(self, command: str, timeout_s: float | None, watch_heartbeats: bool):
+        """Read every rank's reply to `command`, failing as _collect says; yields each step rank 0 sends before
+        its reply (a stream's), the time limit counted anew from each resumption. Returns (results, refused)."""
         pending = dict(enumerate(self._conns))
         results: list = [None] * self.world
         refused: list = []
@@ -394,6 +463,10 @@ class ParallelCQILLlama:
                         status, value = obj.recv()
                     except (EOFError, OSError):
                         self._fail(self._death(rank), rank)
+                    if status == "step":
+                        yield value
+                        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+                        continue
                     if status == "error":
                         exc, text = value
                         if command == "start" and isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
@@ -423,6 +496,15 @@ class ParallelCQILLlama:
     def _shutdown_all(self) -> None:
         self._closed = True
         self._finalizer()
+
+
+def _run_out(messages):
+    """Drive a stream's _messages generator to its end, dropping its steps (a stream closed before its end)."""
+    while True:
+        try:
+            next(messages)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _shutdown(conns, procs, tmp) -> None:
@@ -493,7 +575,10 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
         if command == "close":
             break
         try:
-            result = _run(model, caches, command, payload, rank)
+            if command == "stream":
+                result = _stream(model, caches, payload, rank, conn)
+            else:
+                result = _run(model, caches, command, payload, rank)
         except _Refused as refusal:
             conn.send(("refused", refusal.error))
             continue
@@ -554,6 +639,20 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
         model.reducer.all_reduce(torch.zeros(4, device=model.device))  # the others wait on the peer
         return None
     raise ValueError(f"unknown command {command!r}")
+
+
+def _stream(model, caches: dict, payload: dict, rank: int, conn) -> None:
+    """generate's loop as the one-process stream runs it; rank 0 sends each step's tokens to the driver as it
+    comes. At the end the ranks' tokens are compared, as RankModel.generate does."""
+    for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
+        caches.pop(cache_id, None)
+    steps = []
+    for tokens in stream(model, payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload):
+        if rank == 0:
+            conn.send(("step", tokens))
+        steps.append(tokens)
+    model.check_same_tokens(torch.stack(steps, 1))
+    return None
 
 
 def _report(conn, e: BaseException) -> None:

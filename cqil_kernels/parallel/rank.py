@@ -460,13 +460,19 @@ class RankModel:
         """CQILLlama.generate on every rank (same arguments everywhere); returns the same ids on every
         rank — checked once at the end (RuntimeError if the ranks' tokens ever parted)."""
         out = generate(self, input_ids, max_new_tokens, **kwargs)
+        self.check_same_tokens(out)
+        return out
+
+    def check_same_tokens(self, tokens: torch.Tensor) -> None:
+        """After a generate loop (every rank calls it): the reductions' health, then RuntimeError unless every
+        rank holds rank 0's tokens."""
         self.reducer.check_health()
-        ref = out.clone()
+        mine = tokens.to(self.device)
+        ref = mine.clone()
         dist.broadcast(ref, src=global_rank(self.group, 0), group=self.group)
-        if not torch.equal(ref, out):
+        if not torch.equal(ref, mine):
             raise RuntimeError(f"rank {self.rank} generated other tokens than rank 0 (nondeterministic "
                                f"sampling across ranks?)")
-        return out
 
 
 class _RankTorchRunner(TorchRunner):
