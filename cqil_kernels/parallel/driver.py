@@ -308,7 +308,8 @@ class ParallelCQILLlama:
         """CQILLlama.stream, run inside the ranks: rank 0 sends each step's tokens [B] (CPU) as it is made.
         The arguments are checked here, when stream is called; the ranks start at the first step asked for.
         While a stream is open (not exhausted, closed or dropped) the model takes no other call. The time limit
-        (timeout_s) holds for each step."""
+        (timeout_s) holds for each step. The ranks run ahead of the reader by as many steps as the pipe between
+        them holds, then wait; left unread past the collectives' 10-minute limit, they fail."""
         payload = self._generate_payload(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
                                          eos_token_id, attention_mask, seed, generator, prefill_chunk)
         return self._streamed(payload)
