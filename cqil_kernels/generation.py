@@ -249,13 +249,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
              generator: torch.Generator | None = None, seed: int | None = None,
              prefill_chunk: int | None = PREFILL_CHUNK) -> torch.Tensor:
     """See CQILLlama.generate."""
-    input_ids, attention_mask, generator, eos = check_generate_args(
-        model.args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-        generator=generator, seed=seed, prefill_chunk=prefill_chunk)
-    steps = new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
-                       prefill_chunk=prefill_chunk)
+    input_ids, steps = _checked_steps(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                      attention_mask=attention_mask, generator=generator, seed=seed,
+                                      prefill_chunk=prefill_chunk)
     return torch.cat([input_ids, *(tokens[:, None] for tokens in steps)], dim=1)
 
 
@@ -265,14 +262,23 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bo
            generator: torch.Generator | None = None, seed: int | None = None,
            prefill_chunk: int | None = PREFILL_CHUNK):
     """See CQILLlama.stream. The arguments are checked here, before the iterator is returned."""
+    _, steps = _checked_steps(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                              generator=generator, seed=seed, prefill_chunk=prefill_chunk)
+    return _on_host(steps, model.device)
+
+
+def _checked_steps(model, input_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p, eos_token_id,
+                   attention_mask, generator, seed, prefill_chunk):
+    """generate's and stream's arguments checked (check_generate_args), then (input_ids on the model's device,
+    new_tokens' generator of steps, not yet started)."""
     input_ids, attention_mask, generator, eos = check_generate_args(
         model.args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
         generator=generator, seed=seed, prefill_chunk=prefill_chunk)
-    steps = new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
-                       prefill_chunk=prefill_chunk)
-    return _on_host(steps, model.device)
+    return input_ids, new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
+                                 prefill_chunk=prefill_chunk)
 
 
 @torch.inference_mode()  # on a generator: every resumption runs in inference mode, wherever it is resumed
