@@ -196,6 +196,27 @@ def test_a_failing_rank_raises_in_the_driver(checkpoint, how):
         model(torch.zeros(1, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("rank, how", [(1, "die"), (0, "raise")])
+def test_a_rank_failing_mid_stream_raises_in_the_driver(checkpoint, rank, how):
+    """A rank that dies or raises after the stream's first steps: the next step asked for raises RankError
+    within 60 s (the other rank waits in a collective), every worker is stopped and the model is closed."""
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch")
+    procs = list(model._procs)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
+                                                         None), _test_fault=(rank, 3, how)))
+    got = [next(steps) for _ in range(2)]
+    assert all(t.shape == (1,) for t in got)
+    start = time.monotonic()
+    with pytest.raises(RankError, match="injected fault" if how == "raise" else "died with exit code 3") as info:
+        list(steps)
+    assert time.monotonic() - start < 60 and info.value.rank == rank
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(RuntimeError, match="closed"):
+        model(ids)
+
+
 def test_an_interrupted_call_closes_the_model(checkpoint, monkeypatch):
     """Ctrl-C while the ranks work: their state is unknown, so the model closes (no stale replies later)."""
     from cqil_kernels.parallel import driver

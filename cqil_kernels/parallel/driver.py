@@ -647,8 +647,13 @@ def _stream(model, caches: dict, payload: dict, rank: int, conn) -> None:
     comes. At the end the ranks' tokens are compared, as RankModel.generate does."""
     for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
         caches.pop(cache_id, None)
+    fault = payload.pop("_test_fault", None)  # tests: (rank, step, how) makes that rank fail mid-stream
     steps = []
-    for tokens in stream(model, payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload):
+    for step, tokens in enumerate(stream(model, payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)):
+        if fault is not None and fault[:2] == (rank, step):
+            if fault[2] == "raise":
+                raise RuntimeError("injected fault")
+            os._exit(3)
         if rank == 0:
             conn.send(("step", tokens))
         steps.append(tokens)
