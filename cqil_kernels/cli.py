@@ -14,6 +14,54 @@ def _demo(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    """Load MODEL (with --cqil's grouping, --lora merged), tokenize --prompt (as a chat turn with --chat) and
+    print the continuation as it is made (model.stream); a summary line on stderr."""
+    import time
+
+    import torch
+
+    from .config import CQILConfig
+    from .llama import CQILLlama
+    from .quality import load_tokenizer
+
+    if args.model == "tiny":
+        raise ValueError("cqil generate needs a model with a tokenizer (a Hugging Face directory or a .gguf file)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    cqil = CQILConfig.load(args.cqil) if args.cqil else None
+    tokenizer = load_tokenizer(args.model)  # before the weights: a model without one fails at once
+    text = args.prompt
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this model's tokenizer has no chat template; pass the prompt as plain text")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise ValueError("--prompt gives no tokens")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = CQILLlama.from_pretrained(args.model, cqil=cqil, device=args.device, dtype=dtype, lora=args.lora,
+                                      progress=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed) if args.sample else {}
+    new, shown = [], ""
+    start = time.perf_counter()
+    for tokens in model.stream(ids.to(model.device), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               **sampling):
+        new.append(int(tokens[0]))
+        decoded = tokenizer.decode(new, skip_special_tokens=True)
+        if decoded.endswith("\ufffd"):  # part of a character: wait for the rest of its bytes
+            continue
+        print(decoded[len(shown):] if decoded.startswith(shown) else "\n" + decoded, end="", flush=True)
+        shown = decoded
+    seconds = time.perf_counter() - start
+    print()
+    print(f"{len(new)} new tokens in {seconds:.2f} s, the {ids.shape[1]}-token prompt included; groups "
+          f"{[list(g) for g in model.cqil.groups]}; {model.dtype} on {model.device}", file=sys.stderr)
+    return 0
+
+
 def _info(args) -> int:
     import torch
 
@@ -393,6 +441,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
                     help="gradient checkpointing of every layer (auto: on for CUDA)")
     ft.set_defaults(func=_finetune)
+
+    gen = sub.add_parser("generate", help="continue a prompt, printing the text as it is made")
+    gen.add_argument("model", help="a Hugging Face directory or a .gguf file (with its tokenizer)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="the prompt as a user turn of the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--cqil", default=None, help="groups JSON (default: the checkpoint's cqil_layers, or none)")
+    gen.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory, merged (e.g. cqil finetune's)")
+    gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    gen.set_defaults(func=_generate)
 
     info = sub.add_parser("info", help="versions, and whether the compiled extension and CUDA are usable")
     info.set_defaults(func=_info)

