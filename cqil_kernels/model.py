@@ -209,16 +209,19 @@ class KVCache:
         self._kv, self._shapes, self._stage_views = kv, shapes, None
         self.dtype, self.device = kv.dtype, kv.device
         # the keys (values) of each run of consecutive stages that cache the same heads as one
-        # [layers, B, heads, S_max, Dh] view (copy_prompt's one copy per run): one run for a whole model,
+        # [layers, B, heads, S_max, Dh] view (and both as one [2, layers, ...] view: copy_prompt's one copy per
+        # run): one run for a whole model,
         # a few on a tensor-parallel rank of the hybrid placement (shards outside the groups, whole layers
         # inside); stages a rank does not hold (no heads) are left out
         self.runs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._run_kv: list[torch.Tensor] = []  # each run's keys and values as one [2, layers, ...] view (copy_prompt)
         offset = 0
         for heads, run in itertools.groupby(zip(stages, kv_heads), key=lambda stage_heads: stage_heads[1]):
             layers = (sum(len(stage) for stage, _ in run), batch, heads, max_seq, args.head_dim)
             size = math.prod(layers)
             if size:
                 self.runs.append((k[offset:offset + size].view(layers), v[offset:offset + size].view(layers)))
+                self._run_kv.append(kv[:, offset:offset + size].view(2, *layers))
             offset += size
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
         # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
@@ -293,9 +296,8 @@ class KVCache:
             raise ValueError("copy_prompt needs a cache of the same stages, batch, heads and dtype")
         if not 0 < length <= min(src.max_seq, self.max_seq):
             raise ValueError(f"length must be in [1, {min(src.max_seq, self.max_seq)}], got {length}")
-        for (k, v), (k_src, v_src) in zip(self.runs, src.runs):
-            k[..., :length, :].copy_(k_src[..., :length, :])
-            v[..., :length, :].copy_(v_src[..., :length, :])
+        for kv, kv_src in zip(self._run_kv, src._run_kv):  # keys and values of a run in one copy
+            kv[..., :length, :].copy_(kv_src[..., :length, :])
         self.key_valid[:, :length].copy_(src.key_valid[:, :length])
         self.n_tokens.copy_(src.n_tokens)
         self.position.fill_(length)
