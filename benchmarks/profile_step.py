@@ -4,7 +4,9 @@
 Prints host (CPU) and device time of one eager prefill, the host's Python time of a prompt replayed from
 its bucket's CUDA graph (cProfile over repeated calls, the device idle before each: the host work that
 stands between a user's call and the first kernel), the per-kernel device time of decode steps
-replayed from the CUDA graph, and the wall time and host Python of whole generate calls.
+replayed from the CUDA graph with their timeline (kernel_timeline: each kernel's own time past the one before
+it, and the device's idle time before it: issue 26's "where the gaps are"), and the wall time and host Python
+of whole generate calls.
 """
 
 import argparse
@@ -33,6 +35,42 @@ def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
         profiler.disable()
         walls.append(time.perf_counter() - start)
     return 1e3 * statistics.median(walls), profiler
+
+
+def kernel_timeline(kernels) -> list[list]:
+    """kernels: (name, start us, end us) of every device activity, in any order -> per name [name, count,
+    mean us, mean own us, mean idle us before it], by total own time. Own: the part of a kernel after every
+    earlier activity has ended (with programmatic dependent launch a kernel starts, and waits, while the one
+    before it finishes: its duration counts that wait, its own time does not); idle: the device doing nothing
+    between the end of everything before and its start. Own and idle times add up to the whole span."""
+    stats: dict[str, list] = {}
+    end_so_far = None
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        begin = start if end_so_far is None else max(start, end_so_far)
+        idle = 0.0 if end_so_far is None else max(0.0, start - end_so_far)
+        entry = stats.setdefault(name, [0, 0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += end - start
+        entry[2] += max(0.0, end - begin)
+        entry[3] += idle
+        end_so_far = end if end_so_far is None else max(end_so_far, end)
+    return [[name, n, total / n, own / n, idle / n]
+            for name, (n, total, own, idle) in sorted(stats.items(), key=lambda item: -item[1][2])]
+
+
+def print_timeline(prof, steps: int, layers: int) -> None:
+    """kernel_timeline of a profile's device activities, per step and per layer step."""
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = kernel_timeline(kernels)
+    print(f"== their timeline ({len(kernels)} device activities; us; own: past every earlier activity's end, idle: "
+          f"the device idle before it):")
+    print(f"  {'kernel':60s} {'per step':>8} {'mean':>8} {'own':>8} {'idle':>8} {'own+idle per step':>18}")
+    for name, n, mean, own, idle in rows:
+        print(f"  {name[:60]:60s} {n / steps:8.1f} {mean:8.2f} {own:8.2f} {idle:8.2f} {n * (own + idle) / steps:18.1f}")
+    own = sum(n * o for _, n, _, o, _ in rows) / steps
+    idle = sum(n * i for _, n, _, _, i in rows) / steps
+    print(f"  per step: {own:.1f} us own + {idle:.1f} us idle; per layer step: {(own + idle) / layers:.2f} us")
 
 
 def main() -> None:
@@ -97,6 +135,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"== 10 decode steps (CUDA graph), groups {groups}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
+        print_timeline(prof, 10, len(model.stages))
 
         for _ in range(3):  # the kept cache's decode graph captured (graphs.DecodeSlots), the prompt's replayed
             model.generate(ids, a.new)

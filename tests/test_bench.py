@@ -10,6 +10,8 @@ from cqil_kernels.bench import SHAPES, decode_step_bytes, plot
 from cqil_kernels.cli import main
 from cqil_kernels.config import LlamaArgs
 
+from conftest import import_benchmark
+
 
 def test_decode_step_bytes_llama7b():
     """LLaMA-7B has 6,738,415,616 parameters; a decode step reads all of them once except the embedding,
@@ -103,6 +105,18 @@ json.dump(dict(title="fake", columns=["shape", "variant", "groups", "tokens", "w
                               for build, wall in (("before", 3.04), ("after", 2.03)) for T in (64, 512)]
     with pytest.raises(SystemExit, match="no cqil_kernels"):
         ab_trees.main(["--old", str(tmp_path), "--out", str(out)])
+
+
+def test_kernel_timeline_splits_the_span_into_own_and_idle_time():
+    """profile_step.kernel_timeline: a kernel that starts while the one before runs (programmatic dependent
+    launch) counts only its time past that one's end as its own; the device's idle time goes to the kernel
+    after it; own and idle add up to the whole span."""
+    profile_step = import_benchmark("profile_step")
+    kernels = [("c", 25.0, 30.0), ("a", 0.0, 10.0), ("b", 8.0, 20.0), ("a", 30.0, 40.0), ("d", 31.0, 35.0)]
+    rows = profile_step.kernel_timeline(kernels)
+    assert rows == [["a", 2, 10.0, 10.0, 0.0], ["b", 1, 12.0, 10.0, 0.0], ["c", 1, 5.0, 5.0, 5.0],
+                    ["d", 1, 4.0, 0.0, 0.0]]
+    assert sum(n * (own + idle) for _, n, _, own, idle in rows) == 40.0
 
 
 def test_plot_redraws_a_saved_record(tmp_path):
