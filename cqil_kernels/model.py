@@ -202,7 +202,6 @@ class KVCache:
         # with NaN), so zeros would be device time spent on nothing (LLaMA-7B, a 4096-position cache: 2 GiB).
         kv = allocate((2, total), dtype, torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions",
                       zeroed=False)
-        k, v = kv[0], kv[1]
         # The stages' tensors (k and v, made at their first use) are views: a prompt replayed from a CUDA graph
         # into a new cache only needs the runs below (KVCache is made on the host before every plain prompt,
         # whose replay waits for it; the stages' 60 views of a 30-layer model were half of its time)
@@ -220,8 +219,9 @@ class KVCache:
             layers = (sum(len(stage) for stage, _ in run), batch, heads, max_seq, args.head_dim)
             size = math.prod(layers)
             if size:
-                self.runs.append((k[offset:offset + size].view(layers), v[offset:offset + size].view(layers)))
-                self._run_kv.append(kv[:, offset:offset + size].view(2, *layers))
+                pair = kv[:, offset:offset + size].view(2, *layers)
+                self._run_kv.append(pair)
+                self.runs.append((pair[0], pair[1]))
             offset += size
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
         # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
