@@ -47,8 +47,8 @@ def _generate(args) -> int:
                     seed=args.seed) if args.sample else {}
     new, shown = [], ""
     start = time.perf_counter()
-    for tokens in model.stream(ids.to(model.device), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                               **sampling):
+    # the prompt stays on the host: stream checks it there and moves it to the model's device, no device read
+    for tokens in model.stream(ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling):
         new.append(int(tokens[0]))
         decoded = tokenizer.decode(new, skip_special_tokens=True)
         if decoded.endswith("\ufffd"):  # part of a character: wait for the rest of its bytes

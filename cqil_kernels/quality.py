@@ -407,11 +407,11 @@ def load_tokenizer(model_src):
     if not src.exists():  # transformers would take it for a hub id and say so
         raise FileNotFoundError(f"{src}: no such model directory or .gguf file")
     folder = src.parent if src.suffix == ".gguf" else src
-    if src.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+    present = [folder / name for name in TOKENIZER_FILES if (folder / name).exists()]
+    if src.is_dir() and not present:
         raise ValueError(f"{src}: no tokenizer in this model directory (none of {', '.join(TOKENIZER_FILES)})")
-    for name in TOKENIZER_FILES:  # transformers would block reading a FIFO named like one
-        if (folder / name).exists():
-            regular_file(folder / name, "tokenizer file")
+    for path in present:  # transformers would block reading a FIFO named like one
+        regular_file(path, "tokenizer file")
     return (AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name) if src.suffix == ".gguf"
             else AutoTokenizer.from_pretrained(str(src)))
 
