@@ -575,9 +575,11 @@ def _worker_main(rank: int, world: int, device: str, backend: str, init: str, lo
             os._exit(0)
         if command == "close":
             break
+        for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
+            caches.pop(cache_id, None)
         try:
             if command == "stream":
-                result = _stream(model, caches, payload, rank, conn)
+                result = _stream(model, payload, rank, conn)
             else:
                 result = _run(model, caches, command, payload, rank)
         except _Refused as refusal:
@@ -602,8 +604,6 @@ def _cache(caches: dict, cache_id: int | None):
 
 
 def _run(model, caches: dict, command: str, payload: dict, rank: int):
-    for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
-        caches.pop(cache_id, None)
     if command == "forward":
         cache = _cache(caches, payload["cache"])
         logits = model(payload["input_ids"], payload["attention_mask"], cache=cache,
@@ -642,11 +642,9 @@ def _run(model, caches: dict, command: str, payload: dict, rank: int):
     raise ValueError(f"unknown command {command!r}")
 
 
-def _stream(model, caches: dict, payload: dict, rank: int, conn) -> None:
+def _stream(model, payload: dict, rank: int, conn) -> None:
     """generate's loop as the one-process stream runs it; rank 0 sends each step's tokens to the driver as it
     comes. At the end the ranks' tokens are compared, as RankModel.generate does."""
-    for cache_id in payload.pop("release", ()):  # handles the driver's process dropped
-        caches.pop(cache_id, None)
     fault = payload.pop("_test_fault", None)  # tests: (rank, step, how) makes that rank fail mid-stream
     steps = []
     for step, tokens in enumerate(stream(model, payload.pop("input_ids"), payload.pop("max_new_tokens"), **payload)):
