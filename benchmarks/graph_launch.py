@@ -1,0 +1,143 @@
+"""What a CUDA graph replay costs before the GPU starts (issue 24: can a replayed prompt's wall time come
+within 1.10x of its device time?).
+
+    python benchmarks/graph_launch.py --nodes 16 --nodes 256 --nodes 1024 --shape smollm2-135m --rows 64 \\
+        --rows 512 --out graph_launch.json
+
+For a graph of N tiny kernels (an add on 256 floats each), and for the model's own prompt graphs (the
+bucket of each --rows length, sequential), the median over --repeats of:
+* replay host us: the host's time in `CUDAGraph.replay()`, the GPU idle before it;
+* wall us: CUDA events recorded just before and just after the replay, the GPU idle before it: the
+  device's view of the replay, its start latency included;
+* device us: the same replay queued behind a GPU sleep (the launch hidden);
+* wall - device: what the launch adds to the replay's time on the device's clock.
+The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
+host us to return, wall us from idle), so that the forward's time before its replay is the forward's
+wall - device less the replay's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, sleep_cycles: int) -> dict[str, float]:
+    """Median replay host, wall and device us of `graph` (see the module docstring)."""
+    host, wall, device = [], [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        graph.replay()
+        host.append((time.perf_counter() - t0) * 1e6)
+        end.record()
+        end.synchronize()
+        wall.append(start.elapsed_time(end) * 1e3)
+        torch.cuda._sleep(sleep_cycles)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end) * 1e3)
+    return {key: statistics.median(values) for key, values in
+            (("replay_host_us", host), ("wall_us", wall), ("device_us", device))}
+
+
+def chain_graph(nodes: int) -> torch.cuda.CUDAGraph:
+    """A graph of `nodes` dependent adds on one small tensor."""
+    x = torch.zeros(256, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(nodes):
+            x.add_(1)
+    graph._keep = x  # the buffer the graph writes lives as long as the graph
+    return graph
+
+
+def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, float]:
+    """Median host us (to return) and wall us (events, from idle) of model(ids, cache=cache), the cache
+    cleared before each (a kept cache's prompt: its bucket is bound to it)."""
+    host, wall = [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        cache.clear()
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        model(ids, cache=cache, logits_to_keep=1)
+        host.append((time.perf_counter() - t0) * 1e6)
+        end.record()
+        end.synchronize()
+        wall.append(start.elapsed_time(end) * 1e3)
+    return {"forward_host_us": statistics.median(host), "forward_wall_us": statistics.median(wall)}
+
+
+def main(argv=None) -> None:
+    from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, write_record
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", action="append", type=int, help="kernels per synthetic graph (default 16 256 1024)")
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--rows", action="append", type=int, help="prompt lengths of the model's graphs (default 64 512)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("graph_launch measures CUDA graph launches and needs a CUDA device")
+    if a.repeats < 1 or min(a.nodes or [1]) < 1 or min(a.rows or [1]) < 1:
+        raise SystemExit("nodes, rows and repeats must be >= 1")
+    device, commit = torch.device("cuda"), _commit()
+    _warm_up_gpu(device, 2.0)
+    rows = []
+    for n in a.nodes or [16, 256, 1024]:
+        graph = chain_graph(n)
+        graph.replay()
+        t = replay_times(graph, a.repeats, SLEEP_CYCLES)
+        rows.append([f"{n} adds", n, *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
+                     round(t["wall_us"] - t["device_us"], 1), None, None])
+        print(rows[-1], flush=True)
+    model = random_model(a.shape, torch.bfloat16, device)
+    with torch.inference_mode():
+        for T in a.rows or [64, 512]:
+            ids = torch.randint(0, model.args.vocab_size, (1, T), device=device)
+            cache = model.new_cache(1, 2 * T)
+            cache.long_lived = True  # as generate's kept cache: the prompt's bucket binds to it
+            for _ in range(3):  # eager, capture, replay
+                cache.clear()
+                model(ids, cache=cache, logits_to_keep=1)
+            buckets = [b for b in model.accelerator.graphs.buckets.values() if b.graph is not None
+                       and b.target is not None and b.target() is cache]
+            if len(buckets) != 1:
+                raise SystemExit(f"expected one graph bound to the cache for {T} tokens, found {len(buckets)}")
+            graph = buckets[0].graph
+            cache.clear()
+            t = replay_times(graph, a.repeats, SLEEP_CYCLES)
+            f = forward_times(model, ids, cache, a.repeats)
+            rows.append([f"{a.shape} prompt {T}", None,
+                         *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
+                         round(t["wall_us"] - t["device_us"], 1), round(f["forward_host_us"], 1),
+                         round(f["forward_wall_us"], 1)])
+            print(rows[-1], flush=True)
+    columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
+               "replay wall - device us", "forward host us", "forward wall us"]
+    print(columns)
+    if a.out:
+        write_record(a.out, device=device, commit=commit,
+                     title="What a CUDA graph replay costs before the GPU starts",
+                     what=f"median of {a.repeats}; see benchmarks/graph_launch.py's docstring. Synthetic graphs: "
+                          f"N dependent adds on 256 floats; model graphs: {a.shape}, bf16, sequential, batch 1, the "
+                          "prompt bucket bound to a kept cache", columns=columns, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
