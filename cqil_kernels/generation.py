@@ -312,13 +312,16 @@ def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     loop ends or is dropped, so that a later call meanwhile (a stream not yet exhausted, then another one) does
     not take it from generate's kept caches (graphs.DecodeSlots) while it is in use."""
     batch, prompt_len = input_ids.shape
-    eos_tensor = torch.tensor(eos, device=model.device, dtype=torch.long)
     cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
     cache.busy = True
     try:
         logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
-        finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
-        watch = _FinishWatch(max_new_tokens, model.device) if eos else None
+        # what only the steps need is made once the prompt is queued: its host time is not the first token's
+        if eos:
+            cuda = model.device.type == "cuda"
+            eos_tensor = torch.tensor(eos, dtype=torch.long, pin_memory=cuda).to(model.device, non_blocking=cuda)
+            finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+            watch = _FinishWatch(max_new_tokens, model.device)
         for step in range(max_new_tokens):
             next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, model.argmax)
             if eos:

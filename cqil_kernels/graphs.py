@@ -292,12 +292,13 @@ class PrefillGraphs:
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
         self.current(model)
-        for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
-            del self.buckets[key]  # bound to a cache that is gone
         bound = self.binds(cache, T)
         key = (B, bucket(T), keep, id(cache) if bound else None)
         entry = self.buckets.pop(key, None)
+        if entry is not None and entry.target is not None and entry.target() is not cache:
+            entry = None  # bound to a cache that is gone, whose id this one has now
         if entry is None:
+            self._drop_unbound()  # before a capture: their memory can be reused
             while len(self.buckets) >= self.limit:
                 self.buckets.popitem(last=False)
             # normal tensors even when made under generate's inference_mode: a later forward outside it
@@ -309,7 +310,14 @@ class PrefillGraphs:
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
         if cache is not None and not bound:
             cache.copy_prompt(entry.scratch, T)
-        return logits[:, :T].clone() if keep == 0 else logits.clone()
+        logits = logits[:, :T].clone() if keep == 0 else logits.clone()
+        self._drop_unbound()  # once the prompt is queued: this host time is not the prompt's
+        return logits
+
+    def _drop_unbound(self) -> None:
+        """Drop the buckets bound to a cache that is gone."""
+        for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
+            del self.buckets[key]
 
 
 def warm_up_buckets(lengths, prompts: bool, limit: int) -> dict[int, int]:

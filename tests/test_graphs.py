@@ -182,6 +182,30 @@ def test_buckets_bound_to_a_cache_go_with_it():
     assert list(prefill.buckets) == [(1, 16, 1, None)]
 
 
+def test_a_bucket_of_a_gone_cache_never_serves_the_cache_that_took_its_id():
+    """The buckets bound to gone caches are dropped after a prompt; one found under the key of a new cache
+    (CPython reuses a freed object's id) before that is not replayed into the new cache."""
+    model = _model(GROUPINGS["none"])
+    V = model.args.vocab_size
+    seen = []
+
+    def stand_in(model, ids, valid, cache, rows):
+        seen.append(cache)
+        return torch.zeros(ids.shape[0], ids.shape[1] if rows is None else 1, V, device=DEVICE)
+
+    prefill = PrefillGraphs(model, stand_in, capture=False)
+    ids = torch.zeros(1, 9, dtype=torch.long, device=DEVICE)
+    gone, cache = model.new_cache(1, 60), model.new_cache(1, 60)
+    gone.length = cache.length = 9
+    prefill(model, ids, None, gone, 1)
+    key = (1, 16, 1, id(cache))
+    prefill.buckets[key] = prefill.buckets.pop((1, 16, 1, id(gone)))  # as if `gone` had had this cache's id
+    del gone
+    seen.clear()
+    prefill(model, ids, None, cache, 1)
+    assert seen == [cache] and prefill.buckets[key].target() is cache and list(prefill.buckets) == [key]
+
+
 def test_bucket_edges_and_plain_forwards():
     """Lengths at and just past a bucket's end, and forwards without a cache."""
     model = _model(GROUPINGS["P3-d1-residual"])
