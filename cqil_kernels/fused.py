@@ -6,16 +6,14 @@ P is:
     1 group_linear    qkv[p]  = RMSNorm_in_p(h) @ Wqkv[p].T             all P layers read the same h
     2 rope_kv_write   rotate q, k of all P layers; write k, v into the group's caches
     3 group_attention each layer over its own cache (split-KV flash decoding when T = 1)
-    (2 and 3 are one launch in decode, T = 1: decode_attention rotates q and the new key in registers)
     4 group_linear    a[p]    = attn[p] @ Wo[p].T
     5 group_residual  xn[p]   = RMSNorm_post_p(h + a_p + b_p);   R = h + sum (a_p [+ b_p])
     6 group_swiglu    act[p]  = silu(xn[p] @ Wg[p].T) * (xn[p] @ Wu[p].T)
     7 group_down_sum  h'      = R + sum_p act[p] @ Wd[p].T          one GEMM over K = P * F
 
-In decode a stage of P layers runs six launches (2 in 3), and a stage of one layer five: o_proj adds h in its
-epilogue and gate/up applies the post-attention norm in its prologue, so launch 5 goes too. A prompt of
-many rows with large weights runs the matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas),
-with the input norm
+A stage of one layer runs six in decode: o_proj adds h in its epilogue and gate/up applies the
+post-attention norm in its prologue, so launch 5 goes. A prompt of many rows with large weights runs the
+matmuls of launches 1, 4, 6 and 7 through cuBLAS instead (use_blas), with the input norm
 (ops.rms_norm), SwiGLU's silu(g) * u and the down projection's sum with the residual (ops.group_gemm.
 silu_mul, sum_parts) as one launch each around them. Around the stages: one cache_advance launch (the
 cache's bookkeeping) before, and the final RMSNorm + lm_head after (in decode one group_linear with the
@@ -39,7 +37,7 @@ from .graphs import (MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, check
 from .model import KVCache, forward_step, rms_norm
 from .ops._common import SUPPORTED_DTYPES, triton_unavailable_reason
 from .ops.argmax import row_argmax
-from .ops.attention import decode_attention, group_attention
+from .ops.attention import group_attention
 from .ops.cache_advance import cache_advance
 from .ops.group_gemm import group_down_partials, group_down_sum, group_linear, group_swiglu, silu_mul, sum_parts
 from .ops.group_residual import group_residual
@@ -137,13 +135,10 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     B, T = positions.shape
     H, Dh = args.num_attention_heads, args.head_dim
     qkv = linear(h, w.qkv, norm_weight=w.norm_in, eps=args.rms_norm_eps, bias=w.qkv_bias)
-    if T == 1:  # decode: RoPE and the cache write inside the attention launch
-        attn = decode_attention(qkv, positions, inv_freq, k_cache, v_cache, key_valid, start, num_heads=H)
-    else:
-        rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=H,
-                      num_kv_heads=args.num_key_value_heads)
-        q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
-        attn = group_attention(q, k_cache, v_cache, key_valid, start)
+    rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=H,
+                  num_kv_heads=args.num_key_value_heads)
+    q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
+    attn = group_attention(q, k_cache, v_cache, key_valid, start)
     return linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
 
 

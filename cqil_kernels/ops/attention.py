@@ -13,7 +13,9 @@ decode_attention is the decode step's rope_kv_write and group_attention in one l
 boundary less per stage): it reads q, the new k and v from the QKV buffer unrotated, rotates q and k in
 registers (each half rounded to the dtype, as rope_kv stores them), takes q . k over the two halves of the
 head dimension, and adds the new key, whose slot the launch writes and never reads, to the softmax of the
-split that holds position start; one program per (layer, row, kv head) writes the new k and v.
+split that holds position start; one program per (layer, row, kv head) writes the new k and v. The fused
+backend does not call it yet: it has only run under the interpreter, and goes into fused.stage_attention's
+T = 1 path once a GPU has run its tests and the decode A/B against the two launches (issue 26).
 
 One program handles one (layer, batch row, kv head) and BLOCK_M query rows of the T*G rows that share
 that kv head (G = H / Hkv): GQA heads are packed into the rows of one tile, so decode (T = 1) fills a
