@@ -34,8 +34,6 @@
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
-#   decode_attention  issue 26: benchmarks/decode_attention_ab.py (RoPE + cache write inside the decode attention launch
-#               against the two launches, one process; DA_SHAPES, DA_ARGS)
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency)
 #   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
 #               and this one on the same machine (host times differ by half between machines of one card):
@@ -86,7 +84,6 @@ for stage in $stages; do
                   "ops/test_cache_advance.py|left-padded-2-1100" \
                   "ops/test_attention.py|3-fused-decode-P4-padded-torch.bfloat16" \
                   "ops/test_attention.py|None-fused-prefill-gqa3-torch.float16" \
-                  "ops/test_attention.py|test_decode_attention and 3-fused-P4-padded-dh8-torch.bfloat16" \
                   "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
                   "test_persistent_chain.py|cuda" \
                   "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
@@ -218,12 +215,6 @@ for stage in $stages; do
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
-  decode_attention)
-    # issue 26: benchmarks/decode_attention_ab.py, the decode step with RoPE and the cache write inside the attention
-    # launch against today's two launches, in one process (DA_SHAPES, DA_ARGS e.g. "--groups default --batch 8")
-    shapes=""; for shape in ${DA_SHAPES:-smollm2-135m llama-7b}; do shapes="$shapes --shape $shape"; done
-    timeout ${DA_TIMEOUT:-300} python3 benchmarks/decode_attention_ab.py $shapes --rounds ${ROUNDS:-4} ${DA_ARGS:-} \
-      --out "$OUT/decode_attention_ab.json" 2>&1 | tee -a "$OUT/decode_attention.log" ;;
   graph_launch)
     # issue 24: what a CUDA graph replay costs before the GPU starts (synthetic graphs and the prompt buckets)
     timeout ${GL_TIMEOUT:-120} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \

@@ -51,31 +51,3 @@ def test_attention_merge(benchmark, shape, P, T, impl):
         group_attention(q, k, v, valid, start_t, merge="fused" if impl == "fused" else "separate")
 
     gpu_benchmark(benchmark, make, run, nbytes=2 * P * (2 * Hkv * S * Dh + 2 * T * H * Dh))
-
-
-@op_cases(T_values=(1,))
-def test_decode_attention(benchmark, shape, P, T, impl):
-    """Decode: RoPE, the cache write and attention in one launch (decode_attention, "fused") against
-    rope_kv_write then group_attention, the two launches it replaces (the torch column)."""
-    from cqil_kernels.ops.attention import decode_attention, group_attention
-    from cqil_kernels.ops.rope_kv import rope_kv_write
-
-    s = SHAPES[shape]
-    H, Hkv, Dh = s["H"], s["Hkv"], s["Dh"]
-    valid = torch.ones(1, S, dtype=torch.bool, device="cuda")
-    start_t = torch.tensor([S - 1], dtype=torch.int32, device="cuda")
-    positions = torch.full((1, 1), S - 1, dtype=torch.long, device="cuda")
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, Dh, 2, device="cuda").float() / Dh))
-
-    def make():
-        return randn(P, 1, (H + 2 * Hkv) * Dh), randn(P, 1, Hkv, S, Dh), randn(P, 1, Hkv, S, Dh)
-
-    def one_launch(qkv, k, v):
-        decode_attention(qkv, positions, inv_freq, k, v, valid, start_t, num_heads=H)
-
-    def two_launches(qkv, k, v):
-        rope_kv_write(qkv, positions, inv_freq, k, v, start_t, num_heads=H, num_kv_heads=Hkv)
-        group_attention(qkv.view(P, 1, 1, -1)[..., :H * Dh].unflatten(-1, (H, Dh)), k, v, valid, start_t)
-
-    gpu_benchmark(benchmark, make, one_launch if impl == "fused" else two_launches,
-                  nbytes=2 * P * (2 * Hkv * S * Dh + (H + 2 * Hkv) * Dh + H * Dh))

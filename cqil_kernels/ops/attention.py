@@ -9,14 +9,6 @@ Query t of row b sits at cache position start + t and may attend to key j when j
 is valid, or j == start + t (a padding query attends to itself, so no row is empty; its output is never
 used). This is the torch backend's mask exactly.
 
-decode_attention is the decode step's rope_kv_write and group_attention in one launch (T = 1; a launch
-boundary less per stage): it reads q, the new k and v from the QKV buffer unrotated, rotates q and k in
-registers (each half rounded to the dtype, as rope_kv stores them), takes q . k over the two halves of the
-head dimension, and adds the new key, whose slot the launch writes and never reads, to the softmax of the
-split that holds position start; one program per (layer, row, kv head) writes the new k and v. The fused
-backend does not call it yet: it has only run under the interpreter, and goes into fused.stage_attention's
-T = 1 path once a GPU has run its tests and the decode A/B against the two launches (issue 26).
-
 One program handles one (layer, batch row, kv head) and BLOCK_M query rows of the T*G rows that share
 that kv head (G = H / Hkv): GQA heads are packed into the rows of one tile, so decode (T = 1) fills a
 16-row tile with G heads instead of wasting 15 rows per head. Prefill is causal flash attention (online
@@ -47,7 +39,7 @@ import triton.language as tl
 from ._common import (cdiv, check_runnable, check_tensor, dot_flags, interpreting, multiprocessor_count,
                       next_pow2, ticket_counters)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
-from .rope_kv import check_cache, check_rope_kv, check_start
+from .rope_kv import check_cache, check_start
 
 
 @triton.jit
@@ -97,27 +89,16 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
 
 
 @triton.jit
-def _rotate(x_ptr, offs_h, ok, cos, sin, HALF: tl.constexpr):
-    """RoPE of the head at x_ptr (rotate-half: its two halves at offs_h and HALF + offs_h) in fp32, each half
-    rounded once to the input's dtype, as rope_kv stores it."""
-    x1 = tl.load(x_ptr + offs_h, mask=ok, other=0.0)
-    x2 = tl.load(x_ptr + HALF + offs_h, mask=ok, other=0.0)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    return (f1 * cos - f2 * sin).to(x1.dtype), (f2 * cos + f1 * sin).to(x1.dtype)
-
-
-@triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr, pos_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
     B, T, HKV, G, sm_scale_log2,
     stride_qp, stride_qb, stride_qt, stride_qh,
     stride_kp, stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_pb,
+    stride_vb,
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr, USE_GDC: tl.constexpr,
-    ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -131,24 +112,9 @@ def _attention_kernel(
     d_ok = offs_d < HEAD_DIM
 
     q_rows = q_ptr + p * stride_qp + b * stride_qb + t * stride_qt + (kv_head * G + g) * stride_qh
-    if ROPE:  # decode_attention: q and the new token's k rotated here, its k and v written to the cache below
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs_h = tl.arange(0, HALF_BLOCK)
-        h_ok = offs_h < HALF
-        inv_freq = tl.load(inv_freq_ptr + offs_h, mask=h_ok, other=0.0)
-        angle = tl.load(pos_ptr + b * stride_pb).to(tl.float32) * inv_freq  # T == 1: one position per row
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        qa, qb = _rotate(q_rows[:, None], offs_h[None, :], row_ok[:, None] & h_ok[None, :], cos[None, :],
-                         sin[None, :], HALF)
-        new_row = q_ptr + p * stride_qp + b * stride_qb  # heads H + kv_head (k) and H + HKV + kv_head (v)
-        ka, kb = _rotate(new_row + (HKV * G + kv_head) * stride_qh, offs_h, h_ok, cos, sin, HALF)
-        v_new = tl.load(new_row + (HKV * G + HKV + kv_head) * stride_qh + offs_d, mask=d_ok, other=0.0)
-        if UPCAST:
-            qa, qb = qa.to(tl.float32), qb.to(tl.float32)
-    else:
-        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     # Keys this program reads: those up to the last query's position in this tile, or its share of them
     # when the keys are split (sized from start, so every split has work whatever the cache's length).
@@ -162,33 +128,20 @@ def _attention_kernel(
         lo = 0
         hi = n_keys
     kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
-    # ROPE: the new key (position start, the last) is not in the cache yet: the loop reads the cached ones,
-    # the split that holds position start adds it from registers after
-    hi_cached = tl.minimum(hi, start) if ROPE else hi
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(lo, hi_cached, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi_cached
+        k_ok = k_pos < hi
+        k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None],
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if ROPE:  # q . k over the two halves of the head dim, as q was rotated
-            k_cols = k_ptr + kv + k_pos[None, :] * stride_ks + offs_h[:, None]
-            k_mask = k_ok[None, :] & h_ok[:, None]
-            k1 = tl.load(k_cols, mask=k_mask, other=0.0)
-            k2 = tl.load(k_cols + HALF, mask=k_mask, other=0.0)
-            if UPCAST:
-                k1, k2, v = k1.to(tl.float32), k2.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(qa, k1, input_precision=DOT_PRECISION)
-            s = tl.dot(qb, k2, s, input_precision=DOT_PRECISION) * sm_scale_log2
-        else:
-            k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None],
-                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
         valid = tl.load(valid_ptr + b * stride_vb + k_pos, mask=k_ok, other=0) != 0
         diag = k_pos[None, :] == q_pos[:, None]
         allowed = (k_pos[None, :] <= q_pos[:, None]) & (valid[None, :] | diag) & k_ok[None, :]
@@ -200,21 +153,6 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(prob, axis=1)
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    if ROPE:
-        if (lo <= start) & (start < hi):  # the new key: every query row's own position (always allowed)
-            s_new = (tl.sum(qa.to(tl.float32) * ka.to(tl.float32)[None, :], axis=1)
-                     + tl.sum(qb.to(tl.float32) * kb.to(tl.float32)[None, :], axis=1)) * sm_scale_log2
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            prob = tl.exp2(s_new - m_new).to(v_new.dtype).to(tl.float32)  # rounded as the loop's dot operand
-            l_i = l_i * alpha + tl.exp2(s_new - m_new)
-            acc = acc * alpha[:, None] + prob[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
-        if (pid_m == 0) & (pid_s == 0):  # one program per (layer, row, kv head) writes the new k and v
-            slot = kv + start * stride_ks
-            tl.store(k_ptr + slot + offs_h, ka.to(k_ptr.dtype.element_ty), mask=h_ok)
-            tl.store(k_ptr + slot + HALF + offs_h, kb.to(k_ptr.dtype.element_ty), mask=h_ok)
-            tl.store(v_ptr + slot + offs_d, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
 
     release_consumer(USE_GDC)
     if SPLIT:  # unnormalised partial state of this split; _merge_kernel combines the splits
@@ -306,33 +244,6 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_runnable(q)
     check_cache(k_cache, v_cache, q)
     check_start(start, q.device)
-    return _attention(q, k_cache, v_cache, key_valid, start, out, num_splits, merge, None)
-
-
-def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, key_valid: torch.Tensor, start: torch.Tensor, *, num_heads: int,
-                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                     merge: str = "fused") -> torch.Tensor:
-    """A decode step's rope_kv_write and group_attention in one launch: qkv [P, B, (H + 2*Hkv)*Dh] (one new
-    token per row), positions [B, 1] -> out [P, B, 1, H, Dh]. Each program rotates its query heads and the
-    row's new key in registers (qkv is left as it is); one program per (layer, row, kv head) writes the new
-    key and value into the caches at slot `start`, which no program of the launch reads: the new key enters
-    the softmax from registers. Arguments as rope_kv_write's (T = 1) and group_attention's."""
-    check_tensor("qkv", qkv, ndim=3)
-    check_runnable(qkv)
-    check_cache(k_cache, v_cache, qkv)
-    P, B, T = check_rope_kv(qkv, tuple(qkv.shape), positions, inv_freq, k_cache, v_cache, start,
-                            num_heads=num_heads, num_kv_heads=k_cache.shape[2])
-    if T != 1:
-        raise ValueError(f"decode_attention takes one new token per row (positions [B, 1]), got {T}")
-    Dh = k_cache.shape[4]
-    q = qkv.view(P, B, 1, -1)[..., :num_heads * Dh].unflatten(-1, (num_heads, Dh))
-    return _attention(q, k_cache, v_cache, key_valid, start, out, num_splits, merge, (positions, inv_freq))
-
-
-def _attention(q, k_cache, v_cache, key_valid, start, out, num_splits, merge, rope) -> torch.Tensor:
-    """group_attention's launch, with q's caches and start checked; rope: (positions, inv_freq) of
-    decode_attention, whose q is the view of its qkv buffer (the new k and v heads after q's)."""
     P, B, T, H, Dh = q.shape
     Pk, Bk, Hkv, S, Dhk = k_cache.shape
     if (Pk, Bk, Dhk) != (P, B, Dh):
@@ -378,18 +289,16 @@ def _attention(q, k_cache, v_cache, key_valid, start, out, num_splits, merge, ro
     merge_here = splits > 1 and merge == "fused"
     tickets = ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)
-    positions, inv_freq = rope if rope is not None else (out, out)  # out: unused
     pdl = pdl_options(q)  # the same for both launches
     o_strides = (out.stride(0), out.stride(1), out.stride(2), out.stride(3))
     _attention_kernel[(cdiv(T * G, block_m), heads, splits)](
-        q, k_cache, v_cache, valid, start, out, part, stat, tickets, positions, inv_freq,
+        q, k_cache, v_cache, valid, start, out, part, stat, tickets,
         B, T, Hkv, G, math.log2(math.e) / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        valid.stride(0), positions.stride(0), *o_strides,
+        valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
         MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **merge_tile, **pdl,
-        ROPE=rope is not None, HALF_BLOCK=max(16, next_pow2(Dh // 2)) if rope is not None else 16,
         enable_fp_fusion=not merge_here,  # see _merge_splits
     )
     if splits > 1 and not merge_here:

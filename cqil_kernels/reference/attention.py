@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from .rope_kv import rope_kv_write_ref
-
 
 def group_attention_ref(q, k_cache, v_cache, key_valid, start):
     """Same contract as ops.attention.group_attention: q [P, B, T, H, Dh] -> [P, B, T, H, Dh]."""
@@ -25,14 +23,3 @@ def group_attention_ref(q, k_cache, v_cache, key_valid, start):
     allowed = (k_pos <= q_pos) & (key_valid[:, None, :end] | (k_pos == q_pos))  # [B, T, end]
     scores = scores.masked_fill(~allowed[None, :, None], float("-inf"))
     return (scores.softmax(-1) @ v).transpose(2, 3).to(q.dtype)
-
-
-def decode_attention_ref(qkv, positions, inv_freq, k_cache, v_cache, key_valid, start, *, num_heads):
-    """Same contract as ops.attention.decode_attention: rope_kv_write then group_attention (qkv is left as
-    it is, the caches get the new key and value at slot start)."""
-    P, B, _ = qkv.shape
-    qkv = qkv.clone()
-    rope_kv_write_ref(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=num_heads,
-                      num_kv_heads=k_cache.shape[2])
-    q = qkv.view(P, B, 1, -1)[..., :num_heads * k_cache.shape[4]].unflatten(-1, (num_heads, k_cache.shape[4]))
-    return group_attention_ref(q, k_cache, v_cache, key_valid, start)

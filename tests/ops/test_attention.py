@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cqil_kernels.ops.attention import decode_attention, group_attention
-from cqil_kernels.reference.attention import decode_attention_ref, group_attention_ref
+from cqil_kernels.ops.attention import group_attention
+from cqil_kernels.reference.attention import group_attention_ref
 
 from conftest import assert_kernel_close, poisoned
 
@@ -91,72 +91,6 @@ def test_q_may_be_a_strided_view_of_the_qkv_buffer():
     _, kc, vc, valid, start_t = _inputs(P, B, T, H, Hkv, Dh, 8, 0, torch.float32)
     torch.testing.assert_close(group_attention(q, kc, vc, valid, start_t),
                                group_attention_ref(q, kc, vc, valid, start_t), atol=1e-5, rtol=1e-5)
-
-
-DECODE_CASES = {  # P, B, H, Hkv, Dh, S, start, pads
-    "gqa3": (1, 1, 9, 3, 64, 70, 69, None),
-    "P4-padded-dh8": (4, 3, 6, 2, 8, 40, 33, [0, 5, 30]),
-    "mha-half-13": (2, 2, 4, 4, 26, 37, 20, [3, 0]),
-    "long-cache": (2, 2, 4, 2, 16, 300, 100, [0, 40]),
-    "mqa-two-row-tiles": (1, 2, 20, 1, 16, 40, 30, [0, 2]),  # 20 query heads per kv head: two tiles of rows
-    "first-token": (2, 1, 4, 2, 16, 9, 0, None),  # the new key is the only one
-}
-
-
-def _decode_inputs(P, B, H, Hkv, Dh, S, start, dtype, pads, seed):
-    """qkv of one new token per row, its RoPE positions (a row's real tokens before it), the caches filled
-    below `start` and NaN from it on (the new key's slot must be written before anything reads it, and
-    nothing past it read), key_valid, start."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(P, B, (H + 2 * Hkv) * Dh, generator=g, dtype=torch.float64)
-    kc = torch.randn(P, B, Hkv, S, Dh, generator=g, dtype=torch.float64)
-    vc = torch.randn(P, B, Hkv, S, Dh, generator=g, dtype=torch.float64)
-    kc[:, :, :, start:] = vc[:, :, :, start:] = float("nan")
-    valid = torch.ones(B, S, dtype=torch.bool)
-    for b, n in enumerate(pads or []):
-        valid[b, :n] = False
-    positions = (start - torch.tensor(pads or [0] * B))[:, None]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, Dh, 2).float() / Dh))
-    return ([t.to(DEVICE, dtype) for t in (qkv, kc, vc)]
-            + [positions.to(DEVICE), inv_freq.to(DEVICE), valid.to(DEVICE),
-               torch.tensor([start], dtype=torch.int32, device=DEVICE)])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", DECODE_CASES)
-@pytest.mark.parametrize("splits,merge", [(None, "fused"), (3, "fused"), (4, "separate")])
-def test_decode_attention(dtype, case, splits, merge):
-    """rope_kv_write + group_attention in one launch: the output and the new key's slot against the twin
-    (the two ops one after the other) and float64; the rest of the caches and qkv untouched."""
-    P, B, H, Hkv, Dh, S, start, pads = DECODE_CASES[case]
-    qkv, kc, vc, pos, inv_freq, valid, start_t = _decode_inputs(P, B, H, Hkv, Dh, S, start, dtype, pads,
-                                                                 seed=len(case))
-    qkv_in, kc_twin, vc_twin, kc64, vc64 = qkv.clone(), kc.clone(), vc.clone(), kc.double(), vc.double()
-    out = decode_attention(qkv, pos, inv_freq, kc, vc, valid, start_t, num_heads=H, num_splits=splits,
-                           merge=merge, out=poisoned((P, B, 1, H, Dh), dtype, DEVICE))
-    twin = decode_attention_ref(qkv, pos, inv_freq, kc_twin, vc_twin, valid, start_t, num_heads=H)
-    exact = decode_attention_ref(qkv.double(), pos, inv_freq, kc64, vc64, valid, start_t, num_heads=H)
-    assert_kernel_close(out, twin, exact)
-    new = slice(start, start + 1)
-    assert_kernel_close(kc[:, :, :, new], kc_twin[:, :, :, new], kc64[:, :, :, new])
-    assert torch.equal(vc[:, :, :, new], vc_twin[:, :, :, new])  # v is copied, not rotated
-    assert torch.equal(kc[:, :, :, :start], kc_twin[:, :, :, :start]) and kc[:, :, :, start + 1:].isnan().all()
-    assert torch.equal(vc[:, :, :, :start], vc_twin[:, :, :, :start]) and vc[:, :, :, start + 1:].isnan().all()
-    assert torch.equal(qkv, qkv_in)
-
-
-def test_decode_attention_refuses_what_it_does_not_take():
-    qkv, kc, vc, pos, inv_freq, valid, start = _decode_inputs(2, 2, 4, 2, 16, 20, 5, torch.float32, None, 0)
-    with pytest.raises(ValueError, match="one new token per row"):
-        decode_attention(qkv.repeat(1, 2, 1), pos.repeat(1, 2), inv_freq, kc, vc, valid, start, num_heads=4)
-    with pytest.raises(ValueError, match="does not match"):
-        decode_attention(qkv, pos, inv_freq, kc, vc, valid, start, num_heads=6)
-    with pytest.raises(ValueError, match="inv_freq"):
-        decode_attention(qkv, pos, inv_freq[:3], kc, vc, valid, start, num_heads=4)
-    with pytest.raises(TypeError, match="v_cache must be torch.float32"):
-        decode_attention(qkv, pos, inv_freq, kc, vc.half(), valid, start, num_heads=4)
-    with pytest.raises(ValueError, match="key_valid must be"):
-        decode_attention(qkv, pos, inv_freq, kc, vc, valid[:, :5], start, num_heads=4)
 
 
 def test_bad_input_is_refused():
