@@ -13,7 +13,8 @@ bucket of each --rows length, sequential), the median over --repeats of:
 * wall - device: what the launch adds to the replay's time on the device's clock.
 The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
 host us to return, wall us from idle), so that the forward's time before its replay is the forward's
-wall - device less the replay's.
+wall - device less the replay's; and for the longest prompt, the host time of each part of a generate call
+before its replay, alone (the signature check, the input check, the kept slot, the bucket's input copy).
 """
 
 from __future__ import annotations
@@ -82,6 +83,36 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
     return {"forward_host_us": statistics.median(host), "forward_wall_us": statistics.median(wall)}
 
 
+def host_us(fn, repeats: int) -> float:
+    """Median host us of fn() (its return not waited for), the GPU idle before each call."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
+    """[part, median host us] of what a generate call does on the host before its prompt's replay, each
+    part alone, and generate(ids, 1) whole (the token on the host: its device time included)."""
+    from cqil_kernels.generation import check_inputs
+
+    V, T = model.args.vocab_size, ids.shape[1]
+    host_ids = ids.cpu()
+    model.generation_cache(1, T + 1)  # the kept slot that the timed calls take
+    parts = [("graph_signature()", model.graph_signature),
+             ("packed_weights().is_current()", lambda: model.packed_weights().is_current()),
+             ("check_inputs, ids on the GPU (one read of the device)", lambda: check_inputs(ids, V)),
+             ("check_inputs, ids on the host, then copied", lambda: check_inputs(host_ids, V, device=ids.device)),
+             ("generation_cache, a kept slot (signature + clear)", lambda: model.generation_cache(1, T + 1)),
+             ("the bucket's input copy (ids + length)", lambda: bucket.load(ids, None)),
+             ("generate(ids, 1), the token on the host", lambda: model.generate(ids, 1).tolist())]
+    return [[name, round(host_us(fn, repeats), 1)] for name, fn in parts]
+
+
 def main(argv=None) -> None:
     from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, write_record
 
@@ -128,6 +159,10 @@ def main(argv=None) -> None:
                          round(t["wall_us"] - t["device_us"], 1), round(f["forward_host_us"], 1),
                          round(f["forward_wall_us"], 1)])
             print(rows[-1], flush=True)
+            if T == max(a.rows or [64, 512]):
+                parts = host_parts(model, ids, buckets[0], a.repeats)
+                for part in parts:
+                    print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
                "replay wall - device us", "forward host us", "forward wall us"]
     print(columns)
@@ -136,7 +171,10 @@ def main(argv=None) -> None:
                      title="What a CUDA graph replay costs before the GPU starts",
                      what=f"median of {a.repeats}; see benchmarks/graph_launch.py's docstring. Synthetic graphs: "
                           f"N dependent adds on 256 floats; model graphs: {a.shape}, bf16, sequential, batch 1, the "
-                          "prompt bucket bound to a kept cache", columns=columns, rows=rows)
+                          "prompt bucket bound to a kept cache", columns=columns, rows=rows,
+                     host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
+                                          "of each part alone, the GPU idle before each", columns=["part", "host us"],
+                                     rows=parts))
 
 
 if __name__ == "__main__":
