@@ -13,7 +13,7 @@
 #               (default "64 256 512 1024 4096"): wall (graph-replayed), eager, device and host ms per length
 #   quality     cqil calibrate + cqil eval of SmolLM2 on the shipped corpus on CUDA, timed (CQIL_SMOLLM2_GGUF=<gguf>)
 #   kd          benchmarks/kd_domains.py on CUDA: KD_DOMAINS=<dir from benchmarks/domain_texts.py>, KD_GROUPS,
-#               KD_TRAIN (corpus or a file), KD_ARGS
+#               KD_TRAIN (corpus or a file), KD_ARGS; KD_UNTIL / KD_RESUME: the training in parts over several calls
 #   finetune    cqil finetune of SmolLM2 on CUDA (issue 5): CQIL_SMOLLM2_GGUF=<gguf>, FT_TEXT=<dir with train.txt
 #               and held_out.txt from benchmarks/python_docs_text.py>, FT_GROUPS (from_range arguments,
 #               default "12 24 2"), FT_ARGS (more cqil finetune flags), FT_TIMEOUT (s, default 500)
@@ -181,8 +181,16 @@ for stage in $stages; do
     # machine measures it without training
     python3 -c "import sys; from cqil_kernels import CQILConfig; CQILConfig.from_range(*map(int, sys.argv[2:])).save(sys.argv[1])" \
       "$OUT/kd_groups.json" ${KD_GROUPS:-12 24 2}
+    # Training in parts (one call each, on the same warm machine): KD_UNTIL=N trains steps 1..N into
+    # /tmp/kd_checkpoint.st and stops; KD_RESUME=1 (with KD_UNTIL=M, or to the end, then measured) goes on from it
     if [ -n "${KD_ADAPTER:-}" ]; then kd_what="--adapter $KD_ADAPTER"
-    else rm -rf /tmp/kd_adapter; kd_what="--train ${KD_TRAIN:-corpus} --adapter-out /tmp/kd_adapter"; fi
+    else
+      [ "${KD_RESUME:-0}" = 1 ] || rm -f /tmp/kd_checkpoint.st
+      rm -rf /tmp/kd_adapter; kd_what="--train ${KD_TRAIN:-corpus} --adapter-out /tmp/kd_adapter"
+      [ -n "${KD_UNTIL:-}${KD_RESUME:-}" ] && kd_what="$kd_what --checkpoint /tmp/kd_checkpoint.st"
+      [ -n "${KD_UNTIL:-}" ] && kd_what="$kd_what --until $KD_UNTIL"
+      [ "${KD_RESUME:-0}" = 1 ] && kd_what="$kd_what --resume"
+    fi
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
       $kd_what --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;

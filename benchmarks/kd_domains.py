@@ -12,7 +12,9 @@ issue 25: after training, the increase on a kind of text the training text does 
 twice the increase in-domain.
 Writes a record (card, date, commit, command, rows). In two runs, where one would not fit a time limit:
 --adapter-out DIR saves the trained adapter and its schedule; a later run with --adapter DIR (no --train)
-measures it again before and after, merged into the weights.
+measures it again before and after, merged into the weights. Training itself in parts: --checkpoint FILE
+--until N trains steps 1..N of the --steps schedule and stops there (nothing measured); a run with
+--checkpoint FILE --resume (and --until M, or to the end) continues it, to the adapter one run would give.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--adapter", type=Path, default=None,
                     help="no training: measure an adapter an earlier run saved with --adapter-out (merged into the "
                          "weights), so that training and measuring can go in two calls of a device with a time limit")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="finetune's checkpoint file (--until, --resume)")
+    ap.add_argument("--until", type=int, default=None,
+                    help="train steps up to this one of the --steps schedule, keep them in --checkpoint and stop "
+                         "(nothing measured) where it is before --steps")
+    ap.add_argument("--resume", action="store_true", help="continue the training in --checkpoint")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
@@ -70,6 +77,11 @@ def main(argv=None) -> None:
         raise SystemExit("--adapter measures a saved adapter without training: no --train, no --adapter-out")
     if a.adapter is None and a.train is None:
         raise SystemExit("--train is needed (or --adapter: a saved adapter, no training)")
+    if (a.until is not None or a.resume) and (a.checkpoint is None or a.adapter is not None):
+        raise SystemExit("--until and --resume train in parts through --checkpoint (not with --adapter)")
+    if a.until is not None and not 1 <= a.until <= a.steps:
+        raise SystemExit(f"--until must be in [1, --steps = {a.steps}], got {a.until}")
+    part_only = a.until is not None and a.until < a.steps  # a training part: nothing to measure yet
     commit = _commit()  # the code this run loads (a later commit may land while it runs)
     cqil = CQILConfig.load(a.cqil)
     trained = None  # the schedule of a saved adapter (--adapter)
@@ -89,6 +101,10 @@ def main(argv=None) -> None:
     model = CQILLlama.from_pretrained(a.model, cqil=CQILConfig(), device=a.device, dtype=torch.float32)
     model.backend = a.backend
     took("model loaded")
+    if part_only:
+        train_adapter(model, a, cqil)
+        took(f"trained to step {a.until} of {a.steps}, kept in {a.checkpoint} (go on with --resume)")
+        return
     skip = set(a.skip.split(","))
     references = {}
     for path in sorted(a.domains.glob("*.txt")):
@@ -127,12 +143,13 @@ def main(argv=None) -> None:
                  what=f"{Path(a.model).name}, fp32, groups {[list(g) for g in cqil.groups]}"
                       f" ({layers} -> {len(cqil.stages(layers))} layer steps); trained on {t['train']} "
                       f"({t['train_tokens']} tokens), {t['steps']} steps of {t['batch']} x {t['window']} tokens, rank "
-                      f"{t['lora_rank']}, lr 1e-3 cosine, recompute {t['recompute']}; "
+                      f"{t['lora_rank']}, lr 1e-3 cosine, recompute {t['recompute']}"
+                      f"{' (trained in parts: train_seconds is the last part)' if t.get('resumed') else ''}; "
                       f"measured with the {a.backend} backend"
                       f"{f', the adapter of an earlier run merged ({a.adapter})' if a.adapter is not None else ''}; "
                       f"each kind: {a.windows} windows of {a.window} spread over it, 90% paired-bootstrap intervals "
                       "over windows",
-                 train_seconds=t["seconds"], kd_loss=t["kd_loss"],
+                 train_seconds=t["seconds"], train_resumed=t.get("resumed", False), kd_loss=t["kd_loss"],
                  columns=["kind", "increase before %", "before 90% CI", "increase after %", "after 90% CI",
                           "agreement before", "agreement after", "KL before", "KL after"],
                  rows=rows)
@@ -150,13 +167,14 @@ def train_adapter(model, a, cqil: CQILConfig) -> dict:
 
     with model.grouping(cqil):
         log = finetune(model, train, steps=a.steps, batch=a.batch, window=a.window, rank=a.lora_rank,
-                       progress=progress, recompute=a.recompute == "on")
+                       progress=progress, recompute=a.recompute == "on", checkpoint=a.checkpoint,
+                       resume=a.resume, until=a.until)
     seconds = time.perf_counter() - start
     print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} in {seconds:.0f} s", flush=True)
     return dict(train="the shipped corpus" if a.train == "corpus" else Path(a.train).name,
                 train_tokens=train.numel(), steps=a.steps, batch=a.batch, window=a.window, lora_rank=a.lora_rank,
-                recompute=a.recompute, seconds=round(seconds), kd_loss=[round(log.losses[0], 4),
-                                                                      round(log.losses[-1], 4)])
+                recompute=a.recompute, seconds=round(seconds), resumed=a.resume,
+                kd_loss=[round(log.losses[0], 4), round(log.losses[-1], 4)])
 
 
 if __name__ == "__main__":

@@ -252,7 +252,8 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
              warmup: int | None = None, temperature: float = 1.0,
              ce_weight: float = 0.0, only_grouped: bool = False, seed: int = 0, progress=None,
              checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-             autocast_dtype: torch.dtype | None | str = "auto", recompute: bool | None = None) -> TrainLog:
+             until: int | None = None, autocast_dtype: torch.dtype | None | str = "auto",
+             recompute: bool | None = None) -> TrainLog:
     """Train LoRA adapters on `model` (with its current grouping) to match the original model on `ids`.
 
     Windows of `window` tokens are drawn from the text (seeded); AdamW on the adapters only, its learning
@@ -263,6 +264,9 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     optimizer, data-order RNG, losses); resume=True continues from it to the same result as an
     uninterrupted run (the checkpoint records steps and schedule: resuming with others is an error, except
     more steps of a constant schedule).
+    until: stop after this step (at most `steps`; the schedule is still that of `steps`), the checkpoint
+    written there: a run in parts, each within a time limit, whose last part (resume=True, until=None)
+    ends where one run would have.
     autocast_dtype: torch.autocast dtype for the forwards ("auto": bfloat16 on CUDA, none elsewhere).
     recompute: gradient checkpointing (gradient_checkpointing above); None = on for CUDA.
     The adapters themselves are fp32 whatever the model's dtype.
@@ -288,6 +292,12 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     if not lr > 0:
         raise ValueError(f"the learning rate must be > 0, got {lr!r}")
     plan = dict(schedule=schedule, warmup=warmup, lr=lr, steps=steps)
+    last = steps if until is None else until
+    if until is not None:
+        if isinstance(until, bool) or not isinstance(until, int) or not 1 <= until <= steps:
+            raise ValueError(f"until must be an int in [1, steps = {steps}], got {until!r}")
+        if checkpoint is None:
+            raise ValueError("until needs a checkpoint: the part's end is kept there for the next part to resume")
     layers = sorted({l for g in model.cqil.groups for l in g}) if only_grouped else None
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -311,6 +321,8 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
                              f"same --steps, --lr, --warmup and --schedule)")
         log = TrainLog(state["steps"], state["losses"])
         first = state["step"] + 1
+        if last < first:
+            raise ValueError(f"{checkpoint} is at step {state['step']} already; until = {until} is not past it")
 
     def save(step: int) -> None:
         save_checkpoint(checkpoint, state=dict(step=step, rank=rank, seed=seed, plan=plan,
@@ -321,7 +333,7 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
     model.train()
     try:
         with gradient_checkpointing(model) if recompute else contextlib.nullcontext():
-            for step in range(first, steps + 1):
+            for step in range(first, last + 1):
                 starts = torch.randint(0, ids.numel() - window, (batch,), generator=generator)
                 x = torch.stack([ids[s:s + window] for s in starts.tolist()]).to(model.device)
                 loss = kd_loss(model, x, temperature, ce_weight, autocast_dtype)
@@ -339,7 +351,7 @@ def finetune(model, ids: torch.Tensor, *, steps: int, rank: int = 8, alpha: floa
                 log.losses.append(loss.item())
                 if progress is not None:
                     progress(step, loss.item())
-                if checkpoint is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+                if checkpoint is not None and (step == last or (checkpoint_every and step % checkpoint_every == 0)):
                     save(step)
     finally:
         model.eval()

@@ -150,6 +150,29 @@ def test_resume_reaches_the_same_weights(tmp_path):
                  checkpoint=tmp_path / "ck2.st", resume=True)
 
 
+def test_a_run_in_parts_ends_where_one_run_does(tmp_path):
+    """until: a cosine run of 8 steps trained as steps 1-3, 4-6 and 7-8 (each part a fresh process's model,
+    resumed from the checkpoint the part before left) gives the uninterrupted run's adapters bit for bit."""
+    kw = dict(steps=8, rank=2, window=32, batch=2, seed=4, checkpoint=tmp_path / "ck.st")
+    full = _model()
+    finetune(full, _text(), **{**kw, "checkpoint": None})
+    log = finetune(_model(), _text(), until=3, **kw)
+    assert log.steps == [1, 2, 3] and json.loads(safetensors_metadata(tmp_path / "ck.st")["cqil"])["step"] == 3
+    finetune(_model(), _text(), until=6, resume=True, **kw)
+    last = _model()
+    log = finetune(last, _text(), resume=True, **kw)
+    assert log.steps == list(range(1, 9))
+    for key, a in full.adapters.items():
+        assert torch.equal(last.adapters[key].lora_A, a.lora_A), key
+        assert torch.equal(last.adapters[key].lora_B, a.lora_B), key
+    with pytest.raises(ValueError, match="not past it"):
+        finetune(_model(), _text(), until=5, resume=True, **kw)
+    with pytest.raises(ValueError, match="until must be"):
+        finetune(_model(), _text(), until=9, **kw)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        finetune(_model(), _text(), until=2, **{**kw, "checkpoint": None})
+
+
 def test_a_constant_schedule_can_be_extended(tmp_path):
     kw = dict(rank=2, window=32, batch=2, seed=4, schedule="constant", warmup=2)
     full = _model()
