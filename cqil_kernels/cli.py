@@ -252,6 +252,9 @@ def _finetune(args) -> int:
         raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it, or --resume)")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    if args.until is not None and not 1 <= args.until <= args.steps:
+        raise ValueError(f"--until must be a step in [1, --steps = {args.steps}], got {args.until}")
+    part = args.until is not None and args.until < args.steps  # a part of the run: nothing goes to OUT yet
     work = out.with_name(out.name + ".partial")
     checkpoint = work / CHECKPOINT_NAME
     if args.resume:
@@ -269,7 +272,7 @@ def _finetune(args) -> int:
     try:
         if args.resume and not checkpoint.exists():  # extending a finished run
             shutil.copyfile(out / CHECKPOINT_NAME, checkpoint)
-        _train(args, model, work)
+        _train(args, model, work, part)
     except BaseException as e:
         # keep the checkpoints of an interrupted run for --resume; a run that failed before writing one,
         # or whose loss diverged, leaves nothing behind
@@ -278,6 +281,10 @@ def _finetune(args) -> int:
         elif isinstance(e, KeyboardInterrupt):
             print(f"interrupted: continue with --resume (the last checkpoint is in {work})", file=sys.stderr)
         raise
+    if part:
+        print(f"trained to step {args.until} of {args.steps}: its checkpoint is in {work}; go on with --resume and "
+              f"the same arguments (--until a later step, or none to finish)")
+        return 0
     replace_directory(work, out)
     print(f"wrote the adapter (PEFT format), cqil.json and the training log to {out}")
     return 0
@@ -286,7 +293,9 @@ def _finetune(args) -> int:
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
-def _train(args, model, work) -> None:
+def _train(args, model, work, part: bool = False) -> None:
+    """Train, then (unless `part`: a run stopped at --until) save the adapter and its log in `work`, and
+    score the held-out text before and after."""
     import torch
     from tqdm.auto import tqdm
 
@@ -296,7 +305,7 @@ def _train(args, model, work) -> None:
     model.backend = "torch"  # training needs it; the metrics before and after then come from the same code
     src = None if args.model == "tiny" else args.model
     ids, _ = _text_ids(args, training=True)
-    held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text else None
+    held_out = quality.read_token_ids(args.eval_text, src) if args.eval_text and not part else None
     if held_out is not None:
         if args.eval_tokens < args.window:
             raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one --window of {args.window}")
@@ -307,7 +316,7 @@ def _train(args, model, work) -> None:
         before = quality.ReferenceRun(model, held_out, window=args.window, stride=args.stride, seed=args.seed,
                                       store="cpu")
         grouped_before = before.evaluate(model.cqil)
-    with tqdm(total=args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
+    with tqdm(total=args.until or args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
         def progress(step, loss):
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # update() redraws, at most every mininterval
             bar.update(1)
@@ -316,10 +325,12 @@ def _train(args, model, work) -> None:
                        lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,
                        ce_weight=args.ce_weight, only_grouped=args.only_grouped, seed=args.seed,
                        progress=progress, checkpoint=work / CHECKPOINT_NAME, checkpoint_every=args.checkpoint_every,
-                       resume=args.resume,
+                       resume=args.resume, until=args.until,
                        autocast_dtype=(None if args.autocast == "none" else "auto" if args.autocast == "auto"
                                        else getattr(torch, args.autocast)),
                        recompute={"auto": None, "on": True, "off": False}[args.recompute])
+    if part:
+        return
     save_adapter(model, work, base_name=str(args.model))
     write_log(log, work)
     print(f"KD loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f} over {args.steps} steps")
@@ -436,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true",
                     help=f"continue from the last checkpoint (OUT.partial/{CHECKPOINT_NAME}, or OUT's own to train a "
                          f"finished run further)")
+    ft.add_argument("--until", type=int, default=None,
+                    help="stop after this step (of the --steps schedule) with its checkpoint in OUT.partial/ and "
+                         "nothing in OUT yet: a run in parts, each within a job's time limit; go on with --resume "
+                         "(and the same arguments), which ends where one run would have")
     ft.add_argument("--autocast", choices=["auto", "bfloat16", "float16", "none"], default="auto",
                     help="torch.autocast dtype of the forwards (auto: bfloat16 on CUDA, none elsewhere)")
     ft.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",

@@ -316,6 +316,26 @@ def test_a_crafted_checkpoint_never_runs_code(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_cli_run_in_parts_writes_the_one_runs_adapter(tmp_path, capsys):
+    """cqil finetune --until 1, then --resume --until 3, then --resume: OUT appears only at the end, with the
+    adapter an uninterrupted run writes, byte for byte."""
+    from cqil_kernels.cli import main
+
+    one, parted = tmp_path / "one", tmp_path / "parted"
+    assert main(_cli_args(tmp_path, one)) == 0
+    assert main(_cli_args(tmp_path, parted, "--until", "1")) == 0
+    assert "go on with --resume" in capsys.readouterr().out
+    assert not parted.exists() and (tmp_path / "parted.partial" / "checkpoint.safetensors").is_file()
+    assert main(_cli_args(tmp_path, parted, "--resume", "--until", "3")) == 0
+    assert not parted.exists()
+    assert main(_cli_args(tmp_path, parted, "--resume")) == 0
+    assert not (tmp_path / "parted.partial").exists()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "cqil.json"):
+        assert (parted / name).read_bytes() == (one / name).read_bytes(), name
+    assert main(_cli_args(tmp_path, tmp_path / "bad", "--until", "5")) == 2
+    assert "--until must be a step in [1, --steps = 4]" in _error(capsys.readouterr().err)
+
+
 def test_a_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
     from cqil_kernels.cli import main
 
