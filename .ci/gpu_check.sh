@@ -187,7 +187,7 @@ for stage in $stages; do
     else
       [ "${KD_RESUME:-0}" = 1 ] || rm -f /tmp/kd_checkpoint.st
       rm -rf /tmp/kd_adapter; kd_what="--train ${KD_TRAIN:-corpus} --adapter-out /tmp/kd_adapter"
-      [ -n "${KD_UNTIL:-}${KD_RESUME:-}" ] && kd_what="$kd_what --checkpoint /tmp/kd_checkpoint.st"
+      { [ -n "${KD_UNTIL:-}" ] || [ "${KD_RESUME:-0}" = 1 ]; } && kd_what="$kd_what --checkpoint /tmp/kd_checkpoint.st"
       [ -n "${KD_UNTIL:-}" ] && kd_what="$kd_what --until $KD_UNTIL"
       [ "${KD_RESUME:-0}" = 1 ] && kd_what="$kd_what --resume"
     fi

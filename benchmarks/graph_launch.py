@@ -26,27 +26,38 @@ import time
 import torch
 
 
-def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, sleep_cycles: int) -> dict[str, float]:
-    """Median replay host, wall and device us of `graph` (see the module docstring)."""
-    host, wall, device = [], [], []
+def from_idle_us(fn, repeats: int, before=None) -> tuple[float, float]:
+    """(median host us to return, median wall us between CUDA events around it) of fn() over `repeats` calls,
+    the GPU idle before each (before(), if given, runs first, untimed)."""
+    host, wall = [], []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(repeats):
+        if before is not None:
+            before()
         torch.cuda.synchronize()
         start.record()
         t0 = time.perf_counter()
-        graph.replay()
+        fn()
         host.append((time.perf_counter() - t0) * 1e6)
         end.record()
         end.synchronize()
         wall.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(host), statistics.median(wall)
+
+
+def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, sleep_cycles: int) -> dict[str, float]:
+    """Median replay host, wall and device us of `graph` (see the module docstring)."""
+    host, wall = from_idle_us(graph.replay, repeats)
+    device = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
         torch.cuda._sleep(sleep_cycles)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         device.append(start.elapsed_time(end) * 1e3)
-    return {key: statistics.median(values) for key, values in
-            (("replay_host_us", host), ("wall_us", wall), ("device_us", device))}
+    return {"replay_host_us": host, "wall_us": wall, "device_us": statistics.median(device)}
 
 
 def chain_graph(nodes: int) -> torch.cuda.CUDAGraph:
@@ -68,31 +79,8 @@ def chain_graph(nodes: int) -> torch.cuda.CUDAGraph:
 def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, float]:
     """Median host us (to return) and wall us (events, from idle) of model(ids, cache=cache), the cache
     cleared before each (a kept cache's prompt: its bucket is bound to it)."""
-    host, wall = [], []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        cache.clear()
-        torch.cuda.synchronize()
-        start.record()
-        t0 = time.perf_counter()
-        model(ids, cache=cache, logits_to_keep=1)
-        host.append((time.perf_counter() - t0) * 1e6)
-        end.record()
-        end.synchronize()
-        wall.append(start.elapsed_time(end) * 1e3)
-    return {"forward_host_us": statistics.median(host), "forward_wall_us": statistics.median(wall)}
-
-
-def host_us(fn, repeats: int) -> float:
-    """Median host us of fn() (its return not waited for), the GPU idle before each call."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
+    host, wall = from_idle_us(lambda: model(ids, cache=cache, logits_to_keep=1), repeats, before=cache.clear)
+    return {"forward_host_us": host, "forward_wall_us": wall}
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
@@ -110,7 +98,7 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
              ("generation_cache, a kept slot (signature + clear)", lambda: model.generation_cache(1, T + 1)),
              ("the bucket's input copy (ids + length)", lambda: bucket.load(ids, None)),
              ("generate(ids, 1), the token on the host", lambda: model.generate(ids, 1).tolist())]
-    return [[name, round(host_us(fn, repeats), 1)] for name, fn in parts]
+    return [[name, round(from_idle_us(fn, repeats)[0], 1)] for name, fn in parts]
 
 
 def main(argv=None) -> None:
