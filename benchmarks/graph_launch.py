@@ -11,6 +11,7 @@ bucket of each --rows length, sequential), the median over --repeats of:
   device's view of the replay, its start latency included;
 * device us: the same replay queued behind a GPU sleep (the launch hidden);
 * wall - device: what the launch adds to the replay's time on the device's clock.
+The last row: the same for generate's decode step graph (a token into a kept cache).
 The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
 host us to return, wall us from idle), so that the forward's time before its replay is the forward's
 wall - device less the replay's; and for the longest prompt, the host time of each part of a generate call
@@ -87,6 +88,21 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
     return {"forward_host_us": host, "forward_wall_us": wall}
 
 
+def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
+    """The row of generate's decode step graph (a token into a kept cache of 64 positions, cleared before
+    each replay: every replay writes position 0), as the prompt graphs' rows."""
+    cache, decode = model.generation_cache(1, 64)
+    tokens = torch.zeros(1, dtype=torch.long, device=model.device)
+    for _ in range(3):  # eager, capture, replay
+        cache.clear()
+        decode(tokens)
+    if decode.graph is None:
+        raise SystemExit("the decode step was not captured")
+    t = replay_times(decode.graph, repeats, sleep_cycles, before=cache.clear)
+    return [f"{shape} decode step", None, *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
+            round(t["wall_us"] - t["device_us"], 1), None, None]
+
+
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     """[part, median host us] of what a generate call does on the host before its prompt's replay, each
     part alone, and generate(ids, 1) whole (the token on the host: its device time included)."""
@@ -153,6 +169,8 @@ def main(argv=None) -> None:
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
+        rows.append(decode_row(model, a.shape, a.repeats, SLEEP_CYCLES))
+        print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
                "replay wall - device us", "forward host us", "forward wall us"]
     print(columns)
