@@ -11,7 +11,8 @@ bucket of each --rows length, sequential), the median over --repeats of:
   device's view of the replay, its start latency included;
 * device us: the same replay queued behind a GPU sleep (the launch hidden);
 * wall - device: what the launch adds to the replay's time on the device's clock.
-The last row: the same for generate's decode step graph (a token into a kept cache).
+The last row: the same for generate's decode step graph (a token into a kept cache). And the kinds of
+nodes and edges the longest prompt's graph holds (node_census).
 The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
 host us to return, wall us from idle), so that the forward's time before its replay is the forward's
 wall - device less the replay's; and for the longest prompt, the host time of each part of a generate call
@@ -21,7 +22,12 @@ before its replay, alone (the signature check, the input check, the kept slot, t
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import os
+import re
 import statistics
+import tempfile
 import time
 
 import torch
@@ -86,6 +92,35 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
     cleared before each (a kept cache's prompt: its bucket is bound to it)."""
     host, wall = from_idle_us(lambda: model(ids, cache=cache, logits_to_keep=1), repeats, before=cache.clear)
     return {"forward_host_us": host, "forward_wall_us": wall}
+
+
+# a node's kind in a debug dump's labels, which break lines with a literal \n (no word boundary before it)
+NODE_KINDS = (r"(?<![A-Z_])(KERNEL|MEMSET|MEMCPY|HOST|EMPTY|WAIT_EVENT|EVENT_RECORD|MEM_ALLOC|MEM_FREE|BATCH_MEM_OP|"
+              r"CONDITIONAL|CHILD_GRAPH|EXT_SEMAS_SIGNAL|EXT_SEMAS_WAIT)(?![A-Z_])")
+
+
+def node_census(fn, keep: str | None = None) -> dict:
+    """What kinds of nodes and edges a graph of fn() holds: fn captured once more with CUDA's debug dump on
+    (cudaGraphDebugDotPrint), its nodes counted by kind (KERNEL, MEMSET, MEMCPY, ...) and its edges by their
+    DOT attributes (programmatic edges, those of launches with the PDL attribute, are drawn apart from the
+    plain ones); keep: a path to copy the DOT file to. A replay's host cost may depend on them: a graph of
+    256 plain adds takes ~3.5 us to launch, the model's ~150-200 us in profiles."""
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "graph.dot")
+        graph.debug_dump(path)
+        with open(path) as f:
+            dot = f.read()
+    if keep:
+        with open(keep, "w") as f:
+            f.write(dot)
+    edges = collections.Counter(attrs.strip() or "(none)" for attrs in
+                                re.findall(r'"\s*->\s*"[^"]*"\s*(?:\[([^\]]*)\])?', dot))
+    return {"nodes": dict(collections.Counter(re.findall(NODE_KINDS, dot))), "edges": dict(edges),
+            "dot_chars": len(dot)}
 
 
 def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
@@ -169,6 +204,14 @@ def main(argv=None) -> None:
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
+                from cqil_kernels.fused import padded_step
+                cache.clear()
+                try:  # a diagnosis: its failure (a torch without the debug dump) leaves the timings standing
+                    census = node_census(lambda: buckets[0].forward(functools.partial(padded_step, model)),
+                                         keep=f"{a.out}.dot" if a.out else None)
+                except Exception as e:  # noqa: BLE001
+                    census = {"error": f"{type(e).__name__}: {e}"}
+                print(f"  graph of the {T}-token prompt: {census}", flush=True)
         rows.append(decode_row(model, a.shape, a.repeats, SLEEP_CYCLES))
         print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
@@ -182,7 +225,8 @@ def main(argv=None) -> None:
                           "prompt bucket bound to a kept cache", columns=columns, rows=rows,
                      host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
                                           "of each part alone, the GPU idle before each", columns=["part", "host us"],
-                                     rows=parts))
+                                     rows=parts),
+                     census=census)
 
 
 if __name__ == "__main__":
