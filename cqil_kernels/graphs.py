@@ -164,7 +164,11 @@ class GraphDecoder(_CapturedLazily):
         if self.check_tokens:
             check_inputs(next_tokens.reshape(cache.batch, 1), model.args.vocab_size)
         self.tokens.copy_(next_tokens.view(cache.batch, 1))
-        logits = self.replay_or_run(lambda: self.step_fn(self.tokens, None, cache))
+        try:
+            logits = self.replay_or_run(lambda: self.step_fn(self.tokens, None, cache))
+        except BaseException:  # as the model's forward: the cache as it was (KVCache.restore)
+            cache.restore()
+            raise
         cache.length += 1
         return logits[:, -1]
 

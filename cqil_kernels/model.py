@@ -283,6 +283,21 @@ class KVCache:
         self._bookkeeping.zero_()  # key_valid, n_tokens, position and start
         self.length = 0
 
+    def restore(self) -> None:
+        """Bring the device's bookkeeping back to the host's `length` positions, after a step that did not
+        complete (an exception or an interrupt between its first launch and the host's `length += T`: out of
+        memory part-way, Ctrl-C). The step's kernels take their first slot from the device's `position`, the
+        room checks read the host's `length`: left apart, the next step would write past what the host
+        checked, past the cache's end at worst. Positions from `length` on are free again (their keys and
+        values stay, to be overwritten); each row's token count is recounted from what stays. The model's
+        forward and the decode steps call it when they fail; a device that has failed itself (a CUDA error)
+        fails this too."""
+        L = self.length
+        self.key_valid[:, L:] = False
+        torch.sum(self.key_valid[:, :L], dim=1, out=self.n_tokens)
+        self.position.fill_(L)
+        self.start.fill_(L)
+
     def copy_prompt(self, src: KVCache, length: int) -> None:
         """Take the first `length` positions of every layer and their bookkeeping from `src`, a cache of the
         same layout and batch (any max_seq) that was filled from position 0: this cache must be empty. The
@@ -635,6 +650,7 @@ class CQILTransformer(nn.Module):
         in the first part of a left-padded prompt fed in parts); without, a full causal forward.
         logits_to_keep: only the last k positions' logits [B, k, vocab] (0: all), as in transformers; a
         prefill needs only the last one, and the others cost T x vocab x hidden multiply-adds.
+        A forward that fails part-way (out of memory, an interrupt) leaves the cache as it was.
         """
         input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
         return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep))
@@ -646,10 +662,15 @@ class CQILTransformer(nn.Module):
         once (one read of the device) and runs its parts through here. The cache's fit is checked again (on
         the host only)."""
         check_cache_fits(self, input_ids.shape, cache)
-        if self.accelerated():
-            logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep)
-        else:
-            logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache, keep)
+        try:
+            if self.accelerated():
+                logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep)
+            else:
+                logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache, keep)
+        except BaseException:  # an interrupt too: the cache holds what it held before (KVCache.restore)
+            if cache is not None:
+                cache.restore()
+            raise
         if cache is not None:
             cache.length += input_ids.shape[1]
         return logits

@@ -104,6 +104,46 @@ def test_unwritten_cache_positions_are_never_read(name, backend):
     assert torch.equal(logits["nan"], logits["zeros"])
 
 
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_forward_that_fails_part_way_leaves_the_cache_as_it_was(backend, error, monkeypatch):
+    """A forward that raises after its step moved the cache's bookkeeping on (on the device: the position the
+    next step writes at, key_valid, n_tokens) and after its first stage wrote keys and values, as out of
+    memory part-way or Ctrl-C would: the cache is left as it was (KVCache.restore), and the next forward's
+    logits equal those of a cache that never saw the failure, bit for bit."""
+    from cqil_kernels.fused import TritonRunner
+    from cqil_kernels.model import TorchRunner
+
+    model = _models(GROUPINGS["pairs-d0"])
+    model.backend = backend
+    ids = torch.randint(0, model.args.vocab_size, (2, 10), device=DEVICE)
+    other = torch.randint(0, model.args.vocab_size, (2, 3), device=DEVICE)
+    mask = left_padding_mask(ids[:, :6], [2, 0])
+    runner = TorchRunner if backend == "torch" else TritonRunner
+    stage = runner.stage
+
+    def failing(self, s, *args):
+        if s > 0:
+            raise error("injected part-way")
+        return stage(self, s, *args)
+
+    with torch.no_grad():
+        caches = [model.new_cache(2, 12) for _ in range(2)]
+        for cache in caches:
+            model(ids[:, :6], mask, cache=cache)
+        failed, clean = caches
+        before = [t.clone() for t in (failed.key_valid, failed.n_tokens, failed.position)]
+        monkeypatch.setattr(runner, "stage", failing)
+        with pytest.raises(error, match="injected"):
+            model(other, cache=failed)
+        monkeypatch.undo()
+        assert failed.length == 6
+        for got, want in zip((failed.key_valid, failed.n_tokens, failed.position), before):
+            assert torch.equal(got, want)
+        got, want = model(ids[:, 6:], cache=failed), model(ids[:, 6:], cache=clean)
+    assert torch.equal(got, want)
+
+
 def test_generate_is_identical_on_both_backends():
     model = _models(GROUPINGS["pairs-d0"])
     ids = torch.randint(0, model.args.vocab_size, (2, 7), device=DEVICE)
