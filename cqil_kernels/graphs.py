@@ -108,9 +108,11 @@ class _CapturedLazily:
         if self.calls == 1:
             side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = fn()
-            torch.cuda.current_stream().wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    out = fn()
+            finally:  # also when fn raised part-way: KVCache.restore then runs after what it launched
+                torch.cuda.current_stream().wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
         try:
