@@ -109,6 +109,51 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
     assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
 
 
+@pytest.mark.parametrize("where", ["scratch", "bound"])
+def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(where, monkeypatch):
+    """The prompt buckets' two ways into the caller's cache, a scratch bucket's prompt handed over to an empty
+    cache and a bucket bound to the cache after a prefix, interrupted once the padded step (and the hand-over)
+    ran: the cache is as it was (KVCache.restore, from the model's forward), and the next prompt's logits
+    equal those of a cache that never saw the interrupted one, bit for bit."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
+        prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+        monkeypatch.setattr(fused.TritonBackend, "forward",
+                            lambda self, model, ids, valid, cache, keep=0: prefill(model, ids, valid, cache, keep))
+    g = torch.Generator().manual_seed(9)
+    prefix, prompt, other = (torch.randint(0, model.args.vocab_size, (2, T), generator=g).to(DEVICE)
+                             for T in (5, 7, 7))
+    step, drop = graphs._Bucket.forward, PrefillGraphs._drop_unbound
+    ran = []
+
+    def step_then_mark(self, step_fn):
+        out = step(self, step_fn)
+        ran.append(True)
+        return out
+
+    def interrupted(self):  # the host work after the step (before a new bucket it runs too, unharmed)
+        if ran:
+            raise KeyboardInterrupt("injected after the step")
+        drop(self)
+
+    with torch.no_grad():
+        failed, clean = model.new_cache(2, 40), model.new_cache(2, 40)
+        if where == "bound":
+            for cache in (failed, clean):
+                model(prefix, cache=cache)
+        before = [t.clone() for t in (failed.key_valid, failed.n_tokens, failed.position)]
+        monkeypatch.setattr(graphs._Bucket, "forward", step_then_mark)
+        monkeypatch.setattr(PrefillGraphs, "_drop_unbound", interrupted)
+        with pytest.raises(KeyboardInterrupt, match="injected"):
+            model(other, cache=failed)
+        monkeypatch.setattr(PrefillGraphs, "_drop_unbound", drop)
+        assert ran and failed.length == (5 if where == "bound" else 0)
+        for got, want in zip((failed.key_valid, failed.n_tokens, failed.position), before):
+            assert torch.equal(got, want)
+        got, want = model(prompt, cache=failed), model(prompt, cache=clean)
+    assert torch.equal(got, want)
+
+
 def test_a_kept_cache_takes_its_prompt_straight_in():
     """An empty cache kept for later calls (KVCache.long_lived: generate's, through DecodeSlots) binds its
     prompt's bucket as a cache after a prefix does: no scratch, nothing copied over, the scratch path's
