@@ -71,6 +71,13 @@ def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, sleep_cycles: int, b
     return {"replay_host_us": host, "wall_us": wall, "device_us": statistics.median(device)}
 
 
+def replay_row(name: str, t: dict[str, float], nodes: int | None = None, forward: dict | None = None) -> list:
+    """A record row (the columns of main) of replay_times' t and, for a model's prompt, forward_times'."""
+    return [name, nodes, *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
+            round(t["wall_us"] - t["device_us"], 1),
+            *((round(forward[k], 1) for k in ("forward_host_us", "forward_wall_us")) if forward else (None, None))]
+
+
 def chain_graph(nodes: int) -> torch.cuda.CUDAGraph:
     """A graph of `nodes` dependent adds on one small tensor."""
     x = torch.zeros(256, device="cuda")
@@ -133,9 +140,7 @@ def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
         decode(tokens)
     if decode.graph is None:
         raise SystemExit("the decode step was not captured")
-    t = replay_times(decode.graph, repeats, sleep_cycles, before=cache.clear)
-    return [f"{shape} decode step", None, *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
-            round(t["wall_us"] - t["device_us"], 1), None, None]
+    return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, sleep_cycles, before=cache.clear))
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
@@ -176,9 +181,7 @@ def main(argv=None) -> None:
     for n in a.nodes or [16, 256, 1024]:
         graph = chain_graph(n)
         graph.replay()
-        t = replay_times(graph, a.repeats, SLEEP_CYCLES)
-        rows.append([f"{n} adds", n, *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
-                     round(t["wall_us"] - t["device_us"], 1), None, None])
+        rows.append(replay_row(f"{n} adds", replay_times(graph, a.repeats, SLEEP_CYCLES), nodes=n))
         print(rows[-1], flush=True)
     model = random_model(a.shape, torch.bfloat16, device)
     with torch.inference_mode():
@@ -193,22 +196,18 @@ def main(argv=None) -> None:
                        and b.target is not None and b.target() is cache]
             if len(buckets) != 1:
                 raise SystemExit(f"expected one graph bound to the cache for {T} tokens, found {len(buckets)}")
-            t = replay_times(buckets[0].graph, a.repeats, SLEEP_CYCLES, before=cache.clear)
-            f = forward_times(model, ids, cache, a.repeats)
-            rows.append([f"{a.shape} prompt {T}", None,
-                         *(round(t[k], 1) for k in ("replay_host_us", "wall_us", "device_us")),
-                         round(t["wall_us"] - t["device_us"], 1), round(f["forward_host_us"], 1),
-                         round(f["forward_wall_us"], 1)])
+            rows.append(replay_row(f"{a.shape} prompt {T}",
+                                   replay_times(buckets[0].graph, a.repeats, SLEEP_CYCLES, before=cache.clear),
+                                   forward=forward_times(model, ids, cache, a.repeats)))
             print(rows[-1], flush=True)
             if T == max(a.rows or [64, 512]):
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
-                from cqil_kernels.fused import padded_step
+                step = functools.partial(model.accelerator.graphs.step_fn, model)  # as PrefillGraphs calls it
                 cache.clear()
                 try:  # a diagnosis: its failure (a torch without the debug dump) leaves the timings standing
-                    census = node_census(lambda: buckets[0].forward(functools.partial(padded_step, model)),
-                                         keep=f"{a.out}.dot" if a.out else None)
+                    census = node_census(lambda: buckets[0].forward(step), keep=f"{a.out}.dot" if a.out else None)
                 except Exception as e:  # noqa: BLE001
                     census = {"error": f"{type(e).__name__}: {e}"}
                 print(f"  graph of the {T}-token prompt: {census}", flush=True)
