@@ -4,7 +4,9 @@ within 1.10x of its device time?).
     python benchmarks/graph_launch.py --nodes 16 --nodes 256 --nodes 1024 --shape smollm2-135m --rows 64 \\
         --rows 512 --out graph_launch.json
 
-For a graph of N tiny kernels (an add on 256 floats each), and for the model's own prompt graphs (the
+For graphs of N tiny dependent steps on 256 floats (CHAINS: torch adds; Triton adds, with and without the
+PDL launch attribute ours use; torch adds with a device copy every 8th: the structures our model graphs
+may hold and a chain of torch adds does not), and for the model's own prompt graphs (the
 bucket of each --rows length, sequential), the median over --repeats of:
 * replay host us: the host's time in `CUDAGraph.replay()`, the GPU idle before it;
 * wall us: CUDA events recorded just before and just after the replay, the GPU idle before it: the
@@ -31,6 +33,10 @@ import tempfile
 import time
 
 import torch
+import triton
+import triton.language as tl
+
+from cqil_kernels.ops._pdl import release_consumer, wait_for_producer
 
 
 def from_idle_us(fn, repeats: int, before=None) -> tuple[float, float]:
@@ -78,18 +84,48 @@ def replay_row(name: str, t: dict[str, float], nodes: int | None = None, forward
             *((round(forward[k], 1) for k in ("forward_host_us", "forward_wall_us")) if forward else (None, None))]
 
 
-def chain_graph(nodes: int) -> torch.cuda.CUDAGraph:
-    """A graph of `nodes` dependent adds on one small tensor."""
-    x = torch.zeros(256, device="cuda")
+@triton.jit
+def _add_one_kernel(x_ptr, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_producer(USE_GDC)
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs, mask=offs < N)
+    release_consumer(USE_GDC)
+    tl.store(x_ptr + offs, v + 1, mask=offs < N)
+
+
+def triton_add(x: torch.Tensor, pdl: bool) -> None:
+    """x += 1 by a Triton kernel, launched as ours are: with the PDL attribute (programmatic edges in a
+    graph) or without."""
+    _add_one_kernel[(1,)](x, x.numel(), BLOCK=triton.next_power_of_2(x.numel()),
+                          **({"USE_GDC": True, "launch_pdl": True} if pdl else {"USE_GDC": False}))
+
+
+# the synthetic graphs: N dependent steps on 256 floats each, which differ in one thing our model graphs
+# may hold and a chain of torch adds does not
+CHAINS = {
+    "adds": lambda x, i: x.add_(1),
+    "Triton adds": lambda x, i: triton_add(x, pdl=False),
+    "Triton adds, PDL": lambda x, i: triton_add(x, pdl=True),
+    # a copy between two tensors: a memcpy node in the graph
+    "adds, a copy every 8th": lambda x, i: x[256:].copy_(x[:256]) if i % 8 == 7 else x[:256].add_(1),
+}
+
+
+def chain_graph(kind: str, nodes: int) -> torch.cuda.CUDAGraph:
+    """A graph of `nodes` dependent steps of CHAINS[kind] on one small tensor (its first run eager, on a
+    side stream: a Triton kernel compiles there)."""
+    step = CHAINS[kind]
+    x = torch.zeros(512, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        x.add_(1)
+        for i in range(8):
+            step(x, i)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(nodes):
-            x.add_(1)
+        for i in range(nodes):
+            step(x, i)
     graph._keep = x  # the buffer the graph writes lives as long as the graph
     return graph
 
@@ -178,11 +214,19 @@ def main(argv=None) -> None:
     device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 2.0)
     rows = []
-    for n in a.nodes or [16, 256, 1024]:
-        graph = chain_graph(n)
-        graph.replay()
-        rows.append(replay_row(f"{n} adds", replay_times(graph, a.repeats, SLEEP_CYCLES), nodes=n))
-        print(rows[-1], flush=True)
+    chains = {}
+    for kind in CHAINS:
+        for n in a.nodes or [16, 256, 1024]:
+            graph = chain_graph(kind, n)
+            graph.replay()
+            rows.append(replay_row(f"{n} {kind}", replay_times(graph, a.repeats, SLEEP_CYCLES), nodes=n))
+            print(rows[-1], flush=True)
+        x = torch.zeros(512, device=device)
+        try:  # the census of a small chain of each kind: how its structure shows in the dump
+            chains[kind] = node_census(lambda: [CHAINS[kind](x, i) for i in range(16)])
+        except Exception as e:  # noqa: BLE001
+            chains[kind] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"  graph of 16 {kind}: {chains[kind]}", flush=True)
     model = random_model(a.shape, torch.bfloat16, device)
     with torch.inference_mode():
         for T in a.rows or [64, 512]:
@@ -220,12 +264,12 @@ def main(argv=None) -> None:
         write_record(a.out, device=device, commit=commit,
                      title="What a CUDA graph replay costs before the GPU starts",
                      what=f"median of {a.repeats}; see benchmarks/graph_launch.py's docstring. Synthetic graphs: "
-                          f"N dependent adds on 256 floats; model graphs: {a.shape}, bf16, sequential, batch 1, the "
-                          "prompt bucket bound to a kept cache", columns=columns, rows=rows,
+                          f"N dependent steps of each kind (CHAINS) on 256 floats; model graphs: {a.shape}, bf16, "
+                          "sequential, batch 1, the prompt bucket bound to a kept cache", columns=columns, rows=rows,
                      host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
                                           "of each part alone, the GPU idle before each", columns=["part", "host us"],
                                      rows=parts),
-                     census=census)
+                     census=census, synthetic_census=chains)
 
 
 if __name__ == "__main__":
