@@ -34,7 +34,8 @@
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
-#   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency)
+#   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
+#               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
 #               and this one on the same machine (host times differ by half between machines of one card):
 #               HOST_AB_OLD=<carried folder with the older tree: git archive REV | tar -x -C DIR>, HOST_AB_NAME=<REV>,
@@ -226,7 +227,9 @@ for stage in $stages; do
   graph_launch)
     # issue 24: what a CUDA graph replay costs before the GPU starts (synthetic graphs and the prompt buckets)
     timeout ${GL_TIMEOUT:-120} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \
-      | tee -a "$OUT/graph_launch.log" ;;
+      | tee -a "$OUT/graph_launch.log"
+    # and what one launch costs the host by path (op, Triton's JIT, the compiled launcher, a graph)
+    timeout 60 python3 benchmarks/launch_paths.py --out "$OUT/launch_paths.json" 2>&1 | tee -a "$OUT/graph_launch.log" ;;
   mix)
     # issue 24: first-token time over prompts of many lengths, by the prompt buckets kept (8 and 64)
     timeout ${MIX_TIMEOUT:-240} python3 benchmarks/prompt_mix.py --shape ${MIX_SHAPE:-smollm2-135m} \
