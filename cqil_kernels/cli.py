@@ -316,10 +316,10 @@ def _train(args, model, work, part: bool = False) -> None:
         before = quality.ReferenceRun(model, held_out, window=args.window, stride=args.stride, seed=args.seed,
                                       store="cpu")
         grouped_before = before.evaluate(model.cqil)
-    with tqdm(total=args.until or args.steps, desc="KD fine-tuning", unit="step") as bar:  # counts steps run now
-        def progress(step, loss):
+    with tqdm(total=args.until or args.steps, desc="KD fine-tuning", unit="step") as bar:
+        def progress(step, loss):  # step counts from 1 over the whole run: a resumed one starts past its checkpoint
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # update() redraws, at most every mininterval
-            bar.update(1)
+            bar.update(step - bar.n)
 
         log = finetune(model, ids, steps=args.steps, rank=args.lora_rank, window=args.window, batch=args.batch,
                        lr=args.lr, schedule=args.schedule, warmup=args.warmup, temperature=args.temperature,

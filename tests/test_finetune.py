@@ -318,7 +318,7 @@ def test_a_crafted_checkpoint_never_runs_code(tmp_path, capsys):
 
 def test_cli_run_in_parts_writes_the_one_runs_adapter(tmp_path, capsys):
     """cqil finetune --until 1, then --resume --until 3, then --resume: OUT appears only at the end, with the
-    adapter an uninterrupted run writes, byte for byte."""
+    adapter an uninterrupted run writes, byte for byte; each part's progress bar ends at the step it reached."""
     from cqil_kernels.cli import main
 
     one, parted = tmp_path / "one", tmp_path / "parted"
@@ -328,8 +328,10 @@ def test_cli_run_in_parts_writes_the_one_runs_adapter(tmp_path, capsys):
     assert not parted.exists() and (tmp_path / "parted.partial" / "checkpoint.safetensors").is_file()
     assert main(_cli_args(tmp_path, parted, "--resume", "--until", "3")) == 0
     assert not parted.exists()
+    assert "3/3" in capsys.readouterr().err  # the progress bar counts the run's steps, not this call's
     assert main(_cli_args(tmp_path, parted, "--resume")) == 0
     assert not (tmp_path / "parted.partial").exists()
+    assert "4/4" in capsys.readouterr().err
     for name in ("adapter_model.safetensors", "adapter_config.json", "cqil.json"):
         assert (parted / name).read_bytes() == (one / name).read_bytes(), name
     assert main(_cli_args(tmp_path, tmp_path / "bad", "--until", "5")) == 2
