@@ -226,7 +226,7 @@ for stage in $stages; do
       | tee -a "$OUT/boundaries.log" ;;
   graph_launch)
     # issue 24: what a CUDA graph replay costs before the GPU starts (synthetic graphs and the prompt buckets)
-    timeout ${GL_TIMEOUT:-120} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \
+    timeout ${GL_TIMEOUT:-240} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \
       | tee -a "$OUT/graph_launch.log"
     # and what one launch costs the host by path (op, Triton's JIT, the compiled launcher, a graph)
     timeout 60 python3 benchmarks/launch_paths.py --out "$OUT/launch_paths.json" 2>&1 | tee -a "$OUT/graph_launch.log" ;;

@@ -13,8 +13,7 @@ bucket of each --rows length, sequential), the median over --repeats of:
   device's view of the replay, its start latency included;
 * device us: the same replay queued behind a GPU sleep (the launch hidden);
 * wall - device: what the launch adds to the replay's time on the device's clock.
-The last row: the same for generate's decode step graph (a token into a kept cache). And the kinds of
-nodes and edges the longest prompt's graph holds (node_census).
+The last row: the same for generate's decode step graph (a token into a kept cache).
 The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
 host us to return, wall us from idle), so that the forward's time before its replay is the forward's
 wall - device less the replay's; and for the longest prompt, the host time of each part of a generate call
@@ -24,12 +23,7 @@ before its replay, alone (the signature check, the input check, the kept slot, t
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
-import os
-import re
 import statistics
-import tempfile
 import time
 
 import torch
@@ -137,35 +131,6 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
     return {"forward_host_us": host, "forward_wall_us": wall}
 
 
-# a node's kind in a debug dump's labels, which break lines with a literal \n (no word boundary before it)
-NODE_KINDS = (r"(?<![A-Z_])(KERNEL|MEMSET|MEMCPY|HOST|EMPTY|WAIT_EVENT|EVENT_RECORD|MEM_ALLOC|MEM_FREE|BATCH_MEM_OP|"
-              r"CONDITIONAL|CHILD_GRAPH|EXT_SEMAS_SIGNAL|EXT_SEMAS_WAIT)(?![A-Z_])")
-
-
-def node_census(fn, keep: str | None = None) -> dict:
-    """What kinds of nodes and edges a graph of fn() holds: fn captured once more with CUDA's debug dump on
-    (cudaGraphDebugDotPrint), its nodes counted by kind (KERNEL, MEMSET, MEMCPY, ...) and its edges by their
-    DOT attributes (programmatic edges, those of launches with the PDL attribute, are drawn apart from the
-    plain ones); keep: a path to copy the DOT file to. A replay's host cost may depend on them: a graph of
-    256 plain adds takes ~3.5 us to launch, the model's ~150-200 us in profiles."""
-    graph = torch.cuda.CUDAGraph()
-    graph.enable_debug_mode()
-    with torch.cuda.graph(graph):
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "graph.dot")
-        graph.debug_dump(path)
-        with open(path) as f:
-            dot = f.read()
-    if keep:
-        with open(keep, "w") as f:
-            f.write(dot)
-    edges = collections.Counter(attrs.strip() or "(none)" for attrs in
-                                re.findall(r'"\s*->\s*"[^"]*"\s*(?:\[([^\]]*)\])?', dot))
-    return {"nodes": dict(collections.Counter(re.findall(NODE_KINDS, dot))), "edges": dict(edges),
-            "dot_chars": len(dot)}
-
-
 def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
     """The row of generate's decode step graph (a token into a kept cache of 64 positions, cleared before
     each replay: every replay writes position 0), as the prompt graphs' rows."""
@@ -188,7 +153,8 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     host_ids = ids.cpu()
     model.generation_cache(1, T + 1)  # the kept slot that the timed calls take
     parts = [("graph_signature()", model.graph_signature),
-             ("packed_weights().is_current()", lambda: model.packed_weights().is_current()),
+             # one scan of the packed weights' bindings (packed_weights() itself scans them once first)
+             ("PackedLayers.is_current()", model.packed_weights().is_current),
              ("check_inputs, ids on the GPU (one read of the device)", lambda: check_inputs(ids, V)),
              ("check_inputs, ids on the host, then copied", lambda: check_inputs(host_ids, V, device=ids.device)),
              ("generation_cache, a kept slot (signature + clear)", lambda: model.generation_cache(1, T + 1)),
@@ -214,19 +180,12 @@ def main(argv=None) -> None:
     device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 2.0)
     rows = []
-    chains = {}
     for kind in CHAINS:
         for n in a.nodes or [16, 256, 1024]:
             graph = chain_graph(kind, n)
             graph.replay()
             rows.append(replay_row(f"{n} {kind}", replay_times(graph, a.repeats, SLEEP_CYCLES), nodes=n))
             print(rows[-1], flush=True)
-        x = torch.zeros(512, device=device)
-        try:  # the census of a small chain of each kind: how its structure shows in the dump
-            chains[kind] = node_census(lambda: [CHAINS[kind](x, i) for i in range(16)])
-        except Exception as e:  # noqa: BLE001
-            chains[kind] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  graph of 16 {kind}: {chains[kind]}", flush=True)
     model = random_model(a.shape, torch.bfloat16, device)
     with torch.inference_mode():
         for T in a.rows or [64, 512]:
@@ -248,13 +207,6 @@ def main(argv=None) -> None:
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
-                step = functools.partial(model.accelerator.graphs.step_fn, model)  # as PrefillGraphs calls it
-                cache.clear()
-                try:  # a diagnosis: its failure (a torch without the debug dump) leaves the timings standing
-                    census = node_census(lambda: buckets[0].forward(step), keep=f"{a.out}.dot" if a.out else None)
-                except Exception as e:  # noqa: BLE001
-                    census = {"error": f"{type(e).__name__}: {e}"}
-                print(f"  graph of the {T}-token prompt: {census}", flush=True)
         rows.append(decode_row(model, a.shape, a.repeats, SLEEP_CYCLES))
         print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
@@ -268,8 +220,7 @@ def main(argv=None) -> None:
                           "sequential, batch 1, the prompt bucket bound to a kept cache", columns=columns, rows=rows,
                      host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
                                           "of each part alone, the GPU idle before each", columns=["part", "host us"],
-                                     rows=parts),
-                     census=census, synthetic_census=chains)
+                                     rows=parts))
 
 
 if __name__ == "__main__":
