@@ -30,7 +30,11 @@ Prefill graphs, as serving engines do it:
   caching allocator (`use_count > 0` asserted when a graph was captured into a pool whose graphs had all
   been freed), on the H200 at 4fe1302.
 * A graph holds the packed weights it was captured with: a regrouping, a repack or moved weights drop
-  every graph (`PrefillGraphs.current`).
+  every graph (`PrefillGraphs.current`). The check has two parts: the grouping, the packed weights' identity
+  and the other weights' storage, before anything runs; and the scan of every packed parameter's binding,
+  which finds one replaced by hand (~60 us of a GPU host's Python for SmolLM2), after the replay is queued,
+  while the GPU runs it. A replay that the scan finds stale read the old weights, which the graphs hold; its
+  result is dropped, the cache's bookkeeping put back (KVCache.restore) and the prompt run again.
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
   packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
@@ -297,7 +301,11 @@ class PrefillGraphs:
                              "for later calls with room in the cache for its bucket")
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
-        self.current(model)
+        # the bindings' scan is left for after the replay is queued when the rest of the signature holds
+        # (it can only find parameters replaced by hand, whose old storage the graphs hold in self.packed)
+        deferred = model.graph_signature(scan=False) == self.signature
+        if not deferred:
+            self.current(model)
         bound = self.binds(cache, T)
         key = (B, bucket(T), keep, id(cache) if bound else None)
         entry = self.buckets.pop(key, None)
@@ -313,7 +321,15 @@ class PrefillGraphs:
                 entry = _Bucket(model, B, key[1], keep, cache if bound else None)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
+        replayed = entry.graph is not None  # else the step runs eagerly or is captured: it reads the current weights
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
+        if deferred and replayed and model.graph_signature() != self.signature:
+            # a parameter was replaced by hand since the capture: the replay read the old weights (held, so valid
+            # memory); its result is dropped, the cache's bookkeeping put back, and the prompt runs again
+            if bound:
+                cache.restore()
+            self.current(model)
+            return self(model, input_ids, valid, cache, logits_to_keep)
         if cache is not None and not bound:
             cache.copy_prompt(entry.scratch, T)
         logits = logits[:, :T].clone() if keep == 0 else logits.clone()

@@ -623,11 +623,14 @@ class CQILTransformer(nn.Module):
             self.pack()
         return self.packed
 
-    def graph_signature(self) -> tuple:
+    def graph_signature(self, scan: bool = True) -> tuple:
         """What a captured CUDA graph of a step reads besides its own buffers (graphs.PrefillGraphs): the
         packed weights (a regrouping keeps them, a repack or a move replaces them), the grouping, the
-        other weights' storage. A graph captured under another signature must not be replayed."""
-        return (id(self.packed_weights()), self.stages, self.cqil, self.dtype, self.device,
+        other weights' storage. A graph captured under another signature must not be replayed.
+        scan=False: the packed weights as last packed, without the scan of their bindings that finds a
+        parameter replaced by hand (PackedLayers.is_current: ~60 of the ~70 us the whole check took in a GPU
+        host's Python for SmolLM2's 270 bindings); PrefillGraphs runs that scan while a replay runs."""
+        return (id(self.packed_weights() if scan else self.packed), self.stages, self.cqil, self.dtype, self.device,
                 self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(), self.norm.weight.data_ptr(),
                 self.inv_freq.data_ptr())
 

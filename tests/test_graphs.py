@@ -187,6 +187,85 @@ def test_a_kept_cache_takes_its_prompt_straight_in():
     assert list(prefill.buckets) == [(2, 16, 1, id(kept)), (2, 16, 1, None)]
 
 
+class _StandInGraph:
+    """What the replay of a bucket captured before a parameter was replaced by hand does, on any device (the
+    tests' PrefillGraphs capture nothing off CUDA): its output buffer gets the old weights' logits (NaN here)
+    and a bound cache's bookkeeping moves on as the step's would."""
+
+    def __init__(self, entry, cache, T: int):
+        self.entry, self.cache, self.T, self.replays = entry, cache, T, 0
+
+    def replay(self):
+        self.replays += 1
+        self.entry.out.fill_(float("nan"))
+        if self.cache is not None:
+            L = self.cache.length
+            self.cache.key_valid[:, L:L + self.T] = True
+            self.cache.n_tokens += self.T
+            self.cache.position.fill_(L + self.T)
+            self.cache.start.fill_(L)
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_a_replay_that_read_weights_replaced_by_hand_is_run_again(bound):
+    """The scan of the packed weights' bindings runs after the replay is queued: a replay it finds stale (a
+    parameter's data replaced by hand since the capture) is dropped, a bound cache's bookkeeping put back,
+    and the prompt run again on the current weights; a replay it finds current is returned as is."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    ids = torch.randint(0, model.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cache = model.new_cache(1, 40)
+    cache.long_lived = bound  # a kept cache binds its prompt's bucket; another takes the scratch path
+    with torch.no_grad():
+        prefill(model, ids, None, cache, 1)  # makes the bucket (run eagerly here)
+        (entry,) = prefill.buckets.values()
+        assert (entry.target is not None) == bound
+        entry.graph = graph = _StandInGraph(entry, cache if bound else None, 12)
+        entry.out = torch.zeros(1, 1, model.args.vocab_size, device=DEVICE)
+        cache.clear()
+        assert prefill(model, ids, None, cache, 1).isnan().all() and graph.replays == 1  # current: as replayed
+        weight = model.layers[2].mlp.down_proj.weight
+        weight.data = weight.data * 2  # the binding's data_ptr changes; the rest of the signature does not
+        cache.clear()
+        got = prefill(model, ids, None, cache, 1)
+        assert graph.replays == 2 and list(prefill.buckets.values()) != [entry]
+        expected, clean = _eager(model, ids, None, 1, 40)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert int(cache.position) == 12 and torch.equal(cache.n_tokens, clean.n_tokens)
+        assert torch.equal(cache.key_valid, clean.key_valid)
+
+
+@cuda
+@pytest.mark.parametrize("bound", [False, True])
+def test_cuda_a_parameter_replaced_by_hand_after_the_capture(bound):
+    """A real graph captured before a parameter's data was replaced by hand: the next prompt's replay reads
+    the old weights, the scan after it finds them stale, and the prompt runs again: its logits and cache
+    equal a model whose graphs were never captured, bit for bit."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    ids = torch.randint(0, model.args.vocab_size, (1, 12), device=DEVICE)
+    with torch.no_grad():
+        cache = model.new_cache(1, 40)
+        cache.long_lived = bound
+        for _ in range(3):  # eager, capture, replay
+            cache.clear()
+            model(ids, cache=cache, logits_to_keep=1)
+        assert model.accelerator.graphs.captured() == 1
+        weight = model.layers[2].mlp.down_proj.weight
+        weight.data = weight.data * 2
+        cache.clear()
+        got = model(ids, cache=cache, logits_to_keep=1)
+        model.accelerator.clear_graphs()
+        fresh = model.new_cache(1, 40)
+        fresh.long_lived = bound
+        want = model(ids, cache=fresh, logits_to_keep=1)  # a bucket's first prompt: the padded step, eagerly
+    assert torch.equal(got, want)
+    for got_t, want_t in ((cache.key_valid, fresh.key_valid), (cache.n_tokens, fresh.n_tokens),
+                          (cache.position, fresh.position)):
+        assert torch.equal(got_t, want_t)
+    for (k, v), (k_want, v_want) in zip(cache.runs, fresh.runs):
+        assert torch.equal(k[..., :12, :], k_want[..., :12, :]) and torch.equal(v[..., :12, :], v_want[..., :12, :])
+
+
 def test_the_prompt_mix_benchmarks_lengths_and_percentiles():
     """benchmarks/prompt_mix.py: its prompts' lengths (log-uniform, fixed by the seed, within the bounds, over
     many buckets) and its nearest-rank percentile; bad bounds refused before anything runs."""

@@ -316,9 +316,9 @@ class RankModel:
         """The packed weights as last packed (CQILTransformer.packed), None before the first packing."""
         return self.model.packed
 
-    def graph_signature(self) -> tuple:
+    def graph_signature(self, scan: bool = True) -> tuple:
         """What this rank's captured graphs read (CQILTransformer.graph_signature)."""
-        return self.model.graph_signature()
+        return self.model.graph_signature(scan)
 
     def microbatch_span(self, B: int, T: int) -> tuple[int, int] | None:
         """(first, last) stage run as two micro-batches of tokens for a step of B x T tokens, or None:
