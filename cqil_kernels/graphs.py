@@ -301,13 +301,18 @@ class PrefillGraphs:
                              "for later calls with room in the cache for its bucket")
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
-        # the bindings' scan is left for after the replay is queued when the rest of the signature holds
-        # (it can only find parameters replaced by hand, whose old storage the graphs hold in self.packed)
-        deferred = model.graph_signature(scan=False) == self.signature
-        if not deferred:
-            self.current(model)
         bound = self.binds(cache, T)
         key = (B, bucket(T), keep, id(cache) if bound else None)
+        # The bindings' scan is left for after the replay is queued when this call replays a graph and the rest
+        # of the signature holds: it can only find parameters replaced by hand, whose old storage the graphs
+        # hold (self.packed). A step that runs eagerly or is captured packs such weights anew as it starts, and
+        # must not inside a capture (the packed weights would live in the graph's memory pool): checked first.
+        entry = self.buckets.get(key)
+        deferred = (entry is not None and entry.graph is not None
+                    and (entry.target is None or entry.target() is cache)
+                    and model.graph_signature(scan=False) == self.signature)
+        if not deferred:
+            self.current(model)
         entry = self.buckets.pop(key, None)
         if entry is not None and entry.target is not None and entry.target() is not cache:
             entry = None  # bound to a cache that is gone, whose id this one has now
@@ -321,9 +326,8 @@ class PrefillGraphs:
                 entry = _Bucket(model, B, key[1], keep, cache if bound else None)
         self.buckets[key] = entry
         entry.load(input_ids, valid)
-        replayed = entry.graph is not None  # else the step runs eagerly or is captured: it reads the current weights
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
-        if deferred and replayed and model.graph_signature() != self.signature:
+        if deferred and model.graph_signature() != self.signature:
             # a parameter was replaced by hand since the capture: the replay read the old weights (held, so valid
             # memory); its result is dropped, the cache's bookkeeping put back, and the prompt runs again
             if bound:

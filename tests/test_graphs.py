@@ -237,28 +237,33 @@ def test_a_replay_that_read_weights_replaced_by_hand_is_run_again(bound):
 
 @cuda
 @pytest.mark.parametrize("bound", [False, True])
-def test_cuda_a_parameter_replaced_by_hand_after_the_capture(bound):
-    """A real graph captured before a parameter's data was replaced by hand: the next prompt's replay reads
-    the old weights, the scan after it finds them stale, and the prompt runs again: its logits and cache
-    equal a model whose graphs were never captured, bit for bit."""
+@pytest.mark.parametrize("calls_before", [1, 2])
+def test_cuda_a_parameter_replaced_by_hand_between_prompts(bound, calls_before):
+    """A parameter's data replaced by hand after a bucket's eager run (the next call, which would capture,
+    checks the whole signature first: the weights are packed anew outside any capture, and the graphs made
+    again) or after its capture (the next call replays the graph, which reads the old weights: the scan
+    after it finds them stale and the prompt runs again). Either way the logits and the cache equal a model
+    whose graphs were never captured, bit for bit, and the graphs hold the model's packing."""
     model = _model(GROUPINGS["P3-d1-residual"])
     ids = torch.randint(0, model.args.vocab_size, (1, 12), device=DEVICE)
     with torch.no_grad():
         cache = model.new_cache(1, 40)
         cache.long_lived = bound
-        for _ in range(3):  # eager, capture, replay
+        for _ in range(calls_before):  # eager, then capture
             cache.clear()
             model(ids, cache=cache, logits_to_keep=1)
-        assert model.accelerator.graphs.captured() == 1
         weight = model.layers[2].mlp.down_proj.weight
         weight.data = weight.data * 2
         cache.clear()
         got = model(ids, cache=cache, logits_to_keep=1)
+        assert model.accelerator.graphs.packed is model.packed and model.packed.is_current()
+        cache.clear()
+        again = model(ids, cache=cache, logits_to_keep=1)  # captured or replayed on the new weights
         model.accelerator.clear_graphs()
         fresh = model.new_cache(1, 40)
         fresh.long_lived = bound
         want = model(ids, cache=fresh, logits_to_keep=1)  # a bucket's first prompt: the padded step, eagerly
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(again, want)
     for got_t, want_t in ((cache.key_valid, fresh.key_valid), (cache.n_tokens, fresh.n_tokens),
                           (cache.position, fresh.position)):
         assert torch.equal(got_t, want_t)
