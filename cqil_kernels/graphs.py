@@ -32,9 +32,11 @@ Prefill graphs, as serving engines do it:
 * A graph holds the packed weights it was captured with: a regrouping, a repack or moved weights drop
   every graph (`PrefillGraphs.current`). The check has two parts: the grouping, the packed weights' identity
   and the other weights' storage, before anything runs; and the scan of every packed parameter's binding,
-  which finds one replaced by hand (~60 us of a GPU host's Python for SmolLM2), after the replay is queued,
-  while the GPU runs it. A replay that the scan finds stale read the old weights, which the graphs hold; its
-  result is dropped, the cache's bookkeeping put back (KVCache.restore) and the prompt run again.
+  which finds one replaced by hand (~60 us of a GPU host's Python for SmolLM2), after a replay is queued,
+  while the GPU runs it (a call that runs the step eagerly or captures it scans first: the step packs such
+  weights anew as it starts, which must not happen inside a capture). A replay that the scan finds stale
+  read the old weights, which the graphs hold; its result is dropped, the cache's bookkeeping put back
+  (KVCache.restore) and the prompt run again.
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
   packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
