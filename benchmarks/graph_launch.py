@@ -16,8 +16,10 @@ bucket of each --rows length, sequential), the median over --repeats of:
 The last row: the same for generate's decode step graph (a token into a kept cache).
 The model's rows add the whole forward (model(ids, cache=...) into a kept cache, its Python included:
 host us to return, wall us from idle), so that the forward's time before its replay is the forward's
-wall - device less the replay's; and for the longest prompt, the host time of each part of a generate call
-before its replay, alone (the signature check, the input check, the kept slot, the bucket's input copy).
+wall - device less the replay's; and for the longest prompt, the host and wall time of each part of a
+generate call, alone (the signature check with and without the bindings' scan, the input and argument
+checks, the kept slot, the bucket's input copy, the argmax), and of generate(ids, 1) queued and with its
+token on the host.
 """
 
 from __future__ import annotations
@@ -145,22 +147,30 @@ def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
-    """[part, median host us] of what a generate call does on the host before its prompt's replay, each
-    part alone, and generate(ids, 1) whole (the token on the host: its device time included)."""
-    from cqil_kernels.generation import check_inputs
+    """[part, median host us, median wall us] of what a generate call does before and after its prompt's
+    replay, each part alone from an idle GPU (host: to return; wall: CUDA events around the call), and
+    generate(ids, 1) whole: queued, and with the token on the host (its device time included)."""
+    from cqil_kernels.generation import check_generate_args, check_inputs
 
     V, T = model.args.vocab_size, ids.shape[1]
     host_ids = ids.cpu()
     model.generation_cache(1, T + 1)  # the kept slot that the timed calls take
+    logits = torch.zeros(1, V, device=ids.device, dtype=model.dtype)
     parts = [("graph_signature()", model.graph_signature),
+             ("graph_signature(scan=False)", lambda: model.graph_signature(scan=False)),
              # one scan of the packed weights' bindings (packed_weights() itself scans them once first)
              ("PackedLayers.is_current()", model.packed_weights().is_current),
              ("check_inputs, ids on the GPU (one read of the device)", lambda: check_inputs(ids, V)),
              ("check_inputs, ids on the host, then copied", lambda: check_inputs(host_ids, V, device=ids.device)),
+             ("check_generate_args, ids on the GPU", lambda: check_generate_args(
+                 model.args, model.device, ids, 1, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, attention_mask=None, generator=None, seed=None)),
              ("generation_cache, a kept slot (signature + clear)", lambda: model.generation_cache(1, T + 1)),
              ("the bucket's input copy (ids + length)", lambda: bucket.load(ids, None)),
+             ("model.argmax of one row of logits", lambda: model.argmax(logits)),
+             ("generate(ids, 1), queued", lambda: model.generate(ids, 1)),
              ("generate(ids, 1), the token on the host", lambda: model.generate(ids, 1).tolist())]
-    return [[name, round(from_idle_us(fn, repeats)[0], 1)] for name, fn in parts]
+    return [[name, *(round(t, 1) for t in from_idle_us(fn, repeats))] for name, fn in parts]
 
 
 def main(argv=None) -> None:
@@ -206,7 +216,7 @@ def main(argv=None) -> None:
             if T == max(a.rows or [64, 512]):
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
-                    print(f"  {part[0]:55s} {part[1]:8.1f} us", flush=True)
+                    print(f"  {part[0]:55s} host {part[1]:8.1f} us  wall {part[2]:8.1f} us", flush=True)
         rows.append(decode_row(model, a.shape, a.repeats, SLEEP_CYCLES))
         print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
@@ -219,7 +229,8 @@ def main(argv=None) -> None:
                           f"N dependent steps of each kind (CHAINS) on 256 floats; model graphs: {a.shape}, bf16, "
                           "sequential, batch 1, the prompt bucket bound to a kept cache", columns=columns, rows=rows,
                      host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
-                                          "of each part alone, the GPU idle before each", columns=["part", "host us"],
+                                          "of each part alone, the GPU idle before each (host: to return; "
+                                          "wall: CUDA events around it)", columns=["part", "host us", "wall us"],
                                      rows=parts))
 
 
