@@ -310,14 +310,14 @@ class PrefillGraphs:
         # hold (self.packed). A step that runs eagerly or is captured packs such weights anew as it starts, and
         # must not inside a capture (the packed weights would live in the graph's memory pool): checked first.
         entry = self.buckets.get(key)
+        if entry is not None and entry.target is not None and entry.target() is not cache:
+            del self.buckets[key]  # bound to a cache that is gone, whose id this one has now
+            entry = None
         deferred = (entry is not None and entry.graph is not None
-                    and (entry.target is None or entry.target() is cache)
                     and model.graph_signature(scan=False) == self.signature)
         if not deferred:
             self.current(model)
         entry = self.buckets.pop(key, None)
-        if entry is not None and entry.target is not None and entry.target() is not cache:
-            entry = None  # bound to a cache that is gone, whose id this one has now
         if entry is None:
             self._drop_unbound()  # before a capture: their memory can be reused
             while len(self.buckets) >= self.limit:
