@@ -146,24 +146,33 @@ class GraphDecoder(_CapturedLazily):
     included). check_tokens: read the tokens from the device every step and refuse ids outside the
     vocabulary (the captured embedding lookup would index out of bounds with them); generate, whose tokens
     are the model's own argmax or draws, passes False.
+    follow_packing: where the model's weights were packed anew since the step was made (a parameter replaced
+    by hand, found by the scan of a prompt's forward) and its grouping is the same, drop the graph and make
+    the step again from the new packing (its next call eager, the one after captured), instead of refusing
+    to run: generate's kept steps (DecodeSlots), whose caches stay valid, since the layout depends on the
+    grouping only.
     """
 
-    def __init__(self, model, cache, step_fn, check_tokens: bool = True):
+    def __init__(self, model, cache, step_fn, check_tokens: bool = True, follow_packing: bool = False):
         if cache.stages != model.stages:
             raise ValueError("this KV cache was made for another CQIL grouping")
         super().__init__()
         self.model, self.cache, self.step_fn = model, cache, step_fn
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
-        # what the step is made for, checked by identity at every call (~1 us; the whole graph_signature,
-        # ~50 us, is checked where generate takes a kept step, DecodeSlots.take)
+        # what the step is made for, checked by identity at every call (~1 us; the rest of graph_signature
+        # where generate takes a kept step, DecodeSlots.take; the packed weights' bindings by generate's prompt)
         self.cqil, self.packed = model.cqil, model.packed_weights()
-        self.check_tokens = check_tokens
+        self.check_tokens, self.follow_packing = check_tokens, follow_packing
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
         cache, model = self.cache, self.model
         if model.cqil is not self.cqil or model.packed is not self.packed:
-            raise ValueError("the model's grouping or packed weights changed since this decode step was made: make "
-                             "a new cache and step (model.new_cache, model.decoder)")
+            if not (self.follow_packing and model.cqil is self.cqil):
+                raise ValueError("the model's grouping or packed weights changed since this decode step was made: "
+                                 "make a new cache and step (model.new_cache, model.decoder)")
+            self.graph = self.out = None  # the old packing's graph (it holds those weights) goes
+            self.calls, self.eager_only = 0, False
+            self.packed = model.packed_weights()
         if cache.length + 1 > cache.max_seq:
             raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
         if not isinstance(next_tokens, torch.Tensor) or next_tokens.numel() != cache.batch:
@@ -410,8 +419,13 @@ class DecodeSlots:
         self.signature = None
 
     def take(self, model, batch: int, length: int) -> tuple:
-        """(an empty cache of `batch` rows and at least `length` positions, its decode step)."""
-        signature = model.graph_signature()
+        """(an empty cache of `batch` rows and at least `length` positions, its decode step).
+        The model is checked without the scan of the packed weights' bindings (graph_signature(scan=False)):
+        that scan came before generate's prompt could start. The prompt's forward, which comes next, scans
+        them (PrefillGraphs, or the eager step's packed_weights()) and packs anew where a parameter was
+        replaced by hand; a kept decode step then follows the new packing (GraphDecoder.follow_packing),
+        and the next take, seeing the new packing, drops the slots."""
+        signature = model.graph_signature(scan=model.packed is None)
         if signature != self.signature:
             self.slots.clear()
             self.signature = signature
@@ -435,7 +449,10 @@ class DecodeSlots:
                     self.slots.clear()
                     cache = model.new_cache(batch, length)
                 cache.long_lived = True  # the prompts' graphs bind to it (PrefillGraphs)
-                slot = (cache, self.decoder_of(model, cache))
+                decode = self.decoder_of(model, cache)
+                if isinstance(decode, GraphDecoder):
+                    decode.follow_packing = True  # take() leaves the bindings' scan to the prompt (above)
+                slot = (cache, decode)
         self.slots.append(slot)
         return slot
 

@@ -271,6 +271,36 @@ def test_cuda_a_parameter_replaced_by_hand_between_prompts(bound, calls_before):
         assert torch.equal(k[..., :12, :], k_want[..., :12, :]) and torch.equal(v[..., :12, :], v_want[..., :12, :])
 
 
+@cuda
+def test_cuda_generate_after_a_parameter_replaced_by_hand():
+    """generate takes its kept cache without scanning the weights' bindings; its prompt's scan repacks
+    them, and the kept decode step, captured on the old weights, is made again on the new ones: the tokens
+    and a decode step's logits equal those of a model loaded with the new weights, bit for bit."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    ids = torch.randint(0, model.args.vocab_size, (1, 12), device=DEVICE)
+    for _ in range(2):  # the prompt bucket and the decode step captured
+        model.generate(ids, 6)
+    cache, decode = model.accelerator.slots.slots[0]
+    assert decode.graph is not None
+    weight = model.layers[2].mlp.down_proj.weight
+    weight.data = weight.data * 2
+    got = model.generate(ids, 6)  # the kept slot; its step made again: eager, captured, replayed
+    slot = model.accelerator.slots.slots[0]
+    assert slot[0] is cache and slot[1] is decode and decode.packed is model.packed and decode.graph is not None
+    fresh = _model(GROUPINGS["P3-d1-residual"])
+    fresh.layers[2].mlp.down_proj.weight.data = model.layers[2].mlp.down_proj.weight.data.clone()
+    want = fresh.generate(ids, 6)
+    assert torch.equal(got, want)
+    logits = []
+    for m, (c, d) in ((model, (cache, decode)), (fresh, fresh.accelerator.slots.slots[0])):
+        with torch.no_grad():  # the followed step's graph against the fresh model's
+            c.clear()
+            m(ids, cache=c, logits_to_keep=1)
+            logits.append(d(want[:, 12]).clone())
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(model.generate(ids, 6), want)  # the next call: a new slot, on the new packing
+
+
 def test_the_prompt_mix_benchmarks_lengths_and_percentiles():
     """benchmarks/prompt_mix.py: its prompts' lengths (log-uniform, fixed by the seed, within the bounds, over
     many buckets) and its nearest-rank percentile; bad bounds refused before anything runs."""
@@ -618,6 +648,58 @@ def test_a_held_decode_step_refuses_a_changed_model():
         with pytest.raises(ValueError, match="grouping or packed weights changed since this decode step was made"):
             decode(torch.zeros(1, dtype=torch.long, device=DEVICE))
         assert cache.length == 0
+
+
+def test_a_kept_decode_step_follows_a_new_packing_of_the_same_grouping(monkeypatch):
+    """generate's kept decode steps (DecodeSlots: follow_packing) take the model's new packing (a parameter
+    replaced by hand, repacked by the prompt's scan) and make their step again, eagerly first; a new grouping
+    is still refused, before anything runs. The capture itself is the CUDA test's: here the step runs as it
+    would on its first call."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    ran = []
+
+    def first_call(self, fn, capture=True):  # what _CapturedLazily does on a first call, without CUDA
+        self.calls += 1
+        return fn()
+
+    monkeypatch.setattr(graphs._CapturedLazily, "replay_or_run", first_call)
+    cache = model.new_cache(1, 8)
+    decode = graphs.GraphDecoder(model, cache, lambda *args: ran.append(args) or torch.zeros(1, 1, 3),
+                                 follow_packing=True)
+    decode.graph, decode.calls = "a graph of the old packing", 5  # as after its capture
+    old = decode.packed
+    weight = model.layers[2].mlp.down_proj.weight
+    weight.data = weight.data * 2
+    model.packed_weights()  # the prompt's scan: packed anew
+    assert model.packed is not old
+    decode(torch.zeros(1, dtype=torch.long, device=DEVICE))
+    assert decode.packed is model.packed and decode.graph is None and decode.calls == 1 and len(ran) == 1
+    assert cache.length == 1
+    model.cqil = GROUPINGS["none"]
+    with pytest.raises(ValueError, match="grouping or packed weights changed since this decode step was made"):
+        decode(torch.zeros(1, dtype=torch.long, device=DEVICE))
+    assert len(ran) == 1 and cache.length == 1
+
+
+def test_decode_slots_leave_the_bindings_scan_to_the_prompt():
+    """DecodeSlots.take checks the model without the scan of the packed weights' bindings: a parameter
+    replaced by hand keeps the slot (the prompt's forward scans and repacks next); once repacked, the next
+    take drops the slots. A new slot's decode step is made to follow a new packing."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    model.backend = "torch"  # the slots' logic
+    made = []
+    slots = DecodeSlots(_eager_decoder_of(made))
+    first, _ = slots.take(model, 1, 20)
+    packed = model.packed
+    weight = model.layers[2].mlp.down_proj.weight
+    weight.data = weight.data * 2
+    again, _ = slots.take(model, 1, 20)
+    assert again is first and model.packed is packed and len(made) == 1  # no scan: nothing repacked yet
+    model.packed_weights()  # what the prompt's forward does first
+    fresh, _ = slots.take(model, 1, 20)
+    assert fresh is not first and len(made) == 2
+    graph_slots = DecodeSlots(lambda model, cache: graphs.GraphDecoder(model, cache, lambda *args: None))
+    assert graph_slots.take(model, 1, 20)[1].follow_packing
 
 
 def test_a_decode_step_refuses_tokens_outside_the_vocabulary_before_running():
