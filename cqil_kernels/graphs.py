@@ -380,6 +380,7 @@ def warm_up(model, batch: int, max_seq: int, longest: dict[int, int], prompts: b
     one-token prompt, and the next take clears it), then per bucket of `longest` (warm_up_buckets)
     generate(prompt, 1) twice (the bucket's eager run, then its capture). Every rank of a multi-GPU run makes
     the same calls (their collectives included). Returns the buckets captured."""
+    model.packed_weights()  # the bindings' scan, which DecodeSlots.take leaves to a prompt: the steps come first
     _, decode = model.generation_cache(batch, max_seq)
     with torch.inference_mode():
         for _ in range(2):

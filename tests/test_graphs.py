@@ -275,7 +275,8 @@ def test_cuda_a_parameter_replaced_by_hand_between_prompts(bound, calls_before):
 def test_cuda_generate_after_a_parameter_replaced_by_hand():
     """generate takes its kept cache without scanning the weights' bindings; its prompt's scan repacks
     them, and the kept decode step, captured on the old weights, is made again on the new ones: the tokens
-    and a decode step's logits equal those of a model loaded with the new weights, bit for bit."""
+    and a decode step's logits equal those of a model loaded with the new weights, bit for bit. warm_up,
+    whose decode steps come before any prompt, scans first."""
     model = _model(GROUPINGS["P3-d1-residual"])
     ids = torch.randint(0, model.args.vocab_size, (1, 12), device=DEVICE)
     for _ in range(2):  # the prompt bucket and the decode step captured
@@ -299,6 +300,11 @@ def test_cuda_generate_after_a_parameter_replaced_by_hand():
             logits.append(d(want[:, 12]).clone())
     assert torch.equal(logits[0], logits[1])
     assert torch.equal(model.generate(ids, 6), want)  # the next call: a new slot, on the new packing
+    weight = model.layers[3].mlp.up_proj.weight
+    weight.data = weight.data * 2
+    model.warm_up(1, 20, prompt_lengths=[12])  # scans first: its decode steps run before any prompt
+    cache, decode = model.accelerator.slots.slots[0]
+    assert decode.packed is model.packed and decode.graph is not None
 
 
 def test_the_prompt_mix_benchmarks_lengths_and_percentiles():
