@@ -5,24 +5,24 @@ so that the host's speed (which differed 2x between processes of one H100 host) 
 
     python benchmarks/first_token_ab.py --shape smollm2-135m --rows 64 --rows 512 --out first_token_ab.json
 
-Per prompt length: median over --rounds of each round's median over --calls calls, in ms, and the prompt's
-device time (the forward into a kept cache, without the input check that reads the device, queued behind a
-GPU sleep). The "scan first" variant wraps
-DecodeSlots.take to call model.packed_weights() (the scan) before it: what graph_signature() did there.
+Per prompt length: median over --rounds of each round's median over --calls calls (bench.ttft_ms: the
+device idle before each, one untimed call first), in ms, and the prompt's device time (the forward into a
+kept cache, without the input check that reads the device, queued behind a GPU sleep). The "scan first"
+variant wraps DecodeSlots.take to call model.packed_weights() (the scan) before it: what
+graph_signature() did there.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 
 def main(argv=None) -> None:
     from cqil_kernels import graphs
-    from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, write_record
+    from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, ttft_ms, write_record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m")
@@ -57,13 +57,7 @@ def main(argv=None) -> None:
             for r in range(a.rounds):
                 for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                     graphs.DecodeSlots.take = variants[name]
-                    times = []
-                    for _ in range(a.calls):
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        model.generate(prompt, 1).tolist()
-                        times.append((time.perf_counter() - t0) * 1e3)
-                    per[name].append(statistics.median(times))
+                    per[name].append(ttft_ms(lambda: model.generate(prompt, 1).tolist(), a.calls))
             graphs.DecodeSlots.take = take
             # the prompt's device time: a forward into a kept cache, behind a sleep; forward_checked, since a
             # forward's input check reads the device, which would wait out the sleep and time the host's part too
