@@ -23,6 +23,14 @@ or graph replay. A separate merge kernel (merge="separate") is kept as the plain
 ~3 us per group and layer in decode on the H100. `start` is read from device memory: a captured CUDA
 graph replays the step at any position.
 
+Keys read before the wait. With programmatic dependent launch (_pdl.py) a decode attention's programs
+start while rope_kv, the kernel before it on the stream (fused.stage_attention), still runs. rope_kv
+writes q and the keys and values at cache positions start .. start + T - 1, nothing else; `start`, the
+key-valid flags and the keys before start were written at least two kernels back (cache_advance, earlier
+steps, the prompt), and the chain of waits has completed those. So each split program reads `start` and
+its first tile of the older keys, values and flags before it waits, and only q and the step's own keys
+after: the tile's memory traffic overlaps rope_kv instead of following it. Prompts (no split) wait first.
+
 The counters are one int32 per (layer, batch row, kv head), zero between launches, kept per device and
 stream (`_common.ticket_counters`): two decode attentions must not run at the same time on one stream's
 counters — which cannot happen within a stream, and streams have their own.
@@ -89,6 +97,26 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
 
 
 @triton.jit
+def _attend_tile(q, k, v, valid, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of keys k [BLOCK_D, BLOCK_N], values v [BLOCK_N, BLOCK_D] at cache positions k_pos (those
+    at hi or later are not this program's) into the online softmax state (m_i, l_i, acc) of q's rows."""
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
+    diag = k_pos[None, :] == q_pos[:, None]
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (valid[None, :] | diag) & (k_pos < hi)[None, :]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays 0
+    alpha = tl.exp2(m_i - m_use)
+    prob = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(prob, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, out_ptr, part_ptr, stat_ptr, ticket_ptr,
     B, T, HKV, G, sm_scale_log2,
@@ -100,59 +128,68 @@ def _attention_kernel(
     SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
-    start = tl.load(start_ptr)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t, g = rows // G, rows % G
     row_ok = rows < T * G
-    q_pos = start + t
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
+    if SPLIT:
+        # Decode: this program's first tile of keys is loaded before the dependent-launch wait, so its
+        # memory traffic overlaps rope_kv, the kernel before (see "Keys read before the wait" above).
+        start = tl.load(start_ptr, cache_modifier=".cg")
+        last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+        n_keys = start + last_t + 1
+        # this split's share of the keys, sized from start: every split has work whatever the cache's length
+        split_len = tl.cdiv(tl.cdiv(n_keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = pid_s * split_len
+        hi = tl.minimum(lo + split_len, n_keys)
+        first_pos = lo + tl.arange(0, BLOCK_N)
+        old = first_pos < tl.minimum(hi, start)  # cached before this step: not rope_kv's to write
+        first_k = tl.load(k_ptr + kv + first_pos[None, :] * stride_ks + offs_d[:, None],
+                          mask=old[None, :] & d_ok[:, None], other=0.0)
+        first_v = tl.load(v_ptr + kv + first_pos[:, None] * stride_ks + offs_d[None, :],
+                          mask=old[:, None] & d_ok[None, :], other=0.0)
+        first_valid = tl.load(valid_ptr + b * stride_vb + first_pos, mask=old, other=0)
+    wait_for_producer(USE_GDC)  # _pdl.py: before any access to what the kernel before writes
+    if not SPLIT:
+        start = tl.load(start_ptr)
+        # keys up to the last query's position in this tile
+        lo = 0
+        hi = start + tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1) + 1
+    q_pos = start + t
 
     q_rows = q_ptr + p * stride_qp + b * stride_qb + t * stride_qt + (kv_head * G + g) * stride_qh
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Keys this program reads: those up to the last query's position in this tile, or its share of them
-    # when the keys are split (sized from start, so every split has work whatever the cache's length).
-    last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
-    n_keys = start + last_t + 1
-    if SPLIT:
-        split_len = tl.cdiv(tl.cdiv(n_keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-        lo = pid_s * split_len
-        hi = tl.minimum(lo + split_len, n_keys)
-    else:
-        lo = 0
-        hi = n_keys
-    kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
-
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    n_from = lo
+    if SPLIT:  # the first tile: its step's keys (at start and after, rope_kv's) read now, the rest loaded
+        new = (first_pos >= start) & (first_pos < hi)
+        first_k = tl.where(new[None, :], tl.load(k_ptr + kv + first_pos[None, :] * stride_ks + offs_d[:, None],
+                                                 mask=new[None, :] & d_ok[:, None], other=0.0), first_k)
+        first_v = tl.where(new[:, None], tl.load(v_ptr + kv + first_pos[:, None] * stride_ks + offs_d[None, :],
+                                                 mask=new[:, None] & d_ok[None, :], other=0.0), first_v)
+        first_valid = tl.where(new, tl.load(valid_ptr + b * stride_vb + first_pos, mask=new, other=0), first_valid)
+        m_i, l_i, acc = _attend_tile(q, first_k, first_v, first_valid != 0, first_pos, q_pos, hi, m_i, l_i, acc,
+                                     sm_scale_log2, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
+        n_from = lo + BLOCK_N
+    for n0 in range(n_from, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
         k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None],
                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
         valid = tl.load(valid_ptr + b * stride_vb + k_pos, mask=k_ok, other=0) != 0
-        diag = k_pos[None, :] == q_pos[:, None]
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & (valid[None, :] | diag) & k_ok[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays 0
-        alpha = tl.exp2(m_i - m_use)
-        prob = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
+                                     UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
 
     release_consumer(USE_GDC)
     if SPLIT:  # unnormalised partial state of this split; _merge_kernel combines the splits

@@ -22,9 +22,12 @@ def _rope_kv_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, k_ptr, v_ptr, start_ptr,
     B, T, H, HKV,
     stride_qp, stride_qm, stride_pb, stride_cp, stride_cb, stride_ch, stride_cs,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr, RELEASE_AT_ONCE: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
+    if RELEASE_AT_ONCE:  # decode: attention's programs start now and load older keys while this one works
+        release_consumer(USE_GDC)
     # One program per token of one layer, all its q and k heads as one [heads, Dh/2] tile (one
     # program per head was 24 us per LLaMA-7B layer for a 512-token prefill on the H100).
     row = tl.program_id(0)  # over P*B*T
@@ -42,7 +45,8 @@ def _rope_kv_kernel(
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    release_consumer(USE_GDC)
+    if not RELEASE_AT_ONCE:
+        release_consumer(USE_GDC)
     is_q = (heads < H)[:, None] & d_ok[None, :]
     tl.store(src, y1.to(qkv_ptr.dtype.element_ty), mask=is_q)
     tl.store(src + half, y2.to(qkv_ptr.dtype.element_ty), mask=is_q)
@@ -61,6 +65,13 @@ def _rope_kv_kernel(
     v2 = tl.load(v_src + half, mask=kv_ok, other=0.0)
     tl.store(v_ptr + dst, v1.to(v_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(v_ptr + dst + half, v2.to(v_ptr.dtype.element_ty), mask=kv_ok)
+
+
+# At most this many programs (decode: P * B tokens) let the next kernel launch as soon as they have waited
+# for theirs: one wave, so the next kernel's programs, which wait in turn, take no SM a program of this
+# one still needs. Decode attention starts its loads of the older keys then (ops/attention.py). A prompt's
+# thousands of programs release after their loads, as every kernel here does.
+RELEASE_AT_ONCE_PROGRAMS = 128
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor) -> None:
@@ -130,5 +141,6 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Te
         qkv.stride(0), qkv.stride(1), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         HEAD_DIM=Dh, HALF_BLOCK=next_pow2(Dh // 2), HEAD_BLOCK=next_pow2(num_heads + Hkv),
+        RELEASE_AT_ONCE=P * B * T <= RELEASE_AT_ONCE_PROGRAMS,
         num_warps=4 if (num_heads + Hkv) * Dh <= 4096 else 8, **pdl_options(qkv),
     )

@@ -93,6 +93,37 @@ def test_q_may_be_a_strided_view_of_the_qkv_buffer():
                                group_attention_ref(q, kc, vc, valid, start_t), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_the_steps_own_key_is_read_after_rope_kv_writes_it(splits):
+    """Decode attention loads its first tile of older keys before it waits for rope_kv, the kernel before
+    it (with PDL on CUDA the two overlap), and the step's own key and value after. Each step's slots are
+    NaN until rope_kv writes them, so reading one too early fails. With 3 splits (and with the 5 of the
+    default on CUDA) the new key at positions 64-95 is in its split's first tile, from 96 on in a later one."""
+    from cqil_kernels.ops.rope_kv import rope_kv_write
+
+    P, B, H, Hkv, Dh, S = 2, 2, 8, 2, 64, 160
+    steps = range(88, 100) if DEVICE == "cuda" else range(94, 98)
+    g = torch.Generator().manual_seed(11)
+    kc = torch.randn(P, B, Hkv, S, Dh, generator=g).to(DEVICE, torch.bfloat16)
+    vc = torch.randn(P, B, Hkv, S, Dh, generator=g).to(DEVICE, torch.bfloat16)
+    kc[:, :, :, steps[0]:] = float("nan")
+    vc[:, :, :, steps[0]:] = float("nan")
+    valid = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    valid[1, :7] = False
+    inv_freq = (10000.0 ** (-torch.arange(0, Dh, 2, dtype=torch.float32) / Dh)).to(DEVICE)
+    start = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for pos in steps:
+        start.fill_(pos)
+        qkv = torch.randn(P, B, (H + 2 * Hkv) * Dh, generator=g).to(DEVICE, torch.bfloat16)
+        rope_kv_write(qkv, torch.full((B, 1), pos, device=DEVICE), inv_freq, kc, vc, start,
+                      num_heads=H, num_kv_heads=Hkv)
+        q = qkv.view(P, B, 1, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
+        out = group_attention(q, kc, vc, valid, start, num_splits=splits)
+        twin = group_attention_ref(q, kc, vc, valid, start)
+        exact = group_attention_ref(q.double(), kc.double(), vc.double(), valid, start)
+        assert_kernel_close(out, twin, exact)
+
+
 def test_bad_input_is_refused():
     q, kc, vc, valid, start = _inputs(2, 1, 3, 4, 2, 16, 8, 0, torch.float32)
     with pytest.raises(ValueError, match="must agree"):
