@@ -36,6 +36,9 @@
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
+#   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
+#               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
+#               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4)
 #   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
 #               and this one on the same machine (host times differ by half between machines of one card):
 #               HOST_AB_OLD=<carried folder with the older tree: git archive REV | tar -x -C DIR>, HOST_AB_NAME=<REV>,
@@ -195,9 +198,19 @@ for stage in $stages; do
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
       $kd_what --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
+  host_ab|decode_ab)
+    [ -f /tmp/ab_old/cqil_kernels/__init__.py ] || CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps \
+      --no-build-isolation --target /tmp/ab_old "$HOST_AB_OLD" >> "$OUT/ab_install.log" 2>&1 \
+      || { tail -20 "$OUT/ab_install.log"; exit 1; } ;;&
+  decode_ab)
+    for cfg in ${DECODE_AB_CONFIGS:-llama-7b/none smollm2-135m/none smollm2-135m/2-26:4}; do
+      shape=${cfg%%/*}; groups=${cfg#*/}
+      echo "== decode A/B $shape $groups" | tee -a "$OUT/decode_ab.log"
+      timeout ${DECODE_AB_TIMEOUT:-300} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
+        --script benchmarks/ab_decode.py --rounds ${ROUNDS:-4} --out "$OUT/decode_ab_${shape}_${groups/:/-}.json" -- \
+        --shape $shape --groups $groups --variant base: 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/decode_ab.log"
+    done ;;
   host_ab)
-    CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/ab_old \
-      "$HOST_AB_OLD" > "$OUT/host_ab.log" 2>&1 || { tail -20 "$OUT/host_ab.log"; exit 1; }
     timeout ${HOST_AB_TIMEOUT:-400} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
       --rounds ${ROUNDS:-3} --out "$OUT/host_ab.json" -- \
       ${HOST_AB_ARGS:---shape smollm2-135m --rows 64 --rows 512 --rows 4096 --variant base: --repeats 5} 2>&1 \

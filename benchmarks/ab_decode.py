@@ -80,7 +80,10 @@ def main(argv=None) -> None:
             print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
     record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
                   variants={name: dict(settings=env, median_ms=statistics.median(runs[name]), runs=runs[name])
-                            for name, env in a.variant})
+                            for name, env in a.variant},
+                  # the table ab_trees.py merges when it runs this script with two builds
+                  title=f"Decode ms/token, {a.shape}, groups {groups}", columns=["variant", "decode ms/token"],
+                  rows=[[name, float(statistics.median(runs[name]))] for name, _ in a.variant])
     print(json.dumps(record, indent=1))
     if a.out:
         with open(a.out, "w") as f:
