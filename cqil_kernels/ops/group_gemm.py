@@ -18,11 +18,9 @@ x x^T tile of 128 x 128 would double a prefill tile's MMA work). Accumulation is
 
 Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
 loads in flight. For the down projection of a group in decode, each layer's partial product is computed
-by its own programs (fp32, [P, M, D]); the last program of an output tile to store its partial (a ticket
-counter per tile, as attention's split merge) adds the P partials to the residual in a fixed order, so
-results stay deterministic; one program per output tile walking K = P*F alone ran at 474 GB/s (SmolLM2
-P = 4, H100). The sum was a second kernel (_sum_p_kernel, now sum_parts' alone) until the profile of
-LLaMA-7B decode put it at 1.9 us a layer step (H100, 59b8fe1).
+by its own programs (fp32, [P, M, D]) and a small kernel adds the P partials and the residual in a fixed
+order, so results stay deterministic; one program per output tile walking K = P*F alone ran at 474 GB/s
+(SmolLM2 P = 4, H100).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (autotune_disk_cache, autotuning, cdiv, check_runnable, check_tensor, dot_flags,
-                      interpreting, next_pow2, ticket_counters, untimed_bench)
+                      interpreting, next_pow2, untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
@@ -74,11 +72,11 @@ def _prune(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench(), **autotune_disk_cache())
 @triton.jit(do_not_specialize=["M_CLASS"])  # a key for the autotuner only: one compile for all classes
 def _group_gemm_kernel(
-    x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr, total_ptr, ticket_ptr,
+    x_ptr, w_ptr, w2_ptr, nw_ptr, bias_ptr, bias2_ptr, res_ptr, out_ptr,
     M, N, K, P, P_GRID, M_CLASS,
     stride_xp, stride_xm, stride_wp, stride_wn, stride_nwp, stride_bp, stride_rm, stride_op, stride_om,
-    stride_tm, eps,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr, SUM_LAST: tl.constexpr,
+    eps,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, SUM_P: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -146,28 +144,11 @@ def _group_gemm_kernel(
     release_consumer(USE_GDC)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
-    tile_ok = m_ok[:, None] & n_ok[None, :]
-    rows_n = offs_m[:, None] * stride_om + offs_n[None, :]
-    if SUM_LAST:  # out: the P fp32 partials; the tile's last program to store one adds them all up
-        tl.store(out_ptr + p_lo * stride_op + rows_n, acc, mask=tile_ok)
-        tl.debug_barrier()  # every thread's partial stores precede the ticket (acq_rel, GPU scope)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
-        if ticket == P_GRID - 1:  # residual + part[0] + part[1] + ... in that order: _sum_p_kernel's bits
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if HAS_RES:
-                total += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=tile_ok,
-                                 other=0.0).to(tl.float32)
-            for q in range(0, P_GRID):  # at L2 (.cg): other programs stored them, and L1 is not coherent
-                total += tl.load(out_ptr + q * stride_op + rows_n, mask=tile_ok, other=0.0, cache_modifier=".cg")
-            tl.store(total_ptr + offs_m[:, None] * stride_tm + offs_n[None, :],
-                     total.to(total_ptr.dtype.element_ty), mask=tile_ok)
-            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch
-    else:
-        if HAS_RES:
-            acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=tile_ok,
-                           other=0.0).to(tl.float32)
-        tl.store(out_ptr + p_lo * stride_op + rows_n, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    out = out_ptr + p_lo * stride_op + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _check_weight(name: str, w: torch.Tensor, x: torch.Tensor) -> None:
@@ -221,9 +202,7 @@ _CHOSEN: dict[tuple, dict] = {}
 
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
-            residual=None, sum_p=False, total=None):
-    """total: [M, N]: out receives the P layers' fp32 partials and total their sum with the residual,
-    in order, in the same launch (the last program of each tile adds them)."""
+            residual=None, sum_p=False):
     P, N, K = w.shape
     M = x.shape[-2]
     if M == 0 or N == 0:
@@ -236,22 +215,19 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
     def grid(meta):
         return cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]), p_grid
 
-    # at most one tile a counter: no config's BLOCK_M or BLOCK_N is below 16
-    tickets = ticket_counters(x.device, cdiv(M, 16) * cdiv(N, 16)) if total is not None else dummy
     tensors = (x, w, w2 if w2 is not None else dummy, norm_weight if norm_weight is not None else dummy,
                bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
-               residual if residual is not None else dummy, out, total if total is not None else dummy, tickets)
+               residual if residual is not None else dummy, out)
     args = (*tensors, M, N, K, P, p_grid, m_class,
             sx[0], sx[1], w.stride(0), w.stride(1),
             norm_weight.stride(0) if norm_weight is not None else 0,
             bias.stride(0) if bias is not None else 0,
             residual.stride(0) if residual is not None else 0,
             out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
-            total.stride(0) if total is not None else 0, float(eps))
+            float(eps))
     # the autotuner's own key: the row class, N, K, P_GRID and every tensor argument's dtype
     key = (m_class, N, K, p_grid, *(t.dtype for t in tensors))
-    flags = dict(NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, SUM_LAST=total is not None,
-                 HAS_BIAS=bias is not None,
+    flags = dict(NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None,
                  UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
     chosen = _CHOSEN.get(key)
@@ -310,7 +286,7 @@ def group_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
 
 # Decode (M <= 16) with P = 1: from this F on, each output tile's K is walked by two programs, each
 # writing an fp32 partial, and the partials are summed in order as a group's are. LLaMA-7B's down
-# projection (F = 11008) on an H100: 34.7 -> 34.0 us with the sum as a second launch (M = 4: 34.9 -> 33.7);
+# projection (F = 11008) on an H100: 34.7 -> 34.0 us with the extra launch (M = 4: 34.9 -> 33.7);
 # SmolLM2's (F = 1536) and a 4096 x 4096 o_proj got slower (the norm_sq sweep, docs/performance.md).
 SPLIT_K_MIN = 8192
 
@@ -318,28 +294,24 @@ SPLIT_K_MIN = 8192
 def group_down_sum(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None, *,
                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [P, M, F]; w: [P, D, F]; residual: [M, D] (any float dtype, e.g. fp32) -> [M, D]:
-    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F. Decode: one launch whose
-    programs store P fp32 partial products, the last of each output tile adding them to the residual in
-    order (see SPLIT_K_MIN for P = 1): the bits of sum_parts(group_down_partials(x, w), residual)."""
+    residual + sum_p x[p] @ w[p].T (+ sum_p bias[p]) as one GEMM over K = P*F (decode: P partial
+    products summed in order; see SPLIT_K_MIN for P = 1)."""
     sx = _check_down(x, w, bias)
     M, D = x.shape[1], w.shape[1]
     _check_residual(residual, M, D, x)
     out = _out(out, (M, D), x)
-    layout = _partial_layout(x, w, sx, bias)
-    if layout is None:
+    partial = _partials(x, w, sx, bias)
+    if partial is None:
         return _launch(x, w, out, sx=sx, bias=bias, residual=residual, sum_p=True)
-    x, w, sx = layout
-    partial = torch.empty((w.shape[0], M, D), device=x.device, dtype=torch.float32)
-    _launch(x, w, partial, sx=sx, bias=bias, residual=residual, total=out)
-    return out
+    return _sum_parts(partial, residual, out)
 
 
 def sum_parts(parts: torch.Tensor, residual: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """parts: [n, M, N] (fp32 partial products, or a batched matmul's P products); residual: [M, N] or
     None (any supported dtype) -> [M, N] in `dtype` (default parts'): residual + parts[0] + parts[1] + ...
-    in fp32, added in that order, rounded once. The epilogue of fused.down_sum's cuBLAS form (one launch
-    where torch takes four)."""
+    in fp32, added in that order, rounded once. The second launch of group_down_sum in decode, and the
+    epilogue of fused.down_sum's cuBLAS form (one launch where torch takes four)."""
     check_tensor("parts", parts, ndim=3)
     check_runnable(parts)
     n, M, N = parts.shape
@@ -351,6 +323,11 @@ def sum_parts(parts: torch.Tensor, residual: torch.Tensor | None = None, *, dtyp
     check_tensor("out", out, ndim=2, dtype=dtype or out.dtype, device=parts.device)
     if tuple(out.shape) != (M, N):
         raise ValueError(f"out must have shape {(M, N)}, got {tuple(out.shape)}")
+    return _sum_parts(parts, residual, out)
+
+
+def _sum_parts(parts: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    M, N = out.shape
     if out.numel() == 0:
         return out
     block = min(1024, next_pow2(N))
@@ -364,17 +341,11 @@ def sum_parts(parts: torch.Tensor, residual: torch.Tensor | None = None, *, dtyp
 def group_down_partials(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None
                         ) -> torch.Tensor | None:
     """The fp32 partial products [n, M, D] that group_down_sum(x, w, residual, bias=bias) adds to the
-    residual: its output is (residual + parts[0] + parts[1] + ...) in fp32, in that order, rounded once
-    to x's dtype. None where group_down_sum runs as one GEMM over K = P*F (more than 16 rows, or P = 1
-    below SPLIT_K_MIN). For a consumer that sums them itself (the one-shot all-reduce of a rank,
+    residual in a second launch: its output is (residual + parts[0] + parts[1] + ...) in fp32, in that
+    order, rounded once to x's dtype. None where group_down_sum runs as one GEMM (more than 16 rows, or
+    P = 1 below SPLIT_K_MIN). For a consumer that sums them itself (the one-shot all-reduce of a rank,
     parallel/comm.py's GroupReducer.all_reduce_sum)."""
-    sx = _check_down(x, w, bias)
-    layout = _partial_layout(x, w, sx, bias)
-    if layout is None:
-        return None
-    x, w, sx = layout
-    partial = torch.empty((w.shape[0], x.shape[1], w.shape[1]), device=x.device, dtype=torch.float32)
-    return _launch(x, w, partial, sx=sx, bias=bias)
+    return _partials(x, w, _check_down(x, w, bias), bias)
 
 
 def _check_down(x, w, bias):
@@ -386,20 +357,20 @@ def _check_down(x, w, bias):
     return sx
 
 
-def _partial_layout(x, w, sx, bias):
-    """(x, w, sx) of the partial products' launch (the P layers, or K's two halves as two "layers"), or
-    None where the down projection is one GEMM over K = P*F."""
+def _partials(x, w, sx, bias) -> torch.Tensor | None:
     P, D, F = w.shape
     M = x.shape[1]
-    split = P == 1 and bias is None and F >= SPLIT_K_MIN and F % 16 == 0  # a bias is added once, not per half
+    split = P == 1 and bias is None and F >= SPLIT_K_MIN and F % 16 == 0
     if M > 16 or M == 0 or (P == 1 and not split):
         return None
     if split:  # the two halves of K as two "layers" (each half starts 16-byte aligned)
         half = F // 2
         x = x.as_strided((2, M, half), (half, sx[1], 1))
         w = w.as_strided((2, D, half), (half, w.stride(1), 1))
-        sx = (half, sx[1])
-    return x, w, sx
+        sx, P = (half, sx[1]), 2
+    partial = torch.empty((P, M, D), device=x.device, dtype=torch.float32)
+    _launch(x, w, partial, sx=sx, bias=bias)
+    return partial
 
 
 @triton.jit
