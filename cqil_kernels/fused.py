@@ -138,7 +138,7 @@ def stage_attention(w: PackedLayers, h: torch.Tensor, positions: torch.Tensor, k
     rope_kv_write(qkv, positions, inv_freq, k_cache, v_cache, start, num_heads=H,
                   num_kv_heads=args.num_key_value_heads)
     q = qkv.view(P, B, T, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
-    attn = group_attention(q, k_cache, v_cache, key_valid, start)
+    attn = group_attention(q, k_cache, v_cache, key_valid, start, keys_before_wait=True)  # rope_kv just wrote
     return linear(attn.view(P, B * T, H * Dh), w.o, bias=w.o_bias, residual=residual)
 
 

@@ -5,9 +5,10 @@ A kernel launched with `launch_pdl` may start before its predecessor on the stre
 must therefore wait (`wait_for_producer`, griddepcontrol.wait: the predecessor has completed and its
 writes are visible) before it touches any memory — every kernel here calls it first thing, so reads and
 writes alike are ordered, and the guarantee carries down the chain. One exception, argued where it is
-made: decode attention reads what its predecessor (rope_kv) provably never writes before it waits
-(ops/attention.py, "Keys read before the wait"). A kernel's programs start only once every program of the
-one before has passed its own wait, so everything launched two or more kernels back is complete by then.
+made: decode attention, when its caller vouches for it, reads what its predecessor (rope_kv) never
+writes before it waits (ops/attention.py, "Keys read before the wait"). A kernel's programs start only
+once every program of the one before has passed its own wait, so everything launched two or more
+kernels back is complete by then.
 Each kernel calls `release_consumer` (griddepcontrol.launch_dependents) once its main loop is done
 (rope_kv in decode: as soon as it has waited), which lets the hardware launch the next kernel's programs
 while this one stores its results and drains: the next kernel's launch latency and ramp hide behind this

@@ -29,7 +29,9 @@ writes q and the keys and values at cache positions start .. start + T - 1, noth
 key-valid flags and the keys before start were written at least two kernels back (cache_advance, earlier
 steps, the prompt), and the chain of waits has completed those. So each split program reads `start` and
 its first tile of the older keys, values and flags before it waits, and only q and the step's own keys
-after: the tile's memory traffic overlaps rope_kv instead of following it. Prompts (no split) wait first.
+after: the tile's memory traffic overlaps rope_kv instead of following it. The caller vouches for what
+the launch before wrote (`keys_before_wait=True`, fused.stage_attention's call); other calls, and prompts
+(no split), wait first.
 
 The counters are one int32 per (layer, batch row, kv head), zero between launches, kept per device and
 stream (`_common.ticket_counters`): two decode attentions must not run at the same time on one stream's
@@ -126,8 +128,10 @@ def _attention_kernel(
     stride_op, stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr, USE_GDC: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, ROWS_P2: tl.constexpr, EARLY_KEYS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    if not EARLY_KEYS:
+        wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     pid_m, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, b, kv_head = pid_h // (B * HKV), (pid_h // HKV) % B, pid_h % HKV
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,8 +141,8 @@ def _attention_kernel(
     d_ok = offs_d < HEAD_DIM
     kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
     if SPLIT:
-        # Decode: this program's first tile of keys is loaded before the dependent-launch wait, so its
-        # memory traffic overlaps rope_kv, the kernel before (see "Keys read before the wait" above).
+        # Decode: this program's first tile of keys, loaded before the dependent-launch wait where
+        # EARLY_KEYS: its memory traffic overlaps rope_kv, the kernel before ("Keys read before the wait").
         start = tl.load(start_ptr, cache_modifier=".cg")
         last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
         n_keys = start + last_t + 1
@@ -153,7 +157,8 @@ def _attention_kernel(
         first_v = tl.load(v_ptr + kv + first_pos[:, None] * stride_ks + offs_d[None, :],
                           mask=old[:, None] & d_ok[None, :], other=0.0)
         first_valid = tl.load(valid_ptr + b * stride_vb + first_pos, mask=old, other=0)
-    wait_for_producer(USE_GDC)  # _pdl.py: before any access to what the kernel before writes
+    if EARLY_KEYS:
+        wait_for_producer(USE_GDC)  # before any access to what the kernel before writes
     if not SPLIT:
         start = tl.load(start_ptr)
         # keys up to the last query's position in this tile
@@ -268,13 +273,18 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     key_valid: torch.Tensor, start: torch.Tensor, *, out: torch.Tensor | None = None,
-                    num_splits: int | None = None, merge: str = "fused") -> torch.Tensor:
+                    num_splits: int | None = None, merge: str = "fused",
+                    keys_before_wait: bool = False) -> torch.Tensor:
     """q: [P, B, T, H, Dh] (Dh contiguous); k_cache, v_cache: [P, B, Hkv, S, Dh]; key_valid: [B, S] bool;
     start: int32 [1] on the device (cache position of q's first token) -> out [P, B, T, H, Dh].
 
     num_splits: key splits for decode (T * H/Hkv <= 16 rows per kv head); default fills the GPU.
     merge: how split partials are combined: "fused" (by the last split program of each head, one launch)
         or "separate" (a second kernel).
+    keys_before_wait: the caller vouches that the launch just before this one on the stream wrote none of
+        `start`, `key_valid` and the cache slots before start (fused.stage_attention: that launch is
+        rope_kv_write, which writes only the step's own slots). With programmatic dependent launch, decode
+        programs then load their first tile of the older keys while that launch still runs.
     The caller guarantees start + T <= S (a device-side value cannot be checked without a sync).
     """
     check_tensor("q", q, ndim=5)
@@ -299,6 +309,8 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     if merge not in ("fused", "separate"):
         raise ValueError(f"merge must be 'fused' or 'separate', got {merge!r}")
+    if not isinstance(keys_before_wait, bool):
+        raise TypeError(f"keys_before_wait must be a bool, got {keys_before_wait!r}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     check_tensor("out", out, ndim=5, dtype=q.dtype, device=q.device)
@@ -335,7 +347,8 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         valid.stride(0), *o_strides,
         HEAD_DIM=Dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=splits > 1,
-        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, **merge_tile, **pdl,
+        MERGE_HERE=merge_here, UPCAST=upcast, DOT_PRECISION=precision, EARLY_KEYS=splits > 1 and keys_before_wait,
+        num_warps=warps, **merge_tile, **pdl,
         enable_fp_fusion=not merge_here,  # see _merge_splits
     )
     if splits > 1 and not merge_here:

@@ -95,8 +95,9 @@ def test_q_may_be_a_strided_view_of_the_qkv_buffer():
 
 @pytest.mark.parametrize("splits", [None, 3])
 def test_the_steps_own_key_is_read_after_rope_kv_writes_it(splits):
-    """Decode attention loads its first tile of older keys before it waits for rope_kv, the kernel before
-    it (with PDL on CUDA the two overlap), and the step's own key and value after. Each step's slots are
+    """Decode attention told that rope_kv wrote just before it (keys_before_wait, as the fused backend
+    calls it) loads its first tile of older keys before it waits for rope_kv (with PDL on CUDA the two
+    overlap), and the step's own key and value after. Each step's slots are
     NaN until rope_kv writes them, so reading one too early fails. With 3 splits (and with the 5 of the
     default on CUDA) the new key at positions 64-95 is in its split's first tile, from 96 on in a later one."""
     from cqil_kernels.ops.rope_kv import rope_kv_write
@@ -118,7 +119,7 @@ def test_the_steps_own_key_is_read_after_rope_kv_writes_it(splits):
         rope_kv_write(qkv, torch.full((B, 1), pos, device=DEVICE), inv_freq, kc, vc, start,
                       num_heads=H, num_kv_heads=Hkv)
         q = qkv.view(P, B, 1, -1)[..., :H * Dh].unflatten(-1, (H, Dh))
-        out = group_attention(q, kc, vc, valid, start, num_splits=splits)
+        out = group_attention(q, kc, vc, valid, start, num_splits=splits, keys_before_wait=True)
         twin = group_attention_ref(q, kc, vc, valid, start)
         exact = group_attention_ref(q.double(), kc.double(), vc.double(), valid, start)
         assert_kernel_close(out, twin, exact)
@@ -140,6 +141,8 @@ def test_bad_input_is_refused():
         group_attention(q, kc, vc, valid, start, num_splits=0)
     with pytest.raises(ValueError, match="merge must be"):
         group_attention(q, kc, vc, valid, start, merge="atomic")
+    with pytest.raises(TypeError, match="keys_before_wait must be a bool"):
+        group_attention(q, kc, vc, valid, start, keys_before_wait=1)
     with pytest.raises(ValueError, match="last dimension"):
         group_attention(q.transpose(3, 4).contiguous().transpose(3, 4), kc, vc, valid, start)
     with pytest.raises(TypeError, match="v_cache must be torch.float32"):
