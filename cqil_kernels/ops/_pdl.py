@@ -43,14 +43,6 @@ def release_consumer(USE_GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-# A kernel of at most this many programs (one wave) may release its dependents as soon as it has waited
-# (rope_kv and the down projection's sum in decode): the next kernel's programs then start while it works
-# and load what they may before their own wait (decode attention's older keys, a GEMM's first weight tile),
-# and being one wave it has no later program that the early ones could keep from an SM. Larger grids
-# release after their main loop.
-RELEASE_AT_ONCE_PROGRAMS = 128
-
-
 @functools.lru_cache(maxsize=None)
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)

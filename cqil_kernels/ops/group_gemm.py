@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import (autotune_disk_cache, autotuning, cdiv, check_runnable, check_tensor, dot_flags,
                       interpreting, next_pow2, untimed_bench)
-from ._pdl import RELEASE_AT_ONCE_PROGRAMS, pdl_options, release_consumer, wait_for_producer
+from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
 def _configs():
@@ -70,30 +70,6 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
 
 
-@triton.jit
-def _k_step(x_rows, k, m_ok, wk, w2k, nw_row, acc, acc2, sq, K,
-            NORM: tl.constexpr, SWIGLU: tl.constexpr, SQ_MMA: tl.constexpr, UPCAST: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """One BLOCK_K step of a tile: x's rows at columns k times the weight tiles wk (and SwiGLU's w2k),
-    loaded by the caller, into acc (acc2); NORM: x x^T into sq, x scaled by the norm weight (nw_row)."""
-    k_ok = k < K
-    xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    if NORM:  # (x x^T on the tensor cores), then x * norm weight rounded as the GEMM's operand
-        if SQ_MMA:
-            x_raw = xk.to(tl.float32) if UPCAST else xk
-            sq = tl.dot(x_raw, tl.trans(x_raw), sq, input_precision=DOT_PRECISION)
-        nw = tl.load(nw_row + k, mask=k_ok, other=0.0).to(tl.float32)
-        xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
-    if UPCAST:
-        xk, wk = xk.to(tl.float32), wk.to(tl.float32)
-    acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
-    if SWIGLU:
-        if UPCAST:
-            w2k = w2k.to(tl.float32)
-        acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
-    return acc, acc2, sq
-
-
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench(), **autotune_disk_cache())
 @triton.jit(do_not_specialize=["M_CLASS"])  # a key for the autotuner only: one compile for all classes
@@ -106,6 +82,7 @@ def _group_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     # m varies fastest over the launch order: the programs that share a weight tile run together, so in
     # prefill the weights stream from memory once instead of once per row block
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -118,15 +95,6 @@ def _group_gemm_kernel(
     else:
         p_lo = tl.program_id(2)
         p_hi = p_lo + 1
-    # Decode tiles: the first weight tile is loaded before the dependent-launch wait. No kernel of a step
-    # writes weights, so its memory traffic may overlap the kernel before instead of following it.
-    PRELOAD: tl.constexpr = BLOCK_M <= 16
-    if PRELOAD:
-        first_ok = (offs_k < K)[:, None] & n_ok[None, :]
-        first_cols = p_lo * stride_wp + offs_n[None, :] * stride_wn + offs_k[:, None]
-        w_first = tl.load(w_ptr + first_cols, mask=first_ok, other=0.0)
-        w2_first = tl.load(w2_ptr + first_cols, mask=first_ok, other=0.0) if SWIGLU else w_first
-    wait_for_producer(USE_GDC)  # _pdl.py: before any access to what the kernel before writes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # NORM, decode tiles: x x^T, whose diagonal is each row's sum of squares; larger tiles: a second pass
@@ -135,24 +103,28 @@ def _group_gemm_kernel(
         sq = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     else:
         sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if PRELOAD:  # the first step, with the preloaded tile
-        acc, acc2, sq = _k_step(x_ptr + p_lo * stride_xp + offs_m[:, None] * stride_xm, offs_k, m_ok, w_first,
-                                w2_first, nw_ptr + p_lo * stride_nwp, acc, acc2, sq, K, NORM=NORM, SWIGLU=SWIGLU,
-                                SQ_MMA=SQ_MMA, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
     for p in range(p_lo, p_hi):
         x_rows = x_ptr + p * stride_xp + offs_m[:, None] * stride_xm
         w_cols = p * stride_wp + offs_n[None, :] * stride_wn  # SWIGLU: the same columns of both weights
-        k_from = 0
-        if PRELOAD:  # p_lo's first step is done
-            k_from = BLOCK_K * (p == p_lo)
-        for k0 in range(k_from, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
-            w_ok = (k < K)[:, None] & n_ok[None, :]
-            wk = tl.load(w_ptr + w_cols + k[:, None], mask=w_ok, other=0.0)
-            w2k = tl.load(w2_ptr + w_cols + k[:, None], mask=w_ok, other=0.0) if SWIGLU else wk
-            acc, acc2, sq = _k_step(x_rows, k, m_ok, wk, w2k, nw_ptr + p * stride_nwp, acc, acc2, sq, K,
-                                    NORM=NORM, SWIGLU=SWIGLU, SQ_MMA=SQ_MMA, UPCAST=UPCAST,
-                                    DOT_PRECISION=DOT_PRECISION)
+            k_ok = k < K
+            xk = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wk = tl.load(w_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if NORM:  # (x x^T on the tensor cores), then x * norm weight rounded as the GEMM's operand
+                if SQ_MMA:
+                    x_raw = xk.to(tl.float32) if UPCAST else xk
+                    sq = tl.dot(x_raw, tl.trans(x_raw), sq, input_precision=DOT_PRECISION)
+                nw = tl.load(nw_ptr + p * stride_nwp + k, mask=k_ok, other=0.0).to(tl.float32)
+                xk = (xk.to(tl.float32) * nw[None, :]).to(wk.dtype)
+            if UPCAST:
+                xk, wk = xk.to(tl.float32), wk.to(tl.float32)
+            acc = tl.dot(xk, wk, acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                w2k = tl.load(w2_ptr + w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    w2k = w2k.to(tl.float32)
+                acc2 = tl.dot(xk, w2k, acc2, input_precision=DOT_PRECISION)
         if NORM:  # 1/rms of a row commutes with the matmul (NORM never runs with SUM_P: one p here)
             if SQ_MMA:
                 sumsq = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], sq, 0.0), axis=1)
@@ -364,8 +336,7 @@ def _sum_parts(parts: torch.Tensor, residual: torch.Tensor | None, out: torch.Te
     _sum_p_kernel[(M, cdiv(N, block))](
         parts, residual if residual is not None else parts, out, parts.shape[0], N,
         parts.stride(0), parts.stride(1), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_RES=residual is not None, BLOCK=block,
-        RELEASE_AT_ONCE=M * cdiv(N, block) <= RELEASE_AT_ONCE_PROGRAMS, **pdl_options(parts))
+        out.stride(0), HAS_RES=residual is not None, BLOCK=block, **pdl_options(parts))
     return out
 
 
@@ -406,11 +377,9 @@ def _partials(x, w, sx, bias) -> torch.Tensor | None:
 
 @triton.jit
 def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride_rm, stride_om,
-                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, RELEASE_AT_ONCE: tl.constexpr, USE_GDC: tl.constexpr):
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m] = residual[m] + sum_p part[p, m], summed in order p = 0, 1, ..."""
     wait_for_producer(USE_GDC)
-    if RELEASE_AT_ONCE:  # decode: the next layer's QKV GEMM starts loading its first weight tiles now
-        release_consumer(USE_GDC)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -419,8 +388,7 @@ def _sum_p_kernel(part_ptr, res_ptr, out_ptr, P, N, stride_pp, stride_pm, stride
         acc += tl.load(res_ptr + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
     for p in range(0, P):
         acc += tl.load(part_ptr + p * stride_pp + m * stride_pm + offs, mask=ok, other=0.0).to(tl.float32)
-    if not RELEASE_AT_ONCE:
-        release_consumer(USE_GDC)
+    release_consumer(USE_GDC)
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_runnable, check_tensor, next_pow2
-from ._pdl import RELEASE_AT_ONCE_PROGRAMS, pdl_options, release_consumer, wait_for_producer
+from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
 @triton.jit
@@ -65,6 +65,13 @@ def _rope_kv_kernel(
     v2 = tl.load(v_src + half, mask=kv_ok, other=0.0)
     tl.store(v_ptr + dst, v1.to(v_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(v_ptr + dst + half, v2.to(v_ptr.dtype.element_ty), mask=kv_ok)
+
+
+# At most this many programs (decode: P * B tokens) let the next kernel launch as soon as they have waited
+# for theirs: one wave, so the next kernel's programs, which wait in turn, take no SM a program of this
+# one still needs. Decode attention starts its loads of the older keys then (ops/attention.py). A prompt's
+# thousands of programs release after their loads, as every kernel here does.
+RELEASE_AT_ONCE_PROGRAMS = 128
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor) -> None:
