@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
     # pytest -n N: each worker takes its share of the cores for torch's CPU ops; each would otherwise start a
-    # thread per core. The likely cause (not yet re-run there) of a 16-core GPU machine under -n 8 taking
-    # 211 s for test_finetune's bf16 case on the CPU, which takes under 9 s in CI's 2 cores.
+    # thread per core. On a 16-core GPU machine under -n 8, test_finetune's bf16 case on the CPU took 211 s
+    # before (under 9 s in CI's 2 cores); with this it is no longer among the slowest 8 (at most 46 s), and
+    # the whole suite took 232 s there instead of 368 (benchmarks/results/gpu_tests_h100_91bf60a.json).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 def _interpreter_broken() -> str | None:

@@ -1,0 +1,128 @@
+"""ops/_pdl.py's contract, read in the code the compiler makes for Hopper (sm_90), on any machine.
+
+A kernel launched with programmatic dependent launch may start while the kernel before it still runs, so
+it must not touch memory before griddepcontrol.wait; and it must release its own dependents
+(griddepcontrol.launch_dependents) only after that wait, which is what makes everything two launches back
+complete when a kernel starts. The one declared exception: decode attention called with keys_before_wait
+loads (never stores) before its wait. A race of this kind shows on a GPU only now and then; the order of
+the instructions shows it always. Each case is compiled to PTX in a subprocess without TRITON_INTERPRET,
+with Triton's bundled NVIDIA toolchain (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# kernel (module, name), the constexprs that pick its variant, pointer types other than bf16
+CASES = {
+    "gemm-decode-norm": ("group_gemm", "_group_gemm_kernel", dict(
+        NORM=True, SWIGLU=False, SUM_P=False, HAS_BIAS=True, HAS_RES=False, UPCAST=False, DOT_PRECISION="tf32",
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), {}),
+    "gemm-decode-swiglu": ("group_gemm", "_group_gemm_kernel", dict(
+        NORM=True, SWIGLU=True, SUM_P=False, HAS_BIAS=False, HAS_RES=False, UPCAST=False, DOT_PRECISION="tf32",
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), {}),
+    "gemm-prefill-sum-p": ("group_gemm", "_group_gemm_kernel", dict(
+        NORM=False, SWIGLU=False, SUM_P=True, HAS_BIAS=False, HAS_RES=True, UPCAST=False, DOT_PRECISION="tf32",
+        BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), {}),
+    "sum-p": ("group_gemm", "_sum_p_kernel", dict(HAS_RES=True, BLOCK=1024), {"part_ptr": "*fp32"}),
+    "silu-mul": ("group_gemm", "_silu_mul_kernel", dict(BLOCK=1024), {}),
+    "attention-decode-early": ("attention", "_attention_kernel", dict(
+        HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=32, SPLIT=True, MERGE_HERE=True, UPCAST=False,
+        DOT_PRECISION="tf32", SPLIT_CHUNK=8, ROWS_P2=1, EARLY_KEYS=True), None),
+    "attention-decode": ("attention", "_attention_kernel", dict(
+        HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=32, SPLIT=True, MERGE_HERE=True, UPCAST=False,
+        DOT_PRECISION="tf32", SPLIT_CHUNK=8, ROWS_P2=1, EARLY_KEYS=False), None),
+    "attention-prefill": ("attention", "_attention_kernel", dict(
+        HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, SPLIT=False, MERGE_HERE=False, UPCAST=False,
+        DOT_PRECISION="tf32", SPLIT_CHUNK=1, ROWS_P2=1, EARLY_KEYS=False), None),
+    "attention-merge": ("attention", "_merge_kernel", dict(
+        HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, SPLIT_CHUNK=8, ROWS_P2=4), {"part_ptr": "*fp32", "stat_ptr": "*fp32"}),
+    "rope-kv-decode": ("rope_kv", "_rope_kv_kernel", dict(
+        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=True),
+        {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}),
+    "rope-kv-prefill": ("rope_kv", "_rope_kv_kernel", dict(
+        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=False),
+        {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}),
+    "argmax": ("argmax", "_argmax_kernel", dict(BLOCK=4096, CHUNKS_BLOCK=16),
+               {"key_ptr": "*i32", "idx_ptr": "*i32", "ticket_ptr": "*i32", "out_ptr": "*i64"}),
+    "cache-advance": ("cache_advance", "_cache_advance_kernel", dict(HAS_VALID=True, BLOCK_T=64),
+                      {"valid_ptr": "*u8", "key_valid_ptr": "*u8", "n_tokens_ptr": "*i64", "position_ptr": "*i32",
+                       "start_ptr": "*i32", "pos_ptr": "*i64"}),
+    "group-residual": ("group_residual", "_group_residual_kernel", dict(
+        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=1024), {"res_ptr": "*fp32"}),
+    "rms-norm": ("rms_norm", "_rms_norm_kernel", dict(BLOCK_D=1024), {}),
+}
+ATTENTION_POINTERS = {"valid_ptr": "*u8", "start_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
+                      "ticket_ptr": "*i32"}
+EARLY_LOADS = {"attention-decode-early"}  # loads before the wait, declared and argued in ops/attention.py
+
+_COMPILE = textwrap.dedent("""
+    import importlib, json, sys
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    MEMORY = ("ld.global", "st.global", "atom.global", "red.global", "cp.async")
+    result = {}
+    for name, (module, kernel, constexprs, pointers) in json.loads(sys.argv[1]).items():
+        fn = getattr(importlib.import_module("cqil_kernels.ops." + module), kernel)
+        while not isinstance(fn, JITFunction):  # the autotuned GEMM's JIT function
+            fn = fn.fn
+        constexprs = dict(constexprs, USE_GDC=True)
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = pointers.get(arg, "*bf16")
+            elif arg in ("eps", "sm_scale_log2"):
+                signature[arg] = "fp32"
+            else:
+                signature[arg] = "i32"
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+        wait = ptx.find("griddepcontrol.wait")
+        release = ptx.find("griddepcontrol.launch_dependents")
+        before = ptx[:wait] if wait >= 0 else ptx
+        result[name] = dict(waits=wait >= 0, release_after_wait=release < 0 or release > wait,
+                            before_wait={op: before.count(op) for op in MEMORY})
+    print(json.dumps(result))
+""")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Each case's PTX facts, compiled in one subprocess (about 20 s)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    cases = {name: (module, kernel, constexprs, ATTENTION_POINTERS if pointers is None else pointers)
+             for name, (module, kernel, constexprs, pointers) in CASES.items()}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_memory_access_before_the_dependent_launch_wait(compiled, case):
+    facts = compiled[case]
+    assert facts["waits"], f"{case}: no griddepcontrol.wait with USE_GDC"
+    before = facts["before_wait"]
+    assert before["st.global"] == before["atom.global"] == before["red.global"] == 0, (case, before)
+    if case in EARLY_LOADS:
+        assert before["ld.global"] > 0, f"{case}: the declared early loads are gone ({before})"
+    else:
+        assert before["ld.global"] == before["cp.async"] == 0, (case, before)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dependents_are_released_only_after_the_wait(compiled, case):
+    assert compiled[case]["release_after_wait"], case
