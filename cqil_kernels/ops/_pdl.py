@@ -8,7 +8,7 @@ writes alike are ordered, and the guarantee carries down the chain. One exceptio
 made: decode attention, when its caller vouches for it, reads what its predecessor (rope_kv) never
 writes before it waits (ops/attention.py, "Keys read before the wait"). A kernel's programs start only
 once every program of the one before has passed its own wait, so everything launched two or more
-kernels back is complete by then.
+kernels back is complete by then. tests/ops/test_pdl.py reads both orders in every kernel's compiled code.
 Each kernel calls `release_consumer` (griddepcontrol.launch_dependents) once its main loop is done
 (rope_kv in decode: as soon as it has waited), which lets the hardware launch the next kernel's programs
 while this one stores its results and drains: the next kernel's launch latency and ramp hide behind this
