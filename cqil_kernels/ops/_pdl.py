@@ -12,8 +12,8 @@ kernels back is complete by then. tests/ops/test_pdl.py reads both orders in eve
 Each kernel calls `release_consumer` (griddepcontrol.launch_dependents) once its main loop is done
 (rope_kv in decode: as soon as it has waited), which lets the hardware launch the next kernel's programs
 while this one stores its results and drains: the next kernel's launch latency and ramp hide behind this
-one's tail. Kernels that are not ours (cuBLAS, torch
-ops, the one-shot all-reduce) are launched without the attribute and order the stream as usual.
+one's tail. Kernels that are not ours (cuBLAS, torch ops, the one-shot all-reduce) are launched without the
+attribute and order the stream as usual.
 
 On by default on CUDA devices of compute capability 9.0 and later; CQIL_PDL=0 turns it off (envs.py).
 Never under TRITON_INTERPRET=1.
