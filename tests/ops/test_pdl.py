@@ -86,13 +86,13 @@ _COMPILE = textwrap.dedent("""
                 signature[arg] = "fp32"
             else:
                 signature[arg] = "i32"
-        try:
+        try:  # written against Triton 3.9's compiler API; a kernel that does not compile still fails
             source = ASTSource(fn=fn, signature=signature,
                                constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        except TypeError as e:  # another Triton's ASTSource (written against Triton 3.9)
+            ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+        except (TypeError, KeyError, AttributeError) as e:  # another Triton's API
             print(json.dumps(dict(unsupported=f"{type(e).__name__}: {e}")))
             sys.exit(0)
-        ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
         wait = ptx.find("griddepcontrol.wait")
         release = ptx.find("griddepcontrol.launch_dependents")
         before = ptx[:wait] if wait >= 0 else ptx
