@@ -99,6 +99,17 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
 
 
 @triton.jit
+def _load_keys(k_ptr, v_ptr, valid_ptr, kv, valid_row, k_pos, ok, offs_d, d_ok, stride_ks):
+    """Keys [BLOCK_D, BLOCK_N], values [BLOCK_N, BLOCK_D] and key-valid flags (uint8) at cache positions
+    k_pos where ok, zero elsewhere (kv: the head's offset in the caches; valid_row: its row's flags')."""
+    k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None], mask=ok[None, :] & d_ok[:, None],
+                other=0.0)
+    v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                other=0.0)
+    return k, v, tl.load(valid_ptr + valid_row + k_pos, mask=ok, other=0)
+
+
+@triton.jit
 def _attend_tile(q, k, v, valid, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of keys k [BLOCK_D, BLOCK_N], values v [BLOCK_N, BLOCK_D] at cache positions k_pos (those
@@ -140,11 +151,11 @@ def _attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv = p * stride_kp + b * stride_kb + kv_head * stride_kh
+    last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)  # the tile's last query
     if SPLIT:
         # Decode: this program's first tile of keys, loaded before the dependent-launch wait where
         # EARLY_KEYS: its memory traffic overlaps rope_kv, the kernel before ("Keys read before the wait").
         start = tl.load(start_ptr, cache_modifier=".cg")
-        last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
         n_keys = start + last_t + 1
         # this split's share of the keys, sized from start: every split has work whatever the cache's length
         split_len = tl.cdiv(tl.cdiv(n_keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
@@ -152,18 +163,14 @@ def _attention_kernel(
         hi = tl.minimum(lo + split_len, n_keys)
         first_pos = lo + tl.arange(0, BLOCK_N)
         old = first_pos < tl.minimum(hi, start)  # cached before this step: not rope_kv's to write
-        first_k = tl.load(k_ptr + kv + first_pos[None, :] * stride_ks + offs_d[:, None],
-                          mask=old[None, :] & d_ok[:, None], other=0.0)
-        first_v = tl.load(v_ptr + kv + first_pos[:, None] * stride_ks + offs_d[None, :],
-                          mask=old[:, None] & d_ok[None, :], other=0.0)
-        first_valid = tl.load(valid_ptr + b * stride_vb + first_pos, mask=old, other=0)
+        first_k, first_v, first_valid = _load_keys(k_ptr, v_ptr, valid_ptr, kv, b * stride_vb, first_pos, old,
+                                                   offs_d, d_ok, stride_ks)
     if EARLY_KEYS:
         wait_for_producer(USE_GDC)  # before any access to what the kernel before writes
     if not SPLIT:
         start = tl.load(start_ptr)
-        # keys up to the last query's position in this tile
         lo = 0
-        hi = start + tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1) + 1
+        hi = start + last_t + 1  # keys up to the last query's position in this tile
     q_pos = start + t
 
     q_rows = q_ptr + p * stride_qp + b * stride_qb + t * stride_qt + (kv_head * G + g) * stride_qh
@@ -177,23 +184,19 @@ def _attention_kernel(
     n_from = lo
     if SPLIT:  # the first tile: its step's keys (at start and after, rope_kv's) read now, the rest loaded
         new = (first_pos >= start) & (first_pos < hi)
-        first_k = tl.where(new[None, :], tl.load(k_ptr + kv + first_pos[None, :] * stride_ks + offs_d[:, None],
-                                                 mask=new[None, :] & d_ok[:, None], other=0.0), first_k)
-        first_v = tl.where(new[:, None], tl.load(v_ptr + kv + first_pos[:, None] * stride_ks + offs_d[None, :],
-                                                 mask=new[:, None] & d_ok[None, :], other=0.0), first_v)
-        first_valid = tl.where(new, tl.load(valid_ptr + b * stride_vb + first_pos, mask=new, other=0), first_valid)
+        new_k, new_v, new_valid = _load_keys(k_ptr, v_ptr, valid_ptr, kv, b * stride_vb, first_pos, new, offs_d,
+                                             d_ok, stride_ks)
+        first_k = tl.where(new[None, :], new_k, first_k)
+        first_v = tl.where(new[:, None], new_v, first_v)
+        first_valid = tl.where(new, new_valid, first_valid)
         m_i, l_i, acc = _attend_tile(q, first_k, first_v, first_valid != 0, first_pos, q_pos, hi, m_i, l_i, acc,
                                      sm_scale_log2, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
         n_from = lo + BLOCK_N
     for n0 in range(n_from, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None],
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        valid = tl.load(valid_ptr + b * stride_vb + k_pos, mask=k_ok, other=0) != 0
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
+        k, v, valid = _load_keys(k_ptr, v_ptr, valid_ptr, kv, b * stride_vb, k_pos, k_pos < hi, offs_d, d_ok,
+                                 stride_ks)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid != 0, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
                                      UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
 
     release_consumer(USE_GDC)
