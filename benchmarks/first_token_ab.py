@@ -22,7 +22,7 @@ import torch
 
 def main(argv=None) -> None:
     from cqil_kernels import graphs
-    from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, ttft_ms, write_record
+    from cqil_kernels.bench import _commit, _warm_up_gpu, device_ms, random_model, ttft_ms, write_record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m")
@@ -63,18 +63,8 @@ def main(argv=None) -> None:
             # forward's input check reads the device, which would wait out the sleep and time the host's part too
             with torch.inference_mode():
                 cache, _ = model.generation_cache(1, T + 1)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                device_ms = []
-                for _ in range(5):
-                    cache.clear()
-                    torch.cuda._sleep(SLEEP_CYCLES)
-                    start.record()
-                    model.forward_checked(prompt, None, cache, 1)
-                    end.record()
-                    end.synchronize()
-                    device_ms.append(start.elapsed_time(end))
-            row = [T, *(round(statistics.median(per[name]), 4) for name in variants),
-                   round(statistics.median(device_ms), 4)]
+                prompt_ms = device_ms(lambda: model.forward_checked(prompt, None, cache, 1), 5, before=cache.clear)
+            row = [T, *(round(statistics.median(per[name]), 4) for name in variants), round(prompt_ms, 4)]
             table.append(row)
             print(f"{T:5d} tokens: " + "  ".join(f"{name} {v:.4f} ms" for name, v in zip(variants, row[1:]))
                   + f"  prompt device {row[-1]:.4f} ms", flush=True)

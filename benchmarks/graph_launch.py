@@ -54,23 +54,14 @@ def from_idle_us(fn, repeats: int, before=None) -> tuple[float, float]:
     return statistics.median(host), statistics.median(wall)
 
 
-def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, sleep_cycles: int, before=None) -> dict[str, float]:
+def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, before=None) -> dict[str, float]:
     """Median replay host, wall and device us of `graph` (see the module docstring); before() runs ahead of
     every replay, untimed (a prompt graph bound to a cache: the cache's clear, without which each replay
     appends its prompt after the last one's and the third writes past the cache)."""
+    from cqil_kernels.bench import device_ms
+
     host, wall = from_idle_us(graph.replay, repeats, before)
-    device = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        torch.cuda._sleep(sleep_cycles)
-        if before is not None:
-            before()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        device.append(start.elapsed_time(end) * 1e3)
-    return {"replay_host_us": host, "wall_us": wall, "device_us": statistics.median(device)}
+    return {"replay_host_us": host, "wall_us": wall, "device_us": device_ms(graph.replay, repeats, before) * 1e3}
 
 
 def replay_row(name: str, t: dict[str, float], nodes: int | None = None, forward: dict | None = None) -> list:
@@ -133,7 +124,7 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
     return {"forward_host_us": host, "forward_wall_us": wall}
 
 
-def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
+def decode_row(model, shape: str, repeats: int) -> list:
     """The row of generate's decode step graph (a token into a kept cache of 64 positions, cleared before
     each replay: every replay writes position 0), as the prompt graphs' rows."""
     cache, decode = model.generation_cache(1, 64)
@@ -143,7 +134,7 @@ def decode_row(model, shape: str, repeats: int, sleep_cycles: int) -> list:
         decode(tokens)
     if decode.graph is None:
         raise SystemExit("the decode step was not captured")
-    return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, sleep_cycles, before=cache.clear))
+    return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, before=cache.clear))
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
@@ -174,7 +165,7 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
 
 
 def main(argv=None) -> None:
-    from cqil_kernels.bench import SLEEP_CYCLES, _commit, _warm_up_gpu, random_model, write_record
+    from cqil_kernels.bench import _commit, _warm_up_gpu, random_model, write_record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", action="append", type=int, help="kernels per synthetic graph (default 16 256 1024)")
@@ -194,7 +185,7 @@ def main(argv=None) -> None:
         for n in a.nodes or [16, 256, 1024]:
             graph = chain_graph(kind, n)
             graph.replay()
-            rows.append(replay_row(f"{n} {kind}", replay_times(graph, a.repeats, SLEEP_CYCLES), nodes=n))
+            rows.append(replay_row(f"{n} {kind}", replay_times(graph, a.repeats), nodes=n))
             print(rows[-1], flush=True)
     model = random_model(a.shape, torch.bfloat16, device)
     with torch.inference_mode():
@@ -210,14 +201,14 @@ def main(argv=None) -> None:
             if len(buckets) != 1:
                 raise SystemExit(f"expected one graph bound to the cache for {T} tokens, found {len(buckets)}")
             rows.append(replay_row(f"{a.shape} prompt {T}",
-                                   replay_times(buckets[0].graph, a.repeats, SLEEP_CYCLES, before=cache.clear),
+                                   replay_times(buckets[0].graph, a.repeats, before=cache.clear),
                                    forward=forward_times(model, ids, cache, a.repeats)))
             print(rows[-1], flush=True)
             if T == max(a.rows or [64, 512]):
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} host {part[1]:8.1f} us  wall {part[2]:8.1f} us", flush=True)
-        rows.append(decode_row(model, a.shape, a.repeats, SLEEP_CYCLES))
+        rows.append(decode_row(model, a.shape, a.repeats))
         print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
                "replay wall - device us", "forward host us", "forward wall us"]

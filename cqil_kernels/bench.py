@@ -275,6 +275,24 @@ def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
             return
 
 
+def device_ms(run, repeats: int, before=None) -> float:
+    """Median device ms of run() over `repeats` calls, each enqueued behind a GPU sleep so that its host
+    launch time is hidden (run must not read the device: that would wait out the sleep); before() runs
+    ahead of each call, untimed (e.g. a cache's clear)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        if before is not None:
+            before()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def ttft_ms(first_token, repeats: int) -> float:
     """Median wall-clock ms of first_token() (which ends with the token on the host; or any call that ends
     with its result on the host, e.g. a whole generate) over `repeats` calls after one warm-up call, the
