@@ -98,6 +98,10 @@ class _CapturedLazily:
     anew); any other error propagates."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to before the first call: the graph (and the memory it holds) dropped, the next call eager."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.calls = 0
@@ -170,8 +174,7 @@ class GraphDecoder(_CapturedLazily):
             if not (self.follow_packing and model.cqil is self.cqil):
                 raise ValueError("the model's grouping or packed weights changed since this decode step was made: "
                                  "make a new cache and step (model.new_cache, model.decoder)")
-            self.graph = self.out = None  # the old packing's graph (it holds those weights) goes
-            self.calls, self.eager_only = 0, False
+            self.reset()  # the old packing's graph (it holds those weights) goes
             self.packed = model.packed_weights()
         if cache.length + 1 > cache.max_seq:
             raise ValueError(f"{cache.length + 1} positions exceed the KV cache ({cache.max_seq})")
