@@ -38,7 +38,8 @@
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
 #               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
-#               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4)
+#               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4),
+#               DECODE_AB_ARGS (more of ab_decode.py's arguments, e.g. --batch 32)
 #   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
 #               and this one on the same machine (host times differ by half between machines of one card):
 #               HOST_AB_OLD=<carried folder with the older tree: git archive REV | tar -x -C DIR>, HOST_AB_NAME=<REV>,
@@ -209,7 +210,7 @@ for stage in $stages; do
       echo "== decode A/B $shape $groups" | tee -a "$OUT/decode_ab.log"
       timeout ${DECODE_AB_TIMEOUT:-300} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
         --script benchmarks/ab_decode.py --rounds ${ROUNDS:-4} --out "$OUT/decode_ab_${shape}_${groups/:/-}.json" -- \
-        --shape $shape --groups $groups --variant base: 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/decode_ab.log"
+        --shape $shape --groups $groups --variant base: ${DECODE_AB_ARGS:-} 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/decode_ab.log"
     done ;;
   host_ab)
     timeout ${HOST_AB_TIMEOUT:-400} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \

@@ -7,7 +7,8 @@ minutes apart; this is what to trust for changes of a few percent.
         --variant base: --variant no-pdl:CQIL_PDL=0 --rounds 4 --out ab.json
 
 A variant is NAME:VAR=VALUE[,VAR=VALUE...] (NAME: alone = the settings as they are). Decode ms/token per
-run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA graph, argmax included).
+run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA graph, argmax included),
+at batch 1 or --batch rows.
 """
 
 from __future__ import annotations
@@ -62,14 +63,17 @@ def main(argv=None) -> None:
     ap = ab_parser(__doc__, shape="smollm2-135m", rounds=4,
                    groups_help="'none' for sequential (default: the shape's CQIL groups)")
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.batch < 1 or a.prompt < 1:
+        raise SystemExit(f"--batch and --prompt must be >= 1, got {a.batch} and {a.prompt}")
     if not torch.cuda.is_available():
         raise SystemExit("ab_decode measures GPU latency and needs a CUDA device")
     device = torch.device("cuda")
     model = random_model(a.shape, torch.bfloat16, device)
     groups = a.groups or DEFAULT_GROUPS[a.shape]
     model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
-    ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device=device)
+    ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device=device)
     _warm_up_gpu(device, 2.0)
     runs: dict[str, list[float]] = {name: [] for name, _ in a.variant}
     for r in range(a.rounds):
@@ -78,11 +82,11 @@ def main(argv=None) -> None:
                 _, decode_ms = _time_ours(model, ids, 64, 3)
             runs[name].append(round(decode_ms, 4))
             print(f"round {r} {name:>16}: {decode_ms:.4f} ms/token", flush=True)
-    record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups,
+    record = dict(card=torch.cuda.get_device_name(), commit=_commit(), shape=a.shape, groups=groups, batch=a.batch,
                   variants={name: dict(settings=env, median_ms=statistics.median(runs[name]), runs=runs[name])
                             for name, env in a.variant},
                   # the table ab_trees.py merges when it runs this script with two builds
-                  title=f"Decode ms/token, {a.shape}, groups {groups}", columns=["variant", "decode ms/token"],
+                  title=f"Decode ms/token, {a.shape}, groups {groups}, batch {a.batch}", columns=["variant", "decode ms/token"],
                   rows=[[name, float(statistics.median(runs[name]))] for name, _ in a.variant])
     print(json.dumps(record, indent=1))
     if a.out:
