@@ -26,6 +26,7 @@
 #               2 ranks sharing the GPU (its checks against the one-GPU model; timings mean nothing)
 #   profile     benchmarks/profile_step.py per PROFILE_SHAPES (default smollm2-135m, PROFILE_GROUPS default none):
 #               eager prefill's host/device ops, the graph-replayed prompt's host Python (cProfile), decode kernels
+#               (in order too), at PROFILE_BATCH rows (default 1)
 #   boundaries  issue 26: benchmarks/layer_slope.py (per-layer fixed cost of our decode, SLOPE_SHAPE default llama-7b,
 #               full layer and the TP2/TP4 shard shapes) and benchmarks/persistent_chain.py (the persistent
 #               one-launch prototype against a launch per layer; CHAIN_ARGS), benchmarks/persistent_layers.py
@@ -252,7 +253,7 @@ for stage in $stages; do
   profile)
     for shape in ${PROFILE_SHAPES:-smollm2-135m}; do
       timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/profile_step.py --shape $shape --groups ${PROFILE_GROUPS:-none} \
-        --prompt ${PROFILE_PROMPT:-512} --rows 20 2>&1 | tee -a "$OUT/profile.log"
+        --prompt ${PROFILE_PROMPT:-512} --batch ${PROFILE_BATCH:-1} --rows 20 2>&1 | tee -a "$OUT/profile.log"
     done ;;
   demo)
     timeout 90 cqil demo --tiny --device cuda --dtype bfloat16 2>&1 | tee "$OUT/demo.log" ;;

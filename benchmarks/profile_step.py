@@ -1,11 +1,12 @@
 """Where a prefill and a decode step spend their time: torch.profiler over our model on the GPU.
 
-    python benchmarks/profile_step.py --shape smollm2-135m --groups 2-26:4 [--prompt 512]
+    python benchmarks/profile_step.py --shape smollm2-135m --groups 2-26:4 [--prompt 512] [--batch 1]
 Prints host (CPU) and device time of one eager prefill, the host's Python time of a prompt replayed from
 its bucket's CUDA graph (cProfile over repeated calls, the device idle before each: the host work that
 stands between a user's call and the first kernel), the per-kernel device time of decode steps
 replayed from the CUDA graph with their timeline (kernel_timeline: each kernel's own time past the one before
-it, and the device's idle time before it: issue 26's "where the gaps are"), and the wall time and host Python
+it, and the device's idle time before it: issue 26's "where the gaps are"; kernel_sequence: the same for each
+launch of a step in order, which tells a layer's four GEMMs apart), and the wall time and host Python
 of whole generate calls.
 """
 
@@ -73,6 +74,39 @@ def print_timeline(prof, steps: int, layers: int) -> None:
     print(f"  per step: {own:.1f} us own + {idle:.1f} us idle; per layer step: {(own + idle) / layers:.2f} us")
 
 
+def kernel_sequence(kernels, steps: int) -> list[list]:
+    """kernels: (name, start us, end us) of every device activity of `steps` steps that each launch the same
+    kernels in the same order -> per launch of a step, in order: [name, mean own us, mean idle us before it]
+    (own and idle as kernel_timeline's). ValueError where the steps' launches differ."""
+    order = sorted(kernels, key=lambda k: k[1])
+    if not steps or len(order) % steps:
+        raise ValueError(f"{len(order)} device activities are not {steps} steps of one launch sequence")
+    per_step = len(order) // steps
+    rows = [[order[i][0], 0.0, 0.0] for i in range(per_step)]
+    end_so_far = None
+    for i, (name, start, end) in enumerate(order):
+        row = rows[i % per_step]
+        if row[0] != name:
+            raise ValueError(f"launch {i % per_step} of a step is {row[0]} in the first step, {name} in another")
+        begin = start if end_so_far is None else max(start, end_so_far)
+        row[1] += max(0.0, end - begin) / steps
+        row[2] += (0.0 if end_so_far is None else max(0.0, start - end_so_far)) / steps
+        end_so_far = end if end_so_far is None else max(end_so_far, end)
+    return rows
+
+
+def print_sequence(prof, steps: int, first: int) -> None:
+    """The first `first` launches of a step in order (kernel_sequence), then the step's last five."""
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = kernel_sequence(kernels, steps)
+    print(f"== a step's launches in order ({len(rows)} a step; mean us over {steps} steps):")
+    print(f"  {'#':>4} {'kernel':60s} {'own':>8} {'idle':>8}")
+    for i, (name, own, idle) in enumerate(rows):
+        if i < first or i >= len(rows) - 5:
+            print(f"  {i:4d} {name[:60]:60s} {own:8.2f} {idle:8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smollm2-135m")
@@ -80,27 +114,31 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--new", type=int, default=64, help="tokens of the profiled generate calls")
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
+    if a.batch < 1 or a.prompt < 1:
+        raise SystemExit(f"--batch and --prompt must be >= 1, got {a.batch} and {a.prompt}")
     groups = a.groups or DEFAULT_GROUPS[a.shape]
     model = CQILLlama.from_pretrained(random_hf_model(a.shape, torch.bfloat16, torch.device("cuda")))
     model.cqil = CQILConfig() if groups == "none" else parse_groups(groups)
-    ids = torch.randint(0, model.args.vocab_size, (1, a.prompt), device="cuda")
+    ids = torch.randint(0, model.args.vocab_size, (a.batch, a.prompt), device="cuda")
+    cache_len = a.prompt + 40
     with torch.inference_mode():
         model.accelerator.prefill_graphs = False  # first the prompt launched from Python
         for _ in range(2):
-            model(ids, cache=model.new_cache(1, a.prompt + 40))
+            model(ids, cache=model.new_cache(a.batch, cache_len))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(ids, cache=model.new_cache(1, a.prompt + 40))
+            model(ids, cache=model.new_cache(a.batch, cache_len))
             torch.cuda.synchronize()
-        print(f"== eager prefill {a.prompt} tokens, groups {groups}")
+        print(f"== eager prefill {a.batch} x {a.prompt} tokens, groups {groups}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
 
         model.accelerator.prefill_graphs = True
         for _ in range(3):  # eager padded, captured, replayed
-            model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1)
-        ms, profiler = host_profile(lambda: model(ids, cache=model.new_cache(1, a.prompt + 40), logits_to_keep=1), 20)
+            model(ids, cache=model.new_cache(a.batch, cache_len), logits_to_keep=1)
+        ms, profiler = host_profile(lambda: model(ids, cache=model.new_cache(a.batch, cache_len), logits_to_keep=1), 20)
         print(f"== prompt replayed from its graph: host {ms:.3f} ms per call (median of 20, the device idle "
               f"before each); cProfile over the 20 calls (its own overhead included):")
         stats = pstats.Stats(profiler)
@@ -108,12 +146,12 @@ def main() -> None:
         stats.sort_stats("cumulative").print_stats(a.rows)
         stats.sort_stats("tottime").print_callers(6)
         print("== the replayed prompt's host time by part (median ms of 20 calls, the device idle before each):")
-        kept = model.new_cache(1, a.prompt + 40)
+        kept = model.new_cache(a.batch, cache_len)
         kept.long_lived = True  # generate's kind of cache: the prompt's graph binds to it (no scratch, no copy)
         parts = {
-            "new_cache": lambda: model.new_cache(1, a.prompt + 40),
+            "new_cache": lambda: model.new_cache(a.batch, cache_len),
             "check_inputs": lambda: check_forward_inputs(model, ids, None, kept),
-            "forward into a new cache (scratch + copy)": lambda: model(ids, cache=model.new_cache(1, a.prompt + 40),
+            "forward into a new cache (scratch + copy)": lambda: model(ids, cache=model.new_cache(a.batch, cache_len),
                                                                        logits_to_keep=1),
             "forward into a kept cache (bound)": lambda: (kept.clear(), model(ids, cache=kept, logits_to_keep=1)),
             "generate(ids, 1), token on the host": lambda: model.generate(ids, 1).cpu(),
@@ -123,7 +161,7 @@ def main() -> None:
                 call()
             print(f"  {name:45s} {ttft_ms(call, 20):8.3f}")
 
-        cache = model.new_cache(1, a.prompt + 40)
+        cache = model.new_cache(a.batch, cache_len)
         tok = model.argmax(model(ids, cache=cache)[:, -1])
         decode = model.decoder(cache, check_tokens=False)  # its own tokens, as generate's steps
         for _ in range(3):
@@ -136,6 +174,7 @@ def main() -> None:
         print(f"== 10 decode steps (CUDA graph), groups {groups}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
         print_timeline(prof, 10, len(model.stages))
+        print_sequence(prof, 10, 24)
 
         for _ in range(3):  # the kept cache's decode graph captured (graphs.DecodeSlots), the prompt's replayed
             model.generate(ids, a.new)

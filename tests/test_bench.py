@@ -119,6 +119,20 @@ def test_kernel_timeline_splits_the_span_into_own_and_idle_time():
     assert sum(n * (own + idle) for _, n, _, own, idle in rows) == 40.0
 
 
+def test_kernel_sequence_gives_each_launch_of_a_step_its_own_row():
+    """profile_step.kernel_sequence: two steps of launches a, b, a (the same name twice: a layer's GEMMs)
+    -> one row per launch in order, own and idle averaged over the steps as kernel_timeline counts them;
+    steps whose launches differ are an error, not a silent mix."""
+    profile_step = import_benchmark("profile_step")
+    kernels = [("a", 0.0, 10.0), ("b", 8.0, 20.0), ("a", 20.0, 24.0),
+               ("a", 30.0, 40.0), ("b", 40.0, 46.0), ("a", 50.0, 52.0)]
+    assert profile_step.kernel_sequence(kernels, 2) == [["a", 10.0, 3.0], ["b", 8.0, 0.0], ["a", 3.0, 2.0]]
+    with pytest.raises(ValueError, match="not 4 steps"):
+        profile_step.kernel_sequence(kernels, 4)
+    with pytest.raises(ValueError, match="launch 1 of a step is b in the first step, c in another"):
+        profile_step.kernel_sequence(kernels[:4] + [("c", 40.0, 46.0)] + kernels[5:], 2)
+
+
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
     result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
