@@ -11,10 +11,11 @@
 Weights keep nn.Linear's layout, [P, N, K] with K contiguous, so the model's parameters can be views of
 the packed group tensors. The input norm is applied in the prologue: x * norm weight is formed as x is
 loaded (weights are used as stored, no folding) and the row's 1/rms, which commutes with the matmul,
-scales the fp32 accumulator at the end. In decode tiles (BLOCK_M = 16) the sums of squares come from the
-tensor cores: each K tile adds x x^T into a [16, 16] fp32 accumulator whose diagonal they are (LLaMA-7B
-decode QKV on an H100: 37.6 us, against 39.6 with a second pass over x, which larger tiles keep: an
-x x^T tile of 128 x 128 would double a prefill tile's MMA work). Accumulation is fp32.
+scales the fp32 accumulator at the end. In tiles of up to 32 rows the sums of squares come from the
+tensor cores: each K tile adds x x^T into a [BLOCK_M, BLOCK_M] fp32 accumulator whose diagonal they are
+(LLaMA-7B decode QKV on an H100: 37.6 us, against 39.6 with a second pass over x; at 32 rows part of
+54.7 -> 41.2 us, see TUNED_BATCH). Larger tiles keep the second pass: an x x^T tile of 128 x 128 would
+double a prefill tile's MMA work. Accumulation is fp32.
 
 Decode (M <= 16) is a weight-streaming problem: small BLOCK_N gives enough programs to keep every SM's
 loads in flight. For the down projection of a group in decode, each layer's partial product is computed
@@ -36,6 +37,26 @@ from ._common import (autotune_disk_cache, autotuning, cdiv, check_runnable, che
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
+# The autotuner's candidates, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), by row class (row_class).
+# M <= 16 (decode): weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load.
+TUNED_DECODE = [(16, 16, 512, 4, 3), (16, 16, 1024, 4, 2), (16, 16, 256, 2, 6), (16, 32, 256, 4, 4),
+                (16, 32, 512, 4, 3), (16, 32, 128, 4, 6), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5),
+                (16, 128, 128, 8, 4)]
+# 17-64 rows (decode of a batch of 17-64 sequences): still weight streaming, in 32-row tiles. LLaMA-7B at
+# 32 rows on an H100, us, the prefill candidates alone against these with the x x^T norm (BLOCK_M <= 32):
+# QKV 54.7 -> 41.2, o_proj 16.6 -> 9.8, gate/up 90.5 -> 70.6, down 44.5 -> 36.9; batch-32 decode
+# 9.275 -> 8.552 ms/token, SmolLM2's 1.233 -> 1.107 (benchmarks/results/batch_gemm_h100_99fa760.json).
+TUNED_BATCH = [(32, 32, 256, 4, 4), (32, 64, 256, 4, 3), (32, 128, 128, 4, 4)]
+# more rows (and 17-64 too): prompts
+TUNED_PREFILL = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                 (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (32, 64, 128, 4, 4)]
+_BATCH_TILES = {c[:3] for c in TUNED_BATCH}
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
 def _configs():
     if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast; one per row class
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
@@ -43,17 +64,7 @@ def _configs():
     if not autotuning():  # one config per row class: tests compile fewer kernels
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
                 triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)]
-    decode = [  # M <= 16: weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(16, 512, 4, 3), (16, 1024, 4, 2), (16, 256, 2, 6), (32, 256, 4, 4),
-                             (32, 512, 4, 3), (32, 128, 4, 6), (64, 256, 4, 4), (64, 128, 4, 5),
-                             (128, 128, 8, 4)]]
-    prefill = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-                                 (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-                                 (32, 64, 128, 4, 4)]]
-    return decode + prefill
+    return [_config(*c) for c in TUNED_DECODE + TUNED_PREFILL + TUNED_BATCH]
 
 
 def row_class(M: int) -> int:
@@ -66,8 +77,13 @@ def row_class(M: int) -> int:
 
 
 def _prune(configs, named_args, **kwargs):
-    small = named_args["M_CLASS"] == 0
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
+    """The candidates of a launch's row class: 16-row tiles for class 0, larger ones for the others, of which
+    TUNED_BATCH's only for class 1 (timing them for long prompts would only lengthen the first run)."""
+    m_class = named_args["M_CLASS"]
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (m_class == 0)]
+    if m_class >= 2:
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in _BATCH_TILES]
+    return kept or configs
 
 
 @triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
@@ -97,8 +113,8 @@ def _group_gemm_kernel(
         p_hi = p_lo + 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # NORM, decode tiles: x x^T, whose diagonal is each row's sum of squares; larger tiles: a second pass
-    SQ_MMA: tl.constexpr = BLOCK_M <= 16
+    # NORM, tiles of up to 32 rows: x x^T, whose diagonal is each row's sum of squares; larger: a second pass
+    SQ_MMA: tl.constexpr = BLOCK_M <= 32
     if SQ_MMA:
         sq = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     else:

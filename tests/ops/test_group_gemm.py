@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import cqil_kernels.ops.group_gemm as G
 from cqil_kernels.ops.group_gemm import group_down_sum, group_linear, group_swiglu, silu_mul, sum_parts
 from cqil_kernels.reference.group_gemm import (group_down_sum_ref, group_linear_ref, group_swiglu_ref, silu_mul_ref,
                                                sum_parts_ref)
@@ -59,6 +60,34 @@ def test_group_swiglu(dtype, M, K, N, P, bias, norm):
     exact = group_swiglu_ref(x.double(), wg.double(), wu.double(), norm_weight=d(nw), eps=1e-5, bias_gate=d(bg),
                              bias_up=d(bu))
     assert_kernel_close(out, twin, exact, terms=K)
+
+
+@pytest.mark.parametrize("config", G.TUNED_DECODE + G.TUNED_BATCH + G.TUNED_PREFILL,
+                         ids=lambda c: "bm{}-bn{}-bk{}-w{}-s{}".format(*c))
+def test_every_config_the_autotuner_may_choose(monkeypatch, config):
+    """Each of the GPU autotuner's candidates, forced (the tests' fixed configs and the interpreter's are
+    others), against the reference and float64: the QKV form (the input norm's sums of squares from x x^T in
+    tiles of up to 32 rows, a second pass over x in larger ones) and gate/up with the norm, on rows of the
+    config's row class that leave its last tile part-empty, and sizes no multiple of the tile."""
+    bm, bn, bk, warps, stages = config
+    chosen = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    class Always(dict):  # group_gemm._CHOSEN: every key's choice is this config
+        def get(self, key, default=None):
+            return chosen
+    monkeypatch.setattr(G, "_CHOSEN", Always())
+    M = {16: 5, 32: 29}.get(bm, 70)
+    K, N, dtype = 2 * bk + 40, 2 * bn + 3, torch.bfloat16  # every loop runs 3 tiles, the last part-empty
+    torch.manual_seed(bm * bn + bk)
+    x = _rand(2, M, K, dtype=dtype, scale=2.0)
+    w, wu = _rand(2, N, K, dtype=dtype, scale=K ** -0.5), _rand(2, N, K, dtype=dtype, scale=K ** -0.5)
+    nw = _rand(2, K, dtype=dtype) + 1
+    out = group_linear(x, w, norm_weight=nw, eps=1e-5, out=poisoned((2, M, N), dtype, DEVICE))
+    exact = group_linear_ref(x.double(), w.double(), norm_weight=nw.double(), eps=1e-5)
+    assert_kernel_close(out, group_linear_ref(x, w, norm_weight=nw, eps=1e-5), exact, terms=K)
+    out = group_swiglu(x, w, wu, norm_weight=nw, eps=1e-5, out=poisoned((2, M, N), dtype, DEVICE))
+    exact = group_swiglu_ref(x.double(), w.double(), wu.double(), norm_weight=nw.double(), eps=1e-5)
+    assert_kernel_close(out, group_swiglu_ref(x, w, wu, norm_weight=nw, eps=1e-5), exact, terms=K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
