@@ -38,31 +38,62 @@ def host_profile(call, times: int) -> tuple[float, cProfile.Profile]:
     return 1e3 * statistics.median(walls), profiler
 
 
-def kernel_timeline(kernels) -> list[list]:
-    """kernels: (name, start us, end us) of every device activity, in any order -> per name [name, count,
-    mean us, mean own us, mean idle us before it], by total own time. Own: the part of a kernel after every
-    earlier activity has ended (with programmatic dependent launch a kernel starts, and waits, while the one
-    before it finishes: its duration counts that wait, its own time does not); idle: the device doing nothing
-    between the end of everything before and its start. Own and idle times add up to the whole span."""
-    stats: dict[str, list] = {}
+def _own_and_idle(kernels):
+    """kernels: (name, start us, end us) of device activities, in any order -> (name, duration, own, idle) of
+    each in start order. Own: the part of a kernel after every earlier activity has ended (with programmatic
+    dependent launch a kernel starts, and waits, while the one before it finishes: its duration counts that
+    wait, its own time does not); idle: the device doing nothing between the end of everything before and its
+    start. Own and idle times add up to the whole span."""
     end_so_far = None
     for name, start, end in sorted(kernels, key=lambda k: k[1]):
         begin = start if end_so_far is None else max(start, end_so_far)
         idle = 0.0 if end_so_far is None else max(0.0, start - end_so_far)
+        yield name, end - start, max(0.0, end - begin), idle
+        end_so_far = end if end_so_far is None else max(end_so_far, end)
+
+
+def kernel_timeline(kernels) -> list[list]:
+    """kernels: (name, start us, end us) of every device activity, in any order -> per name [name, count,
+    mean us, mean own us, mean idle us before it] (_own_and_idle), by total own time."""
+    stats: dict[str, list] = {}
+    for name, duration, own, idle in _own_and_idle(kernels):
         entry = stats.setdefault(name, [0, 0.0, 0.0, 0.0])
         entry[0] += 1
-        entry[1] += end - start
-        entry[2] += max(0.0, end - begin)
+        entry[1] += duration
+        entry[2] += own
         entry[3] += idle
-        end_so_far = end if end_so_far is None else max(end_so_far, end)
     return [[name, n, total / n, own / n, idle / n]
             for name, (n, total, own, idle) in sorted(stats.items(), key=lambda item: -item[1][2])]
 
 
+def kernel_sequence(kernels, steps: int) -> list[list]:
+    """kernels: (name, start us, end us) of every device activity of `steps` steps that each launch the same
+    kernels in the same order -> per launch of a step, in order: [name, mean own us, mean idle us before it]
+    (_own_and_idle). ValueError where the steps' launches differ."""
+    if not steps or len(kernels) % steps:
+        raise ValueError(f"{len(kernels)} device activities are not {steps} steps of one launch sequence")
+    per_step = len(kernels) // steps
+    rows = []
+    for i, (name, _, own, idle) in enumerate(_own_and_idle(kernels)):
+        if i < per_step:
+            rows.append([name, 0.0, 0.0])
+        row = rows[i % per_step]
+        if row[0] != name:
+            raise ValueError(f"launch {i % per_step} of a step is {row[0]} in the first step, {name} in another")
+        row[1] += own / steps
+        row[2] += idle / steps
+    return rows
+
+
+def _device_kernels(prof) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of a torch.profiler profile's device activities."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def print_timeline(prof, steps: int, layers: int) -> None:
     """kernel_timeline of a profile's device activities, per step and per layer step."""
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _device_kernels(prof)
     rows = kernel_timeline(kernels)
     print(f"== their timeline ({len(kernels)} device activities; us; own: past every earlier activity's end, idle: "
           f"the device idle before it):")
@@ -74,32 +105,9 @@ def print_timeline(prof, steps: int, layers: int) -> None:
     print(f"  per step: {own:.1f} us own + {idle:.1f} us idle; per layer step: {(own + idle) / layers:.2f} us")
 
 
-def kernel_sequence(kernels, steps: int) -> list[list]:
-    """kernels: (name, start us, end us) of every device activity of `steps` steps that each launch the same
-    kernels in the same order -> per launch of a step, in order: [name, mean own us, mean idle us before it]
-    (own and idle as kernel_timeline's). ValueError where the steps' launches differ."""
-    order = sorted(kernels, key=lambda k: k[1])
-    if not steps or len(order) % steps:
-        raise ValueError(f"{len(order)} device activities are not {steps} steps of one launch sequence")
-    per_step = len(order) // steps
-    rows = [[order[i][0], 0.0, 0.0] for i in range(per_step)]
-    end_so_far = None
-    for i, (name, start, end) in enumerate(order):
-        row = rows[i % per_step]
-        if row[0] != name:
-            raise ValueError(f"launch {i % per_step} of a step is {row[0]} in the first step, {name} in another")
-        begin = start if end_so_far is None else max(start, end_so_far)
-        row[1] += max(0.0, end - begin) / steps
-        row[2] += (0.0 if end_so_far is None else max(0.0, start - end_so_far)) / steps
-        end_so_far = end if end_so_far is None else max(end_so_far, end)
-    return rows
-
-
 def print_sequence(prof, steps: int, first: int) -> None:
     """The first `first` launches of a step in order (kernel_sequence), then the step's last five."""
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
-    rows = kernel_sequence(kernels, steps)
+    rows = kernel_sequence(_device_kernels(prof), steps)
     print(f"== a step's launches in order ({len(rows)} a step; mean us over {steps} steps):")
     print(f"  {'#':>4} {'kernel':60s} {'own':>8} {'idle':>8}")
     for i, (name, own, idle) in enumerate(rows):
