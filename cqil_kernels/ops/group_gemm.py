@@ -59,11 +59,9 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 def _configs():
     if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast; one per row class
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4),
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+        return [_config(16, 32, 64, 4, 3), _config(32, 32, 64, 4, 3)]  # (stages: Triton's default, unused there)
     if not autotuning():  # one config per row class: tests compile fewer kernels
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3)]
+        return [_config(16, 32, 128, 4, 3), _config(64, 64, 64, 4, 3)]
     return [_config(*c) for c in TUNED_DECODE + TUNED_PREFILL + TUNED_BATCH]
 
 
