@@ -86,7 +86,8 @@ def main(argv=None) -> None:
                   variants={name: dict(settings=env, median_ms=statistics.median(runs[name]), runs=runs[name])
                             for name, env in a.variant},
                   # the table ab_trees.py merges when it runs this script with two builds
-                  title=f"Decode ms/token, {a.shape}, groups {groups}, batch {a.batch}", columns=["variant", "decode ms/token"],
+                  title=f"Decode ms/token, {a.shape}, groups {groups}, batch {a.batch}",
+                  columns=["variant", "decode ms/token"],
                   rows=[[name, float(statistics.median(runs[name]))] for name, _ in a.variant])
     print(json.dumps(record, indent=1))
     if a.out:
