@@ -19,7 +19,10 @@ host us to return, wall us from idle), so that the forward's time before its rep
 wall - device less the replay's; and for the longest prompt, the host and wall time of each part of a
 generate call, alone (the signature check with and without the bindings' scan, the input and argument
 checks, the kept slot, the bucket's input copy, the argmax), and of generate(ids, 1) queued and with its
-token on the host.
+token on the host; and the prompt into a new cache as `cqil bench` times its prefill, whole and by part
+(new_cache_parts: where its wall time above the device's goes); and each prompt graph's replay in
+five load regimes, with the clock and power NVML saw (replay_regimes: a compute-bound step's device time
+depends on what ran before it).
 """
 
 from __future__ import annotations
@@ -62,6 +65,70 @@ def replay_times(graph: torch.cuda.CUDAGraph, repeats: int, before=None) -> dict
 
     host, wall = from_idle_us(graph.replay, repeats, before)
     return {"replay_host_us": host, "wall_us": wall, "device_us": device_ms(graph.replay, repeats, before) * 1e3}
+
+
+def _clock_and_power() -> tuple[int | None, float | None]:
+    """(SM MHz, board W) as NVML last sampled them (over the past 1/6 to 1 s), or Nones where NVML cannot
+    be read (no pynvml)."""
+    try:
+        return torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3
+    except Exception:  # torch raises ModuleNotFoundError without pynvml, NVML's own errors otherwise
+        return None, None
+
+
+def replay_regimes(graph: torch.cuda.CUDAGraph, repeats: int, before=None) -> list[list]:
+    """[regime, median us per replay, SM MHz, W] of one graph's replay in four load regimes: the GPU's clock
+    under a long compute-bound step depends on what ran before (power and heat), so a device time taken in one
+    regime and a wall time in another need not compare. Regimes: replays queued back to back (events between
+    each: the device never idles); from idle, the host synchronising between them (the wall time of
+    replay_times); after 0.3 s of host sleep (the GPU idle); behind a 0.2 s GPU sleep (bench.device_ms, the
+    device time of replay_times) and behind a 20 ms one. before(): as replay_times (a bound cache's clear: in
+    the back-to-back regime it is queued between the replays, outside the timed intervals)."""
+    from cqil_kernels.bench import SLEEP_CYCLES
+
+    def timed(prelude) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        prelude()
+        if before is not None:
+            before()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+
+    rows = []
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        if before is not None:
+            before()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    rows.append(["queued back to back", statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)])
+    for name, prelude in (("from idle, synchronised between", torch.cuda.synchronize),
+                          ("after 0.3 s of host sleep", lambda: (torch.cuda.synchronize(), time.sleep(0.3))),
+                          ("behind a 0.2 s GPU sleep", lambda: torch.cuda._sleep(SLEEP_CYCLES)),
+                          ("behind a 20 ms GPU sleep", lambda: torch.cuda._sleep(SLEEP_CYCLES // 10))):
+        times = [timed(prelude) for _ in range(repeats)]
+        rows.append([name, statistics.median(times)])
+    # the clock and power of each regime: its replays again for ~1 s, then NVML's sample
+    for row, (name, prelude) in zip(rows, (("queued back to back", lambda: None),
+                                           ("from idle", torch.cuda.synchronize),
+                                           ("host sleep", lambda: (torch.cuda.synchronize(), time.sleep(0.3))),
+                                           ("0.2 s", lambda: torch.cuda._sleep(SLEEP_CYCLES)),
+                                           ("20 ms", lambda: torch.cuda._sleep(SLEEP_CYCLES // 10)))):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            prelude()
+            if before is not None:
+                before()
+            graph.replay()
+        torch.cuda.synchronize()
+        row.extend(_clock_and_power())
+    return [[name, round(us, 1), mhz, None if w is None else round(w)] for name, us, mhz, w in rows]
 
 
 def replay_row(name: str, t: dict[str, float], nodes: int | None = None, forward: dict | None = None) -> list:
@@ -164,6 +231,40 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     return [[name, *(round(t, 1) for t in from_idle_us(fn, repeats))] for name, fn in parts]
 
 
+def new_cache_parts(model, ids: torch.Tensor, repeats: int) -> list[list]:
+    """[part, median host us, median wall us, median device us] of a prompt forward into a new cache, as
+    `cqil bench` times its prefill (new_cache + model(ids, cache=...): the prompt's bucket runs into its own
+    scratch, whose positions copy_prompt then hands over, and the logits of every position are cloned out of
+    the graph's pool), and of its parts alone: new_cache; the scratch bucket's replay; copy_prompt; the
+    logits' clone (device: queued behind a GPU sleep; None where the part is host work only)."""
+    from cqil_kernels.bench import device_ms
+
+    B, T = ids.shape
+    # cqil bench's cache: the prompt, 64 new tokens and 2 more (within the model's positions)
+    length = min(T + 66, model.args.max_position_embeddings)
+
+    def bench_form():
+        model(ids, cache=model.new_cache(B, length))
+
+    for _ in range(3):  # eager, capture, replay
+        bench_form()
+    buckets = [b for b in model.accelerator.graphs.buckets.values() if b.graph is not None and b.target is None]
+    if len(buckets) != 1:
+        raise SystemExit(f"expected one scratch bucket for {T} tokens, found {len(buckets)}")
+    entry = buckets[0]
+    full = model.new_cache(B, length)
+    logits = entry.replay_or_run(lambda: None)  # a replay: the graph's output (the padded step's logits)
+    rows = [["forward into a new cache (bench's prefill)", *from_idle_us(bench_form, repeats), None],
+            ["new_cache", *from_idle_us(lambda: model.new_cache(B, length), repeats), None],
+            ["the scratch bucket's replay", *from_idle_us(entry.graph.replay, repeats),
+             device_ms(entry.graph.replay, repeats) * 1e3],
+            ["copy_prompt", *from_idle_us(lambda: full.copy_prompt(entry.scratch, T), repeats, before=full.clear),
+             device_ms(lambda: full.copy_prompt(entry.scratch, T), repeats, before=full.clear) * 1e3],
+            ["the logits' clone", *from_idle_us(lambda: logits[:, :T].clone(), repeats),
+             device_ms(lambda: logits[:, :T].clone(), repeats) * 1e3]]
+    return [[name, *(None if t is None else round(t, 1) for t in times)] for name, *times in rows]
+
+
 def main(argv=None) -> None:
     from cqil_kernels.bench import _commit, _warm_up_gpu, random_model, write_record
 
@@ -180,7 +281,7 @@ def main(argv=None) -> None:
         raise SystemExit("nodes, rows and repeats must be >= 1")
     device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 2.0)
-    rows = []
+    rows, regimes = [], {}
     for kind in CHAINS:
         for n in a.nodes or [16, 256, 1024]:
             graph = chain_graph(kind, n)
@@ -191,7 +292,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         for T in a.rows or [64, 512]:
             ids = torch.randint(0, model.args.vocab_size, (1, T), device=device)
-            cache = model.new_cache(1, 2 * T)
+            cache = model.new_cache(1, min(2 * T, model.args.max_position_embeddings))
             cache.long_lived = True  # as generate's kept cache: the prompt's bucket binds to it
             for _ in range(3):  # eager, capture, replay
                 cache.clear()
@@ -204,10 +305,16 @@ def main(argv=None) -> None:
                                    replay_times(buckets[0].graph, a.repeats, before=cache.clear),
                                    forward=forward_times(model, ids, cache, a.repeats)))
             print(rows[-1], flush=True)
+            regimes[T] = replay_regimes(buckets[0].graph, a.repeats, before=cache.clear)
+            for name, us, mhz, watts in regimes[T]:
+                print(f"  {name:40s} {us:10.1f} us per replay   SM {mhz} MHz   {watts} W", flush=True)
             if T == max(a.rows or [64, 512]):
                 parts = host_parts(model, ids, buckets[0], a.repeats)
                 for part in parts:
                     print(f"  {part[0]:55s} host {part[1]:8.1f} us  wall {part[2]:8.1f} us", flush=True)
+                fresh = new_cache_parts(model, ids, a.repeats)
+                for name, host, wall, dev in fresh:
+                    print(f"  {name:55s} host {host:8.1f} us  wall {wall:8.1f} us  device {dev} us", flush=True)
         rows.append(decode_row(model, a.shape, a.repeats))
         print(rows[-1], flush=True)
     columns = ["graph", "kernels (synthetic)", "replay host us", "replay wall us", "replay device us",
@@ -222,7 +329,17 @@ def main(argv=None) -> None:
                      host_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens: median host us "
                                           "of each part alone, the GPU idle before each (host: to return; "
                                           "wall: CUDA events around it)", columns=["part", "host us", "wall us"],
-                                     rows=parts))
+                                     rows=parts),
+                     new_cache_parts=dict(what=f"{a.shape}, a prompt of {max(a.rows or [64, 512])} tokens into a new "
+                                               "cache of 66 positions more, as cqil bench's prefill: median host, "
+                                               "wall (from idle) and device us (queued behind a GPU sleep) of the "
+                                               "forward and of each part alone (new_cache_parts)",
+                                          columns=["part", "host us", "wall us", "device us"], rows=fresh),
+                     regimes=dict(what="each model prompt graph's replay in five load regimes (replay_regimes): "
+                                       "median us per replay, then the SM clock and board power NVML sampled after "
+                                       "~1 s more of the same regime", columns=["regime", "us per replay", "SM MHz",
+                                                                               "W"],
+                                  rows={str(T): r for T, r in regimes.items()}))
 
 
 if __name__ == "__main__":
