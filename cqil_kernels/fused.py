@@ -250,8 +250,9 @@ class TritonBackend:
     prefill_graphs those of prompts alone (decode steps replay a graph while cuda_graphs is on);
     prefill_graph_limit bounds the prompt buckets kept (graphs.MAX_GRAPHS = 64 by default, every bucket of
     one batch size: a server whose prompts fall in more buckets than it keeps runs their first two prompts
-    eagerly again and again; each bucket holds its graph's memory, and a plain forward's a KV scratch of its
-    length: lower it where memory is tight)."""
+    eagerly again and again; each bucket holds its graph's memory, and the plain forwards' buckets of a batch
+    size share a KV scratch as long as their longest, rounded up to a power of two: lower it where memory is
+    tight)."""
 
     name = "triton"
 

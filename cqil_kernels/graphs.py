@@ -11,10 +11,18 @@ Prefill graphs, as serving engines do it:
   causal attention never lets a real token see them; its rows are marked invalid, so the cache's
   bookkeeping counts only the T real tokens. The logits are taken at the true length (their rows picked
   on the device from the length copied in before the replay).
-* Into an empty cache (generate's prompt, a `model(ids)` forward) the prompt runs into a KV cache of the
-  graph's own (the scratch, bucket positions long), whose first T positions of every layer are then
+* Into an empty cache (a `model(ids)` forward, a prompt into a new cache of the caller's) the prompt runs
+  into a KV cache of the graphs' own (the scratch), whose first T positions of every layer are then
   copied into the caller's cache (KVCache.copy_prompt): such a graph serves every later prompt of its
-  bucket, whatever cache it goes to. Its bucket must fit the model's max_position_embeddings.
+  bucket, whatever cache it goes to. Its bucket must fit the model's max_position_embeddings. The buckets
+  of one batch size share one scratch (prompts run one at a time on the stream), as long as a power of two
+  that holds the longest of them (at least SCRATCH_MIN positions, at most the model's positions). A scratch
+  per bucket, as before, held keys and values for the sum of the buckets' lengths: by the layout's
+  arithmetic 26.5 GB for LLaMA-7B's 52 buckets up to 4096, against 2.1 GB for the shared one (at most
+  twice the longest bucket's). A bucket longer than
+  the scratch makes a new one of twice the length or more, and the buckets captured into the old one
+  are dropped (their next prompts run eagerly, then are captured again): at most log2(MAX_BUCKET /
+  SCRATCH_MIN) = 6 times while a batch size keeps its scratch.
 * After a cached prefix (a conversation's next turn, generate's second and later chunks of a long prompt)
   the prompt runs straight into the caller's cache, whose position the step reads on the device, so one
   graph serves every prefix length; the padding's slots are given back after the step (the cache's
@@ -57,13 +65,17 @@ from .generation import check_inputs
 # eagerly, where the device time of each part dwarfs the host's launch time.
 MAX_BUCKET = 4096
 
-# Prompt buckets kept per model (each holds a memory pool of its own, and a KV scratch of its bucket unless it
-# is bound to a cache): 64, more than the 52 buckets up to MAX_BUCKET, so one batch size's prompts of any
-# length keep their graphs. With 8, a mix of prompt lengths thrashed: SmolLM2 on the H200 at 02f60b6
-# (benchmarks/prompt_mix.py, 200 prompts over 42 buckets) took 24.9 ms to the first token at the median
-# against 1.9 ms with 64, every evicted bucket's next prompts running eagerly and being captured again;
-# the 40 graphs more held 464 MiB more (benchmarks/results/prompt_mix_smollm2_h200_02f60b6.json).
+# Prompt buckets kept per model (each holds a memory pool of its own): 64, more than the 52 buckets up to
+# MAX_BUCKET, so one batch size's prompts of any length keep their graphs. With 8, a mix of prompt lengths
+# thrashed: SmolLM2 on the H200 at 02f60b6 (benchmarks/prompt_mix.py, 200 prompts over 42 buckets) took
+# 24.9 ms to the first token at the median against 1.9 ms with 64, every evicted bucket's next prompts
+# running eagerly and being captured again; the 40 graphs more held 464 MiB more
+# (benchmarks/results/prompt_mix_smollm2_h200_02f60b6.json).
 MAX_GRAPHS = 64
+
+# The shortest scratch (the buckets' shared KV cache for prompts into an empty cache): the four buckets up to
+# 64 tokens share it from the first prompt on, with no scratch made anew as they come.
+SCRATCH_MIN = 64
 
 # generate's KV caches kept per model with their decode graphs (DecodeSlots): one, so that what a call keeps
 # is never more than it used, and a call that needs a new cache frees the kept one first.
@@ -194,11 +206,12 @@ class GraphDecoder(_CapturedLazily):
 
 
 class _Bucket(_CapturedLazily):
-    """A [batch, length] padded prompt forward: its input buffers, where it runs (a KV scratch of its own,
-    or the cache it is bound to, held weakly) and once captured its graph. keep: the logits of
-    the last `keep` real positions of each row (0: of every position)."""
+    """A [batch, length] padded prompt forward: its input buffers, where it runs (the scratch its batch size's
+    buckets share, or the cache it is bound to, held weakly) and once captured its graph. keep: the logits of
+    the last `keep` real positions of each row (0: of every position). scratch: a cache of at least `length`
+    positions, where cache is None (made here when not given)."""
 
-    def __init__(self, model, batch: int, length: int, keep: int, cache=None):
+    def __init__(self, model, batch: int, length: int, keep: int, cache=None, scratch=None):
         super().__init__()
         device = model.device
         self.keep = keep
@@ -212,10 +225,12 @@ class _Bucket(_CapturedLazily):
         # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
         self.base = (torch.arange(batch, device=device)[:, None] * length
                      + torch.arange(keep, device=device)[None] - keep).view(-1)
-        # the caller's cache (a prompt after a prefix), or a scratch of the bucket's length (a rank's: the
-        # heads of its shards), whose first T positions copy_prompt hands over
+        # the caller's cache (a prompt after a prefix), or the scratch (a rank's: the heads of its shards), whose
+        # first T positions copy_prompt hands over
         self.target = weakref.ref(cache) if cache is not None else None
-        self.scratch = model.new_cache(batch, length) if cache is None else None
+        if cache is None and scratch is None:
+            scratch = model.new_cache(batch, length)
+        self.scratch = scratch if cache is None else None
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
@@ -258,6 +273,7 @@ class PrefillGraphs:
         self.capture, self.limit = capture, check_limit(limit)
         # (batch, bucket, keep, id of the cache it is bound to (binds), else None: the scratch path) -> its bucket
         self.buckets: collections.OrderedDict[tuple, _Bucket] = collections.OrderedDict()
+        self.scratches: dict[int, object] = {}  # batch -> the scratch its buckets share (KVCache)
         self.signature = None  # what the graphs were captured with (current())
         self.packed = None  # the packed weights they read, held so that their id stays theirs
 
@@ -286,6 +302,7 @@ class PrefillGraphs:
         self.limit = check_limit(limit)
         while len(self.buckets) > self.limit:
             self.buckets.popitem(last=False)
+        self._drop_idle_scratches()
 
     def captured(self) -> int:
         """The number of graphs held."""
@@ -294,6 +311,28 @@ class PrefillGraphs:
     def clear(self) -> None:
         """Drop every graph and scratch."""
         self.buckets.clear()
+        self.scratches.clear()
+
+    def _scratch_for(self, model, batch: int, length: int):
+        """The scratch of `batch` rows for a bucket of `length` positions: the batch size's shared one where it
+        is long enough; else a new one of the next power of two (at least SCRATCH_MIN, at most the model's
+        positions), the buckets captured into the old one dropped first (they wrote it: their memory goes
+        with it)."""
+        scratch = self.scratches.get(batch)
+        if scratch is not None and scratch.max_seq >= length:
+            return scratch
+        for key in [key for key in self.buckets if key[0] == batch and key[3] is None]:
+            del self.buckets[key]
+        self.scratches.pop(batch, None)  # its memory is free for the new one
+        positions = min(max(SCRATCH_MIN, 1 << (length - 1).bit_length()), model.args.max_position_embeddings)
+        self.scratches[batch] = scratch = model.new_cache(batch, max(positions, length))
+        return scratch
+
+    def _drop_idle_scratches(self) -> None:
+        """Drop the scratch of a batch size that no bucket kept uses."""
+        used = {key[0] for key in self.buckets if key[3] is None}
+        for batch in [batch for batch in self.scratches if batch not in used]:
+            del self.scratches[batch]
 
     def current(self, model) -> None:
         """Drop the graphs when what they were captured with has changed (model.graph_signature())."""
@@ -337,8 +376,12 @@ class PrefillGraphs:
             # normal tensors even when made under generate's inference_mode: a later forward outside it
             # updates them in place
             with torch.inference_mode(False):
-                entry = _Bucket(model, B, key[1], keep, cache if bound else None)
-        self.buckets[key] = entry
+                scratch = None if bound else self._scratch_for(model, B, key[1])
+                entry = _Bucket(model, B, key[1], keep, cache if bound else None, scratch)
+            self.buckets[key] = entry
+            self._drop_idle_scratches()  # a batch size whose last scratch bucket went to make room
+        else:
+            self.buckets[key] = entry
         entry.load(input_ids, valid)
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
         if deferred and model.graph_signature() != self.signature:

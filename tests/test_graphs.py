@@ -386,6 +386,33 @@ def test_bucket_edges_and_plain_forwards():
     assert list(prefill.buckets) == [(2, 32, 0, None), (2, 16, 0, None)]  # 1 token: the 16 bucket again, used last
 
 
+def test_the_buckets_of_a_batch_size_share_one_scratch():
+    """Prompts into an empty cache run in one scratch per batch size (a power of two of at least SCRATCH_MIN
+    positions, at most the model's), not one per bucket: a longer bucket makes a new one and drops the
+    buckets captured into the old one; a batch size whose buckets are all gone loses its scratch."""
+    model = _model(GROUPINGS["none"], num_hidden_layers=2)
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+    ids = torch.randint(0, model.args.vocab_size, (2, 70), device=DEVICE)
+    with torch.no_grad():
+        prefill(model, ids[:1, :5], None, None, 1)  # bucket 16
+        first = prefill.scratches[1]
+        prefill(model, ids[:1, :40], None, model.new_cache(1, 50), 1)  # bucket 48, handed over to a cache
+        prefill(model, ids[:, :5], None, None, 1)  # batch 2: a scratch of its own
+        assert first.max_seq == graphs.SCRATCH_MIN == 64 and prefill.scratches[2] is not first
+        assert all(b.scratch is prefill.scratches[key[0]] for key, b in prefill.buckets.items())
+        got = prefill(model, ids[:1], None, None, 1)  # bucket 72: a scratch of 128 positions (the model's all)
+        assert list(prefill.buckets) == [(2, 16, 1, None), (1, 72, 1, None)]  # batch 1's 16 and 48 dropped
+        assert prefill.scratches[1].max_seq == 128 and prefill.buckets[1, 72, 1, None].scratch is prefill.scratches[1]
+        torch.testing.assert_close(got, _eager(model, ids[:1], None, 1, 70)[0], rtol=1e-5, atol=1e-5)
+        got = prefill(model, ids[:1, :5], None, None, 1)  # bucket 16 again, in the long scratch
+        assert prefill.buckets[1, 16, 1, None].scratch is prefill.scratches[1]
+        torch.testing.assert_close(got, _eager(model, ids[:1, :5], None, 1, 5)[0], rtol=1e-5, atol=1e-5)
+        prefill.resize(1)  # batch 2's bucket evicted: its scratch with it
+        assert list(prefill.buckets) == [(1, 16, 1, None)] and list(prefill.scratches) == [1]
+        prefill.clear()
+        assert not prefill.scratches
+
+
 def test_the_default_limit_keeps_every_bucket_of_a_batch_size():
     """A server's prompts of one batch size, whatever their lengths, keep their graphs by default (with 8 of
     the 52 buckets kept, a mix of lengths ran its prompts eagerly again and again: prompt_mix.py)."""
