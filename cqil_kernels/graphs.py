@@ -19,10 +19,9 @@ Prefill graphs, as serving engines do it:
   that holds the longest of them (at least SCRATCH_MIN positions, at most the model's positions). A scratch
   per bucket, as before, held keys and values for the sum of the buckets' lengths: by the layout's
   arithmetic 26.5 GB for LLaMA-7B's 52 buckets up to 4096, against 2.1 GB for the shared one (at most
-  twice the longest bucket's). A bucket longer than
-  the scratch makes a new one of twice the length or more, and the buckets captured into the old one
-  are dropped (their next prompts run eagerly, then are captured again): at most log2(MAX_BUCKET /
-  SCRATCH_MIN) = 6 times while a batch size keeps its scratch.
+  twice the longest bucket's). A bucket longer than the scratch makes a new one of twice the length or
+  more, and the buckets captured into the old one are dropped (their next prompts run eagerly, then are
+  captured again): at most log2(MAX_BUCKET / SCRATCH_MIN) = 6 times while a batch size keeps its scratch.
 * After a cached prefix (a conversation's next turn, generate's second and later chunks of a long prompt)
   the prompt runs straight into the caller's cache, whose position the step reads on the device, so one
   graph serves every prefix length; the padding's slots are given back after the step (the cache's
