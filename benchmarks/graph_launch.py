@@ -76,59 +76,57 @@ def _clock_and_power() -> tuple[int | None, float | None]:
         return None, None
 
 
-def replay_regimes(graph: torch.cuda.CUDAGraph, repeats: int, before=None) -> list[list]:
-    """[regime, median us per replay, SM MHz, W] of one graph's replay in four load regimes: the GPU's clock
-    under a long compute-bound step depends on what ran before (power and heat), so a device time taken in one
-    regime and a wall time in another need not compare. Regimes: replays queued back to back (events between
-    each: the device never idles); from idle, the host synchronising between them (the wall time of
-    replay_times); after 0.3 s of host sleep (the GPU idle); behind a 0.2 s GPU sleep (bench.device_ms, the
-    device time of replay_times) and behind a 20 ms one. before(): as replay_times (a bound cache's clear: in
-    the back-to-back regime it is queued between the replays, outside the timed intervals)."""
+def replay_regimes(graph: torch.cuda.CUDAGraph, repeats: int, before=None, seconds: float = 1.0) -> list[list]:
+    """[regime, median us per replay, SM MHz, W] of one graph's replay in five load regimes: the GPU's clock
+    under a long compute-bound step depends on what ran before (power and heat), so a device time taken in
+    one regime and a wall time in another need not compare. Regimes: replays queued `repeats` at a time
+    (events between each: the device never idles); from idle, the host synchronising between them (the wall
+    time of replay_times); after 0.3 s of host sleep (the GPU idle); behind a 0.2 s GPU sleep
+    (bench.device_ms, the device time of replay_times) and behind a 20 ms one. Each regime runs at least
+    `repeats` replays and `seconds` of wall time, then NVML's last sample of the clock and power (over the past
+    1/6 to 1 s) is read. before(): as replay_times (a bound cache's clear, queued ahead of each replay, outside
+    the timed interval)."""
     from cqil_kernels.bench import SLEEP_CYCLES
 
-    def timed(prelude) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        prelude()
-        if before is not None:
-            before()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3
+    def back_to_back() -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            if before is not None:
+                before()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) * 1e3 for start, end in events]
 
-    rows = []
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    torch.cuda.synchronize()
-    for start, end in events:
-        if before is not None:
-            before()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    rows.append(["queued back to back", statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)])
-    for name, prelude in (("from idle, synchronised between", torch.cuda.synchronize),
-                          ("after 0.3 s of host sleep", lambda: (torch.cuda.synchronize(), time.sleep(0.3))),
-                          ("behind a 0.2 s GPU sleep", lambda: torch.cuda._sleep(SLEEP_CYCLES)),
-                          ("behind a 20 ms GPU sleep", lambda: torch.cuda._sleep(SLEEP_CYCLES // 10))):
-        times = [timed(prelude) for _ in range(repeats)]
-        rows.append([name, statistics.median(times)])
-    # the clock and power of each regime: its replays again for ~1 s, then NVML's sample
-    for row, (name, prelude) in zip(rows, (("queued back to back", lambda: None),
-                                           ("from idle", torch.cuda.synchronize),
-                                           ("host sleep", lambda: (torch.cuda.synchronize(), time.sleep(0.3))),
-                                           ("0.2 s", lambda: torch.cuda._sleep(SLEEP_CYCLES)),
-                                           ("20 ms", lambda: torch.cuda._sleep(SLEEP_CYCLES // 10)))):
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 1.0:
+    def after(prelude):
+        def one() -> list[float]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             prelude()
             if before is not None:
                 before()
+            start.record()
             graph.replay()
-        torch.cuda.synchronize()
-        row.extend(_clock_and_power())
-    return [[name, round(us, 1), mhz, None if w is None else round(w)] for name, us, mhz, w in rows]
+            end.record()
+            end.synchronize()
+            return [start.elapsed_time(end) * 1e3]
+        return one
+
+    regimes = (("queued back to back", back_to_back),
+               ("from idle, synchronised between", after(torch.cuda.synchronize)),
+               ("after 0.3 s of host sleep", after(lambda: (torch.cuda.synchronize(), time.sleep(0.3)))),
+               ("behind a 0.2 s GPU sleep", after(lambda: torch.cuda._sleep(SLEEP_CYCLES))),
+               ("behind a 20 ms GPU sleep", after(lambda: torch.cuda._sleep(SLEEP_CYCLES // 10))))
+    rows = []
+    for name, run in regimes:
+        times, t0 = [], time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - t0 < seconds:
+            times.extend(run())
+        mhz, watts = _clock_and_power()
+        rows.append([name, round(statistics.median(times), 1), mhz, None if watts is None else round(watts)])
+    return rows
 
 
 def replay_row(name: str, t: dict[str, float], nodes: int | None = None, forward: dict | None = None) -> list:

@@ -133,6 +133,46 @@ def test_kernel_sequence_gives_each_launch_of_a_step_its_own_row():
         profile_step.kernel_sequence(kernels[:4] + [("c", 40.0, 46.0)] + kernels[5:], 2)
 
 
+def test_replay_regimes_time_each_regime_a_bounded_number_of_replays(monkeypatch):
+    """graph_launch.replay_regimes (fakes for CUDA's events and sleeps: the loop's logic on the CPU): each
+    regime runs at least `repeats` replays and stops once its time is up, before() ahead of each replay, the
+    back-to-back regime in batches of `repeats` (a loop that queued replays until the host's clock ran out
+    would queue thousands of an 11 ms step a second)."""
+    graph_launch = import_benchmark("graph_launch")
+    clock, log = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+            clock[0] += 5.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append("gpu sleep"))
+    monkeypatch.setattr(graph_launch.time, "sleep", lambda s: log.append("host sleep"))
+    rows = graph_launch.replay_regimes(Graph(), 3, before=lambda: log.append("before"), seconds=0.0)
+    assert [row[0] for row in rows] == ["queued back to back", "from idle, synchronised between",
+                                       "after 0.3 s of host sleep", "behind a 0.2 s GPU sleep",
+                                       "behind a 20 ms GPU sleep"]
+    assert all(row[1] == 5000.0 for row in rows)  # us per replay
+    assert log.count("replay") == 15 and log.count("before") == 15
+    assert log.count("host sleep") == 3 and log.count("gpu sleep") == 6
+    assert log[:6] == ["before", "replay"] * 3
+
+
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
     result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
