@@ -173,6 +173,29 @@ def test_replay_regimes_time_each_regime_a_bounded_number_of_replays(monkeypatch
     assert log[:6] == ["before", "replay"] * 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_prompt_as_words_copies_what_copy_prompt_copies(dtype):
+    """graph_launch.copy_prompt_as_words (the int64-word copy it times against copy_prompt): the same keys
+    and values land in the same places of a longer cache, for caches of several runs of heads (a hybrid
+    rank's layout) and a prompt shorter than the source."""
+    from cqil_kernels.config import LlamaArgs
+    from cqil_kernels.model import KVCache
+
+    graph_launch = import_benchmark("graph_launch")
+    args = LlamaArgs(vocab_size=11, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    stages, heads = [(0,), (1, 2), (3,)], [2, 1, 2]
+    src = KVCache(args, stages, 2, 20, torch.device("cpu"), dtype, kv_heads=heads)
+    src._kv.copy_(torch.randn(src._kv.shape))
+    expected = KVCache(args, stages, 2, 33, torch.device("cpu"), dtype, kv_heads=heads)
+    got = KVCache(args, stages, 2, 33, torch.device("cpu"), dtype, kv_heads=heads)
+    expected._kv.zero_()
+    got._kv.zero_()
+    expected.copy_prompt(src, 13)
+    graph_launch.copy_prompt_as_words(got, src, 13)
+    assert len(got._run_kv) == 3 and torch.equal(got._kv, expected._kv)
+
+
 def test_plot_redraws_a_saved_record(tmp_path):
     pytest.importorskip("matplotlib")
     result = dict(prefill_ms=20.0, decode_ms_per_token=1.0, decode_gbps=300.0, decode_pct_of_copy=10.0)
