@@ -217,6 +217,28 @@ def test_a_rank_failing_mid_stream_raises_in_the_driver(checkpoint, rank, how):
         model(ids)
 
 
+def test_the_steps_a_rank_sent_before_failing_reach_the_driver_with_its_error(checkpoint):
+    """Rank 0 sends a stream's steps 0-2 and then raises; the driver reads them only after rank 0 has exited.
+    They arrive whole and the error raised is rank 0's own (step tokens sent as torch tensors went through
+    shared memory whose file descriptor the reader fetches from the sender: gone with it, the read failed,
+    and the driver said the rank had died, its steps and its error lost; CI saw this once at d3ea350)."""
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch")
+    procs = list(model._procs)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
+                                                         None), _test_fault=(0, 3, "raise")))
+    got = [next(steps)]
+    procs[0].join(timeout=60)  # it has sent steps 1 and 2 and its error, and exited
+    assert procs[0].exitcode == 1
+    with pytest.raises(RankError, match="injected fault") as info:
+        for tokens in steps:
+            got.append(tokens)
+    assert info.value.rank == 0
+    assert len(got) == 3 and all(t.shape == (1,) and t.dtype == torch.long for t in got)
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_an_interrupted_call_closes_the_model(checkpoint, monkeypatch):
     """Ctrl-C while the ranks work: their state is unknown, so the model closes (no stale replies later)."""
     from cqil_kernels.parallel import driver

@@ -345,7 +345,7 @@ class ParallelCQILLlama:
                 except StopIteration:
                     finished = True
                     return
-                yield tokens
+                yield torch.tensor(tokens, dtype=torch.long)  # [B]: rank 0 sends each step's as a list
         except GeneratorExit:
             raise
         except BaseException:
@@ -653,7 +653,10 @@ def _stream(model, payload: dict, rank: int, conn) -> None:
                 raise RuntimeError("injected fault")
             os._exit(3)
         if rank == 0:
-            conn.send(("step", tokens))
+            # plain ints, not a tensor: a CPU tensor goes through shared memory whose file descriptor the driver
+            # fetches from this process as it reads the message, which fails once this process has exited (a
+            # later step's error): the steps sent before it, and the error itself, would be lost
+            conn.send(("step", tokens.tolist()))
         steps.append(tokens)
     model.check_same_tokens(torch.stack(steps, 1))
     return None
