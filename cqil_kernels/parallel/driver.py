@@ -473,6 +473,10 @@ class ParallelCQILLlama:
                         if command == "start" and isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
                             self._shutdown_all()
                             raise type(exc)(f"rank {rank}: {exc}") from None
+                        cause = self._peer_failure(rank)
+                        if cause is not None:  # this rank's collective lost its peer: the peer's failure is the cause
+                            peer, what = cause
+                            self._fail(f"{what}\n(then rank {rank} raised {type(exc).__name__}: {exc})", peer)
                         self._fail(f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}", rank)
                     if status == "refused":
                         refused.append((rank, value))
@@ -484,6 +488,46 @@ class ParallelCQILLlama:
                         continue
                     self._fail(self._death(rank), rank)
         return results, refused
+
+    def _peer_failure(self, rank: int, grace_s: float = 0.5) -> tuple[int, str] | None:
+        """(peer, what to report) when a rank other than `rank`, whose error has just come, failed first: one that
+        had already exited, with its own error in its pipe (read here) or with nothing (crashed or killed), or one
+        that exits within grace_s with nothing in its pipe. A collective that loses its peer raises in the
+        surviving rank, and which of the two reaches the driver first is a race; the peer's failure is the cause
+        to report. A peer that exits within grace_s after sending an error failed after this one: not taken."""
+        others = {self._procs[r].sentinel: r for r in range(self.world) if r != rank}
+        for sentinel in wait(list(others), timeout=0):  # exited before this rank's error was read
+            peer = others.pop(sentinel)
+            last = self._last_words(peer)
+            if last is not None:
+                return peer, last[1]
+        deadline = time.monotonic() + grace_s
+        while others:
+            ready = wait(list(others), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            for sentinel in ready:
+                peer = others.pop(sentinel)
+                last = self._last_words(peer)
+                if last is not None and last[0] == "died":
+                    return peer, last[1]
+        return None
+
+    def _last_words(self, rank: int) -> tuple[str, str] | None:
+        """What an exited rank left, as (how, what to report): ("raised", its error) where its pipe holds its
+        error, ("died", its death) where it holds nothing (or what cannot be read), None where it holds another
+        message (a reply or a step, sent before it failed; dropped)."""
+        conn = self._conns[rank]
+        try:
+            if not conn.poll():
+                return "died", self._death(rank)
+            status, value = conn.recv()
+        except Exception:  # noqa: BLE001 - EOF (nothing left), or a message whose memory went with the process
+            return "died", self._death(rank)
+        if status == "error":
+            exc, text = value
+            return "raised", f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}"
+        return None
 
     def _death(self, rank: int) -> str:
         proc = self._procs[rank]
