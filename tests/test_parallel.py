@@ -247,25 +247,30 @@ def test_a_rank_failing_mid_stream_raises_in_the_driver(checkpoint, rank, how):
         model(ids)
 
 
-def test_the_steps_a_rank_sent_before_failing_reach_the_driver_with_its_error(checkpoint):
-    """Rank 0 sends a stream's steps 0-2 and then raises; the driver reads them only after rank 0 has exited.
-    They arrive whole and the error raised is rank 0's own (step tokens sent as torch tensors went through
-    shared memory whose file descriptor the reader fetches from the sender: gone with it, the read failed,
-    and the driver said the rank had died, its steps and its error lost; CI saw this once at d3ea350)."""
+@pytest.mark.parametrize("rank, how, exitcode, sent", [(0, "raise", 1, 3), (1, "die", 3, 4)])
+def test_the_steps_sent_before_a_rank_fails_reach_the_driver_with_its_error(checkpoint, rank, how, exitcode, sent):
+    """A rank fails as its stream reaches step 3: rank 0 raising there has sent steps 0-2, rank 1 dying there
+    lets rank 0 send step 3 too (made with rank 1) before its next collective fails. The driver reads them only
+    after the failed rank has exited (and rank 0, in the second case, has reported its collective's failure).
+    Every step sent arrives whole, then the error of the rank that failed. Step tokens sent as torch tensors
+    went through shared memory whose file descriptor the reader fetches from the sender: gone with it, the read
+    failed and the driver said rank 0 had died, its steps and its error lost (CI, once, at d3ea350); and a
+    rank's exit, or the survivor's error, was acted on before the steps still in rank 0's pipe."""
     model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
                                       dtype=torch.float32, backend="torch")
     procs = list(model._procs)
     ids = torch.zeros(1, 3, dtype=torch.long)
     steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
-                                                         None), _test_fault=(0, 3, "raise")))
+                                                         None), _test_fault=(rank, 3, how)))
     got = [next(steps)]
-    procs[0].join(timeout=60)  # it has sent steps 1 and 2 and its error, and exited
-    assert procs[0].exitcode == 1
-    with pytest.raises(RankError, match="injected fault") as info:
+    procs[rank].join(timeout=60)  # it has failed
+    assert procs[rank].exitcode == exitcode
+    procs[0].join(timeout=60)  # rank 1's death: rank 0's collective fails, and it reports and exits
+    with pytest.raises(RankError, match="injected fault" if how == "raise" else "died with exit code 3") as info:
         for tokens in steps:
             got.append(tokens)
-    assert info.value.rank == 0
-    assert len(got) == 3 and all(t.shape == (1,) and t.dtype == torch.long for t in got)
+    assert info.value.rank == rank
+    assert len(got) == sent and all(t.shape == (1,) and t.dtype == torch.long for t in got)
     assert not any(p.is_alive() for p in procs)
 
 

@@ -462,22 +462,18 @@ class ParallelCQILLlama:
                 if rank is not None:
                     try:
                         status, value = obj.recv()
-                    except (EOFError, OSError):
-                        self._fail(self._death(rank), rank)
+                    except (EOFError, OSError):  # it exited without a word
+                        yield from self._fail_first(pending, rank, ("died", self._death(rank), None))
                     if status == "step":
                         yield value
                         deadline = None if timeout_s is None else time.monotonic() + timeout_s
                         continue
                     if status == "error":
-                        exc, text = value
+                        exc = value[0]
                         if command == "start" and isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
                             self._shutdown_all()
                             raise type(exc)(f"rank {rank}: {exc}") from None
-                        cause = self._peer_failure(rank)
-                        if cause is not None:  # this rank's collective lost its peer: the peer's failure is the cause
-                            peer, what = cause
-                            self._fail(f"{what}\n(then rank {rank} raised {type(exc).__name__}: {exc})", peer)
-                        self._fail(f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}", rank)
+                        yield from self._fail_first(pending, rank, self._raised(rank, value))
                     if status == "refused":
                         refused.append((rank, value))
                     results[rank] = value
@@ -486,48 +482,57 @@ class ParallelCQILLlama:
                     rank = sentinels[obj]
                     if rank in pending and pending[rank].poll():  # its last words are in the pipe: read first
                         continue
-                    self._fail(self._death(rank), rank)
+                    yield from self._fail_first(pending, rank, ("died", self._death(rank), None))
         return results, refused
 
-    def _peer_failure(self, rank: int, grace_s: float = 0.5) -> tuple[int, str] | None:
-        """(peer, what to report) when a rank other than `rank`, whose error has just come, failed first: one that
-        had already exited, with its own error in its pipe (read here) or with nothing (crashed or killed), or one
-        that exits within grace_s with nothing in its pipe. A collective that loses its peer raises in the
-        surviving rank, and which of the two reaches the driver first is a race; the peer's failure is the cause
-        to report. A peer that exits within grace_s after sending an error failed after this one: not taken."""
-        others = {self._procs[r].sentinel: r for r in range(self.world) if r != rank}
-        for sentinel in wait(list(others), timeout=0):  # exited before this rank's error was read
-            peer = others.pop(sentinel)
-            last = self._last_words(peer)
-            if last is not None:
-                return peer, last[1]
+    def _fail_first(self, pending: dict, rank: int, failure: tuple, grace_s: float = 0.5):
+        """Fail the call, `rank` having failed (failure: _raised's, or ("died", its death, None)), once what the
+        other ranks still pending had sent is read: a stream's steps (yielded: a user gets every step made before
+        the failure) and their own failures, waiting up to grace_s for those still running to fail or exit.
+
+        A collective that loses its peer raises in the survivor too, and which of the two reaches the driver
+        first is a race. The failure reported is a rank that exited without a word (crashed or killed: not
+        something a peer's failure makes happen), else the error raised first (ranks stamp their errors with the
+        host's monotonic clock, which all of them share); the others' follow it in the message. A survivor that
+        neither raises nor exits within grace_s (blocked in a collective that does not notice, NCCL's) is stopped
+        with the rest."""
+        failures = {rank: failure}
+        others = {r: conn for r, conn in pending.items() if r != rank}
         deadline = time.monotonic() + grace_s
         while others:
-            ready = wait(list(others), timeout=max(0.0, deadline - time.monotonic()))
+            ready = wait(list(others.values()) + [self._procs[r].sentinel for r in others],
+                         timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                return None
-            for sentinel in ready:
-                peer = others.pop(sentinel)
-                last = self._last_words(peer)
-                if last is not None and last[0] == "died":
-                    return peer, last[1]
-        return None
+                break
+            for r in list(others):
+                conn = others[r]
+                if conn.poll():
+                    try:
+                        status, value = conn.recv()
+                    except (EOFError, OSError):
+                        failures[r] = ("died", self._death(r), None)
+                        del others[r]
+                        continue
+                    if status == "step":
+                        yield value
+                        continue
+                    if status == "error":
+                        failures[r] = self._raised(r, value)
+                    del others[r]  # failed, or done (its reply)
+                elif not self._procs[r].is_alive():
+                    failures[r] = ("died", self._death(r), None)
+                    del others[r]
+        silent = [r for r, (how, _, _) in failures.items() if how == "died"]
+        cause = silent[0] if silent else min(failures, key=lambda r: failures[r][2])
+        then = "".join(f"\n(then {what.splitlines()[0]})" for r, (_, what, _) in failures.items() if r != cause)
+        self._fail(failures[cause][1] + then, cause)
 
-    def _last_words(self, rank: int) -> tuple[str, str] | None:
-        """What an exited rank left, as (how, what to report): ("raised", its error) where its pipe holds its
-        error, ("died", its death) where it holds nothing (or what cannot be read), None where it holds another
-        message (a reply or a step, sent before it failed; dropped)."""
-        conn = self._conns[rank]
-        try:
-            if not conn.poll():
-                return "died", self._death(rank)
-            status, value = conn.recv()
-        except Exception:  # noqa: BLE001 - EOF (nothing left), or a message whose memory went with the process
-            return "died", self._death(rank)
-        if status == "error":
-            exc, text = value
-            return "raised", f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}"
-        return None
+    @staticmethod
+    def _raised(rank: int, value) -> tuple[str, str, float]:
+        """("raised", what to report, when) of an error message's value (exception, traceback text, the
+        rank's time.monotonic() as it reported)."""
+        exc, text, when = value
+        return "raised", f"rank {rank} raised {type(exc).__name__}: {exc}\n{text}", when
 
     def _death(self, rank: int) -> str:
         proc = self._procs[rank]
@@ -707,11 +712,13 @@ def _stream(model, payload: dict, rank: int, conn) -> None:
 
 
 def _report(conn, e: BaseException) -> None:
-    text = traceback.format_exc()
+    """Send the driver this rank's error, its traceback, and when it came (time.monotonic(): the same clock in
+    every process of the host, so that the driver can tell which rank failed first)."""
+    text, when = traceback.format_exc(), time.monotonic()
     try:
-        conn.send(("error", (e, text)))
+        conn.send(("error", (e, text, when)))
     except Exception:  # noqa: BLE001 - an unpicklable exception: send its text
         try:
-            conn.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), text)))
+            conn.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), text, when)))
         except Exception:  # noqa: BLE001
             pass
