@@ -226,16 +226,22 @@ def test_the_peer_that_failed_first_is_reported_when_the_survivors_error_comes_f
     assert not any(p.is_alive() for p in procs)
 
 
+def _stream_failing_at_step_3(checkpoint, rank: int, how: str):
+    """(model, its rank processes, the steps of an 8-token stream) of a two-rank model whose rank `rank` raises
+    or dies ("raise" / "die") as its stream reaches step 3; the stream starts at the first step asked for."""
+    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
+                                      dtype=torch.float32, backend="torch")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
+                                                         None), _test_fault=(rank, 3, how)))
+    return model, list(model._procs), steps
+
+
 @pytest.mark.parametrize("rank, how", [(1, "die"), (0, "raise")])
 def test_a_rank_failing_mid_stream_raises_in_the_driver(checkpoint, rank, how):
     """A rank that dies or raises after the stream's first steps: the next step asked for raises RankError
     within 60 s (the other rank waits in a collective), every worker is stopped and the model is closed."""
-    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
-                                      dtype=torch.float32, backend="torch")
-    procs = list(model._procs)
-    ids = torch.zeros(1, 3, dtype=torch.long)
-    steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
-                                                         None), _test_fault=(rank, 3, how)))
+    model, procs, steps = _stream_failing_at_step_3(checkpoint, rank, how)
     got = [next(steps) for _ in range(2)]
     assert all(t.shape == (1,) for t in got)
     start = time.monotonic()
@@ -244,7 +250,7 @@ def test_a_rank_failing_mid_stream_raises_in_the_driver(checkpoint, rank, how):
     assert time.monotonic() - start < 60 and info.value.rank == rank
     assert not any(p.is_alive() for p in procs)
     with pytest.raises(RuntimeError, match="closed"):
-        model(ids)
+        model(torch.zeros(1, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("rank, how, exitcode, sent", [(0, "raise", 1, 3), (1, "die", 3, 4)])
@@ -256,12 +262,7 @@ def test_the_steps_sent_before_a_rank_fails_reach_the_driver_with_its_error(chec
     went through shared memory whose file descriptor the reader fetches from the sender: gone with it, the read
     failed and the driver said rank 0 had died, its steps and its error lost (CI, once, at d3ea350); and a
     rank's exit, or the survivor's error, was acted on before the steps still in rank 0's pipe."""
-    model = CQILLlama.from_pretrained(checkpoint, cqil=CASES["w2-pairs-d0"][1], devices=["cpu", "cpu"],
-                                      dtype=torch.float32, backend="torch")
-    procs = list(model._procs)
-    ids = torch.zeros(1, 3, dtype=torch.long)
-    steps = model._streamed(dict(model._generate_payload(ids, 8, False, 1.0, None, None, None, None, None, None,
-                                                         None), _test_fault=(rank, 3, how)))
+    model, procs, steps = _stream_failing_at_step_3(checkpoint, rank, how)
     got = [next(steps)]
     procs[rank].join(timeout=60)  # it has failed
     assert procs[rank].exitcode == exitcode
