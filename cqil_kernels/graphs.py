@@ -207,8 +207,8 @@ class GraphDecoder(_CapturedLazily):
 class _Bucket(_CapturedLazily):
     """A [batch, length] padded prompt forward: its input buffers, where it runs (the scratch its batch size's
     buckets share, or the cache it is bound to, held weakly) and once captured its graph. keep: the logits of
-    the last `keep` real positions of each row (0: of every position). scratch: a cache of at least `length`
-    positions, where cache is None (made here when not given)."""
+    the last `keep` real positions of each row (0: of every position). scratch: where cache is None, the
+    cache of at least `length` positions it runs in (PrefillGraphs' shared one)."""
 
     def __init__(self, model, batch: int, length: int, keep: int, cache=None, scratch=None):
         super().__init__()
@@ -227,8 +227,6 @@ class _Bucket(_CapturedLazily):
         # the caller's cache (a prompt after a prefix), or the scratch (a rank's: the heads of its shards), whose
         # first T positions copy_prompt hands over
         self.target = weakref.ref(cache) if cache is not None else None
-        if cache is None and scratch is None:
-            scratch = model.new_cache(batch, length)
         self.scratch = scratch if cache is None else None
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:

@@ -663,7 +663,7 @@ def test_a_bucket_fills_its_mask_only_after_a_masked_prompt():
     """_Bucket.load: an unmasked prompt (the usual one) leaves the mask buffer alone while it is all True; a
     masked prompt's mask is copied in, and the next unmasked prompt sees every position real again."""
     model = _model(GROUPINGS["none"])
-    entry = graphs._Bucket(model, 2, 16, 1)
+    entry = graphs._Bucket(model, 2, 16, 1, scratch=model.new_cache(2, 16))
     ids = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
     entry.load(ids, None)
     assert entry.mask.all() and not entry.mask_set and int(entry.count) == 11

@@ -44,8 +44,9 @@ TUNED_DECODE = [(16, 16, 512, 4, 3), (16, 16, 1024, 4, 2), (16, 16, 256, 2, 6), 
                 (16, 128, 128, 8, 4)]
 # 17-64 rows (decode of a batch of 17-64 sequences): still weight streaming, in 32-row tiles. LLaMA-7B at
 # 32 rows on an H100, us, the prefill candidates alone against these with the x x^T norm (BLOCK_M <= 32):
-# QKV 54.7 -> 41.2, o_proj 16.6 -> 9.8, gate/up 90.5 -> 70.6, down 44.5 -> 36.9; batch-32 decode
-# 9.275 -> 8.552 ms/token, SmolLM2's 1.233 -> 1.107 (benchmarks/results/batch_gemm_h100_99fa760.json).
+# QKV 54.7 -> 41.2, o_proj 16.6 -> 9.8, gate/up 90.5 -> 70.6, down 44.5 -> 36.9
+# (benchmarks/results/batch_gemm_h100_99fa760.json); batch-32 decode as shipped, against the build before:
+# 9.241 -> 8.448 ms/token, SmolLM2's 1.238 -> 1.088 (decode_ab_b32_h100_bba0ed4.json).
 TUNED_BATCH = [(32, 32, 256, 4, 4), (32, 64, 256, 4, 3), (32, 128, 128, 4, 4)]
 # more rows (and 17-64 too): prompts
 TUNED_PREFILL = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
@@ -57,12 +58,17 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+def _tuned() -> list[triton.Config]:
+    """The GPU autotuner's candidates, every row class's (_prune keeps a launch's own)."""
+    return [_config(*c) for c in TUNED_DECODE + TUNED_PREFILL + TUNED_BATCH]
+
+
 def _configs():
     if interpreting():  # the interpreter cannot benchmark; large tiles keep it fast; one per row class
         return [_config(16, 32, 64, 4, 3), _config(32, 32, 64, 4, 3)]  # (stages: Triton's default, unused there)
     if not autotuning():  # one config per row class: tests compile fewer kernels
         return [_config(16, 32, 128, 4, 3), _config(64, 64, 64, 4, 3)]
-    return [_config(*c) for c in TUNED_DECODE + TUNED_PREFILL + TUNED_BATCH]
+    return _tuned()
 
 
 def row_class(M: int) -> int:

@@ -65,11 +65,9 @@ def test_group_swiglu(dtype, M, K, N, P, bias, norm):
 def test_each_row_class_times_its_own_candidates():
     """The autotuner's pruning on the GPU's list: 16-row tiles for decode (class 0), the prefill tiles and
     the 32-row batch tiles for 17-64 rows (class 1), the prefill tiles alone for longer prompts."""
-    tuned = [G._config(*c) for c in G.TUNED_DECODE + G.TUNED_PREFILL + G.TUNED_BATCH]
-
     def kept(m_class):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                for c in G._prune(tuned, {"M_CLASS": m_class})]
+                for c in G._prune(G._tuned(), {"M_CLASS": m_class})]
     assert kept(0) == G.TUNED_DECODE
     assert kept(1) == G.TUNED_PREFILL + G.TUNED_BATCH
     assert kept(2) == kept(3) == kept(4) == G.TUNED_PREFILL
