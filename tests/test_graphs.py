@@ -837,9 +837,12 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
         ids = torch.randint(0, model.args.vocab_size, (1, 160), device="cuda")
         lengths = [16, 32, 48, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160]  # 14 buckets
         model.accelerator.prefill_graph_limit = 8
-        for T in lengths:
+        # the longest first: its scratch (256 positions) holds every bucket's, so none is dropped for a longer
+        # scratch (test_the_buckets_of_a_batch_size_share_one_scratch) and only the bound evicts
+        for T in lengths[-1:] + lengths:
             model(ids[:, :T], logits_to_keep=1)
         assert list(model.accelerator.graphs.buckets) == [(1, T, 1, None) for T in lengths[-8:]]
+        assert [scratch.max_seq for scratch in model.accelerator.graphs.scratches.values()] == [256]
         model.accelerator.prefill_graph_limit = MAX_GRAPHS
         # a conversation's turns into one cache: the first through a scratch bucket, the next three through
         # the 32 bucket bound to the cache (eager, captured, replayed), as the eager path computes them
