@@ -254,3 +254,32 @@ def test_bad_tensor_parallel_requests_are_refused_before_any_process_starts(chec
     with pytest.raises(TypeError, match="tensor_parallel must be True or False"):
         CQILLlama.from_pretrained(checkpoint, devices=["cpu"] * 2, tensor_parallel="yes")
     assert len(multiprocessing.active_children()) == before and time.monotonic() - start < 30
+
+
+def _rank_graph_policy(backend: str, one_shot: bool, max_bytes: int = 8 << 20):
+    """A stand-in RankModel for its graph policy alone: ranks on CUDA with the Triton backend, hidden 1024,
+    bf16, one group of 2 layers, the reductions through `backend` (one-shot kernel enabled or not)."""
+    from types import SimpleNamespace
+
+    from cqil_kernels.parallel import RankModel
+    from cqil_kernels.parallel.comm import PeerPathPolicy
+
+    policy = PeerPathPolicy("one-shot", one_shot, "" if one_shot else "cqil_kernels._C could not be imported",
+                            max_bytes)
+    rank = SimpleNamespace(reducer=SimpleNamespace(backend=backend, one_shot_policy=policy),
+                           placement=SimpleNamespace(stages=[(0,), (1, 2), (3,)]),
+                           args=SimpleNamespace(hidden_size=1024), dtype=torch.bfloat16,
+                           microbatch_span=lambda B, T: None, cuda_graphs=True, device=torch.device("cuda"),
+                           model=SimpleNamespace(cqil=CQILConfig(groups=((1, 2),)), accelerated=lambda: True),
+                           bypass_exchange="all_reduce")
+    rank._step_capturable = lambda B, rows: RankModel._step_capturable(rank, B, rows)
+    return lambda batch: RankModel.decodes_in_a_graph(rank, batch)
+
+
+def test_a_rank_decodes_in_a_graph_only_where_its_reductions_can_be_captured():
+    # found on a GPU: ranks sharing one GPU without the one-shot kernel (an extension not built) captured a
+    # gloo all-reduce, and the capture failed with a CUDA error instead of decoding eagerly
+    assert _rank_graph_policy("nccl", one_shot=False)(32)
+    assert not _rank_graph_policy("gloo", one_shot=False)(1)
+    decodes = _rank_graph_policy("gloo", one_shot=True, max_bytes=64 << 10)  # 2 x B rows x 1024 x 2 bytes
+    assert decodes(1) and decodes(16) and not decodes(17)

@@ -221,8 +221,9 @@ class RankModel:
                         keep: int) -> torch.Tensor:
         """CQILTransformer.forward_checked for this rank."""
         check_cache_fits(self, input_ids.shape, cache)
-        if (self.prefill_graphs and self.decodes_in_a_graph() and PrefillGraphs.serves(self, input_ids, cache)
-                and self._prompt_capturable(*input_ids.shape)):
+        if (self.prefill_graphs and self.decodes_in_a_graph(input_ids.shape[0])
+                and PrefillGraphs.serves(self, input_ids, cache)
+                and self._step_capturable(input_ids.shape[0], bucket(input_ids.shape[1]))):
             # every rank takes this branch for the same calls: it depends on shapes and lengths only
             if self._graphs is None:
                 self._graphs = PrefillGraphs(self, RankModel._padded_step, limit=self.prefill_graph_limit)
@@ -296,16 +297,17 @@ class RankModel:
         """fused.padded_step for this rank (the step graphs.PrefillGraphs captures, reductions included)."""
         return forward_step(_RankTritonRunner(self, rows), self.placement.stages, input_ids, valid, cache)
 
-    def _prompt_capturable(self, B: int, T: int) -> bool:
-        """Whether every reduction of a prompt step of B x bucket(T) tokens can be captured in a CUDA graph:
-        NCCL's can; through gloo (ranks sharing one GPU) only those the one-shot kernel takes, the largest
-        being a group's stacked bypass rows, and no micro-batches. The same answer on every rank."""
+    def _step_capturable(self, B: int, rows: int) -> bool:
+        """Whether every reduction of a step of B x `rows` tokens (a prompt's: its bucket; a decode step's: 1)
+        can be captured in a CUDA graph: NCCL's can; through gloo (ranks sharing one GPU) only those the
+        one-shot kernel takes, the largest being a group's stacked bypass rows, and no micro-batches. The same
+        answer on every rank."""
         if self.reducer.backend == "nccl":
             return True
-        policy, Tb = self.reducer.one_shot_policy, bucket(T)
+        policy = self.reducer.one_shot_policy
         P = max(len(stage) for stage in self.placement.stages)
-        nbytes = P * B * Tb * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
-        return policy.enabled and nbytes <= policy.max_bytes and self.microbatch_span(B, Tb) is None
+        nbytes = P * B * rows * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        return policy.enabled and nbytes <= policy.max_bytes and self.microbatch_span(B, rows) is None
 
     def packed_weights(self):
         """The packed weights of this rank's layers (CQILTransformer.packed_weights)."""
@@ -416,19 +418,22 @@ class RankModel:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return self.model.argmax(logits)
 
-    def decodes_in_a_graph(self) -> bool:
-        """Whether decoder() captures the step in a CUDA graph: on the Triton backend on CUDA, unless a
-        bypass moves through NCCL point-to-point transfers (bypass_exchange="p2p"), which we do not
-        capture ("all_reduce" moves it through the reducer instead)."""
+    def decodes_in_a_graph(self, batch: int = 1) -> bool:
+        """Whether decoder() captures the step of `batch` rows in a CUDA graph: on the Triton backend on CUDA,
+        unless a bypass moves through NCCL point-to-point transfers (bypass_exchange="p2p"), which we do not
+        capture ("all_reduce" moves it through the reducer instead), or a reduction of the step cannot be
+        captured (_step_capturable: through gloo without the one-shot kernel, e.g. ranks sharing one GPU with
+        an extension built without CUDA; a capture would fail)."""
         bypass_p2p = (self.model.cqil.bypass > 0 and self.bypass_exchange == "p2p"
                       and any(len(s) > 1 for s in self.placement.stages))
-        return self.cuda_graphs and self.device.type == "cuda" and self.model.accelerated() and not bypass_p2p
+        return (self.cuda_graphs and self.device.type == "cuda" and self.model.accelerated() and not bypass_p2p
+                and self._step_capturable(batch, 1))
 
     def decoder(self, cache: KVCache, check_tokens: bool = True):
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
         reductions captured in it) where decodes_in_a_graph(), else an eager forward; check_tokens as
         CQILTransformer.decoder's."""
-        if self.decodes_in_a_graph():
+        if self.decodes_in_a_graph(cache.batch):
             return GraphDecoder(self, cache, step_fn=self._triton_step, check_tokens=check_tokens)
         if check_tokens:
             return lambda next_tokens: self.forward(next_tokens[:, None], cache=cache)[:, -1]
@@ -438,7 +443,7 @@ class RankModel:
         """CQILLlama.generation_cache for this rank: where decodes_in_a_graph(), a cache and its decode graph
         kept from an earlier generate (graphs.DecodeSlots; every rank keeps and takes the same slots, the
         choice depends on shapes only), else a new cache and decoder()."""
-        if self.decodes_in_a_graph():
+        if self.decodes_in_a_graph(batch):
             if self._decode_slots is None:
                 self._decode_slots = DecodeSlots(lambda model, cache: model.decoder(cache, check_tokens=False),
                                                  shrink=False)
@@ -451,7 +456,7 @@ class RankModel:
         its decode steps are not captured (decodes_in_a_graph())."""
         prompts = self.prefill_graphs
         longest = warm_up_buckets(lengths, prompts, self.prefill_graph_limit)
-        if not self.decodes_in_a_graph():
+        if not self.decodes_in_a_graph(batch):
             return []
         return warm_up(self, batch, max_seq, longest, prompts)
 
