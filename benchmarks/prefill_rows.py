@@ -7,8 +7,9 @@ the shape's CQIL groups. This is the measurement behind fused.use_blas' default 
     python benchmarks/prefill_rows.py --shape llama-7b --rows 16 --rows 64 --rows 512 \\
         --variant kernels:CQIL_PREFILL_BLAS_ROWS=0 --variant blas:CQIL_PREFILL_BLAS_ROWS=1 --out rows.json
 
-Wall, eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device: the step queued
-behind a GPU sleep). Variants and groupings alternate, order reversed every other round.
+Wall, rested wall, eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device:
+the step queued behind a GPU sleep; rested: the wall after the GPU rested, at the device time's clock).
+Variants and groupings alternate, order reversed every other round.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ab_decode import ab_parser, settings
 
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
-    from cqil_kernels.bench import (DEFAULT_GROUPS, _commit, _warm_up_gpu, prefill_split_ms, random_model,
+    from cqil_kernels.bench import (DEFAULT_GROUPS, REST_S, _commit, _warm_up_gpu, prefill_split_ms, random_model,
                                     write_record)
     from cqil_kernels.demo import parse_groups
 
@@ -57,7 +58,8 @@ def main(argv=None) -> None:
                         t = prefill_split_ms(model, ids[:, :T], a.repeats)
                     results.setdefault(f"{name}-{kind}@{T}", []).append(t)
                     print(f"rows {T:5d} round {r} {name + '-' + kind:>16}: wall {t['wall_ms']:8.3f}  "
-                          f"eager {t['eager_ms']:8.3f}  device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f}  "
+                          f"rested {t['rested_ms']:8.3f}  eager {t['eager_ms']:8.3f}  "
+                          f"device {t['device_ms']:8.3f}  host {t['host_ms']:8.3f}  "
                           f"graph host {t['graph_host_ms']:8.3f} ms", flush=True)
     summary = {k: {m: statistics.median(t[m] for t in v) for m in v[0]} for k, v in results.items()}
     print(json.dumps(summary, indent=1))
@@ -67,15 +69,19 @@ def main(argv=None) -> None:
             for name, _, kind in runs_to_do:
                 m = summary[f"{name}-{kind}@{T}"]
                 table.append([a.shape, name, groups if kind == "cqil" else "none", T, round(m["wall_ms"], 3),
-                              round(m["device_ms"], 3), round(m["graph_host_ms"], 3), round(m["eager_ms"], 3),
+                              round(m["rested_ms"], 3), round(m["device_ms"], 3), round(m["graph_host_ms"], 3),
+                              round(m["eager_ms"], 3),
                               round(m["host_ms"], 3)])
         write_record(a.out, device=device, commit=commit,
                      title=f"Prompt wall time against its device time: {a.shape}",
                      what=(f"bf16, batch 1, random weights; wall = the graph-replayed prompt (the default on CUDA) "
-                           f"including new_cache; eager = prefill graphs off; device = the step queued behind a GPU "
+                           f"including new_cache, the GPU busy before it; rested = the same after "
+                           f"{REST_S} s of rest (the device time's clock: bench.prefill_split_ms); eager = prefill "
+                           f"graphs off; device = the step queued behind a GPU "
                            f"sleep; host = wall time to enqueue; medians of {a.rounds} rounds of {a.repeats}, "
                            f"variants and groupings alternated"),
-                     columns=["shape", "variant", "groups", "prompt tokens", "wall ms (graph)", "device ms",
+                     columns=["shape", "variant", "groups", "prompt tokens", "wall ms (graph)",
+                              "wall ms (graph, rested)", "device ms",
                               "host ms before the replay", "wall ms (graphs off)", "host ms (graphs off)"],
                      rows=table, variants={name: env for name, env in a.variant}, median=summary, runs=results)
 

@@ -14,7 +14,9 @@ Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token 
 timed after the decode runs (the GPU is warmed up for a second before anything is timed); on CUDA our
 Triton variants replay the prompt's length bucket from a CUDA graph (graphs.py). For them the record
 also gives the prefill with the graphs off (prefill_eager_ms), its device time (the step queued behind
-a GPU sleep) and the host's time to enqueue each form: prefill_split_ms. Time to first token (ttft_ms) is what a user of
+a GPU sleep), the prefill after the GPU rested (prefill_rested_ms: the device time's clock; back to back,
+a compute-bound prompt runs at the lower clock of a GPU at its power limit) and the host's time to enqueue
+each form: prefill_split_ms. Time to first token (ttft_ms) is what a user of
 generate waits for: the prompt in, the first greedy token on the host (our generate(ids, 1), which feeds
 the prompt in parts of generate's prefill_chunk with the last position's logits only; transformers'
 generate(ids, max_new_tokens=1)), wall clock, the median of max(repeats, 10) after one warm-up call.
@@ -25,6 +27,7 @@ is reported against a device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -211,24 +214,31 @@ def _time_ours(model, ids, new: int, repeats: int) -> tuple[float, float]:
 
 
 SLEEP_CYCLES = 400_000_000  # ~0.2 s of GPU sleep at H100 clocks: longer than any step's host launch time
+REST_S = 0.3  # host sleep before a rested prompt: enough for an H100 at its power limit to regain its clock
 
 
 def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | None = None) -> dict[str, float]:
     """Where a Triton-backend prefill's time goes: median over `repeats` of
     * wall_ms: CUDA events around new_cache + forward, as a user runs it (on CUDA the prompt's bucket
       replayed from a CUDA graph, graphs.py; the forward's input check syncs once, so the GPU waits for
-      the host's launches);
-    * eager_ms: the same with the prefill graphs off (every kernel launched from Python);
+      the host's launches), right after the other forms (the GPU busy before it);
+    * rested_ms: the same after REST_S of host sleep (the GPU idle before it);
+    * eager_ms: wall_ms with the prefill graphs off (every kernel launched from Python);
     * device_ms: the same step (fused.step, which reads no device value on the host) enqueued behind a
       GPU sleep, so the host's launch time is hidden;
-    * host_ms / graph_host_ms: wall time to enqueue the eager / the graph-replayed forward."""
+    * host_ms / graph_host_ms: wall time to enqueue the eager / the graph-replayed forward.
+    A compute-bound step's device time depends on what ran before it: a GPU at its power limit lowers its
+    clock (one H100, LLaMA-7B's 512-token prompt graph: 12.35 ms per replay, 1515 MHz, 694 W, back to back;
+    10.99 ms, 1980 MHz, after 0.3 s of rest or behind a 0.2 s GPU sleep; benchmarks/graph_launch.py's
+    replay_regimes). device_ms is taken rested (the sleep draws no power), so the launches' cost is
+    rested_ms - device_ms, both at the same clock; wall_ms - device_ms adds the clock lost to the load."""
     from . import fused
 
     B, T = ids.shape
     cache_len = cache_len or T
     backend = model.accelerator
-    times: dict[str, list[float]] = {key: [] for key in ("wall_ms", "eager_ms", "device_ms", "host_ms",
-                                                           "graph_host_ms")}
+    times: dict[str, list[float]] = {key: [] for key in ("wall_ms", "rested_ms", "eager_ms", "device_ms",
+                                                           "host_ms", "graph_host_ms")}
     was = backend.prefill_graphs
     try:
         for graphs in (True, False):
@@ -236,6 +246,15 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
             for _ in range(2):  # the bucket's first forward runs eagerly, its second captures the graph
                 model(ids, cache=model.new_cache(B, cache_len))
         for _ in range(repeats):
+            backend.prefill_graphs = True
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            time.sleep(REST_S)
+            start.record()
+            model(ids, cache=model.new_cache(B, cache_len))
+            end.record()
+            end.synchronize()
+            times["rested_ms"].append(start.elapsed_time(end))
             for graphs, wall, host in ((True, "wall_ms", "graph_host_ms"), (False, "eager_ms", "host_ms")):
                 backend.prefill_graphs = graphs
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -452,6 +471,15 @@ def run_bench(shape: str = "smollm2-135m", groups: str | None = None, batch: int
         record["pending"].remove(variant)
         if progress is not None:
             progress(record)
+        # the next variant starts with only what it needs held: transformers' copy of the weights once no hf
+        # variant is left, and none of our graphs and kept caches (LLaMA-7B at batch 32 on an 80 GB H100 ran out
+        # of memory in triton-cqil's prefill with both and triton-seq's graphs' caches held)
+        if not any(v.startswith("hf") for v in record["pending"]):
+            hf = None
+        if model.accelerator is not None:
+            model.accelerator.clear_graphs()
+        gc.collect()
+        torch.cuda.empty_cache()
     del record["pending"]
     return record
 
@@ -484,10 +512,10 @@ def _measure_variant(variant: str, hf, model, cqil: CQILConfig, ids: torch.Tenso
     if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
         parts = prefill_split_ms(model, ids, repeats, cache_len=ids.shape[1] + new + 2)
         result.update(prefill_eager_ms=round(parts["eager_ms"], 4), prefill_device_ms=round(parts["device_ms"], 4),
-                      prefill_host_ms=round(parts["host_ms"], 4),
+                      prefill_rested_ms=round(parts["rested_ms"], 4), prefill_host_ms=round(parts["host_ms"], 4),
                       prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
-        split = (f" (eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f}, host eager "
-                 f"{parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
+        split = (f" (rested {parts['rested_ms']:.3f}, eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f},"
+                 f" host eager {parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
     whole_text = f"   generate {new} tokens {whole:.2f} ms" if whole is not None else ""
     print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
           f"decode {decode_ms:7.4f} ms/token   "
