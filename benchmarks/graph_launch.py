@@ -229,23 +229,12 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     return [[name, *(round(t, 1) for t in from_idle_us(fn, repeats))] for name, fn in parts]
 
 
-def copy_prompt_as_words(dst, src, length: int) -> None:
-    """KVCache.copy_prompt's copies of keys and values (not its bookkeeping) with each head's row viewed as
-    int64 words (4 bf16 values a word): an experiment. A copy into a cache's first positions is strided
-    (the caches' lengths differ), and torch's strided copy moved 268 MB of LLaMA-7B's prompt at 1.6 TB/s
-    of the 2.9 a contiguous copy reaches (graph_launch_llama-7b_h100_61bf68d); wider elements may take it
-    further. Needs head_dim * element size divisible by 8."""
-    for kv, kv_src in zip(dst._run_kv, src._run_kv):
-        kv[..., :length, :].view(torch.int64).copy_(kv_src[..., :length, :].view(torch.int64))
-
-
 def new_cache_parts(model, ids: torch.Tensor, repeats: int) -> list[list]:
     """[part, median host us, median wall us, median device us] of a prompt forward into a new cache, as
     `cqil bench` times its prefill (new_cache + model(ids, cache=...): the prompt's bucket runs into its own
     scratch, whose positions copy_prompt then hands over, and the logits of every position are cloned out of
-    the graph's pool), and of its parts alone: new_cache; the scratch bucket's replay; copy_prompt, and its
-    copies as int64 words (copy_prompt_as_words, checked equal first); the logits' clone (device: queued
-    behind a GPU sleep; None where the part is host work only)."""
+    the graph's pool), and of its parts alone: new_cache; the scratch bucket's replay; copy_prompt; the
+    logits' clone (device: queued behind a GPU sleep; None where the part is host work only)."""
     from cqil_kernels.bench import device_ms
 
     B, T = ids.shape
@@ -263,21 +252,12 @@ def new_cache_parts(model, ids: torch.Tensor, repeats: int) -> list[list]:
     entry = buckets[0]
     full = model.new_cache(B, length)
     logits = entry.replay_or_run(lambda: None)  # a replay: the graph's output (the padded step's logits)
-    words = model.new_cache(B, length)
-    full.copy_prompt(entry.scratch, T)
-    copy_prompt_as_words(words, entry.scratch, T)
-    if not all(torch.equal(a[..., :T, :], b[..., :T, :]) for a, b in zip(full._run_kv, words._run_kv)):
-        raise SystemExit("copy_prompt_as_words copied other keys and values than copy_prompt")
-    full.clear()
     rows = [["forward into a new cache (bench's prefill)", *from_idle_us(bench_form, repeats), None],
             ["new_cache", *from_idle_us(lambda: model.new_cache(B, length), repeats), None],
             ["the scratch bucket's replay", *from_idle_us(entry.graph.replay, repeats),
              device_ms(entry.graph.replay, repeats) * 1e3],
             ["copy_prompt", *from_idle_us(lambda: full.copy_prompt(entry.scratch, T), repeats, before=full.clear),
              device_ms(lambda: full.copy_prompt(entry.scratch, T), repeats, before=full.clear) * 1e3],
-            ["copy_prompt's copies as int64 words", *from_idle_us(lambda: copy_prompt_as_words(
-                words, entry.scratch, T), repeats),
-             device_ms(lambda: copy_prompt_as_words(words, entry.scratch, T), repeats) * 1e3],
             ["the logits' clone", *from_idle_us(lambda: logits[:, :T].clone(), repeats),
              device_ms(lambda: logits[:, :T].clone(), repeats) * 1e3]]
     return [[name, *(None if t is None else round(t, 1) for t in times)] for name, *times in rows]

@@ -312,10 +312,23 @@ class KVCache:
         if not 0 < length <= min(src.max_seq, self.max_seq):
             raise ValueError(f"length must be in [1, {min(src.max_seq, self.max_seq)}], got {length}")
         for kv, kv_src in zip(self._run_kv, src._run_kv):  # keys and values of a run in one copy
-            kv[..., :length, :].copy_(kv_src[..., :length, :])
+            _as_words(kv[..., :length, :]).copy_(_as_words(kv_src[..., :length, :]))
         self.key_valid[:, :length].copy_(src.key_valid[:, :length])
         self.n_tokens.copy_(src.n_tokens)
         self.position.fill_(length)
+
+
+def _as_words(rows: torch.Tensor) -> torch.Tensor:
+    """rows [..., D] (contiguous rows, every other stride a multiple of D) viewed as the widest integer words
+    that tile a row (RoPE's even head_dim: at least 4 bytes): the same bytes, copied bit for bit. A copy into
+    a cache's first positions is strided (the caches' lengths differ), and torch's copy kernel moves wide
+    elements faster: one H100, LLaMA-7B's 2048-token prompt (1.07 GB of keys and values), 1301 us as bf16,
+    712 as int64 words (graph_launch_llama-7b_h100_2d10967)."""
+    row = rows.shape[-1] * rows.element_size()
+    for word in (torch.int64, torch.int32, torch.int16):
+        if word.itemsize >= rows.element_size() and row % word.itemsize == 0:
+            return rows.view(word)
+    return rows
 
 
 def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str,

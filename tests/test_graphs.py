@@ -885,6 +885,31 @@ def test_cuda_generate_replays_its_decode_graph_across_calls():
     assert torch.equal(model.generate(ids, 10), expected[0])
 
 
+@pytest.mark.parametrize("dtype, head_dim, word", [(torch.bfloat16, 16, torch.int64), (torch.bfloat16, 6, torch.int32),
+                                                    (torch.float16, 2, torch.int32), (torch.float32, 2, torch.int64)])
+def test_copy_prompt_moves_the_bits_as_the_widest_words_a_row_allows(dtype, head_dim, word):
+    """copy_prompt copies each head's row as integer words (model._as_words: the widest that tile it); every
+    bit lands where a plain copy puts it — NaN payloads included — in a longer cache of several runs of
+    heads (a hybrid rank's layout), for a prompt shorter than the source."""
+    from cqil_kernels.config import LlamaArgs
+    from cqil_kernels.model import KVCache, _as_words
+
+    args = LlamaArgs(vocab_size=11, hidden_size=4 * head_dim, intermediate_size=32, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64)
+    stages, heads = [(0,), (1, 2), (3,)], [2, 1, 2]
+    src = KVCache(args, stages, 2, 20, torch.device(DEVICE), dtype, kv_heads=heads)
+    bits = src._kv.view(torch.int16)
+    bits.copy_(torch.randint(-2 ** 15, 2 ** 15, bits.shape, dtype=torch.int16))  # any bits, NaNs among them
+    src.key_valid[:, :13] = True
+    dst = KVCache(args, stages, 2, 33, torch.device(DEVICE), dtype, kv_heads=heads)
+    dst._kv.view(torch.int16).fill_(7)
+    dst.copy_prompt(src, 13)
+    assert len(dst._run_kv) == 3 and all(_as_words(kv[..., :13, :]).dtype == word for kv in dst._run_kv)
+    for got, want in zip(dst._run_kv, src._run_kv):
+        assert torch.equal(got[..., :13, :].view(torch.int16), want[..., :13, :].view(torch.int16))
+        assert (got[..., 13:, :].view(torch.int16) == 7).all()  # the rest left alone
+
+
 def test_cache_runs_of_equal_heads_are_handed_over():
     """A rank's cache: stages of other head counts (shards, whole layers) and stages it does not hold (no
     heads) — copy_prompt copies each run of equal heads and leaves positions past `length` alone."""
