@@ -33,13 +33,15 @@ def load(name: str | Path) -> dict:
 def bench_record(bench: dict) -> dict:
     """A `cqil bench --out` JSON as a table record."""
     rows = [[bench["shape"], variant, r["decode_ms_per_token"], r["decode_pct_of_copy"], r["prefill_ms"],
-             r.get("prefill_rested_ms"), r.get("prefill_eager_ms"), r.get("prefill_device_ms"), r.get("ttft_ms")]
+             r.get("prefill_loaded_device_ms"), r.get("prefill_rested_ms"), r.get("prefill_eager_ms"),
+             r.get("prefill_device_ms"), r.get("ttft_ms")]
             for variant, r in bench["results"].items()]
     cut = f"; cut short before {', '.join(bench['pending'])}" if bench.get("pending") else ""
     return dict(title=f"cqil bench, {bench['shape']}", what=(
         f"{bench['dtype']}, batch {bench['batch']}, {bench['prompt']}-token prompt, {bench['new_tokens']} new tokens, "
         f"CQIL groups {bench['groups']}, copy {bench['copy_gbps']} GB/s{cut}"),
-        columns=["shape", "variant", "decode ms/token", "% of copy", "prefill ms", "prefill ms (rested)",
+        columns=["shape", "variant", "decode ms/token", "% of copy", "prefill ms", "prefill ms (device, under load)",
+                 "prefill ms (rested)",
                  "prefill ms (graphs off)",
                  "prefill ms (device)", "first token ms"],
         rows=rows, source="this file", **{k: bench[k] for k in META})

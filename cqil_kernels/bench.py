@@ -14,9 +14,10 @@ Decode is timed with CUDA events over `new` greedy steps after a `prompt`-token 
 timed after the decode runs (the GPU is warmed up for a second before anything is timed); on CUDA our
 Triton variants replay the prompt's length bucket from a CUDA graph (graphs.py). For them the record
 also gives the prefill with the graphs off (prefill_eager_ms), its device time (the step queued behind
-a GPU sleep), the prefill after the GPU rested (prefill_rested_ms: the device time's clock; back to back,
-a compute-bound prompt runs at the lower clock of a GPU at its power limit) and the host's time to enqueue
-each form: prefill_split_ms. Time to first token (ttft_ms) is what a user of
+a GPU sleep: the full clock), its device time under load (prefill_loaded_device_ms: replayed back to back,
+where a compute-bound prompt runs at the lower clock of a GPU at its power limit, as the timed prefills
+do), the prefill after the GPU rested (prefill_rested_ms) and the host's time to enqueue each form:
+prefill_split_ms. Time to first token (ttft_ms) is what a user of
 generate waits for: the prompt in, the first greedy token on the host (our generate(ids, 1), which feeds
 the prompt in parts of generate's prefill_chunk with the last position's logits only; transformers'
 generate(ids, max_new_tokens=1)), wall clock, the median of max(repeats, 10) after one warm-up call.
@@ -226,12 +227,16 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
     * eager_ms: wall_ms with the prefill graphs off (every kernel launched from Python);
     * device_ms: the same step (fused.step, which reads no device value on the host) enqueued behind a
       GPU sleep, so the host's launch time is hidden;
+    * loaded_device_ms: the same step's device time under load (loaded_device_ms: replayed back to back
+      from a CUDA graph; None when that graph does not fit), once, after the rest;
     * host_ms / graph_host_ms: wall time to enqueue the eager / the graph-replayed forward.
     A compute-bound step's device time depends on what ran before it: a GPU at its power limit lowers its
     clock (one H100, LLaMA-7B's 512-token prompt graph: 12.35 ms per replay, 1515 MHz, 694 W, back to back;
     10.99 ms, 1980 MHz, after 0.3 s of rest or behind a 0.2 s GPU sleep; benchmarks/graph_launch.py's
-    replay_regimes). device_ms is taken rested (the sleep draws no power), so the launches' cost is
-    rested_ms - device_ms, both at the same clock; wall_ms - device_ms adds the clock lost to the load."""
+    replay_regimes). So wall_ms compares with loaded_device_ms (both under load); device_ms (behind a GPU
+    sleep, which draws no power) is the full clock's. rested_ms is what a prompt arriving at an idle GPU
+    waits: a compute-bound one regains the full clock, a small one pays the GPU's wake from idle (SmolLM2's
+    512-token prompt: 2.47 ms rested, 1.94 back to back, 1.48 of device time; H100, 4da94e6)."""
     from . import fused
 
     B, T = ids.shape
@@ -273,9 +278,11 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
             end.record()
             end.synchronize()
             times["device_ms"].append(start.elapsed_time(end))
+        cache = model.new_cache(B, cache_len)
+        loaded = loaded_device_ms(lambda: fused.step(model, ids, None, cache), repeats, before=cache.clear)
     finally:
         backend.prefill_graphs = was
-    return {key: statistics.median(values) for key, values in times.items()}
+    return {**{key: statistics.median(values) for key, values in times.items()}, "loaded_device_ms": loaded}
 
 
 def _warm_up_gpu(device: torch.device, seconds: float = 1.0) -> None:
@@ -310,6 +317,44 @@ def device_ms(run, repeats: int, before=None) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+LOADED_S = 0.5  # back-to-back replays before loaded_device_ms's timed ones: a GPU at its power limit by then
+
+
+def loaded_device_ms(run, repeats: int, before=None, seconds: float = LOADED_S) -> float | None:
+    """Median device ms of run() under load: before() and run() (graph-safe: no host reads of device values)
+    captured in one CUDA graph, replayed in batches of `repeats`, each replay between CUDA events, all of a
+    batch queued at once (the GPU never waits for the host), a synchronisation between batches, for at least
+    `seconds`; the last batch's median. The clock of a GPU running prompts one after another, which for a
+    compute-bound step is the lower clock of its power limit (bench.device_ms: the full clock, after a
+    sleep). None when the graph's memory does not fit."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and autotuned outside the capture
+        if before is not None:
+            before()
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    try:
+        with torch.cuda.graph(graph):
+            if before is not None:
+                before()
+            run()
+    except torch.OutOfMemoryError:
+        return None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    t0 = time.perf_counter()
+    while True:
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def ttft_ms(first_token, repeats: int) -> float:
@@ -511,11 +556,15 @@ def _measure_variant(variant: str, hf, model, cqil: CQILConfig, ids: torch.Tenso
     split = ""
     if variant.startswith("triton"):  # the prefill without graphs, its device time and host time
         parts = prefill_split_ms(model, ids, repeats, cache_len=ids.shape[1] + new + 2)
+        loaded = parts["loaded_device_ms"]
         result.update(prefill_eager_ms=round(parts["eager_ms"], 4), prefill_device_ms=round(parts["device_ms"], 4),
+                      prefill_loaded_device_ms=None if loaded is None else round(loaded, 4),
                       prefill_rested_ms=round(parts["rested_ms"], 4), prefill_host_ms=round(parts["host_ms"], 4),
                       prefill_graph_host_ms=round(parts["graph_host_ms"], 4))
-        split = (f" (rested {parts['rested_ms']:.3f}, eager {parts['eager_ms']:.3f}, device {parts['device_ms']:.3f},"
-                 f" host eager {parts['host_ms']:.3f} / graph {parts['graph_host_ms']:.3f})")
+        loaded_text = "did not fit" if loaded is None else f"{loaded:.3f}"
+        split = (f" (device under load {loaded_text}, rested {parts['rested_ms']:.3f}, eager {parts['eager_ms']:.3f},"
+                 f" device {parts['device_ms']:.3f}, host eager {parts['host_ms']:.3f} / graph "
+                 f"{parts['graph_host_ms']:.3f})")
     whole_text = f"   generate {new} tokens {whole:.2f} ms" if whole is not None else ""
     print(f"{variant:>12}: prefill {prefill_ms:8.3f} ms{split}   first token {first:8.3f} ms   "
           f"decode {decode_ms:7.4f} ms/token   "

@@ -1,7 +1,9 @@
 """bench.py: the byte count behind the bandwidth figures, and refusals without a GPU."""
 
+import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,6 +137,65 @@ def test_kernel_sequence_gives_each_launch_of_a_step_its_own_row():
         profile_step.kernel_sequence(kernels[:4] + [("c", 40.0, 46.0)] + kernels[5:], 2)
 
 
+def test_loaded_device_time_replays_a_captured_step_in_batches_until_its_time_is_up(monkeypatch):
+    """bench.loaded_device_ms (fakes for CUDA's graphs, streams and events: its logic on the CPU): before()
+    and run() run once outside the capture and once inside it; the graph is replayed in whole batches of
+    `repeats`, each replay between events, until `seconds` have passed; the median of the last batch; None
+    when the capture runs out of memory."""
+    from cqil_kernels import bench
+
+    clock, log = [0.0], []
+    step_ms = iter([4.0, 6.0, 5.0] * 100)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+            clock[0] += next(step_ms)
+
+    capturing = [False]
+
+    @contextlib.contextmanager
+    def graph(g):
+        capturing[0] = True
+        yield
+        capturing[0] = False
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    seconds = iter([0.0, 0.1, 0.2, 0.6])  # t0, then after each batch
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(seconds))
+
+    def run():
+        log.append("run, captured" if capturing[0] else "run")
+
+    ms = bench.loaded_device_ms(run, 3, before=lambda: log.append("before"), seconds=0.5)
+    assert log[:4] == ["before", "run", "before", "run, captured"]
+    assert log.count("replay") == 9 and log[4:] == (["sync"] + ["replay"] * 3 + ["sync"]) * 3
+    assert ms == 5.0
+
+    def out_of_memory():
+        if capturing[0]:
+            raise torch.OutOfMemoryError("no room for the graph")
+
+    assert bench.loaded_device_ms(out_of_memory, 3) is None
+
+
 def test_replay_regimes_time_each_regime_a_bounded_number_of_replays(monkeypatch):
     """graph_launch.replay_regimes (fakes for CUDA's events and sleeps: the loop's logic on the CPU): each
     regime runs at least `repeats` replays and stops once its time is up, before() ahead of each replay, the
@@ -265,14 +326,15 @@ def test_prefill_rows_writes_a_record_the_table_script_draws(monkeypatch, tmp_pa
     monkeypatch.setattr(bench, "random_model", lambda *a, **k: small)
     monkeypatch.setattr(bench, "_warm_up_gpu", lambda *a: None)
     monkeypatch.setattr(bench, "prefill_split_ms", lambda model, ids, repeats: dict(
-        wall_ms=1.0 + ids.shape[1], rested_ms=0.75, device_ms=0.5, host_ms=2.0, eager_ms=3.0, graph_host_ms=0.25))
+        wall_ms=1.0 + ids.shape[1], loaded_device_ms=None if ids.shape[1] == 3 else 0.6, rested_ms=0.75,
+        device_ms=0.5, host_ms=2.0, eager_ms=3.0, graph_host_ms=0.25))  # 3 tokens: the loaded graph did not fit
     out = tmp_path / "rows.json"
     prefill_rows.main(["--shape", "smollm2-135m", "--groups", "1-5:2", "--variant", "base:", "--rows", "3",
                        "--rows", "7", "--rounds", "1", "--repeats", "1", "--out", str(out)])
     record = tables.load(out)
     tables.check(record, out.name)
-    assert [row[1:5] for row in record["rows"]] == [["base", "none", 3, 4.0], ["base", "1-5:2", 3, 4.0],
-                                                    ["base", "none", 7, 8.0], ["base", "1-5:2", 7, 8.0]]
+    assert [row[1:6] for row in record["rows"]] == [["base", "none", 3, 4.0, None], ["base", "1-5:2", 3, 4.0, None],
+                                                    ["base", "none", 7, 8.0, 0.6], ["base", "1-5:2", 7, 8.0, 0.6]]
     assert record["card"] == "a faked GPU"
 
 
