@@ -7,8 +7,9 @@ the shape's CQIL groups. This is the measurement behind fused.use_blas' default 
     python benchmarks/prefill_rows.py --shape llama-7b --rows 16 --rows 64 --rows 512 \\
         --variant kernels:CQIL_PREFILL_BLAS_ROWS=0 --variant blas:CQIL_PREFILL_BLAS_ROWS=1 --out rows.json
 
-Wall, rested wall, eager, device and host ms as cqil_kernels.bench.prefill_split_ms measures them (device:
-the step queued behind a GPU sleep; rested: the wall after the GPU rested, at the device time's clock).
+Wall, device under load, rested wall, eager, device and host ms as cqil_kernels.bench.prefill_split_ms
+measures them (device: the step queued behind a GPU sleep, at the full clock; under load: the step replayed
+back to back, at the clock the wall runs at; rested: the wall after the GPU rested).
 Variants and groupings alternate, order reversed every other round.
 """
 
@@ -87,8 +88,8 @@ def main(argv=None) -> None:
                      what=(f"bf16, batch 1, random weights; wall = the graph-replayed prompt (the default on CUDA) "
                            f"including new_cache, the GPU busy before it; device under load = the step "
                            f"replayed back to back (bench.loaded_device_ms); rested = the wall after "
-                           f"{REST_S} s of rest (the device time's clock: bench.prefill_split_ms); eager = prefill "
-                           f"graphs off; device = the step queued behind a GPU "
+                           f"{REST_S} s of rest (a prompt arriving at an idle GPU: bench.prefill_split_ms); "
+                           f"eager = prefill graphs off; device = the step queued behind a GPU "
                            f"sleep; host = wall time to enqueue; medians of {a.rounds} rounds of {a.repeats}, "
                            f"variants and groupings alternated"),
                      columns=["shape", "variant", "groups", "prompt tokens", "wall ms (graph)",
