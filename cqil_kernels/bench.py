@@ -235,8 +235,10 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
     10.99 ms, 1980 MHz, after 0.3 s of rest or behind a 0.2 s GPU sleep; benchmarks/graph_launch.py's
     replay_regimes). So wall_ms compares with loaded_device_ms (both under load); device_ms (behind a GPU
     sleep, which draws no power) is the full clock's. rested_ms is what a prompt arriving at an idle GPU
-    waits: a compute-bound one regains the full clock, a small one pays the GPU's wake from idle (SmolLM2's
-    512-token prompt: 2.47 ms rested, 1.94 back to back, 1.48 of device time; H100, 4da94e6)."""
+    waits: a compute-bound one regains the full clock, a small one waits longer (SmolLM2's 512-token prompt:
+    2.15 ms rested, 1.82 back to back, 1.47 of device time under load; its graph's replay alone after the same
+    rest only 0.08 ms longer than back to back, so most of it is the host's Python after a sleep; H100,
+    20c0be7 and 80a81bc)."""
     from . import fused
 
     B, T = ids.shape
