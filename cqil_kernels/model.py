@@ -202,47 +202,102 @@ class KVCache:
         # with NaN), so zeros would be device time spent on nothing (LLaMA-7B, a 4096-position cache: 2 GiB).
         kv = allocate((2, total), dtype, torch.device(device), f"a KV cache of batch {batch} x {max_seq} positions",
                       zeroed=False)
-        # The stages' tensors (k and v, made at their first use) are views: a prompt replayed from a CUDA graph
-        # into a new cache only needs the runs below (KVCache is made on the host before every plain prompt,
-        # whose replay waits for it; the stages' 60 views of a 30-layer model were half of its time)
+        # The stages' tensors (k and v), the runs of equal heads and the bookkeeping's fields are views, each made
+        # at its first use. A prompt replayed from a CUDA graph into a new cache (made on the host before every
+        # plain prompt, whose replay waits for it) first touches them in copy_prompt, once its replay is queued.
+        # The stages' 60 views of a 30-layer model were half of this constructor's time, the runs' and fields' 13
+        # tensor ops 13 of the 33 us left (a CPU). Views only (no allocation, no kernel): made inside a CUDA
+        # graph's capture, they are the same views.
         self._kv, self._shapes, self._stage_views = kv, shapes, None
         self.dtype, self.device = kv.dtype, kv.device
-        # the keys (values) of each run of consecutive stages that cache the same heads as one
-        # [layers, B, heads, S_max, Dh] view (and both as one [2, layers, ...] view: copy_prompt's one copy per
-        # run): one run for a whole model,
-        # a few on a tensor-parallel rank of the hybrid placement (shards outside the groups, whole layers
-        # inside); stages a rank does not hold (no heads) are left out
-        self.runs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._run_kv: list[torch.Tensor] = []  # each run's keys and values as one [2, layers, ...] view (copy_prompt)
-        offset = 0
-        for heads, run in itertools.groupby(zip(stages, kv_heads), key=lambda stage_heads: stage_heads[1]):
-            layers = (sum(len(stage) for stage, _ in run), batch, heads, max_seq, args.head_dim)
-            size = math.prod(layers)
-            if size:
-                pair = kv[:, offset:offset + size].view(2, *layers)
-                self._run_kv.append(pair)
-                self.runs.append((pair[0], pair[1]))
-            offset += size
+        self._run_heads, self._head_dim = tuple(kv_heads), args.head_dim
+        self._run_views: tuple[list, list] | None = None
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
         # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
         # one fill here, one fill in clear() (generate's every call), where there were four of each
-        field_bytes = (batch * max_seq, 8 * batch, 4, 4)
+        self._field_bytes = (batch * max_seq, 8 * batch, 4, 4)
         at = [0]
-        for nbytes in field_bytes:
+        for nbytes in self._field_bytes:
             at.append(at[-1] + -(-nbytes // 16) * 16)
+        self._field_at = at
         self._bookkeeping = allocate((at[-1],), torch.uint8, torch.device(device),
                                      f"the bookkeeping of a KV cache of batch {batch} x {max_seq} positions")
-        key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n] for a, n in zip(at, field_bytes))
-        self.key_valid = key_valid.view(torch.bool).view(batch, max_seq)
-        self.n_tokens = n_tokens.view(torch.int64)
-        self.position = position.view(torch.int32)
-        self.start = start.view(torch.int32)
+        self._field_views: tuple[torch.Tensor, ...] | None = None
         self.batch, self.max_seq, self.length = batch, max_seq, 0
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
         # when it is empty, and run straight into it (no scratch of its own, nothing to copy over)
         self.long_lived = False
         # a generate or stream is running in it (generation.new_tokens): graphs.DecodeSlots does not hand it out
         self.busy = False
+
+    @property
+    def runs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys (values) of each run of consecutive stages that cache the same heads as one
+        [layers, B, heads, S_max, Dh] view: one run for a whole model, a few on a tensor-parallel rank of the
+        hybrid placement (shards outside the groups, whole layers inside); stages a rank does not hold (no
+        heads) are left out."""
+        return self._runs()[0]
+
+    @property
+    def _run_kv(self) -> list[torch.Tensor]:
+        """Each run's keys and values as one [2, layers, ...] view (copy_prompt's one copy per run)."""
+        return self._runs()[1]
+
+    def _runs(self) -> tuple[list, list]:
+        if self._run_views is None:
+            self._run_views = self._made_as_the_buffers_were(self._make_runs)
+        return self._run_views
+
+    def _made_as_the_buffers_were(self, make):
+        """make()'s views of the buffers, made as the constructor would have made them: normal tensors of normal
+        buffers even when first asked for under inference_mode (generate's), where a view would be one that no
+        in-place update outside it may touch (clear(), copy_prompt)."""
+        with torch.inference_mode(self._bookkeeping.is_inference()):
+            return make()
+
+    def _make_runs(self) -> tuple[list, list]:
+        runs, pairs, offset = [], [], 0
+        for heads, run in itertools.groupby(zip(self.stages, self._run_heads), key=lambda pair: pair[1]):
+            layers = (sum(len(stage) for stage, _ in run), self.batch, heads, self.max_seq, self._head_dim)
+            size = math.prod(layers)
+            if size:
+                pair = self._kv[:, offset:offset + size].view(2, *layers)
+                pairs.append(pair)
+                runs.append((pair[0], pair[1]))
+            offset += size
+        return runs, pairs
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        """(key_valid, n_tokens, position, start): views of the bookkeeping buffer, made once."""
+        if self._field_views is None:
+            self._field_views = self._made_as_the_buffers_were(self._make_fields)
+        return self._field_views
+
+    def _make_fields(self) -> tuple[torch.Tensor, ...]:
+        key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n]
+                                                for a, n in zip(self._field_at, self._field_bytes))
+        return (key_valid.view(torch.bool).view(self.batch, self.max_seq), n_tokens.view(torch.int64),
+                position.view(torch.int32), start.view(torch.int32))
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        """[B, S_max] bool: False at left-padding positions and at positions not filled yet."""
+        return self._fields()[0]
+
+    @property
+    def n_tokens(self) -> torch.Tensor:
+        """[B] int64: each row's real tokens so far (its next token's RoPE position)."""
+        return self._fields()[1]
+
+    @property
+    def position(self) -> torch.Tensor:
+        """int32 [1]: positions filled so far, on the device (a captured graph advances it)."""
+        return self._fields()[2]
+
+    @property
+    def start(self) -> torch.Tensor:
+        """int32 [1]: the first slot of the Triton step in flight."""
+        return self._fields()[3]
 
     @property
     def k(self) -> list[torch.Tensor]:
@@ -258,16 +313,19 @@ class KVCache:
         """The stages' keys and values, made once: each run of consecutive stages of one shape by one view and
         one unbind."""
         if self._stage_views is None:
-            ks, vs = [], []
-            offset = 0
-            for shape, run in itertools.groupby(self._shapes):
-                n = len(list(run))
-                size = n * math.prod(shape)
-                ks.extend(self._kv[0, offset:offset + size].view(n, *shape).unbind(0))
-                vs.extend(self._kv[1, offset:offset + size].view(n, *shape).unbind(0))
-                offset += size
-            self._stage_views = (ks, vs)
+            self._stage_views = self._made_as_the_buffers_were(self._make_stage_views)
         return self._stage_views
+
+    def _make_stage_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ks, vs = [], []
+        offset = 0
+        for shape, run in itertools.groupby(self._shapes):
+            n = len(list(run))
+            size = n * math.prod(shape)
+            ks.extend(self._kv[0, offset:offset + size].view(n, *shape).unbind(0))
+            vs.extend(self._kv[1, offset:offset + size].view(n, *shape).unbind(0))
+            offset += size
+        return ks, vs
 
     def layer(self, stage: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer j of stage `stage`: (k, v), each [B, Hkv, S_max, Dh]."""
@@ -449,7 +507,7 @@ class TorchRunner:
     def begin(self, input_ids, valid, cache) -> tuple[StepContext, KVCache | None]:
         ctx = self.model.step_context(input_ids, valid, cache)
         if cache is not None:
-            cache.position += input_ids.shape[1]
+            cache.position.add_(input_ids.shape[1])
         return ctx, cache
 
     def embed(self, input_ids, state) -> torch.Tensor:
@@ -706,7 +764,7 @@ class CQILTransformer(nn.Module):
         positions = (before + valid.long().cumsum(1) - 1).clamp(min=0)
         if cache is not None:
             cache.key_valid[:, start:end] = valid
-            cache.n_tokens += valid.long().sum(1)
+            cache.n_tokens.add_(valid.long().sum(1))
             key_valid = cache.key_valid[:, :end]
         else:
             key_valid = valid

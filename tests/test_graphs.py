@@ -204,7 +204,7 @@ class _StandInGraph:
         if self.cache is not None:
             L = self.cache.length
             self.cache.key_valid[:, L:L + self.T] = True
-            self.cache.n_tokens += self.T
+            self.cache.n_tokens.add_(self.T)
             self.cache.position.fill_(L + self.T)
             self.cache.start.fill_(L)
 

@@ -194,6 +194,29 @@ def test_kv_cache_groups_are_contiguous():
     assert all((t == i + 1).all() for i, t in enumerate(views))  # no two views overlap
 
 
+@pytest.mark.parametrize("made_under_inference_mode", [False, True])
+def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_inference_mode):
+    """A new cache allocates its buffers and makes no view of them (a prompt into a new cache first touches
+    them after its replay is queued); the views first asked for under inference_mode (generate's) are what the
+    constructor made before: normal tensors of a normal cache, which clear() and copy_prompt update outside it
+    (an inference-mode view there raised "Inplace update to inference tensor outside InferenceMode")."""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    with torch.inference_mode(made_under_inference_mode):
+        cache, src = model.new_cache(batch=2, max_seq=12), model.new_cache(batch=2, max_seq=8)
+    assert cache._run_views is None and cache._field_views is None and cache._stage_views is None
+    with torch.inference_mode():
+        views = [cache.key_valid, cache.n_tokens, cache.position, cache.start, *cache.runs[0], *cache.k]
+    assert all(t.is_inference() == made_under_inference_mode for t in views)
+    assert cache.key_valid is views[0] and cache.runs[0][0] is views[4]  # made once
+    with torch.inference_mode(made_under_inference_mode):
+        src.key_valid[:, :5] = True
+        src.n_tokens.fill_(5)
+        cache.copy_prompt(src, 5)
+        assert int(cache.position) == 5 and cache.key_valid[:, :5].all() and not cache.key_valid[:, 5:].any()
+        cache.clear()
+        assert not cache.key_valid.any() and int(cache.position) == 0
+
+
 @pytest.mark.parametrize("batch, max_seq", [(1, 1), (3, 17), (2, 128)])
 def test_kv_cache_bookkeeping_is_one_buffer_of_separate_fields(batch, max_seq):
     """key_valid, n_tokens, position and start are views of one zeroed buffer (one allocation, and one fill
