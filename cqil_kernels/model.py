@@ -279,25 +279,13 @@ class KVCache:
         return (key_valid.view(torch.bool).view(self.batch, self.max_seq), n_tokens.view(torch.int64),
                 position.view(torch.int32), start.view(torch.int32))
 
-    @property
-    def key_valid(self) -> torch.Tensor:
-        """[B, S_max] bool: False at left-padding positions and at positions not filled yet."""
-        return self._fields()[0]
-
-    @property
-    def n_tokens(self) -> torch.Tensor:
-        """[B] int64: each row's real tokens so far (its next token's RoPE position)."""
-        return self._fields()[1]
-
-    @property
-    def position(self) -> torch.Tensor:
-        """int32 [1]: positions filled so far, on the device (a captured graph advances it)."""
-        return self._fields()[2]
-
-    @property
-    def start(self) -> torch.Tensor:
-        """int32 [1]: the first slot of the Triton step in flight."""
-        return self._fields()[3]
+    key_valid = property(lambda self: self._fields()[0],
+                         doc="[B, S_max] bool: False at left-padding positions and at positions not filled yet.")
+    n_tokens = property(lambda self: self._fields()[1],
+                        doc="[B] int64: each row's real tokens so far (its next token's RoPE position).")
+    position = property(lambda self: self._fields()[2],
+                        doc="int32 [1]: positions filled so far, on the device (a captured graph advances it).")
+    start = property(lambda self: self._fields()[3], doc="int32 [1]: the first slot of the Triton step in flight.")
 
     @property
     def k(self) -> list[torch.Tensor]:
