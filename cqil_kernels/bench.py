@@ -330,22 +330,20 @@ def loaded_device_ms(run, repeats: int, before=None, seconds: float = LOADED_S) 
     batch queued at once (the GPU never waits for the host), a synchronisation between batches, for at least
     `seconds`; the last batch's median. The clock of a GPU running prompts one after another, which for a
     compute-bound step is the lower clock of its power limit (bench.device_ms: the full clock, after a
-    sleep). None when the graph's memory does not fit."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiled and autotuned outside the capture
+    sleep). None when the graph's memory does not fit (graphs' capture warns)."""
+    from .graphs import _CapturedLazily
+
+    def step():
         if before is not None:
             before()
         run()
-    torch.cuda.current_stream().wait_stream(side)
-    try:
-        with torch.cuda.graph(graph):
-            if before is not None:
-                before()
-            run()
-    except torch.OutOfMemoryError:
+
+    captured = _CapturedLazily()
+    for _ in range(2):  # eager on a side stream (compiled and autotuned there), then captured
+        captured.replay_or_run(step)
+    if captured.graph is None:
         return None
+    graph = captured.graph
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     t0 = time.perf_counter()
     while True:
