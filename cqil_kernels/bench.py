@@ -252,24 +252,20 @@ def prefill_split_ms(model, ids: torch.Tensor, repeats: int, cache_len: int | No
             backend.prefill_graphs = graphs
             for _ in range(2):  # the bucket's first forward runs eagerly, its second captures the graph
                 model(ids, cache=model.new_cache(B, cache_len))
+        forms = ((True, "rested_ms", None, REST_S), (True, "wall_ms", "graph_host_ms", 0.0),
+                 (False, "eager_ms", "host_ms", 0.0))  # prefill graphs, the wall's key, the host's, rest first
         for _ in range(repeats):
-            backend.prefill_graphs = True
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            time.sleep(REST_S)
-            start.record()
-            model(ids, cache=model.new_cache(B, cache_len))
-            end.record()
-            end.synchronize()
-            times["rested_ms"].append(start.elapsed_time(end))
-            for graphs, wall, host in ((True, "wall_ms", "graph_host_ms"), (False, "eager_ms", "host_ms")):
+            for graphs, wall, host, rest in forms:
                 backend.prefill_graphs = graphs
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
+                if rest:
+                    time.sleep(rest)
                 t0 = time.perf_counter()
                 start.record()
                 model(ids, cache=model.new_cache(B, cache_len))
-                times[host].append((time.perf_counter() - t0) * 1e3)
+                if host is not None:
+                    times[host].append((time.perf_counter() - t0) * 1e3)
                 end.record()
                 end.synchronize()
                 times[wall].append(start.elapsed_time(end))
