@@ -16,6 +16,7 @@ P layers in a group.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -193,9 +194,9 @@ class KVCache:
         """kv_heads: the key/value heads each stage caches (default the config's; a tensor-parallel rank
         caches only its shard's)."""
         self.stages = stages
-        kv_heads = kv_heads if kv_heads is not None else [args.num_key_value_heads] * len(stages)
-        shapes = [(len(s), batch, h, max_seq, args.head_dim) for s, h in zip(stages, kv_heads)]
-        total = sum(math.prod(shape) for shape in shapes)
+        kv_heads = tuple(kv_heads) if kv_heads is not None else (args.num_key_value_heads,) * len(stages)
+        total, self._field_bytes, self._field_at = _cache_layout(tuple(stages), kv_heads, batch, max_seq,
+                                                                 args.head_dim)
         # one allocation for every layer's keys and values, not filled: a step writes every position it covers
         # (left padding and a prompt bucket's right padding included) before any kernel reads it, and attention
         # reads only positions below the step's last (masked loads, tested with the unwritten ones poisoned
@@ -208,20 +209,18 @@ class KVCache:
         # The stages' 60 views of a 30-layer model were half of this constructor's time, the runs' and fields' 13
         # tensor ops 13 of the 33 us left (a CPU). Views only (no allocation, no kernel): made inside a CUDA
         # graph's capture, they are the same views.
-        self._kv, self._shapes, self._stage_views = kv, shapes, None
+        self._kv, self._stage_views = kv, None
         self.dtype, self.device = kv.dtype, kv.device
-        self._run_heads, self._head_dim = tuple(kv_heads), args.head_dim
+        self._run_heads, self._head_dim = kv_heads, args.head_dim
         self._run_views: tuple[list, list] | None = None
         # the bookkeeping, key_valid [B, S] bool, n_tokens [B] int64, position and start int32 [1], as views of
-        # one zeroed buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation and
-        # one fill here, one fill in clear() (generate's every call), where there were four of each
-        self._field_bytes = (batch * max_seq, 8 * batch, 4, 4)
-        at = [0]
-        for nbytes in self._field_bytes:
-            at.append(at[-1] + -(-nbytes // 16) * 16)
-        self._field_at = at
-        self._bookkeeping = allocate((at[-1],), torch.uint8, torch.device(device),
-                                     f"the bookkeeping of a KV cache of batch {batch} x {max_seq} positions")
+        # one buffer (each at a 16-byte boundary, as a tensor of its own would be): one allocation, one fill in
+        # clear() (generate's every call), where there were four of each. The buffer is zeroed as its fields
+        # are first made (_fields), so that a new cache's fill too comes after a replayed prompt is queued.
+        self._bookkeeping = allocate((self._field_at[-1],), torch.uint8, torch.device(device),
+                                     f"the bookkeeping of a KV cache of batch {batch} x {max_seq} positions",
+                                     zeroed=False)
+        self._zeroed = False
         self._field_views: tuple[torch.Tensor, ...] | None = None
         self.batch, self.max_seq, self.length = batch, max_seq, 0
         # kept for later calls (generate's, graphs.DecodeSlots): a prompt's graph may bind to this cache even
@@ -268,8 +267,16 @@ class KVCache:
         return runs, pairs
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
-        """(key_valid, n_tokens, position, start): views of the bookkeeping buffer, made once."""
+        """(key_valid, n_tokens, position, start): views of the bookkeeping buffer, made once; the buffer is
+        zeroed then (a kernel: RuntimeError where that would be recorded into a CUDA graph's capture, whose
+        every replay would then empty the cache)."""
         if self._field_views is None:
+            if not self._zeroed:
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("a new KV cache's bookkeeping was first used inside a CUDA graph capture, "
+                                       "which would record its zeroing: use the cache (or clear() it) before")
+                self._bookkeeping.zero_()
+                self._zeroed = True
             self._field_views = self._made_as_the_buffers_were(self._make_fields)
         return self._field_views
 
@@ -307,7 +314,8 @@ class KVCache:
     def _make_stage_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ks, vs = [], []
         offset = 0
-        for shape, run in itertools.groupby(self._shapes):
+        shapes = [(len(s), self.batch, h, self.max_seq, self._head_dim) for s, h in zip(self.stages, self._run_heads)]
+        for shape, run in itertools.groupby(shapes):
             n = len(list(run))
             size = n * math.prod(shape)
             ks.extend(self._kv[0, offset:offset + size].view(n, *shape).unbind(0))
@@ -327,6 +335,7 @@ class KVCache:
         """Forget every position (the buffers stay): the cache is empty again, as a new one is (the old
         keys and values are left in place, marked invalid, and overwritten as positions are filled)."""
         self._bookkeeping.zero_()  # key_valid, n_tokens, position and start
+        self._zeroed = True
         self.length = 0
 
     def restore(self) -> None:
@@ -362,6 +371,20 @@ class KVCache:
         self.key_valid[:, :length].copy_(src.key_valid[:, :length])
         self.n_tokens.copy_(src.n_tokens)
         self.position.fill_(length)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_layout(stages: tuple[tuple[int, ...], ...], kv_heads: tuple[int, ...], batch: int, max_seq: int,
+                  head_dim: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """A KVCache's layout, the same for every cache of these arguments (made once: a new cache comes before
+    every plain prompt): the elements of its keys (or values), its bookkeeping fields' bytes and their
+    offsets in the bookkeeping buffer (each at a 16-byte boundary; the last entry is the buffer's size)."""
+    total = batch * max_seq * head_dim * sum(len(stage) * heads for stage, heads in zip(stages, kv_heads))
+    field_bytes = (batch * max_seq, 8 * batch, 4, 4)
+    at = [0]
+    for nbytes in field_bytes:
+        at.append(at[-1] + -(-nbytes // 16) * 16)
+    return total, field_bytes, tuple(at)
 
 
 def _as_words(rows: torch.Tensor) -> torch.Tensor:

@@ -217,13 +217,35 @@ def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_infe
         assert not cache.key_valid.any() and int(cache.position) == 0
 
 
+def test_a_new_caches_bookkeeping_is_never_first_zeroed_inside_a_graph_capture(monkeypatch):
+    """The bookkeeping's zeroing waits for its first use, a kernel: inside a CUDA graph's capture it would be
+    recorded and empty the cache at every replay, so a first use there is refused (a capture of a cache's
+    step always follows an eager one: graphs._CapturedLazily). A cache cleared first needs no zeroing and
+    may be; so may the capture of an already used one. (The capture is simulated: this runs on any device.)"""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fresh, cleared, used = (model.new_cache(batch=1, max_seq=8) for _ in range(3))
+    cleared.clear()
+    used.position.zero_()
+    for cache in (fresh, cleared, used):
+        cache.device = torch.device("cuda")  # as a CUDA cache reports itself; its buffers stay where they are
+    with pytest.raises(RuntimeError, match="first used inside a CUDA graph capture"):
+        fresh.position
+    assert fresh._field_views is None
+    for cache in (cleared, used):
+        assert int(cache.position) == 0 and not cache.key_valid.any()
+
+
 @pytest.mark.parametrize("batch, max_seq", [(1, 1), (3, 17), (2, 128)])
 def test_kv_cache_bookkeeping_is_one_buffer_of_separate_fields(batch, max_seq):
-    """key_valid, n_tokens, position and start are views of one zeroed buffer (one allocation, and one fill
-    in clear()), each contiguous at a 16-byte boundary; writing one leaves the others alone; clear() zeroes
-    them all and leaves the keys and values in place."""
+    """key_valid, n_tokens, position and start are views of one buffer (one allocation, and one fill in
+    clear()), each contiguous at a 16-byte boundary, zeroed as they are first used (whatever the allocator
+    left there); writing one leaves the others alone; clear() zeroes them all and leaves the keys and values
+    in place."""
     model = CQILLlama.from_pretrained(random_hf_model())
     cache = model.new_cache(batch=batch, max_seq=max_seq)
+    assert cache._field_views is None
+    cache._bookkeeping.fill_(0xA5)  # what a reused block may hold
     fields = {"key_valid": (torch.bool, (batch, max_seq)), "n_tokens": (torch.int64, (batch,)),
               "position": (torch.int32, (1,)), "start": (torch.int32, (1,))}
     for name, (dtype, shape) in fields.items():
