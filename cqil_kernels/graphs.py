@@ -220,6 +220,7 @@ class _Bucket(_CapturedLazily):
         self.mask = torch.ones(batch, length, dtype=torch.bool, device=device)
         self.mask_set = False
         self.count = torch.zeros(1, dtype=torch.int32, device=device)  # T, the true length
+        self.counted = 0  # the T `count` holds: written only when a prompt of another length comes (a launch)
         self.columns = torch.arange(length, device=device)
         # row b's last `keep` real positions are rows b * length + T - keep + j of the step's B * length
         self.base = (torch.arange(batch, device=device)[:, None] * length
@@ -230,7 +231,8 @@ class _Bucket(_CapturedLazily):
         self.scratch = scratch if cache is None else None
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid."""
+        """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid. A prompt of the last
+        one's length (a chunked prompt's chunks, requests of one shape) is one copy."""
         T = input_ids.shape[1]
         self.ids[:, :T].copy_(input_ids)
         if valid is not None:
@@ -239,7 +241,9 @@ class _Bucket(_CapturedLazily):
         elif self.mask_set:
             self.mask.fill_(True)
             self.mask_set = False
-        self.count.fill_(T)
+        if T != self.counted:
+            self.count.fill_(T)
+            self.counted = T
 
     def forward(self, step_fn) -> torch.Tensor:
         """The padded step into the scratch or the caller's cache (reads the length on the device only:

@@ -659,19 +659,44 @@ def test_cpu_forwards_do_not_use_prefill_graphs():
     assert model.accelerator.graphs is None
 
 
-def test_a_bucket_fills_its_mask_only_after_a_masked_prompt():
+def test_a_bucket_writes_its_mask_and_length_only_when_they_change():
     """_Bucket.load: an unmasked prompt (the usual one) leaves the mask buffer alone while it is all True; a
-    masked prompt's mask is copied in, and the next unmasked prompt sees every position real again."""
+    masked prompt's mask is copied in, and the next unmasked prompt sees every position real again. The true
+    length is written only when it differs from the last prompt's: a prompt of the same length and no mask
+    is the ids' one copy (each write is a launch before the replay)."""
     model = _model(GROUPINGS["none"])
     entry = graphs._Bucket(model, 2, 16, 1, scratch=model.new_cache(2, 16))
     ids = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
     entry.load(ids, None)
     assert entry.mask.all() and not entry.mask_set and int(entry.count) == 11
+    other = ids + 1
+    with _ops_logged() as ops:
+        entry.load(other, None)
+    assert ops == ["aten.copy_.default"] and int(entry.count) == 11 and int(entry.ids[0, 10]) == 2
     valid = left_padding_mask(ids, [0, 4]).bool()
     entry.load(ids, valid)
-    assert torch.equal(entry.mask[:, :11], valid) and entry.mask_set
+    assert torch.equal(entry.mask[:, :11], valid) and entry.mask_set and int(entry.count) == 11
     entry.load(ids[:, :5], None)
     assert entry.mask.all() and not entry.mask_set and int(entry.count) == 5
+    entry.load(ids, None)
+    assert int(entry.count) == 11
+
+
+@contextlib.contextmanager
+def _ops_logged():
+    """The aten ops run inside the block, by name (views left out: they launch nothing)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        yield ops
 
 
 def test_a_held_decode_step_refuses_a_changed_model():
