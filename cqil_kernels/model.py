@@ -674,11 +674,20 @@ class CQILTransformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self._weight("embed_tokens").device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self._weight("embed_tokens").dtype
+
+    def _weight(self, module: str) -> torch.Tensor:
+        """self.<module>.weight, looked up in the modules' own tables: nn.Module's attribute fallback costs
+        ~0.5 us a level (a CPU), and a replayed prompt's forward reads a dozen of these before its replay
+        (device, dtype, the graph signature)."""
+        try:
+            return self._modules[module]._parameters["weight"]
+        except KeyError:  # a module replaced by one whose weight is not a parameter of its own
+            return getattr(self, module).weight
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would round the RoPE frequencies to 16 bits; keep them fp32 and recomputed
@@ -712,9 +721,10 @@ class CQILTransformer(nn.Module):
         scan=False: the packed weights as last packed, without the scan of their bindings that finds a
         parameter replaced by hand (PackedLayers.is_current: ~60 of the ~70 us the whole check took in a GPU
         host's Python for SmolLM2's 270 bindings); PrefillGraphs runs that scan while a replay runs."""
-        return (id(self.packed_weights() if scan else self.packed), self.stages, self.cqil, self.dtype, self.device,
-                self.embed_tokens.weight.data_ptr(), self.lm_head.weight.data_ptr(), self.norm.weight.data_ptr(),
-                self.inv_freq.data_ptr())
+        embed = self._weight("embed_tokens")
+        return (id(self.packed_weights() if scan else self.packed), self.stages, self._cqil, embed.dtype, embed.device,
+                embed.data_ptr(), self._weight("lm_head").data_ptr(), self._weight("norm").data_ptr(),
+                self._buffers["inv_freq"].data_ptr())
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_seq` positions, in this grouping's layout."""
