@@ -217,6 +217,32 @@ def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_infe
         assert not cache.key_valid.any() and int(cache.position) == 0
 
 
+def test_device_dtype_and_graph_signature_follow_the_weights_however_they_are_held():
+    """The model's device, dtype and graph signature read the embedding, lm_head and norm weights from the
+    modules' own parameter tables (cheap): a weight replaced by hand, moved or cast shows in them, and a
+    module replaced by one whose weight is not a parameter of its own is still read (through attributes)."""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    before = model.graph_signature(scan=False)
+    assert (model.device, model.dtype) == (model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
+    model.norm.weight = torch.nn.Parameter(model.norm.weight.detach().clone())
+    assert model.graph_signature(scan=False) != before
+    model.to(torch.float64)
+    assert model.dtype == torch.float64 and model.graph_signature(scan=False)[3] == torch.float64
+
+    class Wrapped(torch.nn.Module):  # e.g. an adapter around the embedding: no weight of its own
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def weight(self):
+            return self.inner.weight
+
+    model.embed_tokens = Wrapped(model.embed_tokens)
+    assert model.dtype == torch.float64 and model.device == model.embed_tokens.inner.weight.device
+    assert model.graph_signature(scan=False)[5] == model.embed_tokens.inner.weight.data_ptr()
+
+
 def test_a_new_caches_bookkeeping_is_never_first_zeroed_inside_a_graph_capture(monkeypatch):
     """The bookkeeping's zeroing waits for its first use, a kernel: inside a CUDA graph's capture it would be
     recorded and empty the cache at every replay, so a first use there is refused (a capture of a cache's
