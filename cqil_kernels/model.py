@@ -193,6 +193,7 @@ class KVCache:
                  device: torch.device, dtype: torch.dtype, kv_heads: list[int] | None = None):
         """kv_heads: the key/value heads each stage caches (default the config's; a tensor-parallel rank
         caches only its shard's)."""
+        check_cache_size(batch, max_seq)
         self.stages = stages
         kv_heads = tuple(kv_heads) if kv_heads is not None else (args.num_key_value_heads,) * len(stages)
         total, self._field_bytes, self._field_at = _cache_layout(tuple(stages), kv_heads, batch, max_seq,
@@ -371,6 +372,13 @@ class KVCache:
         self.key_valid[:, :length].copy_(src.key_valid[:, :length])
         self.n_tokens.copy_(src.n_tokens)
         self.position.fill_(length)
+
+
+def check_cache_size(batch, max_seq) -> None:
+    """ValueError unless a KV cache's batch and max_seq are ints >= 1."""
+    for name, value in (("batch", batch), ("max_seq", max_seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"a KV cache's {name} must be an int >= 1, got {value!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -728,6 +736,7 @@ class CQILTransformer(nn.Module):
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_seq` positions, in this grouping's layout."""
+        check_cache_size(batch, max_seq)
         if max_seq > self.args.max_position_embeddings:
             raise ValueError(
                 f"a cache of {max_seq} positions exceeds max_position_embeddings "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cqil_kernels import CQILConfig, CQILLlama
+from cqil_kernels.model import KVCache
 
 from conftest import left_padding_mask, random_hf_model
 
@@ -215,6 +216,19 @@ def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_infe
         assert int(cache.position) == 5 and cache.key_valid[:, :5].all() and not cache.key_valid[:, 5:].any()
         cache.clear()
         assert not cache.key_valid.any() and int(cache.position) == 0
+
+
+@pytest.mark.parametrize("batch, max_seq, bad", [(0, 8, "batch"), (-1, 8, "batch"), (1.5, 8, "batch"),
+                                                 (True, 8, "batch"), ("2", 8, "batch"), (1, 0, "max_seq"),
+                                                 (1, -3, "max_seq"), (1, 8.0, "max_seq"), (1, None, "max_seq")])
+def test_a_kv_cache_of_a_size_that_is_not_a_positive_int_is_refused_by_name(batch, max_seq, bad):
+    """new_cache (and KVCache, which a rank makes itself) refuse a batch or max_seq that is not an int >= 1 with
+    an error naming it, not torch's message about a negative dimension or a float accepted to fail later."""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    for make in (lambda: model.new_cache(batch, max_seq),
+                 lambda: KVCache(model.args, model.stages, batch, max_seq, model.device, model.dtype)):
+        with pytest.raises(ValueError, match=f"KV cache's {bad} must be an int >= 1"):
+            make()
 
 
 def test_device_dtype_and_graph_signature_follow_the_weights_however_they_are_held():
