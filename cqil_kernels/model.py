@@ -272,16 +272,16 @@ class KVCache:
         zeroed then (a kernel: RuntimeError where that would be recorded into a CUDA graph's capture, whose
         every replay would then empty the cache)."""
         if self._field_views is None:
-            if not self._zeroed:
-                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError("a new KV cache's bookkeeping was first used inside a CUDA graph capture, "
-                                       "which would record its zeroing: use the cache (or clear() it) before")
-                self._bookkeeping.zero_()
-                self._zeroed = True
             self._field_views = self._made_as_the_buffers_were(self._make_fields)
         return self._field_views
 
     def _make_fields(self) -> tuple[torch.Tensor, ...]:
+        if not self._zeroed:  # in the buffer's own mode (_made_as_the_buffers_were), as the constructor did
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("a new KV cache's bookkeeping was first used inside a CUDA graph capture, "
+                                   "which would record its zeroing: use the cache (or clear() it) before")
+            self._bookkeeping.zero_()
+            self._zeroed = True
         key_valid, n_tokens, position, start = (self._bookkeeping[a:a + n]
                                                 for a, n in zip(self._field_at, self._field_bytes))
         return (key_valid.view(torch.bool).view(self.batch, self.max_seq), n_tokens.view(torch.int64),

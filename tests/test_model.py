@@ -208,6 +208,10 @@ def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_infe
     with torch.inference_mode():
         views = [cache.key_valid, cache.n_tokens, cache.position, cache.start, *cache.runs[0], *cache.k]
     assert all(t.is_inference() == made_under_inference_mode for t in views)
+    with torch.inference_mode(made_under_inference_mode):  # the other mode: the fields (and their zeroing) too
+        other = model.new_cache(batch=2, max_seq=12)
+    assert int(other.position) == 0 and not other.key_valid.any()
+    assert other.position.is_inference() == made_under_inference_mode
     assert cache.key_valid is views[0] and cache.runs[0][0] is views[4]  # made once
     with torch.inference_mode(made_under_inference_mode):
         src.key_valid[:, :5] = True
