@@ -10,6 +10,8 @@ machine of the same card to another: benchmarks/results/host_parts_smollm2_h100_
 installed package. The arguments after `--` go to benchmarks/prefill_rows.py (--script: another script that
 writes such a record), run once per build and round with --rounds 1, the builds' order reversed every other
 round. Rows: the script's rows with the build's name in front; the numeric cells are medians over the rounds.
+`paired`: the rounds compared pairwise (for each row and numeric column, in how many rounds this build was
+lower, and the median of the rounds' differences), steadier on a host whose speed drifts between rounds.
 """
 
 from __future__ import annotations
@@ -49,13 +51,39 @@ def merge(records: dict[str, list[dict]]) -> tuple[list[str], list[list]]:
         keyed: dict[tuple, list[list]] = {}
         for record in runs:
             for row in record["rows"]:
-                key = tuple(cell for cell in row if not isinstance(cell, float))
-                keyed.setdefault(key, []).append(row)
+                keyed.setdefault(_key(row), []).append(row)
         for same in keyed.values():
             merged = [round(statistics.median(cells), 3) if isinstance(cells[0], float) else cells[0]
                       for cells in zip(*same)]
             rows.append([name, *merged])
     return ["build", *(columns or [])], rows
+
+
+def paired(records: dict[str, list[dict]], old: str, new: str) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the rounds compared pairwise: the two builds' runs of one round ran next to each other,
+    so on a host whose speed drifts between rounds their difference is steadier than the difference of the
+    medians. For each row of the script's record (named by its non-numeric cells, as merge matches them) and
+    each numeric column: the rounds in which `new` was lower, the rounds, and the median of new - old."""
+    columns = records[old][0]["columns"]
+    diffs: dict[tuple[str, str], list[float]] = {}
+    for old_run, new_run in zip(records[old], records[new]):
+        by_key = {_key(row): row for row in new_run["rows"]}
+        for row in old_run["rows"]:
+            other = by_key.get(_key(row))
+            if other is None:
+                raise ValueError(f"{new}: no row matches {row} of {old}'s run")
+            name = " / ".join(str(cell) for cell in _key(row))
+            for column, a, b in zip(columns, row, other):
+                if isinstance(a, float) and isinstance(b, float):
+                    diffs.setdefault((name, column), []).append(b - a)
+    rows = [[name, column, sum(d < 0 for d in ds), len(ds), round(statistics.median(ds), 4)]
+            for (name, column), ds in diffs.items()]
+    return ["row", "column", f"rounds {new} lower", "rounds", f"median of {new} - {old}"], rows
+
+
+def _key(row: list) -> tuple:
+    """A script row's non-numeric cells: what names it across runs."""
+    return tuple(cell for cell in row if not isinstance(cell, float))
 
 
 def main(argv=None) -> None:
@@ -87,14 +115,18 @@ def main(argv=None) -> None:
                 print(f"== round {r}: {name}", flush=True)
                 records[name].append(run_script(a.script, script_args, Path(tmp) / f"{name}_{r}.json", path))
     columns, rows = merge(records)
+    pair_columns, pair_rows = paired(records, a.old_name, new_name)
     first = records[new_name][0]
     write_record(a.out, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), commit=new_name,
                  title=f"{first.get('title', a.script.name)}: {a.old_name} against {new_name}, same machine",
                  what=f"{a.script.name} {' '.join(script_args)}, run alternately with each build ({a.rounds} rounds, "
                       f"order reversed every other round, one process each), medians over the rounds; "
                       f"{a.old_name} imported from another build of the package ({a.old})",
-                 columns=columns, rows=rows)
+                 columns=columns, rows=rows, paired_columns=pair_columns, paired=pair_rows)
     for row in rows:
+        print(" ".join(str(cell) for cell in row))
+    print(" | ".join(pair_columns))
+    for row in pair_rows:
         print(" ".join(str(cell) for cell in row))
 
 

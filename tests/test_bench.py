@@ -77,7 +77,8 @@ def test_a_bench_cut_short_keeps_the_variants_it_measured(monkeypatch, tmp_path)
 def test_ab_trees_alternates_two_builds_and_takes_medians(monkeypatch, tmp_path):
     """benchmarks/ab_trees.py runs a script once per build and round, the builds' order reversed every other
     round, the old build first on PYTHONPATH; its record holds each build's rows with the numeric cells' medians
-    over the rounds and passes tables.py's checks. The script here is a stand-in writing made-up figures."""
+    over the rounds and passes tables.py's checks, and the rounds compared pairwise (how often the new build was
+    lower, the median difference). The script here is a stand-in writing made-up figures."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     import ab_trees
     import tables
@@ -107,6 +108,10 @@ json.dump(dict(title="fake", columns=["shape", "variant", "groups", "tokens", "w
     # wall: 3 + run / 100 for the old build's runs 1, 4, 5 (median 3.04), 2 + run / 100 for the new's 2, 3, 6
     assert record["rows"] == [[build, "s", "base", "none", T, wall, 1.5]
                               for build, wall in (("before", 3.04), ("after", 2.03)) for T in (64, 512)]
+    # paired by round: (old, new) runs (1, 2), (4, 3), (5, 6): wall new - old -0.99, -1.01, -0.99; device equal
+    assert record["paired_columns"] == ["row", "column", "rounds after lower", "rounds", "median of after - before"]
+    assert record["paired"] == [[f"s / base / none / {T}", column, lower, 3, diff]
+                                for T in (64, 512) for column, lower, diff in (("wall", 3, -0.99), ("device", 0, 0.0))]
     with pytest.raises(SystemExit, match="no cqil_kernels"):
         ab_trees.main(["--old", str(tmp_path), "--out", str(out)])
 
