@@ -192,8 +192,12 @@ class KVCache:
     def __init__(self, args: LlamaArgs, stages: list[tuple[int, ...]], batch: int, max_seq: int,
                  device: torch.device, dtype: torch.dtype, kv_heads: list[int] | None = None):
         """kv_heads: the key/value heads each stage caches (default the config's; a tensor-parallel rank
-        caches only its shard's)."""
+        caches only its shard's). ValueError unless batch and max_seq are ints >= 1, max_seq within
+        max_position_embeddings (the model's new_cache and a rank's both come here)."""
         check_cache_size(batch, max_seq)
+        if max_seq > args.max_position_embeddings:
+            raise ValueError(f"a cache of {max_seq} positions exceeds max_position_embeddings "
+                             f"({args.max_position_embeddings})")
         self.stages = stages
         kv_heads = tuple(kv_heads) if kv_heads is not None else (args.num_key_value_heads,) * len(stages)
         total, self._field_bytes, self._field_at = _cache_layout(tuple(stages), kv_heads, batch, max_seq,
@@ -736,11 +740,6 @@ class CQILTransformer(nn.Module):
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_seq` positions, in this grouping's layout."""
-        check_cache_size(batch, max_seq)
-        if max_seq > self.args.max_position_embeddings:
-            raise ValueError(
-                f"a cache of {max_seq} positions exceeds max_position_embeddings "
-                f"({self.args.max_position_embeddings})")
         return KVCache(self.args, self.stages, batch, max_seq, self.device, self.dtype)
 
     # ----------------------------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def test_kv_cache_views_are_made_at_first_use_as_the_buffers_are(made_under_infe
 
 @pytest.mark.parametrize("batch, max_seq, bad", [(0, 8, "batch"), (-1, 8, "batch"), (1.5, 8, "batch"),
                                                  (True, 8, "batch"), ("2", 8, "batch"), (1, 0, "max_seq"),
-                                                 (1, -3, "max_seq"), (1, 8.0, "max_seq"), (1, None, "max_seq")])
+                                                 (1, -3, "max_seq"), (1, 8.0, "max_seq"), (1, None, "max_seq"),
+                                                 (1, "8", "max_seq")])
 def test_a_kv_cache_of_a_size_that_is_not_a_positive_int_is_refused_by_name(batch, max_seq, bad):
     """new_cache (and KVCache, which a rank makes itself) refuse a batch or max_seq that is not an int >= 1 with
     an error naming it, not torch's message about a negative dimension or a float accepted to fail later."""
@@ -233,6 +234,11 @@ def test_a_kv_cache_of_a_size_that_is_not_a_positive_int_is_refused_by_name(batc
                  lambda: KVCache(model.args, model.stages, batch, max_seq, model.device, model.dtype)):
         with pytest.raises(ValueError, match=f"KV cache's {bad} must be an int >= 1"):
             make()
+    limit = model.args.max_position_embeddings
+    for make in (model.new_cache, lambda b, s: KVCache(model.args, model.stages, b, s, model.device, model.dtype)):
+        assert make(1, limit).max_seq == limit
+        with pytest.raises(ValueError, match=f"{limit + 1} positions exceeds max_position_embeddings"):
+            make(1, limit + 1)
 
 
 def test_device_dtype_and_graph_signature_follow_the_weights_however_they_are_held():

@@ -197,9 +197,6 @@ class RankModel:
                 "kept_kv_cache_bytes": self._decode_slots.cache_bytes() if self._decode_slots is not None else 0}
 
     def new_cache(self, batch: int, max_seq: int) -> KVCache:
-        if max_seq > self.args.max_position_embeddings:
-            raise ValueError(f"a cache of {max_seq} positions exceeds max_position_embeddings "
-                             f"({self.args.max_position_embeddings})")
         kv_heads = [self.layer_args[layers[0]].num_key_value_heads if layers else 0 for layers in self.stages]
         return KVCache(self.args, self.stages, batch, max_seq, self.device, self.dtype, kv_heads=kv_heads)
 
