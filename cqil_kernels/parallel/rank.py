@@ -303,7 +303,7 @@ class RankModel:
             return True
         policy = self.reducer.one_shot_policy
         P = max(len(stage) for stage in self.placement.stages)
-        nbytes = P * B * rows * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        nbytes = P * B * rows * self.args.hidden_size * self.dtype.itemsize
         return policy.enabled and nbytes <= policy.max_bytes and self.microbatch_span(B, rows) is None
 
     def packed_weights(self):
