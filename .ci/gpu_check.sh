@@ -40,7 +40,9 @@
 #   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
 #               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
 #               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4),
-#               DECODE_AB_ARGS (more of ab_decode.py's arguments, e.g. --batch 32)
+#               DECODE_AB_ARGS (more of ab_decode.py's arguments, e.g. --batch 32); its records are named
+#               decode_ab_<shape>_<groups>_vs_<HOST_AB_NAME>.json, the older build installed in /tmp/ab_<HOST_AB_NAME>, so
+#               one call may compare with several older builds (the stage run once per HOST_AB_OLD/HOST_AB_NAME)
 #   host_ab     issue 24: benchmarks/ab_trees.py, prefill_rows.py run alternately with an older build of the package
 #               and this one on the same machine (host times differ by half between machines of one card):
 #               HOST_AB_OLD=<carried folder with the older tree: git archive REV | tar -x -C DIR>, HOST_AB_NAME=<REV>,
@@ -203,20 +205,22 @@ for stage in $stages; do
       $kd_what --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
   host_ab|decode_ab)
-    [ -f /tmp/ab_old/cqil_kernels/__init__.py ] || CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps \
-      --no-build-isolation --target /tmp/ab_old "$HOST_AB_OLD" >> "$OUT/ab_install.log" 2>&1 \
+    ab_old=/tmp/ab_${HOST_AB_NAME:-old}  # one folder per older build: several A/Bs may run in one call
+    [ -f $ab_old/cqil_kernels/__init__.py ] || CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps \
+      --no-build-isolation --target $ab_old "$HOST_AB_OLD" >> "$OUT/ab_install.log" 2>&1 \
       || { tail -20 "$OUT/ab_install.log"; exit 1; } ;;&
   decode_ab)
     for cfg in ${DECODE_AB_CONFIGS:-llama-7b/none smollm2-135m/none smollm2-135m/2-26:4}; do
       shape=${cfg%%/*}; groups=${cfg#*/}
       echo "== decode A/B $shape $groups" | tee -a "$OUT/decode_ab.log"
-      timeout ${DECODE_AB_TIMEOUT:-300} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
-        --script benchmarks/ab_decode.py --rounds ${ROUNDS:-4} --out "$OUT/decode_ab_${shape}_${groups/:/-}.json" -- \
+      timeout ${DECODE_AB_TIMEOUT:-300} python3 benchmarks/ab_trees.py --old $ab_old --old-name "${HOST_AB_NAME:-old}" \
+        --script benchmarks/ab_decode.py --rounds ${ROUNDS:-4} \
+        --out "$OUT/decode_ab_${shape}_${groups/:/-}${HOST_AB_NAME:+_vs_$HOST_AB_NAME}.json" -- \
         --shape $shape --groups $groups --variant base: ${DECODE_AB_ARGS:-} 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/decode_ab.log"
     done ;;
   host_ab)
-    timeout ${HOST_AB_TIMEOUT:-400} python3 benchmarks/ab_trees.py --old /tmp/ab_old --old-name "${HOST_AB_NAME:-old}" \
-      --rounds ${ROUNDS:-3} --out "$OUT/host_ab.json" -- \
+    timeout ${HOST_AB_TIMEOUT:-400} python3 benchmarks/ab_trees.py --old $ab_old --old-name "${HOST_AB_NAME:-old}" \
+      --rounds ${ROUNDS:-3} --out "$OUT/host_ab${HOST_AB_NAME:+_vs_$HOST_AB_NAME}.json" -- \
       ${HOST_AB_ARGS:---shape smollm2-135m --rows 64 --rows 512 --rows 4096 --variant base: --repeats 5} 2>&1 \
       | grep -v "^ \|^{\|^}" | tee -a "$OUT/host_ab.log" ;;
   prefill)
