@@ -191,6 +191,8 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
             f"max_position_embeddings ({args.max_position_embeddings})")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if do_sample:
         if not (_number(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")

@@ -305,6 +305,8 @@ def test_sampling_arguments_at_their_limits():
         model.generate(ids, 2, do_sample=True, top_p="0.5")
     with pytest.raises(ValueError, match="seed must be an int"):
         model.generate(ids, 2, do_sample=True, seed="7")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+        model.generate(ids, 2, do_sample=True, generator=7)
 
 
 def test_a_cache_larger_than_the_memory_is_refused_before_allocating():
