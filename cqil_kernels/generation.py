@@ -224,7 +224,7 @@ def check_warm_up_args(args, batch, max_seq, prompt_lengths) -> tuple[int, list[
     bad = [T for T in lengths if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T < max_seq]
     if bad or not lengths:
         raise ValueError(f"prompt_lengths must be ints in [1, max_seq - 1 = {max_seq - 1}] (a prompt and at least "
-                         f"one new token), got {bad[0] if bad else 'none'}")
+                         f"one new token), got {repr(bad[0]) if bad else 'none'}")
     return max_seq, lengths
 
 

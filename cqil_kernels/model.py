@@ -462,10 +462,18 @@ def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
                         device=model.device)
 
 
+def check_is_cache(cache) -> None:
+    """TypeError unless `cache` is a KVCache (a decoder's, a forward's where one is given)."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache (model.new_cache), got {type(cache).__name__}")
+
+
 def check_cache_fits(model, shape: tuple[int, int], cache: KVCache | None) -> None:
     """What forward_checked checks on the host before anything runs: T new positions of a [B, T] input fit
     the cache (or max_position_embeddings without one), and the cache fits `model` (its `args`, `stages`,
     `dtype`, `device`)."""
+    if cache is not None:
+        check_is_cache(cache)
     B, T = shape
     end = T + (cache.length if cache is not None else 0)
     limit = cache.max_seq if cache is not None else model.args.max_position_embeddings
@@ -816,6 +824,7 @@ class CQILTransformer(nn.Module):
         the attached backend's (a CUDA graph replay for the fused one; its logits are overwritten by the
         next call) or a plain forward. check_tokens: refuse token ids outside the vocabulary, which costs a
         read of the device every step; pass False only for tokens the model chose itself (generate's)."""
+        check_is_cache(cache)
         if self.accelerated():
             decode = self.accelerator.decoder(self, cache, check_tokens)
             if decode is not None:

@@ -783,7 +783,8 @@ def test_warm_up_checks_its_arguments_and_captures_nothing_off_cuda():
     for bad, match in (({"batch": 0}, "batch must be an int >= 1"), ({"max_seq": 129}, r"max_seq must be .* 128\]"),
                        ({"max_seq": 1}, "max_seq must be"), ({"max_seq": 40, "prompt_lengths": [5, 40]},
                                                              r"\[1, max_seq - 1 = 39\].*got 40"),
-                       ({"prompt_lengths": []}, "got none"), ({"prompt_lengths": [2.0]}, "got 2.0")):
+                       ({"prompt_lengths": []}, "got none"), ({"prompt_lengths": [2.0]}, "got 2.0"),
+                       ({"prompt_lengths": "12"}, "got '1'")):
         with pytest.raises(ValueError, match=match):
             model.warm_up(**bad)
     backend = fused.TritonBackend(prefill_graph_limit=2)

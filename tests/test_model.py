@@ -241,6 +241,18 @@ def test_a_kv_cache_of_a_size_that_is_not_a_positive_int_is_refused_by_name(batc
             make(1, limit + 1)
 
 
+@pytest.mark.parametrize("cache", ["cache", 3, {"k": []}])
+def test_a_cache_that_is_not_a_kv_cache_is_refused_by_type(cache):
+    """forward and decoder take a KVCache (or, forward, None): anything else is a TypeError naming its type, not an
+    AttributeError from inside the step or, for the decoder, steps that never append to a cache."""
+    model = CQILLlama.from_pretrained(random_hf_model())
+    with pytest.raises(TypeError, match=f"cache must be a KVCache .*got {type(cache).__name__}"):
+        model(torch.tensor([[1, 2]]), cache=cache)
+    for bad in (cache, None):
+        with pytest.raises(TypeError, match=f"cache must be a KVCache .*got {type(bad).__name__}"):
+            model.decoder(bad)
+
+
 def test_device_dtype_and_graph_signature_follow_the_weights_however_they_are_held():
     """The model's device, dtype and graph signature read the embedding, lm_head and norm weights from the
     modules' own parameter tables (cheap): a weight replaced by hand, moved or cast shows in them, and a

@@ -48,7 +48,8 @@ from ..checkpoint import load_pretrained
 from ..config import CQILConfig
 from ..generation import check_logits_to_keep, generate
 from ..graphs import MAX_GRAPHS, DecodeSlots, GraphDecoder, PrefillGraphs, bucket, warm_up, warm_up_buckets
-from ..model import CQILTransformer, KVCache, TorchRunner, check_cache_fits, check_forward_inputs, forward_step
+from ..model import (CQILTransformer, KVCache, TorchRunner, check_cache_fits, check_forward_inputs, check_is_cache,
+                     forward_step)
 from .comm import GroupReducer, PendingReduce, bypass_sum, exchange_bypass, gather_bypass, global_rank
 from .placement import Placement
 
@@ -430,6 +431,7 @@ class RankModel:
         """One decode step next_tokens [B] -> logits [B, vocab]: a CUDA graph replay per token (the
         reductions captured in it) where decodes_in_a_graph(), else an eager forward; check_tokens as
         CQILTransformer.decoder's."""
+        check_is_cache(cache)
         if self.decodes_in_a_graph(cache.batch):
             return GraphDecoder(self, cache, step_fn=self._triton_step, check_tokens=check_tokens)
         if check_tokens:
