@@ -406,6 +406,8 @@ def load_tokenizer(model_src):
     src = Path(model_src)
     if not src.exists():  # transformers would take it for a hub id and say so
         raise FileNotFoundError(f"{src}: no such model directory or .gguf file")
+    if not src.is_dir() and src.suffix != ".gguf":  # transformers would read the file as a tokenizer's JSON config
+        raise ValueError(f"{src}: expected a model directory (with its tokenizer) or a .gguf file")
     folder = src.parent if src.suffix == ".gguf" else src
     present = [folder / name for name in TOKENIZER_FILES if (folder / name).exists()]
     if src.is_dir() and not present:
