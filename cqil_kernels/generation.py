@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import sys
+import warnings
 
 import torch
 
@@ -193,6 +196,13 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    ignored = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                                 ("top_p", top_p, None), ("seed", seed, None),
+                                                 ("generator", generator, None))
+               if value is not default and value != default]
+    if ignored and not do_sample:  # as transformers does: a user who set them meant to sample
+        warnings.warn(f"{', '.join(ignored)} set the sampling, which runs only with do_sample=True: this call is "
+                      "greedy", UserWarning, stacklevel=_callers_level())
     if do_sample:
         if not (_number(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
@@ -207,6 +217,17 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
         if generator is not None and generator.device.type != torch.device(device).type:
             raise ValueError(f"generator is on {generator.device}, the model on {device}")
     return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
+
+
+def _callers_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside this package and torch's decorators (the caller of
+    generate or stream, however many wrappers are between)."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.join("torch", "utils", "_contextlib.py"))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(inside[0])
+                                 or frame.f_code.co_filename.endswith(inside[1])):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_warm_up_args(args, batch, max_seq, prompt_lengths) -> tuple[int, list[int]]:

@@ -309,6 +309,29 @@ def test_sampling_arguments_at_their_limits():
         model.generate(ids, 2, do_sample=True, generator=7)
 
 
+
+def test_sampling_arguments_without_do_sample_warn_that_the_call_is_greedy():
+    """As transformers does: top_k, top_p, a temperature, a seed or a generator without do_sample=True are ignored,
+    which a user who set them did not mean; the warning points at the caller's line, not at the package."""
+    import warnings
+
+    model = CQILLlama.from_pretrained(random_hf_model())
+    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(2))
+    greedy = model.generate(ids, 3)
+    for kwargs, names in (({"top_k": 5}, "top_k"), ({"temperature": 0.7, "seed": 3}, "temperature, seed"),
+                          ({"top_p": 0.9, "generator": torch.Generator()}, "top_p, generator")):
+        with pytest.warns(UserWarning, match=f"^{names} set the sampling, .* this call is greedy") as caught:
+            out = model.generate(ids, 3, **kwargs)
+        assert torch.equal(out, greedy) and caught[0].filename == __file__
+        with pytest.warns(UserWarning, match=f"^{names} set the sampling") as caught:
+            list(model.stream(ids, 3, **kwargs))
+        assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, 3, temperature=1)
+        model.generate(ids, 3, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+
+
 def test_a_cache_larger_than_the_memory_is_refused_before_allocating():
     model = CQILLlama.from_pretrained(random_hf_model(max_position_embeddings=128))
     with pytest.raises(MemoryError, match=r"a KV cache of batch 1000000000 x 128 positions needs .* GiB, more than"):

@@ -374,6 +374,19 @@ def test_bad_calls_leave_the_model_usable(pair):
     assert parallel(torch.zeros(1, 2, dtype=torch.long)).shape == (1, 2, single.args.vocab_size)
 
 
+def test_sampling_arguments_without_do_sample_warn_once_in_the_driver(pair):
+    """The driver warns, as a single model does, and sends the ranks the greedy call they run (no warning of theirs
+    on their stderr); the tokens are the greedy ones."""
+    parallel, single = pair
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.warns(UserWarning, match="^top_k, seed set the sampling") as caught:
+        out = parallel.generate(ids, 2, top_k=5, seed=1)
+    assert caught[0].filename == __file__ and torch.equal(out, single.generate(ids, 2))
+    with pytest.warns(UserWarning, match="^temperature, top_k, top_p, seed set the sampling"):
+        payload = parallel._generate_payload(ids, 2, False, 0.5, 5, 0.9, None, None, 1, None, None)
+    assert (payload["temperature"], payload["top_k"], payload["top_p"], payload["seed"]) == (1.0, None, None, None)
+
+
 def _run_ranks(tmp_path: Path, source: str, n: int, *args: str, timeout: int) -> tuple[list[int], list[str]]:
     """Run the script `source` as n processes with the arguments (rank, a file-store path, *args); their
     exit codes and outputs. A process still running after `timeout` seconds is killed (the test then

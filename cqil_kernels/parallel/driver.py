@@ -327,6 +327,8 @@ class ParallelCQILLlama:
             self.args, "cpu", input_ids, max_new_tokens, attention_mask=attention_mask, generator=None,
             **kwargs)
         kwargs["eos_token_id"] = eos or None  # plain ints for the ranks
+        if not do_sample:  # ignored (check_generate_args warned here): the ranks would warn again
+            kwargs.update(temperature=1.0, top_k=None, top_p=None, seed=None)
         return dict(input_ids=input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
 
     def _streamed(self, payload: dict):
