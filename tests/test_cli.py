@@ -186,6 +186,8 @@ def test_generate_prints_the_continuation_as_generate_makes_it(tmp_path, capsys)
     assert "no such model directory or .gguf file" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert "no tokenizer in this model directory" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hi", "--top-k", "5", "--seed", "1"]) == 2
+    assert "--top-k, --seed set the sampling, which needs --sample" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not a model")
     assert main(["generate", str(tmp_path / "notes.txt"), "--prompt", "hi"]) == 2
     assert "expected a model directory (with its tokenizer) or a .gguf file" in capsys.readouterr().err
