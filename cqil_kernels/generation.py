@@ -199,7 +199,7 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
     ignored = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
                                                  ("top_p", top_p, None), ("seed", seed, None),
                                                  ("generator", generator, None))
-               if value is not default and value != default]
+               if value is not default and not (_number(value) and value == default)]
     if ignored and not do_sample:  # as transformers does: a user who set them meant to sample
         warnings.warn(f"{', '.join(ignored)} set the sampling, which runs only with do_sample=True: this call is "
                       "greedy", UserWarning, stacklevel=_callers_level())

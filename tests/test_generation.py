@@ -319,7 +319,8 @@ def test_sampling_arguments_without_do_sample_warn_that_the_call_is_greedy():
     ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(2))
     greedy = model.generate(ids, 3)
     for kwargs, names in (({"top_k": 5}, "top_k"), ({"temperature": 0.7, "seed": 3}, "temperature, seed"),
-                          ({"top_p": 0.9, "generator": torch.Generator()}, "top_p, generator")):
+                          ({"top_p": 0.9, "generator": torch.Generator()}, "top_p, generator"),
+                          ({"temperature": torch.tensor([0.5, 0.7])}, "temperature")):
         with pytest.warns(UserWarning, match=f"^{names} set the sampling, .* this call is greedy") as caught:
             out = model.generate(ids, 3, **kwargs)
         assert torch.equal(out, greedy) and caught[0].filename == __file__
