@@ -137,6 +137,8 @@ def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
     uninitialised, for a loader that fills the views afterwards (the layers may then be on "meta").
     device/dtype default to the first layer's.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if layer_ids is not None:
         layer_ids = tuple(layer_ids)
         layers = [layers[i] for i in layer_ids]

@@ -74,3 +74,15 @@ def test_rope_frequencies_stay_float32_through_dtype_changes():
     model.to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.inv_freq, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "bfloat16"], ids=str)
+def test_packing_to_a_dtype_that_is_not_floating_is_refused_before_anything_moves(dtype):
+    """model.pack(dtype=...) and pack_layers take floating dtypes only: int8 weights were packed, and the next
+    forward failed inside a matmul."""
+    model = CQILLlama.from_pretrained(random_hf_model(seed=5), device="cpu")
+    before = model.layers[0].mlp.up_proj.weight
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        model.pack(dtype=dtype)
+    assert model.layers[0].mlp.up_proj.weight is before and before.dtype == torch.float32
+    assert model(torch.tensor([[1, 2]])).shape == (1, 2, model.args.vocab_size)
