@@ -18,6 +18,7 @@ from torch import nn
 from .config import CQILConfig, LlamaArgs
 from .files import (inside, iter_safetensors, load_torch_tensors, read_json, regular_file,
                     safetensors_shapes)
+from .packing import check_float_dtype
 
 # Keys some LLaMA checkpoints carry that hold nothing we need (the RoPE table is recomputed).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -45,8 +46,7 @@ def default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     device = check_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_float_dtype(dtype)
     return device, dtype
 
 

@@ -124,6 +124,12 @@ def _shape_of(layer: nn.Module) -> tuple:
     return tuple(tuple(getattr(m, a).shape) for names in LAYOUT.values() for m, a in (_params(layer, names) or ()))
 
 
+def check_float_dtype(dtype) -> None:
+    """TypeError unless dtype is a floating torch.dtype (the weights' dtype: from_pretrained's, pack's)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
 def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, copy: bool = True,
                 layer_ids: tuple[int, ...] | None = None) -> PackedLayers | LayerPacks:
@@ -137,8 +143,8 @@ def pack_layers(layers: nn.ModuleList, device: torch.device | None = None,
     uninitialised, for a loader that fills the views afterwards (the layers may then be on "meta").
     device/dtype default to the first layer's.
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if dtype is not None:
+        check_float_dtype(dtype)
     if layer_ids is not None:
         layer_ids = tuple(layer_ids)
         layers = [layers[i] for i in layer_ids]
