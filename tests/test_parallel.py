@@ -444,6 +444,10 @@ if rank > 0:
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(ids), single(ids), atol=1e-5, rtol=1e-5)
     assert torch.equal(model.generate(ids, 6), single.generate(ids, 6))
+    try:
+        model.decoder(None)  # a rank's decoder checks its cache as the model's does, before any collective
+    except TypeError as e:
+        print("TypeError:", e, flush=True)
     print("subgroup OK", flush=True)
 dist.destroy_process_group()
 end_rank()
@@ -452,10 +456,12 @@ end_rank()
 
 def test_ranks_in_a_process_subgroup(checkpoint, tmp_path):
     """RankModel on a subgroup (world ranks 1 and 2 of 3): the bypass transfers and generate()'s
-    consistency broadcast address the group's ranks by their world ranks."""
+    consistency broadcast address the group's ranks by their world ranks. A rank's decoder refuses a cache
+    that is not a KVCache."""
     codes, outs = _run_ranks(tmp_path, _SUBGROUP, 3, str(checkpoint), timeout=120)
     assert codes == [0] * len(codes), outs
     assert [out.count("subgroup OK") for out in outs] == [0, 1, 1], outs
+    assert [out.count("TypeError: cache must be a KVCache") for out in outs] == [0, 1, 1], outs
 
 
 
