@@ -37,13 +37,24 @@ def _rope_kv_kernel(
     offs = tl.arange(0, HALF_BLOCK)
     heads = tl.arange(0, HEAD_BLOCK)
     d_ok = offs < half
+    # Every load before the first store: they go out together, one round trip. The compiler keeps a load after a
+    # store it cannot tell apart from it, and a store waits for the value it stores: the slot's and the values'
+    # loads came one round trip after the q stores, another after the k stores. (Loading the angles' inputs before
+    # the wait instead made SmolLM2 decode slower: docs/performance.md, tried and dropped.)
     pos = tl.load(pos_ptr + b * stride_pb + t).to(tl.float32)
-    angle = pos * tl.load(inv_freq_ptr + offs, mask=d_ok, other=0.0)
-    cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
+    freq = tl.load(inv_freq_ptr + offs, mask=d_ok, other=0.0)
+    slot = tl.load(start_ptr) + t
     src = qkv_ptr + p * stride_qp + bt * stride_qm + heads[:, None] * HEAD_DIM + offs[None, :]
     ok = (heads < H + HKV)[:, None] & d_ok[None, :]
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=ok, other=0.0).to(tl.float32)
+    kv = tl.arange(0, HEAD_BLOCK)
+    kv_ok = (kv < HKV)[:, None] & d_ok[None, :]
+    v_src = qkv_ptr + p * stride_qp + bt * stride_qm + (H + HKV + kv)[:, None] * HEAD_DIM + offs[None, :]
+    v1 = tl.load(v_src, mask=kv_ok, other=0.0)
+    v2 = tl.load(v_src + half, mask=kv_ok, other=0.0)
+    angle = pos * freq
+    cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     if not RELEASE_AT_ONCE:
         release_consumer(USE_GDC)
@@ -51,18 +62,12 @@ def _rope_kv_kernel(
     tl.store(src, y1.to(qkv_ptr.dtype.element_ty), mask=is_q)
     tl.store(src + half, y2.to(qkv_ptr.dtype.element_ty), mask=is_q)
     # k heads (rotated) and v heads (as they are) go to the cache at slot start + t
-    slot = tl.load(start_ptr) + t
-    kv = tl.arange(0, HEAD_BLOCK)
-    kv_ok = (kv < HKV)[:, None] & d_ok[None, :]
-    dst = p * stride_cp + b * stride_cb + kv[:, None] * stride_ch + slot * stride_cs + offs[None, :]
     k_sel = (heads >= H)[:, None] & ok  # rows H .. H+HKV-1 of the tile are the k heads
     k_dst = k_ptr + p * stride_cp + b * stride_cb + (heads - H)[:, None] * stride_ch + slot * stride_cs \
         + offs[None, :]
     tl.store(k_dst, y1.to(k_ptr.dtype.element_ty), mask=k_sel)
     tl.store(k_dst + half, y2.to(k_ptr.dtype.element_ty), mask=k_sel)
-    v_src = qkv_ptr + p * stride_qp + bt * stride_qm + (H + HKV + kv)[:, None] * HEAD_DIM + offs[None, :]
-    v1 = tl.load(v_src, mask=kv_ok, other=0.0)
-    v2 = tl.load(v_src + half, mask=kv_ok, other=0.0)
+    dst = p * stride_cp + b * stride_cb + kv[:, None] * stride_ch + slot * stride_cs + offs[None, :]
     tl.store(v_ptr + dst, v1.to(v_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(v_ptr + dst + half, v2.to(v_ptr.dtype.element_ty), mask=kv_ok)
 

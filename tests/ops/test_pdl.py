@@ -19,6 +19,7 @@ import textwrap
 
 import pytest
 
+ROPE_POINTERS = {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}
 # kernel (module, name), the constexprs that pick its variant, pointer types other than bf16
 CASES = {
     "gemm-decode-norm": ("group_gemm", "_group_gemm_kernel", dict(
@@ -44,11 +45,9 @@ CASES = {
     "attention-merge": ("attention", "_merge_kernel", dict(
         HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, SPLIT_CHUNK=8, ROWS_P2=4), {"part_ptr": "*fp32", "stat_ptr": "*fp32"}),
     "rope-kv-decode": ("rope_kv", "_rope_kv_kernel", dict(
-        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=True),
-        {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}),
+        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=True), ROPE_POINTERS),
     "rope-kv-prefill": ("rope_kv", "_rope_kv_kernel", dict(
-        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=False),
-        {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}),
+        HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=False), ROPE_POINTERS),
     "argmax": ("argmax", "_argmax_kernel", dict(BLOCK=4096, CHUNKS_BLOCK=16),
                {"key_ptr": "*i32", "idx_ptr": "*i32", "ticket_ptr": "*i32", "out_ptr": "*i64"}),
     "cache-advance": ("cache_advance", "_cache_advance_kernel", dict(HAS_VALID=True, BLOCK_T=64),
@@ -96,8 +95,10 @@ _COMPILE = textwrap.dedent("""
         wait = ptx.find("griddepcontrol.wait")
         release = ptx.find("griddepcontrol.launch_dependents")
         before = ptx[:wait] if wait >= 0 else ptx
+        first_store = ptx.find("st.global")
         result[name] = dict(waits=wait >= 0, release_after_wait=release < 0 or release > wait,
-                            before_wait={op: before.count(op) for op in MEMORY})
+                            before_wait={op: before.count(op) for op in MEMORY},
+                            loads_after_a_store=ptx[first_store:].count("ld.global") if first_store >= 0 else 0)
     print(json.dumps(result))
 """)
 
@@ -133,3 +134,10 @@ def test_no_memory_access_before_the_dependent_launch_wait(compiled, case):
 @pytest.mark.parametrize("case", CASES)
 def test_dependents_are_released_only_after_the_wait(compiled, case):
     assert compiled[case]["release_after_wait"], case
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("rope-kv")])
+def test_rope_kv_loads_everything_before_it_stores(compiled, case):
+    """The compiler keeps a load after a store that may alias it, and the store waits for its value's loads:
+    rope_kv's loads all come first, so they go out together, one round trip to memory (ops/rope_kv.py)."""
+    assert compiled[case]["loads_after_a_store"] == 0, case
