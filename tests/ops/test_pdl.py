@@ -6,7 +6,8 @@ it must not touch memory before griddepcontrol.wait; and it must release its own
 complete when a kernel starts. The one declared exception: decode attention called with keys_before_wait
 loads (never stores) before its wait. A race of this kind shows on a GPU only now and then; the order of
 the instructions shows it always. Each case is compiled to PTX in a subprocess without TRITON_INTERPRET,
-with Triton's bundled NVIDIA toolchain (no GPU needed).
+with Triton's bundled NVIDIA toolchain (no GPU needed). The order of loads and stores also tells whether a
+kernel's loads go out together (test_loads_all_come_before_the_first_store).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ CASES = {
                       {"valid_ptr": "*u8", "key_valid_ptr": "*u8", "n_tokens_ptr": "*i64", "position_ptr": "*i32",
                        "start_ptr": "*i32", "pos_ptr": "*i64"}),
     "group-residual": ("group_residual", "_group_residual_kernel", dict(
-        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=1024), {"res_ptr": "*fp32"}),
+        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=1024, BLOCK_P=4), {"res_ptr": "*fp32"}),
+    "rank-residual": ("group_residual", "_group_residual_kernel", dict(
+        RESIDUAL_MODE=True, HAS_RECV=True, INCLUDE_H=False, BLOCK_D=1024, BLOCK_P=1), {"res_ptr": "*fp32"}),
     "rms-norm": ("rms_norm", "_rms_norm_kernel", dict(BLOCK_D=1024), {}),
 }
 ATTENTION_POINTERS = {"valid_ptr": "*u8", "start_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
@@ -136,8 +139,9 @@ def test_dependents_are_released_only_after_the_wait(compiled, case):
     assert compiled[case]["release_after_wait"], case
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("rope-kv")])
-def test_rope_kv_loads_everything_before_it_stores(compiled, case):
-    """The compiler keeps a load after a store that may alias it, and the store waits for its value's loads:
-    rope_kv's loads all come first, so they go out together, one round trip to memory (ops/rope_kv.py)."""
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith(("rope-kv", "group-residual",
+                                                                              "rank-residual"))])
+def test_loads_all_come_before_the_first_store(compiled, case):
+    """The compiler keeps a load after a store that may alias it, and the store waits for its value's loads: in
+    rope_kv and group_residual the loads all come first, so they go out together, one round trip to memory."""
     assert compiled[case]["loads_after_a_store"] == 0, case
