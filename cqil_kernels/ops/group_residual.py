@@ -7,7 +7,8 @@ distance d (docs/design.md):
     R    = h + sum_j (a_j + b_j)     ("residual" mode)
          = h + sum_j a_j             ("mlp_input" mode)        -> residual [M, D] float32
 The down-projection kernel adds sum_j m_j to R, giving the group's output h'. R stays fp32 so the
-group's output is rounded once. One program per row, the P layers' rows loaded at once; arithmetic in fp32.
+group's output is rounded once. One program per row, the P layers' rows loaded at once where their [P, D]
+tile fits a program (TILE_ELEMENTS), else layer by layer; arithmetic in fp32.
 
 rank_residual is the same for one layer j of a group spread over ranks (parallel/rank.py): the bypass
 b_j arrives summed from the other ranks (`received`), and only rank 0 puts h into its R:
@@ -31,44 +32,68 @@ def _row(tile, layers, j):
 
 
 @triton.jit
+def _layer(h, a_j, bypass, total, nw_j, xn_row, offs, ok, D, eps, RESIDUAL_MODE: tl.constexpr):
+    """Layer j of the group: its normed input x_j stored at xn_row; returns the residual sum with its terms."""
+    r = h + a_j + bypass
+    rstd = tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
+    tl.store(xn_row + offs, (r * rstd * nw_j).to(xn_row.dtype.element_ty), mask=ok)
+    return total + (a_j + bypass if RESIDUAL_MODE else a_j)
+
+
+@triton.jit
 def _group_residual_kernel(
     h_ptr, a_ptr, nw_ptr, xn_ptr, res_ptr, recv_ptr,
     D, P, BYPASS, eps,
     stride_hm, stride_ap, stride_am, stride_nwp, stride_xp, stride_xm, stride_rm, stride_bm,
     RESIDUAL_MODE: tl.constexpr, HAS_RECV: tl.constexpr, INCLUDE_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_P: tl.constexpr, TILED: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     m = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
-    layers = tl.arange(0, BLOCK_P)
-    tile_ok = (layers < P)[:, None] & ok[None, :]
-    # Every load before the first store, the P layers' rows as [BLOCK_P, BLOCK_D] tiles in their own dtype: they
-    # go out together. Loaded layer by layer between the stores of x_j, each layer's loads came a round trip
-    # after the last (the compiler keeps a load after a store it cannot tell apart from it).
-    a = tl.load(a_ptr + layers[:, None] * stride_ap + m * stride_am + offs[None, :], mask=tile_ok, other=0.0)
-    nw = tl.load(nw_ptr + layers[:, None] * stride_nwp + offs[None, :], mask=tile_ok, other=0.0)
+    if TILED:
+        # Every load before the first store, the P layers' rows as [BLOCK_P, BLOCK_D] tiles in their own dtype: they
+        # go out together. Loaded layer by layer between the stores of x_j, each layer's loads came a round trip
+        # after the last (the compiler keeps a load after a store it cannot tell apart from it).
+        layers = tl.arange(0, BLOCK_P)
+        tile_ok = (layers < P)[:, None] & ok[None, :]
+        a = tl.load(a_ptr + layers[:, None] * stride_ap + m * stride_am + offs[None, :], mask=tile_ok, other=0.0)
+        nw = tl.load(nw_ptr + layers[:, None] * stride_nwp + offs[None, :], mask=tile_ok, other=0.0)
     h = tl.load(h_ptr + m * stride_hm + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RECV:  # P == 1: b_j summed on the other ranks
         received = tl.load(recv_ptr + m * stride_bm + offs, mask=ok, other=0.0).to(tl.float32)
     total = h if INCLUDE_H else tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j in tl.static_range(BLOCK_P):
-        if j < P:
-            a_j = _row(a, layers, j)
+    if TILED:
+        for j in tl.static_range(BLOCK_P):
+            if j < P:
+                bypass = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if HAS_RECV:
+                    bypass += received
+                for i in tl.static_range(j):
+                    if i >= j - BYPASS:
+                        bypass += _row(a, layers, i)
+                total = _layer(h, _row(a, layers, j), bypass, total, _row(nw, layers, j),
+                               xn_ptr + j * stride_xp + m * stride_xm, offs, ok, D, eps, RESIDUAL_MODE)
+    else:  # groups whose tiles would not fit a program's registers (_launch): layer by layer
+        for j in range(0, P):
+            a_j = tl.load(a_ptr + j * stride_ap + m * stride_am + offs, mask=ok, other=0.0).to(tl.float32)
             bypass = tl.zeros((BLOCK_D,), dtype=tl.float32)
             if HAS_RECV:
                 bypass += received
-            for i in tl.static_range(j):
-                if i >= j - BYPASS:
-                    bypass += _row(a, layers, i)
-            r = h + a_j + bypass
-            total += a_j + bypass if RESIDUAL_MODE else a_j
-            rstd = tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
-            tl.store(xn_ptr + j * stride_xp + m * stride_xm + offs,
-                     (r * rstd * _row(nw, layers, j)).to(xn_ptr.dtype.element_ty), mask=ok)
+            for i in range(tl.maximum(j - BYPASS, 0), j):
+                bypass += tl.load(a_ptr + i * stride_ap + m * stride_am + offs, mask=ok, other=0.0).to(tl.float32)
+            nw_j = tl.load(nw_ptr + j * stride_nwp + offs, mask=ok, other=0.0).to(tl.float32)
+            total = _layer(h, a_j, bypass, total, nw_j, xn_ptr + j * stride_xp + m * stride_xm, offs, ok, D, eps,
+                           RESIDUAL_MODE)
     release_consumer(USE_GDC)
     tl.store(res_ptr + m * stride_rm + offs, total, mask=ok)
+
+
+# The largest [BLOCK_P, BLOCK_D] tile loaded at once, and the most layers (rows extracted from it: O(P^2) with a
+# bypass). sm_90 ptxas at 16 warps: P 4 x D 4096, P 8 x D 2048 and P 2 x D 8192 take 120-128 registers, no spills;
+# P 8 x D 4096 spilled 136 bytes, P 16 x D 4096 4.6 KB and P 32 x D 4096 13.5 KB (and compiled for 29 s).
+TILE_ELEMENTS, TILE_LAYERS = 16384, 8
 
 
 BYPASS_MODES = ("residual", "mlp_input")
@@ -139,13 +164,16 @@ def _launch(h, a, norm_weight, xn, residual, received, eps, bypass, bypass_mode,
     if M == 0:
         return
     block_d, block_p = next_pow2(D), next_pow2(a.shape[0])
+    tiled = block_p <= TILE_LAYERS and block_p * block_d <= TILE_ELEMENTS
+    if not tiled:
+        block_p = 1  # unused: one compile for every such group
     # about 32 elements a thread in each [BLOCK_P, BLOCK_D] tile (sm_90 ptxas: P 4, D 4096 take 217 registers
-    # with 8 warps, 120 with 16; P 8, D 4096 spill 184 bytes at 16 warps, the most a program may have)
+    # with 8 warps, 120 with 16)
     warps = min(16, max(4 if D <= 2048 else 8, next_pow2(block_p * block_d // 1024)))
     _group_residual_kernel[(M,)](
         h, a, norm_weight, xn, residual, received if received is not None else h, D, a.shape[0], bypass,
         float(eps), h.stride(0), a.stride(0), a.stride(1), norm_weight.stride(0), xn.stride(0), xn.stride(1),
         residual.stride(0), received.stride(0) if received is not None else 0,
         RESIDUAL_MODE=bypass_mode == "residual", HAS_RECV=received is not None, INCLUDE_H=include_h,
-        BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps, **pdl_options(h),
+        BLOCK_D=block_d, BLOCK_P=block_p, TILED=tiled, num_warps=warps, **pdl_options(h),
     )

@@ -14,7 +14,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,D", [(1, 576), (7, 59), (3, 4096)])
-@pytest.mark.parametrize("P,bypass", [(1, 0), (2, 1), (3, 0), (4, 2), (4, 3), (3, 5)])
+@pytest.mark.parametrize("P,bypass", [(1, 0), (2, 1), (3, 0), (4, 2), (4, 3), (3, 5), (9, 8), (16, 3)])
 @pytest.mark.parametrize("mode", ["residual", "mlp_input"])
 def test_group_residual(dtype, M, D, P, bypass, mode):
     g = torch.Generator().manual_seed(P * 7 + bypass + M)
@@ -64,6 +64,32 @@ def test_rank_residual_splits_group_residual():
             torch.testing.assert_close(xn_j, xn[j])
             total += res_j
         torch.testing.assert_close(total, res)
+
+
+@pytest.mark.parametrize("P,D,tiled", [(4, 4096, True), (8, 2048, True), (1, 16384, True), (8, 4096, False),
+                                        (9, 64, False), (16, 1024, False)])
+def test_a_group_too_large_for_one_tile_runs_layer_by_layer(monkeypatch, P, D, tiled):
+    """The P layers' rows load as one [P, D] tile up to TILE_ELEMENTS and TILE_LAYERS (no spills, sm_90); a larger
+    group, whose tile would spill kilobytes and compile for tens of seconds, runs layer by layer (one compile)."""
+    import cqil_kernels.ops.group_residual as R
+
+    launches = []
+    kernel = R._group_residual_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(R, "_group_residual_kernel", Spy())
+    h, a, nw = torch.randn(1, D, device=DEVICE), torch.randn(P, 1, D, device=DEVICE), torch.ones(P, D, device=DEVICE)
+    xn, res = group_residual(h, a, nw, eps=1e-6, bypass=min(P - 1, 3))
+    (kwargs,) = launches
+    assert kwargs["TILED"] is tiled and (kwargs["BLOCK_P"] == 1 or tiled)
+    xn_twin, res_twin = group_residual_ref(h, a, nw, eps=1e-6, bypass=min(P - 1, 3))
+    torch.testing.assert_close(xn, xn_twin)
+    torch.testing.assert_close(res, res_twin)
 
 
 def test_bypass_changes_the_result():

@@ -55,9 +55,12 @@ CASES = {
                       {"valid_ptr": "*u8", "key_valid_ptr": "*u8", "n_tokens_ptr": "*i64", "position_ptr": "*i32",
                        "start_ptr": "*i32", "pos_ptr": "*i64"}),
     "group-residual": ("group_residual", "_group_residual_kernel", dict(
-        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=1024, BLOCK_P=4), {"res_ptr": "*fp32"}),
+        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=1024, BLOCK_P=4, TILED=True), {"res_ptr": "*fp32"}),
     "rank-residual": ("group_residual", "_group_residual_kernel", dict(
-        RESIDUAL_MODE=True, HAS_RECV=True, INCLUDE_H=False, BLOCK_D=1024, BLOCK_P=1), {"res_ptr": "*fp32"}),
+        RESIDUAL_MODE=True, HAS_RECV=True, INCLUDE_H=False, BLOCK_D=1024, BLOCK_P=1, TILED=True), {"res_ptr": "*fp32"}),
+    "residual-by-layer": ("group_residual", "_group_residual_kernel", dict(  # groups too large for one tile
+        RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=4096, BLOCK_P=1, TILED=False),
+        {"res_ptr": "*fp32"}),
     "rms-norm": ("rms_norm", "_rms_norm_kernel", dict(BLOCK_D=1024), {}),
 }
 ATTENTION_POINTERS = {"valid_ptr": "*u8", "start_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
