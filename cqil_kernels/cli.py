@@ -22,6 +22,7 @@ def _generate(args) -> int:
     import torch
 
     from .config import CQILConfig
+    from .generation import sampling_set
     from .llama import CQILLlama
     from .quality import load_tokenizer
 
@@ -29,9 +30,8 @@ def _generate(args) -> int:
         raise ValueError("cqil generate needs a model with a tokenizer (a Hugging Face directory or a .gguf file)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    given = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
-                                               ("--top-p", args.top_p, None), ("--seed", args.seed, None))
-             if value != default]
+    given = ["--" + name.replace("_", "-") for name in sampling_set(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)]
     if given and not args.sample:
         raise ValueError(f"{', '.join(given)} set the sampling, which needs --sample (without it: greedy)")
     cqil = CQILConfig.load(args.cqil) if args.cqil else None

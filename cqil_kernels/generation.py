@@ -196,10 +196,7 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    ignored = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
-                                                 ("top_p", top_p, None), ("seed", seed, None),
-                                                 ("generator", generator, None))
-               if value is not default and not (_number(value) and value == default)]
+    ignored = sampling_set(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, generator=generator)
     if ignored and not do_sample:  # as transformers does: a user who set them meant to sample
         warnings.warn(f"{', '.join(ignored)} set the sampling, which runs only with do_sample=True: this call is "
                       "greedy", UserWarning, stacklevel=_callers_level())
@@ -217,6 +214,18 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
         if generator is not None and generator.device.type != torch.device(device).type:
             raise ValueError(f"generator is on {generator.device}, the model on {device}")
     return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
+
+
+# The sampling arguments and their defaults (greedy): generate's, cqil generate's flags, the ranks' greedy payload
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None, "seed": None, "generator": None}
+
+
+def sampling_set(**values) -> list[str]:
+    """The names, in SAMPLING_DEFAULTS' order, of the sampling arguments given away from their defaults (a number
+    equal to its default counts as unset)."""
+    return [name for name, default in SAMPLING_DEFAULTS.items()
+            if name in values and values[name] is not default
+            and not (_number(values[name]) and values[name] == default)]
 
 
 def _callers_level() -> int:

@@ -309,7 +309,6 @@ def test_sampling_arguments_at_their_limits():
         model.generate(ids, 2, do_sample=True, generator=7)
 
 
-
 def test_sampling_arguments_without_do_sample_warn_that_the_call_is_greedy():
     """As transformers does: top_k, top_p, a temperature, a seed or a generator without do_sample=True are ignored,
     which a user who set them did not mean; the warning points at the caller's line, not at the package."""

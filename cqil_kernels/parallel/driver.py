@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from ..config import CQILConfig
-from ..generation import (PREFILL_CHUNK, check_generate_args, check_inputs, check_logits_to_keep, check_warm_up_args,
-                          stream)
+from ..generation import (PREFILL_CHUNK, SAMPLING_DEFAULTS, check_generate_args, check_inputs, check_logits_to_keep,
+                          check_warm_up_args, stream)
 from ..graphs import warm_up_buckets
 from .launch import disable_multicast
 
@@ -328,7 +328,7 @@ class ParallelCQILLlama:
             **kwargs)
         kwargs["eos_token_id"] = eos or None  # plain ints for the ranks
         if not do_sample:  # ignored (check_generate_args warned here): the ranks would warn again
-            kwargs.update(temperature=1.0, top_k=None, top_p=None, seed=None)
+            kwargs.update({name: default for name, default in SAMPLING_DEFAULTS.items() if name in kwargs})
         return dict(input_ids=input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
 
     def _streamed(self, payload: dict):
