@@ -32,7 +32,10 @@ CASES = {
     "gemm-prefill-sum-p": ("group_gemm", "_group_gemm_kernel", dict(
         NORM=False, SWIGLU=False, SUM_P=True, HAS_BIAS=False, HAS_RES=True, UPCAST=False, DOT_PRECISION="tf32",
         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), {}),
-    "sum-p": ("group_gemm", "_sum_p_kernel", dict(HAS_RES=True, BLOCK=1024), {"part_ptr": "*fp32"}),
+    "gemm-decode-residual": ("group_gemm", "_group_gemm_kernel", dict(
+        NORM=False, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=True, UPCAST=False, DOT_PRECISION="tf32",
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), {}),
+    "sum-p": ("group_gemm", "_sum_p_kernel", dict(P=4, HAS_RES=True, BLOCK=1024), {"part_ptr": "*fp32"}),
     "silu-mul": ("group_gemm", "_silu_mul_kernel", dict(BLOCK=1024), {}),
     "attention-decode-early": ("attention", "_attention_kernel", dict(
         HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=32, SPLIT=True, MERGE_HERE=True, UPCAST=False,
@@ -67,8 +70,8 @@ ATTENTION_POINTERS = {"valid_ptr": "*u8", "start_ptr": "*i32", "part_ptr": "*fp3
                       "ticket_ptr": "*i32"}
 EARLY_LOADS = {"attention-decode-early"}  # loads before the wait, declared and argued in ops/attention.py
 
-_COMPILE = textwrap.dedent("""
-    import importlib, json, sys
+_COMPILE = textwrap.dedent(r"""
+    import importlib, json, re, sys
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,9 +105,16 @@ _COMPILE = textwrap.dedent("""
         release = ptx.find("griddepcontrol.launch_dependents")
         before = ptx[:wait] if wait >= 0 else ptx
         first_store = ptx.find("st.global")
+        # loops: a branch back to a label above it; the code from the label to the branch is the loop's body
+        labels = {m.group(1): m.start() for m in re.finditer(r"^(\$L__\w+):", ptx, re.M)}
+        loops = [(labels[m.group(1)], m.start()) for m in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ptx)
+                 if labels.get(m.group(1), len(ptx)) < m.start()]
+        loops_end = max((end for _, end in loops), default=0)
         result[name] = dict(waits=wait >= 0, release_after_wait=release < 0 or release > wait,
                             before_wait={op: before.count(op) for op in MEMORY},
-                            loads_after_a_store=ptx[first_store:].count("ld.global") if first_store >= 0 else 0)
+                            loads_after_a_store=ptx[first_store:].count("ld.global") if first_store >= 0 else 0,
+                            loads_in_loops=sum(ptx[lo:hi].count("ld.global") for lo, hi in loops),
+                            loads_after_loops=ptx[loops_end:].count("ld.global") if loops else None)
     print(json.dumps(result))
 """)
 
@@ -148,3 +158,16 @@ def test_loads_all_come_before_the_first_store(compiled, case):
     """The compiler keeps a load after a store that may alias it, and the store waits for its value's loads: in
     rope_kv and group_residual the loads all come first, so they go out together, one round trip to memory."""
     assert compiled[case]["loads_after_a_store"] == 0, case
+
+
+def test_decode_gemm_loads_its_residual_before_the_k_loop(compiled):
+    """A decode tile's residual load after the K loop was one more round trip between the last product and the
+    store, at every program's tail (group_gemm.py, EARLY_RES)."""
+    facts = compiled["gemm-decode-residual"]
+    assert facts["loads_after_loops"] == 0, facts
+
+
+def test_sum_of_parts_loads_all_parts_at_once(compiled):
+    """_sum_p_kernel's loop over the parts is unrolled (P constexpr): no load waits inside a loop."""
+    facts = compiled["sum-p"]
+    assert facts["loads_in_loops"] == 0 and facts["loads_after_a_store"] == 0, facts
