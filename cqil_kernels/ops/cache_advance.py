@@ -9,7 +9,7 @@
 The step's kernels read `start` (not `position`, which this launch has already moved on), so a captured
 CUDA graph replays the whole step — bookkeeping included — at each new position. As torch ops this was
 about a dozen small kernels per step (~20 us of a SmolLM2 decode step on the H100); here it is one
-program: the work is B*T flags, looped over in blocks of T.
+program: the work is B*T flags, taken as tiles of rows by blocks of T.
 """
 
 from __future__ import annotations
@@ -27,26 +27,40 @@ from .rope_kv import check_start
 def _cache_advance_kernel(
     valid_ptr, key_valid_ptr, n_tokens_ptr, position_ptr, start_ptr, pos_ptr,
     B, T, stride_vb, stride_kb, stride_pb,
-    HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr,
+    HAS_VALID: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     wait_for_producer(USE_GDC)  # _pdl.py: before any memory access
     start = tl.load(position_ptr)
-    for b in range(0, B):
-        seen = tl.load(n_tokens_ptr + b)
+    # BLOCK_B rows at a time, as [BLOCK_B, BLOCK_T] tiles: a batch's decode step loads every row's count and
+    # flags before its first store, one round trip where a loop row by row made B of them
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < B
+        seen = tl.load(n_tokens_ptr + b, mask=b_ok, other=0)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < T
+            ok = b_ok[:, None] & (t < T)[None, :]
             if HAS_VALID:
-                real = tl.load(valid_ptr + b * stride_vb + t, mask=ok, other=0).to(tl.int64)
+                real = tl.load(valid_ptr + b[:, None] * stride_vb + t[None, :], mask=ok, other=0).to(tl.int64)
             else:
                 real = ok.to(tl.int64)
-            tl.store(pos_ptr + b * stride_pb + t, tl.maximum(seen + tl.cumsum(real, axis=0) - 1, 0), mask=ok)
-            tl.store(key_valid_ptr + b * stride_kb + start + t, real.to(tl.uint8), mask=ok)
-            seen += tl.sum(real, axis=0)
-        tl.store(n_tokens_ptr + b, seen)
+            tl.store(pos_ptr + b[:, None] * stride_pb + t[None, :],
+                     tl.maximum(seen[:, None] + tl.cumsum(real, axis=1) - 1, 0), mask=ok)
+            tl.store(key_valid_ptr + b[:, None] * stride_kb + start + t[None, :], real.to(tl.uint8), mask=ok)
+            seen += tl.sum(real, axis=1)
+        tl.store(n_tokens_ptr + b, seen, mask=b_ok)
     release_consumer(USE_GDC)
     tl.store(start_ptr, start)
     tl.store(position_ptr, start + T)
+
+
+TILE = 1024  # flags a program takes at once: [BLOCK_B, BLOCK_T], BLOCK_T >= 16
+
+
+def _tile(B: int, T: int) -> dict:
+    """BLOCK_T covers a row's T flags (up to TILE), BLOCK_B as many rows as the rest of the tile holds."""
+    block_t = min(TILE, max(16, next_pow2(T)))
+    return dict(BLOCK_B=min(next_pow2(B), TILE // block_t), BLOCK_T=block_t)
 
 
 def cache_advance(valid: torch.Tensor | None, key_valid: torch.Tensor, n_tokens: torch.Tensor,
@@ -88,6 +102,6 @@ def cache_advance(valid: torch.Tensor | None, key_valid: torch.Tensor, n_tokens:
     _cache_advance_kernel[(1,)](
         vflags, flags, n_tokens, position, start, out,
         B, T, vflags.stride(0), flags.stride(0), out.stride(0),
-        HAS_VALID=valid is not None, BLOCK_T=min(1024, max(16, next_pow2(T))), **pdl_options(key_valid),
+        HAS_VALID=valid is not None, **_tile(B, T), **pdl_options(key_valid),
     )
     return out

@@ -19,7 +19,7 @@ def _state(B: int, S: int, seed: int):
     return [t.to(DEVICE) for t in (key_valid, n_tokens, position, start)]
 
 
-@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 5), (3, 37), (2, 1100)])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 5), (3, 37), (2, 1100), (33, 1), (40, 3), (5, 300)])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-real", "left-padded"])
 def test_cache_advance_matches_twin(B, T, masked):
     S = T + 16
@@ -37,6 +37,15 @@ def test_cache_advance_matches_twin(B, T, masked):
     torch.testing.assert_close(positions, expected, rtol=0, atol=0)
     for name, a, b in zip(("key_valid", "n_tokens", "position", "start"), ours, twin):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("B,T,tiles", [(1, 1, (1, 16)), (33, 1, (64, 16)), (40, 3, (64, 16)), (5, 300, (2, 512)),
+                                       (2, 1100, (1, 1024)), (100, 1, (64, 16))])
+def test_rows_are_taken_as_tiles(B, T, tiles):
+    """Which [BLOCK_B, BLOCK_T] tile a shape gets: a decode batch's rows in one tile (of at most TILE flags)."""
+    from cqil_kernels.ops.cache_advance import _tile
+
+    assert (_tile(B, T)["BLOCK_B"], _tile(B, T)["BLOCK_T"]) == tiles
 
 
 def test_consecutive_steps_continue_each_other():

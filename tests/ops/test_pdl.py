@@ -54,7 +54,7 @@ CASES = {
         HEAD_DIM=128, HALF_BLOCK=64, HEAD_BLOCK=64, RELEASE_AT_ONCE=False), ROPE_POINTERS),
     "argmax": ("argmax", "_argmax_kernel", dict(BLOCK=4096, CHUNKS_BLOCK=16),
                {"key_ptr": "*i32", "idx_ptr": "*i32", "ticket_ptr": "*i32", "out_ptr": "*i64"}),
-    "cache-advance": ("cache_advance", "_cache_advance_kernel", dict(HAS_VALID=True, BLOCK_T=64),
+    "cache-advance": ("cache_advance", "_cache_advance_kernel", dict(HAS_VALID=True, BLOCK_B=16, BLOCK_T=64),
                       {"valid_ptr": "*u8", "key_valid_ptr": "*u8", "n_tokens_ptr": "*i64", "position_ptr": "*i32",
                        "start_ptr": "*i32", "pos_ptr": "*i64"}),
     "group-residual": ("group_residual", "_group_residual_kernel", dict(
