@@ -99,13 +99,20 @@ def _merge_splits(part_ptr, stat_ptr, out_ptr, pid_h, num_splits, B, T, HKV, G,
 
 
 @triton.jit
-def _load_keys(k_ptr, v_ptr, valid_ptr, kv, valid_row, k_pos, ok, offs_d, d_ok, stride_ks):
-    """Keys [BLOCK_D, BLOCK_N], values [BLOCK_N, BLOCK_D] and key-valid flags (uint8) at cache positions
-    k_pos where ok, zero elsewhere (kv: the head's offset in the caches; valid_row: its row's flags')."""
+def _load_kv(k_ptr, v_ptr, kv, k_pos, ok, offs_d, d_ok, stride_ks):
+    """Keys [BLOCK_D, BLOCK_N] and values [BLOCK_N, BLOCK_D] at cache positions k_pos where ok, zero elsewhere
+    (kv: the head's offset in the caches)."""
     k = tl.load(k_ptr + kv + k_pos[None, :] * stride_ks + offs_d[:, None], mask=ok[None, :] & d_ok[:, None],
                 other=0.0)
     v = tl.load(v_ptr + kv + k_pos[:, None] * stride_ks + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
                 other=0.0)
+    return k, v
+
+
+@triton.jit
+def _load_keys(k_ptr, v_ptr, valid_ptr, kv, valid_row, k_pos, ok, offs_d, d_ok, stride_ks):
+    """_load_kv's keys and values, and the key-valid flags (uint8) at k_pos (valid_row: the row's flags)."""
+    k, v = _load_kv(k_ptr, v_ptr, kv, k_pos, ok, offs_d, d_ok, stride_ks)
     return k, v, tl.load(valid_ptr + valid_row + k_pos, mask=ok, other=0)
 
 
@@ -192,10 +199,16 @@ def _attention_kernel(
         m_i, l_i, acc = _attend_tile(q, first_k, first_v, first_valid != 0, first_pos, q_pos, hi, m_i, l_i, acc,
                                      sm_scale_log2, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
         n_from = lo + BLOCK_N
+    # Each tile's key-valid flags are loaded one tile ahead. The pipeliner streams the keys and values (they
+    # feed the dots) but loaded the flags in their own iteration, a round trip at the top of every tile.
+    next_pos = n_from + tl.arange(0, BLOCK_N)
+    next_valid = tl.load(valid_ptr + b * stride_vb + next_pos, mask=next_pos < hi, other=0)
     for n0 in range(n_from, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
-        k, v, valid = _load_keys(k_ptr, v_ptr, valid_ptr, kv, b * stride_vb, k_pos, k_pos < hi, offs_d, d_ok,
-                                 stride_ks)
+        valid = next_valid
+        k, v = _load_kv(k_ptr, v_ptr, kv, k_pos, k_pos < hi, offs_d, d_ok, stride_ks)
+        next_pos = k_pos + BLOCK_N
+        next_valid = tl.load(valid_ptr + b * stride_vb + next_pos, mask=next_pos < hi, other=0)
         m_i, l_i, acc = _attend_tile(q, k, v, valid != 0, k_pos, q_pos, hi, m_i, l_i, acc, sm_scale_log2,
                                      UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
 

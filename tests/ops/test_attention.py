@@ -33,6 +33,9 @@ CASES = {  # P, B, T, H, Hkv, Dh, S, start, pads
     "chunk-after-cache": (2, 2, 5, 4, 1, 32, 30, 11, [2, 0]),
     "prefill-gqa4-long": (1, 1, 70, 8, 2, 16, 75, 3, None),
     "decode-long-cache": (2, 2, 1, 4, 2, 16, 300, 100, [0, 40]),  # splits cover the 101 keys, not S
+    # left padding across several 32-key tiles: each tile's flags are loaded a tile ahead of its keys
+    "decode-pads-span-tiles": (1, 2, 1, 4, 2, 16, 160, 150, [97, 33]),
+    "chunk-pads-span-tiles": (1, 2, 9, 4, 1, 16, 140, 120, [0, 70]),
 }
 
 
