@@ -119,7 +119,8 @@ def _group_gemm_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Decode tiles (16 rows) load the residual now, before the K loop: loaded after it, it was one more round
     # trip between the last product and the store at every program's tail (its LDG sat between the last HMMA
-    # and the STG in the SASS). +8-9 registers on sm_90, no spills; larger tiles keep the load at the end.
+    # and the STG in the SASS). Larger tiles keep the load at the end. ptxas (sm_90), TUNED_DECODE's nine
+    # configs: -11 to +42 registers, and three spill more (8, 60, 68 bytes); the autotuner times each as it is.
     EARLY_RES: tl.constexpr = BLOCK_M <= 16
     if HAS_RES:
         if EARLY_RES:
