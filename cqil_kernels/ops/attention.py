@@ -263,8 +263,10 @@ def _merge_chunk(rows_p2: int, block_d: int) -> int:
     return max(1, MERGE_TILE // (rows_p2 * block_d))
 
 
-def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype, num_splits: int | None):
-    """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape."""
+def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype, num_splits: int | None,
+          sms: int | None = None):
+    """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape (sms: the device's multiprocessors, default the
+    current CUDA device's; benchmarks/kernel_registers.py plans for a device it does not have)."""
     rows = T * G
     if interpreting():
         return max(16, min(64, next_pow2(rows))), 32, num_splits or 1, 4
@@ -274,7 +276,7 @@ def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype,
         # 9.97, 2 x 64 10.26, 2 x 128 12.34, 6 x 32 9.82; P = 4: 2 x 32 20.08, 2 x 64 20.45; SmolLM2
         # P = 1: 2 x 32 4.99, 2 x 64 5.67; P = 4: 2 x 32 6.67, 2 x 128 6.42; 2048-slot cache: 2 x 32 9.96
         if num_splits is None:
-            sms = multiprocessor_count(torch.cuda.current_device())
+            sms = sms or multiprocessor_count(torch.cuda.current_device())
             one_chunk = _merge_chunk(next_pow2(rows), _block_d(Dh))
             num_splits = max(1, min(cdiv(DECODE_PROGRAMS_PER_SM * sms, P * B * Hkv), one_chunk))
         return 16, DECODE_BLOCK_N, num_splits, 4
