@@ -37,6 +37,8 @@
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
+#   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
+#               beside its registers and spills and the autotuner's choice (GEMM_ARGS, e.g. "--extra 16,32,128,8,6")
 #   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
 #               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
 #               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4),
@@ -245,6 +247,9 @@ for stage in $stages; do
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
+  gemm_configs)
+    timeout ${GEMM_TIMEOUT:-500} python3 benchmarks/gemm_configs.py ${GEMM_ARGS:-} --out "$OUT/gemm_configs.json" 2>&1 \
+      | tee -a "$OUT/gemm_configs.log" ;;
   graph_launch)
     # issue 24: what a CUDA graph replay costs before the GPU starts (synthetic graphs and the prompt buckets)
     timeout ${GL_TIMEOUT:-240} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \

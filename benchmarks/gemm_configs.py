@@ -1,0 +1,201 @@
+"""Every candidate config of the group GEMM timed alone, in each launch form a decode step makes, beside the
+compiler's register and spill facts of that config (benchmarks/kernel_registers.py) and the autotuner's own
+choice. The autotuner keeps the fastest of its candidates; this says how far apart they are and whether a
+config outside the list (--extra) would beat them, e.g. one that does not spill.
+
+    python benchmarks/gemm_configs.py --shape llama-7b --shape smollm2-135m --extra 16,32,128,8,6 \\
+        --out gemm_configs.json
+
+Forms (P layers of a group, M rows): qkv (group_linear with the input norm), o_proj (with the residual),
+gate/up (group_swiglu with the post-attention norm), down (group_down_sum with the fp32 residual: decode
+runs it as partial products and their sum). Each config runs as the only candidate (the autotuner's list
+replaced for the run); each timing is a CUDA graph of CALLS launches over enough input copies to stay out of
+L2, timed with CUDA events, the median of --rounds replays. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CALLS = 24
+DEVICE = "cuda"  # (tests run the loop on the CPU, with the timing replaced)
+L2_BYTES = 50 * 2**20  # inputs cycled through at least 2.5x this stay out of an H100's or H200's L2
+FORMS = ("qkv", "o_proj", "gate/up", "down")
+
+
+@contextlib.contextmanager
+def forced_config(config):
+    """The group GEMM launched with `config` (a triton.Config) alone: the autotuner's candidates replaced by it
+    and the launcher's remembered choices (_CHOSEN) set aside, both restored after."""
+    from cqil_kernels.ops import group_gemm
+
+    kernel, chosen = group_gemm._group_gemm_kernel, dict(group_gemm._CHOSEN)
+    configs = kernel.configs
+    kernel.configs = [config]
+    group_gemm._CHOSEN.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = configs
+        group_gemm._CHOSEN.clear()
+        group_gemm._CHOSEN.update(chosen)
+
+
+def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: float = 0.02):
+    """(op, make_inputs, bytes moved) of a launch form for a shape (D, H, Hkv, Dh, F)."""
+    import torch
+
+    from cqil_kernels.ops.group_gemm import group_down_sum, group_linear, group_swiglu
+
+    D, F, K_o = shape["D"], shape["F"], shape["H"] * shape["Dh"]
+    N_qkv = (shape["H"] + 2 * shape["Hkv"]) * shape["Dh"]
+
+    def randn(*size, dt=dtype, s=1.0):
+        return s * torch.randn(*size, device=device, dtype=dt)
+
+    if form == "qkv":
+        return ((lambda h, w, nw: group_linear(h, w, norm_weight=nw)),
+                lambda: (randn(M, D), randn(P, N_qkv, D, s=scale), 1 + randn(P, D, s=0.1)),
+                2 * (P * N_qkv * D + M * D + P * M * N_qkv))
+    if form == "o_proj":
+        return ((lambda x, w, h: group_linear(x, w, residual=h)),
+                lambda: (randn(P, M, K_o), randn(P, D, K_o, s=scale), randn(M, D)),
+                2 * (P * D * K_o + P * M * K_o + M * D + P * M * D))
+    if form == "gate/up":
+        return ((lambda x, wg, wu, nw: group_swiglu(x, wg, wu, norm_weight=nw)),
+                lambda: (randn(P, M, D), randn(P, F, D, s=scale), randn(P, F, D, s=scale), 1 + randn(P, D, s=0.1)),
+                2 * (2 * P * F * D + P * M * D + P * M * F))
+    if form == "down":
+        return ((lambda x, w, res: group_down_sum(x, w, res)),
+                lambda: (randn(P, M, F), randn(P, D, F, s=scale), randn(M, D, dt=torch.float32)),
+                2 * (P * D * F + P * M * F) + 4 * M * D + 2 * M * D)
+    raise ValueError(f"unknown form {form!r} (one of {FORMS})")
+
+
+def time_op(op, make_inputs, nbytes: int, rounds: int) -> float:
+    """Median microseconds per call: a CUDA graph of CALLS calls over input copies that stay out of L2."""
+    import torch
+
+    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    sets = [make_inputs() for _ in range(copies)]
+    op(*sets[0])  # compile outside the graph
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for inputs in sets:
+            op(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            op(*sets[i % copies])
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    del graph
+    return statistics.median(times)
+
+
+def parse_config(text: str) -> tuple[int, int, int, int, int]:
+    parts = tuple(int(v) for v in text.split(","))
+    if len(parts) != 5:
+        raise argparse.ArgumentTypeError(f"a config is BLOCK_M,BLOCK_N,BLOCK_K,warps,stages, got {text!r}")
+    return parts
+
+
+FLAGS = {  # the kernel's constexprs in each form (for the compiler's facts); down: decode's partial products, or
+    # where group_down_sum runs as one GEMM (P = 1 below SPLIT_K_MIN, more than 16 rows) the sum over P
+    "qkv": (dict(NORM=True, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {}),
+    "o_proj": (dict(NORM=False, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=True), {}),
+    "gate/up": (dict(NORM=True, SWIGLU=True, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {}),
+    "down": (dict(NORM=False, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {"out_ptr": "*fp32"}),
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", action="append", help="llama-7b, smollm2-135m, ... (cqil bench's shapes; "
+                        "default both of these)")
+    parser.add_argument("--form", action="append", choices=FORMS, help="default all")
+    parser.add_argument("--P", type=int, default=1, help="layers of a group")
+    parser.add_argument("--rows", type=int, default=1, help="M: batch rows of a decode step (<= 16: decode tiles)")
+    parser.add_argument("--extra", action="append", type=parse_config, default=[],
+                        help="another config BLOCK_M,BLOCK_N,BLOCK_K,warps,stages to time (repeatable)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+    import triton
+
+    from cqil_kernels import envs
+    from cqil_kernels.bench import shape_args
+    from cqil_kernels.ops import group_gemm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kernel_registers
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gemm_configs.py times kernels: it needs a CUDA GPU")
+    tables = {0: group_gemm.TUNED_DECODE, 1: group_gemm.TUNED_BATCH}
+    row_class = group_gemm.row_class(args.rows)
+    if row_class not in tables:
+        raise SystemExit(f"--rows {args.rows} is a prompt's row class; this sweeps decode and batch configs")
+    candidates = list(dict.fromkeys([*tables[row_class], *args.extra]))
+    rows, facts_of = [], {}
+    for name in args.shape or ["llama-7b", "smollm2-135m"]:
+        a = shape_args(name)
+        shape = dict(D=a.hidden_size, H=a.num_attention_heads, Hkv=a.num_key_value_heads, Dh=a.head_dim,
+                     F=a.intermediate_size)
+        for form in args.form or FORMS:
+            op, make, nbytes = form_inputs(form, shape, args.P, args.rows, DEVICE,
+                                           torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+            group_gemm._CHOSEN.clear()
+            op(*make())  # the autotuner's own choice for this launch
+            best = group_gemm._group_gemm_kernel.best_config.all_kwargs()
+            best = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"], best["num_stages"])
+            for config in candidates:
+                bm, bn, bk, warps, stages = config
+                with forced_config(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                                 num_stages=stages)):
+                    us = time_op(op, make, nbytes, args.rounds)
+                flags, pointers = FLAGS[form]
+                if form == "down" and group_gemm.group_down_partials(*make()[:2]) is None:  # one GEMM, sum over P
+                    flags, pointers = dict(flags, SUM_P=True, HAS_RES=True), {"res_ptr": "*fp32"}
+                key = (tuple(sorted(flags.items())), tuple(sorted(pointers.items())), config)
+                if key not in facts_of:  # the same for every shape: compiled once
+                    facts_of[key] = kernel_registers.compile_facts("group_gemm", "_group_gemm_kernel", dict(
+                        flags, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), pointers,
+                        warps, stages)
+                facts = facts_of[key]
+                row = [name, form, f"{bm}x{bn}x{bk} w{warps} s{stages}", round(us, 2), round(nbytes / us / 1e3, 1),
+                       facts["registers"], facts["spill_stores"], config == best, config in args.extra]
+                print(" | ".join(str(v) for v in row), flush=True)
+                rows.append(row)
+    if args.out:
+        args.out.write_text(json.dumps(dict(
+            title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows",
+            what=" ".join(__doc__.split()), card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+            commit=envs.get("CQIL_COMMIT") or "unknown", source="this file",
+            command=" ".join(["gemm_configs.py", *(argv if argv is not None else sys.argv[1:])]),
+            columns=["shape", "form", "config", "us per call", "GB/s", "registers", "spill stores (bytes)",
+                     "the autotuner's choice", "outside the candidates"], rows=rows), indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""benchmarks/gemm_configs.py's CPU-checkable parts: a forced config runs alone and is put back, and each launch
+form computes what the op computes (the timing itself needs a GPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gemm_configs  # noqa: E402
+
+from cqil_kernels.ops import group_gemm  # noqa: E402
+
+TINY = dict(D=48, H=2, Hkv=1, Dh=16, F=64)
+
+
+@pytest.mark.parametrize("form", gemm_configs.FORMS)
+def test_a_forced_config_computes_the_form_and_is_put_back(form):
+    torch.manual_seed(0)
+    op, make, nbytes = gemm_configs.form_inputs(form, TINY, 2, 3, "cpu", torch.float32, scale=0.2)
+    inputs = make()
+    assert nbytes > 0
+    default = op(*inputs)
+    configs, chosen = group_gemm._group_gemm_kernel.configs, dict(group_gemm._CHOSEN)
+    forced = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+    with gemm_configs.forced_config(forced):
+        got = op(*inputs)
+        assert group_gemm._group_gemm_kernel.configs == [forced]
+        # the launcher remembers what the autotuner chose for each launch of the form: the forced config alone
+        assert group_gemm._CHOSEN and all(c == forced.all_kwargs() for c in group_gemm._CHOSEN.values())
+    assert group_gemm._group_gemm_kernel.configs is configs and group_gemm._CHOSEN == chosen
+    torch.testing.assert_close(got, default, rtol=1e-5, atol=1e-5)  # another K split: another fp32 order
+
+
+def test_config_arguments_are_parsed_and_refused():
+    assert gemm_configs.parse_config("16,32,128,8,6") == (16, 32, 128, 8, 6)
+    with pytest.raises(Exception, match="BLOCK_M,BLOCK_N,BLOCK_K,warps,stages"):
+        gemm_configs.parse_config("16,32,128")
+
+
+def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path):
+    """main's loop on the CPU: the timing and the compiler's facts replaced, a tiny shape for cqil bench's."""
+    import json
+
+    import kernel_registers
+    import tables
+
+    from cqil_kernels import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1,
+                                                   head_dim=16, intermediate_size=64, vocab_size=32,
+                                                   num_hidden_layers=2))
+    monkeypatch.setattr(gemm_configs, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
+    timed = []
+    monkeypatch.setattr(gemm_configs, "time_op", lambda op, make, nbytes, rounds: (timed.append(op(*make())), 7.0)[1])
+    monkeypatch.setattr(kernel_registers, "compile_facts", lambda *a: dict(registers=100, spill_stores=0,
+                                                                             spill_loads=0, shared_bytes=0))
+    out = tmp_path / "sweep.json"
+    gemm_configs.main(["--shape", "tiny", "--form", "qkv", "--form", "down", "--extra", "16,16,32,4,2",
+                       "--rounds", "2", "--out", str(out)])
+    record = json.loads(out.read_text())
+    tables.check(record, out.name)
+    configs = len(group_gemm.TUNED_DECODE) + 1
+    assert len(record["rows"]) == len(timed) == 2 * configs
+    assert [row[1] for row in record["rows"]] == ["qkv"] * configs + ["down"] * configs
+    assert sum(row[8] for row in record["rows"]) == 2  # the extra config, once per form
+    assert all(row[3] == 7.0 for row in record["rows"])
