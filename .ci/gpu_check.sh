@@ -38,7 +38,7 @@
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
-#               beside its registers and spills and the autotuner's choice (GEMM_ARGS, e.g. "--extra 16,32,128,8,6")
+#               beside its registers and spills and the autotuner's choice (GEMM_ARGS, e.g. "--extra 16,32,128,8,4")
 #   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
 #               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
 #               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4),

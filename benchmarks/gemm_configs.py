@@ -3,7 +3,7 @@ compiler's register and spill facts of that config (benchmarks/kernel_registers.
 choice. The autotuner keeps the fastest of its candidates; this says how far apart they are and whether a
 config outside the list (--extra) would beat them, e.g. one that does not spill.
 
-    python benchmarks/gemm_configs.py --shape llama-7b --shape smollm2-135m --extra 16,32,128,8,6 \\
+    python benchmarks/gemm_configs.py --shape llama-7b --shape smollm2-135m --extra 16,32,128,8,4 \\
         --out gemm_configs.json
 
 Forms (P layers of a group, M rows): qkv (group_linear with the input norm), o_proj (with the residual),
