@@ -9,15 +9,11 @@ microseconds per call and the achieved GB/s over the bytes the op must move.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from cqil_kernels import envs
-
-CALLS = 24
-L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
+from replay import CALLS, capture_calls
 
 SHAPES = {  # hidden D, heads H, kv heads Hkv, head dim Dh, intermediate F, vocabulary V
     "llama7b": dict(D=4096, H=32, Hkv=32, Dh=128, F=11008, V=32000),
@@ -44,19 +40,7 @@ def op_cases(P_values=(1, 2, 4), T_values=(1, 512)):
 
 def gpu_benchmark(benchmark, make_inputs, op, *, nbytes: int) -> None:
     """Benchmark op(*inputs) where make_inputs() builds one fresh input set of `nbytes` moved bytes."""
-    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
-    sets = [make_inputs() for _ in range(copies)]
-    op(*sets[0])  # compile and autotune outside the graph
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for inputs in sets:
-            op(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            op(*sets[i % copies])
+    graph, copies = capture_calls(make_inputs, op, nbytes)
 
     def replay():
         graph.replay()

@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-CALLS = 24
 DEVICE = "cuda"  # (tests run the loop on the CPU, with the timing replaced)
-L2_BYTES = 50 * 2**20  # inputs cycled through at least 2.5x this stay out of an H100's or H200's L2
 FORMS = ("qkv", "o_proj", "gate/up", "down")
 
 
@@ -80,22 +77,13 @@ def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: fl
 
 
 def time_op(op, make_inputs, nbytes: int, rounds: int) -> float:
-    """Median microseconds per call: a CUDA graph of CALLS calls over input copies that stay out of L2."""
+    """Median microseconds per call: a CUDA graph of CALLS calls over input copies that stay out of L2
+    (replay.py), timed with CUDA events."""
     import torch
 
-    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
-    sets = [make_inputs() for _ in range(copies)]
-    op(*sets[0])  # compile outside the graph
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for inputs in sets:
-            op(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            op(*sets[i % copies])
+    from replay import CALLS, capture_calls
+
+    graph, _ = capture_calls(make_inputs, op, nbytes)
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,0 +1,33 @@
+"""What the kernel benchmarks time: CALLS back-to-back calls of an op captured in one CUDA graph (decode runs from
+graphs, so launch gaps are not what they compare), cycling over enough copies of the inputs that they do not
+stay in L2. Shared by benchmarks/conftest.py (pytest-benchmark) and benchmarks/gemm_configs.py (CUDA events)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CALLS = 24
+L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
+
+
+def capture_calls(make_inputs, op, nbytes: int) -> tuple[torch.cuda.CUDAGraph, int]:
+    """(graph of CALLS calls of op, the number of input copies it cycles over); make_inputs() builds one input
+    set of `nbytes` moved bytes. op runs once first (compiles, autotunes), then once per copy on a side stream
+    (as torch.cuda.graphs recommends before a capture)."""
+    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    sets = [make_inputs() for _ in range(copies)]
+    op(*sets[0])  # compile and autotune outside the graph
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for inputs in sets:
+            op(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            op(*sets[i % copies])
+    graph.inputs = sets  # the graph reads them: kept as long as it is
+    return graph, copies
