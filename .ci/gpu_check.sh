@@ -39,6 +39,9 @@
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
 #               beside its registers and spills and the autotuner's choice (GEMM_ARGS, e.g. "--extra 16,32,128,8,4")
+#   attention_plans issue 24: benchmarks/attention_plans.py, a prompt's attention under other tile plans than the
+#               shipped one, beside their registers and spills (ATT_PLAN_ARGS, default LLaMA-7B at 512, 2048 and
+#               4096 tokens, plans 64,64,8 64,128,8 128,64,8 128,128,8)
 #   decode_ab   issue 26: benchmarks/ab_trees.py running benchmarks/ab_decode.py (decode ms/token) alternately with
 #               the older build (HOST_AB_OLD, HOST_AB_NAME as host_ab) and this one, per DECODE_AB_CONFIGS entry
 #               shape/groups (default llama-7b/none smollm2-135m/none smollm2-135m/2-26:4), ROUNDS (default 4),
@@ -250,6 +253,10 @@ for stage in $stages; do
   gemm_configs)
     timeout ${GEMM_TIMEOUT:-500} python3 benchmarks/gemm_configs.py ${GEMM_ARGS:-} --out "$OUT/gemm_configs.json" 2>&1 \
       | tee -a "$OUT/gemm_configs.log" ;;
+  attention_plans)
+    timeout ${ATT_PLAN_TIMEOUT:-400} python3 benchmarks/attention_plans.py ${ATT_PLAN_ARGS:---shape llama-7b --rows 512 \
+      --rows 2048 --rows 4096 --plan 64,64,8 --plan 64,128,8 --plan 128,64,8 --plan 128,128,8} \
+      --out "$OUT/attention_plans.json" 2>&1 | tee -a "$OUT/attention_plans.log" ;;
   graph_launch)
     # issue 24: what a CUDA graph replay costs before the GPU starts (synthetic graphs and the prompt buckets)
     timeout ${GL_TIMEOUT:-240} python3 benchmarks/graph_launch.py --out "$OUT/graph_launch.json" 2>&1 \

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,28 +75,6 @@ def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: fl
     raise ValueError(f"unknown form {form!r} (one of {FORMS})")
 
 
-def time_op(op, make_inputs, nbytes: int, rounds: int) -> float:
-    """Median microseconds per call: a CUDA graph of CALLS calls over input copies that stay out of L2
-    (replay.py), timed with CUDA events."""
-    import torch
-
-    from replay import CALLS, capture_calls
-
-    graph, _ = capture_calls(make_inputs, op, nbytes)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    del graph
-    return statistics.median(times)
-
-
 def parse_config(text: str) -> tuple[int, int, int, int, int]:
     parts = tuple(int(v) for v in text.split(","))
     if len(parts) != 5:
@@ -136,6 +113,7 @@ def main(argv=None) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import kernel_registers
+    import replay
 
     if not torch.cuda.is_available():
         raise SystemExit("gemm_configs.py times kernels: it needs a CUDA GPU")
@@ -160,7 +138,7 @@ def main(argv=None) -> None:
                 bm, bn, bk, warps, stages = config
                 with forced_config(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                                  num_stages=stages)):
-                    us = time_op(op, make, nbytes, args.rounds)
+                    us = replay.median_us(op, make, nbytes, args.rounds)
                 flags, pointers = FLAGS[form]
                 if form == "down" and group_gemm.group_down_partials(*make()[:2]) is None:  # one GEMM, sum over P
                     flags, pointers = dict(flags, SUM_P=True, HAS_RES=True), {"res_ptr": "*fp32"}

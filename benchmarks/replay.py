@@ -1,10 +1,12 @@
 """What the kernel benchmarks time: CALLS back-to-back calls of an op captured in one CUDA graph (decode runs from
 graphs, so launch gaps are not what they compare), cycling over enough copies of the inputs that they do not
-stay in L2. Shared by benchmarks/conftest.py (pytest-benchmark) and benchmarks/gemm_configs.py (CUDA events)."""
+stay in L2. Shared by benchmarks/conftest.py (pytest-benchmark), gemm_configs.py and attention_plans.py (median_us:
+CUDA events)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -31,3 +33,20 @@ def capture_calls(make_inputs, op, nbytes: int) -> tuple[torch.cuda.CUDAGraph, i
             op(*sets[i % copies])
     graph.inputs = sets  # the graph reads them: kept as long as it is
     return graph, copies
+
+
+def median_us(op, make_inputs, nbytes: int, rounds: int) -> float:
+    """Median microseconds per call over `rounds` replays of capture_calls' graph, timed with CUDA events (three
+    replays first, untimed)."""
+    graph, _ = capture_calls(make_inputs, op, nbytes)
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return statistics.median(times)

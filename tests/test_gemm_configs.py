@@ -41,7 +41,8 @@ def test_config_arguments_are_parsed_and_refused():
 
 
 def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path):
-    """main's loop on the CPU: the timing and the compiler's facts replaced, a tiny shape for cqil bench's."""
+    """main's loop on the CPU: the timing (replay.median_us) and the compiler's facts replaced, a tiny shape for
+    cqil bench's."""
     import json
 
     import kernel_registers
@@ -55,8 +56,10 @@ def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path)
     monkeypatch.setattr(gemm_configs, "DEVICE", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
+    import replay
+
     timed = []
-    monkeypatch.setattr(gemm_configs, "time_op", lambda op, make, nbytes, rounds: (timed.append(op(*make())), 7.0)[1])
+    monkeypatch.setattr(replay, "median_us", lambda op, make, nbytes, rounds: (timed.append(op(*make())), 7.0)[1])
     monkeypatch.setattr(kernel_registers, "compile_facts", lambda *a: dict(registers=100, spill_stores=0,
                                                                              spill_loads=0, shared_bytes=0))
     out = tmp_path / "sweep.json"
