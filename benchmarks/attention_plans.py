@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import kernel_registers  # benchmarks/ (the script's folder)
+import replay
+
 DEVICE = "cuda"  # (tests run the loop on the CPU, with the timing replaced)
 
 
@@ -91,10 +94,6 @@ def main(argv=None) -> None:
     from cqil_kernels import envs
     from cqil_kernels.bench import shape_args
     from cqil_kernels.ops import attention
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import kernel_registers
-    import replay
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("attention_plans.py times kernels: it needs a CUDA GPU")

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import kernel_registers  # benchmarks/ (the script's folder)
+import replay
+
 DEVICE = "cuda"  # (tests run the loop on the CPU, with the timing replaced)
 FORMS = ("qkv", "o_proj", "gate/up", "down")
 
@@ -110,10 +113,6 @@ def main(argv=None) -> None:
     from cqil_kernels import envs
     from cqil_kernels.bench import shape_args
     from cqil_kernels.ops import group_gemm
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import kernel_registers
-    import replay
 
     if not torch.cuda.is_available():
         raise SystemExit("gemm_configs.py times kernels: it needs a CUDA GPU")

@@ -2,17 +2,16 @@
 (decode keeps its own), and the loop writes a row per shape, length and plan (the timing needs a GPU)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import attention_plans  # noqa: E402
+from cqil_kernels.ops import attention
+from cqil_kernels.reference.attention import group_attention_ref
 
-from cqil_kernels.ops import attention  # noqa: E402
-from cqil_kernels.reference.attention import group_attention_ref  # noqa: E402
+from conftest import import_benchmark
+
+attention_plans = import_benchmark("attention_plans")
 
 
 def test_a_forced_plan_runs_a_prompt_and_is_put_back():
@@ -31,9 +30,8 @@ def test_a_forced_plan_runs_a_prompt_and_is_put_back():
 
 
 def test_the_loop_writes_a_row_per_shape_length_and_plan(monkeypatch, tmp_path):
-    import kernel_registers
-    import replay
-    import tables
+    kernel_registers, replay = attention_plans.kernel_registers, attention_plans.replay
+    tables = import_benchmark("tables")
 
     from cqil_kernels import bench
 

@@ -1,19 +1,17 @@
 """benchmarks/gemm_configs.py's CPU-checkable parts: a forced config runs alone and is put back, and each launch
 form computes what the op computes (the timing itself needs a GPU)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gemm_configs  # noqa: E402
+from cqil_kernels.ops import group_gemm
 
-from cqil_kernels.ops import group_gemm  # noqa: E402
+from conftest import import_benchmark
 
 TINY = dict(D=48, H=2, Hkv=1, Dh=16, F=64)
+
+gemm_configs = import_benchmark("gemm_configs")
 
 
 @pytest.mark.parametrize("form", gemm_configs.FORMS)
@@ -45,8 +43,7 @@ def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path)
     cqil bench's."""
     import json
 
-    import kernel_registers
-    import tables
+    kernel_registers, tables = gemm_configs.kernel_registers, import_benchmark("tables")
 
     from cqil_kernels import bench
 
@@ -56,8 +53,7 @@ def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path)
     monkeypatch.setattr(gemm_configs, "DEVICE", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
-    import replay
-
+    replay = gemm_configs.replay
     timed = []
     monkeypatch.setattr(replay, "median_us", lambda op, make, nbytes, rounds: (timed.append(op(*make())), 7.0)[1])
     monkeypatch.setattr(kernel_registers, "compile_facts", lambda *a: dict(registers=100, spill_stores=0,
