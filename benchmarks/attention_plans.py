@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import kernel_registers  # benchmarks/ (the script's folder)
@@ -91,7 +89,6 @@ def main(argv=None) -> None:
 
     import torch
 
-    from cqil_kernels import envs
     from cqil_kernels.bench import shape_args
     from cqil_kernels.ops import attention
 
@@ -125,14 +122,11 @@ def main(argv=None) -> None:
                 print(" | ".join(str(v) for v in row), flush=True)
                 rows_out.append(row)
     if args.out:
-        args.out.write_text(json.dumps(dict(
-            title="A prompt's attention under other tile plans", what=" ".join(__doc__.split()),
-            card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-            commit=envs.get("CQIL_COMMIT") or "unknown", source="this file",
-            command=" ".join(["attention_plans.py", *(argv if argv is not None else sys.argv[1:])]),
+        replay.write_record(
+            args.out, title="A prompt's attention under other tile plans", doc=__doc__, script="attention_plans.py",
+            argv=argv if argv is not None else sys.argv[1:], rows=rows_out,
             columns=["shape", "prompt tokens", "plan", "shipped", "us per launch", "TFLOP/s", "passes (us)",
-                     "registers", "spill stores (bytes)"], rows=rows_out), indent=1) + "\n")
-        print(f"wrote {args.out}")
+                     "registers", "spill stores (bytes)"])
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
-import time
 from pathlib import Path
 
 import kernel_registers  # benchmarks/ (the script's folder)
@@ -110,7 +108,6 @@ def main(argv=None) -> None:
     import torch
     import triton
 
-    from cqil_kernels import envs
     from cqil_kernels.bench import shape_args
     from cqil_kernels.ops import group_gemm
 
@@ -152,14 +149,11 @@ def main(argv=None) -> None:
                 print(" | ".join(str(v) for v in row), flush=True)
                 rows.append(row)
     if args.out:
-        args.out.write_text(json.dumps(dict(
-            title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows",
-            what=" ".join(__doc__.split()), card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-            commit=envs.get("CQIL_COMMIT") or "unknown", source="this file",
-            command=" ".join(["gemm_configs.py", *(argv if argv is not None else sys.argv[1:])]),
+        replay.write_record(
+            args.out, title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows", doc=__doc__,
+            script="gemm_configs.py", argv=argv if argv is not None else sys.argv[1:], rows=rows,
             columns=["shape", "form", "config", "us per call", "GB/s", "registers", "spill stores (bytes)",
-                     "the autotuner's choice", "outside the candidates"], rows=rows), indent=1) + "\n")
-        print(f"wrote {args.out}")
+                     "the autotuner's choice", "outside the candidates"])
 
 
 if __name__ == "__main__":

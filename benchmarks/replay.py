@@ -5,8 +5,10 @@ CUDA events)."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import time
 
 import torch
 
@@ -50,3 +52,15 @@ def median_us(op, make_inputs, nbytes: int, rounds: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / CALLS)
     return statistics.median(times)
+
+
+def write_record(out, *, title: str, doc: str, script: str, argv: list[str], columns: list[str], rows: list) -> None:
+    """A sweep's table record (benchmarks/tables.py draws it) at `out`: its title, `doc` (the script's docstring) as
+    what it measures, the card, today's date, CQIL_COMMIT and the command line."""
+    from cqil_kernels import envs
+
+    out.write_text(json.dumps(dict(
+        title=title, what=" ".join(doc.split()), card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+        commit=envs.get("CQIL_COMMIT") or "unknown", source="this file", command=" ".join([script, *argv]),
+        columns=columns, rows=rows), indent=1) + "\n")
+    print(f"wrote {out}")

@@ -29,28 +29,16 @@ def test_a_forced_plan_runs_a_prompt_and_is_put_back():
     torch.testing.assert_close(got, group_attention_ref(q, k, v, valid, start), rtol=1e-5, atol=1e-5)
 
 
-def test_the_loop_writes_a_row_per_shape_length_and_plan(monkeypatch, tmp_path):
-    kernel_registers, replay = attention_plans.kernel_registers, attention_plans.replay
-    tables = import_benchmark("tables")
-
-    from cqil_kernels import bench
-
-    monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                                   head_dim=16, intermediate_size=64, vocab_size=32,
-                                                   num_hidden_layers=2))
+def test_the_loop_writes_a_row_per_shape_length_and_plan(sweep_on_cpu, monkeypatch, tmp_path):
+    """main's loop on the CPU (sweep_on_cpu: the timing and the compiler's facts replaced, a tiny shape)."""
     monkeypatch.setattr(attention_plans, "DEVICE", "cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
-    ran = []
-    monkeypatch.setattr(replay, "median_us", lambda op, make, nbytes, rounds: (ran.append(op(*make())), 5.0)[1])
-    monkeypatch.setattr(kernel_registers, "compile_facts", lambda *a: dict(registers=100, spill_stores=0,
-                                                                             spill_loads=0, shared_bytes=0))
     out = tmp_path / "plans.json"
     attention_plans.main(["--shape", "tiny", "--rows", "40", "--plan", "32,16,8", "--passes", "2",
                           "--out", str(out)])
     record = json.loads(out.read_text())
-    tables.check(record, out.name)
-    assert len(ran) == 4 and [row[3] for row in record["rows"]] == [True, False]
-    assert record["rows"][1][2] == "32x16 w8" and record["rows"][1][6] == [5.0, 5.0]
+    import_benchmark("tables").check(record, out.name)
+    assert len(sweep_on_cpu) == 4 and [row[3] for row in record["rows"]] == [True, False]
+    assert record["rows"][1][2] == "32x16 w8" and record["rows"][1][6] == [7.0, 7.0]
 
 
 def test_plan_arguments_are_parsed_and_refused():

@@ -38,33 +38,18 @@ def test_config_arguments_are_parsed_and_refused():
         gemm_configs.parse_config("16,32,128")
 
 
-def test_the_sweep_writes_a_row_per_shape_form_and_config(monkeypatch, tmp_path):
-    """main's loop on the CPU: the timing (replay.median_us) and the compiler's facts replaced, a tiny shape for
-    cqil bench's."""
+def test_the_sweep_writes_a_row_per_shape_form_and_config(sweep_on_cpu, monkeypatch, tmp_path):
+    """main's loop on the CPU (sweep_on_cpu: the timing and the compiler's facts replaced, a tiny shape)."""
     import json
 
-    kernel_registers, tables = gemm_configs.kernel_registers, import_benchmark("tables")
-
-    from cqil_kernels import bench
-
-    monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1,
-                                                   head_dim=16, intermediate_size=64, vocab_size=32,
-                                                   num_hidden_layers=2))
     monkeypatch.setattr(gemm_configs, "DEVICE", "cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
-    replay = gemm_configs.replay
-    timed = []
-    monkeypatch.setattr(replay, "median_us", lambda op, make, nbytes, rounds: (timed.append(op(*make())), 7.0)[1])
-    monkeypatch.setattr(kernel_registers, "compile_facts", lambda *a: dict(registers=100, spill_stores=0,
-                                                                             spill_loads=0, shared_bytes=0))
     out = tmp_path / "sweep.json"
     gemm_configs.main(["--shape", "tiny", "--form", "qkv", "--form", "down", "--extra", "16,16,32,4,2",
                        "--rounds", "2", "--out", str(out)])
     record = json.loads(out.read_text())
-    tables.check(record, out.name)
+    import_benchmark("tables").check(record, out.name)
     configs = len(group_gemm.TUNED_DECODE) + 1
-    assert len(record["rows"]) == len(timed) == 2 * configs
+    assert len(record["rows"]) == len(sweep_on_cpu) == 2 * configs
     assert [row[1] for row in record["rows"]] == ["qkv"] * configs + ["down"] * configs
     assert sum(row[8] for row in record["rows"]) == 2  # the extra config, once per form
     assert all(row[3] == 7.0 for row in record["rows"])
