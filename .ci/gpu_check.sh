@@ -38,7 +38,8 @@
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
-#               beside its registers and spills and the autotuner's choice (GEMM_ARGS, e.g. "--extra 16,32,128,8,4")
+#               beside its registers and spills and the autotuner's choice (GEMM_ARGS, default the three 8-warp configs
+#               that spill nothing where their 4-warp twins do: --extra 16,32,128,8,4 --extra 16,16,512,8,4 --extra 16,64,128,8,4)
 #   attention_plans issue 24: benchmarks/attention_plans.py, a prompt's attention under other tile plans than the
 #               shipped one, beside their registers and spills (ATT_PLAN_ARGS, default LLaMA-7B at 512, 2048 and
 #               4096 tokens, plans 64,64,8 64,128,8 128,64,8 128,128,8)
@@ -251,7 +252,8 @@ for stage in $stages; do
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
   gemm_configs)
-    timeout ${GEMM_TIMEOUT:-500} python3 benchmarks/gemm_configs.py ${GEMM_ARGS:-} --out "$OUT/gemm_configs.json" 2>&1 \
+    timeout ${GEMM_TIMEOUT:-500} python3 benchmarks/gemm_configs.py ${GEMM_ARGS:---extra 16,32,128,8,4 --extra 16,16,512,8,4 \
+      --extra 16,64,128,8,4} --out "$OUT/gemm_configs.json" 2>&1 \
       | tee -a "$OUT/gemm_configs.log" ;;
   attention_plans)
     timeout ${ATT_PLAN_TIMEOUT:-400} python3 benchmarks/attention_plans.py ${ATT_PLAN_ARGS:---shape llama-7b --rows 512 \
