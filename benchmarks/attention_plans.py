@@ -110,11 +110,9 @@ def main(argv=None) -> None:
                     with forced_plan(*plan):
                         times[plan].append(replay.median_us(op, make, nbytes, args.rounds))
             for plan in plans:
-                block_d = attention._block_d(shape["Dh"])
-                facts = kernel_registers.compile_facts("attention", "_attention_kernel", dict(
-                    HEAD_DIM=shape["Dh"], BLOCK_D=block_d, BLOCK_M=plan[0], BLOCK_N=plan[1], SPLIT=False,
-                    MERGE_HERE=False, UPCAST=False, DOT_PRECISION="tf32", SPLIT_CHUNK=1, ROWS_P2=1, EARLY_KEYS=False),
-                    kernel_registers.ATTENTION_POINTERS, plan[2], 3)
+                constexprs = kernel_registers.attention_constexprs(shape["Dh"], plan[0], plan[1], split=False)
+                facts = kernel_registers.compile_facts("attention", "_attention_kernel", constexprs,
+                                                       kernel_registers.ATTENTION_POINTERS, plan[2], 3)
                 us = statistics.median(times[plan])
                 row = [name, rows, f"{plan[0]}x{plan[1]} w{plan[2]}", plan == (bm, bn, warps), round(us, 2),
                        round(flops / us / 1e6, 1), [round(t, 2) for t in times[plan]], facts["registers"],

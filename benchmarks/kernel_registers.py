@@ -88,13 +88,23 @@ def compile_facts(module: str, kernel: str, constexprs: dict, pointers: dict, wa
                 spill_loads=int(spills.group(2)), shared_bytes=int(compiled.metadata.shared))
 
 
+def attention_constexprs(head_dim: int, block_m: int, block_n: int, split: bool, SPLIT_CHUNK: int = 1,
+                         ROWS_P2: int = 1) -> dict:
+    """The attention kernel's constexprs for a tile plan (bf16): decode's split form, merged in the launch and with
+    its first key tile before the wait, or a prompt's."""
+    from cqil_kernels.ops.attention import _block_d
+
+    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
+                MERGE_HERE=split, UPCAST=False, DOT_PRECISION="tf32", SPLIT_CHUNK=SPLIT_CHUNK, ROWS_P2=ROWS_P2,
+                EARLY_KEYS=split)
+
+
 def cases() -> list[tuple]:
     """(kernel family, variant, config text, module, kernel, constexprs, pointers, warps, stages) of every report
     row."""
     import torch
 
-    from cqil_kernels.ops import attention, group_gemm, group_residual
-    from cqil_kernels.ops._common import next_pow2
+    from cqil_kernels.ops import attention, group_gemm, group_residual, rope_kv
 
     rows = []
     for table, configs in (("decode", group_gemm.TUNED_DECODE), ("batch", group_gemm.TUNED_BATCH),
@@ -111,30 +121,23 @@ def cases() -> list[tuple]:
         for T, what in ((1, "decode"), (512, "prefill 512"), (2048, "prefill 2048")):
             block_m, block_n, splits, warps = attention._plan(1, 1, s["Hkv"], T, G, s["Dh"], torch.bfloat16, None,
                                                               sms=H100_SMS)
-            block_d = attention._block_d(s["Dh"])
             split = splits > 1 and T * G <= block_m
-            rows_p2 = next_pow2(min(T * G, block_m)) if split else 1
-            chunk = min(next_pow2(splits), attention._merge_chunk(rows_p2, block_d)) if split else 1
+            merge = attention._merge_tile(T * G, block_m, splits if split else 1, attention._block_d(s["Dh"]))
             rows.append(("attention", f"{shape} {what}", f"{block_m}x{block_n} w{warps} s3", "attention",
-                         "_attention_kernel", dict(HEAD_DIM=s["Dh"], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                   SPLIT=split, MERGE_HERE=split, UPCAST=False, DOT_PRECISION="tf32",
-                                                   SPLIT_CHUNK=chunk, ROWS_P2=rows_p2, EARLY_KEYS=split),
+                         "_attention_kernel", attention_constexprs(s["Dh"], block_m, block_n, split, **merge),
                          ATTENTION_POINTERS, warps, 3))
-        heads = s["H"] + s["Hkv"]
-        warps = 4 if heads * s["Dh"] <= 4096 else 8
+        tiles = rope_kv._tiles(s["H"], s["Hkv"], s["Dh"])
+        warps = tiles.pop("num_warps")
         for release, what in ((True, "decode"), (False, "prefill")):
             rows.append(("rope_kv", f"{shape} {what}", f"w{warps}", "rope_kv", "_rope_kv_kernel",
-                         dict(HEAD_DIM=s["Dh"], HALF_BLOCK=next_pow2(s["Dh"] // 2), HEAD_BLOCK=next_pow2(heads),
-                              RELEASE_AT_ONCE=release), ROPE_POINTERS, warps, 3))
+                         dict(HEAD_DIM=s["Dh"], RELEASE_AT_ONCE=release, **tiles), ROPE_POINTERS, warps, 3))
         for P in (2, 4, 8):
-            block_d, block_p = next_pow2(s["D"]), next_pow2(P)
-            tiled = block_p <= group_residual.TILE_LAYERS and block_p * block_d <= group_residual.TILE_ELEMENTS
-            block_p = block_p if tiled else 1
-            warps = min(16, max(4 if s["D"] <= 2048 else 8, next_pow2(block_p * block_d // 1024)))
-            rows.append(("group_residual", f"{shape} P {P}", f"{'tile' if tiled else 'by layer'} w{warps}",
+            plan = group_residual._plan(s["D"], P)
+            warps = plan.pop("num_warps")
+            rows.append(("group_residual", f"{shape} P {P}", f"{'tile' if plan['TILED'] else 'by layer'} w{warps}",
                          "group_residual", "_group_residual_kernel",
-                         dict(RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, BLOCK_D=block_d, BLOCK_P=block_p,
-                              TILED=tiled), {"res_ptr": "*fp32"}, warps, 3))
+                         dict(RESIDUAL_MODE=True, HAS_RECV=False, INCLUDE_H=True, **plan), {"res_ptr": "*fp32"}, warps,
+                         3))
     return rows
 
 

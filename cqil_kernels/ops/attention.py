@@ -263,6 +263,15 @@ def _merge_chunk(rows_p2: int, block_d: int) -> int:
     return max(1, MERGE_TILE // (rows_p2 * block_d))
 
 
+def _merge_tile(rows: int, block_m: int, splits: int, block_d: int) -> dict:
+    """SPLIT_CHUNK and ROWS_P2 of a launch of `splits` key splits over `rows` query rows per kv head: the merge's
+    tile. Without a merge (one split) both are 1: one compiled kernel whatever the rows."""
+    if splits <= 1:
+        return dict(SPLIT_CHUNK=1, ROWS_P2=1)
+    rows_p2 = next_pow2(min(rows, block_m))
+    return dict(SPLIT_CHUNK=min(next_pow2(splits), _merge_chunk(rows_p2, block_d)), ROWS_P2=rows_p2)
+
+
 def _plan(P: int, B: int, Hkv: int, T: int, G: int, Dh: int, dtype: torch.dtype, num_splits: int | None,
           sms: int | None = None):
     """(BLOCK_M, BLOCK_N, NUM_SPLITS, num_warps) for this shape (sms: the device's multiprocessors, default the
@@ -348,11 +357,9 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         part = torch.empty((heads * splits * block_m, block_d), device=q.device, dtype=torch.float32)
         stat = torch.empty((heads * splits * block_m, 2), device=q.device, dtype=torch.float32)
-        rows_p2 = next_pow2(min(T * G, block_m))
-        merge_tile = dict(SPLIT_CHUNK=min(next_pow2(splits), _merge_chunk(rows_p2, block_d)), ROWS_P2=rows_p2)
     else:
         part = stat = out  # unused
-        merge_tile = dict(SPLIT_CHUNK=1, ROWS_P2=1)  # no merge: one compiled kernel whatever T * G is
+    merge_tile = _merge_tile(T * G, block_m, splits, block_d)
     merge_here = splits > 1 and merge == "fused"
     tickets = ticket_counters(q.device, heads) if merge_here else out  # out: unused
     valid = key_valid.view(torch.uint8)

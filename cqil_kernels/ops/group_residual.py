@@ -159,21 +159,26 @@ def rank_residual(h: torch.Tensor, a: torch.Tensor, norm_weight: torch.Tensor, *
     return xn, residual
 
 
-def _launch(h, a, norm_weight, xn, residual, received, eps, bypass, bypass_mode, include_h):
-    M, D = h.shape
-    if M == 0:
-        return
-    block_d, block_p = next_pow2(D), next_pow2(a.shape[0])
+def _plan(D: int, P: int) -> dict:
+    """BLOCK_D, BLOCK_P, TILED and the warps of a launch for P layers of width D."""
+    block_d, block_p = next_pow2(D), next_pow2(P)
     tiled = block_p <= TILE_LAYERS and block_p * block_d <= TILE_ELEMENTS
     if not tiled:
         block_p = 1  # unused: one compile for every such group
     # about 32 elements a thread in each [BLOCK_P, BLOCK_D] tile (sm_90 ptxas: P 4, D 4096 take 217 registers
     # with 8 warps, 120 with 16)
     warps = min(16, max(4 if D <= 2048 else 8, next_pow2(block_p * block_d // 1024)))
+    return dict(BLOCK_D=block_d, BLOCK_P=block_p, TILED=tiled, num_warps=warps)
+
+
+def _launch(h, a, norm_weight, xn, residual, received, eps, bypass, bypass_mode, include_h):
+    M, D = h.shape
+    if M == 0:
+        return
     _group_residual_kernel[(M,)](
         h, a, norm_weight, xn, residual, received if received is not None else h, D, a.shape[0], bypass,
         float(eps), h.stride(0), a.stride(0), a.stride(1), norm_weight.stride(0), xn.stride(0), xn.stride(1),
         residual.stride(0), received.stride(0) if received is not None else 0,
         RESIDUAL_MODE=bypass_mode == "residual", HAS_RECV=received is not None, INCLUDE_H=include_h,
-        BLOCK_D=block_d, BLOCK_P=block_p, TILED=tiled, num_warps=warps, **pdl_options(h),
+        **_plan(D, a.shape[0]), **pdl_options(h),
     )

@@ -79,6 +79,13 @@ def _rope_kv_kernel(
 RELEASE_AT_ONCE_PROGRAMS = 128
 
 
+def _tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+    """A launch's tile of q and k heads by half a head, and its warps."""
+    heads = num_heads + num_kv_heads
+    return dict(HALF_BLOCK=next_pow2(head_dim // 2), HEAD_BLOCK=next_pow2(heads),
+                num_warps=4 if heads * head_dim <= 4096 else 8)
+
+
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, like: torch.Tensor) -> None:
     """The group's caches: [P, B, Hkv, S, Dh] each, same dtype/device as `like`, rows contiguous."""
     check_tensor("k_cache", k_cache, ndim=5, dtype=like.dtype, device=like.device)
@@ -145,7 +152,6 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Te
         B, T, num_heads, Hkv,
         qkv.stride(0), qkv.stride(1), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        HEAD_DIM=Dh, HALF_BLOCK=next_pow2(Dh // 2), HEAD_BLOCK=next_pow2(num_heads + Hkv),
-        RELEASE_AT_ONCE=P * B * T <= RELEASE_AT_ONCE_PROGRAMS,
-        num_warps=4 if (num_heads + Hkv) * Dh <= 4096 else 8, **pdl_options(qkv),
+        HEAD_DIM=Dh, RELEASE_AT_ONCE=P * B * T <= RELEASE_AT_ONCE_PROGRAMS, **_tiles(num_heads, Hkv, Dh),
+        **pdl_options(qkv),
     )
