@@ -83,13 +83,10 @@ def parse_config(text: str) -> tuple[int, int, int, int, int]:
     return parts
 
 
-FLAGS = {  # the kernel's constexprs in each form (for the compiler's facts); down: decode's partial products, or
-    # where group_down_sum runs as one GEMM (P = 1 below SPLIT_K_MIN, more than 16 rows) the sum over P
-    "qkv": (dict(NORM=True, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {}),
-    "o_proj": (dict(NORM=False, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=True), {}),
-    "gate/up": (dict(NORM=True, SWIGLU=True, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {}),
-    "down": (dict(NORM=False, SWIGLU=False, SUM_P=False, HAS_BIAS=False, HAS_RES=False), {"out_ptr": "*fp32"}),
-}
+# each form's launch in kernel_registers.GEMM_FORMS (its constexprs, for the compiler's facts); down: decode's partial
+# products, or where group_down_sum runs as one GEMM (P = 1 below SPLIT_K_MIN, more than 16 rows) the sum over P
+REGISTER_FORM = {"qkv": "qkv (norm)", "o_proj": "o_proj (+residual)", "gate/up": "gate/up (norm, swiglu)",
+                 "down": "down partials (fp32 out)"}
 
 
 def main(argv=None) -> None:
@@ -135,9 +132,10 @@ def main(argv=None) -> None:
                 with forced_config(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                                  num_stages=stages)):
                     us = replay.median_us(op, make, nbytes, args.rounds)
-                flags, pointers = FLAGS[form]
+                launch = REGISTER_FORM[form]
                 if form == "down" and group_gemm.group_down_partials(*make()[:2]) is None:  # one GEMM, sum over P
-                    flags, pointers = dict(flags, SUM_P=True, HAS_RES=True), {"res_ptr": "*fp32"}
+                    launch = "down sum over P (+residual)"
+                flags, pointers = kernel_registers.GEMM_FORMS[launch]
                 key = (tuple(sorted(flags.items())), tuple(sorted(pointers.items())), config)
                 if key not in facts_of:  # the same for every shape: compiled once
                     facts_of[key] = kernel_registers.compile_facts("group_gemm", "_group_gemm_kernel", dict(
