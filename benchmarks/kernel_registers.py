@@ -52,8 +52,11 @@ def _ptxas() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
-def compile_facts(module: str, kernel: str, constexprs: dict, pointers: dict, warps: int, stages: int) -> dict:
-    """Registers, spill bytes and shared memory of one kernel variant compiled for sm_90a."""
+def compile_sm90(module: str, kernel: str, constexprs: dict, pointers: dict, warps: int = 4, stages: int = 3):
+    """cqil_kernels.ops.<module>.<kernel> compiled for sm_90 (no GPU; run without TRITON_INTERPRET) with these
+    constexprs (USE_GDC on), its pointers bf16 except those in `pointers`, eps and sm_scale_log2 fp32, other
+    arguments int32. Triton's compiled kernel (.asm, .metadata). Written against Triton 3.6-3.9's compiler API:
+    tests/ops/test_pdl.py compiles its cases here too."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -67,8 +70,12 @@ def compile_facts(module: str, kernel: str, constexprs: dict, pointers: dict, wa
                  else "fp32" if arg in FLOAT_SCALARS else "i32" for arg in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_facts(module: str, kernel: str, constexprs: dict, pointers: dict, warps: int, stages: int) -> dict:
+    """Registers, spill bytes and shared memory of one kernel variant compiled for sm_90a."""
+    compiled = compile_sm90(module, kernel, constexprs, pointers, warps, stages)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(2):

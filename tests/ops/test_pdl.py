@@ -20,7 +20,11 @@ import textwrap
 
 import pytest
 
-ROPE_POINTERS = {"pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "start_ptr": "*i32"}
+from conftest import import_benchmark
+
+# the compile and the pointer types of attention's and rope_kv's launches: benchmarks/kernel_registers.py's
+KERNEL_REGISTERS = import_benchmark("kernel_registers")
+ROPE_POINTERS, ATTENTION_POINTERS = KERNEL_REGISTERS.ROPE_POINTERS, KERNEL_REGISTERS.ATTENTION_POINTERS
 # kernel (module, name), the constexprs that pick its variant, pointer types other than bf16
 CASES = {
     "gemm-decode-norm": ("group_gemm", "_group_gemm_kernel", dict(
@@ -66,38 +70,18 @@ CASES = {
         {"res_ptr": "*fp32"}),
     "rms-norm": ("rms_norm", "_rms_norm_kernel", dict(BLOCK_D=1024), {}),
 }
-ATTENTION_POINTERS = {"valid_ptr": "*u8", "start_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
-                      "ticket_ptr": "*i32"}
 EARLY_LOADS = {"attention-decode-early"}  # loads before the wait, declared and argued in ops/attention.py
 
 _COMPILE = textwrap.dedent(r"""
-    import importlib, json, re, sys
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    import json, re, sys
+    sys.path.insert(0, sys.argv[2])  # benchmarks/
+    from kernel_registers import compile_sm90
 
     MEMORY = ("ld.global", "st.global", "atom.global", "red.global", "cp.async")
     result = {}
     for name, (module, kernel, constexprs, pointers) in json.loads(sys.argv[1]).items():
-        fn = getattr(importlib.import_module("cqil_kernels.ops." + module), kernel)
-        while not isinstance(fn, JITFunction):  # the autotuned GEMM's JIT function
-            fn = fn.fn
-        constexprs = dict(constexprs, USE_GDC=True)
-        signature = {}
-        for arg in fn.arg_names:
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                signature[arg] = pointers.get(arg, "*bf16")
-            elif arg in ("eps", "sm_scale_log2"):
-                signature[arg] = "fp32"
-            else:
-                signature[arg] = "i32"
-        try:  # written against Triton 3.9's compiler API; a kernel that does not compile still fails
-            source = ASTSource(fn=fn, signature=signature,
-                               constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-            ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+        try:  # a kernel that does not compile still fails
+            ptx = compile_sm90(module, kernel, constexprs, pointers).asm["ptx"]
         except (TypeError, KeyError, AttributeError) as e:  # another Triton's API
             print(json.dumps(dict(unsupported=f"{type(e).__name__}: {e}")))
             sys.exit(0)
@@ -126,7 +110,8 @@ def compiled():
     cases = {name: (module, kernel, constexprs, ATTENTION_POINTERS if pointers is None else pointers)
              for name, (module, kernel, constexprs, pointers) in CASES.items()}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env, capture_output=True,
+    benchmarks = os.path.dirname(KERNEL_REGISTERS.__file__)
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases), benchmarks], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
