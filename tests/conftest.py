@@ -124,18 +124,20 @@ def import_benchmark(name: str):
 
 
 @pytest.fixture
-def sweep_on_cpu(monkeypatch):
-    """A GPU sweep's loop (benchmarks/gemm_configs.py, attention_plans.py) run on the CPU: a tiny "tiny" shape among
-    cqil bench's, replay.median_us replaced by one run of the op that returns 7.0 us, the compiler's facts by fixed
-    ones, a CUDA device claimed. Yields the list of the ops' outputs, one per timing."""
+def sweep_untimed(monkeypatch):
+    """A GPU sweep's loop (benchmarks/gemm_configs.py, attention_plans.py) run untimed, on the GPU where there is one
+    and on the CPU (the interpreter) elsewhere: a tiny "tiny" shape among cqil bench's, replay.median_us replaced by
+    one run of the op that returns 7.0 us, the compiler's facts by fixed ones, a CUDA device claimed on the CPU.
+    Yields the list of the ops' outputs, one per timing."""
     from cqil_kernels import bench
 
     replay, kernel_registers = import_benchmark("replay"), import_benchmark("kernel_registers")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                    head_dim=16, intermediate_size=64, vocab_size=32,
                                                    num_hidden_layers=2))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
     runs = []
     monkeypatch.setattr(replay, "median_us", lambda op, make, nbytes, rounds: (runs.append(op(*make())), 7.0)[1])
     monkeypatch.setattr(kernel_registers, "compile_facts", lambda *args: dict(registers=100, spill_stores=0,

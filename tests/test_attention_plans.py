@@ -1,5 +1,6 @@
-"""benchmarks/attention_plans.py's CPU-checkable parts: a forced plan is what a prompt runs with and is put back
-(decode keeps its own), and the loop writes a row per shape, length and plan (the timing needs a GPU)."""
+"""benchmarks/attention_plans.py's parts that need no timing, on the GPU where there is one (else in the
+interpreter): a forced plan is what a prompt runs with and is put back (decode keeps its own), and the loop writes
+a row per shape, length and plan."""
 
 import json
 
@@ -11,13 +12,15 @@ from cqil_kernels.reference.attention import group_attention_ref
 
 from conftest import import_benchmark
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 attention_plans = import_benchmark("attention_plans")
 
 
 def test_a_forced_plan_runs_a_prompt_and_is_put_back():
     shipped = attention._plan
     torch.manual_seed(0)
-    op, make, nbytes, flops = attention_plans.prompt_inputs(dict(H=4, Hkv=2, Dh=16), 40, "cpu", torch.float32)
+    op, make, nbytes, flops = attention_plans.prompt_inputs(dict(H=4, Hkv=2, Dh=16), 40, DEVICE, torch.float32)
     q, k, v, valid, start, out = make()
     assert nbytes == 2 * (2 * 40 * 4 * 16 + 2 * 40 * 2 * 16) and flops == 2 * 40 * 40 * 4 * 16
     with attention_plans.forced_plan(32, 16, 8):
@@ -29,15 +32,15 @@ def test_a_forced_plan_runs_a_prompt_and_is_put_back():
     torch.testing.assert_close(got, group_attention_ref(q, k, v, valid, start), rtol=1e-5, atol=1e-5)
 
 
-def test_the_loop_writes_a_row_per_shape_length_and_plan(sweep_on_cpu, monkeypatch, tmp_path):
-    """main's loop on the CPU (sweep_on_cpu: the timing and the compiler's facts replaced, a tiny shape)."""
-    monkeypatch.setattr(attention_plans, "DEVICE", "cpu")
+def test_the_loop_writes_a_row_per_shape_length_and_plan(sweep_untimed, monkeypatch, tmp_path):
+    """main's loop untimed (sweep_untimed: the timing and the compiler's facts replaced, a tiny shape)."""
+    monkeypatch.setattr(attention_plans, "DEVICE", DEVICE)
     out = tmp_path / "plans.json"
     attention_plans.main(["--shape", "tiny", "--rows", "40", "--plan", "32,16,8", "--passes", "2",
                           "--out", str(out)])
     record = json.loads(out.read_text())
     import_benchmark("tables").check(record, out.name)
-    assert len(sweep_on_cpu) == 4 and [row[3] for row in record["rows"]] == [True, False]
+    assert len(sweep_untimed) == 4 and [row[3] for row in record["rows"]] == [True, False]
     assert record["rows"][1][2] == "32x16 w8" and record["rows"][1][6] == [7.0, 7.0]
 
 

@@ -1,5 +1,5 @@
-"""benchmarks/gemm_configs.py's CPU-checkable parts: a forced config runs alone and is put back, and each launch
-form computes what the op computes (the timing itself needs a GPU)."""
+"""benchmarks/gemm_configs.py's parts that need no timing, on the GPU where there is one (else in the interpreter):
+a forced config runs alone and is put back, and each launch form computes what the op computes."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ from cqil_kernels.ops import group_gemm
 
 from conftest import import_benchmark
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 TINY = dict(D=48, H=2, Hkv=1, Dh=16, F=64)
 
 gemm_configs = import_benchmark("gemm_configs")
@@ -17,7 +19,7 @@ gemm_configs = import_benchmark("gemm_configs")
 @pytest.mark.parametrize("form", gemm_configs.FORMS)
 def test_a_forced_config_computes_the_form_and_is_put_back(form):
     torch.manual_seed(0)
-    op, make, nbytes = gemm_configs.form_inputs(form, TINY, 2, 3, "cpu", torch.float32, scale=0.2)
+    op, make, nbytes = gemm_configs.form_inputs(form, TINY, 2, 3, DEVICE, torch.float32, scale=0.2)
     inputs = make()
     assert nbytes > 0
     default = op(*inputs)
@@ -38,18 +40,18 @@ def test_config_arguments_are_parsed_and_refused():
         gemm_configs.parse_config("16,32,128")
 
 
-def test_the_sweep_writes_a_row_per_shape_form_and_config(sweep_on_cpu, monkeypatch, tmp_path):
-    """main's loop on the CPU (sweep_on_cpu: the timing and the compiler's facts replaced, a tiny shape)."""
+def test_the_sweep_writes_a_row_per_shape_form_and_config(sweep_untimed, monkeypatch, tmp_path):
+    """main's loop untimed (sweep_untimed: the timing and the compiler's facts replaced, a tiny shape)."""
     import json
 
-    monkeypatch.setattr(gemm_configs, "DEVICE", "cpu")
+    monkeypatch.setattr(gemm_configs, "DEVICE", DEVICE)
     out = tmp_path / "sweep.json"
     gemm_configs.main(["--shape", "tiny", "--form", "qkv", "--form", "down", "--extra", "16,16,32,4,2",
                        "--rounds", "2", "--out", str(out)])
     record = json.loads(out.read_text())
     import_benchmark("tables").check(record, out.name)
     configs = len(group_gemm.TUNED_DECODE) + 1
-    assert len(record["rows"]) == len(sweep_on_cpu) == 2 * configs
+    assert len(record["rows"]) == len(sweep_untimed) == 2 * configs
     assert [row[1] for row in record["rows"]] == ["qkv"] * configs + ["down"] * configs
     assert sum(row[8] for row in record["rows"]) == 2  # the extra config, once per form
     assert all(row[3] == 7.0 for row in record["rows"])
