@@ -1,14 +1,14 @@
 """Every candidate config of the group GEMM timed alone, in each launch form a decode step makes, beside the
-compiler's register and spill facts of that config (benchmarks/kernel_registers.py) and the autotuner's own
-choice. The autotuner keeps the fastest of its candidates; this says how far apart they are and whether a
-config outside the list (--extra) would beat them, e.g. one that does not spill.
+compiler's register and spill facts of that config (benchmarks/kernel_registers.py) and the launcher's own
+choice (group_gemm._tune_decode). The launcher keeps the fastest of its candidates; this says how far apart they
+are and whether a config outside the list (--extra) would beat them, e.g. one that does not spill.
 
     python benchmarks/gemm_configs.py --shape llama-7b --shape smollm2-135m --extra 16,32,128,8,4 \\
         --out gemm_configs.json
 
 Forms (P layers of a group, M rows): qkv (group_linear with the input norm), o_proj (with the residual),
 gate/up (group_swiglu with the post-attention norm), down (group_down_sum with the fp32 residual: decode
-runs it as partial products and their sum). Each config runs as the only candidate (the autotuner's list
+runs it as partial products and their sum). Each config runs as the only candidate (the candidate list
 replaced for the run); each timing is a CUDA graph of CALLS launches over enough input copies to stay out of
 L2, timed with CUDA events, the median of --rounds replays. Needs a CUDA GPU.
 """
@@ -124,8 +124,8 @@ def main(argv=None) -> None:
             op, make, nbytes = form_inputs(form, shape, args.P, args.rows, DEVICE,
                                            torch.bfloat16 if DEVICE == "cuda" else torch.float32)
             group_gemm._CHOSEN.clear()
-            op(*make())  # the autotuner's own choice for this launch
-            best = group_gemm._group_gemm_kernel.best_config.all_kwargs()
+            op(*make())  # the launcher's own choice for this launch (one group GEMM key per form)
+            (best,) = group_gemm._CHOSEN.values()
             best = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"], best["num_stages"])
             for config in candidates:
                 bm, bn, bk, warps, stages = config
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
             args.out, title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows", doc=__doc__,
             script="gemm_configs.py", argv=argv if argv is not None else sys.argv[1:], rows=rows,
             columns=["shape", "form", "config", "us per call", "GB/s", "registers", "spill stores (bytes)",
-                     "the autotuner's choice", "outside the candidates"])
+                     "the launcher's choice", "outside the candidates"])
 
 
 if __name__ == "__main__":

@@ -6,33 +6,22 @@ CUDA events)."""
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 
 import torch
 
+from cqil_kernels.ops._common import capture_launches, input_copies, replay_median_us
+
 CALLS = 24
-L2_BYTES = 50 * 2**20  # H100: inputs cycled through at least 2.5x this stay out of the cache
 
 
 def capture_calls(make_inputs, op, nbytes: int) -> tuple[torch.cuda.CUDAGraph, int]:
     """(graph of CALLS calls of op, the number of input copies it cycles over); make_inputs() builds one input
-    set of `nbytes` moved bytes. op runs once first (compiles, autotunes), then once per copy on a side stream
-    (as torch.cuda.graphs recommends before a capture)."""
-    copies = max(1, min(CALLS, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
+    set of `nbytes` moved bytes. op runs once first, outside the graph (compiles, autotunes)."""
+    copies = input_copies(nbytes, CALLS)
     sets = [make_inputs() for _ in range(copies)]
-    op(*sets[0])  # compile and autotune outside the graph
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for inputs in sets:
-            op(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            op(*sets[i % copies])
+    op(*sets[0])
+    graph = capture_launches(lambda i: op(*sets[i % copies]), CALLS)
     graph.inputs = sets  # the graph reads them: kept as long as it is
     return graph, copies
 
@@ -41,17 +30,7 @@ def median_us(op, make_inputs, nbytes: int, rounds: int) -> float:
     """Median microseconds per call over `rounds` replays of capture_calls' graph, timed with CUDA events (three
     replays first, untimed)."""
     graph, _ = capture_calls(make_inputs, op, nbytes)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+    return replay_median_us(graph, CALLS, rounds)
 
 
 def write_record(out, *, title: str, doc: str, script: str, argv: list[str], columns: list[str], rows: list) -> None:

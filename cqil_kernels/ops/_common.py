@@ -50,6 +50,49 @@ def untimed_bench():
     return lambda kernel_call, quantiles: [0.0] * len(quantiles)
 
 
+def input_copies(nbytes: int, calls: int, device: torch.device | None = None) -> int:
+    """How many copies of `nbytes` of inputs `calls` back-to-back launches cycle over so that each launch reads
+    them from memory, not from L2: enough for 2.5 times the device's L2 cache (at most `calls`, at least 1)."""
+    props = torch.cuda.get_device_properties(device) if torch.cuda.is_available() else None
+    l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20  # (the H100's 50 MiB where torch does not say)
+    return max(1, min(calls, -(-5 * l2 // max(2 * nbytes, 1))))
+
+
+def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of launch(0), ..., launch(calls - 1) back to back, as a decode step's graph runs its kernels.
+    Each runs once first on a side stream, as torch.cuda.graphs asks before a capture; launch(0) must have run
+    once already, eagerly (compiled, autotuned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            launch(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            launch(i)
+    return graph
+
+
+def replay_median_us(graph: torch.cuda.CUDAGraph, calls: int, rounds: int) -> float:
+    """Median microseconds per launch of a graph of `calls` launches, over `rounds` replays timed with CUDA events
+    (three replays first, untimed)."""
+    import statistics
+
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
     return _unavailable_reason(None if device is None else device.type, interpreting())

@@ -31,9 +31,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
-from ._common import (autotune_disk_cache, autotuning, cdiv, check_runnable, check_tensor, dot_flags,
-                      interpreting, next_pow2, untimed_bench)
+from ._common import (autotune_disk_cache, autotuning, capture_launches, cdiv, check_runnable, check_tensor, dot_flags,
+                      input_copies, interpreting, next_pow2, replay_median_us, untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
@@ -234,6 +236,59 @@ def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tens
 # reads, a key would get a slower config, not a wrong result).
 _CHOSEN: dict[tuple, dict] = {}
 
+# Decode keys (row class 0) on a GPU are tuned here, not by triton.autotune: each candidate is timed as a decode
+# step's CUDA graph runs it, TUNE_CALLS launches back to back cycling over copies of the weights that keep them out
+# of L2 (a step reads each layer's weights from memory once per token). The autotuner's timer launches each call
+# alone after zeroing a 256 MiB buffer; on an H100 it chose SmolLM2's QKV and down-projection configs 7% and 16%
+# slower than the best timed this way (benchmarks/results/gemm_configs_h100_c410143.json).
+TUNE_CALLS, TUNE_ROUNDS = 24, 10
+
+
+def _graph_us(launch) -> float:
+    return replay_median_us(capture_launches(launch, TUNE_CALLS), TUNE_CALLS, TUNE_ROUNDS)
+
+
+def _tunes_here(x: torch.Tensor) -> bool:
+    """Whether _launch times a decode key's candidates itself: on a GPU, outside a graph capture (a capture
+    cannot time; there triton.autotune's path is taken, as before)."""
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides (a weight may be a slice of a packed tensor; the launch passes its strides)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _tune_decode(args: tuple, grid, flags: dict) -> dict:
+    """The fastest of the decode candidates for a launch (the kwargs _CHOSEN keeps), each timed by _graph_us(launch),
+    launch(i) running the candidate on the i-th set of arguments (the weights' copies in turn). One candidate
+    (CQIL_AUTOTUNE=0) is taken untimed. A candidate that does not compile or fit on the GPU is never chosen."""
+    candidates = _prune(_group_gemm_kernel.configs, {"M_CLASS": 0})
+    if len(candidates) == 1:
+        return candidates[0].all_kwargs()
+    w, w2 = args[1], args[2]  # w2 is w (a stand-in, never read) without SwiGLU
+    weight_bytes = w.nbytes + (0 if w2 is w else w2.nbytes)
+    sets = [args]
+    try:
+        for _ in range(input_copies(weight_bytes, TUNE_CALLS, w.device) - 1):
+            w_copy = _strided_copy(w)
+            sets.append((args[0], w_copy, w_copy if w2 is w else _strided_copy(w2), *args[3:]))
+    except torch.cuda.OutOfMemoryError:  # fewer copies: times with the weights partly in L2, still a choice
+        pass
+    times = []
+    for config in candidates:
+        kwargs = config.all_kwargs()
+
+        def launch(i, kwargs=kwargs):
+            _group_gemm_kernel.fn[grid](*sets[i % len(sets)], **flags, **kwargs)
+        try:
+            launch(0)  # compiles
+        except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
+            times.append(float("inf"))
+            continue
+        times.append(_graph_us(launch))
+    return candidates[times.index(min(times))].all_kwargs()
+
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
             residual=None, sum_p=False):
@@ -265,6 +320,8 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
                  HAS_RES=residual is not None,
                  UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
     chosen = _CHOSEN.get(key)
+    if chosen is None and m_class == 0 and _tunes_here(x):
+        chosen = _CHOSEN[key] = _tune_decode(args, grid, flags)
     if chosen is None:  # the autotuner picks (timing the configs the first time it sees the key)
         _group_gemm_kernel[grid](*args, **flags)
         _CHOSEN[key] = _group_gemm_kernel.best_config.all_kwargs()

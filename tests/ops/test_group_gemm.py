@@ -220,8 +220,9 @@ def test_the_autotuner_keeps_its_timings_on_disk_where_triton_can():
 
 @pytest.mark.parametrize("M,expected_class", [(5, 0), (40, 1), (300, 3)])
 def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monkeypatch, M, expected_class):
-    """The row class reaches the autotuner's key; the first launch of a key goes through triton.autotune,
-    later ones straight to the config it chose (group_gemm._CHOSEN), with the same results."""
+    """The row class reaches the autotuner's key; the first launch of a key goes through triton.autotune (on a GPU
+    a decode key through group_gemm._tune_decode, which launches the kernel directly), later ones straight to the
+    config chosen (group_gemm._CHOSEN), with the same results."""
     import cqil_kernels.ops.group_gemm as G
 
     launches, direct_kwargs = [], {}
@@ -237,6 +238,10 @@ def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monke
         @property
         def best_config(self):
             return kernel.best_config
+
+        @property
+        def configs(self):
+            return kernel.configs
 
         @property
         def fn(self):
@@ -256,10 +261,108 @@ def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monke
     for _ in range(2):
         out = group_linear(x, w, out=poisoned((1, M, 20), torch.float32, DEVICE))
         assert_kernel_close(out, twin, exact, terms=24)
-    assert launches == [("autotuner", expected_class), ("direct", expected_class)]
+    first = "direct" if G._tunes_here(x) and expected_class == 0 else "autotuner"
+    assert launches[0] == (first, expected_class) and launches[-1] == ("direct", expected_class)
+    assert len(launches) == 2 or (first == "direct" and G.autotuning())  # (the tuner's own launches)
     key = (expected_class, 20, 24, 1) + (torch.float32,) * 8
     assert list(G._CHOSEN) == [key]
     assert direct_kwargs.items() >= G._CHOSEN[key].items() and "BLOCK_M" in G._CHOSEN[key]
+
+
+DECODE_CANDIDATES = [(16, 32, 64, 4, 3), (16, 16, 32, 4, 2), (16, 64, 32, 2, 3)]
+
+
+def _tune_a_decode_launch(monkeypatch, timer, swiglu: bool):
+    """A decode launch (M = 3, P = 2, weights a slice of a packed tensor) tuned by group_gemm._tune_decode over
+    DECODE_CANDIDATES (and a prompt's config, which it must not consider), each candidate timed by timer(launch):
+    (the output, the twin's, float64's, the config chosen)."""
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in DECODE_CANDIDATES]
+                        + [G._config(64, 64, 64, 4, 3)])
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    monkeypatch.setattr(G, "_graph_us", timer)
+    torch.manual_seed(3)
+    M, K, N = 3, 70, 50
+    x = _rand(2, M, K, dtype=torch.float32)
+    packed = _rand(2, 2 * N + 6, K, dtype=torch.float32, scale=K ** -0.5)
+    w, wu = packed[:, 3:N + 3], packed[:, N + 6:]
+    if swiglu:
+        out = group_swiglu(x, w, wu, out=poisoned((2, M, N), torch.float32, DEVICE))
+        twin, exact = group_swiglu_ref(x, w, wu), group_swiglu_ref(x.double(), w.double(), wu.double())
+    else:
+        out = group_linear(x, w, out=poisoned((2, M, N), torch.float32, DEVICE))
+        twin, exact = group_linear_ref(x, w), group_linear_ref(x.double(), w.double())
+    (chosen,) = G._CHOSEN.values()
+    return out, twin, exact, (chosen["BLOCK_M"], chosen["BLOCK_N"], chosen["BLOCK_K"], chosen["num_warps"],
+                              chosen["num_stages"])
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_a_decode_key_takes_its_fastest_candidate_timed_over_copies_of_the_weights(monkeypatch, swiglu):
+    """group_gemm._tune_decode with a timer that runs each candidate once on a later set of arguments (a copy of the
+    weights, strides kept) and returns a set time: the decode candidates alone are timed, the fastest is chosen,
+    each candidate computes the product from the copies, and a candidate that runs out of GPU resources (raised by
+    its first launch) is never chosen."""
+    from triton.runtime.errors import OutOfResources
+
+    times = {(16, 32, 64, 4, 3): 3.0, (16, 16, 32, 4, 2): 1.0, (16, 64, 32, 2, 3): 2.0}
+    real_fn, fails = G._group_gemm_kernel.fn, set()
+    launched = []  # (config, the output after the launch)
+
+    class Recorded:  # the kernel, recording each launch's config and output; a config in `fails` cannot run
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                config = tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                if config in fails:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                real_fn[grid](*args, **kwargs)
+                launched.append((config, args[7].clone()))
+            return launch
+    monkeypatch.setattr(G._group_gemm_kernel, "fn", Recorded())
+    timed = []
+
+    def timer(launch):
+        launch(5)  # the fifth copy of the weights
+        timed.append(launched[-1])
+        return times[launched[-1][0]]
+
+    for fail in [None, (16, 16, 32, 4, 2)]:
+        fails.add(fail)
+        timed.clear()
+        out, twin, exact, chosen = _tune_a_decode_launch(monkeypatch, timer, swiglu)
+        assert [config for config, _ in timed] == [c for c in DECODE_CANDIDATES if c != fail]
+        assert chosen == ((16, 16, 32, 4, 2) if fail is None else (16, 64, 32, 2, 3))
+        for _, got in timed + [(chosen, out)]:
+            assert_kernel_close(got, twin, exact, terms=70)
+
+
+def test_decode_keys_with_one_candidate_are_not_timed(monkeypatch):
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(16, 32, 64, 4, 3), G._config(64, 64, 64, 4, 3)])
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    monkeypatch.setattr(G, "_graph_us", lambda launch: pytest.fail("timed a single candidate"))
+    x, w = _rand(2, 24, dtype=torch.float32), _rand(1, 20, 24, dtype=torch.float32)
+    assert_kernel_close(group_linear(x, w), group_linear_ref(x, w), group_linear_ref(x.double(), w.double()),
+                        terms=24)
+    assert [c["BLOCK_N"] for c in G._CHOSEN.values()] == [32]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times CUDA graphs")
+def test_a_decode_key_is_tuned_on_the_gpu_by_timing_graphs(monkeypatch):
+    """The real timer (CUDA graphs of TUNE_CALLS launches, CUDA events) picks one of the candidates; the
+    launch's output is the product."""
+    out, twin, exact, chosen = _tune_a_decode_launch(monkeypatch, G._graph_us, swiglu=True)
+    assert chosen in DECODE_CANDIDATES
+    assert_kernel_close(out, twin, exact, terms=70)
+
+
+def test_inputs_are_copied_enough_times_to_stay_out_of_l2(monkeypatch):
+    from cqil_kernels.ops._common import input_copies
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the H100's 50 MiB
+    MiB = 2**20
+    assert [input_copies(n * MiB, 24) for n in (1, 10, 50, 100, 125, 126, 500)] == [24, 13, 3, 2, 1, 1, 1]
+    assert input_copies(0, 24) == 24 and input_copies(MiB, 4) == 4
 
 
 def test_weights_may_be_a_slice_of_a_larger_packed_tensor():
