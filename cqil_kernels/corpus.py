@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from . import envs
 
 TEXTS = Path(__file__).parent / "texts"
 KINDS = ("lexicon", "narrative", "docs", "code")
@@ -72,15 +73,6 @@ def texts(entries: dict[str, dict] | None = None) -> dict[str, str]:
     return out
 
 
-def cache_dir() -> Path:
-    from . import envs
-
-    configured = envs.get("CQIL_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cqil_kernels"
-
-
 def _tokenizer_key(model_src) -> str:
     """What identifies a tokenizer without loading it: the contents of a model directory's tokenizer files,
     or a .gguf file's resolved path, size and modification time (hashing gigabytes would cost more than
@@ -109,7 +101,7 @@ def token_ids(model_src) -> dict[str, torch.Tensor]:
 
     entries = manifest()
     key = hashlib.sha256((_tokenizer_key(model_src) + "".join(entries[k]["sha256"] for k in KINDS)).encode())
-    path = cache_dir() / f"corpus-{key.hexdigest()[:24]}.safetensors"
+    path = envs.cache_dir() / f"corpus-{key.hexdigest()[:24]}.safetensors"
     if path.is_file():
         try:
             cached = load_safetensors(path)

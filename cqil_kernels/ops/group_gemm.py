@@ -28,12 +28,19 @@ order, so results stay deterministic; one program per output tile walking K = P*
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from .. import envs
+from ..files import atomic_write_bytes
 from ._common import (autotune_disk_cache, autotuning, capture_launches, cdiv, check_runnable, check_tensor, dot_flags,
                       input_copies, interpreting, next_pow2, replay_median_us, untimed_bench)
 from ._pdl import pdl_options, release_consumer, wait_for_producer
@@ -259,13 +266,18 @@ def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _tune_decode(args: tuple, grid, flags: dict) -> dict:
+def _tune_decode(key: tuple, args: tuple, grid, flags: dict) -> dict:
     """The fastest of the decode candidates for a launch (the kwargs _CHOSEN keeps), each timed by _graph_us(launch),
     launch(i) running the candidate on the i-th set of arguments (the weights' copies in turn). One candidate
-    (CQIL_AUTOTUNE=0) is taken untimed. A candidate that does not compile or fit on the GPU is never chosen."""
+    (CQIL_AUTOTUNE=0) is taken untimed, and so is a choice an earlier process kept on disk (TUNED_FILE). A candidate
+    that does not compile or fit on the GPU is never chosen."""
     candidates = _prune(_group_gemm_kernel.configs, {"M_CLASS": 0})
     if len(candidates) == 1:
         return candidates[0].all_kwargs()
+    entry = _tuned_entry(key, flags, candidates, args[1].device)
+    kept = _tuned_on_disk().get(entry)
+    if isinstance(kept, int) and 0 <= kept < len(candidates):
+        return candidates[kept].all_kwargs()
     w, w2 = args[1], args[2]  # w2 is w (a stand-in, never read) without SwiGLU
     weight_bytes = w.nbytes + (0 if w2 is w else w2.nbytes)
     sets = [args]
@@ -287,7 +299,49 @@ def _tune_decode(args: tuple, grid, flags: dict) -> dict:
             times.append(float("inf"))
             continue
         times.append(_graph_us(launch))
-    return candidates[times.index(min(times))].all_kwargs()
+    fastest = times.index(min(times))
+    _keep_tuned(entry, fastest)
+    return candidates[fastest].all_kwargs()
+
+
+# _tune_decode's choices, kept across processes (a restarted server, `cqil generate` run after run) in a JSON file
+# of the cache dir (envs.cache_dir): {entry: the chosen candidate's index}, an entry naming the GPU, Triton's
+# version, this file's source, the candidates, the launch key and the kernel's flags. Only JSON is read; an
+# entry that is not an index of the candidates is timed again.
+TUNED_FILE = "decode_gemm_configs.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash() -> str:
+    """This file's contents (the kernel and its launch forms), hashed."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _tuned_entry(key: tuple, flags: dict, candidates: list, device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    text = "\n".join([gpu, triton.__version__, _source_hash(),
+                      repr([c.all_kwargs() for c in candidates]), repr(key), repr(sorted(flags.items()))])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _tuned_on_disk() -> dict:
+    """The file's choices ({} when it is absent, unreadable or not a JSON object of this form)."""
+    try:
+        kept = json.loads((envs.cache_dir() / TUNED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def _keep_tuned(entry: str, index: int) -> None:
+    """Adds a choice to the file (merged with what other processes wrote meanwhile); a cache dir that cannot be
+    written only costs a later process the timing."""
+    path = envs.cache_dir() / TUNED_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({**_tuned_on_disk(), entry: index}, indent=0).encode())
+    except OSError:
+        pass
 
 
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
@@ -321,7 +375,7 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
                  UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
     chosen = _CHOSEN.get(key)
     if chosen is None and m_class == 0 and _tunes_here(x):
-        chosen = _CHOSEN[key] = _tune_decode(args, grid, flags)
+        chosen = _CHOSEN[key] = _tune_decode(key, args, grid, flags)
     if chosen is None:  # the autotuner picks (timing the configs the first time it sees the key)
         _group_gemm_kernel[grid](*args, **flags)
         _CHOSEN[key] = _group_gemm_kernel.best_config.all_kwargs()

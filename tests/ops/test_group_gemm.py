@@ -1,9 +1,12 @@
 """ops.group_gemm against reference.group_gemm and float64, on odd shapes (CPU: TRITON_INTERPRET=1)."""
 
+import json
+
 import pytest
 import torch
 
 import cqil_kernels.ops.group_gemm as G
+from cqil_kernels import envs
 from cqil_kernels.ops.group_gemm import group_down_sum, group_linear, group_swiglu, silu_mul, sum_parts
 from cqil_kernels.reference.group_gemm import (group_down_sum_ref, group_linear_ref, group_swiglu_ref, silu_mul_ref,
                                                sum_parts_ref)
@@ -272,15 +275,26 @@ def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monke
 DECODE_CANDIDATES = [(16, 32, 64, 4, 3), (16, 16, 32, 4, 2), (16, 64, 32, 2, 3)]
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path):
+    """Each test its own cache dir: the decode configs _tune_decode keeps on disk stay out of the user's."""
+    from cqil_kernels import envs
+
+    with envs.overridden(CQIL_CACHE_DIR=str(tmp_path / "cache")):
+        yield
+
+
 def _tune_a_decode_launch(monkeypatch, timer, swiglu: bool):
     """A decode launch (M = 3, P = 2, weights a slice of a packed tensor) tuned by group_gemm._tune_decode over
     DECODE_CANDIDATES (and a prompt's config, which it must not consider), each candidate timed by timer(launch):
-    (the output, the twin's, float64's, the config chosen)."""
+    (the output, the twin's, float64's, the config chosen). The launcher's memory (_CHOSEN) starts empty; timer
+    None keeps the timer set before."""
     monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in DECODE_CANDIDATES]
                         + [G._config(64, 64, 64, 4, 3)])
     monkeypatch.setattr(G, "_CHOSEN", {})
     monkeypatch.setattr(G, "_tunes_here", lambda x: True)
-    monkeypatch.setattr(G, "_graph_us", timer)
+    if timer is not None:
+        monkeypatch.setattr(G, "_graph_us", timer)
     torch.manual_seed(3)
     M, K, N = 3, 70, 50
     x = _rand(2, M, K, dtype=torch.float32)
@@ -329,11 +343,46 @@ def test_a_decode_key_takes_its_fastest_candidate_timed_over_copies_of_the_weigh
     for fail in [None, (16, 16, 32, 4, 2)]:
         fails.add(fail)
         timed.clear()
+        (envs.cache_dir() / G.TUNED_FILE).unlink(missing_ok=True)  # no choice kept from the round before
         out, twin, exact, chosen = _tune_a_decode_launch(monkeypatch, timer, swiglu)
         assert [config for config, _ in timed] == [c for c in DECODE_CANDIDATES if c != fail]
         assert chosen == ((16, 16, 32, 4, 2) if fail is None else (16, 64, 32, 2, 3))
         for _, got in timed + [(chosen, out)]:
             assert_kernel_close(got, twin, exact, terms=70)
+
+
+def test_a_decode_choice_is_kept_on_disk_for_later_processes(monkeypatch):
+    """The first process times and writes its choice to the cache dir; a later one (the launcher's memory empty)
+    takes it untimed. A file that is not JSON, an entry that is no index of the candidates, and another candidate
+    list are timed again; a cache dir that cannot be written only costs the timing."""
+    calls = []
+
+    def timer(launch):
+        calls.append(1)
+        return float(len(calls) % 3)  # the third candidate of each timing (0.0) is the fastest
+    path = envs.cache_dir() / G.TUNED_FILE
+    assert _tune_a_decode_launch(monkeypatch, timer, False)[3] == DECODE_CANDIDATES[2] and len(calls) == 3
+    kept = json.loads(path.read_text())
+    assert list(kept.values()) == [2]
+    monkeypatch.setattr(G, "_graph_us", lambda launch: pytest.fail("timed a choice kept on disk"))
+    out, twin, exact, chosen = _tune_a_decode_launch(monkeypatch, None, False)
+    assert chosen == DECODE_CANDIDATES[2]
+    assert_kernel_close(out, twin, exact, terms=70)
+    for bad in ["{not json", json.dumps({entry: 7 for entry in kept}), json.dumps({e: "1" for e in kept}), "[2]"]:
+        path.write_text(bad)
+        calls.clear()
+        assert _tune_a_decode_launch(monkeypatch, timer, False)[3] == DECODE_CANDIDATES[2] and len(calls) == 3
+        assert json.loads(path.read_text()) == kept
+    calls.clear()
+    assert _tune_a_decode_launch(monkeypatch, timer, True)[3] == DECODE_CANDIDATES[2] and len(calls) == 3
+    assert len(json.loads(path.read_text())) == 2  # SwiGLU's flags: another entry
+    path.unlink()
+    path.parent.chmod(0o500)  # read-only
+    try:
+        calls.clear()
+        assert _tune_a_decode_launch(monkeypatch, timer, False)[3] == DECODE_CANDIDATES[2] and len(calls) == 3
+    finally:
+        path.parent.chmod(0o700)
 
 
 def test_decode_keys_with_one_candidate_are_not_timed(monkeypatch):
