@@ -51,9 +51,9 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("CQIL_PDL", True, _switch,
              "0/1: launch our kernels with programmatic dependent launch on Hopper and later (ops/_pdl.py)"),
     Variable("CQIL_AUTOTUNE", True, _switch,
-             "0/1: autotune the GEMM configs (Triton >= 3.4 keeps the timings in its cache dir for later "
-             "processes: delete it to time them again); 0 takes one fixed config per row class (quicker first "
-             "runs, tests)"),
+             "0/1: autotune the GEMM configs (decode's choices are kept in CQIL_CACHE_DIR, the others' timings "
+             "in Triton's cache dir with Triton >= 3.4, for later processes: delete them to time again); 0 takes "
+             "one fixed config per row class (quicker first runs, tests)"),
     Variable("CQIL_PREFILL_BLAS_ROWS", None, _rows,
              "'auto' (default: fused.AUTO_BLAS_ROWS rows with large weights), 0 (never) or N: the rows from "
              "which a step runs its matmuls through cuBLAS instead of the group GEMM kernels"),
