@@ -65,10 +65,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 REPO=$PWD
+# The commit the build stage was given names the records of every later stage on this machine, in this call or a
+# later one (decode_ab and the sweeps wrote "unknown" when only the build had CQIL_COMMIT)
+given_commit=${CQIL_COMMIT:-}
+[ -z "$given_commit" ] && [ -f /tmp/cqil_commit ] && export CQIL_COMMIT=$(cat /tmp/cqil_commit)
 stages=${*:-build tests}
 for stage in $stages; do
   case $stage in
   build)
+    if [ -n "$given_commit" ]; then echo "$given_commit" > /tmp/cqil_commit; else rm -f /tmp/cqil_commit; unset CQIL_COMMIT; fi
     {
       echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
       echo "commit: ${CQIL_COMMIT:-unknown}"
