@@ -385,6 +385,42 @@ def test_a_decode_choice_is_kept_on_disk_for_later_processes(monkeypatch):
         path.parent.chmod(0o700)
 
 
+def test_a_decode_key_is_tuned_over_fewer_weight_copies_when_memory_runs_out(monkeypatch):
+    """The copies are made until the GPU's memory runs out (here after two): the timing cycles over the original
+    and those two, every launch computes the product, the fastest is chosen."""
+    real_copy, copies = G._strided_copy, []
+
+    def scarce(t):
+        if len(copies) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        copies.append(real_copy(t))
+        return copies[-1]
+    monkeypatch.setattr(G, "_strided_copy", scarce)
+    real_fn, launched = G._group_gemm_kernel.fn, []
+
+    class Recorded:  # the kernel, recording each launch's weight and output
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                real_fn[grid](*args, **kwargs)
+                launched.append((args[1].data_ptr(), args[7].clone()))
+            return launch
+    monkeypatch.setattr(G._group_gemm_kernel, "fn", Recorded())
+
+    def timer(launch):
+        del launched[:]
+        for i in range(4):
+            launch(i)
+        return 1.0  # every candidate the same: the first is kept
+
+    out, twin, exact, chosen = _tune_a_decode_launch(monkeypatch, timer, False)
+    assert len(copies) == 2 and chosen == DECODE_CANDIDATES[0]
+    weights = [w for w, _ in launched]
+    assert weights[1:3] == [c.data_ptr() for c in copies] and weights[0] == weights[3] not in weights[1:3]
+    for _, got in launched:  # the last candidate's four, then the launch itself
+        assert_kernel_close(got, twin, exact, terms=70)
+    assert_kernel_close(out, twin, exact, terms=70)
+
+
 def test_decode_keys_with_one_candidate_are_not_timed(monkeypatch):
     monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(16, 32, 64, 4, 3), G._config(64, 64, 64, 4, 3)])
     monkeypatch.setattr(G, "_CHOSEN", {})
