@@ -234,13 +234,14 @@ def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tens
         raise ValueError(f"residual must have shape {(M, N)}, got {tuple(residual.shape)}")
 
 
-# The config the autotuner chose, per its key (row class, N, K, P_GRID, the tensors' dtypes): launches
-# after the first of a key go straight to the kernel with it. triton.autotune's own lookup rebuilds dicts
-# of all ~45 arguments at every launch; on the lent H100's host a 37-argument kernel took 77 us per
-# launch through it and 40 us without (benchmarks/results/prefill_h100_2026-11-27.json), and an eager
-# step makes four GEMM launches per stage. Every config computes the same product (up to the order of its
-# fp32 sums); the choice sets the speed (were two threads to tune at once and swap their best_config
-# reads, a key would get a slower config, not a wrong result).
+# The config chosen per key (row class, N, K, P_GRID, the tensors' dtypes), by triton.autotune or, for decode
+# keys on a GPU, by _tune_decode: launches after the first of a key go straight to the kernel with it.
+# triton.autotune's own lookup rebuilds dicts of all ~45 arguments at every launch; on the lent H100's host a
+# 37-argument kernel took 77 us per launch through it and 40 us without
+# (benchmarks/results/prefill_h100_2026-11-27.json), and an eager step makes four GEMM launches per stage.
+# Every config computes the same product (up to the order of its fp32 sums); the choice sets the speed (were
+# two threads to tune at once and swap their best_config reads, a key would get a slower config, not a wrong
+# result).
 _CHOSEN: dict[tuple, dict] = {}
 
 # Decode keys (row class 0) on a GPU are tuned here, not by triton.autotune: each candidate is timed as a decode
