@@ -63,6 +63,11 @@ TUNED_PREFILL = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), 
 _BATCH_TILES = {c[:3] for c in TUNED_BATCH}
 
 
+# The kernel's flags that make a launch form (QKV's norm, gate/up's SwiGLU, ...): part of the tuning key, since two
+# forms of equal sizes (a model whose F equals its QKV width) may want different tiles
+FORM_FLAGS = ("NORM", "SWIGLU", "SUM_P", "HAS_BIAS", "HAS_RES")
+
+
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
@@ -99,7 +104,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs
 
 
-@triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID"],
+@triton.autotune(configs=_configs(), key=["M_CLASS", "N", "K", "P_GRID", *FORM_FLAGS],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=untimed_bench(), **autotune_disk_cache())
 @triton.jit(do_not_specialize=["M_CLASS"])  # a key for the autotuner only: one compile for all classes
 def _group_gemm_kernel(
@@ -234,8 +239,8 @@ def _check_residual(residual: torch.Tensor | None, M: int, N: int, x: torch.Tens
         raise ValueError(f"residual must have shape {(M, N)}, got {tuple(residual.shape)}")
 
 
-# The config chosen per key (row class, N, K, P_GRID, the tensors' dtypes), by triton.autotune or, for decode
-# keys on a GPU, by _tune_decode: launches after the first of a key go straight to the kernel with it.
+# The config chosen per key (row class, N, K, P_GRID, the form's flags, the tensors' dtypes), by triton.autotune or,
+# for decode keys on a GPU, by _tune_decode: launches after the first of a key go straight to the kernel with it.
 # triton.autotune's own lookup rebuilds dicts of all ~45 arguments at every launch; on the lent H100's host a
 # 37-argument kernel took 77 us per launch through it and 40 us without
 # (benchmarks/results/prefill_h100_2026-11-27.json), and an eager step makes four GEMM launches per stage.
@@ -369,11 +374,10 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
             residual.stride(0) if residual is not None else 0,
             out.stride(0) if out.ndim == 3 else 0, out.stride(-2),
             float(eps))
-    # the autotuner's own key: the row class, N, K, P_GRID and every tensor argument's dtype
-    key = (m_class, N, K, p_grid, *(t.dtype for t in tensors))
-    flags = dict(NORM=norm_weight is not None, SWIGLU=w2 is not None, SUM_P=sum_p, HAS_BIAS=bias is not None,
-                 HAS_RES=residual is not None,
-                 UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
+    form = (norm_weight is not None, w2 is not None, sum_p, bias is not None, residual is not None)  # FORM_FLAGS
+    # the autotuner's own key: the row class, N, K, P_GRID, the form and every tensor argument's dtype
+    key = (m_class, N, K, p_grid, *form, *(t.dtype for t in tensors))
+    flags = dict(zip(FORM_FLAGS, form), UPCAST=upcast, DOT_PRECISION=precision, **pdl_options(x))
     chosen = _CHOSEN.get(key)
     if chosen is None and m_class == 0 and _tunes_here(x):
         chosen = _CHOSEN[key] = _tune_decode(key, args, grid, flags)

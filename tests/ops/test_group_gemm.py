@@ -267,7 +267,7 @@ def test_launches_go_through_the_autotuner_once_per_key_then_to_its_choice(monke
     first = "direct" if G._tunes_here(x) and expected_class == 0 else "autotuner"
     assert launches[0] == (first, expected_class) and launches[-1] == ("direct", expected_class)
     assert len(launches) == 2 or (first == "direct" and G.autotuning())  # (the tuner's own launches)
-    key = (expected_class, 20, 24, 1) + (torch.float32,) * 8
+    key = (expected_class, 20, 24, 1) + (False,) * 5 + (torch.float32,) * 8
     assert list(G._CHOSEN) == [key]
     assert direct_kwargs.items() >= G._CHOSEN[key].items() and "BLOCK_M" in G._CHOSEN[key]
 
@@ -419,6 +419,24 @@ def test_a_decode_key_is_tuned_over_fewer_weight_copies_when_memory_runs_out(mon
     for _, got in launched:  # the last candidate's four, then the launch itself
         assert_kernel_close(got, twin, exact, terms=70)
     assert_kernel_close(out, twin, exact, terms=70)
+
+
+def test_forms_of_equal_sizes_are_tuned_apart(monkeypatch):
+    """QKV's form (the input norm) and a plain product of the same sizes and dtypes are two keys, each timed and
+    chosen on its own: a model whose F equals its QKV width would otherwise run gate/up with QKV's tiles."""
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in DECODE_CANDIDATES])
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    timed = []
+    monkeypatch.setattr(G, "_graph_us", lambda launch: timed.append(1) or float(len(timed) % 3))
+    x, w = _rand(2, 24, dtype=torch.float32), _rand(1, 20, 24, dtype=torch.float32)
+    nw = _rand(1, 24, dtype=torch.float32)
+    for norm in (None, nw, None):
+        got = group_linear(x, w, norm_weight=norm)
+        twin = group_linear_ref(x, w, norm_weight=norm)
+        exact = group_linear_ref(x.double(), w.double(), norm_weight=None if norm is None else norm.double())
+        assert_kernel_close(got, twin, exact, terms=24)
+    assert len(G._CHOSEN) == 2 and len(timed) == 2 * len(DECODE_CANDIDATES)
 
 
 def test_decode_keys_with_one_candidate_are_not_timed(monkeypatch):
