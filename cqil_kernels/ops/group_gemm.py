@@ -47,10 +47,11 @@ from ._pdl import pdl_options, release_consumer, wait_for_producer
 
 
 # The autotuner's candidates, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), by row class (row_class).
-# M <= 16 (decode): weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load.
-TUNED_DECODE = [(16, 16, 512, 4, 3), (16, 16, 1024, 4, 2), (16, 16, 256, 2, 6), (16, 32, 256, 4, 4),
-                (16, 32, 512, 4, 3), (16, 32, 128, 4, 6), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5),
-                (16, 128, 128, 8, 4)]
+# M <= 16 (decode): weight streaming; small BLOCK_N for enough programs, long BLOCK_K per load. 16x16x1024 (4 warps,
+# 2 stages) left the list: it spills 8.9-12.8 KB in the norm forms and was never the fastest in any form of LLaMA-7B
+# or SmolLM2 on an H100, the slowest or next to it in six of eight (benchmarks/results/gemm_configs_h100_c410143.json).
+TUNED_DECODE = [(16, 16, 512, 4, 3), (16, 16, 256, 2, 6), (16, 32, 256, 4, 4), (16, 32, 512, 4, 3),
+                (16, 32, 128, 4, 6), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5), (16, 128, 128, 8, 4)]
 # 17-64 rows (decode of a batch of 17-64 sequences): still weight streaming, in 32-row tiles. LLaMA-7B at
 # 32 rows on an H100, us, the prefill candidates alone against these with the x x^T norm (BLOCK_M <= 32):
 # QKV 54.7 -> 41.2, o_proj 16.6 -> 9.8, gate/up 90.5 -> 70.6, down 44.5 -> 36.9
@@ -134,7 +135,7 @@ def _group_gemm_kernel(
     # Decode tiles (16 rows) load the residual now, before the K loop: loaded after it, it was one more round
     # trip between the last product and the store at every program's tail (its LDG sat between the last HMMA
     # and the STG in the SASS). Larger tiles keep the load at the end. ptxas (sm_90), TUNED_DECODE's nine
-    # configs: -11 to +42 registers, and three spill more (8, 60, 68 bytes); the autotuner times each as it is.
+    # configs then: -11 to +42 registers, and three spill more (8, 60, 68 bytes); the launcher times each as it is.
     EARLY_RES: tl.constexpr = BLOCK_M <= 16
     if HAS_RES:
         if EARLY_RES:
