@@ -38,7 +38,8 @@
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
-#               beside its registers and spills and the launcher's choice (GEMM_ARGS, default the three 8-warp configs
+#               (the final norm + LM head too) beside its registers and spills, the launcher's choice and triton.autotune's
+#               (GEMM_ARGS, default the three 8-warp configs
 #               that spill nothing where their 4-warp twins do: --extra 16,32,128,8,4 --extra 16,16,512,8,4 --extra 16,64,128,8,4)
 #   attention_plans issue 24: benchmarks/attention_plans.py, a prompt's attention under other tile plans than the
 #               shipped one, beside their registers and spills (ATT_PLAN_ARGS, default LLaMA-7B at 512, 2048 and

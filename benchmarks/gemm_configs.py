@@ -8,9 +8,11 @@ are and whether a config outside the list (--extra) would beat them, e.g. one th
 
 Forms (P layers of a group, M rows): qkv (group_linear with the input norm), o_proj (with the residual),
 gate/up (group_swiglu with the post-attention norm), down (group_down_sum with the fp32 residual: decode
-runs it as partial products and their sum). Each config runs as the only candidate (the candidate list
+runs it as partial products and their sum), lm_head (the final norm and LM head, one group_linear of one layer
+whatever P is). Each config runs as the only candidate (the candidate list
 replaced for the run); each timing is a CUDA graph of CALLS launches over enough input copies to stay out of
-L2, timed with CUDA events, the median of --rounds replays. Needs a CUDA GPU.
+L2, timed with CUDA events, the median of --rounds replays. Beside the launcher's choice, triton.autotune's
+for the same launch (what decode keys took before the launcher timed them itself). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import kernel_registers  # benchmarks/ (the script's folder)
 import replay
 
 DEVICE = "cuda"  # (tests run the loop on the CPU, with the timing replaced)
-FORMS = ("qkv", "o_proj", "gate/up", "down")
+FORMS = ("qkv", "o_proj", "gate/up", "down", "lm_head")
 
 
 @contextlib.contextmanager
@@ -46,7 +48,7 @@ def forced_config(config):
 
 
 def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: float = 0.02):
-    """(op, make_inputs, bytes moved) of a launch form for a shape (D, H, Hkv, Dh, F)."""
+    """(op, make_inputs, bytes moved) of a launch form for a shape (D, H, Hkv, Dh, F, V)."""
     import torch
 
     from cqil_kernels.ops.group_gemm import group_down_sum, group_linear, group_swiglu
@@ -73,7 +75,34 @@ def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: fl
         return ((lambda x, w, res: group_down_sum(x, w, res)),
                 lambda: (randn(P, M, F), randn(P, D, F, s=scale), randn(M, D, dt=torch.float32)),
                 2 * (P * D * F + P * M * F) + 4 * M * D + 2 * M * D)
+    if form == "lm_head":  # the final norm + LM head, one GEMM in decode (fused.head): one layer whatever P is
+        V = shape["V"]
+        return ((lambda h, w, nw: group_linear(h, w, norm_weight=nw)),
+                lambda: (randn(M, D), randn(1, V, D, s=scale), 1 + randn(1, D, s=0.1)),
+                2 * (V * D + M * D + M * V))
     raise ValueError(f"unknown form {form!r} (one of {FORMS})")
+
+
+def launcher_choice(op, make, autotuner: bool = False) -> tuple[int, int, int, int, int]:
+    """The config the group GEMM's launcher picks for the form's launch (one key per form), with its memory
+    (_CHOSEN) emptied first and put back after; autotuner: the pick of triton.autotune's path, which the launcher
+    takes where it does not time a key itself (its in-process memory of earlier picks set aside too)."""
+    from cqil_kernels.ops import group_gemm
+
+    kernel = group_gemm._group_gemm_kernel
+    kept, tunes_here, autotuned = dict(group_gemm._CHOSEN), group_gemm._tunes_here, kernel.cache
+    group_gemm._CHOSEN.clear()
+    if autotuner:
+        group_gemm._tunes_here = lambda x: False
+        kernel.cache = {}
+    try:
+        op(*make())
+        (c,) = group_gemm._CHOSEN.values()
+    finally:
+        group_gemm._tunes_here, kernel.cache = tunes_here, autotuned
+        group_gemm._CHOSEN.clear()
+        group_gemm._CHOSEN.update(kept)
+    return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]
 
 
 def parse_config(text: str) -> tuple[int, int, int, int, int]:
@@ -86,7 +115,7 @@ def parse_config(text: str) -> tuple[int, int, int, int, int]:
 # each form's launch in kernel_registers.GEMM_FORMS (its constexprs, for the compiler's facts); down: decode's partial
 # products, or where group_down_sum runs as one GEMM (P = 1 below SPLIT_K_MIN, more than 16 rows) the sum over P
 REGISTER_FORM = {"qkv": "qkv (norm)", "o_proj": "o_proj (+residual)", "gate/up": "gate/up (norm, swiglu)",
-                 "down": "down partials (fp32 out)"}
+                 "down": "down partials (fp32 out)", "lm_head": "qkv (norm)"}
 
 
 def main(argv=None) -> None:
@@ -119,14 +148,11 @@ def main(argv=None) -> None:
     for name in args.shape or ["llama-7b", "smollm2-135m"]:
         a = shape_args(name)
         shape = dict(D=a.hidden_size, H=a.num_attention_heads, Hkv=a.num_key_value_heads, Dh=a.head_dim,
-                     F=a.intermediate_size)
+                     F=a.intermediate_size, V=a.vocab_size)
         for form in args.form or FORMS:
             op, make, nbytes = form_inputs(form, shape, args.P, args.rows, DEVICE,
                                            torch.bfloat16 if DEVICE == "cuda" else torch.float32)
-            group_gemm._CHOSEN.clear()
-            op(*make())  # the launcher's own choice for this launch (one group GEMM key per form)
-            (best,) = group_gemm._CHOSEN.values()
-            best = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"], best["num_stages"])
+            best, autotuned = launcher_choice(op, make), launcher_choice(op, make, autotuner=True)
             for config in candidates:
                 bm, bn, bk, warps, stages = config
                 with forced_config(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
@@ -143,7 +169,8 @@ def main(argv=None) -> None:
                         warps, stages)
                 facts = facts_of[key]
                 row = [name, form, f"{bm}x{bn}x{bk} w{warps} s{stages}", round(us, 2), round(nbytes / us / 1e3, 1),
-                       facts["registers"], facts["spill_stores"], config == best, config in args.extra]
+                       facts["registers"], facts["spill_stores"], config == best, config == autotuned,
+                       config in args.extra]
                 print(" | ".join(str(v) for v in row), flush=True)
                 rows.append(row)
     if args.out:
@@ -151,7 +178,7 @@ def main(argv=None) -> None:
             args.out, title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows", doc=__doc__,
             script="gemm_configs.py", argv=argv if argv is not None else sys.argv[1:], rows=rows,
             columns=["shape", "form", "config", "us per call", "GB/s", "registers", "spill stores (bytes)",
-                     "the launcher's choice", "outside the candidates"])
+                     "the launcher's choice", "triton.autotune's choice", "outside the candidates"])
 
 
 if __name__ == "__main__":

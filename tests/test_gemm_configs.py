@@ -11,7 +11,7 @@ from conftest import import_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-TINY = dict(D=48, H=2, Hkv=1, Dh=16, F=64)
+TINY = dict(D=48, H=2, Hkv=1, Dh=16, F=64, V=40)
 
 gemm_configs = import_benchmark("gemm_configs")
 
@@ -53,5 +53,28 @@ def test_the_sweep_writes_a_row_per_shape_form_and_config(sweep_untimed, monkeyp
     configs = len(group_gemm.TUNED_DECODE) + 1
     assert len(record["rows"]) == len(sweep_untimed) == 2 * configs
     assert [row[1] for row in record["rows"]] == ["qkv"] * configs + ["down"] * configs
-    assert sum(row[8] for row in record["rows"]) == 2  # the extra config, once per form
+    assert sum(row[9] for row in record["rows"]) == 2  # the extra config, once per form
     assert all(row[3] == 7.0 for row in record["rows"])
+
+
+def test_the_launchers_choice_and_the_autotuners_are_read_apart(monkeypatch, tmp_path):
+    """launcher_choice: the launcher's own pick (here the tuner's, the second candidate timed faster) and, with
+    autotuner=True, triton.autotune's for the same launch (the interpreter's untimed autotuner takes the first);
+    the launcher's memory and its tuning switch are put back."""
+    from cqil_kernels import envs
+    from cqil_kernels.ops import group_gemm as G
+
+    candidates = [(16, 32, 32, 4, 3), (16, 16, 32, 4, 2)]
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in candidates])
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    timings = iter([2.0, 1.0])
+    monkeypatch.setattr(G, "_graph_us", lambda launch: next(timings))
+    monkeypatch.setattr(G, "_CHOSEN", {"kept": {}})
+    autotuner_memory = G._group_gemm_kernel.cache
+    op, make, _ = gemm_configs.form_inputs("lm_head", TINY, 1, 2, DEVICE, torch.float32, scale=0.2)
+    with envs.overridden(CQIL_CACHE_DIR=str(tmp_path)):
+        assert gemm_configs.launcher_choice(op, make) == candidates[1]
+        autotuned = gemm_configs.launcher_choice(op, make, autotuner=True)
+    assert autotuned in candidates and (DEVICE == "cuda" or autotuned == candidates[0])
+    assert G._CHOSEN == {"kept": {}} and G._tunes_here(None) is True
+    assert G._group_gemm_kernel.cache is autotuner_memory
