@@ -139,7 +139,8 @@ def main(argv=None) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("gemm_configs.py times kernels: it needs a CUDA GPU")
-    tables = {0: group_gemm.TUNED_DECODE, 1: group_gemm.TUNED_BATCH}
+    # each row class's candidates (group_gemm._prune: 17-64 rows may take a prompt's tile too)
+    tables = {0: group_gemm.TUNED_DECODE, 1: group_gemm.TUNED_BATCH + group_gemm.TUNED_PREFILL}
     row_class = group_gemm.row_class(args.rows)
     if row_class not in tables:
         raise SystemExit(f"--rows {args.rows} is a prompt's row class; this sweeps decode and batch configs")
