@@ -12,7 +12,10 @@ runs it as partial products and their sum), lm_head (the final norm and LM head,
 whatever P is). Each config runs as the only candidate (the candidate list
 replaced for the run); each timing is a CUDA graph of CALLS launches over enough input copies to stay out of
 L2, timed with CUDA events, the median of --rounds replays. Beside the launcher's choice, triton.autotune's
-for the same launch (what decode keys took before the launcher timed them itself). Needs a CUDA GPU.
+for the same launch (what decode keys took before the launcher timed them itself), and how long the
+launcher's choosing took (wall clock, once with Triton compiling what its cache lacks, once more with the
+kernels compiled: what the first decode step of a process pays per key where no choice is kept on disk).
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def form_inputs(form: str, shape: dict, P: int, M: int, device, dtype, scale: fl
     raise ValueError(f"unknown form {form!r} (one of {FORMS})")
 
 
-def launcher_choice(op, make, autotuner: bool = False) -> tuple[int, int, int, int, int]:
+def launcher_choice(op, inputs, autotuner: bool = False) -> tuple[int, int, int, int, int]:
     """The config the group GEMM's launcher picks for the form's launch (one key per form), with its memory
     (_CHOSEN) emptied first and put back after; autotuner: the pick of triton.autotune's path, which the launcher
     takes where it does not time a key itself (its in-process memory of earlier picks set aside too)."""
@@ -96,13 +99,39 @@ def launcher_choice(op, make, autotuner: bool = False) -> tuple[int, int, int, i
         group_gemm._tunes_here = lambda x: False
         kernel.cache = {}
     try:
-        op(*make())
+        op(*inputs)
         (c,) = group_gemm._CHOSEN.values()
     finally:
         group_gemm._tunes_here, kernel.cache = tunes_here, autotuned
         group_gemm._CHOSEN.clear()
         group_gemm._CHOSEN.update(kept)
     return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]
+
+
+def timed_choice(op, inputs) -> tuple[tuple[int, int, int, int, int], float, float]:
+    """(the launcher's choice, the ms its first choosing took, the ms a second one took): a decode key's tuning
+    cost, with no choice kept on disk (a temporary cache dir, emptied between the two). The first includes
+    Triton compiling the candidates where its own cache lacks them; the second is the timing alone."""
+    import tempfile
+    import time
+
+    import torch
+
+    from cqil_kernels import envs
+    from cqil_kernels.ops import group_gemm
+
+    took, on_gpu = [], inputs[0].is_cuda
+    with tempfile.TemporaryDirectory() as tmp, envs.overridden(CQIL_CACHE_DIR=tmp):
+        for _ in range(2):
+            (Path(tmp) / group_gemm.TUNED_FILE).unlink(missing_ok=True)
+            if on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            best = launcher_choice(op, inputs)
+            if on_gpu:
+                torch.cuda.synchronize()
+            took.append((time.perf_counter() - start) * 1e3)
+    return best, took[0], took[1]
 
 
 def parse_config(text: str) -> tuple[int, int, int, int, int]:
@@ -153,7 +182,9 @@ def main(argv=None) -> None:
         for form in args.form or FORMS:
             op, make, nbytes = form_inputs(form, shape, args.P, args.rows, DEVICE,
                                            torch.bfloat16 if DEVICE == "cuda" else torch.float32)
-            best, autotuned = launcher_choice(op, make), launcher_choice(op, make, autotuner=True)
+            inputs = make()
+            (best, first_ms, again_ms), autotuned = timed_choice(op, inputs), launcher_choice(op, inputs, True)
+            del inputs
             for config in candidates:
                 bm, bn, bk, warps, stages = config
                 with forced_config(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
@@ -171,7 +202,7 @@ def main(argv=None) -> None:
                 facts = facts_of[key]
                 row = [name, form, f"{bm}x{bn}x{bk} w{warps} s{stages}", round(us, 2), round(nbytes / us / 1e3, 1),
                        facts["registers"], facts["spill_stores"], config == best, config == autotuned,
-                       config in args.extra]
+                       config in args.extra, round(first_ms, 1), round(again_ms, 1)]
                 print(" | ".join(str(v) for v in row), flush=True)
                 rows.append(row)
     if args.out:
@@ -179,7 +210,8 @@ def main(argv=None) -> None:
             args.out, title=f"The group GEMM's decode configs one by one, P {args.P}, {args.rows} rows", doc=__doc__,
             script="gemm_configs.py", argv=argv if argv is not None else sys.argv[1:], rows=rows,
             columns=["shape", "form", "config", "us per call", "GB/s", "registers", "spill stores (bytes)",
-                     "the launcher's choice", "triton.autotune's choice", "outside the candidates"])
+                     "the launcher's choice", "triton.autotune's choice", "outside the candidates",
+                     "the launcher's choosing ms, first (compiles included)", "its choosing ms, again"])
 
 
 if __name__ == "__main__":

@@ -73,8 +73,27 @@ def test_the_launchers_choice_and_the_autotuners_are_read_apart(monkeypatch, tmp
     autotuner_memory = G._group_gemm_kernel.cache
     op, make, _ = gemm_configs.form_inputs("lm_head", TINY, 1, 2, DEVICE, torch.float32, scale=0.2)
     with envs.overridden(CQIL_CACHE_DIR=str(tmp_path)):
-        assert gemm_configs.launcher_choice(op, make) == candidates[1]
-        autotuned = gemm_configs.launcher_choice(op, make, autotuner=True)
+        inputs = make()
+        assert gemm_configs.launcher_choice(op, inputs) == candidates[1]
+        autotuned = gemm_configs.launcher_choice(op, inputs, autotuner=True)
     assert autotuned in candidates and (DEVICE == "cuda" or autotuned == candidates[0])
     assert G._CHOSEN == {"kept": {}} and G._tunes_here(None) is True
     assert G._group_gemm_kernel.cache is autotuner_memory
+
+
+def test_the_choosing_is_timed_twice_with_nothing_kept_on_disk(monkeypatch, tmp_path):
+    """timed_choice: the launcher's choice timed twice, each time choosing anew (the tuner's timer runs for both;
+    the first choice is not taken from the disk by the second), in a temporary cache dir, not the user's."""
+    from cqil_kernels import envs
+    from cqil_kernels.ops import group_gemm as G
+
+    candidates = [(16, 32, 32, 4, 3), (16, 16, 32, 4, 2)]
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in candidates])
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    timed = []
+    monkeypatch.setattr(G, "_graph_us", lambda launch: timed.append(1) or 2.0 + len(timed) % 2)
+    op, make, _ = gemm_configs.form_inputs("o_proj", TINY, 2, 3, DEVICE, torch.float32, scale=0.2)
+    with envs.overridden(CQIL_CACHE_DIR=str(tmp_path)):
+        best, first_ms, again_ms = gemm_configs.timed_choice(op, make())
+    assert best == candidates[1] and len(timed) == 4 and first_ms > 0 and again_ms > 0
+    assert not any(tmp_path.iterdir())
