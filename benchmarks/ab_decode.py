@@ -8,18 +8,44 @@ minutes apart; this is what to trust for changes of a few percent.
 
 A variant is NAME:VAR=VALUE[,VAR=VALUE...] (NAME: alone = the settings as they are). Decode ms/token per
 run as `cqil bench` measures it (64 greedy tokens after a 512-token prompt, CUDA graph, argmax included),
-at batch 1 or --batch rows.
+at batch 1 or --batch rows. Beside envs.py's variables a variant may set GEMM_AUTOTUNED=all (or N+N+...: the
+decode GEMM keys of those output widths): triton.autotune chooses those keys' configs, as it did before the
+group GEMM's launcher timed decode keys itself (ops/group_gemm.py's _tune_decode); e.g. the tuner against
+the autotuner on LLaMA-7B's LM head alone:
+
+    python benchmarks/ab_decode.py --shape llama-7b --groups none --variant tuner: \
+        --variant head-autotuned:GEMM_AUTOTUNED=32000 --rounds 4
+
+Each variant keeps its own memory of the launcher's choices (group_gemm._CHOSEN), made at its first run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 
 import torch
 
 from cqil_kernels import envs
+
+
+# settings of this script's own beside envs.py's (the module docstring says what GEMM_AUTOTUNED does)
+BENCH_VARIABLES = ("GEMM_AUTOTUNED",)
+
+
+def parse_autotuned(value: str):
+    """GEMM_AUTOTUNED's value: 'all', or output widths N joined by '+' (a sorted tuple of them)."""
+    if value == "all":
+        return value
+    try:
+        widths = tuple(sorted({int(v) for v in value.split("+")}))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ValueError(f"GEMM_AUTOTUNED is 'all' or output widths joined by '+' (e.g. 32000+4096), got {value!r}")
+    return widths
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -33,15 +59,54 @@ def parse_variant(text: str) -> tuple[str, dict]:
         var, eq, value = item.partition("=")
         if not eq or not var:
             raise ValueError(f"{item!r} in variant {name!r} is not VAR=VALUE")
-        if var not in envs.VARIABLES:
-            raise ValueError(f"{var!r} in variant {name!r} is not one of {sorted(envs.VARIABLES)}")
-        values[var] = envs.parse(var, value)
+        if var in BENCH_VARIABLES:
+            values[var] = parse_autotuned(value)
+        elif var not in envs.VARIABLES:
+            raise ValueError(f"{var!r} in variant {name!r} is not one of {sorted(envs.VARIABLES)} or "
+                             f"{list(BENCH_VARIABLES)}")
+        else:
+            values[var] = envs.parse(var, value)
     return name, values
 
 
+_CHOICES: dict[tuple, dict] = {}  # each variant's settings -> its memory of the group GEMM launcher's choices
+
+
+@contextlib.contextmanager
 def settings(values: dict):
-    """The variant's settings for a block (envs.overridden)."""
-    return envs.overridden(**values)
+    """The variant's settings for a block: envs.py's (envs.overridden), the launcher's choices made and kept for
+    these settings alone (group_gemm._CHOSEN swapped), GEMM_AUTOTUNED's keys chosen by triton.autotune; all put
+    back after."""
+    from cqil_kernels.ops import group_gemm
+
+    autotuned = values.get("GEMM_AUTOTUNED")
+    # (ab_trees.py runs this script with older builds of the package too: one without the launcher's own tuning
+    # takes every choice from triton.autotune already)
+    tune = getattr(group_gemm, "_tune_decode", None)
+    if autotuned is not None and tune is None:
+        raise SystemExit("GEMM_AUTOTUNED: this build of cqil_kernels has triton.autotune choose every key already")
+    memory = _CHOICES.setdefault(tuple(sorted((k, repr(v)) for k, v in values.items())), {})
+    kept = dict(group_gemm._CHOSEN)
+
+    def choose(key, args, grid, flags):  # key: (row class, N, K, ...)
+        if autotuned != "all" and key[1] not in autotuned:
+            return tune(key, args, grid, flags)
+        group_gemm._group_gemm_kernel[grid](*args, **flags)  # the autotuner's path (_launch's for other keys)
+        return group_gemm._group_gemm_kernel.best_config.all_kwargs()
+    group_gemm._CHOSEN.clear()
+    group_gemm._CHOSEN.update(memory)
+    if autotuned is not None:
+        group_gemm._tune_decode = choose
+    try:
+        with envs.overridden(**{k: v for k, v in values.items() if k not in BENCH_VARIABLES}):
+            yield
+    finally:
+        memory.clear()
+        memory.update(group_gemm._CHOSEN)
+        if tune is not None:
+            group_gemm._tune_decode = tune
+        group_gemm._CHOSEN.clear()
+        group_gemm._CHOSEN.update(kept)
 
 
 def ab_parser(doc: str, *, shape: str, groups_help: str, rounds: int) -> argparse.ArgumentParser:

@@ -291,9 +291,52 @@ def test_ab_decode_variant_syntax(monkeypatch):
     assert parse_variant("base:") == ("base", {})
     assert parse_variant("x:CQIL_PREFILL_BLAS_ROWS=8,CQIL_PDL=0") == (
         "x", {"CQIL_PREFILL_BLAS_ROWS": 8, "CQIL_PDL": False})
-    for bad in ("base", ":A=1", "x:A", "x:=1", "x:CQIL_NOPE=1", "x:CQIL_PDL=yes"):
+    assert parse_variant("t:GEMM_AUTOTUNED=all") == ("t", {"GEMM_AUTOTUNED": "all"})
+    assert parse_variant("h:GEMM_AUTOTUNED=32000+4096+32000,CQIL_PDL=0") == (
+        "h", {"GEMM_AUTOTUNED": (4096, 32000), "CQIL_PDL": False})
+    for bad in ("base", ":A=1", "x:A", "x:=1", "x:CQIL_NOPE=1", "x:CQIL_PDL=yes", "x:GEMM_AUTOTUNED=0",
+                "x:GEMM_AUTOTUNED=lm_head", "x:GEMM_AUTOTUNED=", "x:GEMM_AUTOTUNED=4096+"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_ab_variants_choose_gemm_configs_apart(monkeypatch, tmp_path):
+    """ab_decode.settings: a variant with GEMM_AUTOTUNED has triton.autotune choose the decode keys of those
+    widths (the launcher's own timing for the others), each variant keeps its own choices across its runs, and
+    the launcher's memory and tuner are put back after each."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import ab_decode
+    from ab_decode import settings
+
+    from cqil_kernels import envs
+    from cqil_kernels.ops import group_gemm as G
+    from cqil_kernels.ops.group_gemm import group_linear
+    from cqil_kernels.reference.group_gemm import group_linear_ref
+
+    candidates = [(16, 32, 32, 4, 3), (16, 16, 32, 4, 2)]
+    monkeypatch.setattr(G._group_gemm_kernel, "configs", [G._config(*c) for c in candidates])
+    monkeypatch.setattr(G, "_tunes_here", lambda x: True)
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(ab_decode, "_CHOICES", {})  # no variant's choices from an earlier test
+    timed = []
+    monkeypatch.setattr(G, "_graph_us", lambda launch: timed.append(1) or 2.0 + len(timed) % 2)  # 2nd faster
+    tune = G._tune_decode
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU: Triton's interpreter, as CI runs it)
+    x = torch.randn(1, 24, device=device)
+    w20, w30 = torch.randn(1, 20, 24, device=device), torch.randn(1, 30, 24, device=device)
+
+    def run():
+        for w in (w20, w30):
+            torch.testing.assert_close(group_linear(x, w), group_linear_ref(x, w), rtol=1e-5, atol=1e-5)
+        return {key[1]: (c["BLOCK_N"], c["num_stages"]) for key, c in G._CHOSEN.items()}
+    with envs.overridden(CQIL_CACHE_DIR=str(tmp_path)):
+        for timings in [(2, 4), (4, 4)]:  # the second round: each variant's choices kept, nothing timed again
+            with settings({"GEMM_AUTOTUNED": (20,)}):
+                chosen = run()
+            assert chosen[30] == (16, 2) and chosen[20] in [(32, 3), (16, 2)] and len(timed) == timings[0]
+            assert G._CHOSEN == {} and G._tune_decode is tune
+            with settings({}):
+                assert run() == {20: (16, 2), 30: (16, 2)} and len(timed) == timings[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
