@@ -38,7 +38,8 @@
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
 #   variant_ab  issue 26: benchmarks/ab_decode.py's variants alternated in one process (VARIANT_AB_ARGS; default
-#               LLaMA-7B, the decode GEMM tuner against triton.autotune for every key and for the LM head alone)
+#               LLaMA-7B, the decode GEMM tuner against triton.autotune for every key, for the LM head alone and for
+#               the keys of width 4096 alone: o_proj and the down projection)
 #   gemm_configs issue 26: benchmarks/gemm_configs.py, each decode GEMM config timed alone in each launch form
 #               (the final norm + LM head too) beside its registers and spills, the launcher's choice and triton.autotune's
 #               (GEMM_ARGS, default the three 8-warp configs
@@ -263,7 +264,7 @@ for stage in $stages; do
     # settings compared in one process (benchmarks/ab_decode.py), e.g. the decode GEMM tuner against triton.autotune
     timeout ${VARIANT_AB_TIMEOUT:-400} python3 benchmarks/ab_decode.py ${VARIANT_AB_ARGS:---shape llama-7b --groups none \
       --variant tuner: --variant autotuner:GEMM_AUTOTUNED=all --variant head-autotuned:GEMM_AUTOTUNED=32000 \
-      --rounds 4} --out "$OUT/variant_ab.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/variant_ab.log" ;;
+      --variant width-4096-autotuned:GEMM_AUTOTUNED=4096 --rounds 4} --out "$OUT/variant_ab.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$OUT/variant_ab.log" ;;
   gemm_configs)
     timeout ${GEMM_TIMEOUT:-500} python3 benchmarks/gemm_configs.py ${GEMM_ARGS:---extra 16,32,128,8,4 --extra 16,16,512,8,4 \
       --extra 16,64,128,8,4} --out "$OUT/gemm_configs.json" 2>&1 \
