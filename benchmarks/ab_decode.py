@@ -85,14 +85,15 @@ def settings(values: dict):
     tune = getattr(group_gemm, "_tune_decode", None)
     if autotuned is not None and tune is None:
         raise SystemExit("GEMM_AUTOTUNED: this build of cqil_kernels has triton.autotune choose every key already")
+    if autotuned is not None and not hasattr(group_gemm, "_autotuned"):
+        raise SystemExit("GEMM_AUTOTUNED: this build of cqil_kernels predates group_gemm._autotuned")
     memory = _CHOICES.setdefault(tuple(sorted((k, repr(v)) for k, v in values.items())), {})
     kept = dict(group_gemm._CHOSEN)
 
     def choose(key, args, grid, flags):  # key: (row class, N, K, ...)
         if autotuned != "all" and key[1] not in autotuned:
             return tune(key, args, grid, flags)
-        group_gemm._group_gemm_kernel[grid](*args, **flags)  # the autotuner's path (_launch's for other keys)
-        return group_gemm._group_gemm_kernel.best_config.all_kwargs()
+        return group_gemm._autotuned(args, grid, flags)  # _launch's path for the keys it does not time itself
     group_gemm._CHOSEN.clear()
     group_gemm._CHOSEN.update(memory)
     if autotuned is not None:

@@ -351,6 +351,13 @@ def _keep_tuned(entry: str, index: int) -> None:
         pass
 
 
+def _autotuned(args: tuple, grid, flags: dict) -> dict:
+    """Launches through triton.autotune, which picks the config (timing the candidates the first time it sees the
+    launch's key): the kwargs _CHOSEN keeps."""
+    _group_gemm_kernel[grid](*args, **flags)
+    return _group_gemm_kernel.best_config.all_kwargs()
+
+
 def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bias2=None,
             residual=None, sum_p=False):
     P, N, K = w.shape
@@ -384,9 +391,8 @@ def _launch(x, w, out, *, sx, w2=None, norm_weight=None, eps=0.0, bias=None, bia
     chosen = _CHOSEN.get(key)
     if chosen is None and m_class == 0 and _tunes_here(x):
         chosen = _CHOSEN[key] = _tune_decode(key, args, grid, flags)
-    if chosen is None:  # the autotuner picks (timing the configs the first time it sees the key)
-        _group_gemm_kernel[grid](*args, **flags)
-        _CHOSEN[key] = _group_gemm_kernel.best_config.all_kwargs()
+    if chosen is None:
+        _CHOSEN[key] = _autotuned(args, grid, flags)
     else:
         _group_gemm_kernel.fn[grid](*args, **flags, **chosen)
     return out
