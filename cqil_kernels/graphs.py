@@ -44,6 +44,8 @@ Prefill graphs, as serving engines do it:
   weights anew as it starts, which must not happen inside a capture). A replay that the scan finds stale
   read the old weights, which the graphs hold; its result is dropped, the cache's bookkeeping put back
   (KVCache.restore) and the prompt run again.
+* Captures are thread-local (ops/_common.CAPTURE_MODE): another thread of the process may read the device or pin
+  memory while one runs.
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
   packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
@@ -59,6 +61,7 @@ import weakref
 import torch
 
 from .generation import check_inputs
+from .ops._common import cuda_graph
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
 # eagerly, where the device time of each part dwarfs the host's launch time.
@@ -137,7 +140,7 @@ class _CapturedLazily:
             return out
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with cuda_graph(graph):
                 out = fn()
         except torch.cuda.OutOfMemoryError as e:
             del graph

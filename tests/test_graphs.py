@@ -3,6 +3,7 @@ step run eagerly under TRITON_INTERPRET=1), and on CUDA the captured graphs agai
 
 import contextlib
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -430,8 +431,8 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
             events.append("replay")
 
     @contextlib.contextmanager
-    def capturing(graph):
-        events.append("capture")
+    def capturing(graph, capture_error_mode="global"):
+        events.append(f"capture {capture_error_mode}")
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
@@ -450,7 +451,7 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
         step.replay_or_run(fn)
     assert step.graph is None and step.out is None
     assert torch.equal(step.replay_or_run(fn), torch.ones(2)) and step.graph is not None  # captured this time
-    assert events == ["capture", "capture", "run", "replay"]
+    assert events == ["capture thread_local", "capture thread_local", "run", "replay"]
     step = graphs._CapturedLazily()
     step.calls = 1
     failures.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
@@ -459,7 +460,7 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
         assert torch.equal(step.replay_or_run(fn), torch.ones(2))
     assert step.graph is None and step.eager_only
     step.replay_or_run(fn)
-    assert events == ["capture", "run", "run"]  # eager from then on: no second capture
+    assert events == ["capture thread_local", "run", "run"]  # eager from then on: no second capture
 
 
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():
@@ -909,6 +910,44 @@ def test_cuda_generate_replays_its_decode_graph_across_calls():
     model.accelerator.clear_graphs()
     assert not model.accelerator.slots.slots and not model.accelerator.graphs.buckets
     assert torch.equal(model.generate(ids, 10), expected[0])
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_captures_leave_other_threads_alone():
+    """A serving thread reads tensors to the host and pins memory while this one captures prompt buckets and decode
+    steps: neither thread fails. The captures are thread-local (ops/_common.CAPTURE_MODE); under torch's default
+    mode the other thread's calls raise "operation not permitted when stream is capturing", and the capture with
+    them."""
+    model = _model(GROUPINGS["P3-d1-residual"], torch.bfloat16)
+    ids = torch.randint(0, model.args.vocab_size, (2, 70), device="cuda")
+    stop, errors, rounds = threading.Event(), [], [0]
+
+    def serve():
+        x = torch.ones(1000, device="cuda")
+        try:
+            while not stop.is_set():
+                assert x.sum().item() == 1000  # a launch, then a read of the device
+                torch.ones(1 << 14).pin_memory()  # the host allocator queries its blocks' events
+                rounds[0] += 1
+        except BaseException as e:  # noqa: B902 (reported by the main thread)
+            errors.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        captured = 0
+        for T in (5, 9, 17, 33, 65, 70):  # each bucket anew (cleared below): eager, captured, replayed; decode too
+            for _ in range(3):
+                model(ids[:, :T], logits_to_keep=1)
+            model.generate(ids[:, :T], 4)
+            captured = max(captured, model.accelerator.graphs.captured())
+            model.accelerator.clear_graphs()
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, f"the serving thread failed: {errors[0]!r}"
+    assert not thread.is_alive() and rounds[0] > 0 and captured >= 1
 
 
 @pytest.mark.parametrize("dtype, head_dim, word", [(torch.bfloat16, 16, torch.int64), (torch.bfloat16, 6, torch.int32),

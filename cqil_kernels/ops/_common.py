@@ -58,6 +58,19 @@ def input_copies(nbytes: int, calls: int, device: torch.device | None = None) ->
     return max(1, min(calls, -(-5 * l2 // max(2 * nbytes, 1))))
 
 
+# Every CUDA graph of the package is captured in torch's "thread_local" capture mode: the capturing thread's own
+# unsafe calls (a read of the device, a cudaMalloc) still fail its capture; another thread's do not. Under torch's
+# default, "global", a serving thread that reads a tensor to the host or pins memory while this one
+# captures a prompt bucket, a decode step or a tuning graph fails ("operation not permitted when stream is
+# capturing"), and so does the capture.
+CAPTURE_MODE = "thread_local"
+
+
+def cuda_graph(graph: torch.cuda.CUDAGraph):
+    """torch.cuda.graph(graph) in CAPTURE_MODE: the context every capture of the package runs in."""
+    return torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE)
+
+
 def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
     """A CUDA graph of launch(0), ..., launch(calls - 1) back to back, as a decode step's graph runs its kernels.
     Each runs once first on a side stream, as torch.cuda.graphs asks before a capture; launch(0) must have run
@@ -69,7 +82,7 @@ def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
             launch(i)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with cuda_graph(graph):
         for i in range(calls):
             launch(i)
     return graph
