@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import warnings
 import weakref
 
@@ -280,6 +281,9 @@ class PrefillGraphs:
         self.scratches: dict[int, object] = {}  # batch -> the scratch its buckets share (KVCache)
         self.signature = None  # what the graphs were captured with (current())
         self.packed = None  # the packed weights they read, held so that their id stays theirs
+        # one call at a time: the buckets' input buffers and the scratch caches are shared by every caller, and
+        # a prompt loaded by a second thread before the first one's step has read it would run in its place
+        self.lock = threading.RLock()
 
     @staticmethod
     def binds(cache, T: int) -> bool:
@@ -350,6 +354,11 @@ class PrefillGraphs:
                  logits_to_keep: int = 0) -> torch.Tensor:
         """model(input_ids, valid, cache, logits_to_keep) through the bucket's graph: the logits [B, k, V]
         of the last k = logits_to_keep positions (0: all T), a tensor of the caller's."""
+        with self.lock:
+            return self._call(model, input_ids, valid, cache, logits_to_keep)
+
+    def _call(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
+              logits_to_keep: int) -> torch.Tensor:
         if self.model() is not model:
             raise ValueError("these prefill graphs belong to another model")
         if not self.serves(model, input_ids, cache):
@@ -394,7 +403,7 @@ class PrefillGraphs:
             if bound:
                 cache.restore()
             self.current(model)
-            return self(model, input_ids, valid, cache, logits_to_keep)
+            return self._call(model, input_ids, valid, cache, logits_to_keep)
         if cache is not None and not bound:
             cache.copy_prompt(entry.scratch, T)
         logits = logits[:, :T].clone() if keep == 0 else logits.clone()
@@ -431,10 +440,13 @@ def warm_up(model, batch: int, max_seq: int, longest: dict[int, int], prompts: b
     generate(prompt, 1) twice (the bucket's eager run, then its capture). Every rank of a multi-GPU run makes
     the same calls (their collectives included). Returns the buckets captured."""
     model.packed_weights()  # the bindings' scan, which DecodeSlots.take leaves to a prompt: the steps come first
-    _, decode = model.generation_cache(batch, max_seq)
-    with torch.inference_mode():
-        for _ in range(2):
-            decode(torch.zeros(batch, dtype=torch.long, device=model.device))
+    cache, decode = model.generation_cache(batch, max_seq)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                decode(torch.zeros(batch, dtype=torch.long, device=model.device))
+    finally:
+        cache.busy = False  # generate's prompts below take it
     if prompts:
         for T in longest.values():
             ids = torch.zeros(batch, T, dtype=torch.long, device=model.device)
@@ -468,14 +480,22 @@ class DecodeSlots:
         self.decoder_of, self.limit, self.shrink = decoder_of, limit, shrink
         self.slots: list[tuple] = []  # (cache, decode step), least recently used first
         self.signature = None
+        self.lock = threading.Lock()  # take() from several threads: a slot is handed to one of them only
 
     def take(self, model, batch: int, length: int) -> tuple:
-        """(an empty cache of `batch` rows and at least `length` positions, its decode step).
+        """(an empty cache of `batch` rows and at least `length` positions, its decode step), the cache marked
+        busy (KVCache.busy: the caller clears it when its generation ends) before another thread can take it.
         The model is checked without the scan of the packed weights' bindings (graph_signature(scan=False)):
         that scan came before generate's prompt could start. The prompt's forward, which comes next, scans
         them (PrefillGraphs, or the eager step's packed_weights()) and packs anew where a parameter was
         replaced by hand; a kept decode step then follows the new packing (GraphDecoder.follow_packing),
         and the next take, seeing the new packing, drops the slots."""
+        with self.lock:
+            slot = self._take(model, batch, length)
+            slot[0].busy = True
+            return slot
+
+    def _take(self, model, batch: int, length: int) -> tuple:
         signature = model.graph_signature(scan=model.packed is None)
         if signature != self.signature:
             self.slots.clear()

@@ -4,6 +4,7 @@ step run eagerly under TRITON_INTERPRET=1), and on CUDA the captured graphs agai
 import contextlib
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -556,37 +557,46 @@ def _eager_decoder_of(made):
     return decoder_of
 
 
+def _taken(slots, model, batch, length):
+    """slots.take, then the slot let go as a generate call lets it go when it ends."""
+    cache, decode = slots.take(model, batch, length)
+    assert cache.busy
+    cache.busy = False
+    return cache, decode
+
+
 def test_decode_slots_are_kept_cleared_and_bounded():
     """generate's caches: the smallest kept one of the batch that holds the length, cleared; a new one of
     bucket(length) positions (within max_position_embeddings) when none does; the least recently used
-    dropped past the limit; all dropped when the model changes."""
+    dropped past the limit; all dropped when the model changes. Each is handed out busy, and the test lets it go
+    as generate does when it ends (_taken)."""
     model = _model(GROUPINGS["P3-d1-residual"])
     model.backend = "torch"  # the slots' logic; the fused step's graphs are the CUDA test's
     made = []
     slots = DecodeSlots(_eager_decoder_of(made), limit=2)
-    first, decode = slots.take(model, 1, 50)
+    first, decode = _taken(slots, model, 1, 50)
     assert first.max_seq == 64 and len(made) == 1
     assert first.long_lived and not model.new_cache(1, 8).long_lived  # its prompts' graphs bind to it
     with torch.no_grad():
         decode(torch.tensor([3], device=DEVICE))
         model(torch.ones(1, 5, dtype=torch.long, device=DEVICE), cache=first)
     assert first.length == 6 and first.key_valid.any()
-    again, decode_again = slots.take(model, 1, 60)  # 64 positions hold 60: the same cache, empty again
+    again, decode_again = _taken(slots, model, 1, 60)  # 64 positions hold 60: the same cache, empty again
     assert again is first and decode_again is decode and len(made) == 1
     fresh = model.new_cache(1, 64)
     assert again.length == 0 and int(again.position) == int(again.start) == 0
     assert torch.equal(again.key_valid, fresh.key_valid) and torch.equal(again.n_tokens, fresh.n_tokens)
-    bigger, _ = slots.take(model, 1, 70)
+    bigger, _ = _taken(slots, model, 1, 70)
     assert bigger.max_seq == 72 and len(made) == 2
     layers = model.args.num_hidden_layers
     assert slots.cache_bytes() == 2 * 4 * (64 + 72) * 2 * 8 * layers  # k and v, fp32, positions x kv heads x Dh
-    pair, _ = slots.take(model, 2, 10)  # a third slot: the 64-position one, used least recently, goes
+    pair, _ = _taken(slots, model, 2, 10)  # a third slot: the 64-position one, used least recently, goes
     assert pair.max_seq == 16 and [c.max_seq for c, _ in slots.slots] == [72, 16]
-    assert slots.take(model, 1, 60)[0] is bigger  # the 72-position cache holds 60
-    assert slots.take(model, 1, 121)[0].max_seq == 128  # bucket(121) = 128 = max_position_embeddings
-    assert slots.take(model, 1, 124)[0].max_seq == 128  # kept: it holds 124
+    assert _taken(slots, model, 1, 60)[0] is bigger  # the 72-position cache holds 60
+    assert _taken(slots, model, 1, 121)[0].max_seq == 128  # bucket(121) = 128 = max_position_embeddings
+    assert _taken(slots, model, 1, 124)[0].max_seq == 128  # kept: it holds 124
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
-        slots.take(model, 1, 129)
+        _taken(slots, model, 1, 129)
     new_cache = model.new_cache
 
     def short_of_memory(batch, max_seq):  # room for 100 positions, with nothing else kept
@@ -595,23 +605,57 @@ def test_decode_slots_are_kept_cleared_and_bounded():
         return new_cache(batch, max_seq)
 
     model.new_cache = short_of_memory
-    tight, _ = slots.take(model, 3, 97)  # bucket(97) = 104 does not fit: the kept caches go, then 97 exactly
+    tight, _ = _taken(slots, model, 3, 97)  # bucket(97) = 104 does not fit: the kept caches go, then 97 exactly
     assert tight.max_seq == 97 and [c for c, _ in slots.slots] == [tight]
     with pytest.raises(MemoryError, match="free memory"):
-        slots.take(model, 3, 101)
+        _taken(slots, model, 3, 101)
     strict = DecodeSlots(_eager_decoder_of([]), shrink=False)  # a rank's: the same size on every rank or none
     with pytest.raises(MemoryError, match="free memory"):
-        strict.take(model, 3, 97)
+        _taken(strict, model, 3, 97)
     del model.new_cache
     model.cqil = GROUPINGS["none"]  # another grouping: every kept cache (its stages) and graph goes
-    cache, _ = slots.take(model, 1, 60)
+    cache, _ = _taken(slots, model, 1, 60)
     assert cache.stages == model.stages and [c for c, _ in slots.slots] == [cache]
     with pytest.raises(ValueError, match="limit"):
         DecodeSlots(_eager_decoder_of([]), limit=0)
     default = DecodeSlots(_eager_decoder_of([]))  # one kept: a call that needs another cache frees it first
-    default.take(model, 1, 10)
-    other, _ = default.take(model, 2, 10)
+    _taken(default, model, 1, 10)
+    other, _ = _taken(default, model, 2, 10)
     assert [c for c, _ in default.slots] == [other]
+
+
+def test_prompts_of_two_threads_through_one_models_prefill_graphs_each_get_their_own_logits():
+    """Thread A's prompt waits inside its step (before the step reads its bucket's input buffer) while thread B's
+    prompt of the same bucket comes: B waits for A's call to end (PrefillGraphs.lock), so each gets its own
+    logits. Without the lock B's prompt was loaded into the shared buffer and A's step ran it."""
+    model = _model(GROUPINGS["none"])
+    ids = [torch.randint(0, model.args.vocab_size, (1, T), device=DEVICE) for T in (9, 13)]  # both bucket 16
+    with torch.no_grad():
+        expected = [PrefillGraphs(model, fused.padded_step, capture=False)(model, x, None, None, 1) for x in ids]
+    b_called, got = threading.Event(), {}
+
+    def step(model, input_ids, valid, cache, rows):
+        if threading.current_thread().name == "A":
+            b_called.wait(10)
+            time.sleep(0.3)  # time for B to load its prompt, were it let in
+        return fused.padded_step(model, input_ids, valid, cache, rows)
+
+    prefill = PrefillGraphs(model, step, capture=False)
+
+    def run(name, x):
+        if name == "B":
+            b_called.set()
+        with torch.no_grad():
+            got[name] = prefill(model, x, None, None, 1)
+
+    a = threading.Thread(target=run, args=("A", ids[0]), name="A")
+    a.start()
+    time.sleep(0.1)  # A is in its step
+    b = threading.Thread(target=run, args=("B", ids[1]), name="B")
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert torch.equal(got["A"], expected[0]) and torch.equal(got["B"], expected[1])
 
 
 def test_generate_on_kept_caches_equals_new_caches(monkeypatch):
