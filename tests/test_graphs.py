@@ -994,6 +994,37 @@ def test_cuda_captures_leave_other_threads_alone():
     assert not thread.is_alive() and rounds[0] > 0 and captured >= 1
 
 
+@cuda
+@pytest.mark.cuda
+def test_cuda_threads_generating_at_once_get_the_tokens_of_one_thread_alone():
+    """Four threads call generate and model(ids) on one model at once, prompts of one bucket among them (fp32:
+    greedy tokens compared exactly): each gets what it gets alone."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    prompts = [torch.randint(0, model.args.vocab_size, (2, T), device="cuda") for T in (11, 14, 21, 30)]
+    with torch.no_grad():
+        expected = [(model.generate(x, 9), model(x, logits_to_keep=1)) for x in prompts]
+    model.accelerator.clear_graphs()
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for _ in range(4):  # eager, captured, replayed, replayed
+                    got[i] = (model.generate(prompts[i], 9), model(prompts[i], logits_to_keep=1))
+                    assert torch.equal(got[i][0], expected[i][0])
+                    torch.testing.assert_close(got[i][1], expected[i][1], rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # noqa: B902 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, repr(errors[0])
+    assert len(got) == len(prompts) and not any(thread.is_alive() for thread in threads)
+
+
 @pytest.mark.parametrize("dtype, head_dim, word", [(torch.bfloat16, 16, torch.int64), (torch.bfloat16, 6, torch.int32),
                                                     (torch.float16, 2, torch.int32), (torch.float32, 2, torch.int64)])
 def test_copy_prompt_moves_the_bits_as_the_widest_words_a_row_allows(dtype, head_dim, word):
