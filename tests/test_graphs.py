@@ -796,14 +796,14 @@ def test_decode_slots_leave_the_bindings_scan_to_the_prompt():
     model.backend = "torch"  # the slots' logic
     made = []
     slots = DecodeSlots(_eager_decoder_of(made))
-    first, _ = slots.take(model, 1, 20)
+    first, _ = _taken(slots, model, 1, 20)
     packed = model.packed
     weight = model.layers[2].mlp.down_proj.weight
     weight.data = weight.data * 2
-    again, _ = slots.take(model, 1, 20)
+    again, _ = _taken(slots, model, 1, 20)
     assert again is first and model.packed is packed and len(made) == 1  # no scan: nothing repacked yet
     model.packed_weights()  # what the prompt's forward does first
-    fresh, _ = slots.take(model, 1, 20)
+    fresh, _ = _taken(slots, model, 1, 20)
     assert fresh is not first and len(made) == 2
     graph_slots = DecodeSlots(lambda model, cache: graphs.GraphDecoder(model, cache, lambda *args: None))
     assert graph_slots.take(model, 1, 20)[1].follow_packing
