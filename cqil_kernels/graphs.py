@@ -45,7 +45,8 @@ Prefill graphs, as serving engines do it:
   read the old weights, which the graphs hold; its result is dropped, the cache's bookkeeping put back
   (KVCache.restore) and the prompt run again.
 * Captures are thread-local (ops/_common.CAPTURE_MODE): another thread of the process may read the device or pin
-  memory while one runs.
+  memory while one runs. The package's captures and the eager runs before them on a side stream take turns
+  (ops/_common.CAPTURE_LOCK): torch's capture stream and its pool of side streams are shared.
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
   packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
@@ -62,7 +63,7 @@ import weakref
 import torch
 
 from .generation import check_inputs
-from .ops._common import cuda_graph
+from .ops._common import CAPTURE_LOCK, cuda_graph
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
 # eagerly, where the device time of each part dwarfs the host's launch time.
@@ -131,13 +132,14 @@ class _CapturedLazily:
         if not capture or self.eager_only:
             return fn()
         if self.calls == 1:
-            side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
-            side.wait_stream(torch.cuda.current_stream())
-            try:
-                with torch.cuda.stream(side):
-                    out = fn()
-            finally:  # also when fn raised part-way: KVCache.restore then runs after what it launched
-                torch.cuda.current_stream().wait_stream(side)
+            with CAPTURE_LOCK:  # no other thread's capture meanwhile: the side stream could be the one it records
+                side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
+                side.wait_stream(torch.cuda.current_stream())
+                try:
+                    with torch.cuda.stream(side):
+                        out = fn()
+                finally:  # also when fn raised part-way: KVCache.restore then runs after what it launched
+                    torch.cuda.current_stream().wait_stream(side)
             return out
         graph = torch.cuda.CUDAGraph()
         try:

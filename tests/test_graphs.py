@@ -424,16 +424,26 @@ def test_the_default_limit_keeps_every_bucket_of_a_batch_size():
 
 def test_a_capture_that_raises_is_never_replayed(monkeypatch):
     """A step whose capture failed keeps no graph: an error propagates and the next call captures anew; out of
-    memory warns and leaves the step eager. (Fakes stand in for torch's CUDA graph: the logic, on the CPU.)"""
+    memory warns and leaves the step eager. Captures are thread-local and hold the capture lock (another thread
+    waits). (Fakes stand in for torch's CUDA graph: the logic, on the CPU.)"""
     events = []
 
     class FakeGraph:
         def replay(self):
             events.append("replay")
 
+    def taken_elsewhere():  # whether another thread would wait for the capture lock now
+        free = []
+        thread = threading.Thread(target=lambda: free.append(graphs.CAPTURE_LOCK.acquire(blocking=False)))
+        thread.start()
+        thread.join()
+        if free[0]:
+            graphs.CAPTURE_LOCK.release()
+        return not free[0]
+
     @contextlib.contextmanager
     def capturing(graph, capture_error_mode="global"):
-        events.append(f"capture {capture_error_mode}")
+        events.append(f"capture {capture_error_mode}" + (" locked" if taken_elsewhere() else ""))
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
@@ -452,7 +462,7 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
         step.replay_or_run(fn)
     assert step.graph is None and step.out is None
     assert torch.equal(step.replay_or_run(fn), torch.ones(2)) and step.graph is not None  # captured this time
-    assert events == ["capture thread_local", "capture thread_local", "run", "replay"]
+    assert events == ["capture thread_local locked", "capture thread_local locked", "run", "replay"]
     step = graphs._CapturedLazily()
     step.calls = 1
     failures.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
@@ -461,7 +471,7 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
         assert torch.equal(step.replay_or_run(fn), torch.ones(2))
     assert step.graph is None and step.eager_only
     step.replay_or_run(fn)
-    assert events == ["capture thread_local", "run", "run"]  # eager from then on: no second capture
+    assert events == ["capture thread_local locked", "run", "run"]  # eager from then on: no second capture
 
 
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():

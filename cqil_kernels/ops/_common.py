@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -60,31 +62,42 @@ def input_copies(nbytes: int, calls: int, device: torch.device | None = None) ->
 
 # Every CUDA graph of the package is captured in torch's "thread_local" capture mode: the capturing thread's own
 # unsafe calls (a read of the device, a cudaMalloc) still fail its capture; another thread's do not. Under torch's
-# default, "global", a serving thread that reads a tensor to the host or pins memory while this one
-# captures a prompt bucket, a decode step or a tuning graph fails ("operation not permitted when stream is
-# capturing"), and so does the capture.
+# default, "global", a serving thread that reads a tensor to the host or pins memory while this one captures a prompt
+# bucket, a decode step or a tuning graph fails ("operation not permitted when stream is capturing"), and so does the
+# capture.
 CAPTURE_MODE = "thread_local"
 
+# One capture at a time in the process, and no warm-up on a side stream while one is under way: torch.cuda.graph
+# captures on one side stream shared by every capture that names none, and torch.cuda.Stream() hands out the streams
+# of a pool of 32 in turn, so a second thread's capture or warm-up could run on the stream being captured and be
+# recorded into its graph (which the global mode would not prevent either: kernel launches are never refused).
+# Held by cuda_graph and around the package's warm-ups before a capture; re-entrant (a decode key is tuned, with
+# captures of its own, inside a step's warm-up).
+CAPTURE_LOCK = threading.RLock()
 
+
+@contextlib.contextmanager
 def cuda_graph(graph: torch.cuda.CUDAGraph):
-    """torch.cuda.graph(graph) in CAPTURE_MODE: the context every capture of the package runs in."""
-    return torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE)
+    """torch.cuda.graph(graph) in CAPTURE_MODE under CAPTURE_LOCK: the context every capture of the package runs in."""
+    with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
+        yield
 
 
 def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
     """A CUDA graph of launch(0), ..., launch(calls - 1) back to back, as a decode step's graph runs its kernels.
     Each runs once first on a side stream, as torch.cuda.graphs asks before a capture; launch(0) must have run
     once already, eagerly (compiled, autotuned)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):
-            launch(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with cuda_graph(graph):
-        for i in range(calls):
-            launch(i)
+    with CAPTURE_LOCK:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(calls):
+                launch(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with cuda_graph(graph):
+            for i in range(calls):
+                launch(i)
     return graph
 
 
