@@ -170,7 +170,7 @@ def test_loaded_device_time_replays_a_captured_step_in_batches_until_its_time_is
     capturing = [False]
 
     @contextlib.contextmanager
-    def graph(g):
+    def graph(g, capture_error_mode="global"):
         capturing[0] = True
         try:
             yield
