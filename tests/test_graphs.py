@@ -658,13 +658,14 @@ def test_prompts_of_two_threads_through_one_models_prefill_graphs_each_get_their
         with torch.no_grad():
             got[name] = prefill(model, x, None, None, 1)
 
-    a = threading.Thread(target=run, args=("A", ids[0]), name="A")
+    a = threading.Thread(target=run, args=("A", ids[0]), name="A", daemon=True)
     a.start()
     time.sleep(0.1)  # A is in its step
-    b = threading.Thread(target=run, args=("B", ids[1]), name="B")
+    b = threading.Thread(target=run, args=("B", ids[1]), name="B", daemon=True)
     b.start()
     a.join(60)
     b.join(60)
+    assert not a.is_alive() and not b.is_alive(), "a prompt never returned"
     assert torch.equal(got["A"], expected[0]) and torch.equal(got["B"], expected[1])
 
 
@@ -1026,7 +1027,7 @@ def test_cuda_threads_generating_at_once_get_the_tokens_of_one_thread_alone():
         except BaseException as e:  # noqa: B902 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
