@@ -63,7 +63,7 @@ import weakref
 import torch
 
 from .generation import check_inputs
-from .ops._common import CAPTURE_LOCK, cuda_graph
+from .ops._common import before_capture, cuda_graph
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
 # eagerly, where the device time of each part dwarfs the host's launch time.
@@ -132,14 +132,8 @@ class _CapturedLazily:
         if not capture or self.eager_only:
             return fn()
         if self.calls == 1:
-            with CAPTURE_LOCK:  # no other thread's capture meanwhile: the side stream could be the one it records
-                side = torch.cuda.Stream()  # the eager run before a capture, as torch.cuda.graphs recommends
-                side.wait_stream(torch.cuda.current_stream())
-                try:
-                    with torch.cuda.stream(side):
-                        out = fn()
-                finally:  # also when fn raised part-way: KVCache.restore then runs after what it launched
-                    torch.cuda.current_stream().wait_stream(side)
+            with before_capture():  # if fn raises part-way, KVCache.restore runs after what it launched
+                out = fn()
             return out
         graph = torch.cuda.CUDAGraph()
         try:

@@ -11,6 +11,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, fused, graphs
 from cqil_kernels.graphs import MAX_GRAPHS, DecodeSlots, PrefillGraphs, bucket
+from cqil_kernels.ops._common import CAPTURE_LOCK
 
 from conftest import import_benchmark, left_padding_mask, random_hf_model
 
@@ -434,11 +435,11 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
 
     def taken_elsewhere():  # whether another thread would wait for the capture lock now
         free = []
-        thread = threading.Thread(target=lambda: free.append(graphs.CAPTURE_LOCK.acquire(blocking=False)))
+        thread = threading.Thread(target=lambda: free.append(CAPTURE_LOCK.acquire(blocking=False)))
         thread.start()
         thread.join()
         if free[0]:
-            graphs.CAPTURE_LOCK.release()
+            CAPTURE_LOCK.release()
         return not free[0]
 
     @contextlib.contextmanager

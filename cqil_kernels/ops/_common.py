@@ -83,17 +83,29 @@ def cuda_graph(graph: torch.cuda.CUDAGraph):
         yield
 
 
-def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of launch(0), ..., launch(calls - 1) back to back, as a decode step's graph runs its kernels.
-    Each runs once first on a side stream, as torch.cuda.graphs asks before a capture; launch(0) must have run
-    once already, eagerly (compiled, autotuned)."""
+@contextlib.contextmanager
+def before_capture():
+    """Its body on a new side stream under CAPTURE_LOCK, the current stream then waiting for it (also when the body
+    raised: what it launched comes before what follows): the eager run before a capture, as torch.cuda.graphs
+    recommends."""
     with CAPTURE_LOCK:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+
+
+def capture_launches(launch, calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of launch(0), ..., launch(calls - 1) back to back, as a decode step's graph runs its kernels.
+    Each runs once first on a side stream (before_capture); launch(0) must have run once already, eagerly
+    (compiled, autotuned)."""
+    with CAPTURE_LOCK:  # the warm-up and its capture together
+        with before_capture():
             for i in range(calls):
                 launch(i)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with cuda_graph(graph):
             for i in range(calls):
