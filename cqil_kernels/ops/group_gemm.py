@@ -314,8 +314,10 @@ def _tune_decode(key: tuple, args: tuple, grid, flags: dict) -> dict:
 # _tune_decode's choices, kept across processes (a restarted server, `cqil generate` run after run) in a JSON file
 # of the cache dir (envs.cache_dir): {entry: the chosen candidate's index}, an entry naming the GPU, Triton's
 # version, this file's source, the candidates, the launch key and the kernel's flags. Only JSON is read; an
-# entry that is not an index of the candidates is timed again.
-TUNED_FILE = "decode_gemm_configs.json"
+# entry that is not an index of the candidates is timed again. An entry of an older source or Triton is never read
+# again, and an entry cannot say which it is (a hash): the file keeps the TUNED_KEEP entries written last (~50
+# bytes each), the oldest dropped first, so that upgrades do not grow it without bound.
+TUNED_FILE, TUNED_KEEP = "decode_gemm_configs.json", 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,12 +343,16 @@ def _tuned_on_disk() -> dict:
 
 
 def _keep_tuned(entry: str, index: int) -> None:
-    """Adds a choice to the file (merged with what other processes wrote meanwhile); a cache dir that cannot be
-    written only costs a later process the timing."""
+    """Adds a choice to the file as its newest entry (merged with what other processes wrote meanwhile), the
+    oldest dropped beyond TUNED_KEEP; a cache dir that cannot be written only costs a later process the timing."""
     path = envs.cache_dir() / TUNED_FILE
+    kept = _tuned_on_disk()
+    kept.pop(entry, None)
+    kept[entry] = index
+    kept = dict(list(kept.items())[-TUNED_KEEP:])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({**_tuned_on_disk(), entry: index}, indent=0).encode())
+        atomic_write_bytes(path, json.dumps(kept, indent=0).encode())
     except OSError:
         pass
 

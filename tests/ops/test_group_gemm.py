@@ -385,6 +385,21 @@ def test_a_decode_choice_is_kept_on_disk_for_later_processes(monkeypatch):
         path.parent.chmod(0o700)
 
 
+def test_the_kept_decode_choices_are_the_newest_and_bounded(monkeypatch):
+    """The file keeps the TUNED_KEEP entries written last: entries of older sources (never read again) do not
+    pile up. A choice written again moves to the newest; entries another process wrote meanwhile are kept."""
+    monkeypatch.setattr(G, "TUNED_KEEP", 3)
+    path = envs.cache_dir() / G.TUNED_FILE
+    for i in range(4):
+        G._keep_tuned(f"e{i}", i)
+    assert list(json.loads(path.read_text()).items()) == [("e1", 1), ("e2", 2), ("e3", 3)]
+    G._keep_tuned("e1", 0)
+    assert list(json.loads(path.read_text()).items()) == [("e2", 2), ("e3", 3), ("e1", 0)]
+    path.write_text(json.dumps({"other": 1, **json.loads(path.read_text())}))  # another process's, oldest first
+    G._keep_tuned("e4", 4)
+    assert list(json.loads(path.read_text())) == ["e3", "e1", "e4"]
+
+
 def test_a_decode_key_is_tuned_over_fewer_weight_copies_when_memory_runs_out(monkeypatch):
     """The copies are made until the GPU's memory runs out (here after two): the timing cycles over the original
     and those two, every launch computes the product, the fastest is chosen."""
