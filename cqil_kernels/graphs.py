@@ -47,6 +47,10 @@ Prefill graphs, as serving engines do it:
 * Captures are thread-local (ops/_common.CAPTURE_MODE): another thread of the process may read the device or pin
   memory while one runs. The package's captures and the eager runs before them on a side stream take turns
   (ops/_common.CAPTURE_LOCK): torch's capture stream and its pool of side streams are shared.
+* Threads may launch on streams of their own. The prompt buckets' buffers and scratches are shared by every
+  caller: a call from another stream than the last one's first waits for what that one queued (StreamOrder),
+  and once two streams have used them they are freed only after the host has waited for that work. A kept
+  cache and its decode graph go back only to the stream that used them last (DecodeSlots).
 * The model may be a CQILLlama (the fused backend's graphs) or a rank of a multi-GPU run
   (parallel.RankModel, whose step captures its reductions): what a graph needs of it is new_cache,
   packed_weights (and the `packed` it leaves), graph_signature, cqil, args and device, and the step function.
@@ -84,6 +88,36 @@ SCRATCH_MIN = 64
 # generate's KV caches kept per model with their decode graphs (DecodeSlots): one, so that what a call keeps
 # is never more than it used, and a call that needs a new cache frees the kept one first.
 MAX_DECODE_SLOTS = 1
+
+
+def current_stream(device: torch.device):
+    """The stream a call on `device` queues its work on (None off CUDA)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+class StreamOrder:
+    """Shared device buffers (a model's prompt buckets and the scratch caches they share) used from several
+    streams in the order the calls came. follow(), under the host lock that orders the calls: a call from another
+    stream than the last one's first makes its stream wait for everything queued on that one (the streams form
+    one chain), so that threads launching on streams of their own use the buffers in turn, as on one stream.
+    release(), before any of the buffers is freed: once a second stream has come, the host waits for the last
+    stream (and by the chain, all before it). The caching allocator orders a freed block's reuse only on the
+    stream that allocated it; work of another stream still reading it would race the block's next owner."""
+
+    def __init__(self):
+        self.stream = None
+        self.shared = False  # a second stream has used the buffers
+
+    def follow(self, device: torch.device) -> None:
+        stream = current_stream(device)
+        if self.stream is not None and stream != self.stream:
+            stream.wait_stream(self.stream)
+            self.shared = True
+        self.stream = stream
+
+    def release(self) -> None:
+        if self.shared:
+            self.stream.synchronize()
 
 
 def check_limit(limit) -> int:
@@ -280,6 +314,7 @@ class PrefillGraphs:
         # one call at a time: the buckets' input buffers and the scratch caches are shared by every caller, and
         # a prompt loaded by a second thread before the first one's step has read it would run in its place
         self.lock = threading.RLock()
+        self.order = StreamOrder()  # and on the device, in the order of the calls, whatever stream each came on
 
     @staticmethod
     def binds(cache, T: int) -> bool:
@@ -304,6 +339,8 @@ class PrefillGraphs:
     def resize(self, limit: int) -> None:
         """Keep at most `limit` buckets from now on (the least recently used dropped at once)."""
         self.limit = check_limit(limit)
+        if len(self.buckets) > self.limit:
+            self.order.release()
         while len(self.buckets) > self.limit:
             self.buckets.popitem(last=False)
         self._drop_idle_scratches()
@@ -314,6 +351,8 @@ class PrefillGraphs:
 
     def clear(self) -> None:
         """Drop every graph and scratch."""
+        if self.buckets or self.scratches:
+            self.order.release()
         self.buckets.clear()
         self.scratches.clear()
 
@@ -325,6 +364,8 @@ class PrefillGraphs:
         scratch = self.scratches.get(batch)
         if scratch is not None and scratch.max_seq >= length:
             return scratch
+        if scratch is not None:
+            self.order.release()
         for key in [key for key in self.buckets if key[0] == batch and key[3] is None]:
             del self.buckets[key]
         self.scratches.pop(batch, None)  # its memory is free for the new one
@@ -336,6 +377,7 @@ class PrefillGraphs:
         """Drop the scratch of a batch size that no bucket kept uses."""
         used = {key[0] for key in self.buckets if key[3] is None}
         for batch in [batch for batch in self.scratches if batch not in used]:
+            self.order.release()
             del self.scratches[batch]
 
     def current(self, model) -> None:
@@ -361,6 +403,7 @@ class PrefillGraphs:
             raise ValueError(f"a prefill graph takes a prompt of at most {MAX_BUCKET} tokens, into an empty cache "
                              "(its bucket within max_position_embeddings), or after a prefix or into a cache kept "
                              "for later calls with room in the cache for its bucket")
+        self.order.follow(input_ids.device)
         B, T = input_ids.shape
         keep = 0 if logits_to_keep >= T else logits_to_keep
         bound = self.binds(cache, T)
@@ -371,6 +414,7 @@ class PrefillGraphs:
         # must not inside a capture (the packed weights would live in the graph's memory pool): checked first.
         entry = self.buckets.get(key)
         if entry is not None and entry.target is not None and entry.target() is not cache:
+            self.order.release()
             del self.buckets[key]  # bound to a cache that is gone, whose id this one has now
             entry = None
         deferred = (entry is not None and entry.graph is not None
@@ -380,6 +424,8 @@ class PrefillGraphs:
         entry = self.buckets.pop(key, None)
         if entry is None:
             self._drop_unbound()  # before a capture: their memory can be reused
+            if len(self.buckets) >= self.limit:
+                self.order.release()
             while len(self.buckets) >= self.limit:
                 self.buckets.popitem(last=False)
             # normal tensors even when made under generate's inference_mode: a later forward outside it
@@ -409,6 +455,7 @@ class PrefillGraphs:
     def _drop_unbound(self) -> None:
         """Drop the buckets bound to a cache that is gone."""
         for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
+            self.order.release()
             del self.buckets[key]
 
 
@@ -456,8 +503,8 @@ class DecodeSlots:
     """generate's KV caches, each with its decode step (a GraphDecoder bound to it), kept for later calls.
 
     A generate call takes the smallest slot of its batch size that holds its length, cleared
-    (KVCache.clear), whose decode graph an earlier call captured, and not busy (a stream still running in it,
-    KVCache.busy); only when none fits is a cache made, of
+    (KVCache.clear), whose decode graph an earlier call captured, not busy (a stream still running in it,
+    KVCache.busy), and last taken on the caller's stream (KVCache.stream); only when none fits is a cache made, of
     bucket(length) positions (the prompt buckets' rounding: at most 12.5% more than asked; a decode step's
     time does not depend on the cache's size, its attention reads the filled positions only). Before, every
     call made a cache and a graph of its own, so its first decode step ran eagerly and its second was
@@ -496,8 +543,11 @@ class DecodeSlots:
         if signature != self.signature:
             self.slots.clear()
             self.signature = signature
-        fits = [slot for slot in self.slots
-                if slot[0].batch == batch and slot[0].max_seq >= length and not slot[0].busy]
+        # a kept cache goes back only to the stream that used it last: no wait for another stream's work in it,
+        # and its memory is only ever freed after work of the stream that allocated it
+        stream = current_stream(model.device)
+        fits = [slot for slot in self.slots if slot[0].batch == batch and slot[0].max_seq >= length
+                and not slot[0].busy and slot[0].stream == stream]
         if fits:
             slot = min(fits, key=lambda fit: fit[0].max_seq)
             self.slots.remove(slot)
@@ -516,6 +566,7 @@ class DecodeSlots:
                     self.slots.clear()
                     cache = model.new_cache(batch, length)
                 cache.long_lived = True  # the prompts' graphs bind to it (PrefillGraphs)
+                cache.stream = stream
                 decode = self.decoder_of(model, cache)
                 if isinstance(decode, GraphDecoder):
                     decode.follow_packing = True  # take() leaves the bindings' scan to the prompt (above)

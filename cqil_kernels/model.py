@@ -233,6 +233,8 @@ class KVCache:
         self.long_lived = False
         # a generate or stream is running in it (generation.new_tokens): graphs.DecodeSlots does not hand it out
         self.busy = False
+        # the stream that last took it from graphs.DecodeSlots, which hands it out again only to that stream
+        self.stream = None
 
     @property
     def runs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -670,6 +670,72 @@ def test_prompts_of_two_threads_through_one_models_prefill_graphs_each_get_their
     assert torch.equal(got["A"], expected[0]) and torch.equal(got["B"], expected[1])
 
 
+class _FakeStream:
+    """A stream for the CPU tests of StreamOrder: it records what is asked of it."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+    def synchronize(self):
+        self.log.append(f"host waits for {self.name}")
+
+
+def test_prompts_from_streams_of_their_own_use_the_shared_buckets_in_turn(monkeypatch):
+    """A prompt through the prefill graphs from another stream than the last one's first makes its stream wait for
+    that one (the scratch and the buckets' input buffers are shared); once two streams have come, a bucket or
+    scratch is freed only after the host has waited for the last stream (chained to every one before). From one
+    stream nothing waits."""
+    log = []
+    streams = {name: _FakeStream(name, log) for name in "ab"}
+    on = ["a"]
+    monkeypatch.setattr(graphs, "current_stream", lambda device: streams[on[0]])
+    model = _model(GROUPINGS["none"])
+    prefill = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
+    prompt = [torch.randint(0, model.args.vocab_size, (1, T), device=DEVICE) for T in (9, 20, 40, 70)]
+    with torch.no_grad():
+        for x in prompt[:2]:
+            prefill(model, x, None, None, 1)
+        assert log == []  # one stream: no waits, and nothing synchronized when the scratch grows
+        on[0] = "b"
+        prefill(model, prompt[0], None, None, 1)
+        assert log == ["b waits for a"]
+        prefill(model, prompt[1], None, None, 1)
+        assert log == ["b waits for a"]  # b again: nothing more
+        on[0] = "a"
+        log.clear()
+        prefill(model, prompt[2], None, None, 1)  # a third bucket past the limit of 2: one goes, after the sync
+        assert log == ["a waits for b", "host waits for a"] and len(prefill.buckets) == 2
+        log.clear()
+        prefill(model, prompt[3], None, None, 1)  # bucket 72 > the scratch's 64 positions: a new scratch
+        assert log[0] == "host waits for a" and set(log) == {"host waits for a"}
+        log.clear()
+        prefill.clear()
+        assert log == ["host waits for a"]
+
+
+def test_a_kept_cache_goes_back_only_to_the_stream_that_used_it(monkeypatch):
+    """DecodeSlots: a slot last taken on stream a is not handed to stream b (which gets a cache of its own, made on
+    b), so that no stream waits for another's generation and a kept cache is freed after its own stream's work."""
+    streams = {name: _FakeStream(name, []) for name in "ab"}
+    on = ["a"]
+    monkeypatch.setattr(graphs, "current_stream", lambda device: streams[on[0]])
+    model = _model(GROUPINGS["none"])
+    model.backend = "torch"
+    made = []
+    slots = DecodeSlots(_eager_decoder_of(made), limit=2)
+    first, _ = _taken(slots, model, 1, 20)
+    assert first.stream is streams["a"] and _taken(slots, model, 1, 20)[0] is first
+    on[0] = "b"
+    second, _ = _taken(slots, model, 1, 20)
+    assert second is not first and second.stream is streams["b"] and len(made) == 2
+    assert _taken(slots, model, 1, 20)[0] is second
+    on[0] = "a"
+    assert _taken(slots, model, 1, 20)[0] is first
+
+
 def test_generate_on_kept_caches_equals_new_caches(monkeypatch):
     """Calls of generate one after another on the same kept caches (a long one, then shorter ones, other
     batches, left padding, eos) give what each gives on a cache of its own: nothing of an earlier call's
@@ -1008,19 +1074,22 @@ def test_cuda_captures_leave_other_threads_alone():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_threads_generating_at_once_get_the_tokens_of_one_thread_alone():
+@pytest.mark.parametrize("streams", [False, True], ids=["default-stream", "own-streams"])
+def test_cuda_threads_generating_at_once_get_the_tokens_of_one_thread_alone(streams):
     """Four threads call generate and model(ids) on one model at once, prompts of one bucket among them (fp32:
-    greedy tokens compared exactly): each gets what it gets alone."""
+    greedy tokens compared exactly), on the default stream or each on a stream of its own: each gets what it gets
+    alone."""
     model = _model(GROUPINGS["P3-d1-residual"])
     prompts = [torch.randint(0, model.args.vocab_size, (2, T), device="cuda") for T in (11, 14, 21, 30)]
     with torch.no_grad():
         expected = [(model.generate(x, 9), model(x, logits_to_keep=1)) for x in prompts]
     model.accelerator.clear_graphs()
+    torch.cuda.synchronize()  # the prompts and expectations, made on the default stream, are there for every stream
     got, errors = {}, []
 
     def run(i):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.cuda.stream(torch.cuda.Stream() if streams else torch.cuda.current_stream()):
                 for _ in range(4):  # eager, captured, replayed, replayed
                     got[i] = (model.generate(prompts[i], 9), model(prompts[i], logits_to_keep=1))
                     assert torch.equal(got[i][0], expected[i][0])
