@@ -337,24 +337,29 @@ class PrefillGraphs:
         return (cache is None or cache.length == 0) and bucket(T) <= model.args.max_position_embeddings
 
     def resize(self, limit: int) -> None:
-        """Keep at most `limit` buckets from now on (the least recently used dropped at once)."""
-        self.limit = check_limit(limit)
-        if len(self.buckets) > self.limit:
-            self.order.release()
-        while len(self.buckets) > self.limit:
-            self.buckets.popitem(last=False)
-        self._drop_idle_scratches()
+        """Keep at most `limit` buckets from now on (the least recently used dropped at once), once a prompt in
+        flight has returned."""
+        limit = check_limit(limit)
+        with self.lock:
+            self.limit = limit
+            if len(self.buckets) > self.limit:
+                self.order.release()
+            while len(self.buckets) > self.limit:
+                self.buckets.popitem(last=False)
+            self._drop_idle_scratches()
 
     def captured(self) -> int:
         """The number of graphs held."""
-        return sum(b.graph is not None for b in self.buckets.values())
+        with self.lock:
+            return sum(b.graph is not None for b in self.buckets.values())
 
     def clear(self) -> None:
-        """Drop every graph and scratch."""
-        if self.buckets or self.scratches:
-            self.order.release()
-        self.buckets.clear()
-        self.scratches.clear()
+        """Drop every graph and scratch, once a prompt in flight has returned (it would keep its bucket)."""
+        with self.lock:
+            if self.buckets or self.scratches:
+                self.order.release()
+            self.buckets.clear()
+            self.scratches.clear()
 
     def _scratch_for(self, model, batch: int, length: int):
         """The scratch of `batch` rows for a bucket of `length` positions: the batch size's shared one where it
@@ -575,9 +580,11 @@ class DecodeSlots:
         return slot
 
     def clear(self) -> None:
-        """Drop every slot (their caches and graphs)."""
-        self.slots.clear()
+        """Drop every slot (their caches and graphs), once a take in flight has returned (it would keep its slot)."""
+        with self.lock:
+            self.slots.clear()
 
     def cache_bytes(self) -> int:
         """The device memory of the kept caches' keys and values."""
-        return sum(cache.nbytes() for cache, _ in self.slots)
+        with self.lock:
+            return sum(cache.nbytes() for cache, _ in self.slots)

@@ -670,6 +670,40 @@ def test_prompts_of_two_threads_through_one_models_prefill_graphs_each_get_their
     assert torch.equal(got["A"], expected[0]) and torch.equal(got["B"], expected[1])
 
 
+def test_clearing_the_graphs_waits_for_a_prompt_or_take_in_flight():
+    """clear_graphs from another thread while a prompt is in its step, or while generate's take makes its slot's
+    decode step: the clear waits for that call to end, so what the call kept is dropped too (without the locks the
+    prompt put its bucket back after the clear, and a take that found a slot could fail to remove it)."""
+    model = _model(GROUPINGS["none"])
+    model.backend = "torch"
+    in_call, done = threading.Event(), []
+
+    def step(model, input_ids, valid, cache, rows):
+        in_call.set()
+        time.sleep(0.3)  # time for the clear to run, were it let in
+        return fused.padded_step(model, input_ids, valid, cache, rows)
+
+    def decoder_of(model, cache):
+        in_call.set()
+        time.sleep(0.3)
+        return _eager_decoder_of([])(model, cache)
+
+    prefill, slots = PrefillGraphs(model, step, capture=False), DecodeSlots(decoder_of)
+    ids = torch.randint(0, model.args.vocab_size, (1, 9), device=DEVICE)
+    for call, kept in ((lambda: prefill(model, ids, None, None, 1), prefill),
+                       (lambda: slots.take(model, 1, 20), slots)):
+        in_call.clear()
+        done.clear()
+        with torch.no_grad():
+            thread = threading.Thread(target=lambda: done.append(call()), daemon=True)
+            thread.start()
+            assert in_call.wait(30)
+            kept.clear()
+            assert done, "the clear returned while the call was in flight"
+            thread.join(30)
+        assert not thread.is_alive() and len(kept.buckets if kept is prefill else kept.slots) == 0
+
+
 class _FakeStream:
     """A stream for the CPU tests of StreamOrder: it records what is asked of it."""
 
