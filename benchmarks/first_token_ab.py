@@ -64,6 +64,7 @@ def main(argv=None) -> None:
             with torch.inference_mode():
                 cache, _ = model.generation_cache(1, T + 1)
                 prompt_ms = device_ms(lambda: model.forward_checked(prompt, None, cache, 1), 5, before=cache.clear)
+                cache.busy = False  # taken, so busy: let go as generate does, for the next length's calls
             row = [T, *(round(statistics.median(per[name]), 4) for name in variants), round(prompt_ms, 4)]
             table.append(row)
             print(f"{T:5d} tokens: " + "  ".join(f"{name} {v:.4f} ms" for name, v in zip(variants, row[1:]))

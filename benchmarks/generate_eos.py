@@ -31,17 +31,20 @@ def per_step_wait_generate(model, input_ids: torch.Tensor, max_new_tokens: int, 
 
     batch, prompt_len = input_ids.shape
     cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
-    logits = prefill(model, input_ids, None, cache)
-    eos = torch.tensor([eos_token_id], device=model.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
-    tokens = [input_ids]
-    for step in range(max_new_tokens):
-        next_tokens = torch.where(finished, eos[0], model.argmax(logits))
-        finished |= torch.isin(next_tokens, eos)
-        tokens.append(next_tokens[:, None])
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        logits = decode(next_tokens)
+    try:
+        logits = prefill(model, input_ids, None, cache)
+        eos = torch.tensor([eos_token_id], device=model.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+        tokens = [input_ids]
+        for step in range(max_new_tokens):
+            next_tokens = torch.where(finished, eos[0], model.argmax(logits))
+            finished |= torch.isin(next_tokens, eos)
+            tokens.append(next_tokens[:, None])
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = decode(next_tokens)
+    finally:
+        cache.busy = False  # as generate lets its kept cache go (a taken one is busy): the next call takes it again
     return torch.cat(tokens, dim=1)
 
 

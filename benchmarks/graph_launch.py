@@ -193,13 +193,16 @@ def decode_row(model, shape: str, repeats: int) -> list:
     """The row of generate's decode step graph (a token into a kept cache of 64 positions, cleared before
     each replay: every replay writes position 0), as the prompt graphs' rows."""
     cache, decode = model.generation_cache(1, 64)
-    tokens = torch.zeros(1, dtype=torch.long, device=model.device)
-    for _ in range(3):  # eager, capture, replay
-        cache.clear()
-        decode(tokens)
-    if decode.graph is None:
-        raise SystemExit("the decode step was not captured")
-    return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, before=cache.clear))
+    try:
+        tokens = torch.zeros(1, dtype=torch.long, device=model.device)
+        for _ in range(3):  # eager, capture, replay
+            cache.clear()
+            decode(tokens)
+        if decode.graph is None:
+            raise SystemExit("the decode step was not captured")
+        return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, before=cache.clear))
+    finally:
+        cache.busy = False  # let go as generate does: a later generate takes it again
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
@@ -210,7 +213,13 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
 
     V, T = model.args.vocab_size, ids.shape[1]
     host_ids = ids.cpu()
-    model.generation_cache(1, T + 1)  # the kept slot that the timed calls take
+
+    def kept_slot():
+        """generate's kept cache taken, then let go as generate lets it go (a taken cache is busy: taken again
+        without that, every call made a new cache and decode step, as the part timed before this fix did)."""
+        cache, _ = model.generation_cache(1, T + 1)
+        cache.busy = False
+    kept_slot()  # the kept slot that the timed calls take
     logits = torch.zeros(1, V, device=ids.device, dtype=model.dtype)
     parts = [("graph_signature()", model.graph_signature),
              ("graph_signature(scan=False)", lambda: model.graph_signature(scan=False)),
@@ -221,7 +230,7 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
              ("check_generate_args, ids on the GPU", lambda: check_generate_args(
                  model.args, model.device, ids, 1, do_sample=False, temperature=1.0, top_k=None, top_p=None,
                  eos_token_id=None, attention_mask=None, generator=None, seed=None)),
-             ("generation_cache, a kept slot (signature + clear)", lambda: model.generation_cache(1, T + 1)),
+             ("generation_cache, a kept slot (signature + clear)", kept_slot),
              ("the bucket's input copy (ids + length)", lambda: bucket.load(ids, None)),
              ("model.argmax of one row of logits", lambda: model.argmax(logits)),
              ("generate(ids, 1), queued", lambda: model.generate(ids, 1)),

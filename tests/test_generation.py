@@ -472,6 +472,27 @@ def test_the_eos_benchmarks_baseline_is_the_old_loop():
         assert torch.equal(bench.per_step_wait_generate(model, ids, 10, eos), model.generate(ids, 10, eos_token_id=eos))
 
 
+def test_the_eos_benchmarks_baseline_lets_its_kept_cache_go(monkeypatch):
+    """The old loop takes generate's kept cache (graphs.DecodeSlots, here as on a GPU) and lets it go as generate
+    does: each call takes the same cache again. A cache left busy made every later call a new cache and decode
+    step, an eager step and a capture, which the old loop's timing then held."""
+    from cqil_kernels.graphs import DecodeSlots
+
+    bench = import_benchmark("generate_eos")
+    model = CQILLlama.from_pretrained(random_hf_model(seed=12))
+    ids = torch.randint(0, model.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    slots, taken = DecodeSlots(lambda model, cache: model.decoder(cache, check_tokens=False)), []
+
+    def generation_cache(batch, length):
+        taken.append(slots.take(model, batch, length))
+        return taken[-1]
+
+    monkeypatch.setattr(model, "generation_cache", generation_cache)
+    for _ in range(3):
+        bench.per_step_wait_generate(model, ids, 4, bench.unused_token(ids, model.args.vocab_size))
+    assert len(taken) == 3 and all(slot is taken[0] for slot in taken) and not taken[0][0].busy
+
+
 def test_input_checks_read_the_device_once(monkeypatch):
     """Token ids and mask are checked with one read of device values (on CUDA each read waits for the GPU
     before the forward's first launch): no tensor is turned into a Python bool or number on its own."""
