@@ -838,8 +838,9 @@ class CQILTransformer(nn.Module):
     def generation_cache(self, batch: int, max_seq: int):
         """generate's KV cache and decode step: (an empty cache of at least max_seq positions, a function
         next_tokens [B] -> logits [B, vocab] appending to it). With CUDA graphs (the fused backend on CUDA)
-        a cache and its captured decode graph kept from an earlier call (graphs.DecodeSlots), else a new
-        cache and decoder(cache)."""
+        a cache and its captured decode graph kept from an earlier call (graphs.DecodeSlots), handed out busy
+        (KVCache.busy): the caller sets busy = False when its generation ends, as generate does, or no later call
+        takes that cache again; else a new cache and decoder(cache)."""
         if self.accelerated():
             slot = self.accelerator.generation_cache(self, batch, max_seq)
             if slot is not None:
