@@ -94,7 +94,7 @@ def main(argv=None) -> None:
                            f"variants and groupings alternated"),
                      columns=["shape", "variant", "groups", "prompt tokens", "wall ms (graph)",
                               "device ms under load", "wall ms (graph, rested)", "device ms",
-                              "host ms before the replay", "wall ms (graphs off)", "host ms (graphs off)"],
+                              "host ms to return (graph)", "wall ms (graphs off)", "host ms (graphs off)"],
                      rows=table, variants={name: env for name, env in a.variant}, median=summary, runs=results)
 
 
