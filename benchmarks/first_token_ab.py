@@ -23,6 +23,7 @@ import torch
 def main(argv=None) -> None:
     from cqil_kernels import graphs
     from cqil_kernels.bench import _commit, _warm_up_gpu, device_ms, random_model, ttft_ms, write_record
+    from cqil_kernels.generation import generation_slot
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m")
@@ -61,10 +62,8 @@ def main(argv=None) -> None:
             graphs.DecodeSlots.take = take
             # the prompt's device time: a forward into a kept cache, behind a sleep; forward_checked, since a
             # forward's input check reads the device, which would wait out the sleep and time the host's part too
-            with torch.inference_mode():
-                cache, _ = model.generation_cache(1, T + 1)
+            with torch.inference_mode(), generation_slot(model, 1, T + 1) as (cache, _):  # let go as generate does
                 prompt_ms = device_ms(lambda: model.forward_checked(prompt, None, cache, 1), 5, before=cache.clear)
-                cache.busy = False  # taken, so busy: let go as generate does, for the next length's calls
             row = [T, *(round(statistics.median(per[name]), 4) for name in variants), round(prompt_ms, 4)]
             table.append(row)
             print(f"{T:5d} tokens: " + "  ".join(f"{name} {v:.4f} ms" for name, v in zip(variants, row[1:]))

@@ -27,11 +27,10 @@ def per_step_wait_generate(model, input_ids: torch.Tensor, max_new_tokens: int, 
     """Greedy generate with the eos check it had before 43053b9 (on today's kept caches and graphs, so
     that only the check differs): after each step the host reads whether every row has finished (a wait
     for that step) before it enqueues the next decode step."""
-    from cqil_kernels.generation import prefill
+    from cqil_kernels.generation import generation_slot, prefill
 
     batch, prompt_len = input_ids.shape
-    cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
-    try:
+    with generation_slot(model, batch, prompt_len + max_new_tokens) as (cache, decode):  # let go as generate does
         logits = prefill(model, input_ids, None, cache)
         eos = torch.tensor([eos_token_id], device=model.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
@@ -43,8 +42,6 @@ def per_step_wait_generate(model, input_ids: torch.Tensor, max_new_tokens: int, 
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             logits = decode(next_tokens)
-    finally:
-        cache.busy = False  # as generate lets its kept cache go (a taken one is busy): the next call takes it again
     return torch.cat(tokens, dim=1)
 
 

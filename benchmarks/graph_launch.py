@@ -192,8 +192,9 @@ def forward_times(model, ids: torch.Tensor, cache, repeats: int) -> dict[str, fl
 def decode_row(model, shape: str, repeats: int) -> list:
     """The row of generate's decode step graph (a token into a kept cache of 64 positions, cleared before
     each replay: every replay writes position 0), as the prompt graphs' rows."""
-    cache, decode = model.generation_cache(1, 64)
-    try:
+    from cqil_kernels.generation import generation_slot
+
+    with generation_slot(model, 1, 64) as (cache, decode):  # let go as generate does: a later generate takes it
         tokens = torch.zeros(1, dtype=torch.long, device=model.device)
         for _ in range(3):  # eager, capture, replay
             cache.clear()
@@ -201,24 +202,22 @@ def decode_row(model, shape: str, repeats: int) -> list:
         if decode.graph is None:
             raise SystemExit("the decode step was not captured")
         return replay_row(f"{shape} decode step", replay_times(decode.graph, repeats, before=cache.clear))
-    finally:
-        cache.busy = False  # let go as generate does: a later generate takes it again
 
 
 def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     """[part, median host us, median wall us] of what a generate call does before and after its prompt's
     replay, each part alone from an idle GPU (host: to return; wall: CUDA events around the call), and
     generate(ids, 1) whole: queued, and with the token on the host (its device time included)."""
-    from cqil_kernels.generation import check_generate_args, check_inputs
+    from cqil_kernels.generation import check_generate_args, check_inputs, generation_slot
 
     V, T = model.args.vocab_size, ids.shape[1]
     host_ids = ids.cpu()
 
     def kept_slot():
         """generate's kept cache taken, then let go as generate lets it go (a taken cache is busy: taken again
-        without that, every call made a new cache and decode step, as the part timed before this fix did)."""
-        cache, _ = model.generation_cache(1, T + 1)
-        cache.busy = False
+        without that, every call made a new cache and decode step, as the part timed before 739eb91 did)."""
+        with generation_slot(model, 1, T + 1):
+            pass
     kept_slot()  # the kept slot that the timed calls take
     logits = torch.zeros(1, V, device=ids.device, dtype=model.dtype)
     parts = [("graph_signature()", model.graph_signature),

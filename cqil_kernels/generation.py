@@ -8,6 +8,7 @@ Works on any model with CQILLlama's interface: `model(input_ids, attention_mask,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -335,6 +336,19 @@ def _on_host(steps, device):
         yield host
 
 
+@contextlib.contextmanager
+def generation_slot(model, batch: int, max_seq: int):
+    """model.generation_cache(batch, max_seq), (an empty KV cache of at least max_seq positions, its decode step),
+    for the body of a with: the cache is marked busy (KVCache.busy) until the body ends, however it ends, so that
+    no other call takes it from generate's kept caches (graphs.DecodeSlots) meanwhile, and every later one may."""
+    cache, decode = model.generation_cache(batch, max_seq)
+    cache.busy = True
+    try:
+        yield cache, decode
+    finally:
+        cache.busy = False
+
+
 def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
                do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
                generator: torch.Generator | None, eos: list[int], prefill_chunk: int | None):
@@ -344,9 +358,7 @@ def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     loop ends or is dropped, so that a later call meanwhile (a stream not yet exhausted, then another one) does
     not take it from generate's kept caches (graphs.DecodeSlots) while it is in use."""
     batch, prompt_len = input_ids.shape
-    cache, decode = model.generation_cache(batch, prompt_len + max_new_tokens)
-    cache.busy = True
-    try:
+    with generation_slot(model, batch, prompt_len + max_new_tokens) as (cache, decode):
         logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
         # what only the steps need is made once the prompt is queued: its host time is not the first token's
         if eos:
@@ -366,8 +378,6 @@ def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             if step == max_new_tokens - 1:
                 return
             logits = decode(next_tokens)
-    finally:
-        cache.busy = False
 
 
 class _FinishWatch:

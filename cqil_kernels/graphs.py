@@ -66,7 +66,7 @@ import weakref
 
 import torch
 
-from .generation import check_inputs
+from .generation import check_inputs, generation_slot
 from .ops._common import before_capture, cuda_graph
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
@@ -488,13 +488,9 @@ def warm_up(model, batch: int, max_seq: int, longest: dict[int, int], prompts: b
     generate(prompt, 1) twice (the bucket's eager run, then its capture). Every rank of a multi-GPU run makes
     the same calls (their collectives included). Returns the buckets captured."""
     model.packed_weights()  # the bindings' scan, which DecodeSlots.take leaves to a prompt: the steps come first
-    cache, decode = model.generation_cache(batch, max_seq)
-    try:
-        with torch.inference_mode():
-            for _ in range(2):
-                decode(torch.zeros(batch, dtype=torch.long, device=model.device))
-    finally:
-        cache.busy = False  # generate's prompts below take it
+    with generation_slot(model, batch, max_seq) as (_, decode), torch.inference_mode():  # let go: the prompts take it
+        for _ in range(2):
+            decode(torch.zeros(batch, dtype=torch.long, device=model.device))
     if prompts:
         for T in longest.values():
             ids = torch.zeros(batch, T, dtype=torch.long, device=model.device)

@@ -839,8 +839,9 @@ class CQILTransformer(nn.Module):
         """generate's KV cache and decode step: (an empty cache of at least max_seq positions, a function
         next_tokens [B] -> logits [B, vocab] appending to it). With CUDA graphs (the fused backend on CUDA)
         a cache and its captured decode graph kept from an earlier call (graphs.DecodeSlots), handed out busy
-        (KVCache.busy): the caller sets busy = False when its generation ends, as generate does, or no later call
-        takes that cache again; else a new cache and decoder(cache)."""
+        (KVCache.busy): the caller lets it go when its generation ends, or no later call takes that cache again
+        (generation.generation_slot, which generate takes it through, does both); else a new cache and
+        decoder(cache)."""
         if self.accelerated():
             slot = self.accelerator.generation_cache(self, batch, max_seq)
             if slot is not None:
