@@ -34,6 +34,8 @@
 #               groups of 4 over 2-10, the TP4 shard shape, the per-layer slopes, at each of LAYERS_BATCHES,
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
+#   ring        issue 26: benchmarks/ring_chain.py (the GEMV chain in one CUDA C++ launch with a per-SM shared-memory
+#               weight ring, against persistent_chain.py's Triton variants; RING_ARGS), after its CUDA test
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
@@ -111,6 +113,7 @@ for stage in $stages; do
                   "ops/test_attention.py|None-fused-prefill-gqa3-torch.float16" \
                   "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
                   "test_persistent_chain.py|cuda" \
+                  "test_ring_chain.py|cuda" \
                   "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
         file=${case%%|*}; expr=${case#*|}
         (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
@@ -260,6 +263,11 @@ for stage in $stages; do
     timeout ${LAYERS_TIMEOUT:-240} python3 benchmarks/persistent_layers.py --shape smollm2-135m --run 30 \
       --run 30/2-26:4 --block-k 64 ${LAYERS_ARGS:-} --out "$OUT/persistent_layers_smollm2.json" 2>&1 \
       | tee -a "$OUT/boundaries.log" ;;
+  ring)
+    (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_ring_chain.py" 2>&1) \
+      | tail -3 | tee -a "$OUT/ring.log"
+    timeout ${RING_TIMEOUT:-240} python3 benchmarks/ring_chain.py ${RING_ARGS:-} --out "$OUT/ring_chain.json" 2>&1 \
+      | tee -a "$OUT/ring.log" ;;
   variant_ab)
     # settings compared in one process (benchmarks/ab_decode.py), e.g. the decode GEMM tuner against triton.autotune
     timeout ${VARIANT_AB_TIMEOUT:-400} python3 benchmarks/ab_decode.py ${VARIANT_AB_ARGS:---shape llama-7b --groups none \

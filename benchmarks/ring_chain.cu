@@ -1,0 +1,245 @@
+// Prototype for the persistent decode step (issue 26), third stage: the GEMV chain of persistent_chain.py in
+// one launch whose weight stream never waits on activations. Built and loaded by benchmarks/ring_chain.py
+// (nvcc, then ctypes); not part of the package.
+//
+// One block per SM. Its tasks are the chain's tasks g = blockIdx.x, blockIdx.x + gridDim.x, ... in order
+// (layers in order, then rows). A task is `rows` whole rows of one layer's weight [N, K], a contiguous
+// rows * K * 2 bytes, and stores out[row0 : row0 + rows] = W[row0 : row0 + rows] @ x.
+//
+//   producer warp   one thread walks the block's tasks and copies each task's weight rows into slot
+//                   i % slots of a shared-memory ring with one bulk copy (TMA, cp.async.bulk), as soon as
+//                   the slot is free. Weights never depend on activations, so it never waits on another
+//                   block: across layer boundaries, while the consumers wait for their input, the ring
+//                   keeps filling with the next tasks' weights.
+//   consumer warps  warp w takes the block's tasks i = w, w + consumers, ...: waits for x in shared memory,
+//                   then for the slot's bytes, multiplies, gives the slot back, stores its rows and adds
+//                   one to its layer's counter (release).
+//
+// x of layer l (the output of layer l - 1) is read from global memory once per block and layer, into one of
+// two shared buffers (l & 1), by the warp of the block's first task of that layer, after layer l - 1's
+// counter has reached its task count (acquire). Two buffers are enough: a warp reaches a task of layer l + 2
+// only after all of layer l + 1 is done, which needs all of layer l done, so no task still reads the
+// buffer it overwrites. No task waits on a task of a later position in the chain, and every block is
+// resident (one per SM, the grid no larger than the SM count), so no order of scheduling can deadlock.
+//
+// Sums: each lane accumulates its 8-element chunks of K in order in fp32 (chunks lane, lane + 32, ...), then a
+// butterfly over the warp; bf16 out.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kMaxRows = 8;      // rows of one task
+constexpr int kMaxConsumers = 8;
+
+struct Task {                    // 48 bytes, written by ring_chain.py as 6 int64
+  const __nv_bfloat16* w;        // [rows, K], contiguous
+  const __nv_bfloat16* x;        // [K]
+  __nv_bfloat16* out;            // [rows]
+  int K;
+  int rows;
+  int layer;                     // counter this task adds to once stored
+  int wait_target;               // tasks of layer - 1 (0 for layer 0: x is the chain's input)
+  int pad0;
+  int pad1;
+};
+static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, std::uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+
+__device__ __forceinline__ float dot8(uint4 w, const float (&x)[8], float acc) {
+  acc = fmaf(lo(w.x), x[0], acc);
+  acc = fmaf(hi(w.x), x[1], acc);
+  acc = fmaf(lo(w.y), x[2], acc);
+  acc = fmaf(hi(w.y), x[3], acc);
+  acc = fmaf(lo(w.z), x[4], acc);
+  acc = fmaf(hi(w.z), x[5], acc);
+  acc = fmaf(lo(w.w), x[6], acc);
+  acc = fmaf(hi(w.w), x[7], acc);
+  return acc;
+}
+
+// x (K bf16, global, written by other blocks of this launch) into shared memory by one warp: through L2
+// (ld.global.cg), never a stale L1 line; kStageLoads loads in flight per lane, so the 22 KB of an 11008-wide x
+// take three L2 round trips. The block's consumers wait on them at every layer boundary (the ring does not).
+constexpr int kStageLoads = 16;
+
+__device__ void stage_x(uint4* dst, const __nv_bfloat16* x, int K, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  const int chunks = K / 8;
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kStageLoads) {
+    uint4 v[kStageLoads];
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) v[u] = __ldcg(src + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) dst[c] = v[u];
+    }
+  }
+}
+
+__global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
+    ring_chain_kernel(const Task* __restrict__ tasks, int n_tasks, unsigned* counters, int slot_bytes, int slots,
+                      int x_bytes) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* ring = smem;
+  unsigned char* xbufs = smem + slots * slot_bytes;  // two buffers of x_bytes
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + slots * slot_bytes + 2 * x_bytes);
+  std::uint64_t* empty = full + slots;
+  volatile int* x_layer = reinterpret_cast<volatile int*>(empty + slots);  // [2]: layer + 1 staged there
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int consumers = blockDim.x / 32 - 1;
+  const int mine = blockIdx.x < n_tasks ? (n_tasks - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < slots; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 1);
+    }
+    x_layer[0] = x_layer[1] = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == consumers) {  // producer
+    if (lane == 0) {
+      for (int i = 0; i < mine; ++i) {
+        const Task& t = tasks[blockIdx.x + i * gridDim.x];
+        const int s = i % slots;
+        if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
+        const unsigned bytes = static_cast<unsigned>(t.rows) * t.K * 2;
+        mbar_expect_tx(&full[s], bytes);
+        bulk_copy(ring + s * slot_bytes, t.w, bytes, &full[s]);
+      }
+    }
+    return;
+  }
+
+  for (int i = warp; i < mine; i += consumers) {
+    const int g = blockIdx.x + i * gridDim.x;
+    const Task t = tasks[g];
+    const int s = i % slots;
+    const int b = t.layer & 1;
+    const bool first = i == 0 || tasks[g - gridDim.x].layer != t.layer;
+    if (first) {  // this warp brings the layer's x in for the block
+      if (t.wait_target > 0) {
+        while (load_acquire(counters + t.layer - 1) < static_cast<unsigned>(t.wait_target)) {
+        }
+      }
+      stage_x(reinterpret_cast<uint4*>(xbufs + b * x_bytes), t.x, t.K, lane);
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence_block();
+        x_layer[b] = t.layer + 1;
+      }
+    } else {
+      while (x_layer[b] != t.layer + 1) {
+      }
+      __threadfence_block();
+    }
+    __syncwarp();
+    mbar_wait(&full[s], (i / slots) & 1);
+
+    const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
+    const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);
+    const int chunks = t.K / 8;
+    float acc[kMaxRows];
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) acc[r] = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+      const uint4 xv = xs[c];
+      const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r) {
+        if (r < t.rows) acc[r] = dot8(w[r * chunks + c], xf, acc[r]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);  // the slot's bytes are read: the producer may refill it
+    float mine_out = 0.f;
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) {
+      if (r < t.rows) {
+        float v = acc[r];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == r) mine_out = v;
+      }
+    }
+    if (lane < t.rows) t.out[lane] = __float2bfloat16(mine_out);
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence();
+      atomicAdd(counters + t.layer, 1u);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" const char* ring_chain_error(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
+extern "C" int ring_chain_launch(const void* tasks, int n_tasks, unsigned* counters, int layers, int slot_bytes,
+                                 int slots, int consumers, int x_bytes, int grid, void* stream) {
+  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers) return cudaErrorInvalidValue;
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int smem = slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16;
+  cudaError_t err = cudaFuncSetAttribute(ring_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
+  if (err != cudaSuccess) return err;
+  ring_chain_kernel<<<grid, (consumers + 1) * 32, smem, st>>>(static_cast<const Task*>(tasks), n_tasks, counters,
+                                                               slot_bytes, slots, x_bytes);
+  return cudaGetLastError();
+}

@@ -1,0 +1,266 @@
+"""Prototype for the persistent decode step (issue 26), third stage: does a weight stream that never waits on
+activations take away the cost of a layer boundary? The GEMV chain of persistent_chain.py (out_l = W_l @
+out_{l-1}, the 7B MLP's shapes alternating), batch 1, in one CUDA C++ launch (ring_chain.cu): per SM a
+producer thread copies the block's next tasks' weight rows into a shared-memory ring with bulk copies (TMA)
+while consumer warps multiply, so the memory system keeps streaming while the consumers wait at a layer
+boundary. Timed against persistent_chain.py's Triton variants on the same weights in the same process:
+
+    python benchmarks/ring_chain.py --layers 2 --layers 8 --out ring_chain.json
+
+Variants: persistent_chain.py's `launch`, `pdl` and `persistent`, and `ring-S` for each --slots S: a ring of
+S slots of --ring-kb / S KiB each and S consumer warps. Every variant is checked before it is timed: each
+layer of the ring chain against the float64 product of its own input (ring_bound), the Triton variants'
+result against each other as persistent_chain.py does. Needs an sm_90 GPU (cp.async.bulk, mbarrier) and nvcc;
+the library is built once per source into ~/.cache/cqil_ring_chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ring_chain.cu")
+MAX_ROWS = 8        # rows of one task (ring_chain.cu's kMaxRows)
+MAX_CONSUMERS = 8   # consumer warps (kMaxConsumers)
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
+RING_KB = 172       # 4 slots of 43 KiB: the 7B MLP's tasks (4 rows of 4096, 2 of 11008) beside two x buffers
+
+
+def rows_per_task(N: int, K: int, slot_bytes: int, elem: int = 2) -> int:
+    """Rows of one task of a [N, K] weight: the largest power of two up to MAX_ROWS that divides N and whose
+    rows fit one slot."""
+    if K * elem > slot_bytes:
+        raise ValueError(f"one row of K={K} ({K * elem} bytes) does not fit a slot of {slot_bytes} bytes")
+    rows = 1
+    while rows * 2 <= MAX_ROWS and N % (rows * 2) == 0 and rows * 2 * K * elem <= slot_bytes:
+        rows *= 2
+    return rows
+
+
+def plan(shapes: list[tuple[int, int]], slot_bytes: int) -> list[tuple[int, int, int, int]]:
+    """The chain's tasks in launch order, (layer, first row, rows, K): layers in order, then rows."""
+    tasks = []
+    for layer, (N, K) in enumerate(shapes):
+        rows = rows_per_task(N, K, slot_bytes)
+        tasks += [(layer, row0, rows, K) for row0 in range(0, N, rows)]
+    return tasks
+
+
+def smem_bytes(slots: int, slot_bytes: int, x_bytes: int) -> int:
+    """Dynamic shared memory of one block (ring_chain_launch's sum): ring, two x buffers, barriers, flags."""
+    return slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16
+
+
+def _nvcc() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for cand in ([str(Path(CUDA_HOME) / "bin" / "nvcc")] if CUDA_HOME else []) + [shutil.which("nvcc") or ""]:
+        if cand and Path(cand).exists():
+            return cand
+    raise RuntimeError("ring_chain needs nvcc (CUDA_HOME/bin or PATH) to build ring_chain.cu")
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """ring_chain.cu built for this GPU (sm_90a), cached per source and nvcc."""
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        raise RuntimeError(f"ring_chain.cu needs an sm_90 GPU (bulk copies, mbarriers); this one is sm_{major}{minor}")
+    nvcc = _nvcc()
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + nvcc.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqil_ring_chain"
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"ring_chain_{key}.so"
+    if not lib.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / lib.name
+            cmd = [nvcc, "-O3", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", "-o", str(out),
+                   str(SOURCE)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"building ring_chain.cu failed:\n{' '.join(cmd)}\n{done.stderr}")
+            os.replace(out, lib)  # atomic: parallel builds of one source leave one whole file
+    so = ctypes.CDLL(str(lib))
+    so.ring_chain_launch.restype = ctypes.c_int
+    so.ring_chain_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 + [
+        ctypes.c_void_p]
+    so.ring_chain_error.restype = ctypes.c_char_p
+    so.ring_chain_error.argtypes = [ctypes.c_int]
+    return so
+
+
+class RingChain:
+    """out_l = W_l @ act_l into act_{l+1} for l = 0..L-1 in one launch. weights[l]: [N_l, K_l] bf16, K_l =
+    N_{l-1}; acts[l]: [K_l] (acts[0] the input), acts[L]: [N_{L-1}]; all contiguous on one CUDA device and
+    16-byte aligned. The tensors are borrowed: run() reads and writes them in place."""
+
+    def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 4,
+                 ring_kb: int = RING_KB, consumers: int | None = None):
+        if len(acts) != len(weights) + 1 or not weights:
+            raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
+        device = weights[0].device
+        for i, t in enumerate(list(weights) + list(acts)):
+            name = f"weights[{i}]" if i < len(weights) else f"acts[{i - len(weights)}]"
+            if t.dtype != torch.bfloat16 or t.device != device or not t.is_contiguous() or t.data_ptr() % 16:
+                raise ValueError(f"{name}: bf16, contiguous, 16-byte aligned on {device} expected, got {t.dtype} "
+                                 f"on {t.device}, contiguous={t.is_contiguous()}, address % 16 = {t.data_ptr() % 16}")
+        shapes = []
+        for layer, w in enumerate(weights):
+            if w.dim() != 2:
+                raise ValueError(f"weights[{layer}] must be [N, K], got {tuple(w.shape)}")
+            N, K = w.shape
+            if K % 8:
+                raise ValueError(f"weights[{layer}]: K={K} must be a multiple of 8 (16-byte chunks)")
+            if acts[layer].numel() != K or acts[layer + 1].numel() != N:
+                raise ValueError(f"layer {layer} is [{N}, {K}]: its input has {acts[layer].numel()} elements and "
+                                 f"its output {acts[layer + 1].numel()}")
+            shapes.append((N, K))
+        self.consumers = consumers or min(slots, MAX_CONSUMERS)
+        if not 1 <= self.consumers <= MAX_CONSUMERS or slots % self.consumers:
+            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots}, got {self.consumers}")
+        target = (ring_kb * 1024 // slots) // 16 * 16
+        tasks = plan(shapes, target)
+        per_layer = {layer: rows for layer, _, rows, _ in tasks}
+        self.slot_bytes = max(rows * K * 2 for _, _, rows, K in tasks)
+        self.x_bytes = max(K for _, K in shapes) * 2
+        self.slots = slots
+        if smem_bytes(slots, self.slot_bytes, self.x_bytes) > SMEM_LIMIT:
+            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes and x buffers of {self.x_bytes} need "
+                             f"{smem_bytes(slots, self.slot_bytes, self.x_bytes)} bytes of shared memory, over "
+                             f"{SMEM_LIMIT}")
+        counts = [shapes[layer][0] // per_layer[layer] for layer in range(len(shapes))]
+        table = torch.zeros(len(tasks), 6, dtype=torch.int64)
+        for i, (layer, row0, rows, K) in enumerate(tasks):
+            w = weights[layer]
+            table[i, 0] = w.data_ptr() + row0 * K * 2
+            table[i, 1] = acts[layer].data_ptr()
+            table[i, 2] = acts[layer + 1].data_ptr() + row0 * 2
+            table[i, 3] = K | (rows << 32)
+            table[i, 4] = layer | ((counts[layer - 1] if layer else 0) << 32)
+        self.weights, self.acts, self.shapes, self.rows = list(weights), list(acts), shapes, per_layer
+        self.tasks = table.to(device)
+        self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        self.grid = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def run(self) -> None:
+        """Queue the chain on the current stream (capturable in a CUDA graph)."""
+        lib = library()
+        err = lib.ring_chain_launch(self.tasks.data_ptr(), self.tasks.shape[0], self.counters.data_ptr(),
+                                    len(self.weights), self.slot_bytes, self.slots, self.consumers, self.x_bytes,
+                                    self.grid, torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"ring_chain_launch: {lib.ring_chain_error(err).decode()}")
+
+
+def ring_bound(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 product bf16(W @ x) of a layer's own input and how far the kernel may be from it: an fp32
+    sum of K products is within K * 2^-24 * sum |w x| of the exact one, and rounding that to bf16 instead of
+    the exact sum moves it by at most one bf16 unit in the last place (2^-7 of its size)."""
+    w64, x64 = w.double(), x.double()
+    exact = w64 @ x64
+    fp32_err = w.shape[1] * 2.0 ** -24 * (w64.abs() @ x64.abs())
+    return exact.to(torch.bfloat16).double(), 2.0 ** -7 * exact.abs() + 2 * fp32_err
+
+
+def check_layers(chain: RingChain) -> float:
+    """Largest |kernel - float64| / bound over every layer's outputs, each from the kernel's own input;
+    raises where one is over its bound."""
+    worst = 0.0
+    for layer, w in enumerate(chain.weights):
+        ref, bound = ring_bound(w, chain.acts[layer])
+        err = (chain.acts[layer + 1].double() - ref).abs()
+        ratio = (err / bound.clamp_min(1e-300)).max().item()
+        if ratio > 1:
+            raise AssertionError(f"layer {layer}: error {err.max().item():.3e} over its bound (ratio {ratio:.2f})")
+        worst = max(worst, ratio)
+    return worst
+
+
+def main(argv=None) -> None:
+    from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
+    from persistent_chain import Chain, replay_ms
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
+    ap.add_argument("--layers", type=int, action="append", help="chain lengths (default 2 and 8)")
+    ap.add_argument("--slots", type=int, action="append", help="ring slots, one variant each (default 2, 4, 8)")
+    ap.add_argument("--ring-kb", type=int, default=RING_KB)
+    ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ring_chain measures GPU time and needs a CUDA device")
+    device, commit = torch.device("cuda"), _commit()
+    _warm_up_gpu(device, 1.0)
+    copy = copy_bandwidth_gbps(device)
+    triton_variants = ("launch", "pdl", "persistent")
+    rows, times_all, layout = [], {}, {}
+    for layers in a.layers or [2, 8]:
+        chain = Chain(tuple(a.dims), layers, 1, torch.bfloat16, device)
+        runs = {}
+        for v in triton_variants:
+            runs[v] = functools.partial(chain.run, v)
+        rings = {}
+        for slots in a.slots or [2, 4, 8]:
+            acts = [chain.act[0, 0, :a.dims[0]]]  # batch row 0 of each layer's activation buffer
+            acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]
+            ring = RingChain([chain.weight(lay) for lay in range(layers)], acts, slots=slots, ring_kb=a.ring_kb)
+            rings[f"ring-{slots}"] = ring
+            runs[f"ring-{slots}"] = ring.run
+            layout[f"ring-{slots}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
+                                           rows_per_task=[ring.rows[lay] for lay in range(min(layers, 2))])
+        outs, worst = {}, {}
+        for v, run in runs.items():  # compile or build, check, then capture
+            chain.act[1:].zero_()
+            run()
+            torch.cuda.synchronize()
+            outs[v] = chain.output().clone()
+            if v in rings:
+                worst[v] = check_layers(rings[v])
+            elif not torch.equal(outs[v], outs["launch"]):
+                raise SystemExit(f"{v} differs from launch at {layers} layers")
+        graphs = {}
+        for v, run in runs.items():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(a.replays):
+                    run()
+            graphs[v] = g
+        times = {v: [1000 * ms / a.replays for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
+        floor_us = chain.weight_bytes() / copy / 1e3
+        for v in runs:
+            us = statistics.median(times[v])
+            rows.append([v, layers, round(us, 2), round(us / layers, 2), round(100 * floor_us / us, 1),
+                         round((us - floor_us) / layers, 2), round(worst[v], 3) if v in worst else None])
+            print(f"{layers:>3} layers {v:>11}: {us:9.2f} us, {us / layers:7.2f} us/layer, "
+                  f"{100 * floor_us / us:5.1f}% of copy, {(us - floor_us) / layers:6.2f} us/layer over it",
+                  flush=True)
+        times_all[str(layers)] = times
+    write_record(
+        a.out, device=device, commit=commit,
+        title="Ring chain prototype: a weight stream that never waits on activations, against a launch per layer",
+        what=(f"chain of GEMVs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, batch 1; ring-S: one "
+              f"CUDA C++ launch (benchmarks/ring_chain.cu), per SM a TMA producer filling S slots of a "
+              f"{a.ring_kb} KiB shared-memory ring, S consumer warps; launch/pdl/persistent: persistent_chain.py's "
+              f"Triton variants on the same weights; {a.replays} chains per CUDA graph replay, events, medians of "
+              f"{a.rounds} rounds alternated"),
+        copy_gbps=round(copy, 1), layout=layout,
+        columns=["variant", "layers", "us per chain", "us per layer", "% of copy", "us per layer over copy",
+                 "worst error / bound"],
+        rows=rows, times_us=times_all)
+
+
+if __name__ == "__main__":
+    main()

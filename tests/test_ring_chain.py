@@ -1,0 +1,118 @@
+"""The ring-chain prototype of benchmarks/ring_chain.py (issue 26): its task plan on the CPU; on an sm_90 GPU,
+every layer of the one-launch chain against its fp32 twin and float64, for every ring depth, eagerly and
+replayed from a CUDA graph."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_kernel_close, import_benchmark
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return import_benchmark("ring_chain")
+
+
+def test_rows_per_task(ring):
+    """The largest power of two up to MAX_ROWS that divides N and fits the slot."""
+    assert ring.rows_per_task(11008, 4096, 44032) == 4   # 5 rows would fit; 5 is no power of two
+    assert ring.rows_per_task(4096, 11008, 44032) == 2
+    assert ring.rows_per_task(4096, 4096, 1 << 20) == ring.MAX_ROWS
+    assert ring.rows_per_task(40, 8, 1 << 20) == 8
+    assert ring.rows_per_task(36, 8, 1 << 20) == 4       # 8 does not divide 36
+    assert ring.rows_per_task(7, 8, 1 << 20) == 1
+    with pytest.raises(ValueError, match="does not fit a slot"):
+        ring.rows_per_task(8, 4096, 8190)
+
+
+def test_plan_covers_every_row_once(ring):
+    """Layers in order, then rows; each layer's rows tiled exactly once by tasks of one size."""
+    shapes = [(40, 264), (1000, 40), (24, 1000)]
+    tasks = ring.plan(shapes, 4096)
+    assert [t[0] for t in tasks] == sorted(t[0] for t in tasks)
+    for layer, (N, K) in enumerate(shapes):
+        mine = [(row0, rows) for lay, row0, rows, k in tasks if lay == layer and k == K]
+        assert len({rows for _, rows in mine}) == 1
+        covered = [r for row0, rows in mine for r in range(row0, row0 + rows)]
+        assert covered == list(range(N))
+        assert mine[0][1] * K * 2 <= 4096
+    assert {lay: rows for lay, _, rows, _ in tasks} == {0: 4, 1: 8, 2: 2}
+
+
+def test_ring_chain_rejects_bad_input(ring):
+    """Shapes, dtypes and slot settings the kernel cannot take are named before anything launches."""
+    w = [torch.zeros(16, 24, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16)]
+    acts = [torch.zeros(n, dtype=torch.bfloat16) for n in (24, 16, 8)]
+    with pytest.raises(ValueError, match="need 3 activations"):
+        ring.RingChain(w, acts[:2])
+    with pytest.raises(ValueError, match=r"acts\[1\]: bf16"):
+        ring.RingChain(w, [acts[0], acts[1].float(), acts[2]])
+    with pytest.raises(ValueError, match="its input has 24 elements"):
+        ring.RingChain(w[::-1], acts)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ring.RingChain([torch.zeros(4, 12, dtype=torch.bfloat16)], [torch.zeros(12, dtype=torch.bfloat16),
+                                                                    torch.zeros(4, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="divide slots"):
+        ring.RingChain(w, acts, slots=4, consumers=3)
+    with pytest.raises(ValueError, match="shared memory"):
+        ring.RingChain([torch.zeros(8, 65536, dtype=torch.bfloat16)],
+                       [torch.zeros(65536, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16)],
+                       slots=1, ring_kb=200)
+
+
+def _sm90_with_nvcc() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return bool(shutil.which("nvcc") or CUDA_HOME)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _sm90_with_nvcc(), reason="needs an sm_90 GPU and nvcc")
+def test_ring_chain_cuda(ring):
+    """Odd shapes (layers with fewer tasks than SMs and with many tasks per block), rings of 1, 2, 4 and 8
+    slots (so 8 down to 1 rows per task): each layer's output from the input the kernel stored against its
+    fp32 twin and float64, within ring_bound elementwise; every ring depth, a graph replay and a second
+    launch store the same bits (a row's sum does not depend on the task it is in)."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    dims = [264, 1000, 40, 2056, 24, 4100]
+    weights = [(torch.randn(n, k, generator=g) / k ** 0.5).to(torch.bfloat16).to(device)
+               for k, n in zip(dims[:-1], dims[1:])]
+    acts = [torch.randn(dims[0], generator=g).to(torch.bfloat16).to(device)]
+    acts += [torch.empty(n, dtype=torch.bfloat16, device=device) for n in dims[1:]]
+    first, rows_seen = None, set()
+    for slots in (1, 2, 4, 8):
+        for a in acts[1:]:
+            a.fill_(float("nan"))
+        chain = ring.RingChain(weights, acts, slots=slots, ring_kb=40)
+        rows_seen |= set(chain.rows.values())
+        chain.run()
+        torch.cuda.synchronize()
+        assert chain.counters.tolist() == [n // chain.rows[lay] for lay, n in enumerate(dims[1:])]
+        for layer, w in enumerate(weights):
+            x = acts[layer]
+            assert_kernel_close(acts[layer + 1].cpu(), (w.float() @ x.float()).to(torch.bfloat16).cpu(),
+                                w.double().cpu() @ x.double().cpu(), terms=w.shape[1])
+        assert ring.check_layers(chain) <= 1
+        if first is None:
+            first = [a.clone() for a in acts[1:]]
+        for a, b in zip(acts[1:], first):
+            assert torch.equal(a, b), slots
+    assert rows_seen == {1, 2, 4, 8}
+    for a in acts[1:]:
+        a.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain.run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(acts[1:], first):
+        assert torch.equal(a, b)
+    chain.run()
+    torch.cuda.synchronize()
+    for a, b in zip(acts[1:], first):
+        assert torch.equal(a, b)
