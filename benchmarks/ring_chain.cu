@@ -14,16 +14,18 @@
 //   consumer warps  warp w takes the block's tasks i = w, w + consumers, ...: waits for x in shared memory,
 //                   then for the slot's bytes, multiplies, gives the slot back, stores its rows and adds
 //                   one to its layer's counter (release).
+// Task descriptors are read 32 at a time, one per lane, and handed round with shuffles: one read of global
+// memory (whose latency is long while the weights stream) per 32 tasks instead of one per task.
 //
 // x of layer l (the output of layer l - 1) is read from global memory once per block and layer, into one of
 // two shared buffers (l & 1), by the warp of the block's first task of that layer, after layer l - 1's
-// counter has reached its task count (acquire). Two buffers are enough: a warp reaches a task of layer l + 2
+// counter has reached its task count (acquire); an mbarrier per buffer tells the block's other warps. Two buffers are enough: a warp reaches a task of layer l + 2
 // only after all of layer l + 1 is done, which needs all of layer l done, so no task still reads the
 // buffer it overwrites. No task waits on a task of a later position in the chain, and every block is
 // resident (one per SM, the grid no larger than the SM count), so no order of scheduling can deadlock.
 //
-// Sums: each lane accumulates its 8-element chunks of K in order in fp32 (chunks lane, lane + 32, ...), then a
-// butterfly over the warp; bf16 out.
+// Sums: each lane accumulates its 8-element chunks of K in order in fp32 (chunks lane, lane + 32, ...), even and
+// odd elements apart, then even + odd and a butterfly over the warp; bf16 out.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -32,8 +34,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 8;      // rows of one task
-constexpr int kMaxConsumers = 8;
+constexpr int kMaxConsumers = 8;  // rows of one task: 1, 2, 4 or 8 (ring_chain.py's rows_per_task)
 
 struct Task {                    // 48 bytes, written by ring_chain.py as 6 int64
   const __nv_bfloat16* w;        // [rows, K], contiguous
@@ -43,8 +44,8 @@ struct Task {                    // 48 bytes, written by ring_chain.py as 6 int6
   int rows;
   int layer;                     // counter this task adds to once stored
   int wait_target;               // tasks of layer - 1 (0 for layer 0: x is the chain's input)
-  int pad0;
-  int pad1;
+  int first;                     // 1: the block's first task of its layer (its warp stages x)
+  int pad;
 };
 static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
 
@@ -93,16 +94,21 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 __device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
 
-__device__ __forceinline__ float dot8(uint4 w, const float (&x)[8], float acc) {
-  acc = fmaf(lo(w.x), x[0], acc);
-  acc = fmaf(hi(w.x), x[1], acc);
-  acc = fmaf(lo(w.y), x[2], acc);
-  acc = fmaf(hi(w.y), x[3], acc);
-  acc = fmaf(lo(w.z), x[4], acc);
-  acc = fmaf(hi(w.z), x[5], acc);
-  acc = fmaf(lo(w.w), x[6], acc);
-  acc = fmaf(hi(w.w), x[7], acc);
-  return acc;
+// Two chains per row (even and odd elements of each 16-byte chunk) for twice the FMAs in flight; a row's sum
+// does not depend on how many rows its task has.
+__device__ __forceinline__ void dot8(uint4 w, const float (&x)[8], float& even, float& odd) {
+  even = fmaf(lo(w.x), x[0], even);
+  odd = fmaf(hi(w.x), x[1], odd);
+  even = fmaf(lo(w.y), x[2], even);
+  odd = fmaf(hi(w.y), x[3], odd);
+  even = fmaf(lo(w.z), x[4], even);
+  odd = fmaf(hi(w.z), x[5], odd);
+  even = fmaf(lo(w.w), x[6], even);
+  odd = fmaf(hi(w.w), x[7], odd);
+}
+
+__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 // x (K bf16, global, written by other blocks of this launch) into shared memory by one warp: through L2
@@ -128,15 +134,42 @@ __device__ void stage_x(uint4* dst, const __nv_bfloat16* x, int K, int lane) {
   }
 }
 
+// The R rows of one task from the slot: out[r] = w[r] . x, stored (bf16) and counted by lane 0.
+template <int R>
+__device__ __forceinline__ void task_rows(const uint4* w, const uint4* xs, int chunks, int lane,
+                                          __nv_bfloat16* out, bool compute) {
+  float even[R], odd[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = 0.f;
+  if (compute) {
+    for (int c = lane; c < chunks; c += 32) {
+      const uint4 xv = xs[c];
+      const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
+#pragma unroll
+      for (int r = 0; r < R; ++r) dot8(w[r * chunks + c], xf, even[r], odd[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = even[r] + odd[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) out[r] = __float2bfloat16(v);  // every lane has the sum: lane 0 stores all R
+  }
+}
+
+// mode (ring_chain.py's diagnostic variants): 0 the chain; 1 stream only (consumers skip the products and store
+// zeros); 2 compute only (the producer fills no slot: it arrives on the slot's barrier at once and the consumers
+// multiply whatever the slot holds). Modes 1 and 2 keep every wait and counter; their results are meaningless.
 __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
     ring_chain_kernel(const Task* __restrict__ tasks, int n_tasks, unsigned* counters, int slot_bytes, int slots,
-                      int x_bytes) {
+                      int x_bytes, int mode) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem;
   unsigned char* xbufs = smem + slots * slot_bytes;  // two buffers of x_bytes
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + slots * slot_bytes + 2 * x_bytes);
   std::uint64_t* empty = full + slots;
-  volatile int* x_layer = reinterpret_cast<volatile int*>(empty + slots);  // [2]: layer + 1 staged there
+  std::uint64_t* x_ready = empty + slots;  // [2]: buffer b's k-th fill (layer b + 2k) completes phase k
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int consumers = blockDim.x / 32 - 1;
@@ -146,81 +179,85 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 1);
     }
-    x_layer[0] = x_layer[1] = 0;
+    mbar_init(&x_ready[0], 1);
+    mbar_init(&x_ready[1], 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
-  if (warp == consumers) {  // producer
-    if (lane == 0) {
-      for (int i = 0; i < mine; ++i) {
-        const Task& t = tasks[blockIdx.x + i * gridDim.x];
-        const int s = i % slots;
-        if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
-        const unsigned bytes = static_cast<unsigned>(t.rows) * t.K * 2;
-        mbar_expect_tx(&full[s], bytes);
-        bulk_copy(ring + s * slot_bytes, t.w, bytes, &full[s]);
+  if (warp == consumers) {  // producer: lane j reads task base + j's source and size, lane 0 issues the copies
+    for (int base = 0; base < mine; base += 32) {
+      const int n = min(32, mine - base);
+      const __nv_bfloat16* src = nullptr;
+      unsigned bytes = 0;
+      if (lane < n) {
+        const Task* t = tasks + blockIdx.x + (base + lane) * gridDim.x;
+        src = t->w;
+        bytes = static_cast<unsigned>(t->rows) * t->K * 2;
+      }
+      for (int j = 0; j < n; ++j) {
+        const auto src_j = reinterpret_cast<const __nv_bfloat16*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), j));
+        const unsigned bytes_j = __shfl_sync(0xffffffffu, bytes, j);
+        if (lane == 0) {
+          const int i = base + j, s = i % slots;
+          if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
+          if (mode == 2) {
+            mbar_arrive(&full[s]);
+          } else {
+            mbar_expect_tx(&full[s], bytes_j);
+            bulk_copy(ring + s * slot_bytes, src_j, bytes_j, &full[s]);
+          }
+        }
+        __syncwarp();
       }
     }
     return;
   }
 
-  for (int i = warp; i < mine; i += consumers) {
-    const int g = blockIdx.x + i * gridDim.x;
-    const Task t = tasks[g];
-    const int s = i % slots;
-    const int b = t.layer & 1;
-    const bool first = i == 0 || tasks[g - gridDim.x].layer != t.layer;
-    if (first) {  // this warp brings the layer's x in for the block
-      if (t.wait_target > 0) {
-        while (load_acquire(counters + t.layer - 1) < static_cast<unsigned>(t.wait_target)) {
+  // consumer warp: its k-th task is i = warp + k * consumers; lane j holds the descriptor of its task base + j
+  const int my_tasks = mine > warp ? (mine - 1 - warp) / consumers + 1 : 0;
+  for (int base = 0; base < my_tasks; base += 32) {
+    const int n = min(32, my_tasks - base);
+    Task held{};
+    if (lane < n) held = tasks[blockIdx.x + (warp + (base + lane) * consumers) * gridDim.x];
+    for (int j = 0; j < n; ++j) {
+      const int i = warp + (base + j) * consumers, s = i % slots;
+      const auto x = reinterpret_cast<const __nv_bfloat16*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.x), j));
+      const auto out = reinterpret_cast<__nv_bfloat16*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.out), j));
+      const int K = __shfl_sync(0xffffffffu, held.K, j);
+      const int rows = __shfl_sync(0xffffffffu, held.rows, j);
+      const int layer = __shfl_sync(0xffffffffu, held.layer, j);
+      const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
+      const int first = __shfl_sync(0xffffffffu, held.first, j);
+      const int b = layer & 1;
+      if (first) {  // this warp brings the layer's x in for the block
+        if (wait_target > 0) {
+          while (load_acquire(counters + layer - 1) < static_cast<unsigned>(wait_target)) {
+          }
         }
+        stage_x(reinterpret_cast<uint4*>(xbufs + b * x_bytes), x, K, lane);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&x_ready[b]);
       }
-      stage_x(reinterpret_cast<uint4*>(xbufs + b * x_bytes), t.x, t.K, lane);
+      mbar_wait(&x_ready[b], (layer >> 1) & 1);
+      mbar_wait(&full[s], (i / slots) & 1);
+      const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
+      const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);
+      const bool compute = mode != 1;
+      switch (rows) {
+        case 1: task_rows<1>(w, xs, K / 8, lane, out, compute); break;
+        case 2: task_rows<2>(w, xs, K / 8, lane, out, compute); break;
+        case 4: task_rows<4>(w, xs, K / 8, lane, out, compute); break;
+        default: task_rows<8>(w, xs, K / 8, lane, out, compute); break;  // 8
+      }
       __syncwarp();
       if (lane == 0) {
-        __threadfence_block();
-        x_layer[b] = t.layer + 1;
+        mbar_arrive(&empty[s]);  // the slot's bytes are read (the sums above needed them): it may be refilled
+        red_release(counters + layer, 1u);  // after lane 0's stores of the rows
       }
-    } else {
-      while (x_layer[b] != t.layer + 1) {
-      }
-      __threadfence_block();
-    }
-    __syncwarp();
-    mbar_wait(&full[s], (i / slots) & 1);
-
-    const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
-    const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);
-    const int chunks = t.K / 8;
-    float acc[kMaxRows];
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) acc[r] = 0.f;
-    for (int c = lane; c < chunks; c += 32) {
-      const uint4 xv = xs[c];
-      const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
-#pragma unroll
-      for (int r = 0; r < kMaxRows; ++r) {
-        if (r < t.rows) acc[r] = dot8(w[r * chunks + c], xf, acc[r]);
-      }
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);  // the slot's bytes are read: the producer may refill it
-    float mine_out = 0.f;
-#pragma unroll
-    for (int r = 0; r < kMaxRows; ++r) {
-      if (r < t.rows) {
-        float v = acc[r];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == r) mine_out = v;
-      }
-    }
-    if (lane < t.rows) t.out[lane] = __float2bfloat16(mine_out);
-    __syncwarp();
-    if (lane == 0) {
-      __threadfence();
-      atomicAdd(counters + t.layer, 1u);
     }
   }
 }
@@ -231,15 +268,16 @@ extern "C" const char* ring_chain_error(int err) { return cudaGetErrorString(sta
 
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
 extern "C" int ring_chain_launch(const void* tasks, int n_tasks, unsigned* counters, int layers, int slot_bytes,
-                                 int slots, int consumers, int x_bytes, int grid, void* stream) {
-  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers) return cudaErrorInvalidValue;
+                                 int slots, int consumers, int x_bytes, int grid, int mode, void* stream) {
+  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers || mode < 0 || mode > 2)
+    return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
-  const int smem = slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16;
+  const int smem = slots * slot_bytes + 2 * x_bytes + (2 * slots + 2) * 8;
   cudaError_t err = cudaFuncSetAttribute(ring_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
   ring_chain_kernel<<<grid, (consumers + 1) * 32, smem, st>>>(static_cast<const Task*>(tasks), n_tasks, counters,
-                                                               slot_bytes, slots, x_bytes);
+                                                               slot_bytes, slots, x_bytes, mode);
   return cudaGetLastError();
 }

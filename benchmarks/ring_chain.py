@@ -8,10 +8,12 @@ boundary. Timed against persistent_chain.py's Triton variants on the same weight
     python benchmarks/ring_chain.py --layers 2 --layers 8 --out ring_chain.json
 
 Variants: persistent_chain.py's `launch`, `pdl` and `persistent`, and `ring-S` for each --slots S: a ring of
-S slots of --ring-kb / S KiB each and S consumer warps. Every variant is checked before it is timed: each
-layer of the ring chain against the float64 product of its own input (ring_bound), the Triton variants'
-result against each other as persistent_chain.py does. Needs an sm_90 GPU (cp.async.bulk, mbarrier) and nvcc;
-the library is built once per source into ~/.cache/cqil_ring_chain.
+S slots of --ring-kb / S KiB each and S consumer warps. Diagnostics for each --diagnose S (results unchecked):
+`ring-S/stream`, the weights streamed through the ring and no products; `ring-S/compute`, the products of
+whatever the ring holds and no weights streamed; each keeps every wait and counter. Every other variant is
+checked before it is timed: each layer of the ring chain against the float64 product of its own input
+(ring_bound), the Triton variants' result against each other as persistent_chain.py does. Needs an sm_90
+GPU (cp.async.bulk, mbarrier) and nvcc; the library is built once per source into ~/.cache/cqil_ring_chain.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def plan(shapes: list[tuple[int, int]], slot_bytes: int) -> list[tuple[int, int,
 
 
 def smem_bytes(slots: int, slot_bytes: int, x_bytes: int) -> int:
-    """Dynamic shared memory of one block (ring_chain_launch's sum): ring, two x buffers, barriers, flags."""
-    return slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16
+    """Dynamic shared memory of one block (ring_chain_launch's sum): ring, two x buffers, their barriers."""
+    return slots * slot_bytes + 2 * x_bytes + (2 * slots + 2) * 8
+
+
+def first_of_layer(tasks: list[tuple[int, int, int, int]], grid: int) -> list[bool]:
+    """Whether each task is its block's first of its layer (block g % grid runs tasks g, g + grid, ...)."""
+    return [g < grid or tasks[g - grid][0] != t[0] for g, t in enumerate(tasks)]
 
 
 def _nvcc() -> str:
@@ -93,7 +100,7 @@ def library() -> ctypes.CDLL:
             os.replace(out, lib)  # atomic: parallel builds of one source leave one whole file
     so = ctypes.CDLL(str(lib))
     so.ring_chain_launch.restype = ctypes.c_int
-    so.ring_chain_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 + [
+    so.ring_chain_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [
         ctypes.c_void_p]
     so.ring_chain_error.restype = ctypes.c_char_p
     so.ring_chain_error.argtypes = [ctypes.c_int]
@@ -103,10 +110,16 @@ def library() -> ctypes.CDLL:
 class RingChain:
     """out_l = W_l @ act_l into act_{l+1} for l = 0..L-1 in one launch. weights[l]: [N_l, K_l] bf16, K_l =
     N_{l-1}; acts[l]: [K_l] (acts[0] the input), acts[L]: [N_{L-1}]; all contiguous on one CUDA device and
-    16-byte aligned. The tensors are borrowed: run() reads and writes them in place."""
+    16-byte aligned. The tensors are borrowed: run() reads and writes them in place. mode: "chain";
+    the diagnostics (results meaningless, every wait kept) "stream", the weights streamed and no products,
+    "compute", the products of whatever the ring holds and no weights streamed. grid: blocks (default and
+    at most one per SM)."""
+
+    MODES = {"chain": 0, "stream": 1, "compute": 2}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 4,
-                 ring_kb: int = RING_KB, consumers: int | None = None):
+                 ring_kb: int = RING_KB, consumers: int | None = None, mode: str = "chain",
+                 grid: int | None = None):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -139,7 +152,15 @@ class RingChain:
             raise ValueError(f"{slots} slots of {self.slot_bytes} bytes and x buffers of {self.x_bytes} need "
                              f"{smem_bytes(slots, self.slot_bytes, self.x_bytes)} bytes of shared memory, over "
                              f"{SMEM_LIMIT}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
+        self.mode = self.MODES[mode]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.grid = grid or sms
+        if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
+            raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
         counts = [shapes[layer][0] // per_layer[layer] for layer in range(len(shapes))]
+        firsts = first_of_layer(tasks, self.grid)
         table = torch.zeros(len(tasks), 6, dtype=torch.int64)
         for i, (layer, row0, rows, K) in enumerate(tasks):
             w = weights[layer]
@@ -148,17 +169,17 @@ class RingChain:
             table[i, 2] = acts[layer + 1].data_ptr() + row0 * 2
             table[i, 3] = K | (rows << 32)
             table[i, 4] = layer | ((counts[layer - 1] if layer else 0) << 32)
+            table[i, 5] = int(firsts[i])
         self.weights, self.acts, self.shapes, self.rows = list(weights), list(acts), shapes, per_layer
         self.tasks = table.to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
-        self.grid = torch.cuda.get_device_properties(device).multi_processor_count
 
     def run(self) -> None:
         """Queue the chain on the current stream (capturable in a CUDA graph)."""
         lib = library()
         err = lib.ring_chain_launch(self.tasks.data_ptr(), self.tasks.shape[0], self.counters.data_ptr(),
                                     len(self.weights), self.slot_bytes, self.slots, self.consumers, self.x_bytes,
-                                    self.grid, torch.cuda.current_stream().cuda_stream)
+                                    self.grid, self.mode, torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ring_chain_launch: {lib.ring_chain_error(err).decode()}")
 
@@ -195,6 +216,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
     ap.add_argument("--layers", type=int, action="append", help="chain lengths (default 2 and 8)")
     ap.add_argument("--slots", type=int, action="append", help="ring slots, one variant each (default 2, 4, 8)")
+    ap.add_argument("--diagnose", type=int, action="append", help="slots of the rings diagnosed (default 4)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
@@ -213,14 +235,21 @@ def main(argv=None) -> None:
         for v in triton_variants:
             runs[v] = functools.partial(chain.run, v)
         rings = {}
+        acts = [chain.act[0, 0, :a.dims[0]]]  # batch row 0 of each layer's activation buffer
+        acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]
+        weights = [chain.weight(lay) for lay in range(layers)]
         for slots in a.slots or [2, 4, 8]:
-            acts = [chain.act[0, 0, :a.dims[0]]]  # batch row 0 of each layer's activation buffer
-            acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]
-            ring = RingChain([chain.weight(lay) for lay in range(layers)], acts, slots=slots, ring_kb=a.ring_kb)
+            ring = RingChain(weights, acts, slots=slots, ring_kb=a.ring_kb)
             rings[f"ring-{slots}"] = ring
             runs[f"ring-{slots}"] = ring.run
             layout[f"ring-{slots}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
                                            rows_per_task=[ring.rows[lay] for lay in range(min(layers, 2))])
+        diagnostics = {}
+        for slots in a.diagnose or [4]:
+            for mode in ("stream", "compute"):
+                diagnostics[f"ring-{slots}/{mode}"] = RingChain(weights, acts, slots=slots, ring_kb=a.ring_kb,
+                                                                mode=mode).run
+        runs.update(diagnostics)
         outs, worst = {}, {}
         for v, run in runs.items():  # compile or build, check, then capture
             chain.act[1:].zero_()
@@ -229,6 +258,8 @@ def main(argv=None) -> None:
             outs[v] = chain.output().clone()
             if v in rings:
                 worst[v] = check_layers(rings[v])
+            elif v in diagnostics:
+                continue
             elif not torch.equal(outs[v], outs["launch"]):
                 raise SystemExit(f"{v} differs from launch at {layers} layers")
         graphs = {}

@@ -41,6 +41,15 @@ def test_plan_covers_every_row_once(ring):
     assert {lay: rows for lay, _, rows, _ in tasks} == {0: 4, 1: 8, 2: 2}
 
 
+def test_first_of_layer(ring):
+    """Block g % grid runs tasks g, g + grid, ...: its first task of a layer stages that layer's x."""
+    tasks = [(0, r, 1, 8) for r in range(5)] + [(1, r, 1, 8) for r in range(3)]
+    assert ring.first_of_layer(tasks, 3) == [True, True, True, False, False, True, True, True]
+    assert ring.first_of_layer(tasks, 2) == [True, True, False, False, False, True, True, False]
+    assert ring.first_of_layer(tasks, 8) == [True] * 8
+    assert ring.first_of_layer(tasks, 1) == [True, False, False, False, False, True, False, False]
+
+
 def test_ring_chain_rejects_bad_input(ring):
     """Shapes, dtypes and slot settings the kernel cannot take are named before anything launches."""
     w = [torch.zeros(16, 24, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16)]
@@ -56,6 +65,10 @@ def test_ring_chain_rejects_bad_input(ring):
                                                                     torch.zeros(4, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="divide slots"):
         ring.RingChain(w, acts, slots=4, consumers=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ring.RingChain(w, acts, mode="fast")
+    with pytest.raises(ValueError, match="one block per SM"):
+        ring.RingChain(w, acts, grid=2)  # the CPU counts as one SM
     with pytest.raises(ValueError, match="shared memory"):
         ring.RingChain([torch.zeros(8, 65536, dtype=torch.bfloat16)],
                        [torch.zeros(65536, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16)],
@@ -103,6 +116,18 @@ def test_ring_chain_cuda(ring):
         for a, b in zip(acts[1:], first):
             assert torch.equal(a, b), slots
     assert rows_seen == {1, 2, 4, 8}
+    for grid in (1, 3):  # many tasks per block, a block's first task of a layer anywhere in its list
+        for a in acts[1:]:
+            a.fill_(float("nan"))
+        ring.RingChain(weights, acts, slots=2, ring_kb=40, grid=grid).run()
+        torch.cuda.synchronize()
+        for a, b in zip(acts[1:], first):
+            assert torch.equal(a, b), grid
+    for mode in ("stream", "compute"):  # the diagnostics keep the protocol: every task counted, no hang
+        diag = ring.RingChain(weights, acts, slots=4, ring_kb=40, mode=mode)
+        diag.run()
+        torch.cuda.synchronize()
+        assert diag.counters.tolist() == [n // diag.rows[lay] for lay, n in enumerate(dims[1:])]
     for a in acts[1:]:
         a.fill_(float("nan"))
     graph = torch.cuda.CUDAGraph()
