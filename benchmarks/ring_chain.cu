@@ -45,7 +45,7 @@ struct Task {                    // 48 bytes, written by ring_chain.py as 6 int6
   int layer;                     // counter this task adds to once stored
   int wait_target;               // tasks of layer - 1 (0 for layer 0: x is the chain's input)
   int first;                     // 1: the block's first task of its layer (its warp stages x)
-  int pad;
+  int x_phase;                   // parity of the fill of x buffer layer & 1 that holds this layer's x
 };
 static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
 
@@ -142,6 +142,7 @@ __device__ __forceinline__ void task_rows(const uint4* w, const uint4* xs, int c
 #pragma unroll
   for (int r = 0; r < R; ++r) even[r] = odd[r] = 0.f;
   if (compute) {
+#pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
       const uint4 xv = xs[c];
       const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
@@ -169,7 +170,9 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
   unsigned char* xbufs = smem + slots * slot_bytes;  // two buffers of x_bytes
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + slots * slot_bytes + 2 * x_bytes);
   std::uint64_t* empty = full + slots;
-  std::uint64_t* x_ready = empty + slots;  // [2]: buffer b's k-th fill (layer b + 2k) completes phase k
+  // [2]: the k-th fill of buffer b in this block completes phase k. Not every block has tasks in every layer, so
+  // the fill's parity is planned on the host (x_phase), not derived from the layer.
+  std::uint64_t* x_ready = empty + slots;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int consumers = blockDim.x / 32 - 1;
@@ -232,6 +235,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       const int layer = __shfl_sync(0xffffffffu, held.layer, j);
       const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
       const int first = __shfl_sync(0xffffffffu, held.first, j);
+      const int x_phase = __shfl_sync(0xffffffffu, held.x_phase, j);
       const int b = layer & 1;
       if (first) {  // this warp brings the layer's x in for the block
         if (wait_target > 0) {
@@ -242,7 +246,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
         __syncwarp();
         if (lane == 0) mbar_arrive(&x_ready[b]);
       }
-      mbar_wait(&x_ready[b], (layer >> 1) & 1);
+      mbar_wait(&x_ready[b], x_phase);
       mbar_wait(&full[s], (i / slots) & 1);
       const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
       const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);

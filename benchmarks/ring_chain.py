@@ -8,7 +8,8 @@ boundary. Timed against persistent_chain.py's Triton variants on the same weight
     python benchmarks/ring_chain.py --layers 2 --layers 8 --out ring_chain.json
 
 Variants: persistent_chain.py's `launch`, `pdl` and `persistent`, and `ring-S` for each --slots S: a ring of
-S slots of --ring-kb / S KiB each and S consumer warps. Diagnostics for each --diagnose S (results unchecked):
+S slots of --ring-kb / S KiB each and S consumer warps (`ring-S:C` for --slots S:C: C consumer warps).
+Diagnostics for each --diagnose S or S:C (results unchecked):
 `ring-S/stream`, the weights streamed through the ring and no products; `ring-S/compute`, the products of
 whatever the ring holds and no weights streamed; each keeps every wait and counter. Every other variant is
 checked before it is timed: each layer of the ring chain against the float64 product of its own input
@@ -66,6 +67,19 @@ def smem_bytes(slots: int, slot_bytes: int, x_bytes: int) -> int:
 def first_of_layer(tasks: list[tuple[int, int, int, int]], grid: int) -> list[bool]:
     """Whether each task is its block's first of its layer (block g % grid runs tasks g, g + grid, ...)."""
     return [g < grid or tasks[g - grid][0] != t[0] for g, t in enumerate(tasks)]
+
+
+def x_phases(tasks: list[tuple[int, int, int, int]], grid: int) -> list[int]:
+    """Parity of the fill of x buffer layer & 1 (in the task's block) that holds the task's layer's x: the
+    block's layers of one parity fill that buffer in turn, and a block may have no task in some layers."""
+    phases, fills = [], {}
+    firsts = first_of_layer(tasks, grid)
+    for g, (layer, *_) in enumerate(tasks):
+        key = (g % grid, layer & 1)
+        if firsts[g]:
+            fills[key] = fills.get(key, -1) + 1
+        phases.append(fills[key] & 1)
+    return phases
 
 
 def _nvcc() -> str:
@@ -160,7 +174,7 @@ class RingChain:
         if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
             raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
         counts = [shapes[layer][0] // per_layer[layer] for layer in range(len(shapes))]
-        firsts = first_of_layer(tasks, self.grid)
+        firsts, phases = first_of_layer(tasks, self.grid), x_phases(tasks, self.grid)
         table = torch.zeros(len(tasks), 6, dtype=torch.int64)
         for i, (layer, row0, rows, K) in enumerate(tasks):
             w = weights[layer]
@@ -169,7 +183,7 @@ class RingChain:
             table[i, 2] = acts[layer + 1].data_ptr() + row0 * 2
             table[i, 3] = K | (rows << 32)
             table[i, 4] = layer | ((counts[layer - 1] if layer else 0) << 32)
-            table[i, 5] = int(firsts[i])
+            table[i, 5] = int(firsts[i]) | (phases[i] << 32)
         self.weights, self.acts, self.shapes, self.rows = list(weights), list(acts), shapes, per_layer
         self.tasks = table.to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
@@ -208,6 +222,12 @@ def check_layers(chain: RingChain) -> float:
     return worst
 
 
+def _ring_spec(spec: str) -> dict:
+    """--slots S or S:C as RingChain's slots and consumers."""
+    slots, _, consumers = spec.partition(":")
+    return dict(slots=int(slots), consumers=int(consumers) if consumers else None)
+
+
 def main(argv=None) -> None:
     from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
     from persistent_chain import Chain, replay_ms
@@ -215,8 +235,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
     ap.add_argument("--layers", type=int, action="append", help="chain lengths (default 2 and 8)")
-    ap.add_argument("--slots", type=int, action="append", help="ring slots, one variant each (default 2, 4, 8)")
-    ap.add_argument("--diagnose", type=int, action="append", help="slots of the rings diagnosed (default 4)")
+    ap.add_argument("--slots", action="append",
+                    help="S or S:C, ring slots (and consumer warps, default S), one variant each "
+                         "(default 4, 8, 4:2, 8:4, 8:2)")
+    ap.add_argument("--diagnose", action="append", help="the rings (S or S:C) diagnosed (default 8:4)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
@@ -238,17 +260,17 @@ def main(argv=None) -> None:
         acts = [chain.act[0, 0, :a.dims[0]]]  # batch row 0 of each layer's activation buffer
         acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]
         weights = [chain.weight(lay) for lay in range(layers)]
-        for slots in a.slots or [2, 4, 8]:
-            ring = RingChain(weights, acts, slots=slots, ring_kb=a.ring_kb)
-            rings[f"ring-{slots}"] = ring
-            runs[f"ring-{slots}"] = ring.run
-            layout[f"ring-{slots}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
-                                           rows_per_task=[ring.rows[lay] for lay in range(min(layers, 2))])
+        for spec in a.slots or ["4", "8", "4:2", "8:4", "8:2"]:
+            ring = RingChain(weights, acts, ring_kb=a.ring_kb, **_ring_spec(spec))
+            rings[f"ring-{spec}"] = ring
+            runs[f"ring-{spec}"] = ring.run
+            layout[f"ring-{spec}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
+                                          rows_per_task=[ring.rows[lay] for lay in range(min(layers, 2))])
         diagnostics = {}
-        for slots in a.diagnose or [4]:
+        for spec in a.diagnose or ["8:4"]:
             for mode in ("stream", "compute"):
-                diagnostics[f"ring-{slots}/{mode}"] = RingChain(weights, acts, slots=slots, ring_kb=a.ring_kb,
-                                                                mode=mode).run
+                diagnostics[f"ring-{spec}/{mode}"] = RingChain(weights, acts, ring_kb=a.ring_kb, mode=mode,
+                                                               **_ring_spec(spec)).run
         runs.update(diagnostics)
         outs, worst = {}, {}
         for v, run in runs.items():  # compile or build, check, then capture
