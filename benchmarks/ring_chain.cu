@@ -19,7 +19,8 @@
 //
 // x of layer l (the output of layer l - 1) is read from global memory once per block and layer, into one of
 // two shared buffers (l & 1), by the warp of the block's first task of that layer, after layer l - 1's
-// counter has reached its task count (acquire); an mbarrier per buffer tells the block's other warps. Two buffers are enough: a warp reaches a task of layer l + 2
+// counter has reached its task count (acquire); a tag per buffer (the layer it holds) tells the block's other
+// warps. Two buffers are enough: a warp reaches a task of layer l + 2
 // only after all of layer l + 1 is done, which needs all of layer l done, so no task still reads the
 // buffer it overwrites. No task waits on a task of a later position in the chain, and every block is
 // resident (one per SM, the grid no larger than the SM count), so no order of scheduling can deadlock.
@@ -45,7 +46,7 @@ struct Task {                    // 48 bytes, written by ring_chain.py as 6 int6
   int layer;                     // counter this task adds to once stored
   int wait_target;               // tasks of layer - 1 (0 for layer 0: x is the chain's input)
   int first;                     // 1: the block's first task of its layer (its warp stages x)
-  int x_phase;                   // parity of the fill of x buffer layer & 1 that holds this layer's x
+  int pad;
 };
 static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
 
@@ -142,7 +143,6 @@ __device__ __forceinline__ void task_rows(const uint4* w, const uint4* xs, int c
 #pragma unroll
   for (int r = 0; r < R; ++r) even[r] = odd[r] = 0.f;
   if (compute) {
-#pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
       const uint4 xv = xs[c];
       const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
@@ -170,9 +170,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
   unsigned char* xbufs = smem + slots * slot_bytes;  // two buffers of x_bytes
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + slots * slot_bytes + 2 * x_bytes);
   std::uint64_t* empty = full + slots;
-  // [2]: the k-th fill of buffer b in this block completes phase k. Not every block has tasks in every layer, so
-  // the fill's parity is planned on the host (x_phase), not derived from the layer.
-  std::uint64_t* x_ready = empty + slots;
+  // [2]: layer + 1 of the x in buffer b, written by the warp that staged it. An exact tag, not an mbarrier's
+  // phase: a warp whose block has no task in a layer it skips goes on to a later layer's task and would read
+  // a phase parity that an older fill already completed (seen on odd shapes: a warp used layer l - 2's x).
+  volatile int* x_layer = reinterpret_cast<volatile int*>(empty + slots);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int consumers = blockDim.x / 32 - 1;
@@ -182,8 +183,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 1);
     }
-    mbar_init(&x_ready[0], 1);
-    mbar_init(&x_ready[1], 1);
+    x_layer[0] = x_layer[1] = 0;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -235,7 +235,6 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       const int layer = __shfl_sync(0xffffffffu, held.layer, j);
       const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
       const int first = __shfl_sync(0xffffffffu, held.first, j);
-      const int x_phase = __shfl_sync(0xffffffffu, held.x_phase, j);
       const int b = layer & 1;
       if (first) {  // this warp brings the layer's x in for the block
         if (wait_target > 0) {
@@ -244,9 +243,16 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
         }
         stage_x(reinterpret_cast<uint4*>(xbufs + b * x_bytes), x, K, lane);
         __syncwarp();
-        if (lane == 0) mbar_arrive(&x_ready[b]);
+        if (lane == 0) {
+          __threadfence_block();
+          x_layer[b] = layer + 1;
+        }
+      } else {
+        while (x_layer[b] != layer + 1) {
+        }
+        __threadfence_block();
       }
-      mbar_wait(&x_ready[b], x_phase);
+      __syncwarp();
       mbar_wait(&full[s], (i / slots) & 1);
       const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
       const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);
@@ -276,7 +282,7 @@ extern "C" int ring_chain_launch(const void* tasks, int n_tasks, unsigned* count
   if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers || mode < 0 || mode > 2)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
-  const int smem = slots * slot_bytes + 2 * x_bytes + (2 * slots + 2) * 8;
+  const int smem = slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16;
   cudaError_t err = cudaFuncSetAttribute(ring_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);

@@ -60,26 +60,13 @@ def plan(shapes: list[tuple[int, int]], slot_bytes: int) -> list[tuple[int, int,
 
 
 def smem_bytes(slots: int, slot_bytes: int, x_bytes: int) -> int:
-    """Dynamic shared memory of one block (ring_chain_launch's sum): ring, two x buffers, their barriers."""
-    return slots * slot_bytes + 2 * x_bytes + (2 * slots + 2) * 8
+    """Dynamic shared memory of one block (ring_chain_launch's sum): ring, its barriers, two x buffers and tags."""
+    return slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16
 
 
 def first_of_layer(tasks: list[tuple[int, int, int, int]], grid: int) -> list[bool]:
     """Whether each task is its block's first of its layer (block g % grid runs tasks g, g + grid, ...)."""
     return [g < grid or tasks[g - grid][0] != t[0] for g, t in enumerate(tasks)]
-
-
-def x_phases(tasks: list[tuple[int, int, int, int]], grid: int) -> list[int]:
-    """Parity of the fill of x buffer layer & 1 (in the task's block) that holds the task's layer's x: the
-    block's layers of one parity fill that buffer in turn, and a block may have no task in some layers."""
-    phases, fills = [], {}
-    firsts = first_of_layer(tasks, grid)
-    for g, (layer, *_) in enumerate(tasks):
-        key = (g % grid, layer & 1)
-        if firsts[g]:
-            fills[key] = fills.get(key, -1) + 1
-        phases.append(fills[key] & 1)
-    return phases
 
 
 def _nvcc() -> str:
@@ -174,7 +161,7 @@ class RingChain:
         if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
             raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
         counts = [shapes[layer][0] // per_layer[layer] for layer in range(len(shapes))]
-        firsts, phases = first_of_layer(tasks, self.grid), x_phases(tasks, self.grid)
+        firsts = first_of_layer(tasks, self.grid)
         table = torch.zeros(len(tasks), 6, dtype=torch.int64)
         for i, (layer, row0, rows, K) in enumerate(tasks):
             w = weights[layer]
@@ -183,7 +170,7 @@ class RingChain:
             table[i, 2] = acts[layer + 1].data_ptr() + row0 * 2
             table[i, 3] = K | (rows << 32)
             table[i, 4] = layer | ((counts[layer - 1] if layer else 0) << 32)
-            table[i, 5] = int(firsts[i]) | (phases[i] << 32)
+            table[i, 5] = int(firsts[i])
         self.weights, self.acts, self.shapes, self.rows = list(weights), list(acts), shapes, per_layer
         self.tasks = table.to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)

@@ -50,15 +50,6 @@ def test_first_of_layer(ring):
     assert ring.first_of_layer(tasks, 1) == [True, False, False, False, False, True, False, False]
 
 
-def test_x_phases(ring):
-    """A block's layers of one parity fill one x buffer in turn; a block with no task in a layer skips it."""
-    tasks = [(0, r, 1, 8) for r in range(4)] + [(1, 0, 1, 8)] + [(2, r, 1, 8) for r in range(4)]
-    # grid 2: block 0 runs tasks 0, 2, 4 (layer 1), 6, 8; block 1 runs 1, 3, 5, 7 (no task of layer 1)
-    assert ring.x_phases(tasks, 2) == [0, 0, 0, 0, 0, 1, 1, 1, 1]
-    tasks = [(lay, 0, 1, 8) for lay in range(5)]
-    assert ring.x_phases(tasks, 1) == [0, 0, 1, 1, 0]
-
-
 def test_ring_chain_rejects_bad_input(ring):
     """Shapes, dtypes and slot settings the kernel cannot take are named before anything launches."""
     w = [torch.zeros(16, 24, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16)]
@@ -125,8 +116,8 @@ def test_ring_chain_cuda(ring):
         for a, b in zip(acts[1:], first):
             assert torch.equal(a, b), slots
     assert rows_seen == {1, 2, 4, 8}
-    for grid in (1, 3, 17):  # many tasks per block, a block's first task of a layer anywhere in its list, blocks
-        # without a task in the 24-row layer (so the x buffer fills' parity is not the layer's)
+    for grid in (1, 3, 17):  # many tasks per block, a block's first task of a layer anywhere in its list; with
+        # 17, blocks without a task in the 24-row layer, whose warps go on to the next layer's tasks
         for a in acts[1:]:
             a.fill_(float("nan"))
         ring.RingChain(weights, acts, slots=2, ring_kb=40, grid=grid).run()
