@@ -93,8 +93,8 @@ def library() -> ctypes.CDLL:
     if not lib.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
-            cmd = [nvcc, "-O3", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", "-o", str(out),
-                   str(SOURCE)]
+            cmd = [nvcc, "-O3", "-lineinfo", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC",
+                   "-o", str(out), str(SOURCE)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"building ring_chain.cu failed:\n{' '.join(cmd)}\n{done.stderr}")
