@@ -12,8 +12,8 @@
 //                   block: across layer boundaries, while the consumers wait for their input, the ring
 //                   keeps filling with the next tasks' weights.
 //   consumer warps  warp w takes the block's tasks i = w, w + consumers, ...: waits for x in shared memory,
-//                   then for the slot's bytes, multiplies, gives the slot back, stores its rows and adds
-//                   one to its layer's counter (release).
+//                   then for the slot's bytes, multiplies, gives the slot back and stores its rows; it adds
+//                   its tasks of a layer to the layer's counter (release) once it moves on to another layer.
 // Task descriptors are read 32 at a time, one per lane, and handed round with shuffles: one read of global
 // memory (whose latency is long while the weights stream) per 32 tasks instead of one per task.
 //
@@ -135,7 +135,7 @@ __device__ void stage_x(uint4* dst, const __nv_bfloat16* x, int K, int lane) {
   }
 }
 
-// The R rows of one task from the slot: out[r] = w[r] . x, stored (bf16) and counted by lane 0.
+// The R rows of one task from the slot: out[r] = w[r] . x, stored (bf16) by lane 0.
 template <int R>
 __device__ __forceinline__ void task_rows(const uint4* w, const uint4* xs, int chunks, int lane,
                                           __nv_bfloat16* out, bool compute) {
@@ -218,8 +218,13 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
     return;
   }
 
-  // consumer warp: its k-th task is i = warp + k * consumers; lane j holds the descriptor of its task base + j
+  // consumer warp: its k-th task is i = warp + k * consumers; lane j holds the descriptor of its task base + j.
+  // Its tasks are counted once per layer (done tasks of done_layer, added when it moves on to another layer or
+  // ends): a release makes the warp wait until its stores are visible, about a microsecond while the weights
+  // stream, and the next layer waits for all of this one anyway.
   const int my_tasks = mine > warp ? (mine - 1 - warp) / consumers + 1 : 0;
+  int done_layer = 0;
+  unsigned done = 0;
   for (int base = 0; base < my_tasks; base += 32) {
     const int n = min(32, my_tasks - base);
     Task held{};
@@ -236,6 +241,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
       const int first = __shfl_sync(0xffffffffu, held.first, j);
       const int b = layer & 1;
+      if (done && layer != done_layer) {  // before any wait on this layer's input
+        if (lane == 0) red_release(counters + done_layer, done);
+        done = 0;
+      }
       if (first) {  // this warp brings the layer's x in for the block
         if (wait_target > 0) {
           while (load_acquire(counters + layer - 1) < static_cast<unsigned>(wait_target)) {
@@ -264,12 +273,12 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
         default: task_rows<8>(w, xs, K / 8, lane, out, compute); break;  // 8
       }
       __syncwarp();
-      if (lane == 0) {
-        mbar_arrive(&empty[s]);  // the slot's bytes are read (the sums above needed them): it may be refilled
-        red_release(counters + layer, 1u);  // after lane 0's stores of the rows
-      }
+      if (lane == 0) mbar_arrive(&empty[s]);  // the slot's bytes are read (the sums needed them): refill it
+      done_layer = layer;
+      ++done;
     }
   }
+  if (done && lane == 0) red_release(counters + done_layer, done);  // after lane 0's stores of the rows
 }
 
 }  // namespace
