@@ -342,10 +342,7 @@ class PrefillGraphs:
         limit = check_limit(limit)
         with self.lock:
             self.limit = limit
-            if len(self.buckets) > self.limit:
-                self.order.release()
-            while len(self.buckets) > self.limit:
-                self.buckets.popitem(last=False)
+            self._keep_at_most(self.limit)
             self._drop_idle_scratches()
 
     def captured(self) -> int:
@@ -356,10 +353,24 @@ class PrefillGraphs:
     def clear(self) -> None:
         """Drop every graph and scratch, once a prompt in flight has returned (it would keep its bucket)."""
         with self.lock:
-            if self.buckets or self.scratches:
-                self.order.release()
-            self.buckets.clear()
-            self.scratches.clear()
+            self._drop(list(self.buckets), list(self.scratches))
+
+    def _drop(self, keys=(), batches=()) -> None:
+        """Drop these buckets and the scratches of these batch sizes. Their memory may go to the next
+        allocation of any stream, so where streams have shared them the host first waits for the last one's
+        work (StreamOrder.release), once. Every bucket and scratch dropped goes through here."""
+        keys = list(keys)
+        batches = [batch for batch in batches if batch in self.scratches]
+        if keys or batches:
+            self.order.release()
+        for key in keys:
+            del self.buckets[key]
+        for batch in batches:
+            del self.scratches[batch]
+
+    def _keep_at_most(self, n: int) -> None:
+        """Drop the least recently used buckets until at most n are left."""
+        self._drop(list(self.buckets)[:max(0, len(self.buckets) - n)])
 
     def _scratch_for(self, model, batch: int, length: int):
         """The scratch of `batch` rows for a bucket of `length` positions: the batch size's shared one where it
@@ -369,11 +380,8 @@ class PrefillGraphs:
         scratch = self.scratches.get(batch)
         if scratch is not None and scratch.max_seq >= length:
             return scratch
-        if scratch is not None:
-            self.order.release()
-        for key in [key for key in self.buckets if key[0] == batch and key[3] is None]:
-            del self.buckets[key]
-        self.scratches.pop(batch, None)  # its memory is free for the new one
+        # the old scratch and the buckets captured into it: its memory is free for the new one
+        self._drop([key for key in self.buckets if key[0] == batch and key[3] is None], [batch])
         positions = min(max(SCRATCH_MIN, 1 << (length - 1).bit_length()), model.args.max_position_embeddings)
         self.scratches[batch] = scratch = model.new_cache(batch, max(positions, length))
         return scratch
@@ -381,9 +389,7 @@ class PrefillGraphs:
     def _drop_idle_scratches(self) -> None:
         """Drop the scratch of a batch size that no bucket kept uses."""
         used = {key[0] for key in self.buckets if key[3] is None}
-        for batch in [batch for batch in self.scratches if batch not in used]:
-            self.order.release()
-            del self.scratches[batch]
+        self._drop(batches=[batch for batch in self.scratches if batch not in used])
 
     def current(self, model) -> None:
         """Drop the graphs when what they were captured with has changed (model.graph_signature())."""
@@ -419,8 +425,7 @@ class PrefillGraphs:
         # must not inside a capture (the packed weights would live in the graph's memory pool): checked first.
         entry = self.buckets.get(key)
         if entry is not None and entry.target is not None and entry.target() is not cache:
-            self.order.release()
-            del self.buckets[key]  # bound to a cache that is gone, whose id this one has now
+            self._drop([key])  # bound to a cache that is gone, whose id this one has now
             entry = None
         deferred = (entry is not None and entry.graph is not None
                     and model.graph_signature(scan=False) == self.signature)
@@ -429,10 +434,7 @@ class PrefillGraphs:
         entry = self.buckets.pop(key, None)
         if entry is None:
             self._drop_unbound()  # before a capture: their memory can be reused
-            if len(self.buckets) >= self.limit:
-                self.order.release()
-            while len(self.buckets) >= self.limit:
-                self.buckets.popitem(last=False)
+            self._keep_at_most(self.limit - 1)
             # normal tensors even when made under generate's inference_mode: a later forward outside it
             # updates them in place
             with torch.inference_mode(False):
@@ -459,9 +461,8 @@ class PrefillGraphs:
 
     def _drop_unbound(self) -> None:
         """Drop the buckets bound to a cache that is gone."""
-        for key in [key for key, entry in self.buckets.items() if entry.target is not None and entry.target() is None]:
-            self.order.release()
-            del self.buckets[key]
+        self._drop([key for key, entry in self.buckets.items()
+                            if entry.target is not None and entry.target() is None])
 
 
 def warm_up_buckets(lengths, prompts: bool, limit: int) -> dict[int, int]:
