@@ -227,6 +227,9 @@ def main(argv=None) -> None:
                          "(default 4, 8, 4:2, 8:4, 8:2)")
     ap.add_argument("--diagnose", action="append", help="the rings (S or S:C) diagnosed (default 8:4)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
+    ap.add_argument("--block-k", type=int, default=256,
+                    help="the Triton variants' BLOCK_K (persistent_chain.py's default 256; both dims must be "
+                         "multiples of it: 64 for a tensor-parallel shard's 2752)")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, required=True)
@@ -239,7 +242,7 @@ def main(argv=None) -> None:
     triton_variants = ("launch", "pdl", "persistent")
     rows, times_all, layout = [], {}, {}
     for layers in a.layers or [2, 8]:
-        chain = Chain(tuple(a.dims), layers, 1, torch.bfloat16, device)
+        chain = Chain(tuple(a.dims), layers, 1, torch.bfloat16, device, block_k=a.block_k)
         runs = {}
         for v in triton_variants:
             runs[v] = functools.partial(chain.run, v)
@@ -293,9 +296,9 @@ def main(argv=None) -> None:
         title="Ring chain prototype: a weight stream that never waits on activations, against a launch per layer",
         what=(f"chain of GEMVs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, batch 1; ring-S: one "
               f"CUDA C++ launch (benchmarks/ring_chain.cu), per SM a TMA producer filling S slots of a "
-              f"{a.ring_kb} KiB shared-memory ring, S consumer warps; launch/pdl/persistent: persistent_chain.py's "
-              f"Triton variants on the same weights; {a.replays} chains per CUDA graph replay, events, medians of "
-              f"{a.rounds} rounds alternated"),
+              f"{a.ring_kb} KiB shared-memory ring, S consumer warps (ring-S:C: C); launch/pdl/persistent: "
+              f"persistent_chain.py's Triton variants on the same weights, BLOCK_K {a.block_k}; {a.replays} chains "
+              f"per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
         copy_gbps=round(copy, 1), layout=layout,
         columns=["variant", "layers", "us per chain", "us per layer", "% of copy", "us per layer over copy",
                  "worst error / bound"],
