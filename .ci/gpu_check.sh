@@ -35,7 +35,8 @@
 #               default 1; SmolLM2 sequential and 2-26:4;
 #               LAYERS_ARGS e.g. "--block-n 32 --block-n 64 --programs-per-sm 1 --programs-per-sm 2": a sweep)
 #   ring        issue 26: benchmarks/ring_chain.py (the GEMV chain in one CUDA C++ launch with a per-SM shared-memory
-#               weight ring, against persistent_chain.py's Triton variants; RING_ARGS), after its CUDA test
+#               weight ring, against persistent_chain.py's Triton variants), after its CUDA test, for each RING_CONFIGS
+#               entry name:arguments (commas for spaces; default the 7B, 1B and 7B TP4 MLP shapes); RING_ARGS: more
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
@@ -266,8 +267,12 @@ for stage in $stages; do
   ring)
     (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_ring_chain.py" 2>&1) \
       | tail -3 | tee -a "$OUT/ring.log"
-    timeout ${RING_TIMEOUT:-240} python3 benchmarks/ring_chain.py ${RING_ARGS:-} --out "$OUT/ring_chain.json" 2>&1 \
-      | tee -a "$OUT/ring.log" ;;
+    # name:arguments, one record each: the 7B MLP's shapes, the 1B's, and the 7B TP4 shard's MLP (F / 4)
+    for cfg in ${RING_CONFIGS:-7b: 1b:--dims,2048,8192,--layers,2,--layers,16 tp4:--dims,4096,2752,--block-k,64,--layers,2,--layers,16}; do
+      name=${cfg%%:*}; args=${cfg#*:}
+      timeout ${RING_TIMEOUT:-240} python3 benchmarks/ring_chain.py ${args//,/ } ${RING_ARGS:-} \
+        --out "$OUT/ring_chain_$name.json" 2>&1 | tee -a "$OUT/ring.log"
+    done ;;
   variant_ab)
     # settings compared in one process (benchmarks/ab_decode.py), e.g. the decode GEMM tuner against triton.autotune
     timeout ${VARIANT_AB_TIMEOUT:-400} python3 benchmarks/ab_decode.py ${VARIANT_AB_ARGS:---shape llama-7b --groups none \
