@@ -20,10 +20,11 @@
 // x of layer l (the output of layer l - 1) is read from global memory once per block and layer, into one of
 // two shared buffers (l & 1), by the warp of the block's first task of that layer, after layer l - 1's
 // counter has reached its task count (acquire); a tag per buffer (the layer it holds) tells the block's other
-// warps. Two buffers are enough: a warp reaches a task of layer l + 2
-// only after all of layer l + 1 is done, which needs all of layer l done, so no task still reads the
-// buffer it overwrites. No task waits on a task of a later position in the chain, and every block is
-// resident (one per SM, the grid no larger than the SM count), so no order of scheduling can deadlock.
+// warps. Two buffers are enough: a warp reaches a task of layer l + 2 only after all of layer l + 1 is done,
+// which needs all of layer l done, so no task still reads the buffer it overwrites. No task waits on a task of
+// a later position in the chain, a warp publishes its count of a layer before any wait of its next task, and
+// every block is resident (one per SM, the grid no larger than the SM count), so no order of scheduling can
+// deadlock.
 //
 // Sums: each lane accumulates its 8-element chunks of K in order in fp32 (chunks lane, lane + 32, ...), even and
 // odd elements apart, then even + odd and a butterfly over the warp; bf16 out.
@@ -35,7 +36,7 @@
 
 namespace {
 
-constexpr int kMaxConsumers = 8;  // rows of one task: 1, 2, 4 or 8 (ring_chain.py's rows_per_task)
+constexpr int kMaxConsumers = 8;  // consumer warps of a block (a task's rows: 1, 2, 4 or 8, ring_chain.py's plan)
 
 struct Task {                    // 48 bytes, written by ring_chain.py as 6 int64
   const __nv_bfloat16* w;        // [rows, K], contiguous
