@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("ring_chain.cu")
-MAX_ROWS = 8        # rows of one task (ring_chain.cu's kMaxRows)
+MAX_ROWS = 8        # rows of one task (ring_chain.cu's task_rows: 1, 2, 4 or 8)
 MAX_CONSUMERS = 8   # consumer warps (kMaxConsumers)
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 RING_KB = 172       # 4 slots of 43 KiB: the 7B MLP's tasks (4 rows of 4096, 2 of 11008) beside two x buffers
@@ -171,7 +171,7 @@ class RingChain:
             table[i, 3] = K | (rows << 32)
             table[i, 4] = layer | ((counts[layer - 1] if layer else 0) << 32)
             table[i, 5] = int(firsts[i])
-        self.weights, self.acts, self.shapes, self.rows = list(weights), list(acts), shapes, per_layer
+        self.weights, self.acts, self.rows = list(weights), list(acts), per_layer
         self.tasks = table.to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
 
@@ -187,8 +187,9 @@ class RingChain:
 
 def ring_bound(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 product bf16(W @ x) of a layer's own input and how far the kernel may be from it: an fp32
-    sum of K products is within K * 2^-24 * sum |w x| of the exact one, and rounding that to bf16 instead of
-    the exact sum moves it by at most one bf16 unit in the last place (2^-7 of its size)."""
+    sum of K products is within K * 2^-24 * sum |w x| of the exact one (the bound allows twice that), and
+    rounding that to bf16 instead of the exact sum moves it by at most one bf16 unit in the last place (2^-7
+    of its size)."""
     w64, x64 = w.double(), x.double()
     exact = w64 @ x64
     fp32_err = w.shape[1] * 2.0 ** -24 * (w64.abs() @ x64.abs())
@@ -239,13 +240,10 @@ def main(argv=None) -> None:
     device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
-    triton_variants = ("launch", "pdl", "persistent")
     rows, times_all, layout = [], {}, {}
     for layers in a.layers or [2, 8]:
         chain = Chain(tuple(a.dims), layers, 1, torch.bfloat16, device, block_k=a.block_k)
-        runs = {}
-        for v in triton_variants:
-            runs[v] = functools.partial(chain.run, v)
+        runs = {v: functools.partial(chain.run, v) for v in ("launch", "pdl", "persistent")}
         rings = {}
         acts = [chain.act[0, 0, :a.dims[0]]]  # batch row 0 of each layer's activation buffer
         acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]

@@ -462,7 +462,7 @@ class PrefillGraphs:
     def _drop_unbound(self) -> None:
         """Drop the buckets bound to a cache that is gone."""
         self._drop([key for key, entry in self.buckets.items()
-                            if entry.target is not None and entry.target() is None])
+                    if entry.target is not None and entry.target() is None])
 
 
 def warm_up_buckets(lengths, prompts: bool, limit: int) -> dict[int, int]:
