@@ -37,6 +37,9 @@
 namespace {
 
 constexpr int kMaxConsumers = 8;  // consumer warps of a block (a task's rows: 1, 2, 4 or 8, ring_chain.py's plan)
+// prof (optional): per task, globaltimer ns when the producer issued its copy, when its consumer took it up, had
+// x, had the slot's bytes, and had stored its rows
+constexpr int kStamps = 5;
 
 struct Task {                    // 48 bytes, written by ring_chain.py as 6 int64
   const __nv_bfloat16* w;        // [rows, K], contiguous
@@ -91,6 +94,12 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
+}
+
+__device__ __forceinline__ long long global_ns() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 __device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
@@ -165,7 +174,7 @@ __device__ __forceinline__ void task_rows(const uint4* w, const uint4* xs, int c
 // multiply whatever the slot holds). Modes 1 and 2 keep every wait and counter; their results are meaningless.
 __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
     ring_chain_kernel(const Task* __restrict__ tasks, int n_tasks, unsigned* counters, int slot_bytes, int slots,
-                      int x_bytes, int mode) {
+                      int x_bytes, int mode, long long* prof) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem;
   unsigned char* xbufs = smem + slots * slot_bytes;  // two buffers of x_bytes
@@ -206,6 +215,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
         if (lane == 0) {
           const int i = base + j, s = i % slots;
           if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
+          if (prof) prof[(blockIdx.x + i * gridDim.x) * kStamps] = global_ns();
           if (mode == 2) {
             mbar_arrive(&full[s]);
           } else {
@@ -242,10 +252,12 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
       const int first = __shfl_sync(0xffffffffu, held.first, j);
       const int b = layer & 1;
+      long long* stamp = prof && lane == 0 ? prof + (blockIdx.x + i * gridDim.x) * kStamps : nullptr;
       if (done && layer != done_layer) {  // before any wait on this layer's input
         if (lane == 0) red_release(counters + done_layer, done);
         done = 0;
       }
+      if (stamp) stamp[1] = global_ns();
       if (first) {  // this warp brings the layer's x in for the block
         if (wait_target > 0) {
           while (load_acquire(counters + layer - 1) < static_cast<unsigned>(wait_target)) {
@@ -263,7 +275,9 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
         __threadfence_block();
       }
       __syncwarp();
+      if (stamp) stamp[2] = global_ns();
       mbar_wait(&full[s], (i / slots) & 1);
+      if (stamp) stamp[3] = global_ns();
       const uint4* w = reinterpret_cast<const uint4*>(ring + s * slot_bytes);
       const uint4* xs = reinterpret_cast<const uint4*>(xbufs + b * x_bytes);
       const bool compute = mode != 1;
@@ -275,6 +289,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1)
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);  // the slot's bytes are read (the sums needed them): refill it
+      if (stamp) stamp[4] = global_ns();
       done_layer = layer;
       ++done;
     }
@@ -288,7 +303,8 @@ extern "C" const char* ring_chain_error(int err) { return cudaGetErrorString(sta
 
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
 extern "C" int ring_chain_launch(const void* tasks, int n_tasks, unsigned* counters, int layers, int slot_bytes,
-                                 int slots, int consumers, int x_bytes, int grid, int mode, void* stream) {
+                                 int slots, int consumers, int x_bytes, int grid, int mode, long long* prof,
+                                 void* stream) {
   if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers || mode < 0 || mode > 2)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
@@ -298,6 +314,6 @@ extern "C" int ring_chain_launch(const void* tasks, int n_tasks, unsigned* count
   err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
   ring_chain_kernel<<<grid, (consumers + 1) * 32, smem, st>>>(static_cast<const Task*>(tasks), n_tasks, counters,
-                                                               slot_bytes, slots, x_bytes, mode);
+                                                               slot_bytes, slots, x_bytes, mode, prof);
   return cudaGetLastError();
 }

@@ -102,7 +102,7 @@ def library() -> ctypes.CDLL:
     so = ctypes.CDLL(str(lib))
     so.ring_chain_launch.restype = ctypes.c_int
     so.ring_chain_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [
-        ctypes.c_void_p]
+        ctypes.c_void_p, ctypes.c_void_p]
     so.ring_chain_error.restype = ctypes.c_char_p
     so.ring_chain_error.argtypes = [ctypes.c_int]
     return so
@@ -114,13 +114,14 @@ class RingChain:
     16-byte aligned. The tensors are borrowed: run() reads and writes them in place. mode: "chain";
     the diagnostics (results meaningless, every wait kept) "stream", the weights streamed and no products,
     "compute", the products of whatever the ring holds and no weights streamed. grid: blocks (default and
-    at most one per SM)."""
+    at most one per SM). profile: every run stamps each task (STAMPS, profile_summary)."""
 
     MODES = {"chain": 0, "stream": 1, "compute": 2}
+    STAMPS = ("issued", "taken", "x", "data", "stored")  # ring_chain.cu's kStamps, in its order
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 4,
                  ring_kb: int = RING_KB, consumers: int | None = None, mode: str = "chain",
-                 grid: int | None = None):
+                 grid: int | None = None, profile: bool = False):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -173,6 +174,9 @@ class RingChain:
             table[i, 5] = int(firsts[i])
         self.weights, self.acts, self.rows = list(weights), list(acts), per_layer
         self.tasks = table.to(device)
+        self.task_layers = torch.tensor([layer for layer, *_ in tasks])
+        # per task, globaltimer ns of each of STAMPS (profile_summary); written by every run
+        self.prof = torch.zeros(len(tasks), len(self.STAMPS), dtype=torch.int64, device=device) if profile else None
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
 
     def run(self) -> None:
@@ -180,9 +184,38 @@ class RingChain:
         lib = library()
         err = lib.ring_chain_launch(self.tasks.data_ptr(), self.tasks.shape[0], self.counters.data_ptr(),
                                     len(self.weights), self.slot_bytes, self.slots, self.consumers, self.x_bytes,
-                                    self.grid, self.mode, torch.cuda.current_stream().cuda_stream)
+                                    self.grid, self.mode, None if self.prof is None else self.prof.data_ptr(),
+                                    torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ring_chain_launch: {lib.ring_chain_error(err).decode()}")
+
+
+def profile_summary(chain: RingChain) -> list[dict]:
+    """Where a profiled chain's last run spent its time, per layer, in µs. Medians over the layer's tasks
+    (the mean of the middle two for an even count): a task's consumer waiting for x ("wait x": the layer
+    boundary), then for its slot's bytes ("wait data": the stream), then multiplying and storing
+    ("compute"); a slot's time from its copy's issue to its consumer having it ("in flight", ring time
+    included). The layer's span from its first copy issued to its last rows stored, and "boundary": from
+    the last rows of the layer before stored to the first task of this one holding x."""
+    p = chain.prof.cpu().double()
+    if not (p > 0).all():
+        raise ValueError("the profile has tasks without stamps: run the chain first")
+    p = (p - p.min()) / 1e3
+    issued, taken, x, data, stored = p.unbind(1)
+    rows, last_stored = [], None
+    for layer in range(len(chain.weights)):
+        sel = chain.task_layers == layer
+
+        def median(t: torch.Tensor) -> float:
+            return t[sel].quantile(0.5).item()
+
+        row = {"layer": layer, "tasks": int(sel.sum()), "wait x": median(x - taken), "wait data": median(data - x),
+               "compute": median(stored - data), "in flight": median(data - issued),
+               "first issued": issued[sel].min().item(), "last stored": stored[sel].max().item()}
+        row["boundary"] = None if last_stored is None else x[sel].min().item() - last_stored
+        last_stored = row["last stored"]
+        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
 
 
 def ring_bound(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +260,8 @@ def main(argv=None) -> None:
                     help="S or S:C, ring slots (and consumer warps, default S), one variant each "
                          "(default 4, 8, 4:2, 8:4, 8:2)")
     ap.add_argument("--diagnose", action="append", help="the rings (S or S:C) diagnosed (default 8:4)")
+    ap.add_argument("--profile", action="append", help="rings (S or S:C) run once more with per-task stamps "
+                                                       "(profile_summary) after the timing (default 8:4)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--block-k", type=int, default=256,
                     help="the Triton variants' BLOCK_K (persistent_chain.py's default 256; both dims must be "
@@ -240,7 +275,7 @@ def main(argv=None) -> None:
     device, commit = torch.device("cuda"), _commit()
     _warm_up_gpu(device, 1.0)
     copy = copy_bandwidth_gbps(device)
-    rows, times_all, layout = [], {}, {}
+    rows, times_all, layout, profiles = [], {}, {}, {}
     for layers in a.layers or [2, 8]:
         chain = Chain(tuple(a.dims), layers, 1, torch.bfloat16, device, block_k=a.block_k)
         runs = {v: functools.partial(chain.run, v) for v in ("launch", "pdl", "persistent")}
@@ -289,6 +324,14 @@ def main(argv=None) -> None:
                   f"{100 * floor_us / us:5.1f}% of copy, {(us - floor_us) / layers:6.2f} us/layer over it",
                   flush=True)
         times_all[str(layers)] = times
+        for spec in a.profile or ["8:4"]:
+            ring = RingChain(weights, acts, ring_kb=a.ring_kb, profile=True, **_ring_spec(spec))
+            ring.run()
+            torch.cuda.synchronize()
+            check_layers(ring)
+            profiles[f"{layers} layers, ring-{spec}"] = summary = profile_summary(ring)
+            for row in summary:
+                print(f"{layers:>3} layers ring-{spec} profile: {row}", flush=True)
     write_record(
         a.out, device=device, commit=commit,
         title="Ring chain prototype: a weight stream that never waits on activations, against a launch per layer",
@@ -297,7 +340,7 @@ def main(argv=None) -> None:
               f"{a.ring_kb} KiB shared-memory ring, S consumer warps (ring-S:C: C); launch/pdl/persistent: "
               f"persistent_chain.py's Triton variants on the same weights, BLOCK_K {a.block_k}; {a.replays} chains "
               f"per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
-        copy_gbps=round(copy, 1), layout=layout,
+        copy_gbps=round(copy, 1), layout=layout, profiles=profiles,
         columns=["variant", "layers", "us per chain", "us per layer", "% of copy", "us per layer over copy",
                  "worst error / bound"],
         rows=rows, times_us=times_all)

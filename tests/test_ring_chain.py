@@ -48,6 +48,28 @@ def test_first_of_layer(ring):
     assert ring.first_of_layer(tasks, 1) == [True, False, False, False, False, True, False, False]
 
 
+def test_profile_summary(ring):
+    """Per layer: medians of the waits and the compute, the span, and the boundary from the last store of the
+    layer before to the first task holding x (stamps in ns, summary in µs from the first stamp)."""
+
+    class Profiled:
+        weights = [None, None]
+        task_layers = torch.tensor([0, 0, 1])
+        #                         issued taken  x     data  stored
+        prof = torch.tensor([[1000, 1000, 2000, 3000, 5000],
+                             [1500, 2000, 2000, 4000, 6000],
+                             [3000, 6000, 9000, 9500, 12000]])
+
+    rows = ring.profile_summary(Profiled)
+    assert rows[0] == {"layer": 0, "tasks": 2, "wait x": 0.5, "wait data": 1.5, "compute": 2.0, "in flight": 2.25,
+                       "first issued": 0.0, "last stored": 5.0, "boundary": None}
+    assert rows[1]["boundary"] == 3.0 and rows[1]["wait x"] == 3.0 and rows[1]["last stored"] == 11.0
+    Profiled.prof = Profiled.prof.clone()
+    Profiled.prof[2, 4] = 0
+    with pytest.raises(ValueError, match="without stamps"):
+        ring.profile_summary(Profiled)
+
+
 def test_ring_chain_rejects_bad_input(ring):
     """Shapes, dtypes and slot settings the kernel cannot take are named before anything launches."""
     w = [torch.zeros(16, 24, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16)]
@@ -125,6 +147,17 @@ def test_ring_chain_cuda(ring):
         torch.cuda.synchronize()
         for a, b in zip(acts[1:], first):
             assert torch.equal(a, b), grid
+    profiled = ring.RingChain(weights, acts, slots=4, ring_kb=40, grid=17, profile=True)
+    for a in acts[1:]:
+        a.fill_(float("nan"))
+    profiled.run()
+    torch.cuda.synchronize()
+    for a, b in zip(acts[1:], first):  # the stamps change no result
+        assert torch.equal(a, b)
+    issued, taken, x, data, stored = profiled.prof.cpu().unbind(1)
+    assert (issued > 0).all() and (taken <= x).all() and (x <= data).all() and (data <= stored).all()
+    assert (issued <= data).all()  # a slot's bytes arrive after their copy was issued
+    assert len(ring.profile_summary(profiled)) == len(weights)
     for mode in ("stream", "compute"):  # the diagnostics keep the protocol: every task counted, no hang
         diag = ring.RingChain(weights, acts, slots=4, ring_kb=40, mode=mode)
         diag.run()
