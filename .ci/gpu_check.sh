@@ -37,6 +37,8 @@
 #   ring        issue 26: benchmarks/ring_chain.py (the GEMV chain in one CUDA C++ launch with a per-SM shared-memory
 #               weight ring, against persistent_chain.py's Triton variants), after its CUDA test, for each RING_CONFIGS
 #               entry name:arguments (commas for spaces; default the 7B, 1B and 7B TP4 MLP shapes); RING_ARGS: more
+#   ring_batch  issue 26: benchmarks/ring_batch.py (the chain at batch 1 to 32 on the tensor cores, weights packed in
+#               fragment order, against the Triton launch-per-layer variants), after its CUDA test; RING_BATCH_ARGS
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
@@ -115,6 +117,7 @@ for stage in $stages; do
                   "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
                   "test_persistent_chain.py|cuda" \
                   "test_ring_chain.py|cuda" \
+                  "test_ring_batch.py|cuda" \
                   "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
         file=${case%%|*}; expr=${case#*|}
         (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
@@ -273,6 +276,11 @@ for stage in $stages; do
       timeout ${RING_TIMEOUT:-240} python3 benchmarks/ring_chain.py ${args//,/ } ${RING_ARGS:-} \
         --out "$OUT/ring_chain_$name.json" 2>&1 | tee -a "$OUT/ring.log"
     done ;;
+  ring_batch)
+    (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_ring_batch.py" 2>&1) \
+      | tail -3 | tee -a "$OUT/ring_batch.log"
+    timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_batch.py ${RING_BATCH_ARGS:-} --out "$OUT/ring_batch.json" 2>&1 \
+      | tee -a "$OUT/ring_batch.log" ;;
   variant_ab)
     # settings compared in one process (benchmarks/ab_decode.py), e.g. the decode GEMM tuner against triton.autotune
     timeout ${VARIANT_AB_TIMEOUT:-400} python3 benchmarks/ab_decode.py ${VARIANT_AB_ARGS:---shape llama-7b --groups none \

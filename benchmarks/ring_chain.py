@@ -79,27 +79,34 @@ def _nvcc() -> str:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """ring_chain.cu built for this GPU (sm_90a), cached per source and nvcc."""
+def build(source: Path) -> ctypes.CDLL:
+    """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source and nvcc in
+    ~/.cache/cqil_ring_chain."""
     major, minor = torch.cuda.get_device_capability()
     if major != 9:
-        raise RuntimeError(f"ring_chain.cu needs an sm_90 GPU (bulk copies, mbarriers); this one is sm_{major}{minor}")
+        raise RuntimeError(f"{source.name} needs an sm_90 GPU (bulk copies, mbarriers); this one is sm_{major}{minor}")
     nvcc = _nvcc()
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(src + nvcc.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqil_ring_chain"
     cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"ring_chain_{key}.so"
+    lib = cache / f"{source.stem}_{key}.so"
     if not lib.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
             cmd = [nvcc, "-O3", "-lineinfo", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC",
-                   "-o", str(out), str(SOURCE)]
+                   "-o", str(out), str(source)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                raise RuntimeError(f"building ring_chain.cu failed:\n{' '.join(cmd)}\n{done.stderr}")
+                raise RuntimeError(f"building {source.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
             os.replace(out, lib)  # atomic: parallel builds of one source leave one whole file
-    so = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """ring_chain.cu built (build) with its entry points' signatures."""
+    so = build(SOURCE)
     so.ring_chain_launch.restype = ctypes.c_int
     so.ring_chain_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [
         ctypes.c_void_p, ctypes.c_void_p]
@@ -219,13 +226,13 @@ def profile_summary(chain: RingChain) -> list[dict]:
 
 
 def ring_bound(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 product bf16(W @ x) of a layer's own input and how far the kernel may be from it: an fp32
-    sum of K products is within K * 2^-24 * sum |w x| of the exact one (the bound allows twice that), and
-    rounding that to bf16 instead of the exact sum moves it by at most one bf16 unit in the last place (2^-7
-    of its size)."""
+    """The float64 product bf16(W @ x) of a layer's own input x ([K], or [batch, K] for one product per row)
+    and how far the kernel may be from it: an fp32 sum of K products is within K * 2^-24 * sum |w x| of the
+    exact one (the bound allows twice that), and rounding that to bf16 instead of the exact sum moves it by at
+    most one bf16 unit in the last place (2^-7 of its size)."""
     w64, x64 = w.double(), x.double()
-    exact = w64 @ x64
-    fp32_err = w.shape[1] * 2.0 ** -24 * (w64.abs() @ x64.abs())
+    exact = x64 @ w64.t()
+    fp32_err = w.shape[1] * 2.0 ** -24 * (x64.abs() @ w64.abs().t())
     return exact.to(torch.bfloat16).double(), 2.0 ** -7 * exact.abs() + 2 * fp32_err
 
 

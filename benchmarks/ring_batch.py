@@ -1,0 +1,304 @@
+"""Prototype for the persistent decode step (issue 26), fourth stage: does ring_chain.py's weight ring hold its
+gain at batch 8 to 32? The same GEMV chain (out_l = W_l @ act_l, the 7B MLP's shapes alternating) for batch
+rows 1..32 in one CUDA C++ launch (ring_batch.cu), the products on the tensor cores (mma.sync m16n8k16) from
+weights packed in the mma's fragment order (pack), a task being 16 rows of a layer over all of K in pages of
+whole k-tiles. Timed against persistent_chain.py's launch-per-layer Triton variants (batch up to 16) on the
+same weights in the same process:
+
+    python benchmarks/ring_batch.py --batch 1 --batch 8 --batch 16 --batch 32 --out ring_batch.json
+
+Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C` for each --slots S:C: a ring of
+S slots of --ring-kb / S KiB and C consumer warps. Diagnostics for each --diagnose S:C (results unchecked):
+`/stream`, the pages streamed and no products; `/compute`, the products of whatever the ring holds and no
+pages streamed. Every ring's layers are checked against float64 from their own input (ring_chain.ring_bound)
+before timing. Needs an sm_90 GPU and nvcc (built into ~/.cache/cqil_ring_chain as ring_chain.py is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+
+from ring_chain import SMEM_LIMIT, build, check_layers
+
+SOURCE = Path(__file__).with_name("ring_batch.cu")
+TILE = 16            # an mma k-tile and a task's rows
+TILE_BYTES = 512     # one packed 16 x 16 k-tile (ring_batch.cu's kTileBytes)
+MAX_BATCH = 32       # four n-tiles of 8 batch rows
+MAX_CONSUMERS = 8    # ring_batch.cu's kMaxConsumers
+RING_KB = 192        # no x buffers here: the ring takes most of shared memory
+FIRST, LAST = 1, 2   # a work entry's flags (kFirst, kLast)
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in the mma's A-fragment order: [N / 16, K / 16, 32 lanes, 8], lane 4g + t of k-tile kt holding
+    W[g][4t, 4t+1], W[g+8][4t, 4t+1], W[g][4t+2, 4t+3], W[g+8][4t+2, 4t+3] (rows of the m-tile, k within kt)."""
+    N, K = w.shape
+    if N % TILE or K % TILE:
+        raise ValueError(f"a packed weight needs N and K multiples of {TILE}, got [{N}, {K}]")
+    # [m, h, g, kt, t, q, e]: row 16m + 8h + g, k 16kt + 4t + 2q + e; a fragment register is (q, h)
+    v = w.reshape(N // TILE, 2, 8, K // TILE, 4, 2, 2)
+    return v.permute(0, 3, 2, 4, 5, 1, 6).reshape(N // TILE, K // TILE, 32, 8).contiguous()
+
+
+def fragment_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's data path in float64 from the PTX fragment layouts of mma.m16n8k16 (written out here, not
+    pack's inverse): lane (g, t)'s registers a0..a3 are A[g][2t:2t+2], A[g+8][2t:2t+2], A[g][2t+8:2t+10],
+    A[g+8][2t+8:2t+10] and its b0, b1 are B[2t:2t+2][g], B[2t+8:2t+10][g]; the kernel loads b0, b1 from
+    x[n][16kt + 4t : 16kt + 4t + 4]. Returns out [batch, N] = sum over k-tiles of A @ B, row 16m + r of out
+    being the tile's row r. With pack, this equals x @ W^T."""
+    M, KT = packed.shape[:2]
+    batch = x.shape[0]
+    a = packed.double().reshape(M, KT, 8, 4, 4, 2)  # [m, kt, g, t, register, element]
+    A = torch.zeros(M, KT, 16, 16, dtype=torch.float64)
+    for t in range(4):
+        for e in range(2):
+            A[:, :, 0:8, 2 * t + e] = a[:, :, :, t, 0, e]
+            A[:, :, 8:16, 2 * t + e] = a[:, :, :, t, 1, e]
+            A[:, :, 0:8, 2 * t + 8 + e] = a[:, :, :, t, 2, e]
+            A[:, :, 8:16, 2 * t + 8 + e] = a[:, :, :, t, 3, e]
+    xs = torch.zeros(-(-batch // 8) * 8, KT * TILE, dtype=torch.float64)
+    xs[:batch] = x.double()
+    xv = xs.reshape(-1, KT, 4, 2, 2)  # [n, kt, t, q, e]: k = 16kt + 4t + 2q + e
+    B = torch.zeros(KT, 16, xs.shape[0], dtype=torch.float64)  # [kt, k within the tile, n]
+    for t in range(4):
+        for e in range(2):
+            B[:, 2 * t + e, :] = xv[:, :, t, 0, e].t()
+            B[:, 2 * t + 8 + e, :] = xv[:, :, t, 1, e].t()
+    D = torch.einsum("mkij,kjn->min", A, B)  # [m, row, n]
+    return D.reshape(M * 16, -1)[:, :batch].t()
+
+
+def pages_of(K: int, tiles_per_page: int) -> list[tuple[int, int]]:
+    """A task's pages over K: (first k-tile, k-tiles)."""
+    kt = K // TILE
+    return [(k0, min(tiles_per_page, kt - k0)) for k0 in range(0, kt, tiles_per_page)]
+
+
+def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumers: int):
+    """Per block (block b runs the chain's tasks b, b + grid, ...; a task is (layer, m-tile)): its page list,
+    in the order the producer fills the ring, [(layer, m, first k-tile, k-tiles)], and per consumer warp its
+    work list [(position in the page list, layer, m, first k-tile, k-tiles, flags)]. The block's tasks go in
+    rounds of up to `consumers` tasks of one layer, each to the next warp in turn; a round's pages interleave
+    (page 0 of each task, then page 1 of each, ...). A round never holds two layers (ring_batch.cu: a task
+    waiting on the layer before must not hold slots a task of that layer needs)."""
+    tasks = [(layer, m) for layer, (N, _) in enumerate(shapes) for m in range(N // TILE)]
+    blocks = []
+    for b in range(grid):
+        mine, pages, work, turn, i = tasks[b::grid], [], [[] for _ in range(consumers)], 0, 0
+        while i < len(mine):
+            layer = mine[i][0]
+            j = i
+            while j < len(mine) and j - i < consumers and mine[j][0] == layer:
+                j += 1
+            rnd, i = mine[i:j], j
+            warps = [(turn + r) % consumers for r in range(len(rnd))]
+            turn += len(rnd)
+            task_pages = pages_of(shapes[layer][1], tiles_per_page)
+            for p, (k0, tiles) in enumerate(task_pages):
+                flags = (FIRST if p == 0 else 0) | (LAST if p == len(task_pages) - 1 else 0)
+                for (lay, m), w in zip(rnd, warps):
+                    work[w].append((len(pages), lay, m, k0, tiles, flags))
+                    pages.append((lay, m, k0, tiles))
+        blocks.append((pages, work))
+    return blocks
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    so = build(SOURCE)
+    so.ring_batch_launch.restype = ctypes.c_int
+    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    so.ring_batch_error.restype = ctypes.c_char_p
+    so.ring_batch_error.argtypes = [ctypes.c_int]
+    return so
+
+
+class RingBatch:
+    """out_l = act_l @ W_l^T into act_{l+1} for l = 0..L-1 in one launch, for every batch row. weights[l]:
+    [N_l, K_l] bf16 with N and K multiples of 16, K_l = N_{l-1}; acts[l]: [batch, K_l] (acts[0] the input)
+    with unit column stride and a row stride that is a multiple of 4, 8-byte aligned; all on one CUDA device.
+    The weights are packed once (pack; or `packed`, their packs); the activations are borrowed, read and
+    written in place by run(). slots, ring_kb, consumers: the ring (slot_bytes a whole number of packed
+    k-tiles). mode: "chain", or the diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks
+    (default and at most one per SM)."""
+
+    MODES = {"chain": 0, "stream": 1, "compute": 2}
+
+    def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
+                 ring_kb: int = RING_KB, consumers: int | None = None, mode: str = "chain",
+                 grid: int | None = None, packed: list[torch.Tensor] | None = None):
+        if len(acts) != len(weights) + 1 or not weights:
+            raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
+        device = weights[0].device
+        batch = acts[0].shape[0] if acts[0].dim() == 2 else 0
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"acts must be [batch, K] with batch 1..{MAX_BATCH}, got {tuple(acts[0].shape)}")
+        shapes = []
+        for layer, w in enumerate(weights):
+            if w.dim() != 2 or w.shape[0] % TILE or w.shape[1] % TILE:
+                raise ValueError(f"weights[{layer}] must be [N, K] with N and K multiples of {TILE}, "
+                                 f"got {tuple(w.shape)}")
+            shapes.append(tuple(w.shape))
+        for layer in range(1, len(shapes)):
+            if shapes[layer][1] != shapes[layer - 1][0]:
+                raise ValueError(f"weights[{layer}] takes K={shapes[layer][1]}, but layer {layer - 1} makes "
+                                 f"{shapes[layer - 1][0]}")
+        for i, t in enumerate(list(weights) + list(acts)):
+            name = f"weights[{i}]" if i < len(weights) else f"acts[{i - len(weights)}]"
+            if t.dtype != torch.bfloat16 or t.device != device:
+                raise ValueError(f"{name}: bf16 on {device} expected, got {t.dtype} on {t.device}")
+        for layer, t in enumerate(acts):
+            want = shapes[layer][1] if layer < len(shapes) else shapes[-1][0]
+            if t.dim() != 2 or tuple(t.shape) != (batch, want):
+                raise ValueError(f"acts[{layer}] must be [{batch}, {want}], got {tuple(t.shape)}")
+            if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 8:
+                raise ValueError(f"acts[{layer}]: unit column stride, a row stride that is a multiple of 4 and an "
+                                 f"8-byte aligned start expected (strides {t.stride()}, address % 8 = "
+                                 f"{t.data_ptr() % 8})")
+        self.consumers = consumers or min(slots, MAX_CONSUMERS)
+        if not 1 <= self.consumers <= MAX_CONSUMERS:
+            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {self.consumers}")
+        tiles_per_page = ring_kb * 1024 // slots // TILE_BYTES
+        if tiles_per_page < 1:
+            raise ValueError(f"{slots} slots of {ring_kb} KiB hold no {TILE_BYTES}-byte k-tile each")
+        self.slot_bytes, self.slots = tiles_per_page * TILE_BYTES, slots
+        if slots * self.slot_bytes + 16 * slots > SMEM_LIMIT:
+            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes need more than {SMEM_LIMIT} bytes of "
+                             f"shared memory")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
+        self.mode = self.MODES[mode]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.grid = grid or sms
+        if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
+            raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
+        self.packed = packed if packed is not None else [pack(w) for w in weights]
+        blocks = plan(shapes, tiles_per_page, self.grid, self.consumers)
+        page_rows, work_rows, page_off, work_off = [], [], [0], [0]
+        for pages, work in blocks:
+            for layer, m, k0, tiles in pages:
+                page_rows.append((self.packed[layer][m, k0].data_ptr(), tiles * TILE_BYTES))
+            page_off.append(len(page_rows))
+            for mine in work:
+                for pos, layer, m, k0, tiles, flags in mine:
+                    x, out = acts[layer], acts[layer + 1]
+                    wait = shapes[layer - 1][0] // TILE if layer else 0
+                    work_rows.append((x.data_ptr() + k0 * TILE * 2, out.data_ptr() + m * TILE * 2,
+                                      pos | tiles << 32, layer | wait << 32, flags | x.stride(0) << 32,
+                                      out.stride(0)))
+                work_off.append(len(work_rows))
+        self.pages = torch.tensor(page_rows, dtype=torch.int64).to(device)
+        self.work = torch.tensor(work_rows, dtype=torch.int64).to(device)
+        self.page_off = torch.tensor(page_off, dtype=torch.int32).to(device)
+        self.work_off = torch.tensor(work_off, dtype=torch.int32).to(device)
+        self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        self.weights, self.acts, self.batch, self.tiles_per_page = list(weights), list(acts), batch, tiles_per_page
+
+    def run(self) -> None:
+        """Queue the chain on the current stream (capturable in a CUDA graph)."""
+        lib = library()
+        err = lib.ring_batch_launch(self.pages.data_ptr(), self.page_off.data_ptr(), self.work.data_ptr(),
+                                    self.work_off.data_ptr(), self.counters.data_ptr(), len(self.weights),
+                                    self.batch, self.slot_bytes, self.slots, self.consumers, self.grid, self.mode,
+                                    torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
+
+
+def _spec(spec: str) -> dict:
+    slots, _, consumers = spec.partition(":")
+    return dict(slots=int(slots), consumers=int(consumers) if consumers else None)
+
+
+def main(argv=None) -> None:
+    from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
+    from persistent_chain import BLOCK_M, Chain, replay_ms
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, action="append", help="batch rows (default 1, 8, 16, 32)")
+    ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 8:8, 16:8)")
+    ap.add_argument("--diagnose", action="append", help="the rings diagnosed (default 8:4)")
+    ap.add_argument("--ring-kb", type=int, default=RING_KB)
+    ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
+    ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ring_batch measures GPU time and needs a CUDA device")
+    device, commit = torch.device("cuda"), _commit()
+    _warm_up_gpu(device, 1.0)
+    copy = copy_bandwidth_gbps(device)
+    chain = Chain(tuple(a.dims), a.layers, BLOCK_M, torch.bfloat16, device, block_k=a.block_k)
+    weights = [chain.weight(lay) for lay in range(a.layers)]
+    packed = [pack(w) for w in weights]
+    floor_us = chain.weight_bytes() / copy / 1e3
+    width = max(a.dims)
+    g = torch.Generator().manual_seed(1)
+    rows, times_all, layout = [], {}, {}
+    for batch in a.batch or [1, 8, 16, 32]:
+        buf = torch.zeros(a.layers + 1, batch, width, dtype=torch.bfloat16, device=device)
+        buf[0, :, :a.dims[0]] = torch.randn(batch, a.dims[0], generator=g).to(torch.bfloat16)
+        acts = [buf[lay, :, :(weights[lay].shape[1] if lay < a.layers else weights[-1].shape[0])]
+                for lay in range(a.layers + 1)]
+        runs, rings, worst = {}, {}, {}
+        if batch <= BLOCK_M:
+            chain.batch = batch
+            for v in ("launch", "pdl"):
+                runs[v] = functools.partial(chain.run, v)
+        for spec in a.slots or ["8:4", "8:8", "16:8"]:
+            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, **_spec(spec))
+            rings[f"mma-{spec}"] = runs[f"mma-{spec}"] = ring.run
+            layout[f"mma-{spec}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
+                                         tiles_per_page=ring.tiles_per_page)
+            buf[1:].fill_(float("nan"))
+            ring.run()
+            torch.cuda.synchronize()
+            worst[f"mma-{spec}"] = check_layers(ring)
+        for spec in a.diagnose or ["8:4"]:
+            for mode in ("stream", "compute"):
+                runs[f"mma-{spec}/{mode}"] = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, mode=mode,
+                                                       **_spec(spec)).run
+        for run in runs.values():  # compile the Triton variants before capture
+            run()
+        torch.cuda.synchronize()
+        graphs = {}
+        for v, run in runs.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(a.replays):
+                    run()
+            graphs[v] = graph
+        times = {v: [1000 * ms / a.replays for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
+        for v in runs:
+            us = statistics.median(times[v])
+            rows.append([v, batch, a.layers, round(us, 2), round(100 * floor_us / us, 1),
+                         round((us - floor_us) / a.layers, 2), round(worst[v], 3) if v in worst else None])
+            print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
+                  f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
+        times_all[str(batch)] = times
+    write_record(
+        a.out, device=device, commit=commit,
+        title="Ring chain on the tensor cores: the weight ring at batch 1 to 32, against a launch per layer",
+        what=(f"chain of {a.layers} GEMMs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, the batch "
+              f"rows of each column; mma-S:C: one CUDA C++ launch (benchmarks/ring_batch.cu), weights packed in "
+              f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a {a.ring_kb} KiB ring with "
+              f"pages of 16-row tasks, C consumer warps, activations read from L2; launch/pdl: "
+              f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
+              f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
+        copy_gbps=round(copy, 1), layout=layout,
+        columns=["variant", "batch", "layers", "us per chain", "% of copy", "us per layer over copy",
+                 "worst error / bound"],
+        rows=rows, times_us=times_all)
+
+
+if __name__ == "__main__":
+    main()
