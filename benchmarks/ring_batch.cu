@@ -55,7 +55,7 @@ struct Work {                    // one page of one task of a consumer warp; 48 
   int flags;                     // kFirst: the task's first page; kLast: its last
   int x_stride;                  // elements between batch rows of act_l
   int out_stride;                // and of act_{l+1}
-  int pad;
+  int k0;                        // the page's first k-tile within K (its parity picks the sums a tile goes to)
 };
 static_assert(sizeof(Work) == 48, "Work is 6 int64 on the Python side");
 
@@ -119,11 +119,26 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint4 a, uint2 b) {
 template <int NT>
 __host__ __device__ constexpr int unroll() { return NT == 1 ? 32 : NT == 2 ? 16 : 8; }
 
+template <int NT>
+__device__ __forceinline__ void swap_sums(float (&acc)[2][NT][4]) {  // register moves: indices known at compile time
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float v = acc[0][j][e];
+      acc[0][j][e] = acc[1][j][e];
+      acc[1][j][e] = v;
+    }
+  }
+}
+
 // The products of one page: `tiles` packed k-tiles in `w` (shared) against B fragments of the batch rows
 // g + 8j < batch read from x (global, through L2: other blocks of this launch wrote it). NT n-tiles of 8 rows.
+// Two sets of sums, even and odd k-tiles of K (k0: the page's first), so that two mma chains are in flight
+// and a row's sums do not depend on how K is paged.
 template <int NT>
-__device__ __forceinline__ void page_mma(float (&acc)[NT][4], const uint4* w, const __nv_bfloat16* x, int x_stride,
-                                         int tiles, int batch, int lane, bool compute) {
+__device__ __forceinline__ void page_mma(float (&acc)[2][NT][4], const uint4* w, const __nv_bfloat16* x,
+                                         int x_stride, int tiles, int k0, int batch, int lane, bool compute) {
   if (!compute) return;
   const int g = lane >> 2, t = lane & 3;
   const uint2* xr[NT];
@@ -134,30 +149,32 @@ __device__ __forceinline__ void page_mma(float (&acc)[NT][4], const uint4* w, co
     xr[j] = reinterpret_cast<const uint2*>(x + static_cast<long long>(g + 8 * j) * x_stride + 4 * t);
   }
   constexpr int kUnroll = unroll<NT>();
-  for (int k0 = 0; k0 < tiles; k0 += kUnroll) {
+  if (k0 & 1) swap_sums(acc);  // the page's even local tiles are odd ones of K: their sums go in set 0
+  for (int c = 0; c < tiles; c += kUnroll) {
     uint2 b[kUnroll][NT];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         b[u][j] = make_uint2(0u, 0u);
-        if (live[j] && k0 + u < tiles) b[u][j] = __ldcg(xr[j] + 4 * (k0 + u));  // 16 elements = 4 uint2 a tile
+        if (live[j] && c + u < tiles) b[u][j] = __ldcg(xr[j] + 4 * (c + u));  // 16 elements = 4 uint2 a tile
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (k0 + u < tiles) {
-        const uint4 a = w[(k0 + u) * 32 + lane];
+      if (c + u < tiles) {
+        const uint4 a = w[(c + u) * 32 + lane];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma16816(acc[j], a, b[u][j]);
+        for (int j = 0; j < NT; ++j) mma16816(acc[u & 1][j], a, b[u][j]);  // kUnroll is even
       }
     }
   }
+  if (k0 & 1) swap_sums(acc);
 }
 
 // d0..d3 of n-tile j: rows g, g, g + 8, g + 8 of the task; batch rows 2t, 2t + 1, 2t, 2t + 1 (+ 8j).
 template <int NT>
-__device__ __forceinline__ void store_tile(const float (&acc)[NT][4], __nv_bfloat16* out, int out_stride,
+__device__ __forceinline__ void store_tile(const float (&acc)[2][NT][4], __nv_bfloat16* out, int out_stride,
                                            int batch, int lane) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -165,7 +182,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NT][4], __nv_bfloa
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int n = 8 * j + 2 * t + (e & 1), row = g + 8 * (e >> 1);
-      if (n < batch) out[static_cast<long long>(n) * out_stride + row] = __float2bfloat16(acc[j][e]);
+      const float v = acc[0][j][e] + acc[1][j][e];
+      if (n < batch) out[static_cast<long long>(n) * out_stride + row] = __float2bfloat16(v);
     }
   }
 }
@@ -232,7 +250,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
 
   const int list = blockIdx.x * consumers + warp;
   const int w0 = a.work_off[list], n_work = a.work_off[list + 1] - w0;
-  float acc[NT][4];
+  float acc[2][NT][4];
   int done_layer = 0, ready_layer = 0;
   unsigned done = 0;
   for (int base = 0; base < n_work; base += 32) {
@@ -247,6 +265,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       const int layer = __shfl_sync(0xffffffffu, held.layer, j);
       const int flags = __shfl_sync(0xffffffffu, held.flags, j);
       const int x_stride = __shfl_sync(0xffffffffu, held.x_stride, j);
+      const int k0 = __shfl_sync(0xffffffffu, held.k0, j);
       const int s = pos % slots;
       if (flags & kFirst) {
         if (done && layer != done_layer) {  // before any wait on this layer's input
@@ -262,11 +281,14 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
           ready_layer = layer;
         }
 #pragma unroll
-        for (int q = 0; q < NT; ++q) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.f;
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int q = 0; q < NT; ++q) acc[h][q][0] = acc[h][q][1] = acc[h][q][2] = acc[h][q][3] = 0.f;
+        }
       }
       mbar_wait(&full[s], (pos / slots) & 1);
-      page_mma<NT>(acc, reinterpret_cast<const uint4*>(ring + s * a.slot_bytes), x, x_stride, tiles, a.batch, lane,
-                   a.mode != 1);
+      page_mma<NT>(acc, reinterpret_cast<const uint4*>(ring + s * a.slot_bytes), x, x_stride, tiles, k0, a.batch,
+                   lane, a.mode != 1);
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);  // the page's bytes are in the sums: refill the slot
       if (flags & kLast) {

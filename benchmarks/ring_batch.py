@@ -191,7 +191,7 @@ class RingBatch:
                     wait = shapes[layer - 1][0] // TILE if layer else 0
                     work_rows.append((x.data_ptr() + k0 * TILE * 2, out.data_ptr() + m * TILE * 2,
                                       pos | tiles << 32, layer | wait << 32, flags | x.stride(0) << 32,
-                                      out.stride(0)))
+                                      out.stride(0) | k0 << 32))
                 work_off.append(len(work_rows))
         self.pages = torch.tensor(page_rows, dtype=torch.int64).to(device)
         self.work = torch.tensor(work_rows, dtype=torch.int64).to(device)

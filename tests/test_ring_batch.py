@@ -164,7 +164,7 @@ def test_ring_batch_cuda(rb):
     four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 8 consumers, grids 1, 3, 17 and every SM: each
     layer's output from the input the kernel stored against its fp32 twin and float64 (within ring_bound
     elementwise); the same bits for every ring and grid, for a batch row whatever the batch, and after a graph
-    replay (a row's sums go k-tile by k-tile in order however K is paged)."""
+    replay (a row's two sums, even and odd k-tiles of K, each go in order however K is paged)."""
     ring_chain = import_benchmark("ring_chain")
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
