@@ -34,7 +34,11 @@
 
 #include <cstdint>
 
+#include "ring_sync.cuh"
+
 namespace {
+
+using namespace ring;
 
 constexpr int kMaxConsumers = 8;  // consumer warps of a block (a task's rows: 1, 2, 4 or 8, ring_chain.py's plan)
 // prof (optional): per task, globaltimer ns when the producer issued its copy, when its consumer took it up, had
@@ -53,48 +57,6 @@ struct Task {                    // 48 bytes, written by ring_chain.py as 6 int6
   int pad;
 };
 static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(std::uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  }
-}
-
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, std::uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ long long global_ns() {
   long long t;
@@ -116,10 +78,6 @@ __device__ __forceinline__ void dot8(uint4 w, const float (&x)[8], float& even, 
   odd = fmaf(hi(w.z), x[5], odd);
   even = fmaf(lo(w.w), x[6], even);
   odd = fmaf(hi(w.w), x[7], odd);
-}
-
-__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 // x (K bf16, global, written by other blocks of this launch) into shared memory by one warp: through L2

@@ -80,13 +80,13 @@ def _nvcc() -> str:
 
 @functools.cache
 def build(source: Path) -> ctypes.CDLL:
-    """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source and nvcc in
-    ~/.cache/cqil_ring_chain."""
+    """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source (with the headers beside
+    it) and nvcc in ~/.cache/cqil_ring_chain."""
     major, minor = torch.cuda.get_device_capability()
     if major != 9:
         raise RuntimeError(f"{source.name} needs an sm_90 GPU (bulk copies, mbarriers); this one is sm_{major}{minor}")
     nvcc = _nvcc()
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
     key = hashlib.sha256(src + nvcc.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqil_ring_chain"
     cache.mkdir(parents=True, exist_ok=True)
