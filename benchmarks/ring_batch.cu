@@ -42,6 +42,9 @@ using namespace ring;
 constexpr int kMaxConsumers = 8;  // consumer warps of a block
 constexpr int kTileBytes = 512;  // one packed 16 x 16 k-tile: 32 lanes x 16 bytes
 constexpr int kFirst = 1, kLast = 2;
+// prof's stamps of a page: the producer issued its copy; its consumer took it up, had x (the layer before
+// complete: later pages of a task stamp the same as taken), had the slot's bytes, had multiplied (and stored)
+constexpr int kStamps = 5;
 
 struct Page {                    // 16 bytes, written by ring_batch.py as 2 int64
   const void* src;               // the page's packed k-tiles
@@ -152,6 +155,7 @@ struct Args {                    // the kernel's parameters (ring_batch_launch's
   const Work* work;              // every consumer warp's work list, warp w of block b's from work_off[b * C + w]
   const int* work_off;
   unsigned* counters;            // per layer, its tasks stored
+  long long* prof;               // optional: per page (page_off[b] + position), kStamps globaltimer ns
   int batch;
   int slot_bytes;
   int slots;
@@ -193,6 +197,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         if (lane == 0) {
           const int i = base + j, s = i % slots;
           if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
+          if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
           if (a.mode == 2) {
             mbar_arrive(&full[s]);
           } else {
@@ -225,6 +230,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       const int x_stride = __shfl_sync(0xffffffffu, held.x_stride, j);
       const int k0 = __shfl_sync(0xffffffffu, held.k0, j);
       const int s = pos % slots;
+      long long* stamp =
+          a.prof && lane == 0 ? a.prof + static_cast<long long>(a.page_off[blockIdx.x] + pos) * kStamps : nullptr;
+      const long long taken = stamp ? global_ns() : 0;
+      if (stamp) stamp[1] = taken;
       if (flags & kFirst) {
         if (done && layer != done_layer) {  // before any wait on this layer's input
           __threadfence();                  // every lane's stores, then one release for the warp
@@ -244,7 +253,9 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
           for (int q = 0; q < NT; ++q) acc[h][q][0] = acc[h][q][1] = acc[h][q][2] = acc[h][q][3] = 0.f;
         }
       }
+      if (stamp) stamp[2] = flags & kFirst ? global_ns() : taken;
       mbar_wait(&full[s], (pos / slots) & 1);
+      if (stamp) stamp[3] = global_ns();
       page_mma<NT>(acc, reinterpret_cast<const uint4*>(ring + s * a.slot_bytes), x, x_stride, tiles, k0, a.batch,
                    lane, a.mode != 1);
       __syncwarp();
@@ -257,6 +268,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         done_layer = layer;
         ++done;
       }
+      if (stamp) stamp[4] = global_ns();
     }
   }
   if (done) {
@@ -280,8 +292,8 @@ extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(sta
 
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
 extern "C" int ring_batch_launch(const void* pages, const int* page_off, const void* work, const int* work_off,
-                                 unsigned* counters, int layers, int batch, int slot_bytes, int slots, int consumers,
-                                 int grid, int mode, void* stream) {
+                                 unsigned* counters, long long* prof, int layers, int batch, int slot_bytes, int slots,
+                                 int consumers, int grid, int mode, void* stream) {
   if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || batch < 1 || batch > 32 || mode < 0 || mode > 2 ||
       slot_bytes % kTileBytes)
     return cudaErrorInvalidValue;
@@ -289,8 +301,8 @@ extern "C" int ring_batch_launch(const void* pages, const int* page_off, const v
   const int smem = slots * slot_bytes + 2 * slots * 8;
   cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
-  const Args a{static_cast<const Page*>(pages), page_off, static_cast<const Work*>(work), work_off, counters, batch,
-               slot_bytes, slots, mode};
+  const Args a{static_cast<const Page*>(pages), page_off, static_cast<const Work*>(work), work_off, counters, prof,
+               batch, slot_bytes, slots, mode};
   switch ((batch + 7) / 8) {
     case 1: return launch<1>(a, consumers, grid, smem, st);
     case 2: return launch<2>(a, consumers, grid, smem, st);

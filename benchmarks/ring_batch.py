@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ring_chain import SMEM_LIMIT, build, check_layers
+from ring_chain import SMEM_LIMIT, build, check_layers, profile_summary
 
 SOURCE = Path(__file__).with_name("ring_batch.cu")
 TILE = 16            # an mma k-tile and a task's rows
@@ -113,7 +113,7 @@ def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumer
 def library() -> ctypes.CDLL:
     so = build(SOURCE)
     so.ring_batch_launch.restype = ctypes.c_int
-    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     so.ring_batch_error.restype = ctypes.c_char_p
     so.ring_batch_error.argtypes = [ctypes.c_int]
     return so
@@ -126,13 +126,14 @@ class RingBatch:
     The weights are packed once (pack; or `packed`, their packs); the activations are borrowed, read and
     written in place by run(). slots, ring_kb, consumers: the ring (slot_bytes a whole number of packed
     k-tiles). mode: "chain", or the diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks
-    (default and at most one per SM)."""
+    (default and at most one per SM). profile: every run stamps each page (ring_chain.STAMPS, per page in
+    the blocks' lists; ring_chain.profile_summary)."""
 
     MODES = {"chain": 0, "stream": 1, "compute": 2}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
                  ring_kb: int = RING_KB, consumers: int | None = None, mode: str = "chain",
-                 grid: int | None = None, packed: list[torch.Tensor] | None = None):
+                 grid: int | None = None, packed: list[torch.Tensor] | None = None, profile: bool = False):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -180,10 +181,12 @@ class RingBatch:
             raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
         self.packed = packed if packed is not None else [pack(w) for w in weights]
         blocks = plan(shapes, tiles_per_page, self.grid, self.consumers)
-        page_rows, work_rows, page_off, work_off = [], [], [0], [0]
+        page_rows, work_rows, page_off, work_off, layers_of, firsts = [], [], [0], [0], [], []
         for pages, work in blocks:
             for layer, m, k0, tiles in pages:
                 page_rows.append((self.packed[layer][m, k0].data_ptr(), tiles * TILE_BYTES))
+                layers_of.append(layer)
+                firsts.append(k0 == 0)
             page_off.append(len(page_rows))
             for mine in work:
                 for pos, layer, m, k0, tiles, flags in mine:
@@ -198,13 +201,16 @@ class RingBatch:
         self.page_off = torch.tensor(page_off, dtype=torch.int32).to(device)
         self.work_off = torch.tensor(work_off, dtype=torch.int32).to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
+        self.prof = torch.zeros(len(page_rows), 5, dtype=torch.int64, device=device) if profile else None
         self.weights, self.acts, self.batch, self.tiles_per_page = list(weights), list(acts), batch, tiles_per_page
 
     def run(self) -> None:
         """Queue the chain on the current stream (capturable in a CUDA graph)."""
         lib = library()
         err = lib.ring_batch_launch(self.pages.data_ptr(), self.page_off.data_ptr(), self.work.data_ptr(),
-                                    self.work_off.data_ptr(), self.counters.data_ptr(), len(self.weights),
+                                    self.work_off.data_ptr(), self.counters.data_ptr(),
+                                    None if self.prof is None else self.prof.data_ptr(), len(self.weights),
                                     self.batch, self.slot_bytes, self.slots, self.consumers, self.grid, self.mode,
                                     torch.cuda.current_stream().cuda_stream)
         if err:
@@ -226,6 +232,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, action="append", help="batch rows (default 1, 8, 16, 32)")
     ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 8:8, 16:8)")
     ap.add_argument("--diagnose", action="append", help="the rings diagnosed (default 8:4)")
+    ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
+                                                       "timing, summarized per layer (default 8:4)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
@@ -243,7 +251,7 @@ def main(argv=None) -> None:
     floor_us = chain.weight_bytes() / copy / 1e3
     width = max(a.dims)
     g = torch.Generator().manual_seed(1)
-    rows, times_all, layout = [], {}, {}
+    rows, times_all, layout, profiles = [], {}, {}, {}
     for batch in a.batch or [1, 8, 16, 32]:
         buf = torch.zeros(a.layers + 1, batch, width, dtype=torch.bfloat16, device=device)
         buf[0, :, :a.dims[0]] = torch.randn(batch, a.dims[0], generator=g).to(torch.bfloat16)
@@ -285,6 +293,14 @@ def main(argv=None) -> None:
             print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
+        for spec in a.profile or ["8:4"]:
+            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, profile=True, **_spec(spec))
+            ring.run()
+            torch.cuda.synchronize()
+            check_layers(ring)
+            profiles[f"batch {batch}, mma-{spec}"] = summary = profile_summary(ring)
+            for row in summary[:3] + summary[-1:]:
+                print(f"batch {batch:>2} mma-{spec} profile: {row}", flush=True)
     write_record(
         a.out, device=device, commit=commit,
         title="Ring chain on the tensor cores: the weight ring at batch 1 to 32, against a launch per layer",
@@ -294,7 +310,7 @@ def main(argv=None) -> None:
               f"pages of 16-row tasks, C consumer warps, activations read from L2; launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
-        copy_gbps=round(copy, 1), layout=layout,
+        copy_gbps=round(copy, 1), layout=layout, profiles=profiles,
         columns=["variant", "batch", "layers", "us per chain", "% of copy", "us per layer over copy",
                  "worst error / bound"],
         rows=rows, times_us=times_all)

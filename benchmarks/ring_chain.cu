@@ -58,12 +58,6 @@ struct Task {                    // 48 bytes, written by ring_chain.py as 6 int6
 };
 static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
 
-__device__ __forceinline__ long long global_ns() {
-  long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 __device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
 

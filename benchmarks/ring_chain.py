@@ -197,13 +197,15 @@ class RingChain:
             raise RuntimeError(f"ring_chain_launch: {lib.ring_chain_error(err).decode()}")
 
 
-def profile_summary(chain: RingChain) -> list[dict]:
+def profile_summary(chain) -> list[dict]:
     """Where a profiled chain's last run spent its time, per layer, in µs. Medians over the layer's tasks
     (the mean of the middle two for an even count): a task's consumer waiting for x ("wait x": the layer
     boundary), then for its slot's bytes ("wait data": the stream), then multiplying and storing
     ("compute"); a slot's time from its copy's issue to its consumer having it ("in flight", ring time
     included). The layer's span from its first copy issued to its last rows stored, and "boundary": from
-    the last rows of the layer before stored to the first task of this one holding x."""
+    the last rows of the layer before stored to the first task of this one holding x. chain: a RingChain, or
+    any object with its weights, prof ([n, STAMPS]) and task_layers ([n]); rows are slots' worth of work
+    (ring_batch's pages: "wait x" then over the rows of its `waits_x` mask, a task's first page)."""
     p = chain.prof.cpu().double()
     if not (p > 0).all():
         raise ValueError("the profile has tasks without stamps: run the chain first")
@@ -213,10 +215,12 @@ def profile_summary(chain: RingChain) -> list[dict]:
     for layer in range(len(chain.weights)):
         sel = chain.task_layers == layer
 
-        def median(t: torch.Tensor) -> float:
-            return t[sel].quantile(0.5).item()
+        def median(t: torch.Tensor, rows: torch.Tensor = sel) -> float:
+            return t[rows].quantile(0.5).item()
 
-        row = {"layer": layer, "tasks": int(sel.sum()), "wait x": median(x - taken), "wait data": median(data - x),
+        waits = sel & getattr(chain, "waits_x", torch.ones_like(sel))
+        row = {"layer": layer, "tasks": int(sel.sum()), "wait x": median(x - taken, waits),
+               "wait data": median(data - x),
                "compute": median(stored - data), "in flight": median(data - issued),
                "first issued": issued[sel].min().item(), "last stored": stored[sel].max().item()}
         row["boundary"] = None if last_stored is None else x[sel].min().item() - last_stored

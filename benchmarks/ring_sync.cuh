@@ -1,6 +1,7 @@
 // The synchronization the ring prototypes share (ring_chain.cu, ring_batch.cu): shared-memory mbarriers with
-// transaction counts, bulk copies (TMA) into shared memory, and a gpu-scope acquire load and release add for
-// the per-layer counters. sm_90. ring_chain.py's build hashes this file with the source that includes it.
+// transaction counts, bulk copies (TMA) into shared memory, a gpu-scope acquire load and release add for the
+// per-layer counters, and the profiles' timer. sm_90. ring_chain.py's build hashes this file with the source
+// that includes it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -53,6 +54,13 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 
 __device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// The global timer in ns (the per-task profiles).
+__device__ __forceinline__ long long global_ns() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 }  // namespace ring

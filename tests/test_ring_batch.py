@@ -200,6 +200,17 @@ def test_ring_batch_cuda(rb):
             reference = first
         for a, b in zip(first, reference):  # batch row n's bits do not depend on the other rows
             assert torch.equal(a, b[:batch]), batch
+    profiled = rb.RingBatch(weights, acts, slots=4, consumers=2, ring_kb=24, grid=17, packed=packed, profile=True)
+    buf[1:].fill_(float("nan"))
+    profiled.run()
+    torch.cuda.synchronize()
+    for a, b in zip(acts[1:], first):  # the stamps change no result
+        assert torch.equal(a, b)
+    issued, taken, x, data, stored = profiled.prof.cpu().unbind(1)
+    assert (issued > 0).all() and (taken <= x).all() and (x <= data).all() and (data <= stored).all()
+    assert (issued <= data).all()  # a slot's bytes arrive after their copy was issued
+    assert (x == taken)[~profiled.waits_x].all()  # only a task's first page waits for the layer before
+    assert len(ring_chain.profile_summary(profiled)) == len(weights)
     for mode in ("stream", "compute"):  # the diagnostics keep the protocol: every task counted, no hang
         diag = rb.RingBatch(weights, acts, slots=4, consumers=2, ring_kb=24, mode=mode, packed=packed)
         diag.run()
