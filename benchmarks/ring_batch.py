@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ring_chain import SMEM_LIMIT, build, check_layers, profile_summary
+from ring_chain import SMEM_LIMIT, ring_spec, build, check_layers, profile_summary
 
 SOURCE = Path(__file__).with_name("ring_batch.cu")
 TILE = 16            # an mma k-tile and a task's rows
@@ -217,11 +217,6 @@ class RingBatch:
             raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
 
 
-def _spec(spec: str) -> dict:
-    slots, _, consumers = spec.partition(":")
-    return dict(slots=int(slots), consumers=int(consumers) if consumers else None)
-
-
 def main(argv=None) -> None:
     from cqil_kernels.bench import _commit, _warm_up_gpu, copy_bandwidth_gbps, write_record
     from persistent_chain import BLOCK_M, Chain, replay_ms
@@ -263,7 +258,7 @@ def main(argv=None) -> None:
             for v in ("launch", "pdl"):
                 runs[v] = functools.partial(chain.run, v)
         for spec in a.slots or ["8:4", "8:8", "16:8"]:
-            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, **_spec(spec))
+            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, **ring_spec(spec))
             rings[f"mma-{spec}"] = runs[f"mma-{spec}"] = ring.run
             layout[f"mma-{spec}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
                                          tiles_per_page=ring.tiles_per_page)
@@ -274,7 +269,7 @@ def main(argv=None) -> None:
         for spec in a.diagnose or ["8:4"]:
             for mode in ("stream", "compute"):
                 runs[f"mma-{spec}/{mode}"] = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, mode=mode,
-                                                       **_spec(spec)).run
+                                                       **ring_spec(spec)).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
         torch.cuda.synchronize()
@@ -294,7 +289,7 @@ def main(argv=None) -> None:
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
         for spec in a.profile or ["8:4"]:
-            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, profile=True, **_spec(spec))
+            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, profile=True, **ring_spec(spec))
             ring.run()
             torch.cuda.synchronize()
             check_layers(ring)

@@ -78,6 +78,17 @@ def _nvcc() -> str:
     raise RuntimeError("ring_chain needs nvcc (CUDA_HOME/bin or PATH) to build ring_chain.cu")
 
 
+def available() -> bool:
+    """Whether build() can run here: an sm_90 GPU and the nvcc _nvcc() finds (the CUDA tests' condition)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    try:
+        _nvcc()
+    except RuntimeError:
+        return False
+    return True
+
+
 @functools.cache
 def build(source: Path) -> ctypes.CDLL:
     """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source (with the headers beside
@@ -254,7 +265,7 @@ def check_layers(chain: RingChain) -> float:
     return worst
 
 
-def _ring_spec(spec: str) -> dict:
+def ring_spec(spec: str) -> dict:
     """--slots S or S:C as RingChain's slots and consumers."""
     slots, _, consumers = spec.partition(":")
     return dict(slots=int(slots), consumers=int(consumers) if consumers else None)
@@ -295,7 +306,7 @@ def main(argv=None) -> None:
         acts += [chain.act[lay + 1, 0, :chain.layer_shape(lay)[0]] for lay in range(layers)]
         weights = [chain.weight(lay) for lay in range(layers)]
         for spec in a.slots or ["4", "8", "4:2", "8:4", "8:2"]:
-            ring = RingChain(weights, acts, ring_kb=a.ring_kb, **_ring_spec(spec))
+            ring = RingChain(weights, acts, ring_kb=a.ring_kb, **ring_spec(spec))
             rings[f"ring-{spec}"] = ring
             runs[f"ring-{spec}"] = ring.run
             layout[f"ring-{spec}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
@@ -304,7 +315,7 @@ def main(argv=None) -> None:
         for spec in a.diagnose or ["8:4"]:
             for mode in ("stream", "compute"):
                 diagnostics[f"ring-{spec}/{mode}"] = RingChain(weights, acts, ring_kb=a.ring_kb, mode=mode,
-                                                               **_ring_spec(spec)).run
+                                                               **ring_spec(spec)).run
         runs.update(diagnostics)
         outs, worst = {}, {}
         for v, run in runs.items():  # compile or build, check, then capture
@@ -336,7 +347,7 @@ def main(argv=None) -> None:
                   flush=True)
         times_all[str(layers)] = times
         for spec in a.profile or ["8:4"]:
-            ring = RingChain(weights, acts, ring_kb=a.ring_kb, profile=True, **_ring_spec(spec))
+            ring = RingChain(weights, acts, ring_kb=a.ring_kb, profile=True, **ring_spec(spec))
             ring.run()
             torch.cuda.synchronize()
             check_layers(ring)

@@ -147,18 +147,8 @@ def test_ring_batch_rejects_bad_input(rb):
         rb.RingBatch(w, acts, grid=2)  # the CPU counts as one SM
 
 
-def _sm90_with_nvcc() -> bool:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        return False
-    try:
-        import_benchmark("ring_chain")._nvcc()
-    except RuntimeError:
-        return False
-    return True
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(not _sm90_with_nvcc(), reason="needs an sm_90 GPU and nvcc")
+@pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
 def test_ring_batch_cuda(rb):
     """Odd shapes (layers with fewer tasks than SMs, K of 2 to 257 k-tiles), batches 1, 3, 8, 13 and 32 (one to
     four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 8 consumers, grids 1, 3, 17 and every SM: each

@@ -95,19 +95,8 @@ def test_ring_chain_rejects_bad_input(ring):
                        slots=1, ring_kb=200)
 
 
-def _sm90_with_nvcc() -> bool:
-    """Whether ring_chain.library() can build here: an sm_90 GPU and the nvcc its _nvcc() finds."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        return False
-    try:
-        import_benchmark("ring_chain")._nvcc()
-    except RuntimeError:
-        return False
-    return True
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(not _sm90_with_nvcc(), reason="needs an sm_90 GPU and nvcc")
+@pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
 def test_ring_chain_cuda(ring):
     """Odd shapes (layers with fewer tasks than SMs and with many tasks per block), rings of 1, 2, 4 and 8
     slots (so 8 down to 1 rows per task): each layer's output from the input the kernel stored against its
