@@ -13,20 +13,29 @@
 // A task's K is cut into pages of whole k-tiles, one ring slot each. Per block the host plans one page
 // sequence (ring_batch.py's plan): the block's tasks in chain order, grouped in rounds of up to `consumers`
 // tasks of one layer whose pages interleave (page 0 of each, then page 1 of each, ...), so the round's
-// consumer warps work side by side on consecutive slots. A round never mixes layers: a task waiting on the
-// layer before must not hold a slot that a task of that layer needs.
+// consumer warps work side by side. A round never mixes layers: a task waiting on the layer before must not
+// hold a slot that a task of that layer needs.
 //
-//   producer warp   walks the block's page list (32 descriptors per read, shuffled) and copies each page into
-//                   slot pos % slots with one bulk copy (TMA) as soon as the slot is free; it never waits on an
-//                   activation.
+// Each consumer warp has its own slots: warp w's e-th page goes to slot w * per + e % per (per = slots /
+// consumers), its (e / per)-th use. A slot's barriers then see one consumer in order, so a phase parity names
+// exactly one page by construction. (The first version shared the ring as ring_chain.cu does, page i in slot
+// i % slots. A parity wait cannot tell phase k from k - 2, so that is exact only while no warp waits on a slot
+// whose previous page is not yet copied; for plan's rounds the layer waits ensure it (the simulation in
+// tests/test_ring_batch.py finds no such read), but the argument is subtle. That version hung on its first GPU
+// run for a reason not found: see the watchdog.)
+//
+//   producer warp   walks the block's page list (32 descriptors per read, shuffled: source, bytes, slot, use)
+//                   and copies each page into its slot with one bulk copy (TMA) as soon as the slot's previous
+//                   page is consumed; it never waits on an activation.
 //   consumer warps  walk their own work lists (one entry per page of their tasks, in page order): on a task's
 //                   first page, wait until the layer before has all its tasks counted (acquire) and zero the
 //                   sums; per page, wait for the slot, multiply its k-tiles, give the slot back; on the last
 //                   page, store the 16 rows of every batch row. A warp adds its tasks of a layer to the
 //                   layer's counter (fence, release) once it moves on to another layer.
 // Deadlock: within a block, page positions follow chain order and a round holds one layer; every wait is on
-// an earlier position of the block or on the layer before, which is earlier in every block; all blocks are
-// resident (one per SM).
+// an earlier position of the block (a slot's previous page is its warp's earlier page) or on the layer before,
+// which is earlier in every block; all blocks are resident (one per SM). tests/test_ring_batch.py simulates the
+// protocol, barriers' parities included.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,17 +54,25 @@ constexpr int kFirst = 1, kLast = 2;
 // prof's stamps of a page: the producer issued its copy; its consumer took it up, had x (the layer before
 // complete: later pages of a task stamp the same as taken), had the slot's bytes, had multiplied (and stored)
 constexpr int kStamps = 5;
+// Watchdog: a wait that has not passed after kPatienceNs gives up. The first to give up writes diag[0..7] =
+// {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait), block, warp, position in
+// the block's page list, slot or layer, use or counter value, target (parity or task count), page list length}
+// and every warp that gives up returns: a hang becomes an error ring_batch.py names (RingBatch.check).
+constexpr long long kPatienceNs = 2000000000LL;
 
-struct Page {                    // 16 bytes, written by ring_batch.py as 2 int64
+struct Page {                    // 24 bytes, written by ring_batch.py as 3 int64
   const void* src;               // the page's packed k-tiles
-  long long bytes;
+  int bytes;
+  int slot;                      // its consumer warp's slot (w * per + e % per)
+  int use;                       // the slot's use it is (e / per): the producer waits for use - 1 consumed
+  int pad;
 };
-static_assert(sizeof(Page) == 16, "Page is 2 int64 on the Python side");
+static_assert(sizeof(Page) == 24, "Page is 3 int64 on the Python side");
 
 struct Work {                    // one page of one task of a consumer warp; 48 bytes, 6 int64 on the Python side
   const __nv_bfloat16* x;        // act_l[0][16 * first k-tile of the page]
   __nv_bfloat16* out;            // act_{l+1}[0][16 * m]
-  int pos;                       // the page's position in the block's page list (slot pos % slots)
+  int pos;                       // the page's position in the block's page list (its profile row)
   int tiles;                     // k-tiles in the page
   int layer;
   int wait_target;               // tasks of layer - 1 (0: layer 0, whose input is the chain's)
@@ -156,11 +173,26 @@ struct Args {                    // the kernel's parameters (ring_batch_launch's
   const int* work_off;
   unsigned* counters;            // per layer, its tasks stored
   long long* prof;               // optional: per page (page_off[b] + position), kStamps globaltimer ns
+  long long* diag;               // [8], zero: the watchdog's report (kPatienceNs)
   int batch;
   int slot_bytes;
   int slots;
   int mode;
 };
+
+__device__ void give_up(long long* diag, int what, int warp, int pos, long long where, long long have,
+                        long long want, int pages) {
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
+    diag[1] = blockIdx.x;
+    diag[2] = warp;
+    diag[3] = pos;
+    diag[4] = where;
+    diag[5] = have;
+    diag[6] = want;
+    diag[7] = pages;
+    __threadfence();
+  }
+}
 
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
@@ -184,6 +216,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   }
   __syncthreads();
 
+  const long long deadline = global_ns() + kPatienceNs;
   if (warp == consumers) {  // producer
     const int p0 = a.page_off[blockIdx.x], n_pages = a.page_off[blockIdx.x + 1] - p0;
     for (int base = 0; base < n_pages; base += 32) {
@@ -194,9 +227,19 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         const auto src = reinterpret_cast<const void*>(
             __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.src), j));
         const auto bytes = static_cast<unsigned>(__shfl_sync(0xffffffffu, held.bytes, j));
+        const int s = __shfl_sync(0xffffffffu, held.slot, j);
+        const int use = __shfl_sync(0xffffffffu, held.use, j);
+        int late = 0;
         if (lane == 0) {
-          const int i = base + j, s = i % slots;
-          if (i >= slots) mbar_wait(&empty[s], ((i / slots) - 1) & 1);
+          const int i = base + j;
+          if (use > 0 && !mbar_wait_until(&empty[s], (use - 1) & 1, deadline)) {
+            give_up(a.diag, 1, warp, i, s, use, (use - 1) & 1, n_pages);
+            late = 1;
+          }
+        }
+        if (__shfl_sync(0xffffffffu, late, 0)) return;
+        if (lane == 0) {
+          const int i = base + j;
           if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
           if (a.mode == 2) {
             mbar_arrive(&full[s]);
@@ -211,6 +254,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
     return;
   }
 
+  const int per = slots / consumers;  // this warp's slots: warp * per .. warp * per + per - 1
   const int list = blockIdx.x * consumers + warp;
   const int w0 = a.work_off[list], n_work = a.work_off[list + 1] - w0;
   float acc[2][NT][4];
@@ -229,7 +273,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       const int flags = __shfl_sync(0xffffffffu, held.flags, j);
       const int x_stride = __shfl_sync(0xffffffffu, held.x_stride, j);
       const int k0 = __shfl_sync(0xffffffffu, held.k0, j);
-      const int s = pos % slots;
+      const int e = base + j, s = warp * per + e % per;  // the e-th page of this warp
       long long* stamp =
           a.prof && lane == 0 ? a.prof + static_cast<long long>(a.page_off[blockIdx.x] + pos) * kStamps : nullptr;
       const long long taken = stamp ? global_ns() : 0;
@@ -243,7 +287,14 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         }
         const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
         if (wait_target > 0 && ready_layer < layer) {
-          while (load_acquire(a.counters + layer - 1) < static_cast<unsigned>(wait_target)) {
+          while (true) {  // every lane acquires (its own later loads of x are ordered after); the vote keeps
+            // the warp together
+            const unsigned seen = load_acquire(a.counters + layer - 1);
+            if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(wait_target))) break;
+            if (__any_sync(0xffffffffu, global_ns() > deadline)) {
+              if (lane == 0) give_up(a.diag, 2, warp, pos, layer, seen, wait_target, n_work);
+              return;
+            }
           }
           ready_layer = layer;
         }
@@ -254,7 +305,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         }
       }
       if (stamp) stamp[2] = flags & kFirst ? global_ns() : taken;
-      mbar_wait(&full[s], (pos / slots) & 1);
+      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (e / per) & 1, deadline))) {
+        if (lane == 0) give_up(a.diag, 3, warp, pos, s, e / per, (e / per) & 1, n_work);
+        return;
+      }
       if (stamp) stamp[3] = global_ns();
       page_mma<NT>(acc, reinterpret_cast<const uint4*>(ring + s * a.slot_bytes), x, x_stride, tiles, k0, a.batch,
                    lane, a.mode != 1);
@@ -292,17 +346,17 @@ extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(sta
 
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
 extern "C" int ring_batch_launch(const void* pages, const int* page_off, const void* work, const int* work_off,
-                                 unsigned* counters, long long* prof, int layers, int batch, int slot_bytes, int slots,
-                                 int consumers, int grid, int mode, void* stream) {
-  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || batch < 1 || batch > 32 || mode < 0 || mode > 2 ||
-      slot_bytes % kTileBytes)
+                                 unsigned* counters, long long* prof, long long* diag, int layers, int batch,
+                                 int slot_bytes, int slots, int consumers, int grid, int mode, void* stream) {
+  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers || batch < 1 || batch > 32 ||
+      mode < 0 || mode > 2 || slot_bytes % kTileBytes)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int smem = slots * slot_bytes + 2 * slots * 8;
   cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
   const Args a{static_cast<const Page*>(pages), page_off, static_cast<const Work*>(work), work_off, counters, prof,
-               batch, slot_bytes, slots, mode};
+               diag, batch, slot_bytes, slots, mode};
   switch ((batch + 7) / 8) {
     case 1: return launch<1>(a, consumers, grid, smem, st);
     case 2: return launch<2>(a, consumers, grid, smem, st);

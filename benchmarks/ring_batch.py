@@ -80,13 +80,18 @@ def pages_of(K: int, tiles_per_page: int) -> list[tuple[int, int]]:
     return [(k0, min(tiles_per_page, kt - k0)) for k0 in range(0, kt, tiles_per_page)]
 
 
-def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumers: int):
+def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumers: int, slots: int):
     """Per block (block b runs the chain's tasks b, b + grid, ...; a task is (layer, m-tile)): its page list,
-    in the order the producer fills the ring, [(layer, m, first k-tile, k-tiles)], and per consumer warp its
-    work list [(position in the page list, layer, m, first k-tile, k-tiles, flags)]. The block's tasks go in
-    rounds of up to `consumers` tasks of one layer, each to the next warp in turn; a round's pages interleave
-    (page 0 of each task, then page 1 of each, ...). A round never holds two layers (ring_batch.cu: a task
-    waiting on the layer before must not hold slots a task of that layer needs)."""
+    in the order the producer fills the ring, [(layer, m, first k-tile, k-tiles, slot, use)], and per consumer
+    warp its work list [(position in the page list, layer, m, first k-tile, k-tiles, flags)]. The block's
+    tasks go in rounds of up to `consumers` tasks of one layer, each to the next warp in turn; a round's pages
+    interleave (page 0 of each task, then page 1 of each, ...). A round never holds two layers (ring_batch.cu:
+    a task waiting on the layer before must not hold slots a task of that layer needs). Warp w's e-th page
+    goes to its own slot w * per + e % per (per = slots / consumers), the slot's (e / per)-th use, as
+    ring_batch.cu's consumers compute it."""
+    if slots % consumers:
+        raise ValueError(f"consumers must divide slots (each warp has its own slots), got {slots}:{consumers}")
+    per = slots // consumers
     tasks = [(layer, m) for layer, (N, _) in enumerate(shapes) for m in range(N // TILE)]
     blocks = []
     for b in range(grid):
@@ -103,8 +108,9 @@ def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumer
             for p, (k0, tiles) in enumerate(task_pages):
                 flags = (FIRST if p == 0 else 0) | (LAST if p == len(task_pages) - 1 else 0)
                 for (lay, m), w in zip(rnd, warps):
+                    e = len(work[w])
                     work[w].append((len(pages), lay, m, k0, tiles, flags))
-                    pages.append((lay, m, k0, tiles))
+                    pages.append((lay, m, k0, tiles, w * per + e % per, e // per))
         blocks.append((pages, work))
     return blocks
 
@@ -113,7 +119,7 @@ def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumer
 def library() -> ctypes.CDLL:
     so = build(SOURCE)
     so.ring_batch_launch.restype = ctypes.c_int
-    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     so.ring_batch_error.restype = ctypes.c_char_p
     so.ring_batch_error.argtypes = [ctypes.c_int]
     return so
@@ -163,8 +169,9 @@ class RingBatch:
                                  f"8-byte aligned start expected (strides {t.stride()}, address % 8 = "
                                  f"{t.data_ptr() % 8})")
         self.consumers = consumers or min(slots, MAX_CONSUMERS)
-        if not 1 <= self.consumers <= MAX_CONSUMERS:
-            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {self.consumers}")
+        if not 1 <= self.consumers <= MAX_CONSUMERS or slots % self.consumers:
+            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots} (each warp has its own "
+                             f"slots), got {self.consumers}")
         tiles_per_page = ring_kb * 1024 // slots // TILE_BYTES
         if tiles_per_page < 1:
             raise ValueError(f"{slots} slots of {ring_kb} KiB hold no {TILE_BYTES}-byte k-tile each")
@@ -180,11 +187,11 @@ class RingBatch:
         if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
             raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
         self.packed = packed if packed is not None else [pack(w) for w in weights]
-        blocks = plan(shapes, tiles_per_page, self.grid, self.consumers)
+        blocks = plan(shapes, tiles_per_page, self.grid, self.consumers, slots)
         page_rows, work_rows, page_off, work_off, layers_of, firsts = [], [], [0], [0], [], []
         for pages, work in blocks:
-            for layer, m, k0, tiles in pages:
-                page_rows.append((self.packed[layer][m, k0].data_ptr(), tiles * TILE_BYTES))
+            for layer, m, k0, tiles, slot, use in pages:
+                page_rows.append((self.packed[layer][m, k0].data_ptr(), tiles * TILE_BYTES | slot << 32, use))
                 layers_of.append(layer)
                 firsts.append(k0 == 0)
             page_off.append(len(page_rows))
@@ -203,6 +210,7 @@ class RingBatch:
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
         self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
         self.prof = torch.zeros(len(page_rows), 5, dtype=torch.int64, device=device) if profile else None
+        self.diag = torch.zeros(8, dtype=torch.int64, device=device)  # the kernel's watchdog report (check)
         self.weights, self.acts, self.batch, self.tiles_per_page = list(weights), list(acts), batch, tiles_per_page
 
     def run(self) -> None:
@@ -210,11 +218,29 @@ class RingBatch:
         lib = library()
         err = lib.ring_batch_launch(self.pages.data_ptr(), self.page_off.data_ptr(), self.work.data_ptr(),
                                     self.work_off.data_ptr(), self.counters.data_ptr(),
-                                    None if self.prof is None else self.prof.data_ptr(), len(self.weights),
+                                    None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(),
+                                    len(self.weights),
                                     self.batch, self.slot_bytes, self.slots, self.consumers, self.grid, self.mode,
                                     torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
+
+
+WAITS = {1: "the producer's wait for its slot to be consumed", 2: "a consumer's wait for the layer before",
+         3: "a consumer's wait for its page's copy"}
+
+
+def check(chain: RingBatch) -> None:
+    """Raise if a run of the chain gave up (ring_batch.cu's watchdog: a wait that had not passed after two
+    seconds), naming the wait, the block, warp and page; waits for the GPU. A run that gave up left its
+    outputs incomplete."""
+    what, block, warp, pos, where, have, want, n = chain.diag.tolist()
+    if what:
+        chain.diag.zero_()
+        detail = {1: f"slot {where}, use {have}, parity {want}", 2: f"layer {where - 1}'s counter at {have} of {want}",
+                  3: f"slot {where}, use {have}, parity {want}"}[what]
+        raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {pos} of its "
+                           f"block's list ({detail}; the list holding {n} entries)")
 
 
 def main(argv=None) -> None:
@@ -264,7 +290,7 @@ def main(argv=None) -> None:
                                          tiles_per_page=ring.tiles_per_page)
             buf[1:].fill_(float("nan"))
             ring.run()
-            torch.cuda.synchronize()
+            check(ring)
             worst[f"mma-{spec}"] = check_layers(ring)
         for spec in a.diagnose or ["8:4"]:
             for mode in ("stream", "compute"):
@@ -281,6 +307,9 @@ def main(argv=None) -> None:
                     run()
             graphs[v] = graph
         times = {v: [1000 * ms / a.replays for ms in t] for v, t in replay_ms(graphs, a.rounds).items()}
+        for run in runs.values():  # no replay gave up
+            if isinstance(getattr(run, "__self__", None), RingBatch):
+                check(run.__self__)
         for v in runs:
             us = statistics.median(times[v])
             rows.append([v, batch, a.layers, round(us, 2), round(100 * floor_us / us, 1),
@@ -291,7 +320,7 @@ def main(argv=None) -> None:
         for spec in a.profile or ["8:4"]:
             ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, profile=True, **ring_spec(spec))
             ring.run()
-            torch.cuda.synchronize()
+            check(ring)
             check_layers(ring)
             profiles[f"batch {batch}, mma-{spec}"] = summary = profile_summary(ring)
             for row in summary[:3] + summary[-1:]:

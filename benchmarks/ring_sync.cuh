@@ -63,4 +63,18 @@ __device__ __forceinline__ long long global_ns() {
   return t;
 }
 
+// mbar_wait with a deadline (globaltimer ns): false if the phase has not completed by then.
+__device__ __forceinline__ bool mbar_wait_until(std::uint64_t* bar, unsigned parity, long long deadline) {
+  unsigned done = 0;
+  while (true) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return true;
+    if (global_ns() > deadline) return false;
+  }
+}
+
 }  // namespace ring
