@@ -277,8 +277,8 @@ for stage in $stages; do
         --out "$OUT/ring_chain_$name.json" 2>&1 | tee -a "$OUT/ring.log"
     done ;;
   ring_batch)
-    (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_ring_batch.py" 2>&1) \
-      | tail -3 | tee -a "$OUT/ring_batch.log"
+    (cd /tmp && timeout 300 python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_ring_batch.py" 2>&1) \
+      | tail -40 | tee -a "$OUT/ring_batch.log"
     timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_batch.py ${RING_BATCH_ARGS:-} --out "$OUT/ring_batch.json" 2>&1 \
       | tee -a "$OUT/ring_batch.log" ;;
   variant_ab)

@@ -217,6 +217,31 @@ def test_ring_batch_rejects_bad_input(rb):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
+@pytest.mark.parametrize("dims,batch,slots,consumers,grid", [
+    ((32, 16), 1, 1, 1, 1),              # one task, one page, one block
+    ((64, 48, 32), 1, 2, 1, 1),          # a layer boundary in one block, pages reused
+    ((64, 48, 32), 8, 2, 2, 2),          # two consumers, two blocks, a full n-tile
+    ((32, 1040, 48, 272), 32, 8, 4, 0),  # every SM, four n-tiles, rounds shorter than the consumers
+], ids=["one-task", "two-layers", "two-warps", "every-sm"])
+def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, grid):
+    """The chain from its smallest form up, each against float64 (ring_bound) and checked by the watchdog: where
+    test_ring_batch_cuda fails, which of these fail says how much of the protocol it takes."""
+    ring_chain = import_benchmark("ring_chain")
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(n, k, generator=g) / k ** 0.5).to(torch.bfloat16).to(device)
+               for k, n in zip(dims[:-1], dims[1:])]
+    acts = [torch.randn(batch, dims[0], generator=g).to(torch.bfloat16).to(device)]
+    acts += [torch.full((batch, d), float("nan"), dtype=torch.bfloat16, device=device) for d in dims[1:]]
+    chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=2 * slots, grid=grid or None)
+    chain.run()
+    rb.check(chain)
+    assert chain.counters.tolist() == [d // 16 for d in dims[1:]]
+    assert ring_chain.check_layers(chain) <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
 def test_ring_batch_cuda(rb):
     """Odd shapes (layers with fewer tasks than SMs, K of 2 to 257 k-tiles), batches 1, 3, 8, 13 and 32 (one to
     four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 8 consumers, grids 1, 3, 17 and every SM: each
