@@ -219,9 +219,8 @@ class RingBatch:
         err = lib.ring_batch_launch(self.pages.data_ptr(), self.page_off.data_ptr(), self.work.data_ptr(),
                                     self.work_off.data_ptr(), self.counters.data_ptr(),
                                     None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(),
-                                    len(self.weights),
-                                    self.batch, self.slot_bytes, self.slots, self.consumers, self.grid, self.mode,
-                                    torch.cuda.current_stream().cuda_stream)
+                                    len(self.weights), self.batch, self.slot_bytes, self.slots, self.consumers,
+                                    self.grid, self.mode, torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
 
