@@ -194,6 +194,13 @@ __device__ void give_up(long long* diag, int what, int warp, int pos, long long 
   }
 }
 
+// A consumer warp adds its `done` tasks to a layer's counter: every lane's stores fenced, then one release.
+__device__ __forceinline__ void publish(unsigned* counter, unsigned done, int lane) {
+  __threadfence();
+  __syncwarp();
+  if (lane == 0) red_release(counter, done);
+}
+
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
 // every wait and counter; their results are meaningless.
@@ -229,17 +236,14 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         const auto bytes = static_cast<unsigned>(__shfl_sync(0xffffffffu, held.bytes, j));
         const int s = __shfl_sync(0xffffffffu, held.slot, j);
         const int use = __shfl_sync(0xffffffffu, held.use, j);
+        const int i = base + j;
         int late = 0;
-        if (lane == 0) {
-          const int i = base + j;
-          if (use > 0 && !mbar_wait_until(&empty[s], (use - 1) & 1, deadline)) {
-            give_up(a.diag, 1, warp, i, s, use, (use - 1) & 1, n_pages);
-            late = 1;
-          }
+        if (lane == 0 && use > 0 && !mbar_wait_until(&empty[s], (use - 1) & 1, deadline)) {
+          give_up(a.diag, 1, warp, i, s, use, (use - 1) & 1, n_pages);
+          late = 1;
         }
         if (__shfl_sync(0xffffffffu, late, 0)) return;
         if (lane == 0) {
-          const int i = base + j;
           if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
           if (a.mode == 2) {
             mbar_arrive(&full[s]);
@@ -280,9 +284,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       if (stamp) stamp[1] = taken;
       if (flags & kFirst) {
         if (done && layer != done_layer) {  // before any wait on this layer's input
-          __threadfence();                  // every lane's stores, then one release for the warp
-          __syncwarp();
-          if (lane == 0) red_release(a.counters + done_layer, done);
+          publish(a.counters + done_layer, done, lane);
           done = 0;
         }
         const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
@@ -325,11 +327,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       if (stamp) stamp[4] = global_ns();
     }
   }
-  if (done) {
-    __threadfence();
-    __syncwarp();
-    if (lane == 0) red_release(a.counters + done_layer, done);
-  }
+  if (done) publish(a.counters + done_layer, done, lane);
 }
 
 template <int NT>

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ring_chain import SMEM_LIMIT, ring_spec, build, check_layers, profile_summary
+from ring_chain import SMEM_LIMIT, RingChain, build, check_layers, profile_summary, resident_grid, ring_spec
 
 SOURCE = Path(__file__).with_name("ring_batch.cu")
 TILE = 16            # an mma k-tile and a task's rows
@@ -182,10 +182,7 @@ class RingBatch:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self.grid = grid or sms
-        if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
-            raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
+        self.grid = resident_grid(device, grid)
         self.packed = packed if packed is not None else [pack(w) for w in weights]
         blocks = plan(shapes, tiles_per_page, self.grid, self.consumers, slots)
         page_rows, work_rows, page_off, work_off, layers_of, firsts = [], [], [0], [0], [], []
@@ -209,7 +206,8 @@ class RingBatch:
         self.work_off = torch.tensor(work_off, dtype=torch.int32).to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
         self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
-        self.prof = torch.zeros(len(page_rows), 5, dtype=torch.int64, device=device) if profile else None
+        self.prof = (torch.zeros(len(page_rows), len(RingChain.STAMPS), dtype=torch.int64, device=device) if profile
+                     else None)
         self.diag = torch.zeros(8, dtype=torch.int64, device=device)  # the kernel's watchdog report (check)
         self.weights, self.acts, self.batch, self.tiles_per_page = list(weights), list(acts), batch, tiles_per_page
 

@@ -126,6 +126,15 @@ def library() -> ctypes.CDLL:
     return so
 
 
+def resident_grid(device: torch.device, grid: int | None) -> int:
+    """The blocks of a ring launch: `grid`, default one per SM. Its blocks wait on one another, so every block
+    must be resident at once: at most one per SM (a CPU device counts as one SM, for the tests of the checks)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if not 1 <= (grid or sms) <= sms:
+        raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
+    return grid or sms
+
+
 class RingChain:
     """out_l = W_l @ act_l into act_{l+1} for l = 0..L-1 in one launch. weights[l]: [N_l, K_l] bf16, K_l =
     N_{l-1}; acts[l]: [K_l] (acts[0] the input), acts[L]: [N_{L-1}]; all contiguous on one CUDA device and
@@ -175,10 +184,7 @@ class RingChain:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self.grid = grid or sms
-        if not 1 <= self.grid <= sms:  # a block waits on others: every block must be resident at once
-            raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
+        self.grid = resident_grid(device, grid)
         counts = [shapes[layer][0] // per_layer[layer] for layer in range(len(shapes))]
         firsts = first_of_layer(tasks, self.grid)
         table = torch.zeros(len(tasks), 6, dtype=torch.int64)

@@ -27,14 +27,19 @@ __device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// Whether the phase of this parity has completed (it cannot tell phase k from k +/- 2).
+__device__ __forceinline__ bool mbar_try_wait(std::uint64_t* bar, unsigned parity) {
+  unsigned done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done;
+}
+
 __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
+  while (!mbar_try_wait(bar, parity)) {
   }
 }
 
@@ -65,16 +70,10 @@ __device__ __forceinline__ long long global_ns() {
 
 // mbar_wait with a deadline (globaltimer ns): false if the phase has not completed by then.
 __device__ __forceinline__ bool mbar_wait_until(std::uint64_t* bar, unsigned parity, long long deadline) {
-  unsigned done = 0;
-  while (true) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-    if (done) return true;
+  while (!mbar_try_wait(bar, parity)) {
     if (global_ns() > deadline) return false;
   }
+  return true;
 }
 
 }  // namespace ring
