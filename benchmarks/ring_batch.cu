@@ -2,40 +2,36 @@
 // 1 to 32 rows, the products on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 sums). Built and loaded by
 // benchmarks/ring_batch.py (nvcc, then ctypes, through ring_chain.py's builder); not part of the package.
 //
-// out_l[b] = W_l @ act_l[b] for every batch row b, layer after layer. A task is one m-tile of a layer: 16 rows
-// of W, over all of K. Its weights are stored packed (ring_batch.py's pack): [N / 16, K / 16, 32 lanes, 8 bf16],
-// lane (g, t) = (lane / 4, lane % 4) of k-tile kt holding the mma's A fragment a0..a3 =
+// out_l[b] = W_l @ act_l[b] for every batch row b, layer after layer. A task is MT m-tiles of a layer (16 * MT
+// rows of W) over all of K, and the whole block works on it: its weights are stored packed (ring_batch.py's
+// pack) as [N / (16 MT), K / 16, MT, 32 lanes, 8 bf16], lane (g, t) = (lane / 4, lane % 4) of k-tile kt and
+// m-tile mt holding the mma's A fragment a0..a3 =
 //     W[g][4t, 4t+1], W[g + 8][4t, 4t+1], W[g][4t+2, 4t+3], W[g + 8][4t+2, 4t+3]      (k offsets within kt)
-// so one 16-byte shared-memory read per lane and k-tile is a whole fragment, with no bank conflict. The mma's
-// k order within a tile is permuted alike in A and B (a0/b0 take k 4t, 4t+1; a2/b1 take 4t+2, 4t+3), so B's
-// fragment for batch row n = g + 8j is the 8 contiguous bytes act[n][16kt + 4t .. 16kt + 4t + 3], read from L2.
+// so one 16-byte shared-memory read per lane, k-tile and m-tile is a whole fragment, with no bank conflict. The
+// mma's k order within a tile is permuted alike in A and B (a0/b0 take k 4t, 4t+1; a2/b1 take 4t+2, 4t+3), so
+// B's fragment for batch row n = g + 8j is the 8 contiguous bytes act[n][16kt + 4t .. 16kt + 4t + 3], read
+// from L2.
 //
-// A task's K is cut into pages of whole k-tiles, one ring slot each. Per block the host plans one page
-// sequence (ring_batch.py's plan): the block's tasks in chain order, grouped in rounds of up to `consumers`
-// tasks of one layer whose pages interleave (page 0 of each, then page 1 of each, ...), so the round's
-// consumer warps work side by side. A round never mixes layers: a task waiting on the layer before must not
-// hold a slot that a task of that layer needs.
+// A task's K is cut into pages of whole k-tiles (a multiple of 4 but the last), one ring slot each; page i of
+// the block goes to slot i % slots. Every consumer warp reads every page: the k-tiles of class kt % 4 go to
+// warp (kt % 4) % C, into its sum set (kt % 4) / C. At the task's end the warps pass their class sums through
+// shared memory and store out = (s0 + s2) + (s1 + s3): the same bits whatever the ring, the grid, the number
+// of consumers or the other batch rows. (The first version gave each warp its own 16-row tasks: one warp's
+// serial walk over K with half the warps idle on the down projection, 57% of copy at batch 8, see
+// docs/performance.md.)
 //
-// Each consumer warp has its own slots: warp w's e-th page goes to slot w * per + e % per (per = slots /
-// consumers), its (e / per)-th use. A slot's barriers then see one consumer in order, so a phase parity names
-// exactly one page by construction. (The first version shared the ring as ring_chain.cu does, page i in slot
-// i % slots. A parity wait cannot tell phase k from k - 2, so that is exact only while no warp waits on a slot
-// whose previous page is not yet copied; for plan's rounds the layer waits ensure it (the simulation in
-// tests/test_ring_batch.py finds no such read), but the argument is subtle. That version hung on its first GPU
-// run for a reason not found: see the watchdog.)
-//
-//   producer warp   walks the block's page list (32 descriptors per read, shuffled: source, bytes, slot, use)
-//                   and copies each page into its slot with one bulk copy (TMA) as soon as the slot's previous
-//                   page is consumed; it never waits on an activation.
-//   consumer warps  walk their own work lists (one entry per page of their tasks, in page order): on a task's
-//                   first page, wait until the layer before has all its tasks counted (acquire) and zero the
-//                   sums; per page, wait for the slot, multiply its k-tiles, give the slot back; on the last
-//                   page, store the 16 rows of every batch row. A warp adds its tasks of a layer to the
-//                   layer's counter (fence, release) once it moves on to another layer.
-// Deadlock: within a block, page positions follow chain order and a round holds one layer; every wait is on
-// an earlier position of the block (a slot's previous page is its warp's earlier page) or on the layer before,
-// which is earlier in every block; all blocks are resident (one per SM). tests/test_ring_batch.py simulates the
-// protocol, barriers' parities included.
+//   producer warp   walks the block's tasks and their pages and copies each page into its slot with one bulk
+//                   copy (TMA) once every consumer has read the slot's previous page; it never waits on an
+//                   activation.
+//   consumer warps  walk the same tasks: on a task of a new layer, count the block's tasks of the layer before
+//                   (every thread's stores fenced, a barrier, one release) and wait until the layer before has
+//                   all its tasks counted (acquire); per page, load the page's B fragments (before the slot's
+//                   wait: x is ready), wait for the slot, multiply their k-tiles, give the slot back; at the
+//                   task's end exchange the sums (one barrier, double-buffered) and store.
+// Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
+// producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
+// Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
+// block; all blocks are resident (one per SM). tests/test_ring_batch.py simulates the protocol.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -48,40 +44,45 @@ namespace {
 
 using namespace ring;
 
-constexpr int kMaxConsumers = 8;  // consumer warps of a block
-constexpr int kTileBytes = 512;  // one packed 16 x 16 k-tile: 32 lanes x 16 bytes
-constexpr int kFirst = 1, kLast = 2;
-// prof's stamps of a page: the producer issued its copy; its consumer took it up, had x (the layer before
-// complete: later pages of a task stamp the same as taken), had the slot's bytes, had multiplied (and stored)
+constexpr int kMaxConsumers = 4;  // consumer warps of a block: 1, 2 or 4 (each owns 4 / C k-tile classes)
+constexpr int kTileBytes = 512;   // one packed 16 x 16 k-tile of one m-tile: 32 lanes x 16 bytes
+constexpr int kClasses = 4;       // k-tile classes kt % 4, each summed on its own
+// prof's stamps of a page: the producer issued its copy; warp 0 took it up, had x (the layer before complete:
+// later pages of a task stamp the same as taken), had the slot's bytes, had multiplied (and stored)
 constexpr int kStamps = 5;
 // Watchdog: a wait that has not passed after kPatienceNs gives up. The first to give up writes diag[0..7] =
-// {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait), block, warp, position in
-// the block's page list, slot or layer, use or counter value, target (parity or task count), page list length}
-// and every warp that gives up returns: a hang becomes an error ring_batch.py names (RingBatch.check).
+// {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait), block, warp, page (the
+// block's), slot or layer, use or counter value, target (parity or task count), pages of the block} and every
+// warp that gives up returns: a hang becomes an error ring_batch.py names (check). Its barrier waits then
+// give up too (the block's other warps are gone), so a block that gave up ends.
 constexpr long long kPatienceNs = 2000000000LL;
 
-struct Page {                    // 24 bytes, written by ring_batch.py as 3 int64
-  const void* src;               // the page's packed k-tiles
-  int bytes;
-  int slot;                      // its consumer warp's slot (w * per + e % per)
-  int use;                       // the slot's use it is (e / per): the producer waits for use - 1 consumed
-  int pad;
-};
-static_assert(sizeof(Page) == 24, "Page is 3 int64 on the Python side");
-
-struct Work {                    // one page of one task of a consumer warp; 48 bytes, 6 int64 on the Python side
-  const __nv_bfloat16* x;        // act_l[0][16 * first k-tile of the page]
-  __nv_bfloat16* out;            // act_{l+1}[0][16 * m]
-  int pos;                       // the page's position in the block's page list (its profile row)
-  int tiles;                     // k-tiles in the page
+struct Task {                    // 48 bytes, written by ring_batch.py as 6 int64
+  const unsigned char* w;        // the task's packed weights: K / 16 k-tiles of MT fragments
+  const __nv_bfloat16* x;        // act_l[0][0]
+  __nv_bfloat16* out;            // act_{l+1}[0][16 * MT * task]
   int layer;
   int wait_target;               // tasks of layer - 1 (0: layer 0, whose input is the chain's)
-  int flags;                     // kFirst: the task's first page; kLast: its last
+  int k_tiles;                   // K / 16
   int x_stride;                  // elements between batch rows of act_l
   int out_stride;                // and of act_{l+1}
-  int k0;                        // the page's first k-tile within K (its parity picks the sums a tile goes to)
+  int pages;                     // ceil(k_tiles / tiles_per_page)
 };
-static_assert(sizeof(Work) == 48, "Work is 6 int64 on the Python side");
+static_assert(sizeof(Task) == 48, "Task is 6 int64 on the Python side");
+
+struct Args {                    // the kernel's parameters (ring_batch_launch's)
+  const Task* tasks;             // every block's task list, block b's from task_off[b] to task_off[b + 1]
+  const int* task_off;
+  const int* page_off;           // block b's first page in prof (pages of the blocks before it)
+  unsigned* counters;            // per layer, its tasks stored
+  long long* prof;               // optional: per page, kStamps globaltimer ns
+  long long* diag;               // [8], zero: the watchdog's report (kPatienceNs)
+  int batch;
+  int slot_bytes;
+  int slots;
+  int tiles_per_page;
+  int mode;
+};
 
 // d += a (16 x 16, the packed fragment) * b (16 x 8); fp32 sums.
 __device__ __forceinline__ void mma16816(float (&d)[4], uint4 a, uint2 b) {
@@ -92,100 +93,39 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint4 a, uint2 b) {
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y));
 }
 
-// k-tiles per step of a page: the B fragments of unroll<NT> tiles (64 registers) are loaded from L2 before
-// their products, so one round trip to L2 serves that many tiles.
-template <int NT>
-__host__ __device__ constexpr int unroll() { return NT == 1 ? 32 : NT == 2 ? 16 : 8; }
-
-template <int NT>
-__device__ __forceinline__ void swap_sums(float (&acc)[2][NT][4]) {  // register moves: indices known at compile time
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float v = acc[0][j][e];
-      acc[0][j][e] = acc[1][j][e];
-      acc[1][j][e] = v;
-    }
+// The consumer warps' barrier (named barrier 1; the producer warp is not in it), with the watchdog's deadline:
+// bar.sync cannot give up, so a warp that gave up elsewhere makes the others' barriers hang. Instead, the
+// barrier is arrive + poll of a shared counter (the generation the warps wait for).
+__device__ __forceinline__ bool consumers_sync(unsigned* arrived, unsigned& generation, int consumers, int lane,
+                                               long long deadline) {
+  __syncwarp();
+  const unsigned target = (generation + 1) * consumers;
+  ++generation;
+  if (lane == 0) {
+    __threadfence_block();
+    atomicAdd(arrived, 1u);
   }
-}
-
-// The products of one page: `tiles` packed k-tiles in `w` (shared) against B fragments of the batch rows
-// g + 8j < batch read from x (global, through L2: other blocks of this launch wrote it). NT n-tiles of 8 rows.
-// Two sets of sums, even and odd k-tiles of K (k0: the page's first), so that two mma chains are in flight
-// and a row's sums do not depend on how K is paged.
-template <int NT>
-__device__ __forceinline__ void page_mma(float (&acc)[2][NT][4], const uint4* w, const __nv_bfloat16* x,
-                                         int x_stride, int tiles, int k0, int batch, int lane, bool compute) {
-  if (!compute) return;
-  const int g = lane >> 2, t = lane & 3;
-  const uint2* xr[NT];
-  bool live[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    live[j] = g + 8 * j < batch;
-    xr[j] = reinterpret_cast<const uint2*>(x + static_cast<long long>(g + 8 * j) * x_stride + 4 * t);
-  }
-  constexpr int kUnroll = unroll<NT>();
-  if (k0 & 1) swap_sums(acc);  // the page's even local tiles are odd ones of K: their sums go in set 0
-  for (int c = 0; c < tiles; c += kUnroll) {
-    uint2 b[kUnroll][NT];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        b[u][j] = make_uint2(0u, 0u);
-        if (live[j] && c + u < tiles) b[u][j] = __ldcg(xr[j] + 4 * (c + u));  // 16 elements = 4 uint2 a tile
+  bool ok = true;
+  if (lane == 0) {
+    while (*reinterpret_cast<volatile unsigned*>(arrived) < target) {
+      if (global_ns() > deadline) {
+        ok = false;
+        break;
       }
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (c + u < tiles) {
-        const uint4 a = w[(c + u) * 32 + lane];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma16816(acc[u & 1][j], a, b[u][j]);  // kUnroll is even
-      }
-    }
+    __threadfence_block();
   }
-  if (k0 & 1) swap_sums(acc);
+  ok = __shfl_sync(0xffffffffu, ok, 0);
+  __syncwarp();  // the other lanes' later reads ordered after lane 0's
+  return ok;
 }
 
-// d0..d3 of n-tile j: rows g, g, g + 8, g + 8 of the task; batch rows 2t, 2t + 1, 2t, 2t + 1 (+ 8j).
-template <int NT>
-__device__ __forceinline__ void store_tile(const float (&acc)[2][NT][4], __nv_bfloat16* out, int out_stride,
-                                           int batch, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int n = 8 * j + 2 * t + (e & 1), row = g + 8 * (e >> 1);
-      const float v = acc[0][j][e] + acc[1][j][e];
-      if (n < batch) out[static_cast<long long>(n) * out_stride + row] = __float2bfloat16(v);
-    }
-  }
-}
-
-struct Args {                    // the kernel's parameters (ring_batch_launch's)
-  const Page* pages;             // every block's page list, block b's from page_off[b] to page_off[b + 1]
-  const int* page_off;
-  const Work* work;              // every consumer warp's work list, warp w of block b's from work_off[b * C + w]
-  const int* work_off;
-  unsigned* counters;            // per layer, its tasks stored
-  long long* prof;               // optional: per page (page_off[b] + position), kStamps globaltimer ns
-  long long* diag;               // [8], zero: the watchdog's report (kPatienceNs)
-  int batch;
-  int slot_bytes;
-  int slots;
-  int mode;
-};
-
-__device__ void give_up(long long* diag, int what, int warp, int pos, long long where, long long have,
+__device__ void give_up(long long* diag, int what, int warp, int page, long long where, long long have,
                         long long want, int pages) {
   if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
     diag[1] = blockIdx.x;
     diag[2] = warp;
-    diag[3] = pos;
+    diag[3] = page;
     diag[4] = where;
     diag[5] = have;
     diag[6] = want;
@@ -194,171 +134,265 @@ __device__ void give_up(long long* diag, int what, int warp, int pos, long long 
   }
 }
 
-// A consumer warp adds its `done` tasks to a layer's counter: every lane's stores fenced, then one release.
-__device__ __forceinline__ void publish(unsigned* counter, unsigned done, int lane) {
-  __threadfence();
-  __syncwarp();
-  if (lane == 0) red_release(counter, done);
+// k-tiles of one warp per chunk of a page: the B fragments of a chunk (chunk x NT uint2, 16 to 32 registers)
+// are loaded before its products, the next chunk's while this one multiplies. A multiple of 4, so that the
+// warp's j-th tile of a chunk is in its sum set j % S whatever the chunk.
+template <int NT>
+__host__ __device__ constexpr int chunk() { return NT == 1 ? 16 : NT == 2 ? 8 : 4; }
+
+// The warp's j-th tile of a page is local tile 4 * (j / S) + w + C * (j % S), S = 4 / C its classes: warp w
+// takes the classes w, w + C, ... (a page starts at a multiple of 4 k-tiles, so local and global classes agree).
+template <int C>
+__device__ __forceinline__ int tile_of(int j, int w) {
+  constexpr int S = kClasses / C;
+  return 4 * (j / S) + w + C * (j % S);
+}
+
+template <int NT, int C>
+__device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
+                                       int first, int tiles, int w, int batch, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < chunk<NT>(); ++i) {
+    const int u = tile_of<C>(first + i, w);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      b[i][j] = make_uint2(0u, 0u);
+      if (g + 8 * j < batch && u < tiles)
+        b[i][j] = __ldcg(reinterpret_cast<const uint2*>(x + static_cast<long long>(g + 8 * j) * x_stride +
+                                                        16 * u + 4 * t));
+    }
+  }
 }
 
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
 // every wait and counter; their results are meaningless.
-template <int NT>
+template <int NT, int MT, int C>
 __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel(const Args a) {
+  constexpr int S = kClasses / C;         // sum sets (k-tile classes) of a warp
+  constexpr int kRed = kClasses * MT * NT * 4 * 32;  // floats of one buffer of the class sums
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem;
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem + a.slots * a.slot_bytes);
+  float* red = reinterpret_cast<float*>(smem + a.slots * a.slot_bytes);  // [2][class][mt][j][e][lane]
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(red + 2 * kRed);
   std::uint64_t* empty = full + a.slots;
+  unsigned* arrived = reinterpret_cast<unsigned*>(empty + a.slots);
   const int slots = a.slots;
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int consumers = blockDim.x / 32 - 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < slots; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 1);
+      mbar_init(&empty[s], C);
     }
+    *arrived = 0;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
   const long long deadline = global_ns() + kPatienceNs;
-  if (warp == consumers) {  // producer
-    const int p0 = a.page_off[blockIdx.x], n_pages = a.page_off[blockIdx.x + 1] - p0;
-    for (int base = 0; base < n_pages; base += 32) {
-      const int n = min(32, n_pages - base);
-      Page held{};
-      if (lane < n) held = a.pages[p0 + base + lane];
-      for (int j = 0; j < n; ++j) {
-        const auto src = reinterpret_cast<const void*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.src), j));
-        const auto bytes = static_cast<unsigned>(__shfl_sync(0xffffffffu, held.bytes, j));
-        const int s = __shfl_sync(0xffffffffu, held.slot, j);
-        const int use = __shfl_sync(0xffffffffu, held.use, j);
-        const int i = base + j;
-        int late = 0;
-        if (lane == 0 && use > 0 && !mbar_wait_until(&empty[s], (use - 1) & 1, deadline)) {
+  const int t0 = a.task_off[blockIdx.x], n_tasks = a.task_off[blockIdx.x + 1] - t0;
+  const int p0 = a.page_off[blockIdx.x], n_pages = a.page_off[blockIdx.x + 1] - p0;
+  const int page_bytes = a.tiles_per_page * MT * kTileBytes;
+  if (warp == C) {  // producer
+    if (lane != 0) return;
+    int i = 0;
+    for (int k = 0; k < n_tasks; ++k) {
+      const Task& task = a.tasks[t0 + k];
+      const unsigned char* w = task.w;
+      const int pages = task.pages, k_tiles = task.k_tiles;
+      for (int p = 0; p < pages; ++p, ++i) {
+        const int s = i % slots, use = i / slots;
+        if (use > 0 && !mbar_wait_until(&empty[s], (use - 1) & 1, deadline)) {
           give_up(a.diag, 1, warp, i, s, use, (use - 1) & 1, n_pages);
-          late = 1;
+          return;
         }
-        if (__shfl_sync(0xffffffffu, late, 0)) return;
-        if (lane == 0) {
-          if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
-          if (a.mode == 2) {
-            mbar_arrive(&full[s]);
-          } else {
-            mbar_expect_tx(&full[s], bytes);
-            bulk_copy(ring + s * a.slot_bytes, src, bytes, &full[s]);
-          }
+        if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
+        if (a.mode == 2) {
+          mbar_arrive(&full[s]);
+        } else {
+          const int tiles = min(a.tiles_per_page, k_tiles - p * a.tiles_per_page);
+          const unsigned bytes = static_cast<unsigned>(tiles * MT * kTileBytes);
+          mbar_expect_tx(&full[s], bytes);
+          bulk_copy(ring + s * a.slot_bytes, w + static_cast<long long>(p) * page_bytes, bytes, &full[s]);
         }
-        __syncwarp();
       }
     }
     return;
   }
 
-  const int per = slots / consumers;  // this warp's slots: warp * per .. warp * per + per - 1
-  const int list = blockIdx.x * consumers + warp;
-  const int w0 = a.work_off[list], n_work = a.work_off[list + 1] - w0;
-  float acc[2][NT][4];
-  int done_layer = 0, ready_layer = 0;
+  const int g = lane >> 2, t = lane & 3;
+  float acc[S][MT][NT][4];
+  unsigned generation = 0;
+  int done_layer = 0, ready_layer = 0, buf = 0;
   unsigned done = 0;
-  for (int base = 0; base < n_work; base += 32) {
-    const int n = min(32, n_work - base);
-    Work held{};
-    if (lane < n) held = a.work[w0 + base + lane];
-    for (int j = 0; j < n; ++j) {
-      const auto x = reinterpret_cast<const __nv_bfloat16*>(
-          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.x), j));
-      const int pos = __shfl_sync(0xffffffffu, held.pos, j);
-      const int tiles = __shfl_sync(0xffffffffu, held.tiles, j);
-      const int layer = __shfl_sync(0xffffffffu, held.layer, j);
-      const int flags = __shfl_sync(0xffffffffu, held.flags, j);
-      const int x_stride = __shfl_sync(0xffffffffu, held.x_stride, j);
-      const int k0 = __shfl_sync(0xffffffffu, held.k0, j);
-      const int e = base + j, s = warp * per + e % per;  // the e-th page of this warp
-      long long* stamp =
-          a.prof && lane == 0 ? a.prof + static_cast<long long>(a.page_off[blockIdx.x] + pos) * kStamps : nullptr;
-      const long long taken = stamp ? global_ns() : 0;
-      if (stamp) stamp[1] = taken;
-      if (flags & kFirst) {
-        if (done && layer != done_layer) {  // before any wait on this layer's input
-          publish(a.counters + done_layer, done, lane);
-          done = 0;
-        }
-        const int wait_target = __shfl_sync(0xffffffffu, held.wait_target, j);
-        if (wait_target > 0 && ready_layer < layer) {
-          while (true) {  // every lane acquires (its own later loads of x are ordered after); the vote keeps
-            // the warp together
-            const unsigned seen = load_acquire(a.counters + layer - 1);
-            if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(wait_target))) break;
-            if (__any_sync(0xffffffffu, global_ns() > deadline)) {
-              if (lane == 0) give_up(a.diag, 2, warp, pos, layer, seen, wait_target, n_work);
-              return;
-            }
-          }
-          ready_layer = layer;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int q = 0; q < NT; ++q) acc[h][q][0] = acc[h][q][1] = acc[h][q][2] = acc[h][q][3] = 0.f;
+  int i = 0;  // the block's page
+  for (int k = 0; k < n_tasks; ++k) {
+    const Task& task = a.tasks[t0 + k];
+    const int layer = task.layer, pages = task.pages, k_tiles = task.k_tiles, x_stride = task.x_stride;
+    const __nv_bfloat16* x = task.x;
+    long long* stamp = a.prof && warp == 0 && lane == 0 ? a.prof + static_cast<long long>(p0 + i) * kStamps
+                                                        : nullptr;
+    const long long taken = stamp ? global_ns() : 0;
+    if (done && layer != done_layer) {  // the block's tasks of the layer it leaves, before any wait on this one
+      __threadfence();
+      if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+      if (warp == 0 && lane == 0) red_release(a.counters + done_layer, done);
+      done = 0;
+    }
+    if (task.wait_target > 0 && ready_layer < layer) {
+      while (true) {  // every lane acquires (its own later loads of x are ordered after); the vote keeps the
+        // warp together
+        const unsigned seen = load_acquire(a.counters + layer - 1);
+        if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(task.wait_target))) break;
+        if (__any_sync(0xffffffffu, global_ns() > deadline)) {
+          if (lane == 0) give_up(a.diag, 2, warp, i, layer, seen, task.wait_target, n_pages);
+          return;
         }
       }
-      if (stamp) stamp[2] = flags & kFirst ? global_ns() : taken;
-      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (e / per) & 1, deadline))) {
-        if (lane == 0) give_up(a.diag, 3, warp, pos, s, e / per, (e / per) & 1, n_work);
+      ready_layer = layer;
+    }
+    const long long had_x = stamp ? global_ns() : 0;
+#pragma unroll
+    for (int h = 0; h < S; ++h)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int q = 0; q < NT; ++q) acc[h][m][q][0] = acc[h][m][q][1] = acc[h][m][q][2] = acc[h][m][q][3] = 0.f;
+    for (int p = 0; p < pages; ++p, ++i) {
+      if (warp == 0 && lane == 0 && a.prof) {
+        stamp = a.prof + static_cast<long long>(p0 + i) * kStamps;
+        stamp[1] = p ? global_ns() : taken;
+        stamp[2] = p ? stamp[1] : had_x;
+      }
+      const int s = i % slots, tiles = min(a.tiles_per_page, k_tiles - p * a.tiles_per_page);
+      const __nv_bfloat16* xp = x + 16 * p * a.tiles_per_page;
+      // this warp's tiles of the page: j = 0.. with tile_of(j) < tiles; S per 4 tiles
+      const int mine = S * ((tiles + 3) / 4);
+      uint2 b[2][chunk<NT>()][NT];
+      if (a.mode != 1) load_b<NT, C>(b[0], xp, x_stride, 0, tiles, warp, a.batch, lane);
+      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (i / slots) & 1, deadline))) {
+        if (lane == 0) give_up(a.diag, 3, warp, i, s, i / slots, (i / slots) & 1, n_pages);
         return;
       }
       if (stamp) stamp[3] = global_ns();
-      page_mma<NT>(acc, reinterpret_cast<const uint4*>(ring + s * a.slot_bytes), x, x_stride, tiles, k0, a.batch,
-                   lane, a.mode != 1);
+      if (a.mode != 1) {
+        const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
+        for (int c = 0; c < mine; c += 2 * chunk<NT>()) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int first = c + half * chunk<NT>();
+            if (first >= mine) break;
+            if (first + chunk<NT>() < mine)
+              load_b<NT, C>(b[half ^ 1], xp, x_stride, first + chunk<NT>(), tiles, warp, a.batch, lane);
+#pragma unroll
+            for (int jj = 0; jj < chunk<NT>(); ++jj) {
+              const int u = tile_of<C>(first + jj, warp);
+              if (u < tiles) {
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                  const uint4 av = wp[(u * MT + m) * 32 + lane];
+#pragma unroll
+                  for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
+                }
+              }
+            }
+          }
+        }
+      }
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]);  // the page's bytes are in the sums: refill the slot
-      if (flags & kLast) {
-        const auto out = reinterpret_cast<__nv_bfloat16*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(held.out), j));
-        const int out_stride = __shfl_sync(0xffffffffu, held.out_stride, j);
-        store_tile<NT>(acc, out, out_stride, a.batch, lane);
-        done_layer = layer;
-        ++done;
-      }
       if (stamp) stamp[4] = global_ns();
     }
+    // the class sums through shared memory; out = (s0 + s2) + (s1 + s3), each warp storing its (m, j) pairs
+    float* r = red + buf * kRed;
+#pragma unroll
+    for (int h = 0; h < S; ++h)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            r[((((warp + C * h) * MT + m) * NT + q) * 4 + e) * 32 + lane] = acc[h][m][q][e];
+    if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+    for (int pair = warp; pair < MT * NT; pair += C) {
+      const int m = pair / NT, q = pair % NT;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = 8 * q + 2 * t + (e & 1), row = 16 * m + g + 8 * (e >> 1);
+        float v[kClasses];
+#pragma unroll
+        for (int cl = 0; cl < kClasses; ++cl) v[cl] = r[(((cl * MT + m) * NT + q) * 4 + e) * 32 + lane];
+        if (n < a.batch)
+          task.out[static_cast<long long>(n) * task.out_stride + row] =
+              __float2bfloat16((v[0] + v[2]) + (v[1] + v[3]));
+      }
+    }
+    if (stamp) stamp[4] = global_ns();
+    buf ^= 1;
+    done_layer = layer;
+    ++done;
   }
-  if (done) publish(a.counters + done_layer, done, lane);
+  if (done) {
+    __threadfence();
+    if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+    if (warp == 0 && lane == 0) red_release(a.counters + done_layer, done);
+  }
 }
 
-template <int NT>
-cudaError_t launch(const Args& a, int consumers, int grid, int smem, cudaStream_t st) {
-  cudaError_t err = cudaFuncSetAttribute(ring_batch_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+template <int NT, int MT, int C>
+cudaError_t launch(const Args& a, int grid, int smem, cudaStream_t st) {
+  cudaError_t err =
+      cudaFuncSetAttribute(ring_batch_kernel<NT, MT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  ring_batch_kernel<NT><<<grid, (consumers + 1) * 32, smem, st>>>(a);
+  ring_batch_kernel<NT, MT, C><<<grid, (C + 1) * 32, smem, st>>>(a);
   return cudaGetLastError();
+}
+
+template <int MT, int C>
+cudaError_t launch_nt(const Args& a, int grid, int smem, cudaStream_t st) {
+  switch ((a.batch + 7) / 8) {
+    case 1: return launch<1, MT, C>(a, grid, smem, st);
+    case 2: return launch<2, MT, C>(a, grid, smem, st);
+    case 3: return launch<3, MT, C>(a, grid, smem, st);
+    default: return launch<4, MT, C>(a, grid, smem, st);
+  }
+}
+
+template <int MT>
+cudaError_t launch_c(const Args& a, int consumers, int grid, int smem, cudaStream_t st) {
+  switch (consumers) {
+    case 1: return launch_nt<MT, 1>(a, grid, smem, st);
+    case 2: return launch_nt<MT, 2>(a, grid, smem, st);
+    default: return launch_nt<MT, 4>(a, grid, smem, st);
+  }
 }
 
 }  // namespace
 
 extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 
+// The shared memory a launch needs: the ring, two buffers of the class sums, the barriers and the consumers'
+// barrier counter.
+extern "C" int ring_batch_smem(int slots, int slot_bytes, int batch, int m_tiles) {
+  const int nt = (batch + 7) / 8;
+  return slots * slot_bytes + 2 * kClasses * m_tiles * nt * 4 * 32 * 4 + 2 * slots * 8 + 16;
+}
+
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
-extern "C" int ring_batch_launch(const void* pages, const int* page_off, const void* work, const int* work_off,
-                                 unsigned* counters, long long* prof, long long* diag, int layers, int batch,
-                                 int slot_bytes, int slots, int consumers, int grid, int mode, void* stream) {
-  if (consumers < 1 || consumers > kMaxConsumers || slots < 1 || slots % consumers || batch < 1 || batch > 32 ||
-      mode < 0 || mode > 2 || slot_bytes % kTileBytes)
+extern "C" int ring_batch_launch(const void* tasks, const int* task_off, const int* page_off, unsigned* counters,
+                                 long long* prof, long long* diag, int layers, int batch, int m_tiles,
+                                 int tiles_per_page, int slots, int consumers, int grid, int mode, void* stream) {
+  if ((consumers != 1 && consumers != 2 && consumers != 4) || slots < 1 || batch < 1 || batch > 32 ||
+      (m_tiles != 1 && m_tiles != 2) || tiles_per_page < 4 || tiles_per_page % 4 || mode < 0 || mode > 2)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
-  const int smem = slots * slot_bytes + 2 * slots * 8;
+  const int slot_bytes = tiles_per_page * m_tiles * kTileBytes;
+  const int smem = ring_batch_smem(slots, slot_bytes, batch, m_tiles);
   cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
-  const Args a{static_cast<const Page*>(pages), page_off, static_cast<const Work*>(work), work_off, counters, prof,
-               diag, batch, slot_bytes, slots, mode};
-  switch ((batch + 7) / 8) {
-    case 1: return launch<1>(a, consumers, grid, smem, st);
-    case 2: return launch<2>(a, consumers, grid, smem, st);
-    case 3: return launch<3>(a, consumers, grid, smem, st);
-    default: return launch<4>(a, consumers, grid, smem, st);
-  }
+  const Args a{static_cast<const Task*>(tasks), task_off, page_off, counters, prof, diag, batch, slot_bytes, slots,
+               tiles_per_page, mode};
+  return m_tiles == 1 ? launch_c<1>(a, consumers, grid, smem, st) : launch_c<2>(a, consumers, grid, smem, st);
 }

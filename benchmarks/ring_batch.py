@@ -1,17 +1,19 @@
 """Prototype for the persistent decode step (issue 26), fourth stage: does ring_chain.py's weight ring hold its
 gain at batch 8 to 32? The same GEMV chain (out_l = W_l @ act_l, the 7B MLP's shapes alternating) for batch
 rows 1..32 in one CUDA C++ launch (ring_batch.cu), the products on the tensor cores (mma.sync m16n8k16) from
-weights packed in the mma's fragment order (pack), a task being 16 rows of a layer over all of K in pages of
-whole k-tiles. Timed against persistent_chain.py's launch-per-layer Triton variants (batch up to 16) on the
-same weights in the same process:
+weights packed in the mma's fragment order (pack). A task is 16 or 32 rows of a layer over all of K, run by
+the whole block: its pages of whole k-tiles go through the ring and every consumer warp takes its class of
+k-tiles (kt % 4) of each. Timed against persistent_chain.py's launch-per-layer Triton variants (batch up to
+16) on the same weights in the same process:
 
     python benchmarks/ring_batch.py --batch 1 --batch 8 --batch 16 --batch 32 --out ring_batch.json
 
-Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C` for each --slots S:C: a ring of
-S slots of --ring-kb / S KiB and C consumer warps. Diagnostics for each --diagnose S:C (results unchecked):
-`/stream`, the pages streamed and no products; `/compute`, the products of whatever the ring holds and no
-pages streamed. Every ring's layers are checked against float64 from their own input (ring_chain.ring_bound)
-before timing. Needs an sm_90 GPU and nvcc (built into ~/.cache/cqil_ring_chain as ring_chain.py is).
+Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C/R` for each --slots S:C and
+--rows R: a ring of S slots of --ring-kb / S KiB, C consumer warps, tasks of R rows. Diagnostics for each
+--diagnose S:C/R (results unchecked): `/stream`, the pages streamed and no products; `/compute`, the products
+of whatever the ring holds and no pages streamed. Every ring's layers are checked against float64 from their
+own input (ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc (built into
+~/.cache/cqil_ring_chain as ring_chain.py is).
 """
 
 from __future__ import annotations
@@ -27,35 +29,35 @@ import torch
 from ring_chain import SMEM_LIMIT, RingChain, build, check_layers, profile_summary, resident_grid, ring_spec
 
 SOURCE = Path(__file__).with_name("ring_batch.cu")
-TILE = 16            # an mma k-tile and a task's rows
-TILE_BYTES = 512     # one packed 16 x 16 k-tile (ring_batch.cu's kTileBytes)
+TILE = 16            # an mma k-tile and an m-tile's rows
+TILE_BYTES = 512     # one packed 16 x 16 k-tile of one m-tile (ring_batch.cu's kTileBytes)
 MAX_BATCH = 32       # four n-tiles of 8 batch rows
-MAX_CONSUMERS = 8    # ring_batch.cu's kMaxConsumers
+CONSUMERS = (1, 2, 4)  # consumer warps a block may have: each owns 4 / C of the k-tile classes kt % 4
 RING_KB = 192        # no x buffers here: the ring takes most of shared memory
-FIRST, LAST = 1, 2   # a work entry's flags (kFirst, kLast)
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """W [N, K] in the mma's A-fragment order: [N / 16, K / 16, 32 lanes, 8], lane 4g + t of k-tile kt holding
-    W[g][4t, 4t+1], W[g+8][4t, 4t+1], W[g][4t+2, 4t+3], W[g+8][4t+2, 4t+3] (rows of the m-tile, k within kt)."""
+def pack(w: torch.Tensor, m_tiles: int = 1) -> torch.Tensor:
+    """W [N, K] in the mma's A-fragment order, tasks of `m_tiles` m-tiles: [N / (16 MT), K / 16, MT, 32 lanes,
+    8], lane 4g + t of k-tile kt and m-tile mt holding W[g][4t, 4t+1], W[g+8][4t, 4t+1], W[g][4t+2, 4t+3],
+    W[g+8][4t+2, 4t+3] (rows of the m-tile, k within kt): a task's k-tiles each one contiguous run."""
     N, K = w.shape
-    if N % TILE or K % TILE:
-        raise ValueError(f"a packed weight needs N and K multiples of {TILE}, got [{N}, {K}]")
-    # [m, h, g, kt, t, q, e]: row 16m + 8h + g, k 16kt + 4t + 2q + e; a fragment register is (q, h)
-    v = w.reshape(N // TILE, 2, 8, K // TILE, 4, 2, 2)
-    return v.permute(0, 3, 2, 4, 5, 1, 6).reshape(N // TILE, K // TILE, 32, 8).contiguous()
+    if N % (TILE * m_tiles) or K % TILE:
+        raise ValueError(f"a packed weight needs N a multiple of {TILE * m_tiles} and K of {TILE}, got [{N}, {K}]")
+    # [task, mt, h, g, kt, t, q, e]: row 16 (MT task + mt) + 8h + g, k 16kt + 4t + 2q + e; a register is (q, h)
+    v = w.reshape(N // (TILE * m_tiles), m_tiles, 2, 8, K // TILE, 4, 2, 2)
+    return v.permute(0, 4, 1, 3, 5, 6, 2, 7).reshape(N // (TILE * m_tiles), K // TILE, m_tiles, 32, 8).contiguous()
 
 
 def fragment_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The kernel's data path in float64 from the PTX fragment layouts of mma.m16n8k16 (written out here, not
     pack's inverse): lane (g, t)'s registers a0..a3 are A[g][2t:2t+2], A[g+8][2t:2t+2], A[g][2t+8:2t+10],
     A[g+8][2t+8:2t+10] and its b0, b1 are B[2t:2t+2][g], B[2t+8:2t+10][g]; the kernel loads b0, b1 from
-    x[n][16kt + 4t : 16kt + 4t + 4]. Returns out [batch, N] = sum over k-tiles of A @ B, row 16m + r of out
-    being the tile's row r. With pack, this equals x @ W^T."""
-    M, KT = packed.shape[:2]
+    x[n][16kt + 4t : 16kt + 4t + 4]. Returns out [batch, N] = sum over k-tiles of A @ B, row 16 (MT task + mt)
+    + r of out being m-tile mt's row r. With pack, this equals x @ W^T."""
+    M, KT, MT = packed.shape[:3]
     batch = x.shape[0]
-    a = packed.double().reshape(M, KT, 8, 4, 4, 2)  # [m, kt, g, t, register, element]
-    A = torch.zeros(M, KT, 16, 16, dtype=torch.float64)
+    a = packed.double().permute(0, 2, 1, 3, 4).reshape(M * MT, KT, 8, 4, 4, 2)  # [m, kt, g, t, register, e]
+    A = torch.zeros(M * MT, KT, 16, 16, dtype=torch.float64)
     for t in range(4):
         for e in range(2):
             A[:, :, 0:8, 2 * t + e] = a[:, :, :, t, 0, e]
@@ -71,85 +73,88 @@ def fragment_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             B[:, 2 * t + e, :] = xv[:, :, t, 0, e].t()
             B[:, 2 * t + 8 + e, :] = xv[:, :, t, 1, e].t()
     D = torch.einsum("mkij,kjn->min", A, B)  # [m, row, n]
-    return D.reshape(M * 16, -1)[:, :batch].t()
+    return D.reshape(M * MT * 16, -1)[:, :batch].t()
 
 
-def pages_of(K: int, tiles_per_page: int) -> list[tuple[int, int]]:
+def class_sums(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in fp32 (an mma's sums are fp32; within one instruction the order is the
+    hardware's): for each k-tile class c = kt % 4, the fp32 sum over that class's k-tiles in order of their
+    products, then out = bf16((s0 + s2) + (s1 + s3)). Returns [batch, N] bf16; the kernel's bits equal these
+    where one k-tile's product rounds alike in both, so the tests compare within ring_bound, not bits."""
+    M, KT, MT = packed.shape[:3]
+    w = unpack(packed).float()
+    xf = x.float()
+    sums = torch.zeros(4, x.shape[0], w.shape[0])
+    for kt in range(KT):
+        sums[kt % 4] += xf[:, 16 * kt:16 * kt + 16] @ w[:, 16 * kt:16 * kt + 16].t()
+    return ((sums[0] + sums[2]) + (sums[1] + sums[3])).to(torch.bfloat16)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """pack's inverse: W [N, K]."""
+    M, KT, MT = packed.shape[:3]
+    v = packed.reshape(M, KT, MT, 8, 4, 2, 2, 2)  # [task, kt, mt, g, t, q, h, e]
+    return v.permute(0, 2, 6, 3, 1, 4, 5, 7).reshape(M * MT * TILE, KT * TILE)
+
+
+def pages_of(k_tiles: int, tiles_per_page: int) -> list[tuple[int, int]]:
     """A task's pages over K: (first k-tile, k-tiles)."""
-    kt = K // TILE
-    return [(k0, min(tiles_per_page, kt - k0)) for k0 in range(0, kt, tiles_per_page)]
+    return [(k0, min(tiles_per_page, k_tiles - k0)) for k0 in range(0, k_tiles, tiles_per_page)]
 
 
-def plan(shapes: list[tuple[int, int]], tiles_per_page: int, grid: int, consumers: int, slots: int):
-    """Per block (block b runs the chain's tasks b, b + grid, ...; a task is (layer, m-tile)): its page list,
-    in the order the producer fills the ring, [(layer, m, first k-tile, k-tiles, slot, use)], and per consumer
-    warp its work list [(position in the page list, layer, m, first k-tile, k-tiles, flags)]. The block's
-    tasks go in rounds of up to `consumers` tasks of one layer, each to the next warp in turn; a round's pages
-    interleave (page 0 of each task, then page 1 of each, ...). A round never holds two layers (ring_batch.cu:
-    a task waiting on the layer before must not hold slots a task of that layer needs). Warp w's e-th page
-    goes to its own slot w * per + e % per (per = slots / consumers), the slot's (e / per)-th use, as
-    ring_batch.cu's consumers compute it."""
-    if slots % consumers:
-        raise ValueError(f"consumers must divide slots (each warp has its own slots), got {slots}:{consumers}")
-    per = slots // consumers
-    tasks = [(layer, m) for layer, (N, _) in enumerate(shapes) for m in range(N // TILE)]
-    blocks = []
-    for b in range(grid):
-        mine, pages, work, turn, i = tasks[b::grid], [], [[] for _ in range(consumers)], 0, 0
-        while i < len(mine):
-            layer = mine[i][0]
-            j = i
-            while j < len(mine) and j - i < consumers and mine[j][0] == layer:
-                j += 1
-            rnd, i = mine[i:j], j
-            warps = [(turn + r) % consumers for r in range(len(rnd))]
-            turn += len(rnd)
-            task_pages = pages_of(shapes[layer][1], tiles_per_page)
-            for p, (k0, tiles) in enumerate(task_pages):
-                flags = (FIRST if p == 0 else 0) | (LAST if p == len(task_pages) - 1 else 0)
-                for (lay, m), w in zip(rnd, warps):
-                    e = len(work[w])
-                    work[w].append((len(pages), lay, m, k0, tiles, flags))
-                    pages.append((lay, m, k0, tiles, w * per + e % per, e // per))
-        blocks.append((pages, work))
-    return blocks
+def plan(shapes: list[tuple[int, int]], m_tiles: int, grid: int) -> list[list[tuple[int, int]]]:
+    """Per block, its tasks in chain order: block b runs the chain's tasks b, b + grid, ... (a task is (layer,
+    t): rows 16 MT t .. 16 MT (t + 1) of the layer, over all of K)."""
+    tasks = [(layer, t) for layer, (N, _) in enumerate(shapes) for t in range(N // (TILE * m_tiles))]
+    return [tasks[b::grid] for b in range(grid)]
 
 
 @functools.cache
 def library() -> ctypes.CDLL:
     so = build(SOURCE)
     so.ring_batch_launch.restype = ctypes.c_int
-    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     so.ring_batch_error.restype = ctypes.c_char_p
     so.ring_batch_error.argtypes = [ctypes.c_int]
     return so
 
 
+def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int) -> int:
+    """The shared memory of a launch (ring_batch.cu's ring_batch_smem): the ring, two buffers of the class sums
+    ([4 classes, MT, n-tiles, 4, 32] fp32), the slots' two barriers and the consumers' barrier counter."""
+    return slots * slot_bytes + 2 * 4 * m_tiles * -(-batch // 8) * 4 * 32 * 4 + 16 * slots + 16
+
+
 class RingBatch:
     """out_l = act_l @ W_l^T into act_{l+1} for l = 0..L-1 in one launch, for every batch row. weights[l]:
-    [N_l, K_l] bf16 with N and K multiples of 16, K_l = N_{l-1}; acts[l]: [batch, K_l] (acts[0] the input)
-    with unit column stride and a row stride that is a multiple of 4, 8-byte aligned; all on one CUDA device.
-    The weights are packed once (pack; or `packed`, their packs); the activations are borrowed, read and
-    written in place by run(). slots, ring_kb, consumers: the ring (slot_bytes a whole number of packed
-    k-tiles). mode: "chain", or the diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks
-    (default and at most one per SM). profile: every run stamps each page (ring_chain.STAMPS, per page in
-    the blocks' lists; ring_chain.profile_summary)."""
+    [N_l, K_l] bf16 with N a multiple of 16 * m_tiles and K of 16, K_l = N_{l-1}; acts[l]: [batch, K_l]
+    (acts[0] the input) with unit column stride and a row stride that is a multiple of 4, 8-byte aligned; all
+    on one CUDA device. The weights are packed once (pack; or `packed`, their packs for m_tiles); the
+    activations are borrowed, read and written in place by run(). A task is m_tiles m-tiles (16 m_tiles rows)
+    of a layer, run by the whole block. slots, ring_kb: the ring (a slot holds whole 4-k-tile groups of a
+    task); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
+    diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks (default and at most one per SM).
+    profile: every run stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order;
+    ring_chain.profile_summary)."""
 
     MODES = {"chain": 0, "stream": 1, "compute": 2}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
-                 ring_kb: int = RING_KB, consumers: int | None = None, mode: str = "chain",
-                 grid: int | None = None, packed: list[torch.Tensor] | None = None, profile: bool = False):
+                 ring_kb: int = RING_KB, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
+                 packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
         batch = acts[0].shape[0] if acts[0].dim() == 2 else 0
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"acts must be [batch, K] with batch 1..{MAX_BATCH}, got {tuple(acts[0].shape)}")
+        if m_tiles not in (1, 2):
+            raise ValueError(f"m_tiles must be 1 or 2 (16 or 32 rows a task), got {m_tiles}")
+        rows = TILE * m_tiles
         shapes = []
         for layer, w in enumerate(weights):
-            if w.dim() != 2 or w.shape[0] % TILE or w.shape[1] % TILE:
-                raise ValueError(f"weights[{layer}] must be [N, K] with N and K multiples of {TILE}, "
+            if w.dim() != 2 or w.shape[0] % rows or w.shape[1] % TILE:
+                raise ValueError(f"weights[{layer}] must be [N, K] with N a multiple of {rows} and K of {TILE}, "
                                  f"got {tuple(w.shape)}")
             shapes.append(tuple(w.shape))
         for layer in range(1, len(shapes)):
@@ -168,62 +173,70 @@ class RingBatch:
                 raise ValueError(f"acts[{layer}]: unit column stride, a row stride that is a multiple of 4 and an "
                                  f"8-byte aligned start expected (strides {t.stride()}, address % 8 = "
                                  f"{t.data_ptr() % 8})")
-        self.consumers = consumers or min(slots, MAX_CONSUMERS)
-        if not 1 <= self.consumers <= MAX_CONSUMERS or slots % self.consumers:
-            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots} (each warp has its own "
-                             f"slots), got {self.consumers}")
-        tiles_per_page = ring_kb * 1024 // slots // TILE_BYTES
-        if tiles_per_page < 1:
-            raise ValueError(f"{slots} slots of {ring_kb} KiB hold no {TILE_BYTES}-byte k-tile each")
-        self.slot_bytes, self.slots = tiles_per_page * TILE_BYTES, slots
-        if slots * self.slot_bytes + 16 * slots > SMEM_LIMIT:
-            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes need more than {SMEM_LIMIT} bytes of "
-                             f"shared memory")
+        consumers = consumers or 4
+        if consumers not in CONSUMERS:
+            raise ValueError(f"consumers must be one of {CONSUMERS} (each takes 4 / C of the k-tile classes), "
+                             f"got {consumers}")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        # a slot holds whole groups of 4 k-tiles of a task, so that every page starts on a class-0 tile
+        tiles_per_page = ring_kb * 1024 // slots // (TILE_BYTES * m_tiles) // 4 * 4
+        if tiles_per_page < 4:
+            raise ValueError(f"{slots} slots of {ring_kb} KiB hold no 4 k-tiles of {rows} rows "
+                             f"({4 * TILE_BYTES * m_tiles} bytes) each")
+        self.slot_bytes, self.slots, self.consumers = tiles_per_page * TILE_BYTES * m_tiles, slots, consumers
+        need = smem_bytes(slots, self.slot_bytes, batch, m_tiles)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes and the sums need {need} bytes of shared "
+                             f"memory, more than {SMEM_LIMIT}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
         self.grid = resident_grid(device, grid)
-        self.packed = packed if packed is not None else [pack(w) for w in weights]
-        blocks = plan(shapes, tiles_per_page, self.grid, self.consumers, slots)
-        page_rows, work_rows, page_off, work_off, layers_of, firsts = [], [], [0], [0], [], []
-        for pages, work in blocks:
-            for layer, m, k0, tiles, slot, use in pages:
-                page_rows.append((self.packed[layer][m, k0].data_ptr(), tiles * TILE_BYTES | slot << 32, use))
-                layers_of.append(layer)
-                firsts.append(k0 == 0)
-            page_off.append(len(page_rows))
-            for mine in work:
-                for pos, layer, m, k0, tiles, flags in mine:
-                    x, out = acts[layer], acts[layer + 1]
-                    wait = shapes[layer - 1][0] // TILE if layer else 0
-                    work_rows.append((x.data_ptr() + k0 * TILE * 2, out.data_ptr() + m * TILE * 2,
-                                      pos | tiles << 32, layer | wait << 32, flags | x.stride(0) << 32,
-                                      out.stride(0) | k0 << 32))
-                work_off.append(len(work_rows))
-        self.pages = torch.tensor(page_rows, dtype=torch.int64).to(device)
-        self.work = torch.tensor(work_rows, dtype=torch.int64).to(device)
+        if packed is not None and any(tuple(p.shape[:3]) != (N // rows, K // TILE, m_tiles)
+                                      for p, (N, K) in zip(packed, shapes)):
+            raise ValueError(f"packed weights must be pack(w, {m_tiles}) of each weight")
+        self.packed = packed if packed is not None else [pack(w, m_tiles) for w in weights]
+        blocks = plan(shapes, m_tiles, self.grid)
+        task_rows, task_off, page_off, layers_of, firsts = [], [0], [0], [], []
+        for tasks in blocks:
+            pages = 0
+            for layer, t in tasks:
+                N, K = shapes[layer]
+                x, out = acts[layer], acts[layer + 1]
+                wait = shapes[layer - 1][0] // rows if layer else 0
+                n_pages = len(pages_of(K // TILE, tiles_per_page))
+                task_rows.append((self.packed[layer][t].data_ptr(), x.data_ptr(), out.data_ptr() + t * rows * 2,
+                                  layer | wait << 32, K // TILE | x.stride(0) << 32, out.stride(0) | n_pages << 32))
+                layers_of += [layer] * n_pages
+                firsts += [True] + [False] * (n_pages - 1)
+                pages += n_pages
+            task_off.append(len(task_rows))
+            page_off.append(page_off[-1] + pages)
+        self.tasks = torch.tensor(task_rows, dtype=torch.int64).to(device)
+        self.task_off = torch.tensor(task_off, dtype=torch.int32).to(device)
         self.page_off = torch.tensor(page_off, dtype=torch.int32).to(device)
-        self.work_off = torch.tensor(work_off, dtype=torch.int32).to(device)
         self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
         self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
-        self.prof = (torch.zeros(len(page_rows), len(RingChain.STAMPS), dtype=torch.int64, device=device) if profile
+        self.prof = (torch.zeros(page_off[-1], len(RingChain.STAMPS), dtype=torch.int64, device=device) if profile
                      else None)
         self.diag = torch.zeros(8, dtype=torch.int64, device=device)  # the kernel's watchdog report (check)
-        self.weights, self.acts, self.batch, self.tiles_per_page = list(weights), list(acts), batch, tiles_per_page
+        self.weights, self.acts, self.batch = list(weights), list(acts), batch
+        self.m_tiles, self.tiles_per_page = m_tiles, tiles_per_page
 
     def run(self) -> None:
         """Queue the chain on the current stream (capturable in a CUDA graph)."""
         lib = library()
-        err = lib.ring_batch_launch(self.pages.data_ptr(), self.page_off.data_ptr(), self.work.data_ptr(),
-                                    self.work_off.data_ptr(), self.counters.data_ptr(),
-                                    None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(),
-                                    len(self.weights), self.batch, self.slot_bytes, self.slots, self.consumers,
-                                    self.grid, self.mode, torch.cuda.current_stream().cuda_stream)
+        err = lib.ring_batch_launch(self.tasks.data_ptr(), self.task_off.data_ptr(), self.page_off.data_ptr(),
+                                    self.counters.data_ptr(), None if self.prof is None else self.prof.data_ptr(),
+                                    self.diag.data_ptr(), len(self.weights), self.batch, self.m_tiles,
+                                    self.tiles_per_page, self.slots, self.consumers, self.grid, self.mode,
+                                    torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
 
 
-WAITS = {1: "the producer's wait for its slot to be consumed", 2: "a consumer's wait for the layer before",
+WAITS = {1: "the producer's wait for its slot to be read", 2: "a consumer's wait for the layer before",
          3: "a consumer's wait for its page's copy"}
 
 
@@ -231,13 +244,13 @@ def check(chain: RingBatch) -> None:
     """Raise if a run of the chain gave up (ring_batch.cu's watchdog: a wait that had not passed after two
     seconds), naming the wait, the block, warp and page; waits for the GPU. A run that gave up left its
     outputs incomplete."""
-    what, block, warp, pos, where, have, want, n = chain.diag.tolist()
+    what, block, warp, page, where, have, want, n = chain.diag.tolist()
     if what:
         chain.diag.zero_()
         detail = {1: f"slot {where}, use {have}, parity {want}", 2: f"layer {where - 1}'s counter at {have} of {want}",
                   3: f"slot {where}, use {have}, parity {want}"}[what]
-        raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {pos} of its "
-                           f"block's list ({detail}; the list holding {n} entries)")
+        raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {page} of the "
+                           f"block's {n} ({detail})")
 
 
 def main(argv=None) -> None:
@@ -248,10 +261,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, action="append", help="batch rows (default 1, 8, 16, 32)")
-    ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 8:8, 16:8)")
-    ap.add_argument("--diagnose", action="append", help="the rings diagnosed (default 8:4)")
+    ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 16:4)")
+    ap.add_argument("--rows", type=int, action="append", choices=(16, 32),
+                    help="rows a task (m-tiles of 16), one variant each (default 16 and 32)")
+    ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 8:4/32)")
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
-                                                       "timing, summarized per layer (default 8:4)")
+                                                       "timing, summarized per layer, S:C/rows (default 8:4/32)")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
@@ -265,7 +280,8 @@ def main(argv=None) -> None:
     copy = copy_bandwidth_gbps(device)
     chain = Chain(tuple(a.dims), a.layers, BLOCK_M, torch.bfloat16, device, block_k=a.block_k)
     weights = [chain.weight(lay) for lay in range(a.layers)]
-    packed = [pack(w) for w in weights]
+    row_counts = a.rows or [16, 32]
+    packed = {r: [pack(w, r // 16) for w in weights] for r in row_counts}
     floor_us = chain.weight_bytes() / copy / 1e3
     width = max(a.dims)
     g = torch.Generator().manual_seed(1)
@@ -280,19 +296,24 @@ def main(argv=None) -> None:
             chain.batch = batch
             for v in ("launch", "pdl"):
                 runs[v] = functools.partial(chain.run, v)
-        for spec in a.slots or ["8:4", "8:8", "16:8"]:
-            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, **ring_spec(spec))
-            rings[f"mma-{spec}"] = runs[f"mma-{spec}"] = ring.run
-            layout[f"mma-{spec}"] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
-                                         tiles_per_page=ring.tiles_per_page)
-            buf[1:].fill_(float("nan"))
-            ring.run()
-            check(ring)
-            worst[f"mma-{spec}"] = check_layers(ring)
-        for spec in a.diagnose or ["8:4"]:
+        for spec in a.slots or ["8:4", "16:4"]:
+            for r in row_counts:
+                name = f"mma-{spec}/{r}"
+                ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r], m_tiles=r // 16,
+                                 **ring_spec(spec))
+                rings[name] = runs[name] = ring.run
+                layout[name] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
+                                    tiles_per_page=ring.tiles_per_page)
+                buf[1:].fill_(float("nan"))
+                ring.run()
+                check(ring)
+                worst[name] = check_layers(ring)
+        for spec in a.diagnose or ["8:4/32"]:
+            spec, _, r = spec.partition("/")
+            r = int(r or 16)
             for mode in ("stream", "compute"):
-                runs[f"mma-{spec}/{mode}"] = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, mode=mode,
-                                                       **ring_spec(spec)).run
+                runs[f"mma-{spec}/{r}/{mode}"] = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r],
+                                                           m_tiles=r // 16, mode=mode, **ring_spec(spec)).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
         torch.cuda.synchronize()
@@ -314,21 +335,25 @@ def main(argv=None) -> None:
             print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
-        for spec in a.profile or ["8:4"]:
-            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed, profile=True, **ring_spec(spec))
+        for spec in a.profile or ["8:4/32"]:
+            spec, _, r = spec.partition("/")
+            r = int(r or 16)
+            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r], m_tiles=r // 16, profile=True,
+                             **ring_spec(spec))
             ring.run()
             check(ring)
             check_layers(ring)
-            profiles[f"batch {batch}, mma-{spec}"] = summary = profile_summary(ring)
+            profiles[f"batch {batch}, mma-{spec}/{r}"] = summary = profile_summary(ring)
             for row in summary[:3] + summary[-1:]:
-                print(f"batch {batch:>2} mma-{spec} profile: {row}", flush=True)
+                print(f"batch {batch:>2} mma-{spec}/{r} profile: {row}", flush=True)
     write_record(
         a.out, device=device, commit=commit,
         title="Ring chain on the tensor cores: the weight ring at batch 1 to 32, against a launch per layer",
         what=(f"chain of {a.layers} GEMMs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, the batch "
-              f"rows of each column; mma-S:C: one CUDA C++ launch (benchmarks/ring_batch.cu), weights packed in "
+              f"rows of each column; mma-S:C/R: one CUDA C++ launch (benchmarks/ring_batch.cu), weights packed in "
               f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a {a.ring_kb} KiB ring with "
-              f"pages of 16-row tasks, C consumer warps, activations read from L2; launch/pdl: "
+              f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
+              f"activations read from L2; launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
         copy_gbps=round(copy, 1), layout=layout, profiles=profiles,
