@@ -25,9 +25,9 @@
 //                   activation.
 //   consumer warps  walk the same tasks: on a task of a new layer, count the block's tasks of the layer before
 //                   (every thread's stores fenced, a barrier, one release) and wait until the layer before has
-//                   all its tasks counted (acquire); per page, load the page's B fragments (before the slot's
-//                   wait: x is ready), wait for the slot, multiply their k-tiles, give the slot back; at the
-//                   task's end exchange the sums (one barrier, double-buffered) and store.
+//                   all its tasks counted (acquire); per page, wait for the slot, multiply their k-tiles, give
+//                   the slot back, the B fragments (from x, ready) loaded a chunk of k-tiles ahead, across pages
+//                   too; at the task's end exchange the sums (one barrier, double-buffered) and store.
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
 // Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
@@ -165,6 +165,14 @@ __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_b
   }
 }
 
+// The B fragments of chunk ci of the warp's k-tiles of a task (cpp chunks a page of T k-tiles).
+template <int NT, int C>
+__device__ __forceinline__ void fetch_chunk(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
+                                            int ci, int cpp, int T, int k_tiles, int w, int batch, int lane) {
+  const int p = ci / cpp;
+  load_b<NT, C>(b, x + 16 * p * T, x_stride, (ci % cpp) * chunk<NT>(), min(T, k_tiles - p * T), w, batch, lane);
+}
+
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
 // every wait and counter; their results are meaningless.
@@ -259,51 +267,58 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int q = 0; q < NT; ++q) acc[h][m][q][0] = acc[h][m][q][1] = acc[h][m][q][2] = acc[h][m][q][3] = 0.f;
-    for (int p = 0; p < pages; ++p, ++i) {
-      if (warp == 0 && lane == 0 && a.prof) {
-        stamp = a.prof + static_cast<long long>(p0 + i) * kStamps;
-        stamp[1] = p ? global_ns() : taken;
-        stamp[2] = p ? stamp[1] : had_x;
-      }
-      const int s = i % slots, tiles = min(a.tiles_per_page, k_tiles - p * a.tiles_per_page);
-      const __nv_bfloat16* xp = x + 16 * p * a.tiles_per_page;
-      // this warp's tiles of the page: j = 0.. with tile_of(j) < tiles; S per 4 tiles
-      const int mine = S * ((tiles + 3) / 4);
-      uint2 b[2][chunk<NT>()][NT];
-      if (a.mode != 1) load_b<NT, C>(b[0], xp, x_stride, 0, tiles, warp, a.batch, lane);
-      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (i / slots) & 1, deadline))) {
-        if (lane == 0) give_up(a.diag, 3, warp, i, s, i / slots, (i / slots) & 1, n_pages);
-        return;
-      }
-      if (stamp) stamp[3] = global_ns();
-      if (a.mode != 1) {
-        const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
-        for (int c = 0; c < mine; c += 2 * chunk<NT>()) {
+    // The warp's k-tiles of the task as one sequence of chunks, a chunk within one page: chunk c + 1's B
+    // fragments are loaded before chunk c's products, across pages too, so that an L2 round trip is always in
+    // flight while the warp multiplies (one round trip a page had made the consumers slower than the stream).
+    const int T = a.tiles_per_page, cpp = (S * (T / 4) + chunk<NT>() - 1) / chunk<NT>();  // chunks a full page
+    const int n_chunks = (pages - 1) * cpp + (S * ((k_tiles - (pages - 1) * T + 3) / 4) + chunk<NT>() - 1) /
+                                                 chunk<NT>();
+    uint2 b[2][chunk<NT>()][NT];
+    if (a.mode != 1) fetch_chunk<NT, C>(b[0], x, x_stride, 0, cpp, T, k_tiles, warp, a.batch, lane);
+    for (int c = 0; c < n_chunks; c += 2) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int first = c + half * chunk<NT>();
-            if (first >= mine) break;
-            if (first + chunk<NT>() < mine)
-              load_b<NT, C>(b[half ^ 1], xp, x_stride, first + chunk<NT>(), tiles, warp, a.batch, lane);
+      for (int half = 0; half < 2; ++half) {
+        const int ci = c + half;
+        if (ci >= n_chunks) break;
+        const int p = ci / cpp, j0 = (ci % cpp) * chunk<NT>(), page = i + p, s = page % slots;
+        const int tiles = min(T, k_tiles - p * T);
+        if (a.mode != 1 && ci + 1 < n_chunks)
+          fetch_chunk<NT, C>(b[half ^ 1], x, x_stride, ci + 1, cpp, T, k_tiles, warp, a.batch, lane);
+        if (ci % cpp == 0) {  // the page's first chunk: its slot's bytes
+          if (warp == 0 && lane == 0 && a.prof) {
+            stamp = a.prof + static_cast<long long>(p0 + page) * kStamps;
+            stamp[1] = p ? global_ns() : taken;
+            stamp[2] = p ? stamp[1] : had_x;
+          }
+          if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (page / slots) & 1, deadline))) {
+            if (lane == 0) give_up(a.diag, 3, warp, page, s, page / slots, (page / slots) & 1, n_pages);
+            return;
+          }
+          if (stamp) stamp[3] = global_ns();
+        }
+        if (a.mode != 1) {
+          const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
 #pragma unroll
-            for (int jj = 0; jj < chunk<NT>(); ++jj) {
-              const int u = tile_of<C>(first + jj, warp);
-              if (u < tiles) {
+          for (int jj = 0; jj < chunk<NT>(); ++jj) {
+            const int u = tile_of<C>(j0 + jj, warp);
+            if (u < tiles) {
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                  const uint4 av = wp[(u * MT + m) * 32 + lane];
+              for (int m = 0; m < MT; ++m) {
+                const uint4 av = wp[(u * MT + m) * 32 + lane];
 #pragma unroll
-                  for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
-                }
+                for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
               }
             }
           }
         }
+        if (ci + 1 == n_chunks || (ci + 1) % cpp == 0) {  // the page's last chunk: give the slot back
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&empty[s]);
+          if (stamp) stamp[4] = global_ns();
+        }
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);  // the page's bytes are in the sums: refill the slot
-      if (stamp) stamp[4] = global_ns();
     }
+    i += pages;
     // the class sums through shared memory; out = (s0 + s2) + (s1 + s3), each warp storing its (m, j) pairs
     float* r = red + buf * kRed;
 #pragma unroll
