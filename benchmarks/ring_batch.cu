@@ -93,20 +93,17 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint4 a, uint2 b) {
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y));
 }
 
-// The consumer warps' barrier (named barrier 1; the producer warp is not in it), with the watchdog's deadline:
-// bar.sync cannot give up, so a warp that gave up elsewhere makes the others' barriers hang. Instead, the
-// barrier is arrive + poll of a shared counter (the generation the warps wait for).
+// The consumer warps' barrier (the producer warp is not in it), with the watchdog's deadline: bar.sync cannot
+// give up, so a warp that gave up elsewhere would hang the others in it. Instead, lane 0 of each warp adds one
+// to a shared-memory count and polls it until every warp has arrived at this generation.
 __device__ __forceinline__ bool consumers_sync(unsigned* arrived, unsigned& generation, int consumers, int lane,
                                                long long deadline) {
-  __syncwarp();
-  const unsigned target = (generation + 1) * consumers;
-  ++generation;
+  __syncwarp();  // the warp's earlier shared-memory writes ordered before lane 0's arrival
+  const unsigned target = ++generation * consumers;
+  bool ok = true;
   if (lane == 0) {
     __threadfence_block();
     atomicAdd(arrived, 1u);
-  }
-  bool ok = true;
-  if (lane == 0) {
     while (*reinterpret_cast<volatile unsigned*>(arrived) < target) {
       if (global_ns() > deadline) {
         ok = false;
