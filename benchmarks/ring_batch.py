@@ -291,7 +291,7 @@ def main(argv=None) -> None:
         buf[0, :, :a.dims[0]] = torch.randn(batch, a.dims[0], generator=g).to(torch.bfloat16)
         acts = [buf[lay, :, :(weights[lay].shape[1] if lay < a.layers else weights[-1].shape[0])]
                 for lay in range(a.layers + 1)]
-        runs, rings, worst = {}, {}, {}
+        runs, worst = {}, {}
         if batch <= BLOCK_M:
             chain.batch = batch
             for v in ("launch", "pdl"):
@@ -301,7 +301,7 @@ def main(argv=None) -> None:
                 name = f"mma-{spec}/{r}"
                 ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r], m_tiles=r // 16,
                                  **ring_spec(spec))
-                rings[name] = runs[name] = ring.run
+                runs[name] = ring.run
                 layout[name] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
                                     tiles_per_page=ring.tiles_per_page)
                 buf[1:].fill_(float("nan"))
