@@ -145,6 +145,15 @@ __device__ __forceinline__ int tile_of(int j, int w) {
   return 4 * (j / S) + w + C * (j % S);
 }
 
+// k-tiles in page p of a task of k_tiles (pages of T; the last may be short).
+__device__ __forceinline__ int page_tiles(int p, int T, int k_tiles) { return min(T, k_tiles - p * T); }
+
+// Chunks of one warp's k-tiles in a page of `tiles` k-tiles: S of every 4, chunk<NT>() a chunk.
+template <int NT, int C>
+__device__ __forceinline__ int chunks_of(int tiles) {
+  return (kClasses / C * ((tiles + 3) / 4) + chunk<NT>() - 1) / chunk<NT>();
+}
+
 template <int NT, int C>
 __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
                                        int first, int tiles, int w, int batch, int lane) {
@@ -167,7 +176,7 @@ template <int NT, int C>
 __device__ __forceinline__ void fetch_chunk(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
                                             int ci, int cpp, int T, int k_tiles, int w, int batch, int lane) {
   const int p = ci / cpp;
-  load_b<NT, C>(b, x + 16 * p * T, x_stride, (ci % cpp) * chunk<NT>(), min(T, k_tiles - p * T), w, batch, lane);
+  load_b<NT, C>(b, x + 16 * p * T, x_stride, (ci % cpp) * chunk<NT>(), page_tiles(p, T, k_tiles), w, batch, lane);
 }
 
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
@@ -216,7 +225,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         if (a.mode == 2) {
           mbar_arrive(&full[s]);
         } else {
-          const int tiles = min(a.tiles_per_page, k_tiles - p * a.tiles_per_page);
+          const int tiles = page_tiles(p, a.tiles_per_page, k_tiles);
           const unsigned bytes = static_cast<unsigned>(tiles * MT * kTileBytes);
           mbar_expect_tx(&full[s], bytes);
           bulk_copy(ring + s * a.slot_bytes, w + static_cast<long long>(p) * page_bytes, bytes, &full[s]);
@@ -267,9 +276,8 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
     // The warp's k-tiles of the task as one sequence of chunks, a chunk within one page: chunk c + 1's B
     // fragments are loaded before chunk c's products, across pages too, so that an L2 round trip is always in
     // flight while the warp multiplies (one round trip a page had made the consumers slower than the stream).
-    const int T = a.tiles_per_page, cpp = (S * (T / 4) + chunk<NT>() - 1) / chunk<NT>();  // chunks a full page
-    const int n_chunks = (pages - 1) * cpp + (S * ((k_tiles - (pages - 1) * T + 3) / 4) + chunk<NT>() - 1) /
-                                                 chunk<NT>();
+    const int T = a.tiles_per_page, cpp = chunks_of<NT, C>(T);  // chunks a full page
+    const int n_chunks = (pages - 1) * cpp + chunks_of<NT, C>(page_tiles(pages - 1, T, k_tiles));
     uint2 b[2][chunk<NT>()][NT];
     if (a.mode != 1) fetch_chunk<NT, C>(b[0], x, x_stride, 0, cpp, T, k_tiles, warp, a.batch, lane);
     for (int c = 0; c < n_chunks; c += 2) {
@@ -278,7 +286,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
         const int ci = c + half;
         if (ci >= n_chunks) break;
         const int p = ci / cpp, j0 = (ci % cpp) * chunk<NT>(), page = i + p, s = page % slots;
-        const int tiles = min(T, k_tiles - p * T);
+        const int tiles = page_tiles(p, T, k_tiles);
         if (a.mode != 1 && ci + 1 < n_chunks)
           fetch_chunk<NT, C>(b[half ^ 1], x, x_stride, ci + 1, cpp, T, k_tiles, warp, a.batch, lane);
         if (ci % cpp == 0) {  // the page's first chunk: its slot's bytes
