@@ -279,8 +279,20 @@ def main(argv=None) -> None:
     copy = copy_bandwidth_gbps(device)
     chain = Chain(tuple(a.dims), a.layers, BLOCK_M, torch.bfloat16, device, block_k=a.block_k)
     weights = [chain.weight(lay) for lay in range(a.layers)]
-    row_counts = a.rows or [16, 32]
-    packed = {r: [pack(w, r // 16) for w in weights] for r in row_counts}
+    packs: dict[int, list[torch.Tensor]] = {}  # rows a task -> the weights packed for it, made when first asked
+
+    def ring(spec: str, rows: int, acts, **kwargs) -> RingBatch:
+        """The ring of an S:C spec with tasks of `rows` rows (--slots/--rows, or S:C/R of --diagnose/--profile)."""
+        if rows not in packs:
+            packs[rows] = [pack(w, rows // TILE) for w in weights]
+        return RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packs[rows], m_tiles=rows // TILE, **kwargs,
+                         **ring_spec(spec))
+
+    def spec_rows(spec: str) -> tuple[str, int]:
+        """S:C/R as (S:C, R); R defaults to 16."""
+        spec, _, rows = spec.partition("/")
+        return spec, int(rows or 16)
+
     floor_us = chain.weight_bytes() / copy / 1e3
     width = max(a.dims)
     g = torch.Generator().manual_seed(1)
@@ -296,23 +308,19 @@ def main(argv=None) -> None:
             for v in ("launch", "pdl"):
                 runs[v] = functools.partial(chain.run, v)
         for spec in a.slots or ["8:4", "16:4"]:
-            for r in row_counts:
+            for r in a.rows or [16, 32]:
                 name = f"mma-{spec}/{r}"
-                ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r], m_tiles=r // 16,
-                                 **ring_spec(spec))
-                runs[name] = ring.run
-                layout[name] = dict(slot_bytes=ring.slot_bytes, consumers=ring.consumers,
-                                    tiles_per_page=ring.tiles_per_page)
+                chained = ring(spec, r, acts)
+                runs[name] = chained.run
+                layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
+                                    tiles_per_page=chained.tiles_per_page)
                 buf[1:].fill_(float("nan"))
-                ring.run()
-                check(ring)
-                worst[name] = check_layers(ring)
-        for spec in a.diagnose or ["8:4/32"]:
-            spec, _, r = spec.partition("/")
-            r = int(r or 16)
+                chained.run()
+                check(chained)
+                worst[name] = check_layers(chained)
+        for spec, r in map(spec_rows, a.diagnose or ["8:4/32"]):
             for mode in ("stream", "compute"):
-                runs[f"mma-{spec}/{r}/{mode}"] = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r],
-                                                           m_tiles=r // 16, mode=mode, **ring_spec(spec)).run
+                runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
         torch.cuda.synchronize()
@@ -334,15 +342,12 @@ def main(argv=None) -> None:
             print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
-        for spec in a.profile or ["8:4/32"]:
-            spec, _, r = spec.partition("/")
-            r = int(r or 16)
-            ring = RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packed[r], m_tiles=r // 16, profile=True,
-                             **ring_spec(spec))
-            ring.run()
-            check(ring)
-            check_layers(ring)
-            profiles[f"batch {batch}, mma-{spec}/{r}"] = summary = profile_summary(ring)
+        for spec, r in map(spec_rows, a.profile or ["8:4/32"]):
+            profiled = ring(spec, r, acts, profile=True)
+            profiled.run()
+            check(profiled)
+            check_layers(profiled)
+            profiles[f"batch {batch}, mma-{spec}/{r}"] = summary = profile_summary(profiled)
             for row in summary[:3] + summary[-1:]:
                 print(f"batch {batch:>2} mma-{spec}/{r} profile: {row}", flush=True)
     write_record(
