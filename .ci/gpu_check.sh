@@ -117,10 +117,12 @@ for stage in $stages; do
                   "ops/test_group_residual.py|residual-2-1-7-59-torch.bfloat16" \
                   "test_persistent_chain.py|cuda" \
                   "test_ring_chain.py|cuda" \
-                  "test_ring_batch.py|cuda" \
+                  "test_ring_batch.py|smallest" \
                   "test_persistent_layers.py|test_persistent_groups_cuda and False"; do
         file=${case%%|*}; expr=${case#*|}
-        (cd /tmp && CQIL_AUTOTUNE=0 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 \
+        # the ring prototypes' watchdogs wait longer: under the sanitizer their kernels run many times slower
+        (cd /tmp && CQIL_AUTOTUNE=0 CQIL_RING_PATIENCE_S=120 timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool \
+          --error-exitcode 9 \
           python3 -m pytest -q -p no:cacheprovider "$REPO/tests/$file" -k "$expr" 2>&1; echo "exit $?") \
           | grep -E "passed|failed|deselected|ERROR SUMMARY|exit" | tr '\n' ' ' | sed "s|^|$tool $file $expr: |" \
           | tee -a "$OUT/sanitizer.log"; echo | tee -a "$OUT/sanitizer.log"

@@ -54,8 +54,12 @@ constexpr int kStamps = 5;
 // {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait), block, warp, page (the
 // block's), slot or layer, use or counter value, target (parity or task count), pages of the block} and every
 // warp that gives up returns: a hang becomes an error ring_batch.py names (check). Its barrier waits then
-// give up too (the block's other warps are gone), so a block that gave up ends.
-constexpr long long kPatienceNs = 2000000000LL;
+// give up too (the block's other warps are gone), so a block that gave up ends. ring_batch.py builds a longer
+// patience (CQIL_RING_PATIENCE_S) for runs under compute-sanitizer, which are many times slower.
+#ifndef RING_PATIENCE_NS
+#define RING_PATIENCE_NS 2000000000LL
+#endif
+constexpr long long kPatienceNs = RING_PATIENCE_NS;
 
 struct Task {                    // 48 bytes, written by ring_batch.py as 6 int64
   const unsigned char* w;        // the task's packed weights: K / 16 k-tiles of MT fragments

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import os
 import statistics
 from pathlib import Path
 
@@ -108,9 +109,24 @@ def plan(shapes: list[tuple[int, int]], m_tiles: int, grid: int) -> list[list[tu
     return [tasks[b::grid] for b in range(grid)]
 
 
+def patience_ns() -> int:
+    """The watchdog's patience built into the kernel: 2 s, or CQIL_RING_PATIENCE_S (seconds; e.g. 60 under
+    compute-sanitizer, which runs the kernel many times slower)."""
+    raw = os.environ.get("CQIL_RING_PATIENCE_S", "2")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 3600:
+        raise ValueError(f"CQIL_RING_PATIENCE_S must be seconds in (0, 3600], got {raw!r}")
+    return round(seconds * 1e9)
+
+
 @functools.cache
-def library() -> ctypes.CDLL:
-    so = build(SOURCE)
+def library(source: Path = SOURCE, patience: int = 2_000_000_000) -> ctypes.CDLL:
+    """A ring_batch.cu (this one, or an older copy for an A/B: main's --baseline) built with the watchdog's
+    patience in ns, its entry points' signatures set."""
+    so = build(source, (f"RING_PATIENCE_NS={patience}LL",))
     so.ring_batch_launch.restype = ctypes.c_int
     so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     so.ring_batch_error.restype = ctypes.c_char_p
@@ -140,7 +156,8 @@ class RingBatch:
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
                  ring_kb: int = RING_KB, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
-                 packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1):
+                 packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1,
+                 source: Path = SOURCE):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -222,10 +239,11 @@ class RingBatch:
         self.diag = torch.zeros(8, dtype=torch.int64, device=device)  # the kernel's watchdog report (check)
         self.weights, self.acts, self.batch = list(weights), list(acts), batch
         self.m_tiles, self.tiles_per_page = m_tiles, tiles_per_page
+        self.source, self.patience = Path(source), patience_ns()
 
     def run(self) -> None:
         """Queue the chain on the current stream (capturable in a CUDA graph)."""
-        lib = library()
+        lib = library(self.source, self.patience)
         err = lib.ring_batch_launch(self.tasks.data_ptr(), self.task_off.data_ptr(), self.page_off.data_ptr(),
                                     self.counters.data_ptr(), None if self.prof is None else self.prof.data_ptr(),
                                     self.diag.data_ptr(), len(self.weights), self.batch, self.m_tiles,
@@ -240,16 +258,16 @@ WAITS = {1: "the producer's wait for its slot to be read", 2: "a consumer's wait
 
 
 def check(chain: RingBatch) -> None:
-    """Raise if a run of the chain gave up (ring_batch.cu's watchdog: a wait that had not passed after two
-    seconds), naming the wait, the block, warp and page; waits for the GPU. A run that gave up left its
-    outputs incomplete."""
+    """Raise if a run of the chain gave up (ring_batch.cu's watchdog: a wait that had not passed after its
+    patience, patience_ns), naming the wait, the block, warp and page; waits for the GPU. A run that gave up
+    left its outputs incomplete."""
     what, block, warp, page, where, have, want, n = chain.diag.tolist()
     if what:
         chain.diag.zero_()
         detail = {1: f"slot {where}, use {have}, parity {want}", 2: f"layer {where - 1}'s counter at {have} of {want}",
                   3: f"slot {where}, use {have}, parity {want}"}[what]
         raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {page} of the "
-                           f"block's {n} ({detail})")
+                           f"block's {n} ({detail}) after {chain.patience / 1e9:g} s (CQIL_RING_PATIENCE_S)")
 
 
 def main(argv=None) -> None:
@@ -266,12 +284,21 @@ def main(argv=None) -> None:
     ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 8:4/32)")
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
                                                        "timing, summarized per layer, S:C/rows (default 8:4/32)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
+                    help="an older ring_batch.cu with the same entry points (git show REV:benchmarks/ring_batch.cu "
+                         "> PATH), its rings timed beside this one's in the same process as NAME:mma-S:C/R")
     ap.add_argument("--ring-kb", type=int, default=RING_KB)
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    sources = [("", SOURCE)]
+    for item in a.baseline:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"--baseline takes NAME=PATH of an existing .cu file, got {item!r}")
+        sources.append((f"{name}:", Path(path)))
     if not torch.cuda.is_available():
         raise SystemExit("ring_batch measures GPU time and needs a CUDA device")
     device, commit = torch.device("cuda"), _commit()
@@ -307,17 +334,18 @@ def main(argv=None) -> None:
             chain.batch = batch
             for v in ("launch", "pdl"):
                 runs[v] = functools.partial(chain.run, v)
-        for spec in a.slots or ["8:4", "16:4"]:
-            for r in a.rows or [16, 32]:
-                name = f"mma-{spec}/{r}"
-                chained = ring(spec, r, acts)
-                runs[name] = chained.run
-                layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
-                                    tiles_per_page=chained.tiles_per_page)
-                buf[1:].fill_(float("nan"))
-                chained.run()
-                check(chained)
-                worst[name] = check_layers(chained)
+        for prefix, source in sources:
+            for spec in a.slots or ["8:4", "16:4"]:
+                for r in a.rows or [16, 32]:
+                    name = f"{prefix}mma-{spec}/{r}"
+                    chained = ring(spec, r, acts, source=source)
+                    runs[name] = chained.run
+                    layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
+                                        tiles_per_page=chained.tiles_per_page, source=source.name)
+                    buf[1:].fill_(float("nan"))
+                    chained.run()
+                    check(chained)
+                    worst[name] = check_layers(chained)
         for spec, r in map(spec_rows, a.diagnose or ["8:4/32"]):
             for mode in ("stream", "compute"):
                 runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
@@ -357,10 +385,10 @@ def main(argv=None) -> None:
               f"rows of each column; mma-S:C/R: one CUDA C++ launch (benchmarks/ring_batch.cu), weights packed in "
               f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a {a.ring_kb} KiB ring with "
               f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
-              f"activations read from L2; launch/pdl: "
+              f"activations read from L2 (NAME:mma-...: the older kernel --baseline NAME=PATH); launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
-        copy_gbps=round(copy, 1), layout=layout, profiles=profiles,
+        copy_gbps=round(copy, 1), layout=layout, profiles=profiles, baselines=a.baseline,
         columns=["variant", "batch", "layers", "us per chain", "% of copy", "us per layer over copy",
                  "worst error / bound"],
         rows=rows, times_us=times_all)

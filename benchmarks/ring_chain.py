@@ -90,14 +90,17 @@ def available() -> bool:
 
 
 @functools.cache
-def build(source: Path) -> ctypes.CDLL:
-    """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source (with the headers beside
-    it) and nvcc in ~/.cache/cqil_ring_chain."""
+def build(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """A prototype's .cu built for this GPU (sm_90a) and loaded, cached per source, `defines` (NAME=VALUE,
+    nvcc's -D), the headers it may include (beside it and beside this file, which is on the include path, so
+    that an older copy of a .cu elsewhere builds too) and nvcc, in ~/.cache/cqil_ring_chain."""
     major, minor = torch.cuda.get_device_capability()
     if major != 9:
         raise RuntimeError(f"{source.name} needs an sm_90 GPU (bulk copies, mbarriers); this one is sm_{major}{minor}")
     nvcc = _nvcc()
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
+    here = Path(__file__).resolve().parent
+    headers = sorted(set(source.resolve().parent.glob("*.cuh")) | set(here.glob("*.cuh")))
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in headers) + "\0".join(defines).encode()
     key = hashlib.sha256(src + nvcc.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqil_ring_chain"
     cache.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,7 @@ def build(source: Path) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
             cmd = [nvcc, "-O3", "-lineinfo", "-std=c++17", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC",
-                   "-o", str(out), str(source)]
+                   "-I", str(here), *(f"-D{d}" for d in defines), "-o", str(out), str(source)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"building {source.name} failed:\n{' '.join(cmd)}\n{done.stderr}")

@@ -203,14 +203,27 @@ def test_check_names_the_wait_that_gave_up(rb):
 
     class Ran:
         diag = torch.tensor([2, 7, 3, 41, 2, 250, 257, 96])
+        patience = 2_000_000_000
 
     with pytest.raises(RuntimeError, match=r"layer before: block 7, warp 3, page 41 of the block's 96 .*layer 1's "
-                                           r"counter at 250 of 257"):
+                                           r"counter at 250 of 257\) after 2 s"):
         rb.check(Ran)
     rb.check(Ran)  # cleared
     Ran.diag = torch.tensor([3, 0, 1, 5, 6, 2, 0, 12])
     with pytest.raises(RuntimeError, match=r"its page's copy: block 0, warp 1, page 5 .*slot 6, use 2, parity 0"):
         rb.check(Ran)
+
+
+def test_patience_from_the_environment(rb, monkeypatch):
+    """The watchdog's patience: 2 s, or CQIL_RING_PATIENCE_S (longer under compute-sanitizer); nonsense is named."""
+    monkeypatch.delenv("CQIL_RING_PATIENCE_S", raising=False)
+    assert rb.patience_ns() == 2_000_000_000
+    monkeypatch.setenv("CQIL_RING_PATIENCE_S", "60")
+    assert rb.patience_ns() == 60_000_000_000
+    for bad in ("0", "-1", "soon", "nan", "1e9"):
+        monkeypatch.setenv("CQIL_RING_PATIENCE_S", bad)
+        with pytest.raises(ValueError, match="CQIL_RING_PATIENCE_S must be seconds"):
+            rb.patience_ns()
 
 
 def test_ring_batch_rejects_bad_input(rb):
