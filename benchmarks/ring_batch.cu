@@ -201,7 +201,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   if (threadIdx.x == 0) {
     for (int s = 0; s < slots; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], C);
+      mbar_init(&empty[s], 32 * C);  // every lane of every consumer warp arrives (see the consumers' loop)
     }
     *arrived = 0;
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -321,8 +321,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
           }
         }
         if (ci + 1 == n_chunks || (ci + 1) % cpp == 0) {  // the page's last chunk: give the slot back
-          __syncwarp();
-          if (lane == 0) mbar_arrive(&empty[s]);
+          // Every lane arrives: an arrival releases its own thread's reads of the slot, and the producer's next
+          // bulk copy into it must come after all 32 lanes' reads. (Lane 0 alone after __syncwarp was
+          // reported by racecheck as a WAR hazard on every other lane's reads.)
+          mbar_arrive(&empty[s]);
           if (stamp) stamp[4] = global_ns();
         }
       }
