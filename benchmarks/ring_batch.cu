@@ -25,9 +25,9 @@
 //                   activation.
 //   consumer warps  walk the same tasks: on a task of a new layer, count the block's tasks of the layer before
 //                   (every thread's stores fenced, a barrier, one release) and wait until the layer before has
-//                   all its tasks counted (acquire); per page, wait for the slot, multiply their k-tiles, give
-//                   the slot back, the B fragments (from x, ready) loaded a chunk of k-tiles ahead, across pages
-//                   too; at the task's end exchange the sums (one barrier, double-buffered) and store.
+//                   all its tasks counted (acquire); per page, load the page's first B fragments (before the
+//                   slot's wait: x is ready), wait for the slot, multiply their k-tiles, give the slot back; at
+//                   the task's end exchange the sums (one barrier, double-buffered) and store.
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
 // Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
@@ -98,27 +98,15 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint4 a, uint2 b) {
 }
 
 // The consumer warps' barrier (the producer warp is not in it), with the watchdog's deadline: bar.sync cannot
-// give up, so a warp that gave up elsewhere would hang the others in it. Instead, lane 0 of each warp adds one
-// to a shared-memory count and polls it until every warp has arrived at this generation.
-__device__ __forceinline__ bool consumers_sync(unsigned* arrived, unsigned& generation, int consumers, int lane,
-                                               long long deadline) {
-  __syncwarp();  // the warp's earlier shared-memory writes ordered before lane 0's arrival
-  const unsigned target = ++generation * consumers;
-  bool ok = true;
-  if (lane == 0) {
-    __threadfence_block();
-    atomicAdd(arrived, 1u);
-    while (*reinterpret_cast<volatile unsigned*>(arrived) < target) {
-      if (global_ns() > deadline) {
-        ok = false;
-        break;
-      }
-    }
-    __threadfence_block();
-  }
-  ok = __shfl_sync(0xffffffffu, ok, 0);
-  __syncwarp();  // the other lanes' later reads ordered after lane 0's
-  return ok;
+// give up, so a warp that gave up elsewhere would hang the others in it. Instead an mbarrier counting every
+// consumer lane: each arrives (releasing its own shared-memory writes) and waits for the phase of this
+// generation (acquiring everyone's). Exact: a warp arrives for generation k + 1 only after generation k's phase
+// completed, which needed every lane. (A shared count polled by lane 0 ordered the other lanes through
+// __syncwarp, which racecheck does not follow: it reported the sums' exchange as hazards.)
+__device__ __forceinline__ bool consumers_sync(std::uint64_t* bar, unsigned& generation, long long deadline) {
+  mbar_arrive(bar);
+  const bool ok = mbar_wait_until(bar, generation++ & 1, deadline);
+  return __all_sync(0xffffffffu, ok);
 }
 
 __device__ void give_up(long long* diag, int what, int warp, int page, long long where, long long have,
@@ -152,12 +140,6 @@ __device__ __forceinline__ int tile_of(int j, int w) {
 // k-tiles in page p of a task of k_tiles (pages of T; the last may be short).
 __device__ __forceinline__ int page_tiles(int p, int T, int k_tiles) { return min(T, k_tiles - p * T); }
 
-// Chunks of one warp's k-tiles in a page of `tiles` k-tiles: S of every 4, chunk<NT>() a chunk.
-template <int NT, int C>
-__device__ __forceinline__ int chunks_of(int tiles) {
-  return (kClasses / C * ((tiles + 3) / 4) + chunk<NT>() - 1) / chunk<NT>();
-}
-
 template <int NT, int C>
 __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
                                        int first, int tiles, int w, int batch, int lane) {
@@ -175,14 +157,6 @@ __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_b
   }
 }
 
-// The B fragments of chunk ci of the warp's k-tiles of a task (cpp chunks a page of T k-tiles).
-template <int NT, int C>
-__device__ __forceinline__ void fetch_chunk(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
-                                            int ci, int cpp, int T, int k_tiles, int w, int batch, int lane) {
-  const int p = ci / cpp;
-  load_b<NT, C>(b, x + 16 * p * T, x_stride, (ci % cpp) * chunk<NT>(), page_tiles(p, T, k_tiles), w, batch, lane);
-}
-
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
 // every wait and counter; their results are meaningless.
@@ -195,7 +169,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   float* red = reinterpret_cast<float*>(smem + a.slots * a.slot_bytes);  // [2][class][mt][j][e][lane]
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(red + 2 * kRed);
   std::uint64_t* empty = full + a.slots;
-  unsigned* arrived = reinterpret_cast<unsigned*>(empty + a.slots);
+  std::uint64_t* consumers_bar = empty + a.slots;
   const int slots = a.slots;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -203,7 +177,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 32 * C);  // every lane of every consumer warp arrives (see the consumers' loop)
     }
-    *arrived = 0;
+    mbar_init(consumers_bar, 32 * C);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -254,7 +228,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
     const long long taken = stamp ? global_ns() : 0;
     if (done && layer != done_layer) {  // the block's tasks of the layer it leaves, before any wait on this one
       __threadfence();
-      if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+      if (!consumers_sync(consumers_bar, generation, deadline)) return;
       if (warp == 0 && lane == 0) red_release(a.counters + done_layer, done);
       done = 0;
     }
@@ -277,59 +251,55 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int q = 0; q < NT; ++q) acc[h][m][q][0] = acc[h][m][q][1] = acc[h][m][q][2] = acc[h][m][q][3] = 0.f;
-    // The warp's k-tiles of the task as one sequence of chunks, a chunk within one page: chunk c + 1's B
-    // fragments are loaded before chunk c's products, across pages too, so that an L2 round trip is always in
-    // flight while the warp multiplies (one round trip a page had made the consumers slower than the stream).
-    const int T = a.tiles_per_page, cpp = chunks_of<NT, C>(T);  // chunks a full page
-    const int n_chunks = (pages - 1) * cpp + chunks_of<NT, C>(page_tiles(pages - 1, T, k_tiles));
-    uint2 b[2][chunk<NT>()][NT];
-    if (a.mode != 1) fetch_chunk<NT, C>(b[0], x, x_stride, 0, cpp, T, k_tiles, warp, a.batch, lane);
-    for (int c = 0; c < n_chunks; c += 2) {
+    for (int p = 0; p < pages; ++p, ++i) {
+      if (warp == 0 && lane == 0 && a.prof) {
+        stamp = a.prof + static_cast<long long>(p0 + i) * kStamps;
+        stamp[1] = p ? global_ns() : taken;
+        stamp[2] = p ? stamp[1] : had_x;
+      }
+      const int s = i % slots, tiles = page_tiles(p, a.tiles_per_page, k_tiles);
+      const __nv_bfloat16* xp = x + 16 * p * a.tiles_per_page;
+      const int mine = kClasses / C * ((tiles + 3) / 4);  // this warp's tiles of the page: j with tile_of(j) < tiles
+      // The first chunk's B fragments before the slot's wait (x is ready), the next chunk's while one multiplies.
+      // (b917ec4 loaded them a chunk ahead across pages too: slower at every batch, 73.7% of copy against this
+      // loop's 85.0% at batch 1, same run, record ring_batch_h100_4ba8327.)
+      uint2 b[2][chunk<NT>()][NT];
+      if (a.mode != 1) load_b<NT, C>(b[0], xp, x_stride, 0, tiles, warp, a.batch, lane);
+      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (i / slots) & 1, deadline))) {
+        if (lane == 0) give_up(a.diag, 3, warp, i, s, i / slots, (i / slots) & 1, n_pages);
+        return;
+      }
+      if (stamp) stamp[3] = global_ns();
+      if (a.mode != 1) {
+        const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
+        for (int c = 0; c < mine; c += 2 * chunk<NT>()) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int ci = c + half;
-        if (ci >= n_chunks) break;
-        const int p = ci / cpp, j0 = (ci % cpp) * chunk<NT>(), page = i + p, s = page % slots;
-        const int tiles = page_tiles(p, T, k_tiles);
-        if (a.mode != 1 && ci + 1 < n_chunks)
-          fetch_chunk<NT, C>(b[half ^ 1], x, x_stride, ci + 1, cpp, T, k_tiles, warp, a.batch, lane);
-        if (ci % cpp == 0) {  // the page's first chunk: its slot's bytes
-          if (warp == 0 && lane == 0 && a.prof) {
-            stamp = a.prof + static_cast<long long>(p0 + page) * kStamps;
-            stamp[1] = p ? global_ns() : taken;
-            stamp[2] = p ? stamp[1] : had_x;
-          }
-          if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (page / slots) & 1, deadline))) {
-            if (lane == 0) give_up(a.diag, 3, warp, page, s, page / slots, (page / slots) & 1, n_pages);
-            return;
-          }
-          if (stamp) stamp[3] = global_ns();
-        }
-        if (a.mode != 1) {
-          const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
+          for (int half = 0; half < 2; ++half) {
+            const int first = c + half * chunk<NT>();
+            if (first >= mine) break;
+            if (first + chunk<NT>() < mine)
+              load_b<NT, C>(b[half ^ 1], xp, x_stride, first + chunk<NT>(), tiles, warp, a.batch, lane);
 #pragma unroll
-          for (int jj = 0; jj < chunk<NT>(); ++jj) {
-            const int u = tile_of<C>(j0 + jj, warp);
-            if (u < tiles) {
+            for (int jj = 0; jj < chunk<NT>(); ++jj) {
+              const int u = tile_of<C>(first + jj, warp);
+              if (u < tiles) {
 #pragma unroll
-              for (int m = 0; m < MT; ++m) {
-                const uint4 av = wp[(u * MT + m) * 32 + lane];
+                for (int m = 0; m < MT; ++m) {
+                  const uint4 av = wp[(u * MT + m) * 32 + lane];
 #pragma unroll
-                for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
+                  for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
+                }
               }
             }
           }
         }
-        if (ci + 1 == n_chunks || (ci + 1) % cpp == 0) {  // the page's last chunk: give the slot back
-          // Every lane arrives: an arrival releases its own thread's reads of the slot, and the producer's next
-          // bulk copy into it must come after all 32 lanes' reads. (Lane 0 alone after __syncwarp was
-          // reported by racecheck as a WAR hazard on every other lane's reads.)
-          mbar_arrive(&empty[s]);
-          if (stamp) stamp[4] = global_ns();
-        }
       }
+      // Every lane arrives: an arrival releases its own thread's reads of the slot, and the producer's next bulk
+      // copy into it must come after all 32 lanes' reads. (Lane 0 alone after __syncwarp was reported by
+      // racecheck as a WAR hazard on every other lane's reads.)
+      mbar_arrive(&empty[s]);
+      if (stamp) stamp[4] = global_ns();
     }
-    i += pages;
     // the class sums through shared memory; out = (s0 + s2) + (s1 + s3), each warp storing its (m, j) pairs
     float* r = red + buf * kRed;
 #pragma unroll
@@ -341,7 +311,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
 #pragma unroll
           for (int e = 0; e < 4; ++e)
             r[((((warp + C * h) * MT + m) * NT + q) * 4 + e) * 32 + lane] = acc[h][m][q][e];
-    if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+    if (!consumers_sync(consumers_bar, generation, deadline)) return;
     for (int pair = warp; pair < MT * NT; pair += C) {
       const int m = pair / NT, q = pair % NT;
 #pragma unroll
@@ -362,7 +332,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   }
   if (done) {
     __threadfence();
-    if (!consumers_sync(arrived, generation, C, lane, deadline)) return;
+    if (!consumers_sync(consumers_bar, generation, deadline)) return;
     if (warp == 0 && lane == 0) red_release(a.counters + done_layer, done);
   }
 }
@@ -400,7 +370,7 @@ cudaError_t launch_c(const Args& a, int consumers, int grid, int smem, cudaStrea
 extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 
 // The shared memory a launch needs: the ring, two buffers of the class sums, the barriers and the consumers'
-// barrier counter.
+// barrier (an mbarrier).
 extern "C" int ring_batch_smem(int slots, int slot_bytes, int batch, int m_tiles) {
   const int nt = (batch + 7) / 8;
   return slots * slot_bytes + 2 * kClasses * m_tiles * nt * 4 * 32 * 4 + 2 * slots * 8 + 16;

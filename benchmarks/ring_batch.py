@@ -136,7 +136,7 @@ def library(source: Path = SOURCE, patience: int = 2_000_000_000) -> ctypes.CDLL
 
 def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int) -> int:
     """The shared memory of a launch (ring_batch.cu's ring_batch_smem): the ring, two buffers of the class sums
-    ([4 classes, MT, n-tiles, 4, 32] fp32), the slots' two barriers and the consumers' barrier counter."""
+    ([4 classes, MT, n-tiles, 4, 32] fp32), the slots' two barriers and the consumers' barrier."""
     return slots * slot_bytes + 2 * 4 * m_tiles * -(-batch // 8) * 4 * 32 * 4 + 16 * slots + 16
 
 
