@@ -358,10 +358,14 @@ cudaError_t launch_nt(const Args& a, int grid, int smem, cudaStream_t st) {
 
 template <int MT>
 cudaError_t launch_c(const Args& a, int consumers, int grid, int smem, cudaStream_t st) {
-  switch (consumers) {
-    case 1: return launch_nt<MT, 1>(a, grid, smem, st);
-    case 2: return launch_nt<MT, 2>(a, grid, smem, st);
-    default: return launch_nt<MT, 4>(a, grid, smem, st);
+  if constexpr (MT == 4) {  // one warp's four class sums of four m-tiles would not fit its registers
+    return consumers == 2 ? launch_nt<MT, 2>(a, grid, smem, st) : launch_nt<MT, 4>(a, grid, smem, st);
+  } else {
+    switch (consumers) {
+      case 1: return launch_nt<MT, 1>(a, grid, smem, st);
+      case 2: return launch_nt<MT, 2>(a, grid, smem, st);
+      default: return launch_nt<MT, 4>(a, grid, smem, st);
+    }
   }
 }
 
@@ -381,7 +385,8 @@ extern "C" int ring_batch_launch(const void* tasks, const int* task_off, const i
                                  long long* prof, long long* diag, int layers, int batch, int m_tiles,
                                  int tiles_per_page, int slots, int consumers, int grid, int mode, void* stream) {
   if ((consumers != 1 && consumers != 2 && consumers != 4) || slots < 1 || batch < 1 || batch > 32 ||
-      (m_tiles != 1 && m_tiles != 2) || tiles_per_page < 4 || tiles_per_page % 4 || mode < 0 || mode > 2)
+      (m_tiles != 1 && m_tiles != 2 && m_tiles != 4) || (m_tiles == 4 && consumers == 1) || tiles_per_page < 4 ||
+      tiles_per_page % 4 || mode < 0 || mode > 2)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int slot_bytes = tiles_per_page * m_tiles * kTileBytes;
@@ -390,5 +395,9 @@ extern "C" int ring_batch_launch(const void* tasks, const int* task_off, const i
   if (err != cudaSuccess) return err;
   const Args a{static_cast<const Task*>(tasks), task_off, page_off, counters, prof, diag, batch, slot_bytes, slots,
                tiles_per_page, mode};
-  return m_tiles == 1 ? launch_c<1>(a, consumers, grid, smem, st) : launch_c<2>(a, consumers, grid, smem, st);
+  switch (m_tiles) {
+    case 1: return launch_c<1>(a, consumers, grid, smem, st);
+    case 2: return launch_c<2>(a, consumers, grid, smem, st);
+    default: return launch_c<4>(a, consumers, grid, smem, st);
+  }
 }

@@ -1,7 +1,7 @@
 """Prototype for the persistent decode step (issue 26), fourth stage: does ring_chain.py's weight ring hold its
 gain at batch 8 to 32? The same GEMV chain (out_l = W_l @ act_l, the 7B MLP's shapes alternating) for batch
 rows 1..32 in one CUDA C++ launch (ring_batch.cu), the products on the tensor cores (mma.sync m16n8k16) from
-weights packed in the mma's fragment order (pack). A task is 16 or 32 rows of a layer over all of K, run by
+weights packed in the mma's fragment order (pack). A task is 16, 32 or 64 rows of a layer over all of K, run by
 the whole block: its pages of whole k-tiles go through the ring and every consumer warp takes its class of
 k-tiles (kt % 4) of each. Timed against persistent_chain.py's launch-per-layer Triton variants (batch up to
 16) on the same weights in the same process:
@@ -34,7 +34,7 @@ TILE = 16            # an mma k-tile and an m-tile's rows
 TILE_BYTES = 512     # one packed 16 x 16 k-tile of one m-tile (ring_batch.cu's kTileBytes)
 MAX_BATCH = 32       # four n-tiles of 8 batch rows
 CONSUMERS = (1, 2, 4)  # consumer warps a block may have: each owns 4 / C of the k-tile classes kt % 4
-RING_KB = 192        # no x buffers here: the ring takes most of shared memory
+RING_KB = 192        # no x buffers here: the ring takes most of shared memory (less where the sums need more)
 
 
 def pack(w: torch.Tensor, m_tiles: int = 1) -> torch.Tensor:
@@ -155,7 +155,7 @@ class RingBatch:
     MODES = {"chain": 0, "stream": 1, "compute": 2}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
-                 ring_kb: int = RING_KB, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
+                 ring_kb: int | None = None, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
                  packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1,
                  source: Path = SOURCE):
         if len(acts) != len(weights) + 1 or not weights:
@@ -164,8 +164,8 @@ class RingBatch:
         batch = acts[0].shape[0] if acts[0].dim() == 2 else 0
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"acts must be [batch, K] with batch 1..{MAX_BATCH}, got {tuple(acts[0].shape)}")
-        if m_tiles not in (1, 2):
-            raise ValueError(f"m_tiles must be 1 or 2 (16 or 32 rows a task), got {m_tiles}")
+        if m_tiles not in (1, 2, 4):
+            raise ValueError(f"m_tiles must be 1, 2 or 4 (16, 32 or 64 rows a task), got {m_tiles}")
         rows = TILE * m_tiles
         shapes = []
         for layer, w in enumerate(weights):
@@ -193,6 +193,11 @@ class RingBatch:
         if consumers not in CONSUMERS:
             raise ValueError(f"consumers must be one of {CONSUMERS} (each takes 4 / C of the k-tile classes), "
                              f"got {consumers}")
+        if m_tiles == 4 and consumers == 1:
+            raise ValueError("tasks of 4 m-tiles need 2 or 4 consumers (one warp's 4 class sums of 4 m-tiles would "
+                             "not fit its registers)")
+        if ring_kb is None:  # RING_KB, or what shared memory has left beside the sums and the barriers
+            ring_kb = min(RING_KB, (SMEM_LIMIT - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         # a slot holds whole groups of 4 k-tiles of a task, so that every page starts on a class-0 tile
@@ -279,7 +284,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, action="append", help="batch rows (default 1, 8, 16, 32)")
     ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 16:4)")
-    ap.add_argument("--rows", type=int, action="append", choices=(16, 32),
+    ap.add_argument("--rows", type=int, action="append", choices=(16, 32, 64),
                     help="rows a task (m-tiles of 16), one variant each (default 16 and 32)")
     ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 8:4/32)")
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
@@ -287,7 +292,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
                     help="an older ring_batch.cu with the same entry points (git show REV:benchmarks/ring_batch.cu "
                          "> PATH), its rings timed beside this one's in the same process as NAME:mma-S:C/R")
-    ap.add_argument("--ring-kb", type=int, default=RING_KB)
+    ap.add_argument("--ring-kb", type=int, help=f"the ring's KiB (default {RING_KB}, or what fits beside the sums)")
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
@@ -383,7 +388,8 @@ def main(argv=None) -> None:
         title="Ring chain on the tensor cores: the weight ring at batch 1 to 32, against a launch per layer",
         what=(f"chain of {a.layers} GEMMs alternating {a.dims[0]} -> {a.dims[1]} -> {a.dims[0]}, bf16, the batch "
               f"rows of each column; mma-S:C/R: one CUDA C++ launch (benchmarks/ring_batch.cu), weights packed in "
-              f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a {a.ring_kb} KiB ring with "
+              f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a "
+              f"{a.ring_kb or f'{RING_KB} (or what fits)'} KiB ring with "
               f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
               f"activations read from L2 (NAME:mma-...: the older kernel --baseline NAME=PATH); launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "

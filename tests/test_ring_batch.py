@@ -17,10 +17,10 @@ def rb():
 
 def test_pack_matches_the_fragment_layout(rb):
     """pack's order fed through the PTX fragment definitions (fragment_product) is x @ W^T, for odd batches, a
-    tile count that is no power of two and tasks of one and two m-tiles; unpack inverts it."""
+    tile count that is no power of two and tasks of one, two and four m-tiles; unpack inverts it."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 80, generator=g, dtype=torch.float64)
-    for m_tiles in (1, 2):
+    for m_tiles in (1, 2, 4):
         packed = rb.pack(w, m_tiles)
         assert packed.shape == (4 // m_tiles, 5, m_tiles, 32, 8)
         assert torch.equal(rb.unpack(packed), w)
@@ -238,8 +238,11 @@ def test_ring_batch_rejects_bad_input(rb):
         rb.RingBatch([torch.zeros(24, 48, dtype=torch.bfloat16)], acts[:1] + [torch.zeros(3, 24)])
     with pytest.raises(ValueError, match="multiple of 32 and K of 16"):
         rb.RingBatch(w, acts, m_tiles=2)
-    with pytest.raises(ValueError, match="m_tiles must be 1 or 2"):
-        rb.RingBatch(w, acts, m_tiles=4)
+    with pytest.raises(ValueError, match="m_tiles must be 1, 2 or 4"):
+        rb.RingBatch(w, acts, m_tiles=3)
+    w64 = [torch.zeros(64, 48, dtype=torch.bfloat16), torch.zeros(64, 64, dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match="4 m-tiles need 2 or 4 consumers"):
+        rb.RingBatch(w64, [torch.zeros(3, n, dtype=torch.bfloat16) for n in (48, 64, 64)], m_tiles=4, consumers=1)
     with pytest.raises(ValueError, match=r"acts\[1\]: bf16"):
         rb.RingBatch(w, [acts[0], acts[1].float(), acts[2]])
     with pytest.raises(ValueError, match=r"acts\[2\] must be \[3, 16\]"):
@@ -291,13 +294,14 @@ def _check_layers(rb, chain) -> None:
     ((64, 48, 32), 8, 2, 2, 4, 2, 1),              # two consumers, two blocks, a full n-tile
     ((32, 1040, 48, 272), 32, 8, 4, 16, 0, 1),     # four consumers, every SM, four n-tiles
     ((64, 1056, 96, 288), 13, 3, 4, 12, 17, 2),    # tasks of two m-tiles, partial n-tiles
-], ids=["one-task", "two-layers", "two-warps", "every-sm", "two-m-tiles"])
+    ((48, 1088, 128, 320), 21, 3, 2, 0, 9, 4),     # tasks of four m-tiles, two consumers, the ring that fits
+], ids=["one-task", "two-layers", "two-warps", "every-sm", "two-m-tiles", "four-m-tiles"])
 def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_kb, grid, m_tiles):
     """The chain from its smallest form up, each against its twin and float64 and checked by the watchdog:
     where test_ring_batch_cuda fails, which of these fail says how much of the protocol it takes."""
     weights, acts = _chain(dims, batch, torch.device("cuda"), 1)
-    chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=ring_kb, grid=grid or None,
-                         m_tiles=m_tiles)
+    chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=ring_kb or None,
+                         grid=grid or None, m_tiles=m_tiles)
     chain.run()
     rb.check(chain)
     assert chain.counters.tolist() == [d // (16 * m_tiles) for d in dims[1:]]
@@ -307,16 +311,16 @@ def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_
 @pytest.mark.cuda
 @pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
 def test_ring_batch_cuda(rb):
-    """Odd shapes (layers with fewer tasks than SMs, K of 2 to 258 k-tiles), batches 1, 3, 8, 13 and 32 (one to
+    """Odd shapes (layers with fewer tasks than SMs, K of 2 to 260 k-tiles), batches 1, 3, 8, 13 and 32 (one to
     four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 4 consumers, grids 1, 3, 17 and every SM, tasks
-    of 16 and 32 rows: each layer's output from the input the kernel stored against its fp32 twin and float64;
+    of 16, 32 and 64 rows: each layer's output from the input the kernel stored against its fp32 twin and float64;
     the same bits for every ring, grid and task size, for a batch row whatever the batch, after a graph replay,
     with the profile's stamps; the diagnostics keep the protocol."""
     device = torch.device("cuda")
-    dims = [32, 1056, 64, 4128, 32, 288]  # N multiples of 32: tasks of two m-tiles too
+    dims = [32, 1088, 64, 4160, 64, 320]  # N multiples of 64: tasks of two and four m-tiles too
     weights, _ = _chain(dims, 1, device, 0)
     x0 = torch.randn(32, dims[0], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
-    packed = {m: [rb.pack(w, m) for w in weights] for m in (1, 2)}
+    packed = {m: [rb.pack(w, m) for w in weights] for m in (1, 2, 4)}
     reference = None
     for batch in (32, 1, 3, 8, 13):
         buf = torch.empty(len(dims), batch, max(dims) + 4, dtype=torch.bfloat16, device=device)  # row stride
@@ -325,7 +329,8 @@ def test_ring_batch_cuda(rb):
         first = None
         for slots, consumers, ring_kb, grid, m_tiles in ((8, 4, 192, None, 1), (8, 4, 192, None, 2),
                                                          (1, 1, 8, None, 2), (2, 2, 16, 3, 1), (8, 4, 40, 17, 2),
-                                                         (6, 2, 30, 1, 1)):
+                                                         (6, 2, 30, 1, 1), (4, 4, None, None, 4),
+                                                         (3, 2, 48, 5, 4)):
             buf[1:].fill_(float("nan"))
             chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=ring_kb, grid=grid,
                                  packed=packed[m_tiles], m_tiles=m_tiles)
