@@ -31,7 +31,8 @@
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
 // Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
-// block; all blocks are resident (one per SM). tests/test_ring_batch.py simulates the protocol.
+// block; all blocks are resident (one or two per SM, checked at launch). tests/test_ring_batch.py simulates
+// the protocol.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -342,6 +343,14 @@ cudaError_t launch(const Args& a, int grid, int smem, cudaStream_t st) {
   cudaError_t err =
       cudaFuncSetAttribute(ring_batch_kernel<NT, MT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
+  // The blocks wait on one another: all must be resident at once, or the chain deadlocks (the watchdog would
+  // give up). Refused here if the SMs cannot hold the grid with this kernel's registers and shared memory.
+  int device = 0, sms = 0, fit = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, ring_batch_kernel<NT, MT, C>, (C + 1) * 32, smem);
+  if (err != cudaSuccess) return err;
+  if (grid > fit * sms) return cudaErrorCooperativeLaunchTooLarge;
   ring_batch_kernel<NT, MT, C><<<grid, (C + 1) * 32, smem, st>>>(a);
   return cudaGetLastError();
 }
