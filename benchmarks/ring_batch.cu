@@ -31,8 +31,8 @@
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
 // Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
-// block; all blocks are resident (one or two per SM, checked at launch). tests/test_ring_batch.py simulates
-// the protocol.
+// block; all blocks are resident (one per SM, checked at launch). tests/test_ring_batch.py simulates the
+// protocol.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -34,9 +34,7 @@ TILE = 16            # an mma k-tile and an m-tile's rows
 TILE_BYTES = 512     # one packed 16 x 16 k-tile of one m-tile (ring_batch.cu's kTileBytes)
 MAX_BATCH = 32       # four n-tiles of 8 batch rows
 CONSUMERS = (1, 2, 4)  # consumer warps a block may have: each owns 4 / C of the k-tile classes kt % 4
-CUDA_ERROR_TOO_LARGE = 720  # cudaErrorCooperativeLaunchTooLarge: the launcher's residency check
-SM_SMEM = 228 * 1024  # shared memory of one sm_90 SM, of which the system keeps BLOCK_RESERVED per block
-BLOCK_RESERVED = 1024
+CUDA_ERROR_TOO_LARGE = 720  # cudaErrorCooperativeLaunchTooLarge: the launcher's residency check refused the grid
 RING_KB = 192        # no x buffers here: the ring takes most of shared memory (less where the sums need more)
 
 
@@ -150,10 +148,8 @@ class RingBatch:
     on one CUDA device. The weights are packed once (pack; or `packed`, their packs for m_tiles); the
     activations are borrowed, read and written in place by run(). A task is m_tiles m-tiles (16 m_tiles rows)
     of a layer, run by the whole block. slots, ring_kb: the ring (a slot holds whole 4-k-tile groups of a
-    task; default RING_KB KiB or what fits); consumers: warps (1, 2 or 4) splitting each page's k-tiles by
-    class. mode: "chain", or the diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks (default
-    and at most per_sm per SM); per_sm: blocks on one SM (1 or 2), each with its own ring in its share of the
-    SM's shared memory.
+    task); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
+    diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks (default and at most one per SM).
     profile: every run stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order;
     ring_chain.profile_summary)."""
 
@@ -162,7 +158,7 @@ class RingBatch:
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
                  ring_kb: int | None = None, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
                  packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1,
-                 source: Path = SOURCE, per_sm: int = 1):
+                 source: Path = SOURCE):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -201,11 +197,8 @@ class RingBatch:
         if m_tiles == 4 and consumers == 1:
             raise ValueError("tasks of 4 m-tiles need 2 or 4 consumers (one warp's 4 class sums of 4 m-tiles would "
                              "not fit its registers)")
-        if per_sm not in (1, 2):
-            raise ValueError(f"per_sm must be 1 or 2 (blocks, each with its own ring, on one SM), got {per_sm}")
-        budget = min(SMEM_LIMIT, SM_SMEM // per_sm - BLOCK_RESERVED)  # one block's shared memory
         if ring_kb is None:  # RING_KB, or what shared memory has left beside the sums and the barriers
-            ring_kb = min(RING_KB, (budget - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
+            ring_kb = min(RING_KB, (SMEM_LIMIT - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         # a slot holds whole groups of 4 k-tiles of a task, so that every page starts on a class-0 tile
@@ -215,13 +208,13 @@ class RingBatch:
                              f"({4 * TILE_BYTES * m_tiles} bytes) each")
         self.slot_bytes, self.slots, self.consumers = tiles_per_page * TILE_BYTES * m_tiles, slots, consumers
         need = smem_bytes(slots, self.slot_bytes, batch, m_tiles)
-        if need > budget:
+        if need > SMEM_LIMIT:
             raise ValueError(f"{slots} slots of {self.slot_bytes} bytes and the sums need {need} bytes of shared "
-                             f"memory, more than {budget} (a block's share at {per_sm} per SM)")
+                             f"memory, more than {SMEM_LIMIT}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
-        self.grid, self.per_sm = resident_grid(device, grid, per_sm), per_sm
+        self.grid = resident_grid(device, grid)
         if packed is not None and any(tuple(p.shape[:3]) != (N // rows, K // TILE, m_tiles)
                                       for p, (N, K) in zip(packed, shapes)):
             raise ValueError(f"packed weights must be pack(w, {m_tiles}) of each weight")
@@ -263,9 +256,9 @@ class RingBatch:
                                     self.tiles_per_page, self.slots, self.consumers, self.grid, self.mode,
                                     torch.cuda.current_stream().cuda_stream)
         if err == CUDA_ERROR_TOO_LARGE:
-            raise RuntimeError(f"ring_batch_launch: the {self.grid} blocks cannot all be resident at once ("
-                               f"{self.per_sm} per SM: the kernel's registers or shared memory do not allow it), "
-                               f"and the ring's blocks wait on one another")
+            raise RuntimeError(f"ring_batch_launch: the {self.grid} blocks cannot all be resident at once (the "
+                               f"kernel's registers or shared memory do not allow it), and the ring's blocks wait on "
+                               f"one another")
         if err:
             raise RuntimeError(f"ring_batch_launch: {lib.ring_batch_error(err).decode()}")
 
@@ -298,12 +291,9 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 8:4, 16:4)")
     ap.add_argument("--rows", type=int, action="append", choices=(16, 32, 64),
                     help="rows a task (m-tiles of 16), one variant each (default 16 and 32)")
-    ap.add_argument("--per-sm", type=int, action="append", choices=(1, 2),
-                    help="blocks per SM, each with its own ring in its share of shared memory, one variant each "
-                         "(default 1; 2: named mma-S:C/Rx2)")
-    ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/R[xB] (default 8:4/32)")
+    ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 8:4/32)")
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
-                                                       "timing, summarized per layer, S:C/R[xB] (default 8:4/32)")
+                                                       "timing, summarized per layer, S:C/rows (default 8:4/32)")
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
                     help="an older ring_batch.cu with the same entry points (git show REV:benchmarks/ring_batch.cu "
                          "> PATH), its rings timed beside this one's in the same process as NAME:mma-S:C/R")
@@ -335,14 +325,10 @@ def main(argv=None) -> None:
         return RingBatch(weights, acts, ring_kb=a.ring_kb, packed=packs[rows], m_tiles=rows // TILE, **kwargs,
                          **ring_spec(spec))
 
-    def spec_rows(spec: str) -> tuple[str, int, int]:
-        """S:C/R or S:C/RxB as (S:C, R, B): R rows a task (default 16), B blocks per SM (default 1)."""
-        spec, _, rest = spec.partition("/")
-        rows, _, per_sm = rest.partition("x")
-        return spec, int(rows or 16), int(per_sm or 1)
-
-    def label(spec: str, rows: int, per_sm: int) -> str:
-        return f"mma-{spec}/{rows}" + (f"x{per_sm}" if per_sm > 1 else "")
+    def spec_rows(spec: str) -> tuple[str, int]:
+        """S:C/R as (S:C, R); R defaults to 16."""
+        spec, _, rows = spec.partition("/")
+        return spec, int(rows or 16)
 
     floor_us = chain.weight_bytes() / copy / 1e3
     width = max(a.dims)
@@ -361,20 +347,18 @@ def main(argv=None) -> None:
         for prefix, source in sources:
             for spec in a.slots or ["8:4", "16:4"]:
                 for r in a.rows or [16, 32]:
-                    for per_sm in a.per_sm or [1]:
-                        name = prefix + label(spec, r, per_sm)
-                        chained = ring(spec, r, acts, source=source, per_sm=per_sm)
-                        runs[name] = chained.run
-                        layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
-                                            tiles_per_page=chained.tiles_per_page, source=source.name,
-                                            grid=chained.grid)
-                        buf[1:].fill_(float("nan"))
-                        chained.run()
-                        check(chained)
-                        worst[name] = check_layers(chained)
-        for spec, r, per_sm in map(spec_rows, a.diagnose or ["8:4/32"]):
+                    name = f"{prefix}mma-{spec}/{r}"
+                    chained = ring(spec, r, acts, source=source)
+                    runs[name] = chained.run
+                    layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
+                                        tiles_per_page=chained.tiles_per_page, source=source.name)
+                    buf[1:].fill_(float("nan"))
+                    chained.run()
+                    check(chained)
+                    worst[name] = check_layers(chained)
+        for spec, r in map(spec_rows, a.diagnose or ["8:4/32"]):
             for mode in ("stream", "compute"):
-                runs[f"{label(spec, r, per_sm)}/{mode}"] = ring(spec, r, acts, mode=mode, per_sm=per_sm).run
+                runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
         torch.cuda.synchronize()
@@ -396,14 +380,14 @@ def main(argv=None) -> None:
             print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
-        for spec, r, per_sm in map(spec_rows, a.profile or ["8:4/32"]):
-            profiled = ring(spec, r, acts, profile=True, per_sm=per_sm)
+        for spec, r in map(spec_rows, a.profile or ["8:4/32"]):
+            profiled = ring(spec, r, acts, profile=True)
             profiled.run()
             check(profiled)
             check_layers(profiled)
-            profiles[f"batch {batch}, {label(spec, r, per_sm)}"] = summary = profile_summary(profiled)
+            profiles[f"batch {batch}, mma-{spec}/{r}"] = summary = profile_summary(profiled)
             for row in summary[:3] + summary[-1:]:
-                print(f"batch {batch:>2} {label(spec, r, per_sm)} profile: {row}", flush=True)
+                print(f"batch {batch:>2} mma-{spec}/{r} profile: {row}", flush=True)
     write_record(
         a.out, device=device, commit=commit,
         title="Ring chain on the tensor cores: the weight ring at batch 1 to 32, against a launch per layer",

@@ -129,16 +129,13 @@ def library() -> ctypes.CDLL:
     return so
 
 
-def resident_grid(device: torch.device, grid: int | None, per_sm: int = 1) -> int:
-    """The blocks of a ring launch: `grid`, default `per_sm` per SM. Its blocks wait on one another, so every
-    block must be resident at once: at most `per_sm` per SM, which the block's shared memory and registers
-    must allow (ring_batch's launcher checks that too; a CPU device counts as one SM, for the tests of the
-    checks)."""
+def resident_grid(device: torch.device, grid: int | None) -> int:
+    """The blocks of a ring launch: `grid`, default one per SM. Its blocks wait on one another, so every block
+    must be resident at once: at most one per SM (a CPU device counts as one SM, for the tests of the checks)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    if not 1 <= (grid or sms * per_sm) <= sms * per_sm:
-        blocks = "one block" if per_sm == 1 else f"{per_sm} blocks"
-        raise ValueError(f"grid must be 1..{sms * per_sm} ({blocks} per SM), got {grid}")
-    return grid or sms * per_sm
+    if not 1 <= (grid or sms) <= sms:
+        raise ValueError(f"grid must be 1..{sms} (one block per SM), got {grid}")
+    return grid or sms
 
 
 class RingChain:

@@ -261,13 +261,6 @@ def test_ring_batch_rejects_bad_input(rb):
         rb.RingBatch(w, acts, mode="fast")
     with pytest.raises(ValueError, match="one block per SM"):
         rb.RingBatch(w, acts, grid=2)  # the CPU counts as one SM
-    assert rb.RingBatch(w, acts, grid=2, per_sm=2).grid == 2
-    with pytest.raises(ValueError, match=r"1..2 \(2 blocks per SM\)"):
-        rb.RingBatch(w, acts, grid=3, per_sm=2)
-    with pytest.raises(ValueError, match="per_sm must be 1 or 2"):
-        rb.RingBatch(w, acts, per_sm=3)
-    with pytest.raises(ValueError, match=r"a block's share at 2 per SM"):
-        rb.RingBatch(w, acts, slots=8, ring_kb=112, per_sm=2)
     with pytest.raises(ValueError, match="pack"):
         rb.RingBatch(w, acts, packed=[rb.pack(w[0]), rb.pack(w[0])])
 
@@ -295,21 +288,20 @@ def _check_layers(rb, chain) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
-@pytest.mark.parametrize("dims,batch,slots,consumers,ring_kb,grid,m_tiles,per_sm", [
-    ((32, 16), 1, 1, 1, 2, 1, 1, 1),                  # one task, one page, one block
-    ((64, 48, 32), 1, 2, 1, 4, 1, 1, 1),              # a layer boundary in one block, slots reused
-    ((64, 48, 32), 8, 2, 2, 4, 2, 1, 1),              # two consumers, two blocks, a full n-tile
-    ((32, 1040, 48, 272), 32, 8, 4, 16, 0, 1, 1),     # four consumers, every SM, four n-tiles
-    ((64, 1056, 96, 288), 13, 3, 4, 12, 17, 2, 1),    # tasks of two m-tiles, partial n-tiles
-    ((48, 1088, 128, 320), 21, 3, 2, 0, 9, 4, 1),     # tasks of four m-tiles, two consumers, the ring that fits
-    ((32, 1040, 48, 272), 32, 2, 4, 0, 0, 2, 2),      # two blocks on every SM, each with half the ring
-], ids=["one-task", "two-layers", "two-warps", "every-sm", "two-m-tiles", "four-m-tiles", "two-per-sm"])
-def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_kb, grid, m_tiles, per_sm):
+@pytest.mark.parametrize("dims,batch,slots,consumers,ring_kb,grid,m_tiles", [
+    ((32, 16), 1, 1, 1, 2, 1, 1),                  # one task, one page, one block
+    ((64, 48, 32), 1, 2, 1, 4, 1, 1),              # a layer boundary in one block, slots reused
+    ((64, 48, 32), 8, 2, 2, 4, 2, 1),              # two consumers, two blocks, a full n-tile
+    ((32, 1040, 48, 272), 32, 8, 4, 16, 0, 1),     # four consumers, every SM, four n-tiles
+    ((64, 1056, 96, 288), 13, 3, 4, 12, 17, 2),    # tasks of two m-tiles, partial n-tiles
+    ((48, 1088, 128, 320), 21, 3, 2, 0, 9, 4),     # tasks of four m-tiles, two consumers, the ring that fits
+], ids=["one-task", "two-layers", "two-warps", "every-sm", "two-m-tiles", "four-m-tiles"])
+def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_kb, grid, m_tiles):
     """The chain from its smallest form up, each against its twin and float64 and checked by the watchdog:
     where test_ring_batch_cuda fails, which of these fail says how much of the protocol it takes."""
     weights, acts = _chain(dims, batch, torch.device("cuda"), 1)
     chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=ring_kb or None,
-                         grid=grid or None, m_tiles=m_tiles, per_sm=per_sm)
+                         grid=grid or None, m_tiles=m_tiles)
     chain.run()
     rb.check(chain)
     assert chain.counters.tolist() == [d // (16 * m_tiles) for d in dims[1:]]
@@ -320,10 +312,10 @@ def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_
 @pytest.mark.skipif(not import_benchmark("ring_chain").available(), reason="needs an sm_90 GPU and nvcc")
 def test_ring_batch_cuda(rb):
     """Odd shapes (layers with fewer tasks than SMs, K of 2 to 260 k-tiles), batches 1, 3, 8, 13 and 32 (one to
-    four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 4 consumers, grids 1, 3, 17 and every SM (one or
-    two blocks on each), tasks of 16, 32 and 64 rows: each layer's output from the input the kernel stored
-    against its fp32 twin and float64; the same bits for every ring, grid and task size, for a batch row
-    whatever the batch, after a graph replay, with the profile's stamps; the diagnostics keep the protocol."""
+    four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 4 consumers, grids 1, 3, 17 and every SM, tasks
+    of 16, 32 and 64 rows: each layer's output from the input the kernel stored against its fp32 twin and float64;
+    the same bits for every ring, grid and task size, for a batch row whatever the batch, after a graph replay,
+    with the profile's stamps; the diagnostics keep the protocol."""
     device = torch.device("cuda")
     dims = [32, 1088, 64, 4160, 64, 320]  # N multiples of 64: tasks of two and four m-tiles too
     weights, _ = _chain(dims, 1, device, 0)
@@ -335,13 +327,13 @@ def test_ring_batch_cuda(rb):
         acts = [buf[i, :, :d] for i, d in enumerate(dims)]
         acts[0].copy_(x0[:batch])
         first = None
-        for slots, consumers, ring_kb, grid, m_tiles, *per_sm in ((8, 4, 192, None, 1), (8, 4, 192, None, 2),
+        for slots, consumers, ring_kb, grid, m_tiles in ((8, 4, 192, None, 1), (8, 4, 192, None, 2),
                                                          (1, 1, 8, None, 2), (2, 2, 16, 3, 1), (8, 4, 40, 17, 2),
                                                          (6, 2, 30, 1, 1), (4, 4, None, None, 4),
-                                                         (3, 2, 48, 5, 4), (2, 4, None, None, 2, 2)):
+                                                         (3, 2, 48, 5, 4)):
             buf[1:].fill_(float("nan"))
             chain = rb.RingBatch(weights, acts, slots=slots, consumers=consumers, ring_kb=ring_kb, grid=grid,
-                                 packed=packed[m_tiles], m_tiles=m_tiles, per_sm=per_sm[0] if per_sm else 1)
+                                 packed=packed[m_tiles], m_tiles=m_tiles)
             chain.run()
             rb.check(chain)  # no wait gave up (the watchdog would name it)
             assert chain.counters.tolist() == [n // (16 * m_tiles) for n in dims[1:]]
