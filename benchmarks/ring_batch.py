@@ -147,8 +147,9 @@ class RingBatch:
     (acts[0] the input) with unit column stride and a row stride that is a multiple of 4, 8-byte aligned; all
     on one CUDA device. The weights are packed once (pack; or `packed`, their packs for m_tiles); the
     activations are borrowed, read and written in place by run(). A task is m_tiles m-tiles (16 m_tiles rows)
-    of a layer, run by the whole block. slots, ring_kb: the ring (a slot holds whole 4-k-tile groups of a
-    task); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
+    of a layer (1, 2 or 4; 4 needs 2 or 4 consumers), run by the whole block. slots, ring_kb: the ring (a
+    slot holds whole 4-k-tile groups of a task; default RING_KB KiB, or what shared memory has beside the
+    sums); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
     diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks (default and at most one per SM).
     profile: every run stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order;
     ring_chain.profile_summary)."""
