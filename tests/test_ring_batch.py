@@ -78,18 +78,22 @@ def _consumer_ops(tasks, shapes, m_tiles: int, tiles_per_page: int, rb):
 
 
 def _simulate(rb, shapes, m_tiles: int, tiles_per_page: int, grid: int, slots: int, consumers: int,
-              lazy: bool = False, empty_count: int | None = None, blocks=None, slow=()) -> list[int]:
+              lazy: bool = False, empty_count: int | None = None, blocks=None, slow=(),
+              barrier_count: int | None = None) -> list[int]:
     """The ring protocol of ring_batch.cu, the barriers modelled as the hardware's: per slot a phase count for
     `full` (a page copied) and an arrival count for `empty` (a phase every `empty_count`, default `consumers`,
     arrivals: every warp read the page), waits on a parity. A block's producer copies page i into slot i %
     slots once `empty` passes for the slot's use - 1; its consumer warps each walk _consumer_ops, the
-    consumers' barriers passing once every warp of the block has arrived. Every agent that can move does,
-    producers first; lazy: producers move only when no consumer can (the consumers racing ahead). Returns the
-    layers' counters; raises where a wait passes on a phase two away from the one meant (a page read before
-    its copy, or a slot refilled before every warp read its page) and where no agent can move before all are
+    consumers' barrier an mbarrier too (a phase every `barrier_count`, default `consumers`, arrivals; a warp's
+    k-th barrier waits on parity k % 2). One arrival here stands for a warp's 32 lanes' (the kernel counts
+    32 per warp). Every agent that can move does, producers first; lazy: producers move only when no consumer
+    can (the consumers racing ahead). Returns the layers' counters; raises where a wait passes on a phase two
+    away from the one meant (a page read before its copy, a slot refilled before every warp read its page, a
+    consumers' barrier passed on another generation's phase) and where no agent can move before all are
     done. blocks: the blocks' task lists (default plan's); slow: consumer warps that move only when nothing
     else can."""
     empty_count = empty_count or consumers
+    barrier_count = barrier_count or consumers
     blocks = blocks if blocks is not None else rb.plan(shapes, m_tiles, grid)
     counters = [0] * len(shapes)
     state = []
@@ -117,13 +121,16 @@ def _simulate(rb, shapes, m_tiles: int, tiles_per_page: int, grid: int, slots: i
         if wp["at"] == len(blk["ops"]):
             return False
         op = blk["ops"][wp["at"]]
-        if op[0] == "barrier":  # the kernel's consumers_sync: arrive, then wait for every warp's arrival
+        if op[0] == "barrier":  # the kernel's consumers_sync: arrive, then wait on this generation's parity
             if not wp["arrived"]:
                 blk["barrier"] += 1
                 wp["arrived"] = True
                 return True
-            if blk["barrier"] < (wp["passed"] + 1) * consumers:
+            phases = blk["barrier"] // barrier_count
+            if not _passes(phases, wp["passed"] % 2):
                 return False
+            if phases != wp["passed"] + 1:
+                raise RuntimeError(f"warp {w} passed the consumers' barrier {wp['passed']} on phase {phases}")
             wp["passed"] += 1
             wp["arrived"] = False
         elif op[0] == "publish":
@@ -185,10 +192,10 @@ def test_plan_and_protocol(rb):
 
 
 def test_simulation_is_not_blind(rb):
-    """The simulator sees both failures it is there for: a slot's `empty` completing a phase on one warp's read
-    instead of every warp's (as if initialized with count 1) lets the producer refill it under a slower warp; and
-    a block whose tasks are not in chain order (a layer-1 task before a layer-0 one, which plan never makes)
-    deadlocks."""
+    """The simulator sees the failures it is there for: a slot's `empty` completing a phase on one warp's read
+    instead of every warp's (as if initialized with count 1) lets the producer refill it under a slower warp; a
+    block whose tasks are not in chain order (a layer-1 task before a layer-0 one, which plan never makes)
+    deadlocks; and so does a consumers' barrier whose phase completes on one warp's arrival."""
     shapes = [(32, 128), (16, 32)]
     with pytest.raises(RuntimeError, match="refilled slot 0 before every warp read page 0"):
         _simulate(rb, shapes, 1, 4, 1, 1, 2, empty_count=1, slow={1})
@@ -196,6 +203,10 @@ def test_simulation_is_not_blind(rb):
         assert _simulate(rb, shapes, 1, 4, 1, 1, 2, slow=slow) == [2, 1]
     with pytest.raises(RuntimeError, match="deadlock"):
         _simulate(rb, shapes, 1, 4, 1, 2, 2, blocks=[[(1, 0), (0, 0), (0, 1)]])
+    # the consumers' barrier completing a phase on each warp's arrival lets one warp through alone, after which
+    # the other waits on a phase that has gone by: the block stops
+    with pytest.raises(RuntimeError, match="deadlock|passed the consumers' barrier"):
+        _simulate(rb, shapes, 1, 4, 1, 2, 2, barrier_count=1)
 
 
 def test_check_names_the_wait_that_gave_up(rb):
