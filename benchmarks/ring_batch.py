@@ -124,7 +124,7 @@ def patience_ns() -> int:
 
 
 @functools.cache
-def library(source: Path = SOURCE, patience: int = 2_000_000_000) -> ctypes.CDLL:
+def library(source: Path, patience: int) -> ctypes.CDLL:
     """A ring_batch.cu (this one, or an older copy for an A/B: main's --baseline) built with the watchdog's
     patience in ns, its entry points' signatures set."""
     so = build(source, (f"RING_PATIENCE_NS={patience}LL",))
@@ -198,10 +198,10 @@ class RingBatch:
         if m_tiles == 4 and consumers == 1:
             raise ValueError("tasks of 4 m-tiles need 2 or 4 consumers (one warp's 4 class sums of 4 m-tiles would "
                              "not fit its registers)")
-        if ring_kb is None:  # RING_KB, or what shared memory has left beside the sums and the barriers
-            ring_kb = min(RING_KB, (SMEM_LIMIT - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if ring_kb is None:  # RING_KB, or what shared memory has left beside the sums and the barriers
+            ring_kb = min(RING_KB, (SMEM_LIMIT - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
         # a slot holds whole groups of 4 k-tiles of a task, so that every page starts on a class-0 tile
         tiles_per_page = ring_kb * 1024 // slots // (TILE_BYTES * m_tiles) // 4 * 4
         if tiles_per_page < 4:
