@@ -9,8 +9,8 @@
 //     W[g][4t, 4t+1], W[g + 8][4t, 4t+1], W[g][4t+2, 4t+3], W[g + 8][4t+2, 4t+3]      (k offsets within kt)
 // so one 16-byte shared-memory read per lane, k-tile and m-tile is a whole fragment, with no bank conflict. The
 // mma's k order within a tile is permuted alike in A and B (a0/b0 take k 4t, 4t+1; a2/b1 take 4t+2, 4t+3), so
-// B's fragment for batch row n = g + 8j is the 8 contiguous bytes act[n][16kt + 4t .. 16kt + 4t + 3], read
-// from L2.
+// B's fragment for batch row n = g + 8j is the 8 contiguous bytes act[n][16kt + 4t .. 16kt + 4t + 3]: read
+// from L2 at batch 1 to 8, from a copy of the page's x in shared memory at batch 9 to 32 (staged_x).
 //
 // A task's K is cut into pages of whole k-tiles (a multiple of 4 but the last), one ring slot each; page i of
 // the block goes to slot i % slots. Every consumer warp reads every page: the k-tiles of class kt % 4 go to
@@ -26,8 +26,10 @@
 //   consumer warps  walk the same tasks: on a task of a new layer, count the block's tasks of the layer before
 //                   (every thread's stores fenced, a barrier, one release) and wait until the layer before has
 //                   all its tasks counted (acquire); per page, load the page's first B fragments (before the
-//                   slot's wait: x is ready), wait for the slot, multiply their k-tiles, give the slot back; at
-//                   the task's end exchange the sums (one barrier, double-buffered) and store.
+//                   slot's wait: x is ready; staged x: queue the copy of the next page's x, the next task's
+//                   first page where it is of the same layer, and wait for this page's), wait for the slot,
+//                   multiply their k-tiles, give the slot back; at the task's end exchange the sums (one
+//                   barrier, double-buffered) and store.
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
 // Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
@@ -158,9 +160,52 @@ __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_b
   }
 }
 
+// Batches of 9 to 32 rows (NT >= 2) stage x through shared memory: each consumer warp copies its own k-tiles of
+// the next page's x (cp.async, 16 bytes a lane, L2 only) while it multiplies this page's, into the other of its two
+// buffers [tile j of the warp's page][8 NT rows][16 bf16] (rows past the batch zero-filled). Its B fragments are
+// then 8-byte shared-memory reads: lane (g, t) of n-tile q reads row g + 8q at byte 8t, eight rows of 32
+// contiguous bytes, no bank conflict. (The register path, one chunk of B fragments in flight per warp, left
+// batch 32's compute-only diagnostic at ~50 us a layer; batch 1 keeps it.)
+template <int NT>
+__host__ __device__ constexpr bool staged_x() { return NT >= 2; }
+
+// Bytes of one warp's x buffer for pages of tpp k-tiles with C consumers: its tpp / C tiles of 8 NT rows.
+__host__ __device__ constexpr int x_buffer_bytes(int tpp, int consumers, int nt) {
+  return tpp / consumers * 8 * nt * 32;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Queue the copies of warp w's k-tiles of a page (tiles k-tiles from xp, x's rows x_stride apart) into dst as one
+// cp.async group.
+template <int NT, int C>
+__device__ __forceinline__ void stage_x(unsigned char* dst, const __nv_bfloat16* xp, int x_stride, int tiles, int w,
+                                        int batch, int lane) {
+  constexpr int kRows = 8 * NT;
+  const int mine = kClasses / C * ((tiles + 3) / 4);
+  for (int c = lane; c < mine * kRows * 2; c += 32) {
+    const int j = c / (2 * kRows), n = (c >> 1) % kRows, half = c & 1;
+    const int u = tile_of<C>(j, w);
+    const bool real = n < batch && u < tiles;
+    cp_async16(dst + (j * kRows + n) * 32 + half * 16,
+               real ? xp + static_cast<long long>(n) * x_stride + 16 * u + 8 * half : xp, real ? 16 : 0);
+  }
+  cp_async_commit();
+}
+
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
-// arrives on the slot's barrier at once, the consumers multiply whatever the slot holds). Modes 1 and 2 keep
-// every wait and counter; their results are meaningless.
+// arrives on the slot's barrier at once, the consumers multiply whatever the slot holds); 3 compute only
+// without x (as 2, the B fragments zeros instead of L2 reads); 4 compute only without the layers' waits (as 2,
+// a task not waiting for the layer before). Modes 1 to 3 keep every wait and counter, 4 every counter; their
+// results are meaningless.
 template <int NT, int MT, int C>
 __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel(const Args a) {
   constexpr int S = kClasses / C;         // sum sets (k-tile classes) of a warp
@@ -168,7 +213,9 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* ring = smem;
   float* red = reinterpret_cast<float*>(smem + a.slots * a.slot_bytes);  // [2][class][mt][j][e][lane]
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(red + 2 * kRed);
+  const int x_bytes = staged_x<NT>() ? x_buffer_bytes(a.tiles_per_page, C, NT) : 0;  // one consumer warp's buffer
+  unsigned char* xbufs = reinterpret_cast<unsigned char*>(red + 2 * kRed);  // [consumer warp][2][x_bytes]
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(xbufs + 2 * C * x_bytes);
   std::uint64_t* empty = full + a.slots;
   std::uint64_t* consumers_bar = empty + a.slots;
   const int slots = a.slots;
@@ -201,7 +248,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
           return;
         }
         if (a.prof) a.prof[static_cast<long long>(p0 + i) * kStamps] = global_ns();
-        if (a.mode == 2) {
+        if (a.mode >= 2) {
           mbar_arrive(&full[s]);
         } else {
           const int tiles = page_tiles(p, a.tiles_per_page, k_tiles);
@@ -220,6 +267,12 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   int done_layer = 0, ready_layer = 0, buf = 0;
   unsigned done = 0;
   int i = 0;  // the block's page
+  // staged x: the warp's two buffers, the one holding the current page's (xb), and whether the next task's first
+  // page was staged already (during this task's last page, where its layer is ready)
+  unsigned char* const xmine = xbufs + 2 * warp * x_bytes;
+  int xb = 0;
+  bool next_staged = false;
+  const bool stage = staged_x<NT>() && a.mode != 1 && a.mode != 3;
   for (int k = 0; k < n_tasks; ++k) {
     const Task& task = a.tasks[t0 + k];
     const int layer = task.layer, pages = task.pages, k_tiles = task.k_tiles, x_stride = task.x_stride;
@@ -233,7 +286,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       if (warp == 0 && lane == 0) red_release(a.counters + done_layer, done);
       done = 0;
     }
-    if (task.wait_target > 0 && ready_layer < layer) {
+    if (task.wait_target > 0 && ready_layer < layer && a.mode != 4) {
       while (true) {  // every lane acquires (its own later loads of x are ordered after); the vote keeps the
         // warp together
         const unsigned seen = load_acquire(a.counters + layer - 1);
@@ -246,6 +299,9 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       ready_layer = layer;
     }
     const long long had_x = stamp ? global_ns() : 0;
+    if (stage && !next_staged) stage_x<NT, C>(xmine + xb * x_bytes, x, x_stride, page_tiles(0, a.tiles_per_page,
+                                                                                       k_tiles), warp, a.batch, lane);
+    next_staged = false;
 #pragma unroll
     for (int h = 0; h < S; ++h)
 #pragma unroll
@@ -265,13 +321,55 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       // (b917ec4 loaded them a chunk ahead across pages too: slower at every batch, 73.7% of copy against this
       // loop's 85.0% at batch 1, same run, record ring_batch_h100_4ba8327.)
       uint2 b[2][chunk<NT>()][NT];
-      if (a.mode != 1) load_b<NT, C>(b[0], xp, x_stride, 0, tiles, warp, a.batch, lane);
+      const int x_rows = a.mode == 3 ? 0 : a.batch;  // no row of x read: B fragments of zeros
+      if (staged_x<NT>()) {
+        if (stage) {
+          __syncwarp();  // every lane is done with the other buffer (the page before's) before it is refilled
+          bool more = true;
+          if (p + 1 < pages) {
+            stage_x<NT, C>(xmine + (xb ^ 1) * x_bytes, xp + 16 * a.tiles_per_page, x_stride,
+                           page_tiles(p + 1, a.tiles_per_page, k_tiles), warp, a.batch, lane);
+          } else if (k + 1 < n_tasks && a.tasks[t0 + k + 1].layer == layer) {  // ready: the same layer's input
+            const Task& next = a.tasks[t0 + k + 1];
+            stage_x<NT, C>(xmine + (xb ^ 1) * x_bytes, next.x, next.x_stride, page_tiles(0, a.tiles_per_page,
+                           next.k_tiles), warp, a.batch, lane);
+            next_staged = true;
+          } else {
+            more = false;
+          }
+          if (more) cp_async_wait<1>(); else cp_async_wait<0>();
+          __syncwarp();  // every lane's copies of this page are in place
+        }
+      } else if (a.mode != 1) {
+        load_b<NT, C>(b[0], xp, x_stride, 0, tiles, warp, x_rows, lane);
+      }
       if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (i / slots) & 1, deadline))) {
         if (lane == 0) give_up(a.diag, 3, warp, i, s, i / slots, (i / slots) & 1, n_pages);
         return;
       }
       if (stamp) stamp[3] = global_ns();
-      if (a.mode != 1) {
+      if (staged_x<NT>() && a.mode != 1) {
+        const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
+        const unsigned char* xr = xmine + xb * x_bytes + (g * 32 + 8 * t);
+        for (int j0 = 0; j0 < mine; j0 += 4) {  // groups of 4: the j-th tile's sum set j % S is known here
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int j = j0 + r, u = tile_of<C>(j, warp);
+            if (j < mine && u < tiles) {
+              uint2 bq[NT];
+#pragma unroll
+              for (int q = 0; q < NT; ++q)
+                bq[q] = *reinterpret_cast<const uint2*>(xr + (j * 8 * NT + 8 * q) * 32);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                const uint4 av = wp[(u * MT + m) * 32 + lane];
+#pragma unroll
+                for (int q = 0; q < NT; ++q) mma16816(acc[r % S][m][q], av, bq[q]);
+              }
+            }
+          }
+        }
+      } else if (a.mode != 1) {
         const uint4* wp = reinterpret_cast<const uint4*>(ring + s * a.slot_bytes);
         for (int c = 0; c < mine; c += 2 * chunk<NT>()) {
 #pragma unroll
@@ -279,7 +377,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
             const int first = c + half * chunk<NT>();
             if (first >= mine) break;
             if (first + chunk<NT>() < mine)
-              load_b<NT, C>(b[half ^ 1], xp, x_stride, first + chunk<NT>(), tiles, warp, a.batch, lane);
+              load_b<NT, C>(b[half ^ 1], xp, x_stride, first + chunk<NT>(), tiles, warp, x_rows, lane);
 #pragma unroll
             for (int jj = 0; jj < chunk<NT>(); ++jj) {
               const int u = tile_of<C>(first + jj, warp);
@@ -299,6 +397,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       // copy into it must come after all 32 lanes' reads. (Lane 0 alone after __syncwarp was reported by
       // racecheck as a WAR hazard on every other lane's reads.)
       mbar_arrive(&empty[s]);
+      xb ^= 1;
       if (stamp) stamp[4] = global_ns();
     }
     // the class sums through shared memory; out = (s0 + s2) + (s1 + s3), each warp storing its (m, j) pairs
@@ -384,9 +483,10 @@ extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(sta
 
 // The shared memory a launch needs: the ring, two buffers of the class sums, the barriers and the consumers'
 // barrier (an mbarrier).
-extern "C" int ring_batch_smem(int slots, int slot_bytes, int batch, int m_tiles) {
-  const int nt = (batch + 7) / 8;
-  return slots * slot_bytes + 2 * kClasses * m_tiles * nt * 4 * 32 * 4 + 2 * slots * 8 + 16;
+extern "C" int ring_batch_smem(int slots, int slot_bytes, int batch, int m_tiles, int consumers) {
+  const int nt = (batch + 7) / 8, tpp = slot_bytes / (m_tiles * kTileBytes);
+  const int x = nt >= 2 ? 2 * consumers * x_buffer_bytes(tpp, consumers, nt) : 0;
+  return slots * slot_bytes + 2 * kClasses * m_tiles * nt * 4 * 32 * 4 + x + 2 * slots * 8 + 16;
 }
 
 // Zeroes the layers' counters and launches the chain on `stream` (capturable). Returns a cudaError_t.
@@ -395,11 +495,11 @@ extern "C" int ring_batch_launch(const void* tasks, const int* task_off, const i
                                  int tiles_per_page, int slots, int consumers, int grid, int mode, void* stream) {
   if ((consumers != 1 && consumers != 2 && consumers != 4) || slots < 1 || batch < 1 || batch > 32 ||
       (m_tiles != 1 && m_tiles != 2 && m_tiles != 4) || (m_tiles == 4 && consumers == 1) || tiles_per_page < 4 ||
-      tiles_per_page % 4 || mode < 0 || mode > 2)
+      tiles_per_page % 4 || mode < 0 || mode > 4)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int slot_bytes = tiles_per_page * m_tiles * kTileBytes;
-  const int smem = ring_batch_smem(slots, slot_bytes, batch, m_tiles);
+  const int smem = ring_batch_smem(slots, slot_bytes, batch, m_tiles, consumers);
   cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * layers, st);
   if (err != cudaSuccess) return err;
   const Args a{static_cast<const Task*>(tasks), task_off, page_off, counters, prof, diag, batch, slot_bytes, slots,

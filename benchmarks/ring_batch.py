@@ -11,9 +11,10 @@ k-tiles (kt % 4) of each. Timed against persistent_chain.py's launch-per-layer T
 Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C/R` for each --slots S:C and
 --rows R: a ring of S slots of --ring-kb / S KiB, C consumer warps, tasks of R rows. Diagnostics for each
 --diagnose S:C/R (results unchecked): `/stream`, the pages streamed and no products; `/compute`, the products
-of whatever the ring holds and no pages streamed. Every ring's layers are checked against float64 from their
-own input (ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc (built into
-~/.cache/cqil_ring_chain as ring_chain.py is).
+of whatever the ring holds and no pages streamed; `/compute-no-x`, the same with B fragments of zeros (no L2
+read of x); `/compute-no-wait`, the same with no task waiting for the layer before. Every ring's layers are
+checked against float64 from their own input (ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc
+(built into ~/.cache/cqil_ring_chain as ring_chain.py is).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ TILE_BYTES = 512     # one packed 16 x 16 k-tile of one m-tile (ring_batch.cu's 
 MAX_BATCH = 32       # four n-tiles of 8 batch rows
 CONSUMERS = (1, 2, 4)  # consumer warps a block may have: each owns 4 / C of the k-tile classes kt % 4
 CUDA_ERROR_TOO_LARGE = 720  # cudaErrorCooperativeLaunchTooLarge: the launcher's residency check refused the grid
-RING_KB = 192        # no x buffers here: the ring takes most of shared memory (less where the sums need more)
+RING_KB = 192        # the ring takes most of shared memory (less where the sums and x buffers need more)
+STAGED_BATCH = 9     # batches of 9 rows or more stage x through shared memory (ring_batch.cu's staged_x)
 
 
 def pack(w: torch.Tensor, m_tiles: int = 1) -> torch.Tensor:
@@ -135,31 +137,37 @@ def library(source: Path, patience: int) -> ctypes.CDLL:
     return so
 
 
-def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int) -> int:
+def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int, x_buffers: bool = True) -> int:
     """The shared memory of a launch (ring_batch.cu's ring_batch_smem): the ring, two buffers of the class sums
-    ([4 classes, MT, n-tiles, 4, 32] fp32), the slots' two barriers and the consumers' barrier."""
-    return slots * slot_bytes + 2 * 4 * m_tiles * -(-batch // 8) * 4 * 32 * 4 + 16 * slots + 16
+    ([4 classes, MT, n-tiles, 4, 32] fp32), from batch STAGED_BATCH on two x buffers of a page's k-tiles and the
+    n-tiles' rows (32 bytes each) where the kernel has them (x_buffers: False for an older --baseline without),
+    the slots' two barriers and the consumers' barrier."""
+    nt = -(-batch // 8)
+    x = 2 * slot_bytes // (TILE_BYTES * m_tiles) * 8 * nt * 32 if x_buffers and batch >= STAGED_BATCH else 0
+    return slots * slot_bytes + 2 * 4 * m_tiles * nt * 4 * 32 * 4 + x + 16 * slots + 16
 
 
 class RingBatch:
     """out_l = act_l @ W_l^T into act_{l+1} for l = 0..L-1 in one launch, for every batch row. weights[l]:
     [N_l, K_l] bf16 with N a multiple of 16 * m_tiles and K of 16, K_l = N_{l-1}; acts[l]: [batch, K_l]
-    (acts[0] the input) with unit column stride and a row stride that is a multiple of 4, 8-byte aligned; all
-    on one CUDA device. The weights are packed once (pack; or `packed`, their packs for m_tiles); the
-    activations are borrowed, read and written in place by run(). A task is m_tiles m-tiles (16 m_tiles rows)
-    of a layer (1, 2 or 4; 4 needs 2 or 4 consumers), run by the whole block. slots, ring_kb: the ring (a
-    slot holds whole 4-k-tile groups of a task; default RING_KB KiB, or what shared memory has beside the
-    sums); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
-    diagnostics "stream" and "compute" (ring_chain.py's); grid: blocks (default and at most one per SM).
-    profile: every run stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order;
-    ring_chain.profile_summary)."""
+    (acts[0] the input) with unit column stride and a row stride that is a multiple of 4, 8-byte aligned (of 8,
+    16-byte aligned, where x is staged); all on one CUDA device. The weights are packed once (pack; or
+    `packed`, their packs for m_tiles); the activations are borrowed, read and written in place by run(). A
+    task is m_tiles m-tiles (16 m_tiles rows) of a layer (1, 2 or 4; 4 needs 2 or 4 consumers), run by the
+    whole block. slots, ring_kb: the ring (a slot holds whole 4-k-tile groups of a task; default RING_KB KiB,
+    or what shared memory has beside the sums and x buffers); consumers: warps (1, 2 or 4) splitting each
+    page's k-tiles by class. mode: "chain", or the diagnostics "stream", "compute", "compute-no-x" and
+    "compute-no-wait" (main's --diagnose); grid: blocks (default and at most one per SM). profile: every run
+    stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order; ring_chain.profile_summary).
+    x_buffers: whether `source`'s kernel stages x through shared memory from batch STAGED_BATCH on (this one
+    does; False for an older --baseline that does not), which sizes the ring."""
 
-    MODES = {"chain": 0, "stream": 1, "compute": 2}
+    MODES = {"chain": 0, "stream": 1, "compute": 2, "compute-no-x": 3, "compute-no-wait": 4}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
                  ring_kb: int | None = None, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
                  packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1,
-                 source: Path = SOURCE):
+                 source: Path = SOURCE, x_buffers: bool = True):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -187,10 +195,12 @@ class RingBatch:
             want = shapes[layer][1] if layer < len(shapes) else shapes[-1][0]
             if t.dim() != 2 or tuple(t.shape) != (batch, want):
                 raise ValueError(f"acts[{layer}] must be [{batch}, {want}], got {tuple(t.shape)}")
-            if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 8:
-                raise ValueError(f"acts[{layer}]: unit column stride, a row stride that is a multiple of 4 and an "
-                                 f"8-byte aligned start expected (strides {t.stride()}, address % 8 = "
-                                 f"{t.data_ptr() % 8})")
+            # B fragments of 8 bytes; staged x (batch >= STAGED_BATCH) is copied 16 bytes at a time
+            align = 16 if x_buffers and batch >= STAGED_BATCH else 8
+            if t.stride(1) != 1 or t.stride(0) % (align // 2) or t.data_ptr() % align:
+                raise ValueError(f"acts[{layer}]: unit column stride, a row stride that is a multiple of {align // 2} "
+                                 f"and a {align}-byte aligned start expected at batch {batch} (strides {t.stride()}, "
+                                 f"address % {align} = {t.data_ptr() % align})")
         consumers = consumers or 4
         if consumers not in CONSUMERS:
             raise ValueError(f"consumers must be one of {CONSUMERS} (each takes 4 / C of the k-tile classes), "
@@ -200,18 +210,21 @@ class RingBatch:
                              "not fit its registers)")
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        if ring_kb is None:  # RING_KB, or what shared memory has left beside the sums and the barriers
-            ring_kb = min(RING_KB, (SMEM_LIMIT - smem_bytes(slots, 0, batch, m_tiles)) // 1024)
-        # a slot holds whole groups of 4 k-tiles of a task, so that every page starts on a class-0 tile
-        tiles_per_page = ring_kb * 1024 // slots // (TILE_BYTES * m_tiles) // 4 * 4
+        group = 4 * TILE_BYTES * m_tiles  # a slot holds whole groups of 4 k-tiles (a page starts on class 0)
+        if ring_kb is None:  # RING_KB, or the most whole groups shared memory has beside the sums and x buffers
+            groups = RING_KB * 1024 // slots // group
+            while groups > 1 and smem_bytes(slots, groups * group, batch, m_tiles, x_buffers) > SMEM_LIMIT:
+                groups -= 1
+            ring_kb = slots * groups * group // 1024
+        tiles_per_page = ring_kb * 1024 // slots // group * 4
         if tiles_per_page < 4:
             raise ValueError(f"{slots} slots of {ring_kb} KiB hold no 4 k-tiles of {rows} rows "
                              f"({4 * TILE_BYTES * m_tiles} bytes) each")
         self.slot_bytes, self.slots, self.consumers = tiles_per_page * TILE_BYTES * m_tiles, slots, consumers
-        need = smem_bytes(slots, self.slot_bytes, batch, m_tiles)
+        need = smem_bytes(slots, self.slot_bytes, batch, m_tiles, x_buffers)
         if need > SMEM_LIMIT:
-            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes and the sums need {need} bytes of shared "
-                             f"memory, more than {SMEM_LIMIT}")
+            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes, the sums and x buffers need {need} bytes of "
+                             f"shared memory, more than {SMEM_LIMIT}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
@@ -297,8 +310,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
                                                        "timing, summarized per layer, S:C/rows (default 4:4/32)")
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
-                    help="an older ring_batch.cu with the same entry points (git show REV:benchmarks/ring_batch.cu "
-                         "> PATH), its rings timed beside this one's in the same process as NAME:mma-S:C/R")
+                    help="an older ring_batch.cu with the same entry points and no x buffers (git show "
+                         "REV:benchmarks/ring_batch.cu > PATH), its rings timed beside this one's in the same process "
+                         "as NAME:mma-S:C/R")
     ap.add_argument("--ring-kb", type=int, help=f"the ring's KiB (default {RING_KB}, or what fits beside the sums)")
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
@@ -350,7 +364,7 @@ def main(argv=None) -> None:
             for spec in a.slots or ["4:4", "3:4"]:
                 for r in a.rows or [32]:
                     name = f"{prefix}mma-{spec}/{r}"
-                    chained = ring(spec, r, acts, source=source)
+                    chained = ring(spec, r, acts, source=source, x_buffers=not prefix)
                     runs[name] = chained.run
                     layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
                                         tiles_per_page=chained.tiles_per_page, source=source.name)
@@ -359,7 +373,7 @@ def main(argv=None) -> None:
                     check(chained)
                     worst[name] = check_layers(chained)
         for spec, r in map(spec_rows, a.diagnose or ["4:4/32"]):
-            for mode in ("stream", "compute"):
+            for mode in ("stream", "compute", "compute-no-x", "compute-no-wait"):
                 runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
@@ -398,7 +412,9 @@ def main(argv=None) -> None:
               f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a "
               f"{a.ring_kb or f'{RING_KB} (or what fits)'} KiB ring with "
               f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
-              f"activations read from L2 (NAME:mma-...: the older kernel --baseline NAME=PATH); launch/pdl: "
+              f"activations read from L2 (from batch {STAGED_BATCH}: staged through shared memory a page ahead by "
+              f"cp.async; NAME:mma-...: the older kernel --baseline NAME=PATH, B fragments from L2 at every "
+              f"batch); launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
         copy_gbps=round(copy, 1), layout=layout, profiles=profiles, baselines=a.baseline,

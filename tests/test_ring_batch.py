@@ -260,6 +260,10 @@ def test_ring_batch_rejects_bad_input(rb):
         rb.RingBatch(w, acts[:2] + [torch.zeros(3, 8, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="unit column stride"):
         rb.RingBatch(w, [torch.zeros(48, 3, dtype=torch.bfloat16).t()] + acts[1:])
+    strided = [torch.zeros(13, n + 4, dtype=torch.bfloat16)[:, :n] for n in (48, 32, 16)]  # rows 8-byte aligned
+    rb.RingBatch(w, strided, x_buffers=False)  # B fragments from L2: 8 bytes
+    with pytest.raises(ValueError, match="multiple of 8 and a 16-byte aligned start expected at batch 13"):
+        rb.RingBatch(w, strided)  # staged x: 16-byte copies
     with pytest.raises(ValueError, match="takes K=32, but layer 0 makes 16"):
         rb.RingBatch([torch.zeros(16, 48, dtype=torch.bfloat16), torch.zeros(16, 32, dtype=torch.bfloat16)], acts)
     with pytest.raises(ValueError, match="consumers must be one of"):
@@ -274,6 +278,29 @@ def test_ring_batch_rejects_bad_input(rb):
         rb.RingBatch(w, acts, grid=2)  # the CPU counts as one SM
     with pytest.raises(ValueError, match="pack"):
         rb.RingBatch(w, acts, packed=[rb.pack(w[0]), rb.pack(w[0])])
+
+
+def test_default_ring_fits(rb):
+    """The default ring is the largest of whole 4-k-tile groups (up to RING_KB) that fits shared memory beside the
+    sums and, from batch STAGED_BATCH on, the x buffers; an older kernel without x buffers gets more."""
+    ring_chain = import_benchmark("ring_chain")
+    for batch in (1, 8, 9, 16, 32):
+        for m_tiles, consumers in ((1, 4), (2, 4), (2, 2), (4, 4)):
+            for slots in (2, 3, 4, 8):
+                n = 64 * m_tiles
+                w = [torch.zeros(n, 1024, dtype=torch.bfloat16)]
+                acts = [torch.zeros(batch, 1024, dtype=torch.bfloat16), torch.zeros(batch, n, dtype=torch.bfloat16)]
+                for x_buffers in (True, False):
+                    chain = rb.RingBatch(w, acts, slots=slots, consumers=consumers, m_tiles=m_tiles,
+                                         x_buffers=x_buffers)
+                    need = rb.smem_bytes(slots, chain.slot_bytes, batch, m_tiles, x_buffers)
+                    group = 4 * rb.TILE_BYTES * m_tiles
+                    more = rb.smem_bytes(slots, chain.slot_bytes + group, batch, m_tiles, x_buffers)
+                    assert need <= ring_chain.SMEM_LIMIT
+                    assert more > ring_chain.SMEM_LIMIT or slots * (chain.slot_bytes + group) > rb.RING_KB * 1024
+                    if x_buffers and batch >= rb.STAGED_BATCH:
+                        assert need - rb.smem_bytes(slots, chain.slot_bytes, batch, m_tiles, False) == \
+                            2 * chain.tiles_per_page * 8 * -(-batch // 8) * 32
 
 
 def _chain(dims, batch, device, seed):
@@ -334,11 +361,11 @@ def test_ring_batch_cuda(rb):
     packed = {m: [rb.pack(w, m) for w in weights] for m in (1, 2, 4)}
     reference = None
     for batch in (32, 1, 3, 8, 13):
-        buf = torch.empty(len(dims), batch, max(dims) + 4, dtype=torch.bfloat16, device=device)  # row stride
+        buf = torch.empty(len(dims), batch, max(dims) + 8, dtype=torch.bfloat16, device=device)  # row stride
         acts = [buf[i, :, :d] for i, d in enumerate(dims)]
         acts[0].copy_(x0[:batch])
         first = None
-        for slots, consumers, ring_kb, grid, m_tiles in ((8, 4, 192, None, 1), (8, 4, 192, None, 2),
+        for slots, consumers, ring_kb, grid, m_tiles in ((8, 4, 96, None, 1), (8, 4, 96, None, 2),
                                                          (1, 1, 8, None, 2), (2, 2, 16, 3, 1), (8, 4, 40, 17, 2),
                                                          (6, 2, 30, 1, 1), (4, 4, None, None, 4),
                                                          (3, 2, 48, 5, 4)):
@@ -370,7 +397,7 @@ def test_ring_batch_cuda(rb):
     assert (issued <= data).all()  # a slot's bytes arrive after their copy was issued
     assert (x == taken)[~profiled.waits_x].all()  # only a task's first page waits for the layer before
     assert len(ring_chain.profile_summary(profiled)) == len(weights)
-    for mode in ("stream", "compute"):  # the diagnostics keep the protocol: every task counted, no hang
+    for mode in ("stream", "compute", "compute-no-x", "compute-no-wait"):  # every task counted, no hang
         diag = rb.RingBatch(weights, acts, slots=4, consumers=2, ring_kb=24, mode=mode, packed=packed[1])
         diag.run()
         rb.check(diag)
