@@ -165,7 +165,8 @@ __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_b
 // buffers [tile j of the warp's page][8 NT rows][16 bf16] (rows past the batch zero-filled). Its B fragments are
 // then 8-byte shared-memory reads: lane (g, t) of n-tile q reads row g + 8q at byte 8t, eight rows of 32
 // contiguous bytes, no bank conflict. (The register path, one chunk of B fragments in flight per warp, left
-// batch 32's compute-only diagnostic at ~50 us a layer; batch 1 keeps it.)
+// batch 32's compute-only diagnostic at ~50 us a layer; batches 1 to 8 keep it. Staging 3 or 4 pages deep was
+// slower: its buffers shrink the ring, record ring_batch_xstages_h100_998cacf.)
 template <int NT>
 __host__ __device__ constexpr bool staged_x() { return NT >= 2; }
 
@@ -203,9 +204,9 @@ __device__ __forceinline__ void stage_x(unsigned char* dst, const __nv_bfloat16*
 
 // mode: 0 the chain; 1 stream only (no products: zeros stored); 2 compute only (no copies: the producer
 // arrives on the slot's barrier at once, the consumers multiply whatever the slot holds); 3 compute only
-// without x (as 2, the B fragments zeros instead of L2 reads); 4 compute only without the layers' waits (as 2,
-// a task not waiting for the layer before). Modes 1 to 3 keep every wait and counter, 4 every counter; their
-// results are meaningless.
+// without x (as 2, the B fragments zeros instead of L2 reads, or where x is staged no copies, the buffers'
+// stale contents); 4 compute only without the layers' waits (as 2, a task not waiting for the layer before).
+// Modes 1 to 3 keep every wait and counter, 4 every counter; their results are meaningless.
 template <int NT, int MT, int C>
 __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel(const Args a) {
   constexpr int S = kClasses / C;         // sum sets (k-tile classes) of a warp
@@ -481,8 +482,8 @@ cudaError_t launch_c(const Args& a, int consumers, int grid, int smem, cudaStrea
 
 extern "C" const char* ring_batch_error(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 
-// The shared memory a launch needs: the ring, two buffers of the class sums, the barriers and the consumers'
-// barrier (an mbarrier).
+// The shared memory a launch needs: the ring, two buffers of the class sums, from batch 9 each consumer warp's
+// two x buffers, the barriers and the consumers' barrier (an mbarrier).
 extern "C" int ring_batch_smem(int slots, int slot_bytes, int batch, int m_tiles, int consumers) {
   const int nt = (batch + 7) / 8, tpp = slot_bytes / (m_tiles * kTileBytes);
   const int x = nt >= 2 ? 2 * consumers * x_buffer_bytes(tpp, consumers, nt) : 0;

@@ -11,10 +11,11 @@ k-tiles (kt % 4) of each. Timed against persistent_chain.py's launch-per-layer T
 Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C/R` for each --slots S:C and
 --rows R: a ring of S slots of --ring-kb / S KiB, C consumer warps, tasks of R rows. Diagnostics for each
 --diagnose S:C/R (results unchecked): `/stream`, the pages streamed and no products; `/compute`, the products
-of whatever the ring holds and no pages streamed; `/compute-no-x`, the same with B fragments of zeros (no L2
-read of x); `/compute-no-wait`, the same with no task waiting for the layer before. Every ring's layers are
-checked against float64 from their own input (ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc
-(built into ~/.cache/cqil_ring_chain as ring_chain.py is).
+of whatever the ring holds and no pages streamed; `/compute-no-x`, the same with no read of x (B fragments of
+zeros, or where x is staged, no copies: the x buffers' stale contents); `/compute-no-wait`, the same with no
+task waiting for the layer before. Every ring's layers are checked against float64 from their own input
+(ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc (built into ~/.cache/cqil_ring_chain as
+ring_chain.py is).
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ def main(argv=None) -> None:
                     help="an older ring_batch.cu with the same entry points and no x buffers (git show "
                          "REV:benchmarks/ring_batch.cu > PATH), its rings timed beside this one's in the same process "
                          "as NAME:mma-S:C/R")
-    ap.add_argument("--ring-kb", type=int, help=f"the ring's KiB (default {RING_KB}, or what fits beside the sums)")
+    ap.add_argument("--ring-kb", type=int,
+                    help=f"the ring's KiB (default {RING_KB}, or what fits beside the sums and x buffers)")
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
     ap.add_argument("--replays", type=int, default=20, help="chains per graph replay")
     ap.add_argument("--rounds", type=int, default=5)
