@@ -303,13 +303,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dims", type=int, nargs=2, default=[4096, 11008], metavar=("D", "F"))
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, action="append", help="batch rows (default 1, 8, 16, 32)")
-    ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 4:4 and 3:4, the best at "
-                                                        "f59425a; 8:4 and 16:4 before)")
+    # defaults: the best rings at 0feb029 (3:4/32 at batch 1 and 8; 2:4/64 at 16 and 32, where x is staged)
+    ap.add_argument("--slots", action="append", help="S:C rings, one variant each (default 3:4 and 2:4)")
     ap.add_argument("--rows", type=int, action="append", choices=(16, 32, 64),
-                    help="rows a task (m-tiles of 16), one variant each (default 32)")
-    ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 4:4/32)")
+                    help="rows a task (m-tiles of 16), one variant each (default 32 and 64)")
+    ap.add_argument("--diagnose", action="append", help="the rings diagnosed, S:C/rows (default 2:4/64)")
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
-                                                       "timing, summarized per layer, S:C/rows (default 4:4/32)")
+                                                       "timing, summarized per layer, S:C/rows (default 2:4/64)")
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
                     help="an older ring_batch.cu with the same entry points and no x buffers (git show "
                          "REV:benchmarks/ring_batch.cu > PATH), its rings timed beside this one's in the same process "
@@ -363,8 +363,8 @@ def main(argv=None) -> None:
             for v in ("launch", "pdl"):
                 runs[v] = functools.partial(chain.run, v)
         for prefix, source in sources:
-            for spec in a.slots or ["4:4", "3:4"]:
-                for r in a.rows or [32]:
+            for spec in a.slots or ["3:4", "2:4"]:
+                for r in a.rows or [32, 64]:
                     name = f"{prefix}mma-{spec}/{r}"
                     chained = ring(spec, r, acts, source=source, x_buffers=not prefix)
                     runs[name] = chained.run
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
                     chained.run()
                     check(chained)
                     worst[name] = check_layers(chained)
-        for spec, r in map(spec_rows, a.diagnose or ["4:4/32"]):
+        for spec, r in map(spec_rows, a.diagnose or ["2:4/64"]):
             for mode in ("stream", "compute", "compute-no-x", "compute-no-wait"):
                 runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
         for run in runs.values():  # compile the Triton variants before capture
@@ -398,7 +398,7 @@ def main(argv=None) -> None:
             print(f"batch {batch:>2} {v:>16}: {us:9.2f} us, {100 * floor_us / us:5.1f}% of copy, "
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
-        for spec, r in map(spec_rows, a.profile or ["4:4/32"]):
+        for spec, r in map(spec_rows, a.profile or ["2:4/64"]):
             profiled = ring(spec, r, acts, profile=True)
             profiled.run()
             check(profiled)
