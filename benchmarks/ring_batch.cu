@@ -143,6 +143,24 @@ __device__ __forceinline__ int tile_of(int j, int w) {
 // k-tiles in page p of a task of k_tiles (pages of T; the last may be short).
 __device__ __forceinline__ int page_tiles(int p, int T, int k_tiles) { return min(T, k_tiles - p * T); }
 
+// A warp's tiles of a page of `tiles` k-tiles: j = 0 .. warp_tiles - 1 (tile_of(j) may pass `tiles` in the
+// last group of 4). The products and stage_x walk the same j.
+template <int C>
+__device__ __forceinline__ int warp_tiles(int tiles) { return kClasses / C * ((tiles + 3) / 4); }
+
+// One k-tile's products into one sum set: its MT A fragments (local k-tile u of the slot at wp) times the NT B
+// fragments b.
+template <int NT, int MT>
+__device__ __forceinline__ void tile_products(float (&acc)[MT][NT][4], const uint4* wp, int u, int lane,
+                                              const uint2 (&b)[NT]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const uint4 av = wp[(u * MT + m) * 32 + lane];
+#pragma unroll
+    for (int q = 0; q < NT; ++q) mma16816(acc[m][q], av, b[q]);
+  }
+}
+
 template <int NT, int C>
 __device__ __forceinline__ void load_b(uint2 (&b)[chunk<NT>()][NT], const __nv_bfloat16* x, int x_stride,
                                        int first, int tiles, int w, int batch, int lane) {
@@ -191,7 +209,7 @@ template <int NT, int C>
 __device__ __forceinline__ void stage_x(unsigned char* dst, const __nv_bfloat16* xp, int x_stride, int tiles, int w,
                                         int batch, int lane) {
   constexpr int kRows = 8 * NT;
-  const int mine = kClasses / C * ((tiles + 3) / 4);
+  const int mine = warp_tiles<C>(tiles);
   for (int c = lane; c < mine * kRows * 2; c += 32) {
     const int j = c / (2 * kRows), n = (c >> 1) % kRows, half = c & 1;
     const int u = tile_of<C>(j, w);
@@ -317,7 +335,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
       }
       const int s = i % slots, tiles = page_tiles(p, a.tiles_per_page, k_tiles);
       const __nv_bfloat16* xp = x + 16 * p * a.tiles_per_page;
-      const int mine = kClasses / C * ((tiles + 3) / 4);  // this warp's tiles of the page: j with tile_of(j) < tiles
+      const int mine = warp_tiles<C>(tiles);
       // The first chunk's B fragments before the slot's wait (x is ready), the next chunk's while one multiplies.
       // (b917ec4 loaded them a chunk ahead across pages too: slower at every batch, 73.7% of copy against this
       // loop's 85.0% at batch 1, same run, record ring_batch_h100_4ba8327.)
@@ -361,12 +379,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
 #pragma unroll
               for (int q = 0; q < NT; ++q)
                 bq[q] = *reinterpret_cast<const uint2*>(xr + (j * 8 * NT + 8 * q) * 32);
-#pragma unroll
-              for (int m = 0; m < MT; ++m) {
-                const uint4 av = wp[(u * MT + m) * 32 + lane];
-#pragma unroll
-                for (int q = 0; q < NT; ++q) mma16816(acc[r % S][m][q], av, bq[q]);
-              }
+              tile_products<NT, MT>(acc[r % S], wp, u, lane, bq);
             }
           }
         }
@@ -382,14 +395,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
 #pragma unroll
             for (int jj = 0; jj < chunk<NT>(); ++jj) {
               const int u = tile_of<C>(first + jj, warp);
-              if (u < tiles) {
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                  const uint4 av = wp[(u * MT + m) * 32 + lane];
-#pragma unroll
-                  for (int q = 0; q < NT; ++q) mma16816(acc[jj % S][m][q], av, b[half][jj][q]);
-                }
-              }
+              if (u < tiles) tile_products<NT, MT>(acc[jj % S], wp, u, lane, b[half][jj]);
             }
           }
         }
