@@ -17,9 +17,10 @@
 // A task's k-range is cut into pages of whole k-tiles (a multiple of 4 but the last), one ring slot each; page i
 // of the block goes to slot i % slots. Every consumer warp reads every page: the k-tiles of class kt % 4 go to
 // warp (kt % 4) % C, into its sum set (kt % 4) / C. At the task's end the warps pass their class sums through
-// shared memory and store v = (s0 + s2) + (s1 + s3): bf16 rows where K is whole, or the k-range's fp32 partial,
-// which the block completing the panel adds to the other ranges' in order (finish_layer): the same bits whatever
-// the ring, the grid, the number of consumers, the block that sums or the other batch rows. (The first version
+// shared memory and store v = (s0 + s2) + (s1 + s3): bf16 rows where K is whole, or the k-range's fp32 partial;
+// once every range's partial of the panel is stored, each split task adds its slice of them in order
+// (finish_layer): the same bits whatever the ring, the grid, the number of consumers, the block that sums or the
+// other batch rows. (The first version
 // gave each warp its own 16-row tasks: one warp's serial walk over K with half the warps idle on the down
 // projection, 57% of copy at batch 8, see docs/performance.md.)
 //
@@ -27,17 +28,18 @@
 //                   copy (TMA) once every consumer has read the slot's previous page; it never waits on an
 //                   activation.
 //   consumer warps  walk the same tasks: on a task of a new layer, finish the layer before (finish_layer: every
-//                   thread's stores fenced, a barrier; split panels counted on their tickets and those this
-//                   block completes summed; one release of the panels completed) and wait until the layer
-//                   before has all its panels counted (acquire); on a new k-range (staged x), queue its x's
-//                   copies, a cp.async group a page; per page, load the page's first B fragments (before the
-//                   slot's wait: x is ready) or wait for the page's x group, wait for the slot, multiply their
-//                   k-tiles, give the slot back; at the task's end exchange the sums (one barrier,
+//                   thread's stores fenced, a barrier; split tasks counted on their panels' tickets, a wait for
+//                   their panels' other splits, their slices summed; one release of the block's tasks) and wait
+//                   until the layer before has all its tasks counted (acquire); on a new k-range (staged x),
+//                   queue its x's copies, a cp.async group a page; per page, load the page's first B fragments
+//                   (before the slot's wait: x is ready) or wait for the page's x group, wait for the slot,
+//                   multiply their k-tiles, give the slot back; at the task's end exchange the sums (one barrier,
 //                   double-buffered) and store.
 // Waits are exact by construction: a warp waits on page i's copy after reading page i - slots, and the
 // producer on page i - slots's reads after copying it, so a phase parity never names a phase two away.
-// Deadlock: every wait is on an earlier page of the block or on the layer before, which is earlier in every
-// block, and finish_layer waits on no other block; all blocks are resident (one per SM, checked at launch).
+// Deadlock: every wait is on an earlier page of the block, on the layer before, which is earlier in every block,
+// or on this layer's other splits, which wait only on the layer before; all blocks are resident (one per SM,
+// checked at launch).
 // tests/test_ring_batch.py simulates the protocol.
 
 #include <cuda_bf16.h>
@@ -58,8 +60,9 @@ constexpr int kClasses = 4;       // k-tile classes kt % 4, each summed on its o
 // later pages of a task stamp the same as taken), had the slot's bytes, had multiplied (and stored)
 constexpr int kStamps = 5;
 // Watchdog: a wait that has not passed after kPatienceNs gives up. The first to give up writes diag[0..7] =
-// {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait), block, warp, page (the
-// block's), slot or layer, use or counter value, target (parity or task count), pages of the block} and every
+// {what (1 producer's empty wait, 2 consumer's counter wait, 3 consumer's full wait, 4 a split's wait for its
+// panel's other splits), block, warp, page (the block's), slot, layer or ticket, use or count, target (parity,
+// task count or splits), pages of the block} and every
 // warp that gives up returns: a hang becomes an error ring_batch.py names (check). Its barrier waits then
 // give up too (the block's other warps are gone), so a block that gave up ends. ring_batch.py builds a longer
 // patience (CQIL_RING_PATIENCE_S) for runs under compute-sanitizer, which are many times slower.
@@ -74,7 +77,7 @@ struct Task {                    // 72 bytes, written by ring_batch.py as 9 int6
   __nv_bfloat16* out;            // act_{l+1}[0][16 * MT * panel]
   float* partials;               // splits > 1: the panel's fp32 partial sums [splits][8 NT][16 MT]
   int layer;
-  int wait_target;               // panels of layer - 1 (0: layer 0, whose input is the chain's)
+  int wait_target;               // tasks of layer - 1 (0: layer 0, whose input is the chain's)
   int k_tiles;                   // the k-range's k-tiles
   int x_stride;                  // elements between batch rows of act_l
   int out_stride;                // and of act_{l+1}
@@ -90,7 +93,7 @@ struct Args {                    // the kernel's parameters (ring_batch_launch's
   const Task* tasks;             // every block's task list, block b's from task_off[b] to task_off[b + 1]
   const int* task_off;
   const int* page_off;           // block b's first page in prof (pages of the blocks before it)
-  unsigned* counters;            // per layer, its panels stored; then the split panels' tickets
+  unsigned* counters;            // per layer, its tasks complete; then the split panels' tickets
   long long* prof;               // optional: per page, kStamps globaltimer ns
   long long* diag;               // [8], zero: the watchdog's report (kPatienceNs)
   int batch;
@@ -241,96 +244,91 @@ __device__ __forceinline__ void stage_x(unsigned char* dst, const __nv_bfloat16*
   cp_async_commit();
 }
 
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
-  unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-
-// A split panel's rows from its partials, by the block whose split completed it (finish_layer): every consumer
-// thread takes float4s of the panel's [batch][16 MT] outputs, reads the splits' partials in chunks of 4 (their loads
-// in flight together, from L2), adds them in split order (p0 + p1 + ... : the same bits whichever block sums them)
-// and stores 4 bf16.
-template <int NT, int MT, int C>
-__device__ void sum_partials(const Task& task, int batch, int tid) {
+// A split task's share of its panel's sum (finish_layer): its slice `split` of `splits` of the panel's [batch][16 MT]
+// outputs, every split's partial of it read from L2 (loads of 8 splits in flight together) and added in split order,
+// p0 + p1 + ...: the same bits whichever block sums a slice. Item i of `items` is float4 `i` of the slice; the
+// caller spreads the items of its tasks over its threads.
+template <int NT, int MT>
+__device__ __forceinline__ void sum_slice(const Task& task, int batch, int i) {
   constexpr int kRowV = 4 * MT;            // float4s of one batch row of the panel (16 MT floats)
   constexpr int kSplitV = 8 * NT * kRowV;  // float4s of one split's partials
-  constexpr int kPer = (kSplitV + 32 * C - 1) / (32 * C);
-  const float4* ws = reinterpret_cast<const float4*>(task.partials);
   const int n_v = batch * kRowV, splits = task.splits;
-  float4 acc[kPer];
-  for (int s0 = 0; s0 < splits; s0 += 4) {
-    float4 v[4][kPer];
+  const int f = task.split * n_v / splits + i;  // the slice's float4s: [split n_v / splits, (split + 1) n_v / splits)
+  const float4* ws = reinterpret_cast<const float4*>(task.partials) + f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < splits; s0 += 8) {
+    float4 v[8];
 #pragma unroll
-    for (int d = 0; d < 4; ++d)
+    for (int d = 0; d < 8; ++d)
+      v[d] = s0 + d < splits ? __ldcg(ws + (s0 + d) * kSplitV) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int f = tid + 32 * C * i;
-        v[d][i] = s0 + d < splits && f < n_v ? __ldcg(ws + (s0 + d) * kSplitV + f) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int d = 0; d < 8; ++d) {
+      if (s0 + d == 0) {
+        acc = v[d];
+      } else if (s0 + d < splits) {
+        acc.x += v[d].x;
+        acc.y += v[d].y;
+        acc.z += v[d].z;
+        acc.w += v[d].w;
       }
-#pragma unroll
-    for (int d = 0; d < 4; ++d)
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        if (s0 + d == 0) {
-          acc[i] = v[d][i];
-        } else if (s0 + d < splits) {
-          acc[i].x += v[d][i].x;
-          acc[i].y += v[d][i].y;
-          acc[i].z += v[d][i].z;
-          acc[i].w += v[d][i].w;
-        }
-      }
-  }
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int f = tid + 32 * C * i;
-    if (f < n_v) {
-      const int n = f / kRowV, row = 4 * (f % kRowV);
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(acc[i].x, acc[i].y), hi = __floats2bfloat162_rn(acc[i].z,
-                                                                                                         acc[i].w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const unsigned*>(&lo);
-      packed.y = *reinterpret_cast<const unsigned*>(&hi);
-      *reinterpret_cast<uint2*>(task.out + static_cast<long long>(n) * task.out_stride + row) = packed;
     }
   }
+  const int n = f / kRowV, row = 4 * (f % kRowV);
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(acc.x, acc.y), hi = __floats2bfloat162_rn(acc.z, acc.w);
+  uint2 packed;
+  packed.x = *reinterpret_cast<const unsigned*>(&lo);
+  packed.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(task.out + static_cast<long long>(n) * task.out_stride + row) = packed;
+}
+
+// Float4s of split task's slice of its panel (sum_slice).
+__device__ __forceinline__ int slice_items(const Task& task, int batch, int row_v) {
+  const int n_v = batch * row_v;
+  return (task.split + 1) * n_v / task.splits - task.split * n_v / task.splits;
 }
 
 // The end of the block's tasks k_begin .. k_end - 1 of one layer, all stored (bf16 rows, or where the layer is
-// split over K fp32 partials): each split task counts itself on its panel's ticket (acq_rel: the release of this
-// block's partials, the acquire of the other splits'), lanes of warp 0 32 tickets at a time; the block whose count
-// completes a panel sums its partials (sum_partials). Then the panels this block completed are published on the
-// layer's counter. Nothing here waits on another block. last_mask: two words of shared memory, a round's panels to
-// sum (alternating, so that a round's write never meets the round before's reads).
+// split over K fp32 partials): where split, each task counts itself on its panel's ticket (a release of this
+// block's partials), lanes of warp 0 32 tasks at a time, waits until every split of its panel has (acquire), and
+// the block sums each task's slice of its panel (sum_slice): the sums' loads spread over every block of the layer
+// instead of falling on the block that completes a panel. Then the block's tasks are published on the layer's
+// counter (a layer is complete when all its tasks are: every slice of every panel summed). The wait is on other
+// blocks' tasks of this layer, which wait only on the layer before: no deadlock.
 template <int NT, int MT, int C>
-__device__ bool finish_layer(const Args& a, int k_begin, int k_end, unsigned* last_mask, std::uint64_t* bar,
-                             unsigned& generation, long long deadline, int warp, int lane) {
+__device__ bool finish_layer(const Args& a, int k_begin, int k_end, std::uint64_t* bar, unsigned& generation,
+                             long long deadline, int warp, int lane, int page, int n_pages) {
   const Task* tasks = a.tasks;
-  __threadfence();  // every thread's stores, before the barrier and the ticket's or the counter's release
+  __threadfence();  // every thread's stores, before the barrier and the tickets' or the counter's release
   if (!consumers_sync(bar, generation, deadline)) return false;
   const int layer = tasks[k_begin].layer;
-  unsigned done = 0;
   if (tasks[k_begin].splits > 1) {  // a layer's tasks are all split or none
-    for (int k0 = k_begin, round = 0; k0 < k_end; k0 += 32, ++round) {
-      unsigned* mask = last_mask + (round & 1);
-      if (warp == 0) {
+    if (warp == 0) {
+      for (int k = k_begin + lane; k < k_end; k += 32) red_release(a.counters + tasks[k].ticket, 1u);
+      for (int k0 = k_begin; k0 < k_end; k0 += 32) {
         const int k = k0 + lane;
-        const bool last = k < k_end && atom_add_acq_rel(a.counters + tasks[k].ticket, 1u) ==
-                                           static_cast<unsigned>(tasks[k].splits - 1);
-        const unsigned bits = __ballot_sync(0xffffffffu, last);
-        if (lane == 0) *mask = bits;
+        const unsigned want = k < k_end ? static_cast<unsigned>(tasks[k].splits) : 0u;
+        const unsigned* ticket = a.counters + (k < k_end ? tasks[k].ticket : 0);
+        while (true) {
+          const unsigned seen = want ? load_acquire(ticket) : 0u;
+          if (__all_sync(0xffffffffu, seen >= want)) break;
+          if (__any_sync(0xffffffffu, global_ns() > deadline)) {
+            if (seen < want) give_up(a.diag, 4, warp, page, tasks[k].ticket, seen, want, n_pages);
+            return false;
+          }
+        }
       }
-      if (!consumers_sync(bar, generation, deadline)) return false;
-      for (unsigned bits = *mask; bits; bits &= bits - 1, ++done)
-        sum_partials<NT, MT, C>(tasks[k0 + __ffs(bits) - 1], a.batch, warp * 32 + lane);
+    }
+    if (!consumers_sync(bar, generation, deadline)) return false;  // every split of the block's panels stored
+    int item = warp * 32 + lane;
+    for (int k = k_begin; k < k_end; ++k) {
+      const int n = slice_items(tasks[k], a.batch, 4 * MT);
+      for (; item < n; item += 32 * C) sum_slice<NT, MT>(tasks[k], a.batch, item);
+      item -= n;
     }
     __threadfence();
     if (!consumers_sync(bar, generation, deadline)) return false;
-  } else {
-    done = k_end - k_begin;
   }
-  if (warp == 0 && lane == 0 && done) red_release(a.counters + layer, done);
+  if (warp == 0 && lane == 0) red_release(a.counters + layer, static_cast<unsigned>(k_end - k_begin));
   return true;
 }
 
@@ -351,7 +349,6 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(xbufs + C * x_bytes);
   std::uint64_t* empty = full + a.slots;
   std::uint64_t* consumers_bar = empty + a.slots;
-  unsigned* last_mask = reinterpret_cast<unsigned*>(consumers_bar + 1);  // [2] (finish_layer)
   const int slots = a.slots;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -416,8 +413,8 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
                                                         : nullptr;
     const long long taken = stamp ? global_ns() : 0;
     if (k > layer_begin && layer != a.tasks[t0 + k - 1].layer) {  // the layer it leaves, before any wait on this one
-      if (!finish_layer<NT, MT, C>(a, t0 + layer_begin, t0 + k, last_mask, consumers_bar, generation, deadline, warp,
-                                   lane))
+      if (!finish_layer<NT, MT, C>(a, t0 + layer_begin, t0 + k, consumers_bar, generation, deadline, warp, lane, i,
+                                   n_pages))
         return;
       layer_begin = k;
     }
@@ -548,8 +545,8 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_batch_kernel
     buf ^= 1;
   }
   if (n_tasks)
-    finish_layer<NT, MT, C>(a, t0 + layer_begin, t0 + n_tasks, last_mask, consumers_bar, generation, deadline, warp,
-                            lane);
+    finish_layer<NT, MT, C>(a, t0 + layer_begin, t0 + n_tasks, consumers_bar, generation, deadline, warp, lane, i,
+                            n_pages);
 }
 
 template <int NT, int MT, int C>

@@ -3,9 +3,9 @@ gain at batch 8 to 32? The same GEMV chain (out_l = W_l @ act_l, the 7B MLP's sh
 rows 1..32 in one CUDA C++ launch (ring_batch.cu), the products on the tensor cores (mma.sync m16n8k16) from
 weights packed in the mma's fragment order (pack). A task is 16, 32 or 64 rows of a layer over one k-range of K
 (all of K below batch 9; from batch 9 ranges whose x a block keeps in shared memory, the ranges' fp32 partial
-sums added by the block completing a panel), run by the whole block: its pages of whole k-tiles go through the
-ring and every consumer warp takes its class of k-tiles (kt % 4) of each. Timed against persistent_chain.py's
-launch-per-layer Triton variants (batch up to 16) on the same weights in the same process:
+sums added in order, each split task summing a slice of its panel), run by the whole block: its pages of whole
+k-tiles go through the ring and every consumer warp takes its class of k-tiles (kt % 4) of each. Timed against
+persistent_chain.py's launch-per-layer Triton variants (batch up to 16) on the same weights in the same process:
 
     python benchmarks/ring_batch.py --batch 1 --batch 8 --batch 16 --batch 32 --out ring_batch.json
 
@@ -198,9 +198,9 @@ class RingBatch:
     task is m_tiles m-tiles (16 m_tiles rows) of a layer (1, 2 or 4; 4 needs 2 or 4 consumers), run by the
     whole block, over one k-range of the layer's K: range_tiles k-tiles (range_tiles_of: by default all of K below
     batch STAGED_BATCH, from there ranges whose x fits x_kb KiB). Where a layer has several k-ranges, each task
-    stores fp32 partial sums and the block completing a panel adds them in order. slots, ring_kb: the ring (a slot
-    holds whole 4-k-tile groups of a task; default RING_KB KiB, or what shared memory has beside the sums and x
-    buffers); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
+    stores fp32 partial sums, and once its panel's are all stored sums its slice of them in order. slots, ring_kb:
+    the ring (a slot holds whole 4-k-tile groups of a task; default RING_KB KiB, or what shared memory has beside
+    the sums and x buffers); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
     diagnostics "stream", "compute", "compute-no-x" and "compute-no-wait" (main's --diagnose); grid: blocks
     (default and at most one per SM). profile: every run stamps each page (ring_chain.STAMPS, per page of the
     blocks' lists in order; ring_chain.profile_summary).
@@ -296,7 +296,7 @@ class RingBatch:
             for layer, split, t in tasks:
                 N, K = shapes[layer]
                 x, out = acts[layer], acts[layer + 1]
-                wait = shapes[layer - 1][0] // rows if layer else 0
+                wait = shapes[layer - 1][0] // rows * splits[layer - 1] if layer else 0  # its tasks
                 k0, k_tiles = pages_of(K // TILE, ranges[layer])[split]
                 n_pages = len(pages_of(k_tiles, tiles_per_page))
                 n = splits[layer]
@@ -313,7 +313,7 @@ class RingBatch:
         self.tasks = torch.tensor(task_rows, dtype=torch.int64).to(device)
         self.task_off = torch.tensor(task_off, dtype=torch.int32).to(device)
         self.page_off = torch.tensor(page_off, dtype=torch.int32).to(device)
-        # the layers' counters (panels stored), then the split panels' tickets (splits stored); zeroed every run
+        # the layers' counters (tasks complete), then the split panels' tickets (splits stored); zeroed every run
         self.all_counters = torch.zeros(n_tickets, dtype=torch.int32, device=device)
         self.counters = self.all_counters[:len(weights)]
         self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
@@ -343,7 +343,7 @@ class RingBatch:
 
 
 WAITS = {1: "the producer's wait for its slot to be read", 2: "a consumer's wait for the layer before",
-         3: "a consumer's wait for its page's copy"}
+         3: "a consumer's wait for its page's copy", 4: "a split's wait for its panel's other splits"}
 
 
 def check(chain: RingBatch) -> None:
@@ -354,7 +354,7 @@ def check(chain: RingBatch) -> None:
     if what:
         chain.diag.zero_()
         detail = {1: f"slot {where}, use {have}, parity {want}", 2: f"layer {where - 1}'s counter at {have} of {want}",
-                  3: f"slot {where}, use {have}, parity {want}"}[what]
+                  3: f"slot {where}, use {have}, parity {want}", 4: f"ticket {where} at {have} of {want}"}[what]
         raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {page} of the "
                            f"block's {n} ({detail}) after {chain.patience / 1e9:g} s (CQIL_RING_PATIENCE_S)")
 
@@ -486,8 +486,8 @@ def main(argv=None) -> None:
               f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
               f"activations read from L2 (from batch {STAGED_BATCH}: K split into k-ranges whose x, "
               f"{'/'.join(map(str, x_kbs))} KiB at most, a block keeps in shared memory, its tasks of a layer "
-              f"consecutive panels of one or two k-ranges, fp32 partials summed in order by the block completing a "
-              f"panel; NAME:mma-...: the kernel --baseline NAME=PATH); launch/pdl: "
+              f"consecutive panels of one or two k-ranges, fp32 partials summed in order, each split task a slice of "
+              f"its panel; NAME:mma-...: the kernel --baseline NAME=PATH); launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
         copy_gbps=round(copy, 1), layout=layout, profiles=profiles, baselines=a.baseline,

@@ -62,14 +62,14 @@ def _passes(phase: int, parity: int) -> bool:
 
 def _finish_ops(layer: int, tasks, splits) -> list[tuple]:
     """ring_batch.cu's finish_layer for a block's tasks of one layer: ("barrier",); where the layer is split over
-    K, per 32 tasks ("tickets", tasks) (warp 0 counts each task on its panel's ticket, and the block sums the panels
-    whose count it completes) and ("barrier",), then ("barrier",); ("publish", layer, n) (warp 0: n panels, or
-    where n is None those whose tickets this block completed)."""
+    K, ("tickets", tasks) (warp 0 counts each task on its panel's ticket), per 32 tasks ("panels", tasks) (warp 0
+    waits until every split of those panels is counted), ("barrier",), ("sum", tasks) (the tasks' slices summed:
+    every split of their panels must have been stored) and ("barrier",); then ("publish", layer, tasks) (warp 0)."""
     ops = [("barrier",)]
     if splits[layer] > 1:
-        for r in range(0, len(tasks), 32):
-            ops += [("tickets", tasks[r:r + 32]), ("barrier",)]
-        return ops + [("barrier",), ("publish", layer, None)]
+        ops.append(("tickets", tasks))
+        ops += [("panels", tasks[r:r + 32]) for r in range(0, len(tasks), 32)]
+        ops += [("barrier",), ("sum", tasks), ("barrier",)]
     return ops + [("publish", layer, len(tasks))]
 
 
@@ -86,7 +86,7 @@ def _consumer_ops(tasks, shapes, m_tiles: int, tiles_per_page: int, rb, ranges=N
             ops += _finish_ops(tasks[begin][0], tasks[begin:k], splits)
             begin = k
         if layer and ready < layer:
-            ops.append(("wait", layer - 1, shapes[layer - 1][0] // (16 * m_tiles)))
+            ops.append(("wait", layer - 1, shapes[layer - 1][0] // (16 * m_tiles) * splits[layer - 1]))
             ready = layer
         k_tiles = rb.pages_of(shapes[layer][1] // 16, ranges[layer])[split][1]
         for _ in rb.pages_of(k_tiles, tiles_per_page):
@@ -111,16 +111,19 @@ def _simulate(rb, shapes, m_tiles: int, tiles_per_page: int, grid: int, slots: i
     can (the consumers racing ahead). Returns the layers' counters; raises where a wait passes on a phase two
     away from the one meant (a page read before its copy, a slot refilled before every warp read its page, a
     consumers' barrier passed on another generation's phase) and where no agent can move before all are
-    done, and where a split panel's partials (one buffer for every layer) are stored while another layer's panel
-    is still being summed. blocks: the blocks' task lists (default plan's); slow: consumer warps that move only
-    when nothing else can; ranges: k-tiles of each layer's k-ranges (default all of K)."""
+    done; where a slice is summed before every split of its panel was stored; and where a split panel's partials
+    (one buffer for every layer) are stored while another layer's are still being summed. blocks: the blocks'
+    task lists (default plan's); slow: consumer warps that move only when nothing else can; ranges: k-tiles of
+    each layer's k-ranges (default all of K). The counters count tasks (a layer's panels times its splits)."""
     empty_count = empty_count or consumers
     barrier_count = barrier_count or consumers
     ranges = ranges or [K // 16 for _, K in shapes]
     splits = [-(-(K // 16) // r) for r, (_, K) in zip(ranges, shapes)]
     blocks = blocks if blocks is not None else rb.plan(shapes, m_tiles, grid, splits)
     counters = [0] * len(shapes)
+    want = [N // (16 * m_tiles) * n for (N, _), n in zip(shapes, splits)]
     tickets: dict[tuple[int, int], int] = {}  # (layer, panel) -> splits counted
+    stored: dict[tuple[int, int], int] = {}   # (layer, panel) -> splits whose partials are stored
     state = []
     for tasks in blocks:
         ops, n_pages = _consumer_ops(tasks, shapes, m_tiles, tiles_per_page, rb, ranges)
@@ -160,22 +163,30 @@ def _simulate(rb, shapes, m_tiles: int, tiles_per_page: int, grid: int, slots: i
             wp["arrived"] = False
         elif op[0] == "publish":
             if w == 0:
-                counters[op[1]] += blk["completed"] if op[2] is None else op[2]
-                blk["completed"] = 0
+                counters[op[1]] += op[2]
+        elif op[0] == "wait":
+            if counters[op[1]] < op[2]:
+                return False
         elif op[0] == "tickets":
             if w == 0:
                 for layer, _, t in op[1]:
                     tickets[layer, t] = tickets.get((layer, t), 0) + 1
-                    blk["completed"] += tickets[layer, t] == splits[layer]
-        elif op[0] == "store":
-            layer = op[1][0]
-            if w == 0 and splits[layer] > 1:
-                pending = [key for key, n in tickets.items() if key[0] != layer and n < splits[key[0]]]
-                if pending:
-                    raise RuntimeError(f"layer {layer}'s partials stored while panel {pending[0]} is being summed")
-        elif op[0] == "wait":
-            if counters[op[1]] < op[2]:
+        elif op[0] == "panels":
+            if w == 0 and any(tickets.get((layer, t), 0) < splits[layer] for layer, _, t in op[1]):
                 return False
+        elif op[0] == "sum":
+            for layer, _, t in op[1]:
+                if stored.get((layer, t), 0) != splits[layer]:
+                    raise RuntimeError(f"warp {w} summed a slice of layer {layer}'s panel {t} before its splits were "
+                                       f"stored")
+        elif op[0] == "store":
+            layer, _, t = op[1]
+            if w == 0 and splits[layer] > 1:
+                busy = [other for other in range(len(shapes)) if other != layer and splits[other] > 1 and
+                        any(key[0] == other for key in stored) and counters[other] < want[other]]
+                if busy:
+                    raise RuntimeError(f"layer {layer}'s partials stored while layer {busy[0]}'s are being summed")
+                stored[layer, t] = stored.get((layer, t), 0) + 1
         else:
             i = op[1]
             slot = i % slots
@@ -200,7 +211,6 @@ def _simulate(rb, shapes, m_tiles: int, tiles_per_page: int, grid: int, slots: i
             moved = any([produce(blk) for blk in state])
         if not moved:
             break
-    want = [N // (16 * m_tiles) for N, _ in shapes]
     if counters != want:
         raise RuntimeError(f"deadlock: counters {counters} of {want}")
     return counters
@@ -239,7 +249,8 @@ def test_plan_and_protocol(rb):
                 for slots, consumers, tiles_per_page in ((1, 1, 4), (2, 2, 4), (3, 4, 8), (8, 4, 4)):
                     for lazy, slow in ((False, ()), (True, ()), (False, {consumers - 1})):
                         assert _simulate(rb, shapes, m_tiles, tiles_per_page, grid, slots, consumers, lazy=lazy,
-                                         slow=slow, ranges=ranges) == [N // (16 * m_tiles) for N, _ in shapes]
+                                         slow=slow, ranges=ranges) == [N // (16 * m_tiles) * n
+                                                                       for (N, _), n in zip(shapes, splits)]
 
 
 def test_range_tiles_of(rb):
@@ -281,13 +292,16 @@ def test_simulation_is_not_blind(rb, monkeypatch):
     # the other waits on a phase that has gone by: the block stops
     with pytest.raises(RuntimeError, match="deadlock|passed the consumers' barrier"):
         _simulate(rb, shapes, 1, 4, 1, 2, 2, barrier_count=1)
-    # a split layer publishing its tasks instead of the panels its tickets completed overcounts its layer
+    # a split layer summing its slices without waiting for its panels' other splits reads partials not yet stored
     ranges = [4, 2]
-    assert _simulate(rb, [(32, 128), (16, 32)], 1, 4, 3, 2, 2, ranges=ranges) == [2, 1]
-    monkeypatch.setattr(__import__(__name__), "_finish_ops", lambda layer, tasks, splits: [
-        ("barrier",), ("publish", layer, len(tasks))])
-    with pytest.raises(RuntimeError, match=r"counters \[4, 1\] of \[2, 1\]"):
-        _simulate(rb, [(32, 128), (16, 32)], 1, 4, 3, 2, 2, ranges=ranges)
+    assert _simulate(rb, [(32, 128), (16, 32)], 1, 4, 3, 2, 2, ranges=ranges) == [4, 1]
+    blocks = [[(0, 0, 0), (1, 0, 0)], [(0, 0, 1), (0, 1, 1), (0, 1, 0)]]  # panel 0's split 1 comes last in block 1
+    assert _simulate(rb, [(32, 128), (16, 32)], 1, 4, 2, 2, 2, ranges=ranges, blocks=blocks) == [4, 1]
+    monkeypatch.setattr(__import__(__name__), "_finish_ops", lambda layer, tasks, splits: [("barrier",)] + (
+        [("tickets", tasks), ("barrier",), ("sum", tasks), ("barrier",)] if splits[layer] > 1 else []) + [
+        ("publish", layer, len(tasks))])
+    with pytest.raises(RuntimeError, match="summed a slice of layer 0's panel 0 before its splits were stored"):
+        _simulate(rb, [(32, 128), (16, 32)], 1, 4, 2, 2, 2, ranges=ranges, blocks=blocks)
 
 
 def test_check_names_the_wait_that_gave_up(rb):
@@ -303,6 +317,9 @@ def test_check_names_the_wait_that_gave_up(rb):
     rb.check(Ran)  # cleared
     Ran.diag = torch.tensor([3, 0, 1, 5, 6, 2, 0, 12])
     with pytest.raises(RuntimeError, match=r"its page's copy: block 0, warp 1, page 5 .*slot 6, use 2, parity 0"):
+        rb.check(Ran)
+    Ran.diag = torch.tensor([4, 9, 0, 30, 17, 3, 11, 40])
+    with pytest.raises(RuntimeError, match=r"panel's other splits: block 9, warp 0, page 30 .*ticket 17 at 3 of 11"):
         rb.check(Ran)
 
 
@@ -427,7 +444,7 @@ def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_
                          grid=grid or None, m_tiles=m_tiles, range_tiles=range_tiles)
     chain.run()
     rb.check(chain)
-    assert chain.counters.tolist() == [d // (16 * m_tiles) for d in dims[1:]]
+    assert chain.counters.tolist() == [d // (16 * m_tiles) * n for d, n in zip(dims[1:], chain.splits)]
     _check_layers(rb, chain)
 
 
@@ -436,7 +453,7 @@ def test_ring_batch_cuda_smallest_first(rb, dims, batch, slots, consumers, ring_
 def test_ring_batch_cuda_register_path_stride(rb):
     """Batches 1 to 8 read B fragments from L2 8 bytes at a time: rows whose stride is a multiple of 4 but not of 8
     elements, whole K and split over K, against the twin and float64, the same bits as with a stride of 8."""
-    dims = (64, 1040, 96, 272)
+    dims = (64, 1056, 96, 288)  # N multiples of 32: tasks of two m-tiles
     weights, _ = _chain(dims, 8, torch.device("cuda"), 4)
     x0 = torch.randn(8, dims[0], generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).cuda()
     for range_tiles in (None, 12):
@@ -448,7 +465,7 @@ def test_ring_batch_cuda_register_path_stride(rb):
             chain = rb.RingBatch(weights, acts, slots=3, consumers=4, ring_kb=24, m_tiles=2, range_tiles=range_tiles)
             chain.run()
             rb.check(chain)
-            assert chain.counters.tolist() == [d // 32 for d in dims[1:]]
+            assert chain.counters.tolist() == [d // 32 * n for d, n in zip(dims[1:], chain.splits)]
             _check_layers(rb, chain)
             outs.append([a.clone() for a in acts[1:]])
         for a, b in zip(*outs):
@@ -460,8 +477,8 @@ def test_ring_batch_cuda_register_path_stride(rb):
 def test_ring_batch_cuda(rb):
     """Odd shapes (layers with fewer tasks than SMs, K of 2 to 260 k-tiles), batches 1, 3, 8, 13 and 32 (one to
     four n-tiles, partial ones), rings of 1 to 8 slots and 1 to 4 consumers, grids 1, 3, 17 and every SM, tasks
-    of 16, 32 and 64 rows, K in k-ranges of 64 k-tiles (the wide layers in 2 to 5, summed by the block completing
-    each panel): each layer's output from the input the kernel stored against its fp32 twin and float64; the same
+    of 16, 32 and 64 rows, K in k-ranges of 64 k-tiles (the wide layers in 2 to 5, each split task summing a slice
+    of its panel): each layer's output from the input the kernel stored against its fp32 twin and float64; the same
     bits for every ring, grid and task size, for a batch row whatever the batch, after a graph replay, with the
     profile's stamps; the default k-ranges; the diagnostics keep the protocol."""
     device = torch.device("cuda")
@@ -484,7 +501,7 @@ def test_ring_batch_cuda(rb):
                                  packed=packed[m_tiles], m_tiles=m_tiles, range_tiles=64)
             chain.run()
             rb.check(chain)  # no wait gave up (the watchdog would name it)
-            assert chain.counters.tolist() == [n // (16 * m_tiles) for n in dims[1:]]
+            assert chain.counters.tolist() == [d // (16 * m_tiles) * n for d, n in zip(dims[1:], chain.splits)]
             if first is None:
                 _check_layers(rb, chain)
                 first = [a.clone() for a in acts[1:]]
@@ -517,7 +534,7 @@ def test_ring_batch_cuda(rb):
         diag = rb.RingBatch(weights, acts, slots=4, consumers=2, ring_kb=24, mode=mode, packed=packed[1])
         diag.run()
         rb.check(diag)
-        assert diag.counters.tolist() == [n // 16 for n in dims[1:]]
+        assert diag.counters.tolist() == [d // 16 * n for d, n in zip(dims[1:], diag.splits)]
     buf[1:].fill_(float("nan"))
     graph = torch.cuda.CUDAGraph()  # the last chain of the loop: batch 13, 64-row tasks, K split
     with torch.cuda.graph(graph):
