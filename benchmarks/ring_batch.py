@@ -442,7 +442,10 @@ def main(argv=None) -> None:
                                             splits=chained.splits, source=source.name)
                         buf[1:].fill_(float("nan"))
                         chained.run()
-                        check(chained)
+                        try:
+                            check(chained)
+                        except RuntimeError as e:
+                            raise RuntimeError(f"batch {batch}, {name} ({layout[name]}): {e}") from None
                         worst[name] = check_layers(chained)
         for spec, r in map(spec_rows, a.diagnose or ["2:4/64"]):
             for mode in ("stream", "compute", "compute-no-x", "compute-no-wait"):
