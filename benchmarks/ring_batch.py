@@ -1,19 +1,18 @@
 """Prototype for the persistent decode step (issue 26), fourth stage: does ring_chain.py's weight ring hold its
 gain at batch 8 to 32? The same GEMV chain (out_l = W_l @ act_l, the 7B MLP's shapes alternating) for batch
 rows 1..32 in one CUDA C++ launch (ring_batch.cu), the products on the tensor cores (mma.sync m16n8k16) from
-weights packed in the mma's fragment order (pack). A task is 16, 32 or 64 rows of a layer over one k-range of K
-(all of K below batch 9; from batch 9 ranges whose x a block keeps in shared memory, the ranges' fp32 partial
-sums added in order, each split task summing a slice of its panel), run by the whole block: its pages of whole
-k-tiles go through the ring and every consumer warp takes its class of k-tiles (kt % 4) of each. Timed against
-persistent_chain.py's launch-per-layer Triton variants (batch up to 16) on the same weights in the same process:
+weights packed in the mma's fragment order (pack). A task is 16, 32 or 64 rows of a layer over all of K, run by
+the whole block: its pages of whole k-tiles go through the ring and every consumer warp takes its class of
+k-tiles (kt % 4) of each. Timed against persistent_chain.py's launch-per-layer Triton variants (batch up to
+16) on the same weights in the same process:
 
     python benchmarks/ring_batch.py --batch 1 --batch 8 --batch 16 --batch 32 --out ring_batch.json
 
 Variants: `launch` and `pdl` (persistent_chain.py, batch <= 16) and `mma-S:C/R` for each --slots S:C and
---rows R (and --x-kb): a ring of S slots of --ring-kb / S KiB, C consumer warps, tasks of R rows. Diagnostics for each
+--rows R: a ring of S slots of --ring-kb / S KiB, C consumer warps, tasks of R rows. Diagnostics for each
 --diagnose S:C/R (results unchecked): `/stream`, the pages streamed and no products; `/compute`, the products
 of whatever the ring holds and no pages streamed; `/compute-no-x`, the same with no read of x (B fragments of
-zeros, or where x is resident, no copies: the x buffers' stale contents); `/compute-no-wait`, the same with no
+zeros, or where x is staged, no copies: the x buffers' stale contents); `/compute-no-wait`, the same with no
 task waiting for the layer before. Every ring's layers are checked against float64 from their own input
 (ring_chain.ring_bound) before timing. Needs an sm_90 GPU and nvcc (built into ~/.cache/cqil_ring_chain as
 ring_chain.py is).
@@ -39,8 +38,7 @@ MAX_BATCH = 32       # four n-tiles of 8 batch rows
 CONSUMERS = (1, 2, 4)  # consumer warps a block may have: each owns 4 / C of the k-tile classes kt % 4
 CUDA_ERROR_TOO_LARGE = 720  # cudaErrorCooperativeLaunchTooLarge: the launcher's residency check refused the grid
 RING_KB = 192        # the ring takes most of shared memory (less where the sums and x buffers need more)
-STAGED_BATCH = 9     # batches of 9 rows or more keep x resident in shared memory (ring_batch.cu's staged_x)
-X_KB = 64            # there, the x of a block's k-range (a layer's K split so that it fits: range_tiles_of)
+STAGED_BATCH = 9     # batches of 9 rows or more stage x through shared memory (ring_batch.cu's staged_x)
 
 
 def pack(w: torch.Tensor, m_tiles: int = 1) -> torch.Tensor:
@@ -83,23 +81,17 @@ def fragment_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return D.reshape(M * MT * 16, -1)[:, :batch].t()
 
 
-def class_sums(packed: torch.Tensor, x: torch.Tensor, range_tiles: int | None = None) -> torch.Tensor:
+def class_sums(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The kernel's arithmetic in fp32 (an mma's sums are fp32; within one instruction the order is the
-    hardware's): K cut into k-ranges of `range_tiles` k-tiles (default one range, all of K; the last may be
-    short); within a range, for each k-tile class c = kt % 4, the fp32 sum over that class's k-tiles in order of
-    their products, and the range's partial (s0 + s2) + (s1 + s3); then the ranges' partials added in order, p0 +
-    p1 + ..., and rounded to bf16. Returns [batch, N] bf16; the kernel's bits equal these where one k-tile's
-    product rounds alike in both, so the tests compare within ring_bound, not bits."""
+    hardware's): for each k-tile class c = kt % 4, the fp32 sum over that class's k-tiles in order of their
+    products, then out = bf16((s0 + s2) + (s1 + s3)). Returns [batch, N] bf16; the kernel's bits equal these
+    where one k-tile's product rounds alike in both, so the tests compare within ring_bound, not bits."""
     w = unpack(packed).float()
     xf = x.float()
-    out = None
-    for k0, tiles in pages_of(packed.shape[1], range_tiles or packed.shape[1]):
-        sums = torch.zeros(4, x.shape[0], w.shape[0])
-        for kt in range(k0, k0 + tiles):
-            sums[kt % 4] += xf[:, 16 * kt:16 * kt + 16] @ w[:, 16 * kt:16 * kt + 16].t()
-        partial = (sums[0] + sums[2]) + (sums[1] + sums[3])
-        out = partial if out is None else out + partial
-    return out.to(torch.bfloat16)
+    sums = torch.zeros(4, x.shape[0], w.shape[0])
+    for kt in range(packed.shape[1]):
+        sums[kt % 4] += xf[:, 16 * kt:16 * kt + 16] @ w[:, 16 * kt:16 * kt + 16].t()
+    return ((sums[0] + sums[2]) + (sums[1] + sums[3])).to(torch.bfloat16)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -110,48 +102,15 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pages_of(k_tiles: int, tiles_per_page: int) -> list[tuple[int, int]]:
-    """A task's pages over its k-range, or a layer's k-ranges over K: (first k-tile, k-tiles)."""
+    """A task's pages over K: (first k-tile, k-tiles)."""
     return [(k0, min(tiles_per_page, k_tiles - k0)) for k0 in range(0, k_tiles, tiles_per_page)]
 
 
-def range_tiles_of(k_tiles: int, batch: int, x_kb: int = X_KB, range_tiles: int | None = None) -> int:
-    """k-tiles of each k-range of a layer of K = 16 k_tiles (the last may be short): range_tiles where given (all of
-    K where K is shorter); else, from batch STAGED_BATCH on, where x is resident in shared memory, ranges as even as
-    whole 4-k-tile groups allow whose x (batch rows rounded up to 8) fits x_kb KiB; below, all of K (x is read from
-    L2 page by page, and a split only adds partial sums)."""
-    if range_tiles is not None:
-        if range_tiles < 4 or range_tiles % 4:
-            raise ValueError(f"range_tiles must be a positive multiple of 4 (k-ranges of whole k-tile classes), got "
-                             f"{range_tiles}")
-        return min(range_tiles, k_tiles)
-    if batch < STAGED_BATCH:
-        return k_tiles
-    most = x_kb * 1024 // (-(-batch // 8) * 8 * 32) // 4 * 4  # 32 bytes a row of a k-tile
-    if most < 4:
-        raise ValueError(f"x_kb={x_kb} holds no 4 k-tiles of {batch} rows")
-    splits = -(-k_tiles // most)
-    return min(k_tiles, 4 * -(-k_tiles // (4 * splits)))
-
-
-def plan(shapes: list[tuple[int, int]], m_tiles: int, grid: int,
-         splits: list[int] | None = None) -> list[list[tuple[int, int, int]]]:
-    """Per block, its tasks in chain order; a task is (layer, s, t): rows 16 MT t .. 16 MT (t + 1) of the layer over
-    its k-range s of splits[layer] (default 1: all of K). A layer's tasks in the order (s, t) go to the blocks in
-    contiguous runs, as many to each block as round robin over the whole chain would give (the first T % grid
-    blocks from where the layer before stopped get one more): a block's tasks of a layer are consecutive panels of
-    one or two k-ranges, so that its x of a k-range is loaded once."""
-    splits = splits or [1] * len(shapes)
-    blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(grid)]
-    start = 0
-    for layer, (N, _) in enumerate(shapes):
-        tasks = [(layer, s, t) for s in range(splits[layer]) for t in range(N // (TILE * m_tiles))]
-        at = 0
-        for j in range(grid):
-            n = len(tasks) // grid + (j < len(tasks) % grid)
-            blocks[(start + j) % grid] += tasks[at:at + n]
-            at += n
-        start = (start + len(tasks)) % grid
-    return blocks
+def plan(shapes: list[tuple[int, int]], m_tiles: int, grid: int) -> list[list[tuple[int, int]]]:
+    """Per block, its tasks in chain order: block b runs the chain's tasks b, b + grid, ... (a task is (layer,
+    t): rows 16 MT t .. 16 MT (t + 1) of the layer, over all of K)."""
+    tasks = [(layer, t) for layer, (N, _) in enumerate(shapes) for t in range(N // (TILE * m_tiles))]
+    return [tasks[b::grid] for b in range(grid)]
 
 
 def patience_ns() -> int:
@@ -173,19 +132,19 @@ def library(source: Path, patience: int) -> ctypes.CDLL:
     patience in ns, its entry points' signatures set."""
     so = build(source, (f"RING_PATIENCE_NS={patience}LL",))
     so.ring_batch_launch.restype = ctypes.c_int
-    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
+    so.ring_batch_launch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     so.ring_batch_error.restype = ctypes.c_char_p
     so.ring_batch_error.argtypes = [ctypes.c_int]
     return so
 
 
-def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int, x_tiles: int = 4) -> int:
+def smem_bytes(slots: int, slot_bytes: int, batch: int, m_tiles: int, x_buffers: bool = True) -> int:
     """The shared memory of a launch (ring_batch.cu's ring_batch_smem): the ring, two buffers of the class sums
-    ([4 classes, MT, n-tiles, 4, 32] fp32), from batch STAGED_BATCH on the x buffers of k-ranges of up to x_tiles
-    k-tiles (32 bytes a k-tile and batch row, rows rounded up to 8), the slots' two barriers, the consumers' barrier
-    and two mask words."""
+    ([4 classes, MT, n-tiles, 4, 32] fp32), from batch STAGED_BATCH on two x buffers of a page's k-tiles and the
+    n-tiles' rows (32 bytes each) where the kernel has them (x_buffers: False for an older --baseline without),
+    the slots' two barriers and the consumers' barrier."""
     nt = -(-batch // 8)
-    x = x_tiles * 8 * nt * 32 if batch >= STAGED_BATCH else 0
+    x = 2 * slot_bytes // (TILE_BYTES * m_tiles) * 8 * nt * 32 if x_buffers and batch >= STAGED_BATCH else 0
     return slots * slot_bytes + 2 * 4 * m_tiles * nt * 4 * 32 * 4 + x + 16 * slots + 16
 
 
@@ -193,25 +152,23 @@ class RingBatch:
     """out_l = act_l @ W_l^T into act_{l+1} for l = 0..L-1 in one launch, for every batch row. weights[l]:
     [N_l, K_l] bf16 with N a multiple of 16 * m_tiles and K of 16, K_l = N_{l-1}; acts[l]: [batch, K_l]
     (acts[0] the input) with unit column stride and a row stride that is a multiple of 4, 8-byte aligned (of 8,
-    16-byte aligned, where x is resident); all on one CUDA device. The weights are packed once (pack; or
+    16-byte aligned, where x is staged); all on one CUDA device. The weights are packed once (pack; or
     `packed`, their packs for m_tiles); the activations are borrowed, read and written in place by run(). A
     task is m_tiles m-tiles (16 m_tiles rows) of a layer (1, 2 or 4; 4 needs 2 or 4 consumers), run by the
-    whole block, over one k-range of the layer's K: range_tiles k-tiles (range_tiles_of: by default all of K below
-    batch STAGED_BATCH, from there ranges whose x fits x_kb KiB). Where a layer has several k-ranges, each task
-    stores fp32 partial sums, and once its panel's are all stored sums its slice of them in order. slots, ring_kb:
-    the ring (a slot holds whole 4-k-tile groups of a task; default RING_KB KiB, or what shared memory has beside
-    the sums and x buffers); consumers: warps (1, 2 or 4) splitting each page's k-tiles by class. mode: "chain", or the
-    diagnostics "stream", "compute", "compute-no-x" and "compute-no-wait" (main's --diagnose); grid: blocks
-    (default and at most one per SM). profile: every run stamps each page (ring_chain.STAMPS, per page of the
-    blocks' lists in order; ring_chain.profile_summary).
-    source: the .cu (an older copy with the same entry points and Task for main's --baseline)."""
+    whole block. slots, ring_kb: the ring (a slot holds whole 4-k-tile groups of a task; default RING_KB KiB,
+    or what shared memory has beside the sums and x buffers); consumers: warps (1, 2 or 4) splitting each
+    page's k-tiles by class. mode: "chain", or the diagnostics "stream", "compute", "compute-no-x" and
+    "compute-no-wait" (main's --diagnose); grid: blocks (default and at most one per SM). profile: every run
+    stamps each page (ring_chain.STAMPS, per page of the blocks' lists in order; ring_chain.profile_summary).
+    x_buffers: whether `source`'s kernel stages x through shared memory from batch STAGED_BATCH on (this one
+    does; False for an older --baseline that does not), which sizes the ring."""
 
     MODES = {"chain": 0, "stream": 1, "compute": 2, "compute-no-x": 3, "compute-no-wait": 4}
 
     def __init__(self, weights: list[torch.Tensor], acts: list[torch.Tensor], slots: int = 8,
                  ring_kb: int | None = None, consumers: int | None = 4, mode: str = "chain", grid: int | None = None,
                  packed: list[torch.Tensor] | None = None, profile: bool = False, m_tiles: int = 1,
-                 source: Path = SOURCE, range_tiles: int | None = None, x_kb: int = X_KB):
+                 source: Path = SOURCE, x_buffers: bool = True):
         if len(acts) != len(weights) + 1 or not weights:
             raise ValueError(f"{len(weights)} weights need {len(weights) + 1} activations, got {len(acts)}")
         device = weights[0].device
@@ -239,8 +196,8 @@ class RingBatch:
             want = shapes[layer][1] if layer < len(shapes) else shapes[-1][0]
             if t.dim() != 2 or tuple(t.shape) != (batch, want):
                 raise ValueError(f"acts[{layer}] must be [{batch}, {want}], got {tuple(t.shape)}")
-            # B fragments of 8 bytes; resident x (batch >= STAGED_BATCH) is copied 16 bytes at a time
-            align = 16 if batch >= STAGED_BATCH else 8
+            # B fragments of 8 bytes; staged x (batch >= STAGED_BATCH) is copied 16 bytes at a time
+            align = 16 if x_buffers and batch >= STAGED_BATCH else 8
             if t.stride(1) != 1 or t.stride(0) % (align // 2) or t.data_ptr() % align:
                 raise ValueError(f"acts[{layer}]: unit column stride, a row stride that is a multiple of {align // 2} "
                                  f"and a {align}-byte aligned start expected at batch {batch} (strides {t.stride()}, "
@@ -254,13 +211,10 @@ class RingBatch:
                              "not fit its registers)")
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        ranges = [range_tiles_of(K // TILE, batch, x_kb, range_tiles) for _, K in shapes]
-        splits = [-(-(K // TILE) // r) for r, (_, K) in zip(ranges, shapes)]
-        x_tiles = 4 * -(-max(ranges) // 4)
         group = 4 * TILE_BYTES * m_tiles  # a slot holds whole groups of 4 k-tiles (a page starts on class 0)
         if ring_kb is None:  # RING_KB, or the most whole groups shared memory has beside the sums and x buffers
             groups = RING_KB * 1024 // slots // group
-            while groups > 1 and smem_bytes(slots, groups * group, batch, m_tiles, x_tiles) > SMEM_LIMIT:
+            while groups > 1 and smem_bytes(slots, groups * group, batch, m_tiles, x_buffers) > SMEM_LIMIT:
                 groups -= 1
             ring_kb = slots * groups * group // 1024
         tiles_per_page = ring_kb * 1024 // slots // group * 4
@@ -268,10 +222,10 @@ class RingBatch:
             raise ValueError(f"{slots} slots of {ring_kb} KiB hold no 4 k-tiles of {rows} rows "
                              f"({4 * TILE_BYTES * m_tiles} bytes) each")
         self.slot_bytes, self.slots, self.consumers = tiles_per_page * TILE_BYTES * m_tiles, slots, consumers
-        need = smem_bytes(slots, self.slot_bytes, batch, m_tiles, x_tiles)
+        need = smem_bytes(slots, self.slot_bytes, batch, m_tiles, x_buffers)
         if need > SMEM_LIMIT:
-            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes, the sums and x buffers (k-ranges of {x_tiles} "
-                             f"k-tiles) need {need} bytes of shared memory, more than {SMEM_LIMIT}")
+            raise ValueError(f"{slots} slots of {self.slot_bytes} bytes, the sums and x buffers need {need} bytes of "
+                             f"shared memory, more than {SMEM_LIMIT}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         self.mode = self.MODES[mode]
@@ -280,31 +234,17 @@ class RingBatch:
                                       for p, (N, K) in zip(packed, shapes)):
             raise ValueError(f"packed weights must be pack(w, {m_tiles}) of each weight")
         self.packed = packed if packed is not None else [pack(w, m_tiles) for w in weights]
-        # a split panel's fp32 partials [splits][8 n-tiles' rows][rows]; one buffer for every layer: a layer's
-        # partials are written after the layer before is complete, so after every sum of the layer before
-        panel_floats = 8 * -(-batch // 8) * rows
-        self.partials = torch.zeros(max([1] + [N // rows * n * panel_floats for (N, _), n in zip(shapes, splits)
-                                               if n > 1]), dtype=torch.float32, device=device)
-        tickets, n_tickets = [], len(weights)  # per layer, its split panels' first ticket (an index into counters)
-        for (N, _), n in zip(shapes, splits):
-            tickets.append(n_tickets)
-            n_tickets += N // rows if n > 1 else 0
-        blocks = plan(shapes, m_tiles, self.grid, splits)
+        blocks = plan(shapes, m_tiles, self.grid)
         task_rows, task_off, page_off, layers_of, firsts = [], [0], [0], [], []
         for tasks in blocks:
             pages = 0
-            for layer, split, t in tasks:
+            for layer, t in tasks:
                 N, K = shapes[layer]
                 x, out = acts[layer], acts[layer + 1]
-                wait = shapes[layer - 1][0] // rows * splits[layer - 1] if layer else 0  # its tasks
-                k0, k_tiles = pages_of(K // TILE, ranges[layer])[split]
-                n_pages = len(pages_of(k_tiles, tiles_per_page))
-                n = splits[layer]
-                task_rows.append((self.packed[layer][t].data_ptr() + k0 * m_tiles * TILE_BYTES,
-                                  x.data_ptr() + 2 * TILE * k0, out.data_ptr() + t * rows * 2,
-                                  self.partials.data_ptr() + 4 * t * n * panel_floats if n > 1 else 0,
-                                  layer | wait << 32, k_tiles | x.stride(0) << 32, out.stride(0) | n_pages << 32,
-                                  split | n << 32, tickets[layer] + t if n > 1 else 0))
+                wait = shapes[layer - 1][0] // rows if layer else 0
+                n_pages = len(pages_of(K // TILE, tiles_per_page))
+                task_rows.append((self.packed[layer][t].data_ptr(), x.data_ptr(), out.data_ptr() + t * rows * 2,
+                                  layer | wait << 32, K // TILE | x.stride(0) << 32, out.stride(0) | n_pages << 32))
                 layers_of += [layer] * n_pages
                 firsts += [True] + [False] * (n_pages - 1)
                 pages += n_pages
@@ -313,26 +253,22 @@ class RingBatch:
         self.tasks = torch.tensor(task_rows, dtype=torch.int64).to(device)
         self.task_off = torch.tensor(task_off, dtype=torch.int32).to(device)
         self.page_off = torch.tensor(page_off, dtype=torch.int32).to(device)
-        # the layers' counters (tasks complete), then the split panels' tickets (splits stored); zeroed every run
-        self.all_counters = torch.zeros(n_tickets, dtype=torch.int32, device=device)
-        self.counters = self.all_counters[:len(weights)]
+        self.counters = torch.zeros(len(weights), dtype=torch.int32, device=device)
         self.task_layers, self.waits_x = torch.tensor(layers_of), torch.tensor(firsts)  # per page (profile_summary)
         self.prof = (torch.zeros(page_off[-1], len(RingChain.STAMPS), dtype=torch.int64, device=device) if profile
                      else None)
         self.diag = torch.zeros(8, dtype=torch.int64, device=device)  # the kernel's watchdog report (check)
         self.weights, self.acts, self.batch = list(weights), list(acts), batch
         self.m_tiles, self.tiles_per_page = m_tiles, tiles_per_page
-        self.range_tiles, self.splits, self.x_tiles = ranges, splits, x_tiles
         self.source, self.patience = Path(source), patience_ns()
 
     def run(self) -> None:
         """Queue the chain on the current stream (capturable in a CUDA graph)."""
         lib = library(self.source, self.patience)
         err = lib.ring_batch_launch(self.tasks.data_ptr(), self.task_off.data_ptr(), self.page_off.data_ptr(),
-                                    self.all_counters.data_ptr(),
-                                    None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(),
-                                    len(self.all_counters), self.batch, self.m_tiles, self.tiles_per_page, self.slots,
-                                    self.consumers, self.grid, self.mode, self.x_tiles,
+                                    self.counters.data_ptr(), None if self.prof is None else self.prof.data_ptr(),
+                                    self.diag.data_ptr(), len(self.weights), self.batch, self.m_tiles,
+                                    self.tiles_per_page, self.slots, self.consumers, self.grid, self.mode,
                                     torch.cuda.current_stream().cuda_stream)
         if err == CUDA_ERROR_TOO_LARGE:
             raise RuntimeError(f"ring_batch_launch: the {self.grid} blocks cannot all be resident at once (the "
@@ -343,7 +279,7 @@ class RingBatch:
 
 
 WAITS = {1: "the producer's wait for its slot to be read", 2: "a consumer's wait for the layer before",
-         3: "a consumer's wait for its page's copy", 4: "a split's wait for its panel's other splits"}
+         3: "a consumer's wait for its page's copy"}
 
 
 def check(chain: RingBatch) -> None:
@@ -354,7 +290,7 @@ def check(chain: RingBatch) -> None:
     if what:
         chain.diag.zero_()
         detail = {1: f"slot {where}, use {have}, parity {want}", 2: f"layer {where - 1}'s counter at {have} of {want}",
-                  3: f"slot {where}, use {have}, parity {want}", 4: f"ticket {where} at {have} of {want}"}[what]
+                  3: f"slot {where}, use {have}, parity {want}"}[what]
         raise RuntimeError(f"ring_batch gave up on {WAITS[what]}: block {block}, warp {warp}, page {page} of the "
                            f"block's {n} ({detail}) after {chain.patience / 1e9:g} s (CQIL_RING_PATIENCE_S)")
 
@@ -375,12 +311,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="append", help="rings run once more with per-page stamps after the "
                                                        "timing, summarized per layer, S:C/rows (default 2:4/64)")
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH",
-                    help="an older ring_batch.cu with the same entry points and Task (k-ranges: this commit's "
-                         "on; git show REV:benchmarks/ring_batch.cu > PATH), its rings timed beside this one's in the "
-                         "same process as NAME:mma-S:C/R")
-    ap.add_argument("--x-kb", type=int, action="append",
-                    help=f"from batch {STAGED_BATCH} on, KiB of x a block keeps (K split to fit), one variant each, "
-                         f"named .../xKB where more than one (default {X_KB})")
+                    help="an older ring_batch.cu with the same entry points and no x buffers (git show "
+                         "REV:benchmarks/ring_batch.cu > PATH), its rings timed beside this one's in the same process "
+                         "as NAME:mma-S:C/R")
     ap.add_argument("--ring-kb", type=int,
                     help=f"the ring's KiB (default {RING_KB}, or what fits beside the sums and x buffers)")
     ap.add_argument("--block-k", type=int, default=256, help="the Triton variants' BLOCK_K")
@@ -419,7 +352,6 @@ def main(argv=None) -> None:
     width = max(a.dims)
     g = torch.Generator().manual_seed(1)
     rows, times_all, layout, profiles = [], {}, {}, {}
-    x_kbs = a.x_kb or [X_KB]
     for batch in a.batch or [1, 8, 16, 32]:
         buf = torch.zeros(a.layers + 1, batch, width, dtype=torch.bfloat16, device=device)
         buf[0, :, :a.dims[0]] = torch.randn(batch, a.dims[0], generator=g).to(torch.bfloat16)
@@ -433,23 +365,21 @@ def main(argv=None) -> None:
         for prefix, source in sources:
             for spec in a.slots or ["3:4", "2:4"]:
                 for r in a.rows or [32, 64]:
-                    for x_kb in x_kbs:
-                        name = f"{prefix}mma-{spec}/{r}" + (f"/x{x_kb}" if len(x_kbs) > 1 else "")
-                        chained = ring(spec, r, acts, source=source, x_kb=x_kb)
-                        runs[name] = chained.run
-                        layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
-                                            tiles_per_page=chained.tiles_per_page, range_tiles=chained.range_tiles,
-                                            splits=chained.splits, source=source.name)
-                        buf[1:].fill_(float("nan"))
-                        chained.run()
-                        try:
-                            check(chained)
-                        except RuntimeError as e:
-                            raise RuntimeError(f"batch {batch}, {name} ({layout[name]}): {e}") from None
-                        worst[name] = check_layers(chained)
+                    name = f"{prefix}mma-{spec}/{r}"
+                    chained = ring(spec, r, acts, source=source, x_buffers=not prefix)
+                    runs[name] = chained.run
+                    layout[name] = dict(slot_bytes=chained.slot_bytes, consumers=chained.consumers,
+                                        tiles_per_page=chained.tiles_per_page, source=source.name)
+                    buf[1:].fill_(float("nan"))
+                    chained.run()
+                    try:
+                        check(chained)
+                    except RuntimeError as e:
+                        raise RuntimeError(f"batch {batch}, {name} ({layout[name]}): {e}") from None
+                    worst[name] = check_layers(chained)
         for spec, r in map(spec_rows, a.diagnose or ["2:4/64"]):
             for mode in ("stream", "compute", "compute-no-x", "compute-no-wait"):
-                runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode, x_kb=x_kbs[0]).run
+                runs[f"mma-{spec}/{r}/{mode}"] = ring(spec, r, acts, mode=mode).run
         for run in runs.values():  # compile the Triton variants before capture
             run()
         torch.cuda.synchronize()
@@ -472,7 +402,7 @@ def main(argv=None) -> None:
                   f"{(us - floor_us) / a.layers:6.2f} us/layer over it", flush=True)
         times_all[str(batch)] = times
         for spec, r in map(spec_rows, a.profile or ["2:4/64"]):
-            profiled = ring(spec, r, acts, profile=True, x_kb=x_kbs[0])
+            profiled = ring(spec, r, acts, profile=True)
             profiled.run()
             check(profiled)
             check_layers(profiled)
@@ -487,10 +417,9 @@ def main(argv=None) -> None:
               f"mma.m16n8k16 fragment order, per SM a TMA producer filling S slots of a "
               f"{a.ring_kb or f'{RING_KB} (or what fits)'} KiB ring with "
               f"pages of R-row tasks, each page read by all C consumer warps (k-tiles split by kt % 4), "
-              f"activations read from L2 (from batch {STAGED_BATCH}: K split into k-ranges whose x, "
-              f"{'/'.join(map(str, x_kbs))} KiB at most, a block keeps in shared memory, its tasks of a layer "
-              f"consecutive panels of one or two k-ranges, fp32 partials summed in order, each split task a slice of "
-              f"its panel; NAME:mma-...: the kernel --baseline NAME=PATH); launch/pdl: "
+              f"activations read from L2 (from batch {STAGED_BATCH}: staged through shared memory a page ahead by "
+              f"cp.async; NAME:mma-...: the older kernel --baseline NAME=PATH, B fragments from L2 at every "
+              f"batch); launch/pdl: "
               f"persistent_chain.py's Triton variants (batch <= {BLOCK_M}), BLOCK_K {a.block_k}; {a.replays} "
               f"chains per CUDA graph replay, events, medians of {a.rounds} rounds alternated"),
         copy_gbps=round(copy, 1), layout=layout, profiles=profiles, baselines=a.baseline,
