@@ -208,7 +208,7 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
     """[part, median host us, median wall us] of what a generate call does before and after its prompt's
     replay, each part alone from an idle GPU (host: to return; wall: CUDA events around the call), and
     generate(ids, 1) whole: queued, and with the token on the host (its device time included)."""
-    from cqil_kernels.generation import check_generate_args, check_inputs, generation_slot
+    from cqil_kernels.generation import check_generate_args, check_inputs, check_inputs_late, generation_slot
 
     V, T = model.args.vocab_size, ids.shape[1]
     host_ids = ids.cpu()
@@ -226,6 +226,10 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
              ("PackedLayers.is_current()", model.packed_weights().is_current),
              ("check_inputs, ids on the GPU (one read of the device)", lambda: check_inputs(ids, V)),
              ("check_inputs, ids on the host, then copied", lambda: check_inputs(host_ids, V, device=ids.device)),
+             # what a prompt's forward does before its replay (the values' copy queued, not waited for), and
+             # the same with the read at once (what a forward that cannot read late, e.g. an eager one, costs)
+             ("check_inputs_late, ids on the GPU (not read)", lambda: check_inputs_late(ids, V)),
+             ("check_inputs_late, ids on the GPU, then read", lambda: check_inputs_late(ids, V)[2].wait()),
              ("check_generate_args, ids on the GPU", lambda: check_generate_args(
                  model.args, model.device, ids, 1, do_sample=False, temperature=1.0, top_k=None, top_p=None,
                  eos_token_id=None, attention_mask=None, generator=None, seed=None)),

@@ -283,10 +283,13 @@ class TritonBackend:
         return reason
 
     def forward(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, check=None) -> torch.Tensor:
         if self.cuda_graphs and self.prefill_graphs and model.device.type == "cuda" \
                 and PrefillGraphs.serves(model, input_ids, cache):
-            return self.prefill_graphs_of(model)(model, input_ids, valid, cache, logits_to_keep)
+            # the input check is read once the replay is queued (the bucket clamps the ids it loads)
+            return self.prefill_graphs_of(model)(model, input_ids, valid, cache, logits_to_keep, check)
+        if check is not None:
+            check.wait()
         if cache is None:  # a plain forward: attention still reads keys from a cache, a throwaway one
             cache = model.new_cache(*input_ids.shape)
         return step(model, input_ids, valid, cache, logits_to_keep)

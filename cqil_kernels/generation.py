@@ -1,7 +1,8 @@
 """Autoregressive generation with a preallocated KV cache, and the checks on token inputs.
 
 Works on any model with CQILLlama's interface: `model(input_ids, attention_mask, cache) -> logits` (and
-`model.forward_checked`, the same for inputs checked already),
+`model.forward_checked`, the same for inputs checked already; where `model.late_input_checks`, it also takes an
+InputCheck of values still to be read),
 `model.generation_cache(batch, max_seq)` (an empty KV cache and its decode step), `model.argmax(logits)`,
 `model.args`, `model.device`.
 """
@@ -34,6 +35,18 @@ def check_inputs(input_ids, vocab_size: int, attention_mask=None, *, empty_rows:
     fed to a cache in parts may have one). The values the checks need are read from the device once per
     device the inputs are on (a forward of CUDA tensors waited for the GPU up to four times before its first
     launch); the checks run where the inputs are, before they move."""
+    input_ids, attention_mask, _ = check_inputs_late(input_ids, vocab_size, attention_mask, empty_rows=empty_rows,
+                                                     device=device, late=False)
+    return input_ids, attention_mask
+
+
+def check_inputs_late(input_ids, vocab_size: int, attention_mask=None, *, empty_rows: bool = False, device=None,
+                      late: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, InputCheck | None]:
+    """check_inputs, whose values the host does not wait for where they are on one CUDA device (and late):
+    (input_ids, the mask, an InputCheck whose wait() reads them and raises check_inputs' ValueError). Until
+    then the ids may hold any value: what runs on them must be safe for every id (graphs._Bucket.load clamps
+    them) and be undone when wait() raises. The type and shape checks raise at once; where the values are on
+    the host, or not on one CUDA device, so do the value checks (the InputCheck is then None)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in ID_DTYPES:
@@ -53,16 +66,51 @@ def check_inputs(input_ids, vocab_size: int, attention_mask=None, *, empty_rows:
     stats = [minmax]
     if attention_mask is not None:
         stats.append(_mask_stats(attention_mask, empty_rows))
-    values = _read(stats)
-    low, high = values[0]
+    check = None
+    if late and input_ids.is_cuda and all(t.device == input_ids.device for t in stats):
+        check = InputCheck(stats[0] if len(stats) == 1 else torch.cat(stats), vocab_size)
+    else:
+        values = _read(stats)
+        _raise_for_values(values[0] + (values[1] if attention_mask is not None else [0, 0, 0]), vocab_size)
+    device = input_ids.device if device is None else torch.device(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    return input_ids.to(device), attention_mask, check
+
+
+class InputCheck:
+    """check_inputs' values on a CUDA device (the ids' min and max, then the mask's three flags, if any),
+    copied to pinned host memory without waiting; wait() reads them and raises as check_inputs does. A forward
+    replayed from a prompt graph queues its replay first and waits after, so the GPU does not stand idle while
+    the host reads the device (check_inputs with the ids on the GPU: 51 of the ~150 us a SmolLM2 prompt's host
+    spent before its replay, one H100 at d132f6a, graph_launch_smollm2_h100_d132f6a)."""
+
+    def __init__(self, values: torch.Tensor, vocab_size: int):
+        """values: int64 [2] or [5] as above; on the host (tests of the late path off a GPU) they are read as
+        they are."""
+        self.vocab_size = vocab_size
+        self.host, self.copied = values, None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def wait(self) -> None:
+        """ValueError naming the problem, as check_inputs raises it, once the values are on the host."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        values = self.host.tolist()
+        _raise_for_values(values + [0] * (5 - len(values)), self.vocab_size)
+
+
+def _raise_for_values(values: list[int], vocab_size: int) -> None:
+    """check_inputs' value checks: values = [the ids' min, their max, the mask's three flags (_mask_stats)]."""
+    low, high = values[:2]
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    device = input_ids.device if device is None else torch.device(device)
-    if attention_mask is not None:
-        _raise_for_mask(*values[1])
-        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-    return input_ids.to(device), attention_mask
+    _raise_for_mask(*values[2:])
 
 
 def _check_mask_type(attention_mask, input_ids: torch.Tensor) -> None:
@@ -180,11 +228,13 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p,
-                        eos_token_id, attention_mask, generator, seed, prefill_chunk=None):
+                        eos_token_id, attention_mask, generator, seed, prefill_chunk=None, late=False):
     """Check generate()'s arguments (ValueError/TypeError naming the problem) before any work.
-    Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids)."""
+    Returns (input_ids on device, attention_mask as bool or None, generator or None, eos ids, an InputCheck of
+    the prompt's values still to be read or None: only with late, check_inputs_late)."""
     check_prefill_chunk(prefill_chunk)
-    input_ids, attention_mask = check_inputs(input_ids, args.vocab_size, attention_mask, device=device)
+    input_ids, attention_mask, check = check_inputs_late(input_ids, args.vocab_size, attention_mask, device=device,
+                                                         late=late)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     prompt_len = input_ids.shape[1]
@@ -214,7 +264,7 @@ def check_generate_args(args, device, input_ids, max_new_tokens, *, do_sample, t
             generator = torch.Generator(device=device).manual_seed(seed)
         if generator is not None and generator.device.type != torch.device(device).type:
             raise ValueError(f"generator is on {generator.device}, the model on {device}")
-    return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size)
+    return input_ids, attention_mask, generator, _eos_set(eos_token_id, args.vocab_size), check
 
 
 # The sampling arguments and their defaults (greedy): generate's, cqil generate's flags, the ranks' greedy payload
@@ -260,18 +310,24 @@ def check_warm_up_args(args, batch, max_seq, prompt_lengths) -> tuple[int, list[
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-            chunk: int | None = PREFILL_CHUNK, checked: bool = False) -> torch.Tensor:
+            chunk: int | None = PREFILL_CHUNK, checked: bool = False, check: InputCheck | None = None) -> torch.Tensor:
     """Append the prompt to `cache`, `chunk` positions per forward (None: all at once), and return the
     last position's logits [B, vocab]. Only the last position reaches the lm_head; the activations of one
     forward are bounded by the chunk, not the prompt. checked: the inputs are as check_inputs returns them,
-    checked for the whole prompt (generate's): the parts skip forward()'s own check, a read of the device."""
+    checked for the whole prompt (generate's): the parts skip forward()'s own check, a read of the device;
+    check: the whole prompt's values still to be read (check_inputs_late), which the first part's forward
+    waits for (model.forward_checked)."""
     T = input_ids.shape[1]
     step = T if chunk is None else chunk
     for begin in range(0, T, step):
         part = slice(begin, begin + step)
         ids, mask = input_ids[:, part], None if attention_mask is None else attention_mask[:, part]
-        logits = model.forward_checked(ids, mask, cache, 1) if checked else model(ids, mask, cache=cache,
-                                                                                      logits_to_keep=1)
+        if checked:
+            logits = (model.forward_checked(ids, mask, cache, 1) if check is None
+                      else model.forward_checked(ids, mask, cache, 1, check))
+            check = None
+        else:
+            logits = model(ids, mask, cache=cache, logits_to_keep=1)
     return logits[:, -1]
 
 
@@ -285,7 +341,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     input_ids, steps = _checked_steps(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
                                       top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                       attention_mask=attention_mask, generator=generator, seed=seed,
-                                      prefill_chunk=prefill_chunk)
+                                      prefill_chunk=prefill_chunk, late=getattr(model, "late_input_checks", False))
     return torch.cat([input_ids, *(tokens[:, None] for tokens in steps)], dim=1)
 
 
@@ -302,16 +358,17 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bo
 
 
 def _checked_steps(model, input_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p, eos_token_id,
-                   attention_mask, generator, seed, prefill_chunk):
+                   attention_mask, generator, seed, prefill_chunk, late=False):
     """generate's and stream's arguments checked (check_generate_args), then (input_ids on the model's device,
-    new_tokens' generator of steps, not yet started)."""
-    input_ids, attention_mask, generator, eos = check_generate_args(
+    new_tokens' generator of steps, not yet started). late: the prompt's values may be read by its first forward
+    (a model whose forward_checked takes an InputCheck: generate's; stream's checks all raise before it returns)."""
+    input_ids, attention_mask, generator, eos, check = check_generate_args(
         model.args, model.device, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-        generator=generator, seed=seed, prefill_chunk=prefill_chunk)
+        generator=generator, seed=seed, prefill_chunk=prefill_chunk, late=late)
     return input_ids, new_tokens(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
                                  temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos,
-                                 prefill_chunk=prefill_chunk)
+                                 prefill_chunk=prefill_chunk, check=check)
 
 
 @torch.inference_mode()  # on a generator: every resumption runs in inference mode, wherever it is resumed
@@ -351,15 +408,17 @@ def generation_slot(model, batch: int, max_seq: int):
 
 def new_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
                do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None, eos: list[int], prefill_chunk: int | None):
-    """generate's loop on checked arguments (check_generate_args): yields each step's new tokens [B] on the
+               generator: torch.Generator | None, eos: list[int], prefill_chunk: int | None,
+               check: InputCheck | None = None):
+    """generate's loop on checked arguments (check_generate_args; check: the prompt's values still to be read,
+    which its first forward waits for): yields each step's new tokens [B] on the
     device, at most max_new_tokens steps, ending once every row has finished (a finished row's tokens are its
     eos); the next step is queued when the generator is resumed. The cache it runs in is marked busy until the
     loop ends or is dropped, so that a later call meanwhile (a stream not yet exhausted, then another one) does
     not take it from generate's kept caches (graphs.DecodeSlots) while it is in use."""
     batch, prompt_len = input_ids.shape
     with generation_slot(model, batch, prompt_len + max_new_tokens) as (cache, decode):
-        logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True)
+        logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk, checked=True, check=check)
         # what only the steps need is made once the prompt is queued: its host time is not the first token's
         if eos:
             cuda = model.device.type == "cuda"

@@ -66,7 +66,7 @@ import weakref
 
 import torch
 
-from .generation import check_inputs, generation_slot
+from .generation import check_inputs_late, generation_slot
 from .ops._common import before_capture, cuda_graph
 
 # The longest prompt a graph takes in one forward (generate's prefill_chunk default): longer prompts run
@@ -192,9 +192,10 @@ class GraphDecoder(_CapturedLazily):
     the new tokens in and replays (_CapturedLazily). The returned logits [B, vocab] live in the graph's
     output buffer: use them before the next call. step_fn(tokens, valid, cache) is the function captured
     (the fused backend's step for this model; a rank of a multi-GPU run passes its own, reductions
-    included). check_tokens: read the tokens from the device every step and refuse ids outside the
-    vocabulary (the captured embedding lookup would index out of bounds with them); generate, whose tokens
-    are the model's own argmax or draws, passes False.
+    included). check_tokens: refuse ids outside the vocabulary, with a read of the device every step that the
+    host takes once the step is queued (generation.InputCheck; the tokens are clamped as they are copied in, so
+    the captured embedding lookup never indexes out of bounds; on ValueError the cache is restored); generate,
+    whose tokens are the model's own argmax or draws, passes False.
     follow_packing: where the model's weights were packed anew since the step was made (a parameter replaced
     by hand, found by the scan of a prompt's forward) and its grouping is the same, drop the graph and make
     the step again from the new packing (its next call eager, the one after captured), instead of refusing
@@ -226,11 +227,17 @@ class GraphDecoder(_CapturedLazily):
         if not isinstance(next_tokens, torch.Tensor) or next_tokens.numel() != cache.batch:
             raise ValueError(f"next_tokens must be a tensor of {cache.batch} token ids (one per row of the cache), "
                              f"got {next_tokens if not isinstance(next_tokens, torch.Tensor) else next_tokens.shape}")
-        if self.check_tokens:
-            check_inputs(next_tokens.reshape(cache.batch, 1), model.args.vocab_size)
-        self.tokens.copy_(next_tokens.view(cache.batch, 1))
+        check = None
+        if self.check_tokens:  # tokens on the GPU: read once the step is queued, clamped as they are copied in
+            tokens, _, check = check_inputs_late(next_tokens.reshape(cache.batch, 1), model.args.vocab_size,
+                                                 device=model.device)
+            torch.clamp(tokens, 0, model.args.vocab_size - 1, out=self.tokens)
+        else:
+            self.tokens.copy_(next_tokens.view(cache.batch, 1))
         try:
             logits = self.replay_or_run(lambda: self.step_fn(self.tokens, None, cache))
+            if check is not None:
+                check.wait()
         except BaseException:  # as the model's forward: the cache as it was (KVCache.restore)
             cache.restore()
             raise
@@ -249,6 +256,7 @@ class _Bucket(_CapturedLazily):
         device = model.device
         self.keep = keep
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.top_id = model.args.vocab_size - 1  # load clamps the ids to the vocabulary
         # the prompt's mask in [:T]; True everywhere while no masked prompt has come since it was last filled
         # (mask_set), so that an unmasked prompt, the usual one, needs no fill before its replay
         self.mask = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -266,9 +274,11 @@ class _Bucket(_CapturedLazily):
 
     def load(self, input_ids: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Copy a prompt [B, T] (T <= length) and its mask in; the padding stays invalid. A prompt of the last
-        one's length (a chunked prompt's chunks, requests of one shape) is one copy."""
+        one's length (a chunked prompt's chunks, requests of one shape) is one launch. The ids are clamped to
+        the vocabulary as they are copied (the same one launch): a prompt whose input check is read after its
+        replay is queued (generation.InputCheck) reads no embedding row outside the table, whatever it holds."""
         T = input_ids.shape[1]
-        self.ids[:, :T].copy_(input_ids)
+        torch.clamp(input_ids, 0, self.top_id, out=self.ids[:, :T])
         if valid is not None:
             self.mask[:, :T].copy_(valid)
             self.mask_set = True
@@ -400,14 +410,17 @@ class PrefillGraphs:
             self.packed = model.packed_weights()  # its id is in the signature: held, so it stays its own
 
     def __call__(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+                 logits_to_keep: int = 0, check=None) -> torch.Tensor:
         """model(input_ids, valid, cache, logits_to_keep) through the bucket's graph: the logits [B, k, V]
-        of the last k = logits_to_keep positions (0: all T), a tensor of the caller's."""
+        of the last k = logits_to_keep positions (0: all T), a tensor of the caller's. check: the inputs'
+        value checks still to be read (generation.InputCheck), waited for once the step is queued and before
+        anything reaches the caller's cache from a scratch; where it raises, a cache the step ran in is the
+        caller's to restore (the model's forward does)."""
         with self.lock:
-            return self._call(model, input_ids, valid, cache, logits_to_keep)
+            return self._call(model, input_ids, valid, cache, logits_to_keep, check)
 
     def _call(self, model, input_ids: torch.Tensor, valid: torch.Tensor | None, cache,
-              logits_to_keep: int) -> torch.Tensor:
+              logits_to_keep: int, check=None) -> torch.Tensor:
         if self.model() is not model:
             raise ValueError("these prefill graphs belong to another model")
         if not self.serves(model, input_ids, cache):
@@ -446,6 +459,8 @@ class PrefillGraphs:
             self.buckets[key] = entry
         entry.load(input_ids, valid)
         logits = entry.replay_or_run(lambda: entry.forward(functools.partial(self.step_fn, model)), self.capture)
+        if check is not None:  # the ids were clamped as they were loaded: the step read no row outside the table
+            check.wait()
         if deferred and model.graph_signature() != self.signature:
             # a parameter was replaced by hand since the capture: the replay read the old weights (held, so valid
             # memory); its result is dropped, the cache's bookkeeping put back, and the prompt runs again

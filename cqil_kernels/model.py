@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import (PREFILL_CHUNK, check_inputs, check_logits_to_keep, check_warm_up_args, generate,
-                         stream)
+from .generation import (PREFILL_CHUNK, InputCheck, check_inputs, check_inputs_late, check_logits_to_keep,
+                         check_warm_up_args, generate, stream)
 from .packing import LayerPacks, PackedLayers, pack_layers
 
 BACKENDS = ("auto", "torch", "triton")
@@ -580,8 +580,10 @@ class Backend(Protocol):
         """None when it can run the model now, else why not."""
 
     def forward(self, model: CQILTransformer, input_ids: torch.Tensor, valid: torch.Tensor | None,
-                cache: KVCache | None, logits_to_keep: int) -> torch.Tensor:
-        """CQILTransformer.forward with the inputs checked; the model advances cache.length afterwards."""
+                cache: KVCache | None, logits_to_keep: int, check: InputCheck | None = None) -> torch.Tensor:
+        """CQILTransformer.forward with the inputs checked, or their values still to be read (check: its wait()
+        raises where they are bad, called before anything reads the ids unless what reads them is safe for any
+        id); the model advances cache.length afterwards, and restores the cache where this raises."""
 
     def decoder(self, model: CQILTransformer, cache: KVCache, check_tokens: bool = True):
         """A decode step next_tokens [B] -> logits [B, vocab] for `cache` (e.g. a CUDA graph replay), or
@@ -763,22 +765,35 @@ class CQILTransformer(nn.Module):
         in the first part of a left-padded prompt fed in parts); without, a full causal forward.
         logits_to_keep: only the last k positions' logits [B, k, vocab] (0: all), as in transformers; a
         prefill needs only the last one, and the others cost T x vocab x hidden multiply-adds.
-        A forward that fails part-way (out of memory, an interrupt) leaves the cache as it was.
+        A forward that fails part-way (out of memory, an interrupt) leaves the cache as it was; so does one
+        refused for ids outside the vocabulary or a bad mask (ValueError), which on CUDA a prompt replayed from
+        a graph reports once its replay is queued.
         """
-        input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
-        return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep))
+        # the values of CUDA inputs are read once the prompt's work is queued (forward_checked): the host does not
+        # wait for the GPU before the replay of a prompt graph
+        input_ids, attention_mask, check = check_inputs_late(input_ids, self.args.vocab_size, attention_mask,
+                                                             empty_rows=cache is not None, device=self.device)
+        return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep), check)
+
+    # forward_checked takes an InputCheck (generation.generate passes generate's own)
+    late_input_checks = True
 
     def forward_checked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
-                        keep: int) -> torch.Tensor:
+                        keep: int, check: InputCheck | None = None) -> torch.Tensor:
         """forward() of inputs already checked as check_inputs returns them (int64 ids within the vocabulary on
         this model's device, a bool mask or None) and logits_to_keep `keep`: generate checks its whole prompt
         once (one read of the device) and runs its parts through here. The cache's fit is checked again (on
-        the host only)."""
+        the host only). check: the value checks of the inputs still to be read (generation.InputCheck): the
+        attached backend waits for them once its work is queued where that work is safe for any id (a prompt
+        graph's replay), else before it runs; when they fail, the cache is restored and their ValueError
+        raised."""
         check_cache_fits(self, input_ids.shape, cache)
         try:
             if self.accelerated():
-                logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep)
+                logits = self.accelerator.forward(self, input_ids, attention_mask, cache, keep, check)
             else:
+                if check is not None:
+                    check.wait()
                 logits = forward_step(TorchRunner(self), self.stages, input_ids, attention_mask, cache, keep)
         except BaseException:  # an interrupt too: the cache holds what it held before (KVCache.restore)
             if cache is not None:

@@ -523,3 +523,35 @@ def test_input_checks_read_the_device_once(monkeypatch):
     with pytest.raises(ValueError, match="token id 96, outside the vocabulary"):
         check_inputs(ids, 96, mask)
     assert len(reads) == 6
+
+
+def test_late_input_checks_raise_what_check_inputs_raises():
+    """check_inputs_late: inputs on the GPU give an InputCheck whose wait() raises check_inputs' ValueError (ids
+    outside the vocabulary first, then the mask's problems); on the host, or with late=False, the same errors
+    come at once. The type and shape checks always raise at once."""
+    from cqil_kernels.generation import check_inputs, check_inputs_late
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.tensor([[0, 5, 9], [3, 4, 96]])
+    cases = [(ids, None, 96, "token id 96, outside the vocabulary"),
+             (torch.tensor([[-2, 5, 9], [3, 4, 96]]), torch.tensor([[0, 2, 1], [1, 1, 1]]), 97, "token id -2"),
+             (ids, torch.tensor([[0, 2, 1], [1, 1, 1]]), 97, "only 0"),
+             (ids, torch.tensor([[0, 0, 0], [1, 1, 1]]), 97, "no tokens"),
+             (ids, torch.tensor([[1, 0, 1], [1, 1, 1]]), 97, "left-padded")]
+    for on in {"cpu", device}:
+        for bad_ids, mask, vocab, message in cases:
+            bad_ids, mask = bad_ids.to(on), None if mask is None else mask.to(on)
+            with pytest.raises(ValueError, match=message):
+                check_inputs(bad_ids, vocab, mask)
+            with pytest.raises(ValueError, match=message):
+                check_inputs_late(bad_ids, vocab, mask, late=False)
+            with pytest.raises(ValueError, match=message):
+                _, _, check = check_inputs_late(bad_ids, vocab, mask)
+                assert (check is not None) == (on == "cuda")
+                check.wait()
+        got_ids, got_mask, check = check_inputs_late(ids.to(on).int(), 97, torch.tensor([[0, 1, 1], [1, 1, 1]]).to(on))
+        assert (check is not None) == (on == "cuda") and got_ids.dtype == torch.int64 and got_mask.dtype == torch.bool
+        if check is not None:
+            check.wait()  # good inputs: nothing raised
+        with pytest.raises(ValueError, match="must be 2-D"):
+            check_inputs_late(ids[0].to(on), 97)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from cqil_kernels import CQILConfig, CQILLlama, fused, graphs
+from cqil_kernels import CQILConfig, CQILLlama, fused, generation, graphs
 from cqil_kernels.graphs import MAX_GRAPHS, DecodeSlots, PrefillGraphs, bucket
 from cqil_kernels.ops._common import CAPTURE_LOCK
 
@@ -125,7 +125,8 @@ def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(w
     if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
         prefill = PrefillGraphs(model, fused.padded_step, capture=False)
         monkeypatch.setattr(fused.TritonBackend, "forward",
-                            lambda self, model, ids, valid, cache, keep=0: prefill(model, ids, valid, cache, keep))
+                            lambda self, model, ids, valid, cache, keep=0, check=None:
+                            prefill(model, ids, valid, cache, keep, check))
     g = torch.Generator().manual_seed(9)
     prefix, prompt, other = (torch.randint(0, model.args.vocab_size, (2, T), generator=g).to(DEVICE)
                              for T in (5, 7, 7))
@@ -154,6 +155,48 @@ def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(w
             model(other, cache=failed)
         monkeypatch.setattr(PrefillGraphs, "_drop_unbound", drop)
         assert ran and failed.length == (5 if where == "bound" else 0)
+        for got, want in zip((failed.key_valid, failed.n_tokens, failed.position), before):
+            assert torch.equal(got, want)
+        got, want = model(prompt, cache=failed), model(prompt, cache=clean)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("where", ["scratch", "bound"])
+def test_a_prompt_whose_input_check_fails_after_its_step_leaves_the_cache_as_it_was(where, monkeypatch):
+    """A prompt whose values are read once its step is queued (generation.InputCheck: CUDA inputs): the bucket
+    clamps the ids as it loads them, so the step reads no row outside the embedding table (off CUDA torch's
+    lookup would raise IndexError); the check's ValueError reaches the caller with the cache as it was, and
+    the next prompt's logits equal those of a cache that never saw the bad one, bit for bit."""
+    model = _model(GROUPINGS["P3-d1-residual"])
+    V = model.args.vocab_size
+    if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
+        prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+        monkeypatch.setattr(fused.TritonBackend, "forward",
+                            lambda self, model, ids, valid, cache, keep=0, check=None:
+                            prefill(model, ids, valid, cache, keep, check))
+    g = torch.Generator().manual_seed(9)
+    prefix, prompt = (torch.randint(0, V, (2, T), generator=g).to(DEVICE) for T in (5, 7))
+    bad = prompt.clone()
+    bad[0, 2], bad[1, 6] = V + 5, -3
+    step, seen = graphs._Bucket.forward, []
+
+    def look_then_step(self, step_fn):
+        seen.append(self.ids.clone())
+        return step(self, step_fn)
+
+    with torch.no_grad():
+        failed, clean = model.new_cache(2, 40), model.new_cache(2, 40)
+        if where == "bound":
+            for cache in (failed, clean):
+                model(prefix, cache=cache)
+        before = [t.clone() for t in (failed.key_valid, failed.n_tokens, failed.position)]
+        monkeypatch.setattr(graphs._Bucket, "forward", look_then_step)
+        check = generation.InputCheck(torch.stack([bad.min(), bad.max()]), V)  # as check_inputs_late makes it
+        with pytest.raises(ValueError, match=rf"token id -3, outside the vocabulary \[0, {V}\)"):
+            model.forward_checked(bad, None, failed, 0, check)
+        monkeypatch.setattr(graphs._Bucket, "forward", step)
+        assert len(seen) == 1 and seen[0].min() >= 0 and seen[0].max() == V - 1  # the step ran, on clamped ids
+        assert failed.length == (5 if where == "bound" else 0)
         for got, want in zip((failed.key_valid, failed.n_tokens, failed.position), before):
             assert torch.equal(got, want)
         got, want = model(prompt, cache=failed), model(prompt, cache=clean)
@@ -925,18 +968,29 @@ def test_decode_slots_leave_the_bindings_scan_to_the_prompt():
     assert graph_slots.take(model, 1, 20)[1].follow_packing
 
 
-def test_a_decode_step_refuses_tokens_outside_the_vocabulary_before_running():
-    """A user's decode step (model.decoder: check_tokens) refuses token ids the captured embedding lookup
-    would read out of bounds with, and a wrong number of tokens, before anything runs (no GPU needed)."""
+def test_a_decode_step_refuses_tokens_outside_the_vocabulary():
+    """A user's decode step (model.decoder: check_tokens) refuses token ids outside the vocabulary, and a wrong
+    number of tokens, with the cache as it was. Tokens on the host are checked before anything runs; tokens on
+    the GPU are read once the step is queued, and the step reads them clamped to the vocabulary (the captured
+    embedding lookup never indexes out of bounds)."""
     model = _model(GROUPINGS["none"])
     cache = model.new_cache(2, 8)
-    decode = graphs.GraphDecoder(model, cache, lambda *args: pytest.fail("the step ran"))
+    seen = []
+
+    def stand_in(tokens, valid, cache):
+        seen.append(tokens.clone())
+        return torch.zeros(cache.batch, 1, model.args.vocab_size, device=tokens.device)
+
+    decode = graphs.GraphDecoder(model, cache, stand_in)
     for bad, match in ((torch.tensor([3, model.args.vocab_size]), "token id 97, outside the vocabulary"),
                        (torch.tensor([-1, 0]), "token id -1"), (torch.tensor([1, 2, 3]), "a tensor of 2 token ids"),
                        ([1, 2], "a tensor of 2 token ids"), (torch.tensor([1.0, 2.0]), "integer token ids")):
-        with pytest.raises((ValueError, TypeError), match=match):
-            decode(bad.to(DEVICE) if isinstance(bad, torch.Tensor) else bad)
-    assert cache.length == 0
+        for device in {"cpu", DEVICE}:
+            with pytest.raises((ValueError, TypeError), match=match):
+                decode(bad.to(device) if isinstance(bad, torch.Tensor) else bad)
+            assert cache.length == 0
+    # the GPU's two bad pairs ran, clamped; nothing else did
+    assert [t.view(-1).tolist() for t in seen] == ([[3, 96], [0, 0]] if DEVICE == "cuda" else [])
 
 
 def test_warm_up_checks_its_arguments_and_captures_nothing_off_cuda():
@@ -1049,6 +1103,38 @@ def test_cuda_prefill_graphs_serve_chunks_and_turns_after_a_prefix(monkeypatch):
         model.accelerator.prefill_graphs = True
         entry = model.accelerator.graphs.buckets[(2, 32, 1, id(caches[0]))]
         assert entry.calls == 3 and entry.graph is not None
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_bad_prompts_raise_once_their_replay_is_queued_and_leave_every_cache_as_it_was():
+    """On CUDA a prompt's values are read once its step is queued (generation.InputCheck): model(...) into a new
+    cache and after a prefix, and generate (its kept cache), with an id outside the vocabulary or a right-padded
+    mask, raise check_inputs' ValueError on the bucket's eager run, its capture and its replays; the next calls
+    give what a model that never saw the bad prompts gives, bit for bit."""
+    model, twin = _model(GROUPINGS["P3-d1-residual"]), _model(GROUPINGS["P3-d1-residual"])
+    V = model.args.vocab_size
+    ids = torch.randint(0, V, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    bad = ids.clone()
+    bad[1, 4] = V
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -1] = 0
+    with torch.no_grad():
+        kept, kept_twin = model.new_cache(2, 64), twin.new_cache(2, 64)
+        model(ids, cache=kept), twin(ids, cache=kept_twin)
+        for _ in range(3):  # the buckets' eager run, capture, replay
+            with pytest.raises(ValueError, match=f"token id {V}, outside the vocabulary"):
+                model(bad, cache=model.new_cache(2, 40))
+            with pytest.raises(ValueError, match=f"token id {V}, outside the vocabulary"):
+                model(bad, cache=kept)
+            with pytest.raises(ValueError, match="must be left-padded"):
+                model(ids, right_padded, cache=kept)
+            with pytest.raises(ValueError, match=f"token id {V}, outside the vocabulary"):
+                model.generate(bad, 3)
+            assert kept.length == 9
+        assert torch.equal(model(ids, cache=kept), twin(ids, cache=kept_twin))
+        assert torch.equal(model(ids, cache=model.new_cache(2, 40)), twin(ids, cache=twin.new_cache(2, 40)))
+        assert torch.equal(model.generate(ids, 5), twin.generate(ids, 5))
 
 
 @cuda

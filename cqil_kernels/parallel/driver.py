@@ -323,7 +323,7 @@ class ParallelCQILLlama:
                       eos_token_id=eos_token_id, seed=seed, prefill_chunk=prefill_chunk)
         if do_sample and seed is None:
             kwargs["seed"] = int(torch.randint(0, 2**62, ()).item())  # one draw, the same in every rank
-        input_ids, attention_mask, _, eos = check_generate_args(
+        input_ids, attention_mask, _, eos, _ = check_generate_args(
             self.args, "cpu", input_ids, max_new_tokens, attention_mask=attention_mask, generator=None,
             **kwargs)
         kwargs["eos_token_id"] = eos or None  # plain ints for the ranks
