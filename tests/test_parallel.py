@@ -20,8 +20,10 @@ from conftest import interpreter, left_padding_mask, random_hf_model, single_pro
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 8
-# The environment of CPU rank processes, also on a machine with GPUs: no GPU visible, Triton interpreted.
-CPU_RANKS = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+# The environment of CPU rank processes, also on a machine with GPUs: no GPU visible, Triton interpreted, one
+# thread each (the ranks' tiny models gain nothing from more, and a 2-core runner shares its cores with the other
+# pytest worker and the peer ranks)
+CPU_RANKS = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
 # 4 heads, 2 key/value heads and an intermediate size of 84 split over 2 and 4 ranks (tensor_parallel)
@@ -389,14 +391,22 @@ def test_sampling_arguments_without_do_sample_warn_once_in_the_driver(pair):
 
 def _run_ranks(tmp_path: Path, source: str, n: int, *args: str, timeout: int) -> tuple[list[int], list[str]]:
     """Run the script `source` as n processes with the arguments (rank, a file-store path, *args); their
-    exit codes and outputs. A process still running after `timeout` seconds is killed (the test then
-    fails with TimeoutExpired)."""
+    exit codes and outputs. A process still running 10 s before `timeout` prints every thread's stack and
+    exits (code 1: the test fails on it, showing where it waited); one still running at `timeout` is killed and
+    the test fails with what every process printed."""
     script = tmp_path / "ranks.py"
-    script.write_text(source)
+    script.write_text(f"import faulthandler; faulthandler.dump_traceback_later({timeout - 10}, exit=True)\n"
+                      + source)
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), *args], env=CPU_RANKS,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    deadline = time.monotonic() + timeout
     try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"ranks still running after {timeout} s; their output:\n" + "\n----\n".join(outs))
     finally:
         for p in procs:
             p.kill()
