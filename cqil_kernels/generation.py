@@ -42,10 +42,10 @@ def check_inputs(input_ids, vocab_size: int, attention_mask=None, *, empty_rows:
 
 def check_inputs_late(input_ids, vocab_size: int, attention_mask=None, *, empty_rows: bool = False, device=None,
                       late: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, InputCheck | None]:
-    """check_inputs, whose values the host does not wait for where they are on one CUDA device (and late):
-    (input_ids, the mask, an InputCheck whose wait() reads them and raises check_inputs' ValueError). Until
+    """check_inputs, whose value checks are left for later where the inputs are on one CUDA device (and late):
+    (input_ids, the mask, an InputCheck whose wait() runs them and raises check_inputs' ValueError). Until
     then the ids may hold any value: what runs on them must be safe for every id (graphs._Bucket.load clamps
-    them) and be undone when wait() raises. The type and shape checks raise at once; where the values are on
+    them) and be undone when wait() raises. The type and shape checks raise at once; where the inputs are on
     the host, or not on one CUDA device, so do the value checks (the InputCheck is then None)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -59,53 +59,74 @@ def check_inputs_late(input_ids, vocab_size: int, attention_mask=None, *, empty_
     input_ids = input_ids.long()
     if attention_mask is not None:
         _check_mask_type(attention_mask, input_ids)
-    # min and max written side by side by one reduction (a stack of aminmax's two results was a second launch
-    # before the read: each costs a replayed prompt host time before its replay)
-    minmax = torch.empty(2, dtype=torch.int64, device=input_ids.device)
-    torch.aminmax(input_ids, out=(minmax[0], minmax[1]))
-    stats = [minmax]
-    if attention_mask is not None:
-        stats.append(_mask_stats(attention_mask, empty_rows))
     check = None
-    if late and input_ids.is_cuda and all(t.device == input_ids.device for t in stats):
-        check = InputCheck(stats[0] if len(stats) == 1 else torch.cat(stats), vocab_size)
+    if late and input_ids.is_cuda and (attention_mask is None or attention_mask.device == input_ids.device):
+        check = InputCheck(input_ids, attention_mask, empty_rows, vocab_size)
     else:
-        values = _read(stats)
-        _raise_for_values(values[0] + (values[1] if attention_mask is not None else [0, 0, 0]), vocab_size)
+        _raise_for_values(_input_values(input_ids, attention_mask, empty_rows), vocab_size)
     device = input_ids.device if device is None else torch.device(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=device, dtype=torch.bool)
     return input_ids.to(device), attention_mask, check
 
 
-class InputCheck:
-    """check_inputs' values on a CUDA device (the ids' min and max, then the mask's three flags, if any),
-    copied to pinned host memory without waiting; wait() reads them and raises as check_inputs does. A forward
-    replayed from a prompt graph queues its replay first and waits after, so the GPU does not stand idle while
-    the host reads the device (check_inputs with the ids on the GPU: 51 of the ~150 us a SmolLM2 prompt's host
-    spent before its replay, one H100 at d132f6a, graph_launch_smollm2_h100_d132f6a)."""
+def _input_values(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, empty_rows: bool) -> list[int]:
+    """[the ids' min, their max, the mask's three flags (_mask_stats; zeros without a mask)], read from the
+    device once per device the inputs are on."""
+    # min and max written side by side by one reduction (a stack of aminmax's two results was a second launch
+    # before the read: each costs a replayed prompt host time before its replay)
+    minmax = torch.empty(2, dtype=torch.int64, device=input_ids.device)
+    torch.aminmax(input_ids, out=(minmax[0], minmax[1]))
+    if attention_mask is None:
+        return _read([minmax])[0] + [0, 0, 0]
+    ids_values, mask_values = _read([minmax, _mask_stats(attention_mask, empty_rows)])
+    return ids_values + mask_values
 
-    def __init__(self, values: torch.Tensor, vocab_size: int):
-        """values: int64 [2] or [5] as above; on the host (tests of the late path off a GPU) they are read as
-        they are."""
-        self.vocab_size = vocab_size
-        self.host, self.copied = values, None
-        if values.is_cuda:
-            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self.host.copy_(values, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+
+class InputCheck:
+    """check_inputs' value checks of inputs on one CUDA device, run once the work that reads them is queued: the
+    constructor only marks on the current stream where the inputs are ready (an event); wait() runs the checks'
+    reductions on a stream of their own that waits for that mark alone, not for what was queued since (a
+    prompt's replay), reads their values and raises as check_inputs does. With the ids on the GPU, check_inputs
+    took 40 of the ~130 us a SmolLM2 prompt's forward spent on the host before its replay, on an H100
+    (graph_launch_smollm2_h100_20f0694); a first try that copied the values to pinned memory before the replay
+    took as long (45 us). Inputs on the host (tests of the late path off a GPU) are checked by wait() as they
+    are."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, empty_rows: bool,
+                 vocab_size: int):
+        self.inputs, self.vocab_size = (input_ids, attention_mask, empty_rows), vocab_size
+        self.ready = None
+        if input_ids.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
 
     def wait(self) -> None:
-        """ValueError naming the problem, as check_inputs raises it, once the values are on the host."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        values = self.host.tolist()
-        _raise_for_values(values + [0] * (5 - len(values)), self.vocab_size)
+        """ValueError naming the problem, as check_inputs raises it. The host waits for the checks' reductions
+        alone (their stream waits for the inputs, not for the work queued after them)."""
+        if self.ready is None:
+            values = _input_values(*self.inputs)
+        else:
+            stream = _check_stream(self.inputs[0].device)
+            stream.wait_event(self.ready)
+            with torch.cuda.stream(stream):
+                values = _input_values(*self.inputs)
+        _raise_for_values(values, self.vocab_size)
+
+
+_CHECK_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _check_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream InputCheck.wait runs the checks on (one per device, made at first use)."""
+    stream = _CHECK_STREAMS.get(device)
+    if stream is None:
+        stream = _CHECK_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    return stream
 
 
 def _raise_for_values(values: list[int], vocab_size: int) -> None:
-    """check_inputs' value checks: values = [the ids' min, their max, the mask's three flags (_mask_stats)]."""
+    """check_inputs' value checks of _input_values' values."""
     low, high = values[:2]
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
