@@ -161,12 +161,12 @@ def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(w
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("where", ["scratch", "bound"])
-def test_a_prompt_whose_input_check_fails_after_its_step_leaves_the_cache_as_it_was(where, monkeypatch):
-    """A prompt whose values are read once its step is queued (generation.InputCheck: CUDA inputs): the bucket
-    clamps the ids as it loads them, so the step reads no row outside the embedding table (off CUDA torch's
-    lookup would raise IndexError); the check's ValueError reaches the caller with the cache as it was, and
-    the next prompt's logits equal those of a cache that never saw the bad one, bit for bit."""
+def test_a_prompt_whose_input_check_fails_after_its_step_leaves_the_cache_as_it_was(monkeypatch):
+    """A prompt whose values are read once its step is queued (generation.InputCheck: CUDA inputs), into an empty
+    cache (a scratch bucket) and after a prefix (a bucket bound to the cache): the bucket clamps the ids as it
+    loads them, so the step reads no row outside the embedding table (off CUDA torch's lookup would raise
+    IndexError); the check's ValueError reaches the caller with the cache as it was, and the next prompt's logits
+    equal those of a cache that never saw the bad ones, bit for bit."""
     model = _model(GROUPINGS["P3-d1-residual"])
     V = model.args.vocab_size
     if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
@@ -175,32 +175,37 @@ def test_a_prompt_whose_input_check_fails_after_its_step_leaves_the_cache_as_it_
                             lambda self, model, ids, valid, cache, keep=0, check=None:
                             prefill(model, ids, valid, cache, keep, check))
     g = torch.Generator().manual_seed(9)
-    prefix, prompt = (torch.randint(0, V, (2, T), generator=g).to(DEVICE) for T in (5, 7))
+    prefix, prompt = (torch.randint(0, V, (1, T), generator=g).to(DEVICE) for T in (5, 7))
     bad = prompt.clone()
-    bad[0, 2], bad[1, 6] = V + 5, -3
+    bad[0, 2], bad[0, 6] = V + 5, -3
     step, seen = graphs._Bucket.forward, []
 
     def look_then_step(self, step_fn):
         seen.append(self.ids.clone())
         return step(self, step_fn)
 
-    with torch.no_grad():
-        failed, clean = model.new_cache(2, 40), model.new_cache(2, 40)
-        if where == "bound":
-            for cache in (failed, clean):
-                model(prefix, cache=cache)
-        before = [t.clone() for t in (failed.key_valid, failed.n_tokens, failed.position)]
-        monkeypatch.setattr(graphs._Bucket, "forward", look_then_step)
+    def refused(cache):
+        """The bad prompt into `cache`: refused after its step ran on clamped ids, the cache as it was."""
+        before = [cache.length, *(t.clone() for t in (cache.key_valid, cache.n_tokens, cache.position))]
         # ids on the host are checked at once: off CUDA the check is made as check_inputs_late makes it there
         check = (generation.check_inputs_late(bad, V)[2] if DEVICE == "cuda"
                  else generation.InputCheck(bad, None, False, V))
+        seen.clear()
+        monkeypatch.setattr(graphs._Bucket, "forward", look_then_step)
         with pytest.raises(ValueError, match=rf"token id -3, outside the vocabulary \[0, {V}\)"):
-            model.forward_checked(bad, None, failed, 0, check)
+            model.forward_checked(bad, None, cache, 0, check)
         monkeypatch.setattr(graphs._Bucket, "forward", step)
-        assert len(seen) == 1 and seen[0].min() >= 0 and seen[0].max() == V - 1  # the step ran, on clamped ids
-        assert failed.length == (5 if where == "bound" else 0)
-        for got, want in zip((failed.key_valid, failed.n_tokens, failed.position), before):
+        assert len(seen) == 1 and seen[0].min() >= 0 and seen[0].max() == V - 1
+        assert cache.length == before[0]
+        for got, want in zip((cache.key_valid, cache.n_tokens, cache.position), before[1:]):
             assert torch.equal(got, want)
+
+    with torch.no_grad():
+        failed, clean = model.new_cache(1, 40), model.new_cache(1, 40)
+        refused(failed)  # into the empty cache: the scratch bucket
+        for cache in (failed, clean):
+            model(prefix, cache=cache)
+        refused(failed)  # after the prefix: the bucket bound to the cache
         got, want = model(prompt, cache=failed), model(prompt, cache=clean)
     assert torch.equal(got, want)
 
