@@ -9,7 +9,7 @@ import torch
 
 from cqil_kernels import CQILConfig, CQILLlama, fused
 
-from conftest import assert_kernel_close, import_benchmark, interpreter, left_padding_mask, random_hf_model
+from conftest import assert_kernel_close, import_benchmark, interpreter, left_padding_mask, prototype, random_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -148,12 +148,14 @@ def test_persistent_steps_are_deterministic_and_follow_the_fused_decode_cuda(lay
 
 
 @interpreter
+@prototype
 def test_persistent_layers_more_than_16_rows(layers_module):
     """19 rows: tiles of 32 rows (one layer: the tile is the point, and the interpreter runs it slowly)."""
     assert _check_step(layers_module, torch.bfloat16, 19, False, splits=1, qkv_splits=2, layers=1).block_m == 32
 
 
 @interpreter
+@prototype
 def test_persistent_layers_left_padded_rows(layers_module):
     """Rows whose prompts were left-padded: RoPE at each row's own position, padded keys masked."""
     _check_step(layers_module, torch.float32, 3, True, splits=2, qkv_splits=2, pads=[0, 3, 6])
@@ -218,6 +220,7 @@ def test_persistent_layers_refuse_what_they_do_not_run(layers_module):
 
 
 @interpreter
+@prototype
 @pytest.mark.parametrize("dtype, batch, force, bypass, mode, pads", [
     (torch.float32, 2, True, 0, "residual", None),
     (torch.bfloat16, 3, False, 1, "residual", None),
@@ -240,6 +243,7 @@ def test_persistent_groups_match_the_fused_step(layers_module, dtype, batch, for
 
 
 @interpreter
+@prototype
 @pytest.mark.parametrize("dtype, cqil", [(torch.bfloat16, CQILConfig()),
                                          (torch.float32, CQILConfig(groups=((1, 2, 3),), bypass=1))])
 def test_persistent_layers_with_biases(layers_module, dtype, cqil):
