@@ -47,6 +47,15 @@ def test_buckets():
             bucket(bad)
 
 
+def _stand_in(V: int):
+    """A prefill graph step that runs nothing and returns zero logits of the padded step's shape, for tests of which
+    bucket serves which call (each real step is seconds under the interpreter)."""
+    def step(model, ids, valid, cache, rows):
+        return torch.zeros(ids.shape[0], ids.shape[1] if rows is None else rows.numel() // ids.shape[0], V,
+                           device=ids.device)
+    return step
+
+
 def _eager(model, ids, mask, keep, max_seq):
     cache = model.new_cache(ids.shape[0], max_seq)
     logits = fused.step(model, ids, mask, cache, keep)
@@ -92,10 +101,11 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
     model = _model(GROUPINGS[name])
     prefill = PrefillGraphs(model, fused.padded_step, capture=False)
     g = torch.Generator().manual_seed(3)
-    turns = [torch.randint(0, model.args.vocab_size, (3, T), generator=g).to(DEVICE) for T in (11, 9, 13)]
+    B = 3 if pads else 2  # three rows for three paddings; two where none is padded (each row costs interpreter time)
+    turns = [torch.randint(0, model.args.vocab_size, (B, T), generator=g).to(DEVICE) for T in (11, 9, 13)]
     masks = [left_padding_mask(turn, p).bool() for turn, p in zip(turns, pads)] + [None] if pads else [None] * 3
     with torch.no_grad():
-        cache, eager_cache = model.new_cache(3, 60), model.new_cache(3, 60)
+        cache, eager_cache = model.new_cache(B, 60), model.new_cache(B, 60)
         for ids, valid in zip(turns, masks):
             expected = fused.step(model, ids, valid, eager_cache, keep)
             eager_cache.length += ids.shape[1]
@@ -111,8 +121,8 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
         token = expected[:, -1].argmax(-1)[:, None]
         torch.testing.assert_close(model(token, cache=cache), model(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
     # turns 2 and 3 (9 and 13 tokens) share the 16 bucket bound to this cache; turn 1 took the scratch one
-    assert list(prefill.buckets) == [(3, 16, keep, None), (3, 16, keep, id(cache))]
-    assert prefill.buckets[(3, 16, keep, id(cache))].calls == 2
+    assert list(prefill.buckets) == [(B, 16, keep, None), (B, 16, keep, id(cache))]
+    assert prefill.buckets[(B, 16, keep, id(cache))].calls == 2
 
 
 @pytest.mark.parametrize("where", ["scratch", "bound"])
@@ -381,12 +391,7 @@ def test_buckets_bound_to_a_cache_go_with_it():
     """Each cache after a prefix gets buckets of its own; once the cache is gone, so are they (the step is a
     stand-in here: what is checked is which bucket serves which call)."""
     model = _model(GROUPINGS["none"])
-    V = model.args.vocab_size
-
-    def stand_in(model, ids, valid, cache, rows):
-        return torch.zeros(ids.shape[0], ids.shape[1] if rows is None else 1, V, device=DEVICE)
-
-    prefill = PrefillGraphs(model, stand_in, capture=False)
+    prefill = PrefillGraphs(model, _stand_in(model.args.vocab_size), capture=False)
     ids = torch.zeros(1, 9, dtype=torch.long, device=DEVICE)
     one, other = model.new_cache(1, 60), model.new_cache(1, 60)
     keys = {}
@@ -407,12 +412,11 @@ def test_a_bucket_of_a_gone_cache_never_serves_the_cache_that_took_its_id():
     """The buckets bound to gone caches are dropped after a prompt; one found under the key of a new cache
     (CPython reuses a freed object's id) before that is not replayed into the new cache."""
     model = _model(GROUPINGS["none"])
-    V = model.args.vocab_size
-    seen = []
+    seen, zeros = [], _stand_in(model.args.vocab_size)
 
     def stand_in(model, ids, valid, cache, rows):
         seen.append(cache)
-        return torch.zeros(ids.shape[0], ids.shape[1] if rows is None else 1, V, device=DEVICE)
+        return zeros(model, ids, valid, cache, rows)
 
     prefill = PrefillGraphs(model, stand_in, capture=False)
     ids = torch.zeros(1, 9, dtype=torch.long, device=DEVICE)
@@ -526,15 +530,22 @@ def test_a_capture_that_raises_is_never_replayed(monkeypatch):
 
 
 def test_graphs_are_bounded_and_dropped_when_the_model_changes():
+    """At most `limit` buckets, the least recently used dropped first; a regrouped or moved model's buckets are
+    dropped (the regrouped step's logits are the eager step's); the backend's limit is checked and applied at once.
+    Only the regrouped step runs the model (the bookkeeping's calls run a stand-in)."""
     model = _model(GROUPINGS["none"])
-    prefill = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
+    real, stand_in = [False], _stand_in(model.args.vocab_size)
+    prefill = PrefillGraphs(model, lambda *args: (fused.padded_step if real[0] else stand_in)(*args), capture=False,
+                            limit=2)
     ids = torch.randint(0, model.args.vocab_size, (1, 40), device=DEVICE)
     with torch.no_grad():
         for T in (5, 20, 40, 20):
             prefill(model, ids[:, :T], None, None, 1)
         assert list(prefill.buckets) == [(1, 48, 1, None), (1, 32, 1, None)]  # 16 dropped first, 32 used last
         model.cqil = GROUPINGS["P3-d1-residual"]  # a regrouping: the graphs' stages are gone
+        real[0] = True
         got = prefill(model, ids[:, :20], None, None, 1)
+        real[0] = False
         assert list(prefill.buckets) == [(1, 32, 1, None)]
         expected, _ = _eager(model, ids[:, :20], None, 1, 20)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -777,14 +788,15 @@ def test_prompts_from_streams_of_their_own_use_the_shared_buckets_in_turn(monkey
     on = ["a"]
     monkeypatch.setattr(graphs, "current_stream", lambda device: streams[on[0]])
     model = _model(GROUPINGS["none"])
+    step = _stand_in(model.args.vocab_size)  # which stream waits for which: no step needs to run
     prompt = [torch.randint(0, model.args.vocab_size, (1, T), device=DEVICE) for T in (9, 20, 40, 70)]
     with torch.no_grad():
-        alone = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
+        alone = PrefillGraphs(model, step, capture=False, limit=2)
         for x in prompt:  # a bucket evicted at 40, the scratch made anew at 70
             alone(model, x, None, None, 1)
         alone.clear()
         assert log == []  # one stream: nothing waits, nothing is synchronized
-        prefill = PrefillGraphs(model, fused.padded_step, capture=False, limit=2)
+        prefill = PrefillGraphs(model, step, capture=False, limit=2)
         for x in prompt[:2]:
             prefill(model, x, None, None, 1)
         on[0] = "b"
