@@ -85,21 +85,21 @@ def _input_values(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 
 class InputCheck:
     """check_inputs' value checks of inputs on one CUDA device, run once the work that reads them is queued: the
-    constructor only marks on the current stream where the inputs are ready (an event); wait() runs the checks'
-    reductions on a stream of their own that waits for that mark alone, not for what was queued since (a
-    prompt's replay), reads their values and raises as check_inputs does. With the ids on the GPU, check_inputs
-    took 40 of the ~130 us a SmolLM2 prompt's forward spent on the host before its replay, on an H100
-    (graph_launch_smollm2_h100_20f0694); a first try that copied the values to pinned memory before the replay
-    took as long (45 us). Inputs on the host (tests of the late path off a GPU) are checked by wait() as they
-    are."""
+    constructor only marks where the inputs are ready (an event on their device's current stream); wait() runs
+    the checks' reductions on a stream of their own that waits for that mark alone, not for what was queued since
+    (a prompt's replay), reads their values and raises as check_inputs does. With the ids on the GPU, check_inputs
+    took 40 of the ~130 us a SmolLM2 prompt's forward spent on the host before its replay, on an H100; a first
+    form that copied the values to pinned memory before the replay took as long (45 us;
+    late_check_pinned_h100_20f0694). Inputs on the host (tests of the late path off a GPU) are checked by wait()
+    as they are."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, empty_rows: bool,
                  vocab_size: int):
         self.inputs, self.vocab_size = (input_ids, attention_mask, empty_rows), vocab_size
         self.ready = None
-        if input_ids.is_cuda:
+        if input_ids.is_cuda:  # on the stream the inputs were made on: their device's current one
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(input_ids.device))
 
     def wait(self) -> None:
         """ValueError naming the problem, as check_inputs raises it. The host waits for the checks' reductions
