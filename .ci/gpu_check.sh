@@ -42,6 +42,9 @@
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
+#   graph_launch_ab issue 24: benchmarks/graph_launch.py (GL_ARGS, default SmolLM2's 64-token prompt) of this build and
+#               of an older one (HOST_AB_OLD, HOST_AB_NAME as host_ab; each with its own tree's script), alternated
+#               ROUNDS times (default 2): the host parts of a prompt's forward, and its host and wall time, build by build
 #   variant_ab  issue 26: benchmarks/ab_decode.py's variants alternated in one process (VARIANT_AB_ARGS; default
 #               LLaMA-7B, the decode GEMM tuner against triton.autotune for every key, for the LM head alone and for
 #               the keys of width 4096 alone: o_proj and the down projection)
@@ -228,7 +231,7 @@ for stage in $stages; do
     (timeout ${KD_TIMEOUT:-540} python3 benchmarks/kd_domains.py "$CQIL_SMOLLM2_GGUF" --cqil "$OUT/kd_groups.json" \
       $kd_what --domains "$KD_DOMAINS" --device cuda --out "$OUT/kd_domains.json" ${KD_ARGS:-} 2>&1; \
       echo "exit $?") | tee "$OUT/kd.log" | tail -20 ;;
-  host_ab|decode_ab)
+  host_ab|decode_ab|graph_launch_ab)
     ab_old=/tmp/ab_${HOST_AB_NAME:-old}  # one folder per older build: several A/Bs may run in one call
     [ -f $ab_old/cqil_kernels/__init__.py ] || CQIL_SKIP_EXTENSION=1 python3 -m pip install -q --no-deps \
       --no-build-isolation --target $ab_old "$HOST_AB_OLD" >> "$OUT/ab_install.log" 2>&1 \
@@ -302,6 +305,20 @@ for stage in $stages; do
       | tee -a "$OUT/graph_launch.log"
     # and what one launch costs the host by path (op, Triton's JIT, the compiled launcher, a graph)
     timeout 60 python3 benchmarks/launch_paths.py --out "$OUT/launch_paths.json" 2>&1 | tee -a "$OUT/graph_launch.log" ;;
+  graph_launch_ab)
+    for round in $(seq ${ROUNDS:-2}); do
+      for who in new old; do
+        if [ $who = old ]; then dir=$(cd "$REPO" && cd "$HOST_AB_OLD" && pwd); pp=$ab_old${PYTHONPATH:+:$PYTHONPATH}
+          commit=${HOST_AB_NAME:-old}
+        else dir=$REPO; pp=${PYTHONPATH:-}; commit=${CQIL_COMMIT:-unknown}; fi
+        (cd "$dir" && PYTHONPATH=$pp CQIL_COMMIT=$commit timeout ${GL_TIMEOUT:-150} python3 benchmarks/graph_launch.py \
+          ${GL_ARGS:---nodes 16 --shape smollm2-135m --rows 64 --repeats 12} --out "$OUT/graph_launch_${who}_$round.json" \
+          2>&1 | tail -40 > "$OUT/graph_launch_${who}_$round.log")
+        echo "== graph_launch $who ($commit), round $round" | tee -a "$OUT/graph_launch_ab.log"
+        grep -E "prompt|check_inputs|generate\(|forward into|new_cache" "$OUT/graph_launch_${who}_$round.log" \
+          | tee -a "$OUT/graph_launch_ab.log"
+      done
+    done ;;
   mix)
     # issue 24: first-token time over prompts of many lengths, by the prompt buckets kept (8 and 64)
     timeout ${MIX_TIMEOUT:-240} python3 benchmarks/prompt_mix.py --shape ${MIX_SHAPE:-smollm2-135m} \
