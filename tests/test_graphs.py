@@ -125,6 +125,15 @@ def test_prompts_after_a_prefix_run_padded_in_the_callers_cache(name, keep, pads
     assert prefill.buckets[(B, 16, keep, id(cache))].calls == 2
 
 
+def _padded_prompts_off_cuda(model, monkeypatch) -> None:
+    """Off CUDA the model runs prompts unpadded: route its forwards through uncaptured buckets, as CUDA's run."""
+    if DEVICE == "cpu":
+        prefill = PrefillGraphs(model, fused.padded_step, capture=False)
+        monkeypatch.setattr(fused.TritonBackend, "forward",
+                            lambda self, model, ids, valid, cache, keep=0, check=None:
+                            prefill(model, ids, valid, cache, keep, check))
+
+
 @pytest.mark.parametrize("where", ["scratch", "bound"])
 def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(where, monkeypatch):
     """The prompt buckets' two ways into the caller's cache, a scratch bucket's prompt handed over to an empty
@@ -132,11 +141,7 @@ def test_a_prompt_interrupted_after_its_padded_step_leaves_the_cache_as_it_was(w
     ran: the cache is as it was (KVCache.restore, from the model's forward), and the next prompt's logits
     equal those of a cache that never saw the interrupted one, bit for bit."""
     model = _model(GROUPINGS["P3-d1-residual"])
-    if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
-        prefill = PrefillGraphs(model, fused.padded_step, capture=False)
-        monkeypatch.setattr(fused.TritonBackend, "forward",
-                            lambda self, model, ids, valid, cache, keep=0, check=None:
-                            prefill(model, ids, valid, cache, keep, check))
+    _padded_prompts_off_cuda(model, monkeypatch)
     g = torch.Generator().manual_seed(9)
     prefix, prompt, other = (torch.randint(0, model.args.vocab_size, (2, T), generator=g).to(DEVICE)
                              for T in (5, 7, 7))
@@ -179,11 +184,7 @@ def test_a_prompt_whose_input_check_fails_after_its_step_leaves_the_cache_as_it_
     equal those of a cache that never saw the bad ones, bit for bit."""
     model = _model(GROUPINGS["P3-d1-residual"])
     V = model.args.vocab_size
-    if DEVICE == "cpu":  # off CUDA the model runs prompts unpadded: route them through uncaptured buckets
-        prefill = PrefillGraphs(model, fused.padded_step, capture=False)
-        monkeypatch.setattr(fused.TritonBackend, "forward",
-                            lambda self, model, ids, valid, cache, keep=0, check=None:
-                            prefill(model, ids, valid, cache, keep, check))
+    _padded_prompts_off_cuda(model, monkeypatch)
     g = torch.Generator().manual_seed(9)
     prefix, prompt = (torch.randint(0, V, (1, T), generator=g).to(DEVICE) for T in (5, 7))
     bad = prompt.clone()
