@@ -226,8 +226,8 @@ def host_parts(model, ids: torch.Tensor, bucket, repeats: int) -> list[list]:
              ("PackedLayers.is_current()", model.packed_weights().is_current),
              ("check_inputs, ids on the GPU (one read of the device)", lambda: check_inputs(ids, V)),
              ("check_inputs, ids on the host, then copied", lambda: check_inputs(host_ids, V, device=ids.device)),
-             # what a prompt's forward does before its replay (the values' copy queued, not waited for), and
-             # the same with the read at once (what a forward that cannot read late, e.g. an eager one, costs)
+             # what a prompt's forward does before its replay (an event where the ids are ready), and the same
+             # with the check run and read at once (what a forward that cannot read late, e.g. an eager one, costs)
              ("check_inputs_late, ids on the GPU (not read)", lambda: check_inputs_late(ids, V)),
              ("check_inputs_late, ids on the GPU, then read", lambda: check_inputs_late(ids, V)[2].wait()),
              ("check_generate_args, ids on the GPU", lambda: check_generate_args(

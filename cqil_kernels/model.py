@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CQILConfig, LlamaArgs
-from .generation import (PREFILL_CHUNK, InputCheck, check_inputs, check_inputs_late, check_logits_to_keep,
+from .generation import (PREFILL_CHUNK, InputCheck, check_inputs_late, check_logits_to_keep,
                          check_warm_up_args, generate, stream)
 from .packing import LayerPacks, PackedLayers, pack_layers
 
@@ -455,13 +455,15 @@ def _host_available_bytes() -> int | None:
 
 
 def check_forward_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         cache: KVCache | None, late: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, InputCheck | None]:
     """What forward() checks of its inputs before anything runs (one read of the device), for the model and for
     a rank of a multi-GPU run (parallel/rank.py): token ids within the vocabulary and the mask (a row of
-    padding only allowed with a cache). Returns (input_ids on model.device, the checked mask). forward_checked,
-    which forward() then runs, checks the cache (check_cache_fits)."""
-    return check_inputs(input_ids, model.args.vocab_size, attention_mask, empty_rows=cache is not None,
-                        device=model.device)
+    padding only allowed with a cache). Returns (input_ids on model.device, the checked mask, None), or with
+    late, where the inputs are on a CUDA device, an InputCheck of the values still to be read in place of None
+    (check_inputs_late). forward_checked, which forward() then runs, checks the cache (check_cache_fits)."""
+    return check_inputs_late(input_ids, model.args.vocab_size, attention_mask, empty_rows=cache is not None,
+                             device=model.device, late=late)
 
 
 def check_is_cache(cache) -> None:
@@ -771,8 +773,7 @@ class CQILTransformer(nn.Module):
         """
         # the values of CUDA inputs are read once the prompt's work is queued (forward_checked): the host does not
         # wait for the GPU before the replay of a prompt graph
-        input_ids, attention_mask, check = check_inputs_late(input_ids, self.args.vocab_size, attention_mask,
-                                                             empty_rows=cache is not None, device=self.device)
+        input_ids, attention_mask, check = check_forward_inputs(self, input_ids, attention_mask, cache, late=True)
         return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep), check)
 
     # forward_checked takes an InputCheck (generation.generate passes generate's own)

@@ -211,7 +211,7 @@ class RankModel:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab], the same on every rank (CQILLlama.forward)."""
-        input_ids, attention_mask = check_forward_inputs(self, input_ids, attention_mask, cache)
+        input_ids, attention_mask, _ = check_forward_inputs(self, input_ids, attention_mask, cache)
         return self.forward_checked(input_ids, attention_mask, cache, check_logits_to_keep(logits_to_keep))
 
     @torch.inference_mode()
