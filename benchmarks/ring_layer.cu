@@ -1,0 +1,580 @@
+// Prototype for the persistent decode step (issue 26), fifth stage: whole LLaMA decode layers at batch 1 in one
+// launch, on ring_chain.cu's weight ring. Built and loaded by benchmarks/ring_layer.py (nvcc, then ctypes, through
+// ring_chain.py's builder); not part of the package.
+//
+// Each layer is five sub-layers, one after the other (sub-layer j = 5 l + kind), each with a counter of its tasks:
+//   kQkv     rows of the layer's QKV weight (rows permuted so that a task holds whole RoPE pairs), x = RMSNorm(h):
+//            bf16(x * norm weight) staged, the sums times 1/rms, rounded, rotated, stored to q or to the cache
+//            at `pos` (v unrotated);
+//   kAttn    one kv head's keys and values of a split of the cached positions, streamed through the ring like
+//            weights (they were written by earlier steps), and the current position's from the cache (written
+//            by this launch's kQkv): fp32 partials (unnormalized sums, running max, sum of weights) per query head,
+//            merged by the kv head's last split to finish into the bf16 attention;
+//   kO       rows of o_proj, x = the attention, + h: h_mid;
+//   kGateUp  rows of gate and the same rows of up in one slot, x = RMSNorm(h_mid): silu(g) * u;
+//   kDown    rows of the down projection, x = the activations, + h_mid: the next layer's h.
+// A task waits only for the sub-layer before it (earlier in every block's order), so ring_chain.cu's argument
+// holds: no task waits on a later one, every block is resident, no order of scheduling deadlocks.
+//
+//   producer warp   lane 0 walks the block's tasks and their pages and copies each page into slot page % slots
+//                   with bulk copies (TMA) once the slot's previous page is read; it never waits on activations.
+//   consumer warps  warp w takes the block's tasks w, w + C, ...; counts its tasks of a sub-layer once it moves on
+//                   to another (every lane fenced, one release); waits for the sub-layer's input (the block's
+//                   first task of a sub-layer stages x into buffer sub & 1 and tags it; kAttn tasks wait for the
+//                   counter themselves), then for each page's bytes, computes, gives the slot back.
+// Two x buffers suffice: a warp stages sub-layer j + 2 only after all of j + 1 is counted, which needs every task
+// of j done reading buffer j & 1 (kAttn stages nothing; the argument only needs the order).
+// Watchdog: every wait gives up RING_PATIENCE_NS after the launch; the first to give up writes diag[0..7] = {what
+// (1 producer's empty, 2 counter, 3 tag, 4 full), block, warp, task, sub-layer or slot, value seen, target, pages}
+// and returns; ring_layer.py's check raises with it.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ring_sync.cuh"
+
+#ifndef RING_PATIENCE_NS
+#define RING_PATIENCE_NS 2000000000LL
+#endif
+
+namespace {
+
+using namespace ring;
+
+constexpr int kMaxConsumers = 8;
+constexpr int kGroups[] = {1, 2, 3, 4};  // query heads per kv head an attention task takes (attn_task)
+constexpr int kMaxLaneDims = 4;    // head_dim <= 128: dims d = lane + 32 j, j < head_dim / 32
+constexpr int kStamps = 5;         // prof per task: issued (first page), taken, x ready, data (first page), stored
+constexpr int kStageLoads = 16;
+
+enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
+
+struct Task {       // 12 int32, written by ring_layer.py (its TASK_FIELDS, in this order)
+  int kind, layer;
+  int row0, rows;   // GEMV: first row and rows; kAttn: first cached position and cached positions of the split
+  int page0, pages; // the block's index of the task's first page, and its pages (GEMV: 1; kAttn: may be 0)
+  int wait_target;  // tasks of the sub-layer before (0: none, the first sub-layer)
+  int first;        // 1: the block's first task of its sub-layer (stages x; kAttn: unused)
+  int head, split;  // kAttn: kv head and split
+  int current;      // kAttn: 1 for the split that adds the current position (the last)
+  int pad;
+};
+static_assert(sizeof(Task) == 48, "Task is 12 int32 on the Python side");
+
+struct Layer {      // per layer, 16 pointers written by ring_layer.py (its LAYER_FIELDS, in this order)
+  const __nv_bfloat16* norm_in;    // [D]
+  const __nv_bfloat16* wqkv;       // [(H + 2 Hkv) Dh, D], each head's rows as RoPE pairs (i, i + Dh / 2)
+  const __nv_bfloat16* wo;         // [D, H Dh]
+  const __nv_bfloat16* norm_post;  // [D]
+  const __nv_bfloat16* wgu;        // [F / R, 2, R, D]: R gate rows, then the same R rows of up
+  const __nv_bfloat16* wd;         // [D, F]
+  __nv_bfloat16* k;                // the layer's cache [Hkv, S, Dh]
+  __nv_bfloat16* v;
+  const __nv_bfloat16* h;          // [D] the layer's input
+  __nv_bfloat16* q;                // [H Dh], rotated
+  float* part;                     // [H, splits, Dh + 2]: unnormalized sums, running max (log2 units), weight sum
+  __nv_bfloat16* attn;             // [H Dh] the merged attention (o_proj's input)
+  __nv_bfloat16* hmid;             // [D]
+  __nv_bfloat16* act;              // [F]
+  __nv_bfloat16* h_out;            // [D] the next layer's input
+  const void* pad;
+};
+static_assert(sizeof(Layer) == 128, "Layer is 16 pointers on the Python side");
+
+struct Params {
+  const Task* tasks;
+  const int* task_off;   // [grid + 1]: block b runs tasks[task_off[b] .. task_off[b + 1])
+  const Layer* layers;
+  unsigned* counters;    // [5 L] tasks counted per sub-layer, zero at launch
+  unsigned* tickets;     // [L Hkv] attention splits finished per kv head, zero at launch (after the counters)
+  const float* inv_freq; // [Dh / 2]
+  long long* prof;       // [tasks, kStamps] or null
+  long long* diag;       // [8], zero at launch
+  int D, H, Hkv, Dh, F, S, pos, splits;
+  int slot_bytes, slots, x_bytes, page_positions;
+  float eps, scale;      // scale: log2(e) / sqrt(Dh)
+};
+
+__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float round_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
+__device__ __forceinline__ __nv_bfloat16 ldcg(const __nv_bfloat16* p) {  // written by other blocks: through L2
+  return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+__device__ void give_up(long long* diag, int what, int warp, int task, long long where, long long have,
+                        long long want, int pages) {
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
+    diag[1] = blockIdx.x;
+    diag[2] = warp;
+    diag[3] = task;
+    diag[4] = where;
+    diag[5] = have;
+    diag[6] = want;
+    diag[7] = pages;
+  }
+}
+
+__device__ __forceinline__ void dot8(uint4 w, const float (&x)[8], float& even, float& odd) {
+  even = fmaf(lo(w.x), x[0], even);
+  odd = fmaf(hi(w.x), x[1], odd);
+  even = fmaf(lo(w.y), x[2], even);
+  odd = fmaf(hi(w.y), x[3], odd);
+  even = fmaf(lo(w.z), x[4], even);
+  odd = fmaf(hi(w.z), x[5], odd);
+  even = fmaf(lo(w.w), x[6], even);
+  odd = fmaf(hi(w.w), x[7], odd);
+}
+
+// s[r] = w[r] . x for the R rows of a slot, in every lane: each lane sums its 16-byte chunks lane, lane + 32, ...
+// of K in order in fp32, even and odd elements apart, then a butterfly over the warp.
+template <int R>
+__device__ __forceinline__ void rows_dot(const uint4* w, const uint4* xs, int chunks, int lane, float (&s)[R]) {
+  float even[R], odd[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = 0.f;
+  for (int c = lane; c < chunks; c += 32) {
+    const uint4 xv = xs[c];
+    const float xf[8] = {lo(xv.x), hi(xv.x), lo(xv.y), hi(xv.y), lo(xv.z), hi(xv.z), lo(xv.w), hi(xv.w)};
+#pragma unroll
+    for (int r = 0; r < R; ++r) dot8(w[r * chunks + c], xf, even[r], odd[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = even[r] + odd[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    s[r] = v;
+  }
+}
+
+// x [K] (global, bf16) into shared memory through L2 by one warp, kStageLoads 16-byte loads in flight per lane.
+__device__ void stage_plain(uint4* dst, const __nv_bfloat16* x, int K, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  const int chunks = K / 8;
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kStageLoads) {
+    uint4 v[kStageLoads];
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) v[u] = __ldcg(src + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) dst[c] = v[u];
+    }
+  }
+}
+
+// RMSNorm's operand: dst = bf16(x * w) (x from global through L2, w the norm weight), and 1/rms(x) returned to
+// every lane (fp32 sum of squares, as the product's GEMM prologue computes it).
+__device__ float stage_norm(__nv_bfloat16* dst, const __nv_bfloat16* x, const __nv_bfloat16* w, int K, float eps,
+                            int lane) {
+  stage_plain(reinterpret_cast<uint4*>(dst), x, K, lane);
+  __syncwarp();
+  float sq = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float v = bf(dst[k]);
+    sq = fmaf(v, v, sq);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+  __syncwarp();
+  for (int k = lane; k < K; k += 32) dst[k] = __float2bfloat16(bf(dst[k]) * bf(w[k]));
+  return rsqrtf(sq / K + eps);
+}
+
+// One kv head's attention over the split's cached positions (pages of the ring: keys at the slot's start, values
+// page_positions rows on) and, for the last split, the current position: per query head g of the group, fp32
+// running max m (log2 units), weight sum l and unnormalized sums acc; q pre-scaled by log2(e) / sqrt(Dh).
+template <int G>
+struct AttnState {
+  float q[G][kMaxLaneDims], acc[G][kMaxLaneDims], m[G], l[G];
+};
+
+template <int G>
+__device__ __forceinline__ void attend(AttnState<G>& st, const __nv_bfloat16* k, const __nv_bfloat16* v, int nd,
+                                       int lane, bool global) {
+  float kd[kMaxLaneDims], vd[kMaxLaneDims];
+#pragma unroll
+  for (int j = 0; j < kMaxLaneDims; ++j) {
+    kd[j] = vd[j] = 0.f;
+    if (j < nd) {
+      kd[j] = global ? bf(ldcg(k + lane + 32 * j)) : bf(k[lane + 32 * j]);
+      vd[j] = global ? bf(ldcg(v + lane + 32 * j)) : bf(v[lane + 32 * j]);
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxLaneDims; ++j) s = fmaf(st.q[g][j], kd[j], s);  // q is 0 past nd
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const float m_new = fmaxf(st.m[g], s);
+    const float c = exp2f(st.m[g] - m_new), e = exp2f(s - m_new);
+    st.l[g] = st.l[g] * c + e;
+#pragma unroll
+    for (int j = 0; j < kMaxLaneDims; ++j) st.acc[g][j] = fmaf(e, vd[j], st.acc[g][j] * c);
+    st.m[g] = m_new;
+  }
+}
+
+// A kAttn task: its pages from the ring, then the current position from the cache; the partials stored. False if
+// the watchdog gave up.
+template <int G>
+__device__ bool attn_task(const Task& t, const Params& p, const Layer& L, unsigned char* ring, std::uint64_t* full,
+                          std::uint64_t* empty, long long deadline, long long* stamp, int warp, int task, int lane) {
+  const int nd = p.Dh / 32;
+  AttnState<G> st;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    st.m[g] = -INFINITY;
+    st.l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxLaneDims; ++j) {
+      st.acc[g][j] = 0.f;
+      st.q[g][j] = j < nd ? bf(ldcg(L.q + (t.head * G + g) * p.Dh + lane + 32 * j)) * p.scale : 0.f;
+    }
+  }
+  for (int pg = 0; pg < t.pages; ++pg) {
+    const int page = t.page0 + pg, s = page % p.slots;
+    if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (page / p.slots) & 1, deadline))) {
+      if (lane == 0) give_up(p.diag, 4, warp, task, s, page, (page / p.slots) & 1, t.pages);
+      return false;
+    }
+    if (stamp && pg == 0) stamp[3] = global_ns();
+    const auto* ks = reinterpret_cast<const __nv_bfloat16*>(ring + s * p.slot_bytes);
+    const auto* vs = ks + p.page_positions * p.Dh;
+    const int n = min(p.page_positions, t.rows - pg * p.page_positions);
+    for (int j = 0; j < n; ++j) attend<G>(st, ks + j * p.Dh, vs + j * p.Dh, nd, lane, false);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  if (t.pages == 0 && stamp) stamp[3] = global_ns();
+  if (t.current) {
+    const long long at = (static_cast<long long>(t.head) * p.S + p.pos) * p.Dh;
+    attend<G>(st, L.k + at, L.v + at, nd, lane, true);
+  }
+  const int stride = p.Dh + 2;
+  float* part = L.part + static_cast<long long>(t.head) * G * p.splits * stride;  // [G, splits, Dh + 2]
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float* out = part + (g * p.splits + t.split) * stride;
+#pragma unroll
+    for (int j = 0; j < kMaxLaneDims; ++j)
+      if (j < nd) out[lane + 32 * j] = st.acc[g][j];
+    if (lane == 0) {
+      out[p.Dh] = st.m[g];
+      out[p.Dh + 1] = st.l[g];
+    }
+  }
+  // The kv head's last split to finish merges them (a ticket, as the product's decode attention does): o = sum_s
+  // 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, the splits in order, bf16 into attn (o_proj's input).
+  __threadfence();
+  __syncwarp();
+  unsigned arrived = 0;
+  if (lane == 0) arrived = atomicAdd(p.tickets + t.layer * p.Hkv + t.head, 1u);
+  if (__shfl_sync(0xffffffffu, arrived, 0) != static_cast<unsigned>(p.splits - 1)) return true;
+  __threadfence();
+  for (int g = 0; g < G; ++g) {
+    const float* ph = part + g * p.splits * stride;
+    float M = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) M = fmaxf(M, __ldcg(ph + s * stride + p.Dh));
+    float denom = 0.f, num[kMaxLaneDims] = {};
+    for (int s = 0; s < p.splits; ++s) {
+      const float w = exp2f(__ldcg(ph + s * stride + p.Dh) - M);
+      denom += w * __ldcg(ph + s * stride + p.Dh + 1);
+#pragma unroll
+      for (int j = 0; j < kMaxLaneDims; ++j)
+        if (j < nd) num[j] += w * __ldcg(ph + s * stride + lane + 32 * j);
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxLaneDims; ++j)
+      if (j < nd) L.attn[(t.head * G + g) * p.Dh + lane + 32 * j] = __float2bfloat16(num[j] / denom);
+  }
+  return true;
+}
+
+// The GEMV tasks' epilogues: the R sums s of rows row0.. (every lane holds them; lane r < R stores row r).
+template <int R>
+__device__ void gemv_task(const Task& t, const Params& p, const Layer& L, const uint4* w, const uint4* xs, float rstd,
+                          int lane) {
+  if (t.kind == kGateUp) {
+    float s[2 * R];
+    rows_dot<2 * R>(w, xs, p.D / 8, lane, s);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane == r) {
+        const float g = s[r] * rstd, u = s[R + r] * rstd;
+        L.act[t.row0 + r] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+      }
+    }
+    return;
+  }
+  const int K = t.kind == kQkv ? p.D : t.kind == kO ? p.H * p.Dh : p.F;
+  float s[R];
+  rows_dot<R>(w, xs, K / 8, lane, s);
+  if (t.kind == kQkv) {  // pairs (2i, 2i + 1) of the permuted rows are dims (i, i + Dh / 2) of one head
+#pragma unroll
+    for (int r = 0; r < R; r += 2) {
+      if (lane == r) {
+        const int row = t.row0 + r, head = row / p.Dh, i = (row % p.Dh) / 2, half = p.Dh / 2;
+        float a = round_bf(s[r] * rstd), b = round_bf(s[r + 1] * rstd);
+        if (head < p.H + p.Hkv) {  // q and k rotate; v does not
+          float sn, cs;
+          sincosf(static_cast<float>(p.pos) * p.inv_freq[i], &sn, &cs);
+          const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+          a = ra;
+          b = rb;
+        }
+        __nv_bfloat16* dst;
+        if (head < p.H) {
+          dst = L.q + head * p.Dh;
+        } else if (head < p.H + p.Hkv) {
+          dst = L.k + (static_cast<long long>(head - p.H) * p.S + p.pos) * p.Dh;
+        } else {
+          dst = L.v + (static_cast<long long>(head - p.H - p.Hkv) * p.S + p.pos) * p.Dh;
+        }
+        dst[i] = __float2bfloat16(a);
+        dst[i + half] = __float2bfloat16(b);
+      }
+    }
+    return;
+  }
+  const __nv_bfloat16* res = t.kind == kO ? L.h : L.hmid;
+  __nv_bfloat16* out = t.kind == kO ? L.hmid : L.h_out;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (lane == r) out[t.row0 + r] = __float2bfloat16(bf(ldcg(res + t.row0 + r)) + s[r]);
+}
+
+__global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel(const Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* ring = smem;
+  unsigned char* xbufs = smem + p.slots * p.slot_bytes;  // two buffers of x_bytes
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(xbufs + 2 * p.x_bytes);
+  std::uint64_t* empty = full + p.slots;
+  volatile int* x_tag = reinterpret_cast<volatile int*>(empty + p.slots);  // [2]: sub-layer + 1 of buffer b
+  volatile float* x_rstd = reinterpret_cast<volatile float*>(x_tag + 2);   // [2]: its 1/rms (normed kinds)
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int consumers = blockDim.x / 32 - 1;
+  const int begin = p.task_off[blockIdx.x], mine = p.task_off[blockIdx.x + 1] - begin;
+  const Task* tasks = p.tasks + begin;
+  const long long deadline = global_ns() + RING_PATIENCE_NS;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < p.slots; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 1);
+    }
+    x_tag[0] = x_tag[1] = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == consumers) {  // producer: lane 0 alone
+    if (lane != 0) return;
+    for (int i = 0; i < mine; ++i) {
+      const Task t = tasks[i];
+      const Layer& L = p.layers[t.layer];
+      for (int pg = 0; pg < t.pages; ++pg) {
+        const int page = t.page0 + pg, s = page % p.slots;
+        if (page >= p.slots && !mbar_wait_until(&empty[s], ((page / p.slots) - 1) & 1, deadline)) {
+          give_up(p.diag, 1, warp, begin + i, s, page, ((page / p.slots) - 1) & 1, t.pages);
+          return;
+        }
+        if (p.prof && pg == 0) p.prof[(begin + i) * kStamps] = global_ns();
+        unsigned char* slot = ring + s * p.slot_bytes;
+        if (t.kind == kAttn) {
+          const int s0 = t.row0 + pg * p.page_positions, n = min(p.page_positions, t.row0 + t.rows - s0);
+          const unsigned bytes = static_cast<unsigned>(n) * p.Dh * 2;
+          const long long at = (static_cast<long long>(t.head) * p.S + s0) * p.Dh;
+          mbar_expect_tx(&full[s], 2 * bytes);
+          bulk_copy(slot, L.k + at, bytes, &full[s]);
+          bulk_copy(slot + p.page_positions * p.Dh * 2, L.v + at, bytes, &full[s]);
+        } else {
+          const __nv_bfloat16* src;
+          unsigned bytes;
+          if (t.kind == kQkv) {
+            src = L.wqkv + static_cast<long long>(t.row0) * p.D;
+            bytes = t.rows * p.D * 2;
+          } else if (t.kind == kO) {
+            src = L.wo + static_cast<long long>(t.row0) * p.H * p.Dh;
+            bytes = t.rows * p.H * p.Dh * 2;
+          } else if (t.kind == kGateUp) {
+            src = L.wgu + static_cast<long long>(t.row0) * 2 * p.D;
+            bytes = 2 * t.rows * p.D * 2;
+          } else {
+            src = L.wd + static_cast<long long>(t.row0) * p.F;
+            bytes = t.rows * p.F * 2;
+          }
+          mbar_expect_tx(&full[s], bytes);
+          bulk_copy(slot, src, bytes, &full[s]);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumer warp: its k-th task is warp + k * consumers; its count of a sub-layer is released once it moves on
+  int done_sub = -1;
+  unsigned done = 0;
+  for (int i = warp; i < mine; i += consumers) {
+    const Task t = tasks[i];
+    const Layer& L = p.layers[t.layer];
+    const int sub = 5 * t.layer + t.kind, b = sub & 1;
+    long long* stamp = p.prof && lane == 0 ? p.prof + (begin + i) * kStamps : nullptr;
+    if (done && sub != done_sub) {  // every lane's stores of the sub-layer's tasks visible, then one release
+      __threadfence();
+      __syncwarp();
+      if (lane == 0) red_release(p.counters + done_sub, done);
+      done = 0;
+    }
+    if (stamp) stamp[1] = global_ns();
+    if (t.kind == kAttn || t.first) {  // wait for the sub-layer before
+      if (t.wait_target > 0) {
+        for (;;) {  // every lane's own acquire, the loop's exit warp-uniform (the sync ops below)
+          const unsigned seen = load_acquire(p.counters + sub - 1);
+          if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(t.wait_target))) break;
+          if (__any_sync(0xffffffffu, global_ns() > deadline)) {
+            if (lane == 0) give_up(p.diag, 2, warp, begin + i, sub - 1, seen, t.wait_target, t.pages);
+            return;
+          }
+        }
+      }
+      __syncwarp();
+    }
+    float rstd = 1.f;
+    unsigned char* xb = xbufs + b * p.x_bytes;
+    if (t.kind != kAttn) {
+      if (t.first) {  // this warp brings the sub-layer's x in for the block
+        if (t.kind == kQkv || t.kind == kGateUp) {
+          rstd = stage_norm(reinterpret_cast<__nv_bfloat16*>(xb), t.kind == kQkv ? L.h : L.hmid,
+                            t.kind == kQkv ? L.norm_in : L.norm_post, p.D, p.eps, lane);
+        } else {
+          stage_plain(reinterpret_cast<uint4*>(xb), t.kind == kO ? L.attn : L.act, t.kind == kO ? p.H * p.Dh : p.F,
+                      lane);
+        }
+        __syncwarp();
+        if (lane == 0) {
+          x_rstd[b] = rstd;
+          __threadfence_block();
+          x_tag[b] = sub + 1;
+        }
+      } else {
+        while (!__all_sync(0xffffffffu, x_tag[b] == sub + 1)) {
+          if (__any_sync(0xffffffffu, global_ns() > deadline)) {
+            if (lane == 0) give_up(p.diag, 3, warp, begin + i, sub, x_tag[b], sub + 1, t.pages);
+            return;
+          }
+        }
+        __threadfence_block();
+        rstd = x_rstd[b];
+      }
+      __syncwarp();
+    }
+    if (stamp) stamp[2] = global_ns();
+
+    if (t.kind == kAttn) {
+      bool ok;
+      switch (p.H / p.Hkv) {
+        case 1: ok = attn_task<1>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
+        case 2: ok = attn_task<2>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
+        case 3: ok = attn_task<3>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
+        default: ok = attn_task<4>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
+      }
+      if (!ok) return;
+    } else {
+      const int s = t.page0 % p.slots;
+      if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (t.page0 / p.slots) & 1, deadline))) {
+        if (lane == 0) give_up(p.diag, 4, warp, begin + i, s, t.page0, (t.page0 / p.slots) & 1, t.pages);
+        return;
+      }
+      if (stamp) stamp[3] = global_ns();
+      const uint4* w = reinterpret_cast<const uint4*>(ring + s * p.slot_bytes);
+      const uint4* xs = reinterpret_cast<const uint4*>(xb);
+      switch (t.rows) {
+        case 1: gemv_task<1>(t, p, L, w, xs, rstd, lane); break;
+        case 2: gemv_task<2>(t, p, L, w, xs, rstd, lane); break;
+        case 4: gemv_task<4>(t, p, L, w, xs, rstd, lane); break;
+        default: gemv_task<8>(t, p, L, w, xs, rstd, lane); break;  // 8
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);  // the sums needed every byte of the slot: refill it
+    }
+    if (stamp) stamp[4] = global_ns();
+    done_sub = sub;
+    ++done;
+  }
+  if (done) {
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) red_release(p.counters + done_sub, done);
+  }
+}
+
+bool group_supported(int g) {
+  for (int k : kGroups)
+    if (k == g) return true;
+  return false;
+}
+
+}  // namespace
+
+extern "C" const char* ring_layer_error(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// Dynamic shared memory of one block: ring, two x buffers, the slots' barriers, two tags and two 1/rms.
+extern "C" int ring_layer_smem(int slot_bytes, int slots, int x_bytes) {
+  return slots * slot_bytes + 2 * x_bytes + 2 * slots * 8 + 16;
+}
+
+// Zeroes the counters, the tickets and diag, then launches on `stream` (capturable). ints: D, H, Hkv, Dh, F, S, pos,
+// splits, slot_bytes, slots, x_bytes, page_positions, consumers, grid, sub_layers. Returns a cudaError_t;
+// cudaErrorInvalidValue for shapes the kernel does not take, cudaErrorLaunchOutOfResources where the grid's blocks
+// cannot all be resident (they wait on one another).
+extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const void* layers, unsigned* counters,
+                                 const float* inv_freq, long long* prof, long long* diag, const int* ints, float eps,
+                                 void* stream) {
+  Params p{static_cast<const Task*>(tasks), task_off, static_cast<const Layer*>(layers), counters, nullptr, inv_freq,
+           prof, diag};
+  p.D = ints[0];
+  p.H = ints[1];
+  p.Hkv = ints[2];
+  p.Dh = ints[3];
+  p.F = ints[4];
+  p.S = ints[5];
+  p.pos = ints[6];
+  p.splits = ints[7];
+  p.slot_bytes = ints[8];
+  p.slots = ints[9];
+  p.x_bytes = ints[10];
+  p.page_positions = ints[11];
+  const int consumers = ints[12], grid = ints[13], sub_layers = ints[14];
+  p.tickets = counters + sub_layers;  // [layers * Hkv] after the sub-layers' counters
+  p.eps = eps;
+  p.scale = 1.4426950408889634f / sqrtf(static_cast<float>(p.Dh));
+  if (consumers < 1 || consumers > kMaxConsumers || p.Dh % 32 || p.Dh > 32 * kMaxLaneDims || p.H % p.Hkv ||
+      !group_supported(p.H / p.Hkv) || p.D % 8 || p.F % 8 || p.slots < 1)
+    return cudaErrorInvalidValue;
+  const auto st = static_cast<cudaStream_t>(stream);
+  const int smem = ring_layer_smem(p.slot_bytes, p.slots, p.x_bytes);
+  cudaError_t err = cudaFuncSetAttribute(ring_layer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0, sms = 0, device = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ring_layer_kernel, (consumers + 1) * 32, smem);
+  if (err != cudaSuccess) return err;
+  if (grid > per_sm * sms) return cudaErrorLaunchOutOfResources;
+  err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * (sub_layers + sub_layers / 5 * p.Hkv), st);
+  if (err == cudaSuccess) err = cudaMemsetAsync(diag, 0, 8 * sizeof(long long), st);
+  if (err != cudaSuccess) return err;
+  ring_layer_kernel<<<grid, (consumers + 1) * 32, smem, st>>>(p);
+  return cudaGetLastError();
+}
