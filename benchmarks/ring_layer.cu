@@ -16,17 +16,21 @@
 // A task waits only for the sub-layer before it (earlier in every block's order), so ring_chain.cu's argument
 // holds: no task waits on a later one, every block is resident, no order of scheduling deadlocks.
 //
-//   producer warp   lane 0 walks the block's tasks and their pages and copies each page into slot page % slots
-//                   with bulk copies (TMA) once the slot's previous page is read; it never waits on activations.
+//   producer warp   lane 0 walks the block's tasks and copies task i's page into slot i % slots with bulk copies
+//                   (TMA) once the slot's previous page is read; it never waits on activations.
 //   consumer warps  warp w takes the block's tasks w, w + C, ...; counts its tasks of a sub-layer once it moves on
 //                   to another (every lane fenced, one release); waits for the sub-layer's input (the block's
 //                   first task of a sub-layer stages x into buffer sub & 1 and tags it; kAttn tasks wait for the
-//                   counter themselves), then for each page's bytes, computes, gives the slot back.
+//                   counter themselves), then for its page's bytes, computes, gives the slot back.
+// Every task is one page (an attention split is one page of keys and values), and slots is a multiple of C, so
+// slot s only ever holds pages of warp s % C, in that warp's order: a parity wait names one page by construction.
+// (With multi-page tasks a warp could wait on a slot two uses ahead and pass on the older phase; the protocol
+// simulation in tests/test_ring_layer.py found it.)
 // Two x buffers suffice: a warp stages sub-layer j + 2 only after all of j + 1 is counted, which needs every task
 // of j done reading buffer j & 1 (kAttn stages nothing; the argument only needs the order).
 // Watchdog: every wait gives up RING_PATIENCE_NS after the launch; the first to give up writes diag[0..7] = {what
-// (1 producer's empty, 2 counter, 3 tag, 4 full), block, warp, task, sub-layer or slot, value seen, target, pages}
-// and returns; ring_layer.py's check raises with it.
+// (1 producer's empty, 2 counter, 3 tag, 4 full), block, warp, task, sub-layer or slot, value seen, target, the
+// block's tasks} and returns; ring_layer.py's check raises with it.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,7 +50,7 @@ using namespace ring;
 constexpr int kMaxConsumers = 8;
 constexpr int kGroups[] = {1, 2, 3, 4};  // query heads per kv head an attention task takes (attn_task)
 constexpr int kMaxLaneDims = 4;    // head_dim <= 128: dims d = lane + 32 j, j < head_dim / 32
-constexpr int kStamps = 5;         // prof per task: issued (first page), taken, x ready, data (first page), stored
+constexpr int kStamps = 5;         // prof per task: page issued, taken, x ready, page's bytes there, stored
 constexpr int kStageLoads = 16;
 
 enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
@@ -54,7 +58,7 @@ enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
 struct Task {       // 12 int32, written by ring_layer.py (its TASK_FIELDS, in this order)
   int kind, layer;
   int row0, rows;   // GEMV: first row and rows; kAttn: first cached position and cached positions of the split
-  int page0, pages; // the block's index of the task's first page, and its pages (GEMV: 1; kAttn: may be 0)
+  int page0, pages; // the block's index of the task's page (its index in the block's list) and 1: one page a task
   int wait_target;  // tasks of the sub-layer before (0: none, the first sub-layer)
   int first;        // 1: the block's first task of its sub-layer (stages x; kAttn: unused)
   int head, split;  // kAttn: kv head and split
@@ -106,7 +110,7 @@ __device__ __forceinline__ __nv_bfloat16 ldcg(const __nv_bfloat16* p) {  // writ
 }
 
 __device__ void give_up(long long* diag, int what, int warp, int task, long long where, long long have,
-                        long long want, int pages) {
+                        long long want, int tasks) {
   if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
     diag[1] = blockIdx.x;
     diag[2] = warp;
@@ -114,7 +118,7 @@ __device__ void give_up(long long* diag, int what, int warp, int task, long long
     diag[4] = where;
     diag[5] = have;
     diag[6] = want;
-    diag[7] = pages;
+    diag[7] = tasks;
   }
 }
 
@@ -170,21 +174,42 @@ __device__ void stage_plain(uint4* dst, const __nv_bfloat16* x, int K, int lane)
   }
 }
 
-// RMSNorm's operand: dst = bf16(x * w) (x from global through L2, w the norm weight), and 1/rms(x) returned to
-// every lane (fp32 sum of squares, as the product's GEMM prologue computes it).
-__device__ float stage_norm(__nv_bfloat16* dst, const __nv_bfloat16* x, const __nv_bfloat16* w, int K, float eps,
-                            int lane) {
-  stage_plain(reinterpret_cast<uint4*>(dst), x, K, lane);
-  __syncwarp();
+__device__ __forceinline__ unsigned mul2(unsigned x, unsigned w) {  // two bf16 products, each rounded once
+  const __nv_bfloat162 r = __floats2bfloat162_rn(lo(x) * lo(w), hi(x) * hi(w));
+  return *reinterpret_cast<const unsigned*>(&r);
+}
+
+// RMSNorm's operand: dst = bf16(x * w) (x [K] from global through L2, w the norm weight), 16 bytes a lane at a
+// time, and 1/rms(x) returned to every lane (fp32 sum of squares, as the product's GEMM prologue computes it).
+__device__ float stage_norm(uint4* dst, const __nv_bfloat16* x, const __nv_bfloat16* w, int K, float eps, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(x);
+  const int chunks = K / 8;
   float sq = 0.f;
-  for (int k = lane; k < K; k += 32) {
-    const float v = bf(dst[k]);
-    sq = fmaf(v, v, sq);
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kStageLoads) {
+    uint4 v[kStageLoads];
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) v[u] = __ldcg(src + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c < chunks) {
+        dst[c] = v[u];
+        const unsigned e[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sq = fmaf(hi(e[k]), hi(e[k]), fmaf(lo(e[k]), lo(e[k]), sq));
+      }
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-  __syncwarp();
-  for (int k = lane; k < K; k += 32) dst[k] = __float2bfloat16(bf(dst[k]) * bf(w[k]));
+  const uint4* wv = reinterpret_cast<const uint4*>(w);
+  for (int c = lane; c < chunks; c += 32) {  // the lane's own chunks: no other lane's writes to wait for
+    const uint4 xv = dst[c], nv = __ldg(wv + c);
+    dst[c] = make_uint4(mul2(xv.x, nv.x), mul2(xv.y, nv.y), mul2(xv.z, nv.z), mul2(xv.w, nv.w));
+  }
   return rsqrtf(sq / K + eps);
 }
 
@@ -224,11 +249,12 @@ __device__ __forceinline__ void attend(AttnState<G>& st, const __nv_bfloat16* k,
   }
 }
 
-// A kAttn task: its pages from the ring, then the current position from the cache; the partials stored. False if
-// the watchdog gave up.
+// A kAttn task: its page of cached positions from the ring, then (the last split) the current position from the
+// cache; the partials stored, and merged by the kv head's last split to finish. False if the watchdog gave up.
 template <int G>
 __device__ bool attn_task(const Task& t, const Params& p, const Layer& L, unsigned char* ring, std::uint64_t* full,
-                          std::uint64_t* empty, long long deadline, long long* stamp, int warp, int task, int lane) {
+                          std::uint64_t* empty, long long deadline, long long* stamp, int warp, int task, int tasks,
+                          int lane) {
   const int nd = p.Dh / 32;
   AttnState<G> st;
 #pragma unroll
@@ -241,21 +267,17 @@ __device__ bool attn_task(const Task& t, const Params& p, const Layer& L, unsign
       st.q[g][j] = j < nd ? bf(ldcg(L.q + (t.head * G + g) * p.Dh + lane + 32 * j)) * p.scale : 0.f;
     }
   }
-  for (int pg = 0; pg < t.pages; ++pg) {
-    const int page = t.page0 + pg, s = page % p.slots;
-    if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (page / p.slots) & 1, deadline))) {
-      if (lane == 0) give_up(p.diag, 4, warp, task, s, page, (page / p.slots) & 1, t.pages);
-      return false;
-    }
-    if (stamp && pg == 0) stamp[3] = global_ns();
-    const auto* ks = reinterpret_cast<const __nv_bfloat16*>(ring + s * p.slot_bytes);
-    const auto* vs = ks + p.page_positions * p.Dh;
-    const int n = min(p.page_positions, t.rows - pg * p.page_positions);
-    for (int j = 0; j < n; ++j) attend<G>(st, ks + j * p.Dh, vs + j * p.Dh, nd, lane, false);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+  const int page = t.page0, s = page % p.slots;
+  if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (page / p.slots) & 1, deadline))) {
+    if (lane == 0) give_up(p.diag, 4, warp, task, s, page, (page / p.slots) & 1, tasks);
+    return false;
   }
-  if (t.pages == 0 && stamp) stamp[3] = global_ns();
+  if (stamp) stamp[3] = global_ns();
+  const auto* ks = reinterpret_cast<const __nv_bfloat16*>(ring + s * p.slot_bytes);
+  const auto* vs = ks + p.page_positions * p.Dh;
+  for (int j = 0; j < t.rows; ++j) attend<G>(st, ks + j * p.Dh, vs + j * p.Dh, nd, lane, false);
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&empty[s]);
   if (t.current) {
     const long long at = (static_cast<long long>(t.head) * p.S + p.pos) * p.Dh;
     attend<G>(st, L.k + at, L.v + at, nd, lane, true);
@@ -377,45 +399,45 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
   }
   __syncthreads();
 
-  if (warp == consumers) {  // producer: lane 0 alone
+  if (warp == consumers) {  // producer: lane 0 alone; task i is the block's page i, in slot i % slots
     if (lane != 0) return;
     for (int i = 0; i < mine; ++i) {
       const Task t = tasks[i];
       const Layer& L = p.layers[t.layer];
-      for (int pg = 0; pg < t.pages; ++pg) {
-        const int page = t.page0 + pg, s = page % p.slots;
-        if (page >= p.slots && !mbar_wait_until(&empty[s], ((page / p.slots) - 1) & 1, deadline)) {
-          give_up(p.diag, 1, warp, begin + i, s, page, ((page / p.slots) - 1) & 1, t.pages);
-          return;
-        }
-        if (p.prof && pg == 0) p.prof[(begin + i) * kStamps] = global_ns();
-        unsigned char* slot = ring + s * p.slot_bytes;
-        if (t.kind == kAttn) {
-          const int s0 = t.row0 + pg * p.page_positions, n = min(p.page_positions, t.row0 + t.rows - s0);
-          const unsigned bytes = static_cast<unsigned>(n) * p.Dh * 2;
-          const long long at = (static_cast<long long>(t.head) * p.S + s0) * p.Dh;
-          mbar_expect_tx(&full[s], 2 * bytes);
-          bulk_copy(slot, L.k + at, bytes, &full[s]);
-          bulk_copy(slot + p.page_positions * p.Dh * 2, L.v + at, bytes, &full[s]);
-        } else {
-          const __nv_bfloat16* src;
-          unsigned bytes;
-          if (t.kind == kQkv) {
-            src = L.wqkv + static_cast<long long>(t.row0) * p.D;
-            bytes = t.rows * p.D * 2;
-          } else if (t.kind == kO) {
-            src = L.wo + static_cast<long long>(t.row0) * p.H * p.Dh;
-            bytes = t.rows * p.H * p.Dh * 2;
-          } else if (t.kind == kGateUp) {
-            src = L.wgu + static_cast<long long>(t.row0) * 2 * p.D;
-            bytes = 2 * t.rows * p.D * 2;
-          } else {
-            src = L.wd + static_cast<long long>(t.row0) * p.F;
-            bytes = t.rows * p.F * 2;
-          }
-          mbar_expect_tx(&full[s], bytes);
-          bulk_copy(slot, src, bytes, &full[s]);
-        }
+      const int s = i % p.slots;
+      if (i >= p.slots && !mbar_wait_until(&empty[s], ((i / p.slots) - 1) & 1, deadline)) {
+        give_up(p.diag, 1, warp, begin + i, s, i, ((i / p.slots) - 1) & 1, mine);
+        return;
+      }
+      if (p.prof) p.prof[(begin + i) * kStamps] = global_ns();
+      unsigned char* slot = ring + s * p.slot_bytes;
+      const __nv_bfloat16* src;
+      const __nv_bfloat16* src_v = nullptr;
+      unsigned bytes;
+      if (t.kind == kAttn) {  // keys at the slot's start, values page_positions rows on
+        const long long at = (static_cast<long long>(t.head) * p.S + t.row0) * p.Dh;
+        src = L.k + at;
+        src_v = L.v + at;
+        bytes = static_cast<unsigned>(t.rows) * p.Dh * 2;
+      } else if (t.kind == kQkv) {
+        src = L.wqkv + static_cast<long long>(t.row0) * p.D;
+        bytes = t.rows * p.D * 2;
+      } else if (t.kind == kO) {
+        src = L.wo + static_cast<long long>(t.row0) * p.H * p.Dh;
+        bytes = t.rows * p.H * p.Dh * 2;
+      } else if (t.kind == kGateUp) {
+        src = L.wgu + static_cast<long long>(t.row0) * 2 * p.D;
+        bytes = 2 * t.rows * p.D * 2;
+      } else {
+        src = L.wd + static_cast<long long>(t.row0) * p.F;
+        bytes = t.rows * p.F * 2;
+      }
+      if (bytes == 0) {  // an attention split with no cached position (an empty cache): the page is empty
+        mbar_arrive(&full[s]);
+      } else {
+        mbar_expect_tx(&full[s], src_v ? 2 * bytes : bytes);
+        bulk_copy(slot, src, bytes, &full[s]);
+        if (src_v) bulk_copy(slot + p.page_positions * p.Dh * 2, src_v, bytes, &full[s]);
       }
     }
     return;
@@ -442,7 +464,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
           const unsigned seen = load_acquire(p.counters + sub - 1);
           if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(t.wait_target))) break;
           if (__any_sync(0xffffffffu, global_ns() > deadline)) {
-            if (lane == 0) give_up(p.diag, 2, warp, begin + i, sub - 1, seen, t.wait_target, t.pages);
+            if (lane == 0) give_up(p.diag, 2, warp, begin + i, sub - 1, seen, t.wait_target, mine);
             return;
           }
         }
@@ -454,7 +476,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
     if (t.kind != kAttn) {
       if (t.first) {  // this warp brings the sub-layer's x in for the block
         if (t.kind == kQkv || t.kind == kGateUp) {
-          rstd = stage_norm(reinterpret_cast<__nv_bfloat16*>(xb), t.kind == kQkv ? L.h : L.hmid,
+          rstd = stage_norm(reinterpret_cast<uint4*>(xb), t.kind == kQkv ? L.h : L.hmid,
                             t.kind == kQkv ? L.norm_in : L.norm_post, p.D, p.eps, lane);
         } else {
           stage_plain(reinterpret_cast<uint4*>(xb), t.kind == kO ? L.attn : L.act, t.kind == kO ? p.H * p.Dh : p.F,
@@ -469,7 +491,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
       } else {
         while (!__all_sync(0xffffffffu, x_tag[b] == sub + 1)) {
           if (__any_sync(0xffffffffu, global_ns() > deadline)) {
-            if (lane == 0) give_up(p.diag, 3, warp, begin + i, sub, x_tag[b], sub + 1, t.pages);
+            if (lane == 0) give_up(p.diag, 3, warp, begin + i, sub, x_tag[b], sub + 1, mine);
             return;
           }
         }
@@ -483,16 +505,16 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
     if (t.kind == kAttn) {
       bool ok;
       switch (p.H / p.Hkv) {
-        case 1: ok = attn_task<1>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
-        case 2: ok = attn_task<2>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
-        case 3: ok = attn_task<3>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
-        default: ok = attn_task<4>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, lane); break;
+        case 1: ok = attn_task<1>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, mine, lane); break;
+        case 2: ok = attn_task<2>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, mine, lane); break;
+        case 3: ok = attn_task<3>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, mine, lane); break;
+        default: ok = attn_task<4>(t, p, L, ring, full, empty, deadline, stamp, warp, begin + i, mine, lane); break;
       }
       if (!ok) return;
     } else {
       const int s = t.page0 % p.slots;
       if (!__all_sync(0xffffffffu, mbar_wait_until(&full[s], (t.page0 / p.slots) & 1, deadline))) {
-        if (lane == 0) give_up(p.diag, 4, warp, begin + i, s, t.page0, (t.page0 / p.slots) & 1, t.pages);
+        if (lane == 0) give_up(p.diag, 4, warp, begin + i, s, t.page0, (t.page0 / p.slots) & 1, mine);
         return;
       }
       if (stamp) stamp[3] = global_ns();
@@ -558,8 +580,8 @@ extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const v
   p.tickets = counters + sub_layers;  // [layers * Hkv] after the sub-layers' counters
   p.eps = eps;
   p.scale = 1.4426950408889634f / sqrtf(static_cast<float>(p.Dh));
-  if (consumers < 1 || consumers > kMaxConsumers || p.Dh % 32 || p.Dh > 32 * kMaxLaneDims || p.H % p.Hkv ||
-      !group_supported(p.H / p.Hkv) || p.D % 8 || p.F % 8 || p.slots < 1)
+  if (consumers < 1 || consumers > kMaxConsumers || p.slots < 1 || p.slots % consumers || p.Dh % 32 ||
+      p.Dh > 32 * kMaxLaneDims || p.Hkv < 1 || p.H % p.Hkv || !group_supported(p.H / p.Hkv) || p.D % 8 || p.F % 8)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int smem = ring_layer_smem(p.slot_bytes, p.slots, p.x_bytes);

@@ -75,22 +75,21 @@ def task_rows(N: int, row_bytes: int, slot_bytes: int, step: int = 1) -> int:
     return best
 
 
-def page_positions(Dh: int, slot_bytes: int) -> int:
-    """Cached positions of one attention page: keys and values of a power of two of them fit a slot."""
+def page_positions(Dh: int, slot_bytes: int, most: int = MAX_POSITIONS) -> int:
+    """Cached positions of one attention page: keys and values of a power of two of them (at most `most`) fit a
+    slot."""
     n = 1
-    while n * 2 <= MAX_POSITIONS and 2 * (n * 2) * Dh * 2 <= slot_bytes:
+    while n * 2 <= most and 2 * (n * 2) * Dh * 2 <= slot_bytes:
         n *= 2
     if 2 * n * Dh * 2 > slot_bytes:
         raise ValueError(f"one position's key and value ({4 * Dh} bytes) do not fit a slot of {slot_bytes}")
     return n
 
 
-def split_ranges(pos: int, splits: int, per_page: int) -> list[tuple[int, int]]:
-    """(first, count) of the cached positions 0..pos-1 each split attends to: whole pages, the last split's
-    range short or empty (it also attends to the current position)."""
-    per = -(-max(pos, 1) // splits)
-    per = -(-per // per_page) * per_page
-    return [(min(s * per, pos), max(0, min((s + 1) * per, pos) - min(s * per, pos))) for s in range(splits)]
+def split_ranges(pos: int, per_page: int) -> list[tuple[int, int]]:
+    """(first, count) of the cached positions 0..pos-1 each attention split (one page) attends to; the last split
+    also attends to the current position (an empty cache: one split of no cached position)."""
+    return [(first, min(per_page, pos - first)) for first in range(0, pos, per_page)] or [(0, 0)]
 
 
 class Shape:
@@ -109,21 +108,24 @@ class Shape:
                    args.intermediate_size, args.rms_norm_eps)
 
 
-def plan(shape: Shape, layers: int, pos: int, splits: int, slot_bytes: int, grid: int) -> dict:
-    """The launch's tasks: per sub-layer (layers in order, then KINDS), its tasks in order, dealt to the blocks
-    round robin (task g of the whole order to block g % grid). Returns tasks [n, 12] int32 in block order,
-    task_off [grid + 1], the rows of each GEMV kind, page_positions, and sub_tasks (tasks per sub-layer)."""
+def plan(shape: Shape, layers: int, pos: int, slot_bytes: int, grid: int, max_positions: int = MAX_POSITIONS) -> dict:
+    """The launch's tasks, each one page: per sub-layer (layers in order, then KINDS), its tasks in order, dealt to
+    the blocks round robin (task g of the whole order to block g % grid); an attention split is one page of at most
+    max_positions cached positions of one kv head. Returns tasks [n, 12] int32 in block order, task_off
+    [grid + 1], the rows of each GEMV kind, page_positions, splits (per kv head) and sub_tasks (tasks per
+    sub-layer)."""
     D, H, Hkv, Dh, F = shape.D, shape.H, shape.Hkv, shape.Dh, shape.F
     rows = {"qkv": task_rows((H + 2 * Hkv) * Dh, D * 2, slot_bytes, step=2),
             "o": task_rows(D, H * Dh * 2, slot_bytes), "gate_up": task_rows(F, 2 * D * 2, slot_bytes),
             "down": task_rows(D, F * 2, slot_bytes)}  # qkv: even, and dividing Dh (a multiple of 32)
-    pp = page_positions(Dh, slot_bytes)
+    pp = page_positions(Dh, slot_bytes, max_positions)
+    ranges = split_ranges(pos, pp)
     order, sub_tasks = [], []
     for layer in range(layers):
         for kind, name in enumerate(KINDS):
             if name == "attn":
-                subs = [(kind, layer, first, count, -(-count // pp), head, s, int(s == splits - 1))
-                        for head in range(Hkv) for s, (first, count) in enumerate(split_ranges(pos, splits, pp))]
+                subs = [(kind, layer, first, count, 1, head, s, int(s == len(ranges) - 1))
+                        for head in range(Hkv) for s, (first, count) in enumerate(ranges)]
             else:
                 n = {"qkv": (H + 2 * Hkv) * Dh, "o": D, "gate_up": F, "down": D}[name]
                 subs = [(kind, layer, r0, rows[name], 1, 0, 0, 0) for r0 in range(0, n, rows[name])]
@@ -147,29 +149,31 @@ def plan(shape: Shape, layers: int, pos: int, splits: int, slot_bytes: int, grid
         table += mine
         off.append(len(table))
     return dict(tasks=torch.tensor(table, dtype=torch.int32).view(-1, len(TASK_FIELDS)),
-                task_off=torch.tensor(off, dtype=torch.int32), rows=rows, page_positions=pp, sub_tasks=sub_tasks)
+                task_off=torch.tensor(off, dtype=torch.int32), rows=rows, page_positions=pp, splits=len(ranges),
+                sub_tasks=sub_tasks)
 
 
 class RingLayers:
     """L sequential LLaMA decode layers of `model` (a CQILLlama; bf16) at batch 1 in one launch, at cache position
     `pos`: h[0] in, h[L] out, every sub-layer's output kept per layer for the checks. The caches hold random keys
     and values at positions 0..pos-1 (the prompt), the run writes position pos. On a CPU the same buffers and plan
-    serve the twin. slots / ring_kb / consumers as ring_chain's; splits: key splits per kv head (default enough
-    tasks to cover the SMs); grid: blocks (default one per SM)."""
+    serve the twin. slots / ring_kb / consumers as ring_chain's (consumers must divide slots); page_positions: the
+    most cached positions of one attention split (a page; default as many as fit a slot, up to MAX_POSITIONS);
+    grid: blocks (default one per SM)."""
 
     def __init__(self, model, pos: int, slots: int = 4, ring_kb: int = RING_KB, consumers: int | None = None,
-                 splits: int | None = None, grid: int | None = None, profile: bool = False, seed: int = 0):
+                 page_positions: int = MAX_POSITIONS, grid: int | None = None, profile: bool = False, seed: int = 0):
         args = model.args
         self.shape = s = Shape.of(args)
         device = model.device
         self.L, self.pos, self.S = args.num_hidden_layers, pos, pos + 1
         self.consumers = consumers or min(slots, MAX_CONSUMERS)
-        if not 1 <= self.consumers <= MAX_CONSUMERS:
-            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {self.consumers}")
+        if not 1 <= self.consumers <= MAX_CONSUMERS or slots % self.consumers:
+            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots}, got {self.consumers}")
         self.grid = resident_grid(device, grid) if device.type == "cuda" else (grid or 4)
-        self.splits = splits or max(1, min(8, -(-self.grid // s.Hkv)))
         target = (ring_kb * 1024 // slots) // 16 * 16
-        self.plan = plan(s, self.L, pos, self.splits, target, self.grid)
+        self.plan = plan(s, self.L, pos, target, self.grid, page_positions)
+        self.splits = self.plan["splits"]
         rows = self.plan["rows"]
         pp = self.plan["page_positions"]
         self.slot_bytes = max(rows["qkv"] * s.D * 2, rows["o"] * s.H * s.Dh * 2, 2 * rows["gate_up"] * s.D * 2,
@@ -236,13 +240,13 @@ WAITS = {1: "the producer's wait for a free slot", 2: "a wait for the sub-layer 
 
 def check(ring: RingLayers) -> None:
     """Raise if the last run gave up (the watchdog), naming the wait, block, warp and task; waits for the GPU."""
-    what, block, warp, task, where, have, want, pages = ring.diag.tolist()
+    what, block, warp, task, where, have, want, n = ring.diag.tolist()
     if what:
         ring.diag.zero_()
         kind, layer = ring.plan["tasks"][task, :2].tolist()
-        raise RuntimeError(f"ring_layer gave up on {WAITS[what]}: block {block}, warp {warp}, task {task} "
-                           f"({KINDS[kind]} of layer {layer}, {pages} pages): at {where}, saw {have}, wanted {want}, "
-                           f"after {ring.patience / 1e9:g} s (CQIL_RING_PATIENCE_S)")
+        raise RuntimeError(f"ring_layer gave up on {WAITS[what]}: block {block} (of {n} tasks), warp {warp}, task "
+                           f"{task} ({KINDS[kind]} of layer {layer}): at {where}, saw {have}, wanted {want}, after "
+                           f"{ring.patience / 1e9:g} s (CQIL_RING_PATIENCE_S)")
 
 
 @functools.cache
@@ -299,7 +303,7 @@ def twin(ring: RingLayers) -> None:
             q = lw["q"].float().view(s.H, s.Dh)[head * G:(head + 1) * G] * scale
             last = row0 + rows + (1 if current else 0)
             keys = list(range(row0, row0 + rows)) + ([pos] if current else [])
-            assert last >= row0 and pages == -(-rows // pp)
+            assert last >= row0 and pages == 1 and rows <= pp
             k = lw["k"][head, keys].float()
             v = lw["v"][head, keys].float()
             out = lw["part"][head * G:(head + 1) * G, split]
@@ -480,7 +484,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, action="append", help="two layer counts (default 2 and 8)")
     ap.add_argument("--prompt", type=int, default=512, help="cached positions")
     ap.add_argument("--slots", default="4", help="S or S:C, as ring_chain.py's")
-    ap.add_argument("--splits", type=int, default=None)
+    ap.add_argument("--page-positions", type=int, default=MAX_POSITIONS,
+                    help="the most cached positions of one attention split")
     ap.add_argument("--new", type=int, default=64, help="our decode steps timed per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
@@ -501,7 +506,7 @@ def main(argv=None) -> None:
     for n, model in models.items():
         model.cqil, model.backend = CQILConfig(), "triton"
         rings[n] = RingLayers(model, a.prompt, slots=int(slots), consumers=int(consumers) if consumers else None,
-                              splits=a.splits)
+                              page_positions=a.page_positions)
         rings[n].run()
         check(rings[n])
         checks[n] = {k: round(v, 3) for k, v in check_stages(rings[n]).items()}
@@ -528,7 +533,7 @@ def main(argv=None) -> None:
     profile = None
     if a.profile:
         prof = RingLayers(models[hi], a.prompt, slots=int(slots), consumers=int(consumers) if consumers else None,
-                          splits=a.splits, profile=True)
+                          page_positions=a.page_positions, profile=True)
         prof.run()
         check(prof)
         profile = profile_summary(prof)

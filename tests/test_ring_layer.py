@@ -40,20 +40,23 @@ def test_pack_gate_up_blocks(rl):
     assert torch.equal(packed, torch.cat([wg[0:2], wu[0:2], wg[2:4], wu[2:4], wg[4:6], wu[4:6]]))
 
 
-def test_split_ranges_cover_the_cache_in_whole_pages(rl):
-    assert rl.split_ranges(37, 3, 16) == [(0, 16), (16, 16), (32, 5)]
-    assert rl.split_ranges(37, 1, 16) == [(0, 37)]
-    assert rl.split_ranges(0, 2, 16) == [(0, 0), (0, 0)]
-    assert rl.split_ranges(10, 4, 16) == [(0, 10), (10, 0), (10, 0), (10, 0)]
+def test_split_ranges_are_pages_of_the_cache(rl):
+    assert rl.split_ranges(37, 16) == [(0, 16), (16, 16), (32, 5)]
+    assert rl.split_ranges(32, 16) == [(0, 16), (16, 16)]
+    assert rl.split_ranges(0, 16) == [(0, 0)]
+    assert rl.page_positions(32, 2048) == 16 and rl.page_positions(32, 2048, most=4) == 4
+    assert rl.page_positions(128, 44032) == 64 and rl.page_positions(64, 44032) == 128
 
 
-@pytest.mark.parametrize("pos,splits,grid", [(37, 3, 5), (0, 2, 3), (130, 1, 1), (64, 4, 7)])
-def test_plan_covers_every_row_and_position_once(rl, pos, splits, grid):
+@pytest.mark.parametrize("pos,most,grid", [(37, 16, 5), (0, 16, 3), (130, 4, 1), (64, 8, 7)])
+def test_plan_covers_every_row_and_position_once(rl, pos, most, grid):
     """Per sub-layer, the GEMV tasks tile the rows and the attention tasks each kv head's positions 0..pos-1, the
-    current one in the last split; each block's pages are numbered in order, its first task of a sub-layer marked,
-    and every task waits for all tasks of the sub-layer before."""
+    current one in the last split; every task is one page, numbered as its place in its block's list; each block's
+    first task of a sub-layer is marked, and every task waits for all tasks of the sub-layer before."""
     shape = rl.Shape(D=128, H=4, Hkv=2, Dh=32, F=96, eps=1e-5)
-    p = rl.plan(shape, layers=2, pos=pos, splits=splits, slot_bytes=2048, grid=grid)
+    p = rl.plan(shape, layers=2, pos=pos, slot_bytes=2048, grid=grid, max_positions=most)
+    splits = p["splits"]
+    assert splits == max(1, -(-pos // min(most, 16)))
     tasks, off = p["tasks"].tolist(), p["task_off"].tolist()
     assert off[0] == 0 and off[-1] == len(tasks) and len(off) == grid + 1
     rows_of = {"qkv": (4 + 4) * 32, "o": 128, "gate_up": 96, "down": 128}
@@ -74,10 +77,9 @@ def test_plan_covers_every_row_and_position_once(rl, pos, splits, grid):
             assert covered == list(range(rows_of[rl.KINDS[kind]]))
     for b in range(grid):
         block = tasks[off[b]:off[b + 1]]
-        page, seen = 0, set()
-        for t in block:
-            assert t[4] == page
-            page += t[5]
+        seen = set()
+        for page, t in enumerate(block):
+            assert (t[4], t[5]) == (page, 1)
             sub = 5 * t[1] + t[0]
             assert t[7] == int(sub not in seen)
             seen.add(sub)
@@ -90,16 +92,18 @@ def test_shape_refusals(rl):
     with pytest.raises(ValueError, match="groups"):
         rl.Shape(D=128, H=10, Hkv=2, Dh=32, F=96, eps=1e-5)
     with pytest.raises(ValueError, match="fits a slot"):
-        rl.plan(rl.Shape(D=1024, H=4, Hkv=2, Dh=32, F=96, eps=1e-5), 1, 4, 1, 2048, 2)
+        rl.plan(rl.Shape(D=1024, H=4, Hkv=2, Dh=32, F=96, eps=1e-5), 1, 4, 2048, 2)
+    with pytest.raises(ValueError, match="divide slots"):
+        rl.RingLayers(_model(), 4, slots=3, consumers=2, ring_kb=8, grid=2)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,pos,splits,grid", [
-    (4, 2, 32, 37, 3, 5), (4, 4, 64, 0, 2, 3), (6, 2, 32, 130, 1, 1), (8, 2, 32, 64, 4, 7)])
-def test_twin_within_the_stage_bounds(rl, heads, kv_heads, head_dim, pos, splits, grid):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,pos,most,grid", [
+    (4, 2, 32, 37, 16, 5), (4, 4, 64, 0, 16, 3), (6, 2, 32, 130, 256, 1), (8, 2, 32, 64, 4, 7)])
+def test_twin_within_the_stage_bounds(rl, heads, kv_heads, head_dim, pos, most, grid):
     """The fp32 twin of the kernel's plan (the same roundings at the same points) is within every sub-layer's
     float64 bound, for groups of 1 to 4 query heads, an empty cache, one split and more, one block and more."""
-    ring = rl.RingLayers(_model(heads=heads, kv_heads=kv_heads, head_dim=head_dim), pos, ring_kb=8, splits=splits,
-                         grid=grid)
+    ring = rl.RingLayers(_model(heads=heads, kv_heads=kv_heads, head_dim=head_dim), pos, ring_kb=8,
+                         page_positions=most, grid=grid)
     rl.twin(ring)
     worst = rl.check_stages(ring)
     assert all(0 < v <= 1 for k, v in worst.items() if not (k == "attn" and pos == 0)), worst
@@ -108,7 +112,7 @@ def test_twin_within_the_stage_bounds(rl, heads, kv_heads, head_dim, pos, splits
 def test_the_stage_checks_catch_wrong_conventions(rl):
     """A rotation by the wrong pairing, attention of the wrong kv head and an h_mid one element off each fail."""
     def run():
-        ring = rl.RingLayers(_model(), 37, ring_kb=8, splits=2, grid=3)
+        ring = rl.RingLayers(_model(), 37, ring_kb=8, grid=3)
         rl.twin(ring)
         return ring
 
@@ -130,7 +134,7 @@ def test_the_stage_checks_catch_wrong_conventions(rl):
 
 def test_the_twin_decodes_as_the_attention_definition(rl):
     """The twin's attention at one head, recomputed directly: softmax(q k^T / sqrt(Dh)) v over positions 0..pos."""
-    ring = rl.RingLayers(_model(), 21, ring_kb=8, splits=2, grid=2)
+    ring = rl.RingLayers(_model(), 21, ring_kb=8, page_positions=8, grid=2)
     rl.twin(ring)
     lw = ring.layers[0]
     q = lw["q"].double().view(4, 32)[3]
@@ -139,10 +143,141 @@ def test_the_twin_decodes_as_the_attention_definition(rl):
     torch.testing.assert_close(lw["attn"].view(4, 32)[3].double(), o, rtol=2 ** -7, atol=1e-4)
 
 
+def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: bool = True, slow: int | None = None):
+    """ring_layer.cu's protocol, each block's producer and consumer warps as agents stepped in a random order
+    (seeded; `slow`: that consumer warp of every block moves only when nothing else can). The barriers as the
+    hardware's (a slot's `full` and `empty` waited on a parity), the counters, the blocks' x buffers with their tags
+    and the attention's tickets as the kernel's. Raises where a wait passes on the wrong phase (a page read from a
+    slot holding another, a slot refilled before its page was read), where a task reads what is not complete yet
+    (a staged input, a residual, q or the current key, another split's partials) or an x buffer already
+    overwritten, and where no agent can move before all are done (a deadlock). release_at_end / attn_waits=False:
+    the two mistakes the kernel does not make (a warp counting its tasks only at its end; attention not waiting
+    for QKV), for the test that the simulator sees them. Returns the counters."""
+    import random
+
+    rng = random.Random(seed)
+    plan = ring.plan
+    tasks, off = plan["tasks"].tolist(), plan["task_off"].tolist()
+    total = plan["sub_tasks"]
+    L, Hkv, splits, slots, C = ring.L, ring.shape.Hkv, ring.splits, ring.slots, ring.consumers
+    counters, computed = [0] * (5 * L), [0] * (5 * L)
+    tickets, merged = [[0] * Hkv for _ in range(L)], [0] * L
+
+    def complete(sub):
+        if sub >= 0 and computed[sub] != total[sub]:
+            raise RuntimeError(f"sub-layer {sub} read with {computed[sub]} of its {total[sub]} tasks done")
+
+    def producer(blk):
+        for page, t in enumerate(blk["tasks"]):
+            for _ in range(t[5]):  # one page a task
+                s, use = page % slots, page // slots
+                if use:
+                    yield lambda s=s, use=use: blk["empty"][s] % 2 != (use - 1) % 2
+                    if blk["holds"][s] is not None and not blk["read"][s]:
+                        raise RuntimeError(f"page {page} refilled slot {s} before page {blk['holds'][s]} was read")
+                blk["holds"][s], blk["read"][s] = page, False
+                blk["full"][s] += 1
+
+    def take(blk, page):
+        s = page % slots
+        yield lambda: blk["full"][s] % 2 != (page // slots) % 2
+        if blk["holds"][s] != page:
+            raise RuntimeError(f"page {page} read from slot {s}, which holds page {blk['holds'][s]}")
+        blk["read"][s] = True
+        blk["empty"][s] += 1
+
+    def consumer(blk, w):
+        done_sub, done = -1, 0
+        for t in blk["tasks"][w::C]:
+            kind, layer = t[0], t[1]
+            sub, b = 5 * layer + kind, (5 * layer + kind) % 2
+            if done and sub != done_sub and not release_at_end:
+                counters[done_sub] += done
+                done = 0
+            if (kind == 1 and attn_waits) or (kind != 1 and t[7]):
+                if t[6]:
+                    yield lambda sub=sub, t=t: counters[sub - 1] >= t[6]
+            if kind != 1:
+                if t[7]:  # stage: the sub-layer before complete; o reads the merged attention, the others their input
+                    complete(sub - 1)
+                    if kind == 2 and merged[layer] != Hkv:
+                        raise RuntimeError(f"layer {layer}'s attention staged with {merged[layer]} heads merged")
+                    blk["tag"][b] = sub + 1
+                else:
+                    yield lambda b=b, sub=sub: blk["tag"][b] == sub + 1
+                yield from take(blk, t[4])
+                if blk["tag"][b] != sub + 1:
+                    raise RuntimeError(f"sub-layer {sub}'s x overwritten by sub-layer {blk['tag'][b] - 1}'s")
+                if kind in (2, 4):  # the residual: h (the layer before's down) or h_mid (o_proj)
+                    complete(sub - 2 if kind == 2 else sub - 2)
+            else:
+                yield from take(blk, t[4])
+                complete(sub - 1)  # q and the current key and value
+                tickets[layer][t[8]] += 1
+                if tickets[layer][t[8]] == splits:
+                    merged[layer] += 1
+            computed[sub] += 1
+            done_sub, done = sub, done + 1
+        if done:
+            counters[done_sub] += done
+
+    agents = []
+    for b in range(len(off) - 1):
+        blk = dict(tasks=tasks[off[b]:off[b + 1]], full=[0] * slots, empty=[0] * slots, holds=[None] * slots,
+                   read=[False] * slots, tag=[0, 0])
+        agents.append([producer(blk), None, "producer"])
+        agents += [[consumer(blk, w), None, w] for w in range(C)]
+    live = agents
+    while live:
+        ready = []
+        for a in live:
+            if a[1] is None or a[1]():
+                ready.append(a)
+        fast = [a for a in ready if a[2] != slow]
+        if not ready:
+            raise RuntimeError(f"deadlock: counters {counters} of {total}")
+        a = rng.choice(fast or ready)
+        try:
+            a[1] = next(a[0])
+        except StopIteration:
+            live = [x for x in live if x is not a]
+    return counters
+
+
+@pytest.mark.parametrize("pos,most,grid,slots,consumers", [
+    (37, 16, 5, 4, 4), (0, 16, 3, 2, 2), (130, 4, 1, 1, 1), (64, 8, 7, 3, 1), (300, 16, 2, 4, 2)])
+def test_protocol(rl, pos, most, grid, slots, consumers):
+    """The plan under the kernel's protocol completes every sub-layer, every wait meaning what it names, in random
+    interleavings, with one consumer warp of every block lagging, down to one slot and one consumer."""
+    ring = rl.RingLayers(_model(layers=3), pos, slots=slots, consumers=consumers, ring_kb=8, page_positions=most,
+                         grid=grid)
+    for seed in range(4):
+        for slow in (None, consumers - 1):
+            assert _simulate(rl, ring, seed, slow=slow) == ring.plan["sub_tasks"]
+
+
+def test_the_simulation_is_not_blind(rl):
+    """Attention that does not wait for QKV reads an incomplete q; warps that count their tasks only at their end
+    deadlock (a block's first task of the next sub-layer waits for counts its own block holds back); a slot shared
+    by two warps lets a wait pass on the wrong page."""
+    ring = rl.RingLayers(_model(layers=2), 37, slots=2, consumers=2, ring_kb=8, grid=3)
+    with pytest.raises(RuntimeError, match="read with"):
+        for seed in range(20):
+            _simulate(rl, ring, seed, attn_waits=False)
+    with pytest.raises(RuntimeError, match="deadlock"):
+        _simulate(rl, ring, 0, release_at_end=True)
+    # slots not a multiple of the consumers (RingLayers refuses it): one slot for two warps, and a warp that has read
+    # its page waits for its next one on the parity its own page completed
+    ring.slots = 1
+    with pytest.raises(RuntimeError, match="read from slot|refilled slot"):
+        for seed in range(50):
+            _simulate(rl, ring, seed)
+
+
 def test_profile_summary(rl):
     """Per sub-layer, µs: medians of the waits and compute, and the boundary from the sub-layer before's last store
     to this one's first task holding its input."""
-    ring = rl.RingLayers(_model(layers=1), 5, ring_kb=8, splits=1, grid=2, profile=True)
+    ring = rl.RingLayers(_model(layers=1), 5, ring_kb=8, grid=2, profile=True)
     subs = (5 * ring.plan["tasks"][:, 1] + ring.plan["tasks"][:, 0]).tolist()
     for i, sub in enumerate(subs):  # sub-layer j's tasks: taken at 10 j, x at 10 j + 2, data + 1, stored + 3
         ring.prof[i] = torch.tensor([1000 * (10 * sub), 1000 * (10 * sub), 1000 * (10 * sub + 2),
@@ -159,17 +294,18 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_devic
 
 
 @gpu
-@pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,ffn,pos,slots,splits,grid", [
-    (4, 2, 32, 128, 96, 37, "4", 3, 5), (4, 4, 64, 256, 352, 0, "2", 2, 3), (9, 3, 64, 576, 1536, 130, "4:2", 1, 1),
-    (8, 2, 64, 512, 1024, 300, "3", 4, 17), (32, 32, 128, 4096, 11008, 511, "4", None, None)])
-def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, ffn, pos, slots, splits, grid):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,ffn,pos,slots,most,grid", [
+    (4, 2, 32, 128, 96, 37, "4", 16, 5), (4, 4, 64, 256, 352, 0, "2", 256, 3),
+    (9, 3, 64, 576, 1536, 130, "4:2", 256, 1), (8, 2, 64, 512, 1024, 300, "3", 32, 17),
+    (32, 32, 128, 4096, 11008, 511, "4", 256, None)])
+def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, ffn, pos, slots, most, grid):
     """Every sub-layer of every layer of a launch within its float64 bound; a graph replay and a second launch
     store the same bits (the sums' order does not depend on timing)."""
     if not rl.available():
         pytest.skip("nvcc not found")
     model = _model("cuda", heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, ffn=ffn)
     s, _, c = slots.partition(":")
-    ring = rl.RingLayers(model, pos, slots=int(s), consumers=int(c) if c else None, splits=splits, grid=grid)
+    ring = rl.RingLayers(model, pos, slots=int(s), consumers=int(c) if c else None, page_positions=most, grid=grid)
     ring.run()
     rl.check(ring)
     rl.check_stages(ring)
