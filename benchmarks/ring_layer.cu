@@ -37,6 +37,7 @@
 
 #include <cstdint>
 
+#include "ring_gemv.cuh"
 #include "ring_sync.cuh"
 
 #ifndef RING_PATIENCE_NS
@@ -51,7 +52,6 @@ constexpr int kMaxConsumers = 8;
 constexpr int kGroups[] = {1, 2, 3, 4};  // query heads per kv head an attention task takes (attn_task)
 constexpr int kMaxLaneDims = 4;    // head_dim <= 128: dims d = lane + 32 j, j < head_dim / 32
 constexpr int kStamps = 5;         // prof per task: page issued, taken, x ready, page's bytes there, stored
-constexpr int kStageLoads = 16;
 
 enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
 
@@ -101,8 +101,6 @@ struct Params {
   float eps, scale;      // scale: log2(e) / sqrt(Dh)
 };
 
-__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
 __device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float round_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ __nv_bfloat16 ldcg(const __nv_bfloat16* p) {  // written by other blocks: through L2
@@ -120,17 +118,6 @@ __device__ void give_up(long long* diag, int what, int warp, int task, long long
     diag[6] = want;
     diag[7] = tasks;
   }
-}
-
-__device__ __forceinline__ void dot8(uint4 w, const float (&x)[8], float& even, float& odd) {
-  even = fmaf(lo(w.x), x[0], even);
-  odd = fmaf(hi(w.x), x[1], odd);
-  even = fmaf(lo(w.y), x[2], even);
-  odd = fmaf(hi(w.y), x[3], odd);
-  even = fmaf(lo(w.z), x[4], even);
-  odd = fmaf(hi(w.z), x[5], odd);
-  even = fmaf(lo(w.w), x[6], even);
-  odd = fmaf(hi(w.w), x[7], odd);
 }
 
 // s[r] = w[r] . x for the R rows of a slot, in every lane: each lane sums its 16-byte chunks lane, lane + 32, ...
@@ -155,25 +142,6 @@ __device__ __forceinline__ void rows_dot(const uint4* w, const uint4* xs, int ch
   }
 }
 
-// x [K] (global, bf16) into shared memory through L2 by one warp, kStageLoads 16-byte loads in flight per lane.
-__device__ void stage_plain(uint4* dst, const __nv_bfloat16* x, int K, int lane) {
-  const uint4* src = reinterpret_cast<const uint4*>(x);
-  const int chunks = K / 8;
-  for (int c0 = 0; c0 < chunks; c0 += 32 * kStageLoads) {
-    uint4 v[kStageLoads];
-#pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c < chunks) v[u] = __ldcg(src + c);
-    }
-#pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c < chunks) dst[c] = v[u];
-    }
-  }
-}
-
 __device__ __forceinline__ unsigned mul2(unsigned x, unsigned w) {  // two bf16 products, each rounded once
   const __nv_bfloat162 r = __floats2bfloat162_rn(lo(x) * lo(w), hi(x) * hi(w));
   return *reinterpret_cast<const unsigned*>(&r);
@@ -185,27 +153,8 @@ __device__ __forceinline__ unsigned mul2(unsigned x, unsigned w) {  // two bf16 
 // loading the weight beside x in the first pass spilled 40 to 400 bytes at the kernel's 168 registers)
 __device__ float stage_norm(uint4* __restrict__ dst, const __nv_bfloat16* __restrict__ x,
                             const __nv_bfloat16* __restrict__ w, int K, float eps, int lane) {
-  const uint4* src = reinterpret_cast<const uint4*>(x);
+  float sq = stage_x<true>(dst, x, K, lane);
   const int chunks = K / 8;
-  float sq = 0.f;
-  for (int c0 = 0; c0 < chunks; c0 += 32 * kStageLoads) {
-    uint4 v[kStageLoads];
-#pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c < chunks) v[u] = __ldcg(src + c);
-    }
-#pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c < chunks) {
-        dst[c] = v[u];
-        const unsigned e[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) sq = fmaf(hi(e[k]), hi(e[k]), fmaf(lo(e[k]), lo(e[k]), sq));
-      }
-    }
-  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
   const uint4* wv = reinterpret_cast<const uint4*>(w);
@@ -483,7 +432,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
           rstd = stage_norm(reinterpret_cast<uint4*>(xb), t.kind == kQkv ? L.h : L.hmid,
                             t.kind == kQkv ? L.norm_in : L.norm_post, p.D, p.eps, lane);
         } else {
-          stage_plain(reinterpret_cast<uint4*>(xb), t.kind == kO ? L.attn : L.act, t.kind == kO ? p.H * p.Dh : p.F,
+          stage_x(reinterpret_cast<uint4*>(xb), t.kind == kO ? L.attn : L.act, t.kind == kO ? p.H * p.Dh : p.F,
                       lane);
         }
         __syncwarp();

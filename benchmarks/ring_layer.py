@@ -450,34 +450,12 @@ def profile_summary(ring: RingLayers) -> list[dict]:
     return rows
 
 
-def _replay_us(run, replays: int, rounds: int) -> float:
-    """Median µs of one run over `rounds` timings of a CUDA graph of `replays` runs (events)."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            run()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def main(argv=None) -> None:
     from cqil_kernels import CQILConfig
     from cqil_kernels.bench import (_commit, _time_ours, _warm_up_gpu, copy_bandwidth_gbps, decode_step_bytes,
                                     random_model, shape_args, write_record)
+    from cqil_kernels.ops._common import capture_launches, replay_median_us
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b")
@@ -516,7 +494,7 @@ def main(argv=None) -> None:
     for r in range(a.rounds):
         for n in ((lo, hi) if r % 2 == 0 else (hi, lo)):
             ours[n].append(_time_ours(models[n], ids, a.new, a.repeats)[1] * 1e3)
-            ring_us[n].append(_replay_us(rings[n].run, 20, 10))
+            ring_us[n].append(replay_median_us(capture_launches(lambda i, n=n: rings[n].run(), 20), 20, 10))
             check(rings[n])
             print(f"round {r} {n:>3} layers: ours {ours[n][-1]:.1f} us/step, ring {ring_us[n][-1]:.1f} us", flush=True)
     step_bytes = {n: decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, 1, a.prompt) for n in models}
