@@ -98,6 +98,8 @@ struct Params {
   long long* diag;       // [8], zero at launch
   int D, H, Hkv, Dh, F, S, pos, splits;
   int slot_bytes, slots, x_bytes, page_positions;
+  int mode;              // 0 the layers; diagnostics (every wait kept, results meaningless): 1 stream only (no
+                         // products), 2 compute only (no page copied: the products of whatever the slots hold)
   float eps, scale;      // scale: log2(e) / sqrt(Dh)
 };
 
@@ -228,7 +230,7 @@ __device__ bool attn_task(const Task& t, const Params& p, const Layer& L, unsign
   if (stamp) stamp[3] = global_ns();
   const auto* ks = reinterpret_cast<const __nv_bfloat16*>(ring + s * p.slot_bytes);
   const auto* vs = ks + p.page_positions * p.Dh;
-  for (int j = 0; j < t.rows; ++j) attend<G>(st, ks + j * p.Dh, vs + j * p.Dh, nd, lane, false);
+  for (int j = 0; j < (p.mode == 1 ? 0 : t.rows); ++j) attend<G>(st, ks + j * p.Dh, vs + j * p.Dh, nd, lane, false);
   __syncwarp();
   if (lane == 0) mbar_arrive(&empty[s]);
   if (t.current) {
@@ -281,7 +283,7 @@ __device__ void gemv_task(const Task& t, const Params& p, const Layer& L, const 
                           int lane) {
   if (t.kind == kGateUp) {
     float s[2 * R];
-    rows_dot<2 * R>(w, xs, p.D / 8, lane, s);
+    rows_dot<2 * R>(w, xs, p.mode == 1 ? 0 : p.D / 8, lane, s);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (lane == r) {
@@ -293,7 +295,7 @@ __device__ void gemv_task(const Task& t, const Params& p, const Layer& L, const 
   }
   const int K = t.kind == kQkv ? p.D : t.kind == kO ? p.H * p.Dh : p.F;
   float s[R];
-  rows_dot<R>(w, xs, K / 8, lane, s);
+  rows_dot<R>(w, xs, p.mode == 1 ? 0 : K / 8, lane, s);
   if (t.kind == kQkv) {  // pairs (2i, 2i + 1) of the permuted rows are dims (i, i + Dh / 2) of one head
 #pragma unroll
     for (int r = 0; r < R; r += 2) {
@@ -385,7 +387,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
         src = L.wd + static_cast<long long>(t.row0) * p.F;
         bytes = t.rows * p.F * 2;
       }
-      if (bytes == 0) {  // an attention split with no cached position (an empty cache): the page is empty
+      if (bytes == 0 || p.mode == 2) {  // an empty page (an attention split of an empty cache), or compute only
         mbar_arrive(&full[s]);
       } else {
         mbar_expect_tx(&full[s], src_v ? 2 * bytes : bytes);
@@ -509,7 +511,7 @@ extern "C" int ring_layer_smem(int slot_bytes, int slots, int x_bytes) {
 }
 
 // Zeroes the counters, the tickets and diag, then launches on `stream` (capturable). ints: D, H, Hkv, Dh, F, S, pos,
-// splits, slot_bytes, slots, x_bytes, page_positions, consumers, grid, sub_layers. Returns a cudaError_t;
+// splits, slot_bytes, slots, x_bytes, page_positions, consumers, grid, sub_layers, mode. Returns a cudaError_t;
 // cudaErrorInvalidValue for shapes the kernel does not take, cudaErrorLaunchOutOfResources where the grid's blocks
 // cannot all be resident (they wait on one another).
 extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const void* layers, unsigned* counters,
@@ -530,11 +532,13 @@ extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const v
   p.x_bytes = ints[10];
   p.page_positions = ints[11];
   const int consumers = ints[12], grid = ints[13], sub_layers = ints[14];
+  p.mode = ints[15];
   p.tickets = counters + sub_layers;  // [layers * Hkv] after the sub-layers' counters
   p.eps = eps;
   p.scale = 1.4426950408889634f / sqrtf(static_cast<float>(p.Dh));
   if (consumers < 1 || consumers > kMaxConsumers || p.slots < 1 || p.slots % consumers || p.Dh % 32 ||
-      p.Dh > 32 * kMaxLaneDims || p.Hkv < 1 || p.H % p.Hkv || !group_supported(p.H / p.Hkv) || p.D % 8 || p.F % 8)
+      p.Dh > 32 * kMaxLaneDims || p.Hkv < 1 || p.H % p.Hkv || !group_supported(p.H / p.Hkv) || p.D % 8 ||
+      p.F % 8 || p.mode < 0 || p.mode > 2)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int smem = ring_layer_smem(p.slot_bytes, p.slots, p.x_bytes);

@@ -161,6 +161,8 @@ class RingLayers:
     most cached positions of one attention split (a page; default as many as fit a slot, up to MAX_POSITIONS);
     grid: blocks (default one per SM)."""
 
+    MODES = {"layers": 0, "stream": 1, "compute": 2}
+
     def __init__(self, model, pos: int, slots: int = 4, ring_kb: int = RING_KB, consumers: int | None = None,
                  page_positions: int = MAX_POSITIONS, grid: int | None = None, profile: bool = False, seed: int = 0):
         args = model.args
@@ -217,15 +219,20 @@ class RingLayers:
         self.prof = torch.zeros(self.tasks.shape[0], len(STAMPS), dtype=torch.int64, device=device) if profile else None
         self.patience = patience_ns()
 
-    def ints(self) -> list[int]:
+    def ints(self, mode: str = "layers") -> list[int]:
         s = self.shape
         return [s.D, s.H, s.Hkv, s.Dh, s.F, self.S, self.pos, self.splits, self.slot_bytes, self.slots, self.x_bytes,
-                self.plan["page_positions"], self.consumers, self.grid, 5 * self.L]
+                self.plan["page_positions"], self.consumers, self.grid, 5 * self.L, self.MODES[mode]]
 
-    def run(self) -> None:
-        """Queue the launch on the current stream (capturable); check() reads whether it gave up."""
+    def run(self, mode: str = "layers") -> None:
+        """Queue the launch on the current stream (capturable); check() reads whether it gave up. mode: "layers",
+        or a diagnostic whose outputs are meaningless (every wait kept; a later "layers" run computes them again
+        from h[0]): "stream", the pages streamed and no products; "compute", the products of whatever the slots
+        hold and no page copied."""
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         lib = library(SOURCE, self.patience)
-        ints = (ctypes.c_int * 15)(*self.ints())
+        ints = (ctypes.c_int * 16)(*self.ints(mode))
         err = lib.ring_layer_launch(self.tasks.data_ptr(), self.task_off.data_ptr(), self.table.data_ptr(),
                                     self.counters.data_ptr(), self.inv_freq.data_ptr(),
                                     None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(), ints,
@@ -468,6 +475,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="also one profiled run of the larger model")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also time the stream-only and compute-only diagnostics (RingLayers.run's modes)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     lo, hi = sorted(a.layers or [2, 8])
@@ -490,18 +499,25 @@ def main(argv=None) -> None:
         checks[n] = {k: round(v, 3) for k, v in check_stages(rings[n]).items()}
         print(f"{n} layers: every sub-layer within its bound (largest error / bound {checks[n]})", flush=True)
     ids = torch.randint(0, models[lo].args.vocab_size, (1, a.prompt), device=device)
-    ours, ring_us = {n: [] for n in models}, {n: [] for n in models}
+    modes = ["layers"] + (["stream", "compute"] if a.diagnose else [])
+    ours, ring_us = {n: [] for n in models}, {m: {n: [] for n in models} for m in modes}
     for r in range(a.rounds):
         for n in ((lo, hi) if r % 2 == 0 else (hi, lo)):
             ours[n].append(_time_ours(models[n], ids, a.new, a.repeats)[1] * 1e3)
-            ring_us[n].append(replay_median_us(capture_launches(lambda i, n=n: rings[n].run(), 20), 20, 10))
-            check(rings[n])
-            print(f"round {r} {n:>3} layers: ours {ours[n][-1]:.1f} us/step, ring {ring_us[n][-1]:.1f} us", flush=True)
+            for m in modes:
+                graph = capture_launches(lambda i, n=n, m=m: rings[n].run(m), 20)
+                ring_us[m][n].append(replay_median_us(graph, 20, 10))
+                check(rings[n])
+            print(f"round {r} {n:>3} layers: ours {ours[n][-1]:.1f} us/step, ring "
+                  + ", ".join(f"{m} {ring_us[m][n][-1]:.1f}" for m in modes) + " us", flush=True)
+    rings[hi].run()  # the outputs of the layers again, after the diagnostics
+    check(rings[hi])
     step_bytes = {n: decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, 1, a.prompt) for n in models}
     layer_bytes = (step_bytes[hi] - step_bytes[lo]) / (hi - lo)
     floor_us = layer_bytes / copy / 1e3
     rows = []
-    for name, t in (("ours (graph-replayed decode step)", ours), ("ring_layer (one launch)", ring_us)):
+    for name, t in [("ours (graph-replayed decode step)", ours), ("ring_layer (one launch)", ring_us["layers"])] + [
+            (f"ring_layer {m} only (diagnostic)", ring_us[m]) for m in modes[1:]]:
         t_lo, t_hi = statistics.median(t[lo]), statistics.median(t[hi])
         slope = (t_hi - t_lo) / (hi - lo)
         rows.append([name, round(t_lo, 1), round(t_hi, 1), round(slope, 2), round(slope - floor_us, 2),

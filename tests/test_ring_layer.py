@@ -95,6 +95,8 @@ def test_shape_refusals(rl):
         rl.plan(rl.Shape(D=1024, H=4, Hkv=2, Dh=32, F=96, eps=1e-5), 1, 4, 2048, 2)
     with pytest.raises(ValueError, match="divide slots"):
         rl.RingLayers(_model(), 4, slots=3, consumers=2, ring_kb=8, grid=2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        rl.RingLayers(_model(), 4, ring_kb=8, grid=2).run("fast")
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,pos,most,grid", [
@@ -300,7 +302,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_devic
     (32, 32, 128, 4096, 11008, 511, "4", 256, None)])
 def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, ffn, pos, slots, most, grid):
     """Every sub-layer of every layer of a launch within its float64 bound; a graph replay and a second launch
-    store the same bits (the sums' order does not depend on timing)."""
+    store the same bits (the sums' order does not depend on timing), also after the two diagnostics ran."""
     if not rl.available():
         pytest.skip("nvcc not found")
     model = _model("cuda", heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, ffn=ffn)
@@ -321,5 +323,11 @@ def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, f
     for t in ring.h[1:]:
         t.zero_()
     graph.replay()
+    rl.check(ring)
+    assert all(torch.equal(a, b) for a, b in zip(first, ring.h))
+    for mode in ("stream", "compute"):  # the diagnostics keep every wait (none gives up), then the layers again
+        ring.run(mode)
+        rl.check(ring)
+    ring.run()
     rl.check(ring)
     assert all(torch.equal(a, b) for a, b in zip(first, ring.h))
