@@ -356,8 +356,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
 
   if (warp == consumers) {  // producer: lane 0 alone; task i is the block's page i, in slot i % slots
     if (lane != 0) return;
+    Task next = mine > 0 ? tasks[0] : Task{};
     for (int i = 0; i < mine; ++i) {
-      const Task t = tasks[i];
+      const Task t = next;
+      if (i + 1 < mine) next = tasks[i + 1];  // a task ahead: its load's latency behind this page's wait
       const Layer& L = p.layers[t.layer];
       const int s = i % p.slots;
       if (i >= p.slots && !mbar_wait_until(&empty[s], ((i / p.slots) - 1) & 1, deadline)) {
@@ -401,8 +403,10 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
   // consumer warp: its k-th task is warp + k * consumers; its count of a sub-layer is released once it moves on
   int done_sub = -1;
   unsigned done = 0;
+  Task next = warp < mine ? tasks[warp] : Task{};
   for (int i = warp; i < mine; i += consumers) {
-    const Task t = tasks[i];
+    const Task t = next;
+    if (i + consumers < mine) next = tasks[i + consumers];  // a task ahead: its load's latency behind this task
     const Layer& L = p.layers[t.layer];
     const int sub = 5 * t.layer + t.kind, b = sub & 1;
     long long* stamp = p.prof && lane == 0 ? p.prof + (begin + i) * kStamps : nullptr;
