@@ -288,7 +288,7 @@ def twin(ring: RingLayers) -> None:
     G, half = s.H // s.Hkv, s.Dh // 2
     scale = math.log2(math.e) / math.sqrt(s.Dh)
     tasks = sorted(ring.plan["tasks"].tolist(), key=lambda t: (5 * t[1] + t[0]))  # stable: the plan's order
-    staged = {}
+    staged, finished = {}, {}
     for kind, layer, row0, rows, _, pages, _, _, head, split, current, _ in tasks:
         lw, name = ring.layers[layer], KINDS[kind]
         sub = 5 * layer + kind
@@ -298,29 +298,28 @@ def twin(ring: RingLayers) -> None:
             elif name == "gate_up":
                 staged[sub] = _normed(lw["hmid"], lw["norm_post"], s.eps)
             elif name == "o":
-                part = lw["part"]
-                m = part[..., s.Dh]
-                w = torch.exp2(m - m.amax(1, keepdim=True))
-                merged = _bf((w[..., None] * part[..., :s.Dh]).sum(1) / (w * part[..., s.Dh + 1]).sum(1)[:, None])
-                lw["attn"].copy_(merged.flatten())
-                staged[sub] = (merged.flatten(), None)
+                staged[sub] = (lw["attn"].float(), None)
             elif name == "down":
                 staged[sub] = (lw["act"].float(), None)
         if name == "attn":
             q = lw["q"].float().view(s.H, s.Dh)[head * G:(head + 1) * G] * scale
-            last = row0 + rows + (1 if current else 0)
             keys = list(range(row0, row0 + rows)) + ([pos] if current else [])
-            assert last >= row0 and pages == 1 and rows <= pp
-            k = lw["k"][head, keys].float()
-            v = lw["v"][head, keys].float()
+            assert pages == 1 and rows <= pp
             out = lw["part"][head * G:(head + 1) * G, split]
-            if not keys:
+            if keys:
+                k, v = lw["k"][head, keys].float(), lw["v"][head, keys].float()
+                sc = q @ k.t()
+                m = sc.amax(1)
+                e = torch.exp2(sc - m[:, None])
+                out[:, :s.Dh], out[:, s.Dh], out[:, s.Dh + 1] = e @ v, m, e.sum(1)
+            else:
                 out[:, :s.Dh], out[:, s.Dh], out[:, s.Dh + 1] = 0.0, -math.inf, 0.0
-                continue
-            sc = q @ k.t()
-            m = sc.amax(1)
-            e = torch.exp2(sc - m[:, None])
-            out[:, :s.Dh], out[:, s.Dh], out[:, s.Dh + 1] = e @ v, m, e.sum(1)
+            finished[layer, head] = finished.get((layer, head), 0) + 1
+            if finished[layer, head] == ring.splits:  # the kv head's last split merges its query heads' splits
+                part = lw["part"][head * G:(head + 1) * G]
+                w = torch.exp2(part[..., s.Dh] - part[..., s.Dh].amax(1, keepdim=True))
+                merged = (w[..., None] * part[..., :s.Dh]).sum(1) / (w * part[..., s.Dh + 1]).sum(1)[:, None]
+                lw["attn"].view(s.H, s.Dh)[head * G:(head + 1) * G] = merged
             continue
         x, rstd = staged[sub]
         if name == "qkv":
