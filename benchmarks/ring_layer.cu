@@ -51,6 +51,8 @@ using namespace ring;
 constexpr int kMaxConsumers = 8;
 constexpr int kGroups[] = {1, 2, 3, 4};  // query heads per kv head an attention task takes (attn_task)
 constexpr int kMaxLaneDims = 4;    // head_dim <= 128: dims d = lane + 32 j, j < head_dim / 32
+constexpr int kMaxSplits = 64;     // attention splits of a kv head (ring_layer.py's MAX_SPLITS)
+constexpr int kMergeLoads = 4;     // splits' sums a lane loads at once in the merge
 constexpr int kStamps = 5;         // prof per task: page issued, taken, x ready, page's bytes there, stored
 
 enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
@@ -260,15 +262,45 @@ __device__ bool attn_task(const Task& t, const Params& p, const Layer& L, unsign
   __threadfence();
   for (int g = 0; g < G; ++g) {
     const float* ph = part + g * p.splits * stride;
-    float M = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) M = fmaxf(M, __ldcg(ph + s * stride + p.Dh));
-    float denom = 0.f, num[kMaxLaneDims] = {};
-    for (int s = 0; s < p.splits; ++s) {
-      const float w = exp2f(__ldcg(ph + s * stride + p.Dh) - M);
-      denom += w * __ldcg(ph + s * stride + p.Dh + 1);
+    // the splits' maxima and weight sums, split s in lane s % 32 (at most kMaxSplits): M and the denominator by
+    // butterflies; then each lane's dims, kMergeLoads splits' sums in flight
+    float m[kMaxSplits / 32], w[kMaxSplits / 32], M = -INFINITY, denom = 0.f;
 #pragma unroll
-      for (int j = 0; j < kMaxLaneDims; ++j)
-        if (j < nd) num[j] += w * __ldcg(ph + s * stride + lane + 32 * j);
+    for (int k = 0; k < kMaxSplits / 32; ++k) {
+      const int s = lane + 32 * k;
+      m[k] = s < p.splits ? __ldcg(ph + s * stride + p.Dh) : -INFINITY;
+      M = fmaxf(M, m[k]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+#pragma unroll
+    for (int k = 0; k < kMaxSplits / 32; ++k) {
+      const int s = lane + 32 * k;
+      w[k] = exp2f(m[k] - M);  // 0 for an absent split or one of no position (m = -inf)
+      if (s < p.splits) denom = fmaf(w[k], __ldcg(ph + s * stride + p.Dh + 1), denom);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, off);
+    float num[kMaxLaneDims] = {};
+    for (int s0 = 0; s0 < p.splits; s0 += kMergeLoads) {
+      float a[kMergeLoads][kMaxLaneDims];
+#pragma unroll
+      for (int u = 0; u < kMergeLoads; ++u)
+#pragma unroll
+        for (int j = 0; j < kMaxLaneDims; ++j)
+          a[u][j] = s0 + u < p.splits && j < nd ? __ldcg(ph + (s0 + u) * stride + lane + 32 * j) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kMergeLoads; ++u) {  // the splits in order
+        const int s = s0 + u;
+        float ws = 0.f;
+#pragma unroll
+        for (int k = 0; k < kMaxSplits / 32; ++k) {
+          const float wk = __shfl_sync(0xffffffffu, w[k], s % 32);
+          if (s / 32 == k) ws = wk;
+        }
+#pragma unroll
+        for (int j = 0; j < kMaxLaneDims; ++j) num[j] = fmaf(ws, a[u][j], num[j]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < kMaxLaneDims; ++j)
@@ -542,7 +574,7 @@ extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const v
   p.scale = 1.4426950408889634f / sqrtf(static_cast<float>(p.Dh));
   if (consumers < 1 || consumers > kMaxConsumers || p.slots < 1 || p.slots % consumers || p.Dh % 32 ||
       p.Dh > 32 * kMaxLaneDims || p.Hkv < 1 || p.H % p.Hkv || !group_supported(p.H / p.Hkv) || p.D % 8 ||
-      p.F % 8 || p.mode < 0 || p.mode > 2)
+      p.F % 8 || p.mode < 0 || p.mode > 2 || p.splits < 1 || p.splits > kMaxSplits)
     return cudaErrorInvalidValue;
   const auto st = static_cast<cudaStream_t>(stream);
   const int smem = ring_layer_smem(p.slot_bytes, p.slots, p.x_bytes);

@@ -35,6 +35,7 @@ LAYER_FIELDS = ("norm_in", "wqkv", "wo", "norm_post", "wgu", "wd", "k", "v", "h"
 STAMPS = ("issued", "taken", "x", "data", "stored")
 MAX_ROWS = 8       # rows of a GEMV task (gate/up: of each)
 MAX_POSITIONS = 256  # cached positions of an attention page
+MAX_SPLITS = 64    # attention splits (pages) of a kv head (ring_layer.cu's kMaxSplits)
 GROUPS = (1, 2, 3, 4)  # query heads per kv head (ring_layer.cu's kGroups)
 MAX_CONSUMERS = 8
 RING_KB = 172
@@ -86,6 +87,16 @@ def page_positions(Dh: int, slot_bytes: int, most: int = MAX_POSITIONS) -> int:
     return n
 
 
+def split_positions(pos: int, kv_heads: int, grid: int) -> int:
+    """The default cap on an attention split's cached positions: about one split per block over the kv heads (a
+    power of two, at least 16), and no more than MAX_SPLITS splits. Fewer positions a task shorten the attention's
+    critical path; more splits lengthen its merge (the last split's sums of every split)."""
+    per = max(16, 1 << max(0, math.ceil(math.log2(max(1, pos * kv_heads / grid)))))
+    while -(-pos // per) > MAX_SPLITS:
+        per *= 2
+    return per
+
+
 def split_ranges(pos: int, per_page: int) -> list[tuple[int, int]]:
     """(first, count) of the cached positions 0..pos-1 each attention split (one page) attends to; the last split
     also attends to the current position (an empty cache: one split of no cached position)."""
@@ -120,6 +131,9 @@ def plan(shape: Shape, layers: int, pos: int, slot_bytes: int, grid: int, max_po
             "down": task_rows(D, F * 2, slot_bytes)}  # qkv: even, and dividing Dh (a multiple of 32)
     pp = page_positions(Dh, slot_bytes, max_positions)
     ranges = split_ranges(pos, pp)
+    if len(ranges) > MAX_SPLITS:
+        raise ValueError(f"{pos} cached positions in pages of {pp} make {len(ranges)} splits, over {MAX_SPLITS}: "
+                         f"larger pages (a larger slot or max_positions)")
     order, sub_tasks = [], []
     for layer in range(layers):
         for kind, name in enumerate(KINDS):
@@ -158,13 +172,13 @@ class RingLayers:
     `pos`: h[0] in, h[L] out, every sub-layer's output kept per layer for the checks. The caches hold random keys
     and values at positions 0..pos-1 (the prompt), the run writes position pos. On a CPU the same buffers and plan
     serve the twin. slots / ring_kb / consumers as ring_chain's (consumers must divide slots); page_positions: the
-    most cached positions of one attention split (a page; default as many as fit a slot, up to MAX_POSITIONS);
-    grid: blocks (default one per SM)."""
+    most cached positions of one attention split (a page, at most as many as fit a slot; default
+    split_positions'); grid: blocks (default one per SM)."""
 
     MODES = {"layers": 0, "stream": 1, "compute": 2}
 
     def __init__(self, model, pos: int, slots: int = 4, ring_kb: int = RING_KB, consumers: int | None = None,
-                 page_positions: int = MAX_POSITIONS, grid: int | None = None, profile: bool = False, seed: int = 0):
+                 page_positions: int | None = None, grid: int | None = None, profile: bool = False, seed: int = 0):
         args = model.args
         self.shape = s = Shape.of(args)
         device = model.device
@@ -174,7 +188,8 @@ class RingLayers:
             raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots}, got {self.consumers}")
         self.grid = resident_grid(device, grid) if device.type == "cuda" else (grid or 4)
         target = (ring_kb * 1024 // slots) // 16 * 16
-        self.plan = plan(s, self.L, pos, target, self.grid, page_positions)
+        self.plan = plan(s, self.L, pos, target, self.grid,
+                         page_positions or min(MAX_POSITIONS, split_positions(pos, s.Hkv, self.grid)))
         self.splits = self.plan["splits"]
         rows = self.plan["rows"]
         pp = self.plan["page_positions"]
@@ -468,8 +483,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, action="append", help="two layer counts (default 2 and 8)")
     ap.add_argument("--prompt", type=int, default=512, help="cached positions")
     ap.add_argument("--slots", default="4", help="S or S:C, as ring_chain.py's")
-    ap.add_argument("--page-positions", type=int, default=MAX_POSITIONS,
-                    help="the most cached positions of one attention split")
+    ap.add_argument("--page-positions", type=int, default=None,
+                    help="the most cached positions of one attention split (default split_positions')")
     ap.add_argument("--new", type=int, default=64, help="our decode steps timed per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)

@@ -40,6 +40,16 @@ def test_pack_gate_up_blocks(rl):
     assert torch.equal(packed, torch.cat([wg[0:2], wu[0:2], wg[2:4], wu[2:4], wg[4:6], wu[4:6]]))
 
 
+def test_split_positions(rl):
+    """About one split per block over the kv heads, at least 16 positions, at most MAX_SPLITS splits."""
+    assert rl.split_positions(512, 32, 132) == 128   # 32 kv heads x 4 splits: 128 tasks
+    assert rl.split_positions(512, 3, 132) == 16     # 3 kv heads x 32 splits
+    assert rl.split_positions(0, 8, 132) == 16
+    assert rl.split_positions(4095, 3, 132) == 128 and -(-4095 // 128) <= rl.MAX_SPLITS
+    with pytest.raises(ValueError, match="splits, over"):
+        rl.plan(rl.Shape(D=128, H=4, Hkv=2, Dh=32, F=96, eps=1e-5), 1, 65 * 16, 2048, 2, max_positions=16)
+
+
 def test_split_ranges_are_pages_of_the_cache(rl):
     assert rl.split_ranges(37, 16) == [(0, 16), (16, 16), (32, 5)]
     assert rl.split_ranges(32, 16) == [(0, 16), (16, 16)]
@@ -299,7 +309,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_devic
 @pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,ffn,pos,slots,most,grid", [
     (4, 2, 32, 128, 96, 37, "4", 16, 5), (4, 4, 64, 256, 352, 0, "2", 256, 3),
     (9, 3, 64, 576, 1536, 130, "4:2", 256, 1), (8, 2, 64, 512, 1024, 300, "3", 32, 17),
-    (32, 32, 128, 4096, 11008, 511, "4", 256, None)])
+    (32, 32, 128, 4096, 11008, 511, "4", 256, None), (4, 2, 32, 128, 96, 600, "4", 16, 7)])
 def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, ffn, pos, slots, most, grid):
     """Every sub-layer of every layer of a launch within its float64 bound; a graph replay and a second launch
     store the same bits (the sums' order does not depend on timing), also after the two diagnostics ran."""
