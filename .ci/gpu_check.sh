@@ -41,7 +41,7 @@
 #               fragment order, against the Triton launch-per-layer variants), after its CUDA test; RING_BATCH_ARGS
 #   ring_layer  issue 26: benchmarks/ring_layer.py (whole decode layers at batch 1 in one ring launch against our
 #               decode step's per-layer slope), after its CUDA tests, for each RING_LAYER_SHAPES (default smollm2-135m
-#               llama-3.2-1b llama-7b); RING_LAYER_ARGS (default --diagnose --profile; e.g. --slots 8:4,
+#               llama-3.2-1b llama-7b); RING_LAYER_ARGS (default --diagnose --profile --per-head; e.g. --slots 8:4,
 #               --page-positions 32)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
@@ -295,7 +295,7 @@ for stage in $stages; do
     (cd /tmp && timeout 300 python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_ring_layer.py" 2>&1) \
       | tail -40 | tee -a "$OUT/ring_layer.log"
     for shape in ${RING_LAYER_SHAPES:-smollm2-135m llama-3.2-1b llama-7b}; do
-      timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_layer.py --shape "$shape" ${RING_LAYER_ARGS:---diagnose --profile} \
+      timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_layer.py --shape "$shape" ${RING_LAYER_ARGS:---diagnose --profile --per-head} \
         --out "$OUT/ring_layer_$shape.json" 2>&1 | tee -a "$OUT/ring_layer.log"
     done ;;
   variant_ab)

@@ -13,8 +13,10 @@
 //   kO       rows of o_proj, x = the attention, + h: h_mid;
 //   kGateUp  rows of gate and the same rows of up in one slot, x = RMSNorm(h_mid): silu(g) * u;
 //   kDown    rows of the down projection, x = the activations, + h_mid: the next layer's h.
-// A task waits only for the sub-layer before it (earlier in every block's order), so ring_chain.cu's argument
-// holds: no task waits on a later one, every block is resident, no order of scheduling deadlocks.
+// A task waits only for tasks earlier in every block's order (the sub-layer before; with ring_layer.py's per_head
+// plan, an attention task for its own kv head's QKV rows, each kv head's counted on a counter of their own), so
+// ring_chain.cu's argument holds: no task waits on a later one, every block is resident, no order of scheduling
+// deadlocks. The QKV weight's rows are ordered by kv head (its G query heads, its key, its value) either way.
 //
 //   producer warp   lane 0 walks the block's tasks and copies task i's page into slot i % slots with bulk copies
 //                   (TMA) once the slot's previous page is read; it never waits on activations.
@@ -27,10 +29,11 @@
 // (With multi-page tasks a warp could wait on a slot two uses ahead and pass on the older phase; the protocol
 // simulation in tests/test_ring_layer.py found it.)
 // Two x buffers suffice: a warp stages sub-layer j + 2 only after all of j + 1 is counted, which needs every task
-// of j done reading buffer j & 1 (kAttn stages nothing; the argument only needs the order).
+// of j done reading buffer j & 1 (kAttn stages nothing; with per-head waits, all of attention counted still needs
+// every kv head's QKV rows counted).
 // Watchdog: every wait gives up RING_PATIENCE_NS after the launch; the first to give up writes diag[0..7] = {what
-// (1 producer's empty, 2 counter, 3 tag, 4 full), block, warp, task, sub-layer or slot, value seen, target, the
-// block's tasks} and returns; ring_layer.py's check raises with it.
+// (1 producer's empty, 2 counter, 3 tag, 4 full), block, warp, task, counter, sub-layer or slot, value seen,
+// target, the block's tasks} and returns; ring_layer.py's check raises with it.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -60,18 +63,20 @@ enum Kind : int { kQkv = 0, kAttn = 1, kO = 2, kGateUp = 3, kDown = 4 };
 struct Task {       // 12 int32, written by ring_layer.py (its TASK_FIELDS, in this order)
   int kind, layer;
   int row0, rows;   // GEMV: first row and rows; kAttn: first cached position and cached positions of the split
-  int page0, pages; // the block's index of the task's page (its index in the block's list) and 1: one page a task
-  int wait_target;  // tasks of the sub-layer before (0: none, the first sub-layer)
+  int page0;        // the block's index of the task's page (its index in the block's list: one page a task)
+  int count_on;     // the counter this task adds to once stored (its sub-layer's, or its kv head's QKV rows')
+  int wait_target;  // what counter wait_on must reach first (0: no wait)
   int first;        // 1: the block's first task of its sub-layer (stages x; kAttn: unused)
   int head, split;  // kAttn: kv head and split
   int current;      // kAttn: 1 for the split that adds the current position (the last)
-  int pad;
+  int wait_on;      // the counter kAttn tasks and a block's first task of a sub-layer wait on
 };
 static_assert(sizeof(Task) == 48, "Task is 12 int32 on the Python side");
 
 struct Layer {      // per layer, 16 pointers written by ring_layer.py (its LAYER_FIELDS, in this order)
   const __nv_bfloat16* norm_in;    // [D]
-  const __nv_bfloat16* wqkv;       // [(H + 2 Hkv) Dh, D], each head's rows as RoPE pairs (i, i + Dh / 2)
+  const __nv_bfloat16* wqkv;       // [(H + 2 Hkv) Dh, D] by kv head (its G query heads, k, v), each head's rows
+                                   // as RoPE pairs (i, i + Dh / 2)
   const __nv_bfloat16* wo;         // [D, H Dh]
   const __nv_bfloat16* norm_post;  // [D]
   const __nv_bfloat16* wgu;        // [F / R, 2, R, D]: R gate rows, then the same R rows of up
@@ -93,8 +98,8 @@ struct Params {
   const Task* tasks;
   const int* task_off;   // [grid + 1]: block b runs tasks[task_off[b] .. task_off[b + 1])
   const Layer* layers;
-  unsigned* counters;    // [5 L] tasks counted per sub-layer, zero at launch
-  unsigned* tickets;     // [L Hkv] attention splits finished per kv head, zero at launch (after the counters)
+  unsigned* counters;    // tasks counted: per sub-layer [5 L], per layer and kv head's QKV rows [L Hkv]; zero at launch
+  unsigned* tickets;     // [L Hkv] attention splits finished per kv head, zero at launch (in the same array)
   const float* inv_freq; // [Dh / 2]
   long long* prof;       // [tasks, kStamps] or null
   long long* diag;       // [8], zero at launch
@@ -332,9 +337,10 @@ __device__ void gemv_task(const Task& t, const Params& p, const Layer& L, const 
 #pragma unroll
     for (int r = 0; r < R; r += 2) {
       if (lane == r) {
-        const int row = t.row0 + r, head = row / p.Dh, i = (row % p.Dh) / 2, half = p.Dh / 2;
+        const int G = p.H / p.Hkv, row = t.row0 + r, i = (row % p.Dh) / 2, half = p.Dh / 2;
+        const int kv = row / p.Dh / (G + 2), j = row / p.Dh % (G + 2);  // kv head; query head j < G, k, v
         float a = round_bf(s[r] * rstd), b = round_bf(s[r + 1] * rstd);
-        if (head < p.H + p.Hkv) {  // q and k rotate; v does not
+        if (j <= G) {  // q and k rotate; v does not
           float sn, cs;
           sincosf(static_cast<float>(p.pos) * p.inv_freq[i], &sn, &cs);
           const float ra = a * cs - b * sn, rb = b * cs + a * sn;
@@ -342,12 +348,10 @@ __device__ void gemv_task(const Task& t, const Params& p, const Layer& L, const 
           b = rb;
         }
         __nv_bfloat16* dst;
-        if (head < p.H) {
-          dst = L.q + head * p.Dh;
-        } else if (head < p.H + p.Hkv) {
-          dst = L.k + (static_cast<long long>(head - p.H) * p.S + p.pos) * p.Dh;
+        if (j < G) {
+          dst = L.q + (kv * G + j) * p.Dh;
         } else {
-          dst = L.v + (static_cast<long long>(head - p.H - p.Hkv) * p.S + p.pos) * p.Dh;
+          dst = (j == G ? L.k : L.v) + (static_cast<long long>(kv) * p.S + p.pos) * p.Dh;
         }
         dst[i] = __float2bfloat16(a);
         dst[i + half] = __float2bfloat16(b);
@@ -433,7 +437,7 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
   }
 
   // consumer warp: its k-th task is warp + k * consumers; its count of a sub-layer is released once it moves on
-  int done_sub = -1;
+  int done_on = -1;
   unsigned done = 0;
   Task next = warp < mine ? tasks[warp] : Task{};
   for (int i = warp; i < mine; i += consumers) {
@@ -442,20 +446,20 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
     const Layer& L = p.layers[t.layer];
     const int sub = 5 * t.layer + t.kind, b = sub & 1;
     long long* stamp = p.prof && lane == 0 ? p.prof + (begin + i) * kStamps : nullptr;
-    if (done && sub != done_sub) {  // every lane's stores of the sub-layer's tasks visible, then one release
+    if (done && t.count_on != done_on) {  // every lane's stores of the counted tasks visible, then one release
       __threadfence();
       __syncwarp();
-      if (lane == 0) red_release(p.counters + done_sub, done);
+      if (lane == 0) red_release(p.counters + done_on, done);
       done = 0;
     }
     if (stamp) stamp[1] = global_ns();
-    if (t.kind == kAttn || t.first) {  // wait for the sub-layer before
+    if (t.kind == kAttn || t.first) {  // wait for what the task reads: the sub-layer before, or its QKV rows
       if (t.wait_target > 0) {
         for (;;) {  // every lane's own acquire, the loop's exit warp-uniform (the sync ops below)
-          const unsigned seen = load_acquire(p.counters + sub - 1);
+          const unsigned seen = load_acquire(p.counters + t.wait_on);
           if (__all_sync(0xffffffffu, seen >= static_cast<unsigned>(t.wait_target))) break;
           if (__any_sync(0xffffffffu, global_ns() > deadline)) {
-            if (lane == 0) give_up(p.diag, 2, warp, begin + i, sub - 1, seen, t.wait_target, mine);
+            if (lane == 0) give_up(p.diag, 2, warp, begin + i, t.wait_on, seen, t.wait_target, mine);
             return;
           }
         }
@@ -521,13 +525,13 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
       if (lane == 0) mbar_arrive(&empty[s]);  // the sums needed every byte of the slot: refill it
     }
     if (stamp) stamp[4] = global_ns();
-    done_sub = sub;
+    done_on = t.count_on;
     ++done;
   }
   if (done) {
     __threadfence();
     __syncwarp();
-    if (lane == 0) red_release(p.counters + done_sub, done);
+    if (lane == 0) red_release(p.counters + done_on, done);
   }
 }
 
@@ -547,7 +551,8 @@ extern "C" int ring_layer_smem(int slot_bytes, int slots, int x_bytes) {
 }
 
 // Zeroes the counters, the tickets and diag, then launches on `stream` (capturable). ints: D, H, Hkv, Dh, F, S, pos,
-// splits, slot_bytes, slots, x_bytes, page_positions, consumers, grid, sub_layers, mode. Returns a cudaError_t;
+// splits, slot_bytes, slots, x_bytes, page_positions, consumers, grid, counters (the array's length, tickets
+// included), mode, tickets (their offset in it). Returns a cudaError_t;
 // cudaErrorInvalidValue for shapes the kernel does not take, cudaErrorLaunchOutOfResources where the grid's blocks
 // cannot all be resident (they wait on one another).
 extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const void* layers, unsigned* counters,
@@ -567,9 +572,9 @@ extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const v
   p.slots = ints[9];
   p.x_bytes = ints[10];
   p.page_positions = ints[11];
-  const int consumers = ints[12], grid = ints[13], sub_layers = ints[14];
+  const int consumers = ints[12], grid = ints[13], n_counters = ints[14];
   p.mode = ints[15];
-  p.tickets = counters + sub_layers;  // [layers * Hkv] after the sub-layers' counters
+  p.tickets = counters + ints[16];
   p.eps = eps;
   p.scale = 1.4426950408889634f / sqrtf(static_cast<float>(p.Dh));
   if (consumers < 1 || consumers > kMaxConsumers || p.slots < 1 || p.slots % consumers || p.Dh % 32 ||
@@ -587,7 +592,7 @@ extern "C" int ring_layer_launch(const void* tasks, const int* task_off, const v
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ring_layer_kernel, (consumers + 1) * 32, smem);
   if (err != cudaSuccess) return err;
   if (grid > per_sm * sms) return cudaErrorLaunchOutOfResources;
-  err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * (sub_layers + sub_layers / 5 * p.Hkv), st);
+  err = cudaMemsetAsync(counters, 0, sizeof(unsigned) * n_counters, st);
   if (err == cudaSuccess) err = cudaMemsetAsync(diag, 0, 8 * sizeof(long long), st);
   if (err != cudaSuccess) return err;
   ring_layer_kernel<<<grid, (consumers + 1) * 32, smem, st>>>(p);

@@ -15,6 +15,7 @@ layer of the ring's run is checked in float64 against its own inputs (check_stag
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import functools
 import math
@@ -28,8 +29,8 @@ from ring_chain import SMEM_LIMIT, available, build, resident_grid  # noqa: F401
 
 SOURCE = Path(__file__).with_name("ring_layer.cu")
 KINDS = ("qkv", "attn", "o", "gate_up", "down")  # a layer's sub-layers, in order (ring_layer.cu's Kind)
-TASK_FIELDS = ("kind", "layer", "row0", "rows", "page0", "pages", "wait_target", "first", "head", "split",
-               "current", "pad")
+TASK_FIELDS = ("kind", "layer", "row0", "rows", "page0", "count_on", "wait_target", "first", "head", "split",
+               "current", "wait_on")
 LAYER_FIELDS = ("norm_in", "wqkv", "wo", "norm_post", "wgu", "wd", "k", "v", "h", "q", "part", "attn", "hmid",
                 "act", "h_out", "pad")
 STAMPS = ("issued", "taken", "x", "data", "stored")
@@ -47,11 +48,18 @@ def pair_order(Dh: int) -> torch.Tensor:
     return torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
 
 
+def qkv_heads(H: int, Hkv: int) -> list[int]:
+    """The heads of torch.cat([wq, wk, wv]) (q heads 0..H-1, then Hkv k heads, then Hkv v heads) in the order the
+    QKV weight holds them: by kv head, its G query heads, its key, its value."""
+    G = H // Hkv
+    return [h for kv in range(Hkv) for h in [*range(kv * G, kv * G + G), H + kv, H + Hkv + kv]]
+
+
 def pack_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, Dh: int) -> torch.Tensor:
-    """[(H + 2 Hkv) Dh, D]: q, k and v's rows, each head's in pair_order."""
+    """[(H + 2 Hkv) Dh, D]: q, k and v's rows in qkv_heads' order, each head's rows in pair_order."""
     w = torch.cat([wq, wk, wv])
-    heads = w.shape[0] // Dh
-    order = (torch.arange(heads)[:, None] * Dh + pair_order(Dh)[None, :].to(torch.int64)).flatten()
+    heads = torch.tensor(qkv_heads(wq.shape[0] // Dh, wk.shape[0] // Dh))
+    order = (heads[:, None] * Dh + pair_order(Dh)[None, :].to(torch.int64)).flatten()
     return w[order.to(w.device)].contiguous()
 
 
@@ -119,12 +127,21 @@ class Shape:
                    args.intermediate_size, args.rms_norm_eps)
 
 
-def plan(shape: Shape, layers: int, pos: int, slot_bytes: int, grid: int, max_positions: int = MAX_POSITIONS) -> dict:
+def counter_layout(layers: int, Hkv: int) -> tuple[int, int]:
+    """(the counters array's length, the tickets' offset in it): one counter per sub-layer (5 L), one per layer and
+    kv head for its QKV rows (per_head plans), then the attention's tickets (L Hkv)."""
+    return 5 * layers + 2 * layers * Hkv, 5 * layers + layers * Hkv
+
+
+def plan(shape: Shape, layers: int, pos: int, slot_bytes: int, grid: int, max_positions: int = MAX_POSITIONS,
+         per_head: bool = False) -> dict:
     """The launch's tasks, each one page: per sub-layer (layers in order, then KINDS), its tasks in order, dealt to
     the blocks round robin (task g of the whole order to block g % grid); an attention split is one page of at most
-    max_positions cached positions of one kv head. Returns tasks [n, 12] int32 in block order, task_off
-    [grid + 1], the rows of each GEMV kind, page_positions, splits (per kv head) and sub_tasks (tasks per
-    sub-layer)."""
+    max_positions cached positions of one kv head. Each task counts on its sub-layer's counter and waits for the
+    sub-layer before; per_head: QKV tasks count on their kv head's counter and attention waits for its own kv
+    head's QKV rows only. Returns tasks [n, 12] int32 in block order, task_off [grid + 1], the rows of each GEMV
+    kind, page_positions, splits (per kv head), sub_tasks (tasks per sub-layer) and counters (per counter, the
+    tasks counted on it)."""
     D, H, Hkv, Dh, F = shape.D, shape.H, shape.Hkv, shape.Dh, shape.F
     rows = {"qkv": task_rows((H + 2 * Hkv) * Dh, D * 2, slot_bytes, step=2),
             "o": task_rows(D, H * Dh * 2, slot_bytes), "gate_up": task_rows(F, 2 * D * 2, slot_bytes),
@@ -134,37 +151,49 @@ def plan(shape: Shape, layers: int, pos: int, slot_bytes: int, grid: int, max_po
     if len(ranges) > MAX_SPLITS:
         raise ValueError(f"{pos} cached positions in pages of {pp} make {len(ranges)} splits, over {MAX_SPLITS}: "
                          f"larger pages (a larger slot or max_positions)")
-    order, sub_tasks = [], []
+    n_counters, _ = counter_layout(layers, Hkv)
+    head_rows = (H // Hkv + 2) * Dh  # a kv head's QKV rows (qkv_heads' order)
+
+    def qkv_counter(layer, row0):
+        return 5 * layers + layer * Hkv + row0 // head_rows
+
+    order, sub_tasks, counted = [], [], [0] * n_counters
     for layer in range(layers):
         for kind, name in enumerate(KINDS):
+            sub = 5 * layer + kind
             if name == "attn":
-                subs = [(kind, layer, first, count, 1, head, s, int(s == len(ranges) - 1))
+                subs = [dict(kind=kind, layer=layer, row0=first, rows=count, head=head, split=s,
+                             current=int(s == len(ranges) - 1),
+                             wait_on=5 * layers + layer * Hkv + head if per_head else sub - 1)
                         for head in range(Hkv) for s, (first, count) in enumerate(ranges)]
             else:
                 n = {"qkv": (H + 2 * Hkv) * Dh, "o": D, "gate_up": F, "down": D}[name]
-                subs = [(kind, layer, r0, rows[name], 1, 0, 0, 0) for r0 in range(0, n, rows[name])]
+                subs = [dict(kind=kind, layer=layer, row0=r0, rows=rows[name], wait_on=sub - 1)
+                        for r0 in range(0, n, rows[name])]
+            for t in subs:
+                t["count_on"] = qkv_counter(layer, t["row0"]) if per_head and name == "qkv" else sub
+                counted[t["count_on"]] += 1
             order.append(subs)
             sub_tasks.append(len(subs))
     blocks = [[] for _ in range(grid)]
     g = 0
-    for sub, subs in enumerate(order):
-        for kind, layer, row0, n_rows, pages, head, split, current in subs:
-            blocks[g % grid].append([kind, layer, row0, n_rows, 0, pages, sub_tasks[sub - 1] if sub else 0, 0,
-                                     head, split, current, 0])
+    for subs in order:
+        for t in subs:
+            t["wait_target"] = counted[t["wait_on"]] if t["wait_on"] >= 0 else 0
+            blocks[g % grid].append([t.get(f, 0) for f in TASK_FIELDS])
             g += 1
     table, off = [], [0]
     for mine in blocks:
-        page, last_sub = 0, -1
-        for t in mine:
+        last_sub = -1
+        for page, t in enumerate(mine):
             sub = 5 * t[1] + t[0]
             t[4], t[7] = page, int(sub != last_sub)
-            page += t[5]
             last_sub = sub
         table += mine
         off.append(len(table))
     return dict(tasks=torch.tensor(table, dtype=torch.int32).view(-1, len(TASK_FIELDS)),
                 task_off=torch.tensor(off, dtype=torch.int32), rows=rows, page_positions=pp, splits=len(ranges),
-                sub_tasks=sub_tasks)
+                sub_tasks=sub_tasks, counters=counted)
 
 
 class RingLayers:
@@ -173,12 +202,14 @@ class RingLayers:
     and values at positions 0..pos-1 (the prompt), the run writes position pos. On a CPU the same buffers and plan
     serve the twin. slots / ring_kb / consumers as ring_chain's (consumers must divide slots); page_positions: the
     most cached positions of one attention split (a page, at most as many as fit a slot; default
-    split_positions'); grid: blocks (default one per SM)."""
+    split_positions'); grid: blocks (default one per SM); per_head: plan's (attention waits for its kv head's QKV
+    rows only)."""
 
     MODES = {"layers": 0, "stream": 1, "compute": 2}
 
     def __init__(self, model, pos: int, slots: int = 4, ring_kb: int = RING_KB, consumers: int | None = None,
-                 page_positions: int | None = None, grid: int | None = None, profile: bool = False, seed: int = 0):
+                 page_positions: int | None = None, grid: int | None = None, profile: bool = False, seed: int = 0,
+                 per_head: bool = False):
         args = model.args
         self.shape = s = Shape.of(args)
         device = model.device
@@ -187,9 +218,10 @@ class RingLayers:
         if not 1 <= self.consumers <= MAX_CONSUMERS or slots % self.consumers:
             raise ValueError(f"consumers must be 1..{MAX_CONSUMERS} and divide slots={slots}, got {self.consumers}")
         self.grid = resident_grid(device, grid) if device.type == "cuda" else (grid or 4)
-        target = (ring_kb * 1024 // slots) // 16 * 16
+        self.target = target = (ring_kb * 1024 // slots) // 16 * 16  # a slot's bytes at most
+        self.per_head = per_head
         self.plan = plan(s, self.L, pos, target, self.grid,
-                         page_positions or min(MAX_POSITIONS, split_positions(pos, s.Hkv, self.grid)))
+                         page_positions or min(MAX_POSITIONS, split_positions(pos, s.Hkv, self.grid)), per_head)
         self.splits = self.plan["splits"]
         rows = self.plan["rows"]
         pp = self.plan["page_positions"]
@@ -228,16 +260,30 @@ class RingLayers:
         self.task_off = self.plan["task_off"].to(device)
         self.table = torch.tensor([[lw[f].data_ptr() if f != "pad" else 0 for f in LAYER_FIELDS]
                                    for lw in self.layers], dtype=torch.int64).to(device)
-        # the sub-layers' counters, then the attention's tickets (one per layer and kv head)
-        self.counters = torch.zeros(5 * self.L + self.L * s.Hkv, dtype=torch.int32, device=device)
+        self.n_counters, self.tickets_at = counter_layout(self.L, s.Hkv)
+        self.counters = torch.zeros(self.n_counters, dtype=torch.int32, device=device)
         self.diag = torch.zeros(8, dtype=torch.int64, device=device)
         self.prof = torch.zeros(self.tasks.shape[0], len(STAMPS), dtype=torch.int64, device=device) if profile else None
         self.patience = patience_ns()
 
+    def variant(self, per_head: bool) -> RingLayers:
+        """The same layers, weights and buffers under plan(per_head=...): runs of either (one at a time, on one
+        stream) compute the same outputs from h[0]."""
+        other = copy.copy(self)
+        other.per_head = per_head
+        other.plan = plan(self.shape, self.L, self.pos, self.target, self.grid,
+                          self.plan["page_positions"], per_head)
+        device = self.tasks.device
+        other.tasks, other.task_off = other.plan["tasks"].to(device), other.plan["task_off"].to(device)
+        other.counters, other.diag = torch.zeros_like(self.counters), torch.zeros_like(self.diag)
+        other.prof = None if self.prof is None else torch.zeros_like(self.prof)
+        return other
+
     def ints(self, mode: str = "layers") -> list[int]:
         s = self.shape
         return [s.D, s.H, s.Hkv, s.Dh, s.F, self.S, self.pos, self.splits, self.slot_bytes, self.slots, self.x_bytes,
-                self.plan["page_positions"], self.consumers, self.grid, 5 * self.L, self.MODES[mode]]
+                self.plan["page_positions"], self.consumers, self.grid, self.n_counters, self.MODES[mode],
+                self.tickets_at]
 
     def run(self, mode: str = "layers") -> None:
         """Queue the launch on the current stream (capturable); check() reads whether it gave up. mode: "layers",
@@ -247,7 +293,7 @@ class RingLayers:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
         lib = library(SOURCE, self.patience)
-        ints = (ctypes.c_int * 16)(*self.ints(mode))
+        ints = (ctypes.c_int * 17)(*self.ints(mode))
         err = lib.ring_layer_launch(self.tasks.data_ptr(), self.task_off.data_ptr(), self.table.data_ptr(),
                                     self.counters.data_ptr(), self.inv_freq.data_ptr(),
                                     None if self.prof is None else self.prof.data_ptr(), self.diag.data_ptr(), ints,
@@ -304,7 +350,8 @@ def twin(ring: RingLayers) -> None:
     scale = math.log2(math.e) / math.sqrt(s.Dh)
     tasks = sorted(ring.plan["tasks"].tolist(), key=lambda t: (5 * t[1] + t[0]))  # stable: the plan's order
     staged, finished = {}, {}
-    for kind, layer, row0, rows, _, pages, _, _, head, split, current, _ in tasks:
+    heads = qkv_heads(s.H, s.Hkv)
+    for kind, layer, row0, rows, _, _, _, _, head, split, current, _ in tasks:
         lw, name = ring.layers[layer], KINDS[kind]
         sub = 5 * layer + kind
         if sub not in staged:  # what a block's first task of the sub-layer stages
@@ -319,7 +366,7 @@ def twin(ring: RingLayers) -> None:
         if name == "attn":
             q = lw["q"].float().view(s.H, s.Dh)[head * G:(head + 1) * G] * scale
             keys = list(range(row0, row0 + rows)) + ([pos] if current else [])
-            assert pages == 1 and rows <= pp
+            assert rows <= pp
             out = lw["part"][head * G:(head + 1) * G, split]
             if keys:
                 k, v = lw["k"][head, keys].float(), lw["v"][head, keys].float()
@@ -341,7 +388,7 @@ def twin(ring: RingLayers) -> None:
             sums = _bf((lw["wqkv"][row0:row0 + rows].float() @ x) * rstd)
             for r in range(0, rows, 2):
                 row = row0 + r
-                hd, i = row // s.Dh, (row % s.Dh) // 2
+                hd, i = heads[row // s.Dh], (row % s.Dh) // 2  # the head in torch.cat([wq, wk, wv])'s order
                 a, b = sums[r], sums[r + 1]
                 if hd < s.H + s.Hkv:
                     a, b = _rope(a, b, torch.tensor(pos, dtype=torch.float32) * ring.inv_freq[i].cpu().to(a.device))
@@ -491,6 +538,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="also one profiled run of the larger model")
     ap.add_argument("--diagnose", action="store_true",
                     help="also time the stream-only and compute-only diagnostics (RingLayers.run's modes)")
+    ap.add_argument("--per-head", action="store_true",
+                    help="also time the per-head plan (attention waits for its own kv head's QKV rows only)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     lo, hi = sorted(a.layers or [2, 8])
@@ -501,7 +550,7 @@ def main(argv=None) -> None:
     slots, _, consumers = a.slots.partition(":")
     device, dtype, commit = torch.device("cuda"), torch.bfloat16, _commit()
     _warm_up_gpu(device, 1.0)
-    copy = copy_bandwidth_gbps(device)
+    copy_gbps = copy_bandwidth_gbps(device)
     models = {n: random_model(a.shape, dtype, device, num_hidden_layers=n) for n in (lo, hi)}
     rings, checks = {}, {}
     for n, model in models.items():
@@ -512,26 +561,38 @@ def main(argv=None) -> None:
         check(rings[n])
         checks[n] = {k: round(v, 3) for k, v in check_stages(rings[n]).items()}
         print(f"{n} layers: every sub-layer within its bound (largest error / bound {checks[n]})", flush=True)
+    # variant name -> (ring of each layer count, RingLayers.run's mode)
+    variants = {"layers": (rings, "layers")}
+    if a.per_head:
+        variants["per-head"] = ({n: ring.variant(per_head=True) for n, ring in rings.items()}, "layers")
+        for n, ring in variants["per-head"][0].items():
+            want = rings[n].h[-1].clone()
+            ring.run()
+            check(ring)
+            if not torch.equal(ring.h[-1], want):
+                raise AssertionError(f"{n} layers: the per-head plan's output differs from the sub-layer plan's")
+    if a.diagnose:
+        variants.update(stream=(rings, "stream"), compute=(rings, "compute"))
     ids = torch.randint(0, models[lo].args.vocab_size, (1, a.prompt), device=device)
-    modes = ["layers"] + (["stream", "compute"] if a.diagnose else [])
-    ours, ring_us = {n: [] for n in models}, {m: {n: [] for n in models} for m in modes}
+    ours, ring_us = {n: [] for n in models}, {v: {n: [] for n in models} for v in variants}
     for r in range(a.rounds):
         for n in ((lo, hi) if r % 2 == 0 else (hi, lo)):
             ours[n].append(_time_ours(models[n], ids, a.new, a.repeats)[1] * 1e3)
-            for m in modes:
-                graph = capture_launches(lambda i, n=n, m=m: rings[n].run(m), 20)
-                ring_us[m][n].append(replay_median_us(graph, 20, 10))
-                check(rings[n])
+            for v, (ring_of, mode) in variants.items():
+                graph = capture_launches(lambda i, ring=ring_of[n], mode=mode: ring.run(mode), 20)
+                ring_us[v][n].append(replay_median_us(graph, 20, 10))
+                check(ring_of[n])
             print(f"round {r} {n:>3} layers: ours {ours[n][-1]:.1f} us/step, ring "
-                  + ", ".join(f"{m} {ring_us[m][n][-1]:.1f}" for m in modes) + " us", flush=True)
+                  + ", ".join(f"{v} {ring_us[v][n][-1]:.1f}" for v in variants) + " us", flush=True)
     rings[hi].run()  # the outputs of the layers again, after the diagnostics
     check(rings[hi])
     step_bytes = {n: decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, 1, a.prompt) for n in models}
     layer_bytes = (step_bytes[hi] - step_bytes[lo]) / (hi - lo)
-    floor_us = layer_bytes / copy / 1e3
+    floor_us = layer_bytes / copy_gbps / 1e3
     rows = []
-    for name, t in [("ours (graph-replayed decode step)", ours), ("ring_layer (one launch)", ring_us["layers"])] + [
-            (f"ring_layer {m} only (diagnostic)", ring_us[m]) for m in modes[1:]]:
+    names = {"layers": "ring_layer (one launch)", "per-head": "ring_layer, attention waiting per kv head",
+             "stream": "ring_layer stream only (diagnostic)", "compute": "ring_layer compute only (diagnostic)"}
+    for name, t in [("ours (graph-replayed decode step)", ours)] + [(names[v], ring_us[v]) for v in variants]:
         t_lo, t_hi = statistics.median(t[lo]), statistics.median(t[hi])
         slope = (t_hi - t_lo) / (hi - lo)
         rows.append([name, round(t_lo, 1), round(t_hi, 1), round(slope, 2), round(slope - floor_us, 2),
@@ -552,7 +613,7 @@ def main(argv=None) -> None:
         what=(f"batch 1, bf16, {a.prompt} cached positions, sequential; ours: cqil_kernels.bench._time_ours ({a.new} "
               f"steps x {a.repeats} repeats, graph-replayed); ring: a CUDA graph of 20 launches, median of 10; "
               f"{lo} and {hi} layers alternated over {a.rounds} rounds, medians; per layer = the slope"),
-        copy_gbps=round(copy, 1), layer_mb=round(layer_bytes / 1e6, 2), floor_us=round(floor_us, 2),
+        copy_gbps=round(copy_gbps, 1), layer_mb=round(layer_bytes / 1e6, 2), floor_us=round(floor_us, 2),
         ring=dict(slots=ring.slots, consumers=ring.consumers, slot_bytes=ring.slot_bytes, splits=ring.splits,
                   grid=ring.grid, rows=ring.plan["rows"], page_positions=ring.plan["page_positions"]),
         checks=checks,

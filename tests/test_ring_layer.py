@@ -24,12 +24,15 @@ def _model(device="cpu", layers=2, heads=4, kv_heads=2, head_dim=32, hidden=128,
                         intermediate_size=ffn, num_hidden_layers=layers)
 
 
-def test_pack_qkv_puts_rope_pairs_side_by_side(rl):
+def test_pack_qkv_orders_heads_by_kv_head_and_rope_pairs_side_by_side(rl):
+    """4 query heads over 2 kv heads, head_dim 4: kv head 0's query heads 0 and 1, its key, its value, then kv
+    head 1's; each head's rows (0, 2, 1, 3)."""
     wq, wk, wv = (torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 1000 * i
-                  for i, n in enumerate((8, 4, 4)))
+                  for i, n in enumerate((16, 8, 8)))
     packed = rl.pack_qkv(wq, wk, wv, Dh=4)
     rows = torch.cat([wq, wk, wv])
-    order = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15]  # per head (i, i + 2)
+    assert rl.qkv_heads(4, 2) == [0, 1, 4, 6, 2, 3, 5, 7]
+    order = [4 * h + i for h in rl.qkv_heads(4, 2) for i in (0, 2, 1, 3)]
     assert torch.equal(packed, rows[order])
 
 
@@ -58,13 +61,15 @@ def test_split_ranges_are_pages_of_the_cache(rl):
     assert rl.page_positions(128, 44032) == 64 and rl.page_positions(64, 44032) == 128
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("pos,most,grid", [(37, 16, 5), (0, 16, 3), (130, 4, 1), (64, 8, 7)])
-def test_plan_covers_every_row_and_position_once(rl, pos, most, grid):
+def test_plan_covers_every_row_and_position_once(rl, pos, most, grid, per_head):
     """Per sub-layer, the GEMV tasks tile the rows and the attention tasks each kv head's positions 0..pos-1, the
     current one in the last split; every task is one page, numbered as its place in its block's list; each block's
-    first task of a sub-layer is marked, and every task waits for all tasks of the sub-layer before."""
+    first task of a sub-layer is marked; every task waits for all tasks of the sub-layer before, or per_head,
+    attention for its kv head's QKV rows (counted on a counter of their own)."""
     shape = rl.Shape(D=128, H=4, Hkv=2, Dh=32, F=96, eps=1e-5)
-    p = rl.plan(shape, layers=2, pos=pos, slot_bytes=2048, grid=grid, max_positions=most)
+    p = rl.plan(shape, layers=2, pos=pos, slot_bytes=2048, grid=grid, max_positions=most, per_head=per_head)
     splits = p["splits"]
     assert splits == max(1, -(-pos // min(most, 16)))
     tasks, off = p["tasks"].tolist(), p["task_off"].tolist()
@@ -74,7 +79,17 @@ def test_plan_covers_every_row_and_position_once(rl, pos, most, grid):
         kind, layer = sub % 5, sub // 5
         mine = [t for t in tasks if (t[0], t[1]) == (kind, layer)]
         assert len(mine) == count
-        assert all(t[6] == (p["sub_tasks"][sub - 1] if sub else 0) for t in mine)
+        if per_head and rl.KINDS[kind] in ("qkv", "attn"):
+            base = 5 * 2 + layer * 2  # the layer's kv heads' QKV counters
+            if rl.KINDS[kind] == "qkv":  # 4 * 32 rows a kv head (2 query heads, its key and value)
+                assert all(t[5] == base + t[2] // 128 for t in mine)
+                assert all((t[11], t[6]) == ((sub - 1, p["sub_tasks"][sub - 1]) if sub else (-1, 0)) for t in mine)
+            else:
+                assert all((t[11], t[6]) == (base + t[8], 128 // p["rows"]["qkv"]) for t in mine)
+                assert all(t[5] == sub for t in mine)
+        else:
+            assert all(t[5] == sub for t in mine)
+            assert all((t[11], t[6]) == ((sub - 1, p["sub_tasks"][sub - 1]) if sub else (-1, 0)) for t in mine)
         if rl.KINDS[kind] == "attn":
             for head in range(2):
                 spans = sorted((t[9], t[2], t[3], t[10]) for t in mine if t[8] == head)
@@ -85,11 +100,12 @@ def test_plan_covers_every_row_and_position_once(rl, pos, most, grid):
         else:
             covered = sorted(r for t in mine for r in range(t[2], t[2] + t[3]))
             assert covered == list(range(rows_of[rl.KINDS[kind]]))
+    assert p["counters"][:10] == [0 if per_head and k % 5 == 0 else n for k, n in enumerate(p["sub_tasks"])]
     for b in range(grid):
         block = tasks[off[b]:off[b + 1]]
         seen = set()
         for page, t in enumerate(block):
-            assert (t[4], t[5]) == (page, 1)
+            assert t[4] == page
             sub = 5 * t[1] + t[0]
             assert t[7] == int(sub not in seen)
             seen.add(sub)
@@ -172,23 +188,28 @@ def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: boo
     tasks, off = plan["tasks"].tolist(), plan["task_off"].tolist()
     total = plan["sub_tasks"]
     L, Hkv, splits, slots, C = ring.L, ring.shape.Hkv, ring.splits, ring.slots, ring.consumers
-    counters, computed = [0] * (5 * L), [0] * (5 * L)
+    head_rows = (ring.shape.H // Hkv + 2) * ring.shape.Dh  # a kv head's QKV rows
+    counters, computed = [0] * len(plan["counters"]), [0] * (5 * L)
     tickets, merged = [[0] * Hkv for _ in range(L)], [0] * L
+    qkv_done = [[0] * Hkv for _ in range(L)]  # tasks of each kv head's QKV rows computed
+    qkv_total = [[0] * Hkv for _ in range(L)]
+    for t in tasks:
+        if t[0] == 0:
+            qkv_total[t[1]][t[2] // head_rows] += 1
 
     def complete(sub):
         if sub >= 0 and computed[sub] != total[sub]:
             raise RuntimeError(f"sub-layer {sub} read with {computed[sub]} of its {total[sub]} tasks done")
 
     def producer(blk):
-        for page, t in enumerate(blk["tasks"]):
-            for _ in range(t[5]):  # one page a task
-                s, use = page % slots, page // slots
-                if use:
-                    yield lambda s=s, use=use: blk["empty"][s] % 2 != (use - 1) % 2
-                    if blk["holds"][s] is not None and not blk["read"][s]:
-                        raise RuntimeError(f"page {page} refilled slot {s} before page {blk['holds'][s]} was read")
-                blk["holds"][s], blk["read"][s] = page, False
-                blk["full"][s] += 1
+        for page, t in enumerate(blk["tasks"]):  # one page a task
+            s, use = page % slots, page // slots
+            if use:
+                yield lambda s=s, use=use: blk["empty"][s] % 2 != (use - 1) % 2
+                if blk["holds"][s] is not None and not blk["read"][s]:
+                    raise RuntimeError(f"page {page} refilled slot {s} before page {blk['holds'][s]} was read")
+            blk["holds"][s], blk["read"][s] = page, False
+            blk["full"][s] += 1
 
     def take(blk, page):
         s = page % slots
@@ -199,16 +220,16 @@ def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: boo
         blk["empty"][s] += 1
 
     def consumer(blk, w):
-        done_sub, done = -1, 0
+        done_on, done = -1, 0
         for t in blk["tasks"][w::C]:
             kind, layer = t[0], t[1]
             sub, b = 5 * layer + kind, (5 * layer + kind) % 2
-            if done and sub != done_sub and not release_at_end:
-                counters[done_sub] += done
+            if done and t[5] != done_on and not release_at_end:
+                counters[done_on] += done
                 done = 0
             if (kind == 1 and attn_waits) or (kind != 1 and t[7]):
                 if t[6]:
-                    yield lambda sub=sub, t=t: counters[sub - 1] >= t[6]
+                    yield lambda t=t: counters[t[11]] >= t[6]
             if kind != 1:
                 if t[7]:  # stage: the sub-layer before complete; o reads the merged attention, the others their input
                     complete(sub - 1)
@@ -224,14 +245,18 @@ def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: boo
                     complete(sub - 2 if kind == 2 else sub - 2)
             else:
                 yield from take(blk, t[4])
-                complete(sub - 1)  # q and the current key and value
+                if qkv_done[layer][t[8]] != qkv_total[layer][t[8]]:  # its q heads, key and value at pos
+                    raise RuntimeError(f"kv head {t[8]} of layer {layer} read with {qkv_done[layer][t[8]]} of its "
+                                       f"{qkv_total[layer][t[8]]} QKV tasks done")
                 tickets[layer][t[8]] += 1
                 if tickets[layer][t[8]] == splits:
                     merged[layer] += 1
+            if kind == 0:
+                qkv_done[layer][t[2] // head_rows] += 1
             computed[sub] += 1
-            done_sub, done = sub, done + 1
+            done_on, done = t[5], done + 1
         if done:
-            counters[done_sub] += done
+            counters[done_on] += done
 
     agents = []
     for b in range(len(off) - 1):
@@ -247,7 +272,7 @@ def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: boo
                 ready.append(a)
         fast = [a for a in ready if a[2] != slow]
         if not ready:
-            raise RuntimeError(f"deadlock: counters {counters} of {total}")
+            raise RuntimeError(f"deadlock: counters {counters} of {plan['counters']}")
         a = rng.choice(fast or ready)
         try:
             a[1] = next(a[0])
@@ -256,23 +281,25 @@ def _simulate(rl, ring, seed: int, release_at_end: bool = False, attn_waits: boo
     return counters
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["sub-layer-waits", "per-head-waits"])
 @pytest.mark.parametrize("pos,most,grid,slots,consumers", [
     (37, 16, 5, 4, 4), (0, 16, 3, 2, 2), (130, 4, 1, 1, 1), (64, 8, 7, 3, 1), (300, 16, 2, 4, 2)])
-def test_protocol(rl, pos, most, grid, slots, consumers):
+def test_protocol(rl, pos, most, grid, slots, consumers, per_head):
     """The plan under the kernel's protocol completes every sub-layer, every wait meaning what it names, in random
-    interleavings, with one consumer warp of every block lagging, down to one slot and one consumer."""
+    interleavings, with one consumer warp of every block lagging, down to one slot and one consumer; attention
+    waiting for the whole QKV sub-layer or for its own kv head's rows."""
     ring = rl.RingLayers(_model(layers=3), pos, slots=slots, consumers=consumers, ring_kb=8, page_positions=most,
-                         grid=grid)
+                         grid=grid, per_head=per_head)
     for seed in range(4):
         for slow in (None, consumers - 1):
-            assert _simulate(rl, ring, seed, slow=slow) == ring.plan["sub_tasks"]
+            assert _simulate(rl, ring, seed, slow=slow) == ring.plan["counters"]
 
 
 def test_the_simulation_is_not_blind(rl):
     """Attention that does not wait for QKV reads an incomplete q; warps that count their tasks only at their end
     deadlock (a block's first task of the next sub-layer waits for counts its own block holds back); a slot shared
     by two warps lets a wait pass on the wrong page."""
-    ring = rl.RingLayers(_model(layers=2), 37, slots=2, consumers=2, ring_kb=8, grid=3)
+    ring = rl.RingLayers(_model(layers=2), 37, slots=2, consumers=2, ring_kb=8, grid=3, per_head=True)
     with pytest.raises(RuntimeError, match="read with"):
         for seed in range(20):
             _simulate(rl, ring, seed, attn_waits=False)
@@ -312,7 +339,8 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_devic
     (32, 32, 128, 4096, 11008, 511, "4", 256, None), (4, 2, 32, 128, 96, 600, "4", 16, 7)])
 def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, ffn, pos, slots, most, grid):
     """Every sub-layer of every layer of a launch within its float64 bound; a graph replay and a second launch
-    store the same bits (the sums' order does not depend on timing), also after the two diagnostics ran."""
+    store the same bits (the sums' order does not depend on timing), also after the two diagnostics ran, and so
+    does the per-head plan on the same buffers."""
     if not rl.available():
         pytest.skip("nvcc not found")
     model = _model("cuda", heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, ffn=ffn)
@@ -340,4 +368,10 @@ def test_kernel_within_the_stage_bounds(rl, heads, kv_heads, head_dim, hidden, f
         rl.check(ring)
     ring.run()
     rl.check(ring)
+    assert all(torch.equal(a, b) for a, b in zip(first, ring.h))
+    per_head = ring.variant(per_head=True)  # attention waiting for its own kv head's QKV rows: the same bits
+    for t in ring.h[1:]:
+        t.zero_()
+    per_head.run()
+    rl.check(per_head)
     assert all(torch.equal(a, b) for a, b in zip(first, ring.h))
