@@ -436,7 +436,8 @@ __global__ void __launch_bounds__((kMaxConsumers + 1) * 32, 1) ring_layer_kernel
     return;
   }
 
-  // consumer warp: its k-th task is warp + k * consumers; its count of a sub-layer is released once it moves on
+  // consumer warp: its k-th task is warp + k * consumers; its count on a counter is released once it moves on to a
+  // task counted on another
   int done_on = -1;
   unsigned done = 0;
   Task next = warp < mine ? tasks[warp] : Task{};
