@@ -573,7 +573,7 @@ def main(argv=None) -> None:
                 raise AssertionError(f"{n} layers: the per-head plan's output differs from the sub-layer plan's")
     if a.diagnose:
         variants.update(stream=(rings, "stream"), compute=(rings, "compute"))
-    ids = torch.randint(0, models[lo].args.vocab_size, (1, a.prompt), device=device)
+    ids = torch.randint(0, models[lo].args.vocab_size, (1, a.prompt), device=models[lo].device)
     ours, ring_us = {n: [] for n in models}, {v: {n: [] for n in models} for v in variants}
     for r in range(a.rounds):
         for n in ((lo, hi) if r % 2 == 0 else (hi, lo)):
@@ -595,10 +595,9 @@ def main(argv=None) -> None:
     for name, t in [("ours (graph-replayed decode step)", ours)] + [(names[v], ring_us[v]) for v in variants]:
         t_lo, t_hi = statistics.median(t[lo]), statistics.median(t[hi])
         slope = (t_hi - t_lo) / (hi - lo)
-        rows.append([name, round(t_lo, 1), round(t_hi, 1), round(slope, 2), round(slope - floor_us, 2),
-                     round(100 * floor_us / slope, 1)])
-        print(f"{name}: {slope:.2f} us a layer, {slope - floor_us:.2f} over copy ({100 * floor_us / slope:.1f}% of "
-              f"copy)", flush=True)
+        share = round(100 * floor_us / slope, 1) if slope > 0 else None  # (no share of a slope at or below zero)
+        rows.append([name, round(t_lo, 1), round(t_hi, 1), round(slope, 2), round(slope - floor_us, 2), share])
+        print(f"{name}: {slope:.2f} us a layer, {slope - floor_us:.2f} over copy ({share}% of copy)", flush=True)
     profile = None
     if a.profile:
         prof = RingLayers(models[hi], a.prompt, slots=int(slots), consumers=int(consumers) if consumers else None,

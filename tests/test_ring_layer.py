@@ -313,6 +313,39 @@ def test_the_simulation_is_not_blind(rl):
             _simulate(rl, ring, seed)
 
 
+def test_main_on_the_cpu_with_the_twin(rl, monkeypatch, tmp_path):
+    """main() end to end with the kernel's launches replaced by the twin and the GPU's timers by stand-ins: the
+    checks, the per-head plan's equality, the variants and the record (what the next GPU run executes first)."""
+    import json
+
+    import cqil_kernels.bench as bench
+    import cqil_kernels.ops._common as common
+
+    make = bench.random_model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "random_model", lambda shape, dtype, device, **kw: make(shape, dtype, torch.device(
+        "cpu"), hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96,
+        **kw))
+    monkeypatch.setattr(bench, "_warm_up_gpu", lambda device, seconds=1.0: None)
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 3000.0)
+    monkeypatch.setattr(bench, "_time_ours", lambda model, ids, new, repeats: (1.0, 0.01 * len(model.layers)))
+    monkeypatch.setattr(bench, "card", lambda device: "stand-in")
+    monkeypatch.setattr(common, "capture_launches", lambda launch, calls: launch(0))  # the "graph": its layers
+    monkeypatch.setattr(common, "replay_median_us", lambda layers, calls, rounds: 5.0 * layers)
+    monkeypatch.setattr(rl.RingLayers, "run", lambda self, mode="layers": (rl.twin(self), self.L)[1])
+    out = tmp_path / "ring_layer.json"
+    rl.main(["--shape", "smollm2-135m", "--layers", "1", "--layers", "2", "--prompt", "40", "--rounds", "2",
+             "--per-head", "--diagnose", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r[0] for r in record["rows"]] == ["ours (graph-replayed decode step)", "ring_layer (one launch)",
+                                              "ring_layer, attention waiting per kv head",
+                                              "ring_layer stream only (diagnostic)",
+                                              "ring_layer compute only (diagnostic)"]
+    assert [r[3] for r in record["rows"]] == [10.0, 5.0, 5.0, 5.0, 5.0]  # the stand-ins' us a layer
+    assert set(record["checks"]) == {"1", "2"} and all(0 < v <= 1 for c in record["checks"].values()
+                                                       for v in c.values())
+
+
 def test_profile_summary(rl):
     """Per sub-layer, µs: medians of the waits and compute, and the boundary from the sub-layer before's last store
     to this one's first task holding its input."""
