@@ -40,9 +40,9 @@
 #   ring_batch  issue 26: benchmarks/ring_batch.py (the chain at batch 1 to 32 on the tensor cores, weights packed in
 #               fragment order, against the Triton launch-per-layer variants), after its CUDA test; RING_BATCH_ARGS
 #   ring_layer  issue 26: benchmarks/ring_layer.py (whole decode layers at batch 1 in one ring launch against our
-#               decode step's per-layer slope), after its CUDA tests, for each RING_LAYER_SHAPES (default smollm2-135m
-#               llama-3.2-1b llama-7b); RING_LAYER_ARGS (default --diagnose --profile --per-head; e.g. --slots 8:4,
-#               --page-positions 32)
+#               decode step's per-layer slope), after its CUDA tests, for each RING_LAYER_CONFIGS entry name:arguments
+#               (commas for spaces; default SmolLM2, LLaMA-3.2-1B, LLaMA-7B and the 7B TP4 shard's layer);
+#               RING_LAYER_ARGS (default --diagnose --profile --per-head; e.g. --slots 8:4, --page-positions 32)
 #   mix         benchmarks/prompt_mix.py: first-token time over prompts of many lengths, 8 and 64 buckets kept
 #   graph_launch issue 24: benchmarks/graph_launch.py (a CUDA graph replay's host time and start latency) and
 #               benchmarks/launch_paths.py (one kernel launch's host time by path)
@@ -294,9 +294,11 @@ for stage in $stages; do
   ring_layer)
     (cd /tmp && timeout 300 python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_ring_layer.py" 2>&1) \
       | tail -40 | tee -a "$OUT/ring_layer.log"
-    for shape in ${RING_LAYER_SHAPES:-smollm2-135m llama-3.2-1b llama-7b}; do
-      timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_layer.py --shape "$shape" ${RING_LAYER_ARGS:---diagnose --profile --per-head} \
-        --out "$OUT/ring_layer_$shape.json" 2>&1 | tee -a "$OUT/ring_layer.log"
+    # name:arguments, one record each (commas for spaces): SmolLM2, LLaMA-3.2-1B, LLaMA-7B and the 7B TP4 shard's layer
+    for cfg in ${RING_LAYER_CONFIGS:-smollm2:--shape,smollm2-135m 1b:--shape,llama-3.2-1b 7b:--shape,llama-7b tp4:--shape,llama-7b,--tp,4}; do
+      name=${cfg%%:*}; args=${cfg#*:}
+      timeout ${RING_TIMEOUT:-300} python3 benchmarks/ring_layer.py ${args//,/ } ${RING_LAYER_ARGS:---diagnose --profile --per-head} \
+        --out "$OUT/ring_layer_$name.json" 2>&1 | tee -a "$OUT/ring_layer.log"
     done ;;
   variant_ab)
     # settings compared in one process (benchmarks/ab_decode.py), e.g. the decode GEMM tuner against triton.autotune

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from layer_slope import shard_overrides
 from ring_batch import patience_ns
 from ring_chain import SMEM_LIMIT, available, build, resident_grid  # noqa: F401 (available: the tests' condition)
 
@@ -527,6 +528,9 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="the layer one rank of T-way tensor parallelism runs (heads and intermediate size / T, as "
+                         "layer_slope.py's --tp), for both ours and the ring")
     ap.add_argument("--layers", type=int, action="append", help="two layer counts (default 2 and 8)")
     ap.add_argument("--prompt", type=int, default=512, help="cached positions")
     ap.add_argument("--slots", default="4", help="S or S:C, as ring_chain.py's")
@@ -551,7 +555,8 @@ def main(argv=None) -> None:
     device, dtype, commit = torch.device("cuda"), torch.bfloat16, _commit()
     _warm_up_gpu(device, 1.0)
     copy_gbps = copy_bandwidth_gbps(device)
-    models = {n: random_model(a.shape, dtype, device, num_hidden_layers=n) for n in (lo, hi)}
+    over = {n: shard_overrides(a.shape, a.tp, n) for n in (lo, hi)}
+    models = {n: random_model(a.shape, dtype, device, **over[n]) for n in (lo, hi)}
     rings, checks = {}, {}
     for n, model in models.items():
         model.cqil, model.backend = CQILConfig(), "triton"
@@ -586,7 +591,7 @@ def main(argv=None) -> None:
                   + ", ".join(f"{v} {ring_us[v][n][-1]:.1f}" for v in variants) + " us", flush=True)
     rings[hi].run()  # the outputs of the layers again, after the diagnostics
     check(rings[hi])
-    step_bytes = {n: decode_step_bytes(shape_args(a.shape, num_hidden_layers=n), dtype, 1, a.prompt) for n in models}
+    step_bytes = {n: decode_step_bytes(shape_args(a.shape, **over[n]), dtype, 1, a.prompt) for n in models}
     layer_bytes = (step_bytes[hi] - step_bytes[lo]) / (hi - lo)
     floor_us = layer_bytes / copy_gbps / 1e3
     rows = []
@@ -608,7 +613,8 @@ def main(argv=None) -> None:
     ring = rings[hi]
     write_record(
         a.out, device=device, commit=commit,
-        title=f"Whole decode layers in one ring launch against our decode step, per layer: {a.shape}",
+        title=(f"Whole decode layers in one ring launch against our decode step, per layer: {a.shape}"
+               + (f", the TP{a.tp} shard's layer" if a.tp > 1 else "")),
         what=(f"batch 1, bf16, {a.prompt} cached positions, sequential; ours: cqil_kernels.bench._time_ours ({a.new} "
               f"steps x {a.repeats} repeats, graph-replayed); ring: a CUDA graph of 20 launches, median of 10; "
               f"{lo} and {hi} layers alternated over {a.rounds} rounds, medians; per layer = the slope"),

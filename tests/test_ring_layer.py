@@ -323,9 +323,9 @@ def test_main_on_the_cpu_with_the_twin(rl, monkeypatch, tmp_path):
 
     make = bench.random_model
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "random_model", lambda shape, dtype, device, **kw: make(shape, dtype, torch.device(
-        "cpu"), hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96,
-        **kw))
+    monkeypatch.setattr(bench, "random_model", lambda shape, dtype, device, **kw: make(  # a small model, its layers
+        shape, dtype, torch.device("cpu"), hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        intermediate_size=96, num_hidden_layers=kw["num_hidden_layers"]))
     monkeypatch.setattr(bench, "_warm_up_gpu", lambda device, seconds=1.0: None)
     monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 3000.0)
     monkeypatch.setattr(bench, "_time_ours", lambda model, ids, new, repeats: (1.0, 0.01 * len(model.layers)))
@@ -335,8 +335,12 @@ def test_main_on_the_cpu_with_the_twin(rl, monkeypatch, tmp_path):
     monkeypatch.setattr(rl.RingLayers, "run", lambda self, mode="layers": (rl.twin(self), self.L)[1])
     out = tmp_path / "ring_layer.json"
     rl.main(["--shape", "smollm2-135m", "--layers", "1", "--layers", "2", "--prompt", "40", "--rounds", "2",
-             "--per-head", "--diagnose", "--out", str(out)])
+             "--per-head", "--diagnose", "--tp", "3", "--out", str(out)])
     record = json.loads(out.read_text())
+    assert record["title"].endswith("smollm2-135m, the TP3 shard's layer")
+    # the TP3 shard of SmolLM2's layer (3 heads over 1 kv head, F 512) and 40 positions of its cache, bf16
+    assert record["layer_mb"] == round(2 * (576 * 64 * (3 + 2) + 3 * 64 * 576 + 3 * 576 * 512 + 2 * 576
+                                            + 2 * 40 * 64) / 1e6, 2)
     assert [r[0] for r in record["rows"]] == ["ours (graph-replayed decode step)", "ring_layer (one launch)",
                                               "ring_layer, attention waiting per kv head",
                                               "ring_layer stream only (diagnostic)",
