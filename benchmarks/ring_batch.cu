@@ -112,20 +112,6 @@ __device__ __forceinline__ bool consumers_sync(std::uint64_t* bar, unsigned& gen
   return __all_sync(0xffffffffu, ok);
 }
 
-__device__ void give_up(long long* diag, int what, int warp, int page, long long where, long long have,
-                        long long want, int pages) {
-  if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
-    diag[1] = blockIdx.x;
-    diag[2] = warp;
-    diag[3] = page;
-    diag[4] = where;
-    diag[5] = have;
-    diag[6] = want;
-    diag[7] = pages;
-    __threadfence();
-  }
-}
-
 // k-tiles of one warp per chunk of a page: the B fragments of a chunk (chunk x NT uint2, 16 to 32 registers)
 // are loaded before its products, the next chunk's while this one multiplies. A multiple of 4, so that the
 // warp's j-th tile of a chunk is in its sum set j % S whatever the chunk.

@@ -116,19 +116,6 @@ __device__ __forceinline__ __nv_bfloat16 ldcg(const __nv_bfloat16* p) {  // writ
   return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
 }
 
-__device__ void give_up(long long* diag, int what, int warp, int task, long long where, long long have,
-                        long long want, int tasks) {
-  if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
-    diag[1] = blockIdx.x;
-    diag[2] = warp;
-    diag[3] = task;
-    diag[4] = where;
-    diag[5] = have;
-    diag[6] = want;
-    diag[7] = tasks;
-  }
-}
-
 // s[r] = w[r] . x for the R rows of a slot, in every lane: each lane sums its 16-byte chunks lane, lane + 32, ...
 // of K in order in fp32, even and odd elements apart, then a butterfly over the warp.
 template <int R>

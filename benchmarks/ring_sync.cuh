@@ -1,7 +1,7 @@
-// The synchronization the ring prototypes share (ring_chain.cu, ring_batch.cu): shared-memory mbarriers with
-// transaction counts, bulk copies (TMA) into shared memory, a gpu-scope acquire load and release add for the
-// per-layer counters, and the profiles' timer. sm_90. ring_chain.py's build hashes this file with the source
-// that includes it.
+// The synchronization the ring prototypes share (ring_chain.cu, ring_batch.cu, ring_layer.cu): shared-memory
+// mbarriers with transaction counts, bulk copies (TMA) into shared memory, a gpu-scope acquire load and release
+// add for the per-layer counters, the profiles' timer, and the watchdog's report. sm_90. ring_chain.py's build
+// hashes this file with the source that includes it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -74,6 +74,23 @@ __device__ __forceinline__ bool mbar_wait_until(std::uint64_t* bar, unsigned par
     if (global_ns() > deadline) return false;
   }
   return true;
+}
+
+// The watchdog's report of a wait that gave up (ring_batch.cu, ring_layer.cu): the first to give up writes diag[0..7]
+// = {what, block, warp, item (a page or task of the block), where, the value seen, the value wanted, the block's
+// items}; what names the wait (each prototype's own codes).
+__device__ inline void give_up(long long* diag, int what, int warp, int item, long long where,
+                               long long have, long long want, int items) {
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(diag), 0ull, static_cast<unsigned long long>(what)) == 0) {
+    diag[1] = blockIdx.x;
+    diag[2] = warp;
+    diag[3] = item;
+    diag[4] = where;
+    diag[5] = have;
+    diag[6] = want;
+    diag[7] = items;
+    __threadfence();
+  }
 }
 
 }  // namespace ring
