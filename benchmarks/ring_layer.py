@@ -20,6 +20,7 @@ import ctypes
 import functools
 import math
 import statistics
+import types
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from layer_slope import shard_overrides
 from ring_batch import patience_ns
 from ring_chain import SMEM_LIMIT, available, build, resident_grid  # noqa: F401 (available: the tests' condition)
+from ring_chain import profile_summary as chain_profile_summary
 
 SOURCE = Path(__file__).with_name("ring_layer.cu")
 KINDS = ("qkv", "attn", "o", "gate_up", "down")  # a layer's sub-layers, in order (ring_layer.cu's Kind)
@@ -499,23 +501,16 @@ def check_stages(ring: RingLayers) -> dict[str, float]:
 
 
 def profile_summary(ring: RingLayers) -> list[dict]:
-    """Per sub-layer of the last profiled run, µs: medians over its tasks of the wait for the input ("wait x"),
-    for the first page ("wait data") and from then to stored ("compute"); its span, and "boundary": from the
-    sub-layer before's last store to this one's first task holding its input."""
-    p = ring.prof.cpu().double()
-    p = (p - p[p > 0].min()) / 1e3
-    issued, taken, x, data, stored = p.unbind(1)
+    """ring_chain.profile_summary of the last profiled run (every task one page, stamped as a chain's tasks are),
+    per sub-layer in place of a chain's layer: the waits for the input ("wait x") and the page ("wait data"), the
+    compute, and "boundary", from the sub-layer before's last store to this one's first task holding its input;
+    each row names its layer and kind."""
     subs = 5 * ring.plan["tasks"][:, 1] + ring.plan["tasks"][:, 0]
-    rows, last = [], None
-    for sub in range(5 * ring.L):
-        sel = subs == sub
-        row = {"layer": sub // 5, "kind": KINDS[sub % 5], "tasks": int(sel.sum()),
-               "wait x": (x - taken)[sel].median().item(), "wait data": (data - x)[sel].median().item(),
-               "compute": (stored - data)[sel].median().item(), "first taken": taken[sel].min().item(),
-               "last stored": stored[sel].max().item()}
-        row["boundary"] = None if last is None else x[sel].min().item() - last
-        last = row["last stored"]
-        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    chain = types.SimpleNamespace(weights=range(5 * ring.L), prof=ring.prof, task_layers=subs)
+    rows = []
+    for row in chain_profile_summary(chain):
+        sub = row.pop("layer")
+        rows.append({"layer": sub // 5, "kind": KINDS[sub % 5], **row})
     return rows
 
 

@@ -355,13 +355,14 @@ def test_profile_summary(rl):
     to this one's first task holding its input."""
     ring = rl.RingLayers(_model(layers=1), 5, ring_kb=8, grid=2, profile=True)
     subs = (5 * ring.plan["tasks"][:, 1] + ring.plan["tasks"][:, 0]).tolist()
-    for i, sub in enumerate(subs):  # sub-layer j's tasks: taken at 10 j, x at 10 j + 2, data + 1, stored + 3
-        ring.prof[i] = torch.tensor([1000 * (10 * sub), 1000 * (10 * sub), 1000 * (10 * sub + 2),
-                                     1000 * (10 * sub + 3), 1000 * (10 * sub + 6)])
+    for i, sub in enumerate(subs):  # sub-layer j's tasks: taken at 10 j + 1, x 2 us on, data + 1, stored + 3
+        ring.prof[i] = torch.tensor([1000 * (10 * sub + 1), 1000 * (10 * sub + 1), 1000 * (10 * sub + 3),
+                                     1000 * (10 * sub + 4), 1000 * (10 * sub + 7)])
     rows = rl.profile_summary(ring)
     assert [r["kind"] for r in rows] == list(rl.KINDS)
     assert all((r["wait x"], r["wait data"], r["compute"]) == (2.0, 1.0, 3.0) for r in rows)
-    assert rows[0]["boundary"] is None and all(r["boundary"] == 6.0 for r in rows[1:])  # 10 j + 2 - (10 (j-1) + 6)
+    assert rows[0]["boundary"] is None and all(r["boundary"] == 6.0 for r in rows[1:])  # 10 j + 3 - (10 (j-1) + 7)
+    assert [(r["layer"], r["kind"]) for r in rows] == [(0, kind) for kind in rl.KINDS]
     assert [r["tasks"] for r in rows] == ring.plan["sub_tasks"]
 
 
