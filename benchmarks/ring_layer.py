@@ -437,9 +437,9 @@ def check_stages(ring: RingLayers) -> dict[str, float]:
     s, pos = ring.shape, ring.pos
     G, half = s.H // s.Hkv, s.Dh // 2
     worst = dict.fromkeys(KINDS, 0.0)
-    cpu = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in lw.items()} for lw in ring.layers]
     inv_freq = ring.inv_freq.cpu().double()
-    for layer, lw in enumerate(cpu):
+    for layer, on_device in enumerate(ring.layers):  # one layer's tensors on the host at a time (7B: ~0.7 GB each)
+        lw = {k: v.cpu() for k, v in on_device.items()}
         # QKV: RMSNorm's operand bf16(h * w) as the kernel stages it, 1/rms in float64 (the kernel's fp32 sum of
         # squares and rsqrt: within (D + 2) u of it), the sums rounded to bf16, then rotated in fp32
         h = lw["h"].float()
